@@ -1,0 +1,89 @@
+"""The cost-source interface: how long each block takes where.
+
+Both the loading policy (to split experts between GPU and CPU) and the simulator (to hold
+its resources) ask a `CostSource`. Two implementations exist: `AnalyticCost`
+(`aptmoe.analytic_cost`: bytes / bandwidth, FLOPs / rate) and `ProfileCost`
+(`aptmoe.profile`: a calibration file measured by `aptmoe-calibrate`). A source is bound to
+one model's dimensions and dtype.
+
+Block kinds: "a" attention (MHA and its norms), "g" gate (and predictor), "e" one expert
+FFN. Directions: "fwd", "bwd" (bwd = weight and input gradients, without the forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+BLOCK_KINDS = ("a", "g", "e")
+DIRECTIONS = ("fwd", "bwd")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One direction of a copy path, as latency + bytes / bandwidth (a fluid model)."""
+
+    latency_s: float
+    GBps: float
+
+    def time_s(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / (self.GBps * 1e9) if nbytes > 0 else 0.0
+
+    def capped(self, cap_GBps: float | None) -> "LinkSpec":
+        if cap_GBps is None or cap_GBps >= self.GBps:
+            return self
+        return LinkSpec(self.latency_s, cap_GBps)
+
+
+@runtime_checkable
+class CostSource(Protocol):
+    """Durations in seconds for one model (dims and dtype fixed when the source is made)."""
+
+    name: str
+    fallbacks: set[str]     # approximations used (no measured curve, outside its range)
+
+    def gpu_s(self, kind: str, tokens: int, direction: str) -> float:
+        """GPU time of one block over `tokens` tokens (for "a": tokens of whole sequences)."""
+
+    def cpu_expert_s(self, tokens: int, direction: str, threads: int) -> float:
+        """CPU time of one expert FFN over `tokens` tokens with `threads` cores."""
+
+    def h2d(self) -> LinkSpec:
+        """Host-to-GPU copies of parameters, one GPU's link alone (cap applied)."""
+
+    def d2h(self) -> LinkSpec:
+        """GPU-to-host copies (gradients), one GPU's link alone (cap applied)."""
+
+    def root_GBps(self, gpus_sharing: int, direction: str = "h2d") -> float:
+        """Aggregate bandwidth of one socket root ("h2d" or "d2h") when `gpus_sharing` GPUs copy at once."""
+
+    def p2p(self, same_node: bool) -> LinkSpec:
+        """GPU-to-GPU activation transfers: within a node (PCIe switch or NVLink) or across nodes."""
+
+    def adam_cpu_s(self, num_params: int, threads: int) -> float:
+        """CPU Adam update of `num_params` fp32 parameters with `threads` cores."""
+
+    def adam_gpu_s(self, num_params: int) -> float:
+        """GPU Adam update (GPipe keeps the optimizer on the GPU)."""
+
+
+class SharedLinkView:
+    """A cost source whose host link is one GPU's share of its socket root.
+
+    The loading policy weighs load time against CPU time; under `C1+G2` or `C1+G4` the GPUs
+    of a socket load at the same time, so each sees root / n, not its own link's rate.
+    Everything else is delegated unchanged.
+    """
+
+    def __init__(self, cost: CostSource, gpus_per_socket: int) -> None:
+        self._cost = cost
+        self._n = gpus_per_socket
+        link = cost.h2d()
+        self._h2d = LinkSpec(link.latency_s, min(link.GBps, cost.root_GBps(gpus_per_socket) / gpus_per_socket))
+        self.name = f"{cost.name} (1/{gpus_per_socket} of the socket root)"
+
+    def h2d(self) -> LinkSpec:
+        return self._h2d
+
+    def __getattr__(self, attr):
+        return getattr(self._cost, attr)
