@@ -1,0 +1,806 @@
+"""Calibration files: schema, loader, and the `CostSource` that reads them.
+
+A calibration file ("profile") is versioned JSON (``"schema": "aptmoe-calibration/1"``)
+that the simulator reads directly (DESIGN §3). Its sections:
+
+- ``name``, ``description`` (optional), ``made_by`` {tool, command, date},
+  ``hardware`` (fingerprint), ``skipped`` [{part, reason}], ``sources`` {section: origin};
+- ``links``: ``h2d`` / ``d2h`` each ``pinned`` and ``pageable`` as a fit
+  {latency_s, GBps, points: [[bytes, seconds], ...]}; ``root_GBps`` {h2d, d2h}: aggregate
+  bandwidth of one socket root by the number of GPUs copying at once ({"1": .., "2": ..});
+  ``duplex_GBps`` {h2d, d2h}: per direction with both directions busy; ``p2p``
+  {intra_node, inter_node} fits;
+- ``gpu``: curves {kind, d, h, heads, seq_length, experts, dtype, direction, tokens,
+  seconds}; the dims a kind does not depend on are null (e: d, h; a: d, heads,
+  seq_length; g: d, experts);
+- ``cpu_expert``: curves {d, h, dtype, direction, threads, tokens, seconds};
+- ``adam``: {cpu_s_per_param: {threads: s}, gpu_s_per_param: s or null};
+- ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
+  the fallback for whatever has no curve.
+
+Every ``sources`` value begins with one of `SOURCE_KINDS` ("measured: ...",
+"assumption: ..."). Curves are tokens >= 1 strictly increasing, seconds > 0 and
+non-decreasing (the generator smooths before writing). Any violation, on load, is a
+`ProfileError` whose one-line message names the file, the field and the problem.
+
+`ProfileCost` interpolates piecewise-linearly between measured points (monotone, exact at
+them). Outside a curve's token range it follows the roofline's shape anchored at the
+curve's end point (continuous and monotone); a block with no curve uses the roofline
+itself. CPU thread counts between measured ones interpolate in 1/threads; outside, the
+nearest curve is scaled by measured_threads / threads. Every such approximation is recorded
+once in `ProfileCost.fallbacks` so that results can say which figures were not measured.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import datetime
+import importlib.resources
+import json
+import math
+import numbers
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware
+from aptmoe.config import DTYPE_BYTES, ConfigError, ModelConfig
+from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, LinkSpec
+
+SCHEMA = "aptmoe-calibration/1"
+
+# A `sources` value starts with one of these (the longest match wins when printed).
+SOURCE_KINDS = ("measured", "artifact lookup table", "datasheet", "derived", "assumption", "roofline")
+# Sections every profile must account for in `sources`.
+SOURCE_KEYS = ("links.h2d.pinned", "links.h2d.pageable", "links.d2h.pinned", "links.d2h.pageable",
+               "links.root_GBps", "links.duplex_GBps", "links.p2p", "gpu", "cpu_expert", "adam", "roofline")
+
+# The block dims each GPU curve kind depends on; the other dims must be null.
+GPU_KIND_DIMS = {"e": ("d", "h"), "a": ("d", "heads", "seq_length"), "g": ("d", "experts")}
+_GPU_DIMS = ("d", "h", "heads", "seq_length", "experts")
+
+
+class ProfileError(ValueError):
+    """A calibration file that cannot be used; the one-line message names file and field."""
+
+
+# --------------------------------------------------------------------------- the data
+
+
+@dataclass(frozen=True)
+class MadeBy:
+    tool: str          # "aptmoe 0.1.0"
+    command: str       # the exact command line that produced the file
+    date: str          # ISO 8601
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Fingerprint of the host the figures describe (one node)."""
+
+    gpu_name: str
+    gpu_count: int
+    gpu_memory_bytes: int
+    cpu_model: str
+    cpu_sockets: int
+    cpu_cores: int                 # all sockets together
+    host_memory_bytes: int
+    torch_version: str | None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    part: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """latency + bytes / bandwidth, with the measured [bytes, seconds] points it came from."""
+
+    latency_s: float
+    GBps: float
+    points: tuple[tuple[int, float], ...] = ()
+
+    def spec(self) -> LinkSpec:
+        return LinkSpec(self.latency_s, self.GBps)
+
+
+@dataclass(frozen=True)
+class Links:
+    h2d_pinned: LinkFit
+    h2d_pageable: LinkFit
+    d2h_pinned: LinkFit
+    d2h_pageable: LinkFit
+    root_h2d_GBps: dict[int, float]     # GPUs copying at once -> aggregate GB/s of one root
+    root_d2h_GBps: dict[int, float]
+    duplex_h2d_GBps: float              # per direction, both directions busy
+    duplex_d2h_GBps: float
+    p2p_intra: LinkFit
+    p2p_inter: LinkFit
+
+
+@dataclass(frozen=True)
+class GpuCurve:
+    kind: str
+    d: int
+    h: int | None
+    heads: int | None
+    seq_length: int | None
+    experts: int | None
+    dtype: str
+    direction: str
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def matches(self, model: ModelConfig) -> bool:
+        have = {"d": model.embedding_dim, "h": model.hidden_dim, "heads": model.num_heads,
+                "seq_length": model.seq_length, "experts": model.num_experts}
+        return self.dtype == model.dtype and all(getattr(self, k) == have[k] for k in GPU_KIND_DIMS[self.kind])
+
+
+@dataclass(frozen=True)
+class CpuCurve:
+    d: int
+    h: int
+    dtype: str
+    direction: str
+    threads: int
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def matches(self, model: ModelConfig) -> bool:
+        return (self.d, self.h, self.dtype) == (model.embedding_dim, model.hidden_dim, model.dtype)
+
+
+@dataclass(frozen=True)
+class Adam:
+    cpu_s_per_param: dict[int, float]   # threads -> seconds per fp32 parameter; {} = roofline
+    gpu_s_per_param: float | None       # None = roofline
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    made_by: MadeBy
+    hardware: Hardware
+    skipped: tuple[Skipped, ...]
+    sources: dict[str, str]
+    links: Links
+    gpu: tuple[GpuCurve, ...]
+    cpu_expert: tuple[CpuCurve, ...]
+    adam: Adam
+    roofline: dict[str, Any]            # JSON form of AnalyticHardware's fields
+    description: str = ""
+
+    schema: typing.ClassVar[str] = SCHEMA
+
+    # ---- JSON
+
+    def to_dict(self) -> dict:
+        L = self.links
+
+        def fit(f: LinkFit) -> dict:
+            return {"latency_s": f.latency_s, "GBps": f.GBps, "points": [list(p) for p in f.points]}
+
+        def table(t: Mapping[int, float]) -> dict:
+            return {str(k): t[k] for k in sorted(t)}
+
+        d: dict[str, Any] = {"schema": SCHEMA, "name": self.name}
+        if self.description:
+            d["description"] = self.description
+        d.update({
+            "made_by": dataclasses.asdict(self.made_by),
+            "hardware": dataclasses.asdict(self.hardware),
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "sources": dict(self.sources),
+            "links": {
+                "h2d": {"pinned": fit(L.h2d_pinned), "pageable": fit(L.h2d_pageable)},
+                "d2h": {"pinned": fit(L.d2h_pinned), "pageable": fit(L.d2h_pageable)},
+                "root_GBps": {"h2d": table(L.root_h2d_GBps), "d2h": table(L.root_d2h_GBps)},
+                "duplex_GBps": {"h2d": L.duplex_h2d_GBps, "d2h": L.duplex_d2h_GBps},
+                "p2p": {"intra_node": fit(L.p2p_intra), "inter_node": fit(L.p2p_inter)},
+            },
+            "gpu": [{**dataclasses.asdict(c), "tokens": list(c.tokens), "seconds": list(c.seconds)}
+                    for c in self.gpu],
+            "cpu_expert": [{**dataclasses.asdict(c), "tokens": list(c.tokens), "seconds": list(c.seconds)}
+                           for c in self.cpu_expert],
+            "adam": {"cpu_s_per_param": table(self.adam.cpu_s_per_param),
+                     "gpu_s_per_param": self.adam.gpu_s_per_param},
+            "roofline": json.loads(json.dumps(self.roofline)),
+        })
+        return d
+
+    def to_json(self) -> str:
+        return _dumps(self.to_dict()) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "Profile":
+        return _Parser(source).profile(data)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<string>") -> "Profile":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_dict(data, source)
+
+    def validate(self) -> "Profile":
+        """Checks a programmatically built profile as the loader would; returns it as the
+        loader would (numbers normalised to float), so that saving is a fixed point."""
+        return Profile.from_dict(self.to_dict(), f"profile {self.name!r}")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Validates, then writes atomically (temp file in the same folder + os.replace)."""
+        text = self.validate().to_json()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644   # mkstemp would leave 0600
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    # ---- derived objects
+
+    def roofline_hardware(self) -> AnalyticHardware:
+        return _roofline_hardware(self.roofline)
+
+    def with_(self, **changes) -> "Profile":
+        return dataclasses.replace(self, **changes)
+
+
+def _roofline_hardware(roofline: Mapping[str, Any]) -> AnalyticHardware:
+    hints = typing.get_type_hints(AnalyticHardware)
+    kwargs = {k: LinkSpec(**v) if hints[k] is LinkSpec else v for k, v in roofline.items()}
+    return AnalyticHardware(**kwargs)
+
+
+def _dumps(obj: Any, indent: int = 0) -> str:
+    """JSON with one key per line but lists of numbers (and [bytes, s] pairs) on one line."""
+    pad, inner = " " * indent, " " * (indent + 1)
+
+    def flat(x: Any) -> bool:
+        return not isinstance(x, (dict, list)) or (isinstance(x, list) and all(
+            not isinstance(y, (dict, list)) for y in x))
+
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{inner}{json.dumps(k)}: {_dumps(v, indent + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if all(flat(x) for x in obj):
+            return json.dumps(obj, allow_nan=False, separators=(", ", ": "))
+        return "[\n" + ",\n".join(inner + _dumps(x, indent + 1) for x in obj) + "\n" + pad + "]"
+    return json.dumps(obj, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Parser:
+    """Turns parsed JSON into a `Profile`, raising one-line `ProfileError`s."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> typing.NoReturn:
+        msg = f"{self.source}: {where}: {problem}" if where else f"{self.source}: {problem}"
+        raise ProfileError(" ".join(msg.split("\n")))
+
+    @staticmethod
+    def _show(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    # ---- primitives
+
+    def obj(self, data: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+        if not isinstance(data, dict):
+            self.fail(where, f"must be an object, got {type(data).__name__}")
+        for k in required:
+            if k not in data:
+                self.fail(f"{where}.{k}" if where else k, "missing field")
+        unknown = sorted(set(data) - set(required) - set(optional))
+        if unknown:
+            self.fail(f"{where}.{unknown[0]}" if where else unknown[0],
+                      f"unknown field (schema {SCHEMA} expects {', '.join(required + optional)})")
+        return data
+
+    def string(self, value: Any, where: str, nullable: bool = False) -> str | None:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.fail(where, f"must be a non-empty string, got {self._show(value)}")
+        return value
+
+    def integer(self, value: Any, where: str, minimum: int = 1, nullable: bool = False) -> int | None:
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(where, f"must be an integer >= {minimum}, got {self._show(value)}")
+        return value
+
+    def number(self, value: Any, where: str, *, positive: bool = True, unit: str = "") -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value <= 0 if positive else value < 0):
+            bound = "> 0" if positive else ">= 0"
+            self.fail(where, f"must be a number {bound}{' ' + unit if unit else ''}, got {self._show(value)}")
+        return float(value)
+
+    def list_(self, value: Any, where: str) -> list:
+        if not isinstance(value, list):
+            self.fail(where, f"must be a list, got {type(value).__name__}")
+        return value
+
+    def choice(self, value: Any, where: str, options: typing.Iterable[str]) -> str:
+        options = tuple(options)
+        if value not in options:
+            self.fail(where, f"must be one of {', '.join(options)}, got {self._show(value)}")
+        return value
+
+    # ---- sections
+
+    def profile(self, data: Any) -> Profile:
+        if not isinstance(data, dict):
+            self.fail("", f"must hold a JSON object, got {type(data).__name__}")
+        if "schema" not in data:
+            self.fail("schema", f"missing field (expected {SCHEMA!r})")
+        if data["schema"] != SCHEMA:
+            self.fail("schema", f"unknown schema version {self._show(data['schema'])}; this aptmoe reads {SCHEMA!r}")
+        d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
+                                "gpu", "cpu_expert", "adam", "roofline"), ("description",))
+        description = d.get("description", "")
+        if not isinstance(description, str):
+            self.fail("description", "must be a string")
+        return Profile(
+            name=self.string(d["name"], "name"),
+            made_by=self.made_by(d["made_by"]),
+            hardware=self.hardware(d["hardware"]),
+            skipped=tuple(self.skipped(d["skipped"])),
+            sources=self.sources(d["sources"]),
+            links=self.links(d["links"]),
+            gpu=self.gpu_curves(d["gpu"]),
+            cpu_expert=self.cpu_curves(d["cpu_expert"]),
+            adam=self.adam(d["adam"]),
+            roofline=self.roofline(d["roofline"]),
+            description=description,
+        )
+
+    def made_by(self, data: Any) -> MadeBy:
+        d = self.obj(data, "made_by", ("tool", "command", "date"))
+        tool = self.string(d["tool"], "made_by.tool")
+        if not tool.startswith("aptmoe "):
+            self.fail("made_by.tool", f"must read 'aptmoe <version>', got {tool!r}")
+        date = self.string(d["date"], "made_by.date")
+        try:
+            datetime.datetime.fromisoformat(date)
+        except ValueError:
+            self.fail("made_by.date", f"must be an ISO 8601 date, got {date!r}")
+        return MadeBy(tool, self.string(d["command"], "made_by.command"), date)
+
+    def hardware(self, data: Any) -> Hardware:
+        names = tuple(f.name for f in dataclasses.fields(Hardware))
+        d = self.obj(data, "hardware", names)
+        w = "hardware."
+        return Hardware(
+            gpu_name=self.string(d["gpu_name"], w + "gpu_name"),
+            gpu_count=self.integer(d["gpu_count"], w + "gpu_count", minimum=0),
+            gpu_memory_bytes=self.integer(d["gpu_memory_bytes"], w + "gpu_memory_bytes", minimum=0),
+            cpu_model=self.string(d["cpu_model"], w + "cpu_model"),
+            cpu_sockets=self.integer(d["cpu_sockets"], w + "cpu_sockets"),
+            cpu_cores=self.integer(d["cpu_cores"], w + "cpu_cores"),
+            host_memory_bytes=self.integer(d["host_memory_bytes"], w + "host_memory_bytes"),
+            torch_version=self.string(d["torch_version"], w + "torch_version", nullable=True),
+        )
+
+    def skipped(self, data: Any) -> list[Skipped]:
+        out = []
+        for i, item in enumerate(self.list_(data, "skipped")):
+            w = f"skipped[{i}]"
+            s = self.obj(item, w, ("part", "reason"))
+            out.append(Skipped(self.string(s["part"], w + ".part"), self.string(s["reason"], w + ".reason")))
+        return out
+
+    def sources(self, data: Any) -> dict[str, str]:
+        if not isinstance(data, dict):
+            self.fail("sources", f"must be an object, got {type(data).__name__}")
+        for k in SOURCE_KEYS:
+            if k not in data:
+                self.fail(f"sources.{k}", "missing field (say where the figures came from)")
+        for k, v in data.items():
+            self.string(v, f"sources.{k}")
+            if not v.startswith(SOURCE_KINDS):
+                self.fail(f"sources.{k}", f"must begin with one of {', '.join(SOURCE_KINDS)}; got {self._show(v)}")
+        return dict(data)
+
+    def fit(self, data: Any, where: str) -> LinkFit:
+        d = self.obj(data, where, ("latency_s", "GBps", "points"))
+        points = []
+        for i, p in enumerate(self.list_(d["points"], where + ".points")):
+            w = f"{where}.points[{i}]"
+            if not isinstance(p, list) or len(p) != 2:
+                self.fail(w, f"must be a [bytes, seconds] pair, got {self._show(p)}")
+            points.append((self.integer(p[0], w + "[0] (bytes)"), self.number(p[1], w + "[1]", unit="s")))
+        return LinkFit(self.number(d["latency_s"], where + ".latency_s", positive=False, unit="s"),
+                       self.number(d["GBps"], where + ".GBps", unit="GB/s"), tuple(points))
+
+    def table(self, data: Any, where: str, key: str, allow_empty: bool = False) -> dict[int, float]:
+        if not isinstance(data, dict):
+            self.fail(where, f"must be an object {{{key}: value}}, got {type(data).__name__}")
+        if not data and not allow_empty:
+            self.fail(where, "must not be empty")
+        out = {}
+        for k, v in data.items():
+            if not (isinstance(k, str) and k.isdigit() and int(k) >= 1):
+                self.fail(f"{where}.{k}", f"key must be a positive integer ({key}) written as a string")
+            out[int(k)] = self.number(v, f"{where}.{k}")
+        return {k: out[k] for k in sorted(out)}
+
+    def links(self, data: Any) -> Links:
+        d = self.obj(data, "links", ("h2d", "d2h", "root_GBps", "duplex_GBps", "p2p"))
+        fits = {}
+        for direction in ("h2d", "d2h"):
+            dd = self.obj(d[direction], f"links.{direction}", ("pinned", "pageable"))
+            for mem in ("pinned", "pageable"):
+                fits[f"{direction}_{mem}"] = self.fit(dd[mem], f"links.{direction}.{mem}")
+        root = self.obj(d["root_GBps"], "links.root_GBps", ("h2d", "d2h"))
+        duplex = self.obj(d["duplex_GBps"], "links.duplex_GBps", ("h2d", "d2h"))
+        p2p = self.obj(d["p2p"], "links.p2p", ("intra_node", "inter_node"))
+        return Links(
+            **fits,
+            root_h2d_GBps=self.table(root["h2d"], "links.root_GBps.h2d", "GPUs copying at once"),
+            root_d2h_GBps=self.table(root["d2h"], "links.root_GBps.d2h", "GPUs copying at once"),
+            duplex_h2d_GBps=self.number(duplex["h2d"], "links.duplex_GBps.h2d", unit="GB/s"),
+            duplex_d2h_GBps=self.number(duplex["d2h"], "links.duplex_GBps.d2h", unit="GB/s"),
+            p2p_intra=self.fit(p2p["intra_node"], "links.p2p.intra_node"),
+            p2p_inter=self.fit(p2p["inter_node"], "links.p2p.inter_node"),
+        )
+
+    def curve_points(self, d: dict, where: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        tokens = self.list_(d["tokens"], where + ".tokens")
+        seconds = self.list_(d["seconds"], where + ".seconds")
+        if not tokens:
+            self.fail(where + ".tokens", "must not be empty (drop the curve instead)")
+        if len(tokens) != len(seconds):
+            self.fail(where, f"tokens has {len(tokens)} entries but seconds has {len(seconds)}")
+        t = tuple(self.integer(x, f"{where}.tokens[{i}]") for i, x in enumerate(tokens))
+        s = tuple(self.number(x, f"{where}.seconds[{i}]", unit="s") for i, x in enumerate(seconds))
+        for i in range(1, len(t)):
+            if t[i] <= t[i - 1]:
+                self.fail(f"{where}.tokens[{i}]", f"must be strictly increasing, got {t[i]} after {t[i - 1]}")
+            if s[i] < s[i - 1]:
+                self.fail(f"{where}.seconds[{i}]", f"must be non-decreasing in tokens (monotone), "
+                                                   f"got {s[i]!r} after {s[i - 1]!r}")
+        return t, s
+
+    def gpu_curves(self, data: Any) -> tuple[GpuCurve, ...]:
+        out, seen = [], {}
+        for i, item in enumerate(self.list_(data, "gpu")):
+            w = f"gpu[{i}]"
+            d = self.obj(item, w, ("kind", *_GPU_DIMS, "dtype", "direction", "tokens", "seconds"))
+            kind = self.choice(d["kind"], w + ".kind", BLOCK_KINDS)
+            dims = {}
+            for k in _GPU_DIMS:
+                if k in GPU_KIND_DIMS[kind]:
+                    dims[k] = self.integer(d[k], f"{w}.{k}")
+                elif d[k] is not None:
+                    self.fail(f"{w}.{k}", f"must be null for kind {kind!r} (it depends on "
+                                          f"{', '.join(GPU_KIND_DIMS[kind])} only)")
+                else:
+                    dims[k] = None
+            c = GpuCurve(kind=kind, **dims, dtype=self.choice(d["dtype"], w + ".dtype", DTYPE_BYTES),
+                         direction=self.choice(d["direction"], w + ".direction", DIRECTIONS),
+                         tokens=(), seconds=())
+            key = dataclasses.astuple(c)[:-2]
+            if key in seen:
+                self.fail(w, f"duplicates gpu[{seen[key]}] (same kind, dims, dtype and direction)")
+            seen[key] = i
+            t, s = self.curve_points(d, w)
+            out.append(dataclasses.replace(c, tokens=t, seconds=s))
+        return tuple(out)
+
+    def cpu_curves(self, data: Any) -> tuple[CpuCurve, ...]:
+        out, seen = [], {}
+        for i, item in enumerate(self.list_(data, "cpu_expert")):
+            w = f"cpu_expert[{i}]"
+            d = self.obj(item, w, ("d", "h", "dtype", "direction", "threads", "tokens", "seconds"))
+            key = (self.integer(d["d"], w + ".d"), self.integer(d["h"], w + ".h"),
+                   self.choice(d["dtype"], w + ".dtype", DTYPE_BYTES),
+                   self.choice(d["direction"], w + ".direction", DIRECTIONS),
+                   self.integer(d["threads"], w + ".threads"))
+            if key in seen:
+                self.fail(w, f"duplicates cpu_expert[{seen[key]}] (same d, h, dtype, direction, threads)")
+            seen[key] = i
+            out.append(CpuCurve(*key, *self.curve_points(d, w)))
+        return tuple(out)
+
+    def adam(self, data: Any) -> Adam:
+        d = self.obj(data, "adam", ("cpu_s_per_param", "gpu_s_per_param"))
+        gpu = d["gpu_s_per_param"]
+        return Adam(self.table(d["cpu_s_per_param"], "adam.cpu_s_per_param", "threads", allow_empty=True),
+                    None if gpu is None else self.number(gpu, "adam.gpu_s_per_param", unit="s"))
+
+    def roofline(self, data: Any) -> dict[str, Any]:
+        hints = typing.get_type_hints(AnalyticHardware)
+        names = tuple(f.name for f in dataclasses.fields(AnalyticHardware))
+        d = self.obj(data, "roofline", names)
+        out: dict[str, Any] = {}
+        for k in names:
+            w = f"roofline.{k}"
+            if hints[k] is LinkSpec:
+                f = self.obj(d[k], w, ("latency_s", "GBps"))
+                out[k] = {"latency_s": self.number(f["latency_s"], w + ".latency_s", positive=False, unit="s"),
+                          "GBps": self.number(f["GBps"], w + ".GBps", unit="GB/s")}
+            elif hints[k] is str:
+                out[k] = self.string(d[k], w)
+            else:
+                out[k] = self.number(d[k], w, positive=not k.endswith("_s"))
+        try:
+            _roofline_hardware(out)
+        except (ConfigError, TypeError) as e:
+            self.fail("roofline", str(e))
+        return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _builtin_dir():
+    return importlib.resources.files("aptmoe").joinpath("profiles")
+
+
+def list_profiles() -> list[str]:
+    """Names of the built-in profiles (``aptmoe/profiles/<name>.json``)."""
+    return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str | os.PathLike) -> Profile:
+    """A built-in profile by bare name (no slash, no .json), or a calibration file by path."""
+    text_name = os.fspath(name_or_path)
+    builtin = "/" not in text_name and os.sep not in text_name and not text_name.endswith(".json")
+    if builtin:
+        res = _builtin_dir().joinpath(f"{text_name}.json")
+        if not res.is_file():
+            raise ProfileError(f"profile {text_name!r} is not built in; built-in profiles: "
+                               f"{', '.join(list_profiles()) or 'none'} (or give a path to a .json file)")
+        return Profile.from_json(res.read_text(encoding="utf-8"), f"aptmoe/profiles/{text_name}.json")
+    try:
+        text = Path(text_name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"{text_name}: no such calibration file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{text_name}: cannot read: {e}") from None
+    return Profile.from_json(text, text_name)
+
+
+# --------------------------------------------------------------------------- interpolation
+
+
+def interp_monotone(tokens: typing.Sequence[int], seconds: typing.Sequence[float], x: float) -> float:
+    """Piecewise-linear through (tokens, seconds), for tokens[0] <= x <= tokens[-1].
+
+    Exact at the measured points and monotone between them when `seconds` is.
+    """
+    if not tokens[0] <= x <= tokens[-1]:
+        raise ValueError(f"{x} is outside [{tokens[0]}, {tokens[-1]}]")
+    i = bisect.bisect_left(tokens, x)
+    if tokens[i] == x:
+        return float(seconds[i])
+    t0, t1, s0, s1 = tokens[i - 1], tokens[i], seconds[i - 1], seconds[i]
+    return float(s0 + (s1 - s0) * (x - t0) / (t1 - t0))
+
+
+def _count(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _positive(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"direction {direction!r} is unknown; use one of {', '.join(DIRECTIONS)}")
+    return direction
+
+
+# --------------------------------------------------------------------------- the cost source
+
+
+class ProfileCost:
+    """`CostSource` from a calibration file, for one model; the roofline fills the gaps.
+
+    `fallbacks` collects one short line per approximation used (no curve, outside the
+    measured tokens or threads); the simulator prints and stores them with its results.
+    """
+
+    def __init__(self, profile: Profile | str, model: ModelConfig, *, pinned: bool = True,
+                 link_cap_GBps: float | None = None) -> None:
+        if isinstance(profile, (str, os.PathLike)):
+            profile = load_profile(profile)
+        if link_cap_GBps is not None and not link_cap_GBps > 0:
+            raise ConfigError(f"link cap must be positive GB/s or None, got {link_cap_GBps}")
+        self.profile = profile
+        self.model = model
+        self.pinned = pinned
+        self.link_cap_GBps = link_cap_GBps
+        self.roofline = AnalyticCost(model, profile.roofline_hardware(), link_cap_GBps)
+        self.fallbacks: set[str] = set()
+        suffix = ("" if pinned else "/pageable") + ("" if link_cap_GBps is None else f"@{link_cap_GBps:g}GBps")
+        self.name = f"profile:{profile.name}{suffix}"
+        self._gpu = {(c.kind, c.direction): c for c in profile.gpu if c.matches(model)}
+        self._cpu: dict[str, dict[int, CpuCurve]] = {}
+        for c in profile.cpu_expert:
+            if c.matches(model):
+                self._cpu.setdefault(c.direction, {})[c.threads] = c
+        self._memo: dict[tuple, float] = {}
+
+    def __repr__(self) -> str:
+        return f"ProfileCost({self.model.name!r}, {self.name!r})"
+
+    # ---- labels for fallbacks
+
+    def _gpu_label(self, kind: str, direction: str) -> str:
+        m = self.model
+        dims = {"e": f"d{m.embedding_dim} h{m.hidden_dim}",
+                "a": f"d{m.embedding_dim} heads{m.num_heads} L{m.seq_length}",
+                "g": f"d{m.embedding_dim} E{m.num_experts}"}[kind]
+        return f"gpu {kind} {direction} {dims} {m.dtype}"
+
+    def _cpu_label(self, direction: str) -> str:
+        m = self.model
+        return f"cpu e {direction} d{m.embedding_dim} h{m.hidden_dim} {m.dtype}"
+
+    def _on_curve(self, tokens: tuple[int, ...], seconds: tuple[float, ...], n: int,
+                  roofline: Callable[[int], float], label: str) -> float:
+        lo, hi = tokens[0], tokens[-1]
+        if lo <= n <= hi:
+            return interp_monotone(tokens, seconds, n)
+        # Outside: the roofline's shape, anchored at the curve's end, stays continuous.
+        edge, end_s = (lo, seconds[0]) if n < lo else (hi, seconds[-1])
+        side = "below" if n < lo else "above"
+        self.fallbacks.add(f"{label}: {side} measured tokens {lo}..{hi}, roofline scaled to the curve's end")
+        r_edge = roofline(edge)
+        return end_s * roofline(n) / r_edge if r_edge > 0 else roofline(n)
+
+    # ---- CostSource
+
+    def gpu_s(self, kind: str, tokens: int, direction: str) -> float:
+        key = ("gpu", kind, tokens, direction)
+        if key in self._memo:
+            return self._memo[key]
+        if kind not in BLOCK_KINDS:
+            raise ConfigError(f"block kind {kind!r} is unknown; use one of {', '.join(BLOCK_KINDS)}")
+        n = _count("tokens", tokens)
+        _direction(direction)
+        curve = self._gpu.get((kind, direction))
+        if n == 0:
+            value = 0.0
+        elif curve is None:
+            self.fallbacks.add(f"{self._gpu_label(kind, direction)}: no curve, roofline")
+            value = self.roofline.gpu_s(kind, n, direction)
+        else:
+            value = self._on_curve(curve.tokens, curve.seconds, n,
+                                   lambda x: self.roofline.gpu_s(kind, x, direction),
+                                   self._gpu_label(kind, direction))
+        self._memo[key] = value
+        return value
+
+    def cpu_expert_s(self, tokens: int, direction: str, threads: int) -> float:
+        key = ("cpu", tokens, direction, threads)
+        if key in self._memo:
+            return self._memo[key]
+        n = _count("tokens", tokens)
+        t = _positive("threads", threads)
+        _direction(direction)
+        curves = self._cpu.get(direction, {})
+        label = self._cpu_label(direction)
+
+        def on(c: CpuCurve) -> float:
+            return self._on_curve(c.tokens, c.seconds, n,
+                                  lambda x: self.roofline.cpu_expert_s(x, direction, c.threads),
+                                  f"{label} {c.threads} threads")
+
+        if n == 0:
+            value = 0.0
+        elif not curves:
+            self.fallbacks.add(f"{label}: no curve, roofline")
+            value = self.roofline.cpu_expert_s(n, direction, t)
+        else:
+            value = _by_threads(curves, t, on, lambda: self.fallbacks.add(
+                f"{label}: {t} threads outside measured {min(curves)}..{max(curves)}, "
+                f"scaled by measured/threads"))
+        self._memo[key] = value
+        return value
+
+    def h2d(self) -> LinkSpec:
+        L = self.profile.links
+        return (L.h2d_pinned if self.pinned else L.h2d_pageable).spec().capped(self.link_cap_GBps)
+
+    def d2h(self) -> LinkSpec:
+        L = self.profile.links
+        return (L.d2h_pinned if self.pinned else L.d2h_pageable).spec().capped(self.link_cap_GBps)
+
+    def root_GBps(self, gpus_sharing: int, direction: str = "h2d") -> float:
+        """From the concurrent table, linear between measured counts, flat beyond them;
+        never more than `gpus_sharing` single links (which carries the cap and pageable)."""
+        n = _positive("gpus_sharing", gpus_sharing)
+        if direction == "h2d":
+            return min(_table_at(self.profile.links.root_h2d_GBps, n), n * self.h2d().GBps)
+        if direction == "d2h":
+            return min(_table_at(self.profile.links.root_d2h_GBps, n), n * self.d2h().GBps)
+        raise ConfigError(f"direction {direction!r} is unknown; use h2d or d2h")
+
+    def duplex_GBps(self) -> tuple[float, float]:
+        """(h2d, d2h) bandwidth of one GPU's link with both directions busy."""
+        L = self.profile.links
+        return (min(L.duplex_h2d_GBps, self.h2d().GBps), min(L.duplex_d2h_GBps, self.d2h().GBps))
+
+    def p2p(self, same_node: bool) -> LinkSpec:
+        L = self.profile.links
+        return (L.p2p_intra if same_node else L.p2p_inter).spec()
+
+    def adam_cpu_s(self, num_params: int, threads: int) -> float:
+        p = _count("num_params", num_params)
+        t = _positive("threads", threads)
+        table = self.profile.adam.cpu_s_per_param
+        if not table:
+            self.fallbacks.add("adam cpu: not measured, roofline")
+            return self.roofline.adam_cpu_s(p, t)
+        return p * _by_threads(table, t, lambda per_param: per_param, lambda: self.fallbacks.add(
+            f"adam cpu: {t} threads outside measured {min(table)}..{max(table)}, scaled by measured/threads"))
+
+    def adam_gpu_s(self, num_params: int) -> float:
+        p = _count("num_params", num_params)
+        per_param = self.profile.adam.gpu_s_per_param
+        if per_param is None:
+            self.fallbacks.add("adam gpu: not measured, roofline")
+            return self.roofline.adam_gpu_s(p)
+        return p * per_param
+
+
+_T = typing.TypeVar("_T")
+
+
+def _by_threads(by_threads: Mapping[int, _T], threads: int, value: Callable[[_T], float],
+                outside: Callable[[], None]) -> float:
+    """Between measured thread counts: linear in 1/threads; outside: the nearest measured
+    count scaled by measured/threads (ideal scaling; `outside` records the fallback)."""
+    counts = sorted(by_threads)
+    if threads in by_threads:
+        return value(by_threads[threads])
+    if counts[0] < threads < counts[-1]:
+        i = bisect.bisect_left(counts, threads)
+        t0, t1 = counts[i - 1], counts[i]
+        w = (1 / threads - 1 / t1) / (1 / t0 - 1 / t1)
+        return w * value(by_threads[t0]) + (1 - w) * value(by_threads[t1])
+    outside()
+    near = counts[0] if threads < counts[0] else counts[-1]
+    return value(by_threads[near]) * near / threads
+
+
+def _table_at(table: Mapping[int, float], n: int) -> float:
+    """Linear between the measured GPU counts, flat beyond them."""
+    keys = sorted(table)
+    n = min(max(n, keys[0]), keys[-1])
+    return interp_monotone(keys, [table[k] for k in keys], n)
