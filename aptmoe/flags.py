@@ -1,0 +1,169 @@
+"""The seed artifact's command-line flags, mapped onto the config dataclasses in one place.
+
+`aptmoe-sim`, `aptmoe-run` and `aptmoe-plan` all accept the artifact's flags with the same
+meaning and defaults (``--is_moe=True --model_config=S --num_experts=16 --gini=0.3
+--topo=C1+G2 --pipeline=APTMoE``), plus our own (``--gpus``, ``--gpu-memory``, ...).
+argparse is enough here: the flags are flat, and torchrun passes them through unchanged.
+
+Presets: ``--model_config S|M|L`` is the artifact's preset (32 layers, 8 stages, its batch,
+4 micro-batches, sequence length 128); ``--model_config MoE-S-16`` is the paper's Table I
+model (64 layers, the stage count chosen by the partition search, batch 128, or 64 for L).
+Explicit flags override either.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from aptmoe.config import (ClusterConfig, ConfigError, ModelConfig, Pipeline, PopularityConfig, RunConfig,
+                           ScheduleConfig, TrainConfig, model_preset, moe_model)
+
+# The artifact's presets (reference/a800-paper-testbed.json, "artifact_defaults").
+ARTIFACT_PRESETS = {
+    "S": dict(embedding_dim=1024, hidden_dim=4096, num_heads=32, num_layers=32, num_stages=8,
+              batch_size=128, num_chunks=4, seq_length=128),
+    "M": dict(embedding_dim=2048, hidden_dim=8192, num_heads=32, num_layers=32, num_stages=8,
+              batch_size=16, num_chunks=4, seq_length=128),
+    "L": dict(embedding_dim=4096, hidden_dim=14336, num_heads=32, num_layers=32, num_stages=8,
+              batch_size=8, num_chunks=4, seq_length=128),
+}
+# The artifact's own defaults where no preset sets a value.
+ARTIFACT_DEFAULTS = dict(batch_size=64, num_chunks=4, seq_length=128, seed=42, num_layers=24, num_stages=4,
+                         embedding_dim=1024, hidden_dim=4096, num_heads=32, num_experts=8,
+                         num_warmup_steps=2, num_training_steps=2, pipeline="GPipe", model_config="S",
+                         is_moe=False, gini=0.6, topo="C1+G2")
+
+
+def str2bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line (no usage dump) on bad flags."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_seed_flags(p: argparse.ArgumentParser) -> None:
+    """The artifact's flags. Defaults are None so that presets can tell what was given."""
+    g = p.add_argument_group("seed artifact flags")
+    for name, typ, help_ in [
+        ("batch_size", int, "global batch in sequences (artifact 64; a preset overrides)"),
+        ("num_chunks", int, "micro-batches per step (artifact 4)"),
+        ("seq_length", int, "tokens per sequence (128)"),
+        ("seed", int, "random seed (42)"),
+        ("num_layers", int, "Transformer layers (artifact 24; a preset overrides)"),
+        ("num_stages", int, "pipeline stages (artifact 4; a preset overrides)"),
+        ("embedding_dim", int, "model width d (1024)"),
+        ("hidden_dim", int, "expert FFN width h (4096)"),
+        ("num_heads", int, "attention heads (32)"),
+        ("num_experts", int, "experts per layer (8)"),
+        ("num_warmup_steps", int, "untimed steps first (2)"),
+        ("num_training_steps", int, "timed steps (2)"),
+    ]:
+        g.add_argument(f"--{name}", type=typ, default=None, help=help_)
+    g.add_argument("--pipeline", default=None, help="GPipe, GPipeOffload, Mobius or APTMoE (GPipe)")
+    g.add_argument("--model_config", default=None,
+                   help="artifact preset S, M, L (32 layers) or a Table I model such as MoE-S-16 (S)")
+    g.add_argument("--is_moe", type=str2bool, default=None, help="MoE layers (True) or dense (False, the default)")
+    g.add_argument("--fwd_only", type=str2bool, nargs="?", const=True, default=False, help="forward passes only")
+    g.add_argument("--inter_stage_only", type=str2bool, nargs="?", const=True, default=False,
+                   help="only the inter-stage loading phase")
+    g.add_argument("--gini", type=float, default=None, help="target imbalance G = mean_l sum_e p_e^2 (0.6)")
+    g.add_argument("--topo", default=None, help="C1+G1, C1+G2 or C1+G4 (C1+G2)")
+
+
+def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
+    g = p.add_argument_group("aptmoe flags")
+    if gpus:
+        g.add_argument("--gpus", type=int, default=None, help="GPUs per node (4)")
+        g.add_argument("--nodes", type=int, default=1, help="nodes (1)")
+    g.add_argument("--top_k", type=int, default=1, help="experts per token (1, as the seed's simulated gate)")
+    g.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    g.add_argument("--gpu-memory", dest="gpu_memory", type=float, default=None,
+                   help="GPU memory cap in GB (default: the calibration profile's GPU)")
+    g.add_argument("--link-bandwidth", dest="link_bandwidth", type=float, default=None,
+                   help="cap on each GPU's host link in GB/s (default: native)")
+    g.add_argument("--cores-per-socket", dest="cores_per_socket", type=int, default=None,
+                   help="CPU cores of one socket (default: the profile's)")
+    g.add_argument("--pageable", action="store_true", help="host parameters in pageable memory")
+    g.add_argument("--persistence", type=float, default=0.73,
+                   help="overlap of the least-used half of experts between iterations (0.73)")
+    g.add_argument("--predictor-accuracy", dest="predictor_accuracy", type=float, default=0.85,
+                   help="per-token accuracy of the predictor gate (0.85)")
+    g.add_argument("--popularity-replay", dest="popularity_replay", default=None,
+                   help="CSV of recorded token counts (iteration,layer,microbatch,expert,tokens)")
+    g.add_argument("--max-copies-in-flight", dest="max_copies_in_flight", type=int, default=2,
+                   help="copies launched on the load stream at once (2)")
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _pick(ns, name, preset: dict):
+    v = getattr(ns, name, None)
+    if v is not None:
+        return v
+    if name in preset:
+        return preset[name]
+    return ARTIFACT_DEFAULTS[name]
+
+
+def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpus: int | None = None,
+                     gpu_memory_bytes: int = 40 * 10**9, cores_per_socket: int = 28,
+                     intra_node_link: str = "pcie") -> RunConfig:
+    """Build and validate the RunConfig; hardware defaults come from the calibration profile."""
+    name = ns.model_config or ARTIFACT_DEFAULTS["model_config"]
+    pipe = Pipeline.parse(pipeline or ns.pipeline or ARTIFACT_DEFAULTS["pipeline"])
+    n_gpus = gpus if gpus is not None else (getattr(ns, "gpus", None) or 4)
+    is_moe = ns.is_moe if ns.is_moe is not None else ARTIFACT_DEFAULTS["is_moe"]
+    if name in ARTIFACT_PRESETS:
+        preset = dict(ARTIFACT_PRESETS[name])
+        experts = _pick(ns, "num_experts", preset) if is_moe else 1
+        model = ModelConfig(
+            name=f"{'MoE-' if is_moe else 'Dense-'}{name}{f'-{experts}' if is_moe else ''}",
+            embedding_dim=_pick(ns, "embedding_dim", preset), hidden_dim=_pick(ns, "hidden_dim", preset),
+            num_heads=_pick(ns, "num_heads", preset), num_layers=_pick(ns, "num_layers", preset),
+            num_experts=experts, top_k=ns.top_k if is_moe else 1, seq_length=_pick(ns, "seq_length", preset),
+            dtype=ns.dtype, is_moe=is_moe)
+    else:
+        if not is_moe and ns.is_moe is not None:
+            raise ConfigError(f"--model_config {name} is an MoE model; drop --is_moe=False or use S, M or L")
+        base = model_preset(name)
+        size = name.split("-")[1]
+        preset = dict(batch_size=64 if size == "L" else 128, num_chunks=n_gpus * (getattr(ns, "nodes", 1) or 1),
+                      seq_length=128, num_stages=None)
+        model = moe_model(size, ns.num_experts if ns.num_experts is not None else base.num_experts,
+                          num_layers=ns.num_layers if ns.num_layers is not None else base.num_layers,
+                          **{k: v for k, v in dict(embedding_dim=ns.embedding_dim, hidden_dim=ns.hidden_dim,
+                                                    num_heads=ns.num_heads).items() if v is not None},
+                          top_k=ns.top_k, seq_length=_pick(ns, "seq_length", preset), dtype=ns.dtype)
+    stages = _pick(ns, "num_stages", preset)
+    if pipe is Pipeline.GPIPE and ns.num_stages is None:
+        stages = None                       # GPipe: one stage per GPU, whatever the preset says
+    elif stages is not None and ns.num_stages is None and model.num_layers % stages:
+        stages = None                       # a preset's stage count that no longer fits: search instead
+    cluster = ClusterConfig(
+        nodes=getattr(ns, "nodes", 1) or 1, gpus_per_node=n_gpus, topo=ns.topo or ARTIFACT_DEFAULTS["topo"],
+        cores_per_socket=ns.cores_per_socket or cores_per_socket,
+        gpu_memory_bytes=int(ns.gpu_memory * 1e9) if ns.gpu_memory else gpu_memory_bytes,
+        intra_node_link=intra_node_link, link_bandwidth_GBps=ns.link_bandwidth)
+    train = TrainConfig(batch_size=_pick(ns, "batch_size", preset), num_chunks=_pick(ns, "num_chunks", preset),
+                        num_warmup_steps=_pick(ns, "num_warmup_steps", {}),
+                        num_training_steps=_pick(ns, "num_training_steps", {}), seed=_pick(ns, "seed", {}))
+    schedule = ScheduleConfig(pipeline=pipe, num_stages=stages, fwd_only=bool(ns.fwd_only),
+                              inter_stage_only=bool(ns.inter_stage_only),
+                              max_copies_in_flight=ns.max_copies_in_flight, pinned=not ns.pageable)
+    gini = ns.gini if ns.gini is not None else ARTIFACT_DEFAULTS["gini"]
+    if not model.is_moe:
+        gini = 1.0                          # one FFN takes every token
+    popularity = PopularityConfig(gini=gini, persistence=ns.persistence,
+                                  predictor_accuracy=ns.predictor_accuracy, replay=ns.popularity_replay)
+    return RunConfig(model=model, cluster=cluster, train=train, schedule=schedule, popularity=popularity)

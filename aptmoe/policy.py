@@ -1,0 +1,455 @@
+"""The loading policy: one object per rank, asked by both back-ends.
+
+The simulator's copy engine and the executor's load stream run the same loop::
+
+    copy = policy.next_copy()          # None: wait until the policy calls on_work()
+    ... copy copy.nbytes host -> GPU ...
+    policy.copy_finished(copy)
+
+and the compute side tells the policy what it learns::
+
+    policy.stage_load_begins(stage, pass_)     # the load program reached LF(s) / LB(s)
+    policy.predicted_counts(stage, layer, mb, counts)   # a predictor gate ran
+    placement = policy.gate_counts(stage, layer, mb, counts)  # the real gate ran
+    placement = policy.backward_placement(stage, layer)
+    policy.require(block)                       # compute waits for this block now
+    policy.stage_dropped(stage)                 # DF / DB freed the stage
+
+Two policies share this interface. `StagePolicy` is Mobius and GPipeOffload: every block of
+a stage, in layer order, all experts on the GPU. `AptmoePolicy` is the paper's three
+phases with demand priority (DESIGN §1):
+
+* inter-stage (lowest): when the load program reaches a stage, queue its attention blocks
+  and gates, then its experts rank by rank across layers by popularity (the previous
+  step's for a forward pass, this step's forward for a backward pass). Reaching the next
+  stage clears the queue: required blocks left in it (the attention and gates, and experts
+  already placed on the GPU) fall to the inter-layer queue; speculative experts are dropped.
+* inter-layer: predicted counts of a layer choose (with the affinity split, scaled to the
+  micro-batches still to come) which experts to load ahead; revised per micro-batch.
+* inter-expert (highest): the real counts of a layer fix this micro-batch's split; the GPU
+  experts not yet here are queued first. `require` puts a block compute is waiting for here.
+
+Backward placement is decided once per stage from the forward's counts (summed over the
+micro-batches), when its backward starts, so that experts the inter-stage phase already
+brought count as free: no inter-layer phase; missing GPU experts are demanded at once.
+
+A copy, once launched, cannot be preempted: `next_copy` always picks from the highest
+non-empty queue at the moment a copy slot frees, and back-ends keep only a few copies
+launched (`ScheduleConfig.max_copies_in_flight`), which is what demand priority needs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from aptmoe.affinity import split_experts
+from aptmoe.config import ModelConfig
+from aptmoe.costs import CostSource
+from aptmoe.plan.actions import Action, Block, BlockKind, Kind
+from aptmoe.plan.plan import Plan
+
+PHASES = ("inter-expert", "inter-layer", "inter-stage")   # priority order, highest first
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One block to copy host -> GPU; `action` names it in traces (e.g. ``5LF@12:e3``)."""
+
+    stage: int
+    pass_: str          # "F" or "B": which load of the stage it belongs to
+    block: Block
+    nbytes: int
+    phase: str          # one of PHASES, or "stage" for the baseline policy
+
+    @property
+    def action(self) -> Action:
+        return Action(self.stage, Kind.LOAD_B if self.pass_ == "B" else Kind.LOAD_F, block=self.block)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the experts of one layer compute for one micro-batch (or the whole backward)."""
+
+    gpu: tuple[int, ...]
+    cpu: tuple[int, ...]
+
+
+class LoadingPolicy(Protocol):
+    on_work: Callable[[], None]
+
+    def stage_load_begins(self, stage: int, pass_: str) -> None: ...
+    def predicted_counts(self, stage: int, layer: int, mb: int, counts) -> None: ...
+    def gate_counts(self, stage: int, layer: int, mb: int, counts) -> Placement: ...
+    def backward_placement(self, stage: int, layer: int) -> Placement: ...
+    def require(self, stage: int, pass_: str, block: Block) -> None: ...
+    def next_copy(self) -> Copy | None: ...
+    def copy_finished(self, copy: Copy) -> None: ...
+    def stage_dropped(self, stage: int) -> None: ...
+    def is_loaded(self, stage: int, block: Block) -> bool: ...
+    def window_open(self, stage: int) -> bool: ...
+    def prime_history(self, layer_totals) -> None: ...
+    def end_iteration(self) -> None: ...
+
+
+class _Queue:
+    """A priority queue of blocks with lazy deletion; keys keep the order stable."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[int, Block], tuple[tuple, str]] = {}
+
+    def put(self, stage: int, block: Block, key: tuple, pass_: str) -> None:
+        self.items[(stage, block)] = (key, pass_)
+
+    def remove(self, stage: int, block: Block) -> None:
+        self.items.pop((stage, block), None)
+
+    def pop(self) -> tuple[int, Block, str] | None:
+        if not self.items:
+            return None
+        (stage, block), (_, pass_) = min(self.items.items(), key=lambda kv: kv[1][0])
+        del self.items[(stage, block)]
+        return stage, block, pass_
+
+    def drain(self) -> list[tuple[int, Block, str]]:
+        out = [(s, b, p) for (s, b), (_, p) in sorted(self.items.items(), key=lambda kv: kv[1][0])]
+        self.items.clear()
+        return out
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __contains__(self, sb: tuple[int, Block]) -> bool:
+        return sb in self.items
+
+
+class _PolicyBase:
+    """Residency bookkeeping shared by both policies."""
+
+    def __init__(self, plan: Plan, rank: int, model: ModelConfig) -> None:
+        self.plan, self.rank, self.model = plan, rank, model
+        self.layers = {st.index: st.layers for st in plan.stages if st.rank == rank}
+        self.loaded: set[tuple[int, Block]] = set()
+        self.in_flight: set[tuple[int, Block]] = set()
+        self._resident_stages: set[int] = set()     # stages whose load window is open
+        self.on_work: Callable[[], None] = lambda: None
+        self.copies_by_phase: dict[str, int] = defaultdict(int)
+        self.bytes_by_phase: dict[str, int] = defaultdict(int)
+
+    def _experts(self) -> range:
+        return range(self.model.num_experts)
+
+    def stage_blocks(self, stage: int) -> list[Block]:
+        out = []
+        for layer in self.layers[stage]:
+            out.append(Block.attn(layer))
+            if self.model.is_moe:
+                out.append(Block.gate(layer))
+            out.extend(Block.expert_of(layer, e) for e in self._experts())
+        return out
+
+    def nbytes(self, block: Block) -> int:
+        return self.model.block_bytes(block.kind.value)
+
+    def is_loaded(self, stage: int, block: Block) -> bool:
+        return (stage, block) in self.loaded
+
+    def window_open(self, stage: int) -> bool:
+        """Whether the stage's parameters may be on the GPU (loaded and not yet dropped)."""
+        return stage in self._resident_stages
+
+    def prime_history(self, layer_totals) -> None:
+        """Popularity of the previous step, [layers, E]; what a warm-up step leaves behind."""
+
+    def _available(self, stage: int, block: Block) -> bool:
+        return (stage, block) in self.loaded or (stage, block) in self.in_flight
+
+    def _launch(self, stage: int, block: Block, pass_: str, phase: str) -> Copy:
+        self.in_flight.add((stage, block))
+        c = Copy(stage, pass_, block, self.nbytes(block), phase)
+        self.copies_by_phase[phase] += 1
+        self.bytes_by_phase[phase] += c.nbytes
+        return c
+
+    def copy_finished(self, copy: Copy) -> None:
+        key = (copy.stage, copy.block)
+        if key in self.in_flight:
+            self.in_flight.discard(key)
+            if copy.stage in self._resident_stages:
+                self.loaded.add(key)
+
+    def stage_dropped(self, stage: int) -> None:
+        self._resident_stages.discard(stage)
+        self.loaded = {k for k in self.loaded if k[0] != stage}
+
+    def end_iteration(self) -> None:
+        self.loaded.clear()
+        self._resident_stages.clear()
+
+
+class StagePolicy(_PolicyBase):
+    """Mobius and GPipeOffload: every block of a stage, in layer order, all experts on the GPU."""
+
+    def __init__(self, plan: Plan, rank: int, model: ModelConfig) -> None:
+        super().__init__(plan, rank, model)
+        self.queue: list[tuple[int, Block, str]] = []
+        self.demand = _Queue()
+        self._seq = 0
+
+    def stage_load_begins(self, stage: int, pass_: str) -> None:
+        self._resident_stages.add(stage)
+        blocks = self.stage_blocks(stage)
+        if pass_ == "B":   # backward walks the layers in reverse
+            blocks = sorted(blocks, key=lambda b: (-b.layer, b.kind != BlockKind.ATTN, b))
+        self.queue.extend((stage, b, pass_) for b in blocks if not self._available(stage, b))
+        self.on_work()
+
+    def predicted_counts(self, stage, layer, mb, counts) -> None:
+        pass   # popularity-blind
+
+    def gate_counts(self, stage, layer, mb, counts) -> Placement:
+        return Placement(tuple(e for e in self._experts() if counts[e] > 0), ())
+
+    def backward_placement(self, stage, layer) -> Placement:
+        return Placement(tuple(self._experts()), ())
+
+    def require(self, stage: int, pass_: str, block: Block) -> None:
+        if not self._available(stage, block):
+            self._seq += 1
+            self.demand.put(stage, block, (self._seq,), pass_)
+            self.on_work()
+
+    def next_copy(self) -> Copy | None:
+        while True:
+            item = self.demand.pop()
+            phase = "stage"
+            if item is None:
+                if not self.queue:
+                    return None
+                item = self.queue.pop(0)
+                phase = "stage"
+            stage, block, pass_ = item
+            if not self._available(stage, block) and stage in self._resident_stages:
+                return self._launch(stage, block, pass_, phase)
+
+    def stage_dropped(self, stage: int) -> None:
+        super().stage_dropped(stage)
+        self.queue = [q for q in self.queue if q[0] != stage]
+
+
+class AptmoePolicy(_PolicyBase):
+    """The paper's three loading phases with demand priority (module docstring)."""
+
+    def __init__(self, plan: Plan, rank: int, model: ModelConfig, cost: CostSource, *,
+                 threads: int, inter_stage_only: bool = False) -> None:
+        super().__init__(plan, rank, model)
+        self.cost, self.threads = cost, threads
+        self.inter_stage_only = inter_stage_only
+        self.M = plan.micro_batches
+        self.queues = {p: _Queue() for p in PHASES}
+        self._stage_target: tuple[int, str] | None = None
+        self._seq = 0
+        # token counts seen this iteration (layer -> mb -> counts) and last iteration's totals
+        self.seen: dict[int, dict[int, np.ndarray]] = defaultdict(dict)
+        self.history: dict[int, np.ndarray] = {}
+        self._bwd: dict[int, dict[int, Placement]] = {}
+        self.placements: dict[tuple[int, int], Placement] = {}
+        self.required: set[tuple[int, Block]] = set()
+
+    # -------------------------------------------------------------- helpers
+    def _order(self, stage: int, pass_: str, block: Block) -> tuple:
+        """Within a pass, earlier-computed layers first; attention, gate, then experts."""
+        layer_pos = block.layer if pass_ != "B" else -block.layer
+        return (layer_pos, {BlockKind.ATTN: 0, BlockKind.GATE: 1, BlockKind.EXPERT: 2}[block.kind])
+
+    def _enqueue(self, phase: str, stage: int, block: Block, pass_: str, key: tuple) -> None:
+        if self._available(stage, block):
+            return
+        for p in PHASES:
+            if p != phase and (stage, block) in self.queues[p]:
+                if PHASES.index(p) <= PHASES.index(phase):
+                    return          # already queued with at least this priority
+                self.queues[p].remove(stage, block)
+        self.queues[phase].put(stage, block, key, pass_)
+
+    def _rank(self, layer: int, pass_: str) -> list[int]:
+        """Experts of a layer, most popular first (previous step for forward, this one for backward)."""
+        if pass_ == "B" and self.seen.get(layer):
+            h = sum(self.seen[layer].values())
+        else:
+            h = self.history.get(layer)
+        if h is None:
+            return list(self._experts())
+        return sorted(self._experts(), key=lambda e: (-int(h[e]), e))
+
+    def _resident_experts(self, stage: int, layer: int) -> set[int]:
+        return {b.expert for (s, b) in self.loaded | self.in_flight
+                if s == stage and b.layer == layer and b.kind is BlockKind.EXPERT}
+
+    def _attn_gate_pending(self, stage: int, layer: int) -> bool:
+        blocks = [Block.attn(layer)] + ([Block.gate(layer)] if self.model.is_moe else [])
+        return any(not self._available(stage, b) for b in blocks)
+
+    # -------------------------------------------------------------- events
+    def stage_load_begins(self, stage: int, pass_: str) -> None:
+        # Stage switch: what the previous target did not get falls to the later phases.
+        for s, block, p in self.queues["inter-stage"].drain():
+            if (s, block) in self.required or block.kind is not BlockKind.EXPERT:
+                self._enqueue("inter-layer", s, block, p, self._order(s, p, block))
+        self._resident_stages.add(stage)
+        self._stage_target = (stage, pass_)
+        layers = self.layers[stage]
+        if pass_ == "B":
+            layers = tuple(reversed(layers))
+        seq = 0
+        for layer in layers:                     # every MHA and gate first
+            for b in ([Block.attn(layer)] + ([Block.gate(layer)] if self.model.is_moe else [])):
+                self.required.add((stage, b))
+                self._enqueue("inter-stage", stage, b, pass_, (0, seq))
+                seq += 1
+        # Then experts rank by rank across layers: forward by the previous step's popularity,
+        # backward by this step's forward (known exactly by now).
+        ranks = {layer: self._rank(layer, pass_) for layer in layers}
+        for r in range(self.model.num_experts if self.model.is_moe else 1):
+            for layer in layers:
+                self._enqueue("inter-stage", stage, Block.expert_of(layer, ranks[layer][r]), pass_, (1, r, seq))
+                seq += 1
+        self.on_work()
+
+    def predicted_counts(self, stage: int, layer: int, mb: int, counts) -> None:
+        if self.inter_stage_only or not self.model.is_moe:
+            return
+        counts = [int(c) for c in counts]
+        split = split_experts(counts, self.cost, self.model, threads=self.threads,
+                              resident=self._resident_experts(stage, layer),
+                              load_attn_gate=self._attn_gate_pending(stage, layer),
+                              remaining_mbs=self.M - mb, direction="fwd")
+        # Revise this layer's inter-layer choice: drop experts no longer predicted hot.
+        want = set(split.to_load)
+        q = self.queues["inter-layer"]
+        for (s, b) in list(q.items):
+            if s == stage and b.layer == layer and b.kind is BlockKind.EXPERT and b.expert not in want \
+                    and (s, b) not in self.required:
+                q.remove(s, b)
+        for i, e in enumerate(split.to_load):
+            b = Block.expert_of(layer, e)
+            self._enqueue("inter-layer", stage, b, "F", self._order(stage, "F", b) + (i,))
+        self.on_work()
+
+    def gate_counts(self, stage: int, layer: int, mb: int, counts) -> Placement:
+        counts_arr = np.asarray(counts, dtype=np.int64)
+        self.seen[layer][mb] = counts_arr
+        counts = [int(c) for c in counts_arr]
+        if not self.model.is_moe:
+            return Placement((0,), ())
+        resident = self._resident_experts(stage, layer)
+        if self.inter_stage_only:
+            gpu = tuple(e for e in self._experts() if counts[e] > 0 and e in resident)
+            cpu = tuple(e for e in self._experts() if counts[e] > 0 and e not in resident)
+            placement = Placement(gpu, cpu)
+        else:
+            split = split_experts(counts, self.cost, self.model, threads=self.threads, resident=resident,
+                                  load_attn_gate=False, remaining_mbs=self.M - mb, direction="fwd")
+            for i, e in enumerate(split.to_load):
+                b = Block.expert_of(layer, e)
+                self.required.add((stage, b))
+                self._seq += 1
+                self._enqueue("inter-expert", stage, b, "F", (self._seq,))
+            placement = Placement(split.gpu, split.cpu)
+        self.placements[(layer, mb)] = placement
+        self.on_work()
+        return placement
+
+    def _decide_backward(self, stage: int) -> None:
+        """Fix every layer's backward placement once, when the stage's backward begins.
+
+        Deciding at the last moment lets the split count what the inter-stage phase has
+        already brought (resident experts cost no load); experts placed on the CPU leave
+        the queues, experts placed on the GPU that are still missing go to inter-expert.
+        """
+        if stage in self._bwd:
+            return
+        out = {}
+        for layer in self.layers[stage]:
+            seen = self.seen.get(layer, {})
+            total = sum(seen.values()) if seen else np.zeros(self.model.num_experts, dtype=np.int64)
+            counts = [int(c) for c in total]
+            if not self.model.is_moe:
+                out[layer] = Placement((0,), ())
+                continue
+            split = split_experts(counts, self.cost, self.model, threads=self.threads,
+                                  resident=self._resident_experts(stage, layer),
+                                  load_attn_gate=self._attn_gate_pending(stage, layer),
+                                  remaining_mbs=1, direction="bwd")
+            out[layer] = Placement(split.gpu, split.cpu)
+            for e in split.cpu:
+                for q in self.queues.values():
+                    q.remove(stage, Block.expert_of(layer, e))
+            for e in split.to_load:
+                b = Block.expert_of(layer, e)
+                self.required.add((stage, b))
+                self._seq += 1
+                self._enqueue("inter-expert", stage, b, "B", (self._seq,))
+        self._bwd[stage] = out
+        self.on_work()
+
+    def backward_placement(self, stage: int, layer: int) -> Placement:
+        self._decide_backward(stage)
+        placement = self._bwd[stage][layer]
+        for e in placement.gpu:
+            self.required.add((stage, Block.expert_of(layer, e)))
+        return placement
+
+    def require(self, stage: int, pass_: str, block: Block) -> None:
+        if not self._available(stage, block):
+            self.required.add((stage, block))
+            self._seq += 1
+            self._enqueue("inter-expert", stage, block, pass_, (-1, self._seq))
+            self.on_work()
+
+    def next_copy(self) -> Copy | None:
+        for phase in PHASES:
+            q = self.queues[phase]
+            while (item := q.pop()) is not None:
+                stage, block, pass_ = item
+                if stage in self._resident_stages and not self._available(stage, block):
+                    return self._launch(stage, block, pass_, phase)
+        return None
+
+    def stage_dropped(self, stage: int) -> None:
+        super().stage_dropped(stage)
+        for q in self.queues.values():
+            for (s, b) in [k for k in q.items if k[0] == stage]:
+                q.remove(s, b)
+        self.required = {k for k in self.required if k[0] != stage}
+        self._bwd.pop(stage, None)
+
+    def prime_history(self, layer_totals) -> None:
+        self.history = {layer: np.asarray(layer_totals[layer]) for layer in range(len(layer_totals))}
+
+    def end_iteration(self) -> None:
+        super().end_iteration()
+        self.history = {layer: sum(mbs.values()) for layer, mbs in self.seen.items() if mbs}
+        self.seen.clear()
+        self._bwd.clear()
+        self.placements.clear()
+        self.required.clear()
+        for q in self.queues.values():
+            q.drain()
+
+
+def make_policy(plan: Plan, rank: int, model: ModelConfig, cost: CostSource | None, *,
+                threads: int) -> LoadingPolicy | None:
+    """The plan's policy for one rank; None for resident plans (GPipe loads nothing)."""
+    if plan.policy == "resident":
+        return None
+    if plan.policy == "stage":
+        return StagePolicy(plan, rank, model)
+    if plan.policy == "aptmoe":
+        if cost is None:
+            raise ValueError("the APTMoE policy needs a cost source to split experts")
+        return AptmoePolicy(plan, rank, model, cost, threads=threads, inter_stage_only=plan.inter_stage_only)
+    raise ValueError(f"plan policy {plan.policy!r} is unknown")

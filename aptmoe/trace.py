@@ -1,0 +1,138 @@
+"""One trace schema for both back-ends: Chrome Trace Event JSON, in microseconds.
+
+Each complete event (``"ph": "X"``) has ``pid`` = rank, ``tid`` = stream index (names in
+``STREAMS``, given by thread_name metadata so Perfetto and chrome://tracing label rows),
+``name`` = the plan action's printed form (``2F0``, ``5LF@12:e3``, ``2F0@12:e3`` for a CPU
+expert), ``cat`` = what it is for colouring (one of ``CATEGORIES``), ``ts``/``dur`` in
+microseconds, and ``args`` with at least ``source`` ("sim" or "real") and, where they apply,
+``layer``, ``experts``, ``bytes``, ``phase``, ``stage``, ``mb``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aptmoe.plan.plan import STREAMS
+
+US_PER_S = 1_000_000
+
+# What an event is, for plots and filters.
+CATEGORIES = (
+    "forward", "backward",            # compute stream, GPU work of a stage and micro-batch
+    "cpu-expert",                      # expert FFN on the CPU (cpu stream)
+    "load-inter-stage", "load-inter-layer", "load-inter-expert", "load-stage",   # host -> GPU
+    "offload",                         # GPU -> host gradients
+    "update",                          # optimizer step
+    "send", "recv",                    # activations between ranks
+    "wait",                            # compute stalled on a block or a receive
+    "marker",                          # instant: a stage's load window opens, a drop
+)
+
+
+class TraceError(ValueError):
+    pass
+
+
+@dataclass
+class TraceEvent:
+    name: str
+    rank: int
+    stream: str
+    start_s: float
+    end_s: float
+    cat: str
+    args: dict = field(default_factory=dict)
+
+    @property
+    def dur_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass
+class Trace:
+    source: str                                    # "sim" or "real"
+    events: list[TraceEvent] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def add(self, name: str, rank: int, stream: str, start_s: float, end_s: float, cat: str, **args) -> None:
+        self.events.append(TraceEvent(name, rank, stream, start_s, end_s, cat, args))
+
+    @property
+    def num_ranks(self) -> int:
+        return 1 + max((e.rank for e in self.events), default=-1)
+
+    def span_s(self) -> float:
+        if not self.events:
+            return 0.0
+        return max(e.end_s for e in self.events) - min(e.start_s for e in self.events)
+
+    # -------------------------------------------------------------- Chrome trace JSON
+    def to_chrome(self) -> dict:
+        out = []
+        for r in range(self.num_ranks):
+            out.append({"ph": "M", "name": "process_name", "pid": r, "tid": 0, "args": {"name": f"rank {r}"}})
+            for i, s in enumerate(STREAMS):
+                out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": i, "args": {"name": s}})
+        for e in self.events:
+            out.append({"name": e.name, "cat": e.cat, "ph": "X", "pid": e.rank, "tid": STREAMS.index(e.stream),
+                        "ts": round(e.start_s * US_PER_S, 3), "dur": round(e.dur_s * US_PER_S, 3),
+                        "args": {"source": self.source, **e.args}})
+        return {"traceEvents": out, "displayTimeUnit": "ms",
+                "otherData": {"schema": "aptmoe-trace/1", "source": self.source, "time_unit": "us", **self.meta}}
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_chrome())
+
+    @classmethod
+    def from_chrome(cls, d: dict) -> "Trace":
+        if not isinstance(d, dict) or "traceEvents" not in d:
+            raise TraceError("not a Chrome trace: no traceEvents")
+        other = dict(d.get("otherData", {}))
+        if other.get("time_unit", "us") != "us":
+            raise TraceError(f"trace time unit {other.get('time_unit')!r}; aptmoe traces are in us")
+        source = other.pop("source", "sim")
+        other.pop("schema", None)
+        other.pop("time_unit", None)
+        tr = cls(source=source, meta=other)
+        for ev in d["traceEvents"]:
+            if ev.get("ph") != "X":
+                continue
+            try:
+                args = dict(ev.get("args", {}))
+                args.pop("source", None)
+                tid = ev["tid"]
+                stream = STREAMS[tid] if isinstance(tid, int) else str(tid)
+                start = ev["ts"] / US_PER_S
+                tr.events.append(TraceEvent(ev["name"], int(ev["pid"]), stream, start,
+                                            start + ev["dur"] / US_PER_S, ev.get("cat", ""), args))
+            except (KeyError, TypeError, IndexError) as e:
+                raise TraceError(f"malformed trace event {ev!r}: {e}") from None
+        return tr
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise TraceError(f"trace file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TraceError(f"trace file {path} is not JSON: {e}") from None
+        return cls.from_chrome(d)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON via a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=None, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
