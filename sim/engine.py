@@ -1,0 +1,380 @@
+"""The discrete-event model of one training step, walking the shared plan.
+
+One `RankModel` per GPU holds its active components as SimPy processes (compute stream,
+load program, copy engine, offload stream, CPU stream, network stream), started in
+`__init__`, after SimPy's own examples. Each plan action waits for its stream predecessor
+and its explicit dependencies, holds its resource for the calibrated duration, and records
+a trace event named ``str(action)``. Which block to copy next and which experts run on the
+CPU are asked of the same loading-policy object the executor uses (`aptmoe.policy`): the
+simulator has no decision logic of its own.
+
+Steps are simulated one at a time from an idle machine (the executor synchronises all
+ranks between steps too). The policy's history of the previous step's popularity is primed
+from the popularity model, which is exactly what warm-up steps would leave behind, so
+warm-up steps cost no simulation time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import simpy
+
+from aptmoe.config import RunConfig
+from aptmoe.costs import CostSource, SharedLinkView
+from aptmoe.memory import MemoryModel
+from aptmoe.plan.actions import Action, Block, Kind
+from aptmoe.plan.plan import Plan
+from aptmoe.policy import Copy, Placement, make_policy
+from aptmoe.popularity import IterationCounts
+from aptmoe.trace import Trace
+from aptmoe.sim.links import SharedRoot
+
+log = logging.getLogger(__name__)
+
+
+CPU_EXPERT_PRIORITY = 0     # lower value first (simpy.PriorityResource)
+CPU_UPDATE_PRIORITY = 1
+
+
+class OutOfMemory(Exception):
+    def __init__(self, rank: int, stage: int, need: int, capacity: int, what: str) -> None:
+        super().__init__(f"rank {rank} out of GPU memory at stage {stage} ({what}): "
+                         f"{need / 1e9:.2f} GB needed, {capacity / 1e9:.2f} GB available")
+        self.rank, self.stage, self.need, self.capacity = rank, stage, need, capacity
+
+
+class SimulationError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepStats:
+    """Counters of one simulated step (plain attributes, read after env.run())."""
+
+    step_s: float = 0.0
+    busy_s: dict[str, list[float]] = field(default_factory=dict)     # resource -> per rank
+    bytes: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    peak_gpu_bytes: list[int] = field(default_factory=list)
+    expert_tokens_gpu: int = 0
+    expert_tokens_cpu: int = 0
+    copies_by_phase: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_by_phase: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class StepModel:
+    """One training step of the whole machine."""
+
+    def __init__(self, cfg: RunConfig, plan: Plan, cost: CostSource, counts: IterationCounts,
+                 history, trace: Trace | None, t0: float) -> None:
+        self.cfg, self.plan, self.cost, self.counts = cfg, plan, cost, counts
+        self.trace, self.t0 = trace, t0
+        self.env = simpy.Environment()
+        self.done = {a: self.env.event() for _, _, a in plan.actions()}
+        self.mem = MemoryModel(cfg.model, cfg.tokens_per_micro_batch, cfg.micro_batch_size)
+        c = cfg.cluster
+        sockets = sorted({c.socket_of(r) for r in range(plan.num_ranks)})
+        self.h2d_roots = {s: SharedRoot(self.env, lambda n: cost.root_GBps(n, "h2d"), f"socket{s}.h2d")
+                          for s in sockets}
+        self.d2h_roots = {s: SharedRoot(self.env, lambda n: cost.root_GBps(n, "d2h"), f"socket{s}.d2h")
+                          for s in sockets}
+        policy_cost = SharedLinkView(cost, c.gpus_per_socket)
+        self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.cores_per_rank),
+                                history) for r in range(plan.num_ranks)]
+
+    def run(self) -> StepStats:
+        self.env.run()
+        missing = [a for a, ev in self.done.items() if not ev.triggered]
+        if missing:
+            raise SimulationError(f"the step stalled with {len(missing)} actions undone, e.g. "
+                                  + ", ".join(map(str, sorted(missing)[:5])))
+        st = StepStats(step_s=self.env.now)
+        for name in ("compute", "cpu", "h2d", "d2h", "net"):
+            st.busy_s[name] = [r.busy[name] for r in self.ranks]
+        for r in self.ranks:
+            st.peak_gpu_bytes.append(r.peak)
+            st.expert_tokens_gpu += r.expert_tokens["gpu"]
+            st.expert_tokens_cpu += r.expert_tokens["cpu"]
+            for k, v in r.bytes.items():
+                st.bytes[k] += v
+            if r.policy is not None:
+                for k, v in r.policy.copies_by_phase.items():
+                    st.copies_by_phase[k] += v
+                for k, v in r.policy.bytes_by_phase.items():
+                    st.bytes_by_phase[k] += v
+        return st
+
+
+class RankModel:
+    """One GPU with its host link, its share of CPU cores and its network port."""
+
+    def __init__(self, step: StepModel, rank: int, policy, history) -> None:
+        self.step, self.rank, self.policy = step, rank, policy
+        self.env, self.cost, self.cfg, self.plan = step.env, step.cost, step.cfg, step.plan
+        c = self.cfg.cluster
+        self.h2d_root = step.h2d_roots[c.socket_of(rank)]
+        self.d2h_root = step.d2h_roots[c.socket_of(rank)]
+        self.h2d_link, self.d2h_link = self.cost.h2d(), self.cost.d2h()
+        self.threads = c.cores_per_rank
+        # The rank's cores run one job at a time; expert work goes before optimizer chunks.
+        self.cpu = simpy.PriorityResource(self.env, 1)
+        self.egress = simpy.Resource(self.env, 1)       # its network port, one send at a time
+        self.T = self.cfg.tokens_per_micro_batch
+        self.layers = {st.index: st.layers for st in self.plan.stages}
+        self.busy: dict[str, float] = defaultdict(float)
+        self.bytes: dict[str, float] = defaultdict(float)
+        self.expert_tokens = {"gpu": 0, "cpu": 0}
+        self.used = 0
+        self.peak = 0
+        self.stage_bytes: dict[int, int] = defaultdict(int)
+        self.grad_bytes: dict[int, int] = defaultdict(int)
+        self.ready: dict[tuple[int, Block], simpy.Event] = {}
+        self._work: simpy.Event | None = None
+        self.handlers = {
+            Kind.FWD: self._forward, Kind.BWD: self._backward, Kind.DROP_F: self._drop,
+            Kind.DROP_B: self._drop, Kind.LOAD_F: self._open_window, Kind.LOAD_B: self._open_window,
+            Kind.OFFLOAD: self._offload, Kind.UPDATE: self._update, Kind.SEND_F: self._send,
+            Kind.SEND_B: self._send, Kind.RECV_F: self._recv, Kind.RECV_B: self._recv,
+        }
+        if self.plan.resident:
+            for s in self.plan.stages_of(rank):
+                ly = self.layers[s]
+                self._alloc(s, step.mem.param_bytes(ly) + step.mem.adam_bytes(ly)
+                            + (0 if self.plan.fwd_only else step.mem.grad_bytes(ly)), "resident parameters")
+        if policy is not None:
+            policy.on_work = self._poke
+            if history is not None:
+                policy.prime_history(history)
+            self.env.process(self._copy_engine())
+        for stream, program in self.plan.programs[rank].items():
+            if program:
+                self.env.process(self._walk(stream, program))
+
+    # ------------------------------------------------------------------ plumbing
+    def _record(self, name: str, stream: str, start: float, cat: str, **args) -> None:
+        tr = self.step.trace
+        if tr is not None:
+            tr.add(name, self.rank, stream, self.step.t0 + start, self.step.t0 + self.env.now, cat, **args)
+
+    def _alloc(self, stage: int, nbytes: int, what: str) -> None:
+        self.used += nbytes
+        if self.used > self.cfg.cluster.gpu_memory_bytes:
+            raise OutOfMemory(self.rank, stage, self.used, self.cfg.cluster.gpu_memory_bytes, what)
+        self.peak = max(self.peak, self.used)
+
+    def _free(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+    def _walk(self, stream: str, program: list[Action]):
+        for a in program:
+            deps = [self.step.done[d] for d in self.plan.deps_of(a)]
+            if deps:
+                yield self.env.all_of(deps)
+            yield from self.handlers[a.kind](a)
+            self.step.done[a].succeed()
+
+    def _hold(self, seconds: float, resource: str = "compute"):
+        self.busy[resource] += seconds
+        return self.env.timeout(seconds)
+
+    # ------------------------------------------------------------------ loading
+    def _poke(self) -> None:
+        if self._work is not None and not self._work.triggered:
+            self._work.succeed()
+
+    def _open_window(self, a: Action):
+        self.policy.stage_load_begins(a.stage, "B" if a.kind is Kind.LOAD_B else "F")
+        self._record(str(a), "load", self.env.now, "marker")
+        yield from ()
+
+    def _copy_engine(self):
+        """Keeps up to `max_copies_in_flight` copies launched; a launched copy runs to the end."""
+        launched: deque[Copy] = deque()
+        k = self.cfg.schedule.max_copies_in_flight
+        cap = self.h2d_link.GBps
+        while True:
+            while len(launched) < k and (c := self.policy.next_copy()) is not None:
+                launched.append(c)
+                self._alloc(c.stage, c.nbytes, f"loading {c.block}")
+                self.stage_bytes[c.stage] += c.nbytes
+            if not launched:
+                self._work = self.env.event()
+                yield self._work
+                continue
+            c = launched[0]
+            start = self.env.now
+            yield from self.h2d_root.transfer(c.nbytes, cap, self.h2d_link.latency_s)
+            launched.popleft()
+            self.busy["h2d"] += self.env.now - start
+            self.bytes["h2d"] += c.nbytes
+            open_ = self.policy.window_open(c.stage)
+            self.policy.copy_finished(c)
+            if not open_:                       # its stage was dropped meanwhile: discard
+                self.stage_bytes[c.stage] -= c.nbytes
+                self._free(c.nbytes)
+            ev = self.ready.pop((c.stage, c.block), None)
+            if ev is not None:
+                ev.succeed()
+            self._record(str(c.action), "load", start, f"load-{c.phase}", bytes=c.nbytes,
+                         layer=c.block.layer, phase=c.phase)
+
+    def _use(self, stage: int, pass_: str, block: Block):
+        """Wait until a block is on the GPU, asking for it first if nobody has."""
+        if self.policy is None or self.policy.is_loaded(stage, block):
+            return
+        ev = self.ready.get((stage, block))
+        if ev is None:
+            ev = self.ready[(stage, block)] = self.env.event()
+        self.policy.require(stage, pass_, block)
+        yield ev
+
+    # ------------------------------------------------------------------ compute
+    def _gpu_experts(self, stage: int, pass_: str, layer: int, experts, counts, direction: str, label: Action):
+        """Run the GPU experts in arrival order; consecutive ready experts are one hold."""
+        pending = [e for e in experts if counts[e] > 0]
+        while pending:
+            ready = [e for e in pending if self.policy is None or self.policy.is_loaded(stage, Block.expert_of(layer, e))]
+            if not ready:
+                waits = []
+                for e in pending:
+                    b = Block.expert_of(layer, e)
+                    waits.append(self.ready.get((stage, b)) or self.ready.setdefault((stage, b), self.env.event()))
+                    self.policy.require(stage, pass_, b)
+                yield self.env.any_of(waits)
+                continue
+            start = self.env.now
+            durs = [self.cost.gpu_s("e", int(counts[e]), direction) for e in ready]
+            yield self._hold(sum(durs))
+            t = start
+            for e, d in zip(ready, durs):
+                if self.step.trace is not None:
+                    self.step.trace.add(str(label.at(Block.expert_of(layer, e))), self.rank, "compute",
+                                        self.step.t0 + t, self.step.t0 + t + d, "forward" if direction == "fwd" else "backward",
+                                        layer=layer, experts=[e], tokens=int(counts[e]))
+                t += d
+            self.expert_tokens["gpu"] += int(sum(counts[e] for e in ready))
+            pending = [e for e in pending if e not in ready]
+
+    def _cpu_experts(self, label: Action, layer: int, experts, counts, direction: str):
+        """Experts on the CPU from host memory: tokens down, compute, results up."""
+        experts = [e for e in experts if counts[e] > 0]
+        tokens = int(sum(counts[e] for e in experts))
+        act_bytes = tokens * self.cfg.model.embedding_dim * self.cfg.model.dtype_bytes
+        yield from self.d2h_root.transfer(act_bytes, self.d2h_link.GBps, self.d2h_link.latency_s)
+        with self.cpu.request(priority=CPU_EXPERT_PRIORITY) as req:
+            yield req
+            for e in experts:
+                start = self.env.now
+                yield self._hold(self.cost.cpu_expert_s(int(counts[e]), direction, self.threads), "cpu")
+                self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, "cpu-expert",
+                             layer=layer, experts=[e], tokens=int(counts[e]))
+        yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s)
+        self.bytes["h2d"] += act_bytes
+        self.bytes["d2h"] += act_bytes
+        self.expert_tokens["cpu"] += tokens
+
+    def _block(self, a: Action, pass_: str, block: Block, tokens: int, direction: str):
+        yield from self._use(a.stage, pass_, block)
+        start = self.env.now
+        yield self._hold(self.cost.gpu_s(block.kind.value, tokens, direction))
+        self._record(str(a.at(block)), "compute", start, "forward" if direction == "fwd" else "backward",
+                     layer=block.layer)
+
+    def _forward(self, a: Action):
+        s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
+        start = self.env.now
+        self._alloc(s, self.step.mem.activation_bytes(self.layers[s]), "activations")
+        layers = self.layers[s]
+        if self.policy is not None and moe:
+            self.policy.predicted_counts(s, layers[0], m, self.step.counts.predicted[layers[0], m])
+        for i, layer in enumerate(layers):
+            counts = self.step.counts.counts[layer, m]
+            yield from self._block(a, "F", Block.attn(layer), self.T, "fwd")
+            if moe:
+                yield from self._block(a, "F", Block.gate(layer), self.T, "fwd")
+                placement = (self.policy.gate_counts(s, layer, m, counts) if self.policy is not None
+                             else Placement(tuple(range(len(counts))), ()))
+                if self.policy is not None and i + 1 < len(layers):
+                    self.policy.predicted_counts(s, layers[i + 1], m, self.step.counts.predicted[layers[i + 1], m])
+            else:
+                placement = Placement((0,), ())
+            cpu = self.env.process(self._cpu_experts(a, layer, placement.cpu, counts, "fwd")) \
+                if placement.cpu else None
+            yield from self._gpu_experts(s, "F", layer, placement.gpu, counts, "fwd", a)
+            if cpu is not None:
+                yield cpu
+        self._record(str(a), "compute", start, "forward", stage=s, mb=m)
+
+    def _backward(self, a: Action):
+        s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
+        start = self.env.now
+        layers = self.layers[s]
+        for layer in reversed(layers):
+            counts = self.step.counts.counts[layer, m]
+            placement = (self.policy.backward_placement(s, layer) if self.policy is not None and moe
+                         else Placement(tuple(range(len(counts))), ()))
+            if m == 0 and not self.plan.resident:
+                grads = self.cfg.model.block_bytes("a") + self.cfg.model.block_bytes("g") \
+                    + len(placement.gpu) * self.cfg.model.block_bytes("e")
+                self.grad_bytes[s] += grads
+                self._alloc(s, grads, "gradients")
+            cpu = self.env.process(self._cpu_experts(a, layer, placement.cpu, counts, "bwd")) \
+                if placement.cpu else None
+            yield from self._gpu_experts(s, "B", layer, placement.gpu, counts, "bwd", a)
+            if cpu is not None:
+                yield cpu
+            if moe:
+                yield from self._block(a, "B", Block.gate(layer), self.T, "bwd")
+            yield from self._block(a, "B", Block.attn(layer), self.T, "bwd")
+        self._free(self.step.mem.activation_bytes(layers))
+        self._record(str(a), "compute", start, "backward", stage=s, mb=m)
+
+    def _drop(self, a: Action):
+        s = a.stage
+        self._free(self.stage_bytes.pop(s, 0) + self.grad_bytes.pop(s, 0))
+        if self.policy is not None:
+            self.policy.stage_dropped(s)
+        for key in [k for k in self.ready if k[0] == s]:
+            del self.ready[key]
+        self._record(str(a), "compute" if a.kind is Kind.DROP_F else "offload", self.env.now, "marker")
+        yield from ()
+
+    def _offload(self, a: Action):
+        nbytes = self.grad_bytes.get(a.stage, 0)
+        start = self.env.now
+        yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s)
+        self.busy["d2h"] += self.env.now - start
+        self.bytes["d2h"] += nbytes
+        self._record(str(a), "offload", start, "offload", bytes=nbytes)
+
+    def _update(self, a: Action):
+        """Adam over a stage's parameters. On the CPU it runs layer by layer at low priority,
+        so that expert work of stages still in backward is not stuck behind it."""
+        params = self.cfg.model.layer_params
+        start = self.env.now
+        if self.plan.resident:
+            yield self._hold(self.cost.adam_gpu_s(params * len(self.layers[a.stage])))
+            self._record(str(a), "compute", start, "update", params=params * len(self.layers[a.stage]))
+            return
+        for layer in self.layers[a.stage]:
+            with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
+                yield req
+                start = self.env.now
+                yield self._hold(self.cost.adam_cpu_s(params, self.threads), "cpu")
+            self._record(f"{a}@{layer}:a", "cpu", start, "update", params=params, layer=layer)
+
+    def _send(self, a: Action):
+        peer = a.stage + (1 if a.kind is Kind.SEND_F else -1)
+        same_node = self.cfg.cluster.node_of(self.plan.rank_of(peer)) == self.cfg.cluster.node_of(self.rank)
+        nbytes = self.step.mem.boundary_bytes()
+        with self.egress.request() as req:
+            yield req
+            start = self.env.now
+            yield self._hold(self.cost.p2p(same_node).time_s(nbytes), "net")
+        self.bytes["p2p"] += nbytes
+        self._record(str(a), "net", start, "send", bytes=nbytes)
+
+    def _recv(self, a: Action):
+        yield from ()

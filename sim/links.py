@@ -1,0 +1,111 @@
+"""Links as fluid, fair-shared bandwidth (one direction each; full duplex = two of them).
+
+A `SharedRoot` is one direction of a CPU socket's PCIe root: the GPUs under it copy at the
+same time and share its aggregate bandwidth, which the calibration gives as a function of
+how many GPUs copy at once. Each flow is also held to its own GPU link's rate (and to the
+configured cap). Rates are max-min fair ("water-filling"): flows that cannot use their
+equal share give the rest to the others.
+
+Rates change only when a flow joins or leaves. A single manager process sleeps until the
+earliest flow would finish; a join or a leave interrupts it to re-plan, as in SimPy's
+machine-shop example. Copy setup latency is spent before a flow joins, using no bandwidth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import simpy
+
+_EPS_BYTES = 1e-3   # a flow this close to done is done (float residue of rate * time)
+
+
+class Flow:
+    __slots__ = ("remaining", "cap_Bps", "rate_Bps", "done")
+
+    def __init__(self, nbytes: float, cap_Bps: float, done: simpy.Event) -> None:
+        self.remaining = float(nbytes)
+        self.cap_Bps = cap_Bps
+        self.rate_Bps = 0.0
+        self.done = done
+
+
+def max_min_rates(caps: list[float], total: float) -> list[float]:
+    """Max-min fair shares of `total` among flows each limited to its cap."""
+    rates = [0.0] * len(caps)
+    left = total
+    order = sorted(range(len(caps)), key=caps.__getitem__)
+    for i, k in enumerate(order):
+        share = left / (len(caps) - i)
+        rates[k] = min(caps[k], share)
+        left -= rates[k]
+    return rates
+
+
+class SharedRoot:
+    """One direction of a shared link; `aggregate_GBps(n)` is its capacity with n flows."""
+
+    def __init__(self, env: simpy.Environment, aggregate_GBps: Callable[[int], float], name: str = "") -> None:
+        self.env = env
+        self.aggregate_GBps = aggregate_GBps
+        self.name = name
+        self.flows: list[Flow] = []
+        self.bytes_moved = 0.0
+        self.busy_s = 0.0                # time with at least one flow
+        self._last = env.now
+        self._interrupted = False
+        self._manager = env.process(self._run())
+
+    def transfer(self, nbytes: float, cap_GBps: float, latency_s: float = 0.0):
+        """A process step: ``yield from root.transfer(n, cap)`` returns when the bytes arrived."""
+        if latency_s > 0:
+            yield self.env.timeout(latency_s)
+        if nbytes <= 0:
+            return
+        done = self.env.event()
+        self._advance()
+        self.flows.append(Flow(nbytes, cap_GBps * 1e9, done))
+        self.bytes_moved += nbytes
+        self._replan()
+        yield done
+
+    # -------------------------------------------------------------- fluid bookkeeping
+    def _advance(self) -> None:
+        dt = self.env.now - self._last
+        if dt > 0 and self.flows:
+            self.busy_s += dt
+            for f in self.flows:
+                f.remaining -= f.rate_Bps * dt
+        self._last = self.env.now
+
+    def _set_rates(self) -> None:
+        if not self.flows:
+            return
+        total = self.aggregate_GBps(len(self.flows)) * 1e9
+        for f, r in zip(self.flows, max_min_rates([f.cap_Bps for f in self.flows], total)):
+            f.rate_Bps = r
+
+    def _replan(self) -> None:
+        if not self._interrupted:
+            self._interrupted = True
+            self._manager.interrupt()
+
+    def _run(self):
+        while True:
+            self._advance()
+            finished = [f for f in self.flows if f.remaining <= _EPS_BYTES]
+            if finished:
+                self.flows = [f for f in self.flows if f.remaining > _EPS_BYTES]
+                for f in finished:
+                    f.done.succeed()
+            self._set_rates()
+            if self.flows:
+                wait = min(f.remaining / f.rate_Bps for f in self.flows)
+                event = self.env.timeout(max(wait, 0.0))
+            else:
+                event = self.env.event()    # sleep until a flow joins
+            try:
+                yield event
+            except simpy.Interrupt:
+                pass
+            self._interrupted = False

@@ -1,0 +1,102 @@
+"""Simulate a config: plan it, step it, and report the metrics both back-ends share.
+
+Metric keys are namespaced (see docs/metrics.md): ``time/iteration_s``,
+``throughput/seq_per_s``, ``mem/peak_gpu_bytes``, ``link/h2d_bytes``, ``busy/compute``,
+``cpu/expert_share``, ... The four keys every results.json entry has at top level
+(``iteration_s``, ``throughput_seq_per_s``, ``oom``, ``peak_gpu_bytes``) are the same for
+the simulator and the executor.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from aptmoe.config import RunConfig
+from aptmoe.costs import CostSource
+from aptmoe.plan.builders import build_plan
+from aptmoe.plan.plan import Plan
+from aptmoe.plan.validate import validate
+from aptmoe.popularity import popularity_from_config
+from aptmoe.profile import Profile, ProfileCost, load_profile
+from aptmoe.trace import Trace
+from aptmoe.sim.engine import OutOfMemory, StepModel
+
+
+@dataclass
+class SimResult:
+    pipeline: str
+    iteration_s: float | None
+    throughput_seq_per_s: float | None
+    oom: bool
+    peak_gpu_bytes: int
+    num_stages: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    oom_detail: str | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"pipeline": self.pipeline, "iteration_s": self.iteration_s,
+                "throughput_seq_per_s": self.throughput_seq_per_s, "oom": self.oom,
+                "peak_gpu_bytes": self.peak_gpu_bytes, "num_stages": self.num_stages,
+                "oom_detail": self.oom_detail, "metrics": self.metrics,
+                "fallbacks": self.fallbacks, "config": self.config}
+
+
+def cost_for(cfg: RunConfig, profile: Profile | str) -> ProfileCost:
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    return ProfileCost(profile, cfg.model, pinned=cfg.schedule.pinned, link_cap_GBps=cfg.cluster.link_bandwidth_GBps)
+
+
+def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper", *, trace: Trace | None = None,
+             measured_steps: int | None = None, plan: Plan | None = None) -> SimResult:
+    """Predict `cfg`'s step time; fills `trace` (if given) with every simulated action."""
+    cost = profile if hasattr(profile, "gpu_s") else cost_for(cfg, profile)
+    plan = plan or build_plan(cfg, cost)
+    validate(plan)                                    # ordering, matching, no deadlock
+    pop = popularity_from_config(cfg)
+    warm = cfg.train.num_warmup_steps
+    steps = measured_steps if measured_steps is not None else cfg.train.num_training_steps
+    times, stats = [], []
+    t0 = 0.0
+    base = dict(pipeline=plan.pipeline, num_stages=plan.num_stages, config=cfg.to_dict())
+    for j in range(steps):
+        i = warm + j
+        history = pop.iteration(i - 1).layer_totals() if i > 0 else None
+        model = StepModel(cfg, plan, cost, pop.iteration(i), history, trace, t0)
+        try:
+            st = model.run()
+        except OutOfMemory as e:
+            peak = max([e.need] + [r.peak for r in model.ranks])
+            return SimResult(iteration_s=None, throughput_seq_per_s=None, oom=True, peak_gpu_bytes=peak,
+                             oom_detail=str(e), fallbacks=sorted(cost.fallbacks), **base)
+        times.append(st.step_s)
+        stats.append(st)
+        t0 += st.step_s
+    step_s = statistics.fmean(times)
+    G = plan.num_ranks
+    tokens = cfg.train.batch_size * cfg.model.seq_length
+    m: dict[str, float] = {
+        "time/iteration_s": step_s,
+        "time/iteration_s_min": min(times),
+        "time/iteration_s_max": max(times),
+        "throughput/seq_per_s": cfg.train.batch_size / step_s,
+        "throughput/tok_per_s": tokens / step_s,
+        "mem/peak_gpu_bytes": max(max(st.peak_gpu_bytes) for st in stats),
+    }
+    for res in ("compute", "cpu", "h2d", "d2h", "net"):
+        m[f"busy/{res}"] = statistics.fmean(sum(st.busy_s[res]) / (G * st.step_s) for st in stats)
+    for link in ("h2d", "d2h", "p2p"):
+        m[f"link/{link}_bytes"] = statistics.fmean(st.bytes.get(link, 0.0) for st in stats)
+    cpu_tok = sum(st.expert_tokens_cpu for st in stats)
+    all_tok = cpu_tok + sum(st.expert_tokens_gpu for st in stats)
+    m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0
+    for phase in sorted({p for st in stats for p in st.bytes_by_phase}):
+        m[f"load/{phase}_bytes"] = statistics.fmean(st.bytes_by_phase.get(phase, 0) for st in stats)
+    G_achieved = statistics.fmean(pop.iteration(warm + j).G for j in range(steps))
+    m["popularity/G"] = G_achieved
+    return SimResult(iteration_s=step_s, throughput_seq_per_s=cfg.train.batch_size / step_s, oom=False,
+                     peak_gpu_bytes=int(m["mem/peak_gpu_bytes"]), metrics=m, fallbacks=sorted(cost.fallbacks),
+                     **base)
