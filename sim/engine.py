@@ -40,10 +40,14 @@ CPU_UPDATE_PRIORITY = 1
 
 
 class OutOfMemory(Exception):
+    # SimPy re-raises a process's exception as type(e)(*e.args): keep every field in args.
     def __init__(self, rank: int, stage: int, need: int, capacity: int, what: str) -> None:
-        super().__init__(f"rank {rank} out of GPU memory at stage {stage} ({what}): "
-                         f"{need / 1e9:.2f} GB needed, {capacity / 1e9:.2f} GB available")
-        self.rank, self.stage, self.need, self.capacity = rank, stage, need, capacity
+        super().__init__(rank, stage, need, capacity, what)
+        self.rank, self.stage, self.need, self.capacity, self.what = rank, stage, need, capacity, what
+
+    def __str__(self) -> str:
+        return (f"rank {self.rank} out of GPU memory at stage {self.stage} ({self.what}): "
+                f"{self.need / 1e9:.2f} GB needed, {self.capacity / 1e9:.2f} GB available")
 
 
 class SimulationError(RuntimeError):
@@ -83,6 +87,11 @@ class StepModel:
         policy_cost = SharedLinkView(cost, c.gpus_per_socket)
         self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.cores_per_rank),
                                 history) for r in range(plan.num_ranks)]
+
+    def blocks_of_layer(self, layer: int) -> list[Block]:
+        m = self.cfg.model
+        return ([Block.attn(layer)] + ([Block.gate(layer)] if m.is_moe else [])
+                + [Block.expert_of(layer, e) for e in range(m.num_experts)])
 
     def run(self) -> StepStats:
         self.env.run()
@@ -169,7 +178,8 @@ class RankModel:
 
     def _walk(self, stream: str, program: list[Action]):
         for a in program:
-            deps = [self.step.done[d] for d in self.plan.deps_of(a)]
+            # Waiting on events that have already fired changes nothing but costs an event.
+            deps = [ev for d in self.plan.deps_of(a) if not (ev := self.step.done[d]).processed]
             if deps:
                 yield self.env.all_of(deps)
             yield from self.handlers[a.kind](a)
@@ -275,12 +285,25 @@ class RankModel:
         self.bytes["d2h"] += act_bytes
         self.expert_tokens["cpu"] += tokens
 
-    def _block(self, a: Action, pass_: str, block: Block, tokens: int, direction: str):
-        yield from self._use(a.stage, pass_, block)
-        start = self.env.now
-        yield self._hold(self.cost.gpu_s(block.kind.value, tokens, direction))
-        self._record(str(a.at(block)), "compute", start, "forward" if direction == "fwd" else "backward",
-                     layer=block.layer)
+    def _blocks(self, a: Action, pass_: str, blocks: list[Block], tokens: int, direction: str):
+        """Run blocks back to back; those already on the GPU share one hold (fewer events,
+        same times: nothing can happen between two ready blocks of one stream)."""
+        i = 0
+        while i < len(blocks):
+            yield from self._use(a.stage, pass_, blocks[i])
+            j = i + 1
+            while j < len(blocks) and (self.policy is None or self.policy.is_loaded(a.stage, blocks[j])):
+                j += 1
+            durs = [self.cost.gpu_s(b.kind.value, tokens, direction) for b in blocks[i:j]]
+            start = self.env.now
+            yield self._hold(sum(durs))
+            if self.step.trace is not None:
+                cat = "forward" if direction == "fwd" else "backward"
+                for b, d in zip(blocks[i:j], durs):
+                    self.step.trace.add(str(a.at(b)), self.rank, "compute", self.step.t0 + start,
+                                        self.step.t0 + start + d, cat, layer=b.layer)
+                    start += d
+            i = j
 
     def _forward(self, a: Action):
         s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
@@ -291,9 +314,9 @@ class RankModel:
             self.policy.predicted_counts(s, layers[0], m, self.step.counts.predicted[layers[0], m])
         for i, layer in enumerate(layers):
             counts = self.step.counts.counts[layer, m]
-            yield from self._block(a, "F", Block.attn(layer), self.T, "fwd")
+            yield from self._blocks(a, "F", [Block.attn(layer), Block.gate(layer)] if moe else [Block.attn(layer)],
+                                    self.T, "fwd")
             if moe:
-                yield from self._block(a, "F", Block.gate(layer), self.T, "fwd")
                 placement = (self.policy.gate_counts(s, layer, m, counts) if self.policy is not None
                              else Placement(tuple(range(len(counts))), ()))
                 if self.policy is not None and i + 1 < len(layers):
@@ -325,9 +348,8 @@ class RankModel:
             yield from self._gpu_experts(s, "B", layer, placement.gpu, counts, "bwd", a)
             if cpu is not None:
                 yield cpu
-            if moe:
-                yield from self._block(a, "B", Block.gate(layer), self.T, "bwd")
-            yield from self._block(a, "B", Block.attn(layer), self.T, "bwd")
+            yield from self._blocks(a, "B", [Block.gate(layer), Block.attn(layer)] if moe else [Block.attn(layer)],
+                                    self.T, "bwd")
         self._free(self.step.mem.activation_bytes(layers))
         self._record(str(a), "compute", start, "backward", stage=s, mb=m)
 
@@ -350,20 +372,25 @@ class RankModel:
         self._record(str(a), "offload", start, "offload", bytes=nbytes)
 
     def _update(self, a: Action):
-        """Adam over a stage's parameters. On the CPU it runs layer by layer at low priority,
-        so that expert work of stages still in backward is not stuck behind it."""
-        params = self.cfg.model.layer_params
+        """Adam over a stage's parameters. On the CPU it runs block by block at low priority,
+        so that expert work of stages still in backward waits for one block's update at
+        most, not for the whole stage's (found in the trace: whole-stage and even per-layer
+        chunks held the cores for tens of milliseconds while CPU experts queued)."""
+        m = self.cfg.model
         start = self.env.now
         if self.plan.resident:
-            yield self._hold(self.cost.adam_gpu_s(params * len(self.layers[a.stage])))
-            self._record(str(a), "compute", start, "update", params=params * len(self.layers[a.stage]))
+            params = m.layer_params * len(self.layers[a.stage])
+            yield self._hold(self.cost.adam_gpu_s(params))
+            self._record(str(a), "compute", start, "update", params=params)
             return
         for layer in self.layers[a.stage]:
-            with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
-                yield req
-                start = self.env.now
-                yield self._hold(self.cost.adam_cpu_s(params, self.threads), "cpu")
-            self._record(f"{a}@{layer}:a", "cpu", start, "update", params=params, layer=layer)
+            for block in self.step.blocks_of_layer(layer):
+                params = m.block_bytes(block.kind.value) // m.dtype_bytes
+                with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
+                    yield req
+                    start = self.env.now
+                    yield self._hold(self.cost.adam_cpu_s(params, self.threads), "cpu")
+                self._record(str(a.at(block)), "cpu", start, "update", params=params, layer=layer)
 
     def _send(self, a: Action):
         peer = a.stage + (1 if a.kind is Kind.SEND_F else -1)

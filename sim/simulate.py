@@ -65,11 +65,12 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
     for j in range(steps):
         i = warm + j
         history = pop.iteration(i - 1).layer_totals() if i > 0 else None
-        model = StepModel(cfg, plan, cost, pop.iteration(i), history, trace, t0)
+        model = None
         try:
+            model = StepModel(cfg, plan, cost, pop.iteration(i), history, trace, t0)
             st = model.run()
         except OutOfMemory as e:
-            peak = max([e.need] + [r.peak for r in model.ranks])
+            peak = max([e.need] + ([r.peak for r in model.ranks] if model is not None else []))
             return SimResult(iteration_s=None, throughput_seq_per_s=None, oom=True, peak_gpu_bytes=peak,
                              oom_detail=str(e), fallbacks=sorted(cost.fallbacks), **base)
         times.append(st.step_s)

@@ -10,7 +10,7 @@ forward of layer 12 for micro-batch 0. Trace events in both back-ends are named
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -83,12 +83,19 @@ class Action:
     kind: Kind
     mb: int | None = None
     block: Block | None = None
+    # Actions key every dependency map of both back-ends; hashing the fields each time
+    # was a tenth of a large simulation, so the hash is computed once.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, Kind):
             object.__setattr__(self, "kind", Kind(self.kind))
         if self.kind.takes_mb != (self.mb is not None):
             raise ValueError(f"{self.kind.name} {'needs' if self.kind.takes_mb else 'takes no'} micro-batch")
+        object.__setattr__(self, "_hash", hash((self.stage, self.kind.value, self.mb, self.block)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         mb = "" if self.mb is None else str(self.mb)

@@ -27,41 +27,49 @@ class DryRun:
 
 
 def dry_run(plan: Plan, memory: MemoryModel | None = None) -> DryRun:
-    """Unit-time execution. Raises PlanError on deadlock."""
-    heads = {(r, s): 0 for r in range(plan.num_ranks) for s in STREAMS}
-    progs = {(r, s): plan.programs[r].get(s, []) for r in range(plan.num_ranks) for s in STREAMS}
-    finish: dict[Action, int] = {}
+    """Unit-time execution. Raises PlanError on deadlock.
+
+    An action starts one step after the later of its stream predecessor and its
+    dependencies finished: start times follow from one pass in topological order (Kahn's
+    algorithm, linear in the plan's size); actions left over sit on a cycle, a deadlock.
+    """
+    preds: dict[Action, list[Action]] = {}
+    for _, stream, a in plan.actions():
+        preds[a] = list(plan.deps_of(a))
+    for r in range(plan.num_ranks):
+        for prog in plan.programs[r].values():
+            for prev, a in zip(prog, prog[1:]):
+                preds[a].append(prev)
+    succs: dict[Action, list[Action]] = defaultdict(list)
+    waiting = {}
+    for a, ps in preds.items():
+        known = [p for p in ps if p in preds]
+        waiting[a] = len(known)
+        for p in known:
+            succs[p].append(a)
     start: dict[Action, int] = {}
-    remaining = sum(len(p) for p in progs.values())
-    t = 0
-    while remaining:
-        started = []
-        for key, prog in progs.items():
-            i = heads[key]
-            if i >= len(prog):
-                continue
-            a = prog[i]
-            if i and finish.get(prog[i - 1], t + 1) > t:
-                continue
-            if all(finish.get(d, t + 1) <= t for d in plan.deps_of(a)):
-                started.append((key, a))
-        if not started:
-            blocked = []
-            for key, prog in progs.items():
-                if heads[key] < len(prog):
-                    a = prog[heads[key]]
-                    waits = [str(d) for d in plan.deps_of(a) if d not in finish]
-                    blocked.append(f"rank {key[0]} {key[1]}: {a} waits for {', '.join(waits) or 'its stream'}")
-            raise PlanError("deadlock: no action can start\n  " + "\n  ".join(blocked) + "\n"
-                            + format_grid(plan, start, t))
-        for key, a in started:
-            start[a] = t
-            finish[a] = t + 1
-            heads[key] += 1
-            remaining -= 1
-        t += 1
+    ready = [a for a, n in waiting.items() if n == 0]
+    while ready:
+        a = ready.pop()
+        start[a] = max((start[p] + 1 for p in preds[a] if p in start), default=0)
+        for b in succs[a]:
+            waiting[b] -= 1
+            if waiting[b] == 0:
+                ready.append(b)
+    if len(start) < len(preds):
+        blocked = []
+        for r in range(plan.num_ranks):
+            for stream in STREAMS:
+                head = next((a for a in plan.programs[r].get(stream, []) if a not in start), None)
+                if head is not None:
+                    waits = [str(d) for d in plan.deps_of(head) if d not in start]
+                    blocked.append(f"rank {r} {stream}: {head} waits for {', '.join(waits) or 'its stream'}")
+        t = 1 + max(start.values(), default=-1)
+        raise PlanError("deadlock: no action can start\n  " + "\n  ".join(blocked) + "\n"
+                        + format_grid(plan, start, t))
+    steps = 1 + max(start.values(), default=-1)
     peaks, peak_steps = ([], []) if memory is None else _memory(plan, memory, start)
-    return DryRun(start, t, peaks, peak_steps)
+    return DryRun(start, steps, peaks, peak_steps)
 
 
 def _memory(plan: Plan, mem: MemoryModel, start: dict[Action, int]) -> tuple[list[int], list[int]]:
