@@ -13,6 +13,7 @@ machine-shop example. Copy setup latency is spent before a flow joins, using no 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import simpy
@@ -93,9 +94,12 @@ class SharedRoot:
     def _run(self):
         while True:
             self._advance()
-            finished = [f for f in self.flows if f.remaining <= _EPS_BYTES]
+            # Done: nothing left, or so little that the clock could not resolve the rest
+            # (a flow on a very fast link would otherwise wait 1e-17 s forever at one time).
+            tick = 4 * math.ulp(max(self.env.now, 1.0))
+            finished = [f for f in self.flows if f.remaining <= max(_EPS_BYTES, f.rate_Bps * tick)]
             if finished:
-                self.flows = [f for f in self.flows if f.remaining > _EPS_BYTES]
+                self.flows = [f for f in self.flows if f not in finished]
                 for f in finished:
                     f.done.succeed()
             self._set_rates()

@@ -1,0 +1,175 @@
+"""Closed-form checks of the simulator (issue 3 §7)."""
+
+from __future__ import annotations
+
+import pytest
+import simpy
+
+from aptmoe.config import ClusterConfig, ModelConfig, Pipeline, PopularityConfig, RunConfig, ScheduleConfig, TrainConfig
+from aptmoe.costs import LinkSpec
+from aptmoe.memory import MemoryModel
+from aptmoe.plan.actions import Kind
+from aptmoe.plan.builders import build_plan
+from aptmoe.sim.links import SharedRoot, max_min_rates
+from aptmoe.sim.simulate import simulate
+from aptmoe.trace import Trace
+
+
+class ConstCost:
+    """Every block costs a fixed time; links are fast or as given; no optimizer cost."""
+
+    name = "const"
+
+    def __init__(self, block_s=1e-3, h2d_GBps=1e6, root_GBps=None, cpu_s=1.0):
+        self.block_s, self.h2d_GBps, self.cpu_s = block_s, h2d_GBps, cpu_s
+        self._root = root_GBps
+        self.fallbacks: set[str] = set()
+
+    def gpu_s(self, kind, tokens, direction):
+        if tokens == 0:
+            return 0.0
+        # a layer's forward costs block_s in all (attention carries it), backward twice
+        return (self.block_s if kind == "a" else 0.0) * (1 if direction == "fwd" else 2)
+
+    def cpu_expert_s(self, tokens, direction, threads):
+        return self.cpu_s
+
+    def h2d(self):
+        return LinkSpec(0.0, self.h2d_GBps)
+
+    def d2h(self):
+        return LinkSpec(0.0, self.h2d_GBps)
+
+    def root_GBps(self, n, direction="h2d"):
+        return self._root if self._root is not None else n * self.h2d_GBps
+
+    def p2p(self, same_node):
+        return LinkSpec(0.0, 1e9)
+
+    def adam_cpu_s(self, num_params, threads):
+        return 0.0
+
+    def adam_gpu_s(self, num_params):
+        return 0.0
+
+
+def _cfg(pipeline=Pipeline.GPIPE, gpus=4, layers=8, stages=None, chunks=4, experts=4, gini=0.4, topo="C1+G1",
+         mem=10**15, **sched):
+    return RunConfig(
+        model=ModelConfig(name="tiny", embedding_dim=64, hidden_dim=128, num_heads=4, num_layers=layers,
+                          num_experts=experts, seq_length=16),
+        cluster=ClusterConfig(gpus_per_node=gpus, topo=topo, gpu_memory_bytes=mem),
+        train=TrainConfig(batch_size=8 * chunks, num_chunks=chunks, num_warmup_steps=1, num_training_steps=1),
+        schedule=ScheduleConfig(pipeline=pipeline, num_stages=stages, **sched),
+        popularity=PopularityConfig(gini=gini))
+
+
+@pytest.mark.parametrize("p,m", [(2, 2), (4, 4), (4, 8), (3, 5)])
+def test_gpipe_bubble_fraction(p, m):
+    cfg = _cfg(gpus=p, layers=p * 2, chunks=m, topo="C1+G1")
+    t = 1e-3
+    r = simulate(cfg, ConstCost(block_s=t))
+    per_stage_f = 2 * t                         # two layers per stage
+    ideal = m * 3 * per_stage_f                 # forward + backward (2x) of every micro-batch
+    bubble = 1 - ideal / r.iteration_s
+    assert bubble == pytest.approx((p - 1) / (m + p - 1), rel=1e-6)
+
+
+def test_bytes_moved_equal_the_plan_loads():
+    cfg = _cfg(pipeline=Pipeline.MOBIUS, gpus=2, layers=8, stages=4, topo="C1+G1")
+    plan = build_plan(cfg)
+    mem = MemoryModel(cfg.model, cfg.tokens_per_micro_batch, cfg.micro_batch_size)
+    loads = [a for _, _, a in plan.actions() if a.kind in (Kind.LOAD_F, Kind.LOAD_B)]
+    want = sum(mem.param_bytes(plan.stages[a.stage].layers) for a in loads)
+    r = simulate(cfg, ConstCost(h2d_GBps=1.0))
+    assert r.metrics["link/h2d_bytes"] == pytest.approx(want)
+    assert r.metrics["load/stage_bytes"] == pytest.approx(want)
+
+
+def _run_flows(sizes_caps, aggregate):
+    env = simpy.Environment()
+    root = SharedRoot(env, lambda n: aggregate)
+    done = {}
+
+    def flow(i, nbytes, cap, delay):
+        yield env.timeout(delay)
+        yield from root.transfer(nbytes, cap)
+        done[i] = env.now
+
+    for i, (nbytes, cap, delay) in enumerate(sizes_caps):
+        env.process(flow(i, nbytes, cap, delay))
+    env.run()
+    return done
+
+
+def test_two_equal_flows_on_a_shared_root_each_take_twice_as_long():
+    alone = _run_flows([(1e9, 10.0, 0)], aggregate=10.0)[0]
+    both = _run_flows([(1e9, 10.0, 0), (1e9, 10.0, 0)], aggregate=10.0)
+    assert alone == pytest.approx(0.1)
+    assert both[0] == pytest.approx(2 * alone) and both[1] == pytest.approx(2 * alone)
+
+
+def test_a_capped_copy_takes_bytes_over_cap():
+    assert _run_flows([(8e9, 8.0, 0)], aggregate=55.0)[0] == pytest.approx(1.0)
+
+
+def test_a_late_flow_replans_the_share():
+    # A alone for 0.05 s at 10 GB/s (0.5 GB), then A and B share 5 GB/s each.
+    done = _run_flows([(1e9, 10.0, 0.0), (1e9, 10.0, 0.05)], aggregate=10.0)
+    assert done[0] == pytest.approx(0.05 + 0.5e9 / 5e9)
+    assert done[1] == pytest.approx(done[0] + (1e9 - 0.5e9) / 10e9)
+
+
+def test_max_min_rates_give_unused_share_to_others():
+    assert max_min_rates([1.0, 10.0, 10.0], 9.0) == pytest.approx([1.0, 4.0, 4.0])
+
+
+def test_oom_exactly_where_memory_arithmetic_says():
+    cfg = _cfg(gpus=2, layers=4, chunks=2, topo="C1+G1")
+    mem = MemoryModel(cfg.model, cfg.tokens_per_micro_batch, cfg.micro_batch_size)
+    ly = (0, 1)
+    need = (mem.param_bytes(ly) + mem.adam_bytes(ly) + mem.grad_bytes(ly)
+            + cfg.micro_batches * mem.activation_bytes(ly))
+    fits = simulate(cfg.replace(cluster=ClusterConfig(gpus_per_node=2, topo="C1+G1", gpu_memory_bytes=need)),
+                    ConstCost())
+    assert not fits.oom and fits.peak_gpu_bytes == need
+    short = simulate(cfg.replace(cluster=ClusterConfig(gpus_per_node=2, topo="C1+G1", gpu_memory_bytes=need - 1)),
+                     ConstCost())
+    assert short.oom and "rank 0" in short.oom_detail and "stage 0" in short.oom_detail
+
+
+def test_same_seed_same_timeline_and_microsecond_units(tmp_path):
+    cfg = _cfg(pipeline=Pipeline.APTMOE, gpus=2, layers=8, stages=4, topo="C1+G2", gini=0.6)
+    traces = []
+    for _ in range(2):
+        tr = Trace("sim")
+        simulate(cfg, "a800-paper", trace=tr)
+        traces.append(tr)
+    assert traces[0].to_chrome() == traces[1].to_chrome()
+    other = Trace("sim")
+    simulate(cfg.replace(train=TrainConfig(batch_size=32, num_chunks=4, seed=7, num_warmup_steps=1,
+                                           num_training_steps=1)), "a800-paper", trace=other)
+    assert other.to_chrome() != traces[0].to_chrome()
+    path = tmp_path / "t.json"
+    traces[0].save(path)
+    back = Trace.load(path)
+    ev = max(back.events, key=lambda e: e.dur_s)
+    raw = next(e for e in traces[0].to_chrome()["traceEvents"] if e.get("ph") == "X" and e["name"] == ev.name)
+    assert raw["dur"] == pytest.approx(ev.dur_s * 1e6, rel=1e-6)
+
+
+@pytest.mark.parametrize("pipeline", list(Pipeline))
+def test_every_schedule_runs_and_reports(pipeline):
+    stages = 2 if pipeline is Pipeline.GPIPE else 4
+    r = simulate(_cfg(pipeline=pipeline, gpus=2, layers=8, stages=stages, topo="C1+G2"), "a800-paper")
+    assert not r.oom and r.iteration_s > 0
+    assert r.throughput_seq_per_s == pytest.approx(32 / r.iteration_s)
+    assert 0 < r.metrics["busy/compute"] <= 1
+
+
+def test_aptmoe_puts_rare_experts_on_the_cpu_when_the_link_is_slow():
+    cfg = _cfg(pipeline=Pipeline.APTMOE, gpus=2, layers=8, stages=4, topo="C1+G1", experts=8, gini=0.6)
+    slow = simulate(cfg, ConstCost(h2d_GBps=1e-3, cpu_s=1e-4))
+    fast = simulate(cfg, ConstCost(h2d_GBps=1e6, cpu_s=1.0))
+    assert slow.metrics["cpu/expert_share"] > 0.1
+    assert fast.metrics["cpu/expert_share"] == 0.0
