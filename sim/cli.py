@@ -1,0 +1,220 @@
+"""``aptmoe-sim``: predict a training step of any schedule on hardware a calibration describes.
+
+    aptmoe-sim --is_moe=True --model_config=S --num_experts=16 --gini=0.3 --topo=C1+G2 --pipeline all
+    aptmoe-sim plot runs/sim-.../trace-APTMoE.json [--out timeline.png]
+    aptmoe-sim sweep --grid gini=0.1,0.2,0.3 --grid pipeline=Mobius,APTMoE --is_moe=True ...
+
+Without a subcommand it simulates: it accepts the seed artifact's flags (DESIGN §5) with
+their meaning and defaults, prints the parameter count and a comparison table, and writes
+results.json, results.csv, a Chrome trace, its timeline PNG and the printed plan per
+schedule into ``--out``. Bad input is one line on stderr and exit status 2; the output
+folder then does not exist (it is written under a temporary name and renamed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+from aptmoe.config import Pipeline, RunConfig
+from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
+from aptmoe.profile import Profile, load_profile
+from aptmoe.sim.report import (StagedDir, first_line, flat_row, schedule_table, short_fallbacks, speedups,
+                               write_csv)
+
+PROG = "aptmoe-sim"
+SUBCOMMANDS = ("plot", "sweep")
+ALL = "all"
+
+
+class UsageError(ValueError):
+    """Bad input found by the front end itself."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help text does not already give one and it says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or text.rstrip().endswith(")"):
+            return text
+        return super()._get_help_string(action)
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = make_parser(prog, description)
+    p.formatter_class = HelpFormatter
+    return p
+
+
+def _tqdm(**kw):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, leave=False, **kw)
+
+
+def progress_disabled(quiet: bool) -> bool:
+    return quiet or not sys.stderr.isatty()
+
+
+def timestamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def add_sim_flags(p: argparse.ArgumentParser) -> None:
+    """The seed's flags, ours, and the simulator's own (shared by the default action and sweep)."""
+    add_seed_flags(p)
+    add_cluster_flags(p)
+    g = p.add_argument_group("simulator flags")
+    g.add_argument("--calibration", default="a800-paper",
+                   help="built-in calibration profile name or path to a calibration .json")
+    g.add_argument("--measured-steps", dest="measured_steps", type=int, default=None,
+                   help="steps to simulate (default: --num_training_steps)")
+    g.add_argument("--no-plot", dest="no_plot", action="store_true", help="write no PNGs")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors; no progress bar")
+
+
+def hardware_defaults(profile: Profile) -> dict:
+    """Cluster defaults from the calibration's hardware fingerprint, for `config_from_args`."""
+    hw = profile.hardware
+    gpu = hw.gpu_name.upper()
+    return dict(gpu_memory_bytes=int(hw.gpu_memory_bytes),
+                cores_per_socket=max(1, hw.cpu_cores // max(1, hw.cpu_sockets)),
+                intra_node_link="nvlink" if ("H100" in gpu or "H200" in gpu) else "pcie")
+
+
+def check_measured_steps(ns: argparse.Namespace) -> None:
+    if ns.measured_steps is not None and ns.measured_steps < 1:
+        raise UsageError(f"--measured-steps must be at least 1, got {ns.measured_steps}")
+
+
+def pipelines_of(ns: argparse.Namespace) -> list[str]:
+    """`--pipeline all` is the four schedules; otherwise the one given (GPipe when absent)."""
+    if ns.pipeline is not None and ns.pipeline.strip().lower() == ALL:
+        return [p.value for p in Pipeline]
+    return [Pipeline.parse(ns.pipeline or "GPipe").value]
+
+
+def fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def make_sim_parser() -> argparse.ArgumentParser:
+    p = new_parser(PROG, "Simulate training steps of the GPipe, GPipeOffload, Mobius and APTMoE schedules "
+                          "on the hardware a calibration profile describes.")
+    p.epilog = ("--pipeline all runs the four schedules side by side. Subcommands: "
+                f"'{PROG} plot TRACE.json [--out PNG]' draws a trace; "
+                f"'{PROG} sweep --grid FIELD=V1,V2 ...' runs a grid (see '{PROG} sweep -h').")
+    add_sim_flags(p)
+    p.add_argument("--out", default=None, help="output folder (default: runs/sim-<timestamp>)")
+    return p
+
+
+def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
+    from aptmoe.plan.builders import build_plan
+    from aptmoe.sim.plot import plot_trace_file
+    from aptmoe.sim.simulate import cost_for, simulate
+    from aptmoe.trace import Trace, write_json_atomic
+
+    check_measured_steps(ns)
+    profile = load_profile(ns.calibration)
+    hw = hardware_defaults(profile)
+    configs: dict[str, RunConfig] = {p: config_from_args(ns, pipeline=p, **hw) for p in pipelines_of(ns)}
+    first = next(iter(configs.values()))
+    out = Path(ns.out or f"runs/sim-{timestamp()}")
+    say = (lambda *a: None) if ns.quiet else print
+    m = first.model
+    say(f"Number of parameters: {m.num_params / 1e9:.2f}B ({m.num_params:,}) in {m.name}, "
+        f"{m.num_layers} layers, {m.num_experts} experts per layer")
+
+    results: dict[str, dict] = {}
+    fallbacks: set[str] = set()
+    with StagedDir(out) as tmp:
+        bar = _tqdm(total=len(configs), desc="simulating", unit="schedule", disable=progress_disabled(ns.quiet))
+        with bar:
+            for name, cfg in configs.items():
+                bar.set_postfix_str(name)
+                cost = cost_for(cfg, profile)
+                plan = build_plan(cfg, cost)
+                (tmp / f"plan-{name}.txt").write_text(plan.describe() + "\n")
+                trace = Trace("sim", meta=dict(pipeline=name, model=cfg.model.name, gini=cfg.popularity.gini,
+                                               topo=cfg.cluster.topo, calibration=profile.name))
+                res = simulate(cfg, cost, trace=trace, measured_steps=ns.measured_steps, plan=plan)
+                results[name] = res.to_dict()
+                fallbacks.update(res.fallbacks)
+                trace_path = tmp / f"trace-{name}.json"
+                trace.save(trace_path)
+                if not ns.no_plot:
+                    plot_trace_file(trace_path, tmp / f"timeline-{name}.png")
+                bar.update()
+        for name, s in speedups(results).items():
+            results[name]["speedup_vs_mobius"] = s
+        fb = sorted(fallbacks)
+        write_json_atomic(tmp / "results.json", {
+            "config": first.to_dict(), "calibration": profile.name, "calibration_arg": str(ns.calibration),
+            "pipelines": list(results), "measured_steps": ns.measured_steps or first.train.num_training_steps,
+            "command": [PROG, *argv], "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "fallbacks": fb, "schedules": results})
+        write_csv(tmp / "results.csv", [flat_row(r) for r in results.values()])
+        (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fb))
+    say(schedule_table(results))
+    say(f"calibration {profile.name}: {short_fallbacks(fb)}")
+    say(f"wrote {out}/ (results.json, results.csv, trace-*.json"
+        + ("" if ns.no_plot else ", timeline-*.png") + ", plan-*.txt)")
+    return 0
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def make_plot_parser() -> argparse.ArgumentParser:
+    p = new_parser(f"{PROG} plot", "Draw a trace in the aptmoe schema (simulated or measured) as a timeline PNG.")
+    p.add_argument("trace", help="Chrome trace JSON written by aptmoe-sim or aptmoe-run")
+    p.add_argument("--out", default=None, help="PNG to write (default: the trace's name with .png)")
+    p.add_argument("--title", default=None, help="plot title (default: from the trace)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def run_plot(ns: argparse.Namespace) -> int:
+    from aptmoe.sim.plot import plot_trace_file
+
+    out = plot_trace_file(ns.trace, ns.out, ns.title)
+    if not ns.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "plot":
+            return run_plot(make_plot_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "sweep":
+            from aptmoe.sim.sweep import run_sweep, make_sweep_parser
+
+            return run_sweep(make_sweep_parser().parse_args(argv[1:]), argv)
+        return run_simulate(make_sim_parser().parse_args(argv), argv)
+    except (ValueError, OSError) as e:        # ConfigError, ProfileError, PlanError, TraceError, ...
+        return fail(first_line(e))
+    except SystemExit as e:                   # argparse: -h (0) or a bad flag (2, its one line printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

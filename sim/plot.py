@@ -1,0 +1,184 @@
+"""Timeline plots of a trace (simulated or measured): a row per rank and stream.
+
+The plot reads only the shared trace schema (`aptmoe.trace`), so the same code draws the
+simulator's prediction and the executor's measurement. Bars are coloured by category; the
+three APTMoE loading phases are shades of red from light (inter-stage, lowest priority) to
+dark (inter-expert, highest). Where events nest on one row (a stage's ``2F0`` around its
+per-block ``2F0@12:a``), only the finest level is drawn; zero-length markers are thin ticks.
+Bars are batched per (row, category) into one ``broken_barh`` call, so traces of tens of
+thousands of events draw in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from aptmoe.plan.plan import STREAMS  # noqa: E402
+from aptmoe.trace import Trace  # noqa: E402
+
+CATEGORY_COLORS = {
+    "forward": "#4c78a8",
+    "backward": "#54a24b",
+    "cpu-expert": "#f58518",
+    "load-inter-stage": "#f4b6b0",     # light: lowest priority
+    "load-inter-layer": "#e0503f",     # medium
+    "load-inter-expert": "#7f0d12",    # dark: highest priority
+    "load-stage": "#8497ad",           # the baselines' whole-stage loading
+    "offload": "#9c6fb0",
+    "update": "#e8c547",
+    "send": "#8c8c8c",
+    "recv": "#c4c4c4",
+    "wait": "#fbe3b5",
+}
+OTHER_COLOR = "#b5aca6"
+MARKER_COLOR = "#222222"
+DPI = 120
+WIDTH_IN = 14.0
+
+
+@dataclass
+class Timeline:
+    """What the plot draws, in seconds from the trace's first event."""
+
+    rows: list[tuple[int, str]]                                   # (rank, stream), top to bottom
+    bars: dict[tuple[int, str], list[tuple[float, float]]] = field(default_factory=dict)  # (row, cat) -> [(x, w)]
+    ticks: dict[int, list[float]] = field(default_factory=dict)  # row -> marker times
+    t0_s: float = 0.0
+    span_s: float = 0.0
+
+    def categories(self) -> list[str]:
+        present = {cat for _, cat in self.bars}
+        known = [c for c in CATEGORY_COLORS if c in present]
+        return known + sorted(present - set(known))
+
+
+def _row_key(rank_stream: tuple[int, str]) -> tuple:
+    rank, stream = rank_stream
+    return (rank, STREAMS.index(stream) if stream in STREAMS else len(STREAMS), stream)
+
+
+def finest(intervals: list[tuple[float, float, int]]) -> list[int]:
+    """Indices of the intervals (start, end, index) that contain no other interval.
+
+    A zero-length interval never makes its container disappear (markers are not work).
+    Of identical intervals the last one is kept.
+    """
+    order = sorted(intervals, key=lambda t: (t[0], -t[1]))
+    keep = []
+    n = len(order)
+    for i, (s, e, idx) in enumerate(order):
+        contains = False
+        j = i + 1
+        while j < n and order[j][0] < e:
+            sj, ej, _ = order[j]
+            if sj < ej <= e:
+                contains = True
+                break
+            j += 1
+        if not contains:
+            keep.append(idx)
+    return keep
+
+
+def build_timeline(trace: Trace) -> Timeline:
+    """Group events into rows and bars; nested events are reduced to their finest level."""
+    events = trace.events
+    if not events:
+        return Timeline(rows=[])
+    t0 = min(e.start_s for e in events)
+    t1 = max(e.end_s for e in events)
+    per_row: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for i, e in enumerate(events):
+        per_row[(e.rank, e.stream)].append(i)
+    rows = sorted(per_row, key=_row_key)
+    tl = Timeline(rows=rows, t0_s=t0, span_s=t1 - t0)
+    bars: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+    for r, key in enumerate(rows):
+        work = []
+        for i in per_row[key]:
+            e = events[i]
+            if e.cat == "marker" or e.end_s <= e.start_s:
+                tl.ticks.setdefault(r, []).append(e.start_s - t0)
+            else:
+                work.append((e.start_s, e.end_s, i))
+        for i in finest(work):
+            e = events[i]
+            bars[(r, e.cat or "other")].append((e.start_s - t0, e.end_s - e.start_s))
+    tl.bars = dict(bars)
+    return tl
+
+
+def plot_trace(trace: Trace, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw `trace` as a PNG at `path` (written atomically); returns the path."""
+    tl = build_timeline(trace)
+    n = max(len(tl.rows), 1)
+    height = min(max(1.4 + 0.3 * n, 2.6), 40.0)
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, height), dpi=DPI)
+    try:
+        for (r, cat), xr in tl.bars.items():
+            ax.broken_barh(xr, (r - 0.4, 0.8), facecolors=CATEGORY_COLORS.get(cat, OTHER_COLOR), linewidth=0)
+        for r, xs in tl.ticks.items():
+            ax.vlines(xs, r - 0.45, r + 0.45, colors=MARKER_COLOR, linewidth=0.5)
+        ax.set_yticks(range(len(tl.rows)))
+        ax.set_yticklabels([f"rank {rk} {st}" for rk, st in tl.rows], fontsize=8)
+        ax.set_ylim(len(tl.rows) - 0.5 if tl.rows else 0.5, -0.5)
+        ax.set_xlim(0, tl.span_s * 1.005 if tl.span_s > 0 else 1.0)
+        ax.set_xlabel("time (s)")
+        ax.grid(axis="x", linewidth=0.3, alpha=0.5)
+        ax.set_axisbelow(True)
+        if not tl.rows:
+            ax.text(0.5, 0.5, "no events", ha="center", va="center", transform=ax.transAxes)
+        handles = [Patch(facecolor=CATEGORY_COLORS.get(c, OTHER_COLOR), label=c) for c in tl.categories()]
+        if tl.ticks:
+            handles.append(Line2D([], [], color=MARKER_COLOR, linewidth=0.8, label="marker"))
+        if handles:
+            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+        ax.set_title(title if title is not None else default_title(trace), fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png", dpi=DPI)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)       # mkstemp made it owner-only
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def default_title(trace: Trace) -> str:
+    m = trace.meta
+    parts = [str(m[k]) for k in ("pipeline", "model") if m.get(k)]
+    if m.get("gini") is not None:
+        parts.append(f"G={m['gini']}")
+    if m.get("topo"):
+        parts.append(str(m["topo"]))
+    if m.get("calibration"):
+        parts.append(f"calibration {m['calibration']}")
+    span = trace.span_s()
+    return f"{trace.source} trace: " + ", ".join(parts + [f"{len(trace.events)} events over {span:.3f} s"])
+
+
+def plot_trace_file(in_json: str | os.PathLike, out_png: str | os.PathLike | None = None,
+                    title: str | None = None) -> Path:
+    """Load a trace in the shared schema (sim or real) and draw it; default out: ``<in>.png``."""
+    trace = Trace.load(in_json)
+    out = Path(out_png) if out_png is not None else Path(in_json).with_suffix(".png")
+    return plot_trace(trace, out, title)
