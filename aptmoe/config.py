@@ -266,6 +266,8 @@ class PopularityConfig:
 
 # --------------------------------------------------------------------------- schedule
 
+RECOMPUTE_MODES = ("auto", "none", "all", "except_last")
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -277,10 +279,15 @@ class ScheduleConfig:
     max_copies_in_flight: int = field(default=2, metadata={
         "help": "copies launched on the load stream at once (a launched copy cannot be preempted)"})
     pinned: bool = field(default=True, metadata={"help": "host parameters in pinned memory"})
+    recompute: str = field(default="auto", metadata={
+        "help": "activation checkpointing: auto (except_last for GPipe, all for the offload schedules), "
+                "none, all, except_last"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.pipeline, Pipeline):
             object.__setattr__(self, "pipeline", Pipeline.parse(str(self.pipeline)))
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"--recompute {self.recompute!r} is unknown; use one of {', '.join(RECOMPUTE_MODES)}")
         if self.num_stages is not None:
             _check_positive(self, "num_stages")
         _check_positive(self, "max_copies_in_flight")

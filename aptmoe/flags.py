@@ -99,6 +99,9 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
                    help="per-token accuracy of the predictor gate (0.85)")
     g.add_argument("--popularity-replay", dest="popularity_replay", default=None,
                    help="CSV of recorded token counts (iteration,layer,microbatch,expert,tokens)")
+    g.add_argument("--recompute", default="auto", choices=("auto", "none", "all", "except_last"),
+                   help="activation checkpointing at stage boundaries (auto: except_last for GPipe, "
+                        "as torchgpipe; all for the offload schedules)")
     g.add_argument("--max-copies-in-flight", dest="max_copies_in_flight", type=int, default=2,
                    help="copies launched on the load stream at once (2)")
 
@@ -160,7 +163,8 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
                         num_training_steps=_pick(ns, "num_training_steps", {}), seed=_pick(ns, "seed", {}))
     schedule = ScheduleConfig(pipeline=pipe, num_stages=stages, fwd_only=bool(ns.fwd_only),
                               inter_stage_only=bool(ns.inter_stage_only),
-                              max_copies_in_flight=ns.max_copies_in_flight, pinned=not ns.pageable)
+                              max_copies_in_flight=ns.max_copies_in_flight, pinned=not ns.pageable,
+                              recompute=getattr(ns, "recompute", "auto"))
     gini = ns.gini if ns.gini is not None else ARTIFACT_DEFAULTS["gini"]
     if not model.is_moe:
         gini = 1.0                          # one FFN takes every token

@@ -1,10 +1,14 @@
 """GPU-memory arithmetic for plans: parameters, gradients, optimizer states, activations.
 
-Activations of a stage stay on the GPU from its forward to its backward (they are not
-offloaded or recomputed): the stage's parameters are what streams over the link, and
-adding activation traffic to the constrained link would compete with exactly the loads
-APTMoE schedules. The simulator and the executor both follow this choice; the estimate
-below is what the plan validator checks against capacity.
+Activations (a decision both back-ends follow). GPipe checkpoints as torchgpipe does by
+default: every micro-batch but the last keeps only its stage input (`Plan.recompute`).
+The offload schedules keep only each stage's input per micro-batch (a checkpoint of T x d)
+and recompute the stage's forward at the start of its backward. We recompute rather than
+offload because offloading would put activation traffic on the host link, the very
+resource APTMoE is scheduling, while recomputation uses GPU time that is idle whenever
+loading is the bottleneck; and because the paper's M and L models cannot keep a quarter
+of their activations (35-43 GB at batch 128) on a 40 GB GPU beside two stages. CPU
+experts keep their forward activations in host memory and are not recomputed.
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ class MemoryModel:
 
     def activation_bytes(self, layers) -> int:
         return len(layers) * self.activation_bytes_per_layer()
+
+    def saved_bytes(self, layers, recompute: bool) -> int:
+        """Kept on the GPU from a stage's forward of one micro-batch to its backward."""
+        return self.boundary_bytes() if recompute else self.activation_bytes(layers)
+
+    def backward_working_bytes(self, layers, recompute: bool) -> int:
+        """Extra during one backward: the recomputed activations of that micro-batch."""
+        return self.activation_bytes(layers) if recompute else 0
 
     def boundary_bytes(self) -> int:
         """One micro-batch's activations (or their gradients) between two stages."""

@@ -85,6 +85,7 @@ class LoadingPolicy(Protocol):
     def predicted_counts(self, stage: int, layer: int, mb: int, counts) -> None: ...
     def gate_counts(self, stage: int, layer: int, mb: int, counts) -> Placement: ...
     def backward_placement(self, stage: int, layer: int) -> Placement: ...
+    def forward_placement(self, layer: int, mb: int) -> Placement | None: ...
     def require(self, stage: int, pass_: str, block: Block) -> None: ...
     def next_copy(self) -> Copy | None: ...
     def copy_finished(self, copy: Copy) -> None: ...
@@ -215,6 +216,9 @@ class StagePolicy(_PolicyBase):
 
     def backward_placement(self, stage, layer) -> Placement:
         return Placement(tuple(self._experts()), ())
+
+    def forward_placement(self, layer: int, mb: int) -> Placement | None:
+        return None            # every expert ran on the GPU
 
     def require(self, stage: int, pass_: str, block: Block) -> None:
         if not self._available(stage, block):
@@ -402,6 +406,11 @@ class AptmoePolicy(_PolicyBase):
         for e in placement.gpu:
             self.required.add((stage, Block.expert_of(layer, e)))
         return placement
+
+    def forward_placement(self, layer: int, mb: int) -> Placement | None:
+        """Where the forward of (layer, mb) ran this step: CPU experts kept their activations
+        in host memory, so a recompute need not run them again."""
+        return self.placements.get((layer, mb))
 
     def require(self, stage: int, pass_: str, block: Block) -> None:
         if not self._available(stage, block):

@@ -23,6 +23,7 @@ US_PER_S = 1_000_000
 # What an event is, for plots and filters.
 CATEGORIES = (
     "forward", "backward",            # compute stream, GPU work of a stage and micro-batch
+    "recompute",                       # forward again from a stage checkpoint, before its backward
     "cpu-expert",                      # expert FFN on the CPU (cpu stream)
     "load-inter-stage", "load-inter-layer", "load-inter-expert", "load-stage",   # host -> GPU
     "offload",                         # GPU -> host gradients

@@ -241,7 +241,8 @@ class RankModel:
         yield ev
 
     # ------------------------------------------------------------------ compute
-    def _gpu_experts(self, stage: int, pass_: str, layer: int, experts, counts, direction: str, label: Action):
+    def _gpu_experts(self, stage: int, pass_: str, layer: int, experts, counts, direction: str, label: Action,
+                     cat: str = ""):
         """Run the GPU experts in arrival order; consecutive ready experts are one hold."""
         pending = [e for e in experts if counts[e] > 0]
         while pending:
@@ -261,13 +262,14 @@ class RankModel:
             for e, d in zip(ready, durs):
                 if self.step.trace is not None:
                     self.step.trace.add(str(label.at(Block.expert_of(layer, e))), self.rank, "compute",
-                                        self.step.t0 + t, self.step.t0 + t + d, "forward" if direction == "fwd" else "backward",
+                                        self.step.t0 + t, self.step.t0 + t + d,
+                                        cat or ("forward" if direction == "fwd" else "backward"),
                                         layer=layer, experts=[e], tokens=int(counts[e]))
                 t += d
             self.expert_tokens["gpu"] += int(sum(counts[e] for e in ready))
             pending = [e for e in pending if e not in ready]
 
-    def _cpu_experts(self, label: Action, layer: int, experts, counts, direction: str):
+    def _cpu_experts(self, label: Action, layer: int, experts, counts, direction: str, cat: str = "cpu-expert"):
         """Experts on the CPU from host memory: tokens down, compute, results up."""
         experts = [e for e in experts if counts[e] > 0]
         tokens = int(sum(counts[e] for e in experts))
@@ -278,14 +280,14 @@ class RankModel:
             for e in experts:
                 start = self.env.now
                 yield self._hold(self.cost.cpu_expert_s(int(counts[e]), direction, self.threads), "cpu")
-                self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, "cpu-expert",
+                self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,
                              layer=layer, experts=[e], tokens=int(counts[e]))
         yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s)
         self.bytes["h2d"] += act_bytes
         self.bytes["d2h"] += act_bytes
         self.expert_tokens["cpu"] += tokens
 
-    def _blocks(self, a: Action, pass_: str, blocks: list[Block], tokens: int, direction: str):
+    def _blocks(self, a: Action, pass_: str, blocks: list[Block], tokens: int, direction: str, cat: str = ""):
         """Run blocks back to back; those already on the GPU share one hold (fewer events,
         same times: nothing can happen between two ready blocks of one stream)."""
         i = 0
@@ -298,7 +300,7 @@ class RankModel:
             start = self.env.now
             yield self._hold(sum(durs))
             if self.step.trace is not None:
-                cat = "forward" if direction == "fwd" else "backward"
+                cat = cat or ("forward" if direction == "fwd" else "backward")
                 for b, d in zip(blocks[i:j], durs):
                     self.step.trace.add(str(a.at(b)), self.rank, "compute", self.step.t0 + start,
                                         self.step.t0 + start + d, cat, layer=b.layer)
@@ -308,7 +310,7 @@ class RankModel:
     def _forward(self, a: Action):
         s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
         start = self.env.now
-        self._alloc(s, self.step.mem.activation_bytes(self.layers[s]), "activations")
+        self._alloc(s, self.step.mem.saved_bytes(self.layers[s], self.plan.recomputes(m)), "activations")
         layers = self.layers[s]
         if self.policy is not None and moe:
             self.policy.predicted_counts(s, layers[0], m, self.step.counts.predicted[layers[0], m])
@@ -330,14 +332,40 @@ class RankModel:
                 yield cpu
         self._record(str(a), "compute", start, "forward", stage=s, mb=m)
 
+    def _placement_bwd(self, s: int, layer: int, counts) -> Placement:
+        if self.policy is not None and self.cfg.model.is_moe:
+            return self.policy.backward_placement(s, layer)
+        return Placement(tuple(range(len(counts))), ())
+
+    def _recompute(self, a: Action):
+        """The stage's forward again from its checkpoint, each expert where its backward runs;
+        CPU experts that also ran forward on the CPU kept their activations in host memory."""
+        s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
+        for layer in self.layers[s]:
+            counts = self.step.counts.counts[layer, m]
+            yield from self._blocks(a, "B", [Block.attn(layer), Block.gate(layer)] if moe else [Block.attn(layer)],
+                                    self.T, "fwd", "recompute")
+            placement = self._placement_bwd(s, layer, counts)
+            ran = self.policy.forward_placement(layer, m) if self.policy is not None else None
+            cpu_again = [e for e in placement.cpu if ran is None or e not in ran.cpu]
+            cpu = self.env.process(self._cpu_experts(a, layer, cpu_again, counts, "fwd", "recompute")) \
+                if cpu_again else None
+            yield from self._gpu_experts(s, "B", layer, placement.gpu, counts, "fwd", a, "recompute")
+            if cpu is not None:
+                yield cpu
+
     def _backward(self, a: Action):
         s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
         start = self.env.now
         layers = self.layers[s]
+        recompute = self.plan.recomputes(m)
+        work = self.step.mem.backward_working_bytes(layers, recompute)
+        self._alloc(s, work, "recomputed activations")
+        if recompute:
+            yield from self._recompute(a)
         for layer in reversed(layers):
             counts = self.step.counts.counts[layer, m]
-            placement = (self.policy.backward_placement(s, layer) if self.policy is not None and moe
-                         else Placement(tuple(range(len(counts))), ()))
+            placement = self._placement_bwd(s, layer, counts)
             if m == 0 and not self.plan.resident:
                 grads = self.cfg.model.block_bytes("a") + self.cfg.model.block_bytes("g") \
                     + len(placement.gpu) * self.cfg.model.block_bytes("e")
@@ -350,7 +378,7 @@ class RankModel:
                 yield cpu
             yield from self._blocks(a, "B", [Block.gate(layer), Block.attn(layer)] if moe else [Block.attn(layer)],
                                     self.T, "bwd")
-        self._free(self.step.mem.activation_bytes(layers))
+        self._free(work + self.step.mem.saved_bytes(layers, recompute))
         self._record(str(a), "compute", start, "backward", stage=s, mb=m)
 
     def _drop(self, a: Action):

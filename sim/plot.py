@@ -30,6 +30,7 @@ from aptmoe.trace import Trace  # noqa: E402
 CATEGORY_COLORS = {
     "forward": "#4c78a8",
     "backward": "#54a24b",
+    "recompute": "#9ecf8f",           # a lighter backward: forward again before it
     "cpu-expert": "#f58518",
     "load-inter-stage": "#f4b6b0",     # light: lowest priority
     "load-inter-layer": "#e0503f",     # medium

@@ -64,13 +64,15 @@ def _cfg(pipeline=Pipeline.GPIPE, gpus=4, layers=8, stages=None, chunks=4, exper
         popularity=PopularityConfig(gini=gini))
 
 
+@pytest.mark.parametrize("recompute,cost_units", [("none", 3), ("all", 4)])
 @pytest.mark.parametrize("p,m", [(2, 2), (4, 4), (4, 8), (3, 5)])
-def test_gpipe_bubble_fraction(p, m):
-    cfg = _cfg(gpus=p, layers=p * 2, chunks=m, topo="C1+G1")
+def test_gpipe_bubble_fraction(p, m, recompute, cost_units):
+    """Forward 1, backward 2 units per stage and micro-batch (+1 when recomputing)."""
+    cfg = _cfg(gpus=p, layers=p * 2, chunks=m, topo="C1+G1", recompute=recompute)
     t = 1e-3
     r = simulate(cfg, ConstCost(block_s=t))
     per_stage_f = 2 * t                         # two layers per stage
-    ideal = m * 3 * per_stage_f                 # forward + backward (2x) of every micro-batch
+    ideal = m * cost_units * per_stage_f        # every micro-batch's forward + backward
     bubble = 1 - ideal / r.iteration_s
     assert bubble == pytest.approx((p - 1) / (m + p - 1), rel=1e-6)
 
@@ -125,7 +127,7 @@ def test_max_min_rates_give_unused_share_to_others():
 
 
 def test_oom_exactly_where_memory_arithmetic_says():
-    cfg = _cfg(gpus=2, layers=4, chunks=2, topo="C1+G1")
+    cfg = _cfg(gpus=2, layers=4, chunks=2, topo="C1+G1", recompute="none")
     mem = MemoryModel(cfg.model, cfg.tokens_per_micro_batch, cfg.micro_batch_size)
     ly = (0, 1)
     need = (mem.param_bytes(ly) + mem.adam_bytes(ly) + mem.grad_bytes(ly)

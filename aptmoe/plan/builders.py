@@ -5,7 +5,8 @@ next stage; after the last forward, the backward in reverse. They differ in wher
 live and how their parameters arrive:
 
 * GPipe: one stage per GPU, parameters, gradients and Adam states resident; nothing moves
-  over the host link during a step.
+  over the host link during a step. Activations are checkpointed at stage boundaries for
+  every micro-batch but the last, as torchgpipe (the GPipe the paper ran) does by default.
 * GPipeOffload: GPipe's contiguous stage-to-GPU mapping, each GPU's share cut into smaller
   stages, loaded and run one by one (one stage resident at a time).
 * Mobius: stage s on GPU s mod G (cross mapping); a GPU prefetches the next stage it owns
@@ -39,6 +40,15 @@ def _residencies(owned: list[int], fwd_only: bool) -> list[tuple[int, str]]:
         return [(s, "F") for s in owned]
     seq = [(s, "F") for s in owned[:-1]] + [(owned[-1], "FB")]
     return seq + [(s, "B") for s in reversed(owned[:-1])]
+
+
+def _recompute_mode(cfg: RunConfig, resident: bool) -> str:
+    mode = cfg.schedule.recompute
+    if cfg.schedule.fwd_only:
+        return "none"                       # nothing to go back to
+    if mode == "auto":
+        return "except_last" if resident else "all"
+    return mode
 
 
 def _build(cfg: RunConfig, *, pipeline: Pipeline, stage_rank: list[int], layers: list[tuple[int, ...]],
@@ -117,7 +127,8 @@ def _build(cfg: RunConfig, *, pipeline: Pipeline, stage_rank: list[int], layers:
 
     return Plan(pipeline=pipeline.value, num_ranks=G, micro_batches=M, stages=stages, programs=programs,
                 deps={a: tuple(v) for a, v in deps.items()}, policy=policy, resident=resident,
-                fwd_only=fwd_only, inter_stage_only=cfg.schedule.inter_stage_only)
+                fwd_only=fwd_only, inter_stage_only=cfg.schedule.inter_stage_only,
+                recompute=_recompute_mode(cfg, resident))
 
 
 def gpipe(cfg: RunConfig) -> Plan:

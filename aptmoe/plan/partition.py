@@ -38,9 +38,11 @@ def stage_load_s(cfg: RunConfig, cost: CostSource, num_layers: int) -> float:
 def working_set_bytes(cfg: RunConfig, num_stages: int, window: int) -> int:
     mem = MemoryModel(cfg.model, cfg.tokens_per_micro_batch, cfg.micro_batch_size)
     per_stage = list(range(cfg.model.num_layers // num_stages))
-    owned_layers = list(range(cfg.model.num_layers // cfg.world_size))
+    owned_stages = num_stages // cfg.world_size
+    # offload schedules recompute from stage-boundary checkpoints (aptmoe.memory)
     return (window * mem.param_bytes(per_stage) + mem.grad_bytes(per_stage)
-            + cfg.micro_batches * mem.activation_bytes(owned_layers))
+            + cfg.micro_batches * owned_stages * mem.saved_bytes(per_stage, True)
+            + mem.backward_working_bytes(per_stage, True))
 
 
 def estimate_step_s(cfg: RunConfig, cost: CostSource, num_stages: int, window: int) -> float:
@@ -49,7 +51,7 @@ def estimate_step_s(cfg: RunConfig, cost: CostSource, num_stages: int, window: i
     k = num_stages // G
     load = stage_load_s(cfg, cost, per)
     fwd = M * per * layer_compute_s(cfg, cost, "fwd")
-    bwd = M * per * layer_compute_s(cfg, cost, "bwd")
+    bwd = M * per * (layer_compute_s(cfg, cost, "bwd") + layer_compute_s(cfg, cost, "fwd"))   # recompute
     passes = [fwd] * (k - 1) + [fwd + bwd] + [bwd] * (k - 1)
     if cfg.schedule.fwd_only:
         passes = [fwd] * k

@@ -51,6 +51,10 @@ class Plan:
     resident: bool = False           # GPipe: parameters live on the GPU; nothing is loaded
     fwd_only: bool = False
     inter_stage_only: bool = False
+    # Activation checkpointing: "none" keeps every activation until its backward; "all"
+    # keeps each stage's input and recomputes its forward in the backward; "except_last"
+    # does so for every micro-batch but the last (torchgpipe's default, for GPipe).
+    recompute: str = "none"
     meta: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
@@ -70,6 +74,10 @@ class Plan:
                 for a in streams.get(stream, ()):
                     yield rank, stream, a
 
+    def recomputes(self, mb: int) -> bool:
+        """Whether micro-batch `mb` keeps only stage checkpoints and recomputes in backward."""
+        return self.recompute == "all" or (self.recompute == "except_last" and mb != self.micro_batches - 1)
+
     def deps_of(self, action: Action) -> tuple[Action, ...]:
         return self.deps.get(action, ())
 
@@ -79,7 +87,8 @@ class Plan:
         lines = [f"{self.pipeline}: {self.num_stages} stages on {self.num_ranks} ranks, "
                  f"{self.micro_batches} micro-batches, policy={self.policy}"
                  + (", fwd_only" if self.fwd_only else "")
-                 + (", inter_stage_only" if self.inter_stage_only else "")]
+                 + (", inter_stage_only" if self.inter_stage_only else "")
+                 + (f", recompute={self.recompute}" if self.recompute != "none" else "")]
         for st in self.stages:
             lines.append(f"  stage {st.index}: rank {st.rank}, layers {st.layers[0]}-{st.layers[-1]}")
         for rank, streams in enumerate(self.programs):
@@ -99,7 +108,7 @@ class Plan:
             "pipeline": self.pipeline, "num_ranks": self.num_ranks,
             "micro_batches": self.micro_batches, "policy": self.policy,
             "resident": self.resident, "fwd_only": self.fwd_only,
-            "inter_stage_only": self.inter_stage_only, "meta": self.meta,
+            "inter_stage_only": self.inter_stage_only, "recompute": self.recompute, "meta": self.meta,
             "stages": [{"index": s.index, "rank": s.rank, "layers": list(s.layers)} for s in self.stages],
             "programs": [{k: [str(a) for a in v] for k, v in p.items()} for p in self.programs],
             "deps": {str(a): [str(d) for d in ds] for a, ds in sorted(self.deps.items())},
@@ -118,7 +127,8 @@ class Plan:
             programs=[{k: [Action.parse(a) for a in v] for k, v in p.items()} for p in d["programs"]],
             deps={Action.parse(a): tuple(Action.parse(x) for x in ds) for a, ds in d["deps"].items()},
             policy=d["policy"], resident=d["resident"], fwd_only=d["fwd_only"],
-            inter_stage_only=d["inter_stage_only"], meta=dict(d.get("meta", {})),
+            inter_stage_only=d["inter_stage_only"], recompute=d.get("recompute", "none"),
+            meta=dict(d.get("meta", {})),
         )
 
     @classmethod

@@ -92,11 +92,13 @@ def _memory(plan: Plan, mem: MemoryModel, start: dict[Action, int]) -> tuple[lis
         elif k is Kind.DROP_B:
             events[r].append((2 * t + 1, -mem.param_bytes(ly) - mem.grad_bytes(ly)))
         elif k is Kind.FWD:
-            events[r].append((2 * t, mem.activation_bytes(ly)))
+            events[r].append((2 * t, mem.saved_bytes(ly, plan.recomputes(a.mb))))
         elif k is Kind.BWD:
             if a.mb == 0 and not plan.resident:
                 events[r].append((2 * t, mem.grad_bytes(ly)))
-            events[r].append((2 * t + 1, -mem.activation_bytes(ly)))
+            work = mem.backward_working_bytes(ly, plan.recomputes(a.mb))
+            events[r].append((2 * t, work))
+            events[r].append((2 * t + 1, -work - mem.saved_bytes(ly, plan.recomputes(a.mb))))
     peaks, steps = [], []
     for r in range(plan.num_ranks):
         cur = peak = base[r]
