@@ -106,8 +106,18 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
                    help="copies launched on the load stream at once (2)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help text does not already give one and it says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or text.rstrip().endswith(")"):
+            return text
+        return super()._get_help_string(action)
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 def _pick(ns, name, preset: dict):

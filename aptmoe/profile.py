@@ -41,13 +41,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware
+from aptmoe.atomic import write_text_atomic
 from aptmoe.config import DTYPE_BYTES, ConfigError, ModelConfig
 from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, LinkSpec
 
@@ -240,19 +240,7 @@ class Profile:
         text = self.validate().to_json()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644   # mkstemp would leave 0600
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(path, text)
         return path
 
     # ---- derived objects

@@ -11,12 +11,13 @@ microseconds, and ``args`` with at least ``source`` ("sim" or "real") and, where
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
+
+__all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -124,16 +125,3 @@ class Trace:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TraceError(f"trace file {path} is not JSON: {e}") from None
         return cls.from_chrome(d)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON via a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=None, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -33,20 +33,8 @@ class UsageError(ValueError):
     """Bad input found by the front end itself."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where the help text does not already give one and it says something."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False) or text.rstrip().endswith(")"):
-            return text
-        return super()._get_help_string(action)
-
-
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = make_parser(prog, description)
-    p.formatter_class = HelpFormatter
-    return p
+    return make_parser(prog, description)
 
 
 def _tqdm(**kw):

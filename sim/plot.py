@@ -12,7 +12,6 @@ thousands of events draw in about a second.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from aptmoe.atomic import atomic_path  # noqa: E402
 from aptmoe.plan.plan import STREAMS  # noqa: E402
 from aptmoe.trace import Trace  # noqa: E402
 
@@ -148,17 +148,8 @@ def plot_trace(trace: Trace, path: str | os.PathLike, title: str | None = None) 
         ax.set_title(title if title is not None else default_title(trace), fontsize=10)
         fig.tight_layout()
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=DPI)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)       # mkstemp made it owner-only
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
     finally:
         plt.close(fig)
     return path

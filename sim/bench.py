@@ -1,0 +1,116 @@
+"""Simulator speed benchmark: `python -m aptmoe.sim.bench [--repeats N] [--write BENCHMARKS.md]`.
+
+Wall time (median of N runs, each in a fresh process so no cache carries over) to simulate
+one training step of: MoE-S-16 and MoE-S-64 on 4 GPUs; the widths of MoE-M-16 on 32 nodes x
+8 GPUs (256 GPUs, with 256 layers so that every GPU holds a stage: a pipeline cannot spread
+64 layers over 256 GPUs, and data parallelism is not modelled); and the whole Fig.-11 sweep
+(6 models x 4 G x 4 schedules, `aptmoe-sim sweep --preset fig11`, 2 worker processes).
+With --write, the table replaces the section between the sim-bench markers of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {
+    "MoE-S-16, 4 GPUs, APTMoE, G=0.3, one step": [
+        "--is_moe=True", "--model_config", "MoE-S-16", "--gini", "0.3", "--topo", "C1+G2", "--pipeline", "APTMoE"],
+    "MoE-S-64, 4 GPUs, APTMoE, G=0.15, one step": [
+        "--is_moe=True", "--model_config", "MoE-S-64", "--gini", "0.15", "--topo", "C1+G2", "--pipeline", "APTMoE"],
+    "MoE-M-16 widths, 256 layers, 32x8 GPUs, APTMoE, G=0.3, one step": [
+        "--is_moe=True", "--model_config", "MoE-M-16", "--num_layers", "256", "--num_stages", "256",
+        "--nodes", "32", "--gpus", "8", "--batch_size", "256", "--gini", "0.3", "--topo", "C1+G2",
+        "--pipeline", "APTMoE"],
+}
+SWEEP = "Fig.-11 sweep: 6 models x 4 G x 4 schedules (96 points), --jobs 2"
+TARGETS = {SWEEP: "< 60 s", "MoE-M-16 widths, 256 layers, 32x8 GPUs, APTMoE, G=0.3, one step": "< 30 s"}
+MARK_START, MARK_END = "<!-- sim-bench:start -->", "<!-- sim-bench:end -->"
+
+
+def _time(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run(repeats: int) -> str:
+    exe = [sys.executable, "-m", "aptmoe.sim.cli"]
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="aptmoe-bench-"))
+    try:
+        for name, args in CASES.items():
+            times = [_time(exe + args + ["--measured-steps", "1", "--no-plot", "-q", "--out", str(tmp / f"{name[:8]}{i}")])
+                     for i in range(repeats)]
+            rows.append((name, times))
+            print(f"{name}: median {statistics.median(times):.2f} s", file=sys.stderr)
+        times = [_time(exe + ["sweep", "--preset", "fig11", "--jobs", "2", "-q", "--out", str(tmp / f"sweep{i}")])
+                 for i in range(repeats)]
+        rows.append((SWEEP, times))
+        print(f"{SWEEP}: median {statistics.median(times):.2f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        MARK_START,
+        "## Simulator wall time",
+        "",
+        f"Command: `python -m aptmoe.sim.bench --repeats {repeats}` (each run a fresh `aptmoe-sim` process, "
+        "plan building, validation and the outputs' JSON included, no plots or traces).",
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"date {datetime.date.today().isoformat()}; commit {commit or 'uncommitted'}.",
+        "",
+        "| case | median (s) | runs (s) | target |",
+        "|---|---|---|---|",
+    ]
+    for name, times in rows:
+        lines.append(f"| {name} | {statistics.median(times):.2f} | "
+                     f"{', '.join(f'{t:.2f}' for t in times)} | {TARGETS.get(name, '')} |")
+    lines.append(MARK_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.sim.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--write", type=Path, default=None, help="update this markdown file's sim-bench section")
+    ns = p.parse_args(argv)
+    section = run(ns.repeats)
+    print(section)
+    if ns.write:
+        write_section(ns.write, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
