@@ -143,6 +143,21 @@ class _PolicyBase:
     def _experts(self) -> range:
         return range(self.model.num_experts)
 
+    def _reverse(self, pass_: str) -> bool:
+        """Whether this pass first needs the stage's layers last to first. A backward that
+        recomputes starts with the forward again; with "except_last" the micro-batch that
+        does not recompute is not the first to run its backward, so forward order holds."""
+        return pass_ == "B" and self.plan.recompute == "none"
+
+    def use_order(self, stage: int, pass_: str) -> list[Block]:
+        """The stage's blocks in the order compute first needs them in this pass (a reversed
+        backward walks each layer's experts, then its gate, then its attention)."""
+        blocks = self.stage_blocks(stage)
+        if self._reverse(pass_):
+            rank = {BlockKind.EXPERT: 0, BlockKind.GATE: 1, BlockKind.ATTN: 2}
+            blocks.sort(key=lambda b: (-b.layer, rank[b.kind], b.expert or 0))
+        return blocks
+
     def stage_blocks(self, stage: int) -> list[Block]:
         out = []
         for layer in self.layers[stage]:
@@ -202,9 +217,7 @@ class StagePolicy(_PolicyBase):
 
     def stage_load_begins(self, stage: int, pass_: str) -> None:
         self._resident_stages.add(stage)
-        blocks = self.stage_blocks(stage)
-        if pass_ == "B":   # backward walks the layers in reverse
-            blocks = sorted(blocks, key=lambda b: (-b.layer, b.kind != BlockKind.ATTN, b))
+        blocks = self.use_order(stage, pass_)
         self.queue.extend((stage, b, pass_) for b in blocks if not self._available(stage, b))
         self.on_work()
 
@@ -265,8 +278,8 @@ class AptmoePolicy(_PolicyBase):
 
     # -------------------------------------------------------------- helpers
     def _order(self, stage: int, pass_: str, block: Block) -> tuple:
-        """Within a pass, earlier-computed layers first; attention, gate, then experts."""
-        layer_pos = block.layer if pass_ != "B" else -block.layer
+        """Within a pass, the layer compute needs first goes first; attention, gate, then experts."""
+        layer_pos = -block.layer if self._reverse(pass_) else block.layer
         return (layer_pos, {BlockKind.ATTN: 0, BlockKind.GATE: 1, BlockKind.EXPERT: 2}[block.kind])
 
     def _enqueue(self, phase: str, stage: int, block: Block, pass_: str, key: tuple) -> None:
@@ -306,7 +319,7 @@ class AptmoePolicy(_PolicyBase):
         self._resident_stages.add(stage)
         self._stage_target = (stage, pass_)
         layers = self.layers[stage]
-        if pass_ == "B":
+        if self._reverse(pass_):
             layers = tuple(reversed(layers))
         seq = 0
         for layer in layers:                     # every MHA and gate first
@@ -389,7 +402,7 @@ class AptmoePolicy(_PolicyBase):
                                   load_attn_gate=self._attn_gate_pending(stage, layer),
                                   remaining_mbs=1, direction="bwd")
             out[layer] = Placement(split.gpu, split.cpu)
-            for e in split.cpu:
+            for e in set(self._experts()) - set(split.gpu):      # CPU experts, and those without tokens
                 for q in self.queues.values():
                     q.remove(stage, Block.expert_of(layer, e))
             for e in split.to_load:

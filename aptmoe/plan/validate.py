@@ -140,6 +140,8 @@ def validate(plan: Plan, *, memory: MemoryModel | None = None, capacity_bytes: i
     def fail(msg: str, a: Action) -> None:
         raise PlanError(f"{msg}\n{format_grid(plan, st, st.get(a), plan.rank_of(a.stage))}")
 
+    _check_matching(plan, st, fail)
+
     drops = {(a.stage, a.kind): a for a in st if a.kind in (Kind.DROP_F, Kind.DROP_B)}
     loads: dict[int, list[Action]] = defaultdict(list)
     for a in st:
@@ -204,20 +206,28 @@ def _check_structure(plan: Plan) -> None:
         if a.mb is not None and not 0 <= a.mb < plan.micro_batches:
             raise PlanError(f"{a} names micro-batch {a.mb}, but the plan has {plan.micro_batches}")
     for a, ds in plan.deps.items():
-        for d in (a, *ds):
+        if a not in seen:
+            raise PlanError(f"{a} has dependencies but is in no program")
+        for d in ds:
             if d not in seen:
-                raise PlanError(f"dependency {d} of {a} is not in any program")
+                raise PlanError(f"{a} depends on {d}, which is in no program")
+
+
+def _check_matching(plan: Plan, start: dict[Action, int], fail) -> None:
+    """Every send has its receive on the peer's rank, waiting for it, and vice versa."""
     pairs = {Kind.SEND_F: (Kind.RECV_F, 1), Kind.SEND_B: (Kind.RECV_B, -1)}
-    for a in seen:
+    for a in sorted(start, key=start.__getitem__):
         if a.kind in pairs:
             kind, step = pairs[a.kind]
             peer = Action(a.stage + step, kind, a.mb)
-            if peer not in seen:
-                raise PlanError(f"{a} has no matching {peer} on rank {plan.rank_of(a.stage + step) if 0 <= a.stage + step < plan.num_stages else '?'}")
+            if not 0 <= peer.stage < plan.num_stages:
+                fail(f"{a} sends to stage {peer.stage}, which does not exist", a)
+            if peer not in start:
+                fail(f"{a} has no matching {peer} on rank {plan.rank_of(peer.stage)}", a)
             if a not in plan.deps_of(peer):
-                raise PlanError(f"{peer} does not wait for its send {a}")
+                fail(f"{peer} does not wait for its send {a}", peer)
         if a.kind in (Kind.RECV_F, Kind.RECV_B):
             step = -1 if a.kind is Kind.RECV_F else 1
             peer = Action(a.stage + step, Kind.SEND_F if step < 0 else Kind.SEND_B, a.mb)
-            if peer not in seen:
-                raise PlanError(f"{a} has no matching send {peer}")
+            if peer not in start:
+                fail(f"{a} has no matching send {peer}", a)
