@@ -33,13 +33,15 @@ class SimResult:
     num_stages: int
     metrics: dict[str, float] = field(default_factory=dict)
     oom_detail: str | None = None
+    peak_gpu_bytes_per_rank: list[int] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"pipeline": self.pipeline, "iteration_s": self.iteration_s,
                 "throughput_seq_per_s": self.throughput_seq_per_s, "oom": self.oom,
-                "peak_gpu_bytes": self.peak_gpu_bytes, "num_stages": self.num_stages,
+                "peak_gpu_bytes": self.peak_gpu_bytes, "peak_gpu_bytes_per_rank": self.peak_gpu_bytes_per_rank,
+                "num_stages": self.num_stages,
                 "oom_detail": self.oom_detail, "metrics": self.metrics,
                 "fallbacks": self.fallbacks, "config": self.config}
 
@@ -98,6 +100,7 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
         m[f"load/{phase}_bytes"] = statistics.fmean(st.bytes_by_phase.get(phase, 0) for st in stats)
     G_achieved = statistics.fmean(pop.iteration(warm + j).G for j in range(steps))
     m["popularity/G"] = G_achieved
+    per_rank = [max(st.peak_gpu_bytes[r] for st in stats) for r in range(G)]
     return SimResult(iteration_s=step_s, throughput_seq_per_s=cfg.train.batch_size / step_s, oom=False,
-                     peak_gpu_bytes=int(m["mem/peak_gpu_bytes"]), metrics=m, fallbacks=sorted(cost.fallbacks),
-                     **base)
+                     peak_gpu_bytes=int(m["mem/peak_gpu_bytes"]), peak_gpu_bytes_per_rank=per_rank, metrics=m,
+                     fallbacks=sorted(cost.fallbacks), **base)
