@@ -17,7 +17,7 @@ from aptmoe.costs import CostSource
 from aptmoe.plan.builders import build_plan
 from aptmoe.plan.plan import Plan
 from aptmoe.plan.validate import validate
-from aptmoe.popularity import popularity_from_config
+from aptmoe.popularity import gini_coefficient, popularity_from_config
 from aptmoe.profile import Profile, ProfileCost, load_profile
 from aptmoe.trace import Trace
 from aptmoe.sim.engine import OutOfMemory, StepModel
@@ -98,8 +98,9 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
     m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0
     for phase in sorted({p for st in stats for p in st.bytes_by_phase}):
         m[f"load/{phase}_bytes"] = statistics.fmean(st.bytes_by_phase.get(phase, 0) for st in stats)
-    G_achieved = statistics.fmean(pop.iteration(warm + j).G for j in range(steps))
-    m["popularity/G"] = G_achieved
+    measured = [pop.iteration(warm + j) for j in range(steps)]
+    m["popularity/G"] = statistics.fmean(it.G for it in measured)
+    m["popularity/gini_coefficient"] = statistics.fmean(gini_coefficient(it.counts) for it in measured)
     per_rank = [max(st.peak_gpu_bytes[r] for st in stats) for r in range(G)]
     return SimResult(iteration_s=step_s, throughput_seq_per_s=cfg.train.batch_size / step_s, oom=False,
                      peak_gpu_bytes=int(m["mem/peak_gpu_bytes"]), peak_gpu_bytes_per_rank=per_rank, metrics=m,
