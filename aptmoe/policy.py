@@ -402,6 +402,7 @@ class AptmoePolicy(_PolicyBase):
                                   load_attn_gate=self._attn_gate_pending(stage, layer),
                                   remaining_mbs=1, direction="bwd")
             out[layer] = Placement(split.gpu, split.cpu)
+            self.required.update((stage, Block.expert_of(layer, e)) for e in split.gpu)
             for e in set(self._experts()) - set(split.gpu):      # CPU experts, and those without tokens
                 for q in self.queues.values():
                     q.remove(stage, Block.expert_of(layer, e))
@@ -415,10 +416,7 @@ class AptmoePolicy(_PolicyBase):
 
     def backward_placement(self, stage: int, layer: int) -> Placement:
         self._decide_backward(stage)
-        placement = self._bwd[stage][layer]
-        for e in placement.gpu:
-            self.required.add((stage, Block.expert_of(layer, e)))
-        return placement
+        return self._bwd[stage][layer]
 
     def forward_placement(self, layer: int, mb: int) -> Placement | None:
         """Where the forward of (layer, mb) ran this step: CPU experts kept their activations

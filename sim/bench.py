@@ -59,7 +59,7 @@ def run(repeats: int) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="aptmoe-bench-"))
     try:
         for name, args in CASES.items():
-            times = [_time(exe + args + ["--measured-steps", "1", "--no-plot", "-q", "--out", str(tmp / f"{name[:8]}{i}")])
+            times = [_time(exe + args + ["--measured-steps", "1", "--no-trace", "-q", "--out", str(tmp / f"{name[:8]}{i}")])
                      for i in range(repeats)]
             rows.append((name, times))
             print(f"{name}: median {statistics.median(times):.2f} s", file=sys.stderr)

@@ -9,6 +9,7 @@ forward of layer 12 for micro-batch 0. Trace events in both back-ends are named
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -49,27 +50,37 @@ class Block:
     layer: int
     kind: BlockKind
     expert: int | None = None
+    _hash: int = field(default=0, init=False, repr=False, compare=False)   # see Action
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, BlockKind):
             object.__setattr__(self, "kind", BlockKind(self.kind))
         if (self.kind is BlockKind.EXPERT) != (self.expert is not None):
             raise ValueError(f"an expert block needs an expert index, other blocks none: {self!r}")
+        object.__setattr__(self, "_hash", hash((self.layer, self.kind.value, self.expert)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.layer}:{self.kind.value}{'' if self.expert is None else self.expert}"
 
-    @classmethod
-    def attn(cls, layer: int) -> "Block":
-        return cls(layer, BlockKind.ATTN)
+    # The back-ends name blocks millions of times in a large simulation: hand out one
+    # shared value per block instead of building a new one each time.
+    @staticmethod
+    @functools.cache
+    def attn(layer: int) -> "Block":
+        return Block(layer, BlockKind.ATTN)
 
-    @classmethod
-    def gate(cls, layer: int) -> "Block":
-        return cls(layer, BlockKind.GATE)
+    @staticmethod
+    @functools.cache
+    def gate(layer: int) -> "Block":
+        return Block(layer, BlockKind.GATE)
 
-    @classmethod
-    def expert_of(cls, layer: int, e: int) -> "Block":
-        return cls(layer, BlockKind.EXPERT, e)
+    @staticmethod
+    @functools.cache
+    def expert_of(layer: int, e: int) -> "Block":
+        return Block(layer, BlockKind.EXPERT, int(e))
 
 
 # Longest kinds first so "LF" is not read as "L" + "F".
