@@ -74,8 +74,8 @@ def run(repeats: int) -> str:
         MARK_START,
         "## Simulator wall time",
         "",
-        f"Command: `python -m aptmoe.sim.bench --repeats {repeats}` (each run a fresh `aptmoe-sim` process, "
-        "plan building, validation and the outputs' JSON included, no plots or traces).",
+        f"Command: `python -m aptmoe.sim.bench --repeats {repeats}` (each run a fresh `aptmoe-sim` process with `--no-trace`, "
+        "start-up, plan building and the results files included).",
         f"Machine: {_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"date {datetime.date.today().isoformat()}; commit {commit or 'uncommitted'}.",
         "",
