@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     try:
         profile = load_profile(ns.calibration)
-        hw = profile.hardware
-        cfg = config_from_args(ns, gpu_memory_bytes=hw.gpu_memory_bytes,
-                               cores_per_socket=max(1, hw.cpu_cores // max(1, hw.cpu_sockets)))
+        cfg = config_from_args(ns, **profile.cluster_defaults())
         cost = ProfileCost(profile, cfg.model, pinned=cfg.schedule.pinned,
                            link_cap_GBps=cfg.cluster.link_bandwidth_GBps)
         plan = build_plan(cfg, cost)

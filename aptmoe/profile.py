@@ -245,6 +245,16 @@ class Profile:
 
     # ---- derived objects
 
+    def cluster_defaults(self) -> dict:
+        """Cluster fields this profile implies, as keyword arguments of `config_from_args`.
+
+        A CPU-only profile measured no GPU: its runs default to the paper's 40 GB GPUs."""
+        hw = self.hardware
+        gpu = hw.gpu_name.upper()
+        return dict(gpu_memory_bytes=int(hw.gpu_memory_bytes) or 40 * 10**9,
+                    cores_per_socket=max(1, hw.cpu_cores // max(1, hw.cpu_sockets)),
+                    intra_node_link="nvlink" if ("H100" in gpu or "H200" in gpu) else "pcie")
+
     def roofline_hardware(self) -> AnalyticHardware:
         return _roofline_hardware(self.roofline)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import shlex
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aptmoe import version
 from aptmoe.analytic_cost import a800_pcie_hardware
 from aptmoe.profile import (Adam, CpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped)
 
@@ -158,13 +158,6 @@ def fit_link(points: list[tuple[int, float]]) -> tuple[float, float]:
 # --------------------------------------------------------------------------- the profile
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("aptmoe")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def build_a800_profile(ref: dict, command: str, date: str | None = None) -> Profile:
     hw = a800_pcie_hardware()
     table = ref["lookup_table"]
@@ -238,7 +231,7 @@ def build_a800_profile(ref: dict, command: str, date: str | None = None) -> Prof
         name="a800-paper",
         description="The APTMoE paper's testbed (A800 40GB PCIe behind PCIe switches, Xeon Gold 6348): "
                     "the public artifact's profiled lookup table plus datasheet figures.",
-        made_by=MadeBy(f"aptmoe {_version()}", command,
+        made_by=MadeBy(f"aptmoe {version()}", command,
                        date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()),
         hardware=hardware,
         skipped=skipped,

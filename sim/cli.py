@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aptmoe.config import Pipeline, RunConfig
 from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
-from aptmoe.profile import Profile, load_profile
+from aptmoe.profile import load_profile
 from aptmoe.sim.report import (StagedDir, first_line, flat_row, schedule_table, short_fallbacks, speedups,
                                write_csv)
 
@@ -69,15 +69,6 @@ def add_sim_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors; no progress bar")
 
 
-def hardware_defaults(profile: Profile) -> dict:
-    """Cluster defaults from the calibration's hardware fingerprint, for `config_from_args`."""
-    hw = profile.hardware
-    gpu = hw.gpu_name.upper()
-    return dict(gpu_memory_bytes=int(hw.gpu_memory_bytes),
-                cores_per_socket=max(1, hw.cpu_cores // max(1, hw.cpu_sockets)),
-                intra_node_link="nvlink" if ("H100" in gpu or "H200" in gpu) else "pcie")
-
-
 def check_measured_steps(ns: argparse.Namespace) -> None:
     if ns.measured_steps is not None and ns.measured_steps < 1:
         raise UsageError(f"--measured-steps must be at least 1, got {ns.measured_steps}")
@@ -117,7 +108,7 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
 
     check_measured_steps(ns)
     profile = load_profile(ns.calibration)
-    hw = hardware_defaults(profile)
+    hw = profile.cluster_defaults()
     configs: dict[str, RunConfig] = {p: config_from_args(ns, pipeline=p, **hw) for p in pipelines_of(ns)}
     first = next(iter(configs.values()))
     out = Path(ns.out or f"runs/sim-{timestamp()}")

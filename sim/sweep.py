@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from aptmoe.config import Pipeline
-from aptmoe.sim.cli import (PROG, UsageError, _tqdm, add_sim_flags, check_measured_steps, hardware_defaults,
+from aptmoe.sim.cli import (PROG, UsageError, _tqdm, add_sim_flags, check_measured_steps,
                             new_parser, progress_disabled, timestamp)
 from aptmoe.sim.report import StagedDir, first_line, fmt, format_table, write_csv
 
@@ -367,7 +367,7 @@ def run_sweep(ns: argparse.Namespace, argv: list[str]) -> int:
         ns.pipeline = None
     points = expand(grid, base_points)
     profile = load_profile(ns.calibration)
-    hw = hardware_defaults(profile)
+    hw = profile.cluster_defaults()
     base = {k: v for k, v in vars(ns).items() if k not in NOT_SWEEPABLE}
     out = Path(ns.out or f"runs/sweep-{timestamp()}")
     jobs = ns.jobs or os.cpu_count() or 1

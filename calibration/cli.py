@@ -1,0 +1,167 @@
+"""``aptmoe-calibrate``: profile this machine into a calibration file the simulator reads.
+
+    aptmoe-calibrate --out my-host.json                 # full: links, GPU blocks, CPU experts, Adam
+    aptmoe-calibrate --out my-host.json --quick         # fewer sizes and repetitions (< 1 min on a laptop)
+    aptmoe-calibrate --out h200.json --models S,M --dtypes bf16 --threads 16,32,64
+
+Without a GPU it profiles the CPU parts and says, in the file and here, what it skipped; the
+simulator then uses the roofline for those. The file is written atomically and loaded back
+before the summary is printed. Bad input is one line on stderr and exit status 2, before
+anything is measured; no file is written unless the whole profile is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from aptmoe.config import DTYPE_BYTES, moe_model
+from aptmoe.flags import make_parser
+from aptmoe.profile import ProfileError, load_profile
+
+PROG = "aptmoe-calibrate"
+MODEL_SIZES = ("S", "M", "L")                 # the config presets (Table I)
+PARTS = ("links", "gpu", "cpu", "adam")       # the profiler's parts that --skip can leave out
+
+
+class UsageError(ValueError):
+    """Bad input, reported as one line before anything is measured."""
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def make_calibrate_parser() -> argparse.ArgumentParser:
+    p = make_parser(PROG, "Profiles this machine into a calibration file the simulator reads "
+                          "(aptmoe-sim --calibration FILE).")
+    p.add_argument("--out", required=True, help="calibration file to write, e.g. aptmoe/profiles/h200.json")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer copy sizes (up to 64 MiB), token counts and repetitions")
+    p.add_argument("--models", default="S,M,L", help="model sizes whose block dims are profiled (S,M,L)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="dtypes, of fp32, bf16, fp16 (fp32,bf16)")
+    p.add_argument("--threads", default="7,14,28",
+                   help="CPU thread counts, capped at this machine's CPUs (its maximum added if a count "
+                        "exceeds it) (7,14,28)")
+    p.add_argument("--gate-experts", dest="gate_experts", default="8,16,64",
+                   help="expert counts of the gate curves (8,16,64)")
+    p.add_argument("--seq-length", dest="seq_length", type=int, default=128,
+                   help="tokens per sequence of the attention block (128)")
+    p.add_argument("--heads", type=int, default=32, help="attention heads (32)")
+    p.add_argument("--gpus", type=int, default=None, help="profile only the first N GPUs (default: all)")
+    p.add_argument("--skip", default=None, help=f"parts left to the roofline, of {', '.join(PARTS)}")
+    p.add_argument("--gpu-max-tokens", dest="gpu_max_tokens", type=int, default=None,
+                   help="largest token count of the GPU curves (16384; quick 2048)")
+    p.add_argument("--cpu-max-tokens", dest="cpu_max_tokens", type=int, default=None,
+                   help="largest token count of the CPU curves (4096; quick 256)")
+    p.add_argument("--cpu-point-limit", dest="cpu_point_limit", type=float, default=None,
+                   help="stop a CPU curve after the first token count whose fwd + bwd take longer, in "
+                        "seconds (0.6; quick 0.15)")
+    p.add_argument("--name", default=None, help="profile name (default: the --out file's stem)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _items(flag: str, text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"{flag} needs a comma-separated list, got {text!r}")
+    return list(dict.fromkeys(items))                   # drop repeats, keep order
+
+
+def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    items = _items(flag, text)
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        raise UsageError(f"{flag}: {bad[0]!r} is unknown; use {', '.join(allowed)}")
+    return tuple(items)
+
+
+def _positive_ints(flag: str, text: str) -> tuple[int, ...]:
+    out = []
+    for x in _items(flag, text):
+        if not x.isdigit() or int(x) < 1:
+            raise UsageError(f"{flag}: {x!r} is not a positive integer; e.g. {flag} 7,14,28")
+        out.append(int(x))
+    return tuple(sorted(set(out)))
+
+
+def _positive(flag: str, value: float | int | None) -> None:
+    if value is not None and not value > 0:
+        raise UsageError(f"{flag} must be positive, got {value}")
+
+
+def check_out(text: str) -> Path:
+    """The output path, if it can be written: its folder exists, and it is no folder itself."""
+    path = Path(text)
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {text}: folder {str(folder)!r} does not exist")
+    if path.is_dir():
+        raise UsageError(f"--out {text} is a folder; give a file name such as {text.rstrip('/')}/host.json")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {text}: folder {str(folder)!r} is not writable")
+    return path
+
+
+def option_fields(ns: argparse.Namespace) -> dict:
+    """The profiler's `Options` fields from the parsed flags (no torch needed); UsageError
+    on bad input."""
+    for flag in ("--seq-length", "--heads", "--gpus", "--gpu-max-tokens", "--cpu-max-tokens", "--cpu-point-limit"):
+        _positive(flag, getattr(ns, flag[2:].replace("-", "_")))
+    models = _choices("--models", ns.models, MODEL_SIZES)
+    width = min(moe_model(s, 8).embedding_dim for s in models)
+    if width % ns.heads:
+        raise UsageError(f"--heads {ns.heads} does not divide the model width {width}; e.g. --heads 32")
+    return dict(
+        models=models,
+        dtypes=_choices("--dtypes", ns.dtypes, tuple(DTYPE_BYTES)),
+        threads=_positive_ints("--threads", ns.threads),
+        gate_experts=_positive_ints("--gate-experts", ns.gate_experts),
+        seq_length=ns.seq_length, heads=ns.heads, quick=ns.quick, max_gpus=ns.gpus,
+        skip=frozenset(_choices("--skip", ns.skip, PARTS)) if ns.skip is not None else frozenset(),
+        gpu_max_tokens=ns.gpu_max_tokens, cpu_max_tokens=ns.cpu_max_tokens, cpu_point_limit_s=ns.cpu_point_limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns = make_calibrate_parser().parse_args(argv)
+    except SystemExit as e:                   # -h (0) or a bad flag (2, its one line printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        out = check_out(ns.out)
+        fields = option_fields(ns)
+    except UsageError as e:
+        return fail(str(e))
+    try:                                      # torch only now, once the flags are known good
+        from aptmoe.calibration.profiler import Options, calibrate, summary
+    except ImportError as e:
+        return fail(f"profiling needs torch ({e}); install it with pip install 'aptmoe[exec]'")
+
+    command = shlex.join([PROG, *argv])
+    t0 = time.perf_counter()
+    try:
+        profile = calibrate(Options(**fields), name=ns.name or out.stem, command=command,
+                            progress=not ns.quiet, log=lambda line: print(line, flush=True))
+        path = profile.save(out)
+    except KeyboardInterrupt:
+        return fail("interrupted; no file written", 130)
+    try:
+        loaded = load_profile(str(path.resolve()))
+    except ProfileError as e:                 # save validates, so this is a bug: keep no bad file
+        path.unlink(missing_ok=True)
+        return fail(f"the written profile does not load back ({e}); removed", 1)
+    print(summary(loaded))
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.1f} kB) in {time.perf_counter() - t0:.0f} s; "
+          f"loaded back: schema {loaded.schema}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

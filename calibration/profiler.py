@@ -1,0 +1,1044 @@
+"""Profiles this machine into a calibration file (`aptmoe.profile`, schema aptmoe-calibration/1).
+
+What is measured, and how (the file's ``sources`` repeats it, with the figures used):
+
+- host links: `copy_` between a pinned or pageable host buffer and each GPU alone, both
+  directions, sizes 64 KiB .. 1 GiB; pinned copies run on a side stream and are timed with
+  CUDA events, pageable ones on the host clock up to a synchronisation (the driver stages
+  them through its own pinned buffer, partly on the host). latency + bytes / bandwidth is
+  fitted with `reference.fit_link` to the per-size medians over the GPUs.
+- the socket root: n GPUs copying at once (threads, one per GPU, each with its own stream,
+  released together by a barrier), aggregate bytes over the wall-time window;
+- duplex: both directions of GPU 0 at once, released together by one event;
+- GPU to GPU: a device-to-device copy GPU 0 -> GPU 1 (what `tensor.to('cuda:1')` does).
+- GPU blocks (attention, gate, expert FFN), forward and backward, by token count, on GPU 0,
+  timed with CUDA events behind a device-side hold: device execution time, without the
+  host's launch gaps;
+- one expert on the CPU, forward and backward, by token count and thread count, threads
+  bound to the first cores;
+- Adam: one `torch.optim.Adam` step on the CPU per thread count, and on GPU 0.
+
+Every figure is the median of repetitions after warm-up, over fresh random inputs; curves
+are made non-decreasing in tokens by pool-adjacent-violators (`reference.pava`).
+
+Without a GPU only the CPU parts are measured; the rest comes from the roofline preset and
+is listed in ``skipped``. torch is imported here, never by the core or the simulator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
+from aptmoe import version
+from aptmoe.calibration.reference import fit_link, pava
+from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
+from aptmoe.config import moe_model
+from aptmoe.costs import LinkSpec
+from aptmoe.profile import Adam, CpuCurve, GpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARTS = ("links", "gpu", "cpu", "adam")          # what --skip can leave out
+MODEL_SIZES = ("S", "M", "L")
+SIG_DIGITS = 4
+KiB, MiB = 1 << 10, 1 << 20
+# Device-side hold before each timed GPU block: longer than the host takes to enqueue one
+# block's kernels (an attention backward is ~40 launches of ~10 us).
+GPU_HOLD_S = 1e-3
+# Pageable copies when nothing could be measured: DESIGN §2 gives 7-10 GB/s on both hosts.
+ASSUMED_PAGEABLE_GBPS = 8.0
+
+
+# --------------------------------------------------------------------------- options and sizes
+
+
+@dataclass(frozen=True)
+class Options:
+    models: tuple[str, ...] = MODEL_SIZES
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    threads: tuple[int, ...] = (7, 14, 28)
+    gate_experts: tuple[int, ...] = (8, 16, 64)
+    seq_length: int = 128
+    heads: int = 32
+    quick: bool = False
+    max_gpus: int | None = None              # None: every visible GPU
+    skip: frozenset[str] = frozenset()       # parts of PARTS left to the roofline
+    gpu_max_tokens: int | None = None        # None: the mode's default
+    cpu_max_tokens: int | None = None
+    cpu_point_limit_s: float | None = None   # stop a CPU series after a point this slow
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much to measure: the full mode, or `--quick` (fewer sizes, counts, repetitions)."""
+
+    copy_bytes: tuple[int, ...]
+    root_bytes: int               # one copy of the concurrent and duplex runs
+    root_copies: int              # copies per GPU per repetition there
+    gpu_tokens: tuple[int, ...]   # gate and expert
+    attn_sequences: tuple[int, ...]
+    cpu_tokens: tuple[int, ...]
+    cpu_point_limit_s: float      # a CPU series stops after the first point whose fwd + bwd exceed it
+    adam_params: int
+    adam_tensors: int
+    link_reps: Reps
+    gpu_reps: Reps
+    cpu_reps: Reps
+    adam_reps: Reps
+
+
+def _powers(lo: int, hi: int, step: int = 1) -> tuple[int, ...]:
+    """lo, lo * 2**step, ... up to hi."""
+    out, x = [], lo
+    while x <= hi:
+        out.append(x)
+        x <<= step
+    return tuple(out)
+
+
+def sizes_for(opts: Options) -> Sizes:
+    if opts.quick:
+        s = Sizes(copy_bytes=_powers(64 * KiB, 64 * MiB, 2), root_bytes=64 * MiB, root_copies=4,
+                  gpu_tokens=(1, 16, 256, 2048), attn_sequences=(1, 4, 16), cpu_tokens=(1, 16, 256),
+                  cpu_point_limit_s=0.15, adam_params=4 * MiB, adam_tensors=4,
+                  link_reps=Reps(1, 5, 2, 0.2), gpu_reps=Reps(2, 5, 3, 0.2, warmup_s=0.02),
+                  cpu_reps=Reps(1, 3, 3, 0.3, warmup_s=0.05), adam_reps=Reps(1, 3, 1, 0.5))
+    else:
+        s = Sizes(copy_bytes=_powers(64 * KiB, 1 << 30, 2), root_bytes=256 * MiB, root_copies=8,
+                  gpu_tokens=_powers(1, 16384), attn_sequences=_powers(1, 128), cpu_tokens=_powers(1, 4096),
+                  cpu_point_limit_s=0.6, adam_params=64 * MiB, adam_tensors=16,
+                  link_reps=Reps(2, 10, 3, 1.0), gpu_reps=Reps(3, 15, 5, 1.0, warmup_s=0.05),
+                  cpu_reps=Reps(1, 5, 3, 1.0, warmup_s=0.1), adam_reps=Reps(2, 5, 3, 3.0))
+    if opts.gpu_max_tokens is not None:
+        cap = opts.gpu_max_tokens
+        s = replace(s, gpu_tokens=tuple(t for t in s.gpu_tokens if t <= cap) or (1,),
+                    attn_sequences=tuple(q for q in s.attn_sequences if q * opts.seq_length <= cap) or (1,))
+    if opts.cpu_max_tokens is not None:
+        s = replace(s, cpu_tokens=tuple(t for t in s.cpu_tokens if t <= opts.cpu_max_tokens) or (1,))
+    if opts.cpu_point_limit_s is not None:
+        s = replace(s, cpu_point_limit_s=opts.cpu_point_limit_s)
+    return s
+
+
+def model_dims(size: str) -> tuple[int, int]:
+    """(d, h) of a Table I model, from the config presets."""
+    m = moe_model(size, 8)
+    return m.embedding_dim, m.hidden_dim
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def _cpuinfo() -> list[dict[str, str]]:
+    """/proc/cpuinfo as one dict per logical CPU ([] where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    out = []
+    for block in text.strip().split("\n\n"):
+        entry = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(":")
+            entry[key.strip()] = value.strip()
+        out.append(entry)
+    return out
+
+
+def _topology(cpu: int) -> tuple[int, int]:
+    """(socket, core) of a logical CPU; unknown: its own core on socket 0."""
+    base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return int((base / "physical_package_id").read_text()), int((base / "core_id").read_text())
+    except (OSError, ValueError):
+        return 0, cpu
+
+
+def allowed_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cpus_in_binding_order(cpus: Sequence[int]) -> list[int]:
+    """One logical CPU per physical core (socket 0 first), then their SMT siblings: the
+    first t entries are t distinct cores whenever the machine has them, so t threads do
+    not share a core's arithmetic units."""
+    seen: set[tuple[int, int]] = set()
+    first, siblings = [], []
+    for cpu in sorted(cpus, key=lambda c: (_topology(c)[0], c)):
+        key = _topology(cpu)
+        (siblings if key in seen else first).append(cpu)
+        seen.add(key)
+    return first + siblings
+
+
+def thread_counts(requested: Sequence[int], available: int) -> tuple[int, ...]:
+    """The requested counts the machine has, plus its maximum when a request exceeds it."""
+    counts = {t for t in requested if t <= available}
+    if max(requested) > available:
+        counts.add(available)
+    return tuple(sorted(counts))
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpus: tuple[int, ...]             # CUDA device indices profiled
+    cpus: tuple[int, ...]             # logical CPUs, in binding order
+    threads: tuple[int, ...]          # CPU thread counts to measure
+    hardware: Hardware
+
+    @property
+    def gpu_name(self) -> str:
+        return self.hardware.gpu_name
+
+
+def probe_machine(opts: Options) -> Machine:
+    gpus: tuple[int, ...] = ()
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        gpus = tuple(range(n if opts.max_gpus is None else min(n, opts.max_gpus)))
+    cpus = cpus_in_binding_order(allowed_cpus())
+    info = _cpuinfo()
+    model = next((e["model name"] for e in info if e.get("model name")), "") or platform.processor() or "unknown"
+    sockets = len({e["physical id"] for e in info if "physical id" in e}) or 1
+    hardware = Hardware(
+        gpu_name=torch.cuda.get_device_name(gpus[0]) if gpus else "none",
+        gpu_count=len(gpus),
+        gpu_memory_bytes=torch.cuda.get_device_properties(gpus[0]).total_memory if gpus else 0,
+        cpu_model=model, cpu_sockets=sockets,
+        cpu_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        host_memory_bytes=psutil.virtual_memory().total,
+        torch_version=torch.__version__)
+    return Machine(gpus, tuple(cpus), thread_counts(opts.threads, len(cpus)), hardware)
+
+
+def _bind(cpus: Sequence[int]) -> bool:
+    """Binds every thread of this process to `cpus`; False where the OS offers no way.
+
+    Every thread, not only the main one: OpenMP's workers, created earlier, keep the mask
+    they were born with, and Linux applies sched_setaffinity(pid) to the main thread alone.
+    """
+    if hasattr(os, "sched_setaffinity"):
+        for t in psutil.Process().threads():
+            with contextlib.suppress(OSError):        # a thread may end meanwhile
+                os.sched_setaffinity(t.id, cpus)
+        return True
+    try:
+        psutil.Process().cpu_affinity(list(cpus))
+        return True
+    except (AttributeError, OSError, psutil.Error):
+        return False
+
+
+@contextlib.contextmanager
+def pinned_threads(cpus: Sequence[int]) -> Iterator[bool]:
+    """torch computes with len(cpus) threads bound to `cpus`; both restored afterwards.
+    Yields whether the binding took effect."""
+    old_threads, old_mask = torch.get_num_threads(), allowed_cpus()
+    bound = _bind(cpus)
+    torch.set_num_threads(len(cpus))
+    try:
+        yield bound
+    finally:
+        torch.set_num_threads(old_threads)
+        if bound:
+            _bind(old_mask)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def _weight(shape: tuple[int, ...], fan_in: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Scaled so that activations keep unit size: bf16 must not overflow, nor softmax saturate.
+    return (torch.randn(shape, dtype=dtype, device=device) / math.sqrt(fan_in)).requires_grad_()
+
+
+class Block:
+    """A block's weights and forward, as the executor runs it (no biases, like the paper's
+    parameter count); `inputs(tokens)` draws a fresh random input that needs a gradient,
+    so that the backward computes input and weight gradients, as in a pipeline stage."""
+
+    params: list[torch.Tensor]
+
+    def __init__(self, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.d, self.dtype, self.device = d, dtype, device
+
+    def inputs(self, tokens: int) -> torch.Tensor:
+        return torch.randn(tokens, self.d, dtype=self.dtype, device=self.device, requires_grad=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ExpertBlock(Block):
+    """relu(x W1^T) W2^T, W1 [h, d], W2 [d, h]."""
+
+    def __init__(self, d: int, h: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(d, dtype, device)
+        self.w1, self.w2 = _weight((h, d), d, dtype, device), _weight((d, h), h, dtype, device)
+        self.params = [self.w1, self.w2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.relu(F.linear(x, self.w1)), self.w2)
+
+
+class GateBlock(Block):
+    """softmax(x Wg^T) and its top-k (k = 1, the seed's simulated gate)."""
+
+    def __init__(self, d: int, experts: int, dtype: torch.dtype, device: torch.device, top_k: int = 1) -> None:
+        super().__init__(d, dtype, device)
+        self.wg, self.top_k = _weight((experts, d), d, dtype, device), top_k
+        self.params = [self.wg]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.wg).softmax(-1).topk(self.top_k, dim=-1).values
+
+
+class AttentionBlock(Block):
+    """LayerNorm, Q/K/V projections, softmax(Q K^T / sqrt(dh)) V per head (plain, no mask,
+    not fused), output projection, residual, LayerNorm. Tokens are whole sequences."""
+
+    def __init__(self, d: int, heads: int, seq_length: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(d, dtype, device)
+        self.heads, self.seq_length = heads, seq_length
+        self.wq, self.wk, self.wv, self.wo = (_weight((d, d), d, dtype, device) for _ in range(4))
+        self.norms = [torch.ones(d, dtype=dtype, device=device).requires_grad_(),
+                      torch.zeros(d, dtype=dtype, device=device).requires_grad_(),
+                      torch.ones(d, dtype=dtype, device=device).requires_grad_(),
+                      torch.zeros(d, dtype=dtype, device=device).requires_grad_()]
+        self.params = [self.wq, self.wk, self.wv, self.wo, *self.norms]
+
+    def inputs(self, tokens: int) -> torch.Tensor:
+        return torch.randn(tokens // self.seq_length, self.seq_length, self.d, dtype=self.dtype,
+                           device=self.device, requires_grad=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        dh = d // self.heads
+        w1, b1, w2, b2 = self.norms
+        h = F.layer_norm(x, (d,), w1, b1)
+
+        def split(w: torch.Tensor) -> torch.Tensor:
+            return F.linear(h, w).view(b, n, self.heads, dh).transpose(1, 2)
+
+        q, k, v = split(self.wq), split(self.wk), split(self.wv)
+        p = (q @ k.transpose(-2, -1) / math.sqrt(dh)).softmax(-1)
+        ctx = (p @ v).transpose(1, 2).reshape(b, n, d)
+        return F.layer_norm(x + F.linear(ctx, self.wo), (d,), w2, b2)
+
+
+Sampler = Callable[[Callable[[], object], Callable[[], object]], Callable[[], float]]
+
+
+def block_samplers(block: Block, tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
+    """A sample per direction. fwd: the block over fresh inputs with autograd recording, as
+    in training. bwd: out.backward(random grad) after an untimed forward (input and weight
+    gradients, set to None first so that no accumulation is timed)."""
+    state: dict[str, torch.Tensor] = {}
+
+    def setup_fwd() -> None:
+        state.clear()
+        state["x"] = block.inputs(tokens)
+
+    def fwd() -> None:
+        state["y"] = block.forward(state["x"])
+
+    def setup_bwd() -> None:
+        state.clear()
+        for p in block.params:
+            p.grad = None
+        y = block.forward(block.inputs(tokens))
+        state["y"], state["g"] = y, torch.randn_like(y)
+
+    def bwd() -> None:
+        state["y"].backward(state["g"])
+
+    return {"fwd": sampler(fwd, setup_fwd), "bwd": sampler(bwd, setup_bwd)}
+
+
+def monotone(seconds: Sequence[float]) -> tuple[tuple[float, ...], list[float]]:
+    """Non-decreasing seconds (the schema requires it) by pool-adjacent-violators, rounded;
+    and each point's relative change, for the record.
+
+    Isotonic least squares rather than a running maximum: in the launch-bound flat part of
+    a GPU curve the medians scatter by a few percent around one value, and the running
+    maximum would lift the whole part to its highest sample; pooling takes their mean.
+    """
+    raw = [max(s, 1e-9) for s in seconds]
+    smooth = [round_sig(float(v)) for v in pava(raw)]
+    return tuple(smooth), [abs(v / r - 1) for v, r in zip(smooth, raw)]
+
+
+def round_sig(x: float, digits: int = SIG_DIGITS) -> float:
+    return float(f"{x:.{digits - 1}e}")        # monotone: a sorted list stays sorted
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@dataclass
+class Measured:
+    """Everything measured so far; the tasks fill it, `build_profile` reads it."""
+
+    copies: dict[tuple[str, str, int], list[tuple[int, float]]] = field(default_factory=dict)
+    root: dict[str, dict[int, float]] = field(default_factory=lambda: {"h2d": {}, "d2h": {}})
+    duplex: tuple[float, float] | None = None
+    p2p: list[tuple[int, float]] = field(default_factory=list)
+    gpu: list[GpuCurve] = field(default_factory=list)
+    cpu: list[CpuCurve] = field(default_factory=list)
+    moved: dict[str, list[float]] = field(default_factory=lambda: {"gpu": [], "cpu": []})   # by `monotone`
+    cpu_cut: list[str] = field(default_factory=list)       # series stopped by the point limit
+    cpu_bound: bool = True
+    adam_cpu: dict[int, float] = field(default_factory=dict)
+    adam_cpu_impl: str = ""
+    adam_gpu: float | None = None
+    adam_gpu_impl: str = ""
+
+
+def _random_bytes(n: int, device: torch.device | str = "cpu", pinned: bool = False) -> torch.Tensor:
+    """n random (never zero-filled) bytes; a random 16 MiB chunk tiled, which is fast."""
+    buf = torch.empty(n, dtype=torch.uint8, device=device, pin_memory=pinned)
+    chunk = min(n, 16 * MiB)
+    pattern = torch.randint(1, 256, (chunk,), dtype=torch.uint8, device=device)
+    full = n // chunk * chunk
+    buf[:full].view(-1, chunk).copy_(pattern)
+    buf[full:].copy_(pattern[: n - full])
+    return buf
+
+
+def measure_copies(gpu: int, sizes: Sequence[int], reps: Reps, m: Measured) -> None:
+    """One GPU alone: h2d and d2h, pinned and pageable, every size."""
+    dev = torch.device("cuda", gpu)
+    stream = torch.cuda.Stream(dev)
+    n = max(sizes)
+    device_buf = _random_bytes(n, dev)
+    for memory in ("pinned", "pageable"):
+        host = _random_bytes(n, pinned=memory == "pinned")
+        for direction in ("h2d", "d2h"):
+            pts = []
+            for size in sizes:
+                src, dst = (host[:size], device_buf[:size]) if direction == "h2d" else (device_buf[:size], host[:size])
+                if memory == "pinned":
+                    sample = cuda_sample(lambda: dst.copy_(src, non_blocking=True), stream)
+                else:
+                    def work(src=src, dst=dst) -> None:
+                        dst.copy_(src)                      # what .to() does with pageable memory
+                        torch.cuda.synchronize(dev)
+                    sample = host_sample(work)
+                pts.append((size, median_of(sample, reps)))
+            m.copies[(direction, memory, gpu)] = pts
+        del host
+
+
+def measure_root(gpus: Sequence[int], nbytes: int, copies: int, reps: Reps, m: Measured) -> None:
+    """Aggregate pinned bandwidth with `gpus` copying at once, each direction."""
+    devs = [torch.device("cuda", g) for g in gpus]
+    hosts = [_random_bytes(nbytes, pinned=True) for _ in gpus]
+    bufs = [_random_bytes(nbytes, d) for d in devs]
+    streams = [torch.cuda.Stream(d) for d in devs]
+    for direction in ("h2d", "d2h"):
+        def window() -> float:
+            starts, ends = [0.0] * len(gpus), [0.0] * len(gpus)
+            barrier = threading.Barrier(len(gpus))
+            errors: list[BaseException] = []
+
+            def worker(i: int) -> None:
+                try:
+                    src, dst = (hosts[i], bufs[i]) if direction == "h2d" else (bufs[i], hosts[i])
+                    with torch.cuda.device(devs[i]), torch.cuda.stream(streams[i]):
+                        barrier.wait()
+                        starts[i] = time.perf_counter()
+                        for _ in range(copies):
+                            dst.copy_(src, non_blocking=True)
+                        streams[i].synchronize()
+                        ends[i] = time.perf_counter()
+                except BaseException as e:          # re-raised in the main thread
+                    barrier.abort()
+                    errors.append(e)
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(gpus))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            return max(ends) - min(starts)
+
+        seconds = median_of(window, reps)
+        m.root[direction][len(gpus)] = len(gpus) * copies * nbytes / seconds / 1e9
+
+
+def measure_duplex(gpu: int, nbytes: int, copies: int, reps: Reps, m: Measured) -> None:
+    """Per-direction GB/s of one GPU with both directions busy, released by one event."""
+    dev = torch.device("cuda", gpu)
+    host_src, host_dst = _random_bytes(nbytes, pinned=True), _random_bytes(nbytes, pinned=True)
+    dev_src, dev_dst = _random_bytes(nbytes, dev), _random_bytes(nbytes, dev)
+    gate, up, down = (torch.cuda.Stream(dev) for _ in range(3))
+
+    def sample() -> tuple[float, float]:
+        go = torch.cuda.Event(enable_timing=True)
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        hold_stream(gate, 2e-3)           # both streams queue their copies behind one release
+        go.record(gate)
+        for stream, (src, dst), end in zip((up, down), ((host_src, dev_dst), (dev_src, host_dst)), ends):
+            with torch.cuda.stream(stream):
+                stream.wait_event(go)
+                for _ in range(copies):
+                    dst.copy_(src, non_blocking=True)
+                end.record(stream)
+        torch.cuda.synchronize(dev)
+        return tuple(copies * nbytes / (go.elapsed_time(e) / 1e3) / 1e9 for e in ends)
+
+    h2d, d2h = medians(samples(sample, reps))
+    m.duplex = (h2d, d2h)
+
+
+def measure_p2p(src: int, dst: int, sizes: Sequence[int], reps: Reps, m: Measured) -> None:
+    """GPU src -> GPU dst copies; torch runs them on the source's current stream, so events
+    recorded there bracket them."""
+    a = _random_bytes(max(sizes), torch.device("cuda", src))
+    b = torch.empty(max(sizes), dtype=torch.uint8, device=torch.device("cuda", dst))
+    stream = torch.cuda.current_stream(torch.device("cuda", src))
+    m.p2p = [(size, median_of(cuda_sample(lambda size=size: b[:size].copy_(a[:size], non_blocking=True), stream),
+                              reps)) for size in sizes]
+
+
+def _series(block: Block, tokens: Sequence[int], sampler: Sampler, reps: Reps,
+            limit_s: float | None = None) -> tuple[list[int], dict[str, list[float]], bool]:
+    """Medians of fwd and bwd at each token count; with `limit_s`, stops after the first
+    point whose fwd + bwd exceed it (returns whether it stopped early)."""
+    done: list[int] = []
+    out: dict[str, list[float]] = {"fwd": [], "bwd": []}
+    for n in tokens:
+        for direction, sample in block_samplers(block, n, sampler).items():
+            out[direction].append(median_of(sample, reps))
+        done.append(n)
+        if limit_s is not None and out["fwd"][-1] + out["bwd"][-1] > limit_s and n != tokens[-1]:
+            return done, out, True
+    return done, out, False
+
+
+def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Sizes, gpu: int,
+                      m: Measured, experts: int | None = None) -> None:
+    dev = torch.device("cuda", gpu)
+    d, h = model_dims(size)
+    tdtype = TORCH_DTYPES[dtype]
+    dims: dict[str, int | None] = dict(d=d, h=None, heads=None, seq_length=None, experts=None)
+    if kind == "e":
+        block: Block = ExpertBlock(d, h, tdtype, dev)
+        dims["h"], tokens = h, sizes.gpu_tokens
+    elif kind == "g":
+        block = GateBlock(d, experts or 8, tdtype, dev)
+        dims["experts"], tokens = experts, sizes.gpu_tokens
+    else:
+        block = AttentionBlock(d, opts.heads, opts.seq_length, tdtype, dev)
+        dims.update(heads=opts.heads, seq_length=opts.seq_length)
+        tokens = tuple(q * opts.seq_length for q in sizes.attn_sequences)
+    stream = torch.cuda.current_stream(dev)
+    with torch.cuda.device(dev):
+        done, secs, _ = _series(block, tokens, lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S),
+                                sizes.gpu_reps)
+    for direction, raw in secs.items():
+        values, moved = monotone(raw)
+        m.moved["gpu"] += moved
+        m.gpu.append(GpuCurve(kind=kind, **dims, dtype=dtype, direction=direction,
+                              tokens=tuple(done), seconds=values))
+
+
+class _BlockCache:
+    """Keeps the last CPU expert, so that its weights are drawn once for all thread counts."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.block: ExpertBlock | None = None
+
+    def get(self, size: str, dtype: str) -> ExpertBlock:
+        if self.key != (size, dtype):
+            self.block = None                          # free the old weights first
+            d, h = model_dims(size)
+            self.block, self.key = ExpertBlock(d, h, TORCH_DTYPES[dtype], torch.device("cpu")), (size, dtype)
+        return self.block
+
+    def clear(self) -> None:
+        self.key = self.block = None
+
+
+def measure_cpu_expert(size: str, dtype: str, threads: int, machine: Machine, sizes: Sizes,
+                       cache: _BlockCache, m: Measured) -> None:
+    block = cache.get(size, dtype)
+    with pinned_threads(machine.cpus[:threads]) as bound:
+        done, secs, cut = _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps, sizes.cpu_point_limit_s)
+    m.cpu_bound &= bound
+    if cut:
+        m.cpu_cut.append(f"{size} {dtype} {threads}t: {done[-1]}")
+    for direction, raw in secs.items():
+        values, moved = monotone(raw)
+        m.moved["cpu"] += moved
+        m.cpu.append(CpuCurve(d=block.d, h=block.w1.shape[0], dtype=dtype, direction=direction, threads=threads,
+                              tokens=tuple(done), seconds=values))
+
+
+def _adam(params: list[torch.Tensor]) -> tuple[torch.optim.Optimizer, str]:
+    """Fused Adam where this torch has it for the device (CPU: torch >= 2.4), else foreach.
+    One step is taken here: an unsupported fused path raises only when stepping."""
+    for impl in ("fused", "foreach"):
+        try:
+            opt = torch.optim.Adam(params, lr=1e-4, **{impl: True})
+            opt.step()
+            return opt, impl
+        except (RuntimeError, ValueError, TypeError):
+            continue
+    opt = torch.optim.Adam(params, lr=1e-4)
+    opt.step()
+    return opt, "for-loop"
+
+
+def _adam_params(total: int, tensors: int, device: torch.device) -> list[torch.Tensor]:
+    params = [torch.randn(total // tensors, device=device).requires_grad_() for _ in range(tensors)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def measure_adam_cpu(threads: int, machine: Machine, sizes: Sizes, m: Measured) -> None:
+    with pinned_threads(machine.cpus[:threads]) as bound:
+        params = _adam_params(sizes.adam_params, sizes.adam_tensors, torch.device("cpu"))
+        opt, impl = _adam(params)
+        seconds = median_of(host_sample(opt.step), sizes.adam_reps)
+    m.cpu_bound &= bound
+    m.adam_cpu[threads] = seconds / sizes.adam_params
+    m.adam_cpu_impl = impl
+
+
+def measure_adam_gpu(gpu: int, sizes: Sizes, m: Measured) -> None:
+    dev = torch.device("cuda", gpu)
+    with torch.cuda.device(dev):
+        opt, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, dev))
+        seconds = median_of(cuda_sample(opt.step, torch.cuda.current_stream(dev)), sizes.adam_reps)
+    m.adam_gpu, m.adam_gpu_impl = seconds / sizes.adam_params, impl
+
+
+# --------------------------------------------------------------------------- the plan of work
+
+
+@dataclass(frozen=True)
+class Task:
+    label: str
+    run: Callable[[], None]
+
+    @property
+    def part(self) -> str:
+        return self.label.split()[0]
+
+
+def root_counts(gpus: int) -> list[int]:
+    """1, 2, 4, ... GPUs copying at once, and all of them."""
+    return sorted({n for n in _powers(1, gpus)} | {gpus}) if gpus else []
+
+
+def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
+    """What will not be measured, and why (written to the file and printed)."""
+    out = []
+    no_gpu = "no CUDA GPU"
+    if "links" in opts.skip:
+        out.append(Skipped("links", "--skip links: every link from the roofline preset"))
+    elif not machine.gpus:
+        for part in ("links.h2d", "links.d2h", "links.root_GBps", "links.duplex_GBps"):
+            out.append(Skipped(part, f"{no_gpu}: roofline preset"))
+    if "links" not in opts.skip and len(machine.gpus) < 2:
+        why = no_gpu if not machine.gpus else "one GPU: no GPU-to-GPU copy to time"
+        out.append(Skipped("links.p2p.intra_node", f"{why}: roofline preset"))
+    out.append(Skipped("links.p2p.inter_node", "one host: inter-node links cannot be measured here; roofline preset"))
+    if "gpu" in opts.skip or not machine.gpus:
+        why = "--skip gpu" if "gpu" in opts.skip else no_gpu
+        out.append(Skipped("gpu", f"{why}: no GPU block curves; ProfileCost uses the roofline for every GPU block"))
+    if "cpu" in opts.skip:
+        out.append(Skipped("cpu_expert", "--skip cpu: no CPU expert curves; ProfileCost uses the roofline"))
+    if "adam" in opts.skip:
+        out.append(Skipped("adam", "--skip adam: roofline Adam rates"))
+    elif not machine.gpus:
+        out.append(Skipped("adam.gpu", f"{no_gpu}: roofline GPU Adam rate"))
+    return out
+
+
+def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> list[Task]:
+    tasks: list[Task] = []
+    gpus = machine.gpus
+    add = lambda label, fn: tasks.append(Task(label, fn))     # noqa: E731
+    if gpus and "links" not in opts.skip:
+        for g in gpus:
+            add(f"copies gpu{g}", lambda g=g: measure_copies(g, sizes.copy_bytes, sizes.link_reps, m))
+        for n in root_counts(len(gpus)):
+            add(f"root {n} GPUs", lambda n=n: measure_root(gpus[:n], sizes.root_bytes, sizes.root_copies,
+                                                           sizes.link_reps, m))
+        add("duplex", lambda: measure_duplex(gpus[0], sizes.root_bytes, sizes.root_copies, sizes.link_reps, m))
+        if len(gpus) >= 2:
+            add("p2p gpu0->gpu1", lambda: measure_p2p(gpus[0], gpus[1], sizes.copy_bytes, sizes.link_reps, m))
+    if gpus and "gpu" not in opts.skip:
+        for size in opts.models:
+            for dtype in opts.dtypes:
+                for kind in ("e", "a"):
+                    add(f"gpu {kind} {size} {dtype}",
+                        lambda k=kind, s=size, t=dtype: measure_gpu_block(k, s, t, opts, sizes, gpus[0], m))
+                for e in opts.gate_experts:
+                    add(f"gpu g{e} {size} {dtype}",
+                        lambda s=size, t=dtype, e=e: measure_gpu_block("g", s, t, opts, sizes, gpus[0], m, e))
+    if "cpu" not in opts.skip:
+        cache = _BlockCache()
+        for size in opts.models:
+            for dtype in opts.dtypes:
+                for t in machine.threads:
+                    add(f"cpu e {size} {dtype} {t}t",
+                        lambda s=size, d=dtype, t=t: measure_cpu_expert(s, d, t, machine, sizes, cache, m))
+        add("cpu free", cache.clear)
+    if "adam" not in opts.skip:
+        for t in machine.threads:
+            add(f"adam cpu {t}t", lambda t=t: measure_adam_cpu(t, machine, sizes, m))
+        if gpus:
+            add("adam gpu", lambda: measure_adam_gpu(gpus[0], sizes, m))
+    return tasks
+
+
+# --------------------------------------------------------------------------- the profile
+
+
+def roofline_preset(gpu_name: str) -> tuple[AnalyticHardware, str]:
+    """The analytic preset closest to this machine, and the name of its function."""
+    if any(k in gpu_name.upper() for k in ("H200", "H100")):
+        return h200_hardware(), "h200_hardware()"
+    return a800_pcie_hardware(), "a800_pcie_hardware()"
+
+
+def link_fit(points: list[tuple[int, float]]) -> tuple[LinkFit, str]:
+    """latency + bytes / GBps by `reference.fit_link`; where that is unphysical (a negative
+    latency from noisy small copies), the two-point line through the smallest and largest."""
+    pts = tuple((b, round_sig(s)) for b, s in points)
+    try:
+        latency, GBps = fit_link(list(points))
+        how = "least-squares fit (relative error, reference.fit_link)"
+    except ValueError:
+        (b0, t0), (b1, t1) = points[0], points[-1]
+        per_byte = max((t1 - t0) / (b1 - b0), 1e-15)
+        latency, GBps = max(t0 - b0 * per_byte, 0.0), 1 / per_byte / 1e9
+        how = "two-point line through the smallest and largest copy (the least-squares fit was unphysical)"
+    fit = LinkFit(round_sig(latency), round_sig(GBps), pts)
+    errors = [abs(fit.spec().time_s(b) / s - 1) for b, s in points]
+    worst = max(range(len(points)), key=errors.__getitem__)
+    how += (f"; fit error max {errors[worst]:.0%} (at {_fmt_bytes(points[worst][0])}), "
+            f"median {statistics.median(errors):.0%}")
+    return fit, how
+
+
+def _pooled(m: Measured, direction: str, memory: str) -> tuple[list[tuple[int, float]], dict[int, float]]:
+    """Per size, the median over GPUs; and each GPU's GB/s at the largest size."""
+    per_gpu = {g: pts for (d, mem, g), pts in m.copies.items() if (d, mem) == (direction, memory)}
+    if not per_gpu:
+        return [], {}
+    sizes = [b for b, _ in next(iter(per_gpu.values()))]
+    pooled = [(b, statistics.median(pts[i][1] for pts in per_gpu.values())) for i, b in enumerate(sizes)]
+    largest = {g: pts[-1][0] / pts[-1][1] / 1e9 for g, pts in sorted(per_gpu.items())}
+    return pooled, largest
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def _reps_text(r: Reps) -> str:
+    return f"median of {r.min_reps}-{r.reps} repetitions after {r.warmup} warm-up"
+
+
+@dataclass
+class _Assembly:
+    """The profile's parts as they are put together, with a source line for each."""
+
+    sources: dict[str, str] = field(default_factory=dict)
+    roof: dict[str, object] = field(default_factory=dict)   # measured overrides of the roofline preset
+
+
+def _links(sizes: Sizes, machine: Machine, m: Measured, hw: AnalyticHardware,
+           preset_fn: str, a: _Assembly) -> Links:
+    fits: dict[str, LinkFit] = {}
+    for direction in ("h2d", "d2h"):
+        for memory in ("pinned", "pageable"):
+            key = f"links.{direction}.{memory}"
+            pooled, largest = _pooled(m, direction, memory)
+            if pooled:
+                fits[key], how = link_fit(pooled)
+                clock = ("CUDA events on a side stream, non_blocking copy_" if memory == "pinned" else
+                         "host clock around copy_ and a device synchronisation (the driver stages pageable "
+                         "copies through its own buffer, partly on the host, so events would not bracket them)")
+                per = ", ".join(f"{g}: {v:.1f}" for g, v in largest.items())
+                a.sources[key] = (f"measured: {memory} host buffer <-> each GPU alone, sizes "
+                                  f"{_fmt_bytes(sizes.copy_bytes[0])}..{_fmt_bytes(sizes.copy_bytes[-1])}, "
+                                  f"{clock}, {_reps_text(sizes.link_reps)}; points = per-size median over "
+                                  f"GPUs {list(machine.gpus)}; {how}; GB/s at the largest size by GPU: {per}")
+            else:
+                base = hw.h2d if direction == "h2d" else hw.d2h
+                if memory == "pinned":
+                    fits[key] = LinkFit(base.latency_s, base.GBps)
+                    a.sources[key] = f"roofline: not measured; {preset_fn} {direction} ({base.GBps:g} GB/s)"
+                else:
+                    fits[key] = LinkFit(base.latency_s, min(ASSUMED_PAGEABLE_GBPS, base.GBps))
+                    a.sources[key] = (f"assumption: not measured; pageable copies ~{ASSUMED_PAGEABLE_GBPS:g} GB/s "
+                                      f"(DESIGN §2: 7-10 GB/s on the A800 and H200 hosts), latency of {preset_fn}")
+    if m.root["h2d"]:
+        root = {d: dict(m.root[d]) for d in ("h2d", "d2h")}
+        a.sources["links.root_GBps"] = (
+            f"measured: n GPUs copying pinned memory at once (GPUs 0..n-1; threads, one per GPU, each with its "
+            f"own stream, released together by a barrier), {sizes.root_copies} copies of "
+            f"{_fmt_bytes(sizes.root_bytes)} each; aggregate = all bytes / wall time from the first start to the "
+            f"last end, {_reps_text(sizes.link_reps)}; assumption: these GPUs share one socket root (this host "
+            f"has {machine.hardware.cpu_sockets} socket(s))")
+        a.roof["root_GBps"] = round_sig(max(root["h2d"].values()))
+    else:
+        root = {d: {n: min(hw.root_GBps, n * fits[f"links.{d}.pinned"].GBps) for n in (1, 2, 4)}
+                for d in ("h2d", "d2h")}
+        a.sources["links.root_GBps"] = (f"roofline: not measured; {preset_fn} root_GBps {hw.root_GBps:g}, "
+                                        f"at most n single links")
+    if m.duplex is not None:
+        duplex = m.duplex
+        a.sources["links.duplex_GBps"] = (
+            f"measured: GPU {machine.gpus[0]}, one stream per direction, both released by one event after a "
+            f"device-side hold, {sizes.root_copies} pinned copies of {_fmt_bytes(sizes.root_bytes)} each way; "
+            f"per direction bytes / time from the release to its last copy's end, {_reps_text(sizes.link_reps)}")
+    else:
+        duplex = (fits["links.h2d.pinned"].GBps, fits["links.d2h.pinned"].GBps)
+        a.sources["links.duplex_GBps"] = "assumption: not measured; full duplex, each direction its pinned rate"
+    inter = LinkFit(hw.p2p_inter.latency_s, hw.p2p_inter.GBps)
+    inter_src = (f"inter_node roofline: one host, not measurable; {preset_fn} p2p_inter "
+                 f"({hw.p2p_inter.GBps:g} GB/s)")
+    if m.p2p:
+        intra, how = link_fit(m.p2p)
+        a.sources["links.p2p"] = (
+            f"measured: intra_node = device-to-device copy_ GPU {machine.gpus[0]} -> GPU {machine.gpus[1]} "
+            f"(tensor.to('cuda:1')), events on the source's stream, sizes {_fmt_bytes(sizes.copy_bytes[0])}.."
+            f"{_fmt_bytes(sizes.copy_bytes[-1])}, {how}; the executor sends activations with NCCL send/recv, "
+            f"which this copy approximates (same link, no NCCL protocol overhead); {inter_src}")
+        a.roof["p2p_intra"] = intra.spec()
+    else:
+        intra = LinkFit(hw.p2p_intra.latency_s, hw.p2p_intra.GBps)
+        a.sources["links.p2p"] = (f"roofline: not measured (fewer than 2 GPUs); {preset_fn} p2p_intra "
+                                  f"({hw.p2p_intra.GBps:g} GB/s); {inter_src}")
+    if fits["links.h2d.pinned"].points:
+        a.roof["h2d"] = fits["links.h2d.pinned"].spec()
+        a.roof["d2h"] = fits["links.d2h.pinned"].spec()
+    return Links(
+        h2d_pinned=fits["links.h2d.pinned"], h2d_pageable=fits["links.h2d.pageable"],
+        d2h_pinned=fits["links.d2h.pinned"], d2h_pageable=fits["links.d2h.pageable"],
+        root_h2d_GBps={k: round_sig(v) for k, v in root["h2d"].items()},
+        root_d2h_GBps={k: round_sig(v) for k, v in root["d2h"].items()},
+        duplex_h2d_GBps=round_sig(duplex[0]), duplex_d2h_GBps=round_sig(duplex[1]),
+        p2p_intra=intra, p2p_inter=inter)
+
+
+def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured, a: _Assembly) -> None:
+    def smoothing(moved: list[float]) -> str:
+        changed = [x for x in moved if x > 5e-4]          # beyond the 4-digit rounding
+        return (f"derived: each curve made non-decreasing in tokens (the schema requires it; more tokens never "
+                f"do less work, so a dip is noise or a faster kernel choice) by pool-adjacent-violators: "
+                f"neighbours out of order are replaced by their mean; {len(changed)} of {len(moved)} medians "
+                f"moved, by at most {max(changed, default=0):.1%}, median {statistics.median(changed or [0]):.1%}")
+
+    if m.gpu:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        a.sources["gpu"] = (
+            f"measured: GPU {machine.gpus[0]} ({machine.gpu_name}), torch {torch.__version__}; blocks as the "
+            f"executor runs them, no biases: a = LayerNorm, Q/K/V projections, softmax(QK^T/sqrt(dh))V per head "
+            f"(plain, no mask, not fused), output projection, residual, LayerNorm, over whole sequences of "
+            f"{opts.seq_length} tokens; g = softmax(x Wg^T), top-1; e = relu(x W1^T) W2^T; fwd = the block with "
+            f"autograd recording, as in training; bwd = out.backward(random grad) after an untimed forward "
+            f"(input and weight gradients); CUDA events on the compute stream, which a device-side sleep holds "
+            f"while the block's kernels are enqueued: device execution time, without host launch gaps (eager "
+            f"dispatch of the smallest blocks can take longer on the host); fresh torch.randn inputs each repetition, "
+            f"{_reps_text(sizes.gpu_reps)}; fp32 matmuls with TF32 {'on' if tf32 else 'off'} (torch default)")
+        a.sources["gpu.monotone"] = smoothing(m.moved["gpu"])
+    else:
+        a.sources["gpu"] = "roofline: not measured; every GPU block uses the roofline"
+    if m.cpu:
+        cut = f"; series stopped after the first point with fwd + bwd over {sizes.cpu_point_limit_s:g} s " \
+              f"(largest tokens: {', '.join(m.cpu_cut)}), beyond which ProfileCost follows the roofline's " \
+              f"shape" if m.cpu_cut else ""
+        a.sources["cpu_expert"] = (
+            f"measured: one expert relu(x W1^T) W2^T on the CPU ({machine.hardware.cpu_model}), fwd with autograd "
+            f"recording, bwd = out.backward(random grad) after an untimed forward; host clock, fresh torch.randn "
+            f"inputs, {_reps_text(sizes.cpu_reps)}{cut}")
+        a.sources["cpu_expert.threads"] = (
+            f"measured: torch.set_num_threads(t) with every thread of the process bound to the first t of "
+            f"{list(machine.cpus)} (one logical CPU per physical core first, socket 0 first)"
+            if m.cpu_bound else "measured: torch.set_num_threads(t); threads could not be bound on this OS")
+        a.sources["cpu_expert.monotone"] = smoothing(m.moved["cpu"])
+    else:
+        a.sources["cpu_expert"] = "roofline: not measured (--skip cpu)"
+    if m.adam_cpu or m.adam_gpu is not None:
+        parts = []
+        if m.adam_cpu:
+            parts.append(f"CPU: torch.optim.Adam({m.adam_cpu_impl}=True) step over {sizes.adam_params >> 20} Mi fp32 "
+                         f"params in {sizes.adam_tensors} tensors with random grads, per thread count (threads "
+                         f"bound as for cpu_expert), host clock")
+        else:
+            parts.append("CPU: roofline")
+        if m.adam_gpu is not None:
+            parts.append(f"GPU {machine.gpus[0]}: Adam({m.adam_gpu_impl}=True), CUDA events")
+        else:
+            parts.append("GPU: roofline")
+        a.sources["adam"] = f"measured: {'; '.join(parts)}; {_reps_text(sizes.adam_reps)}"
+    else:
+        a.sources["adam"] = "roofline: not measured (--skip adam)"
+
+
+def _rate_overrides(m: Measured, a: _Assembly) -> None:
+    """The roofline's compute rates from the largest measured points (small counts are
+    launch- or overhead-bound and would understate the rate)."""
+    for dtype, key in (("fp32", "gpu_tflops_fp32"), ("bf16", "gpu_tflops_bf16")):
+        rates = [4 * c.tokens[-1] * c.d * c.h / c.seconds[-1] / 1e12 for c in m.gpu
+                 if (c.kind, c.direction, c.dtype) == ("e", "fwd", dtype) and c.tokens[-1] >= 1024]
+        if rates:
+            a.roof[key] = round_sig(max(rates))
+    if m.cpu:
+        top = max(c.threads for c in m.cpu)
+        for dtype, key in (("fp32", "cpu_gflops_per_core_fp32"), ("bf16", "cpu_gflops_per_core_bf16")):
+            rates = [4 * c.tokens[-1] * c.d * c.h / c.seconds[-1] / c.threads / 1e9 for c in m.cpu
+                     if (c.direction, c.dtype, c.threads) == ("fwd", dtype, top) and c.tokens[-1] >= 64]
+            if rates:
+                a.roof[key] = round_sig(max(rates))
+    if m.adam_cpu:
+        t = max(m.adam_cpu)
+        a.roof["cpu_adam_params_per_s_per_core"] = round_sig(1 / (m.adam_cpu[t] * t))
+    if m.adam_gpu is not None:
+        a.roof["gpu_adam_params_per_s"] = round_sig(1 / m.adam_gpu)
+
+
+def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, skipped: Sequence[Skipped], *,
+                  name: str, command: str, date: str | None = None) -> Profile:
+    hw, preset_fn = roofline_preset(machine.gpu_name)
+    a = _Assembly()
+    links = _links(sizes, machine, m, hw, preset_fn, a)
+    _compute_sources(opts, sizes, machine, m, a)
+    _rate_overrides(m, a)
+    roof = replace(hw, **a.roof, name=f"{hw.name}+measured" if a.roof else hw.name)
+    a.sources["roofline"] = (f"derived: preset {preset_fn} (closest to GPU {machine.gpu_name!r}); measured "
+                             f"overrides: {', '.join(sorted(a.roof)) or 'none'} (links: the pinned fits and the "
+                             f"largest aggregate; rates: the largest measured points); every other field is the "
+                             f"preset's datasheet figure")
+    a.sources["hardware"] = ("measured: torch.cuda device properties, /proc/cpuinfo (model, distinct physical "
+                             "ids = sockets), psutil (physical cores, host memory as seen at start)")
+    mode = "quick mode (fewer sizes, token counts and repetitions)" if opts.quick else "full mode"
+    hwd = machine.hardware
+    description = (f"Measured by aptmoe-calibrate, {mode}: {hwd.gpu_count} x {hwd.gpu_name}, "
+                   f"{hwd.cpu_model} ({hwd.cpu_cores} cores), torch {hwd.torch_version}.")
+    return Profile(
+        name=name, description=description,
+        made_by=MadeBy(f"aptmoe {version()}", command,
+                       date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
+        hardware=hwd, skipped=tuple(skipped), sources=a.sources, links=links,
+        gpu=tuple(m.gpu), cpu_expert=tuple(m.cpu),
+        adam=Adam({t: round_sig(s) for t, s in m.adam_cpu.items()},
+                  None if m.adam_gpu is None else round_sig(m.adam_gpu)),
+        roofline=_roofline_json(roof))
+
+
+def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in vars(hw).items():
+        out[k] = {"latency_s": v.latency_s, "GBps": v.GBps} if isinstance(v, LinkSpec) else v
+    return out
+
+
+def calibrate(opts: Options, *, name: str, command: str, progress: bool = True,
+              log: Callable[[str], None] = print) -> Profile:
+    """Measures this machine as `opts` asks and returns the profile (not yet saved)."""
+    from tqdm import tqdm
+
+    machine = probe_machine(opts)
+    sizes = sizes_for(opts)
+    skipped = skipped_parts(opts, machine)
+    if skipped:
+        log("not measured (the file lists them under 'skipped'):")
+    for s in skipped:
+        log(f"  {s.part}: {s.reason}")
+    m = Measured()
+    tasks = plan_tasks(opts, sizes, machine, m)
+    spent: dict[str, float] = {}
+    with warnings.catch_warnings():
+        # The autograd engine's device thread says so on its first cuBLAS call and then sets
+        # the context itself: noise on the terminal, nothing to act on.
+        warnings.filterwarnings("ignore", message=".*no current CUDA context.*")
+        with tqdm(total=len(tasks), file=sys.stderr, unit="task", disable=None if progress else True,
+                  dynamic_ncols=True) as bar:
+            for i, task in enumerate(tasks, 1):
+                bar.set_description(task.label)
+                t0 = time.perf_counter()
+                task.run()
+                took = time.perf_counter() - t0
+                spent[task.part] = spent.get(task.part, 0.0) + took
+                bar.update()
+                if progress and bar.disable:              # no terminal for the bar: a line per task
+                    print(f"[{i}/{len(tasks)}] {task.label}: {took:.1f} s", file=sys.stderr, flush=True)
+    log("measured in " + ", ".join(f"{part} {s:.0f} s" for part, s in spent.items() if s >= 0.5))
+    return build_profile(opts, sizes, machine, m, skipped, name=name, command=command)
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3g}"
+
+
+def _curve_line(label: str, tokens: Sequence[int], seconds: Sequence[float]) -> str:
+    idx = sorted({0, len(tokens) // 2, len(tokens) - 1})
+    return f"  {label:<28} " + "  ".join(f"{tokens[i]}: {_ms(seconds[i])} ms" for i in idx)
+
+
+def summary(p: Profile) -> str:
+    L = p.links
+    lines = [f"{p.name}: {p.hardware.gpu_count} x {p.hardware.gpu_name}, {p.hardware.cpu_model}, "
+             f"{p.hardware.cpu_cores} cores",
+             f"  {'link':<22} {'GB/s':>8} {'latency us':>11} {'points':>7}  source"]
+    for label, f, key in (("h2d pinned", L.h2d_pinned, "links.h2d.pinned"),
+                          ("h2d pageable", L.h2d_pageable, "links.h2d.pageable"),
+                          ("d2h pinned", L.d2h_pinned, "links.d2h.pinned"),
+                          ("d2h pageable", L.d2h_pageable, "links.d2h.pageable"),
+                          ("p2p intra-node", L.p2p_intra, "links.p2p"),
+                          ("p2p inter-node", L.p2p_inter, None)):
+        src = "roofline" if key is None else p.sources[key].split(":")[0]
+        lines.append(f"  {label:<22} {f.GBps:>8.4g} {f.latency_s * 1e6:>11.3g} {len(f.points):>7}  {src}")
+    root = lambda t: ", ".join(f"{k}: {v:.4g}" for k, v in t.items())   # noqa: E731
+    lines.append(f"  root GB/s by GPUs copying: h2d {{{root(L.root_h2d_GBps)}}}, d2h {{{root(L.root_d2h_GBps)}}}")
+    lines.append(f"  duplex GB/s: h2d {L.duplex_h2d_GBps:.4g}, d2h {L.duplex_d2h_GBps:.4g}")
+    if p.gpu:
+        lines.append(f"gpu curves ({len(p.gpu)}), tokens: time")
+        for c in p.gpu:
+            if c.kind in ("e", "a") or c.experts == max(x.experts or 0 for x in p.gpu):
+                dims = f"d{c.d}" + (f" h{c.h}" if c.h else "") + (f" E{c.experts}" if c.experts else "")
+                lines.append(_curve_line(f"{c.kind} {c.direction} {dims} {c.dtype}", c.tokens, c.seconds))
+    if p.cpu_expert:
+        lines.append(f"cpu expert curves ({len(p.cpu_expert)}), tokens: time")
+        for c in p.cpu_expert:
+            lines.append(_curve_line(f"{c.direction} d{c.d} h{c.h} {c.dtype} {c.threads}t", c.tokens, c.seconds))
+    adam_cpu = ", ".join(f"{t}t: {s * 1e9:.3g}" for t, s in p.adam.cpu_s_per_param.items()) or "roofline"
+    adam_gpu = "roofline" if p.adam.gpu_s_per_param is None else f"{p.adam.gpu_s_per_param * 1e9:.3g}"
+    lines.append(f"adam ns/param: cpu {adam_cpu}; gpu {adam_gpu}")
+    if p.skipped:
+        lines.append("skipped:")
+        lines.extend(f"  {s.part}: {s.reason}" for s in p.skipped)
+    return "\n".join(lines)

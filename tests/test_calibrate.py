@@ -1,0 +1,220 @@
+"""aptmoe-calibrate: the CPU path end to end in quick mode, its file in the simulator, bad
+input, the timing helpers, the profile assembly from synthetic GPU figures; the GPU path
+where CUDA exists."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from aptmoe.calibration import cli, profiler  # noqa: E402
+from aptmoe.calibration.timing import Reps, host_sample, median_of, samples  # noqa: E402
+from aptmoe.config import ClusterConfig, Pipeline, RunConfig, ScheduleConfig, moe_model  # noqa: E402
+from aptmoe.profile import Hardware, ProfileCost, load_profile  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# The CPU path only: on a GPU machine the GPU parts are skipped by flag, so this stays quick.
+CPU_ARGS = ["--quick", "--models", "S", "--dtypes", "fp32", "--threads", "1,2", "-q"] + \
+           (["--skip", "links,gpu"] if HAS_CUDA else [])
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory: pytest.TempPathFactory):
+    """Runs the CLI once: (file, stdout, stderr, exit status, seconds)."""
+    out = tmp_path_factory.mktemp("cal") / "cpu.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(["--out", str(out), *CPU_ARGS])
+    return out, stdout.getvalue(), stderr.getvalue(), code, time.perf_counter() - t0
+
+
+def test_cpu_quick_profile_loads(cpu_run) -> None:
+    out, stdout, stderr, code, seconds = cpu_run
+    assert code == 0, stderr
+    p = load_profile(str(out))
+    assert p.name == "cpu"
+    assert p.made_by.command.startswith("aptmoe-calibrate --out")
+    assert p.made_by.tool.startswith("aptmoe ")
+    assert p.hardware.torch_version == torch.__version__
+    have = {(c.d, c.h, c.dtype, c.direction, c.threads) for c in p.cpu_expert}
+    available = profiler.thread_counts((1, 2), len(profiler.allowed_cpus()))
+    assert have == {(1024, 4096, "fp32", d, t) for d in ("fwd", "bwd") for t in available}
+    for c in p.cpu_expert:
+        assert list(c.seconds) == sorted(c.seconds) and c.seconds[0] > 0
+    assert set(p.adam.cpu_s_per_param) == set(available)
+    assert p.gpu == ()
+    assert "wrote" in stdout and "cpu expert curves" in stdout
+    assert seconds < 60
+
+
+def test_cpu_profile_lists_the_gpu_parts_as_skipped(cpu_run) -> None:
+    out, stdout, *_ = cpu_run
+    p = load_profile(str(out))
+    parts = {s.part for s in p.skipped}
+    assert {"gpu", "links.p2p.inter_node"} <= parts
+    if not HAS_CUDA:
+        assert {"links.h2d", "links.d2h", "links.root_GBps", "links.duplex_GBps", "links.p2p.intra_node",
+                "adam.gpu"} <= parts
+        assert p.adam.gpu_s_per_param is None
+        assert p.hardware.gpu_count == 0
+    assert p.sources["gpu"].startswith("roofline")
+    # ... and says so on the terminal, before measuring and in the summary
+    assert "not measured" in stdout and "skipped:" in stdout
+    assert "  gpu: " in stdout
+
+
+def test_simulator_runs_with_the_cpu_profile(cpu_run) -> None:
+    from aptmoe.sim.simulate import simulate
+
+    out = cpu_run[0]
+    for pipeline in (Pipeline.MOBIUS, Pipeline.APTMOE):
+        cfg = RunConfig(model=moe_model("S", 8, num_layers=4), cluster=ClusterConfig(gpus_per_node=2, topo="C1+G2"),
+                        schedule=ScheduleConfig(pipeline=pipeline, num_stages=4))
+        result = simulate(cfg, str(out))
+        assert not result.oom and result.iteration_s > 0
+        # the measured CPU expert curves match MoE-S fp32: no "no curve" fallback for them
+        assert not any(f.startswith("cpu e") and "no curve" in f for f in result.fallbacks)
+
+
+def test_cpu_curves_feed_the_cost_source(cpu_run) -> None:
+    p = load_profile(str(cpu_run[0]))
+    cost = ProfileCost(p, moe_model("S", 8))
+    c = next(c for c in p.cpu_expert if c.direction == "fwd")
+    assert cost.cpu_expert_s(c.tokens[-1], "fwd", c.threads) == pytest.approx(c.seconds[-1])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--models", "X"], "--models: 'X' is unknown"),
+    (["--threads", "0,2"], "--threads: '0' is not a positive integer"),
+    (["--threads", "a"], "--threads: 'a'"),
+    (["--threads", ","], "--threads needs"),
+    (["--dtypes", "fp64"], "--dtypes: 'fp64' is unknown"),
+    (["--skip", "disk"], "--skip: 'disk' is unknown"),
+    (["--heads", "3"], "--heads 3 does not divide"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, args: list[str], says: str) -> None:
+    out = tmp_path / "x.json"
+    assert cli.main(["--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_in_a_missing_folder_is_refused(tmp_path: Path, capsys) -> None:
+    assert cli.main(["--out", str(tmp_path / "missing" / "x.json"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_samples_drop_the_warmup_and_take_the_median() -> None:
+    values = iter([100.0, 3.0, 1.0, 2.0, 50.0])
+    assert median_of(lambda: next(values), Reps(warmup=1, reps=3, min_reps=3, budget_s=0)) == 2.0
+    # a spent budget stops after min_reps
+    counter = itertools.count()
+    assert len(samples(lambda: float(next(counter)), Reps(warmup=0, reps=10, min_reps=2, budget_s=0))) == 2
+
+
+def test_host_sample_excludes_the_setup() -> None:
+    s = host_sample(lambda: time.sleep(0.01), setup=lambda: time.sleep(0.05))
+    assert 0.009 < median_of(s, Reps(0, 3, 3, 0)) < 0.04
+
+
+def test_cli_knows_the_profiler_parts() -> None:
+    assert cli.PARTS == profiler.PARTS and cli.MODEL_SIZES == profiler.MODEL_SIZES
+
+
+def test_thread_counts_are_capped_at_the_machine() -> None:
+    assert profiler.thread_counts((7, 14, 28), 64) == (7, 14, 28)
+    assert profiler.thread_counts((7, 14, 28), 16) == (7, 14, 16)
+    assert profiler.thread_counts((7, 14, 28), 2) == (2,)
+    assert profiler.root_counts(4) == [1, 2, 4] and profiler.root_counts(3) == [1, 2, 3]
+
+
+def test_monotone_and_link_fit() -> None:
+    values, moved = profiler.monotone([1.0, 3.0, 2.0, 4.0])
+    assert values == (1.0, 2.5, 2.5, 4.0) and moved == pytest.approx([0, 1 / 6, 0.25, 0])
+    pts = [(b, 8e-6 + b / 50e9) for b in (1 << 16, 1 << 20, 1 << 24, 1 << 28)]
+    fit, how = profiler.link_fit(pts)
+    assert fit.GBps == pytest.approx(50, rel=1e-3) and fit.latency_s == pytest.approx(8e-6, rel=1e-3)
+    assert "least-squares" in how and "fit error max 0%" in how and len(fit.points) == 4
+    # an unphysical least-squares fit falls back to the two-point line
+    fit, how = profiler.link_fit([(10**6, 1e-5), (10**8, 1e-2), (10**9, 0.1)])
+    assert fit.GBps > 0 and fit.latency_s >= 0 and "two-point" in how
+
+
+def test_attention_block_takes_whole_sequences() -> None:
+    block = profiler.AttentionBlock(64, 4, 8, torch.float32, torch.device("cpu"))
+    x = block.inputs(32)
+    assert x.shape == (4, 8, 64) and block.forward(x).shape == x.shape
+    assert sum(p.numel() for p in block.params) == moe_model("S", 8).with_(embedding_dim=64).attn_params
+
+
+def test_profile_from_synthetic_gpu_figures() -> None:
+    """The GPU half of the assembly, without a GPU: links, root, duplex, p2p and curves as
+    the measurements would leave them; the H200 preset is chosen and overridden."""
+    opts = profiler.Options(models=("S",), dtypes=("bf16",), threads=(1,), quick=True)
+    sizes = profiler.sizes_for(opts)
+    hw = Hardware("NVIDIA H200", 2, 141 * 10**9, "test CPU", 1, 2, 10**11, torch.__version__)
+    machine = profiler.Machine(gpus=(0, 1), cpus=(0, 1), threads=(1,), hardware=hw)
+    m = profiler.Measured()
+    for g in (0, 1):
+        for direction in ("h2d", "d2h"):
+            for memory, rate in (("pinned", 50e9), ("pageable", 8e9)):
+                m.copies[(direction, memory, g)] = [(b, 1e-5 + b / rate) for b in sizes.copy_bytes]
+    m.root = {"h2d": {1: 50.0, 2: 100.0}, "d2h": {1: 50.0, 2: 90.0}}
+    m.duplex = (45.0, 47.0)
+    m.p2p = [(b, 1e-5 + b / 380e9) for b in sizes.copy_bytes]
+    m.gpu.append(profiler.GpuCurve("e", 1024, 4096, None, None, None, "bf16", "fwd", (1, 2048), (4e-5, 1e-4)))
+    m.adam_gpu, m.adam_gpu_impl = 1e-11, "fused"
+    p = profiler.build_profile(opts, sizes, machine, m, profiler.skipped_parts(opts, machine),
+                               name="synthetic", command="aptmoe-calibrate --out x.json").validate()
+    assert p.links.h2d_pinned.GBps == pytest.approx(50, rel=1e-2)
+    assert p.links.h2d_pageable.GBps == pytest.approx(8, rel=1e-2)
+    assert p.links.p2p_intra.GBps == pytest.approx(380, rel=1e-2)
+    assert p.links.root_h2d_GBps == {1: 50.0, 2: 100.0}
+    assert p.roofline["name"] == "H200+measured" and p.roofline["root_GBps"] == 100.0
+    assert p.roofline["gpu_tflops_bf16"] == pytest.approx(4 * 2048 * 1024 * 4096 / 1e-4 / 1e12, rel=1e-3)
+    assert p.roofline["p2p_inter"] == {"latency_s": 15e-6, "GBps": 50.0}      # the preset's
+    assert all(v.startswith("measured") for k, v in p.sources.items() if k.startswith("links."))
+    assert {s.part for s in p.skipped} == {"links.p2p.inter_node"}
+    json.loads(p.to_json())
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    code = cli.main(["--out", str(out), "--quick", "--gpus", "1", "--models", "S", "--dtypes", "fp32,bf16",
+                     "--threads", "1", "--skip", "cpu", "-q"])
+    assert code == 0
+    p = load_profile(str(out))
+    kinds = {(c.kind, c.dtype, c.direction) for c in p.gpu}
+    assert kinds == {(k, t, d) for k in "eag" for t in ("fp32", "bf16") for d in ("fwd", "bwd")}
+    for c in p.gpu:
+        assert list(c.seconds) == sorted(c.seconds) and c.seconds[0] > 0
+        assert c.tokens == tuple(sorted(c.tokens))
+    assert p.links.h2d_pinned.GBps > 1 and p.links.h2d_pinned.points
+    assert p.links.root_h2d_GBps.keys() == {1}
+    assert p.adam.gpu_s_per_param is not None
+    assert "links.p2p.intra_node" in {s.part for s in p.skipped}
+    assert p.hardware.gpu_count == 1
