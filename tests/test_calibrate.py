@@ -5,6 +5,7 @@ where CUDA exists."""
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import io
 import itertools
 import json
@@ -17,7 +18,8 @@ torch = pytest.importorskip("torch")
 
 from aptmoe.calibration import cli, profiler  # noqa: E402
 from aptmoe.calibration.timing import Reps, host_sample, median_of, samples  # noqa: E402
-from aptmoe.config import ClusterConfig, Pipeline, RunConfig, ScheduleConfig, moe_model  # noqa: E402
+from aptmoe.config import (ClusterConfig, Pipeline, PopularityConfig, RunConfig, ScheduleConfig,  # noqa: E402
+                           TrainConfig, moe_model)
 from aptmoe.profile import Hardware, ProfileCost, load_profile  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -218,3 +220,55 @@ def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
     assert p.adam.gpu_s_per_param is not None
     assert "links.p2p.intra_node" in {s.part for s in p.skipped}
     assert p.hardware.gpu_count == 1
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def test_merge_takes_a_section_with_its_sources_and_records_every_command(tmp_path):
+    from aptmoe.calibration.merge import main as merge_main
+    from aptmoe.profile import load_profile
+
+    base = load_profile("a800-paper")
+    other = base.to_dict()
+    other["name"] = "other"
+    other["made_by"] = {**other["made_by"], "command": "aptmoe-calibrate --out other.json"}
+    other["adam"] = {"cpu_s_per_param": {"4": 3e-10}, "gpu_s_per_param": 2e-11}
+    other["sources"]["adam"] = "measured: a test figure"
+    other["roofline"]["gpu_adam_params_per_s"] = 1.0e11
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    out = tmp_path / "merged.json"
+    assert merge_main([str(Path(importlib.resources.files("aptmoe") / "profiles" / "a800-paper.json")),
+                       "--take", f"adam={other_path}", "--name", "m", "--out", str(out)]) == 0
+    merged = load_profile(str(out))
+    assert merged.adam.cpu_s_per_param == {4: 3e-10} and merged.adam.gpu_s_per_param == 2e-11
+    assert merged.sources["adam"] == "measured: a test figure"
+    assert merged.roofline["gpu_adam_params_per_s"] == 1.0e11
+    assert merged.links == base.links and merged.cpu_expert == base.cpu_expert       # the rest is the base's
+    cmd = merged.made_by.command
+    assert base.made_by.command in cmd and "aptmoe-calibrate --out other.json" in cmd and "merge" in cmd
+
+
+def test_merge_rejects_an_unknown_section(tmp_path, capsys):
+    from aptmoe.calibration.merge import main as merge_main
+
+    out = tmp_path / "m.json"
+    assert merge_main(["a800-paper", "--take", "memory=a800-paper", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--take" in err[0] and not out.exists()
+
+
+def test_the_builtin_h200_profile_loads_and_drives_the_simulator():
+    from aptmoe.profile import load_profile
+    from aptmoe.sim.simulate import simulate
+
+    prof = load_profile("h200")
+    assert prof.hardware.gpu_name == "NVIDIA H200" and prof.hardware.gpu_count == 4
+    assert prof.gpu and prof.cpu_expert and prof.links.root_h2d_GBps[4] > prof.links.root_h2d_GBps[1]
+    cfg = RunConfig(model=moe_model("S", 8, num_layers=4), cluster=ClusterConfig(gpus_per_node=2, topo="C1+G2"),
+                    train=TrainConfig(batch_size=8, num_chunks=2, num_training_steps=1),
+                    schedule=ScheduleConfig(pipeline=Pipeline.APTMOE, num_stages=4),
+                    popularity=PopularityConfig(gini=0.3))
+    r = simulate(cfg, prof)
+    assert not r.oom and r.iteration_s > 0

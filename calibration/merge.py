@@ -1,0 +1,90 @@
+"""Combine calibration files section by section, keeping every figure's provenance.
+
+    python -m aptmoe.calibration.merge BASE.json --take gpu=ONE_GPU.json --out h200.json
+
+Why: the links and socket roots of a host can only be measured on the machine with all
+its GPUs, while the GPU block curves need one GPU; measuring them in separate (shorter)
+runs and merging is cheaper than one long run. Sections: links, gpu, cpu_expert, adam.
+The merged file takes each named section, its `sources` entries, its `skipped` entries and
+the roofline fields derived from it from the other file; `made_by.command` lists every
+command involved, so the result still says exactly how it was produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+
+from aptmoe import version
+from aptmoe.profile import ProfileError, load_profile
+
+SECTIONS = ("links", "gpu", "cpu_expert", "adam")
+# roofline fields measured from each section (calibration/profiler.py's overrides)
+ROOFLINE_FIELDS = {
+    "links": ("h2d", "d2h", "root_GBps", "p2p_intra"),
+    "gpu": ("gpu_tflops_fp32", "gpu_tflops_bf16"),
+    "cpu_expert": ("cpu_gflops_per_core_fp32", "cpu_gflops_per_core_bf16"),
+    "adam": ("cpu_adam_params_per_s_per_core", "gpu_adam_params_per_s"),
+}
+
+
+def _in_section(key: str, section: str) -> bool:
+    return key == section or key.startswith(section + ".")
+
+
+def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str) -> dict:
+    """`base` with each (section, other) taken from other; plain JSON dicts in, one out."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    out["skipped"] = list(base["skipped"])
+    commands = [base["made_by"]["command"]]
+    for section, other in takes:
+        out[section] = other[section]
+        out["sources"] = {k: v for k, v in out["sources"].items() if not _in_section(k, section)}
+        out["sources"].update({k: v for k, v in other["sources"].items() if _in_section(k, section)})
+        out["skipped"] = [s for s in out["skipped"] if not _in_section(s["part"], section)]
+        out["skipped"] += [s for s in other["skipped"] if _in_section(s["part"], section)]
+        for f in ROOFLINE_FIELDS[section]:
+            out["roofline"][f] = other["roofline"][f]
+        commands.append(f"{section} from: {other['made_by']['command']} "
+                        f"({other['hardware']['gpu_count']}x {other['hardware']['gpu_name']}, {other['made_by']['date']})")
+        commands_note = f"merged: {section} from a run of {other['made_by']['command']!r}"
+        out["sources"]["roofline"] = out["sources"].get("roofline", "derived") + f"; {commands_note}"
+    commands.append(command)
+    out["name"] = name
+    out["made_by"] = {"tool": f"aptmoe {version()}", "command": " | ".join(commands),
+                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.merge", description=__doc__.splitlines()[0])
+    p.add_argument("base", help="calibration file whose other sections are kept")
+    p.add_argument("--take", action="append", default=[], metavar="SECTION=FILE",
+                   help=f"take SECTION ({', '.join(SECTIONS)}) from FILE; repeatable")
+    p.add_argument("--name", default=None, help="name of the merged profile (default: the base's)")
+    p.add_argument("--out", required=True)
+    ns = p.parse_args(argv)
+    argv_text = "python -m aptmoe.calibration.merge " + shlex.join(argv if argv is not None else sys.argv[1:])
+    try:
+        base = load_profile(ns.base)
+        takes = []
+        for item in ns.take:
+            section, _, path = item.partition("=")
+            if section not in SECTIONS or not path:
+                raise ProfileError(f"--take {item!r}: use SECTION=FILE with SECTION one of {', '.join(SECTIONS)}")
+            takes.append((section, load_profile(path).to_dict()))
+        merged = merge(base.to_dict(), takes, name=ns.name or base.name, command=argv_text)
+        from aptmoe.profile import Profile
+        Profile.from_dict(merged, ns.out).save(ns.out)
+    except (ProfileError, OSError) as e:
+        print(f"aptmoe-calibrate merge: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"wrote {ns.out}: {base.name} with " + ", ".join(f"{s} from {f}" for s, f in
+                                                           (t.partition('=')[::2] for t in ns.take)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
