@@ -267,7 +267,6 @@ class AptmoePolicy(_PolicyBase):
         self.inter_stage_only = inter_stage_only
         self.M = plan.micro_batches
         self.queues = {p: _Queue() for p in PHASES}
-        self._stage_target: tuple[int, str] | None = None
         self._seq = 0
         # token counts seen this iteration (layer -> mb -> counts) and last iteration's totals
         self.seen: dict[int, dict[int, np.ndarray]] = defaultdict(dict)
@@ -317,7 +316,6 @@ class AptmoePolicy(_PolicyBase):
             if (s, block) in self.required or block.kind is not BlockKind.EXPERT:
                 self._enqueue("inter-layer", s, block, p, self._order(s, p, block))
         self._resident_stages.add(stage)
-        self._stage_target = (stage, pass_)
         layers = self.layers[stage]
         if self._reverse(pass_):
             layers = tuple(reversed(layers))

@@ -11,16 +11,13 @@ With --write, the table replaces the section between the sim-bench markers of th
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from aptmoe.benchmarking import machine_line, table_rows, time_command, write_section
 
 CASES = {
     "MoE-S-16, 4 GPUs, APTMoE, G=0.3, one step": [
@@ -37,67 +34,34 @@ TARGETS = {SWEEP: "< 60 s", "MoE-M-16 widths, 256 layers, 32x8 GPUs, APTMoE, G=0
 MARK_START, MARK_END = "<!-- sim-bench:start -->", "<!-- sim-bench:end -->"
 
 
-def _time(cmd: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def run(repeats: int) -> str:
     exe = [sys.executable, "-m", "aptmoe.sim.cli"]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="aptmoe-bench-"))
     try:
         for name, args in CASES.items():
-            times = [_time(exe + args + ["--measured-steps", "1", "--no-trace", "-q", "--out", str(tmp / f"{name[:8]}{i}")])
+            times = [time_command(exe + args + ["--measured-steps", "1", "--no-trace", "-q", "--out", str(tmp / f"{name[:8]}{i}")])
                      for i in range(repeats)]
             rows.append((name, times))
             print(f"{name}: median {statistics.median(times):.2f} s", file=sys.stderr)
-        times = [_time(exe + ["sweep", "--preset", "fig11", "--jobs", "2", "-q", "--out", str(tmp / f"sweep{i}")])
+        times = [time_command(exe + ["sweep", "--preset", "fig11", "--jobs", "2", "-q", "--out", str(tmp / f"sweep{i}")])
                  for i in range(repeats)]
         rows.append((SWEEP, times))
         print(f"{SWEEP}: median {statistics.median(times):.2f} s", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         MARK_START,
         "## Simulator wall time",
         "",
-        f"Command: `python -m aptmoe.sim.bench --repeats {repeats}` (each run a fresh `aptmoe-sim` process with `--no-trace`, "
-        "start-up, plan building and the results files included).",
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"date {datetime.date.today().isoformat()}; commit {commit or 'uncommitted'}.",
+        f"Command: `python -m aptmoe.sim.bench --repeats {repeats}` (each run a fresh `aptmoe-sim` process with "
+        "`--no-trace`, start-up, plan building and the results files included).",
+        machine_line(),
         "",
-        "| case | median (s) | runs (s) | target |",
-        "|---|---|---|---|",
+        *table_rows(rows, TARGETS),
     ]
-    for name, times in rows:
-        lines.append(f"| {name} | {statistics.median(times):.2f} | "
-                     f"{', '.join(f'{t:.2f}' for t in times)} | {TARGETS.get(name, '')} |")
     lines.append(MARK_END)
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     section = run(ns.repeats)
     print(section)
     if ns.write:
-        write_section(ns.write, section)
+        write_section(ns.write, section, MARK_START, MARK_END)
     return 0
 
 
