@@ -34,7 +34,7 @@ from aptmoe.sim.report import StagedDir, first_line, fmt, format_table, write_cs
 COMMON_FIELDS = ("gini", "num_experts", "model_config", "topo", "link_bandwidth", "batch_size", "num_chunks",
                  "cores_per_socket", "gpus", "nodes", "pipeline", "num_layers", "seq_length")
 # Flags of the front end itself, not of the config.
-NOT_SWEEPABLE = {"help", "calibration", "measured_steps", "no_plot", "quiet", "out", "grid", "jobs", "preset"}
+NOT_SWEEPABLE = {"help", "calibration", "measured_steps", "no_plot", "no_trace", "quiet", "out", "grid", "jobs", "preset"}
 
 # Paper Fig. 11: each model with its G values, the four schedules, 4 GPUs, C1+G2.
 FIG11_GINI = {8: (0.2, 0.4, 0.6, 0.8), 16: (0.1, 0.2, 0.3, 0.4), 64: (0.05, 0.1, 0.15, 0.2)}
