@@ -99,6 +99,11 @@ class StepModel:
         if missing:
             raise SimulationError(f"the step stalled with {len(missing)} actions undone, e.g. "
                                   + ", ".join(map(str, sorted(missing)[:5])))
+        for r in self.ranks:
+            # Every byte a step allocates it frees again: a mismatch is an accounting bug.
+            if r.used != r.base_used:
+                raise SimulationError(f"rank {r.rank} ends the step with {r.used - r.base_used} bytes of "
+                                      "GPU memory unaccounted for")
         st = StepStats(step_s=self.env.now)
         for name in ("compute", "cpu", "h2d", "d2h", "net"):
             st.busy_s[name] = [r.busy[name] for r in self.ranks]
@@ -152,6 +157,7 @@ class RankModel:
                 ly = self.layers[s]
                 self._alloc(s, step.mem.param_bytes(ly) + step.mem.adam_bytes(ly)
                             + (0 if self.plan.fwd_only else step.mem.grad_bytes(ly)), "resident parameters")
+        self.base_used = self.used            # what stays allocated between steps
         if policy is not None:
             policy.on_work = self._poke
             if history is not None:
@@ -310,7 +316,11 @@ class RankModel:
     def _forward(self, a: Action):
         s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
         start = self.env.now
-        self._alloc(s, self.step.mem.saved_bytes(self.layers[s], self.plan.recomputes(m)), "activations")
+        # Forward-only runs keep nothing for a backward: one micro-batch's activations live
+        # while its forward runs.
+        kept = self.step.mem.activation_bytes(self.layers[s]) if self.plan.fwd_only \
+            else self.step.mem.saved_bytes(self.layers[s], self.plan.recomputes(m))
+        self._alloc(s, kept, "activations")
         layers = self.layers[s]
         if self.policy is not None and moe:
             self.policy.predicted_counts(s, layers[0], m, self.step.counts.predicted[layers[0], m])
@@ -330,6 +340,8 @@ class RankModel:
             yield from self._gpu_experts(s, "F", layer, placement.gpu, counts, "fwd", a)
             if cpu is not None:
                 yield cpu
+        if self.plan.fwd_only:
+            self._free(kept)
         self._record(str(a), "compute", start, "forward", stage=s, mb=m)
 
     def _placement_bwd(self, s: int, layer: int, counts) -> Placement:

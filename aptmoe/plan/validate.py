@@ -91,6 +91,9 @@ def _memory(plan: Plan, mem: MemoryModel, start: dict[Action, int]) -> tuple[lis
             events[r].append((2 * t + 1, -mem.param_bytes(ly)))
         elif k is Kind.DROP_B:
             events[r].append((2 * t + 1, -mem.param_bytes(ly) - mem.grad_bytes(ly)))
+        elif k is Kind.FWD and plan.fwd_only:              # nothing kept for a backward
+            events[r].append((2 * t, mem.activation_bytes(ly)))
+            events[r].append((2 * t + 1, -mem.activation_bytes(ly)))
         elif k is Kind.FWD:
             events[r].append((2 * t, mem.saved_bytes(ly, plan.recomputes(a.mb))))
         elif k is Kind.BWD:
