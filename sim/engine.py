@@ -142,7 +142,8 @@ class RankModel:
         self.expert_tokens = {"gpu": 0, "cpu": 0}
         self.used = 0
         self.peak = 0
-        self.stage_bytes: dict[int, int] = defaultdict(int)
+        self.stage_bytes: dict[int, int] = defaultdict(int)     # loaded or loading, per stage
+        self.inflight_bytes: dict[int, int] = defaultdict(int)  # of which still on the link
         self.grad_bytes: dict[int, int] = defaultdict(int)
         self.ready: dict[tuple[int, Block], simpy.Event] = {}
         self._work: simpy.Event | None = None
@@ -215,6 +216,7 @@ class RankModel:
                 launched.append(c)
                 self._alloc(c.stage, c.nbytes, f"loading {c.block}")
                 self.stage_bytes[c.stage] += c.nbytes
+                self.inflight_bytes[c.stage] += c.nbytes
             if not launched:
                 self._work = self.env.event()
                 yield self._work
@@ -227,6 +229,7 @@ class RankModel:
             self.bytes["h2d"] += c.nbytes
             open_ = self.policy.window_open(c.stage)
             self.policy.copy_finished(c)
+            self.inflight_bytes[c.stage] -= c.nbytes
             if not open_:                       # its stage was dropped meanwhile: discard
                 self.stage_bytes[c.stage] -= c.nbytes
                 self._free(c.nbytes)
@@ -395,7 +398,11 @@ class RankModel:
 
     def _drop(self, a: Action):
         s = a.stage
-        self._free(self.stage_bytes.pop(s, 0) + self.grad_bytes.pop(s, 0))
+        # A copy still on the link (a block nobody needed, e.g. an expert without tokens)
+        # holds its buffer until it lands; the copy engine frees it then.
+        pending = self.inflight_bytes[s]
+        self._free(self.stage_bytes[s] - pending + self.grad_bytes.pop(s, 0))
+        self.stage_bytes[s] = pending
         if self.policy is not None:
             self.policy.stage_dropped(s)
         for key in [k for k in self.ready if k[0] == s]:
