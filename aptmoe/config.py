@@ -105,8 +105,8 @@ class ModelConfig:
 
     @property
     def embedding_params(self) -> int:
-        # token embedding + LM head; kept resident by their ranks (small at vocab 256)
-        return 2 * self.vocab_size * self.embedding_dim
+        # token embedding, final LayerNorm and LM head; kept resident by their ranks (small at vocab 256)
+        return 2 * self.vocab_size * self.embedding_dim + 2 * self.embedding_dim
 
     @property
     def num_params(self) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 import platform
 import statistics
@@ -43,13 +42,13 @@ from typing import Callable, Iterator, Sequence
 
 import psutil
 import torch
-import torch.nn.functional as F
 
 from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
 from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
+from aptmoe.exec import model as exec_model
 from aptmoe.costs import LinkSpec
 from aptmoe.profile import Adam, CpuCurve, GpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped
 
@@ -265,89 +264,64 @@ def pinned_threads(cpus: Sequence[int]) -> Iterator[bool]:
 # --------------------------------------------------------------------------- blocks
 
 
-def _weight(shape: tuple[int, ...], fan_in: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Scaled so that activations keep unit size: bf16 must not overflow, nor softmax saturate.
-    return (torch.randn(shape, dtype=dtype, device=device) / math.sqrt(fan_in)).requires_grad_()
+class TimedBlock:
+    """A block module of the executor (`aptmoe.exec.model`) with what timing needs: its
+    parameters, a fresh random input that needs a gradient (so that the backward computes
+    input and weight gradients, as in a pipeline stage) and a forward with one output."""
 
+    module: torch.nn.Module
 
-class Block:
-    """A block's weights and forward, as the executor runs it (no biases, like the paper's
-    parameter count); `inputs(tokens)` draws a fresh random input that needs a gradient,
-    so that the backward computes input and weight gradients, as in a pipeline stage."""
-
-    params: list[torch.Tensor]
-
-    def __init__(self, d: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.d, self.dtype, self.device = d, dtype, device
+    def __init__(self, module: torch.nn.Module, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.module, self.d, self.dtype, self.device = module, d, dtype, device
+        self.params = list(module.parameters())
 
     def inputs(self, tokens: int) -> torch.Tensor:
         return torch.randn(tokens, self.d, dtype=self.dtype, device=self.device, requires_grad=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.module(x)
 
 
-class ExpertBlock(Block):
-    """relu(x W1^T) W2^T, W1 [h, d], W2 [d, h]."""
+class ExpertBlock(TimedBlock):
+    """`aptmoe.exec.model.ExpertBlock`: relu(x W1^T) W2^T, W1 [h, d], W2 [d, h]."""
 
     def __init__(self, d: int, h: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(d, dtype, device)
-        self.w1, self.w2 = _weight((h, d), d, dtype, device), _weight((d, h), h, dtype, device)
-        self.params = [self.w1, self.w2]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.w1)), self.w2)
+        super().__init__(exec_model.ExpertBlock(d, h, device=device, dtype=dtype), d, dtype, device)
+        self.h = h
 
 
-class GateBlock(Block):
-    """softmax(x Wg^T) and its top-k (k = 1, the seed's simulated gate)."""
+class GateBlock(TimedBlock):
+    """`aptmoe.exec.model.GateBlock`: softmax(x Wg^T) and its top-k (k = 1, the seed's
+    simulated gate); the timed output is the gate weights."""
 
     def __init__(self, d: int, experts: int, dtype: torch.dtype, device: torch.device, top_k: int = 1) -> None:
-        super().__init__(d, dtype, device)
-        self.wg, self.top_k = _weight((experts, d), d, dtype, device), top_k
-        self.params = [self.wg]
+        super().__init__(exec_model.GateBlock(d, experts, top_k, device=device, dtype=dtype), d, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.wg).softmax(-1).topk(self.top_k, dim=-1).values
+        return self.module(x)[1]
 
 
-class AttentionBlock(Block):
-    """LayerNorm, Q/K/V projections, softmax(Q K^T / sqrt(dh)) V per head (plain, no mask,
-    not fused), output projection, residual, LayerNorm. Tokens are whole sequences."""
+class AttentionBlock(TimedBlock):
+    """`aptmoe.exec.model.AttentionBlock`: LayerNorm, Q/K/V projections, causal
+    softmax(Q K^T / sqrt(dh)) V per head (plain, not fused), output projection, residual,
+    LayerNorm. Tokens are whole sequences; the timed output is the MoE input LN2(r)."""
 
     def __init__(self, d: int, heads: int, seq_length: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(d, dtype, device)
+        super().__init__(exec_model.AttentionBlock(d, heads, device=device, dtype=dtype), d, dtype, device)
         self.heads, self.seq_length = heads, seq_length
-        self.wq, self.wk, self.wv, self.wo = (_weight((d, d), d, dtype, device) for _ in range(4))
-        self.norms = [torch.ones(d, dtype=dtype, device=device).requires_grad_(),
-                      torch.zeros(d, dtype=dtype, device=device).requires_grad_(),
-                      torch.ones(d, dtype=dtype, device=device).requires_grad_(),
-                      torch.zeros(d, dtype=dtype, device=device).requires_grad_()]
-        self.params = [self.wq, self.wk, self.wv, self.wo, *self.norms]
 
     def inputs(self, tokens: int) -> torch.Tensor:
         return torch.randn(tokens // self.seq_length, self.seq_length, self.d, dtype=self.dtype,
                            device=self.device, requires_grad=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        dh = d // self.heads
-        w1, b1, w2, b2 = self.norms
-        h = F.layer_norm(x, (d,), w1, b1)
-
-        def split(w: torch.Tensor) -> torch.Tensor:
-            return F.linear(h, w).view(b, n, self.heads, dh).transpose(1, 2)
-
-        q, k, v = split(self.wq), split(self.wk), split(self.wv)
-        p = (q @ k.transpose(-2, -1) / math.sqrt(dh)).softmax(-1)
-        ctx = (p @ v).transpose(1, 2).reshape(b, n, d)
-        return F.layer_norm(x + F.linear(ctx, self.wo), (d,), w2, b2)
+        return self.module(x)[1]
 
 
 Sampler = Callable[[Callable[[], object], Callable[[], object]], Callable[[], float]]
 
 
-def block_samplers(block: Block, tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
+def block_samplers(block: TimedBlock, tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
     """A sample per direction. fwd: the block over fresh inputs with autograd recording, as
     in training. bwd: out.backward(random grad) after an untimed forward (input and weight
     gradients, set to None first so that no accumulation is timed)."""
@@ -521,7 +495,7 @@ def measure_p2p(src: int, dst: int, sizes: Sequence[int], reps: Reps, m: Measure
                               reps)) for size in sizes]
 
 
-def _series(block: Block, tokens: Sequence[int], sampler: Sampler, reps: Reps,
+def _series(block: TimedBlock, tokens: Sequence[int], sampler: Sampler, reps: Reps,
             limit_s: float | None = None) -> tuple[list[int], dict[str, list[float]], bool]:
     """Medians of fwd and bwd at each token count; with `limit_s`, stops after the first
     point whose fwd + bwd exceed it (returns whether it stopped early)."""
@@ -543,7 +517,7 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
     tdtype = TORCH_DTYPES[dtype]
     dims: dict[str, int | None] = dict(d=d, h=None, heads=None, seq_length=None, experts=None)
     if kind == "e":
-        block: Block = ExpertBlock(d, h, tdtype, dev)
+        block: TimedBlock = ExpertBlock(d, h, tdtype, dev)
         dims["h"], tokens = h, sizes.gpu_tokens
     elif kind == "g":
         block = GateBlock(d, experts or 8, tdtype, dev)
@@ -592,7 +566,7 @@ def measure_cpu_expert(size: str, dtype: str, threads: int, machine: Machine, si
     for direction, raw in secs.items():
         values, moved = monotone(raw)
         m.moved["cpu"] += moved
-        m.cpu.append(CpuCurve(d=block.d, h=block.w1.shape[0], dtype=dtype, direction=direction, threads=threads,
+        m.cpu.append(CpuCurve(d=block.d, h=block.h, dtype=dtype, direction=direction, threads=threads,
                               tokens=tuple(done), seconds=values))
 
 
@@ -862,10 +836,11 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
         tf32 = torch.backends.cuda.matmul.allow_tf32
         a.sources["gpu"] = (
             f"measured: GPU {machine.gpus[0]} ({machine.gpu_name}), torch {torch.__version__}; blocks as the "
-            f"executor runs them, no biases: a = LayerNorm, Q/K/V projections, softmax(QK^T/sqrt(dh))V per head "
-            f"(plain, no mask, not fused), output projection, residual, LayerNorm, over whole sequences of "
-            f"{opts.seq_length} tokens; g = softmax(x Wg^T), top-1; e = relu(x W1^T) W2^T; fwd = the block with "
-            f"autograd recording, as in training; bwd = out.backward(random grad) after an untimed forward "
+            f"executor runs them (aptmoe.exec.model's modules), no biases: a = LayerNorm, Q/K/V projections, "
+            f"softmax(QK^T/sqrt(dh))V per head (plain, causal mask, not fused), output projection, residual, "
+            f"LayerNorm, over whole sequences of {opts.seq_length} tokens; g = softmax(x Wg^T), top-1; "
+            f"e = relu(x W1^T) W2^T; fwd = the block with autograd recording, as in training; "
+            f"bwd = out.backward(random grad) after an untimed forward "
             f"(input and weight gradients); CUDA events on the compute stream, which a device-side sleep holds "
             f"while the block's kernels are enqueued: device execution time, without host launch gaps (eager "
             f"dispatch of the smallest blocks can take longer on the host); fresh torch.randn inputs each repetition, "

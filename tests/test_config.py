@@ -56,7 +56,7 @@ def test_s8_is_off_by_truncation_only() -> None:
 def test_full_count_is_formula_plus_norms_gate_and_embeddings(name: str) -> None:
     m = model_preset(name)
     d, E, L = m.embedding_dim, m.num_experts, m.num_layers
-    extra = L * (4 * d + d * E) + 2 * m.vocab_size * d
+    extra = L * (4 * d + d * E) + 2 * m.vocab_size * d + 2 * d     # norms, gates, embedding, head, final norm
     assert m.num_params == m.paper_params + extra
     assert m.num_params / m.paper_params - 1 < 1e-3
 
