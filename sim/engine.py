@@ -27,8 +27,9 @@ from aptmoe.costs import CostSource, SharedLinkView
 from aptmoe.memory import MemoryModel
 from aptmoe.plan.actions import Action, Block, Kind
 from aptmoe.plan.plan import Plan
-from aptmoe.policy import Copy, Placement, make_policy
+from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
+from aptmoe.stage_walk import RunBlocks, RunExperts, Step, backward_placement, backward_walk, forward_walk
 from aptmoe.trace import Trace
 from aptmoe.sim.links import SharedRoot
 
@@ -251,9 +252,9 @@ class RankModel:
 
     # ------------------------------------------------------------------ compute
     def _gpu_experts(self, stage: int, pass_: str, layer: int, experts, counts, direction: str, label: Action,
-                     cat: str = ""):
+                     cat: str):
         """Run the GPU experts in arrival order; consecutive ready experts are one hold."""
-        pending = [e for e in experts if counts[e] > 0]
+        pending = list(experts)
         while pending:
             ready = [e for e in pending if self.policy is None or self.policy.is_loaded(stage, Block.expert_of(layer, e))]
             if not ready:
@@ -271,16 +272,14 @@ class RankModel:
             for e, d in zip(ready, durs):
                 if self.step.trace is not None:
                     self.step.trace.add(str(label.at(Block.expert_of(layer, e))), self.rank, "compute",
-                                        self.step.t0 + t, self.step.t0 + t + d,
-                                        cat or ("forward" if direction == "fwd" else "backward"),
+                                        self.step.t0 + t, self.step.t0 + t + d, cat,
                                         layer=layer, experts=[e], tokens=int(counts[e]))
                 t += d
             self.expert_tokens["gpu"] += int(sum(counts[e] for e in ready))
             pending = [e for e in pending if e not in ready]
 
-    def _cpu_experts(self, label: Action, layer: int, experts, counts, direction: str, cat: str = "cpu-expert"):
+    def _cpu_experts(self, label: Action, layer: int, experts, counts, direction: str, cat: str):
         """Experts on the CPU from host memory: tokens down, compute, results up."""
-        experts = [e for e in experts if counts[e] > 0]
         tokens = int(sum(counts[e] for e in experts))
         act_bytes = tokens * self.cfg.model.embedding_dim * self.cfg.model.dtype_bytes
         yield from self.d2h_root.transfer(act_bytes, self.d2h_link.GBps, self.d2h_link.latency_s)
@@ -296,7 +295,7 @@ class RankModel:
         self.bytes["d2h"] += act_bytes
         self.expert_tokens["cpu"] += tokens
 
-    def _blocks(self, a: Action, pass_: str, blocks: list[Block], tokens: int, direction: str, cat: str = ""):
+    def _blocks(self, a: Action, pass_: str, blocks: list[Block], tokens: int, direction: str, cat: str):
         """Run blocks back to back; those already on the GPU share one hold (fewer events,
         same times: nothing can happen between two ready blocks of one stream)."""
         i = 0
@@ -309,90 +308,58 @@ class RankModel:
             start = self.env.now
             yield self._hold(sum(durs))
             if self.step.trace is not None:
-                cat = cat or ("forward" if direction == "fwd" else "backward")
                 for b, d in zip(blocks[i:j], durs):
                     self.step.trace.add(str(a.at(b)), self.rank, "compute", self.step.t0 + start,
                                         self.step.t0 + start + d, cat, layer=b.layer)
                     start += d
             i = j
 
+    def _run(self, a: Action, step: Step):
+        """One step of a stage's pass (aptmoe.stage_walk), as the hardware would run it."""
+        if isinstance(step, RunBlocks):
+            yield from self._blocks(a, step.pass_, list(step.blocks), self.T, step.direction, step.cat)
+            return
+        cpu = None
+        if step.cpu:
+            cat = "recompute" if step.cat == "recompute" else "cpu-expert"
+            cpu = self.env.process(self._cpu_experts(a, step.layer, step.cpu, step.counts, step.direction, cat))
+        yield from self._gpu_experts(a.stage, step.pass_, step.layer, step.gpu, step.counts, step.direction, a,
+                                     step.cat)
+        if cpu is not None:
+            yield cpu
+
     def _forward(self, a: Action):
-        s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
+        s, m = a.stage, a.mb
         start = self.env.now
         # Forward-only runs keep nothing for a backward: one micro-batch's activations live
         # while its forward runs.
         kept = self.step.mem.activation_bytes(self.layers[s]) if self.plan.fwd_only \
             else self.step.mem.saved_bytes(self.layers[s], self.plan.recomputes(m))
         self._alloc(s, kept, "activations")
-        layers = self.layers[s]
-        if self.policy is not None and moe:
-            self.policy.predicted_counts(s, layers[0], m, self.step.counts.predicted[layers[0], m])
-        for i, layer in enumerate(layers):
-            counts = self.step.counts.counts[layer, m]
-            yield from self._blocks(a, "F", [Block.attn(layer), Block.gate(layer)] if moe else [Block.attn(layer)],
-                                    self.T, "fwd")
-            if moe:
-                placement = (self.policy.gate_counts(s, layer, m, counts) if self.policy is not None
-                             else Placement(tuple(range(len(counts))), ()))
-                if self.policy is not None and i + 1 < len(layers):
-                    self.policy.predicted_counts(s, layers[i + 1], m, self.step.counts.predicted[layers[i + 1], m])
-            else:
-                placement = Placement((0,), ())
-            cpu = self.env.process(self._cpu_experts(a, layer, placement.cpu, counts, "fwd")) \
-                if placement.cpu else None
-            yield from self._gpu_experts(s, "F", layer, placement.gpu, counts, "fwd", a)
-            if cpu is not None:
-                yield cpu
+        c = self.step.counts
+        for step in forward_walk(s, m, self.layers[s], self.policy, c.counts, c.predicted,
+                                 moe=self.cfg.model.is_moe):
+            yield from self._run(a, step)
         if self.plan.fwd_only:
             self._free(kept)
         self._record(str(a), "compute", start, "forward", stage=s, mb=m)
 
-    def _placement_bwd(self, s: int, layer: int, counts) -> Placement:
-        if self.policy is not None and self.cfg.model.is_moe:
-            return self.policy.backward_placement(s, layer)
-        return Placement(tuple(range(len(counts))), ())
-
-    def _recompute(self, a: Action):
-        """The stage's forward again from its checkpoint, each expert where its backward runs;
-        CPU experts that also ran forward on the CPU kept their activations in host memory."""
-        s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
-        for layer in self.layers[s]:
-            counts = self.step.counts.counts[layer, m]
-            yield from self._blocks(a, "B", [Block.attn(layer), Block.gate(layer)] if moe else [Block.attn(layer)],
-                                    self.T, "fwd", "recompute")
-            placement = self._placement_bwd(s, layer, counts)
-            ran = self.policy.forward_placement(layer, m) if self.policy is not None else None
-            cpu_again = [e for e in placement.cpu if ran is None or e not in ran.cpu]
-            cpu = self.env.process(self._cpu_experts(a, layer, cpu_again, counts, "fwd", "recompute")) \
-                if cpu_again else None
-            yield from self._gpu_experts(s, "B", layer, placement.gpu, counts, "fwd", a, "recompute")
-            if cpu is not None:
-                yield cpu
-
     def _backward(self, a: Action):
-        s, m, moe = a.stage, a.mb, self.cfg.model.is_moe
+        s, m, model = a.stage, a.mb, self.cfg.model
         start = self.env.now
         layers = self.layers[s]
         recompute = self.plan.recomputes(m)
         work = self.step.mem.backward_working_bytes(layers, recompute)
         self._alloc(s, work, "recomputed activations")
-        if recompute:
-            yield from self._recompute(a)
-        for layer in reversed(layers):
-            counts = self.step.counts.counts[layer, m]
-            placement = self._placement_bwd(s, layer, counts)
-            if m == 0 and not self.plan.resident:
-                grads = self.cfg.model.block_bytes("a") + self.cfg.model.block_bytes("g") \
-                    + len(placement.gpu) * self.cfg.model.block_bytes("e")
+        for step in backward_walk(s, m, layers, self.policy, self.step.counts.counts, moe=model.is_moe,
+                                  recompute=recompute):
+            if m == 0 and not self.plan.resident and isinstance(step, RunExperts) and step.cat == "backward":
+                # the first backward of a stage allocates the gradients of its GPU blocks
+                on_gpu = backward_placement(s, step.layer, self.policy, model.num_experts, model.is_moe).gpu
+                grads = model.block_bytes("a") + model.block_bytes("g") + len(on_gpu) * model.block_bytes("e")
                 self.grad_bytes[s] += grads
                 self._alloc(s, grads, "gradients")
-            cpu = self.env.process(self._cpu_experts(a, layer, placement.cpu, counts, "bwd")) \
-                if placement.cpu else None
-            yield from self._gpu_experts(s, "B", layer, placement.gpu, counts, "bwd", a)
-            if cpu is not None:
-                yield cpu
-            yield from self._blocks(a, "B", [Block.gate(layer), Block.attn(layer)] if moe else [Block.attn(layer)],
-                                    self.T, "bwd")
+            yield from self._run(a, step)
         self._free(work + self.step.mem.saved_bytes(layers, recompute))
         self._record(str(a), "compute", start, "backward", stage=s, mb=m)
 
