@@ -20,6 +20,7 @@ import datetime
 import functools
 import itertools
 import math
+import multiprocessing
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -183,7 +184,10 @@ def run_points(points: list[dict], base: dict, calibration: str, measured_steps:
                 rows.append(run_point(t))
                 bar.update()
         else:
-            with cf.ProcessPoolExecutor(max_workers=min(jobs, len(tasks))) as pool:
+            # forkserver, not fork: a parent with threads (torch's, a test runner's) can deadlock
+            # a forked child, and Python 3.12 warns about it.
+            with cf.ProcessPoolExecutor(max_workers=min(jobs, len(tasks)),
+                                        mp_context=multiprocessing.get_context("forkserver")) as pool:
                 futures = [pool.submit(run_point, t) for t in tasks]
                 for fut in cf.as_completed(futures):
                     rows.append(fut.result())
