@@ -337,7 +337,7 @@ class AptmoePolicy(_PolicyBase):
     def predicted_counts(self, stage: int, layer: int, mb: int, counts) -> None:
         if self.inter_stage_only or not self.model.is_moe:
             return
-        counts = [int(c) for c in counts]
+        counts = np.asarray(counts, dtype=np.int64).tolist()
         split = split_experts(counts, self.cost, self.model, threads=self.threads,
                               resident=self._resident_experts(stage, layer),
                               load_attn_gate=self._attn_gate_pending(stage, layer),
@@ -357,7 +357,7 @@ class AptmoePolicy(_PolicyBase):
     def gate_counts(self, stage: int, layer: int, mb: int, counts) -> Placement:
         counts_arr = np.asarray(counts, dtype=np.int64)
         self.seen[layer][mb] = counts_arr
-        counts = [int(c) for c in counts_arr]
+        counts = counts_arr.tolist()
         if not self.model.is_moe:
             return Placement((0,), ())
         resident = self._resident_experts(stage, layer)
@@ -391,7 +391,7 @@ class AptmoePolicy(_PolicyBase):
         for layer in self.layers[stage]:
             seen = self.seen.get(layer, {})
             total = sum(seen.values()) if seen else np.zeros(self.model.num_experts, dtype=np.int64)
-            counts = [int(c) for c in total]
+            counts = np.asarray(total, dtype=np.int64).tolist()
             if not self.model.is_moe:
                 out[layer] = Placement((0,), ())
                 continue

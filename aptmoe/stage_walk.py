@@ -51,6 +51,11 @@ class RunExperts:
 Step = RunBlocks | RunExperts
 
 
+def _ints(row) -> tuple[int, ...]:
+    """Python ints from a numpy row in one C call (this runs per layer per micro-batch)."""
+    return tuple(row.tolist()) if hasattr(row, "tolist") else tuple(int(c) for c in row)
+
+
 def _with_tokens(experts, counts) -> tuple[int, ...]:
     return tuple(e for e in experts if counts[e] > 0)
 
@@ -72,16 +77,16 @@ def forward_walk(stage: int, mb: int, layers, policy: LoadingPolicy | None, coun
     if policy is not None and moe:
         policy.predicted_counts(stage, layers[0], mb, predicted[layers[0], mb])
     for i, layer in enumerate(layers):
-        row = counts[layer, mb]
+        row = _ints(counts[layer, mb])
         yield RunBlocks(_attention_and_gate(layer, moe), "fwd", "F", "forward")
         if policy is not None and moe:
-            placement = policy.gate_counts(stage, layer, mb, row)
+            placement = policy.gate_counts(stage, layer, mb, counts[layer, mb])
             if i + 1 < len(layers):
                 policy.predicted_counts(stage, layers[i + 1], mb, predicted[layers[i + 1], mb])
         else:
             placement = _all_gpu(len(row))
         yield RunExperts(layer, _with_tokens(placement.gpu, row), _with_tokens(placement.cpu, row),
-                         tuple(int(c) for c in row), "fwd", "F", "forward")
+                         row, "fwd", "F", "forward")
 
 
 def backward_placement(stage: int, layer: int, policy: LoadingPolicy | None, num_experts: int, moe: bool) -> Placement:
@@ -98,16 +103,16 @@ def backward_walk(stage: int, mb: int, layers, policy: LoadingPolicy | None, cou
     attention."""
     if recompute:
         for layer in layers:
-            row = counts[layer, mb]
+            row = _ints(counts[layer, mb])
             yield RunBlocks(_attention_and_gate(layer, moe), "fwd", "B", "recompute")
             placement = backward_placement(stage, layer, policy, len(row), moe)
             ran = policy.forward_placement(layer, mb) if policy is not None else None
             cpu_again = tuple(e for e in placement.cpu if ran is None or e not in ran.cpu)
             yield RunExperts(layer, _with_tokens(placement.gpu, row), _with_tokens(cpu_again, row),
-                             tuple(int(c) for c in row), "fwd", "B", "recompute")
+                             row, "fwd", "B", "recompute")
     for layer in reversed(layers):
-        row = counts[layer, mb]
+        row = _ints(counts[layer, mb])
         placement = backward_placement(stage, layer, policy, len(row), moe)
         yield RunExperts(layer, _with_tokens(placement.gpu, row), _with_tokens(placement.cpu, row),
-                         tuple(int(c) for c in row), "bwd", "B", "backward")
+                         row, "bwd", "B", "backward")
         yield RunBlocks(tuple(reversed(_attention_and_gate(layer, moe))), "bwd", "B", "backward")
