@@ -2,9 +2,11 @@
 
 A `SharedRoot` is one direction of a CPU socket's PCIe root: the GPUs under it copy at the
 same time and share its aggregate bandwidth, which the calibration gives as a function of
-how many GPUs copy at once. Each flow is also held to its own GPU link's rate (and to the
-configured cap). Rates are max-min fair ("water-filling"): flows that cannot use their
-equal share give the rest to the others.
+how many GPUs copy at once. Flows belong to a GPU (their group): all flows of one GPU
+together are held to that GPU's link rate (and to the configured cap), as a parameter copy
+and a CPU expert's activations share one PCIe link. The root's bandwidth is shared max-min
+fairly between GPUs ("water-filling": a GPU that cannot use its equal share gives the rest
+to the others), and a GPU's share equally between its flows.
 
 Rates change only when a flow joins or leaves. A single manager process sleeps until the
 earliest flow would finish; a join or a leave interrupts it to re-plan, as in SimPy's
@@ -22,23 +24,41 @@ _EPS_BYTES = 1e-3   # a flow this close to done is done (float residue of rate *
 
 
 class Flow:
-    __slots__ = ("remaining", "cap_Bps", "rate_Bps", "done")
+    __slots__ = ("remaining", "cap_Bps", "group", "rate_Bps", "done")
 
-    def __init__(self, nbytes: float, cap_Bps: float, done: simpy.Event) -> None:
+    def __init__(self, nbytes: float, cap_Bps: float, group, done: simpy.Event) -> None:
         self.remaining = float(nbytes)
         self.cap_Bps = cap_Bps
+        self.group = group
         self.rate_Bps = 0.0
         self.done = done
 
 
-def max_min_rates(caps: list[float], total: float) -> list[float]:
-    """Max-min fair shares of `total` among flows each limited to its cap."""
+def max_min_rates(caps: list[float], total: float, groups: list | None = None) -> list[float]:
+    """Max-min fair shares of `total` among groups (GPUs) limited to their caps, each group's
+    share split equally among its flows. `groups[i]` names flow i's group; a group's cap is
+    the smallest of its flows' caps. Without groups every flow is a group of its own.
+
+    Sharing is by GPU, not by flow, because the root arbitrates between its links: a GPU
+    with two copies in flight does not get twice the share of a GPU with one."""
+    groups = list(range(len(caps))) if groups is None else groups
+    cap: dict = {}
+    count: dict = {}
+    for c, g in zip(caps, groups):
+        cap[g] = min(c, cap.get(g, math.inf))
+        count[g] = count.get(g, 0) + 1
+    names = list(cap)
+    share = dict(zip(names, _water_fill([cap[g] for g in names], total)))
+    return [share[g] / count[g] for g in groups]
+
+
+def _water_fill(caps: list[float], total: float) -> list[float]:
+    """Max-min fair shares of `total` among consumers each limited to its cap."""
     rates = [0.0] * len(caps)
     left = total
     order = sorted(range(len(caps)), key=caps.__getitem__)
     for i, k in enumerate(order):
-        share = left / (len(caps) - i)
-        rates[k] = min(caps[k], share)
+        rates[k] = min(caps[k], left / (len(caps) - i))
         left -= rates[k]
     return rates
 
@@ -57,15 +77,16 @@ class SharedRoot:
         self._interrupted = False
         self._manager = env.process(self._run())
 
-    def transfer(self, nbytes: float, cap_GBps: float, latency_s: float = 0.0):
-        """A process step: ``yield from root.transfer(n, cap)`` returns when the bytes arrived."""
+    def transfer(self, nbytes: float, cap_GBps: float, latency_s: float = 0.0, group=None):
+        """A process step: ``yield from root.transfer(n, cap, group=gpu)`` returns when the
+        bytes arrived. Flows of one group (GPU) share `cap_GBps`; no group = a group alone."""
         if latency_s > 0:
             yield self.env.timeout(latency_s)
         if nbytes <= 0:
             return
         done = self.env.event()
         self._advance()
-        self.flows.append(Flow(nbytes, cap_GBps * 1e9, done))
+        self.flows.append(Flow(nbytes, cap_GBps * 1e9, group if group is not None else object(), done))
         self.bytes_moved += nbytes
         self._replan()
         yield done
@@ -82,8 +103,10 @@ class SharedRoot:
     def _set_rates(self) -> None:
         if not self.flows:
             return
-        total = self.aggregate_GBps(len(self.flows)) * 1e9
-        for f, r in zip(self.flows, max_min_rates([f.cap_Bps for f in self.flows], total)):
+        groups = [f.group for f in self.flows]
+        # the calibration's root table is by GPUs copying at once, not by flows
+        total = self.aggregate_GBps(len(set(groups))) * 1e9
+        for f, r in zip(self.flows, max_min_rates([f.cap_Bps for f in self.flows], total, groups)):
             f.rate_Bps = r
 
     def _replan(self) -> None:

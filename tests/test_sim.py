@@ -221,3 +221,25 @@ def test_any_config_simulates_to_the_end_and_accounts_for_its_bytes(cfg, profile
         else:
             assert loaded > 0
         assert 0 <= r.metrics["cpu/expert_share"] <= 1
+
+
+def test_flows_of_one_gpu_share_its_link_and_the_root_is_shared_by_gpu():
+    # two flows of GPU 0 share its 10 GB/s; GPU 1's single flow gets its own 10
+    assert max_min_rates([10.0, 10.0, 10.0], 100.0, [0, 0, 1]) == pytest.approx([5.0, 5.0, 10.0])
+    # a 12 GB/s root is split by GPU (6 each), then within GPU 0 by flow
+    assert max_min_rates([10.0, 10.0, 10.0], 12.0, [0, 0, 1]) == pytest.approx([3.0, 3.0, 6.0])
+
+
+def test_a_second_flow_of_the_same_gpu_does_not_speed_it_up():
+    env = simpy.Environment()
+    root = SharedRoot(env, lambda n: 100.0)
+    done = {}
+
+    def flow(i):
+        yield from root.transfer(1e9, 10.0, group="gpu0")
+        done[i] = env.now
+
+    env.process(flow(0))
+    env.process(flow(1))
+    env.run()
+    assert done[0] == pytest.approx(0.2) and done[1] == pytest.approx(0.2)    # 2 GB over one 10 GB/s link
