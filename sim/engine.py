@@ -224,7 +224,7 @@ class RankModel:
                 continue
             c = launched[0]
             start = self.env.now
-            yield from self.h2d_root.transfer(c.nbytes, cap, self.h2d_link.latency_s)
+            yield from self.h2d_root.transfer(c.nbytes, cap, self.h2d_link.latency_s, group=self.rank)
             launched.popleft()
             self.busy["h2d"] += self.env.now - start
             self.bytes["h2d"] += c.nbytes
@@ -282,7 +282,7 @@ class RankModel:
         """Experts on the CPU from host memory: tokens down, compute, results up."""
         tokens = int(sum(counts[e] for e in experts))
         act_bytes = tokens * self.cfg.model.embedding_dim * self.cfg.model.dtype_bytes
-        yield from self.d2h_root.transfer(act_bytes, self.d2h_link.GBps, self.d2h_link.latency_s)
+        yield from self.d2h_root.transfer(act_bytes, self.d2h_link.GBps, self.d2h_link.latency_s, group=self.rank)
         with self.cpu.request(priority=CPU_EXPERT_PRIORITY) as req:
             yield req
             for e in experts:
@@ -290,7 +290,7 @@ class RankModel:
                 yield self._hold(self.cost.cpu_expert_s(int(counts[e]), direction, self.threads), "cpu")
                 self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,
                              layer=layer, experts=[e], tokens=int(counts[e]))
-        yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s)
+        yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s, group=self.rank)
         self.bytes["h2d"] += act_bytes
         self.bytes["d2h"] += act_bytes
         self.expert_tokens["cpu"] += tokens
@@ -380,7 +380,7 @@ class RankModel:
     def _offload(self, a: Action):
         nbytes = self.grad_bytes.get(a.stage, 0)
         start = self.env.now
-        yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s)
+        yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s, group=self.rank)
         self.busy["d2h"] += self.env.now - start
         self.bytes["d2h"] += nbytes
         self._record(str(a), "offload", start, "offload", bytes=nbytes)
