@@ -159,13 +159,8 @@ class _PolicyBase:
         return blocks
 
     def stage_blocks(self, stage: int) -> list[Block]:
-        out = []
-        for layer in self.layers[stage]:
-            out.append(Block.attn(layer))
-            if self.model.is_moe:
-                out.append(Block.gate(layer))
-            out.extend(Block.expert_of(layer, e) for e in self._experts())
-        return out
+        m = self.model
+        return [b for layer in self.layers[stage] for b in Block.of_layer(layer, m.num_experts, m.is_moe)]
 
     def nbytes(self, block: Block) -> int:
         return self.model.block_bytes(block.kind.value)

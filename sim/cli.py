@@ -33,10 +33,6 @@ class UsageError(ValueError):
     """Bad input found by the front end itself."""
 
 
-def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return make_parser(prog, description)
-
-
 def _tqdm(**kw):
     from tqdm import tqdm
 
@@ -90,7 +86,7 @@ def fail(message: str) -> int:
 
 
 def make_sim_parser() -> argparse.ArgumentParser:
-    p = new_parser(PROG, "Simulate training steps of the GPipe, GPipeOffload, Mobius and APTMoE schedules "
+    p = make_parser(PROG, "Simulate training steps of the GPipe, GPipeOffload, Mobius and APTMoE schedules "
                           "on the hardware a calibration profile describes.")
     p.epilog = ("--pipeline all runs the four schedules side by side. Subcommands: "
                 f"'{PROG} plot TRACE.json [--out PNG]' draws a trace; "
@@ -160,7 +156,7 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
 
 
 def make_plot_parser() -> argparse.ArgumentParser:
-    p = new_parser(f"{PROG} plot", "Draw a trace in the aptmoe schema (simulated or measured) as a timeline PNG.")
+    p = make_parser(f"{PROG} plot", "Draw a trace in the aptmoe schema (simulated or measured) as a timeline PNG.")
     p.add_argument("trace", help="Chrome trace JSON written by aptmoe-sim or aptmoe-run")
     p.add_argument("--out", default=None, help="PNG to write (default: the trace's name with .png)")
     p.add_argument("--title", default=None, help="plot title (default: from the trace)")

@@ -89,11 +89,6 @@ class StepModel:
         self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.cores_per_rank),
                                 history) for r in range(plan.num_ranks)]
 
-    def blocks_of_layer(self, layer: int) -> list[Block]:
-        m = self.cfg.model
-        return ([Block.attn(layer)] + ([Block.gate(layer)] if m.is_moe else [])
-                + [Block.expert_of(layer, e) for e in range(m.num_experts)])
-
     def run(self) -> StepStats:
         self.env.run()
         missing = [a for a, ev in self.done.items() if not ev.triggered]
@@ -398,7 +393,7 @@ class RankModel:
             self._record(str(a), "compute", start, "update", params=params)
             return
         for layer in self.layers[a.stage]:
-            for block in self.step.blocks_of_layer(layer):
+            for block in Block.of_layer(layer, m.num_experts, m.is_moe):
                 params = m.block_bytes(block.kind.value) // m.dtype_bytes
                 with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
                     yield req

@@ -104,6 +104,7 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
     m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0
     for phase in sorted({p for st in stats for p in st.bytes_by_phase}):
         m[f"load/{phase}_bytes"] = statistics.fmean(st.bytes_by_phase.get(phase, 0) for st in stats)
+        m[f"load/{phase}_copies"] = statistics.fmean(st.copies_by_phase.get(phase, 0) for st in stats)
     measured = [pop.iteration(warm + j) for j in range(steps)]
     m["popularity/G"] = statistics.fmean(it.G for it in measured)
     m["popularity/gini_coefficient"] = statistics.fmean(gini_coefficient(it.counts) for it in measured)

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from aptmoe.config import Pipeline
+from aptmoe.flags import make_parser
 from aptmoe.sim.cli import (PROG, UsageError, _tqdm, add_sim_flags, check_measured_steps,
-                            new_parser, progress_disabled, timestamp)
+                            progress_disabled, timestamp)
 from aptmoe.sim.report import StagedDir, first_line, fmt, format_table, write_csv
 
 # Fields a grid may name directly; any other flag's destination works too.
@@ -54,7 +55,7 @@ RESULT_KEYS = ("model", "num_stages", "iteration_s", "throughput_seq_per_s", "oo
 
 
 def make_sweep_parser() -> argparse.ArgumentParser:
-    p = new_parser(f"{PROG} sweep", "Simulate the cartesian product of --grid values over a base command line, "
+    p = make_parser(f"{PROG} sweep", "Simulate the cartesian product of --grid values over a base command line, "
                                       "in parallel; write sweep.csv and plots.")
     p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
                    help=f"a swept field and its values (repeatable); fields include {', '.join(COMMON_FIELDS)} "

@@ -82,6 +82,12 @@ class Block:
     def expert_of(layer: int, e: int) -> "Block":
         return Block(layer, BlockKind.EXPERT, int(e))
 
+    @staticmethod
+    def of_layer(layer: int, num_experts: int, moe: bool = True) -> list["Block"]:
+        """A layer's blocks in forward order: attention, gate (MoE only), experts."""
+        return ([Block.attn(layer)] + ([Block.gate(layer)] if moe else [])
+                + [Block.expert_of(layer, e) for e in range(num_experts)])
+
 
 # Longest kinds first so "LF" is not read as "L" + "F".
 _KIND_RE = "|".join(sorted((k.value for k in Kind), key=len, reverse=True))

@@ -12,7 +12,7 @@ The estimate only ranks candidates; the simulator gives the real prediction.
 from __future__ import annotations
 
 from aptmoe.config import ConfigError, Pipeline, RunConfig
-from aptmoe.costs import CostSource
+from aptmoe.costs import CostSource, SharedLinkView
 from aptmoe.memory import MemoryModel
 
 
@@ -28,10 +28,8 @@ def layer_compute_s(cfg: RunConfig, cost: CostSource, direction: str) -> float:
 
 def stage_load_s(cfg: RunConfig, cost: CostSource, num_layers: int) -> float:
     m = cfg.model
-    c = cfg.cluster
-    # GPUs under one socket load at the same time and share its root.
-    n = c.gpus_per_socket
-    share_GBps = min(cost.h2d().GBps, cost.root_GBps(n) / n)
+    # GPUs under one socket load at the same time and share its root (as the policy sees it).
+    share_GBps = SharedLinkView(cost, cfg.cluster.gpus_per_socket).h2d().GBps
     return num_layers * m.layer_params * m.dtype_bytes / (share_GBps * 1e9)
 
 
