@@ -34,6 +34,16 @@ ARTIFACT_DEFAULTS = dict(batch_size=64, num_chunks=4, seq_length=128, seed=42, n
                          is_moe=False, gini=0.6, topo="C1+G2")
 
 
+ALL = "all"
+
+
+def pipelines_of(ns: argparse.Namespace) -> list[str]:
+    """`--pipeline all` is the four schedules; otherwise the one given (GPipe when absent)."""
+    if ns.pipeline is not None and ns.pipeline.strip().lower() == ALL:
+        return [p.value for p in Pipeline]
+    return [Pipeline.parse(ns.pipeline or "GPipe").value]
+
+
 def str2bool(text: str) -> bool:
     t = str(text).strip().lower()
     if t in ("true", "1", "yes", "on"):
@@ -159,8 +169,8 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
                                                     num_heads=ns.num_heads).items() if v is not None},
                           top_k=ns.top_k, seq_length=_pick(ns, "seq_length", preset), dtype=ns.dtype)
     stages = _pick(ns, "num_stages", preset)
-    if pipe is Pipeline.GPIPE and ns.num_stages is None:
-        stages = None                       # GPipe: one stage per GPU, whatever the preset says
+    if pipe is Pipeline.GPIPE and (ns.num_stages is None or (ns.pipeline or "").strip().lower() == ALL):
+        stages = None                       # GPipe: one stage per GPU, whatever the preset or `all` says
     elif stages is not None and ns.num_stages is None and model.num_layers % stages:
         stages = None                       # a preset's stage count that no longer fits: search instead
     cluster = ClusterConfig(

@@ -802,3 +802,11 @@ def _table_at(table: Mapping[int, float], n: int) -> float:
     keys = sorted(table)
     n = min(max(n, keys[0]), keys[-1])
     return interp_monotone(keys, [table[k] for k in keys], n)
+
+
+def cost_for(cfg, profile: Profile | str) -> ProfileCost:
+    """The costs of `cfg`'s model on a profile's machine, with the config's link cap and
+    pinning: what both back-ends and the APTMoE policy read."""
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    return ProfileCost(profile, cfg.model, pinned=cfg.schedule.pinned, link_cap_GBps=cfg.cluster.link_bandwidth_GBps)

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from aptmoe.exec.model import stable_seed
 
 BYTE_VOCAB = 256

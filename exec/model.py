@@ -117,21 +117,38 @@ class AttentionBlock(nn.Module):
         self.ln1.reset_parameters()
         self.ln2.reset_parameters()
 
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters in `attention`'s order (also the order of a flat block buffer)."""
+        return (self.wq, self.wk, self.wv, self.wo, self.ln1.weight, self.ln1.bias, self.ln2.weight, self.ln2.bias)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n, d = x.shape
-        dh = d // self.heads
-        h = self.ln1(x)
+        return attention(x, self.params(), self.heads)
 
-        def split(w: torch.Tensor) -> torch.Tensor:
-            return F.linear(h, w).view(b, n, self.heads, dh).transpose(1, 2)
 
-        q, k, v = split(self.wq), split(self.wk), split(self.wv)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
-        future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu_(1)
-        p = scores.masked_fill(future, float("-inf")).softmax(-1)
-        ctx = (p @ v).transpose(1, 2).reshape(b, n, d)
-        r = x + F.linear(ctx, self.wo)
-        return r, self.ln2(r)
+def attention(x: torch.Tensor, params: Sequence[torch.Tensor], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`AttentionBlock`'s computation on explicit parameters (wq, wk, wv, wo, ln1 weight and
+    bias, ln2 weight and bias): the executor runs blocks from flat buffers through this, so
+    the module, the executor and the profiler run the very same kernels."""
+    wq, wk, wv, wo, ln1_w, ln1_b, ln2_w, ln2_b = params
+    b, n, d = x.shape
+    dh = d // heads
+    h = F.layer_norm(x, (d,), ln1_w, ln1_b)
+
+    def split(w: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, w).view(b, n, heads, dh).transpose(1, 2)
+
+    q, k, v = split(wq), split(wk), split(wv)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
+    future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu_(1)
+    p = scores.masked_fill(future, float("-inf")).softmax(-1)
+    ctx = (p @ v).transpose(1, 2).reshape(b, n, d)
+    r = x + F.linear(ctx, wo)
+    return r, F.layer_norm(r, (d,), ln2_w, ln2_b)
+
+
+def gate_probs(x: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
+    """softmax(x Wg^T): the gate's probabilities [T, E]."""
+    return F.linear(x, wg).softmax(-1)
 
 
 def gate_weights(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -160,8 +177,11 @@ class GateBlock(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         _normal_(self.wg, 1 / math.sqrt(self.d), generator)
 
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.wg,)
+
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.wg).softmax(-1)
+        return gate_probs(x, self.wg)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.probs(x)
@@ -187,8 +207,16 @@ class ExpertBlock(nn.Module):
         _normal_(self.w1, 1 / math.sqrt(self.d), generator)
         _normal_(self.w2, 1 / math.sqrt(self.h), generator)
 
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.w1, self.w2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.w1)), self.w2)
+        return expert(x, self.w1, self.w2)
+
+
+def expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """relu(x W1^T) W2^T: `ExpertBlock`'s computation on explicit parameters."""
+    return F.linear(F.relu(F.linear(x, w1)), w2)
 
 
 # --------------------------------------------------------------------------- dispatch / combine
@@ -372,6 +400,29 @@ class MoELayer(nn.Module):
         return r + self.moe(h.reshape(b * n, d), expert_ids).view(b, n, d)
 
 
+@torch.no_grad()
+def init_ends(embedding: torch.Tensor | None, norm_w: torch.Tensor | None, norm_b: torch.Tensor | None,
+              head: torch.Tensor | None, seed: int) -> None:
+    """The parameters outside the blocks, initialised in place (None: not held here): the
+    embedding ~ N(0, 1), the head ~ N(0, 1/d), the final LayerNorm at (1, 0). Each from its
+    own generator, so a pipeline's first and last stages can build their share alone."""
+    if embedding is not None:
+        _normal_(embedding, 1.0, block_generator(seed, "embedding"))
+    if head is not None:
+        _normal_(head, 1 / math.sqrt(head.shape[-1]), block_generator(seed, "head"))
+    if norm_w is not None:
+        norm_w.fill_(1.0)
+    if norm_b is not None:
+        norm_b.zero_()
+
+
+def lm_loss(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, head: torch.Tensor,
+            targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the final norm and head over x [b, n, d], in fp32."""
+    logits = F.linear(F.layer_norm(x, (x.shape[-1],), norm_w, norm_b), head)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 class MoEModel(nn.Module):
     """Token embedding, `num_layers` MoELayers, final LayerNorm, LM head; next-token loss.
 
@@ -393,9 +444,7 @@ class MoEModel(nn.Module):
         self._reset_resident()
 
     def _reset_resident(self) -> None:
-        _normal_(self.embedding, 1.0, block_generator(self.seed, "embedding"))
-        _normal_(self.head, 1 / math.sqrt(self.cfg.embedding_dim), block_generator(self.seed, "head"))
-        self.norm.reset_parameters()
+        init_ends(self.embedding, self.norm.weight, self.norm.bias, self.head, self.seed)
 
     def reset_parameters(self) -> None:
         """Every parameter back to its seeded initial value."""
@@ -455,8 +504,7 @@ class MoEModel(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the micro-batch, computed in fp32."""
-        logits = self.logits(x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return lm_loss(x, self.norm.weight, self.norm.bias, self.head, targets)
 
     def forward(self, tokens: torch.Tensor, routing: Sequence[torch.Tensor | None] | None = None, *,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

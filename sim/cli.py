@@ -18,33 +18,18 @@ import datetime
 import sys
 from pathlib import Path
 
-from aptmoe.config import Pipeline, RunConfig
-from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
+from aptmoe.config import RunConfig
+from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser, pipelines_of
 from aptmoe.profile import load_profile
-from aptmoe.sim.report import (StagedDir, first_line, flat_row, schedule_table, short_fallbacks, speedups,
-                               write_csv)
+from aptmoe.report import (StagedDir, first_line, flat_row, progress_bar, progress_disabled, schedule_table,
+                           short_fallbacks, speedups, timestamp, write_csv)
 
 PROG = "aptmoe-sim"
 SUBCOMMANDS = ("plot", "sweep")
-ALL = "all"
 
 
 class UsageError(ValueError):
     """Bad input found by the front end itself."""
-
-
-def _tqdm(**kw):
-    from tqdm import tqdm
-
-    return tqdm(file=sys.stderr, leave=False, **kw)
-
-
-def progress_disabled(quiet: bool) -> bool:
-    return quiet or not sys.stderr.isatty()
-
-
-def timestamp() -> str:
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -70,13 +55,6 @@ def check_measured_steps(ns: argparse.Namespace) -> None:
         raise UsageError(f"--measured-steps must be at least 1, got {ns.measured_steps}")
 
 
-def pipelines_of(ns: argparse.Namespace) -> list[str]:
-    """`--pipeline all` is the four schedules; otherwise the one given (GPipe when absent)."""
-    if ns.pipeline is not None and ns.pipeline.strip().lower() == ALL:
-        return [p.value for p in Pipeline]
-    return [Pipeline.parse(ns.pipeline or "GPipe").value]
-
-
 def fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -98,7 +76,7 @@ def make_sim_parser() -> argparse.ArgumentParser:
 
 def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
     from aptmoe.plan.builders import build_plan
-    from aptmoe.sim.plot import plot_trace_file
+    from aptmoe.plot import plot_trace_file
     from aptmoe.sim.simulate import cost_for, simulate
     from aptmoe.trace import Trace, write_json_atomic
 
@@ -116,7 +94,7 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
     results: dict[str, dict] = {}
     fallbacks: set[str] = set()
     with StagedDir(out) as tmp:
-        bar = _tqdm(total=len(configs), desc="simulating", unit="schedule", disable=progress_disabled(ns.quiet))
+        bar = progress_bar(total=len(configs), desc="simulating", unit="schedule", disable=progress_disabled(ns.quiet))
         with bar:
             for name, cfg in configs.items():
                 bar.set_postfix_str(name)
@@ -165,7 +143,7 @@ def make_plot_parser() -> argparse.ArgumentParser:
 
 
 def run_plot(ns: argparse.Namespace) -> int:
-    from aptmoe.sim.plot import plot_trace_file
+    from aptmoe.plot import plot_trace_file
 
     out = plot_trace_file(ns.trace, ns.out, ns.title)
     if not ns.quiet:

@@ -18,7 +18,7 @@ from aptmoe.plan.builders import build_plan
 from aptmoe.plan.plan import Plan
 from aptmoe.plan.validate import validate
 from aptmoe.popularity import gini_coefficient, popularity_from_config
-from aptmoe.profile import Profile, ProfileCost, load_profile
+from aptmoe.profile import Profile, cost_for
 from aptmoe.trace import Trace
 from aptmoe.sim.engine import OutOfMemory, StepModel
 
@@ -44,12 +44,6 @@ class SimResult:
                 "num_stages": self.num_stages,
                 "oom_detail": self.oom_detail, "metrics": self.metrics,
                 "fallbacks": self.fallbacks, "config": self.config}
-
-
-def cost_for(cfg: RunConfig, profile: Profile | str) -> ProfileCost:
-    if not isinstance(profile, Profile):
-        profile = load_profile(profile)
-    return ProfileCost(profile, cfg.model, pinned=cfg.schedule.pinned, link_cap_GBps=cfg.cluster.link_bandwidth_GBps)
 
 
 def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper", *, trace: Trace | None = None,

@@ -28,9 +28,9 @@ from typing import Any, Sequence
 
 from aptmoe.config import Pipeline
 from aptmoe.flags import make_parser
-from aptmoe.sim.cli import (PROG, UsageError, _tqdm, add_sim_flags, check_measured_steps,
-                            progress_disabled, timestamp)
-from aptmoe.sim.report import StagedDir, first_line, fmt, format_table, write_csv
+from aptmoe.report import progress_bar, progress_disabled, timestamp
+from aptmoe.sim.cli import PROG, UsageError, add_sim_flags, check_measured_steps
+from aptmoe.report import StagedDir, first_line, fmt, format_table, write_csv
 
 # Fields a grid may name directly; any other flag's destination works too.
 COMMON_FIELDS = ("gini", "num_experts", "model_config", "topo", "link_bandwidth", "batch_size", "num_chunks",
@@ -178,7 +178,7 @@ def run_points(points: list[dict], base: dict, calibration: str, measured_steps:
                jobs: int, quiet: bool) -> list[dict]:
     tasks = [(i, p, base, calibration, measured_steps, hw) for i, p in enumerate(points)]
     rows: list[dict] = []
-    bar = _tqdm(total=len(tasks), desc="sweep", unit="point", disable=progress_disabled(quiet))
+    bar = progress_bar(total=len(tasks), desc="sweep", unit="point", disable=progress_disabled(quiet))
     with bar:
         if jobs <= 1 or len(tasks) <= 1:
             for t in tasks:

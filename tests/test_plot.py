@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from aptmoe.sim.plot import build_timeline, finest, plot_trace, plot_trace_file
+from aptmoe.plot import build_timeline, finest, plot_trace, plot_trace_file
 from aptmoe.trace import Trace
 
 

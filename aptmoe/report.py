@@ -7,9 +7,11 @@ simulator's own (docs/metrics.md).
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -81,6 +83,22 @@ def _normal_permissions(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
     for p in folder.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def progress_bar(**kw):
+    """A tqdm bar on stderr that leaves no trace when done (tqdm: rate, ETA and redraws that a
+    hand-written counter would get wrong on a narrow or non-interactive terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, leave=False, **kw)
+
+
+def progress_disabled(quiet: bool) -> bool:
+    return quiet or not sys.stderr.isatty()
+
+
+def timestamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def first_line(exc: BaseException | str) -> str:

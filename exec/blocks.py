@@ -1,0 +1,71 @@
+"""Blocks as flat parameter buffers: what the executor stores, copies and updates.
+
+A block's parameters live in one contiguous 1-D tensor (in the order of the block module's
+`params()`), so loading a block is one host-to-GPU copy, offloading its gradient one copy
+back, and its Adam update one fused call. `views` cuts a flat buffer into the shaped
+tensors the block functions of `aptmoe.exec.model` take; views of a leaf that requires grad
+carry their gradients into the leaf's flat `.grad`.
+
+`initial_flat` builds a block exactly as `MoEModel` initialises it (same per-block
+generator), so the executor starts from the reference model's parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from aptmoe.exec.model import (
+    TORCH_DTYPES,
+    AttentionBlock,
+    ExpertBlock,
+    GateBlock,
+    block_generator,
+)
+
+from aptmoe.config import ModelConfig
+from aptmoe.plan.actions import Block, BlockKind
+
+Shapes = tuple[tuple[int, ...], ...]
+
+
+def param_shapes(model: ModelConfig, kind: BlockKind) -> Shapes:
+    """Shapes of a block's parameters in `params()` order."""
+    d, h, E = model.embedding_dim, model.hidden_dim, model.num_experts
+    if kind is BlockKind.ATTN:
+        return ((d, d),) * 4 + ((d,),) * 4
+    if kind is BlockKind.GATE:
+        return ((E, d),)
+    return ((h, d), (d, h))
+
+
+def numel(shapes: Shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+def views(flat: torch.Tensor, shapes: Shapes) -> tuple[torch.Tensor, ...]:
+    """The shaped parameters inside a flat buffer (views: no copy, gradients flow to `flat`)."""
+    out, at = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(flat[at:at + n].view(s))
+        at += n
+    return tuple(out)
+
+
+def block_module(model: ModelConfig, block: Block, seed: int, *, device=None) -> torch.nn.Module:
+    """The block as `MoEModel(model, seed=seed)` would initialise it."""
+    kw = dict(device=device, dtype=TORCH_DTYPES[model.dtype], generator=block_generator(seed, block))
+    d = model.embedding_dim
+    if block.kind is BlockKind.ATTN:
+        return AttentionBlock(d, model.num_heads, **kw)
+    if block.kind is BlockKind.GATE:
+        return GateBlock(d, model.num_experts, model.top_k, **kw)
+    return ExpertBlock(d, model.hidden_dim, **kw)
+
+
+@torch.no_grad()
+def initial_flat(model: ModelConfig, block: Block, seed: int) -> torch.Tensor:
+    """The block's initial parameters as one flat CPU tensor in the model's dtype."""
+    m = block_module(model, block, seed)
+    return torch.cat([p.reshape(-1) for p in m.params()])

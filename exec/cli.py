@@ -1,0 +1,362 @@
+"""``aptmoe-run``: train with the real executor, one process per GPU (or per CPU rank).
+
+    aptmoe-run --is_moe=True --model_config=S --num_experts=16 --gini=0.3 --topo=C1+G2 --pipeline=APTMoE
+    torchrun --nproc_per_node 4 -m aptmoe.run --is_moe=True --model_config=S ... --pipeline=APTMoE
+
+Run plainly, it starts one process per rank itself (`--gpus`, default: every visible GPU, or 2
+CPU ranks on a machine without one) and runs each schedule asked for (`--pipeline all`: the
+four) in fresh processes, one after the other. Under torchrun it is one of the ranks. It
+accepts the seed artifact's flags, prints what the seed printed (parameter count, time per
+step, throughput, peak memory) as a table, and writes into ``--out``: results.json (the
+simulator's keys), results.csv, a Chrome trace and its timeline PNG per schedule, and the
+plan. A plan that cannot fit GPU or host memory is refused before launch with the numbers;
+bad flags are one line on stderr and exit status 2; a failing rank makes the others stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from aptmoe.config import ConfigError, RunConfig
+from aptmoe.flags import (
+    add_cluster_flags,
+    add_seed_flags,
+    config_from_args,
+    make_parser,
+    pipelines_of,
+)
+from aptmoe.memory import MemoryModel
+from aptmoe.plan.builders import build_plan
+from aptmoe.plan.plan import Plan, PlanError
+from aptmoe.plan.validate import validate
+from aptmoe.profile import ProfileError, cost_for, load_profile
+from aptmoe.report import (
+    OutputExistsError,
+    StagedDir,
+    first_line,
+    flat_row,
+    progress_bar,
+    schedule_table,
+    speedups,
+    timestamp,
+    write_csv,
+)
+from aptmoe.trace import write_json_atomic
+
+PROG = "aptmoe-run"
+
+
+class UsageError(ValueError):
+    pass
+
+
+def make_run_parser() -> argparse.ArgumentParser:
+    p = make_parser(PROG, "Train with the real executor: GPipe, GPipeOffload, Mobius or APTMoE on this "
+                          "machine's GPUs (NCCL), or on CPU ranks (gloo) where there is no GPU.")
+    add_seed_flags(p)
+    add_cluster_flags(p)
+    g = p.add_argument_group("executor flags")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cuda: one GPU per rank; cpu: gloo ranks on the CPU (auto: cuda where present)")
+    g.add_argument("--calibration", default=None,
+                   help="calibration profile the APTMoE policy plans with (default: h200 on a GPU, else a800-paper)")
+    g.add_argument("--data", default=None, help="train on the bytes of this text file (default: synthetic tokens)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
+    g.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a rank waits for a block, a message or a peer before it gives up (300)")
+    g.add_argument("--save-params", dest="save_params", action="store_true",
+                   help="write every rank's parameters after training (params-<pipeline>-rank<r>.pt)")
+    g.add_argument("--no-trace", dest="no_trace", action="store_true", help="write no trace or timeline")
+    g.add_argument("--no-plot", dest="no_plot", action="store_true", help="write no timeline PNG")
+    g.add_argument("--out", default=None, help="output folder (default: runs/run-<timestamp>)")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    return p
+
+
+# --------------------------------------------------------------------------- shared by parent and ranks
+
+
+def _use_cuda(ns) -> bool:
+    import torch
+
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this machine has no CUDA GPU; use --device cpu")
+    return ns.device != "cpu" and torch.cuda.is_available()
+
+
+def _world(ns, use_cuda: bool) -> tuple[int, int]:
+    """(GPUs per node, nodes): torchrun's world where it launched us, else --gpus / --nodes."""
+    if "LOCAL_WORLD_SIZE" in os.environ and "WORLD_SIZE" in os.environ:
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        return local, world // local
+    import torch
+
+    if use_cuda:
+        have = torch.cuda.device_count()
+        gpus = ns.gpus or have
+        if gpus > have:
+            raise UsageError(f"--gpus {gpus}: this machine has {have} GPUs")
+        return gpus, 1
+    if (ns.nodes or 1) != 1:
+        raise UsageError("--nodes > 1 needs torchrun on every node")
+    return ns.gpus or 2, 1
+
+
+def prepare(ns, pipeline: str, use_cuda: bool) -> tuple[RunConfig, object, Plan]:
+    """The config, cost source and plan of one schedule: every rank derives the same."""
+    import torch
+
+    gpus, nodes = _world(ns, use_cuda)
+    ns.nodes = nodes
+    profile = load_profile(ns.calibration or ("h200" if use_cuda else "a800-paper"))
+    hw = profile.cluster_defaults()
+    if use_cuda:
+        hw["gpu_memory_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
+    cfg = config_from_args(ns, pipeline=pipeline, gpus=gpus, **hw)
+    if ns.lr is not None:
+        cfg = cfg.replace(train=_replace(cfg.train, lr=ns.lr))
+    cost = cost_for(cfg, profile)
+    return cfg, cost, build_plan(cfg, cost)
+
+
+def _replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def preflight(cfg: RunConfig, plan: Plan) -> str | None:
+    """Why this plan cannot run here (None if it fits): GPU memory by the plan's dry run,
+    host memory by the parameters, gradients and Adam states the ranks keep there."""
+    import psutil
+
+    mem = MemoryModel(cfg.model, cfg.tokens_per_micro_batch, cfg.micro_batch_size)
+    try:
+        validate(plan, memory=mem, capacity_bytes=cfg.cluster.gpu_memory_bytes)
+    except PlanError as e:
+        return first_line(e)
+    params = cfg.model.layer_params * cfg.model.num_layers
+    per_param = 0 if plan.resident else cfg.model.dtype_bytes * 2 + 8     # master, pinned grad, Adam moments
+    need = params * per_param
+    avail = psutil.virtual_memory().available
+    if need > 0.9 * avail:
+        return (f"the ranks need {need / 1e9:.1f} GB of host memory for parameters, gradients and Adam states; "
+                f"{avail / 1e9:.1f} GB are available")
+    return None
+
+
+# --------------------------------------------------------------------------- one rank
+
+
+def rank_main(ns, pipeline: str, setup, tmp: Path, use_cuda: bool) -> dict | None:
+    """Everything one rank does for one schedule (the process group is up); rank 0 returns the result."""
+    from aptmoe.exec.launch import run_pipeline
+    from aptmoe.exec.runtime import ExecOptions
+
+    cfg, cost, plan = prepare(ns, pipeline, use_cuda)
+    bar = None
+    if setup.rank == 0 and not ns.quiet and sys.stderr.isatty():
+        bar = progress_bar(total=cfg.train.num_warmup_steps + cfg.train.num_training_steps, desc=pipeline,
+                           unit="step")
+
+    def progress(done, total, rep):
+        if bar is not None:
+            bar.set_postfix_str(f"{rep.step_s:.3f} s/step")
+            bar.update()
+
+    res = run_pipeline(setup, cfg, plan, cost, data=ns.data,
+                       opts=ExecOptions(timeout_s=ns.timeout, trace=not ns.no_trace),
+                       trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
+                       params_dir=tmp if ns.save_params else None,
+                       gpu_memory_cap=int(ns.gpu_memory * 1e9) if ns.gpu_memory else None, progress=progress)
+    if bar is not None:
+        bar.close()
+    if ns.save_params:
+        os.replace(tmp / f"params-rank{setup.rank}.pt", tmp / f"params-{pipeline}-rank{setup.rank}.pt")
+    if res is not None:
+        res["cores_rank0"] = setup.cores
+    return res
+
+
+def _spawned(local_rank: int, world: int, port: int, argv: list[str], pipeline: str, tmp: str,
+             use_cuda: bool) -> None:
+    """A rank started by `aptmoe-run` itself: one schedule, then exit."""
+    import torch.distributed as dist
+    from aptmoe.exec.launch import init_rank, report_failure
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world))
+    ns = make_run_parser().parse_args(argv)
+    try:
+        cfg, _, _ = prepare(ns, pipeline, use_cuda)
+        setup = init_rank(local_rank, world, local_rank, world, cfg, ns.timeout, use_cuda=use_cuda)
+        res = rank_main(ns, pipeline, setup, Path(tmp), use_cuda)
+        if res is not None:
+            write_json_atomic(Path(tmp) / f"result-{pipeline}.json", res)
+        dist.destroy_process_group()
+    except Exception as e:          # one line per rank; the traceback goes to a log file
+        report_failure(local_rank, e, Path(tmp))
+        sys.exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(argv: list[str], pipeline: str, world: int, tmp: Path, use_cuda: bool) -> bool:
+    import torch.multiprocessing as mp
+
+    try:
+        mp.start_processes(_spawned, args=(world, _free_port(), argv, pipeline, str(tmp), use_cuda),
+                           nprocs=world, join=True, start_method="spawn")
+        return True
+    except mp.ProcessExitedException as e:
+        print(f"{PROG}: {pipeline}: rank {e.error_index} exited with status {e.exit_code}; the others were "
+              "stopped", file=sys.stderr)
+        return False
+    except mp.ProcessRaisedException as e:
+        print(f"{PROG}: {pipeline}: rank {e.error_index} failed: {str(e).strip().splitlines()[-1]}",
+              file=sys.stderr)
+        return False
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _refused(cfg: RunConfig, plan: Plan, why: str) -> dict:
+    return {"pipeline": plan.pipeline, "iteration_s": None, "throughput_seq_per_s": None, "oom": True,
+            "peak_gpu_bytes": 0, "num_stages": plan.num_stages, "oom_detail": f"refused before launch: {why}",
+            "metrics": {}, "config": cfg.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = make_run_parser().parse_args(argv)
+    torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_WORLD_SIZE"))
+    rank = int(os.environ.get("RANK", 0)) if torchrun else 0
+    try:
+        use_cuda = _use_cuda(ns)
+        plans = {p: prepare(ns, p, use_cuda) for p in pipelines_of(ns)}
+        out = Path(ns.out or f"runs/run-{timestamp()}")
+        staged = StagedDir(out) if rank == 0 else None
+    except (ConfigError, ProfileError, UsageError, OutputExistsError, ValueError) as e:
+        if rank == 0:
+            print(f"{PROG}: error: {first_line(e)}", file=sys.stderr)
+        return 2
+    say = (lambda *a: None) if ns.quiet or rank != 0 else print
+    cfg0 = next(iter(plans.values()))[0]
+    m = cfg0.model
+    say(f"Number of parameters: {m.num_params / 1e9:.2f}B ({m.num_params:,}) in {m.name}, {m.num_layers} layers, "
+        f"{m.num_experts} experts per layer; {cfg0.world_size} {'GPU' if use_cuda else 'CPU'} ranks")
+    results: dict[str, dict] = {}
+    if torchrun:
+        return _main_torchrun(ns, argv, plans, staged, use_cuda, say)
+    try:
+        with staged as tmp:
+            for name, (cfg, _, plan) in plans.items():
+                (tmp / f"plan-{name}.txt").write_text(plan.describe() + "\n")
+                why = preflight(cfg, plan)
+                if why is not None:
+                    print(f"{PROG}: {name} refused: {why}", file=sys.stderr)
+                    results[name] = _refused(cfg, plan, why)
+                    continue
+                if not _launch(argv, name, cfg.world_size, tmp, use_cuda):
+                    _keep_logs(tmp, out)
+                    raise _RankFailed
+                results[name] = json.loads((tmp / f"result-{name}.json").read_text())
+                (tmp / f"result-{name}.json").unlink()
+            _write_outputs(ns, argv, tmp, cfg0, results)
+    except _RankFailed:
+        return 1            # the staged folder is gone: no half-written output
+    _print_results(say, results, out, ns)
+    return 0 if any(not r["oom"] for r in results.values()) else 3
+
+
+class _RankFailed(Exception):
+    pass
+
+
+def _keep_logs(tmp: Path, out: Path) -> None:
+    logs = sorted(tmp.glob("error-rank*.log"))
+    if logs:
+        dest = out.with_name(out.name + "-failed-logs")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in logs:
+            os.replace(f, dest / f.name)
+        print(f"{PROG}: tracebacks in {dest}/", file=sys.stderr)
+
+
+def _main_torchrun(ns, argv, plans, staged, use_cuda, say) -> int:
+    """One rank of a torchrun launch: the process group lives for all schedules asked for."""
+    import torch.distributed as dist
+    from aptmoe.exec.launch import init_rank, report_failure
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["LOCAL_WORLD_SIZE"])
+    cfg0 = next(iter(plans.values()))[0]
+    tmp = staged.__enter__() if staged is not None else None
+    results: dict[str, dict] = {}
+    try:
+        setup = init_rank(rank, world, local_rank, local_world, cfg0, ns.timeout, use_cuda=use_cuda)
+        box = [str(tmp) if tmp is not None else None]
+        dist.broadcast_object_list(box, src=0)        # rank 0's staging folder, where every rank writes
+        for name, (cfg, _, plan) in plans.items():
+            why = preflight(cfg, plan)
+            if why is not None:
+                if rank == 0:
+                    print(f"{PROG}: {name} refused: {why}", file=sys.stderr)
+                    results[name] = _refused(cfg, plan, why)
+                continue
+            res = rank_main(ns, name, setup, Path(box[0]), use_cuda)
+            if rank == 0:
+                results[name] = res
+        dist.destroy_process_group()
+    except Exception as e:
+        report_failure(rank, e, Path(tmp) if tmp is not None else None)
+        if staged is not None:
+            staged.__exit__(RuntimeError, None, None)
+        return 1
+    if rank != 0:
+        return 0
+    _write_outputs(ns, argv, tmp, cfg0, results)
+    staged.__exit__(None, None, None)
+    _print_results(say, results, staged.target, ns)
+    return 0
+
+
+def _write_outputs(ns, argv, tmp: Path, cfg0: RunConfig, results: dict[str, dict]) -> None:
+    from aptmoe.plot import plot_trace_file
+
+    for name, s in speedups(results).items():
+        results[name]["speedup_vs_mobius"] = s
+    if not ns.no_trace and not ns.no_plot:
+        for name in results:
+            trace = tmp / f"trace-{name}.json"
+            if trace.exists():
+                plot_trace_file(trace, tmp / f"timeline-{name}.png")
+    write_json_atomic(tmp / "results.json", {
+        "config": cfg0.to_dict(), "pipelines": list(results), "command": [PROG, *argv],
+        "created": datetime.datetime.now().isoformat(timespec="seconds"), "source": "real",
+        "schedules": results})
+    write_csv(tmp / "results.csv", [flat_row(r) for r in results.values()])
+
+
+def _print_results(say, results: dict[str, dict], out: Path, ns) -> None:
+    say(schedule_table(results))
+    for name, r in results.items():
+        if r.get("losses"):
+            say(f"{name}: loss per step " + " ".join(f"{sum(x) / len(x):.4f}" for x in r["losses"]))
+    say(f"wrote {out}/ (results.json, results.csv" + ("" if ns.no_trace else ", trace-*.json")
+        + ("" if ns.no_trace or ns.no_plot else ", timeline-*.png") + ", plan-*.txt)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

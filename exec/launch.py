@@ -1,0 +1,214 @@
+"""Process setup for the executor: one process per rank, under torchrun or spawned by us.
+
+`run_pipeline` is what every rank runs for one schedule: set up the device, cores and
+channels, train warm-up and timed steps, gather the reports on rank 0 and turn them into
+the result the simulator also returns (the same four top-level keys and metric names,
+docs/metrics.md). Rank 0 writes the measured trace.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+from aptmoe.exec.comm import PeerChannels
+from aptmoe.exec.data import make_source
+from aptmoe.exec.device import Device
+from aptmoe.exec.runtime import ExecOptions, RankRuntime, StepReport
+
+from aptmoe.config import RunConfig
+from aptmoe.costs import CostSource
+from aptmoe.plan.plan import Plan
+from aptmoe.popularity import gini_coefficient, popularity_from_config
+from aptmoe.trace import Trace, write_json_atomic
+
+COMPUTE_CATS = ("forward", "backward", "recompute", "update")
+
+
+@dataclass
+class RankSetup:
+    rank: int
+    world: int
+    local_rank: int
+    device: Device
+    cores: list[int] = field(default_factory=list)
+
+
+def bind_cores(local_rank: int, local_world: int, cores_per_rank: int) -> list[int]:
+    """Bind this process to its share of the cores it may use (the topology's share, or an
+    even split where the machine has fewer), and size torch's thread pool to match."""
+    try:
+        allowed = sorted(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):          # macOS has no affinity
+        allowed = list(range(os.cpu_count() or 1))
+    per = max(1, min(cores_per_rank, len(allowed) // max(1, local_world)))
+    first = (local_rank * per) % len(allowed)
+    cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
+    try:
+        psutil.Process().cpu_affinity(cores)
+    except (AttributeError, psutil.Error):
+        pass
+    torch.set_num_threads(len(cores))
+    return cores
+
+
+def init_rank(rank: int, world: int, local_rank: int, local_world: int, cfg: RunConfig, timeout_s: float,
+              *, use_cuda: bool) -> RankSetup:
+    backend = "nccl" if use_cuda else "gloo"
+    device = Device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    kw = {"device_id": device.torch} if use_cuda else {}
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
+    except TypeError:                               # torch < 2.3: no device_id
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    cores = bind_cores(local_rank, local_world, cfg.cluster.cores_per_rank)
+    return RankSetup(rank, world, local_rank, device, cores)
+
+
+def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource | None, *, data: str | None,
+                 opts: ExecOptions, trace_path: Path | None = None, params_dir: Path | None = None,
+                 gpu_memory_cap: int | None = None, progress=None) -> dict | None:
+    """Train `cfg` with `plan` on this rank; rank 0 returns the result dict, others None."""
+    dev = setup.device
+    if gpu_memory_cap is not None:
+        dev.cap_memory(gpu_memory_cap)
+    source = make_source(data, cfg.model.seq_length, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
+    peers = PeerChannels(plan, setup.rank, opts.timeout_s) if setup.world > 1 else None
+    rt = RankRuntime(cfg, plan, setup.rank, dev, cost, peers, source, opts)
+    pop = popularity_from_config(cfg)
+    warm, steps = cfg.train.num_warmup_steps, cfg.train.num_training_steps
+    reports: list[StepReport] = []
+    try:
+        for i in range(warm + steps):
+            rep = rt.run_step(i, pop.iteration(i))
+            if i >= warm:
+                reports.append(rep)
+            if progress is not None:
+                progress(i + 1, warm + steps, rep)
+        if params_dir is not None:
+            save_params(rt, params_dir / f"params-rank{setup.rank}.pt")
+    finally:
+        rt.close()
+    gathered = [None] * setup.world if setup.rank == 0 else None
+    if setup.world > 1:
+        dist.gather_object(reports, gathered, dst=0)
+    else:
+        gathered = [reports]
+    if setup.rank != 0:
+        return None
+    measured = [pop.iteration(warm + j) for j in range(steps)]
+    return assemble(cfg, plan, gathered, measured, setup, trace_path)
+
+
+def save_params(rt: RankRuntime, path: Path) -> None:
+    """This rank's parameters, flat per block (named as `Block` prints) plus the ends it holds."""
+    out = {str(b): p.detach().cpu().clone() for b, p in rt.master.items()}
+    out.update({k: v.detach().cpu().reshape(-1).clone() for k, v in rt.ends.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+
+
+def _union_s(spans: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def busy_seconds(events: list[tuple]) -> dict[str, float]:
+    """Per resource, the time some work held it (overlaps counted once)."""
+    spans: dict[str, list] = {"compute": [], "cpu": [], "h2d": [], "d2h": [], "net": []}
+    for name, stream, start, end, cat, _ in events:
+        if stream == "compute" and cat in COMPUTE_CATS and ("@" in name or cat == "update"):
+            spans["compute"].append((start, end))
+        elif stream == "cpu" and cat in ("cpu-expert", "recompute", "update"):
+            spans["cpu"].append((start, end))
+        elif stream == "load" and cat.startswith("load-"):
+            spans["h2d"].append((start, end))
+        elif stream == "offload" and cat == "offload":
+            spans["d2h"].append((start, end))
+        elif stream == "net" and cat == "send":
+            spans["net"].append((start, end))
+    return {k: _union_s(v) for k, v in spans.items()}
+
+
+def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measured, setup: RankSetup,
+             trace_path: Path | None) -> dict:
+    steps = len(per_rank[0])
+    G = len(per_rank)
+    step_s = [max(per_rank[r][j].step_s for r in range(G)) for j in range(steps)]
+    it = statistics.fmean(step_s)
+    last = plan.rank_of(plan.num_stages - 1)
+    losses = [per_rank[last][j].losses for j in range(steps)]
+    m: dict[str, float] = {
+        "time/iteration_s": it, "time/iteration_s_min": min(step_s), "time/iteration_s_max": max(step_s),
+        "throughput/seq_per_s": cfg.train.batch_size / it,
+        "throughput/tok_per_s": cfg.train.batch_size * cfg.model.seq_length / it,
+        "mem/peak_gpu_bytes": max(rep.peak_gpu_bytes for reps in per_rank for rep in reps),
+        "mem/peak_block_bytes": max(rep.peak_block_bytes for reps in per_rank for rep in reps),
+        "loss/last": statistics.fmean(losses[-1]) if losses[-1] else float("nan"),
+    }
+    busy = [[busy_seconds(per_rank[r][j].events) for j in range(steps)] for r in range(G)]
+    for res in ("compute", "cpu", "h2d", "d2h", "net"):
+        m[f"busy/{res}"] = statistics.fmean(sum(busy[r][j][res] for r in range(G)) / (G * step_s[j])
+                                            for j in range(steps))
+    for key, name in (("load", "h2d"), ("d2h", "d2h")):
+        m[f"link/{name}_bytes"] = statistics.fmean(sum(per_rank[r][j].bytes.get(key, 0.0) for r in range(G))
+                                                   for j in range(steps))
+    cpu_tok = sum(rep.expert_tokens.get("cpu", 0) for reps in per_rank for rep in reps)
+    all_tok = cpu_tok + sum(rep.expert_tokens.get("gpu", 0) for reps in per_rank for rep in reps)
+    m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0
+    phases = sorted({p for reps in per_rank for rep in reps for p in rep.bytes_by_phase})
+    for phase in phases:
+        m[f"load/{phase}_bytes"] = statistics.fmean(sum(per_rank[r][j].bytes_by_phase.get(phase, 0)
+                                                        for r in range(G)) for j in range(steps))
+        m[f"load/{phase}_copies"] = statistics.fmean(sum(per_rank[r][j].copies_by_phase.get(phase, 0)
+                                                         for r in range(G)) for j in range(steps))
+    m["popularity/G"] = statistics.fmean(x.G for x in measured)
+    m["popularity/gini_coefficient"] = statistics.fmean(gini_coefficient(x.counts) for x in measured)
+    if trace_path is not None:
+        tr = Trace("real", meta={"pipeline": plan.pipeline, "model": cfg.model.name, "gini": cfg.popularity.gini,
+                                 "topo": cfg.cluster.topo, "device": str(setup.device)})
+        t0 = 0.0
+        for j in range(steps):
+            for r in range(G):
+                for name, stream, start, end, cat, args in per_rank[r][j].events:
+                    tr.add(name, r, stream, t0 + start, t0 + end, cat, **args)
+            t0 += step_s[j]
+        tr.save(trace_path)
+    peak = int(m["mem/peak_gpu_bytes"])
+    return {"pipeline": plan.pipeline, "iteration_s": it, "throughput_seq_per_s": cfg.train.batch_size / it,
+            "oom": False, "peak_gpu_bytes": peak,
+            "peak_gpu_bytes_per_rank": [max(rep.peak_gpu_bytes for rep in reps) for reps in per_rank],
+            "num_stages": plan.num_stages, "losses": losses, "step_s": step_s, "metrics": m,
+            "device": str(setup.device), "config": cfg.to_dict()}
+
+
+def report_failure(rank: int, e: BaseException, log_dir: Path | None) -> None:
+    """One line on stderr per failing rank; the traceback goes to a log file where there is a folder."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = ""
+    if log_dir is not None:
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / f"error-rank{rank}.log").write_text(traceback.format_exc())
+            where = f" (traceback in {log_dir}/error-rank{rank}.log)"
+        except OSError:
+            pass
+    print(f"aptmoe-run: rank {rank}: {line}{where}", file=sys.stderr, flush=True)
+
+
+__all__ = ["RankSetup", "assemble", "bind_cores", "busy_seconds", "init_rank", "report_failure", "run_pipeline",
+           "save_params", "write_json_atomic"]

@@ -1,0 +1,747 @@
+"""The executor's runtime: one rank walking its share of the plan with real tensors.
+
+Per rank (docs/executor-plan.md has the table of plan streams and their runtime form):
+
+* the **compute** stream is the calling thread: `F`/`B` interpret the shared stage walk
+  (`aptmoe.stage_walk`) step by step, `DF` frees a stage, `U` updates resident parameters;
+* the **load** program is a thread that opens a stage's load window (`LF`/`LB`: the policy's
+  `stage_load_begins`), and a copy engine thread keeps up to `max_copies_in_flight` copies
+  launched, each chosen by `policy.next_copy()` when a slot frees (demand priority);
+* the **offload** stream copies a stage's gradients to host memory (`O`) and frees it (`DB`);
+* the **cpu** program submits each block's Adam update to the rank's CPU worker at low
+  priority (`U`); CPU experts go to the same worker at high priority;
+* the **net** stream sends and receives boundary activations and their gradients.
+
+Each stream waits for its own predecessor and for its action's dependencies on this rank;
+dependencies on other ranks are the messages themselves. The loading policy is the very
+object the simulator drives (`aptmoe.policy`); every call to it holds one lock, whose
+condition also wakes the copy engine (`on_work`) and the compute stream when a block lands.
+
+Parameters, gradients and Adam states of offloaded schedules live in (pinned) host memory
+as one flat buffer per block (`aptmoe.exec.blocks`); a loaded block is a device copy of
+that buffer, a leaf whose gradient the offload stream copies back. GPipe keeps them all on
+the device and updates there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from aptmoe.exec import cpu_worker
+from aptmoe.exec.blocks import initial_flat, param_shapes, views
+from aptmoe.exec.comm import PeerChannels
+from aptmoe.exec.cpu_worker import CpuWorker
+from aptmoe.exec.device import Device, Marker
+from aptmoe.exec.layer import CpuPart, LayerRun, Routing
+from aptmoe.exec.link import Link
+from aptmoe.exec.model import (
+    TORCH_DTYPES,
+    expert,
+    init_ends,
+    lm_loss,
+    routing_from_counts,
+    routing_generator,
+)
+
+from aptmoe.config import RunConfig
+from aptmoe.costs import CostSource
+from aptmoe.plan.actions import Action, Block, BlockKind, Kind
+from aptmoe.plan.plan import Plan
+from aptmoe.policy import Copy, make_policy
+from aptmoe.popularity import IterationCounts
+from aptmoe.stage_walk import RunExperts, backward_walk, forward_walk
+
+
+class RankFailure(RuntimeError):
+    """A wait ran out of time or a peer failed; the message says what this rank waited for."""
+
+
+@dataclass
+class ExecOptions:
+    timeout_s: float = 300.0          # longest wait for a block, a message or a stream
+    trace: bool = True
+
+
+@dataclass
+class _Event:
+    name: str
+    stream: str
+    start: Marker
+    end: Marker
+    cat: str
+    args: dict
+
+
+@dataclass
+class StepReport:
+    """What one rank measured in one step (plain data, gathered to rank 0)."""
+
+    rank: int
+    step_s: float
+    losses: list[float]
+    events: list[tuple] = field(default_factory=list)   # (name, stream, start_s, end_s, cat, args)
+    peak_gpu_bytes: int = 0
+    peak_block_bytes: int = 0
+    bytes: dict[str, float] = field(default_factory=dict)
+    expert_tokens: dict[str, int] = field(default_factory=dict)
+    copies_by_phase: dict[str, int] = field(default_factory=dict)
+    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+
+
+def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam with torch's fused kernel where this torch has it for the device, else the plain loop."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=lr, foreach=False)
+
+
+class RankRuntime:
+    def __init__(self, cfg: RunConfig, plan: Plan, rank: int, device: Device, cost: CostSource | None,
+                 peers: PeerChannels | None, source, opts: ExecOptions | None = None) -> None:
+        if not plan.resident and not plan.fwd_only and plan.recompute != "all":
+            raise ValueError(f"the executor recomputes the stages of offload schedules in their backward; "
+                             f"--recompute {plan.recompute} is for the simulator only (use auto or all)")
+        self.cfg, self.plan, self.rank, self.dev, self.peers = cfg, plan, rank, device, peers
+        self.source, self.opts = source, opts or ExecOptions()
+        m = self.model = cfg.model
+        self.dtype = TORCH_DTYPES[m.dtype]
+        self.M, self.S = plan.micro_batches, plan.num_stages
+        self.b, self.L, self.T = cfg.micro_batch_size, m.seq_length, cfg.tokens_per_micro_batch
+        self.stages = plan.stages_of(rank)
+        self.layers = {st.index: st.layers for st in plan.stages}
+        self.shapes = {k: param_shapes(m, k) for k in BlockKind}
+        self.my_layers = [layer for s in self.stages for layer in self.layers[s]]
+        # -- parameters: the master copy of every block this rank owns
+        self.master: dict[Block, torch.Tensor] = {}
+        for layer in self.my_layers:
+            for block in Block.of_layer(layer, m.num_experts, m.is_moe):
+                flat = initial_flat(m, block, cfg.train.seed)
+                flat = flat.to(device.torch) if plan.resident else device.host_buffer(flat)
+                self.master[block] = flat.requires_grad_(True)
+        self.opt = {b: make_adam([p], cfg.train.lr) for b, p in self.master.items()}
+        self.grad_buf = {} if plan.resident or not device.cuda else \
+            {b: device.empty_host(p.shape, p.dtype) for b, p in self.master.items()}
+        self.ends: dict[str, torch.Tensor] = {}
+        kw = dict(device=device.torch, dtype=self.dtype)
+        d, V = m.embedding_dim, m.vocab_size
+        if 0 in self.stages:
+            self.ends["embedding"] = torch.empty(V, d, **kw)
+        if self.S - 1 in self.stages:
+            self.ends.update(norm_w=torch.empty(d, **kw), norm_b=torch.empty(d, **kw), head=torch.empty(V, d, **kw))
+        init_ends(self.ends.get("embedding"), self.ends.get("norm_w"), self.ends.get("norm_b"),
+                  self.ends.get("head"), cfg.train.seed)
+        for p in self.ends.values():
+            p.requires_grad_(True)
+        self.ends_opt = make_adam(list(self.ends.values()), cfg.train.lr) if self.ends else None
+        # -- machinery
+        self.policy = make_policy(plan, rank, m, cost, threads=cfg.cluster.cores_per_rank)
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        if self.policy is not None:
+            self.policy.on_work = self.cond.notify_all
+        cap = cfg.cluster.link_bandwidth_GBps
+        self.h2d, self.d2h = Link(cap), Link(cap)
+        self.load_stream = device.new_stream()
+        self.offload_stream = device.new_stream()
+        self.net_stream = device.new_stream()
+        self.act_stream = device.new_stream()       # CPU experts' activations, both directions
+        self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=device.enter_thread)
+
+    def close(self) -> None:
+        self.cpu.close()
+
+    # =================================================================== a step
+    def run_step(self, i: int, counts: IterationCounts) -> StepReport:
+        """Train one step (`i` counts warm-up steps too: it picks data and routing)."""
+        self._begin_step(i, counts)
+        prog = self.plan.programs[self.rank]
+        threads = [threading.Thread(target=self._guard, args=(self._walk, s, prog[s]), name=f"r{self.rank}-{s}")
+                   for s in ("load", "offload", "cpu", "net") if prog.get(s)]
+        if self.policy is not None:
+            threads.append(threading.Thread(target=self._guard, args=(self._copy_engine,), name=f"r{self.rank}-copy"))
+        if self.peers is not None:
+            dist.barrier()
+        self.dev.start_clock()
+        self.dev.reset_peak()
+        for t in threads:
+            t.start()
+        try:
+            self._walk("compute", prog["compute"])
+            self._update_ends()
+        except BaseException as e:
+            self._fail(e)
+        finally:
+            self.compute_done = True
+            with self.cond:
+                self.cond.notify_all()
+            for t in threads:
+                t.join()
+        if self.errors:
+            raise self.errors[0]
+        self._drain_sends()
+        self.dev.synchronize()
+        step_s = self.dev.host_seconds()
+        report = self._report(step_s)
+        self._end_step()
+        return report
+
+    def _begin_step(self, i: int, counts: IterationCounts) -> None:
+        self.step_index, self.counts = i, counts
+        self.done = {a: threading.Event() for prog in self.plan.programs[self.rank].values() for a in prog}
+        self.errors: list[BaseException] = []
+        self.abort = threading.Event()
+        self.compute_done = False
+        self.dev_blocks: dict[tuple[int, Block], torch.Tensor] = {}
+        self.block_bytes = self.peak_block = 0
+        self.inbox: dict[tuple[int, int], tuple[torch.Tensor, Marker | None]] = {}
+        self.grad_inbox: dict[tuple[int, int], tuple[torch.Tensor, Marker | None]] = {}
+        self.outbox: dict[tuple[int, int], tuple[torch.Tensor, Marker]] = {}
+        self.ckpt: dict[tuple[int, int], torch.Tensor] = {}
+        self.tapes: dict[tuple[int, int], dict[int, LayerRun]] = {}
+        self.cpu_saved: dict[tuple[int, int], dict[int, CpuPart]] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.embedded: dict[int, torch.Tensor] = {}          # stage 0's embedding output, in its graph
+        self.done_marker: dict[int, Marker] = {}             # after the latest backward of a stage
+        self.loss_graph: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.events: list[_Event] = []
+        self.host_events: list[tuple] = []
+        self.sends: list[tuple[object, torch.Tensor]] = []
+        self.expert_tokens = {"gpu": 0, "cpu": 0}
+        self.h2d.bytes = self.d2h.bytes = 0
+        self.load_bytes = 0
+        batch = self.source.batch(i, self.cfg.train.batch_size)
+        self.inputs = batch[:, :-1].to(self.dev.torch)
+        self.targets = batch[:, 1:].to(self.dev.torch)
+        E, k = self.model.num_experts, self.model.top_k
+        self.routing: dict[tuple[int, int], Routing] = {}
+        for layer in self.my_layers:
+            for mb in range(self.M):
+                if self.model.is_moe:
+                    ids = routing_from_counts(counts.counts[layer, mb], self.T, k,
+                                              routing_generator(self.cfg.train.seed, i, layer, mb))
+                else:
+                    ids = torch.zeros(self.T, 1, dtype=torch.long)
+                self.routing[(layer, mb)] = Routing.build(ids, E, self.dev.torch)
+        for p in list(self.master.values()) + list(self.ends.values()):
+            p.grad = None
+
+    def _end_step(self) -> None:
+        if self.policy is not None:
+            self.policy.end_iteration()
+        self.dev_blocks.clear()
+
+    # =================================================================== plumbing
+    def _guard(self, fn, *args) -> None:
+        self.dev.enter_thread()
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        with self.cond:
+            self.errors.append(e)
+            self.abort.set()
+            self.cond.notify_all()
+
+    def _check(self, what: str, since: float) -> None:
+        if self.abort.is_set():
+            raise RankFailure(f"rank {self.rank}: stopped while waiting for {what}: another stream failed")
+        if time.monotonic() - since > self.opts.timeout_s:
+            raise RankFailure(f"rank {self.rank}: waited {self.opts.timeout_s:.0f} s for {what}; "
+                              "a peer rank may have died (raise --timeout for very slow steps)")
+
+    def _wait_event(self, ev: threading.Event, what: str) -> None:
+        since = time.monotonic()
+        while not ev.wait(0.2):
+            self._check(what, since)
+
+    def _wait_future(self, fut: Future, what: str):
+        since = time.monotonic()
+        while True:
+            try:
+                return fut.result(timeout=0.2)
+            except TimeoutError:
+                self._check(what, since)
+
+    def _walk(self, stream: str, program: list[Action]) -> None:
+        for a in program:
+            for d in self.plan.deps_of(a):
+                ev = self.done.get(d)
+                if ev is not None:              # deps on other ranks are the messages themselves
+                    self._wait_event(ev, f"{d} before {a}")
+            self._handlers[a.kind](self, a)
+            self.done[a].set()
+
+    def _mark(self, name: str, stream: str, start: Marker, end: Marker, cat: str, **args) -> None:
+        if self.opts.trace or cat not in ("forward", "backward", "recompute"):
+            self.events.append(_Event(name, stream, start, end, cat, args))
+
+    # =================================================================== loading
+    def _instant(self, name: str, stream: str) -> None:
+        t = self.dev.host_seconds()
+        self.host_events.append((name, stream, t, t, "marker", {}))
+
+    def _open_window(self, a: Action) -> None:
+        with self.cond:
+            self.policy.stage_load_begins(a.stage, "B" if a.kind is Kind.LOAD_B else "F")
+        self._instant(str(a), "load")
+
+    def _copy_engine(self) -> None:
+        k = self.cfg.schedule.max_copies_in_flight
+        launched: deque[tuple[Copy, torch.Tensor, Marker, Marker]] = deque()
+        while True:
+            with self.cond:
+                while True:
+                    if self.abort.is_set():
+                        return
+                    c = self.policy.next_copy() if len(launched) < k else None
+                    if c is not None or launched:
+                        break
+                    if self.compute_done:
+                        return
+                    self.cond.wait(0.2)
+            if c is not None:
+                launched.append(self._launch(c))
+                if len(launched) < k:
+                    continue
+            c, buf, start, end = launched.popleft()
+            self.dev.block_on(end)
+            with self.cond:
+                open_ = self.policy.window_open(c.stage)
+                self.policy.copy_finished(c)
+                if open_:
+                    self.dev.keep_for(buf, self.dev.compute if self.dev.cuda else None)
+                    self.dev_blocks[(c.stage, c.block)] = buf.requires_grad_(True)
+                    self._count_block(buf.numel() * buf.element_size())
+                self.cond.notify_all()
+            self.load_bytes += c.nbytes
+            self._mark(str(c.action), "load", start, end, f"load-{c.phase}", bytes=c.nbytes,
+                       layer=c.block.layer, phase=c.phase)
+
+    def _launch(self, c: Copy) -> tuple[Copy, torch.Tensor, Marker, Marker]:
+        src = self.master[c.block].detach()
+        with self.dev.on(self.load_stream):
+            buf = torch.empty(src.shape, dtype=src.dtype, device=self.dev.torch)
+            start = self.dev.record(self.load_stream)
+            self.h2d.copy(buf, src)
+            end = self.dev.record(self.load_stream)
+        return c, buf, start, end
+
+    def _count_block(self, nbytes: int) -> None:
+        self.block_bytes += nbytes
+        self.peak_block = max(self.peak_block, self.block_bytes)
+
+    def _params(self, stage: int, pass_: str, block: Block) -> torch.Tensor:
+        """The block's parameters on the device, waiting (and demanding) until they are there."""
+        if self.policy is None:
+            return self.master[block]
+        with self.cond:
+            key = (stage, block)
+            if self.policy.is_loaded(stage, block):
+                return self.dev_blocks[key]
+            self.policy.require(stage, pass_, block)
+            start, since = self.dev.host_seconds(), time.monotonic()
+            while not self.policy.is_loaded(stage, block):
+                self._check(f"block {block} of stage {stage}", since)
+                self.cond.wait(0.2)
+            self.host_events.append((f"wait {block}", "compute", start, self.dev.host_seconds(), "wait",
+                                     {"layer": block.layer}))
+            return self.dev_blocks[key]
+
+    def _ready_experts(self, stage: int, pass_: str, layer: int, pending: list[int]) -> list[int]:
+        """The pending experts already on the device; if none, demand them all and wait for the first."""
+        if self.policy is None:
+            return pending
+        with self.cond:
+            since = time.monotonic()
+            while True:
+                ready = [e for e in pending if self.policy.is_loaded(stage, Block.expert_of(layer, e))]
+                if ready:
+                    return ready
+                for e in pending:
+                    self.policy.require(stage, pass_, Block.expert_of(layer, e))
+                self._check(f"experts {pending} of layer {layer}", since)
+                self.cond.wait(0.2)
+
+    def _drop(self, a: Action) -> None:
+        with self.cond:
+            if self.policy is not None:
+                self.policy.stage_dropped(a.stage)
+            for key in [k for k in self.dev_blocks if k[0] == a.stage]:
+                buf = self.dev_blocks.pop(key)
+                self.block_bytes -= buf.numel() * buf.element_size()
+        self._instant(str(a), "compute" if a.kind is Kind.DROP_F else "offload")
+
+    # =================================================================== compute
+    def _stage_input(self, s: int, m: int) -> torch.Tensor:
+        if s == 0:
+            return F.embedding(self.inputs[m * self.b:(m + 1) * self.b], self.ends["embedding"])
+        x, marker = self.inbox.pop((s, m))
+        self.dev.wait(marker)
+        return x
+
+    def _forward(self, a: Action) -> None:
+        s, m = a.stage, a.mb
+        start = self.dev.record()
+        taped = not self.plan.fwd_only and not self.plan.recomputes(m)
+        x = self._stage_input(s, m) if taped or s > 0 else None
+        if s == 0 and not taped:
+            with torch.no_grad():
+                x = self._stage_input(0, m)
+        if not taped and not self.plan.fwd_only:
+            self.ckpt[(s, m)] = x.detach() if s > 0 else None
+        runs: dict[int, LayerRun] = {}
+        y = self._run_layers(a, self._locked(forward_walk(s, m, self.layers[s], self.policy, self.counts.counts,
+                                                          self.counts.predicted, moe=self.model.is_moe)),
+                             x, runs, grad=taped, keep_cpu=not taped and not self.plan.fwd_only)
+        if taped:
+            self.tapes[(s, m)] = runs
+            if s == 0:
+                self.embedded[m] = x
+        self._stage_output(a, y, taped)
+        self._mark(str(a), "compute", start, self.dev.record(), "forward", stage=s, mb=m)
+
+    def _stage_output(self, a: Action, y: torch.Tensor, taped: bool) -> None:
+        s, m = a.stage, a.mb
+        if s == self.S - 1:
+            yl = y.detach().requires_grad_(taped)
+            with torch.set_grad_enabled(taped):
+                loss = self._loss(yl, m)
+            self.losses[m] = loss.detach()
+            if taped:
+                self.loss_graph[m] = (yl, loss)
+        elif self.plan.rank_of(s + 1) == self.rank:
+            self.inbox[(s + 1, m)] = (y.detach(), None)
+        else:
+            self.outbox[(s, m)] = (y.detach(), self.dev.record())
+
+    def _loss(self, y: torch.Tensor, m: int) -> torch.Tensor:
+        e = self.ends
+        return lm_loss(y, e["norm_w"], e["norm_b"], e["head"], self.targets[m * self.b:(m + 1) * self.b])
+
+    def _locked(self, walk):
+        """A stage walk whose steps are generated under the policy lock: generating a step
+        tells the policy what was learnt (predicted and gate counts, backward placements)."""
+        it = iter(walk)
+        while True:
+            with self.cond:
+                step = next(it, None)
+            if step is None:
+                return
+            yield step
+
+    def _run_layers(self, a: Action, steps, x: torch.Tensor, runs: dict[int, LayerRun], *, grad: bool,
+                    keep_cpu: bool) -> torch.Tensor:
+        """Forward steps of a stage walk from input x; returns the stage output."""
+        for step in steps:
+            x = self._forward_step(a, step, x, runs, grad=grad, keep_cpu=keep_cpu)
+        return x
+
+    def _forward_step(self, a: Action, step, x: torch.Tensor, runs: dict[int, LayerRun], *, grad: bool,
+                      keep_cpu: bool) -> torch.Tensor:
+        """One forward (or recompute) step; returns the activation after it."""
+        if isinstance(step, RunExperts):
+            run = runs[step.layer]
+            self._experts_forward(a, step, run, keep_cpu=keep_cpu or grad)
+            return run.output()
+        for block in step.blocks:
+            p = self._params(a.stage, step.pass_, block)
+            t0 = self.dev.record()
+            if block.kind is BlockKind.ATTN:
+                xin = x.detach().requires_grad_(grad) if grad else x
+                run = runs[block.layer] = LayerRun(xin, self.routing[(block.layer, a.mb)], self.model.num_heads,
+                                                   grad, self.model.is_moe)
+                run.attention(views(p, self.shapes[BlockKind.ATTN]))
+            else:
+                runs[block.layer].gate(p.view(self.shapes[BlockKind.GATE][0]))
+            self._mark(str(a.at(block)), "compute", t0, self.dev.record(), step.cat, layer=block.layer)
+        return x
+
+    def _experts_forward(self, a: Action, step: RunExperts, run: LayerRun, keep_cpu: bool) -> None:
+        layer, mb = step.layer, a.mb
+        fut = self._submit_cpu_forward(a, step, run, keep_cpu) if step.cpu else None
+        pending = list(step.gpu)
+        while pending:
+            for e in self._ready_experts(a.stage, step.pass_, layer, pending):
+                p = self._params(a.stage, step.pass_, Block.expert_of(layer, e))
+                t0 = self.dev.record()
+                run.gpu_expert(e, *views(p, self.shapes[BlockKind.EXPERT]))
+                self._mark(str(a.at(Block.expert_of(layer, e))), "compute", t0, self.dev.record(), step.cat,
+                           layer=layer, experts=[e], tokens=int(step.counts[e]))
+                self.expert_tokens["gpu"] += int(step.counts[e])
+                pending.remove(e)
+        # Experts that ran on the CPU in this micro-batch's forward kept their results there.
+        saved = self.cpu_saved.get((layer, mb), {})
+        for e in range(len(step.counts)):
+            if step.counts[e] > 0 and e not in step.gpu and e not in step.cpu:
+                part = saved[e]
+                with self.dev.on(self.act_stream):
+                    out_dev = part.out.detach().to(self.dev.torch, non_blocking=True)
+                self.dev.wait(self.dev.record(self.act_stream))
+                run.cpu[e] = CpuPart(part.inp, part.out, out_dev)
+        if fut is not None:
+            parts, marker = self._wait_future(fut, f"CPU experts of layer {layer}")
+            self.dev.wait(marker)
+            run.cpu.update(parts)
+            if keep_cpu and step.cat == "forward":
+                self.cpu_saved[(layer, mb)] = dict(parts)
+
+    def _submit_cpu_forward(self, a: Action, step: RunExperts, run: LayerRun, keep_graph: bool) -> Future:
+        """Tokens of the CPU experts go down in one copy, come back in one copy."""
+        experts = list(step.cpu)
+        inp = torch.cat([run.inputs_of(e) for e in experts])
+        ready = self.dev.record()
+        sizes = [int(step.counts[e]) for e in experts]
+        self.expert_tokens["cpu"] += sum(sizes)
+
+        def job():
+            self.dev.block_on(ready)
+            host = self.dev.empty_host(inp.shape, inp.dtype)
+            with self.dev.on(self.act_stream):
+                self.d2h.copy(host, inp)
+                self.dev.block_on(self.dev.record(self.act_stream))
+            parts, outs = {}, []
+            for e, xin in zip(experts, host.split(sizes)):
+                t0 = self.dev.host_seconds()
+                xin = xin.detach().requires_grad_(keep_graph)
+                with torch.set_grad_enabled(keep_graph):
+                    out = expert(xin, *views(self.master[Block.expert_of(step.layer, e)],
+                                             self.shapes[BlockKind.EXPERT]))
+                self.host_events.append((str(a.at(Block.expert_of(step.layer, e))), "cpu", t0,
+                                         self.dev.host_seconds(),
+                                         "recompute" if step.cat == "recompute" else "cpu-expert",
+                                         dict(layer=step.layer, experts=[e], tokens=int(step.counts[e]))))
+                parts[e] = (xin, out)
+                outs.append(out.detach())
+            back = torch.cat(outs)
+            with self.dev.on(self.act_stream):
+                dev_out = torch.empty(back.shape, dtype=back.dtype, device=self.dev.torch)
+                self.h2d.copy(dev_out, back)
+                marker = self.dev.record(self.act_stream)
+            if self.dev.cuda:
+                self.dev.keep_for(dev_out, self.dev.compute)
+            return {e: CpuPart(xin, out, o) for (e, (xin, out)), o in zip(parts.items(), dev_out.split(sizes))}, marker
+
+        return self.cpu.submit(cpu_worker.EXPERT, job)
+
+    def _backward(self, a: Action) -> None:
+        s, m = a.stage, a.mb
+        start = self.dev.record()
+        recompute = self.plan.recomputes(m)
+        if recompute:
+            runs: dict[int, LayerRun] = {}
+            x = self._stage_input(0, m) if s == 0 else self.ckpt.pop((s, m))
+            if s == 0:
+                self.embedded[m] = x
+        else:
+            runs, x = self.tapes.pop((s, m)), None
+        dy = None
+        for step in self._locked(backward_walk(s, m, self.layers[s], self.policy, self.counts.counts,
+                                               moe=self.model.is_moe, recompute=recompute)):
+            if step.cat == "recompute":
+                x = self._forward_step(a, step, x, runs, grad=True, keep_cpu=True)
+                continue
+            if dy is None:
+                if recompute and s == self.S - 1:
+                    yl = x.detach().requires_grad_(True)
+                    self.loss_graph[m] = (yl, self._loss(yl, m))
+                dy = self._output_grad(s, m)
+            dy = self._backward_step(a, step, runs, dy)
+        self.cpu_saved = {k: v for k, v in self.cpu_saved.items() if not (k[1] == m and k[0] in self.layers[s])}
+        self._input_grad(s, m, dy)
+        end = self.done_marker[s] = self.dev.record()
+        self._mark(str(a), "compute", start, end, "backward", stage=s, mb=m)
+
+    def _output_grad(self, s: int, m: int) -> torch.Tensor:
+        if s == self.S - 1:
+            yl, loss = self.loss_graph.pop(m)
+            (loss / self.M).backward()
+            return yl.grad
+        g, marker = self.grad_inbox.pop((s, m))
+        self.dev.wait(marker)
+        return g
+
+    def _input_grad(self, s: int, m: int, dx: torch.Tensor) -> None:
+        if s == 0:
+            torch.autograd.backward(self.embedded.pop(m), dx)
+        elif self.plan.rank_of(s - 1) == self.rank:
+            self.grad_inbox[(s - 1, m)] = (dx, None)
+        else:
+            self.outbox[(s, m)] = (dx, self.dev.record())
+
+    def _backward_step(self, a: Action, step, runs: dict[int, LayerRun], dy: torch.Tensor) -> torch.Tensor:
+        if isinstance(step, RunExperts):
+            run = runs[step.layer]
+            run.start_backward(dy)
+            self._experts_backward(a, step, run)
+            return dy
+        run = runs[step.blocks[0].layer]
+        for block in step.blocks:
+            self._params(a.stage, step.pass_, block)        # still loaded; waits if the plan says so
+            t0 = self.dev.record()
+            if block.kind is BlockKind.GATE:
+                run.gate_backward()
+            else:
+                dy = run.attention_backward()
+            self._mark(str(a.at(block)), "compute", t0, self.dev.record(), "backward", layer=block.layer)
+        return dy
+
+    def _experts_backward(self, a: Action, step: RunExperts, run: LayerRun) -> None:
+        layer = step.layer
+        douts = {e: run.output_grad_of(e) for e in range(len(step.counts)) if step.counts[e] > 0}
+        fut = None
+        if step.cpu:
+            experts = list(step.cpu)
+            g = torch.cat([douts[e] for e in experts])
+            ready = self.dev.record()
+            sizes = [int(step.counts[e]) for e in experts]
+            self.expert_tokens["cpu"] += sum(sizes)
+
+            def job():
+                self.dev.block_on(ready)
+                host = self.dev.empty_host(g.shape, g.dtype)
+                with self.dev.on(self.act_stream):
+                    self.d2h.copy(host, g)
+                    self.dev.block_on(self.dev.record(self.act_stream))
+                grads = []
+                for e, ge in zip(experts, host.split(sizes)):
+                    t0 = self.dev.host_seconds()
+                    part = run.cpu[e]
+                    torch.autograd.backward(part.out, ge)
+                    grads.append(part.inp.grad)
+                    self.host_events.append((str(a.at(Block.expert_of(layer, e))), "cpu", t0,
+                                             self.dev.host_seconds(), "cpu-expert",
+                                             dict(layer=layer, experts=[e], tokens=int(step.counts[e]))))
+                back = torch.cat(grads)
+                with self.dev.on(self.act_stream):
+                    dev_g = torch.empty(back.shape, dtype=back.dtype, device=self.dev.torch)
+                    self.h2d.copy(dev_g, back)
+                    marker = self.dev.record(self.act_stream)
+                if self.dev.cuda:
+                    self.dev.keep_for(dev_g, self.dev.compute)
+                return dev_g.split(sizes), marker
+
+            fut = self.cpu.submit(cpu_worker.EXPERT, job)
+        pending = list(step.gpu)
+        while pending:
+            for e in self._ready_experts(a.stage, step.pass_, layer, pending):
+                self._params(a.stage, step.pass_, Block.expert_of(layer, e))
+                t0 = self.dev.record()
+                run.gpu_expert_backward(e, douts[e])
+                self._mark(str(a.at(Block.expert_of(layer, e))), "compute", t0, self.dev.record(), "backward",
+                           layer=layer, experts=[e], tokens=int(step.counts[e]))
+                self.expert_tokens["gpu"] += int(step.counts[e])
+                pending.remove(e)
+        if fut is not None:
+            grads, marker = self._wait_future(fut, f"CPU expert backward of layer {layer}")
+            self.dev.wait(marker)
+            for e, g in zip(step.cpu, grads):
+                run.add_input_grad(e, g)
+
+    # =================================================================== offload and update
+    def _offload(self, a: Action) -> None:
+        """Gradients of the stage's device blocks to host memory, behind its last backward."""
+        last = self.done_marker.get(a.stage)
+        with self.cond:
+            blocks = [(b, buf) for (s, b), buf in self.dev_blocks.items() if s == a.stage and buf.grad is not None]
+        with self.dev.on(self.offload_stream):
+            self.dev.wait(last, self.offload_stream)
+            start = self.dev.record(self.offload_stream)
+            nbytes = 0
+            for b, buf in blocks:
+                g = buf.grad
+                self.dev.keep_for(g, self.offload_stream)
+                host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
+                self.d2h.copy(host, g)
+                self.master[b].grad = host if self.master[b].grad is None else self.master[b].grad + host
+                nbytes += g.numel() * g.element_size()
+            end = self.dev.record(self.offload_stream)
+        self.dev.block_on(end)
+        self._mark(str(a), "offload", start, end, "offload", bytes=nbytes)
+
+    def _update_cpu(self, a: Action) -> None:
+        """Adam over the stage's host parameters, block by block, below CPU experts in priority."""
+        futs = []
+        for layer in self.layers[a.stage]:
+            for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
+                futs.append(self.cpu.submit(cpu_worker.UPDATE, self._adam_block, a, block))
+        for f in futs:
+            self._wait_future(f, f"the update of stage {a.stage}")
+
+    def _adam_block(self, a: Action, block: Block) -> None:
+        t0 = self.dev.host_seconds()
+        self.opt[block].step()
+        self.host_events.append((str(a.at(block)), "cpu", t0, self.dev.host_seconds(), "update",
+                                 dict(layer=block.layer, params=self.master[block].numel())))
+
+    def _update(self, a: Action) -> None:
+        (self._update_resident if self.plan.resident else self._update_cpu)(a)
+
+    def _update_resident(self, a: Action) -> None:
+        start = self.dev.record()
+        for layer in self.layers[a.stage]:
+            for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
+                self.opt[block].step()
+        self._mark(str(a), "compute", start, self.dev.record(), "update")
+
+    def _update_ends(self) -> None:
+        if self.ends_opt is not None and not self.plan.fwd_only:
+            self.ends_opt.step()
+
+    # =================================================================== network
+    def _send(self, a: Action) -> None:
+        peer = self.plan.rank_of(a.stage + (1 if a.kind is Kind.SEND_F else -1))
+        x, ready = self.outbox.pop((a.stage, a.mb))
+        with self.dev.on(self.net_stream):
+            self.dev.wait(ready, self.net_stream)
+            start = self.dev.record(self.net_stream)
+            work = self.peers.send(x.contiguous(), peer)
+        self.sends.append((work, x))
+        self._mark(str(a), "net", start, self.dev.record(self.net_stream), "send", bytes=x.numel() * x.element_size())
+
+    def _recv(self, a: Action) -> None:
+        fwd = a.kind is Kind.RECV_F
+        peer = self.plan.rank_of(a.stage + (-1 if fwd else 1))
+        buf = torch.empty(self.b, self.L, self.model.embedding_dim, dtype=self.dtype, device=self.dev.torch)
+        with self.dev.on(self.net_stream):
+            start = self.dev.record(self.net_stream)
+            work = self.peers.recv(buf, peer)
+            work.wait()
+            marker = self.dev.record(self.net_stream)
+        self.dev.keep_for(buf, self.dev.compute if self.dev.cuda else None)
+        (self.inbox if fwd else self.grad_inbox)[(a.stage, a.mb)] = (buf, marker)
+        self._mark(str(a), "net", start, marker, "recv", bytes=buf.numel() * buf.element_size())
+
+    def _drain_sends(self) -> None:
+        for work, _ in self.sends:
+            work.wait()
+        self.sends.clear()
+
+    # =================================================================== results
+    def _report(self, step_s: float) -> StepReport:
+        ev = [(e.name, e.stream, self.dev.seconds(e.start), self.dev.seconds(e.end), e.cat, e.args)
+              for e in self.events] + list(self.host_events)
+        peak = self.dev.peak_bytes()
+        pol = self.policy
+        return StepReport(
+            rank=self.rank, step_s=step_s, losses=[float(self.losses[m]) for m in sorted(self.losses)], events=ev,
+            peak_gpu_bytes=peak if peak is not None else self.peak_block, peak_block_bytes=self.peak_block,
+            bytes={"h2d": float(self.h2d.bytes), "d2h": float(self.d2h.bytes), "load": float(self.load_bytes)},
+            expert_tokens=dict(self.expert_tokens),
+            copies_by_phase=dict(pol.copies_by_phase) if pol is not None else {},
+            bytes_by_phase=dict(pol.bytes_by_phase) if pol is not None else {})
+
+    _handlers = {
+        Kind.FWD: _forward, Kind.BWD: _backward, Kind.DROP_F: _drop, Kind.DROP_B: _drop,
+        Kind.LOAD_F: _open_window, Kind.LOAD_B: _open_window, Kind.OFFLOAD: _offload, Kind.UPDATE: _update,
+        Kind.SEND_F: _send, Kind.SEND_B: _send, Kind.RECV_F: _recv, Kind.RECV_B: _recv,
+    }
