@@ -21,17 +21,24 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import simpy
+from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource, SharedLinkView
-from aptmoe.memory import MemoryModel
+from aptmoe.memory import MemoryModel, adam_chunks
 from aptmoe.plan.actions import Action, Block, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
-from aptmoe.stage_walk import RunBlocks, RunExperts, Step, backward_placement, backward_walk, forward_walk
+from aptmoe.stage_walk import (
+    RunBlocks,
+    RunExperts,
+    Step,
+    backward_placement,
+    backward_walk,
+    forward_walk,
+)
 from aptmoe.trace import Trace
-from aptmoe.sim.links import SharedRoot
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +388,7 @@ class RankModel:
         self._record(str(a), "offload", start, "offload", bytes=nbytes)
 
     def _update(self, a: Action):
-        """Adam over a stage's parameters. On the CPU it runs block by block at low priority,
+        """Adam over a stage's parameters. On the CPU it runs in chunks (`adam_chunks`) at low priority,
         so that expert work of stages still in backward waits for one block's update at
         most, not for the whole stage's (found in the trace: whole-stage and even per-layer
         chunks held the cores for tens of milliseconds while CPU experts queued)."""
@@ -394,12 +401,12 @@ class RankModel:
             return
         for layer in self.layers[a.stage]:
             for block in Block.of_layer(layer, m.num_experts, m.is_moe):
-                params = m.block_bytes(block.kind.value) // m.dtype_bytes
-                with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
-                    yield req
-                    start = self.env.now
-                    yield self._hold(self.cost.adam_cpu_s(params, self.threads), "cpu")
-                self._record(str(a.at(block)), "cpu", start, "update", params=params, layer=layer)
+                for lo, hi in adam_chunks(m.block_bytes(block.kind.value) // m.dtype_bytes):
+                    with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
+                        yield req
+                        start = self.env.now
+                        yield self._hold(self.cost.adam_cpu_s(hi - lo, self.threads), "cpu")
+                    self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=layer)
 
     def _send(self, a: Action):
         peer = a.stage + (1 if a.kind is Kind.SEND_F else -1)
