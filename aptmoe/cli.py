@@ -10,7 +10,12 @@ from __future__ import annotations
 import sys
 
 from aptmoe.config import ConfigError
-from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
+from aptmoe.flags import (
+    add_cluster_flags,
+    add_seed_flags,
+    config_from_args,
+    make_parser,
+)
 from aptmoe.memory import MemoryModel
 from aptmoe.plan.builders import build_plan
 from aptmoe.plan.plan import PlanError

@@ -15,8 +15,18 @@ from __future__ import annotations
 
 import argparse
 
-from aptmoe.config import (ClusterConfig, ConfigError, ModelConfig, Pipeline, PopularityConfig, RunConfig,
-                           ScheduleConfig, TrainConfig, model_preset, moe_model)
+from aptmoe.config import (
+    ClusterConfig,
+    ConfigError,
+    ModelConfig,
+    Pipeline,
+    PopularityConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+    model_preset,
+    moe_model,
+)
 
 # The artifact's presets (reference/a800-paper-testbed.json, "artifact_defaults").
 ARTIFACT_PRESETS = {

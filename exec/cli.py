@@ -121,8 +121,24 @@ def prepare(ns, pipeline: str, use_cuda: bool) -> tuple[RunConfig, object, Plan]
     cfg = config_from_args(ns, pipeline=pipeline, gpus=gpus, **hw)
     if ns.lr is not None:
         cfg = cfg.replace(train=_replace(cfg.train, lr=ns.lr))
+    # The cores each rank will be bound to (`bind_cores`): the topology's share, or an even
+    # split of this machine's where it has fewer. The config says what runs, so that the
+    # APTMoE policy plans with it and a simulation of this config models the same machine.
+    per = cores_per_rank(cfg.cluster.cores_per_rank, gpus)
+    if per != cfg.cluster.cores_per_rank:
+        cfg = cfg.replace(cluster=_replace(cfg.cluster, cores_per_socket=per * cfg.cluster.gpus_per_socket))
     cost = cost_for(cfg, profile)
     return cfg, cost, build_plan(cfg, cost)
+
+
+def cores_per_rank(wanted: int, local_ranks: int) -> int:
+    import psutil
+
+    try:
+        allowed = len(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):
+        allowed = os.cpu_count() or 1
+    return max(1, min(wanted, allowed // max(1, local_ranks)))
 
 
 def _replace(obj, **kw):
@@ -154,12 +170,12 @@ def preflight(cfg: RunConfig, plan: Plan) -> str | None:
 # --------------------------------------------------------------------------- one rank
 
 
-def rank_main(ns, pipeline: str, setup, tmp: Path, use_cuda: bool) -> dict | None:
+def rank_main(ns, pipeline: str, prepared, setup, tmp: Path) -> dict | None:
     """Everything one rank does for one schedule (the process group is up); rank 0 returns the result."""
     from aptmoe.exec.launch import run_pipeline
     from aptmoe.exec.runtime import ExecOptions
 
-    cfg, cost, plan = prepare(ns, pipeline, use_cuda)
+    cfg, cost, plan = prepared
     bar = None
     if setup.rank == 0 and not ns.quiet and sys.stderr.isatty():
         bar = progress_bar(total=cfg.train.num_warmup_steps + cfg.train.num_training_steps, desc=pipeline,
@@ -194,9 +210,9 @@ def _spawned(local_rank: int, world: int, port: int, argv: list[str], pipeline: 
                       WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world))
     ns = make_run_parser().parse_args(argv)
     try:
-        cfg, _, _ = prepare(ns, pipeline, use_cuda)
-        setup = init_rank(local_rank, world, local_rank, world, cfg, ns.timeout, use_cuda=use_cuda)
-        res = rank_main(ns, pipeline, setup, Path(tmp), use_cuda)
+        prepared = prepare(ns, pipeline, use_cuda)
+        setup = init_rank(local_rank, world, local_rank, world, prepared[0], ns.timeout, use_cuda=use_cuda)
+        res = rank_main(ns, pipeline, prepared, setup, Path(tmp))
         if res is not None:
             write_json_atomic(Path(tmp) / f"result-{pipeline}.json", res)
         dist.destroy_process_group()
@@ -308,14 +324,14 @@ def _main_torchrun(ns, argv, plans, staged, use_cuda, say) -> int:
         setup = init_rank(rank, world, local_rank, local_world, cfg0, ns.timeout, use_cuda=use_cuda)
         box = [str(tmp) if tmp is not None else None]
         dist.broadcast_object_list(box, src=0)        # rank 0's staging folder, where every rank writes
-        for name, (cfg, _, plan) in plans.items():
+        for name, (cfg, cost, plan) in plans.items():
             why = preflight(cfg, plan)
             if why is not None:
                 if rank == 0:
                     print(f"{PROG}: {name} refused: {why}", file=sys.stderr)
                     results[name] = _refused(cfg, plan, why)
                 continue
-            res = rank_main(ns, name, setup, Path(box[0]), use_cuda)
+            res = rank_main(ns, name, (cfg, cost, plan), setup, Path(box[0]))
             if rank == 0:
                 results[name] = res
         dist.destroy_process_group()

@@ -49,7 +49,7 @@ def bind_cores(local_rank: int, local_world: int, cores_per_rank: int) -> list[i
         allowed = sorted(psutil.Process().cpu_affinity())
     except (AttributeError, psutil.Error):          # macOS has no affinity
         allowed = list(range(os.cpu_count() or 1))
-    per = max(1, min(cores_per_rank, len(allowed) // max(1, local_world)))
+    per = max(1, min(cores_per_rank, len(allowed)))
     first = (local_rank * per) % len(allowed)
     cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
     try:
@@ -63,6 +63,9 @@ def bind_cores(local_rank: int, local_world: int, cores_per_rank: int) -> list[i
 def init_rank(rank: int, world: int, local_rank: int, local_world: int, cfg: RunConfig, timeout_s: float,
               *, use_cuda: bool) -> RankSetup:
     backend = "nccl" if use_cuda else "gloo"
+    # Each direction between two ranks has its own group (aptmoe.exec.comm), so torch's
+    # warning that unbatched p2p ops serialise within a group says nothing here.
+    os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     device = Device(f"cuda:{local_rank}" if use_cuda else "cpu")
     kw = {"device_id": device.torch} if use_cuda else {}
     try:

@@ -52,7 +52,50 @@ def train_reference(cfg: RunConfig, source, steps: int, *, device: str = "cpu") 
                        if m.is_moe else None for layer in range(m.num_layers)]
             loss = model(batch[mb * b:(mb + 1) * b], routing)
             (loss / M).backward()
-            step_losses.append(float(loss))
+            step_losses.append(float(loss.detach()))
         opt.step()
         losses.append(step_losses)
     return ReferenceRun(losses, block_params(model))
+
+
+@dataclass
+class Agreement:
+    """How far an executor run is from the reference: worst relative errors."""
+
+    loss: float          # max over steps and micro-batches of |loss - ref| / |ref|
+    params: float        # max over blocks and ends of ||p - ref|| / ||ref|| (ends at zero: absolute)
+    worst_param: str
+
+    def within(self, tol: float) -> bool:
+        return self.loss <= tol and self.params <= tol
+
+
+def load_saved_params(folder, pipeline: str) -> dict[str, torch.Tensor]:
+    """The parameters `aptmoe-run --save-params` wrote, every rank's merged."""
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob(f"params-{pipeline}-rank*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no params-{pipeline}-rank*.pt in {folder}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(torch.load(f, map_location="cpu"))
+    return out
+
+
+def agreement(ref: ReferenceRun, losses: list[list[float]], params: dict[str, torch.Tensor]) -> Agreement:
+    if len(losses) != len(ref.losses):
+        raise ValueError(f"{len(losses)} steps of losses against {len(ref.losses)} of the reference")
+    loss_err = max((abs(a - b) / abs(b) for got, want in zip(losses, ref.losses) for a, b in zip(got, want, strict=True)),
+                   default=0.0)
+    missing = sorted(set(ref.params) - set(params))
+    if missing:
+        raise ValueError(f"the run saved no parameters for {', '.join(missing[:5])}")
+    worst, worst_name = 0.0, ""
+    for name, want in ref.params.items():
+        diff = (params[name].float() - want.float()).norm().item()
+        scale = want.float().norm().item()
+        err = diff / scale if scale > 0 else diff
+        if err > worst:
+            worst, worst_name = err, name
+    return Agreement(loss_err, worst, worst_name)

@@ -25,6 +25,7 @@ the device and updates there.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -52,11 +53,17 @@ from aptmoe.exec.model import (
 
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource
+from aptmoe.memory import adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
 from aptmoe.stage_walk import RunExperts, backward_walk, forward_walk
+
+
+# "RANK:STEP" makes that rank exit abruptly when the step begins: how the tests check that
+# the other ranks stop with a clear message instead of hanging.
+FAULT_ENV = "APTMOE_FAULT_RANK_STEP"
 
 
 class RankFailure(RuntimeError):
@@ -126,7 +133,16 @@ class RankRuntime:
                 flat = initial_flat(m, block, cfg.train.seed)
                 flat = flat.to(device.torch) if plan.resident else device.host_buffer(flat)
                 self.master[block] = flat.requires_grad_(True)
-        self.opt = {b: make_adam([p], cfg.train.lr) for b, p in self.master.items()}
+        if plan.resident:
+            self.opt = {(b, 0): make_adam([p], cfg.train.lr) for b, p in self.master.items()}
+            self.chunks = {b: [(0, p.numel(), p)] for b, p in self.master.items()}
+        else:
+            # Adam runs in chunks (see aptmoe.memory.adam_chunks): each chunk is a leaf that
+            # shares the master's storage, so updating it updates the master in place.
+            self.chunks = {b: [(lo, hi, p.detach()[lo:hi].requires_grad_(True)) for lo, hi in adam_chunks(p.numel())]
+                           for b, p in self.master.items()}
+            self.opt = {(b, i): make_adam([leaf], cfg.train.lr) for b, cs in self.chunks.items()
+                        for i, (_, _, leaf) in enumerate(cs)}
         self.grad_buf = {} if plan.resident or not device.cuda else \
             {b: device.empty_host(p.shape, p.dtype) for b, p in self.master.items()}
         self.ends: dict[str, torch.Tensor] = {}
@@ -161,6 +177,8 @@ class RankRuntime:
     # =================================================================== a step
     def run_step(self, i: int, counts: IterationCounts) -> StepReport:
         """Train one step (`i` counts warm-up steps too: it picks data and routing)."""
+        if os.environ.get(FAULT_ENV) == f"{self.rank}:{i}":
+            os._exit(17)            # fault injection (tests): this rank dies at the start of step i
         self._begin_step(i, counts)
         prog = self.plan.programs[self.rank]
         threads = [threading.Thread(target=self._guard, args=(self._walk, s, prog[s]), name=f"r{self.rank}-{s}")
@@ -673,15 +691,21 @@ class RankRuntime:
         futs = []
         for layer in self.layers[a.stage]:
             for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
-                futs.append(self.cpu.submit(cpu_worker.UPDATE, self._adam_block, a, block))
+                if self.master[block].grad is None:
+                    continue                     # unused this step: Adam skips it, as torch's does
+                for i in range(len(self.chunks[block])):
+                    futs.append(self.cpu.submit(cpu_worker.UPDATE, self._adam_chunk, a, block, i))
         for f in futs:
             self._wait_future(f, f"the update of stage {a.stage}")
 
-    def _adam_block(self, a: Action, block: Block) -> None:
+    def _adam_chunk(self, a: Action, block: Block, i: int) -> None:
         t0 = self.dev.host_seconds()
-        self.opt[block].step()
+        lo, hi, leaf = self.chunks[block][i]
+        leaf.grad = self.master[block].grad[lo:hi]
+        self.opt[(block, i)].step()
+        leaf.grad = None
         self.host_events.append((str(a.at(block)), "cpu", t0, self.dev.host_seconds(), "update",
-                                 dict(layer=block.layer, params=self.master[block].numel())))
+                                 {"layer": block.layer, "params": hi - lo, "chunk": i}))
 
     def _update(self, a: Action) -> None:
         (self._update_resident if self.plan.resident else self._update_cpu)(a)
@@ -690,7 +714,7 @@ class RankRuntime:
         start = self.dev.record()
         for layer in self.layers[a.stage]:
             for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
-                self.opt[block].step()
+                self.opt[(block, 0)].step()
         self._mark(str(a), "compute", start, self.dev.record(), "update")
 
     def _update_ends(self) -> None:

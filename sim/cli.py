@@ -19,10 +19,26 @@ import sys
 from pathlib import Path
 
 from aptmoe.config import RunConfig
-from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser, pipelines_of
+from aptmoe.flags import (
+    add_cluster_flags,
+    add_seed_flags,
+    config_from_args,
+    make_parser,
+    pipelines_of,
+)
 from aptmoe.profile import load_profile
-from aptmoe.report import (StagedDir, first_line, flat_row, progress_bar, progress_disabled, schedule_table,
-                           short_fallbacks, speedups, timestamp, write_csv)
+from aptmoe.report import (
+    StagedDir,
+    first_line,
+    flat_row,
+    progress_bar,
+    progress_disabled,
+    schedule_table,
+    short_fallbacks,
+    speedups,
+    timestamp,
+    write_csv,
+)
 
 PROG = "aptmoe-sim"
 SUBCOMMANDS = ("plot", "sweep")
@@ -75,9 +91,10 @@ def make_sim_parser() -> argparse.ArgumentParser:
 
 
 def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
+    from aptmoe.sim.simulate import cost_for, simulate
+
     from aptmoe.plan.builders import build_plan
     from aptmoe.plot import plot_trace_file
-    from aptmoe.sim.simulate import cost_for, simulate
     from aptmoe.trace import Trace, write_json_atomic
 
     check_measured_steps(ns)
@@ -160,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "plot":
             return run_plot(make_plot_parser().parse_args(argv[1:]))
         if argv and argv[0] == "sweep":
-            from aptmoe.sim.sweep import run_sweep, make_sweep_parser
+            from aptmoe.sim.sweep import make_sweep_parser, run_sweep
 
             return run_sweep(make_sweep_parser().parse_args(argv[1:]), argv)
         return run_simulate(make_sim_parser().parse_args(argv), argv)

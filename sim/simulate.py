@@ -12,6 +12,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from aptmoe.sim.engine import OutOfMemory, StepModel
+
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource
 from aptmoe.plan.builders import build_plan
@@ -20,7 +22,6 @@ from aptmoe.plan.validate import validate
 from aptmoe.popularity import gini_coefficient, popularity_from_config
 from aptmoe.profile import Profile, cost_for
 from aptmoe.trace import Trace
-from aptmoe.sim.engine import OutOfMemory, StepModel
 
 
 @dataclass

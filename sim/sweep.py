@@ -26,11 +26,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from aptmoe.sim.cli import PROG, UsageError, add_sim_flags, check_measured_steps
+
 from aptmoe.config import Pipeline
 from aptmoe.flags import make_parser
-from aptmoe.report import progress_bar, progress_disabled, timestamp
-from aptmoe.sim.cli import PROG, UsageError, add_sim_flags, check_measured_steps
-from aptmoe.report import StagedDir, first_line, fmt, format_table, write_csv
+from aptmoe.report import (
+    StagedDir,
+    first_line,
+    fmt,
+    format_table,
+    progress_bar,
+    progress_disabled,
+    timestamp,
+    write_csv,
+)
 
 # Fields a grid may name directly; any other flag's destination works too.
 COMMON_FIELDS = ("gini", "num_experts", "model_config", "topo", "link_bandwidth", "batch_size", "num_chunks",
@@ -145,8 +154,9 @@ def _profile(calibration: str):
 
 def run_point(task: tuple) -> dict:
     """Simulate one point; any failure becomes the row's ``error``. Runs in a worker process."""
-    from aptmoe.flags import config_from_args
     from aptmoe.sim.simulate import simulate
+
+    from aptmoe.flags import config_from_args
 
     index, point, base, calibration, measured_steps, hw = task
     ns = argparse.Namespace(**base)

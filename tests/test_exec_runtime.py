@@ -1,0 +1,213 @@
+"""The executor on the CPU (gloo): reference equality of all four schedules with CPU experts
+and the link cap on, its outputs, its launchers, its faults, and its parts (the stepwise
+layer, the link cap, the CPU worker's priorities)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from exec_helpers import TINY, run_and_compare  # noqa: E402
+
+from aptmoe.exec.cli import main as run_main  # noqa: E402
+from aptmoe.plan.actions import Block  # noqa: E402
+from aptmoe.trace import Trace  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = ["--device", "cpu", "--gpus", "2"]
+
+
+@pytest.fixture(scope="module")
+def capped_run(tmp_path_factory):
+    """All four schedules on 2 gloo ranks with a slow link (so APTMoE puts experts on the CPU)."""
+    tmp = tmp_path_factory.mktemp("capped")
+    return tmp / "run", run_and_compare(tmp, [*CPU, "--pipeline", "all", "--link-bandwidth", "0.02"], cuda=False)
+
+
+def test_every_schedule_equals_the_single_process_reference(capped_run) -> None:
+    _, checked = capped_run
+    assert set(checked) == {"GPipe", "GPipeOffload", "Mobius", "APTMoE"}
+    for name, c in checked.items():
+        a = c["agreement"]
+        assert a.within(1e-5), f"{name}: loss {a.loss:.2e}, params {a.params:.2e} ({a.worst_param})"
+    # the comparison means something: CPU experts ran, and training moved the loss
+    assert checked["APTMoE"]["result"]["metrics"]["cpu/expert_share"] > 0
+    losses = checked["Mobius"]["result"]["losses"]
+    assert losses[0] != losses[-1]
+
+
+def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -> None:
+    out, checked = capped_run
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["source"] == "real"
+    for name, res in doc["schedules"].items():
+        for key in ("iteration_s", "throughput_seq_per_s", "oom", "peak_gpu_bytes"):
+            assert key in res
+        assert res["iteration_s"] > 0 and not res["oom"]
+        tr = Trace.load(out / f"trace-{name}.json")
+        assert tr.source == "real" and tr.num_ranks == 2
+        streams = {e.stream for e in tr.events}
+        assert {"compute", "net"} <= streams
+        if name != "GPipe":
+            assert {"load", "offload", "cpu"} <= streams
+        assert (out / f"timeline-{name}.png").stat().st_size > 0
+    apt = Trace.load(out / "trace-APTMoE.json")
+    assert any(e.cat == "cpu-expert" for e in apt.events)
+    assert any(e.cat.startswith("load-inter-") for e in apt.events)
+    assert (out / "results.csv").read_text().startswith("pipeline,")
+
+
+def test_torchrun_launch_runs_the_seed_line(tmp_path) -> None:
+    out = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "aptmoe.run", *TINY, "--device", "cpu", "--pipeline=APTMoE", "--num_training_steps", "1",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schedules"]["APTMoE"]["iteration_s"] > 0
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--pipeline", "Nope"], "Nope"),
+    (["--gini", "1.5"], "gini"),
+    (["--num_stages", "3"], "stages"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says) -> None:
+    out = tmp_path / "bad"
+    assert run_main([*TINY, *CPU, *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aptmoe-run: error:") and says in err[0]
+    assert not out.exists()
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_launch(tmp_path, capsys) -> None:
+    out = tmp_path / "small"
+    assert run_main([*TINY, *CPU, "--pipeline", "GPipe", "--num_stages", "2", "--gpu-memory", "0.0001", "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "GPipe refused" in err and "GB" in err
+    res = json.loads((out / "results.json").read_text())["schedules"]["GPipe"]
+    assert res["oom"] and res["iteration_s"] is None
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_message(tmp_path, monkeypatch, capsys) -> None:
+    from aptmoe.exec.runtime import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1:1")           # rank 1 dies as step 1 begins
+    out = tmp_path / "dies"
+    t = time.monotonic()
+    code = run_main([*TINY, *CPU, "--pipeline", "Mobius", "--timeout", "20", "--out", str(out)])
+    assert code == 1 and time.monotonic() - t < 120
+    err = capsys.readouterr().err
+    assert "rank 1" in err
+    assert not out.exists()                        # no half-written output folder
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def test_layer_in_steps_equals_autograd_of_the_module() -> None:
+    """A layer run as the executor runs it (explicit boundaries, experts one by one, gate,
+    attention) gives the module's input and parameter gradients."""
+    from aptmoe.config import ModelConfig
+    from aptmoe.exec.blocks import initial_flat, param_shapes, views
+    from aptmoe.exec.layer import LayerRun, Routing
+    from aptmoe.exec.model import MoELayer, routing_from_counts
+
+    m = ModelConfig(embedding_dim=16, hidden_dim=32, num_heads=2, num_layers=1, num_experts=4, top_k=2,
+                    seq_length=6)
+    b, T = 2, 12
+    ids = routing_from_counts([8, 6, 0, 10], T, 2, torch.Generator().manual_seed(3))
+    x = torch.randn(b, m.seq_length, m.embedding_dim, generator=torch.Generator().manual_seed(4))
+    dy = torch.randn_like(x)
+    ref = MoELayer(16, 32, 2, 4, 2, layer=0, seed=7)
+    xr = x.clone().requires_grad_(True)
+    ref(xr, ids).backward(dy)
+
+    flats = {blk: initial_flat(m, blk, 7).requires_grad_(True) for blk in Block.of_layer(0, 4)}
+    run = LayerRun(x.clone().requires_grad_(True), Routing.build(ids, 4, torch.device("cpu")), 2, True)
+    run.attention(views(flats[Block.attn(0)], param_shapes(m, Block.attn(0).kind)))
+    run.gate(flats[Block.gate(0)].view(4, 16))
+    for e in (3, 0, 1):                              # any order: experts arrive as they load
+        run.gpu_expert(e, *views(flats[Block.expert_of(0, e)], param_shapes(m, Block.expert_of(0, e).kind)))
+    y = run.output()
+    with torch.no_grad():
+        assert torch.allclose(y, ref(x, ids), atol=1e-6)
+    run.start_backward(dy)
+    for e in (0, 1, 3):
+        run.gpu_expert_backward(e, run.output_grad_of(e))
+    run.gate_backward()
+    dx = run.attention_backward()
+    assert torch.allclose(dx, xr.grad, atol=1e-6)
+    for blk, flat in flats.items():
+        want = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                          for p in ref_block(ref, blk).params()])
+        got = flat.grad if flat.grad is not None else torch.zeros_like(flat)
+        assert torch.allclose(got, want, atol=1e-6), blk
+
+
+def ref_block(layer, blk):
+    from aptmoe.plan.actions import BlockKind
+
+    return {BlockKind.ATTN: layer.attn, BlockKind.GATE: layer.gate}.get(blk.kind) or layer.experts[blk.expert]
+
+
+def test_capped_host_copies_take_bytes_over_cap_and_share_the_cap() -> None:
+    from aptmoe.exec.link import Link
+
+    src = torch.randn(5 << 20)                       # 20 MiB
+    dst = torch.empty_like(src)
+    cap = 0.5                                        # GB/s: 42 ms for 20 MiB
+    want = src.numel() * 4 / (cap * 1e9)
+    link = Link(cap)
+    t = time.perf_counter()
+    link.copy(dst, src)
+    took = time.perf_counter() - t
+    assert abs(took - want) / want < 0.10, (took, want)
+    assert torch.equal(dst, src)
+    # two threads at once draw on one bucket: together they take twice as long
+    other = torch.empty_like(src)
+    t = time.perf_counter()
+    th = threading.Thread(target=link.copy, args=(other, src))
+    th.start()
+    link.copy(dst, src)
+    th.join()
+    took = time.perf_counter() - t
+    assert abs(took - 2 * want) / (2 * want) < 0.10, (took, 2 * want)
+    with pytest.raises(ValueError, match="positive"):
+        Link(0)
+
+
+def test_cpu_worker_runs_expert_work_before_queued_updates() -> None:
+    from aptmoe.exec.cpu_worker import EXPERT, UPDATE, CpuWorker
+
+    order, gate = [], threading.Event()
+    w = CpuWorker()
+    try:
+        first = w.submit(UPDATE, gate.wait)            # holds the worker until released
+        futs = [w.submit(UPDATE, order.append, "update"), w.submit(EXPERT, order.append, "expert")]
+        gate.set()
+        for f in [first, *futs]:
+            f.result(timeout=10)
+        assert order == ["expert", "update"]
+        bad = w.submit(EXPERT, lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            bad.result(timeout=10)
+    finally:
+        w.close()
+
+
+def test_run_module_imports_no_torch_until_it_runs() -> None:
+    code = "import sys, aptmoe.run; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ}, timeout=60)
+    assert res.stdout.strip() == "False", res.stderr
