@@ -69,3 +69,39 @@ def initial_flat(model: ModelConfig, block: Block, seed: int) -> torch.Tensor:
     """The block's initial parameters as one flat CPU tensor in the model's dtype."""
     m = block_module(model, block, seed)
     return torch.cat([p.reshape(-1) for p in m.params()])
+
+
+class FlatParams:
+    """A block's flat buffer seen as its shaped parameters, each a leaf of its own.
+
+    The leaves share the flat buffer's storage, and their gradients are views of one flat
+    gradient buffer (`ensure_grad`), which autograd accumulates into in place: so a block's
+    gradient is still one tensor to offload and one to update. Shaped views of a single
+    leaf would do the same with less code, but autograd then reassembles every view's
+    gradient into a zeroed buffer of the whole block: measured on the CPU, an MoE-S expert's
+    backward took 109 ms that way against 41 ms with leaves (forward 22 ms either way).
+    """
+
+    __slots__ = ("flat", "shapes", "leaves", "grad")
+
+    def __init__(self, flat: torch.Tensor, shapes: Shapes) -> None:
+        self.flat = flat.detach()
+        self.shapes = shapes
+        self.leaves = tuple(v.requires_grad_(True) for v in views(self.flat, shapes))
+        self.grad: torch.Tensor | None = None
+
+    def ensure_grad(self) -> None:
+        """Give the leaves gradient buffers (zeros) before a graph that will reach them is built."""
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.flat)
+            for leaf, g in zip(self.leaves, views(self.grad, self.shapes)):
+                leaf.grad = g
+
+    def set_grad(self, grad: torch.Tensor | None) -> None:
+        self.grad = grad
+        for leaf, g in zip(self.leaves, views(grad, self.shapes) if grad is not None else [None] * len(self.leaves)):
+            leaf.grad = g
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()

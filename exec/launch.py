@@ -113,7 +113,7 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
 
 def save_params(rt: RankRuntime, path: Path) -> None:
     """This rank's parameters, flat per block (named as `Block` prints) plus the ends it holds."""
-    out = {str(b): p.detach().cpu().clone() for b, p in rt.master.items()}
+    out = {str(b): fp.flat.cpu().clone() for b, fp in rt.master.items()}
     out.update({k: v.detach().cpu().reshape(-1).clone() for k, v in rt.ends.items()})
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(out, tmp)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from aptmoe.exec import cpu_worker
-from aptmoe.exec.blocks import initial_flat, param_shapes, views
+from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
 from aptmoe.exec.comm import PeerChannels
 from aptmoe.exec.cpu_worker import CpuWorker
 from aptmoe.exec.device import Device, Marker
@@ -127,24 +127,21 @@ class RankRuntime:
         self.shapes = {k: param_shapes(m, k) for k in BlockKind}
         self.my_layers = [layer for s in self.stages for layer in self.layers[s]]
         # -- parameters: the master copy of every block this rank owns
-        self.master: dict[Block, torch.Tensor] = {}
+        self.master: dict[Block, FlatParams] = {}
         for layer in self.my_layers:
             for block in Block.of_layer(layer, m.num_experts, m.is_moe):
                 flat = initial_flat(m, block, cfg.train.seed)
                 flat = flat.to(device.torch) if plan.resident else device.host_buffer(flat)
-                self.master[block] = flat.requires_grad_(True)
-        if plan.resident:
-            self.opt = {(b, 0): make_adam([p], cfg.train.lr) for b, p in self.master.items()}
-            self.chunks = {b: [(0, p.numel(), p)] for b, p in self.master.items()}
-        else:
-            # Adam runs in chunks (see aptmoe.memory.adam_chunks): each chunk is a leaf that
-            # shares the master's storage, so updating it updates the master in place.
-            self.chunks = {b: [(lo, hi, p.detach()[lo:hi].requires_grad_(True)) for lo, hi in adam_chunks(p.numel())]
-                           for b, p in self.master.items()}
-            self.opt = {(b, i): make_adam([leaf], cfg.train.lr) for b, cs in self.chunks.items()
-                        for i, (_, _, leaf) in enumerate(cs)}
+                self.master[block] = FlatParams(flat, self.shapes[block.kind])
+        # Adam over each block's flat buffer, on the host in chunks (aptmoe.memory.adam_chunks):
+        # a chunk is a slice of the buffer (a leaf sharing its storage), updated in place.
+        self.chunks = {b: [(lo, hi, fp.flat[lo:hi]) for lo, hi in
+                           (adam_chunks(fp.flat.numel()) if not plan.resident else [(0, fp.flat.numel())])]
+                       for b, fp in self.master.items()}
+        self.opt = {(b, i): make_adam([piece], cfg.train.lr) for b, cs in self.chunks.items()
+                    for i, (_, _, piece) in enumerate(cs)}
         self.grad_buf = {} if plan.resident or not device.cuda else \
-            {b: device.empty_host(p.shape, p.dtype) for b, p in self.master.items()}
+            {b: device.empty_host(fp.flat.shape, fp.flat.dtype) for b, fp in self.master.items()}
         self.ends: dict[str, torch.Tensor] = {}
         kw = dict(device=device.torch, dtype=self.dtype)
         d, V = m.embedding_dim, m.vocab_size
@@ -217,7 +214,7 @@ class RankRuntime:
         self.errors: list[BaseException] = []
         self.abort = threading.Event()
         self.compute_done = False
-        self.dev_blocks: dict[tuple[int, Block], torch.Tensor] = {}
+        self.dev_blocks: dict[tuple[int, Block], FlatParams] = {}
         self.block_bytes = self.peak_block = 0
         self.inbox: dict[tuple[int, int], tuple[torch.Tensor, Marker | None]] = {}
         self.grad_inbox: dict[tuple[int, int], tuple[torch.Tensor, Marker | None]] = {}
@@ -248,7 +245,9 @@ class RankRuntime:
                 else:
                     ids = torch.zeros(self.T, 1, dtype=torch.long)
                 self.routing[(layer, mb)] = Routing.build(ids, E, self.dev.torch)
-        for p in list(self.master.values()) + list(self.ends.values()):
+        for fp in self.master.values():
+            fp.set_grad(None)
+        for p in self.ends.values():
             p.grad = None
 
     def _end_step(self) -> None:
@@ -338,7 +337,7 @@ class RankRuntime:
                 self.policy.copy_finished(c)
                 if open_:
                     self.dev.keep_for(buf, self.dev.compute if self.dev.cuda else None)
-                    self.dev_blocks[(c.stage, c.block)] = buf.requires_grad_(True)
+                    self.dev_blocks[(c.stage, c.block)] = FlatParams(buf, self.shapes[c.block.kind])
                     self._count_block(buf.numel() * buf.element_size())
                 self.cond.notify_all()
             self.load_bytes += c.nbytes
@@ -346,7 +345,7 @@ class RankRuntime:
                        layer=c.block.layer, phase=c.phase)
 
     def _launch(self, c: Copy) -> tuple[Copy, torch.Tensor, Marker, Marker]:
-        src = self.master[c.block].detach()
+        src = self.master[c.block].flat
         with self.dev.on(self.load_stream):
             buf = torch.empty(src.shape, dtype=src.dtype, device=self.dev.torch)
             start = self.dev.record(self.load_stream)
@@ -358,7 +357,7 @@ class RankRuntime:
         self.block_bytes += nbytes
         self.peak_block = max(self.peak_block, self.block_bytes)
 
-    def _params(self, stage: int, pass_: str, block: Block) -> torch.Tensor:
+    def _params(self, stage: int, pass_: str, block: Block) -> FlatParams:
         """The block's parameters on the device, waiting (and demanding) until they are there."""
         if self.policy is None:
             return self.master[block]
@@ -395,8 +394,7 @@ class RankRuntime:
             if self.policy is not None:
                 self.policy.stage_dropped(a.stage)
             for key in [k for k in self.dev_blocks if k[0] == a.stage]:
-                buf = self.dev_blocks.pop(key)
-                self.block_bytes -= buf.numel() * buf.element_size()
+                self.block_bytes -= self.dev_blocks.pop(key).nbytes
         self._instant(str(a), "compute" if a.kind is Kind.DROP_F else "offload")
 
     # =================================================================== compute
@@ -473,14 +471,16 @@ class RankRuntime:
             return run.output()
         for block in step.blocks:
             p = self._params(a.stage, step.pass_, block)
+            if grad:
+                p.ensure_grad()
             t0 = self.dev.record()
             if block.kind is BlockKind.ATTN:
                 xin = x.detach().requires_grad_(grad) if grad else x
                 run = runs[block.layer] = LayerRun(xin, self.routing[(block.layer, a.mb)], self.model.num_heads,
                                                    grad, self.model.is_moe)
-                run.attention(views(p, self.shapes[BlockKind.ATTN]))
+                run.attention(p.leaves)
             else:
-                runs[block.layer].gate(p.view(self.shapes[BlockKind.GATE][0]))
+                runs[block.layer].gate(p.leaves[0])
             self._mark(str(a.at(block)), "compute", t0, self.dev.record(), step.cat, layer=block.layer)
         return x
 
@@ -491,8 +491,10 @@ class RankRuntime:
         while pending:
             for e in self._ready_experts(a.stage, step.pass_, layer, pending):
                 p = self._params(a.stage, step.pass_, Block.expert_of(layer, e))
+                if run.grad:
+                    p.ensure_grad()
                 t0 = self.dev.record()
-                run.gpu_expert(e, *views(p, self.shapes[BlockKind.EXPERT]))
+                run.gpu_expert(e, *p.leaves)
                 self._mark(str(a.at(Block.expert_of(layer, e))), "compute", t0, self.dev.record(), step.cat,
                            layer=layer, experts=[e], tokens=int(step.counts[e]))
                 self.expert_tokens["gpu"] += int(step.counts[e])
@@ -531,9 +533,11 @@ class RankRuntime:
             for e, xin in zip(experts, host.split(sizes)):
                 t0 = self.dev.host_seconds()
                 xin = xin.detach().requires_grad_(keep_graph)
+                fp = self.master[Block.expert_of(step.layer, e)]
+                if keep_graph:
+                    fp.ensure_grad()
                 with torch.set_grad_enabled(keep_graph):
-                    out = expert(xin, *views(self.master[Block.expert_of(step.layer, e)],
-                                             self.shapes[BlockKind.EXPERT]))
+                    out = expert(xin, *fp.leaves)
                 self.host_events.append((str(a.at(Block.expert_of(step.layer, e))), "cpu", t0,
                                          self.dev.host_seconds(),
                                          "recompute" if step.cat == "recompute" else "cpu-expert",
@@ -670,17 +674,21 @@ class RankRuntime:
         """Gradients of the stage's device blocks to host memory, behind its last backward."""
         last = self.done_marker.get(a.stage)
         with self.cond:
-            blocks = [(b, buf) for (s, b), buf in self.dev_blocks.items() if s == a.stage and buf.grad is not None]
+            blocks = [(b, fp) for (s, b), fp in self.dev_blocks.items() if s == a.stage and fp.grad is not None]
         with self.dev.on(self.offload_stream):
             self.dev.wait(last, self.offload_stream)
             start = self.dev.record(self.offload_stream)
             nbytes = 0
-            for b, buf in blocks:
-                g = buf.grad
+            for b, fp in blocks:
+                g = fp.grad
                 self.dev.keep_for(g, self.offload_stream)
                 host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
                 self.d2h.copy(host, g)
-                self.master[b].grad = host if self.master[b].grad is None else self.master[b].grad + host
+                master = self.master[b]
+                if master.grad is None:
+                    master.set_grad(host)
+                else:                                   # never both, as placement is per stage; kept exact anyway
+                    master.grad.add_(host)
                 nbytes += g.numel() * g.element_size()
             end = self.dev.record(self.offload_stream)
         self.dev.block_on(end)
@@ -700,12 +708,16 @@ class RankRuntime:
 
     def _adam_chunk(self, a: Action, block: Block, i: int) -> None:
         t0 = self.dev.host_seconds()
-        lo, hi, leaf = self.chunks[block][i]
-        leaf.grad = self.master[block].grad[lo:hi]
-        self.opt[(block, i)].step()
-        leaf.grad = None
+        lo, hi = self._step_chunk(block, i)
         self.host_events.append((str(a.at(block)), "cpu", t0, self.dev.host_seconds(), "update",
                                  {"layer": block.layer, "params": hi - lo, "chunk": i}))
+
+    def _step_chunk(self, block: Block, i: int) -> tuple[int, int]:
+        lo, hi, piece = self.chunks[block][i]
+        piece.grad = self.master[block].grad[lo:hi]
+        self.opt[(block, i)].step()
+        piece.grad = None
+        return lo, hi
 
     def _update(self, a: Action) -> None:
         (self._update_resident if self.plan.resident else self._update_cpu)(a)
@@ -714,7 +726,8 @@ class RankRuntime:
         start = self.dev.record()
         for layer in self.layers[a.stage]:
             for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
-                self.opt[(block, 0)].step()
+                if self.master[block].grad is not None:      # unused this step: Adam skips it, as torch's does
+                    self._step_chunk(block, 0)
         self._mark(str(a), "compute", start, self.dev.record(), "update")
 
     def _update_ends(self) -> None:

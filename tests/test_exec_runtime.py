@@ -119,7 +119,7 @@ def test_layer_in_steps_equals_autograd_of_the_module() -> None:
     """A layer run as the executor runs it (explicit boundaries, experts one by one, gate,
     attention) gives the module's input and parameter gradients."""
     from aptmoe.config import ModelConfig
-    from aptmoe.exec.blocks import initial_flat, param_shapes, views
+    from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
     from aptmoe.exec.layer import LayerRun, Routing
     from aptmoe.exec.model import MoELayer, routing_from_counts
 
@@ -133,12 +133,14 @@ def test_layer_in_steps_equals_autograd_of_the_module() -> None:
     xr = x.clone().requires_grad_(True)
     ref(xr, ids).backward(dy)
 
-    flats = {blk: initial_flat(m, blk, 7).requires_grad_(True) for blk in Block.of_layer(0, 4)}
+    flats = {blk: FlatParams(initial_flat(m, blk, 7), param_shapes(m, blk.kind)) for blk in Block.of_layer(0, 4)}
+    for fp in flats.values():
+        fp.ensure_grad()
     run = LayerRun(x.clone().requires_grad_(True), Routing.build(ids, 4, torch.device("cpu")), 2, True)
-    run.attention(views(flats[Block.attn(0)], param_shapes(m, Block.attn(0).kind)))
-    run.gate(flats[Block.gate(0)].view(4, 16))
+    run.attention(flats[Block.attn(0)].leaves)
+    run.gate(flats[Block.gate(0)].leaves[0])
     for e in (3, 0, 1):                              # any order: experts arrive as they load
-        run.gpu_expert(e, *views(flats[Block.expert_of(0, e)], param_shapes(m, Block.expert_of(0, e).kind)))
+        run.gpu_expert(e, *flats[Block.expert_of(0, e)].leaves)
     y = run.output()
     with torch.no_grad():
         assert torch.allclose(y, ref(x, ids), atol=1e-6)
@@ -151,7 +153,7 @@ def test_layer_in_steps_equals_autograd_of_the_module() -> None:
     for blk, flat in flats.items():
         want = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
                           for p in ref_block(ref, blk).params()])
-        got = flat.grad if flat.grad is not None else torch.zeros_like(flat)
+        got = flat.grad                               # one flat gradient per block, filled in place
         assert torch.allclose(got, want, atol=1e-6), blk
 
 
