@@ -1,6 +1,6 @@
 """The executor's runtime: one rank walking its share of the plan with real tensors.
 
-Per rank (docs/executor-plan.md has the table of plan streams and their runtime form):
+Per rank (docs/executor.md has the table of plan streams and their runtime form):
 
 * the **compute** stream is the calling thread: `F`/`B` interpret the shared stage walk
   (`aptmoe.stage_walk`) step by step, `DF` frees a stage, `U` updates resident parameters;
