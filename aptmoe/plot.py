@@ -120,6 +120,40 @@ def build_timeline(trace: Trace) -> Timeline:
     return tl
 
 
+def _draw(ax, tl: Timeline, span_s: float) -> set[str]:
+    """Bars and markers of one timeline on `ax`; returns the categories drawn."""
+    for (r, cat), xr in tl.bars.items():
+        ax.broken_barh(xr, (r - 0.4, 0.8), facecolors=CATEGORY_COLORS.get(cat, OTHER_COLOR), linewidth=0)
+    for r, xs in tl.ticks.items():
+        ax.vlines(xs, r - 0.45, r + 0.45, colors=MARKER_COLOR, linewidth=0.5)
+    ax.set_yticks(range(len(tl.rows)))
+    ax.set_yticklabels([f"rank {rk} {st}" for rk, st in tl.rows], fontsize=8)
+    ax.set_ylim(len(tl.rows) - 0.5 if tl.rows else 0.5, -0.5)
+    ax.set_xlim(0, span_s * 1.005 if span_s > 0 else 1.0)
+    ax.grid(axis="x", linewidth=0.3, alpha=0.5)
+    ax.set_axisbelow(True)
+    if not tl.rows:
+        ax.text(0.5, 0.5, "no events", ha="center", va="center", transform=ax.transAxes)
+    return set(tl.categories())
+
+
+def _legend(ax, categories: set[str], markers: bool) -> None:
+    ordered = [c for c in CATEGORY_COLORS if c in categories] + sorted(categories - set(CATEGORY_COLORS))
+    handles = [Patch(facecolor=CATEGORY_COLORS.get(c, OTHER_COLOR), label=c) for c in ordered]
+    if markers:
+        handles.append(Line2D([], [], color=MARKER_COLOR, linewidth=0.8, label="marker"))
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return path
+
+
 def plot_trace(trace: Trace, path: str | os.PathLike, title: str | None = None) -> Path:
     """Draw `trace` as a PNG at `path` (written atomically); returns the path."""
     tl = build_timeline(trace)
@@ -127,32 +161,35 @@ def plot_trace(trace: Trace, path: str | os.PathLike, title: str | None = None) 
     height = min(max(1.4 + 0.3 * n, 2.6), 40.0)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, height), dpi=DPI)
     try:
-        for (r, cat), xr in tl.bars.items():
-            ax.broken_barh(xr, (r - 0.4, 0.8), facecolors=CATEGORY_COLORS.get(cat, OTHER_COLOR), linewidth=0)
-        for r, xs in tl.ticks.items():
-            ax.vlines(xs, r - 0.45, r + 0.45, colors=MARKER_COLOR, linewidth=0.5)
-        ax.set_yticks(range(len(tl.rows)))
-        ax.set_yticklabels([f"rank {rk} {st}" for rk, st in tl.rows], fontsize=8)
-        ax.set_ylim(len(tl.rows) - 0.5 if tl.rows else 0.5, -0.5)
-        ax.set_xlim(0, tl.span_s * 1.005 if tl.span_s > 0 else 1.0)
+        cats = _draw(ax, tl, tl.span_s)
         ax.set_xlabel("time (s)")
-        ax.grid(axis="x", linewidth=0.3, alpha=0.5)
-        ax.set_axisbelow(True)
-        if not tl.rows:
-            ax.text(0.5, 0.5, "no events", ha="center", va="center", transform=ax.transAxes)
-        handles = [Patch(facecolor=CATEGORY_COLORS.get(c, OTHER_COLOR), label=c) for c in tl.categories()]
-        if tl.ticks:
-            handles.append(Line2D([], [], color=MARKER_COLOR, linewidth=0.8, label="marker"))
-        if handles:
-            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+        _legend(ax, cats, bool(tl.ticks))
         ax.set_title(title if title is not None else default_title(trace), fontsize=10)
-        fig.tight_layout()
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
+
+
+def plot_overlay(predicted: Trace, measured: Trace, path: str | os.PathLike, title: str = "") -> Path:
+    """A prediction above its measurement on one time axis (each from its own first event)."""
+    tls = [build_timeline(predicted), build_timeline(measured)]
+    span = max(tl.span_s for tl in tls)
+    rows = [max(len(tl.rows), 1) for tl in tls]
+    height = min(max(2.0 + 0.3 * sum(rows), 4.0), 60.0)
+    fig, axes = plt.subplots(2, 1, figsize=(WIDTH_IN, height), dpi=DPI, sharex=True,
+                             gridspec_kw={"height_ratios": rows})
+    try:
+        cats: set[str] = set()
+        for ax, tl, tr, what in zip(axes, tls, (predicted, measured), ("predicted", "measured")):
+            cats |= _draw(ax, tl, span)
+            ax.set_title(f"{what}: {tl.span_s:.3f} s, {len(tr.events)} events", fontsize=9, loc="left")
+        axes[-1].set_xlabel("time (s)")
+        _legend(axes[0], cats, any(tl.ticks for tl in tls))
+        if title:
+            fig.suptitle(title, fontsize=10)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def default_title(trace: Trace) -> str:

@@ -170,6 +170,14 @@ def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measu
     for key, name in (("load", "h2d"), ("d2h", "d2h")):
         m[f"link/{name}_bytes"] = statistics.fmean(sum(per_rank[r][j].bytes.get(key, 0.0) for r in range(G))
                                                    for j in range(steps))
+    # The CPU update: its time per rank, and how much of the step is left after the rank's
+    # last GPU work (the part of the update, and of the offload before it, nothing hides).
+    upd = [[sum(e[3] - e[2] for e in per_rank[r][j].events if e[4] == "update" and e[1] == "cpu")
+            for j in range(steps)] for r in range(G)]
+    tail = [[step_s[j] - max((e[3] for e in per_rank[r][j].events if e[1] == "compute" and e[4] != "marker"),
+                             default=step_s[j]) for j in range(steps)] for r in range(G)]
+    m["update/cpu_s"] = statistics.fmean(x for row in upd for x in row)
+    m["time/after_last_compute_s"] = statistics.fmean(x for row in tail for x in row)
     cpu_tok = sum(rep.expert_tokens.get("cpu", 0) for reps in per_rank for rep in reps)
     all_tok = cpu_tok + sum(rep.expert_tokens.get("gpu", 0) for reps in per_rank for rep in reps)
     m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0

@@ -487,18 +487,13 @@ class RankRuntime:
     def _experts_forward(self, a: Action, step: RunExperts, run: LayerRun, keep_cpu: bool) -> None:
         layer, mb = step.layer, a.mb
         fut = self._submit_cpu_forward(a, step, run, keep_cpu) if step.cpu else None
-        pending = list(step.gpu)
-        while pending:
-            for e in self._ready_experts(a.stage, step.pass_, layer, pending):
-                p = self._params(a.stage, step.pass_, Block.expert_of(layer, e))
-                if run.grad:
-                    p.ensure_grad()
-                t0 = self.dev.record()
-                run.gpu_expert(e, *p.leaves)
-                self._mark(str(a.at(Block.expert_of(layer, e))), "compute", t0, self.dev.record(), step.cat,
-                           layer=layer, experts=[e], tokens=int(step.counts[e]))
-                self.expert_tokens["gpu"] += int(step.counts[e])
-                pending.remove(e)
+
+        def run_one(e: int, p) -> None:
+            if run.grad:
+                p.ensure_grad()
+            run.gpu_expert(e, *p.leaves)
+
+        self._gpu_experts(a, step, run_one, step.cat)
         # Experts that ran on the CPU in this micro-batch's forward kept their results there.
         saved = self.cpu_saved.get((layer, mb), {})
         for e in range(len(step.counts)):
@@ -509,51 +504,75 @@ class RankRuntime:
                 self.dev.wait(self.dev.record(self.act_stream))
                 run.cpu[e] = CpuPart(part.inp, part.out, out_dev)
         if fut is not None:
-            parts, marker = self._wait_future(fut, f"CPU experts of layer {layer}")
+            done, marker = self._wait_future(fut, f"CPU experts of layer {layer}")
             self.dev.wait(marker)
+            parts = {e: CpuPart(xin, out, out_dev) for e, (out_dev, (xin, out)) in done.items()}
             run.cpu.update(parts)
             if keep_cpu and step.cat == "forward":
                 self.cpu_saved[(layer, mb)] = dict(parts)
 
     def _submit_cpu_forward(self, a: Action, step: RunExperts, run: LayerRun, keep_graph: bool) -> Future:
-        """Tokens of the CPU experts go down in one copy, come back in one copy."""
-        experts = list(step.cpu)
-        inp = torch.cat([run.inputs_of(e) for e in experts])
+        def work(e: int, xin: torch.Tensor):
+            xin = xin.detach().requires_grad_(keep_graph)
+            fp = self.master[Block.expert_of(step.layer, e)]
+            if keep_graph:
+                fp.ensure_grad()
+            with torch.set_grad_enabled(keep_graph):
+                out = expert(xin, *fp.leaves)
+            return out.detach(), (xin, out)
+
+        cat = "recompute" if step.cat == "recompute" else "cpu-expert"
+        return self._submit_cpu(a, step, [run.inputs_of(e) for e in step.cpu], work, cat)
+
+    def _submit_cpu(self, a: Action, step: RunExperts, data: list[torch.Tensor], work, cat: str) -> Future:
+        """The CPU experts of a step: their rows of `data` (one device tensor per expert) go
+        to host memory in one copy, `work(e, rows)` runs each on the CPU and returns (what
+        goes back, what stays), and what goes back returns in one copy. The future gives
+        ({e: (back on the device, stays)}, a marker the compute stream waits for)."""
+        experts, layer = list(step.cpu), step.layer
+        down = torch.cat(data)
         ready = self.dev.record()
         sizes = [int(step.counts[e]) for e in experts]
         self.expert_tokens["cpu"] += sum(sizes)
 
         def job():
             self.dev.block_on(ready)
-            host = self.dev.empty_host(inp.shape, inp.dtype)
+            host = self.dev.empty_host(down.shape, down.dtype)
             with self.dev.on(self.act_stream):
-                self.d2h.copy(host, inp)
+                self.d2h.copy(host, down)
                 self.dev.block_on(self.dev.record(self.act_stream))
-            parts, outs = {}, []
-            for e, xin in zip(experts, host.split(sizes)):
+            backs, stays = [], []
+            for e, rows in zip(experts, host.split(sizes)):
                 t0 = self.dev.host_seconds()
-                xin = xin.detach().requires_grad_(keep_graph)
-                fp = self.master[Block.expert_of(step.layer, e)]
-                if keep_graph:
-                    fp.ensure_grad()
-                with torch.set_grad_enabled(keep_graph):
-                    out = expert(xin, *fp.leaves)
-                self.host_events.append((str(a.at(Block.expert_of(step.layer, e))), "cpu", t0,
-                                         self.dev.host_seconds(),
-                                         "recompute" if step.cat == "recompute" else "cpu-expert",
-                                         dict(layer=step.layer, experts=[e], tokens=int(step.counts[e]))))
-                parts[e] = (xin, out)
-                outs.append(out.detach())
-            back = torch.cat(outs)
+                back, stay = work(e, rows)
+                backs.append(back)
+                stays.append(stay)
+                self.host_events.append((str(a.at(Block.expert_of(layer, e))), "cpu", t0, self.dev.host_seconds(),
+                                         cat, {"layer": layer, "experts": [e], "tokens": int(step.counts[e])}))
+            up = torch.cat(backs)
             with self.dev.on(self.act_stream):
-                dev_out = torch.empty(back.shape, dtype=back.dtype, device=self.dev.torch)
-                self.h2d.copy(dev_out, back)
+                dev_up = torch.empty(up.shape, dtype=up.dtype, device=self.dev.torch)
+                self.h2d.copy(dev_up, up)
                 marker = self.dev.record(self.act_stream)
             if self.dev.cuda:
-                self.dev.keep_for(dev_out, self.dev.compute)
-            return {e: CpuPart(xin, out, o) for (e, (xin, out)), o in zip(parts.items(), dev_out.split(sizes))}, marker
+                self.dev.keep_for(dev_up, self.dev.compute)
+            return dict(zip(experts, zip(dev_up.split(sizes), stays))), marker
 
         return self.cpu.submit(cpu_worker.EXPERT, job)
+
+    def _gpu_experts(self, a: Action, step: RunExperts, run_one, cat: str) -> None:
+        """The step's GPU experts in the order their weights arrive; `run_one(e, params)`."""
+        layer = step.layer
+        pending = list(step.gpu)
+        while pending:
+            for e in self._ready_experts(a.stage, step.pass_, layer, pending):
+                p = self._params(a.stage, step.pass_, Block.expert_of(layer, e))
+                t0 = self.dev.record()
+                run_one(e, p)
+                self._mark(str(a.at(Block.expert_of(layer, e))), "compute", t0, self.dev.record(), cat,
+                           layer=layer, experts=[e], tokens=int(step.counts[e]))
+                self.expert_tokens["gpu"] += int(step.counts[e])
+                pending.remove(e)
 
     def _backward(self, a: Action) -> None:
         s, m = a.stage, a.mb
@@ -622,51 +641,17 @@ class RankRuntime:
         douts = {e: run.output_grad_of(e) for e in range(len(step.counts)) if step.counts[e] > 0}
         fut = None
         if step.cpu:
-            experts = list(step.cpu)
-            g = torch.cat([douts[e] for e in experts])
-            ready = self.dev.record()
-            sizes = [int(step.counts[e]) for e in experts]
-            self.expert_tokens["cpu"] += sum(sizes)
+            def work(e: int, ge: torch.Tensor):
+                part = run.cpu[e]
+                torch.autograd.backward(part.out, ge)
+                return part.inp.grad, None
 
-            def job():
-                self.dev.block_on(ready)
-                host = self.dev.empty_host(g.shape, g.dtype)
-                with self.dev.on(self.act_stream):
-                    self.d2h.copy(host, g)
-                    self.dev.block_on(self.dev.record(self.act_stream))
-                grads = []
-                for e, ge in zip(experts, host.split(sizes)):
-                    t0 = self.dev.host_seconds()
-                    part = run.cpu[e]
-                    torch.autograd.backward(part.out, ge)
-                    grads.append(part.inp.grad)
-                    self.host_events.append((str(a.at(Block.expert_of(layer, e))), "cpu", t0,
-                                             self.dev.host_seconds(), "cpu-expert",
-                                             dict(layer=layer, experts=[e], tokens=int(step.counts[e]))))
-                back = torch.cat(grads)
-                with self.dev.on(self.act_stream):
-                    dev_g = torch.empty(back.shape, dtype=back.dtype, device=self.dev.torch)
-                    self.h2d.copy(dev_g, back)
-                    marker = self.dev.record(self.act_stream)
-                if self.dev.cuda:
-                    self.dev.keep_for(dev_g, self.dev.compute)
-                return dev_g.split(sizes), marker
-
-            fut = self.cpu.submit(cpu_worker.EXPERT, job)
-        pending = list(step.gpu)
-        while pending:
-            for e in self._ready_experts(a.stage, step.pass_, layer, pending):
-                self._params(a.stage, step.pass_, Block.expert_of(layer, e))
-                t0 = self.dev.record()
-                run.gpu_expert_backward(e, douts[e])
-                self._mark(str(a.at(Block.expert_of(layer, e))), "compute", t0, self.dev.record(), "backward",
-                           layer=layer, experts=[e], tokens=int(step.counts[e]))
-                self.expert_tokens["gpu"] += int(step.counts[e])
-                pending.remove(e)
+            fut = self._submit_cpu(a, step, [douts[e] for e in step.cpu], work, "cpu-expert")
+        self._gpu_experts(a, step, lambda e, p: run.gpu_expert_backward(e, douts[e]), "backward")
         if fut is not None:
-            grads, marker = self._wait_future(fut, f"CPU expert backward of layer {layer}")
+            done, marker = self._wait_future(fut, f"CPU expert backward of layer {layer}")
             self.dev.wait(marker)
-            for e, g in zip(step.cpu, grads):
+            for e, (g, _) in done.items():
                 run.add_input_grad(e, g)
 
     # =================================================================== offload and update

@@ -41,7 +41,7 @@ from aptmoe.report import (
 )
 
 PROG = "aptmoe-sim"
-SUBCOMMANDS = ("plot", "sweep")
+SUBCOMMANDS = ("plot", "sweep", "validate")
 
 
 class UsageError(ValueError):
@@ -84,7 +84,8 @@ def make_sim_parser() -> argparse.ArgumentParser:
                           "on the hardware a calibration profile describes.")
     p.epilog = ("--pipeline all runs the four schedules side by side. Subcommands: "
                 f"'{PROG} plot TRACE.json [--out PNG]' draws a trace; "
-                f"'{PROG} sweep --grid FIELD=V1,V2 ...' runs a grid (see '{PROG} sweep -h').")
+                f"'{PROG} sweep --grid FIELD=V1,V2 ...' runs a grid (see '{PROG} sweep -h'); "
+                f"'{PROG} validate --calibration PROFILE ...' runs the executor and compares.")
     add_sim_flags(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/sim-<timestamp>)")
     return p
@@ -176,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "plot":
             return run_plot(make_plot_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "validate":
+            from aptmoe.sim.validate import make_validate_parser, run_validate
+
+            return run_validate(make_validate_parser(PROG).parse_args(argv[1:]), argv[1:], PROG)
         if argv and argv[0] == "sweep":
             from aptmoe.sim.sweep import make_sweep_parser, run_sweep
 

@@ -1,0 +1,177 @@
+"""``aptmoe-sim validate``: run the executor, predict the same config, and compare (issue 6).
+
+    aptmoe-sim validate --calibration h200 --is_moe=True --model_config=S ... --pipeline all --out runs/val
+
+1. `aptmoe-run` (a subprocess: the simulator never imports torch) trains the config with
+   the flags given, writing its results and measured traces.
+2. For each schedule the simulator predicts the config the executor *ran* (its
+   results.json records it, cores per rank and GPU memory included) with the calibration
+   profile, over as many steps, from the same seed and popularity, on the same plan.
+3. The comparison: predicted against measured step time, busy fraction of each resource,
+   and per-action timing error (an action is matched by rank, name and occurrence), by
+   category; an overlay timeline per schedule (prediction above, measurement below).
+
+Written into ``--out``: validation.json, validation.csv, actions-<schedule>.csv, the
+executor's folder (``real/``), the predicted traces and the overlay PNGs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from aptmoe.config import RunConfig
+from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser
+from aptmoe.plot import plot_overlay
+from aptmoe.profile import load_profile
+from aptmoe.report import StagedDir, format_table, fmt, timestamp
+from aptmoe.trace import Trace, write_json_atomic
+
+RESOURCES = ("compute", "cpu", "h2d", "d2h", "net")
+# Categories whose durations are compared action by action (work, not markers or waits).
+TIMED = ("forward", "backward", "recompute", "cpu-expert", "load-inter-stage", "load-inter-layer",
+         "load-inter-expert", "load-stage", "offload", "update", "send")
+
+
+def make_validate_parser(prog: str) -> "argparse.ArgumentParser":  # noqa: F821
+    p = make_parser(f"{prog} validate", "Run the executor on a config, predict it with the simulator, and report "
+                                        "the prediction's error: step time, per-resource busy time, per-action "
+                                        "timing, and an overlay timeline.")
+    add_seed_flags(p)
+    add_cluster_flags(p)
+    g = p.add_argument_group("validation flags")
+    g.add_argument("--calibration", required=True, help="profile of THIS machine (built-in name or .json)")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="passed to aptmoe-run")
+    g.add_argument("--timeout", type=float, default=300.0, help="passed to aptmoe-run (300)")
+    g.add_argument("--out", default=None, help="output folder (default: runs/validate-<timestamp>)")
+    g.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def executor_argv(argv: list[str]) -> list[str]:
+    """The flags aptmoe-run shares with us: all but ours (--calibration, --out, -q)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--calibration", "--out"):
+            skip = "=" not in a
+            continue
+        if name in ("-q", "--quiet"):
+            continue
+        out.append(a)
+    return out
+
+
+def run_executor(argv: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "aptmoe.run", *executor_argv(argv), "--out", str(out), "-q"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode not in (0, 3):
+        tail = (res.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"aptmoe-run failed (exit {res.returncode}): {tail}")
+    return json.loads((out / "results.json").read_text())
+
+
+def _key_events(trace: Trace) -> dict[tuple[int, str, int], object]:
+    seen: dict[tuple[int, str], int] = defaultdict(int)
+    out = {}
+    for e in sorted(trace.events, key=lambda e: e.start_s):
+        if e.cat not in TIMED:
+            continue
+        k = seen[(e.rank, e.name)]
+        seen[(e.rank, e.name)] += 1
+        out[(e.rank, e.name, k)] = e
+    return out
+
+
+def action_errors(predicted: Trace, measured: Trace) -> tuple[dict[str, dict], list[dict]]:
+    """Per category: matched actions, median relative duration error, summed predicted and
+    measured seconds; and one row per matched action."""
+    p, m = _key_events(predicted), _key_events(measured)
+    rows, by_cat = [], defaultdict(list)
+    for key in sorted(set(p) & set(m)):
+        pe, me = p[key], m[key]
+        if me.dur_s <= 0:
+            continue
+        err = (pe.dur_s - me.dur_s) / me.dur_s
+        rows.append({"rank": key[0], "action": key[1], "occurrence": key[2], "cat": me.cat,
+                     "predicted_s": pe.dur_s, "measured_s": me.dur_s, "error": err})
+        by_cat[me.cat].append((pe.dur_s, me.dur_s, err))
+    summary = {cat: {"actions": len(v), "median_error": statistics.median(x[2] for x in v),
+                     "predicted_s": sum(x[0] for x in v), "measured_s": sum(x[1] for x in v)}
+               for cat, v in sorted(by_cat.items())}
+    return summary, rows
+
+
+def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path) -> dict:
+    from aptmoe.sim.simulate import simulate
+
+    if real.get("oom") or real.get("iteration_s") is None:
+        return {"pipeline": name, "measured_s": None, "predicted_s": None, "error": None,
+                "note": real.get("oom_detail", "did not run")}
+    cfg = RunConfig.from_dict(real["config"])
+    steps = len(real["step_s"])
+    trace = Trace("sim", meta={"pipeline": name, "model": cfg.model.name, "calibration": profile.name})
+    pred = simulate(cfg, profile, trace=trace, measured_steps=steps)
+    trace.save(tmp / f"trace-{name}-predicted.json")
+    row = {"pipeline": name, "steps": steps, "measured_s": real["iteration_s"], "predicted_s": pred.iteration_s,
+           "error": None if pred.iteration_s is None else (pred.iteration_s - real["iteration_s"]) / real["iteration_s"],
+           "predicted_oom": pred.oom}
+    for r in RESOURCES:
+        row[f"busy/{r}/measured"] = real["metrics"].get(f"busy/{r}")
+        row[f"busy/{r}/predicted"] = pred.metrics.get(f"busy/{r}")
+    measured_trace = real_dir / f"trace-{name}.json"
+    if measured_trace.exists() and not pred.oom:
+        mt = Trace.load(measured_trace)
+        summary, rows = action_errors(trace, mt)
+        row["actions"] = summary
+        with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["rank", "action", "occurrence", "cat", "predicted_s", "measured_s",
+                                              "error"])
+            w.writeheader()
+            w.writerows(rows)
+        plot_overlay(trace, mt, tmp / f"overlay-{name}.png",
+                     title=f"{name}: predicted ({profile.name}) above, measured below")
+    return row
+
+
+def run_validate(ns, argv: list[str], prog: str) -> int:
+    profile = load_profile(ns.calibration)
+    out = Path(ns.out or f"runs/validate-{timestamp()}")
+    say = (lambda *a: None) if ns.quiet else print
+    with StagedDir(out) as tmp:
+        say("running the executor ...")
+        real = run_executor(argv, tmp / "real")
+        rows = [validate_schedule(name, res, tmp / "real", profile, tmp) for name, res in real["schedules"].items()]
+        write_json_atomic(tmp / "validation.json", {"command": [prog, "validate", *argv],
+                                                    "calibration": profile.name, "schedules": rows})
+        flat = [{k: v for k, v in r.items() if k != "actions"} for r in rows]
+        with open(tmp / "validation.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
+            w.writeheader()
+            w.writerows(flat)
+    say(validation_table(rows))
+    say(f"wrote {out}/ (validation.json, validation.csv, actions-*.csv, overlay-*.png, real/)")
+    return 0
+
+
+def validation_table(rows: list[dict]) -> str:
+    headers = ["pipeline", "measured s", "predicted s", "error"] + [f"{r} busy m/p" for r in RESOURCES]
+    body = []
+    for r in rows:
+        busy = [f"{fmt(_pct(r.get(f'busy/{x}/measured')), '.0f')}/{fmt(_pct(r.get(f'busy/{x}/predicted')), '.0f')}%"
+                for x in RESOURCES]
+        body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
+                     fmt(_pct(r.get("error")), "+.1f") + ("%" if r.get("error") is not None else ""), *busy])
+    return format_table(headers, body)
+
+
+def _pct(x):
+    return None if x is None else 100 * x

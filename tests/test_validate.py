@@ -1,0 +1,59 @@
+"""`aptmoe-sim validate`: the executor run, the prediction of the config it ran, and the
+comparison (issue 6, §1)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aptmoe.sim.cli import main as sim_main
+from aptmoe.sim.validate import action_errors, executor_argv
+from aptmoe.trace import Trace
+
+
+def test_actions_are_matched_by_rank_name_and_occurrence() -> None:
+    pred, real = Trace("sim"), Trace("real")
+    for step in range(2):                      # the same action once per step
+        t = step * 10.0
+        pred.add("0F0@1:a", 0, "compute", t, t + 2.0, "forward")
+        real.add("0F0@1:a", 0, "compute", t, t + 1.0 + step, "forward")   # 1 s, then 2 s
+        pred.add("0LF@1:e2", 0, "load", t, t + 3.0, "load-stage")
+        real.add("0LF@1:e2", 1, "load", t, t + 3.0, "load-stage")        # another rank: no match
+    pred.add("0F0", 0, "load", 0, 0, "marker")
+    real.add("0F0", 0, "load", 0, 0, "marker")                          # markers are not compared
+    summary, rows = action_errors(pred, real)
+    assert set(summary) == {"forward"}
+    f = summary["forward"]
+    assert f["actions"] == 2 and f["predicted_s"] == 4.0 and f["measured_s"] == 3.0
+    assert f["median_error"] == pytest.approx((1.0 + 0.0) / 2)          # +100% then 0%
+    assert [r["occurrence"] for r in rows] == [0, 1]
+
+
+def test_our_flags_are_not_passed_to_the_executor() -> None:
+    argv = ["--calibration", "h200", "--gini=0.3", "--out=x", "-q", "--pipeline", "all", "--out", "y"]
+    assert executor_argv(argv) == ["--gini=0.3", "--pipeline", "all"]
+
+
+def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "val"
+    code = sim_main(["validate", "--calibration", "a800-paper", "--is_moe=True", "--model_config=S",
+                     "--embedding_dim", "32", "--hidden_dim", "64", "--num_heads", "4", "--num_layers", "4",
+                     "--num_stages", "4", "--num_experts", "4", "--batch_size", "4", "--num_chunks", "2",
+                     "--seq_length", "8", "--topo", "C1+G1", "--num_warmup_steps", "0", "--num_training_steps", "2",
+                     "--device", "cpu", "--gpus", "2", "--pipeline", "Mobius", "--out", str(out), "-q"])
+    assert code == 0
+    doc = json.loads((out / "validation.json").read_text())
+    row = doc["schedules"][0]
+    assert row["pipeline"] == "Mobius" and row["steps"] == 2
+    assert row["measured_s"] > 0 and row["predicted_s"] > 0
+    assert row["actions"]["forward"]["actions"] > 0 and "load-stage" in row["actions"]
+    assert (out / "overlay-Mobius.png").stat().st_size > 0
+    assert (out / "actions-Mobius.csv").read_text().startswith("rank,action,occurrence")
+    assert (out / "real" / "results.json").exists()
+
+
+def test_validate_needs_a_calibration(capsys) -> None:
+    assert sim_main(["validate", "--pipeline", "Mobius"]) == 2
+    assert "--calibration" in capsys.readouterr().err
