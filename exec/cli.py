@@ -187,7 +187,7 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path) -> dict | None:
             bar.update()
 
     res = run_pipeline(setup, cfg, plan, cost, data=ns.data,
-                       opts=ExecOptions(timeout_s=ns.timeout, trace=not ns.no_trace),
+                       opts=ExecOptions(timeout_s=ns.timeout),
                        trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
                        params_dir=tmp if ns.save_params else None,
                        gpu_memory_cap=int(ns.gpu_memory * 1e9) if ns.gpu_memory else None, progress=progress)

@@ -73,7 +73,6 @@ class RankFailure(RuntimeError):
 @dataclass
 class ExecOptions:
     timeout_s: float = 300.0          # longest wait for a block, a message or a stream
-    trace: bool = True
 
 
 @dataclass
@@ -299,8 +298,8 @@ class RankRuntime:
             self.done[a].set()
 
     def _mark(self, name: str, stream: str, start: Marker, end: Marker, cat: str, **args) -> None:
-        if self.opts.trace or cat not in ("forward", "backward", "recompute"):
-            self.events.append(_Event(name, stream, start, end, cat, args))
+        # Recorded with or without --no-trace: the busy fractions are read from these events.
+        self.events.append(_Event(name, stream, start, end, cat, args))
 
     # =================================================================== loading
     def _instant(self, name: str, stream: str) -> None:
