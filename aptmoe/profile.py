@@ -14,7 +14,9 @@ that the simulator reads directly (DESIGN §3). Its sections:
   seconds}; the dims a kind does not depend on are null (e: d, h; a: d, heads,
   seq_length; g: d, experts);
 - ``cpu_expert``: curves {d, h, dtype, direction, threads, tokens, seconds};
-- ``adam``: {cpu_s_per_param: {threads: s}, gpu_s_per_param: s or null};
+- ``adam``: {cpu_s_per_param: {threads: s}, gpu_s_per_param: s or null, and optionally
+  cpu_shared: {ranks: R, s_per_param: {threads: s}}, the CPU figure with R ranks of one
+  host updating at once on disjoint cores (they share the host's memory bandwidth)};
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -161,6 +163,8 @@ class CpuCurve:
 class Adam:
     cpu_s_per_param: dict[int, float]   # threads -> seconds per fp32 parameter; {} = roofline
     gpu_s_per_param: float | None       # None = roofline
+    shared_ranks: int | None = None     # ranks that updated at once for the figure below
+    cpu_shared_s_per_param: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,10 @@ class Profile:
             "cpu_expert": [{**dataclasses.asdict(c), "tokens": list(c.tokens), "seconds": list(c.seconds)}
                            for c in self.cpu_expert],
             "adam": {"cpu_s_per_param": table(self.adam.cpu_s_per_param),
-                     "gpu_s_per_param": self.adam.gpu_s_per_param},
+                     "gpu_s_per_param": self.adam.gpu_s_per_param,
+                     **({"cpu_shared": {"ranks": self.adam.shared_ranks,
+                                        "s_per_param": table(self.adam.cpu_shared_s_per_param)}}
+                        if self.adam.shared_ranks else {})},
             "roofline": json.loads(json.dumps(self.roofline)),
         })
         return d
@@ -529,10 +536,17 @@ class _Parser:
         return tuple(out)
 
     def adam(self, data: Any) -> Adam:
-        d = self.obj(data, "adam", ("cpu_s_per_param", "gpu_s_per_param"))
+        d = self.obj(data, "adam", ("cpu_s_per_param", "gpu_s_per_param"), ("cpu_shared",))
         gpu = d["gpu_s_per_param"]
+        ranks, shared = None, {}
+        if "cpu_shared" in d:
+            sh = self.obj(d["cpu_shared"], "adam.cpu_shared", ("ranks", "s_per_param"))
+            ranks = sh["ranks"]
+            if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 2:
+                self.fail("adam.cpu_shared.ranks", f"must be an integer >= 2, got {ranks!r}")
+            shared = self.table(sh["s_per_param"], "adam.cpu_shared.s_per_param", "threads")
         return Adam(self.table(d["cpu_s_per_param"], "adam.cpu_s_per_param", "threads", allow_empty=True),
-                    None if gpu is None else self.number(gpu, "adam.gpu_s_per_param", unit="s"))
+                    None if gpu is None else self.number(gpu, "adam.gpu_s_per_param", unit="s"), ranks, shared)
 
     def roofline(self, data: Any) -> dict[str, Any]:
         hints = typing.get_type_hints(AnalyticHardware)
@@ -633,7 +647,7 @@ class ProfileCost:
     """
 
     def __init__(self, profile: Profile | str, model: ModelConfig, *, pinned: bool = True,
-                 link_cap_GBps: float | None = None) -> None:
+                 link_cap_GBps: float | None = None, ranks_per_host: int = 1) -> None:
         if isinstance(profile, (str, os.PathLike)):
             profile = load_profile(profile)
         if link_cap_GBps is not None and not link_cap_GBps > 0:
@@ -642,6 +656,7 @@ class ProfileCost:
         self.model = model
         self.pinned = pinned
         self.link_cap_GBps = link_cap_GBps
+        self.ranks_per_host = ranks_per_host
         self.roofline = AnalyticCost(model, profile.roofline_hardware(), link_cap_GBps)
         self.fallbacks: set[str] = set()
         suffix = ("" if pinned else "/pageable") + ("" if link_cap_GBps is None else f"@{link_cap_GBps:g}GBps")
@@ -761,7 +776,15 @@ class ProfileCost:
     def adam_cpu_s(self, num_params: int, threads: int) -> float:
         p = _count("num_params", num_params)
         t = _positive("threads", threads)
-        table = self.profile.adam.cpu_s_per_param
+        adam = self.profile.adam
+        table = adam.cpu_s_per_param
+        # Ranks of one host update at nearly the same time (every rank's last backward ends
+        # the step) and share the memory bandwidth: use the figure measured that way.
+        if self.ranks_per_host > 1 and adam.cpu_shared_s_per_param:
+            if adam.shared_ranks != self.ranks_per_host:
+                self.fallbacks.add(f"adam cpu: measured with {adam.shared_ranks} ranks at once, "
+                                   f"used for {self.ranks_per_host}")
+            table = adam.cpu_shared_s_per_param
         if not table:
             self.fallbacks.add("adam cpu: not measured, roofline")
             return self.roofline.adam_cpu_s(p, t)
@@ -809,4 +832,5 @@ def cost_for(cfg, profile: Profile | str) -> ProfileCost:
     pinning: what both back-ends and the APTMoE policy read."""
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
-    return ProfileCost(profile, cfg.model, pinned=cfg.schedule.pinned, link_cap_GBps=cfg.cluster.link_bandwidth_GBps)
+    return ProfileCost(profile, cfg.model, pinned=cfg.schedule.pinned, link_cap_GBps=cfg.cluster.link_bandwidth_GBps,
+                       ranks_per_host=cfg.cluster.gpus_per_node)

@@ -276,3 +276,36 @@ def test_smoothing_helpers():
     assert np.all(np.diff(s) >= 0) and s.max() < 2
     knots = gen.select_knots(np.linspace(1, 2, 100) ** 2, tol=0.01)
     assert {0, 1, 3, 7, 15, 31, 63, 99} <= set(knots)
+
+
+# --------------------------------------------------------------------------- Adam with ranks at once
+
+
+def _with_shared(a800: Profile, ranks: int = 4) -> Profile:
+    adam = dataclasses.replace(a800.adam, cpu_s_per_param={8: 4e-10, 16: 2.5e-10}, shared_ranks=ranks,
+                               cpu_shared_s_per_param={8: 1.2e-9, 16: 1.0e-9})
+    return a800.with_(adam=adam)
+
+
+def test_shared_adam_round_trips_and_is_checked(a800, tmp_path):
+    p = _with_shared(a800)
+    again = load_profile(str(p.save(tmp_path / "s.json")))
+    assert again.adam == p.adam
+    d = json.loads((tmp_path / "s.json").read_text())
+    d["adam"]["cpu_shared"]["ranks"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="adam.cpu_shared.ranks"):
+        load_profile(str(tmp_path / "bad.json"))
+    assert "cpu_shared" not in json.loads(a800.to_json())["adam"]      # absent when not measured
+
+
+def test_ranks_of_one_host_update_at_the_shared_rate(a800):
+    p = _with_shared(a800, ranks=4)
+    alone = ProfileCost(p, MOE_S, ranks_per_host=1)
+    four = ProfileCost(p, MOE_S, ranks_per_host=4)
+    assert alone.adam_cpu_s(10**6, 16) == pytest.approx(2.5e-4)
+    assert four.adam_cpu_s(10**6, 16) == pytest.approx(1.0e-3)
+    assert not any("ranks at once" in f for f in four.fallbacks)
+    two = ProfileCost(p, MOE_S, ranks_per_host=2)
+    two.adam_cpu_s(10**6, 16)
+    assert any("measured with 4 ranks at once, used for 2" in f for f in two.fallbacks)
