@@ -43,7 +43,13 @@ def make_calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="calibration file to write, e.g. aptmoe/profiles/h200.json")
     p.add_argument("--quick", action="store_true",
                    help="fewer copy sizes (up to 64 MiB), token counts and repetitions")
-    p.add_argument("--models", default="S,M,L", help="model sizes whose block dims are profiled (S,M,L)")
+    p.add_argument("--models", default="S,M,L",
+                   help="model sizes whose block dims are profiled: S, M, L or DxH such as 64x128 (S,M,L)")
+    p.add_argument("--blocks-on", dest="blocks_on", choices=("auto", "cpu"), default="auto",
+                   help="cpu: time the GPU blocks on the CPU, as an executor with CPU ranks runs them "
+                        "(auto: on the first GPU, skipped without one)")
+    p.add_argument("--block-threads", dest="block_threads", type=int, default=None,
+                   help="threads for blocks timed on the CPU (half the cores)")
     p.add_argument("--dtypes", default="fp32,bf16", help="dtypes, of fp32, bf16, fp16 (fp32,bf16)")
     p.add_argument("--threads", default="7,14,28",
                    help="CPU thread counts, capped at this machine's CPUs (its maximum added if a count "
@@ -82,6 +88,21 @@ def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _models(text: str) -> tuple[str, ...]:
+    items = _items("--models", text)
+    for x in items:
+        if x in MODEL_SIZES:
+            continue
+        d, _, h = x.partition("x")
+        if not (d.isdigit() and h.isdigit() and int(d) > 0 and int(h) > 0):
+            raise UsageError(f"--models: {x!r} is neither {', '.join(MODEL_SIZES)} nor DxH such as 64x128")
+    return tuple(items)
+
+
+def _width(size: str) -> int:
+    return int(size.split("x")[0]) if "x" in size else moe_model(size, 8).embedding_dim
+
+
 def _positive_ints(flag: str, text: str) -> tuple[int, ...]:
     out = []
     for x in _items(flag, text):
@@ -112,10 +133,11 @@ def check_out(text: str) -> Path:
 def option_fields(ns: argparse.Namespace) -> dict:
     """The profiler's `Options` fields from the parsed flags (no torch needed); UsageError
     on bad input."""
-    for flag in ("--seq-length", "--heads", "--gpus", "--gpu-max-tokens", "--cpu-max-tokens", "--cpu-point-limit"):
+    for flag in ("--seq-length", "--heads", "--gpus", "--gpu-max-tokens", "--cpu-max-tokens", "--cpu-point-limit",
+                 "--block-threads"):
         _positive(flag, getattr(ns, flag[2:].replace("-", "_")))
-    models = _choices("--models", ns.models, MODEL_SIZES)
-    width = min(moe_model(s, 8).embedding_dim for s in models)
+    models = _models(ns.models)
+    width = min(_width(s) for s in models)
     if width % ns.heads:
         raise UsageError(f"--heads {ns.heads} does not divide the model width {width}; e.g. --heads 32")
     return dict(
@@ -125,7 +147,8 @@ def option_fields(ns: argparse.Namespace) -> dict:
         gate_experts=_positive_ints("--gate-experts", ns.gate_experts),
         seq_length=ns.seq_length, heads=ns.heads, quick=ns.quick, max_gpus=ns.gpus,
         skip=frozenset(_choices("--skip", ns.skip, PARTS)) if ns.skip is not None else frozenset(),
-        gpu_max_tokens=ns.gpu_max_tokens, cpu_max_tokens=ns.cpu_max_tokens, cpu_point_limit_s=ns.cpu_point_limit)
+        gpu_max_tokens=ns.gpu_max_tokens, cpu_max_tokens=ns.cpu_max_tokens, cpu_point_limit_s=ns.cpu_point_limit,
+        blocks_on=ns.blocks_on, block_threads=ns.block_threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,8 @@ class Options:
     gpu_max_tokens: int | None = None        # None: the mode's default
     cpu_max_tokens: int | None = None
     cpu_point_limit_s: float | None = None   # stop a CPU series after a point this slow
+    blocks_on: str = "auto"                  # "cpu": time the "GPU" blocks on the CPU (for CPU ranks)
+    block_threads: int | None = None         # threads for blocks on the CPU (None: half the cores)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,10 @@ def sizes_for(opts: Options) -> Sizes:
 
 
 def model_dims(size: str) -> tuple[int, int]:
-    """(d, h) of a Table I model, from the config presets."""
+    """(d, h) of a Table I model (S, M, L, from the config presets) or given as "DxH"."""
+    if "x" in size:
+        d, h = size.split("x", 1)
+        return int(d), int(h)
     m = moe_model(size, 8)
     return m.embedding_dim, m.hidden_dim
 
@@ -512,9 +517,11 @@ def _series(block: TimedBlock, tokens: Sequence[int], sampler: Sampler, reps: Re
     return done, out, False
 
 
-def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Sizes, gpu: int,
-                      m: Measured, experts: int | None = None) -> None:
-    dev = torch.device("cuda", gpu)
+def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Sizes, gpu: int | None,
+                      m: Measured, experts: int | None = None, cpus: Sequence[int] = ()) -> None:
+    """A block's curves on GPU `gpu`, or, with gpu None, on the CPU cores `cpus` (where an
+    executor's CPU ranks run their "GPU" blocks)."""
+    dev = torch.device("cuda", gpu) if gpu is not None else torch.device("cpu")
     d, h = model_dims(size)
     tdtype = TORCH_DTYPES[dtype]
     dims: dict[str, int | None] = dict(d=d, h=None, heads=None, seq_length=None, experts=None)
@@ -528,10 +535,15 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
         block = AttentionBlock(d, opts.heads, opts.seq_length, tdtype, dev)
         dims.update(heads=opts.heads, seq_length=opts.seq_length)
         tokens = tuple(q * opts.seq_length for q in sizes.attn_sequences)
-    stream = torch.cuda.current_stream(dev)
-    with torch.cuda.device(dev):
-        done, secs, _ = _series(block, tokens, lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S),
-                                sizes.gpu_reps)
+    if gpu is None:
+        with pinned_threads(cpus) as bound:
+            done, secs, _ = _series(block, tokens, host_sample, sizes.gpu_reps)
+        m.cpu_bound &= bound
+    else:
+        stream = torch.cuda.current_stream(dev)
+        with torch.cuda.device(dev):
+            done, secs, _ = _series(block, tokens, lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S),
+                                    sizes.gpu_reps)
     for direction, raw in secs.items():
         values, moved = monotone(raw)
         m.moved["gpu"] += moved
@@ -673,11 +685,17 @@ def adam_shared_ranks(machine: Machine) -> int:
     return len(machine.gpus) if len(machine.gpus) >= 2 else 2
 
 
-def measure_adam_gpu(gpu: int, sizes: Sizes, m: Measured) -> None:
-    dev = torch.device("cuda", gpu)
-    with torch.cuda.device(dev):
-        opt, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, dev))
-        seconds = median_of(cuda_sample(opt.step, torch.cuda.current_stream(dev)), sizes.adam_reps)
+def measure_adam_gpu(gpu: int | None, sizes: Sizes, m: Measured, cpus: Sequence[int] = ()) -> None:
+    """Adam on GPU `gpu`, or, with gpu None, on the CPU cores `cpus` (GPipe's update on CPU ranks)."""
+    if gpu is None:
+        with pinned_threads(cpus):
+            opt, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, torch.device("cpu")))
+            seconds = median_of(host_sample(opt.step), sizes.adam_reps)
+    else:
+        dev = torch.device("cuda", gpu)
+        with torch.cuda.device(dev):
+            opt, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, dev))
+            seconds = median_of(cuda_sample(opt.step, torch.cuda.current_stream(dev)), sizes.adam_reps)
     m.adam_gpu, m.adam_gpu_impl = seconds / sizes.adam_params, impl
 
 
@@ -712,16 +730,23 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
         why = no_gpu if not machine.gpus else "one GPU: no GPU-to-GPU copy to time"
         out.append(Skipped("links.p2p.intra_node", f"{why}: roofline preset"))
     out.append(Skipped("links.p2p.inter_node", "one host: inter-node links cannot be measured here; roofline preset"))
-    if "gpu" in opts.skip or not machine.gpus:
+    if "gpu" in opts.skip or (not machine.gpus and opts.blocks_on != "cpu"):
         why = "--skip gpu" if "gpu" in opts.skip else no_gpu
         out.append(Skipped("gpu", f"{why}: no GPU block curves; ProfileCost uses the roofline for every GPU block"))
     if "cpu" in opts.skip:
         out.append(Skipped("cpu_expert", "--skip cpu: no CPU expert curves; ProfileCost uses the roofline"))
     if "adam" in opts.skip:
         out.append(Skipped("adam", "--skip adam: roofline Adam rates"))
-    elif not machine.gpus:
+    elif not machine.gpus and opts.blocks_on != "cpu":
         out.append(Skipped("adam.gpu", f"{no_gpu}: roofline GPU Adam rate"))
     return out
+
+
+def block_cpus(opts: Options, machine: Machine) -> list[int]:
+    """Cores for blocks timed on the CPU: `--block-threads`, or half the cores (what each of
+    the executor's two default CPU ranks is bound to)."""
+    n = opts.block_threads or max(1, len(machine.cpus) // 2)
+    return list(machine.cpus[:n])
 
 
 def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> list[Task]:
@@ -737,15 +762,17 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         add("duplex", lambda: measure_duplex(gpus[0], sizes.root_bytes, sizes.root_copies, sizes.link_reps, m))
         if len(gpus) >= 2:
             add("p2p gpu0->gpu1", lambda: measure_p2p(gpus[0], gpus[1], sizes.copy_bytes, sizes.link_reps, m))
-    if gpus and "gpu" not in opts.skip:
+    if (gpus or opts.blocks_on == "cpu") and "gpu" not in opts.skip:
+        on = None if opts.blocks_on == "cpu" else gpus[0]
+        bcpus = block_cpus(opts, machine)
         for size in opts.models:
             for dtype in opts.dtypes:
                 for kind in ("e", "a"):
                     add(f"gpu {kind} {size} {dtype}",
-                        lambda k=kind, s=size, t=dtype: measure_gpu_block(k, s, t, opts, sizes, gpus[0], m))
+                        lambda k=kind, s=size, t=dtype: measure_gpu_block(k, s, t, opts, sizes, on, m, cpus=bcpus))
                 for e in opts.gate_experts:
                     add(f"gpu g{e} {size} {dtype}",
-                        lambda s=size, t=dtype, e=e: measure_gpu_block("g", s, t, opts, sizes, gpus[0], m, e))
+                        lambda s=size, t=dtype, e=e: measure_gpu_block("g", s, t, opts, sizes, on, m, e, cpus=bcpus))
     if "cpu" not in opts.skip:
         cache = _BlockCache()
         for size in opts.models:
@@ -762,7 +789,9 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         split = len(machine.cpus) // ranks
         for t in sorted({t for t in machine.threads if ranks * t <= len(machine.cpus)} | ({split} if split else set())):
             add(f"adam cpu {ranks}x{t}t", lambda t=t: measure_adam_cpu_shared(t, ranks, machine, sizes, m))
-        if gpus:
+        if opts.blocks_on == "cpu":
+            add("adam gpu (cpu)", lambda: measure_adam_gpu(None, sizes, m, block_cpus(opts, machine)))
+        elif gpus:
             add("adam gpu", lambda: measure_adam_gpu(gpus[0], sizes, m))
     return tasks
 
@@ -908,7 +937,14 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
                 f"neighbours out of order are replaced by their mean; {len(changed)} of {len(moved)} medians "
                 f"moved, by at most {max(changed, default=0):.1%}, median {statistics.median(changed or [0]):.1%}")
 
-    if m.gpu:
+    if m.gpu and opts.blocks_on == "cpu":
+        a.sources["gpu"] = (
+            f"measured on the CPU ({machine.hardware.cpu_model}, {len(block_cpus(opts, machine))} bound threads), "
+            f"for an executor whose ranks are CPU processes: the executor's block modules, fwd with autograd "
+            f"recording, bwd = out.backward(random grad) after an untimed forward; host clock, fresh torch.randn "
+            f"inputs, {_reps_text(sizes.gpu_reps)}")
+        a.sources["gpu.monotone"] = smoothing(m.moved["gpu"])
+    elif m.gpu:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         a.sources["gpu"] = (
             f"measured: GPU {machine.gpus[0]} ({machine.gpu_name}), torch {torch.__version__}; blocks as the "
@@ -951,7 +987,10 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
         if m.adam_shared:
             parts.append(f"CPU shared: the same in {m.adam_shared_ranks} processes at once, each on its own cores "
                          f"(started together; the median of their medians)")
-        if m.adam_gpu is not None:
+        if m.adam_gpu is not None and opts.blocks_on == "cpu":
+            parts.append(f"GPU (CPU ranks): Adam({m.adam_gpu_impl}=True) on {len(block_cpus(opts, machine))} bound "
+                         "CPU threads, host clock")
+        elif m.adam_gpu is not None:
             parts.append(f"GPU {machine.gpus[0]}: Adam({m.adam_gpu_impl}=True), CUDA events")
         else:
             parts.append("GPU: roofline")

@@ -102,7 +102,11 @@ def test_cpu_curves_feed_the_cost_source(cpu_run) -> None:
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--models", "X"], "--models: 'X' is unknown"),
+    (["--models", "X"], "--models: 'X' is neither"),
+    (["--models", "64x0"], "--models: '64x0' is neither"),
+    (["--models", "30x64", "--heads", "4"], "--heads 4 does not divide the model width 30"),
+    (["--blocks-on", "tpu"], "invalid choice"),
+    (["--block-threads", "0"], "--block-threads must be positive"),
     (["--threads", "0,2"], "--threads: '0' is not a positive integer"),
     (["--threads", "a"], "--threads: 'a'"),
     (["--threads", ","], "--threads needs"),

@@ -57,3 +57,34 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
 def test_validate_needs_a_calibration(capsys) -> None:
     assert sim_main(["validate", "--pipeline", "Mobius"]) == 2
     assert "--calibration" in capsys.readouterr().err
+
+
+CPU_MODEL = ["--is_moe=True", "--model_config=S", "--embedding_dim", "64", "--hidden_dim", "128", "--num_heads", "4",
+             "--num_layers", "4", "--num_stages", "4", "--num_experts", "4", "--batch_size", "8", "--num_chunks", "2",
+             "--seq_length", "16", "--topo", "C1+G1", "--num_warmup_steps", "2", "--num_training_steps", "3",
+             "--device", "cpu", "--gpus", "2", "--link-bandwidth", "0.05"]
+
+
+def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
+    """Issue 6, §4: the gloo executor against the simulator with a profile measured on this
+    machine (blocks timed on the CPU, as the CPU ranks run them).
+
+    Measured on the 2-core development machine, 4 runs (docs/validation-cpu.md): Mobius's
+    step predicted 27-34% short, its block loads 5-7% short. The link model is what the
+    capped CPU run exercises faithfully, so its bound is tight: +-15% (twice the measured
+    error, for another CPU's copy and pacing overheads). The step is short by the per-call
+    host overheads the simulator does not model (tiny blocks here: a Python call costs more
+    than the arithmetic); its bound, -60% to +15%, is the measured range widened by four
+    times its spread, and fails if the executor slows down or the model starts to overshoot."""
+    from aptmoe.calibration.cli import main as calibrate
+
+    profile = tmp_path / "cpu.json"
+    assert calibrate(["--quick", "--out", str(profile), "--blocks-on", "cpu", "--block-threads", "1",
+                      "--models", "64x128", "--dtypes", "fp32", "--threads", "1", "--seq-length", "16",
+                      "--heads", "4", "--gate-experts", "4", "--skip", "links", "-q"]) == 0
+    out = tmp_path / "val"
+    assert sim_main(["validate", "--calibration", str(profile), *CPU_MODEL, "--pipeline", "Mobius",
+                     "--out", str(out), "-q"]) == 0
+    row = json.loads((out / "validation.json").read_text())["schedules"][0]
+    assert abs(row["actions"]["load-stage"]["median_error"]) <= 0.15, row["actions"]["load-stage"]
+    assert -0.60 <= row["error"] <= 0.15, row["error"]
