@@ -178,6 +178,8 @@ def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measu
                              default=step_s[j]) for j in range(steps)] for r in range(G)]
     m["update/cpu_s"] = statistics.fmean(x for row in upd for x in row)
     m["time/after_last_compute_s"] = statistics.fmean(x for row in tail for x in row)
+    calls = sum(rep.host_blocks for reps in per_rank for rep in reps)
+    m["host/s_per_block_call"] = sum(rep.host_block_s for reps in per_rank for rep in reps) / calls if calls else 0.0
     cpu_tok = sum(rep.expert_tokens.get("cpu", 0) for reps in per_rank for rep in reps)
     all_tok = cpu_tok + sum(rep.expert_tokens.get("gpu", 0) for reps in per_rank for rep in reps)
     m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0

@@ -99,6 +99,8 @@ class StepReport:
     expert_tokens: dict[str, int] = field(default_factory=dict)
     copies_by_phase: dict[str, int] = field(default_factory=dict)
     bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    host_block_s: float = 0.0          # host time of the compute thread's block calls
+    host_blocks: int = 0
 
 
 def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -229,6 +231,7 @@ class RankRuntime:
         self.host_events: list[tuple] = []
         self.sends: list[tuple[object, torch.Tensor]] = []
         self.expert_tokens = {"gpu": 0, "cpu": 0}
+        self.host_block_s, self.host_blocks = 0.0, 0
         self.h2d.bytes = self.d2h.bytes = 0
         self.load_bytes = 0
         batch = self.source.batch(i, self.cfg.train.batch_size)
@@ -296,6 +299,17 @@ class RankRuntime:
                     self._wait_event(ev, f"{d} before {a}")
             self._handlers[a.kind](self, a)
             self.done[a].set()
+
+    def _block_start(self) -> tuple[Marker, float]:
+        return self.dev.record(), time.perf_counter()
+
+    def _block_end(self, name: str, start: tuple[Marker, float], cat: str, **args) -> None:
+        """One block ran on the compute stream: its device span, and the host time the call
+        took (on a GPU the Python-side cost of issuing it; on CPU ranks its whole run)."""
+        marker, host = start
+        self.host_block_s += time.perf_counter() - host
+        self.host_blocks += 1
+        self._mark(name, "compute", marker, self.dev.record(), cat, **args)
 
     def _mark(self, name: str, stream: str, start: Marker, end: Marker, cat: str, **args) -> None:
         # Recorded with or without --no-trace: the busy fractions are read from these events.
@@ -472,7 +486,7 @@ class RankRuntime:
             p = self._params(a.stage, step.pass_, block)
             if grad:
                 p.ensure_grad()
-            t0 = self.dev.record()
+            t0 = self._block_start()
             if block.kind is BlockKind.ATTN:
                 xin = x.detach().requires_grad_(grad) if grad else x
                 run = runs[block.layer] = LayerRun(xin, self.routing[(block.layer, a.mb)], self.model.num_heads,
@@ -480,7 +494,7 @@ class RankRuntime:
                 run.attention(p.leaves)
             else:
                 runs[block.layer].gate(p.leaves[0])
-            self._mark(str(a.at(block)), "compute", t0, self.dev.record(), step.cat, layer=block.layer)
+            self._block_end(str(a.at(block)), t0, step.cat, layer=block.layer)
         return x
 
     def _experts_forward(self, a: Action, step: RunExperts, run: LayerRun, keep_cpu: bool) -> None:
@@ -566,9 +580,9 @@ class RankRuntime:
         while pending:
             for e in self._ready_experts(a.stage, step.pass_, layer, pending):
                 p = self._params(a.stage, step.pass_, Block.expert_of(layer, e))
-                t0 = self.dev.record()
+                t0 = self._block_start()
                 run_one(e, p)
-                self._mark(str(a.at(Block.expert_of(layer, e))), "compute", t0, self.dev.record(), cat,
+                self._block_end(str(a.at(Block.expert_of(layer, e))), t0, cat,
                            layer=layer, experts=[e], tokens=int(step.counts[e]))
                 self.expert_tokens["gpu"] += int(step.counts[e])
                 pending.remove(e)
@@ -627,12 +641,12 @@ class RankRuntime:
         run = runs[step.blocks[0].layer]
         for block in step.blocks:
             self._params(a.stage, step.pass_, block)        # still loaded; waits if the plan says so
-            t0 = self.dev.record()
+            t0 = self._block_start()
             if block.kind is BlockKind.GATE:
                 run.gate_backward()
             else:
                 dy = run.attention_backward()
-            self._mark(str(a.at(block)), "compute", t0, self.dev.record(), "backward", layer=block.layer)
+            self._block_end(str(a.at(block)), t0, "backward", layer=block.layer)
         return dy
 
     def _experts_backward(self, a: Action, step: RunExperts, run: LayerRun) -> None:
@@ -759,7 +773,8 @@ class RankRuntime:
             bytes={"h2d": float(self.h2d.bytes), "d2h": float(self.d2h.bytes), "load": float(self.load_bytes)},
             expert_tokens=dict(self.expert_tokens),
             copies_by_phase=dict(pol.copies_by_phase) if pol is not None else {},
-            bytes_by_phase=dict(pol.bytes_by_phase) if pol is not None else {})
+            bytes_by_phase=dict(pol.bytes_by_phase) if pol is not None else {},
+            host_block_s=self.host_block_s, host_blocks=self.host_blocks)
 
     _handlers = {
         Kind.FWD: _forward, Kind.BWD: _backward, Kind.DROP_F: _drop, Kind.DROP_B: _drop,
