@@ -325,6 +325,8 @@ def _main_torchrun(ns, argv, plans, staged, use_cuda, say) -> int:
         box = [str(tmp) if tmp is not None else None]
         dist.broadcast_object_list(box, src=0)        # rank 0's staging folder, where every rank writes
         for name, (cfg, cost, plan) in plans.items():
+            if tmp is not None:
+                (tmp / f"plan-{name}.txt").write_text(plan.describe() + "\n")
             why = preflight(cfg, plan)
             if why is not None:
                 if rank == 0:

@@ -75,6 +75,7 @@ def test_torchrun_launch_runs_the_seed_line(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads((out / "results.json").read_text())
     assert doc["schedules"]["APTMoE"]["iteration_s"] > 0
+    assert (out / "plan-APTMoE.txt").read_text().startswith("APTMoE:")
 
 
 @pytest.mark.parametrize("flags, says", [
