@@ -422,10 +422,8 @@ class RankRuntime:
         s, m = a.stage, a.mb
         start = self.dev.record()
         taped = not self.plan.fwd_only and not self.plan.recomputes(m)
-        x = self._stage_input(s, m) if taped or s > 0 else None
-        if s == 0 and not taped:
-            with torch.no_grad():
-                x = self._stage_input(0, m)
+        with torch.set_grad_enabled(taped):         # stage 0's embedding: in the graph only if taped
+            x = self._stage_input(s, m)
         if not taped and not self.plan.fwd_only:
             self.ckpt[(s, m)] = x.detach() if s > 0 else None
         runs: dict[int, LayerRun] = {}
