@@ -12,6 +12,8 @@ FFN. Directions: "fwd", "bwd" (bwd = weight and input gradients, without the for
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -84,6 +86,44 @@ class SharedLinkView:
 
     def h2d(self) -> LinkSpec:
         return self._h2d
+
+    def __getattr__(self, attr):
+        return getattr(self._cost, attr)
+
+
+class ObservedCpuView:
+    """A cost source whose CPU-expert times follow what the CPU has been observed to take.
+
+    The affinity split weighs a CPU expert's time against loading it. When the machine's
+    CPU experts run slower than the calibration said (on a host whose ranks share the
+    memory bandwidth, a backward expert took 16 ms where the profile said 0.8), the split
+    must learn it, or it keeps sending experts to a CPU the GPU then waits for. Each
+    observed job moves a per-direction correction (a running mean of log(observed /
+    predicted)); everything else is delegated unchanged. Where the observation is the
+    model itself (the simulator), the correction stays exactly 1.
+    """
+
+    WEIGHT = 0.2                  # of each new observation in the running mean
+    BOUNDS = (0.1, 100.0)         # the correction never leaves this range
+
+    def __init__(self, cost: CostSource) -> None:
+        self._cost = cost
+        self._log = {"fwd": 0.0, "bwd": 0.0}
+        self.name = f"{cost.name} (CPU experts as observed)"
+
+    def observe(self, tokens: int, direction: str, threads: int, seconds: float) -> None:
+        predicted = self._cost.cpu_expert_s(tokens, direction, threads)
+        if predicted <= 0 or seconds <= 0:
+            return
+        lo, hi = self.BOUNDS
+        ratio = min(hi, max(lo, seconds / predicted))
+        self._log[direction] += self.WEIGHT * (math.log(ratio) - self._log[direction])
+
+    def correction(self, direction: str) -> float:
+        return math.exp(self._log[direction])
+
+    def cpu_expert_s(self, tokens: int, direction: str, threads: int) -> float:
+        return self._cost.cpu_expert_s(tokens, direction, threads) * self.correction(direction)
 
     def __getattr__(self, attr):
         return getattr(self._cost, attr)

@@ -48,7 +48,7 @@ import numpy as np
 
 from aptmoe.affinity import split_experts
 from aptmoe.config import ModelConfig
-from aptmoe.costs import CostSource
+from aptmoe.costs import CostSource, ObservedCpuView
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 
@@ -93,6 +93,7 @@ class LoadingPolicy(Protocol):
     def is_loaded(self, stage: int, block: Block) -> bool: ...
     def window_open(self, stage: int) -> bool: ...
     def prime_history(self, layer_totals) -> None: ...
+    def cpu_expert_ran(self, tokens: int, direction: str, seconds: float) -> None: ...
     def end_iteration(self) -> None: ...
 
 
@@ -174,6 +175,9 @@ class _PolicyBase:
 
     def prime_history(self, layer_totals) -> None:
         """Popularity of the previous step, [layers, E]; what a warm-up step leaves behind."""
+
+    def cpu_expert_ran(self, tokens: int, direction: str, seconds: float) -> None:
+        """A CPU expert took `seconds` (its compute, as the back-end measured or modelled it)."""
 
     def _available(self, stage: int, block: Block) -> bool:
         return (stage, block) in self.loaded or (stage, block) in self.in_flight
@@ -258,7 +262,7 @@ class AptmoePolicy(_PolicyBase):
     def __init__(self, plan: Plan, rank: int, model: ModelConfig, cost: CostSource, *,
                  threads: int, inter_stage_only: bool = False) -> None:
         super().__init__(plan, rank, model)
-        self.cost, self.threads = cost, threads
+        self.cost, self.threads = ObservedCpuView(cost), threads
         self.inter_stage_only = inter_stage_only
         self.M = plan.micro_batches
         self.queues = {p: _Queue() for p in PHASES}
@@ -439,6 +443,9 @@ class AptmoePolicy(_PolicyBase):
                 q.remove(s, b)
         self.required = {k for k in self.required if k[0] != stage}
         self._bwd.pop(stage, None)
+
+    def cpu_expert_ran(self, tokens: int, direction: str, seconds: float) -> None:
+        self.cost.observe(tokens, direction, self.threads, seconds)
 
     def prime_history(self, layer_totals) -> None:
         self.history = {layer: np.asarray(layer_totals[layer]) for layer in range(len(layer_totals))}

@@ -533,9 +533,10 @@ class RankRuntime:
             return out.detach(), (xin, out)
 
         cat = "recompute" if step.cat == "recompute" else "cpu-expert"
-        return self._submit_cpu(a, step, [run.inputs_of(e) for e in step.cpu], work, cat)
+        return self._submit_cpu(a, step, [run.inputs_of(e) for e in step.cpu], work, cat, "fwd")
 
-    def _submit_cpu(self, a: Action, step: RunExperts, data: list[torch.Tensor], work, cat: str) -> Future:
+    def _submit_cpu(self, a: Action, step: RunExperts, data: list[torch.Tensor], work, cat: str,
+                    direction: str) -> Future:
         """The CPU experts of a step: their rows of `data` (one device tensor per expert) go
         to host memory in one copy, `work(e, rows)` runs each on the CPU and returns (what
         goes back, what stays), and what goes back returns in one copy. The future gives
@@ -556,9 +557,12 @@ class RankRuntime:
             for e, rows in zip(experts, host.split(sizes)):
                 t0 = self.dev.host_seconds()
                 back, stay = work(e, rows)
+                t1 = self.dev.host_seconds()
                 backs.append(back)
                 stays.append(stay)
-                self.host_events.append((str(a.at(Block.expert_of(layer, e))), "cpu", t0, self.dev.host_seconds(),
+                with self.cond:                      # the split learns how fast the CPU really is
+                    self.policy.cpu_expert_ran(int(step.counts[e]), direction, t1 - t0)
+                self.host_events.append((str(a.at(Block.expert_of(layer, e))), "cpu", t0, t1,
                                          cat, {"layer": layer, "experts": [e], "tokens": int(step.counts[e])}))
             up = torch.cat(backs)
             with self.dev.on(self.act_stream):
@@ -657,7 +661,7 @@ class RankRuntime:
                 torch.autograd.backward(part.out, ge)
                 return part.inp.grad, None
 
-            fut = self._submit_cpu(a, step, [douts[e] for e in step.cpu], work, "cpu-expert")
+            fut = self._submit_cpu(a, step, [douts[e] for e in step.cpu], work, "cpu-expert", "bwd")
         self._gpu_experts(a, step, lambda e, p: run.gpu_expert_backward(e, douts[e]), "backward")
         if fut is not None:
             done, marker = self._wait_future(fut, f"CPU expert backward of layer {layer}")

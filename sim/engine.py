@@ -289,7 +289,10 @@ class RankModel:
             yield req
             for e in experts:
                 start = self.env.now
-                yield self._hold(self.cost.cpu_expert_s(int(counts[e]), direction, self.threads), "cpu")
+                secs = self.cost.cpu_expert_s(int(counts[e]), direction, self.threads)
+                yield self._hold(secs, "cpu")
+                # the policy hears what the CPU took, as in the executor (here: the model itself)
+                self.policy.cpu_expert_ran(int(counts[e]), direction, secs)
                 self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,
                              layer=layer, experts=[e], tokens=int(counts[e]))
         yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s, group=self.rank)

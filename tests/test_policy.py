@@ -580,3 +580,34 @@ def test_policy_through_a_whole_plan(pipeline: str, fwd_only: bool, inter_stage_
             assert backend.cpu_expert_runs == 0
         else:
             assert backend.cpu_expert_runs > 0        # skewed counts send some experts to the CPU
+
+
+# --------------------------------------------------------------------------- CPU experts as observed
+
+
+def test_observed_cpu_view_learns_the_ratio_and_stays_exact_on_the_model() -> None:
+    from aptmoe.costs import ObservedCpuView
+
+    view = ObservedCpuView(COST)
+    for _ in range(50):                       # the model observing itself: exactly 1
+        view.observe(64, "fwd", THREADS, COST.cpu_expert_s(64, "fwd", THREADS))
+    assert view.correction("fwd") == 1.0 and view.cpu_expert_s(64, "fwd", THREADS) == COST.cpu_expert_s(64, "fwd", THREADS)
+    for _ in range(60):                       # a CPU 10x slower than calibrated, in the backward only
+        view.observe(8, "bwd", THREADS, 10 * COST.cpu_expert_s(8, "bwd", THREADS))
+    assert view.correction("bwd") == pytest.approx(10, rel=1e-3) and view.correction("fwd") == 1.0
+    for _ in range(200):                      # never beyond its bounds
+        view.observe(8, "bwd", THREADS, 1e6)
+    assert view.correction("bwd") <= ObservedCpuView.BOUNDS[1] * (1 + 1e-9)
+    assert view.h2d() == COST.h2d()            # the rest is delegated
+
+
+def test_a_slow_cpu_moves_experts_back_to_the_gpu() -> None:
+    counts = [300, 100, 50, 30, 20, 10, 2, 0]
+    fast, slow = aptmoe_policy(), aptmoe_policy()
+    for p in (fast, slow):
+        p.stage_load_begins(0, "F")
+    for _ in range(60):                       # CPU experts observed 50x slower than calibrated
+        slow.cpu_expert_ran(10, "fwd", 50 * COST.cpu_expert_s(10, "fwd", THREADS))
+    before = fast.gate_counts(0, 0, 0, counts)
+    after = slow.gate_counts(0, 0, 0, counts)
+    assert len(after.cpu) < len(before.cpu)
