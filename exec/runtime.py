@@ -224,6 +224,7 @@ class RankRuntime:
         self.tapes: dict[tuple[int, int], dict[int, LayerRun]] = {}
         self.cpu_saved: dict[tuple[int, int], dict[int, CpuPart]] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        self.grad_home: dict[tuple[int, Block], threading.Event] = {}
         self.embedded: dict[int, torch.Tensor] = {}          # stage 0's embedding output, in its graph
         self.done_marker: dict[int, Marker] = {}             # after the latest backward of a stage
         self.loss_graph: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -670,35 +671,46 @@ class RankRuntime:
                 run.add_input_grad(e, g)
 
     # =================================================================== offload and update
+    def _grad_home(self, stage: int, block: Block) -> threading.Event:
+        """Set once the block's gradient of this step is on the host (or it has none)."""
+        with self.lock:
+            return self.grad_home.setdefault((stage, block), threading.Event())
+
     def _offload(self, a: Action) -> None:
-        """Gradients of the stage's device blocks to host memory, behind its last backward."""
-        last = self.done_marker.get(a.stage)
-        with self.cond:
-            blocks = [(b, fp) for (s, b), fp in self.dev_blocks.items() if s == a.stage and fp.grad is not None]
+        """Gradients of the stage's device blocks to host memory behind its last backward,
+        block by block in layer order; each block's arrival releases its update."""
+        s = a.stage
+        nbytes = 0
         with self.dev.on(self.offload_stream):
-            self.dev.wait(last, self.offload_stream)
+            self.dev.wait(self.done_marker.get(s), self.offload_stream)
             start = self.dev.record(self.offload_stream)
-            nbytes = 0
-            for b, fp in blocks:
-                g = fp.grad
-                self.dev.keep_for(g, self.offload_stream)
-                host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
-                self.d2h.copy(host, g)
-                master = self.master[b]
-                if master.grad is None:
-                    master.set_grad(host)
-                else:                                   # never both, as placement is per stage; kept exact anyway
-                    master.grad.add_(host)
-                nbytes += g.numel() * g.element_size()
+            for layer in self.layers[s]:
+                for b in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
+                    with self.cond:
+                        fp = self.dev_blocks.get((s, b))
+                    if fp is not None and fp.grad is not None:
+                        g = fp.grad
+                        self.dev.keep_for(g, self.offload_stream)
+                        host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
+                        self.d2h.copy(host, g)
+                        self.dev.block_on(self.dev.record(self.offload_stream))
+                        master = self.master[b]
+                        if master.grad is None:
+                            master.set_grad(host)
+                        else:                       # never both, as placement is per stage; kept exact anyway
+                            master.grad.add_(host)
+                        nbytes += g.numel() * g.element_size()
+                    self._grad_home(s, b).set()
             end = self.dev.record(self.offload_stream)
-        self.dev.block_on(end)
         self._mark(str(a), "offload", start, end, "offload", bytes=nbytes)
 
     def _update_cpu(self, a: Action) -> None:
-        """Adam over the stage's host parameters, block by block, below CPU experts in priority."""
+        """Adam over the stage's host parameters, block by block as their gradients arrive,
+        in chunks below CPU experts in priority."""
         futs = []
         for layer in self.layers[a.stage]:
             for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
+                self._wait_event(self._grad_home(a.stage, block), f"the gradient of {block} of stage {a.stage}")
                 if self.master[block].grad is None:
                     continue                     # unused this step: Adam skips it, as torch's does
                 for i in range(len(self.chunks[block])):

@@ -26,7 +26,7 @@ from aptmoe.sim.links import SharedRoot
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource, SharedLinkView
 from aptmoe.memory import MemoryModel, adam_chunks
-from aptmoe.plan.actions import Action, Block, Kind
+from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
@@ -148,6 +148,8 @@ class RankModel:
         self.stage_bytes: dict[int, int] = defaultdict(int)     # loaded or loading, per stage
         self.inflight_bytes: dict[int, int] = defaultdict(int)  # of which still on the link
         self.grad_bytes: dict[int, int] = defaultdict(int)
+        self.grad_blocks: dict[int, dict[Block, int]] = defaultdict(dict)   # GPU gradients per stage
+        self.grad_home: dict[tuple[int, Block], simpy.Event] = {}          # a block's gradient is on the host
         self.ready: dict[tuple[int, Block], simpy.Event] = {}
         self._work: simpy.Event | None = None
         self.handlers = {
@@ -361,7 +363,10 @@ class RankModel:
             if m == 0 and not self.plan.resident and isinstance(step, RunExperts) and step.cat == "backward":
                 # the first backward of a stage allocates the gradients of its GPU blocks
                 on_gpu = backward_placement(s, step.layer, self.policy, model.num_experts, model.is_moe).gpu
-                grads = model.block_bytes("a") + model.block_bytes("g") + len(on_gpu) * model.block_bytes("e")
+                blocks = [b for b in Block.of_layer(step.layer, model.num_experts, model.is_moe)
+                          if b.kind is not BlockKind.EXPERT or b.expert in on_gpu]
+                grads = sum(model.block_bytes(b.kind.value) for b in blocks)
+                self.grad_blocks[s].update((b, model.block_bytes(b.kind.value)) for b in blocks)
                 self.grad_bytes[s] += grads
                 self._alloc(s, grads, "gradients")
             yield from self._run(a, step)
@@ -382,13 +387,28 @@ class RankModel:
         self._record(str(a), "compute" if a.kind is Kind.DROP_F else "offload", self.env.now, "marker")
         yield from ()
 
+    def _grad_home(self, stage: int, block: Block) -> simpy.Event:
+        ev = self.grad_home.get((stage, block))
+        if ev is None:
+            ev = self.grad_home[(stage, block)] = self.env.event()
+        return ev
+
     def _offload(self, a: Action):
-        nbytes = self.grad_bytes.get(a.stage, 0)
+        """The stage's GPU gradients to the host block by block, in layer order, each block's
+        arrival releasing its update (as the executor does)."""
+        s, m = a.stage, self.cfg.model
         start = self.env.now
-        yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s, group=self.rank)
+        grads = self.grad_blocks.pop(s, {})
+        for layer in self.layers[s]:
+            for block in Block.of_layer(layer, m.num_experts, m.is_moe):
+                nbytes = grads.get(block, 0)
+                if nbytes:
+                    yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s,
+                                                      group=self.rank)
+                    self.bytes["d2h"] += nbytes
+                self._grad_home(s, block).succeed()
         self.busy["d2h"] += self.env.now - start
-        self.bytes["d2h"] += nbytes
-        self._record(str(a), "offload", start, "offload", bytes=nbytes)
+        self._record(str(a), "offload", start, "offload", bytes=sum(grads.values()))
 
     def _update(self, a: Action):
         """Adam over a stage's parameters. On the CPU it runs in chunks (`adam_chunks`) at low priority,
@@ -404,6 +424,9 @@ class RankModel:
             return
         for layer in self.layers[a.stage]:
             for block in Block.of_layer(layer, m.num_experts, m.is_moe):
+                home = self._grad_home(a.stage, block)
+                if not home.processed:
+                    yield home                       # its gradient is still on the way
                 for lo, hi in adam_chunks(m.block_bytes(block.kind.value) // m.dtype_bytes):
                     with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
                         yield req

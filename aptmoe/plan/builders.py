@@ -113,7 +113,9 @@ def _build(cfg: RunConfig, *, pipeline: Pipeline, stage_rank: list[int], layers:
                 off = add(r, "offload", Action(s, Kind.OFFLOAD))
                 dep(off, last_b)
                 add(r, "offload", Action(s, Kind.DROP_B))
-                dep(add(r, "cpu", Action(s, Kind.UPDATE)), off)
+                # The update follows the offload block by block (both back-ends wait for each
+                # block's gradient to reach the host), so it starts with the offload, not after it.
+                dep(add(r, "cpu", Action(s, Kind.UPDATE)), last_b)
         if resident:
             continue
         drops: list[Action] = []
