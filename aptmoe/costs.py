@@ -13,7 +13,6 @@ FFN. Directions: "fwd", "bwd" (bwd = weight and input gradients, without the for
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 

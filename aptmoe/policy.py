@@ -161,7 +161,7 @@ class _PolicyBase:
 
     def stage_blocks(self, stage: int) -> list[Block]:
         m = self.model
-        return [b for layer in self.layers[stage] for b in Block.of_layer(layer, m.num_experts, m.is_moe)]
+        return Block.of_layers(self.layers[stage], m.num_experts, m.is_moe)
 
     def nbytes(self, block: Block) -> int:
         return self.model.block_bytes(block.kind.value)

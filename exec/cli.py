@@ -16,6 +16,7 @@ bad flags are one line on stderr and exit status 2; a failing rank makes the oth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -120,31 +121,17 @@ def prepare(ns, pipeline: str, use_cuda: bool) -> tuple[RunConfig, object, Plan]
         hw["gpu_memory_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
     cfg = config_from_args(ns, pipeline=pipeline, gpus=gpus, **hw)
     if ns.lr is not None:
-        cfg = cfg.replace(train=_replace(cfg.train, lr=ns.lr))
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, lr=ns.lr))
     # The cores each rank will be bound to (`bind_cores`): the topology's share, or an even
     # split of this machine's where it has fewer. The config says what runs, so that the
     # APTMoE policy plans with it and a simulation of this config models the same machine.
+    from aptmoe.exec.launch import cores_per_rank
+
     per = cores_per_rank(cfg.cluster.cores_per_rank, gpus)
     if per != cfg.cluster.cores_per_rank:
-        cfg = cfg.replace(cluster=_replace(cfg.cluster, cores_per_socket=per * cfg.cluster.gpus_per_socket))
+        cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, cores_per_socket=per * cfg.cluster.gpus_per_socket))
     cost = cost_for(cfg, profile)
     return cfg, cost, build_plan(cfg, cost)
-
-
-def cores_per_rank(wanted: int, local_ranks: int) -> int:
-    import psutil
-
-    try:
-        allowed = len(psutil.Process().cpu_affinity())
-    except (AttributeError, psutil.Error):
-        allowed = os.cpu_count() or 1
-    return max(1, min(wanted, allowed // max(1, local_ranks)))
-
-
-def _replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 def preflight(cfg: RunConfig, plan: Plan) -> str | None:
@@ -211,7 +198,7 @@ def _spawned(local_rank: int, world: int, port: int, argv: list[str], pipeline: 
     ns = make_run_parser().parse_args(argv)
     try:
         prepared = prepare(ns, pipeline, use_cuda)
-        setup = init_rank(local_rank, world, local_rank, world, prepared[0], ns.timeout, use_cuda=use_cuda)
+        setup = init_rank(local_rank, world, local_rank, prepared[0], ns.timeout, use_cuda=use_cuda)
         res = rank_main(ns, pipeline, prepared, setup, Path(tmp))
         if res is not None:
             write_json_atomic(Path(tmp) / f"result-{pipeline}.json", res)
@@ -316,12 +303,12 @@ def _main_torchrun(ns, argv, plans, staged, use_cuda, say) -> int:
     from aptmoe.exec.launch import init_rank, report_failure
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["LOCAL_WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cfg0 = next(iter(plans.values()))[0]
     tmp = staged.__enter__() if staged is not None else None
     results: dict[str, dict] = {}
     try:
-        setup = init_rank(rank, world, local_rank, local_world, cfg0, ns.timeout, use_cuda=use_cuda)
+        setup = init_rank(rank, world, local_rank, cfg0, ns.timeout, use_cuda=use_cuda)
         box = [str(tmp) if tmp is not None else None]
         dist.broadcast_object_list(box, src=0)        # rank 0's staging folder, where every rank writes
         for name, (cfg, cost, plan) in plans.items():

@@ -26,9 +26,10 @@ from aptmoe.exec.runtime import ExecOptions, RankRuntime, StepReport
 
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource
+from aptmoe.metrics import RESOURCES, shared_metrics
 from aptmoe.plan.plan import Plan
-from aptmoe.popularity import gini_coefficient, popularity_from_config
-from aptmoe.trace import Trace, write_json_atomic
+from aptmoe.popularity import popularity_from_config
+from aptmoe.trace import Trace
 
 COMPUTE_CATS = ("forward", "backward", "recompute", "update")
 
@@ -42,14 +43,24 @@ class RankSetup:
     cores: list[int] = field(default_factory=list)
 
 
-def bind_cores(local_rank: int, local_world: int, cores_per_rank: int) -> list[int]:
-    """Bind this process to its share of the cores it may use (the topology's share, or an
-    even split where the machine has fewer), and size torch's thread pool to match."""
+def allowed_cores() -> list[int]:
+    """The cores this process may run on (all of them where the OS has no affinity)."""
     try:
-        allowed = sorted(psutil.Process().cpu_affinity())
+        return sorted(psutil.Process().cpu_affinity())
     except (AttributeError, psutil.Error):          # macOS has no affinity
-        allowed = list(range(os.cpu_count() or 1))
-    per = max(1, min(cores_per_rank, len(allowed)))
+        return list(range(os.cpu_count() or 1))
+
+
+def cores_per_rank(wanted: int, local_ranks: int) -> int:
+    """The topology's share of cores per rank, or an even split where the machine has fewer."""
+    return max(1, min(wanted, len(allowed_cores()) // max(1, local_ranks)))
+
+
+def bind_cores(local_rank: int, per: int) -> list[int]:
+    """Bind this process to its `per` cores (`cores_per_rank`, which the config records) and
+    size torch's thread pool to match."""
+    allowed = allowed_cores()
+    per = max(1, min(per, len(allowed)))
     first = (local_rank * per) % len(allowed)
     cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
     try:
@@ -60,7 +71,7 @@ def bind_cores(local_rank: int, local_world: int, cores_per_rank: int) -> list[i
     return cores
 
 
-def init_rank(rank: int, world: int, local_rank: int, local_world: int, cfg: RunConfig, timeout_s: float,
+def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s: float,
               *, use_cuda: bool) -> RankSetup:
     backend = "nccl" if use_cuda else "gloo"
     # Each direction between two ranks has its own group (aptmoe.exec.comm), so torch's
@@ -72,7 +83,7 @@ def init_rank(rank: int, world: int, local_rank: int, local_world: int, cfg: Run
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
     except TypeError:                               # torch < 2.3: no device_id
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    cores = bind_cores(local_rank, local_world, cfg.cluster.cores_per_rank)
+    cores = bind_cores(local_rank, cfg.cluster.cores_per_rank)
     return RankSetup(rank, world, local_rank, device, cores)
 
 
@@ -132,7 +143,7 @@ def _union_s(spans: list[tuple[float, float]]) -> float:
 
 def busy_seconds(events: list[tuple]) -> dict[str, float]:
     """Per resource, the time some work held it (overlaps counted once)."""
-    spans: dict[str, list] = {"compute": [], "cpu": [], "h2d": [], "d2h": [], "net": []}
+    spans: dict[str, list] = {res: [] for res in RESOURCES}
     for name, stream, start, end, cat, _ in events:
         if stream == "compute" and cat in COMPUTE_CATS and ("@" in name or cat == "update"):
             spans["compute"].append((start, end))
@@ -147,50 +158,46 @@ def busy_seconds(events: list[tuple]) -> dict[str, float]:
     return {k: _union_s(v) for k, v in spans.items()}
 
 
+def _summed(dicts) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measured, setup: RankSetup,
              trace_path: Path | None) -> dict:
     steps = len(per_rank[0])
     G = len(per_rank)
     step_s = [max(per_rank[r][j].step_s for r in range(G)) for j in range(steps)]
-    it = statistics.fmean(step_s)
     last = plan.rank_of(plan.num_stages - 1)
     losses = [per_rank[last][j].losses for j in range(steps)]
-    m: dict[str, float] = {
-        "time/iteration_s": it, "time/iteration_s_min": min(step_s), "time/iteration_s_max": max(step_s),
-        "throughput/seq_per_s": cfg.train.batch_size / it,
-        "throughput/tok_per_s": cfg.train.batch_size * cfg.model.seq_length / it,
-        "mem/peak_gpu_bytes": max(rep.peak_gpu_bytes for reps in per_rank for rep in reps),
-        "mem/peak_block_bytes": max(rep.peak_block_bytes for reps in per_rank for rep in reps),
+    steps_of = [[per_rank[r][j] for r in range(G)] for j in range(steps)]      # per step, every rank's report
+    busy = [[busy_seconds(rep.events) for rep in reps] for reps in steps_of]
+    m = shared_metrics(
+        cfg, step_s, G, busy_s=[{res: sum(b[res] for b in bs) for res in bs[0]} for bs in busy],
+        expert_tokens=(sum(rep.expert_tokens.get("cpu", 0) for reps in steps_of for rep in reps),
+                       sum(rep.expert_tokens.get("gpu", 0) for reps in steps_of for rep in reps)),
+        phase_bytes=[_summed(rep.bytes_by_phase for rep in reps) for reps in steps_of],
+        phase_copies=[_summed(rep.copies_by_phase for rep in reps) for reps in steps_of], measured=measured)
+    m.update({
+        "mem/peak_gpu_bytes": max(rep.peak_gpu_bytes for reps in steps_of for rep in reps),
+        "mem/peak_block_bytes": max(rep.peak_block_bytes for reps in steps_of for rep in reps),
         "loss/last": statistics.fmean(losses[-1]) if losses[-1] else float("nan"),
-    }
-    busy = [[busy_seconds(per_rank[r][j].events) for j in range(steps)] for r in range(G)]
-    for res in ("compute", "cpu", "h2d", "d2h", "net"):
-        m[f"busy/{res}"] = statistics.fmean(sum(busy[r][j][res] for r in range(G)) / (G * step_s[j])
-                                            for j in range(steps))
+    })
     for key, name in (("load", "h2d"), ("d2h", "d2h")):
-        m[f"link/{name}_bytes"] = statistics.fmean(sum(per_rank[r][j].bytes.get(key, 0.0) for r in range(G))
-                                                   for j in range(steps))
+        m[f"link/{name}_bytes"] = statistics.fmean(sum(rep.bytes.get(key, 0.0) for rep in reps) for reps in steps_of)
     # The CPU update: its time per rank, and how much of the step is left after the rank's
     # last GPU work (the part of the update, and of the offload before it, nothing hides).
-    upd = [[sum(e[3] - e[2] for e in per_rank[r][j].events if e[4] == "update" and e[1] == "cpu")
-            for j in range(steps)] for r in range(G)]
-    tail = [[step_s[j] - max((e[3] for e in per_rank[r][j].events if e[1] == "compute" and e[4] != "marker"),
-                             default=step_s[j]) for j in range(steps)] for r in range(G)]
-    m["update/cpu_s"] = statistics.fmean(x for row in upd for x in row)
-    m["time/after_last_compute_s"] = statistics.fmean(x for row in tail for x in row)
-    calls = sum(rep.host_blocks for reps in per_rank for rep in reps)
-    m["host/s_per_block_call"] = sum(rep.host_block_s for reps in per_rank for rep in reps) / calls if calls else 0.0
-    cpu_tok = sum(rep.expert_tokens.get("cpu", 0) for reps in per_rank for rep in reps)
-    all_tok = cpu_tok + sum(rep.expert_tokens.get("gpu", 0) for reps in per_rank for rep in reps)
-    m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0
-    phases = sorted({p for reps in per_rank for rep in reps for p in rep.bytes_by_phase})
-    for phase in phases:
-        m[f"load/{phase}_bytes"] = statistics.fmean(sum(per_rank[r][j].bytes_by_phase.get(phase, 0)
-                                                        for r in range(G)) for j in range(steps))
-        m[f"load/{phase}_copies"] = statistics.fmean(sum(per_rank[r][j].copies_by_phase.get(phase, 0)
-                                                         for r in range(G)) for j in range(steps))
-    m["popularity/G"] = statistics.fmean(x.G for x in measured)
-    m["popularity/gini_coefficient"] = statistics.fmean(gini_coefficient(x.counts) for x in measured)
+    upd = [sum(e[3] - e[2] for e in rep.events if e[4] == "update" and e[1] == "cpu")
+           for reps in steps_of for rep in reps]
+    tail = [s - max((e[3] for e in rep.events if e[1] == "compute" and e[4] != "marker"), default=s)
+            for s, reps in zip(step_s, steps_of) for rep in reps]
+    m["update/cpu_s"] = statistics.fmean(upd)
+    m["time/after_last_compute_s"] = statistics.fmean(tail)
+    calls = sum(rep.host_blocks for reps in steps_of for rep in reps)
+    m["host/s_per_block_call"] = sum(rep.host_block_s for reps in steps_of for rep in reps) / calls if calls else 0.0
     if trace_path is not None:
         tr = Trace("real", meta={"pipeline": plan.pipeline, "model": cfg.model.name, "gini": cfg.popularity.gini,
                                  "topo": cfg.cluster.topo, "device": str(setup.device)})
@@ -202,7 +209,8 @@ def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measu
             t0 += step_s[j]
         tr.save(trace_path)
     peak = int(m["mem/peak_gpu_bytes"])
-    return {"pipeline": plan.pipeline, "iteration_s": it, "throughput_seq_per_s": cfg.train.batch_size / it,
+    it = m["time/iteration_s"]
+    return {"pipeline": plan.pipeline, "iteration_s": it, "throughput_seq_per_s": m["throughput/seq_per_s"],
             "oom": False, "peak_gpu_bytes": peak,
             "peak_gpu_bytes_per_rank": [max(rep.peak_gpu_bytes for rep in reps) for reps in per_rank],
             "num_stages": plan.num_stages, "losses": losses, "step_s": step_s, "metrics": m,
@@ -223,5 +231,5 @@ def report_failure(rank: int, e: BaseException, log_dir: Path | None) -> None:
     print(f"aptmoe-run: rank {rank}: {line}{where}", file=sys.stderr, flush=True)
 
 
-__all__ = ["RankSetup", "assemble", "bind_cores", "busy_seconds", "init_rank", "report_failure", "run_pipeline",
-           "save_params", "write_json_atomic"]
+__all__ = ["RankSetup", "allowed_cores", "assemble", "bind_cores", "cores_per_rank", "busy_seconds", "init_rank", "report_failure", "run_pipeline",
+           "save_params"]

@@ -10,6 +10,7 @@ its losses and parameters must come out the same.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from aptmoe.exec.model import MoEModel, routing_from_counts, routing_generator
@@ -72,8 +73,6 @@ class Agreement:
 
 def load_saved_params(folder, pipeline: str) -> dict[str, torch.Tensor]:
     """The parameters `aptmoe-run --save-params` wrote, every rank's merged."""
-    from pathlib import Path
-
     files = sorted(Path(folder).glob(f"params-{pipeline}-rank*.pt"))
     if not files:
         raise FileNotFoundError(f"no params-{pipeline}-rank*.pt in {folder}")

@@ -60,7 +60,6 @@ from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
 from aptmoe.stage_walk import RunExperts, backward_walk, forward_walk
 
-
 # "RANK:STEP" makes that rank exit abruptly when the step begins: how the tests check that
 # the other ranks stop with a clear message instead of hanging.
 FAULT_ENV = "APTMOE_FAULT_RANK_STEP"
@@ -129,11 +128,10 @@ class RankRuntime:
         self.my_layers = [layer for s in self.stages for layer in self.layers[s]]
         # -- parameters: the master copy of every block this rank owns
         self.master: dict[Block, FlatParams] = {}
-        for layer in self.my_layers:
-            for block in Block.of_layer(layer, m.num_experts, m.is_moe):
-                flat = initial_flat(m, block, cfg.train.seed)
-                flat = flat.to(device.torch) if plan.resident else device.host_buffer(flat)
-                self.master[block] = FlatParams(flat, self.shapes[block.kind])
+        for block in Block.of_layers(self.my_layers, m.num_experts, m.is_moe):
+            flat = initial_flat(m, block, cfg.train.seed)
+            flat = flat.to(device.torch) if plan.resident else device.host_buffer(flat)
+            self.master[block] = FlatParams(flat, self.shapes[block.kind])
         # Adam over each block's flat buffer, on the host in chunks (aptmoe.memory.adam_chunks):
         # a chunk is a slice of the buffer (a leaf sharing its storage), updated in place.
         self.chunks = {b: [(lo, hi, fp.flat[lo:hi]) for lo, hi in
@@ -684,23 +682,22 @@ class RankRuntime:
         with self.dev.on(self.offload_stream):
             self.dev.wait(self.done_marker.get(s), self.offload_stream)
             start = self.dev.record(self.offload_stream)
-            for layer in self.layers[s]:
-                for b in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
-                    with self.cond:
-                        fp = self.dev_blocks.get((s, b))
-                    if fp is not None and fp.grad is not None:
-                        g = fp.grad
-                        self.dev.keep_for(g, self.offload_stream)
-                        host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
-                        self.d2h.copy(host, g)
-                        self.dev.block_on(self.dev.record(self.offload_stream))
-                        master = self.master[b]
-                        if master.grad is None:
-                            master.set_grad(host)
-                        else:                       # never both, as placement is per stage; kept exact anyway
-                            master.grad.add_(host)
-                        nbytes += g.numel() * g.element_size()
-                    self._grad_home(s, b).set()
+            for b in Block.of_layers(self.layers[s], self.model.num_experts, self.model.is_moe):
+                with self.cond:
+                    fp = self.dev_blocks.get((s, b))
+                if fp is not None and fp.grad is not None:
+                    g = fp.grad
+                    self.dev.keep_for(g, self.offload_stream)
+                    host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
+                    self.d2h.copy(host, g)
+                    self.dev.block_on(self.dev.record(self.offload_stream))
+                    master = self.master[b]
+                    if master.grad is None:
+                        master.set_grad(host)
+                    else:                       # never both, as placement is per stage; kept exact anyway
+                        master.grad.add_(host)
+                    nbytes += g.numel() * g.element_size()
+                self._grad_home(s, b).set()
             end = self.dev.record(self.offload_stream)
         self._mark(str(a), "offload", start, end, "offload", bytes=nbytes)
 
@@ -708,13 +705,12 @@ class RankRuntime:
         """Adam over the stage's host parameters, block by block as their gradients arrive,
         in chunks below CPU experts in priority."""
         futs = []
-        for layer in self.layers[a.stage]:
-            for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
-                self._wait_event(self._grad_home(a.stage, block), f"the gradient of {block} of stage {a.stage}")
-                if self.master[block].grad is None:
-                    continue                     # unused this step: Adam skips it, as torch's does
-                for i in range(len(self.chunks[block])):
-                    futs.append(self.cpu.submit(cpu_worker.UPDATE, self._adam_chunk, a, block, i))
+        for block in Block.of_layers(self.layers[a.stage], self.model.num_experts, self.model.is_moe):
+            self._wait_event(self._grad_home(a.stage, block), f"the gradient of {block} of stage {a.stage}")
+            if self.master[block].grad is None:
+                continue                     # unused this step: Adam skips it, as torch's does
+            for i in range(len(self.chunks[block])):
+                futs.append(self.cpu.submit(cpu_worker.UPDATE, self._adam_chunk, a, block, i))
         for f in futs:
             self._wait_future(f, f"the update of stage {a.stage}")
 
@@ -736,10 +732,9 @@ class RankRuntime:
 
     def _update_resident(self, a: Action) -> None:
         start = self.dev.record()
-        for layer in self.layers[a.stage]:
-            for block in Block.of_layer(layer, self.model.num_experts, self.model.is_moe):
-                if self.master[block].grad is not None:      # unused this step: Adam skips it, as torch's does
-                    self._step_chunk(block, 0)
+        for block in Block.of_layers(self.layers[a.stage], self.model.num_experts, self.model.is_moe):
+            if self.master[block].grad is not None:      # unused this step: Adam skips it, as torch's does
+                self._step_chunk(block, 0)
         self._mark(str(a), "compute", start, self.dev.record(), "update")
 
     def _update_ends(self) -> None:

@@ -399,14 +399,13 @@ class RankModel:
         s, m = a.stage, self.cfg.model
         start = self.env.now
         grads = self.grad_blocks.pop(s, {})
-        for layer in self.layers[s]:
-            for block in Block.of_layer(layer, m.num_experts, m.is_moe):
-                nbytes = grads.get(block, 0)
-                if nbytes:
-                    yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s,
-                                                      group=self.rank)
-                    self.bytes["d2h"] += nbytes
-                self._grad_home(s, block).succeed()
+        for block in Block.of_layers(self.layers[s], m.num_experts, m.is_moe):
+            nbytes = grads.get(block, 0)
+            if nbytes:
+                yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s,
+                                                  group=self.rank)
+                self.bytes["d2h"] += nbytes
+            self._grad_home(s, block).succeed()
         self.busy["d2h"] += self.env.now - start
         self._record(str(a), "offload", start, "offload", bytes=sum(grads.values()))
 
@@ -422,17 +421,16 @@ class RankModel:
             yield self._hold(self.cost.adam_gpu_s(params))
             self._record(str(a), "compute", start, "update", params=params)
             return
-        for layer in self.layers[a.stage]:
-            for block in Block.of_layer(layer, m.num_experts, m.is_moe):
-                home = self._grad_home(a.stage, block)
-                if not home.processed:
-                    yield home                       # its gradient is still on the way
-                for lo, hi in adam_chunks(m.block_bytes(block.kind.value) // m.dtype_bytes):
-                    with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
-                        yield req
-                        start = self.env.now
-                        yield self._hold(self.cost.adam_cpu_s(hi - lo, self.threads), "cpu")
-                    self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=layer)
+        for block in Block.of_layers(self.layers[a.stage], m.num_experts, m.is_moe):
+            home = self._grad_home(a.stage, block)
+            if not home.processed:
+                yield home                       # its gradient is still on the way
+            for lo, hi in adam_chunks(m.block_bytes(block.kind.value) // m.dtype_bytes):
+                with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
+                    yield req
+                    start = self.env.now
+                    yield self._hold(self.cost.adam_cpu_s(hi - lo, self.threads), "cpu")
+                self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=block.layer)
 
     def _send(self, a: Action):
         peer = a.stage + (1 if a.kind is Kind.SEND_F else -1)

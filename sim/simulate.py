@@ -16,10 +16,11 @@ from aptmoe.sim.engine import OutOfMemory, StepModel
 
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource
+from aptmoe.metrics import shared_metrics
 from aptmoe.plan.builders import build_plan
 from aptmoe.plan.plan import Plan
 from aptmoe.plan.validate import validate
-from aptmoe.popularity import gini_coefficient, popularity_from_config
+from aptmoe.popularity import popularity_from_config
 from aptmoe.profile import Profile, cost_for
 from aptmoe.trace import Trace
 
@@ -79,30 +80,16 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
         times.append(st.step_s)
         stats.append(st)
         t0 += st.step_s
-    step_s = statistics.fmean(times)
     G = plan.num_ranks
-    tokens = cfg.train.batch_size * cfg.model.seq_length
-    m: dict[str, float] = {
-        "time/iteration_s": step_s,
-        "time/iteration_s_min": min(times),
-        "time/iteration_s_max": max(times),
-        "throughput/seq_per_s": cfg.train.batch_size / step_s,
-        "throughput/tok_per_s": tokens / step_s,
-        "mem/peak_gpu_bytes": max(max(st.peak_gpu_bytes) for st in stats),
-    }
-    for res in ("compute", "cpu", "h2d", "d2h", "net"):
-        m[f"busy/{res}"] = statistics.fmean(sum(st.busy_s[res]) / (G * st.step_s) for st in stats)
+    m = shared_metrics(cfg, times, G, busy_s=[{res: sum(v) for res, v in st.busy_s.items()} for st in stats],
+                       expert_tokens=(sum(st.expert_tokens_cpu for st in stats),
+                                      sum(st.expert_tokens_gpu for st in stats)),
+                       phase_bytes=[st.bytes_by_phase for st in stats], phase_copies=[st.copies_by_phase for st in stats],
+                       measured=[pop.iteration(warm + j) for j in range(steps)])
+    step_s = m["time/iteration_s"]
+    m["mem/peak_gpu_bytes"] = max(max(st.peak_gpu_bytes) for st in stats)
     for link in ("h2d", "d2h", "p2p"):
         m[f"link/{link}_bytes"] = statistics.fmean(st.bytes.get(link, 0.0) for st in stats)
-    cpu_tok = sum(st.expert_tokens_cpu for st in stats)
-    all_tok = cpu_tok + sum(st.expert_tokens_gpu for st in stats)
-    m["cpu/expert_share"] = cpu_tok / all_tok if all_tok else 0.0
-    for phase in sorted({p for st in stats for p in st.bytes_by_phase}):
-        m[f"load/{phase}_bytes"] = statistics.fmean(st.bytes_by_phase.get(phase, 0) for st in stats)
-        m[f"load/{phase}_copies"] = statistics.fmean(st.copies_by_phase.get(phase, 0) for st in stats)
-    measured = [pop.iteration(warm + j) for j in range(steps)]
-    m["popularity/G"] = statistics.fmean(it.G for it in measured)
-    m["popularity/gini_coefficient"] = statistics.fmean(gini_coefficient(it.counts) for it in measured)
     per_rank = [max(st.peak_gpu_bytes[r] for st in stats) for r in range(G)]
     return SimResult(iteration_s=step_s, throughput_seq_per_s=cfg.train.batch_size / step_s, oom=False,
                      peak_gpu_bytes=int(m["mem/peak_gpu_bytes"]), peak_gpu_bytes_per_rank=per_rank, metrics=m,

@@ -17,6 +17,7 @@ executor's folder (``real/``), the predicted traces and the overlay PNGs.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -27,18 +28,18 @@ from pathlib import Path
 
 from aptmoe.config import RunConfig
 from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser
+from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import load_profile
-from aptmoe.report import StagedDir, format_table, fmt, timestamp
+from aptmoe.report import StagedDir, fmt, format_table, timestamp
 from aptmoe.trace import Trace, write_json_atomic
 
-RESOURCES = ("compute", "cpu", "h2d", "d2h", "net")
 # Categories whose durations are compared action by action (work, not markers or waits).
 TIMED = ("forward", "backward", "recompute", "cpu-expert", "load-inter-stage", "load-inter-layer",
          "load-inter-expert", "load-stage", "offload", "update", "send")
 
 
-def make_validate_parser(prog: str) -> "argparse.ArgumentParser":  # noqa: F821
+def make_validate_parser(prog: str) -> argparse.ArgumentParser:
     p = make_parser(f"{prog} validate", "Run the executor on a config, predict it with the simulator, and report "
                                         "the prediction's error: step time, per-resource busy time, per-action "
                                         "timing, and an overlay timeline.")

@@ -88,6 +88,11 @@ class Block:
         return ([Block.attn(layer)] + ([Block.gate(layer)] if moe else [])
                 + [Block.expert_of(layer, e) for e in range(num_experts)])
 
+    @staticmethod
+    def of_layers(layers, num_experts: int, moe: bool = True) -> list["Block"]:
+        """A stage's blocks, layer by layer in forward order (the order offload and update walk)."""
+        return [b for layer in layers for b in Block.of_layer(layer, num_experts, moe)]
+
 
 # Longest kinds first so "LF" is not read as "L" + "F".
 _KIND_RE = "|".join(sorted((k.value for k in Kind), key=len, reverse=True))
