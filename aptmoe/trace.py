@@ -10,6 +10,7 @@ microseconds, and ``args`` with at least ``source`` ("sim" or "real") and, where
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +118,12 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
+        """A trace file, plain or gzip-compressed (``.json.gz``: Perfetto opens both)."""
         try:
-            with open(path) as f:
+            with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise TraceError(f"trace file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
             raise TraceError(f"trace file {path} is not JSON: {e}") from None
         return cls.from_chrome(d)

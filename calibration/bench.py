@@ -28,15 +28,17 @@ def _has_gpu() -> bool:
 def run(repeats: int, full: bool, extra: list[str]) -> tuple[str, str, str]:
     kind = "gpu" if _has_gpu() else "cpu"
     start, end = f"<!-- calibrate-bench-{kind}:start -->", f"<!-- calibrate-bench-{kind}:end -->"
-    exe = [sys.executable, "-m", "aptmoe.calibration.cli"]
+    exe = [sys.executable, "-P", "-m", "aptmoe.calibration.cli"]
     modes = [("quick", ["--quick"])] + ([("full", [])] if full else [])
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="aptmoe-cal-bench-"))
     try:
         for mode, flags in modes:
             name = f"aptmoe-calibrate {' '.join(flags + extra)}".strip() + f" ({mode})"
-            times = [time_command(exe + flags + extra + ["-q", "--out", str(tmp / f"{mode}{i}.json")])
-                     for i in range(repeats)]
+            times = []
+            for i in range(repeats):
+                times.append(time_command(exe + flags + extra + ["-q", "--out", str(tmp / f"{mode}{i}.json")]))
+                print(f"{name}: run {i + 1}: {times[-1]:.1f} s", file=sys.stderr)    # a partial record
             rows.append((name, times))
             print(f"{name}: median {statistics.median(times):.1f} s", file=sys.stderr)
     finally:

@@ -35,7 +35,7 @@ MARK_START, MARK_END = "<!-- sim-bench:start -->", "<!-- sim-bench:end -->"
 
 
 def run(repeats: int) -> str:
-    exe = [sys.executable, "-m", "aptmoe.sim.cli"]
+    exe = [sys.executable, "-P", "-m", "aptmoe.sim.cli"]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="aptmoe-bench-"))
     try:

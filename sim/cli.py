@@ -41,7 +41,7 @@ from aptmoe.report import (
 )
 
 PROG = "aptmoe-sim"
-SUBCOMMANDS = ("plot", "sweep", "validate")
+SUBCOMMANDS = ("plot", "sweep", "validate", "matrix")
 
 
 class UsageError(ValueError):
@@ -85,7 +85,8 @@ def make_sim_parser() -> argparse.ArgumentParser:
     p.epilog = ("--pipeline all runs the four schedules side by side. Subcommands: "
                 f"'{PROG} plot TRACE.json [--out PNG]' draws a trace; "
                 f"'{PROG} sweep --grid FIELD=V1,V2 ...' runs a grid (see '{PROG} sweep -h'); "
-                f"'{PROG} validate --calibration PROFILE ...' runs the executor and compares.")
+                f"'{PROG} validate --calibration PROFILE ...' runs the executor and compares; "
+                f"'{PROG} matrix --calibration PROFILE --out DIR' does so over a matrix of configs.")
     add_sim_flags(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/sim-<timestamp>)")
     return p
@@ -181,12 +182,22 @@ def main(argv: list[str] | None = None) -> int:
             from aptmoe.sim.validate import make_validate_parser, run_validate
 
             return run_validate(make_validate_parser(PROG).parse_args(argv[1:]), argv[1:], PROG)
+        if argv and argv[0] == "matrix":
+            from aptmoe.sim.matrix import make_matrix_parser, run_matrix
+
+            return run_matrix(make_matrix_parser().parse_args(argv[1:]), argv[1:])
         if argv and argv[0] == "sweep":
             from aptmoe.sim.sweep import make_sweep_parser, run_sweep
 
             return run_sweep(make_sweep_parser().parse_args(argv[1:]), argv)
         return run_simulate(make_sim_parser().parse_args(argv), argv)
     except (ValueError, OSError) as e:        # ConfigError, ProfileError, PlanError, TraceError, ...
+        return fail(first_line(e))
+    except RuntimeError as e:                 # validate/matrix: the executor failed (its last line)
+        from aptmoe.sim.validate import ExecutorFailed
+
+        if not isinstance(e, ExecutorFailed):
+            raise
         return fail(first_line(e))
     except SystemExit as e:                   # argparse: -h (0) or a bad flag (2, its one line printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

@@ -71,13 +71,17 @@ def executor_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def run_executor(argv: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "aptmoe.run", *executor_argv(argv), "--out", str(out), "-q"]
+class ExecutorFailed(RuntimeError):
+    """aptmoe-run exited with an error: its last line says why."""
+
+
+def run_executor(argv: list[str], out: Path) -> None:
+    # -P: a repository root as the working directory would shadow an installed aptmoe package
+    cmd = [sys.executable, "-P", "-m", "aptmoe.run", *executor_argv(argv), "--out", str(out), "-q"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode not in (0, 3):
         tail = (res.stderr.strip().splitlines() or ["no message"])[-1]
-        raise RuntimeError(f"aptmoe-run failed (exit {res.returncode}): {tail}")
-    return json.loads((out / "results.json").read_text())
+        raise ExecutorFailed(f"aptmoe-run failed (exit {res.returncode}): {tail}")
 
 
 def _key_events(trace: Trace) -> dict[tuple[int, str, int], object]:
@@ -111,7 +115,7 @@ def action_errors(predicted: Trace, measured: Trace) -> tuple[dict[str, dict], l
     return summary, rows
 
 
-def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path) -> dict:
+def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path, plot: bool = True) -> dict:
     from aptmoe.sim.simulate import simulate
 
     if real.get("oom") or real.get("iteration_s") is None:
@@ -129,6 +133,8 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path)
         row[f"busy/{r}/measured"] = real["metrics"].get(f"busy/{r}")
         row[f"busy/{r}/predicted"] = pred.metrics.get(f"busy/{r}")
     measured_trace = real_dir / f"trace-{name}.json"
+    if not measured_trace.exists():             # a stored run keeps its traces compressed
+        measured_trace = measured_trace.with_suffix(".json.gz")
     if measured_trace.exists() and not pred.oom:
         mt = Trace.load(measured_trace)
         summary, rows = action_errors(trace, mt)
@@ -138,9 +144,25 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path)
                                               "error"])
             w.writeheader()
             w.writerows(rows)
-        plot_overlay(trace, mt, tmp / f"overlay-{name}.png",
-                     title=f"{name}: predicted ({profile.name}) above, measured below")
+        if plot:
+            plot_overlay(trace, mt, tmp / f"overlay-{name}.png",
+                         title=f"{name}: predicted ({profile.name}) above, measured below")
     return row
+
+
+def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: bool = True) -> list[dict]:
+    """Predict every schedule of the executor's run in `real_dir` and write the comparison
+    (validation.json, validation.csv, actions-*.csv, predicted traces, overlays) into `dest`.
+    Reads only the run's files, so a stored run can be predicted again by a newer model."""
+    real = json.loads((real_dir / "results.json").read_text())
+    rows = [validate_schedule(name, res, real_dir, profile, dest, plot) for name, res in real["schedules"].items()]
+    write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name, "schedules": rows})
+    flat = [{k: v for k, v in r.items() if k != "actions"} for r in rows]
+    with open(dest / "validation.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
+        w.writeheader()
+        w.writerows(flat)
+    return rows
 
 
 def run_validate(ns, argv: list[str], prog: str) -> int:
@@ -149,15 +171,8 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
     say = (lambda *a: None) if ns.quiet else print
     with StagedDir(out) as tmp:
         say("running the executor ...")
-        real = run_executor(argv, tmp / "real")
-        rows = [validate_schedule(name, res, tmp / "real", profile, tmp) for name, res in real["schedules"].items()]
-        write_json_atomic(tmp / "validation.json", {"command": [prog, "validate", *argv],
-                                                    "calibration": profile.name, "schedules": rows})
-        flat = [{k: v for k, v in r.items() if k != "actions"} for r in rows]
-        with open(tmp / "validation.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
-            w.writeheader()
-            w.writerows(flat)
+        run_executor(argv, tmp / "real")
+        rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv])
     say(validation_table(rows))
     say(f"wrote {out}/ (validation.json, validation.csv, actions-*.csv, overlay-*.png, real/)")
     return 0

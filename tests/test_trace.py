@@ -88,3 +88,16 @@ def test_failed_atomic_write_leaves_no_file(tmp_path) -> None:
     with pytest.raises(TypeError):
         write_json_atomic(path, {"x": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_compressed_trace_loads_like_a_plain_one(tmp_path) -> None:
+    import gzip
+
+    tr = Trace("real", meta={"pipeline": "Mobius"})
+    tr.add("0F0", 0, "compute", 0.0, 1.5, "forward")
+    tr.save(tmp_path / "t.json")
+    (tmp_path / "t.json.gz").write_bytes(gzip.compress((tmp_path / "t.json").read_bytes()))
+    assert Trace.load(tmp_path / "t.json.gz").events == Trace.load(tmp_path / "t.json").events
+    (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(TraceError):
+        Trace.load(tmp_path / "bad.json.gz")

@@ -1,0 +1,343 @@
+"""``aptmoe-sim matrix``: the simulator against the executor over a matrix of configs (issue 6).
+
+    aptmoe-sim matrix --calibration h200-1gpu --out docs/validation-h200 \\
+        --models S:8:4,M:4:4,L:2:2:4 --gini 0.3,0.6 --links native,8 --gpus 1
+
+Each cell is one config (model size x G x link x GPUs); the executor trains it with the
+four schedules (`aptmoe-sim validate`'s comparison, one subprocess per cell) and the
+simulator predicts what it ran. Cells are written whole or not at all, under
+``OUT/cells/<cell>/``, so a matrix can be run in parts (``--max-seconds``, ``--only``) and a
+later call goes on where the last one stopped. ``--repredict`` runs no executor: it predicts
+the stored runs again with the current simulator and profile, which is how a change of the
+model is judged against measurements already taken.
+
+Held-back cells (issue 6, §3): of each block of k consecutive cells (``--held-back-every k``),
+the one on the diagonal (block b holds back its cell b mod k) is kept out of the fit set. The
+diagonal spreads the held-back cells over models, G and links rather than one corner of the
+grid. Model fixes are judged on the fit set; the held-back set reports the final figure.
+
+Writes OUT/matrix.json, OUT/matrix.csv and OUT/matrix.md (one row per run, then the summary:
+median and worst absolute step-time error and the configs whose schedule ranking is right,
+for the fit set, the held-back set and all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aptmoe.flags import make_parser
+from aptmoe.profile import load_profile
+from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
+from aptmoe.sim.cli import PROG, UsageError
+from aptmoe.sim.validate import ExecutorFailed, compare_run, run_executor
+from aptmoe.trace import write_json_atomic
+
+SCHEDULES = ("GPipe", "GPipeOffload", "Mobius", "APTMoE")
+SETS = ("fit", "held-back", "all")
+# Two schedules whose measured step times are closer than this are a tie for the ranking:
+# the order of a tie is run-to-run noise, not something a model can be right or wrong about.
+TIE = 0.03
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str              # Table I width: S, M or L
+    layers: int
+    stages: int             # of the offload schedules (GPipe: one per GPU)
+    experts: int
+    gini: float
+    link_GBps: float | None  # per-GPU host-link cap; None: the link as it is
+    gpus: int
+
+    @property
+    def name(self) -> str:
+        link = "native" if self.link_GBps is None else f"cap{self.link_GBps:g}"
+        return f"{self.model}{self.layers}x{self.experts}-G{self.gini:g}-{link}-{self.gpus}gpu"
+
+    def argv(self, common: list[str]) -> list[str]:
+        a = ["--is_moe=True", f"--model_config={self.model}", "--num_layers", str(self.layers),
+             "--num_stages", str(self.stages), "--num_experts", str(self.experts), "--gini", f"{self.gini:g}",
+             "--gpus", str(self.gpus), "--topo", f"C1+G{self.gpus}", "--pipeline", "all", *common]
+        if self.link_GBps is not None:
+            a += ["--link-bandwidth", f"{self.link_GBps:g}"]
+        return a
+
+
+def parse_models(text: str, experts: int) -> list[tuple[str, int, int, int]]:
+    """SIZE:LAYERS:STAGES[:EXPERTS] items; EXPERTS defaults to --experts."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (3, 4) or parts[0] not in ("S", "M", "L") or not all(p.isdigit() for p in parts[1:]):
+            raise UsageError(f"--models item {item!r} is not SIZE:LAYERS:STAGES[:EXPERTS] such as S:8:4 "
+                             "(SIZE of S, M, L)")
+        size, layers, stages = parts[0], int(parts[1]), int(parts[2])
+        if layers < 1 or (len(parts) == 4 and int(parts[3]) < 1):
+            raise UsageError(f"--models {item}: layers and experts are positive counts")
+        if stages < 1 or layers % stages:
+            raise UsageError(f"--models {item}: {layers} layers do not split into {stages} stages")
+        out.append((size, layers, stages, int(parts[3]) if len(parts) == 4 else experts))
+    return out
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, not {text!r}") from None
+
+
+def parse_links(text: str) -> list[float | None]:
+    out = []
+    for x in text.split(","):
+        x = x.strip()
+        if x == "native":
+            out.append(None)
+            continue
+        v = _floats(x, "--links")[0]
+        if v <= 0:
+            raise UsageError(f"--links {x}: a cap is a positive GB/s figure (or 'native')")
+        out.append(v)
+    return out
+
+
+def _unique(values: list, flag: str) -> list:
+    if len(set(values)) != len(values):
+        raise UsageError(f"{flag} names a value twice: each cell must be run once")
+    return values
+
+
+def cells_of(ns: argparse.Namespace) -> list[Cell]:
+    gpus = _floats(ns.gpus, "--gpus")
+    if any(g < 1 or g != int(g) for g in gpus):
+        raise UsageError(f"--gpus takes whole GPU counts of 1 or more, not {ns.gpus!r}")
+    if ns.experts < 1:
+        raise UsageError("--experts is a positive count")
+    models = _unique(parse_models(ns.models, ns.experts), "--models")
+    return [Cell(m, layers, stages, experts, g, link, n)
+            for n, (m, layers, stages, experts), g, link in itertools.product(
+                _unique([int(g) for g in gpus], "--gpus"), models, _unique(_floats(ns.gini, "--gini"), "--gini"),
+                _unique(parse_links(ns.links), "--links"))]
+
+
+def held_back(index: int, every: int) -> bool:
+    """The diagonal of each block of `every` cells (see the module docstring)."""
+    return every > 1 and index % every == (index // every) % every
+
+
+def make_matrix_parser() -> argparse.ArgumentParser:
+    p = make_parser(f"{PROG} matrix", "Run the executor over a matrix of configs, predict each run with the "
+                                      "simulator, and report the step-time error and the schedule ranking.")
+    p.add_argument("--calibration", required=True, help="profile of THIS machine (built-in name or .json)")
+    p.add_argument("--out", required=True, help="matrix folder; cells already in it are kept and skipped")
+    g = p.add_argument_group("the matrix")
+    g.add_argument("--models", default="S:8:4,M:4:4,L:2:2:4", help="SIZE:LAYERS:STAGES[:EXPERTS] items (S:8:4,M:4:4,L:2:2:4)")
+    g.add_argument("--experts", type=int, default=8, help="experts per layer (8)")
+    g.add_argument("--gini", default="0.3,0.6", help="G values (0.3,0.6)")
+    g.add_argument("--links", default="native,8", help="per-GPU link caps in GB/s, or native (native,8)")
+    g.add_argument("--gpus", default="1", help="GPU counts, each run as C1+G<n> (1)")
+    g.add_argument("--held-back-every", type=int, default=4, help="hold back one cell in k (4; 0: none)")
+    g.add_argument("--only", choices=SETS, default="all", help="run only this set's cells (all)")
+    g.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new cell after this many seconds (the rest: a later call)")
+    g.add_argument("--repredict", action="store_true",
+                   help="run nothing: predict the stored runs again and rewrite the report")
+    r = p.add_argument_group("each run")
+    r.add_argument("--batch_size", type=int, default=32, help="global batch in sequences (32)")
+    r.add_argument("--num_chunks", type=int, default=4, help="micro-batches (4)")
+    r.add_argument("--seq_length", type=int, default=128, help="tokens per sequence (128)")
+    r.add_argument("--warmup", type=int, default=1, help="untimed steps (1)")
+    r.add_argument("--steps", type=int, default=2, help="timed steps (2)")
+    r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="passed to aptmoe-run")
+    r.add_argument("--timeout", type=float, default=300.0, help="passed to aptmoe-run (300)")
+    r.add_argument("--extra", default="", help="more aptmoe-run flags for every run, one quoted string")
+    p.add_argument("--no-plot", action="store_true",
+                   help="draw no timelines (the executor's and the overlays; --repredict draws them later)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def common_argv(ns: argparse.Namespace) -> list[str]:
+    return ["--batch_size", str(ns.batch_size), "--num_chunks", str(ns.num_chunks), "--seq_length",
+            str(ns.seq_length), "--num_warmup_steps", str(ns.warmup), "--num_training_steps", str(ns.steps),
+            "--device", ns.device, "--timeout", f"{ns.timeout:g}", *(["--no-plot"] if ns.no_plot else []),
+            *shlex.split(ns.extra)]
+
+
+def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
+    profile = load_profile(ns.calibration)
+    if ns.held_back_every < 0:
+        raise UsageError("--held-back-every is a count of cells (0: hold none back)")
+    cells = cells_of(ns)
+    out = Path(ns.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if ns.quiet else print
+    common = common_argv(ns)
+    todo = [(i, c) for i, c in enumerate(cells)
+            if ns.only == "all" or (ns.only == "held-back") == held_back(i, ns.held_back_every)]
+    t0 = time.monotonic()
+    bar = progress_bar(total=len(todo), desc="matrix", unit="cell", disable=progress_disabled(ns.quiet))
+    skipped, failed = 0, []
+    for i, cell in todo:
+        folder = out / "cells" / cell.name
+        bar.update(1)
+        if ns.repredict:
+            if (folder / "real" / "results.json").exists():
+                compare_run(folder / "real", profile, folder, _cell_doc(folder)["command"], plot=not ns.no_plot)
+            continue
+        if (folder / "validation.json").exists():
+            continue
+        if ns.max_seconds is not None and time.monotonic() - t0 > ns.max_seconds:
+            skipped += 1
+            continue
+        started = time.monotonic()
+        cmd = cell.argv(common)
+        try:
+            with StagedDir(folder) as tmp:
+                run_executor(cmd, tmp / "real")
+                compare_run(tmp / "real", profile, tmp, [PROG, "validate", "--calibration", ns.calibration, *cmd],
+                            plot=not ns.no_plot)
+                write_json_atomic(tmp / "cell.json", {
+                    "cell": asdict(cell), "name": cell.name, "index": i, "held_back": held_back(i, ns.held_back_every),
+                    "command": [PROG, "validate", "--calibration", ns.calibration, *cmd],
+                    "wall_s": time.monotonic() - started})
+        except ExecutorFailed as e:          # no folder is left: a later call runs the cell again
+            failed.append(cell.name)
+            print(f"{PROG}: {cell.name}: {e}", file=sys.stderr)
+            continue
+        if not ns.quiet:
+            bar.write(f"{cell.name}: {time.monotonic() - started:.0f} s")
+    bar.close()
+    report = collect(out, cells, ns.held_back_every, profile.name, [PROG, "matrix", *argv])
+    write_report(out, report)
+    say(matrix_table(report["runs"]))
+    say(summary_table(report["summary"]))
+    if skipped:
+        say(f"{skipped} cells left for a later call (--max-seconds {ns.max_seconds:g})")
+    say(f"wrote {out}/ (matrix.json, matrix.csv, matrix.md, cells/)")
+    if failed:
+        say(f"{len(failed)} cells failed and were left out: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def _cell_doc(folder: Path) -> dict:
+    return json.loads((folder / "cell.json").read_text())
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def ranking(times: dict[str, float]) -> list[str]:
+    return sorted(times, key=lambda k: times[k])
+
+
+def ranking_right(measured: dict[str, float], predicted: dict[str, float], tie: float = TIE) -> bool:
+    """Every pair of schedules the measurement separates by more than `tie` (relative) is
+    ordered the same way by the prediction."""
+    names = [n for n in measured if n in predicted]
+    for a, b in itertools.combinations(names, 2):
+        ma, mb = measured[a], measured[b]
+        if abs(ma - mb) <= tie * min(ma, mb):
+            continue
+        if (ma < mb) != (predicted[a] < predicted[b]):
+            return False
+    return True
+
+
+def collect(out: Path, cells: list[Cell], every: int, calibration: str, command: list[str]) -> dict:
+    runs, configs = [], []
+    for i, cell in enumerate(cells):
+        folder = out / "cells" / cell.name
+        if not (folder / "validation.json").exists():
+            continue
+        doc = json.loads((folder / "validation.json").read_text())
+        s = "held-back" if held_back(i, every) else "fit"
+        measured, predicted = {}, {}
+        for row in doc["schedules"]:
+            err = row.get("error")
+            acts = row.get("actions") or {}
+            runs.append({"cell": cell.name, "set": s, "pipeline": row["pipeline"], "model": cell.model,
+                         "gini": cell.gini, "link": "native" if cell.link_GBps is None else cell.link_GBps,
+                         "gpus": cell.gpus, "measured_s": row.get("measured_s"),
+                         "predicted_s": row.get("predicted_s"), "error": err,
+                         **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
+                         "note": row.get("note", "")})
+            if row.get("measured_s") is not None and row.get("predicted_s") is not None:
+                measured[row["pipeline"]] = row["measured_s"]
+                predicted[row["pipeline"]] = row["predicted_s"]
+        configs.append({"cell": cell.name, "set": s, "measured": measured, "predicted": predicted,
+                        "order_measured": ranking(measured), "order_predicted": ranking(predicted),
+                        "ranking_strict": ranking(measured) == ranking(predicted),
+                        "ranking_right": ranking_right(measured, predicted)})
+    return {"calibration": calibration, "command": command, "tie": TIE, "runs": runs, "configs": configs,
+            "summary": {s: summarize([r for r in runs if s == "all" or r["set"] == s],
+                                     [c for c in configs if s == "all" or c["set"] == s]) for s in SETS}}
+
+
+def summarize(runs: list[dict], configs: list[dict]) -> dict:
+    errs = [(abs(r["error"]), r) for r in runs if r["error"] is not None]
+    worst = max(errs, key=lambda x: x[0]) if errs else None
+    return {"runs": len(errs), "median_abs_error": statistics.median(e for e, _ in errs) if errs else None,
+            "worst_abs_error": worst[0] if worst else None,
+            "worst_run": f"{worst[1]['cell']} {worst[1]['pipeline']}" if worst else None,
+            "signed_median_error": statistics.median(r["error"] for _, r in errs) if errs else None,
+            "configs": len(configs), "ranking_right": sum(c["ranking_right"] for c in configs),
+            "ranking_strict": sum(c["ranking_strict"] for c in configs)}
+
+
+def write_report(out: Path, report: dict) -> None:
+    write_json_atomic(out / "matrix.json", report)
+    fields = list(dict.fromkeys(k for r in report["runs"] for k in r))
+    tmp = out / ".matrix.csv.partial"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(report["runs"])
+    tmp.replace(out / "matrix.csv")
+    md = ["# Simulator against executor: the matrix", "",
+          f"Calibration `{report['calibration']}`. Command:", "", "    " + shlex.join(report["command"]), "",
+          "## Summary", "", "```", summary_table(report["summary"]), "```", "",
+          "## Runs", "", "```", matrix_table(report["runs"]), "```", "",
+          "## Ranking per config (measured order; predicted order where it differs)", "", "```",
+          ranking_table(report["configs"]), "```", ""]
+    tmp = out / ".matrix.md.partial"
+    tmp.write_text("\n".join(md))
+    tmp.replace(out / "matrix.md")
+
+
+def _pct(x, spec="+.1f") -> str:
+    return "-" if x is None else f"{100 * x:{spec}}%"
+
+
+def matrix_table(runs: list[dict]) -> str:
+    cats = sorted({k for r in runs for k in r if k.startswith("err/")})
+    headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error", *[c[4:] for c in cats]]
+    body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
+             _pct(r["error"]), *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]
+    return format_table(headers, body)
+
+
+def summary_table(summary: dict) -> str:
+    body = [[s, str(v["runs"]), _pct(v["median_abs_error"], ".1f"), _pct(v["worst_abs_error"], ".1f"),
+             v["worst_run"] or "-", _pct(v["signed_median_error"]),
+             f"{v['ranking_right']}/{v['configs']}", f"{v['ranking_strict']}/{v['configs']}"]
+            for s, v in summary.items()]
+    return format_table(["set", "runs", "median |err|", "worst |err|", "worst run", "median err",
+                         f"ranking right (ties <{100 * TIE:.0f}%)", "ranking strict"], body)
+
+
+def ranking_table(configs: list[dict]) -> str:
+    body = [[c["cell"], c["set"], " < ".join(c["order_measured"]),
+             "" if c["ranking_strict"] else " < ".join(c["order_predicted"]), fmt(c["ranking_right"])]
+            for c in configs]
+    return format_table(["cell", "set", "measured (fastest first)", "predicted", "right"], body,
+                        right=[False] * 4 + [True])

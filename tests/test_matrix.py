@@ -1,0 +1,367 @@
+"""`aptmoe-sim matrix`: the simulator against the executor over a matrix of configs (issue 6):
+the flag parsers, the held-back diagonal, the ranking check, the report over stored cells,
+and one real cell end to end (resumed, then predicted again)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+
+import pytest
+from aptmoe.sim import matrix
+from aptmoe.sim.cli import UsageError
+from aptmoe.sim.cli import main as sim_main
+from aptmoe.sim.matrix import (
+    TIE,
+    Cell,
+    ExecutorFailed,
+    collect,
+    held_back,
+    parse_links,
+    parse_models,
+    ranking_right,
+    summarize,
+    write_report,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_models_parse_with_experts_defaulting_to_the_flag() -> None:
+    assert parse_models("S:8:4,M:4:4:16", 8) == [("S", 8, 4, 8), ("M", 4, 4, 16)]
+    assert parse_models(" L:2:2 ", 4) == [("L", 2, 2, 4)]
+
+
+@pytest.mark.parametrize("item", [
+    "X:8:4",          # no such size
+    "S:5:2",          # 5 layers do not split into 2 stages
+    "S:8:0",          # no stages
+    "S:8",            # too few fields
+    "S:8:4:8:1",      # too many
+    "S:eight:4",      # not a number
+    "S:0:1",
+    "S:8:4:0",
+])
+def test_a_bad_models_item_is_named(item: str) -> None:
+    with pytest.raises(UsageError, match=item):
+        parse_models(f"S:8:4,{item}", 8)
+
+
+def test_links_parse() -> None:
+    assert parse_links("native,8") == [None, 8.0]
+    assert parse_links("native, 0.5") == [None, 0.5]
+
+
+@pytest.mark.parametrize("text", ["0", "abc", "native,-1"])
+def test_bad_links_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError, match="--links"):
+        parse_links(text)
+
+
+# --------------------------------------------------------------------------- held-back cells
+
+
+def test_held_back_is_the_diagonal_of_each_block() -> None:
+    assert {i for i in range(12) if held_back(i, 4)} == {0, 5, 10}
+    for every in (0, 1):
+        assert not any(held_back(i, every) for i in range(12))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 300), every=st.integers(2, 40))
+def test_each_full_block_holds_back_exactly_one_cell(n: int, every: int) -> None:
+    for start in range(0, n - every + 1, every):
+        assert sum(held_back(i, every) for i in range(start, start + every)) == 1
+
+
+# --------------------------------------------------------------------------- the ranking
+
+
+def test_identical_orders_are_right() -> None:
+    t = {"GPipe": 1.0, "GPipeOffload": 3.0, "Mobius": 2.0, "APTMoE": 1.5}
+    assert ranking_right(t, dict(t))
+    assert ranking_right(t, {k: 10 * v for k, v in t.items()})      # the order, not the values
+
+
+def test_a_swapped_pair_beyond_the_tie_is_wrong() -> None:
+    assert 1.0 * (1 + TIE) < 1.5
+    assert not ranking_right({"Mobius": 1.0, "APTMoE": 1.5}, {"Mobius": 2.0, "APTMoE": 1.0})
+
+
+def test_a_swapped_pair_within_the_tie_is_right() -> None:
+    assert 1.02 - 1.00 <= TIE * 1.00
+    assert ranking_right({"Mobius": 1.00, "APTMoE": 1.02, "GPipe": 3.0},
+                         {"Mobius": 1.10, "APTMoE": 1.05, "GPipe": 4.0})
+    assert not ranking_right({"Mobius": 1.00, "APTMoE": 1.02}, {"Mobius": 1.10, "APTMoE": 1.05}, tie=0.01)
+
+
+def test_schedules_not_predicted_are_ignored() -> None:
+    measured = {"GPipe": 1.0, "Mobius": 2.0, "APTMoE": 3.0}
+    assert ranking_right(measured, {"GPipe": 1.0, "APTMoE": 2.0})            # Mobius: not predicted
+    assert not ranking_right(measured, {"GPipe": 3.0, "APTMoE": 2.0})
+
+
+# --------------------------------------------------------------------------- the report over stored cells
+
+# held_back(i, 2): index 0 is held back, 1 and 2 are fit cells.
+CELLS = [Cell("S", 8, 4, 8, 0.3, None, 1), Cell("S", 8, 4, 8, 0.3, 8.0, 1), Cell("M", 4, 4, 8, 0.6, None, 1)]
+
+
+def _row(pipeline: str, measured, predicted, error, **kw) -> dict:
+    return {"pipeline": pipeline, "measured_s": measured, "predicted_s": predicted, "error": error, **kw}
+
+
+def _store(out, cell: Cell, rows: list[dict]) -> None:
+    folder = out / "cells" / cell.name
+    folder.mkdir(parents=True)
+    (folder / "validation.json").write_text(json.dumps({"command": ["aptmoe-sim", "validate"], "calibration": "x",
+                                                        "schedules": rows}))
+
+
+@pytest.fixture
+def stored(tmp_path):
+    out = tmp_path / "m"
+    # held back: both schedules in order (right and strict)
+    _store(out, CELLS[0], [_row("GPipe", 1.0, 1.1, 0.1, actions={"forward": {"median_error": -0.5}}),
+                           _row("Mobius", 2.0, 1.5, -0.25)])
+    # fit: GPipeOffload and Mobius swapped beyond the tie (wrong); APTMoE ran out of memory
+    _store(out, CELLS[1], [_row("GPipe", 1.0, 0.95, -0.05), _row("GPipeOffload", 1.2, 2.0, 2 / 3),
+                           _row("Mobius", 1.5, 1.8, 0.2),
+                           _row("APTMoE", None, None, None, note="out of memory")])
+    # CELLS[2] has no folder: it was not run yet
+    return out
+
+
+def test_collect_splits_fit_and_held_back(stored) -> None:
+    rep = collect(stored, CELLS, 2, "x", ["cmd"])
+    assert rep["calibration"] == "x" and rep["command"] == ["cmd"] and rep["tie"] == TIE
+    assert {r["cell"] for r in rep["runs"]} == {CELLS[0].name, CELLS[1].name}      # no folder: absent
+    assert len(rep["runs"]) == 6
+    assert [c["cell"] for c in rep["configs"]] == [CELLS[0].name, CELLS[1].name]
+    assert {r["cell"]: r["set"] for r in rep["runs"]} == {CELLS[0].name: "held-back", CELLS[1].name: "fit"}
+    assert {r["cell"]: r["link"] for r in rep["runs"]} == {CELLS[0].name: "native", CELLS[1].name: 8.0}
+    assert rep["runs"][0]["err/forward"] == -0.5
+    oom = next(r for r in rep["runs"] if r["pipeline"] == "APTMoE")
+    assert oom["error"] is None and oom["note"] == "out of memory"
+
+    held, fit = rep["configs"]
+    assert held["ranking_right"] and held["ranking_strict"]
+    assert held["order_measured"] == held["order_predicted"] == ["GPipe", "Mobius"]
+    assert not fit["ranking_right"] and not fit["ranking_strict"]
+    assert fit["order_measured"] == ["GPipe", "GPipeOffload", "Mobius"]    # APTMoE: nothing to rank
+    assert fit["order_predicted"] == ["GPipe", "Mobius", "GPipeOffload"]
+
+    s = rep["summary"]
+    assert set(s) == {"fit", "held-back", "all"}
+    assert s["held-back"]["runs"] == 2
+    assert s["held-back"]["median_abs_error"] == pytest.approx(0.175)
+    assert s["held-back"]["worst_abs_error"] == pytest.approx(0.25)
+    assert s["held-back"]["worst_run"] == f"{CELLS[0].name} Mobius"
+    assert (s["held-back"]["configs"], s["held-back"]["ranking_right"], s["held-back"]["ranking_strict"]) == (1, 1, 1)
+    assert s["fit"]["runs"] == 3                                            # the OOM row has no error
+    assert s["fit"]["median_abs_error"] == pytest.approx(0.2)
+    assert s["fit"]["worst_abs_error"] == pytest.approx(2 / 3)
+    assert s["fit"]["worst_run"] == f"{CELLS[1].name} GPipeOffload"
+    assert (s["fit"]["configs"], s["fit"]["ranking_right"], s["fit"]["ranking_strict"]) == (1, 0, 0)
+    assert s["all"]["runs"] == 5
+    assert s["all"]["median_abs_error"] == pytest.approx(0.2)
+    assert s["all"]["signed_median_error"] == pytest.approx(0.1)
+    assert s["all"]["worst_run"] == f"{CELLS[1].name} GPipeOffload"
+    assert (s["all"]["configs"], s["all"]["ranking_right"], s["all"]["ranking_strict"]) == (2, 1, 1)
+
+
+def test_every_cell_is_fit_when_none_is_held_back(stored) -> None:
+    s = collect(stored, CELLS, 0, "x", ["cmd"])["summary"]
+    assert s["held-back"]["runs"] == 0 and s["held-back"]["configs"] == 0
+    assert s["held-back"]["median_abs_error"] is None and s["held-back"]["worst_run"] is None
+    assert s["fit"] == s["all"]
+
+
+def test_summary_of_nothing() -> None:
+    s = summarize([], [])
+    assert s["runs"] == 0 and s["configs"] == 0 and s["ranking_right"] == 0
+    assert s["median_abs_error"] is None and s["worst_abs_error"] is None and s["signed_median_error"] is None
+
+
+def test_the_report_is_written_whole(stored) -> None:
+    rep = collect(stored, CELLS, 2, "x", ["aptmoe-sim", "matrix", "--out", "m"])
+    write_report(stored, rep)
+    assert json.loads((stored / "matrix.json").read_text()) == rep
+    lines = (stored / "matrix.csv").read_text().splitlines()
+    assert lines[0].startswith("cell,set,pipeline,model,gini,link,gpus,measured_s,predicted_s,error")
+    assert "err/forward" in lines[0].split(",")
+    assert len(lines) == 1 + 6
+    md = (stored / "matrix.md").read_text()
+    assert "## Summary" in md and "## Runs" in md and "aptmoe-sim matrix --out m" in md
+    assert CELLS[0].name in md and CELLS[1].name in md and CELLS[2].name not in md
+    assert not [p.name for p in stored.iterdir() if "partial" in p.name]
+    assert sorted(p.name for p in stored.iterdir()) == ["cells", "matrix.csv", "matrix.json", "matrix.md"]
+
+
+def test_an_empty_report_is_written(tmp_path) -> None:
+    (tmp_path / "cells").mkdir()
+    write_report(tmp_path, collect(tmp_path, CELLS, 4, "x", ["cmd"]))
+    assert json.loads((tmp_path / "matrix.json").read_text())["runs"] == []
+    assert (tmp_path / "matrix.md").exists() and (tmp_path / "matrix.csv").exists()
+
+
+# --------------------------------------------------------------------------- the command, end to end
+
+FLAGS = ["--calibration", "a800-paper", "--models", "S:4:2", "--experts", "4", "--gini", "0.3", "--links", "native",
+         "--device", "cpu", "--batch_size", "4", "--num_chunks", "2", "--seq_length", "8", "--warmup", "0",
+         "--steps", "2", "--extra", "--embedding_dim 32 --hidden_dim 64 --num_heads 4", "-q"]
+E2E_CELL = "S4x4-G0.3-native-1gpu"
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """One real cell (the executor on the CPU, ~15 s), run once for the module."""
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("matrix") / "m"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = sim_main(["matrix", "--out", str(out), *FLAGS])
+    return {"out": out, "code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+
+
+def _forbid_executor(monkeypatch) -> None:
+    def run_executor(argv, out):
+        raise AssertionError("the executor ran")
+    monkeypatch.setattr(matrix, "run_executor", run_executor)
+
+
+def test_a_cell_runs_end_to_end(e2e) -> None:
+    out = e2e["out"]
+    assert e2e["code"] == 0, e2e["stderr"]
+    assert [p.name for p in (out / "cells").iterdir()] == [E2E_CELL]
+    folder = out / "cells" / E2E_CELL
+    val = json.loads((folder / "validation.json").read_text())
+    assert [r["pipeline"] for r in val["schedules"]] == ["GPipe", "GPipeOffload", "Mobius", "APTMoE"]
+    cell = json.loads((folder / "cell.json").read_text())
+    assert cell["name"] == E2E_CELL and cell["index"] == 0 and cell["held_back"] is True
+    assert cell["wall_s"] > 0
+    assert cell["command"][:4] == ["aptmoe-sim", "validate", "--calibration", "a800-paper"]
+    assert val["command"] == cell["command"]
+    assert (folder / "real" / "results.json").exists()
+    rep = json.loads((out / "matrix.json").read_text())
+    assert len(rep["runs"]) == 4 and {r["cell"] for r in rep["runs"]} == {E2E_CELL}
+    assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in rep["runs"])
+    assert rep["summary"]["all"]["runs"] == 4 and rep["summary"]["all"]["configs"] == 1
+    assert rep["command"][:2] == ["aptmoe-sim", "matrix"]
+    assert (out / "matrix.csv").exists() and (out / "matrix.md").exists()
+    assert not [p for p in out.rglob("*partial*")]
+
+
+def test_quiet_prints_nothing(e2e) -> None:
+    assert e2e["code"] == 0
+    assert e2e["stdout"] == ""
+
+
+def test_a_second_call_skips_the_stored_cell(e2e, monkeypatch) -> None:
+    out = e2e["out"]
+    cell_json = out / "cells" / E2E_CELL / "cell.json"
+    before = (cell_json.read_bytes(), cell_json.stat().st_mtime_ns)
+    _forbid_executor(monkeypatch)
+    t0 = time.monotonic()
+    assert sim_main(["matrix", "--out", str(out), *FLAGS]) == 0
+    assert time.monotonic() - t0 < 10
+    assert (cell_json.read_bytes(), cell_json.stat().st_mtime_ns) == before
+    assert len(json.loads((out / "matrix.json").read_text())["runs"]) == 4
+
+
+def test_repredict_rewrites_the_prediction_without_the_executor(e2e, monkeypatch) -> None:
+    out = e2e["out"]
+    folder = out / "cells" / E2E_CELL
+    val = folder / "validation.json"
+    results = folder / "real" / "results.json"
+    os.utime(val, ns=(10**9, 10**9))                   # long ago: a rewrite moves it
+    measured = results.read_bytes()
+    _forbid_executor(monkeypatch)
+    assert sim_main(["matrix", "--out", str(out), *FLAGS, "--repredict"]) == 0
+    assert val.stat().st_mtime_ns > 10**9
+    doc = json.loads(val.read_text())
+    assert doc["calibration"] == "a800-paper" and len(doc["schedules"]) == 4
+    assert doc["command"] == json.loads((folder / "cell.json").read_text())["command"]
+    assert results.read_bytes() == measured
+    assert len(json.loads((out / "matrix.json").read_text())["runs"]) == 4
+
+
+def test_repredict_runs_nothing_for_a_missing_cell(tmp_path, monkeypatch) -> None:
+    _forbid_executor(monkeypatch)
+    out = tmp_path / "m"
+    assert sim_main(["matrix", "--out", str(out), *FLAGS, "--repredict"]) == 0
+    assert list((out / "cells").iterdir()) == []
+    assert json.loads((out / "matrix.json").read_text())["runs"] == []
+
+
+def test_a_failed_cell_leaves_no_folder(tmp_path, monkeypatch, capsys) -> None:
+    def run_executor(argv, out):
+        raise ExecutorFailed("aptmoe-run failed (exit 1): boom")
+    monkeypatch.setattr(matrix, "run_executor", run_executor)
+    out = tmp_path / "m"
+    assert sim_main(["matrix", "--out", str(out), *FLAGS]) == 1
+    assert list((out / "cells").iterdir()) == []
+    assert not [p for p in out.rglob("*partial*")]
+    assert json.loads((out / "matrix.json").read_text())["runs"] == []
+    cap = capsys.readouterr()
+    assert "boom" in cap.out + cap.err and E2E_CELL in cap.out + cap.err
+
+
+def test_copied_runs_fill_a_larger_matrix(e2e, tmp_path, monkeypatch) -> None:
+    """Four cells (2 G x 2 links) from a stand-in executor that copies the real run: held back
+    every 2, cells 0 and 3 are held back; --only fit runs just the others."""
+    real = e2e["out"] / "cells" / E2E_CELL / "real"
+    calls = []
+
+    def run_executor(argv, out):
+        calls.append(argv)
+        shutil.copytree(real, out)
+    monkeypatch.setattr(matrix, "run_executor", run_executor)
+    out = tmp_path / "m"
+    flags = [*FLAGS, "--gini", "0.3,0.6", "--links", "native,8", "--held-back-every", "2"]
+    assert sim_main(["matrix", "--out", str(out), *flags, "--only", "fit"]) == 0
+    assert [a[a.index("--gini") + 1] for a in calls] == ["0.3", "0.6"]
+    assert ["--link-bandwidth" in a for a in calls] == [True, False]                 # cap8, then native
+    rep = json.loads((out / "matrix.json").read_text())
+    assert {c["cell"] for c in rep["configs"]} == {"S4x4-G0.3-cap8-1gpu", "S4x4-G0.6-native-1gpu"}
+    assert {c["set"] for c in rep["configs"]} == {"fit"}
+    assert sim_main(["matrix", "--out", str(out), *flags]) == 0                  # the rest
+    assert len(calls) == 4
+    rep = json.loads((out / "matrix.json").read_text())
+    assert {c["cell"]: c["set"] for c in rep["configs"]} == {
+        "S4x4-G0.3-native-1gpu": "held-back", "S4x4-G0.3-cap8-1gpu": "fit",
+        "S4x4-G0.6-native-1gpu": "fit", "S4x4-G0.6-cap8-1gpu": "held-back"}
+    assert rep["summary"]["all"]["runs"] == 16 and rep["summary"]["held-back"]["configs"] == 2
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("flags, named", [(["--models", "S:5:2"], "S:5:2"), (["--links", "native,-1"], "--links")])
+def test_bad_input_is_one_line_and_no_folder(tmp_path, capsys, flags, named) -> None:
+    out = tmp_path / "m"
+    assert sim_main(["matrix", "--calibration", "a800-paper", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aptmoe-sim: error: ") and named in err[0]
+    assert not out.exists()
+
+
+def test_matrix_needs_a_calibration_and_an_out(capsys) -> None:
+    assert sim_main(["matrix", "--out", "nowhere"]) == 2
+    assert "--calibration" in capsys.readouterr().err
+    assert sim_main(["matrix", "--calibration", "a800-paper"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--gini", "0.3,0.3"], ["--links", "native,8,native"], ["--gpus", "1.5"],
+                                   ["--gpus", "0"], ["--models", "S:8:4,S:8:4"], ["--experts", "0"]])
+def test_a_matrix_that_would_run_a_cell_twice_or_not_at_all_is_refused(flags) -> None:
+    ns = matrix.make_matrix_parser().parse_args(["--calibration", "a800-paper", "--out", "x", *flags])
+    with pytest.raises(UsageError):
+        matrix.cells_of(ns)
