@@ -168,6 +168,20 @@ class Adam:
 
 
 @dataclass(frozen=True)
+class Dispatch:
+    """Host seconds the executor spends on one block call, by block kind and direction.
+
+    Measured by running the executor itself on a model so small that its kernels take no
+    time (calibration/dispatch.py): each block's span is then what it costs to issue it (on
+    a GPU: Python, autograd and kernel launches; on CPU ranks: all of it). A block can be no
+    faster than it is issued, so `ProfileCost.gpu_s` takes the larger of this and the kernel
+    curve. Optional in the schema: profiles without it model kernel time alone."""
+    device: str                              # "cuda" or "cpu": where the blocks ran
+    seconds: dict[str, dict[str, float]]     # kind (a, g, e) -> direction (fwd, bwd) -> s
+    samples: int                             # block calls the medians are taken over
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     made_by: MadeBy
@@ -180,6 +194,7 @@ class Profile:
     adam: Adam
     roofline: dict[str, Any]            # JSON form of AnalyticHardware's fields
     description: str = ""
+    dispatch: Dispatch | None = None
 
     schema: typing.ClassVar[str] = SCHEMA
 
@@ -220,6 +235,8 @@ class Profile:
                         if self.adam.shared_ranks else {})},
             "roofline": json.loads(json.dumps(self.roofline)),
         })
+        if self.dispatch is not None:
+            d["dispatch"] = dataclasses.asdict(self.dispatch)
         return d
 
     def to_json(self) -> str:
@@ -369,7 +386,7 @@ class _Parser:
         if data["schema"] != SCHEMA:
             self.fail("schema", f"unknown schema version {self._show(data['schema'])}; this aptmoe reads {SCHEMA!r}")
         d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
-                                "gpu", "cpu_expert", "adam", "roofline"), ("description",))
+                                "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch"))
         description = d.get("description", "")
         if not isinstance(description, str):
             self.fail("description", "must be a string")
@@ -385,7 +402,19 @@ class _Parser:
             adam=self.adam(d["adam"]),
             roofline=self.roofline(d["roofline"]),
             description=description,
+            dispatch=self.dispatch(d["dispatch"]) if "dispatch" in d else None,
         )
+
+    def dispatch(self, data: Any) -> Dispatch:
+        d = self.obj(data, "dispatch", ("device", "seconds", "samples"))
+        device = self.choice(d["device"], "dispatch.device", ("cuda", "cpu"))
+        by_kind = self.obj(d["seconds"], "dispatch.seconds", (), BLOCK_KINDS)
+        seconds = {}
+        for kind, dirs in by_kind.items():
+            where = f"dispatch.seconds.{kind}"
+            dirs = self.obj(dirs, where, (), ("fwd", "bwd"))
+            seconds[kind] = {k: self.number(v, f"{where}.{k}", unit="s") for k, v in dirs.items()}
+        return Dispatch(device, seconds, self.integer(d["samples"], "dispatch.samples"))
 
     def made_by(self, data: Any) -> MadeBy:
         d = self.obj(data, "made_by", ("tool", "command", "date"))
@@ -716,6 +745,8 @@ class ProfileCost:
             value = self._on_curve(curve.tokens, curve.seconds, n,
                                    lambda x: self.roofline.gpu_s(kind, x, direction),
                                    self._gpu_label(kind, direction))
+        if n and self.profile.dispatch is not None:     # no faster than the executor issues it
+            value = max(value, self.profile.dispatch.seconds.get(kind, {}).get(direction, 0.0))
         self._memo[key] = value
         return value
 

@@ -4,7 +4,7 @@
 
 Why: the links and socket roots of a host can only be measured on the machine with all
 its GPUs, while the GPU block curves need one GPU; measuring them in separate (shorter)
-runs and merging is cheaper than one long run. Sections: links, gpu, cpu_expert, adam.
+runs and merging is cheaper than one long run. Sections: links, gpu, cpu_expert, adam, dispatch.
 The merged file takes each named section, its `sources` entries, its `skipped` entries and
 the roofline fields derived from it from the other file; `made_by.command` lists every
 command involved, so the result still says exactly how it was produced.
@@ -20,13 +20,14 @@ import sys
 from aptmoe import version
 from aptmoe.profile import ProfileError, load_profile
 
-SECTIONS = ("links", "gpu", "cpu_expert", "adam")
+SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch")
 # roofline fields measured from each section (calibration/profiler.py's overrides)
 ROOFLINE_FIELDS = {
     "links": ("h2d", "d2h", "root_GBps", "p2p_intra"),
     "gpu": ("gpu_tflops_fp32", "gpu_tflops_bf16"),
     "cpu_expert": ("cpu_gflops_per_core_fp32", "cpu_gflops_per_core_bf16"),
     "adam": ("cpu_adam_params_per_s_per_core", "gpu_adam_params_per_s"),
+    "dispatch": (),
 }
 
 
@@ -40,7 +41,10 @@ def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str)
     out["skipped"] = list(base["skipped"])
     commands = [base["made_by"]["command"]]
     for section, other in takes:
-        out[section] = other[section]
+        if section in other:
+            out[section] = other[section]
+        else:                                   # an optional section the other file lacks
+            out.pop(section, None)
         out["sources"] = {k: v for k, v in out["sources"].items() if not _in_section(k, section)}
         out["sources"].update({k: v for k, v in other["sources"].items() if _in_section(k, section)})
         out["skipped"] = [s for s in out["skipped"] if not _in_section(s["part"], section)]

@@ -45,15 +45,16 @@ import torch
 
 from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
+from aptmoe.calibration.dispatch import PROBE, measure_dispatch
 from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
 from aptmoe.exec import model as exec_model
 from aptmoe.costs import LinkSpec
-from aptmoe.profile import Adam, CpuCurve, GpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped
+from aptmoe.profile import Adam, CpuCurve, Dispatch, GpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("links", "gpu", "cpu", "adam")          # what --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch")          # what --skip can leave out
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
@@ -391,6 +392,7 @@ class Measured:
     adam_gpu_impl: str = ""
     adam_shared: dict[int, float] = field(default_factory=dict)
     adam_shared_ranks: int | None = None
+    dispatch: Dispatch | None = None
 
 
 def _random_bytes(n: int, device: torch.device | str = "cpu", pinned: bool = False) -> torch.Tensor:
@@ -735,6 +737,10 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
         out.append(Skipped("gpu", f"{why}: no GPU block curves; ProfileCost uses the roofline for every GPU block"))
     if "cpu" in opts.skip:
         out.append(Skipped("cpu_expert", "--skip cpu: no CPU expert curves; ProfileCost uses the roofline"))
+    if "dispatch" in opts.skip:
+        out.append(Skipped("dispatch", "--skip dispatch: blocks take their kernel time alone"))
+    elif not machine.gpus and opts.blocks_on != "cpu":
+        out.append(Skipped("dispatch", f"{no_gpu}: blocks take their kernel time alone"))
     if "adam" in opts.skip:
         out.append(Skipped("adam", "--skip adam: roofline Adam rates"))
     elif not machine.gpus and opts.blocks_on != "cpu":
@@ -793,6 +799,10 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
             add("adam gpu (cpu)", lambda: measure_adam_gpu(None, sizes, m, block_cpus(opts, machine)))
         elif gpus:
             add("adam gpu", lambda: measure_adam_gpu(gpus[0], sizes, m))
+    if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
+        # On CPU ranks: two of them, as the executor runs by default without a GPU.
+        device, ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
+        add(f"dispatch {device}", lambda: setattr(m, "dispatch", measure_dispatch(device, ranks)))
     return tasks
 
 
@@ -1028,6 +1038,10 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     links = _links(sizes, machine, m, hw, preset_fn, a)
     _compute_sources(opts, sizes, machine, m, a)
     _rate_overrides(m, a)
+    if m.dispatch is not None:
+        a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
+                                 f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls) on a model too "
+                                 f"small to compute: {' '.join(PROBE)}")
     roof = replace(hw, **a.roof, name=f"{hw.name}+measured" if a.roof else hw.name)
     a.sources["roofline"] = (f"derived: preset {preset_fn} (closest to GPU {machine.gpu_name!r}); measured "
                              f"overrides: {', '.join(sorted(a.roof)) or 'none'} (links: the pinned fits and the "
@@ -1049,7 +1063,7 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                   None if m.adam_gpu is None else round_sig(m.adam_gpu),
                   m.adam_shared_ranks if m.adam_shared else None,
                   {t: round_sig(s) for t, s in m.adam_shared.items()}),
-        roofline=_roofline_json(roof))
+        roofline=_roofline_json(roof), dispatch=m.dispatch)
 
 
 def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:
@@ -1136,6 +1150,10 @@ def summary(p: Profile) -> str:
     shared = ", ".join(f"{t}t: {x * 1e9:.3g}" for t, x in p.adam.cpu_shared_s_per_param.items())
     lines.append(f"adam ns/param: cpu {adam_cpu}; gpu {adam_gpu}"
                  + (f"; cpu with {p.adam.shared_ranks} ranks at once {shared}" if shared else ""))
+    if p.dispatch is not None:
+        per = "; ".join(f"{k} " + ", ".join(f"{d} {_ms(v)}" for d, v in dirs.items())
+                        for k, dirs in p.dispatch.seconds.items())
+        lines.append(f"executor host ms per block call ({p.dispatch.device}, {p.dispatch.samples} calls): {per}")
     if p.skipped:
         lines.append("skipped:")
         lines.extend(f"  {s.part}: {s.reason}" for s in p.skipped)

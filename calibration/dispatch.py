@@ -1,0 +1,71 @@
+"""What the executor spends issuing one block: its own GPipe run on a model too small to compute.
+
+The block curves time a block's kernels; the executor also pays, for every block it runs,
+the Python around the call (parameter views, routing, the autograd graph, events, the
+stage walk under the policy lock) and one launch per kernel. On blocks of a few hundred
+tokens that host time is larger than the kernels' (the one-GPU H200 matrix: MoE-S blocks
+took 2-4x their curves). It cannot be read off the curves, so it is measured here by
+running `aptmoe-run` itself (GPipe: no loads, so no copy threads either) on dims so small
+that the kernels take next to no time: each block's span in the trace is then its host cost.
+On a GPU the span between two CUDA events is the issue time when the GPU waits for the host;
+on CPU ranks it is the whole call. The executor runs as a subprocess, like a user's run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from aptmoe.profile import Dispatch
+from aptmoe.trace import Trace
+
+# Small enough that every kernel is a few microseconds; the structure of a real layer
+# (attention, a top-1 gate over 8 experts, every expert busy in most micro-batches).
+PROBE = ["--is_moe=True", "--model_config=S", "--embedding_dim", "16", "--hidden_dim", "32", "--num_heads", "2",
+         "--num_layers", "4", "--num_experts", "8", "--gini", "0.3", "--batch_size", "16", "--num_chunks", "4",
+         "--seq_length", "32", "--pipeline", "GPipe", "--num_warmup_steps", "1", "--num_training_steps", "3",
+         "--no-plot", "-q"]
+CATEGORIES = {"forward": "fwd", "recompute": "fwd", "backward": "bwd"}
+
+
+def probe_command(device: str, ranks: int, out: Path) -> list[str]:
+    return [sys.executable, "-P", "-m", "aptmoe.run", *PROBE, "--device", device, "--gpus", str(ranks),
+            "--topo", f"C1+G{ranks}", "--out", str(out)]
+
+
+def block_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
+    """Span of every block on the compute stream, by kind (a, g, e) and direction."""
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for e in trace.events:
+        if e.stream != "compute" or "@" not in e.name or e.cat not in CATEGORIES:
+            continue
+        kind = e.name.rsplit(":", 1)[-1][:1]
+        out[kind][CATEGORIES[e.cat]].append(e.dur_s)
+    return out
+
+
+def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
+    spans = block_spans(trace)
+    if not spans:
+        raise ValueError("the probe's trace holds no block events: the executor recorded nothing to time")
+    seconds = {k: {d: statistics.median(v) for d, v in sorted(dirs.items())} for k, dirs in sorted(spans.items())}
+    return Dispatch(device, seconds, sum(len(v) for dirs in spans.values() for v in dirs.values()))
+
+
+def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
+    """Runs the probe (`device` cuda or cpu, `ranks` processes) and returns the medians."""
+    with tempfile.TemporaryDirectory(prefix="aptmoe-dispatch-") as tmp:
+        out = Path(tmp) / "run"
+        res = subprocess.run(probe_command(device, ranks, out), capture_output=True, text=True)
+        if res.returncode != 0:
+            tail = (res.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(f"the dispatch probe (aptmoe-run GPipe on a tiny model) failed: {tail}")
+        results = json.loads((out / "results.json").read_text())
+        if results["schedules"]["GPipe"].get("oom"):
+            raise RuntimeError("the dispatch probe was refused: " + results["schedules"]["GPipe"]["oom_detail"])
+        return dispatch_from_trace(Trace.load(out / "trace-GPipe.json"), device)
