@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from numbers import Integral
 
 from aptmoe.config import ConfigError, ModelConfig
-from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, LinkSpec
+from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, KernelTimeOnly, LinkSpec
 
 # Adam on fp32 parameters reads p, g, m, v and writes p, m, v: 7 * 4 bytes per parameter.
 _ADAM_BYTES_PER_PARAM = 28
@@ -184,7 +184,7 @@ def _check_threads(threads: int) -> None:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
 
 
-class AnalyticCost:
+class AnalyticCost(KernelTimeOnly):      # a roofline has no host: arithmetic alone
     """`CostSource` from a model's dimensions and an `AnalyticHardware`.
 
     `link_cap_GBps` caps each GPU's host link in both directions (the executor's

@@ -67,6 +67,37 @@ class CostSource(Protocol):
     def adam_gpu_s(self, num_params: int) -> float:
         """GPU Adam update (GPipe keeps the optimizer on the GPU)."""
 
+    def host_s(self, kind: str, direction: str) -> float:
+        """Host time the executor spends issuing one block (0: not measured)."""
+
+    def between_s(self, direction: str) -> float:
+        """Host time per layer and pass between its blocks: routing, combine (0: not measured)."""
+
+    def host_runs_ahead(self) -> bool:
+        """True where blocks run on a GPU, so the host issues the next block while the GPU
+        computes this one; False on CPU ranks, where issuing and computing are one thread."""
+
+
+class KernelTimeOnly:
+    """For cost sources that know no host: blocks take their kernel time alone."""
+
+    def host_s(self, kind: str, direction: str) -> float:
+        return 0.0
+
+    def between_s(self, direction: str) -> float:
+        return 0.0
+
+    def host_runs_ahead(self) -> bool:
+        return True
+
+
+def block_s(cost: CostSource, kind: str, tokens: int, direction: str) -> float:
+    """What one block costs the compute stream when it runs alone: its kernels, or the time
+    to issue them where that is longer (the loading policy weighs GPU experts by this)."""
+    if tokens <= 0:
+        return 0.0
+    return max(cost.gpu_s(kind, tokens, direction), cost.host_s(kind, direction))
+
 
 class SharedLinkView:
     """A cost source whose host link is one GPU's share of its socket root.

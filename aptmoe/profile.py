@@ -173,11 +173,13 @@ class Dispatch:
 
     Measured by running the executor itself on a model so small that its kernels take no
     time (calibration/dispatch.py): each block's span is then what it costs to issue it (on
-    a GPU: Python, autograd and kernel launches; on CPU ranks: all of it). A block can be no
-    faster than it is issued, so `ProfileCost.gpu_s` takes the larger of this and the kernel
-    curve. Optional in the schema: profiles without it model kernel time alone."""
+    a GPU: Python, autograd and kernel launches; on CPU ranks: all of it), and a stage's
+    span less its blocks' is the host work between blocks (routing, combine), per layer.
+    The simulator runs the host as a second clock beside the compute stream (sim/engine.py
+    `_issue`). Optional in the schema: profiles without it model kernel time alone."""
     device: str                              # "cuda" or "cpu": where the blocks ran
     seconds: dict[str, dict[str, float]]     # kind (a, g, e) -> direction (fwd, bwd) -> s
+    between: dict[str, float]                # direction -> s per layer between its blocks
     samples: int                             # block calls the medians are taken over
 
 
@@ -406,7 +408,7 @@ class _Parser:
         )
 
     def dispatch(self, data: Any) -> Dispatch:
-        d = self.obj(data, "dispatch", ("device", "seconds", "samples"))
+        d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"))
         device = self.choice(d["device"], "dispatch.device", ("cuda", "cpu"))
         by_kind = self.obj(d["seconds"], "dispatch.seconds", (), BLOCK_KINDS)
         seconds = {}
@@ -414,7 +416,9 @@ class _Parser:
             where = f"dispatch.seconds.{kind}"
             dirs = self.obj(dirs, where, (), ("fwd", "bwd"))
             seconds[kind] = {k: self.number(v, f"{where}.{k}", unit="s") for k, v in dirs.items()}
-        return Dispatch(device, seconds, self.integer(d["samples"], "dispatch.samples"))
+        between = {k: self.number(v, f"dispatch.between.{k}", positive=False, unit="s")
+                   for k, v in self.obj(d["between"], "dispatch.between", (), DIRECTIONS).items()}
+        return Dispatch(device, seconds, between, self.integer(d["samples"], "dispatch.samples"))
 
     def made_by(self, data: Any) -> MadeBy:
         d = self.obj(data, "made_by", ("tool", "command", "date"))
@@ -745,10 +749,19 @@ class ProfileCost:
             value = self._on_curve(curve.tokens, curve.seconds, n,
                                    lambda x: self.roofline.gpu_s(kind, x, direction),
                                    self._gpu_label(kind, direction))
-        if n and self.profile.dispatch is not None:     # no faster than the executor issues it
-            value = max(value, self.profile.dispatch.seconds.get(kind, {}).get(direction, 0.0))
         self._memo[key] = value
         return value
+
+    def host_s(self, kind: str, direction: str) -> float:
+        d = self.profile.dispatch
+        return 0.0 if d is None else d.seconds.get(kind, {}).get(direction, 0.0)
+
+    def between_s(self, direction: str) -> float:
+        d = self.profile.dispatch
+        return 0.0 if d is None else d.between.get(direction, 0.0)
+
+    def host_runs_ahead(self) -> bool:
+        return self.profile.dispatch is None or self.profile.dispatch.device == "cuda"
 
     def cpu_expert_s(self, tokens: int, direction: str, threads: int) -> float:
         key = ("cpu", tokens, direction, threads)

@@ -49,12 +49,28 @@ def block_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def between_spans(trace: Trace) -> dict[str, list[float]]:
+    """Per stage pass (forward; backward with its recompute): the stage's span less its
+    blocks', per layer it ran: the host work between blocks."""
+    out: dict[str, list[float]] = defaultdict(list)
+    blocks = [e for e in trace.events if e.stream == "compute" and "@" in e.name and e.cat in CATEGORIES]
+    for s in trace.events:
+        if s.stream != "compute" or "@" in s.name or s.cat not in ("forward", "backward"):
+            continue
+        inside = [b for b in blocks if b.rank == s.rank and s.start_s <= b.start_s and b.end_s <= s.end_s]
+        layers = {b.args.get("layer") for b in inside}
+        if inside:
+            out[CATEGORIES[s.cat]].append(max(0.0, s.dur_s - sum(b.dur_s for b in inside)) / len(layers))
+    return out
+
+
 def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     spans = block_spans(trace)
     if not spans:
         raise ValueError("the probe's trace holds no block events: the executor recorded nothing to time")
     seconds = {k: {d: statistics.median(v) for d, v in sorted(dirs.items())} for k, dirs in sorted(spans.items())}
-    return Dispatch(device, seconds, sum(len(v) for dirs in spans.values() for v in dirs.values()))
+    between = {d: statistics.median(v) for d, v in sorted(between_spans(trace).items())}
+    return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()))
 
 
 def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:

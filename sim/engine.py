@@ -152,6 +152,9 @@ class RankModel:
         self.grad_home: dict[tuple[int, Block], simpy.Event] = {}          # a block's gradient is on the host
         self.ready: dict[tuple[int, Block], simpy.Event] = {}
         self._work: simpy.Event | None = None
+        # The host thread that issues the compute stream's blocks, as a second clock (_issue).
+        self.host_t = self.env.now
+        self.runs_ahead = self.cost.host_runs_ahead()
         self.handlers = {
             Kind.FWD: self._forward, Kind.BWD: self._backward, Kind.DROP_F: self._drop,
             Kind.DROP_B: self._drop, Kind.LOAD_F: self._open_window, Kind.LOAD_B: self._open_window,
@@ -194,6 +197,8 @@ class RankModel:
             deps = [ev for d in self.plan.deps_of(a) if not (ev := self.step.done[d]).processed]
             if deps:
                 yield self.env.all_of(deps)
+                if stream == "compute":
+                    self._host_waited()
             yield from self.handlers[a.kind](a)
             self.step.done[a].succeed()
 
@@ -253,6 +258,7 @@ class RankModel:
             ev = self.ready[(stage, block)] = self.env.event()
         self.policy.require(stage, pass_, block)
         yield ev
+        self._host_waited()
 
     # ------------------------------------------------------------------ compute
     def _gpu_experts(self, stage: int, pass_: str, layer: int, experts, counts, direction: str, label: Action,
@@ -268,9 +274,10 @@ class RankModel:
                     waits.append(self.ready.get((stage, b)) or self.ready.setdefault((stage, b), self.env.event()))
                     self.policy.require(stage, pass_, b)
                 yield self.env.any_of(waits)
+                self._host_waited()
                 continue
             start = self.env.now
-            durs = [self.cost.gpu_s("e", int(counts[e]), direction) for e in ready]
+            durs = self._issue([("e", int(counts[e]), direction) for e in ready])
             yield self._hold(sum(durs))
             t = start
             for e, d in zip(ready, durs):
@@ -311,7 +318,7 @@ class RankModel:
             j = i + 1
             while j < len(blocks) and (self.policy is None or self.policy.is_loaded(a.stage, blocks[j])):
                 j += 1
-            durs = [self.cost.gpu_s(b.kind.value, tokens, direction) for b in blocks[i:j]]
+            durs = self._issue([(b.kind.value, tokens, direction) for b in blocks[i:j]])
             start = self.env.now
             yield self._hold(sum(durs))
             if self.step.trace is not None:
@@ -326,6 +333,8 @@ class RankModel:
         if isinstance(step, RunBlocks):
             yield from self._blocks(a, step.pass_, list(step.blocks), self.T, step.direction, step.cat)
             return
+        if step.cat != "recompute":         # a layer's routing and combine (the backward's
+            yield from self._between(step.direction)    # figure holds its recompute's too)
         cpu = None
         if step.cpu:
             cat = "recompute" if step.cat == "recompute" else "cpu-expert"
@@ -334,6 +343,45 @@ class RankModel:
                                      step.cat)
         if cpu is not None:
             yield cpu
+            self._host_waited()
+
+    # ------------------------------------------------------------------ the issuing host
+    def _host_waited(self) -> None:
+        """The host thread waited (for weights, a message, the CPU's experts) until now."""
+        self.host_t = max(self.host_t, self.env.now)
+
+    def _issue(self, work: list[tuple[str, int, str]]) -> list[float]:
+        """Durations on the compute stream of blocks (kind, tokens, direction) issued back to back.
+
+        The host is a second clock: a block's kernels end no sooner than the host has issued
+        them (host_t advances by `host_s` per block) and no sooner than the GPU gets through
+        them (`gpu_s`). On a GPU the host issues the next block while the GPU runs this one,
+        so a stream of big blocks hides the host and a stream of small ones waits for it; on
+        CPU ranks issuing and computing are one thread, so a block takes the longer of the two.
+        Without a measured host cost (host_s 0) each block takes its kernel time exactly."""
+        t = self.env.now
+        out = []
+        for kind, tokens, direction in work:
+            k = self.cost.gpu_s(kind, tokens, direction)
+            d = self.cost.host_s(kind, direction) if tokens > 0 else 0.0
+            if self.runs_ahead:
+                self.host_t += d
+                end = max(t + k, self.host_t)
+            else:
+                end = self.host_t = t + max(k, d)
+            out.append(end - t)
+            t = end
+        return out
+
+    def _between(self, direction: str):
+        """The host's work between a layer's blocks: on a GPU it delays only the host's clock."""
+        b = self.cost.between_s(direction)
+        if b <= 0:
+            return
+        if self.runs_ahead:
+            self.host_t += b
+        else:
+            yield self._hold(b)
 
     def _forward(self, a: Action):
         s, m = a.stage, a.mb

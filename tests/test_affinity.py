@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 from aptmoe.affinity import Split, block_load_s, evaluate_split, paper_split, split_experts
 from aptmoe.analytic_cost import AnalyticCost, a800_pcie_hardware, h200_hardware
 from aptmoe.config import ConfigError, moe_model
-from aptmoe.costs import LinkSpec
+from aptmoe.costs import KernelTimeOnly, LinkSpec
 
 S8 = moe_model("S", 8)
 A800 = AnalyticCost(S8, a800_pcie_hardware())
 REL = 1e-9
 
 
-class LinearCost:
+class LinearCost(KernelTimeOnly):
     """A CostSource with hand-set linear times; backward = 2x forward."""
 
     name = "linear"

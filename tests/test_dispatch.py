@@ -14,7 +14,7 @@ from aptmoe.trace import Trace
 
 MOE_S = moe_model("S", 8)
 D = Dispatch("cuda", {"a": {"fwd": 4e-4, "bwd": 9e-4}, "e": {"fwd": 1.5e-4, "bwd": 3e-4},
-                      "g": {"fwd": 1e-4, "bwd": 2e-4}}, 120)
+                      "g": {"fwd": 1e-4, "bwd": 2e-4}}, {"fwd": 5e-4, "bwd": 1e-3}, 120)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,8 @@ def test_dispatch_round_trips_and_is_optional(with_dispatch, tmp_path) -> None:
     (lambda d: d["seconds"]["a"].update(rec=1e-4), "dispatch.seconds.a.rec"),
     (lambda d: d["seconds"]["e"].update(fwd=-1.0), "dispatch.seconds.e.fwd"),
     (lambda d: d.pop("samples"), "dispatch.samples"),
+    (lambda d: d["between"].update(fwd=-1e-3), "dispatch.between.fwd"),
+    (lambda d: d.pop("between"), "dispatch.between"),
 ])
 def test_a_bad_dispatch_section_is_named(with_dispatch, tmp_path, mutate, field) -> None:
     d = with_dispatch.to_dict()
@@ -43,18 +45,83 @@ def test_a_bad_dispatch_section_is_named(with_dispatch, tmp_path, mutate, field)
         load_profile(str(tmp_path / "bad.json"))
 
 
-def test_a_block_takes_at_least_its_dispatch(with_dispatch) -> None:
+def test_the_cost_source_reports_host_time_beside_kernel_time(with_dispatch) -> None:
+    from aptmoe.costs import block_s
+
     plain = ProfileCost(load_profile("a800-paper"), MOE_S)
-    floored = ProfileCost(with_dispatch, MOE_S)
+    cost = ProfileCost(with_dispatch, MOE_S)
     for kind, dirs in D.seconds.items():
-        for direction, floor in dirs.items():
+        for direction, host in dirs.items():
+            assert cost.host_s(kind, direction) == host and plain.host_s(kind, direction) == 0.0
             for tokens in (1, 64, 4096, 65536):
                 kernel = plain.gpu_s(kind, tokens, direction)
-                assert floored.gpu_s(kind, tokens, direction) == pytest.approx(max(kernel, floor))
-            assert floored.gpu_s(kind, 0, direction) == 0.0          # a block with no tokens does not run
-    # the floor matters where kernels are short and vanishes where they are long
-    assert floored.gpu_s("e", 1, "fwd") > plain.gpu_s("e", 1, "fwd")
-    assert floored.gpu_s("e", 65536, "fwd") == plain.gpu_s("e", 65536, "fwd")
+                assert cost.gpu_s(kind, tokens, direction) == kernel          # the curve, untouched
+                assert block_s(cost, kind, tokens, direction) == pytest.approx(max(kernel, host))
+            assert block_s(cost, kind, 0, direction) == 0.0                 # a block with no tokens does not run
+    assert cost.between_s("bwd") == 1e-3 and plain.between_s("bwd") == 0.0
+    assert cost.host_runs_ahead() and plain.host_runs_ahead()
+    on_cpu = ProfileCost(dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, device="cpu")), MOE_S)
+    assert not on_cpu.host_runs_ahead()
+
+
+class _Cost:
+    """Kernel and host seconds by block kind, for the host clock's closed forms."""
+
+    def __init__(self, kernel: dict, host: dict, between: float = 0.0, ahead: bool = True) -> None:
+        self.kernel, self.host, self.between, self.ahead = kernel, host, between, ahead
+
+    def gpu_s(self, kind, tokens, direction):
+        return self.kernel[kind] if tokens else 0.0
+
+    def host_s(self, kind, direction):
+        return self.host[kind]
+
+    def between_s(self, direction):
+        return self.between
+
+    def host_runs_ahead(self):
+        return self.ahead
+
+
+def _rank(cost, now=10.0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(env=SimpleNamespace(now=now), cost=cost, host_t=now, runs_ahead=cost.host_runs_ahead(),
+                           busy={"compute": 0.0}, _hold=lambda s, r="compute": s)
+
+
+def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:
+    from aptmoe.sim.engine import RankModel
+
+    # attention 2 s of kernels, then three gates of none; the host takes 1 s per block.
+    r = _rank(_Cost({"a": 2.0, "g": 0.0}, {"a": 1.0, "g": 1.0}))
+    durs = RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd")])
+    # the host issues the first gate while the GPU runs the attention: it ends with it
+    assert durs == pytest.approx([2.0, 0.0, 1.0, 1.0])
+    assert sum(durs) == pytest.approx(max(2.0 + 0.0, 1.0 * 4))       # max(kernels, host) for a back-to-back run
+    # host cost zero: every block takes its kernel time, as before the host clock existed
+    r = _rank(_Cost({"a": 2.0, "g": 0.5}, {"a": 0.0, "g": 0.0}))
+    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == [2.0, 0.5]
+    # a block without tokens is not issued at all
+    r = _rank(_Cost({"e": 1.0}, {"e": 1.0}))
+    assert RankModel._issue(r, [("e", 0, "fwd")]) == [0.0] and r.host_t == 10.0
+
+
+def test_on_cpu_ranks_a_block_takes_the_longer_of_issue_and_compute() -> None:
+    from aptmoe.sim.engine import RankModel
+
+    r = _rank(_Cost({"a": 2.0, "g": 0.0}, {"a": 1.0, "g": 1.0}, ahead=False))
+    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == pytest.approx([2.0, 1.0])
+
+
+def test_work_between_blocks_delays_the_host_on_a_gpu_and_the_stream_on_cpu() -> None:
+    from aptmoe.sim.engine import RankModel
+
+    r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25))
+    assert list(RankModel._between(r, "fwd")) == [] and r.host_t == pytest.approx(10.25)
+    assert RankModel._issue(r, [("e", 4, "fwd")]) == pytest.approx([0.25])     # the GPU waits for the host
+    r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25, ahead=False))
+    assert list(RankModel._between(r, "fwd")) == [0.25]                          # one hold on the stream
 
 
 def test_spans_are_read_by_kind_and_direction() -> None:
@@ -67,7 +134,9 @@ def test_spans_are_read_by_kind_and_direction() -> None:
                            ("0F0", "forward", 9.0), ("0LF@0:e3", "load-stage", 7.0)]:
         tr.add(name, 0, "load" if cat.startswith("load") else "compute", t, t + dur, cat)
         t += dur
+    tr.add("0F0", 0, "compute", 0.0, 1.8, "forward")      # encloses the three forward blocks: 0.2 between
     d = dispatch_from_trace(tr, "cpu")
+    assert d.between == {"fwd": pytest.approx(0.2)}
     assert d.seconds == {"a": {"fwd": pytest.approx(1.0)}, "e": {"bwd": pytest.approx(0.5), "fwd": pytest.approx(0.3)},
                          "g": {"bwd": pytest.approx(0.1)}}
     assert d.samples == 6 and d.device == "cpu"

@@ -6,7 +6,7 @@ import pytest
 import simpy
 
 from aptmoe.config import ClusterConfig, ModelConfig, Pipeline, PopularityConfig, RunConfig, ScheduleConfig, TrainConfig
-from aptmoe.costs import LinkSpec
+from aptmoe.costs import KernelTimeOnly, LinkSpec
 from aptmoe.memory import MemoryModel
 from aptmoe.plan.actions import Kind
 from aptmoe.plan.builders import build_plan
@@ -15,7 +15,7 @@ from aptmoe.sim.simulate import simulate
 from aptmoe.trace import Trace
 
 
-class ConstCost:
+class ConstCost(KernelTimeOnly):
     """Every block costs a fixed time; links are fast or as given; no optimizer cost."""
 
     name = "const"
