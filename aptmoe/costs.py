@@ -62,7 +62,8 @@ class CostSource(Protocol):
         """GPU-to-GPU activation transfers: within a node (PCIe switch or NVLink) or across nodes."""
 
     def adam_cpu_s(self, num_params: int, threads: int) -> float:
-        """CPU Adam update of `num_params` fp32 parameters with `threads` cores."""
+        """One CPU Adam step() over `num_params` fp32 parameters with `threads` cores (the
+        executor steps each chunk of a block separately: one call per chunk)."""
 
     def adam_gpu_s(self, num_params: int) -> float:
         """GPU Adam update (GPipe keeps the optimizer on the GPU)."""

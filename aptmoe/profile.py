@@ -165,6 +165,9 @@ class Adam:
     gpu_s_per_param: float | None       # None = roofline
     shared_ranks: int | None = None     # ranks that updated at once for the figure below
     cpu_shared_s_per_param: dict[int, float] = dataclasses.field(default_factory=dict)
+    # threads -> seconds of one optimizer.step() call over a tiny tensor: what each of the
+    # executor's chunks (one optimizer each) pays on top of its parameters; {} = not measured
+    cpu_call_s: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,8 @@ class Profile:
                      "gpu_s_per_param": self.adam.gpu_s_per_param,
                      **({"cpu_shared": {"ranks": self.adam.shared_ranks,
                                         "s_per_param": table(self.adam.cpu_shared_s_per_param)}}
-                        if self.adam.shared_ranks else {})},
+                        if self.adam.shared_ranks else {}),
+                     **({"cpu_call_s": table(self.adam.cpu_call_s)} if self.adam.cpu_call_s else {})},
             "roofline": json.loads(json.dumps(self.roofline)),
         })
         if self.dispatch is not None:
@@ -569,7 +573,7 @@ class _Parser:
         return tuple(out)
 
     def adam(self, data: Any) -> Adam:
-        d = self.obj(data, "adam", ("cpu_s_per_param", "gpu_s_per_param"), ("cpu_shared",))
+        d = self.obj(data, "adam", ("cpu_s_per_param", "gpu_s_per_param"), ("cpu_shared", "cpu_call_s"))
         gpu = d["gpu_s_per_param"]
         ranks, shared = None, {}
         if "cpu_shared" in d:
@@ -578,8 +582,10 @@ class _Parser:
             if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 2:
                 self.fail("adam.cpu_shared.ranks", f"must be an integer >= 2, got {ranks!r}")
             shared = self.table(sh["s_per_param"], "adam.cpu_shared.s_per_param", "threads")
+        calls = self.table(d["cpu_call_s"], "adam.cpu_call_s", "threads") if "cpu_call_s" in d else {}
         return Adam(self.table(d["cpu_s_per_param"], "adam.cpu_s_per_param", "threads", allow_empty=True),
-                    None if gpu is None else self.number(gpu, "adam.gpu_s_per_param", unit="s"), ranks, shared)
+                    None if gpu is None else self.number(gpu, "adam.gpu_s_per_param", unit="s"), ranks, shared,
+                    calls)
 
     def roofline(self, data: Any) -> dict[str, Any]:
         hints = typing.get_type_hints(AnalyticHardware)
@@ -832,7 +838,10 @@ class ProfileCost:
         if not table:
             self.fallbacks.add("adam cpu: not measured, roofline")
             return self.roofline.adam_cpu_s(p, t)
-        return p * _by_threads(table, t, lambda per_param: per_param, lambda: self.fallbacks.add(
+        # one step() call: its fixed cost (where measured; not scaled by threads) and its parameters
+        calls = adam.cpu_call_s
+        call = calls[min(calls, key=lambda c: (abs(c - t), c))] if calls else 0.0
+        return call + p * _by_threads(table, t, lambda per_param: per_param, lambda: self.fallbacks.add(
             f"adam cpu: {t} threads outside measured {min(table)}..{max(table)}, scaled by measured/threads"))
 
     def adam_gpu_s(self, num_params: int) -> float:

@@ -392,6 +392,7 @@ class Measured:
     adam_gpu_impl: str = ""
     adam_shared: dict[int, float] = field(default_factory=dict)
     adam_shared_ranks: int | None = None
+    adam_cpu_call: dict[int, float] = field(default_factory=dict)
     dispatch: Dispatch | None = None
 
 
@@ -636,13 +637,31 @@ def _adam_params(total: int, tensors: int, device: torch.device) -> list[torch.T
     return params
 
 
+ADAM_CALL_PARAMS = 4096        # a tensor whose update is all call overhead
+ADAM_CALLS = 200               # calls per timed batch (one call is tens of microseconds)
+
+
 def measure_adam_cpu(threads: int, machine: Machine, sizes: Sizes, m: Measured) -> None:
+    """Per parameter over a large set of tensors, and the fixed cost of one step() call:
+    the executor keeps one optimizer per 4 M-parameter chunk and steps each on its own."""
     with pinned_threads(machine.cpus[:threads]) as bound:
         params = _adam_params(sizes.adam_params, sizes.adam_tensors, torch.device("cpu"))
         opt, impl = _adam(params)
         seconds = median_of(host_sample(opt.step), sizes.adam_reps)
+        del opt, params
+        small, _ = _adam(_adam_params(ADAM_CALL_PARAMS, 1, torch.device("cpu")))
+
+        def batch() -> float:
+            t = time.perf_counter()
+            for _ in range(ADAM_CALLS):
+                small.step()
+            return (time.perf_counter() - t) / ADAM_CALLS
+
+        batch()
+        call = statistics.median(batch() for _ in range(5))
     m.cpu_bound &= bound
     m.adam_cpu[threads] = seconds / sizes.adam_params
+    m.adam_cpu_call[threads] = call
     m.adam_cpu_impl = impl
 
 
@@ -994,6 +1013,9 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
                          f"bound as for cpu_expert), host clock")
         else:
             parts.append("CPU: roofline")
+        if m.adam_cpu_call:
+            parts.append(f"CPU call: one step() over a {ADAM_CALL_PARAMS}-param tensor, the median of 5 batches "
+                         f"of {ADAM_CALLS} calls (the fixed cost each of the executor's chunks pays)")
         if m.adam_shared:
             parts.append(f"CPU shared: the same in {m.adam_shared_ranks} processes at once, each on its own cores "
                          f"(started together; the median of their medians)")
@@ -1062,7 +1084,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         adam=Adam({t: round_sig(s) for t, s in m.adam_cpu.items()},
                   None if m.adam_gpu is None else round_sig(m.adam_gpu),
                   m.adam_shared_ranks if m.adam_shared else None,
-                  {t: round_sig(s) for t, s in m.adam_shared.items()}),
+                  {t: round_sig(s) for t, s in m.adam_shared.items()},
+                  {t: round_sig(s) for t, s in m.adam_cpu_call.items()}),
         roofline=_roofline_json(roof), dispatch=m.dispatch)
 
 
@@ -1148,8 +1171,10 @@ def summary(p: Profile) -> str:
     adam_cpu = ", ".join(f"{t}t: {s * 1e9:.3g}" for t, s in p.adam.cpu_s_per_param.items()) or "roofline"
     adam_gpu = "roofline" if p.adam.gpu_s_per_param is None else f"{p.adam.gpu_s_per_param * 1e9:.3g}"
     shared = ", ".join(f"{t}t: {x * 1e9:.3g}" for t, x in p.adam.cpu_shared_s_per_param.items())
+    calls = ", ".join(f"{t}t: {x * 1e6:.3g}" for t, x in p.adam.cpu_call_s.items())
     lines.append(f"adam ns/param: cpu {adam_cpu}; gpu {adam_gpu}"
-                 + (f"; cpu with {p.adam.shared_ranks} ranks at once {shared}" if shared else ""))
+                 + (f"; cpu with {p.adam.shared_ranks} ranks at once {shared}" if shared else "")
+                 + (f"; us per cpu step() call {calls}" if calls else ""))
     if p.dispatch is not None:
         per = "; ".join(f"{k} " + ", ".join(f"{d} {_ms(v)}" for d, v in dirs.items())
                         for k, dirs in p.dispatch.seconds.items())

@@ -53,6 +53,7 @@ def test_cpu_quick_profile_loads(cpu_run) -> None:
     for c in p.cpu_expert:
         assert list(c.seconds) == sorted(c.seconds) and c.seconds[0] > 0
     assert set(p.adam.cpu_s_per_param) == set(available)
+    assert set(p.adam.cpu_call_s) == set(available) and all(0 < s < 0.05 for s in p.adam.cpu_call_s.values())
     cores = len(profiler.allowed_cpus())
     if cores >= 2:                  # two CPU ranks updating at once, each on its half of the cores
         assert p.adam.shared_ranks == 2 and (cores // 2) in p.adam.cpu_shared_s_per_param

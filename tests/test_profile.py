@@ -309,3 +309,14 @@ def test_ranks_of_one_host_update_at_the_shared_rate(a800):
     two = ProfileCost(p, MOE_S, ranks_per_host=2)
     two.adam_cpu_s(10**6, 16)
     assert any("measured with 4 ranks at once, used for 2" in f for f in two.fallbacks)
+
+
+def test_each_adam_step_call_pays_its_measured_fixed_cost(a800, tmp_path):
+    p = a800.with_(adam=dataclasses.replace(_with_shared(a800).adam, cpu_call_s={8: 3e-5, 16: 2e-5}))
+    again = load_profile(str(p.save(tmp_path / "c.json")))
+    assert again.adam.cpu_call_s == {8: 3e-5, 16: 2e-5}
+    plain = ProfileCost(_with_shared(a800), MOE_S)
+    cost = ProfileCost(again, MOE_S)
+    for params, threads, call in ((10**6, 16, 2e-5), (4096, 8, 3e-5), (4096, 12, 3e-5), (1, 64, 2e-5)):
+        assert cost.adam_cpu_s(params, threads) == pytest.approx(plain.adam_cpu_s(params, threads) + call)
+    assert "cpu_call_s" not in json.loads(a800.to_json())["adam"]       # absent when not measured
