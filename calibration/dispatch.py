@@ -85,3 +85,27 @@ def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
         if results["schedules"]["GPipe"].get("oom"):
             raise RuntimeError("the dispatch probe was refused: " + results["schedules"]["GPipe"]["oom_detail"])
         return dispatch_from_trace(Trace.load(out / "trace-GPipe.json"), device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m aptmoe.calibration.dispatch [--device cpu|cuda] [--ranks N] [--repeats N]`:
+    the probe alone, repeated, as a benchmark of the executor's host cost per block."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.dispatch", description=main.__doc__.split(":")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    ns = p.parse_args(argv)
+    runs = [measure_dispatch(ns.device, ns.ranks) for _ in range(ns.repeats)]
+    rows = [(f"{k} {d}", [r.seconds[k][d] for r in runs]) for k in sorted(runs[0].seconds)
+            for d in sorted(runs[0].seconds[k])]
+    rows += [(f"between {d}", [r.between[d] for r in runs]) for d in sorted(runs[0].between)]
+    print(f"host ms per call, {ns.device}, {ns.ranks} ranks, median of {ns.repeats} probe runs (each a median)")
+    for name, xs in rows:
+        print(f"  {name:<12} {statistics.median(xs) * 1e3:8.4f}   runs " + " ".join(f"{x * 1e3:.4f}" for x in xs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,6 +32,8 @@ class Routing:
     counts: tuple[int, ...]              # tokens per expert
     token_index: list[torch.Tensor]      # per expert: its tokens (ascending)
     positions: list[torch.Tensor]        # per expert: its assignments in the flat [T*k] order
+    tokens_all: torch.Tensor             # the token_index of every expert, in expert order
+    positions_all: torch.Tensor          # the positions of every expert, in expert order
 
     @classmethod
     def build(cls, ids: torch.Tensor, num_experts: int, device: torch.device) -> Routing:
@@ -39,9 +41,10 @@ class Routing:
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_experts).tolist()
-        tokens = torch.arange(T).repeat_interleave(k)[order]
-        return cls(ids.to(device), tuple(counts), [t.to(device) for t in tokens.split(counts)],
-                   [p.to(device) for p in order.split(counts)])
+        tokens = torch.arange(T).repeat_interleave(k)[order].to(device)
+        order = order.to(device)
+        return cls(ids.to(device), tuple(counts), list(tokens.split(counts)), list(order.split(counts)),
+                   tokens, order)
 
 
 @dataclass
@@ -104,13 +107,30 @@ class LayerRun:
             self.gpu_out[e] = expert(inp, w1, w2)
         self.gpu_in[e] = inp
 
+    def _outputs(self) -> dict[int, torch.Tensor]:
+        outs = {e: o.detach() for e, o in self.gpu_out.items()}
+        outs.update((e, p.out_dev.detach()) for e, p in self.cpu.items())
+        return outs
+
+    def _all_experts(self, outs: dict[int, torch.Tensor]) -> list[int] | None:
+        """The experts with tokens, in id order, when each has its output: then one gather,
+        one product and one scatter serve them all (a few kernel launches for the layer
+        instead of a few per expert, which is what a small layer's host time was made of)."""
+        busy = [e for e, c in enumerate(self.routing.counts) if c]
+        return busy if self.moe and len(outs) == len(busy) and all(e in outs for e in busy) else None
+
     def output(self) -> torch.Tensor:
         """y = r + sum_e w_e * out_e scattered to its tokens (a value: gradients go by hand)."""
         b, n, d = self.x.shape
         y = self.r.detach().reshape(b * n, d).clone()
-        outs = [(e, o) for e, o in self.gpu_out.items()] + [(e, p.out_dev) for e, p in self.cpu.items()]
-        for e, out in sorted(outs, key=lambda eo: eo[0]):
-            y.index_add_(0, self.token_index(e), out.detach() * self.weights_of(e).unsqueeze(-1))
+        outs = self._outputs()
+        busy = self._all_experts(outs)
+        if busy is not None:
+            w = self.w_flat[self.routing.positions_all].unsqueeze(-1)
+            y.index_add_(0, self.routing.tokens_all, torch.cat([outs[e] for e in busy]) * w)
+            return y.view(b, n, d)
+        for e in sorted(outs):
+            y.index_add_(0, self.token_index(e), outs[e] * self.weights_of(e).unsqueeze(-1))
         return y.view(b, n, d)
 
     # ------------------------------------------------------------------ backward
@@ -120,6 +140,18 @@ class LayerRun:
         self.dh = torch.zeros_like(self.hd)
         if self.moe:
             self.dw = torch.zeros_like(self.w_flat)
+
+    def output_grads(self) -> dict[int, torch.Tensor]:
+        """d out_e for every expert with tokens (and d w), for all of them at once where it can."""
+        outs = self._outputs()
+        busy = self._all_experts(outs)
+        if busy is None:
+            return {e: self.output_grad_of(e) for e, c in enumerate(self.routing.counts) if c}
+        dy = self.dy2[self.routing.tokens_all]
+        pos = self.routing.positions_all
+        self.dw[pos] = (dy * torch.cat([outs[e] for e in busy])).sum(-1)
+        dout = dy * self.w_flat[pos].unsqueeze(-1)
+        return dict(zip(busy, dout.split([self.routing.counts[e] for e in busy])))
 
     def output_grad_of(self, e: int) -> torch.Tensor:
         """d out_e = w_e * dy[tokens of e]; also fills d w_e = <dy[tokens of e], out_e>."""

@@ -652,7 +652,7 @@ class RankRuntime:
 
     def _experts_backward(self, a: Action, step: RunExperts, run: LayerRun) -> None:
         layer = step.layer
-        douts = {e: run.output_grad_of(e) for e in range(len(step.counts)) if step.counts[e] > 0}
+        douts = run.output_grads()
         fut = None
         if step.cpu:
             def work(e: int, ge: torch.Tensor):

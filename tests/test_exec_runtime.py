@@ -116,9 +116,11 @@ def test_a_dead_rank_stops_the_others_with_a_clear_message(tmp_path, monkeypatch
 # --------------------------------------------------------------------------- parts
 
 
-def test_layer_in_steps_equals_autograd_of_the_module() -> None:
+@pytest.mark.parametrize("together", [True, False], ids=["experts-together", "expert-by-expert"])
+def test_layer_in_steps_equals_autograd_of_the_module(together, monkeypatch) -> None:
     """A layer run as the executor runs it (explicit boundaries, experts one by one, gate,
-    attention) gives the module's input and parameter gradients."""
+    attention) gives the module's input and parameter gradients, with the combine and the
+    output gradients done for all experts at once or (the fallback) one expert at a time."""
     from aptmoe.config import ModelConfig
     from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
     from aptmoe.exec.layer import LayerRun, Routing
@@ -137,6 +139,8 @@ def test_layer_in_steps_equals_autograd_of_the_module() -> None:
     flats = {blk: FlatParams(initial_flat(m, blk, 7), param_shapes(m, blk.kind)) for blk in Block.of_layer(0, 4)}
     for fp in flats.values():
         fp.ensure_grad()
+    if not together:
+        monkeypatch.setattr(LayerRun, "_all_experts", lambda self, outs: None)
     run = LayerRun(x.clone().requires_grad_(True), Routing.build(ids, 4, torch.device("cpu")), 2, True)
     run.attention(flats[Block.attn(0)].leaves)
     run.gate(flats[Block.gate(0)].leaves[0])
@@ -145,9 +149,12 @@ def test_layer_in_steps_equals_autograd_of_the_module() -> None:
     y = run.output()
     with torch.no_grad():
         assert torch.allclose(y, ref(x, ids), atol=1e-6)
+    assert (run._all_experts(run._outputs()) == [0, 1, 3]) is together
     run.start_backward(dy)
+    douts = run.output_grads()
+    assert sorted(douts) == [0, 1, 3]
     for e in (0, 1, 3):
-        run.gpu_expert_backward(e, run.output_grad_of(e))
+        run.gpu_expert_backward(e, douts[e])
     run.gate_backward()
     dx = run.attention_backward()
     assert torch.allclose(dx, xr.grad, atol=1e-6)
