@@ -280,7 +280,19 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                         "ranking_right": ranking_right(measured, predicted)})
     return {"calibration": calibration, "command": command, "tie": TIE, "runs": runs, "configs": configs,
             "summary": {s: summarize([r for r in runs if s == "all" or r["set"] == s],
-                                     [c for c in configs if s == "all" or c["set"] == s]) for s in SETS}}
+                                     [c for c in configs if s == "all" or c["set"] == s]) for s in SETS},
+            "categories": {s: by_category([r for r in runs if r["set"] == s]) for s in ("fit", "held-back")}}
+
+
+def by_category(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per action category and model size: the median over runs of each run's median
+    per-action error (which resource's model is short, and where)."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for k, v in r.items():
+            if k.startswith("err/") and v is not None:
+                cells.setdefault(k[4:], {}).setdefault(r["model"], []).append(v)
+    return {cat: {m: statistics.median(v) for m, v in sorted(models.items())} for cat, models in sorted(cells.items())}
 
 
 def summarize(runs: list[dict], configs: list[dict]) -> dict:
@@ -306,6 +318,8 @@ def write_report(out: Path, report: dict) -> None:
     md = ["# Simulator against executor: the matrix", "",
           f"Calibration `{report['calibration']}`. Command:", "", "    " + shlex.join(report["command"]), "",
           "## Summary", "", "```", summary_table(report["summary"]), "```", "",
+          "## Per-action error by category and model size (fit set; median of each run's median)", "", "```",
+          category_table(report["categories"]["fit"]), "```", "",
           "## Runs", "", "```", matrix_table(report["runs"]), "```", "",
           "## Ranking per config (measured order; predicted order where it differs)", "", "```",
           ranking_table(report["configs"]), "```", ""]
@@ -333,6 +347,12 @@ def summary_table(summary: dict) -> str:
             for s, v in summary.items()]
     return format_table(["set", "runs", "median |err|", "worst |err|", "worst run", "median err",
                          f"ranking right (ties <{100 * TIE:.0f}%)", "ranking strict"], body)
+
+
+def category_table(cats: dict[str, dict[str, float]]) -> str:
+    models = sorted({m for v in cats.values() for m in v}, key=lambda m: "SML".find(m))
+    return format_table(["category", *models], [[c, *[_pct(v.get(m), "+.0f") for m in models]]
+                                                for c, v in cats.items()])
 
 
 def ranking_table(configs: list[dict]) -> str:

@@ -365,3 +365,11 @@ def test_a_matrix_that_would_run_a_cell_twice_or_not_at_all_is_refused(flags) ->
     ns = matrix.make_matrix_parser().parse_args(["--calibration", "a800-paper", "--out", "x", *flags])
     with pytest.raises(UsageError):
         matrix.cells_of(ns)
+
+
+def test_categories_are_summarized_per_model_size() -> None:
+    runs = [{"model": "S", "err/forward": -0.5, "err/update": -0.2}, {"model": "S", "err/forward": -0.3},
+            {"model": "L", "err/forward": 0.1, "err/update": None}]
+    assert matrix.by_category(runs) == {"forward": {"L": 0.1, "S": pytest.approx(-0.4)}, "update": {"S": -0.2}}
+    table = matrix.category_table(matrix.by_category(runs))
+    assert table.splitlines()[0].split() == ["category", "S", "L"] and "-40%" in table
