@@ -506,13 +506,14 @@ def measure_p2p(src: int, dst: int, sizes: Sequence[int], reps: Reps, m: Measure
 
 
 def _series(block: TimedBlock, tokens: Sequence[int], sampler: Sampler, reps: Reps,
-            limit_s: float | None = None) -> tuple[list[int], dict[str, list[float]], bool]:
+            limit_s: float | None = None, samplers=None) -> tuple[list[int], dict[str, list[float]], bool]:
     """Medians of fwd and bwd at each token count; with `limit_s`, stops after the first
-    point whose fwd + bwd exceed it (returns whether it stopped early)."""
+    point whose fwd + bwd exceed it (returns whether it stopped early). `samplers`:
+    `block_samplers` (autograd, as a GPU block runs) unless given."""
     done: list[int] = []
     out: dict[str, list[float]] = {"fwd": [], "bwd": []}
     for n in tokens:
-        for direction, sample in block_samplers(block, n, sampler).items():
+        for direction, sample in (samplers or block_samplers)(block, n, sampler).items():
             out[direction].append(median_of(sample, reps))
         done.append(n)
         if limit_s is not None and out["fwd"][-1] + out["bwd"][-1] > limit_s and n != tokens[-1]:
@@ -581,6 +582,44 @@ class ExpertPool(TimedBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[self.at].forward(x)
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.blocks[self.at].module
+        return b.w1.detach(), b.w2.detach()
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current expert's gradient buffers, allocated (zeros) at its first use."""
+        b = self.blocks[self.at].module
+        if b.w1.grad is None:
+            b.w1.grad, b.w2.grad = torch.zeros_like(b.w1), torch.zeros_like(b.w2)
+        return b.w1.grad, b.w2.grad
+
+
+def cpu_expert_samplers(pool: "ExpertPool", tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
+    """A sample per direction, as the executor runs a CPU expert (`cpu_expert_forward` and
+    `cpu_expert_backward` of aptmoe.exec.model): fwd keeps the pre-activation for a
+    backward; bwd adds its weight gradients into the expert's gradient buffer (a later
+    micro-batch's case: the first one writes instead, moving a third fewer bytes)."""
+    state: dict[str, object] = {}
+
+    def setup_fwd() -> None:
+        state.clear()
+        state["x"] = pool.inputs(tokens).detach()
+
+    def fwd() -> None:
+        state["y"] = exec_model.cpu_expert_forward(state["x"], *pool.weights(), keep=True)
+
+    def setup_bwd() -> None:
+        state.clear()
+        x = pool.inputs(tokens).detach()
+        out, hidden = exec_model.cpu_expert_forward(x, *pool.weights(), keep=True)
+        state.update(x=x, h=hidden, g=torch.randn_like(out))
+
+    def bwd() -> None:
+        exec_model.cpu_expert_backward(state["x"], state["h"], state["g"], *pool.weights(), *pool.grads(),
+                                       first=False)
+
+    return {"fwd": sampler(fwd, setup_fwd), "bwd": sampler(bwd, setup_bwd)}
+
 
 class _BlockCache:
     """Keeps the last CPU expert pool, so that its weights are drawn once for all thread counts."""
@@ -604,7 +643,8 @@ def measure_cpu_expert(size: str, dtype: str, threads: int, machine: Machine, si
                        cache: _BlockCache, m: Measured) -> None:
     block = cache.get(size, dtype)
     with pinned_threads(machine.cpus[:threads]) as bound:
-        done, secs, cut = _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps, sizes.cpu_point_limit_s)
+        done, secs, cut = _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps, sizes.cpu_point_limit_s,
+                                  samplers=cpu_expert_samplers)
     m.cpu_bound &= bound
     if cut:
         m.cpu_cut.append(f"{size} {dtype} {threads}t: {done[-1]}")
@@ -995,8 +1035,9 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
               f"shape" if m.cpu_cut else ""
         a.sources["cpu_expert"] = (
             f"measured: an expert relu(x W1^T) W2^T on the CPU ({machine.hardware.cpu_model}), a different one of "
-            f"a {COLD_POOL_BYTES >> 30} GiB pool per sample (weights come from memory, not cache), fwd with autograd "
-            f"recording, bwd = out.backward(random grad) after an untimed forward; host clock, fresh torch.randn "
+            f"a {COLD_POOL_BYTES >> 30} GiB pool per sample (weights come from memory, not cache), as the executor "
+            f"runs it: fwd = cpu_expert_forward keeping the pre-activation, bwd = cpu_expert_backward adding the "
+            f"weight gradients into the expert's buffer, after an untimed forward; host clock, fresh torch.randn "
             f"inputs, {_reps_text(sizes.cpu_reps)}{cut}")
         a.sources["cpu_expert.threads"] = (
             f"measured: torch.set_num_threads(t) with every thread of the process bound to the first t of "

@@ -97,6 +97,15 @@ class FlatParams:
             for leaf, g in zip(self.leaves, views(self.grad, self.shapes)):
                 leaf.grad = g
 
+    def flat_views(self) -> tuple[torch.Tensor, ...]:
+        """The parameters as plain views of the flat buffer (outside autograd: code that
+        computes its own gradients, such as the CPU experts, reads these)."""
+        return views(self.flat, self.shapes)
+
+    def grad_views(self) -> tuple[torch.Tensor, ...]:
+        assert self.grad is not None, "no gradient buffer yet"
+        return views(self.grad, self.shapes)
+
     def set_grad(self, grad: torch.Tensor | None) -> None:
         self.grad = grad
         for leaf, g in zip(self.leaves, views(grad, self.shapes) if grad is not None else [None] * len(self.leaves)):

@@ -49,11 +49,13 @@ class Routing:
 
 @dataclass
 class CpuPart:
-    """An expert computed on the CPU: its input leaf and output there, the output on the device."""
+    """An expert computed on the CPU: its input and output there, the output on the device,
+    and its pre-activation where a backward will need it (`cpu_expert_forward`)."""
 
     inp: torch.Tensor
     out: torch.Tensor
     out_dev: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
 @dataclass

@@ -44,7 +44,8 @@ from aptmoe.exec.layer import CpuPart, LayerRun, Routing
 from aptmoe.exec.link import Link
 from aptmoe.exec.model import (
     TORCH_DTYPES,
-    expert,
+    cpu_expert_backward,
+    cpu_expert_forward,
     init_ends,
     lm_loss,
     routing_from_counts,
@@ -510,26 +511,22 @@ class RankRuntime:
             if step.counts[e] > 0 and e not in step.gpu and e not in step.cpu:
                 part = saved[e]
                 with self.dev.on(self.act_stream):
-                    out_dev = part.out.detach().to(self.dev.torch, non_blocking=True)
+                    out_dev = part.out.to(self.dev.torch, non_blocking=True)
                 self.dev.wait(self.dev.record(self.act_stream))
-                run.cpu[e] = CpuPart(part.inp, part.out, out_dev)
+                run.cpu[e] = CpuPart(part.inp, part.out, out_dev, part.hidden)
         if fut is not None:
             done, marker = self._wait_future(fut, f"CPU experts of layer {layer}")
             self.dev.wait(marker)
-            parts = {e: CpuPart(xin, out, out_dev) for e, (out_dev, (xin, out)) in done.items()}
+            parts = {e: CpuPart(xin, out, out_dev, hidden) for e, (out_dev, (xin, out, hidden)) in done.items()}
             run.cpu.update(parts)
             if keep_cpu and step.cat == "forward":
                 self.cpu_saved[(layer, mb)] = dict(parts)
 
     def _submit_cpu_forward(self, a: Action, step: RunExperts, run: LayerRun, keep_graph: bool) -> Future:
         def work(e: int, xin: torch.Tensor):
-            xin = xin.detach().requires_grad_(keep_graph)
-            fp = self.master[Block.expert_of(step.layer, e)]
-            if keep_graph:
-                fp.ensure_grad()
-            with torch.set_grad_enabled(keep_graph):
-                out = expert(xin, *fp.leaves)
-            return out.detach(), (xin, out)
+            out, hidden = cpu_expert_forward(xin, *self.master[Block.expert_of(step.layer, e)].flat_views(),
+                                             keep=keep_graph)
+            return out, (xin, out, hidden)
 
         cat = "recompute" if step.cat == "recompute" else "cpu-expert"
         return self._submit_cpu(a, step, [run.inputs_of(e) for e in step.cpu], work, cat, "fwd")
@@ -656,9 +653,13 @@ class RankRuntime:
         fut = None
         if step.cpu:
             def work(e: int, ge: torch.Tensor):
-                part = run.cpu[e]
-                torch.autograd.backward(part.out, ge)
-                return part.inp.grad, None
+                part, fp = run.cpu[e], self.master[Block.expert_of(layer, e)]
+                with self.lock:                  # the first gradient of the step is written, not added
+                    first = fp.grad is None
+                    if first:
+                        fp.set_grad(torch.empty_like(fp.flat))
+                return cpu_expert_backward(part.inp, part.hidden, ge, *fp.flat_views(), *fp.grad_views(),
+                                           first=first), None
 
             fut = self._submit_cpu(a, step, [douts[e] for e in step.cpu], work, "cpu-expert", "bwd")
         self._gpu_experts(a, step, lambda e, p: run.gpu_expert_backward(e, douts[e]), "backward")
