@@ -595,8 +595,8 @@ class ExpertPool(TimedBlock):
 
 
 def cpu_expert_samplers(pool: "ExpertPool", tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
-    """A sample per direction, as the executor runs a CPU expert (`cpu_expert_forward` and
-    `cpu_expert_backward` of aptmoe.exec.model): fwd keeps the pre-activation for a
+    """A sample per direction, as the executor runs a CPU expert (`expert_forward` and
+    `expert_backward` of aptmoe.exec.model): fwd keeps the pre-activation for a
     backward; bwd adds its weight gradients into the expert's gradient buffer (a later
     micro-batch's case: the first one writes instead, moving a third fewer bytes)."""
     state: dict[str, object] = {}
@@ -606,16 +606,16 @@ def cpu_expert_samplers(pool: "ExpertPool", tokens: int, sampler: Sampler) -> di
         state["x"] = pool.inputs(tokens).detach()
 
     def fwd() -> None:
-        state["y"] = exec_model.cpu_expert_forward(state["x"], *pool.weights(), keep=True)
+        state["y"] = exec_model.expert_forward(state["x"], *pool.weights(), keep=True)
 
     def setup_bwd() -> None:
         state.clear()
         x = pool.inputs(tokens).detach()
-        out, hidden = exec_model.cpu_expert_forward(x, *pool.weights(), keep=True)
+        out, hidden = exec_model.expert_forward(x, *pool.weights(), keep=True)
         state.update(x=x, h=hidden, g=torch.randn_like(out))
 
     def bwd() -> None:
-        exec_model.cpu_expert_backward(state["x"], state["h"], state["g"], *pool.weights(), *pool.grads(),
+        exec_model.expert_backward(state["x"], state["h"], state["g"], *pool.weights(), *pool.grads(),
                                        first=False)
 
     return {"fwd": sampler(fwd, setup_fwd), "bwd": sampler(bwd, setup_bwd)}
@@ -1036,7 +1036,7 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
         a.sources["cpu_expert"] = (
             f"measured: an expert relu(x W1^T) W2^T on the CPU ({machine.hardware.cpu_model}), a different one of "
             f"a {COLD_POOL_BYTES >> 30} GiB pool per sample (weights come from memory, not cache), as the executor "
-            f"runs it: fwd = cpu_expert_forward keeping the pre-activation, bwd = cpu_expert_backward adding the "
+            f"runs it: fwd = expert_forward keeping the pre-activation, bwd = expert_backward adding the "
             f"weight gradients into the expert's buffer, after an untimed forward; host clock, fresh torch.randn "
             f"inputs, {_reps_text(sizes.cpu_reps)}{cut}")
         a.sources["cpu_expert.threads"] = (

@@ -5,7 +5,7 @@
 Before: the forward built an autograd graph into leaves whose gradients are views of a flat
 buffer, zeroed at the expert's first use in the step (`FlatParams.ensure_grad`); the
 backward was `autograd.backward`, which computes each weight gradient into a new tensor and
-adds it to the buffer. Now (`cpu_expert_forward`/`cpu_expert_backward`): the first
+adds it to the buffer. Now (`expert_forward`/`expert_backward`): the first
 micro-batch's weight gradients are written into the buffer, later ones added by the product.
 Each sample takes a different expert of a pool larger than the caches (as in a step, where
 an expert's weights come from memory), and runs `--micro-batches` forwards and then as many
@@ -23,7 +23,7 @@ import torch
 
 from aptmoe.config import moe_model
 from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
-from aptmoe.exec.model import cpu_expert_backward, cpu_expert_forward, expert
+from aptmoe.exec.model import expert_backward, expert_forward, expert
 from aptmoe.plan.actions import Block, BlockKind
 
 POOL_BYTES = 1 << 30
@@ -42,11 +42,11 @@ def before(fp: FlatParams, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> No
 
 def after(fp: FlatParams, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
     fp.set_grad(None)
-    saved = [(x, cpu_expert_forward(x, *fp.flat_views(), keep=True)[1]) for x in xs]
+    saved = [(x, expert_forward(x, *fp.flat_views(), keep=True)[1]) for x in xs]
     for i, ((x, h), g) in enumerate(zip(saved, gs)):
         if i == 0:
             fp.set_grad(torch.empty_like(fp.flat))
-        cpu_expert_backward(x, h, g, *fp.flat_views(), *fp.grad_views(), first=i == 0)
+        expert_backward(x, h, g, *fp.flat_views(), *fp.grad_views(), first=i == 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from aptmoe.exec.model import attention, expert, gate_probs, gate_weights
+from aptmoe.exec.blocks import FlatParams
+from aptmoe.exec.model import attention, expert_backward, expert_forward, gate_probs, gate_weights
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Routing:
 @dataclass
 class CpuPart:
     """An expert computed on the CPU: its input and output there, the output on the device,
-    and its pre-activation where a backward will need it (`cpu_expert_forward`)."""
+    and its pre-activation where a backward will need it (`expert_forward`)."""
 
     inp: torch.Tensor
     out: torch.Tensor
@@ -72,7 +73,7 @@ class LayerRun:
     hd: torch.Tensor | None = None       # h detached: [T, d] leaf
     w: torch.Tensor | None = None        # gate weights [T, k] (in the graph)
     w_flat: torch.Tensor | None = None   # their values, flat [T*k]
-    gpu_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    gpu_saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)   # (input, pre-act.)
     gpu_out: dict[int, torch.Tensor] = field(default_factory=dict)
     cpu: dict[int, CpuPart] = field(default_factory=dict)
     dw: torch.Tensor | None = None
@@ -104,10 +105,11 @@ class LayerRun:
         return torch.arange(self.hd.shape[0], device=self.hd.device)
 
     def gpu_expert(self, e: int, w1: torch.Tensor, w2: torch.Tensor) -> None:
-        inp = self.inputs_of(e).requires_grad_(self.grad)
-        with torch.set_grad_enabled(self.grad):
-            self.gpu_out[e] = expert(inp, w1, w2)
-        self.gpu_in[e] = inp
+        """Expert e on the device, outside autograd (`expert_forward`): what its backward needs is kept."""
+        inp = self.inputs_of(e)
+        self.gpu_out[e], hidden = expert_forward(inp, w1, w2, keep=self.grad)
+        if self.grad:
+            self.gpu_saved[e] = (inp, hidden)
 
     def _outputs(self) -> dict[int, torch.Tensor]:
         outs = {e: o.detach() for e, o in self.gpu_out.items()}
@@ -163,9 +165,15 @@ class LayerRun:
             self.dw[self.routing.positions[e]] = (dy_e * out.detach()).sum(-1)
         return dy_e * self.weights_of(e).unsqueeze(-1)
 
-    def gpu_expert_backward(self, e: int, dout: torch.Tensor) -> None:
-        torch.autograd.backward(self.gpu_out[e], dout)
-        self.dh.index_add_(0, self.token_index(e), self.gpu_in[e].grad)
+    def gpu_expert_backward(self, e: int, dout: torch.Tensor, params: FlatParams) -> None:
+        """Expert e's backward by hand (`expert_backward`) into its block's flat gradient:
+        written by the step's first backward of the block, added to after."""
+        inp, hidden = self.gpu_saved.pop(e)
+        first = params.grad is None
+        if first:
+            params.set_grad(torch.empty_like(params.flat))
+        dx = expert_backward(inp, hidden, dout, *params.flat_views(), *params.grad_views(), first=first)
+        self.dh.index_add_(0, self.token_index(e), dx)
 
     def add_input_grad(self, e: int, grad: torch.Tensor) -> None:
         self.dh.index_add_(0, self.token_index(e), grad)

@@ -219,17 +219,20 @@ def expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return F.linear(F.relu(F.linear(x, w1)), w2)
 
 
-# An expert on the CPU runs its backward by hand rather than through autograd. An expert's
-# weights are read from memory for a few tokens, so its time is the bytes it moves, and
-# autograd moves three times too many: its weight gradients need a zeroed buffer (a memset
-# the size of the weights at the expert's first use in a step: 6 ms of a 7.5 ms forward for
-# MoE-M on the H200 host) and are computed into a new tensor that is then added into that
-# buffer (read, read, write). By hand, the first micro-batch's weight gradients are written
-# straight into the block's flat gradient and later ones are added there by the product
-# itself (addmm_). Same arithmetic as autograd's (linear and relu backward).
+# An expert runs its backward by hand rather than through autograd, on the CPU and the GPU.
+# On the CPU an expert's weights are read from memory for a few tokens, so its time is the
+# bytes it moves, and autograd moves three times too many: its weight gradients need a
+# zeroed buffer (a memset the size of the weights at the expert's first use in a step: 6 ms
+# of a 7.5 ms forward for MoE-M on the H200 host) and are computed into a new tensor that is
+# then added into that buffer (read, read, write). By hand, the first micro-batch's weight
+# gradients are written straight into the block's flat gradient and later ones are added
+# there by the product itself (addmm_). On the GPU the bytes are cheap but the host is not:
+# one autograd call per expert hands work to the engine's device thread and back, and small
+# experts wait for their host (the H200 matrix: MoE-S blocks at 2-4x their kernel time).
+# Same arithmetic as autograd's (linear and relu backward).
 
 
-def cpu_expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+def expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                        keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(relu(x W1^T) W2^T, the pre-activation x W1^T if `keep`: what the backward needs with x)."""
     with torch.no_grad():
@@ -237,9 +240,9 @@ def cpu_expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         return F.linear(F.relu(h), w2), (h if keep else None)
 
 
-def cpu_expert_backward(x: torch.Tensor, h: torch.Tensor, dout: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+def expert_backward(x: torch.Tensor, h: torch.Tensor, dout: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                         g1: torch.Tensor, g2: torch.Tensor, first: bool) -> torch.Tensor:
-    """d x of `cpu_expert_forward`; its weight gradients written into (first) or added to g1, g2."""
+    """d x of `expert_forward`; its weight gradients written into (first) or added to g1, g2."""
     with torch.no_grad():
         a = F.relu(h)
         dh = (dout @ w2) * (h > 0)

@@ -44,8 +44,8 @@ from aptmoe.exec.layer import CpuPart, LayerRun, Routing
 from aptmoe.exec.link import Link
 from aptmoe.exec.model import (
     TORCH_DTYPES,
-    cpu_expert_backward,
-    cpu_expert_forward,
+    expert_backward,
+    expert_forward,
     init_ends,
     lm_loss,
     routing_from_counts,
@@ -500,9 +500,7 @@ class RankRuntime:
         fut = self._submit_cpu_forward(a, step, run, keep_cpu) if step.cpu else None
 
         def run_one(e: int, p) -> None:
-            if run.grad:
-                p.ensure_grad()
-            run.gpu_expert(e, *p.leaves)
+            run.gpu_expert(e, *p.flat_views())
 
         self._gpu_experts(a, step, run_one, step.cat)
         # Experts that ran on the CPU in this micro-batch's forward kept their results there.
@@ -524,7 +522,7 @@ class RankRuntime:
 
     def _submit_cpu_forward(self, a: Action, step: RunExperts, run: LayerRun, keep_graph: bool) -> Future:
         def work(e: int, xin: torch.Tensor):
-            out, hidden = cpu_expert_forward(xin, *self.master[Block.expert_of(step.layer, e)].flat_views(),
+            out, hidden = expert_forward(xin, *self.master[Block.expert_of(step.layer, e)].flat_views(),
                                              keep=keep_graph)
             return out, (xin, out, hidden)
 
@@ -658,11 +656,11 @@ class RankRuntime:
                     first = fp.grad is None
                     if first:
                         fp.set_grad(torch.empty_like(fp.flat))
-                return cpu_expert_backward(part.inp, part.hidden, ge, *fp.flat_views(), *fp.grad_views(),
+                return expert_backward(part.inp, part.hidden, ge, *fp.flat_views(), *fp.grad_views(),
                                            first=first), None
 
             fut = self._submit_cpu(a, step, [douts[e] for e in step.cpu], work, "cpu-expert", "bwd")
-        self._gpu_experts(a, step, lambda e, p: run.gpu_expert_backward(e, douts[e]), "backward")
+        self._gpu_experts(a, step, lambda e, p: run.gpu_expert_backward(e, douts[e], p), "backward")
         if fut is not None:
             done, marker = self._wait_future(fut, f"CPU expert backward of layer {layer}")
             self.dev.wait(marker)

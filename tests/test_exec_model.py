@@ -350,7 +350,7 @@ def test_exec_model_does_not_import_simpy(tmp_path: Path) -> None:
 @pytest.mark.parametrize("micro_batches", [1, 3])
 def test_the_cpu_experts_hand_backward_equals_autograd(micro_batches) -> None:
     """Written into the flat gradient at the first micro-batch, added by the product after."""
-    from aptmoe.exec.model import cpu_expert_backward, cpu_expert_forward, expert
+    from aptmoe.exec.model import expert_backward, expert_forward, expert
 
     g = torch.Generator().manual_seed(5)
     d, h = 8, 16
@@ -361,12 +361,12 @@ def test_the_cpu_experts_hand_backward_equals_autograd(micro_batches) -> None:
     for i in range(micro_batches):
         x = torch.randn(5 + i, d, generator=g)
         dout = torch.randn(5 + i, d, generator=g)
-        out, hidden = cpu_expert_forward(x, w1, w2, keep=True)
+        out, hidden = expert_forward(x, w1, w2, keep=True)
         xr = x.clone().requires_grad_(True)
         want = expert(xr, ref1, ref2)
         assert torch.allclose(out, want.detach(), atol=1e-6)
-        dx = cpu_expert_backward(x, hidden, dout, w1, w2, g1, g2, first=i == 0)
+        dx = expert_backward(x, hidden, dout, w1, w2, g1, g2, first=i == 0)
         want.backward(dout)
         assert torch.allclose(dx, xr.grad, atol=1e-5)
     assert torch.allclose(g1, ref1.grad, atol=1e-5) and torch.allclose(g2, ref2.grad, atol=1e-5)
-    assert cpu_expert_forward(x, w1, w2, keep=False)[1] is None
+    assert expert_forward(x, w1, w2, keep=False)[1] is None
