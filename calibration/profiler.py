@@ -289,11 +289,22 @@ class TimedBlock:
 
 
 class ExpertBlock(TimedBlock):
-    """`aptmoe.exec.model.ExpertBlock`: relu(x W1^T) W2^T, W1 [h, d], W2 [d, h]."""
+    """`aptmoe.exec.model.ExpertBlock`: relu(x W1^T) W2^T, W1 [h, d], W2 [d, h]. Timed as the
+    executor runs an expert, outside autograd (`expert_samplers`)."""
 
     def __init__(self, d: int, h: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(exec_model.ExpertBlock(d, h, device=device, dtype=dtype), d, dtype, device)
         self.h = h
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module.w1.detach(), self.module.w2.detach()
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its gradient buffers, allocated (zeros) at first use."""
+        m = self.module
+        if m.w1.grad is None:
+            m.w1.grad, m.w2.grad = torch.zeros_like(m.w1), torch.zeros_like(m.w2)
+        return m.w1.grad, m.w2.grad
 
 
 class GateBlock(TimedBlock):
@@ -539,15 +550,16 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
         block = AttentionBlock(d, opts.heads, opts.seq_length, tdtype, dev)
         dims.update(heads=opts.heads, seq_length=opts.seq_length)
         tokens = tuple(q * opts.seq_length for q in sizes.attn_sequences)
+    samplers = expert_samplers if kind == "e" else block_samplers
     if gpu is None:
         with pinned_threads(cpus) as bound:
-            done, secs, _ = _series(block, tokens, host_sample, sizes.gpu_reps)
+            done, secs, _ = _series(block, tokens, host_sample, sizes.gpu_reps, samplers=samplers)
         m.cpu_bound &= bound
     else:
         stream = torch.cuda.current_stream(dev)
         with torch.cuda.device(dev):
             done, secs, _ = _series(block, tokens, lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S),
-                                    sizes.gpu_reps)
+                                    sizes.gpu_reps, samplers=samplers)
     for direction, raw in secs.items():
         values, moved = monotone(raw)
         m.moved["gpu"] += moved
@@ -583,22 +595,18 @@ class ExpertPool(TimedBlock):
         return self.blocks[self.at].forward(x)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.blocks[self.at].module
-        return b.w1.detach(), b.w2.detach()
+        return self.blocks[self.at].weights()
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current expert's gradient buffers, allocated (zeros) at its first use."""
-        b = self.blocks[self.at].module
-        if b.w1.grad is None:
-            b.w1.grad, b.w2.grad = torch.zeros_like(b.w1), torch.zeros_like(b.w2)
-        return b.w1.grad, b.w2.grad
+        return self.blocks[self.at].grads()
 
 
-def cpu_expert_samplers(pool: "ExpertPool", tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
-    """A sample per direction, as the executor runs a CPU expert (`expert_forward` and
-    `expert_backward` of aptmoe.exec.model): fwd keeps the pre-activation for a
-    backward; bwd adds its weight gradients into the expert's gradient buffer (a later
-    micro-batch's case: the first one writes instead, moving a third fewer bytes)."""
+def expert_samplers(pool, tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
+    """A sample per direction, as the executor runs an expert on either device
+    (`expert_forward` and `expert_backward` of aptmoe.exec.model): fwd keeps the
+    pre-activation for a backward; bwd adds its weight gradients into the expert's gradient
+    buffer (a later micro-batch's case: the first one writes instead, moving a third fewer
+    bytes). `pool`: an ExpertBlock or an ExpertPool."""
     state: dict[str, object] = {}
 
     def setup_fwd() -> None:
@@ -644,7 +652,7 @@ def measure_cpu_expert(size: str, dtype: str, threads: int, machine: Machine, si
     block = cache.get(size, dtype)
     with pinned_threads(machine.cpus[:threads]) as bound:
         done, secs, cut = _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps, sizes.cpu_point_limit_s,
-                                  samplers=cpu_expert_samplers)
+                                  samplers=expert_samplers)
     m.cpu_bound &= bound
     if cut:
         m.cpu_cut.append(f"{size} {dtype} {threads}t: {done[-1]}")
@@ -1009,9 +1017,10 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
     if m.gpu and opts.blocks_on == "cpu":
         a.sources["gpu"] = (
             f"measured on the CPU ({machine.hardware.cpu_model}, {len(block_cpus(opts, machine))} bound threads), "
-            f"for an executor whose ranks are CPU processes: the executor's block modules, fwd with autograd "
-            f"recording, bwd = out.backward(random grad) after an untimed forward; host clock, fresh torch.randn "
-            f"inputs, {_reps_text(sizes.gpu_reps)}")
+            f"for an executor whose ranks are CPU processes: the executor's block modules; a and g: fwd with "
+            f"autograd recording, bwd = out.backward(random grad) after an untimed forward; e: outside autograd as "
+            f"the executor runs experts (expert_forward, expert_backward adding into the weight-gradient buffer); "
+            f"host clock, fresh torch.randn inputs, {_reps_text(sizes.gpu_reps)}")
         a.sources["gpu.monotone"] = smoothing(m.moved["gpu"])
     elif m.gpu:
         tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -1020,9 +1029,10 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
             f"executor runs them (aptmoe.exec.model's modules), no biases: a = LayerNorm, Q/K/V projections, "
             f"softmax(QK^T/sqrt(dh))V per head (plain, causal mask, not fused), output projection, residual, "
             f"LayerNorm, over whole sequences of {opts.seq_length} tokens; g = softmax(x Wg^T), top-1; "
-            f"e = relu(x W1^T) W2^T; fwd = the block with autograd recording, as in training; "
-            f"bwd = out.backward(random grad) after an untimed forward "
-            f"(input and weight gradients); CUDA events on the compute stream, which a device-side sleep holds "
+            f"e = relu(x W1^T) W2^T; a and g: fwd = the block with autograd recording, as in training, "
+            f"bwd = out.backward(random grad) after an untimed forward (input and weight gradients); e: outside "
+            f"autograd as the executor runs experts (expert_forward keeping the pre-activation, expert_backward "
+            f"adding into the weight-gradient buffer); CUDA events on the compute stream, which a device-side sleep holds "
             f"while the block's kernels are enqueued: device execution time, without host launch gaps (eager "
             f"dispatch of the smallest blocks can take longer on the host); fresh torch.randn inputs each repetition, "
             f"{_reps_text(sizes.gpu_reps)}; fp32 matmuls with TF32 {'on' if tf32 else 'off'} (torch default)")
