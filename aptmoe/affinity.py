@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from numbers import Integral
 
 from aptmoe.config import ConfigError, ModelConfig
-from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, CostSource, block_s
+from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, CostSource
 
 # Two makespans this close count as a tie, which goes to the split with fewer CPU experts:
 # the float sums of equal costs taken in a different order must not decide a split.
@@ -150,7 +150,10 @@ def _layer(counts: Sequence[int], cost: CostSource, model: ModelConfig, *, threa
     base_load = 0.0
     if load_attn_gate:
         base_load = block_load_s(cost, model, "a") + block_load_s(cost, model, "g")
-    gpu_s = {e: remaining_mbs * block_s(cost, "e", counts[e], direction) for e in order}
+    # block_s(cost, "e", n, direction) for each expert (all have tokens), the host time read
+    # once: this runs for every layer and micro-batch of a simulation
+    host = cost.host_s("e", direction)
+    gpu_s = {e: remaining_mbs * max(cost.gpu_s("e", counts[e], direction), host) for e in order}
     return _Layer(
         candidates=tuple(e for e in order if e not in resident),
         resident=tuple(e for e in order if e in resident),

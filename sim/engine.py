@@ -24,7 +24,7 @@ import simpy
 from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
-from aptmoe.costs import CostSource, SharedLinkView
+from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView
 from aptmoe.memory import MemoryModel, adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
@@ -155,6 +155,8 @@ class RankModel:
         # The host thread that issues the compute stream's blocks, as a second clock (_issue).
         self.host_t = self.env.now
         self.runs_ahead = self.cost.host_runs_ahead()
+        self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
+                                 + [self.cost.between_s(d) for d in DIRECTIONS])
         self.handlers = {
             Kind.FWD: self._forward, Kind.BWD: self._backward, Kind.DROP_F: self._drop,
             Kind.DROP_B: self._drop, Kind.LOAD_F: self._open_window, Kind.LOAD_B: self._open_window,
@@ -359,6 +361,8 @@ class RankModel:
         so a stream of big blocks hides the host and a stream of small ones waits for it; on
         CPU ranks issuing and computing are one thread, so a block takes the longer of the two.
         Without a measured host cost (host_s 0) each block takes its kernel time exactly."""
+        if self.host_free:                  # the common case of a roofline or an older profile
+            return [self.cost.gpu_s(kind, tokens, direction) for kind, tokens, direction in work]
         t = self.env.now
         out = []
         for kind, tokens, direction in work:

@@ -87,7 +87,7 @@ def _rank(cost, now=10.0):
     from types import SimpleNamespace
 
     return SimpleNamespace(env=SimpleNamespace(now=now), cost=cost, host_t=now, runs_ahead=cost.host_runs_ahead(),
-                           busy={"compute": 0.0}, _hold=lambda s, r="compute": s)
+                           host_free=False, busy={"compute": 0.0}, _hold=lambda s, r="compute": s)
 
 
 def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:
@@ -100,7 +100,10 @@ def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones(
     assert durs == pytest.approx([2.0, 0.0, 1.0, 1.0])
     assert sum(durs) == pytest.approx(max(2.0 + 0.0, 1.0 * 4))       # max(kernels, host) for a back-to-back run
     # host cost zero: every block takes its kernel time, as before the host clock existed
+    # (the engine's shortcut for sources without host times gives the same)
     r = _rank(_Cost({"a": 2.0, "g": 0.5}, {"a": 0.0, "g": 0.0}))
+    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == [2.0, 0.5]
+    r.host_free = True
     assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == [2.0, 0.5]
     # a block without tokens is not issued at all
     r = _rank(_Cost({"e": 1.0}, {"e": 1.0}))
