@@ -150,8 +150,9 @@ def _layer(counts: Sequence[int], cost: CostSource, model: ModelConfig, *, threa
     base_load = 0.0
     if load_attn_gate:
         base_load = block_load_s(cost, model, "a") + block_load_s(cost, model, "g")
-    # block_s(cost, "e", n, direction) for each expert (all have tokens), the host time read
-    # once: this runs for every layer and micro-batch of a simulation
+    # A GPU expert costs its kernels, or the host's time to issue them where that is longer
+    # (every expert here has tokens); the host time is read once: this runs for every layer
+    # and micro-batch of a simulation.
     host = cost.host_s("e", direction)
     gpu_s = {e: remaining_mbs * max(cost.gpu_s("e", counts[e], direction), host) for e in order}
     return _Layer(

@@ -92,14 +92,6 @@ class KernelTimeOnly:
         return True
 
 
-def block_s(cost: CostSource, kind: str, tokens: int, direction: str) -> float:
-    """What one block costs the compute stream when it runs alone: its kernels, or the time
-    to issue them where that is longer (the loading policy weighs GPU experts by this)."""
-    if tokens <= 0:
-        return 0.0
-    return max(cost.gpu_s(kind, tokens, direction), cost.host_s(kind, direction))
-
-
 class SharedLinkView:
     """A cost source whose host link is one GPU's share of its socket root.
 

@@ -46,8 +46,6 @@ def test_a_bad_dispatch_section_is_named(with_dispatch, tmp_path, mutate, field)
 
 
 def test_the_cost_source_reports_host_time_beside_kernel_time(with_dispatch) -> None:
-    from aptmoe.costs import block_s
-
     plain = ProfileCost(load_profile("a800-paper"), MOE_S)
     cost = ProfileCost(with_dispatch, MOE_S)
     for kind, dirs in D.seconds.items():
@@ -56,8 +54,6 @@ def test_the_cost_source_reports_host_time_beside_kernel_time(with_dispatch) -> 
             for tokens in (1, 64, 4096, 65536):
                 kernel = plain.gpu_s(kind, tokens, direction)
                 assert cost.gpu_s(kind, tokens, direction) == kernel          # the curve, untouched
-                assert block_s(cost, kind, tokens, direction) == pytest.approx(max(kernel, host))
-            assert block_s(cost, kind, 0, direction) == 0.0                 # a block with no tokens does not run
     assert cost.between_s("bwd") == 1e-3 and plain.between_s("bwd") == 0.0
     assert cost.host_runs_ahead() and plain.host_runs_ahead()
     on_cpu = ProfileCost(dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, device="cpu")), MOE_S)
@@ -173,3 +169,17 @@ def test_merge_takes_dispatch_or_drops_it(with_dispatch, tmp_path) -> None:
                        str(tmp_path / "n.json")]) == 0
     none = load_profile(str(tmp_path / "n.json"))
     assert none.dispatch is None and "dispatch" not in none.sources
+
+
+def test_the_split_weighs_a_gpu_expert_by_the_longer_of_kernels_and_host(with_dispatch) -> None:
+    from aptmoe.affinity import _layer
+
+    counts = [64, 8, 1, 0, 0, 0, 0, 0]
+    plain = _layer(counts, ProfileCost(load_profile("a800-paper"), MOE_S), MOE_S, threads=16, resident=(),
+                   load_attn_gate=False, remaining_mbs=2, direction="fwd")
+    slow = _layer(counts, ProfileCost(with_dispatch, MOE_S), MOE_S, threads=16, resident=(),
+                  load_attn_gate=False, remaining_mbs=2, direction="fwd")
+    host = D.seconds["e"]["fwd"]
+    for e in (0, 1, 2):
+        assert slow.gpu_s[e] == pytest.approx(max(plain.gpu_s[e], 2 * host))
+    assert slow.gpu_s[2] > plain.gpu_s[2]            # one token: the host, not the kernels
