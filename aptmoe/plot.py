@@ -27,6 +27,8 @@ from aptmoe.atomic import atomic_path  # noqa: E402
 from aptmoe.plan.plan import STREAMS  # noqa: E402
 from aptmoe.trace import Trace  # noqa: E402
 
+PIPELINE_COLORS = {"GPipe": "#8c8c8c", "GPipeOffload": "#9c6fb0", "Mobius": "#4c78a8", "APTMoE": "#e0503f"}
+
 CATEGORY_COLORS = {
     "forward": "#4c78a8",
     "backward": "#54a24b",
@@ -211,3 +213,39 @@ def plot_trace_file(in_json: str | os.PathLike, out_png: str | os.PathLike | Non
     trace = Trace.load(in_json)
     out = Path(out_png) if out_png is not None else Path(in_json).with_suffix(".png")
     return plot_trace(trace, out, title)
+
+
+def plot_predicted_vs_measured(runs: list[dict], path: str | os.PathLike, title: str = "", band: float = 0.10) -> Path:
+    """One point per run (dicts with pipeline, set, measured_s, predicted_s): predicted against
+    measured step time on log axes, coloured by schedule, hollow for held-back runs; the
+    diagonal and a +-`band` corridor show where a prediction is right."""
+    pts = [r for r in runs if r.get("measured_s") and r.get("predicted_s")]
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    if pts:
+        lo = min(min(r["measured_s"], r["predicted_s"]) for r in pts) * 0.8
+        hi = max(max(r["measured_s"], r["predicted_s"]) for r in pts) * 1.25
+        ax.plot([lo, hi], [lo, hi], color="#444444", lw=0.8)
+        ax.fill_between([lo, hi], [lo * (1 - band), hi * (1 - band)], [lo * (1 + band), hi * (1 + band)],
+                        color="#dddddd", lw=0, label=f"within {band:.0%}")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    for name, color in PIPELINE_COLORS.items():
+        for held in (False, True):
+            sel = [r for r in pts if r["pipeline"] == name and (r.get("set") == "held-back") == held]
+            if sel:
+                ax.scatter([r["measured_s"] for r in sel], [r["predicted_s"] for r in sel], s=28,
+                           facecolors="none" if held else color, edgecolors=color,
+                           label=f"{name}{' (held back)' if held else ''}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured s/step")
+    ax.set_ylabel("predicted s/step")
+    ax.set_title(title, fontsize=9)
+    if pts:
+        ax.legend(fontsize=7, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no run has both a measurement and a prediction", ha="center", transform=ax.transAxes)
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

@@ -16,7 +16,8 @@ the one on the diagonal (block b holds back its cell b mod k) is kept out of the
 diagonal spreads the held-back cells over models, G and links rather than one corner of the
 grid. Model fixes are judged on the fit set; the held-back set reports the final figure.
 
-Writes OUT/matrix.json, OUT/matrix.csv and OUT/matrix.md (one row per run, then the summary:
+Writes OUT/matrix.json, OUT/matrix.csv, OUT/matrix.png (predicted against measured, a point
+per run) and OUT/matrix.md (one row per run, then the summary:
 median and worst absolute step-time error and the configs whose schedule ranking is right,
 for the fit set, the held-back set and all).
 """
@@ -219,11 +220,17 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     bar.close()
     report = collect(out, cells, ns.held_back_every, profile.name, [PROG, "matrix", *argv])
     write_report(out, report)
+    from aptmoe.plot import plot_predicted_vs_measured
+
+    s = report["summary"]["all"]
+    plot_predicted_vs_measured(report["runs"], out / "matrix.png",
+                               title=f"{profile.name}: {s['runs']} runs, median |error| "
+                                     f"{_pct(s['median_abs_error'], '.1f')}, worst {_pct(s['worst_abs_error'], '.1f')}")
     say(matrix_table(report["runs"]))
     say(summary_table(report["summary"]))
     if skipped:
         say(f"{skipped} cells left for a later call (--max-seconds {ns.max_seconds:g})")
-    say(f"wrote {out}/ (matrix.json, matrix.csv, matrix.md, cells/)")
+    say(f"wrote {out}/ (matrix.json, matrix.csv, matrix.md, matrix.png, cells/)")
     if failed:
         say(f"{len(failed)} cells failed and were left out: {', '.join(failed)}")
     return 1 if failed else 0

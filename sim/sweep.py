@@ -51,7 +51,6 @@ NOT_SWEEPABLE = {"help", "calibration", "measured_steps", "no_plot", "no_trace",
 FIG11_GINI = {8: (0.2, 0.4, 0.6, 0.8), 16: (0.1, 0.2, 0.3, 0.4), 64: (0.05, 0.1, 0.15, 0.2)}
 FIG11_MODELS = ("MoE-S-8", "MoE-S-16", "MoE-S-64", "MoE-M-8", "MoE-M-16", "MoE-L-8")
 PRESETS = ("fig11",)
-PIPELINE_COLORS = {"GPipe": "#8c8c8c", "GPipeOffload": "#9c6fb0", "Mobius": "#4c78a8", "APTMoE": "#e0503f"}
 AXIS_LABELS = {"gini": "G (sum of squared expert shares)", "link_bandwidth": "host-link cap (GB/s per GPU)",
                "cores_per_socket": "CPU cores per socket", "num_experts": "experts per layer",
                "batch_size": "global batch (sequences)", "num_chunks": "micro-batches", "gpus": "GPUs per node"}
@@ -264,6 +263,8 @@ def plot_throughput(rows: list[dict], fields: list[str], path: Path, x: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from aptmoe.plot import PIPELINE_COLORS
 
     panel_field = "model_config" if ("model_config" in fields and x != "model_config") else None
     panels = list(dict.fromkeys(r.get(panel_field) for r in rows)) if panel_field else [None]

@@ -255,6 +255,7 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     assert rep["summary"]["all"]["runs"] == 4 and rep["summary"]["all"]["configs"] == 1
     assert rep["command"][:2] == ["aptmoe-sim", "matrix"]
     assert (out / "matrix.csv").exists() and (out / "matrix.md").exists()
+    assert (out / "matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in out.rglob("*partial*")]
 
 

@@ -85,3 +85,15 @@ def test_twenty_thousand_events_quickly(tmp_path) -> None:
     png = plot_trace(tr, tmp_path / "big.png")
     assert time.perf_counter() - t0 < 5.0
     assert png.stat().st_size < 1_000_000
+
+
+def test_predicted_against_measured_draws_a_point_per_run(tmp_path) -> None:
+    from aptmoe.plot import plot_predicted_vs_measured
+
+    runs = [{"pipeline": "Mobius", "set": "fit", "measured_s": 1.0, "predicted_s": 0.8},
+            {"pipeline": "APTMoE", "set": "held-back", "measured_s": 2.0, "predicted_s": 2.1},
+            {"pipeline": "GPipe", "set": "fit", "measured_s": None, "predicted_s": 0.5}]      # not run: no point
+    out = plot_predicted_vs_measured(runs, tmp_path / "m.png", title="t")
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*"))                # written whole (atomic)
+    plot_predicted_vs_measured([], tmp_path / "empty.png")
