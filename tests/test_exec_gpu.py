@@ -12,8 +12,10 @@ from exec_helpers import run_and_compare  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("gpus", [2, 4])
+@pytest.mark.parametrize("gpus", [1, 2, 4])
 def test_all_schedules_equal_the_reference_on_gpus(tmp_path, gpus) -> None:
+    """On one GPU too: the device's experts run outside autograd (expert_backward), and a
+    one-GPU machine is the kind most often lent."""
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
     checked = run_and_compare(tmp_path, ["--pipeline", "all", "--gpus", str(gpus), "--num_stages", str(2 * gpus),
