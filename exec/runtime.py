@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -128,11 +128,16 @@ class RankRuntime:
         self.shapes = {k: param_shapes(m, k) for k in BlockKind}
         self.my_layers = [layer for s in self.stages for layer in self.layers[s]]
         # -- parameters: the master copy of every block this rank owns
-        self.master: dict[Block, FlatParams] = {}
-        for block in Block.of_layers(self.my_layers, m.num_experts, m.is_moe):
+        def initial(block: Block) -> torch.Tensor:
             flat = initial_flat(m, block, cfg.train.seed)
-            flat = flat.to(device.torch) if plan.resident else device.host_buffer(flat)
-            self.master[block] = FlatParams(flat, self.shapes[block.kind])
+            return flat.to(device.torch) if plan.resident else device.host_buffer(flat)
+
+        # Blocks drawn in parallel (each from its own seeded generator: the same values in any
+        # order): drawing is single-threaded per tensor, and a rank's blocks are gigabytes.
+        blocks = list(Block.of_layers(self.my_layers, m.num_experts, m.is_moe))
+        with ThreadPoolExecutor(max_workers=max(1, min(len(blocks), cfg.cluster.cores_per_rank))) as pool:
+            flats = list(pool.map(initial, blocks))
+        self.master: dict[Block, FlatParams] = {b: FlatParams(f, self.shapes[b.kind]) for b, f in zip(blocks, flats)}
         # Adam over each block's flat buffer, on the host in chunks (aptmoe.memory.adam_chunks):
         # a chunk is a slice of the buffer (a leaf sharing its storage), updated in place.
         self.chunks = {b: [(lo, hi, fp.flat[lo:hi]) for lo, hi in
