@@ -320,8 +320,9 @@ class GateBlock(TimedBlock):
 
 class AttentionBlock(TimedBlock):
     """`aptmoe.exec.model.AttentionBlock`: LayerNorm, Q/K/V projections, causal
-    softmax(Q K^T / sqrt(dh)) V per head (plain, not fused), output projection, residual,
-    LayerNorm. Tokens are whole sequences; the timed output is the MoE input LN2(r)."""
+    softmax(Q K^T / sqrt(dh)) V per head (torch's fused scaled_dot_product_attention),
+    output projection, residual, LayerNorm. Tokens are whole sequences; the timed output
+    is the MoE input LN2(r)."""
 
     def __init__(self, d: int, heads: int, seq_length: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(exec_model.AttentionBlock(d, heads, device=device, dtype=dtype), d, dtype, device)
@@ -1027,14 +1028,16 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
         a.sources["gpu"] = (
             f"measured: GPU {machine.gpus[0]} ({machine.gpu_name}), torch {torch.__version__}; blocks as the "
             f"executor runs them (aptmoe.exec.model's modules), no biases: a = LayerNorm, Q/K/V projections, "
-            f"softmax(QK^T/sqrt(dh))V per head (plain, causal mask, not fused), output projection, residual, "
-            f"LayerNorm, over whole sequences of {opts.seq_length} tokens; g = softmax(x Wg^T), top-1; "
+            f"softmax(QK^T/sqrt(dh))V per head (causal, fused: scaled_dot_product_attention), output "
+            f"projection, residual, LayerNorm, over whole sequences of {opts.seq_length} tokens; "
+            f"g = softmax(x Wg^T), top-1; "
             f"e = relu(x W1^T) W2^T; a and g: fwd = the block with autograd recording, as in training, "
             f"bwd = out.backward(random grad) after an untimed forward (input and weight gradients); e: outside "
             f"autograd as the executor runs experts (expert_forward keeping the pre-activation, expert_backward "
-            f"adding into the weight-gradient buffer); CUDA events on the compute stream, which a device-side sleep holds "
-            f"while the block's kernels are enqueued: device execution time, without host launch gaps (eager "
-            f"dispatch of the smallest blocks can take longer on the host); fresh torch.randn inputs each repetition, "
+            f"adding into the weight-gradient buffer); CUDA events on the compute stream, which a device-side "
+            f"sleep holds while the block's kernels are enqueued: device execution time, without host launch "
+            f"gaps (eager dispatch of the smallest blocks can take longer on the host); fresh torch.randn inputs "
+            f"each repetition, "
             f"{_reps_text(sizes.gpu_reps)}; fp32 matmuls with TF32 {'on' if tf32 else 'off'} (torch default)")
         a.sources["gpu.monotone"] = smoothing(m.moved["gpu"])
     else:

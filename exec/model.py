@@ -94,8 +94,9 @@ class AttentionBlock(nn.Module):
     """Pre-LN attention sub-layer and the LayerNorm that feeds the MoE.
 
     forward(x [b, n, d]) -> (r, h): r = x + Wo·Attn(LN1(x)) (the residual stream) and
-    h = LN2(r) (the MoE input), both [b, n, d]. Attention is plain (not fused), causal,
-    per head softmax(Q K^T / sqrt(dh)) V. Inputs are whole sequences.
+    h = LN2(r) (the MoE input), both [b, n, d]. Attention is causal, per head
+    softmax(Q K^T / sqrt(dh)) V, in torch's fused scaled_dot_product_attention. Inputs are
+    whole sequences.
     """
 
     def __init__(self, d: int, heads: int, *, device=None, dtype=None,
@@ -138,10 +139,10 @@ def attention(x: torch.Tensor, params: Sequence[torch.Tensor], heads: int) -> tu
         return F.linear(h, w).view(b, n, heads, dh).transpose(1, 2)
 
     q, k, v = split(wq), split(wk), split(wv)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
-    future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu_(1)
-    p = scores.masked_fill(future, float("-inf")).softmax(-1)
-    ctx = (p @ v).transpose(1, 2).reshape(b, n, d)
+    # softmax(QK^T / sqrt(dh) + causal mask) V in one fused call: the same arithmetic as the
+    # plain form to ~1e-7 relative, fewer kernels to launch and no n x n scores kept for the
+    # backward.
+    ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, d)
     r = x + F.linear(ctx, wo)
     return r, F.layer_norm(r, (d,), ln2_w, ln2_b)
 
