@@ -11,6 +11,10 @@ later call goes on where the last one stopped. ``--repredict`` runs no executor:
 the stored runs again with the current simulator and profile, which is how a change of the
 model is judged against measurements already taken.
 
+A cell is known by its name (size, layers, experts, G, link, GPUs): a later call with other
+per-run flags (--steps, --batch_size, --extra) reuses the stored cells, so give those
+another --out.
+
 Held-back cells (issue 6, §3): of each block of k consecutive cells (``--held-back-every k``),
 the one on the diagonal (block b holds back its cell b mod k) is kept out of the fit set. The
 diagonal spreads the held-back cells over models, G and links rather than one corner of the
