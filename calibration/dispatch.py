@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from aptmoe.run_process import ExecutorFailed, launch_executor
 from aptmoe.profile import Dispatch
 from aptmoe.trace import Trace
 
@@ -33,19 +32,20 @@ PROBE = ["--is_moe=True", "--model_config=S", "--embedding_dim", "16", "--hidden
 CATEGORIES = {"forward": "fwd", "recompute": "fwd", "backward": "bwd"}
 
 
-def probe_command(device: str, ranks: int, out: Path) -> list[str]:
-    return [sys.executable, "-P", "-m", "aptmoe.run", *PROBE, "--device", device, "--gpus", str(ranks),
-            "--topo", f"C1+G{ranks}", "--out", str(out)]
+def probe_args(device: str, ranks: int) -> list[str]:
+    return [*PROBE, "--device", device, "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
+
+
+def _blocks(trace: Trace) -> list:
+    """The block events on the compute stream (a stage's action at one block: `0F0@3:e5`)."""
+    return [e for e in trace.events if e.stream == "compute" and "@" in e.name and e.cat in CATEGORIES]
 
 
 def block_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
     """Span of every block on the compute stream, by kind (a, g, e) and direction."""
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for e in trace.events:
-        if e.stream != "compute" or "@" not in e.name or e.cat not in CATEGORIES:
-            continue
-        kind = e.name.rsplit(":", 1)[-1][:1]
-        out[kind][CATEGORIES[e.cat]].append(e.dur_s)
+    for e in _blocks(trace):
+        out[e.name.rsplit(":", 1)[-1][:1]][CATEGORIES[e.cat]].append(e.dur_s)
     return out
 
 
@@ -53,7 +53,7 @@ def between_spans(trace: Trace) -> dict[str, list[float]]:
     """Per stage pass (forward; backward with its recompute): the stage's span less its
     blocks', per layer it ran: the host work between blocks."""
     out: dict[str, list[float]] = defaultdict(list)
-    blocks = [e for e in trace.events if e.stream == "compute" and "@" in e.name and e.cat in CATEGORIES]
+    blocks = _blocks(trace)
     for s in trace.events:
         if s.stream != "compute" or "@" in s.name or s.cat not in ("forward", "backward"):
             continue
@@ -77,10 +77,10 @@ def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
     """Runs the probe (`device` cuda or cpu, `ranks` processes) and returns the medians."""
     with tempfile.TemporaryDirectory(prefix="aptmoe-dispatch-") as tmp:
         out = Path(tmp) / "run"
-        res = subprocess.run(probe_command(device, ranks, out), capture_output=True, text=True)
-        if res.returncode != 0:
-            tail = (res.stderr.strip().splitlines() or ["no message"])[-1]
-            raise RuntimeError(f"the dispatch probe (aptmoe-run GPipe on a tiny model) failed: {tail}")
+        try:
+            launch_executor(probe_args(device, ranks), out)
+        except ExecutorFailed as e:
+            raise ExecutorFailed(f"the dispatch probe (aptmoe-run GPipe on a tiny model) failed: {e}") from None
         results = json.loads((out / "results.json").read_text())
         if results["schedules"]["GPipe"].get("oom"):
             raise RuntimeError("the dispatch probe was refused: " + results["schedules"]["GPipe"]["oom_detail"])

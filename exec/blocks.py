@@ -97,6 +97,15 @@ class FlatParams:
             for leaf, g in zip(self.leaves, views(self.grad, self.shapes)):
                 leaf.grad = g
 
+    def start_grad(self) -> bool:
+        """For code that writes its own gradients (`expert_backward`): give the block an
+        uninitialised gradient buffer if it has none. True if it was just made, so the
+        caller writes the gradient rather than adding to it (no zero-fill)."""
+        if self.grad is not None:
+            return False
+        self.set_grad(torch.empty_like(self.flat))
+        return True
+
     def flat_views(self) -> tuple[torch.Tensor, ...]:
         """The parameters as plain views of the flat buffer (outside autograd: code that
         computes its own gradients, such as the CPU experts, reads these)."""

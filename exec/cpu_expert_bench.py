@@ -43,10 +43,9 @@ def before(fp: FlatParams, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> No
 def after(fp: FlatParams, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
     fp.set_grad(None)
     saved = [(x, expert_forward(x, *fp.flat_views(), keep=True)[1]) for x in xs]
-    for i, ((x, h), g) in enumerate(zip(saved, gs)):
-        if i == 0:
-            fp.set_grad(torch.empty_like(fp.flat))
-        expert_backward(x, h, g, *fp.flat_views(), *fp.grad_views(), first=i == 0)
+    for (x, h), g in zip(saved, gs):
+        first = fp.start_grad()
+        expert_backward(x, h, g, *fp.flat_views(), *fp.grad_views(), first=first)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,9 +169,7 @@ class LayerRun:
         """Expert e's backward by hand (`expert_backward`) into its block's flat gradient:
         written by the step's first backward of the block, added to after."""
         inp, hidden = self.gpu_saved.pop(e)
-        first = params.grad is None
-        if first:
-            params.set_grad(torch.empty_like(params.flat))
+        first = params.start_grad()
         dx = expert_backward(inp, hidden, dout, *params.flat_views(), *params.grad_views(), first=first)
         self.dh.index_add_(0, self.token_index(e), dx)
 

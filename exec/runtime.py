@@ -658,9 +658,7 @@ class RankRuntime:
             def work(e: int, ge: torch.Tensor):
                 part, fp = run.cpu[e], self.master[Block.expert_of(layer, e)]
                 with self.lock:                  # the first gradient of the step is written, not added
-                    first = fp.grad is None
-                    if first:
-                        fp.set_grad(torch.empty_like(fp.flat))
+                    first = fp.start_grad()
                 return expert_backward(part.inp, part.hidden, ge, *fp.flat_views(), *fp.grad_views(),
                                            first=first), None
 

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:        # ConfigError, ProfileError, PlanError, TraceError, ...
         return fail(first_line(e))
     except RuntimeError as e:                 # validate/matrix: the executor failed (its last line)
-        from aptmoe.sim.validate import ExecutorFailed
+        from aptmoe.run_process import ExecutorFailed
 
         if not isinstance(e, ExecutorFailed):
             raise

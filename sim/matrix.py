@@ -43,7 +43,8 @@ from aptmoe.flags import make_parser
 from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
-from aptmoe.sim.validate import ExecutorFailed, compare_run, run_executor
+from aptmoe.run_process import ExecutorFailed
+from aptmoe.sim.validate import compare_run, run_executor
 from aptmoe.trace import write_json_atomic
 
 SCHEDULES = ("GPipe", "GPipeOffload", "Mobius", "APTMoE")
@@ -206,15 +207,14 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             continue
         started = time.monotonic()
         cmd = cell.argv(common)
+        command = [PROG, "validate", "--calibration", ns.calibration, *cmd]
         try:
             with StagedDir(folder) as tmp:
                 run_executor(cmd, tmp / "real")
-                compare_run(tmp / "real", profile, tmp, [PROG, "validate", "--calibration", ns.calibration, *cmd],
-                            plot=not ns.no_plot)
+                compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot)
                 write_json_atomic(tmp / "cell.json", {
                     "cell": asdict(cell), "name": cell.name, "index": i, "held_back": held_back(i, ns.held_back_every),
-                    "command": [PROG, "validate", "--calibration", ns.calibration, *cmd],
-                    "wall_s": time.monotonic() - started})
+                    "command": command, "wall_s": time.monotonic() - started})
         except ExecutorFailed as e:          # no folder is left: a later call runs the cell again
             failed.append(cell.name)
             print(f"{PROG}: {cell.name}: {e}", file=sys.stderr)

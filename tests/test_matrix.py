@@ -12,13 +12,13 @@ import shutil
 import time
 
 import pytest
+from aptmoe.run_process import ExecutorFailed
 from aptmoe.sim import matrix
 from aptmoe.sim.cli import UsageError
 from aptmoe.sim.cli import main as sim_main
 from aptmoe.sim.matrix import (
     TIE,
     Cell,
-    ExecutorFailed,
     collect,
     held_back,
     parse_links,
