@@ -862,15 +862,16 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         # the thread counts that fit `ranks` times, and the even split the executor binds to
         split = len(machine.cpus) // ranks
         for t in sorted({t for t in machine.threads if ranks * t <= len(machine.cpus)} | ({split} if split else set())):
-            add(f"adam cpu {ranks}x{t}t", lambda t=t: measure_adam_cpu_shared(t, ranks, machine, sizes, m))
+            # bound now: a name read when the task runs would see a later assignment
+            add(f"adam cpu {ranks}x{t}t", lambda t=t, r=ranks: measure_adam_cpu_shared(t, r, machine, sizes, m))
         if opts.blocks_on == "cpu":
             add("adam gpu (cpu)", lambda: measure_adam_gpu(None, sizes, m, block_cpus(opts, machine)))
         elif gpus:
             add("adam gpu", lambda: measure_adam_gpu(gpus[0], sizes, m))
     if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
         # On CPU ranks: two of them, as the executor runs by default without a GPU.
-        device, ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
-        add(f"dispatch {device}", lambda: setattr(m, "dispatch", measure_dispatch(device, ranks)))
+        device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
+        add(f"dispatch {device}", lambda: setattr(m, "dispatch", measure_dispatch(device, probe_ranks)))
     return tasks
 
 

@@ -208,6 +208,26 @@ def test_profile_from_synthetic_gpu_figures() -> None:
     json.loads(p.to_json())
 
 
+@pytest.mark.parametrize("gpus", [(), (0,), (0, 1, 2, 3)])
+def test_planned_tasks_measure_shared_adam_with_the_host_ranks(gpus, monkeypatch) -> None:
+    """Every task runs with the arguments it was planned with. On one GPU the dispatch probe's
+    single rank once leaked into the shared-Adam tasks (a closure read `ranks` after it was
+    reassigned), and the profile they made was refused: 'cpu_shared.ranks ... got 1'."""
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(profiler, "measure_adam_cpu_shared", lambda t, r, *a: calls.append((t, r)))
+    opts = profiler.Options(models=("S",), dtypes=("fp32",), threads=(2,), quick=True,
+                            skip=frozenset({"links", "gpu", "cpu"}))
+    hw = Hardware("NVIDIA H200", len(gpus), 141 * 10**9, "test CPU", 1, 16, 10**11, torch.__version__)
+    machine = profiler.Machine(gpus=gpus, cpus=tuple(range(16)), threads=(2,), hardware=hw)
+    tasks = profiler.plan_tasks(opts, profiler.sizes_for(opts), machine, profiler.Measured())
+    for task in tasks:
+        if task.label.startswith("adam cpu ") and "x" in task.label:
+            task.run()
+    ranks = max(2, len(gpus))
+    assert calls and all(r == ranks for _, r in calls)
+    assert sorted(t for t, _ in calls) == sorted({2, 16 // ranks})
+
+
 # --------------------------------------------------------------------------- GPU
 
 
