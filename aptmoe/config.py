@@ -158,6 +158,18 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 TOPOLOGIES = {"C1+G1": 1, "C1+G2": 2, "C1+G4": 4}
 
 
+def auto_host_cores(cores_per_rank: int, on_gpu: bool) -> int:
+    """The cores `--host-cores auto` keeps for a rank's host threads. A GPU rank's main
+    thread issues every kernel and its copy and offload threads drive the links; when the
+    CPU experts' and Adam's OpenMP threads take every core, those threads queue behind them
+    (and behind their spin-waits after each parallel region), and the GPU waits for its host.
+    One core for the issuing thread and one for the copy threads, where the rank has cores
+    to spare; none on CPU ranks, whose main thread computes with the same pool."""
+    if not on_gpu:
+        return 0
+    return 2 if cores_per_rank >= 8 else 1 if cores_per_rank >= 4 else 0
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """GPUs, the CPU sockets that serve them, memories and links.
@@ -177,6 +189,9 @@ class ClusterConfig:
     inter_node_link: str = field(default="ib", metadata={"help": "InfiniBand"})
     link_bandwidth_GBps: float | None = field(
         default=None, metadata={"help": "cap on each GPU's host link (GB/s); None = native"})
+    host_cores: int = field(default=0, metadata={
+        "help": "cores of each rank kept for its host threads (issuing kernels, copies) and out of "
+                "the CPU experts' and Adam's reach; 0 = all cores do CPU work, as in the paper"})
 
     def __post_init__(self) -> None:
         _check_positive(self, "nodes", "gpus_per_node", "cores_per_socket")
@@ -198,6 +213,11 @@ class ClusterConfig:
             raise ConfigError(f"intra_node_link {self.intra_node_link!r} is unknown; use pcie or nvlink")
         if self.link_bandwidth_GBps is not None and not self.link_bandwidth_GBps > 0:
             raise ConfigError(f"--link-bandwidth must be positive GB/s, got {self.link_bandwidth_GBps}")
+        if not isinstance(self.host_cores, int) or isinstance(self.host_cores, bool) \
+                or not 0 <= self.host_cores < self.cores_per_rank:
+            raise ConfigError(f"--host-cores {self.host_cores!r} must be a whole number from 0 to "
+                              f"{self.cores_per_rank - 1}: each rank has {self.cores_per_rank} cores and its CPU "
+                              f"work needs at least one")
 
     @property
     def gpus_per_socket(self) -> int:
@@ -210,6 +230,11 @@ class ClusterConfig:
     @property
     def cores_per_rank(self) -> int:
         return self.cores_per_socket // self.gpus_per_socket
+
+    @property
+    def worker_cores(self) -> int:
+        """The cores (and torch threads) that run a rank's CPU experts and Adam."""
+        return self.cores_per_rank - self.host_cores
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node

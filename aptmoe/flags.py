@@ -99,6 +99,19 @@ def add_seed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topo", default=None, help="C1+G1, C1+G2 or C1+G4 (C1+G2)")
 
 
+def _host_cores(text: str) -> int | str:
+    """`--host-cores`: a whole number >= 0, or auto (resolved where the device is known)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of cores or auto") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} cores cannot be kept; use 0 or more, or auto")
+    return n
+
+
 def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
     g = p.add_argument_group("aptmoe flags")
     if gpus:
@@ -112,6 +125,10 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
                    help="cap on each GPU's host link in GB/s (default: native)")
     g.add_argument("--cores-per-socket", dest="cores_per_socket", type=int, default=None,
                    help="CPU cores of one socket (default: the profile's)")
+    g.add_argument("--host-cores", dest="host_cores", type=_host_cores, default=0,
+                   help="cores of each rank kept for its host threads, out of the CPU experts' and Adam's "
+                        "reach: a number, or auto (aptmoe-run: 2 on GPU ranks with 8 or more cores, 1 with 4-7, "
+                        "0 on CPU ranks; aptmoe-sim: 0) (0: every core does CPU work, as in the paper)")
     g.add_argument("--pageable", action="store_true", help="host parameters in pageable memory")
     g.add_argument("--persistence", type=float, default=0.73,
                    help="overlap of the least-used half of experts between iterations (0.73)")
@@ -187,7 +204,8 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
         nodes=getattr(ns, "nodes", 1) or 1, gpus_per_node=n_gpus, topo=ns.topo or ARTIFACT_DEFAULTS["topo"],
         cores_per_socket=ns.cores_per_socket or cores_per_socket,
         gpu_memory_bytes=int(ns.gpu_memory * 1e9) if ns.gpu_memory else gpu_memory_bytes,
-        intra_node_link=intra_node_link, link_bandwidth_GBps=ns.link_bandwidth)
+        intra_node_link=intra_node_link, link_bandwidth_GBps=ns.link_bandwidth,
+        host_cores=getattr(ns, "host_cores", 0) if isinstance(getattr(ns, "host_cores", 0), int) else 0)
     train = TrainConfig(batch_size=_pick(ns, "batch_size", preset), num_chunks=_pick(ns, "num_chunks", preset),
                         num_warmup_steps=_pick(ns, "num_warmup_steps", {}),
                         num_training_steps=_pick(ns, "num_training_steps", {}), seed=_pick(ns, "seed", {}))

@@ -24,7 +24,7 @@ import socket
 import sys
 from pathlib import Path
 
-from aptmoe.config import ConfigError, RunConfig
+from aptmoe.config import ConfigError, RunConfig, auto_host_cores
 from aptmoe.flags import (
     add_cluster_flags,
     add_seed_flags,
@@ -128,8 +128,10 @@ def prepare(ns, pipeline: str, use_cuda: bool) -> tuple[RunConfig, object, Plan]
     from aptmoe.exec.launch import cores_per_rank
 
     per = cores_per_rank(cfg.cluster.cores_per_rank, gpus)
-    if per != cfg.cluster.cores_per_rank:
-        cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, cores_per_socket=per * cfg.cluster.gpus_per_socket))
+    host = auto_host_cores(per, use_cuda) if ns.host_cores == "auto" else ns.host_cores
+    if (per, host) != (cfg.cluster.cores_per_rank, cfg.cluster.host_cores):
+        cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, cores_per_socket=per * cfg.cluster.gpus_per_socket,
+                                                      host_cores=host))
     cost = cost_for(cfg, profile)
     return cfg, cost, build_plan(cfg, cost)
 

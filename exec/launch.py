@@ -96,7 +96,7 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         dev.cap_memory(gpu_memory_cap)
     source = make_source(data, cfg.model.seq_length, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
     peers = PeerChannels(plan, setup.rank, opts.timeout_s) if setup.world > 1 else None
-    rt = RankRuntime(cfg, plan, setup.rank, dev, cost, peers, source, opts)
+    rt = RankRuntime(cfg, plan, setup.rank, dev, cost, peers, source, opts, cores=setup.cores)
     pop = popularity_from_config(cfg)
     warm, steps = cfg.train.num_warmup_steps, cfg.train.num_training_steps
     reports: list[StepReport] = []

@@ -25,10 +25,12 @@ the device and updates there.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from aptmoe.exec import cpu_worker
 from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
 from aptmoe.exec.comm import PeerChannels
+from aptmoe.exec.cores import bind_this_thread, split_host_cores
 from aptmoe.exec.cpu_worker import CpuWorker
 from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.layer import CpuPart, LayerRun, Routing
@@ -103,6 +106,13 @@ class StepReport:
     host_blocks: int = 0
 
 
+def _start_worker(device: Device, cores: list[int]) -> None:
+    """The CPU worker's first act with --host-cores: its device, its cores, its thread count."""
+    device.enter_thread()
+    bind_this_thread(cores)
+    torch.set_num_threads(len(cores))
+
+
 def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     """Adam with torch's fused kernel where this torch has it for the device, else the plain loop."""
     try:
@@ -113,7 +123,8 @@ def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
 
 class RankRuntime:
     def __init__(self, cfg: RunConfig, plan: Plan, rank: int, device: Device, cost: CostSource | None,
-                 peers: PeerChannels | None, source, opts: ExecOptions | None = None) -> None:
+                 peers: PeerChannels | None, source, opts: ExecOptions | None = None,
+                 cores: Sequence[int] = ()) -> None:
         if not plan.resident and not plan.fwd_only and plan.recompute != "all":
             raise ValueError(f"the executor recomputes the stages of offload schedules in their backward; "
                              f"--recompute {plan.recompute} is for the simulator only (use auto or all)")
@@ -160,7 +171,7 @@ class RankRuntime:
             p.requires_grad_(True)
         self.ends_opt = make_adam(list(self.ends.values()), cfg.train.lr) if self.ends else None
         # -- machinery
-        self.policy = make_policy(plan, rank, m, cost, threads=cfg.cluster.cores_per_rank)
+        self.policy = make_policy(plan, rank, m, cost, threads=cfg.cluster.worker_cores)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         if self.policy is not None:
@@ -171,10 +182,26 @@ class RankRuntime:
         self.offload_stream = device.new_stream()
         self.net_stream = device.new_stream()
         self.act_stream = device.new_stream()       # CPU experts' activations, both directions
-        self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=device.enter_thread)
+        # --host-cores: the CPU worker (and the OpenMP threads it starts) on the rank's last
+        # cores, this thread and every thread it starts from now on (a step's load, copy and
+        # offload threads) on its first ones (aptmoe.exec.cores).
+        host, workers = split_host_cores(cores, cfg.cluster.host_cores) if cores and cfg.cluster.host_cores \
+            else ([], list(cores))
+        self.host_cores = host
+        self._restore_affinity = list(cores) if host else []
+        # (The worker's start function must not hold `self`: through the worker's thread the
+        # runtime then outlived its run until interpreter exit, where a torchrun rank aborted
+        # with "terminate called without an active exception" in one run of two.)
+        self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=functools.partial(_start_worker, device, workers)
+                             if host else device.enter_thread)
+        if self.host_cores:
+            bind_this_thread(self.host_cores)
 
     def close(self) -> None:
         self.cpu.close()
+        if self._restore_affinity:          # the next schedule in this process starts from the rank's cores
+            bind_this_thread(self._restore_affinity)
+            torch.set_num_threads(len(self._restore_affinity))
 
     # =================================================================== a step
     def run_step(self, i: int, counts: IterationCounts) -> StepReport:

@@ -93,7 +93,7 @@ class StepModel:
         self.d2h_roots = {s: SharedRoot(self.env, lambda n: cost.root_GBps(n, "d2h"), f"socket{s}.d2h")
                           for s in sockets}
         policy_cost = SharedLinkView(cost, c.gpus_per_socket)
-        self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.cores_per_rank),
+        self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.worker_cores),
                                 history) for r in range(plan.num_ranks)]
 
     def run(self) -> StepStats:
@@ -134,7 +134,7 @@ class RankModel:
         self.h2d_root = step.h2d_roots[c.socket_of(rank)]
         self.d2h_root = step.d2h_roots[c.socket_of(rank)]
         self.h2d_link, self.d2h_link = self.cost.h2d(), self.cost.d2h()
-        self.threads = c.cores_per_rank
+        self.threads = c.worker_cores          # the CPU experts' and Adam's cores
         # The rank's cores run one job at a time; expert work goes before optimizer chunks.
         self.cpu = simpy.PriorityResource(self.env, 1)
         self.egress = simpy.Resource(self.env, 1)       # its network port, one send at a time

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from aptmoe.config import (PAPER_MODELS, ClusterConfig, ConfigError, ModelConfig, Pipeline, PopularityConfig,
+from aptmoe.config import (PAPER_MODELS, ClusterConfig, auto_host_cores, ConfigError, ModelConfig, Pipeline, PopularityConfig,
                            RunConfig, ScheduleConfig, TrainConfig, model_preset, moe_model, round_params_B)
 
 # Paper Table I, parameters in billions as printed.
@@ -222,3 +222,21 @@ def test_run_config_dict_round_trip(run: RunConfig) -> None:
     assert d["schedule"]["pipeline"] == run.schedule.pipeline.value
     assert RunConfig.from_dict(d) == run
     assert RunConfig.from_dict(json.loads(json.dumps(d))) == run          # plain JSON types only
+
+
+@pytest.mark.parametrize("host_cores", [-1, 14, 15, 1.5, True])
+def test_host_cores_must_leave_the_cpu_work_a_core(host_cores) -> None:
+    with pytest.raises(ConfigError, match="--host-cores"):
+        ClusterConfig(topo="C1+G2", cores_per_socket=28, host_cores=host_cores)
+
+
+def test_worker_cores_are_the_rank_cores_less_the_host_cores() -> None:
+    c = ClusterConfig(topo="C1+G2", cores_per_socket=28, host_cores=2)
+    assert (c.cores_per_rank, c.worker_cores) == (14, 12)
+    assert ClusterConfig(topo="C1+G2", cores_per_socket=28).worker_cores == 14
+
+
+@pytest.mark.parametrize("cores, on_gpu, kept", [(16, True, 2), (8, True, 2), (7, True, 1), (4, True, 1),
+                                                 (3, True, 0), (1, True, 0), (16, False, 0)])
+def test_auto_host_cores(cores, on_gpu, kept) -> None:
+    assert auto_host_cores(cores, on_gpu) == kept

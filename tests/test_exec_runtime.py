@@ -223,3 +223,40 @@ def test_run_module_imports_no_torch_until_it_runs() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ}, timeout=60)
     assert res.stdout.strip() == "False", res.stderr
+
+
+def test_split_host_cores_and_thread_binding() -> None:
+    from aptmoe.exec.cores import bind_this_thread, split_host_cores
+
+    assert split_host_cores([4, 5, 6, 7], 1) == ([4], [5, 6, 7])
+    assert split_host_cores([4, 5], 0) == ([], [4, 5])
+    with pytest.raises(ValueError, match="--host-cores 2"):
+        split_host_cores([4, 5], 2)
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no per-thread affinity on this OS")
+    mine = sorted(os.sched_getaffinity(0))
+    seen = {}
+
+    def bound() -> None:
+        seen["ok"] = bind_this_thread(mine[-1:])
+        seen["cores"] = sorted(os.sched_getaffinity(0))
+
+    t = threading.Thread(target=bound)
+    t.start()
+    t.join()
+    assert seen == {"ok": True, "cores": mine[-1:]}
+    assert sorted(os.sched_getaffinity(0)) == mine          # the caller's binding is its own
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+                    reason="needs two cores to keep one for the host threads")
+def test_host_cores_keep_the_reference_equality(tmp_path) -> None:
+    """One rank of two cores with --host-cores 1: the CPU worker (experts, Adam) on one core,
+    the issuing and copy threads on the other; the numbers do not change."""
+    checked = run_and_compare(tmp_path, ["--device", "cpu", "--gpus", "1", "--pipeline", "APTMoE",
+                                         "--link-bandwidth", "0.02", "--host-cores", "1"], cuda=False)
+    res = checked["APTMoE"]
+    a = res["agreement"]
+    assert a.within(1e-5), f"loss {a.loss:.2e}, params {a.params:.2e} ({a.worst_param})"
+    assert res["result"]["config"]["cluster"]["host_cores"] == 1
+    assert res["result"]["metrics"]["cpu/expert_share"] > 0

@@ -114,7 +114,7 @@ def test_str2bool(text: str, value: bool) -> None:
 
 @pytest.mark.parametrize("line", [
     "--is_moe=maybe", "--num_stages abc", "--gini high", "--fwd_only=perhaps", "--no_such_flag 1",
-    "--batch_size 1.5",
+    "--batch_size 1.5", "--host-cores some", "--host-cores -1",
 ])
 def test_bad_flag_values_exit_2_with_one_line(line: str, capsys) -> None:
     with pytest.raises(SystemExit) as ex:
@@ -141,3 +141,9 @@ def test_bad_values_raise_config_error(line: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(line)
     assert needle in str(err.value)
+
+
+def test_host_cores_flag_takes_a_number_or_auto() -> None:
+    assert parse("--host-cores 2").cluster.host_cores == 2
+    assert parse("--host-cores auto").cluster.host_cores == 0      # auto: resolved by aptmoe-run alone
+    assert parse("").cluster.host_cores == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import simpy
 
@@ -243,3 +245,31 @@ def test_a_second_flow_of_the_same_gpu_does_not_speed_it_up():
     env.process(flow(1))
     env.run()
     assert done[0] == pytest.approx(0.2) and done[1] == pytest.approx(0.2)    # 2 GB over one 10 GB/s link
+
+
+class ThreadsSeen(ConstCost):
+    """ConstCost that remembers the thread counts the engine asks CPU costs for."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.threads: set[int] = set()
+
+    def cpu_expert_s(self, tokens, direction, threads):
+        self.threads.add(threads)
+        return self.cpu_s
+
+    def adam_cpu_s(self, num_params, threads):
+        self.threads.add(threads)
+        return 0.0
+
+
+@pytest.mark.parametrize("host_cores", [0, 3])
+def test_cpu_work_runs_on_the_cores_left_after_the_host_threads(host_cores):
+    """--host-cores keeps cores for a rank's host threads: the CPU experts and Adam run with
+    the rest (C1+G1 with 28 cores per socket: 28 - host_cores threads)."""
+    cfg = _cfg(pipeline=Pipeline.APTMOE, gpus=2, layers=8, stages=4, topo="C1+G1", experts=8, gini=0.6)
+    cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, host_cores=host_cores))
+    cost = ThreadsSeen(h2d_GBps=1e-3, cpu_s=1e-4)
+    r = simulate(cfg, cost)
+    assert r.metrics["cpu/expert_share"] > 0
+    assert cost.threads == {28 - host_cores}
