@@ -72,6 +72,10 @@ class Device:
         if self.cuda and marker is not None and marker.event is not None:
             marker.event.synchronize()
 
+    def passed(self, marker: Marker | None) -> bool:
+        """Whether the marker has passed, without waiting (on the CPU, always)."""
+        return not (self.cuda and marker is not None and marker.event is not None) or marker.event.query()
+
     def keep_for(self, tensor: torch.Tensor, stream) -> None:
         """Tell the caching allocator that `stream` uses a tensor made on another stream, so
         its memory is not handed out again before that stream's work is done."""

@@ -106,6 +106,9 @@ class StepReport:
     host_blocks: int = 0
 
 
+OFFLOAD_AHEAD = 2          # gradient copies launched beyond the one the offload thread waits for
+
+
 def _start_worker(device: Device, cores: list[int]) -> None:
     """The CPU worker's first act with --host-cores: its device, its cores, its thread count."""
     device.enter_thread()
@@ -705,9 +708,28 @@ class RankRuntime:
 
     def _offload(self, a: Action) -> None:
         """Gradients of the stage's device blocks to host memory behind its last backward,
-        block by block in layer order; each block's arrival releases its update."""
+        block by block in layer order; each block's arrival releases its update.
+
+        Up to OFFLOAD_AHEAD copies are launched beyond the one waited for, so the link goes
+        from one block to the next while this thread hands the last one over: with one copy
+        at a time, every block paid its launch, the wake-up after it and the hand-over with
+        the link idle (MoE-S on the H200: a stage's offload took twice its bytes over the
+        link's rate). A block is handed over as soon as its copy has passed."""
         s = a.stage
         nbytes = 0
+        pending: deque[tuple[Block, torch.Tensor | None, Marker | None]] = deque()
+
+        def hand_over() -> None:
+            b, host, copied = pending.popleft()
+            if host is not None:
+                self.dev.block_on(copied)
+                master = self.master[b]
+                if master.grad is None:
+                    master.set_grad(host)
+                else:                       # never both, as placement is per stage; kept exact anyway
+                    master.grad.add_(host)
+            self._grad_home(s, b).set()
+
         with self.dev.on(self.offload_stream):
             self.dev.wait(self.done_marker.get(s), self.offload_stream)
             start = self.dev.record(self.offload_stream)
@@ -719,14 +741,15 @@ class RankRuntime:
                     self.dev.keep_for(g, self.offload_stream)
                     host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
                     self.d2h.copy(host, g)
-                    self.dev.block_on(self.dev.record(self.offload_stream))
-                    master = self.master[b]
-                    if master.grad is None:
-                        master.set_grad(host)
-                    else:                       # never both, as placement is per stage; kept exact anyway
-                        master.grad.add_(host)
+                    pending.append((b, host, self.dev.record(self.offload_stream)))
                     nbytes += g.numel() * g.element_size()
-                self._grad_home(s, b).set()
+                else:
+                    pending.append((b, None, None))
+                # hand over what has arrived (its update can start), and wait once too many are out
+                while pending and (len(pending) > OFFLOAD_AHEAD or self.dev.passed(pending[0][2])):
+                    hand_over()
+            while pending:
+                hand_over()
             end = self.dev.record(self.offload_stream)
         self._mark(str(a), "offload", start, end, "offload", bytes=nbytes)
 
