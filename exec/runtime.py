@@ -110,10 +110,15 @@ OFFLOAD_AHEAD = 2          # gradient copies launched beyond the one the offload
 
 
 def _start_worker(device: Device, cores: list[int]) -> None:
-    """The CPU worker's first act with --host-cores: its device, its cores, its thread count."""
+    """The CPU worker's first act with --host-cores: its device, its cores, its thread count.
+
+    torch's thread count is one process-wide number that each thread copies into its own
+    OpenMP setting the first time it asks for it: asking here fixes the worker's at
+    len(cores) before the main thread lowers the shared number to its host cores."""
     device.enter_thread()
     bind_this_thread(cores)
     torch.set_num_threads(len(cores))
+    torch.get_num_threads()
 
 
 def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -198,7 +203,11 @@ class RankRuntime:
         self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=functools.partial(_start_worker, device, workers)
                              if host else device.enter_thread)
         if self.host_cores:
+            # once the worker has its threads: this thread, and the threads it starts, get
+            # the host cores and as many OpenMP threads (not the rank's, on two cores)
+            self.cpu.submit(cpu_worker.EXPERT, lambda: None).result(timeout=60)
             bind_this_thread(self.host_cores)
+            torch.set_num_threads(len(self.host_cores))
 
     def close(self) -> None:
         self.cpu.close()

@@ -260,3 +260,27 @@ def test_host_cores_keep_the_reference_equality(tmp_path) -> None:
     assert a.within(1e-5), f"loss {a.loss:.2e}, params {a.params:.2e} ({a.worst_param})"
     assert res["result"]["config"]["cluster"]["host_cores"] == 1
     assert res["result"]["metrics"]["cpu/expert_share"] > 0
+
+
+def test_the_worker_keeps_its_thread_count_when_the_host_threads_take_fewer() -> None:
+    """--host-cores: the CPU worker fixes its torch thread count when it starts; the main
+    thread then lowers the process-wide count for itself and the threads it starts."""
+    from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
+    from aptmoe.exec.device import Device
+    from aptmoe.exec.runtime import _start_worker
+
+    before = torch.get_num_threads()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    w = CpuWorker("test-cpu", on_start=lambda: _start_worker(Device("cpu"), cores * 3))    # 3x: a count to see
+    try:
+        w.submit(EXPERT, lambda: None).result(timeout=30)
+        torch.set_num_threads(1)
+        fresh = {}
+        t = threading.Thread(target=lambda: fresh.setdefault("n", torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert w.submit(EXPERT, torch.get_num_threads).result(timeout=30) == 3 * len(cores)
+        assert torch.get_num_threads() == 1 and fresh["n"] == 1
+    finally:
+        w.close()
+        torch.set_num_threads(before)
