@@ -284,3 +284,15 @@ def test_the_worker_keeps_its_thread_count_when_the_host_threads_take_fewer() ->
     finally:
         w.close()
         torch.set_num_threads(before)
+
+
+def test_thread_bench_puts_the_arrangements_side_by_side(capsys) -> None:
+    from aptmoe.exec import thread_bench
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    host = "1" if cores >= 2 else "0"
+    assert thread_bench.main(["--calls", "8", "--pool-mib", "96", "--host-cores", host]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().split()[:1] in (["main"], ["worker"], ["host"])]
+    assert [r[0] for r in rows] == ["main", "worker", "host"][:3 if host == "1" else 2]
+    assert all(float(x) > 0 for r in rows for x in r[2:])
