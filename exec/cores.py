@@ -11,7 +11,9 @@ threads and gives the worker the rest, with as many torch threads.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 
 def split_host_cores(cores: Sequence[int], host_cores: int) -> tuple[list[int], list[int]]:
@@ -32,3 +34,16 @@ def bind_this_thread(cores: Sequence[int]) -> bool:
     except OSError:
         return False
     return True
+
+
+def start_worker_thread(cores: Sequence[int], enter: Callable[[], None] | None = None) -> None:
+    """The CPU worker's first act when the host threads keep cores of their own: bound to
+    `cores`, with as many torch threads. torch's thread count is one process-wide number that
+    each thread copies into its own OpenMP setting the first time it asks for it: asking
+    here fixes the worker's before the main thread lowers the shared number for itself.
+    `enter`: the device's per-thread set-up, run first."""
+    if enter is not None:
+        enter()
+    bind_this_thread(cores)
+    torch.set_num_threads(len(cores))
+    torch.get_num_threads()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from aptmoe.exec import cpu_worker
 from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
 from aptmoe.exec.comm import PeerChannels
-from aptmoe.exec.cores import bind_this_thread, split_host_cores
+from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
 from aptmoe.exec.cpu_worker import CpuWorker
 from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.layer import CpuPart, LayerRun, Routing
@@ -107,18 +107,6 @@ class StepReport:
 
 
 OFFLOAD_AHEAD = 2          # gradient copies launched beyond the one the offload thread waits for
-
-
-def _start_worker(device: Device, cores: list[int]) -> None:
-    """The CPU worker's first act with --host-cores: its device, its cores, its thread count.
-
-    torch's thread count is one process-wide number that each thread copies into its own
-    OpenMP setting the first time it asks for it: asking here fixes the worker's at
-    len(cores) before the main thread lowers the shared number to its host cores."""
-    device.enter_thread()
-    bind_this_thread(cores)
-    torch.set_num_threads(len(cores))
-    torch.get_num_threads()
 
 
 def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -200,8 +188,8 @@ class RankRuntime:
         # (The worker's start function must not hold `self`: through the worker's thread the
         # runtime then outlived its run until interpreter exit, where a torchrun rank aborted
         # with "terminate called without an active exception" in one run of two.)
-        self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=functools.partial(_start_worker, device, workers)
-                             if host else device.enter_thread)
+        start = functools.partial(start_worker_thread, workers, device.enter_thread) if host else device.enter_thread
+        self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=start)
         if self.host_cores:
             # once the worker has its threads: this thread, and the threads it starts, get
             # the host cores and as many OpenMP threads (not the rank's, on two cores)

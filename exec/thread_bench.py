@@ -36,12 +36,11 @@ def _measure(ns) -> dict[str, float]:
 
     from aptmoe.config import moe_model
     from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
-    from aptmoe.exec.cores import bind_this_thread, split_host_cores
+    from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
     from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
-    from aptmoe.exec.device import Device
     from aptmoe.exec.launch import allowed_cores
     from aptmoe.exec.model import expert_forward
-    from aptmoe.exec.runtime import _start_worker, make_adam
+    from aptmoe.exec.runtime import make_adam
     from aptmoe.memory import ADAM_CHUNK_PARAMS
     from aptmoe.plan.actions import Block, BlockKind
 
@@ -82,7 +81,7 @@ def _measure(ns) -> dict[str, float]:
     if ns.arrangement == "main":
         return series()
     host, workers = split_host_cores(cores, ns.host_cores if ns.arrangement == "host" else 0)
-    w = CpuWorker("bench-cpu", on_start=(lambda: _start_worker(Device("cpu"), workers)) if host else None)
+    w = CpuWorker("bench-cpu", on_start=(lambda: start_worker_thread(workers)) if host else None)
     try:
         w.submit(EXPERT, lambda: None).result()
         if host:

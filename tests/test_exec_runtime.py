@@ -265,13 +265,12 @@ def test_host_cores_keep_the_reference_equality(tmp_path) -> None:
 def test_the_worker_keeps_its_thread_count_when_the_host_threads_take_fewer() -> None:
     """--host-cores: the CPU worker fixes its torch thread count when it starts; the main
     thread then lowers the process-wide count for itself and the threads it starts."""
+    from aptmoe.exec.cores import start_worker_thread
     from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
-    from aptmoe.exec.device import Device
-    from aptmoe.exec.runtime import _start_worker
 
     before = torch.get_num_threads()
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-    w = CpuWorker("test-cpu", on_start=lambda: _start_worker(Device("cpu"), cores * 3))    # 3x: a count to see
+    w = CpuWorker("test-cpu", on_start=lambda: start_worker_thread(cores * 3))    # 3x: a count to see
     try:
         w.submit(EXPERT, lambda: None).result(timeout=30)
         torch.set_num_threads(1)
