@@ -21,9 +21,11 @@ from aptmoe.config import (
     ModelConfig,
     Pipeline,
     PopularityConfig,
+    TOPOLOGIES,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
+    auto_host_cores,
     model_preset,
     moe_model,
 )
@@ -127,8 +129,8 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
                    help="CPU cores of one socket (default: the profile's)")
     g.add_argument("--host-cores", dest="host_cores", type=_host_cores, default=0,
                    help="cores of each rank kept for its host threads, out of the CPU experts' and Adam's "
-                        "reach: a number, or auto (aptmoe-run: 2 on GPU ranks with 8 or more cores, 1 with 4-7, "
-                        "0 on CPU ranks; aptmoe-sim: 0) (0: every core does CPU work, as in the paper)")
+                        "reach: a number, or auto (2 on GPU ranks with 8 or more cores, 1 with 4-7, 0 on the "
+                        "executor's CPU ranks) (0: every core does CPU work, as in the paper)")
     g.add_argument("--pageable", action="store_true", help="host parameters in pageable memory")
     g.add_argument("--persistence", type=float, default=0.73,
                    help="overlap of the least-used half of experts between iterations (0.73)")
@@ -200,12 +202,15 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
         stages = None                       # GPipe: one stage per GPU, whatever the preset or `all` says
     elif stages is not None and ns.num_stages is None and model.num_layers % stages:
         stages = None                       # a preset's stage count that no longer fits: search instead
+    topo = ns.topo or ARTIFACT_DEFAULTS["topo"]
+    sockets = ns.cores_per_socket or cores_per_socket
+    host = getattr(ns, "host_cores", 0)
+    if host == "auto":                      # as aptmoe-run on GPU ranks (it resolves it again for its machine)
+        host = auto_host_cores(sockets // TOPOLOGIES.get(topo, 1), on_gpu=True)
     cluster = ClusterConfig(
-        nodes=getattr(ns, "nodes", 1) or 1, gpus_per_node=n_gpus, topo=ns.topo or ARTIFACT_DEFAULTS["topo"],
-        cores_per_socket=ns.cores_per_socket or cores_per_socket,
+        nodes=getattr(ns, "nodes", 1) or 1, gpus_per_node=n_gpus, topo=topo, cores_per_socket=sockets,
         gpu_memory_bytes=int(ns.gpu_memory * 1e9) if ns.gpu_memory else gpu_memory_bytes,
-        intra_node_link=intra_node_link, link_bandwidth_GBps=ns.link_bandwidth,
-        host_cores=getattr(ns, "host_cores", 0) if isinstance(getattr(ns, "host_cores", 0), int) else 0)
+        intra_node_link=intra_node_link, link_bandwidth_GBps=ns.link_bandwidth, host_cores=host)
     train = TrainConfig(batch_size=_pick(ns, "batch_size", preset), num_chunks=_pick(ns, "num_chunks", preset),
                         num_warmup_steps=_pick(ns, "num_warmup_steps", {}),
                         num_training_steps=_pick(ns, "num_training_steps", {}), seed=_pick(ns, "seed", {}))

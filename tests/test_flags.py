@@ -145,5 +145,6 @@ def test_bad_values_raise_config_error(line: str, needle: str) -> None:
 
 def test_host_cores_flag_takes_a_number_or_auto() -> None:
     assert parse("--host-cores 2").cluster.host_cores == 2
-    assert parse("--host-cores auto").cluster.host_cores == 0      # auto: resolved by aptmoe-run alone
+    assert parse("--host-cores auto --topo C1+G2").cluster.host_cores == 2      # 28 cores / 2 GPUs: 14 a rank
+    assert parse("--host-cores auto --topo C1+G4 --cores-per-socket 12").cluster.host_cores == 0   # 3 a rank
     assert parse("").cluster.host_cores == 0
