@@ -41,7 +41,7 @@ from aptmoe.report import (
 )
 
 PROG = "aptmoe-sim"
-SUBCOMMANDS = ("plot", "sweep", "validate", "matrix")
+SUBCOMMANDS = ("plot", "sweep", "validate", "matrix", "compare")
 
 
 class UsageError(ValueError):
@@ -86,7 +86,8 @@ def make_sim_parser() -> argparse.ArgumentParser:
                 f"'{PROG} plot TRACE.json [--out PNG]' draws a trace; "
                 f"'{PROG} sweep --grid FIELD=V1,V2 ...' runs a grid (see '{PROG} sweep -h'); "
                 f"'{PROG} validate --calibration PROFILE ...' runs the executor and compares; "
-                f"'{PROG} matrix --calibration PROFILE --out DIR' does so over a matrix of configs.")
+                f"'{PROG} matrix --calibration PROFILE --out DIR' does so over a matrix of configs; "
+                f"'{PROG} compare BEFORE AFTER' puts two matrices side by side.")
     add_sim_flags(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/sim-<timestamp>)")
     return p
@@ -186,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             from aptmoe.sim.matrix import make_matrix_parser, run_matrix
 
             return run_matrix(make_matrix_parser().parse_args(argv[1:]), argv[1:])
+        if argv and argv[0] == "compare":
+            from aptmoe.sim.matrix_compare import make_compare_parser, run_compare
+
+            return run_compare(make_compare_parser(PROG).parse_args(argv[1:]))
         if argv and argv[0] == "sweep":
             from aptmoe.sim.sweep import make_sweep_parser, run_sweep
 

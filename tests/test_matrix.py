@@ -374,3 +374,40 @@ def test_categories_are_summarized_per_model_size() -> None:
     assert matrix.by_category(runs) == {"forward": {"L": 0.1, "S": pytest.approx(-0.4)}, "update": {"S": -0.2}}
     table = matrix.category_table(matrix.by_category(runs))
     assert table.splitlines()[0].split() == ["category", "S", "L"] and "-40%" in table
+
+
+def _matrix_csv(folder, runs):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["cell,set,pipeline,model,measured_s,predicted_s,error"]
+    lines += [f"{cell},fit,{p},{cell[0]},{m},{m * (1 + e)},{e}" for cell, p, m, e in runs]
+    (folder / "matrix.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_compare_puts_two_matrices_side_by_side(tmp_path, capsys) -> None:
+    from aptmoe.sim.cli import main as sim_main
+
+    _matrix_csv(tmp_path / "a", [("S8", "GPipe", 1.0, -0.2), ("S8", "APTMoE", 2.0, -0.4), ("M4", "GPipe", 4.0, 0.1),
+                                 ("L2", "Mobius", 1.0, 0.0)])
+    _matrix_csv(tmp_path / "b", [("S8", "GPipe", 0.5, -0.1), ("S8", "APTMoE", 3.0, -0.2), ("M4", "GPipe", 4.0, 0.3)])
+    out = tmp_path / "cmp.md"
+    assert sim_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.read_text() == text
+    assert "3 runs in both; all runs 1.000" in text                # median of 0.5, 1.5, 1.0
+    gpipe = next(line.split() for line in text.splitlines() if line.startswith("GPipe "))
+    assert gpipe == ["GPipe", "1.000", "0.500", "0.750"]            # MoE-M, MoE-S, all (L2 is in one only)
+    assert "a 20.0%, " in text.replace(str(tmp_path) + "/", "") and "only in" in text and "L2 Mobius" in text
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda t: None, "does not exist"),
+    (lambda t: _matrix_csv(t / "b", [("X1", "GPipe", 1.0, 0.0)]), "share no run"),
+])
+def test_compare_refuses_what_it_cannot_compare_in_one_line(tmp_path, capsys, make, says) -> None:
+    from aptmoe.sim.cli import main as sim_main
+
+    _matrix_csv(tmp_path / "a", [("S8", "GPipe", 1.0, -0.2)])
+    make(tmp_path)
+    assert sim_main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
