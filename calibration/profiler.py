@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import os
 import platform
 import statistics
@@ -51,8 +50,6 @@ from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
 from aptmoe.exec import model as exec_model
-from aptmoe.exec.cores import bind_this_thread, start_worker_thread
-from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
 from aptmoe.costs import LinkSpec
 from aptmoe.profile import Adam, CpuCurve, Dispatch, GpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped
 
@@ -265,39 +262,6 @@ def pinned_threads(cpus: Sequence[int]) -> Iterator[bool]:
     try:
         yield bound
     finally:
-        torch.set_num_threads(old_threads)
-        if bound:
-            _bind(old_mask)
-
-
-@contextlib.contextmanager
-def on_cpu_worker(cpus: Sequence[int], threads: int) -> Iterator[tuple[Callable, bool]]:
-    """CPU work as the executor runs it (`exec/cpu_worker.py`): on a worker thread with
-    `threads` torch threads, while the main thread, which made an OpenMP team of its own
-    first, waits for each job. With fewer threads than `cpus`, the worker has the last
-    `threads` of them and the main thread the others, as `aptmoe-run --host-cores` keeps
-    them; with all of them, both share them (--host-cores 0). Yields (run, bound): run(fn)
-    returns fn() run on the worker; bound says whether threads could be bound here.
-
-    The calibration timed CPU work on its main thread in a tight loop before: on the 2-core
-    machine the same Adam step() cost 3x on the worker thread (exec/thread_bench.py), and
-    in the one-H200 runs the executor's calls cost 6-12x the figure so measured."""
-    cpus = list(cpus)
-    threads = max(1, min(threads, len(cpus)))
-    host, workers = cpus[:len(cpus) - threads], cpus[len(cpus) - threads:]
-    old_threads, old_mask = torch.get_num_threads(), allowed_cpus()
-    bound = _bind(cpus)
-    torch.set_num_threads(len(cpus))
-    (torch.ones(1 << 20) * 2).sum()                 # the main thread's team, as at the executor's start
-    worker = CpuWorker("calibrate-cpu", on_start=functools.partial(start_worker_thread, workers))
-    try:
-        worker.submit(EXPERT, lambda: None).result()
-        if host:
-            bind_this_thread(host)
-            torch.set_num_threads(len(host))
-        yield (lambda fn: worker.submit(EXPERT, fn).result()), bound
-    finally:
-        worker.close()
         torch.set_num_threads(old_threads)
         if bound:
             _bind(old_mask)
@@ -687,9 +651,9 @@ class _BlockCache:
 def measure_cpu_expert(size: str, dtype: str, threads: int, machine: Machine, sizes: Sizes,
                        cache: _BlockCache, m: Measured) -> None:
     block = cache.get(size, dtype)
-    with on_cpu_worker(machine.cpus, threads) as (run, bound):
-        done, secs, cut = run(lambda: _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps,
-                                              sizes.cpu_point_limit_s, samplers=expert_samplers))
+    with pinned_threads(machine.cpus[:threads]) as bound:
+        done, secs, cut = _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps, sizes.cpu_point_limit_s,
+                                  samplers=expert_samplers)
     m.cpu_bound &= bound
     if cut:
         m.cpu_cut.append(f"{size} {dtype} {threads}t: {done[-1]}")
@@ -729,12 +693,12 @@ ADAM_CALLS = 200               # calls per timed batch (one call is tens of micr
 def measure_adam_cpu(threads: int, machine: Machine, sizes: Sizes, m: Measured) -> None:
     """Per parameter over a large set of tensors, and the fixed cost of one step() call:
     the executor keeps one optimizer per 4 M-parameter chunk and steps each on its own."""
-    with on_cpu_worker(machine.cpus, threads) as (run, bound):
+    with pinned_threads(machine.cpus[:threads]) as bound:
         params = _adam_params(sizes.adam_params, sizes.adam_tensors, torch.device("cpu"))
-        opt, impl = run(lambda: _adam(params))
-        seconds = run(lambda: median_of(host_sample(opt.step), sizes.adam_reps))
+        opt, impl = _adam(params)
+        seconds = median_of(host_sample(opt.step), sizes.adam_reps)
         del opt, params
-        small, _ = run(lambda: _adam(_adam_params(ADAM_CALL_PARAMS, 1, torch.device("cpu"))))
+        small, _ = _adam(_adam_params(ADAM_CALL_PARAMS, 1, torch.device("cpu")))
 
         def batch() -> float:
             t = time.perf_counter()
@@ -742,8 +706,8 @@ def measure_adam_cpu(threads: int, machine: Machine, sizes: Sizes, m: Measured) 
                 small.step()
             return (time.perf_counter() - t) / ADAM_CALLS
 
-        run(batch)
-        call = statistics.median(run(batch) for _ in range(5))
+        batch()
+        call = statistics.median(batch() for _ in range(5))
     m.cpu_bound &= bound
     m.adam_cpu[threads] = seconds / sizes.adam_params
     m.adam_cpu_call[threads] = call
@@ -1090,12 +1054,9 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
             f"weight gradients into the expert's buffer, after an untimed forward; host clock, fresh torch.randn "
             f"inputs, {_reps_text(sizes.cpu_reps)}{cut}")
         a.sources["cpu_expert.threads"] = (
-            f"measured on a CPU worker thread as the executor's (exec/cpu_worker.py) with t torch threads bound "
-            f"to the last t of {list(machine.cpus)} (one logical CPU per physical core first, socket 0 first), "
-            f"the waiting main thread on the others with as many threads (as aptmoe-run --host-cores keeps "
-            f"them) or, for t = all, on the same ones"
-            if m.cpu_bound else "measured on a CPU worker thread as the executor's with torch.set_num_threads(t); "
-                                "threads could not be bound on this OS")
+            f"measured: torch.set_num_threads(t) with every thread of the process bound to the first t of "
+            f"{list(machine.cpus)} (one logical CPU per physical core first, socket 0 first)"
+            if m.cpu_bound else "measured: torch.set_num_threads(t); threads could not be bound on this OS")
         a.sources["cpu_expert.monotone"] = smoothing(m.moved["cpu"])
     else:
         a.sources["cpu_expert"] = "roofline: not measured (--skip cpu)"
@@ -1109,8 +1070,7 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
             parts.append("CPU: roofline")
         if m.adam_cpu_call:
             parts.append(f"CPU call: one step() over a {ADAM_CALL_PARAMS}-param tensor, the median of 5 batches "
-                         f"of {ADAM_CALLS} calls (the fixed cost each of the executor's chunks pays); both on the "
-                         f"CPU worker thread as for cpu_expert")
+                         f"of {ADAM_CALLS} calls (the fixed cost each of the executor's chunks pays)")
         if m.adam_shared:
             parts.append(f"CPU shared: the same in {m.adam_shared_ranks} processes at once, each on its own cores "
                          f"(started together; the median of their medians)")

@@ -56,9 +56,10 @@ def cores_per_rank(wanted: int, local_ranks: int) -> int:
     return max(1, min(wanted, len(allowed_cores()) // max(1, local_ranks)))
 
 
-def bind_cores(local_rank: int, per: int) -> list[int]:
+def bind_cores(local_rank: int, per: int, *, main_threads: int | None = None) -> list[int]:
     """Bind this process to its `per` cores (`cores_per_rank`, which the config records) and
-    size torch's thread pool to match."""
+    size torch's thread pool to match, or to `main_threads` (a GPU rank: 1, so that its main
+    thread never makes an OpenMP team; its CPU worker sizes its own, RankRuntime)."""
     allowed = allowed_cores()
     per = max(1, min(per, len(allowed)))
     first = (local_rank * per) % len(allowed)
@@ -67,7 +68,7 @@ def bind_cores(local_rank: int, per: int) -> list[int]:
         psutil.Process().cpu_affinity(cores)
     except (AttributeError, psutil.Error):
         pass
-    torch.set_num_threads(len(cores))
+    torch.set_num_threads(main_threads or len(cores))
     return cores
 
 
@@ -83,7 +84,7 @@ def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
     except TypeError:                               # torch < 2.3: no device_id
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    cores = bind_cores(local_rank, cfg.cluster.cores_per_rank)
+    cores = bind_cores(local_rank, cfg.cluster.cores_per_rank, main_threads=1 if use_cuda else None)
     return RankSetup(rank, world, local_rank, device, cores)
 
 

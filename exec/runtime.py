@@ -178,30 +178,41 @@ class RankRuntime:
         self.offload_stream = device.new_stream()
         self.net_stream = device.new_stream()
         self.act_stream = device.new_stream()       # CPU experts' activations, both directions
-        # --host-cores: the CPU worker (and the OpenMP threads it starts) on the rank's last
-        # cores, this thread and every thread it starts from now on (a step's load, copy and
-        # offload threads) on its first ones (aptmoe.exec.cores).
+        # The CPU worker owns the rank's OpenMP threads. With --host-cores it runs on the rank's
+        # last cores, this thread and every thread it starts from now on (a step's load, copy
+        # and offload threads) on its first ones (aptmoe.exec.cores). On a GPU rank this thread
+        # and those it starts keep one torch thread (bind_cores set it so at the rank's start),
+        # so that they never make an OpenMP team of their own: with more OpenMP threads in the
+        # process than cores, libgomp stops spinning between parallel regions and every Adam
+        # chunk and CPU expert paid the wake-up of the worker's team (exec/thread_bench.py, 2
+        # cores: an Adam call 77-102 us with a second team, 26-28 without; in the one-H200
+        # runs 0.24-0.54 ms against 0.043 calibrated).
         host, workers = split_host_cores(cores, cfg.cluster.host_cores) if cores and cfg.cluster.host_cores \
             else ([], list(cores))
         self.host_cores = host
+        own_pool = bool(host) or (device.cuda and bool(workers))
         self._restore_affinity = list(cores) if host else []
+        self._restore_threads = len(cores) if host and not device.cuda else None
         # (The worker's start function must not hold `self`: through the worker's thread the
         # runtime then outlived its run until interpreter exit, where a torchrun rank aborted
         # with "terminate called without an active exception" in one run of two.)
-        start = functools.partial(start_worker_thread, workers, device.enter_thread) if host else device.enter_thread
+        start = functools.partial(start_worker_thread, workers, device.enter_thread) if own_pool \
+            else device.enter_thread
         self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=start)
-        if self.host_cores:
-            # once the worker has its threads: this thread, and the threads it starts, get
-            # the host cores and as many OpenMP threads (not the rank's, on two cores)
+        if own_pool:
+            # once the worker has fixed its thread count, the shared one goes back down: to one
+            # on a GPU rank, to the host cores' on a CPU rank (whose main thread computes)
             self.cpu.submit(cpu_worker.EXPERT, lambda: None).result(timeout=60)
-            bind_this_thread(self.host_cores)
-            torch.set_num_threads(len(self.host_cores))
+            if host:
+                bind_this_thread(host)
+            torch.set_num_threads(1 if device.cuda else len(host))
 
     def close(self) -> None:
         self.cpu.close()
         if self._restore_affinity:          # the next schedule in this process starts from the rank's cores
             bind_this_thread(self._restore_affinity)
-            torch.set_num_threads(len(self._restore_affinity))
+        if self._restore_threads:
+            torch.set_num_threads(self._restore_threads)
 
     # =================================================================== a step
     def run_step(self, i: int, counts: IterationCounts) -> StepReport:

@@ -3,19 +3,23 @@
     python -m aptmoe.exec.thread_bench [--host-cores N|auto] [--size S] [--calls 200]
 
 The calibration times CPU work on the main thread in a tight loop. The executor runs it on
-its CPU worker thread (`exec/cpu_worker.py`), one job at a time, while the main thread
-(which made an OpenMP team of its own at start) waits. On the one-GPU H200 an Adam call cost
-0.24-0.54 ms in the runs against 0.043 ms calibrated, whatever the rest of the step was
-doing, and CPU experts 1.4-3.4x their curves. This puts the arrangements side by side, each
-in a fresh process (OpenMP's thread teams live as long as the process):
+its CPU worker thread (`exec/cpu_worker.py`), one job at a time, while the main thread waits.
+Until 2026-11-29 the main thread of a GPU rank had made an OpenMP team of its own at start;
+with two teams in the process, more OpenMP threads than cores, libgomp stops spinning between
+parallel regions and each call pays the wake-up of the worker's threads: on the one-GPU H200
+an Adam call cost 0.24-0.54 ms in the runs against 0.043 ms calibrated. This puts the
+arrangements side by side, each in a fresh process (OpenMP's teams live as long as it):
 
-  main      the calibration's way
-  worker    the executor's way, every core for the worker (--host-cores 0)
-  host      the executor's way with --host-cores N: the worker on the other cores
+  main       the calibration's way
+  two-teams  the executor's way before: the main thread with a team of its own, the worker
+             with every core
+  worker     the executor's way now (a GPU rank): the main thread at one torch thread from
+             the start, so no team of its own; the worker with every core
+  host       --host-cores N: the worker on the cores the host threads leave
 
 Per arrangement: an Adam step() on an 8 K-parameter chunk (all call cost), per parameter on
 4 M-parameter chunks taken in turn from a pool larger than the caches, and one expert's
-forward on a few tokens (MoE-`--size`, a different expert of a 1 GiB pool each call).
+forward on a few tokens (MoE-`--size`, a different expert of a 512 MiB pool each call).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import time
 
-ARRANGEMENTS = ("main", "worker", "host")
+ARRANGEMENTS = ("main", "two-teams", "worker", "host")
 
 
 def _measure(ns) -> dict[str, float]:
@@ -45,8 +49,9 @@ def _measure(ns) -> dict[str, float]:
     from aptmoe.plan.actions import Block, BlockKind
 
     cores = allowed_cores()
-    torch.set_num_threads(len(cores))
-    (torch.randn(1 << 22) * 2).sum()                # the main thread's team, as the executor's start makes one
+    # the main thread's OpenMP team: made by the calibration and by the executor before
+    torch.set_num_threads(len(cores) if ns.arrangement in ("main", "two-teams") else 1)
+    (torch.randn(1 << 22) * 2).sum()
 
     def adam(n: int):
         p = torch.randn(n, requires_grad=True)
@@ -81,12 +86,14 @@ def _measure(ns) -> dict[str, float]:
     if ns.arrangement == "main":
         return series()
     host, workers = split_host_cores(cores, ns.host_cores if ns.arrangement == "host" else 0)
-    w = CpuWorker("bench-cpu", on_start=(lambda: start_worker_thread(workers)) if host else None)
+    w = CpuWorker("bench-cpu", on_start=(lambda: start_worker_thread(workers)) if ns.arrangement != "two-teams"
+                  else None)
     try:
         w.submit(EXPERT, lambda: None).result()
         if host:
             bind_this_thread(host)
-            torch.set_num_threads(len(host))
+        if ns.arrangement != "two-teams":
+            torch.set_num_threads(1)
         return w.submit(EXPERT, series).result()
     finally:
         w.close()
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=("S", "M", "L"), default="S")
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--pool-mib", type=int, default=1024, help="Adam chunks and experts cycled through (beyond the caches)")
+    p.add_argument("--pool-mib", type=int, default=512, help="Adam chunks and experts cycled through (beyond the caches)")
     p.add_argument("--arrangement", choices=ARRANGEMENTS, help=argparse.SUPPRESS)     # one child's part
     ns = p.parse_args(argv)
     from aptmoe.config import auto_host_cores

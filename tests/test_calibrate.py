@@ -228,26 +228,6 @@ def test_planned_tasks_measure_shared_adam_with_the_host_ranks(gpus, monkeypatch
     assert sorted(t for t, _ in calls) == sorted({2, 16 // ranks})
 
 
-def test_cpu_work_is_timed_on_a_worker_thread_as_the_executor_runs_it() -> None:
-    """CPU experts and Adam are timed on a CPU worker (not the main thread), with the thread
-    count asked; with fewer threads than cores, the waiting main thread has the others."""
-    import os
-    import threading
-
-    if not hasattr(os, "sched_getaffinity"):
-        pytest.skip("no per-thread affinity on this OS")
-    cpus = profiler.allowed_cpus()
-    before, mask_before = torch.get_num_threads(), sorted(os.sched_getaffinity(0))
-    with profiler.on_cpu_worker(cpus, 1) as (run, bound):
-        name, n, mask = run(lambda: (threading.current_thread().name, torch.get_num_threads(),
-                                     sorted(os.sched_getaffinity(0))))
-        main_mask = sorted(os.sched_getaffinity(0))
-    assert name != threading.main_thread().name and n == 1
-    if bound and len(cpus) >= 2:
-        assert mask == cpus[-1:] and main_mask == cpus[:-1]
-    assert torch.get_num_threads() == before and sorted(os.sched_getaffinity(0)) == mask_before
-
-
 # --------------------------------------------------------------------------- GPU
 
 

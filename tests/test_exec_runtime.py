@@ -292,6 +292,7 @@ def test_thread_bench_puts_the_arrangements_side_by_side(capsys) -> None:
     host = "1" if cores >= 2 else "0"
     assert thread_bench.main(["--calls", "8", "--pool-mib", "96", "--host-cores", host]) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.strip().split()[:1] in (["main"], ["worker"], ["host"])]
-    assert [r[0] for r in rows] == ["main", "worker", "host"][:3 if host == "1" else 2]
+    names = ["main", "two-teams", "worker", "host"][:4 if host == "1" else 3]
+    rows = [line.split() for line in out.splitlines() if line.strip().split()[:1] in [[n] for n in names]]
+    assert [r[0] for r in rows] == names
     assert all(float(x) > 0 for r in rows for x in r[2:])
