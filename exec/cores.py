@@ -37,8 +37,8 @@ def bind_this_thread(cores: Sequence[int]) -> bool:
 
 
 def start_worker_thread(cores: Sequence[int], enter: Callable[[], None] | None = None) -> None:
-    """The CPU worker's first act when the host threads keep cores of their own: bound to
-    `cores`, with as many torch threads. torch's thread count is one process-wide number that
+    """The CPU worker's first act where it owns the rank's OpenMP threads (a GPU rank, or
+    --host-cores): bound to `cores`, with as many torch threads. torch's thread count is one process-wide number that
     each thread copies into its own OpenMP setting the first time it asks for it: asking
     here fixes the worker's before the main thread lowers the shared number for itself.
     `enter`: the device's per-thread set-up, run first."""

@@ -29,6 +29,16 @@ from aptmoe.plan.actions import Block, BlockKind
 POOL_BYTES = 1 << 30
 
 
+def expert_pool(size: str, pool_bytes: int = POOL_BYTES) -> tuple[object, list[FlatParams]]:
+    """(the model, its experts drawn until they fill `pool_bytes`, at least two): taken in
+    turn, each call finds its weights in memory, not in a cache."""
+    model = moe_model(size, 8, num_layers=1)
+    shapes = param_shapes(model, BlockKind.EXPERT)
+    one = sum(torch.Size(s).numel() for s in shapes) * 4
+    return model, [FlatParams(initial_flat(model, Block.expert_of(0, 0), seed), shapes)
+                   for seed in range(max(2, -(-pool_bytes // one)))]
+
+
 def before(fp: FlatParams, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
     fp.set_grad(None)
     outs = []
@@ -55,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     ns = p.parse_args(argv)
-    model = moe_model(ns.size, 8, num_layers=1)
-    shapes = param_shapes(model, BlockKind.EXPERT)
-    block = Block.expert_of(0, 0)
-    one = sum(torch.Size(s).numel() for s in shapes) * 4
-    pool = [FlatParams(initial_flat(model, block, seed), shapes) for seed in range(max(2, -(-POOL_BYTES // one)))]
+    model, pool = expert_pool(ns.size)
+    one = pool[0].flat.numel() * pool[0].flat.element_size()
     g = torch.Generator().manual_seed(0)
     d = model.embedding_dim
     xs = [torch.randn(ns.tokens, d, generator=g) for _ in range(ns.micro_batches)]

@@ -187,9 +187,7 @@ class RankRuntime:
         # chunk and CPU expert paid the wake-up of the worker's team (exec/thread_bench.py, 2
         # cores: an Adam call 77-102 us with a second team, 26-28 without; in the one-H200
         # runs 0.24-0.54 ms against 0.043 calibrated).
-        host, workers = split_host_cores(cores, cfg.cluster.host_cores) if cores and cfg.cluster.host_cores \
-            else ([], list(cores))
-        self.host_cores = host
+        host, workers = split_host_cores(cores, cfg.cluster.host_cores) if cores else ([], [])
         own_pool = bool(host) or (device.cuda and bool(workers))
         self._restore_affinity = list(cores) if host else []
         self._restore_threads = len(cores) if host and not device.cuda else None

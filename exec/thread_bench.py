@@ -38,15 +38,13 @@ ARRANGEMENTS = ("main", "two-teams", "worker", "host")
 def _measure(ns) -> dict[str, float]:
     import torch
 
-    from aptmoe.config import moe_model
-    from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
     from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
+    from aptmoe.exec.cpu_expert_bench import expert_pool
     from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
     from aptmoe.exec.launch import allowed_cores
     from aptmoe.exec.model import expert_forward
     from aptmoe.exec.runtime import make_adam
     from aptmoe.memory import ADAM_CHUNK_PARAMS
-    from aptmoe.plan.actions import Block, BlockKind
 
     cores = allowed_cores()
     # the main thread's OpenMP team: made by the calibration and by the executor before
@@ -61,11 +59,7 @@ def _measure(ns) -> dict[str, float]:
     small = [adam(8192) for _ in range(64)]
     pool = ns.pool_mib << 20
     big = [adam(ADAM_CHUNK_PARAMS) for _ in range(max(2, pool // (16 * ADAM_CHUNK_PARAMS)))]
-    model = moe_model(ns.size, 8, num_layers=1)
-    shapes = param_shapes(model, BlockKind.EXPERT)
-    one = sum(torch.Size(s).numel() for s in shapes) * 4
-    experts = [FlatParams(initial_flat(model, Block.expert_of(0, 0), seed), shapes)
-               for seed in range(max(2, pool // one))]
+    model, experts = expert_pool(ns.size, pool)
     x = torch.randn(ns.tokens, model.embedding_dim)
 
     def timed(fn) -> float:

@@ -47,7 +47,6 @@ from aptmoe.run_process import ExecutorFailed
 from aptmoe.sim.validate import compare_run, run_executor
 from aptmoe.trace import write_json_atomic
 
-SCHEDULES = ("GPipe", "GPipeOffload", "Mobius", "APTMoE")
 SETS = ("fit", "held-back", "all")
 # Two schedules whose measured step times are closer than this are a tie for the ranking:
 # the order of a tie is run-to-run noise, not something a model can be right or wrong about.

@@ -19,9 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from aptmoe.atomic import write_text_atomic
+from aptmoe.config import Pipeline
 from aptmoe.report import format_table
-
-SCHEDULES = ("GPipe", "GPipeOffload", "Mobius", "APTMoE")
 
 
 def load_runs(folder: Path) -> dict[tuple[str, str], dict]:
@@ -66,7 +65,7 @@ def compare(before: dict, after: dict) -> dict:
 def report(c: dict, before: str, after: str) -> str:
     sizes = sorted({m for (_, m) in c["ratio"] if m != "all"})
     rows = []
-    for s in SCHEDULES:
+    for s in (p.value for p in Pipeline):
         if (s, "all") in c["ratio"]:
             rows.append([s, *(f"{c['ratio'][(s, m)]:.3f}" if (s, m) in c["ratio"] else "-" for m in sizes),
                          f"{c['ratio'][(s, 'all')]:.3f}"])
