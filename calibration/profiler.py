@@ -50,6 +50,7 @@ from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
 from aptmoe.exec import model as exec_model
+from aptmoe.exec.block_adam import BlockAdam
 from aptmoe.costs import LinkSpec
 from aptmoe.profile import Adam, CpuCurve, Dispatch, GpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped
 
@@ -664,19 +665,20 @@ def measure_cpu_expert(size: str, dtype: str, threads: int, machine: Machine, si
                               tokens=tuple(done), seconds=values))
 
 
-def _adam(params: list[torch.Tensor]) -> tuple[torch.optim.Optimizer, str]:
-    """Fused Adam where this torch has it for the device (CPU: torch >= 2.4), else foreach.
-    One step is taken here: an unsupported fused path raises only when stepping."""
-    for impl in ("fused", "foreach"):
-        try:
-            opt = torch.optim.Adam(params, lr=1e-4, **{impl: True})
-            opt.step()
-            return opt, impl
-        except (RuntimeError, ValueError, TypeError):
-            continue
-    opt = torch.optim.Adam(params, lr=1e-4)
-    opt.step()
-    return opt, "for-loop"
+def _adam(params: list[torch.Tensor]) -> tuple[Callable[[], None], str]:
+    """One step over `params` as the executor takes it (aptmoe.exec.block_adam: torch's fused
+    kernel, one call per tensor, where this torch has it for the device), and its name. One
+    step is taken here, so that a kernel this torch lacks fails now, not while timing."""
+    adam = BlockAdam(params, lr=1e-4)
+    grads = [p.grad for p in params]
+
+    def step() -> None:
+        adam.begin_step()
+        for i, g in enumerate(grads):
+            adam.step_chunk(i, g)
+
+    step()
+    return step, "fused" if adam.fused or all(o.defaults.get("fused") for o in adam.opts) else "for-loop"
 
 
 def _adam_params(total: int, tensors: int, device: torch.device) -> list[torch.Tensor]:
@@ -695,15 +697,18 @@ def measure_adam_cpu(threads: int, machine: Machine, sizes: Sizes, m: Measured) 
     the executor keeps one optimizer per 4 M-parameter chunk and steps each on its own."""
     with pinned_threads(machine.cpus[:threads]) as bound:
         params = _adam_params(sizes.adam_params, sizes.adam_tensors, torch.device("cpu"))
-        opt, impl = _adam(params)
-        seconds = median_of(host_sample(opt.step), sizes.adam_reps)
-        del opt, params
-        small, _ = _adam(_adam_params(ADAM_CALL_PARAMS, 1, torch.device("cpu")))
+        step, impl = _adam(params)
+        seconds = median_of(host_sample(step), sizes.adam_reps)
+        del step, params
+        # a chunk's call, as the CPU worker makes it (the step counter moves once per block)
+        small = BlockAdam(_adam_params(ADAM_CALL_PARAMS, 1, torch.device("cpu")), lr=1e-4)
+        grad = small.chunks[0].grad
+        small.begin_step()
 
         def batch() -> float:
             t = time.perf_counter()
             for _ in range(ADAM_CALLS):
-                small.step()
+                small.step_chunk(0, grad)
             return (time.perf_counter() - t) / ADAM_CALLS
 
         batch()
@@ -717,9 +722,9 @@ def measure_adam_cpu(threads: int, machine: Machine, sizes: Sizes, m: Measured) 
 def _adam_shared_child(cpus: list[int], total: int, tensors: int, reps: Reps, barrier, results) -> None:
     """One rank of the shared measurement: Adam on its own cores, started with the others."""
     with pinned_threads(cpus):
-        opt, _ = _adam(_adam_params(total, tensors, torch.device("cpu")))
+        step, _ = _adam(_adam_params(total, tensors, torch.device("cpu")))
         barrier.wait()
-        results.put(median_of(host_sample(opt.step), reps))
+        results.put(median_of(host_sample(step), reps))
 
 
 def measure_adam_cpu_shared(threads: int, ranks: int, machine: Machine, sizes: Sizes, m: Measured) -> None:
@@ -759,13 +764,13 @@ def measure_adam_gpu(gpu: int | None, sizes: Sizes, m: Measured, cpus: Sequence[
     """Adam on GPU `gpu`, or, with gpu None, on the CPU cores `cpus` (GPipe's update on CPU ranks)."""
     if gpu is None:
         with pinned_threads(cpus):
-            opt, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, torch.device("cpu")))
-            seconds = median_of(host_sample(opt.step), sizes.adam_reps)
+            step, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, torch.device("cpu")))
+            seconds = median_of(host_sample(step), sizes.adam_reps)
     else:
         dev = torch.device("cuda", gpu)
         with torch.cuda.device(dev):
-            opt, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, dev))
-            seconds = median_of(cuda_sample(opt.step, torch.cuda.current_stream(dev)), sizes.adam_reps)
+            step, impl = _adam(_adam_params(sizes.adam_params, sizes.adam_tensors, dev))
+            seconds = median_of(cuda_sample(step, torch.cuda.current_stream(dev)), sizes.adam_reps)
     m.adam_gpu, m.adam_gpu_impl = seconds / sizes.adam_params, impl
 
 

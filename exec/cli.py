@@ -57,6 +57,23 @@ class UsageError(ValueError):
     pass
 
 
+# A rank's compute thread is in Python almost all the time and takes the GIL back after every
+# torch call before a waiting thread has woken up: the others get it when the holder is forced
+# to drop it, after sys.getswitchinterval(). At Python's 5 ms the CPU worker's Adam chunks
+# (one torch call each) took 1.2-2.5 ms for 1.1 ms of work on the one-H200 runs of 2026-11-29.
+GIL_SWITCH_US = 100.0
+
+
+def _switch_us(text: str) -> float:
+    try:
+        us = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds") from None
+    if not 1 <= us <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text} us is outside 1..100000 (Python's default is 5000)")
+    return us
+
+
 def make_run_parser() -> argparse.ArgumentParser:
     p = make_parser(PROG, "Train with the real executor: GPipe, GPipeOffload, Mobius or APTMoE on this "
                           "machine's GPUs (NCCL), or on CPU ranks (gloo) where there is no GPU.")
@@ -71,6 +88,10 @@ def make_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
     g.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a rank waits for a block, a message or a peer before it gives up (300)")
+    g.add_argument("--gil-switch-us", dest="gil_switch_us", type=_switch_us, default=GIL_SWITCH_US,
+                   help="the ranks' GIL switch interval in microseconds (sys.setswitchinterval; Python's own "
+                        f"is 5000): how long the CPU worker and the copy threads can wait for the GIL while "
+                        f"the compute thread issues GPU work ({GIL_SWITCH_US:g})")
     g.add_argument("--save-params", dest="save_params", action="store_true",
                    help="write every rank's parameters after training (params-<pipeline>-rank<r>.pt)")
     g.add_argument("--no-trace", dest="no_trace", action="store_true", help="write no trace or timeline")
@@ -175,17 +196,24 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path) -> dict | None:
             bar.set_postfix_str(f"{rep.step_s:.3f} s/step")
             bar.update()
 
-    res = run_pipeline(setup, cfg, plan, cost, data=ns.data,
-                       opts=ExecOptions(timeout_s=ns.timeout),
-                       trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
-                       params_dir=tmp if ns.save_params else None,
-                       gpu_memory_cap=int(ns.gpu_memory * 1e9) if ns.gpu_memory else None, progress=progress)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(ns.gil_switch_us * 1e-6)
+    in_run = sys.getswitchinterval()
+    try:
+        res = run_pipeline(setup, cfg, plan, cost, data=ns.data,
+                           opts=ExecOptions(timeout_s=ns.timeout),
+                           trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
+                           params_dir=tmp if ns.save_params else None,
+                           gpu_memory_cap=int(ns.gpu_memory * 1e9) if ns.gpu_memory else None, progress=progress)
+    finally:
+        sys.setswitchinterval(switch)
     if bar is not None:
         bar.close()
     if ns.save_params:
         os.replace(tmp / f"params-rank{setup.rank}.pt", tmp / f"params-{pipeline}-rank{setup.rank}.pt")
     if res is not None:
         res["cores_rank0"] = setup.cores
+        res["gil_switch_us"] = round(in_run * 1e6, 3)
     return res
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from aptmoe.exec import cpu_worker
+from aptmoe.exec.block_adam import BlockAdam, make_adam
 from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
 from aptmoe.exec.comm import PeerChannels
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
@@ -109,14 +110,6 @@ class StepReport:
 OFFLOAD_AHEAD = 2          # gradient copies launched beyond the one the offload thread waits for
 
 
-def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam with torch's fused kernel where this torch has it for the device, else the plain loop."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, lr=lr, foreach=False)
-
-
 class RankRuntime:
     def __init__(self, cfg: RunConfig, plan: Plan, rank: int, device: Device, cost: CostSource | None,
                  peers: PeerChannels | None, source, opts: ExecOptions | None = None,
@@ -150,8 +143,7 @@ class RankRuntime:
         self.chunks = {b: [(lo, hi, fp.flat[lo:hi]) for lo, hi in
                            (adam_chunks(fp.flat.numel()) if not plan.resident else [(0, fp.flat.numel())])]
                        for b, fp in self.master.items()}
-        self.opt = {(b, i): make_adam([piece], cfg.train.lr) for b, cs in self.chunks.items()
-                    for i, (_, _, piece) in enumerate(cs)}
+        self.adam = {b: BlockAdam([piece for _, _, piece in cs], cfg.train.lr) for b, cs in self.chunks.items()}
         self.grad_buf = {} if plan.resident or not device.cuda else \
             {b: device.empty_host(fp.flat.shape, fp.flat.dtype) for b, fp in self.master.items()}
         self.ends: dict[str, torch.Tensor] = {}
@@ -767,6 +759,7 @@ class RankRuntime:
             self._wait_event(self._grad_home(a.stage, block), f"the gradient of {block} of stage {a.stage}")
             if self.master[block].grad is None:
                 continue                     # unused this step: Adam skips it, as torch's does
+            self.adam[block].begin_step()
             for i in range(len(self.chunks[block])):
                 futs.append(self.cpu.submit(cpu_worker.UPDATE, self._adam_chunk, a, block, i))
         for f in futs:
@@ -779,10 +772,8 @@ class RankRuntime:
                                  {"layer": block.layer, "params": hi - lo, "chunk": i}))
 
     def _step_chunk(self, block: Block, i: int) -> tuple[int, int]:
-        lo, hi, piece = self.chunks[block][i]
-        piece.grad = self.master[block].grad[lo:hi]
-        self.opt[(block, i)].step()
-        piece.grad = None
+        lo, hi, _ = self.chunks[block][i]
+        self.adam[block].step_chunk(i, self.master[block].grad[lo:hi])
         return lo, hi
 
     def _update(self, a: Action) -> None:
@@ -792,6 +783,7 @@ class RankRuntime:
         start = self.dev.record()
         for block in Block.of_layers(self.layers[a.stage], self.model.num_experts, self.model.is_moe):
             if self.master[block].grad is not None:      # unused this step: Adam skips it, as torch's does
+                self.adam[block].begin_step()
                 self._step_chunk(block, 0)
         self._mark(str(a), "compute", start, self.dev.record(), "update")
 

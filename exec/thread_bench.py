@@ -17,9 +17,14 @@ arrangements side by side, each in a fresh process (OpenMP's teams live as long 
              the start, so no team of its own; the worker with every core
   host       --host-cores N: the worker on the cores the host threads leave
 
-Per arrangement: an Adam step() on an 8 K-parameter chunk (all call cost), per parameter on
-4 M-parameter chunks taken in turn from a pool larger than the caches, and one expert's
-forward on a few tokens (MoE-`--size`, a different expert of a 512 MiB pool each call).
+  issuing    the executor's way now, with the main thread busy as a GPU rank's compute thread
+             is (Python between small device calls; it holds the GIL almost all the time), at
+             each of --switch-us (sys.setswitchinterval): how long the worker waits for the GIL
+
+Per arrangement: one chunk's Adam call on 8 K parameters (all call cost, as the executor makes
+it: aptmoe.exec.block_adam), per parameter on 4 M-parameter chunks taken in turn from a pool
+larger than the caches, and one expert's forward on a few tokens (MoE-`--size`, a different
+expert of a 512 MiB pool each call).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
-ARRANGEMENTS = ("main", "two-teams", "worker", "host")
+ARRANGEMENTS = ("main", "two-teams", "worker", "host", "issuing")
 
 
 def _measure(ns) -> dict[str, float]:
@@ -43,7 +49,7 @@ def _measure(ns) -> dict[str, float]:
     from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
     from aptmoe.exec.launch import allowed_cores
     from aptmoe.exec.model import expert_forward
-    from aptmoe.exec.runtime import make_adam
+    from aptmoe.exec.block_adam import BlockAdam
     from aptmoe.memory import ADAM_CHUNK_PARAMS
 
     cores = allowed_cores()
@@ -52,9 +58,10 @@ def _measure(ns) -> dict[str, float]:
     (torch.randn(1 << 22) * 2).sum()
 
     def adam(n: int):
-        p = torch.randn(n, requires_grad=True)
-        p.grad = torch.randn(n)
-        return make_adam([p], 1e-4)
+        a = BlockAdam([torch.randn(n)], 1e-4)
+        a.begin_step()
+        grad = torch.randn(n)
+        return lambda: a.step_chunk(0, grad)
 
     small = [adam(8192) for _ in range(64)]
     pool = ns.pool_mib << 20
@@ -68,10 +75,10 @@ def _measure(ns) -> dict[str, float]:
         return time.perf_counter() - t
 
     def series() -> dict[str, float]:
-        for o in small[:8] + big[:2]:
-            o.step()
-        call = statistics.median(timed(small[i % len(small)].step) for i in range(ns.calls))
-        per = statistics.median(timed(big[i % len(big)].step) for i in range(2 * len(big))) / ADAM_CHUNK_PARAMS
+        for step in small[:8] + big[:2]:
+            step()
+        call = statistics.median(timed(small[i % len(small)]) for i in range(ns.calls))
+        per = statistics.median(timed(big[i % len(big)]) for i in range(2 * len(big))) / ADAM_CHUNK_PARAMS
         fwd = statistics.median(timed(lambda i=i: expert_forward(x, *experts[i % len(experts)].flat_views(),
                                                                    keep=True)) for i in range(ns.calls // 4))
         return {"adam_call_s": call, "adam_s_per_param": per, "expert_fwd_s": fwd,
@@ -79,6 +86,9 @@ def _measure(ns) -> dict[str, float]:
 
     if ns.arrangement == "main":
         return series()
+    if ns.arrangement == "issuing":
+        sys.setswitchinterval(ns.switch_us * 1e-6)
+        return _while_issuing(series, cores)
     host, workers = split_host_cores(cores, ns.host_cores if ns.arrangement == "host" else 0)
     w = CpuWorker("bench-cpu", on_start=(lambda: start_worker_thread(workers)) if ns.arrangement != "two-teams"
                   else None)
@@ -93,6 +103,52 @@ def _measure(ns) -> dict[str, float]:
         w.close()
 
 
+def _issue_loop(stop, loops: list[int]) -> None:
+    """A GPU rank's compute thread, roughly: some Python (the plan's bookkeeping), then a few
+    small device calls (each lets go of the GIL and takes it back)."""
+    import torch
+
+    x = torch.zeros(16, device="cuda" if torch.cuda.is_available() else "cpu")
+    book: dict[int, int] = {}
+    while not stop.is_set():
+        for i in range(300):
+            book[i & 63] = book.get(i & 63, 0) + i
+        for _ in range(3):
+            x.add_(1.0)
+        loops[0] += 1
+
+
+def _while_issuing(series, cores) -> dict[str, float]:
+    import torch
+
+    from aptmoe.exec.cores import start_worker_thread
+    from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
+
+    w = CpuWorker("bench-cpu", on_start=lambda: start_worker_thread(cores))
+    try:
+        w.submit(EXPERT, lambda: None).result()
+        torch.set_num_threads(1)
+        stop, loops = threading.Event(), [0]
+        t = time.perf_counter()
+        _issue_loop_for(0.5, loops)
+        alone = loops[0] / (time.perf_counter() - t)
+        loops[0] = 0
+        fut = w.submit(EXPERT, series)
+        fut.add_done_callback(lambda _: stop.set())
+        t = time.perf_counter()
+        _issue_loop(stop, loops)
+        busy = loops[0] / (time.perf_counter() - t)
+        return {**fut.result(), "main_rate": busy / alone}
+    finally:
+        w.close()
+
+
+def _issue_loop_for(seconds: float, loops: list[int]) -> None:
+    stop = threading.Event()
+    threading.Timer(seconds, stop.set).start()
+    _issue_loop(stop, loops)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.exec.thread_bench", description=__doc__.splitlines()[0])
     p.add_argument("--host-cores", default="auto", help="cores kept for the host threads in 'host' (auto: "
@@ -101,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--pool-mib", type=int, default=512, help="Adam chunks and experts cycled through (beyond the caches)")
+    p.add_argument("--switch-us", default="5000,1000,200,50",
+                   help="GIL switch intervals for 'issuing', microseconds (Python's default is 5000)")
     p.add_argument("--arrangement", choices=ARRANGEMENTS, help=argparse.SUPPRESS)     # one child's part
     ns = p.parse_args(argv)
     from aptmoe.config import auto_host_cores
@@ -112,27 +170,38 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--host-cores {ns.host_cores!r} is not a number or auto")
     if not 0 <= ns.host_cores < cores:
         p.error(f"--host-cores {ns.host_cores} must leave the worker a core of this machine's {cores}")
+    try:
+        switches = [float(x) for x in ns.switch_us.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--switch-us {ns.switch_us!r}: give microseconds separated by commas, e.g. 5000,200")
+    if any(x <= 0 for x in switches):
+        p.error("--switch-us: each interval must be above 0 microseconds")
     if ns.arrangement:
+        ns.switch_us = switches[0] if switches else 5000.0
         print(json.dumps(_measure(ns)))
         return 0
+    runs = [(arr, None) for arr in ARRANGEMENTS if arr != "issuing"] + [("issuing", us) for us in switches]
     rows = []
-    for arr in ARRANGEMENTS:
+    for arr, us in runs:
         if arr == "host" and not ns.host_cores:
             print(f"  host: skipped (--host-cores resolves to 0 on {cores} cores)")
             continue
         out = subprocess.run([sys.executable, "-P", "-m", "aptmoe.exec.thread_bench", "--arrangement", arr,
                               "--host-cores", str(ns.host_cores), "--size", ns.size, "--tokens", str(ns.tokens),
-                              "--calls", str(ns.calls), "--pool-mib", str(ns.pool_mib)],
+                              "--calls", str(ns.calls), "--pool-mib", str(ns.pool_mib),
+                              "--switch-us", str(us or 5000)],
                              capture_output=True, text=True, check=False)
         if out.returncode:
             print(f"  {arr}: failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
             return 1
-        rows.append((arr, json.loads(out.stdout.strip().splitlines()[-1])))
-    print(f"{cores} cores; --host-cores {ns.host_cores}; medians; MoE-{ns.size} expert forward on {ns.tokens} tokens")
-    print(f"  {'arrangement':<12}{'threads':>8}{'adam call us':>14}{'adam ns/param':>15}{'expert fwd ms':>15}")
+        rows.append((arr if us is None else f"issuing {us:g}", json.loads(out.stdout.strip().splitlines()[-1])))
+    print(f"{cores} cores; --host-cores {ns.host_cores}; medians; MoE-{ns.size} expert forward on {ns.tokens} tokens;"
+          f" 'issuing N': N us GIL switch interval, main = the issuing loop's rate against its rate alone")
+    print(f"  {'arrangement':<14}{'threads':>8}{'adam call us':>14}{'adam ns/param':>15}{'expert fwd ms':>15}{'main':>7}")
     for arr, r in rows:
-        print(f"  {arr:<12}{int(r['threads']):>8}{r['adam_call_s'] * 1e6:>14.1f}{r['adam_s_per_param'] * 1e9:>15.3f}"
-              f"{r['expert_fwd_s'] * 1e3:>15.3f}")
+        main_rate = f"{r['main_rate']:.2f}" if "main_rate" in r else "-"
+        print(f"  {arr:<14}{int(r['threads']):>8}{r['adam_call_s'] * 1e6:>14.1f}{r['adam_s_per_param'] * 1e9:>15.3f}"
+              f"{r['expert_fwd_s'] * 1e3:>15.3f}{main_rate:>7}")
     return 0
 
 

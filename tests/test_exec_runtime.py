@@ -91,6 +91,24 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says) -> Non
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["0", "2e5", "fast"])
+def test_a_bad_gil_switch_interval_is_one_line_and_exit_2(tmp_path, capsys, value) -> None:
+    with pytest.raises(SystemExit) as ex:
+        run_main([*TINY, *CPU, "--gil-switch-us", value, "--out", str(tmp_path / "bad")])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("aptmoe-run: error: argument --gil-switch-us") and not (tmp_path / "bad").exists()
+
+
+def test_the_ranks_run_at_the_gil_switch_interval_asked(tmp_path) -> None:
+    before = sys.getswitchinterval()
+    assert run_main([*TINY, *CPU, "--pipeline", "Mobius", "--num_training_steps", "1", "--gil-switch-us", "250",
+                     "--no-plot", "-q", "--out", str(tmp_path / "r")]) == 0
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["schedules"]["Mobius"]["gil_switch_us"] == pytest.approx(250)
+    assert sys.getswitchinterval() == before
+
+
 def test_a_plan_that_cannot_fit_is_refused_before_launch(tmp_path, capsys) -> None:
     out = tmp_path / "small"
     assert run_main([*TINY, *CPU, "--pipeline", "GPipe", "--num_stages", "2", "--gpu-memory", "0.0001", "--out", str(out)]) == 3
@@ -290,9 +308,13 @@ def test_thread_bench_puts_the_arrangements_side_by_side(capsys) -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     host = "1" if cores >= 2 else "0"
-    assert thread_bench.main(["--calls", "8", "--pool-mib", "96", "--host-cores", host]) == 0
+    assert thread_bench.main(["--calls", "8", "--pool-mib", "96", "--host-cores", host,
+                              "--switch-us", "5000,200"]) == 0
     out = capsys.readouterr().out
-    names = ["main", "two-teams", "worker", "host"][:4 if host == "1" else 3]
+    names = ["main", "two-teams", "worker", "host"][:4 if host == "1" else 3] + ["issuing", "issuing"]
     rows = [line.split() for line in out.splitlines() if line.strip().split()[:1] in [[n] for n in names]]
     assert [r[0] for r in rows] == names
-    assert all(float(x) > 0 for r in rows for x in r[2:])
+    plain, issuing = rows[:-2], rows[-2:]
+    assert all(float(x) > 0 for r in plain for x in r[2:5]) and all(r[5] == "-" for r in plain)
+    assert [r[1] for r in issuing] == ["5000", "200"]
+    assert all(float(x) > 0 for r in issuing for x in r[3:7])          # the main thread's rate as well
