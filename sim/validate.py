@@ -8,7 +8,7 @@
    results.json records it, cores per rank and GPU memory included) with the calibration
    profile, over as many steps, from the same seed and popularity, on the same plan.
 3. The comparison: predicted against measured step time, busy fraction of each resource,
-   and per-action timing error (an action is matched by rank, name and occurrence), by
+   and per-action timing error (an action is matched by rank, stream, name and occurrence), by
    category; an overlay timeline per schedule (prediction above, measurement below).
 
 Written into ``--out``: validation.json, validation.csv, actions-<schedule>.csv, the
@@ -75,15 +75,18 @@ def run_executor(argv: list[str], out: Path) -> None:
     launch_executor([*executor_argv(argv), "-q"], out, ok=(0, 3))
 
 
-def _key_events(trace: Trace) -> dict[tuple[int, str, int], object]:
-    seen: dict[tuple[int, str], int] = defaultdict(int)
+def _key_events(trace: Trace) -> dict[tuple[int, str, str, int], object]:
+    # The stream is part of the key: the APTMoE policy places experts from the times it has
+    # seen, so a run and its prediction can compute one expert of one slot on different
+    # sides (the GPU in one, the CPU in the other), and those are not the same action.
+    seen: dict[tuple[int, str, str], int] = defaultdict(int)
     out = {}
     for e in sorted(trace.events, key=lambda e: e.start_s):
         if e.cat not in TIMED:
             continue
-        k = seen[(e.rank, e.name)]
-        seen[(e.rank, e.name)] += 1
-        out[(e.rank, e.name, k)] = e
+        k = seen[(e.rank, e.stream, e.name)]
+        seen[(e.rank, e.stream, e.name)] += 1
+        out[(e.rank, e.stream, e.name, k)] = e
     return out
 
 
@@ -97,7 +100,7 @@ def action_errors(predicted: Trace, measured: Trace) -> tuple[dict[str, dict], l
         if me.dur_s <= 0:
             continue
         err = (pe.dur_s - me.dur_s) / me.dur_s
-        rows.append({"rank": key[0], "action": key[1], "occurrence": key[2], "cat": me.cat,
+        rows.append({"rank": key[0], "stream": key[1], "action": key[2], "occurrence": key[3], "cat": me.cat,
                      "predicted_s": pe.dur_s, "measured_s": me.dur_s, "error": err})
         by_cat[me.cat].append((pe.dur_s, me.dur_s, err))
     summary = {cat: {"actions": len(v), "median_error": statistics.median(x[2] for x in v),
@@ -131,7 +134,7 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         summary, rows = action_errors(trace, mt)
         row["actions"] = summary
         with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["rank", "action", "occurrence", "cat", "predicted_s", "measured_s",
+            w = csv.DictWriter(f, fieldnames=["rank", "stream", "action", "occurrence", "cat", "predicted_s", "measured_s",
                                               "error"])
             w.writeheader()
             w.writerows(rows)

@@ -12,7 +12,7 @@ from aptmoe.sim.validate import action_errors, executor_argv
 from aptmoe.trace import Trace
 
 
-def test_actions_are_matched_by_rank_name_and_occurrence() -> None:
+def test_actions_are_matched_by_rank_stream_name_and_occurrence() -> None:
     pred, real = Trace("sim"), Trace("real")
     for step in range(2):                      # the same action once per step
         t = step * 10.0
@@ -22,12 +22,15 @@ def test_actions_are_matched_by_rank_name_and_occurrence() -> None:
         real.add("0LF@1:e2", 1, "load", t, t + 3.0, "load-stage")        # another rank: no match
     pred.add("0F0", 0, "load", 0, 0, "marker")
     real.add("0F0", 0, "load", 0, 0, "marker")                          # markers are not compared
+    # one expert of one slot on the GPU in the prediction and on the CPU in the run: two actions
+    pred.add("0F0@1:e3", 0, "compute", 20.0, 20.1, "forward")
+    real.add("0F0@1:e3", 0, "cpu", 20.0, 25.0, "cpu-expert")
     summary, rows = action_errors(pred, real)
     assert set(summary) == {"forward"}
     f = summary["forward"]
     assert f["actions"] == 2 and f["predicted_s"] == 4.0 and f["measured_s"] == 3.0
     assert f["median_error"] == pytest.approx((1.0 + 0.0) / 2)          # +100% then 0%
-    assert [r["occurrence"] for r in rows] == [0, 1]
+    assert [r["occurrence"] for r in rows] == [0, 1] and {r["stream"] for r in rows} == {"compute"}
 
 
 def test_our_flags_are_not_passed_to_the_executor() -> None:
@@ -50,7 +53,7 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     assert row["measured_s"] > 0 and row["predicted_s"] > 0
     assert row["actions"]["forward"]["actions"] > 0 and "load-stage" in row["actions"]
     assert (out / "overlay-Mobius.png").stat().st_size > 0
-    assert (out / "actions-Mobius.csv").read_text().startswith("rank,action,occurrence")
+    assert (out / "actions-Mobius.csv").read_text().startswith("rank,stream,action,occurrence")
     assert (out / "real" / "results.json").exists()
 
 
