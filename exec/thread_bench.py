@@ -19,7 +19,11 @@ arrangements side by side, each in a fresh process (OpenMP's teams live as long 
 
   issuing    the executor's way now, with the main thread busy as a GPU rank's compute thread
              is (Python between small device calls; it holds the GIL almost all the time), at
-             each of --switch-us (sys.setswitchinterval): how long the worker waits for the GIL
+             each of --switch-us (sys.setswitchinterval): how long the worker waits for the GIL,
+             and for the core it shares with the busy thread (an OpenMP region waits for its
+             slowest thread)
+  issuing-host  the same with --host-cores N: the busy thread on the first N cores, the
+             worker on the others
 
 Per arrangement: one chunk's Adam call on 8 K parameters (all call cost, as the executor makes
 it: aptmoe.exec.block_adam), per parameter on 4 M-parameter chunks taken in turn from a pool
@@ -38,7 +42,7 @@ import sys
 import threading
 import time
 
-ARRANGEMENTS = ("main", "two-teams", "worker", "host", "issuing")
+ARRANGEMENTS = ("main", "two-teams", "worker", "host", "issuing", "issuing-host")
 
 
 def _measure(ns) -> dict[str, float]:
@@ -86,9 +90,10 @@ def _measure(ns) -> dict[str, float]:
 
     if ns.arrangement == "main":
         return series()
-    if ns.arrangement == "issuing":
+    if ns.arrangement in ("issuing", "issuing-host"):
         sys.setswitchinterval(ns.switch_us * 1e-6)
-        return _while_issuing(series, cores)
+        return _while_issuing(series, *split_host_cores(cores, ns.host_cores if ns.arrangement == "issuing-host"
+                                                         else 0))
     host, workers = split_host_cores(cores, ns.host_cores if ns.arrangement == "host" else 0)
     w = CpuWorker("bench-cpu", on_start=(lambda: start_worker_thread(workers)) if ns.arrangement != "two-teams"
                   else None)
@@ -115,15 +120,17 @@ def _issue_loop(x, stop, loops: list[int]) -> None:
         loops[0] += 1
 
 
-def _while_issuing(series, cores) -> dict[str, float]:
+def _while_issuing(series, host: list[int], workers: list[int]) -> dict[str, float]:
     import torch
 
-    from aptmoe.exec.cores import start_worker_thread
+    from aptmoe.exec.cores import bind_this_thread, start_worker_thread
     from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
 
-    w = CpuWorker("bench-cpu", on_start=lambda: start_worker_thread(cores))
+    w = CpuWorker("bench-cpu", on_start=lambda: start_worker_thread(workers))
     try:
         w.submit(EXPERT, lambda: None).result()
+        if host:
+            bind_this_thread(host)
         torch.set_num_threads(1)
         # made and used once before any timing: a CUDA context's start would count as issuing
         x = torch.zeros(16, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--pool-mib", type=int, default=512, help="Adam chunks and experts cycled through (beyond the caches)")
-    p.add_argument("--switch-us", default="5000,1000,200,50",
+    p.add_argument("--switch-us", default="5000,100",
                    help="GIL switch intervals for 'issuing', microseconds (Python's default is 5000)")
     p.add_argument("--arrangement", choices=ARRANGEMENTS, help=argparse.SUPPRESS)     # one child's part
     ns = p.parse_args(argv)
@@ -180,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         ns.switch_us = switches[0] if switches else 5000.0
         print(json.dumps(_measure(ns)))
         return 0
-    runs = [(arr, None) for arr in ARRANGEMENTS if arr != "issuing"] + [("issuing", us) for us in switches]
+    runs = [(arr, None) for arr in ARRANGEMENTS if not arr.startswith("issuing")] + \
+        [(arr, us) for arr in ("issuing", "issuing-host") for us in switches]
     rows = []
     for arr, us in runs:
-        if arr == "host" and not ns.host_cores:
-            print(f"  host: skipped (--host-cores resolves to 0 on {cores} cores)")
+        if arr in ("host", "issuing-host") and not ns.host_cores:
+            print(f"  {arr}: skipped (--host-cores resolves to 0 on {cores} cores)")
             continue
         out = subprocess.run([sys.executable, "-P", "-m", "aptmoe.exec.thread_bench", "--arrangement", arr,
                               "--host-cores", str(ns.host_cores), "--size", ns.size, "--tokens", str(ns.tokens),
@@ -194,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         if out.returncode:
             print(f"  {arr}: failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
             return 1
-        rows.append((arr if us is None else f"issuing {us:g}", json.loads(out.stdout.strip().splitlines()[-1])))
+        rows.append((arr if us is None else f"{arr} {us:g}", json.loads(out.stdout.strip().splitlines()[-1])))
     print(f"{cores} cores; --host-cores {ns.host_cores}; medians; MoE-{ns.size} expert forward on {ns.tokens} tokens;"
           f" 'issuing N': N us GIL switch interval, main = the issuing loop's rate against its rate alone")
-    print(f"  {'arrangement':<14}{'threads':>8}{'adam call us':>14}{'adam ns/param':>15}{'expert fwd ms':>15}{'main':>7}")
+    print(f"  {'arrangement':<19}{'threads':>8}{'adam call us':>14}{'adam ns/param':>15}{'expert fwd ms':>15}{'main':>7}")
     for arr, r in rows:
         main_rate = f"{r['main_rate']:.2f}" if "main_rate" in r else "-"
-        print(f"  {arr:<14}{int(r['threads']):>8}{r['adam_call_s'] * 1e6:>14.1f}{r['adam_s_per_param'] * 1e9:>15.3f}"
+        print(f"  {arr:<19}{int(r['threads']):>8}{r['adam_call_s'] * 1e6:>14.1f}{r['adam_s_per_param'] * 1e9:>15.3f}"
               f"{r['expert_fwd_s'] * 1e3:>15.3f}{main_rate:>7}")
     return 0
 
