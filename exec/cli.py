@@ -57,11 +57,23 @@ class UsageError(ValueError):
     pass
 
 
-# A rank's compute thread is in Python almost all the time and takes the GIL back after every
-# torch call before a waiting thread has woken up: the others get it when the holder is forced
-# to drop it, after sys.getswitchinterval(). At Python's 5 ms the CPU worker's Adam chunks
-# (one torch call each) took 1.2-2.5 ms for 1.1 ms of work on the one-H200 runs of 2026-11-29.
-GIL_SWITCH_US = 100.0
+# A GPU rank's compute thread is in Python almost all the time and takes the GIL back after
+# every torch call before a waiting thread has woken up: the others get it when the holder is
+# forced to drop it, after sys.getswitchinterval(). At Python's 5 ms the CPU worker's Adam
+# chunks took 1.6-2.3 ms for 1.1 ms of work beside it on the one-H200 runs of 2026-11-29, and
+# at 100 us their median matched the profile (docs/validation-h200-v3-gil; one run each, not
+# yet A/B'd over the matrix). A CPU rank's compute thread spends its time inside torch calls,
+# without the GIL, and on the 2-core machine a busy issuing thread at 100 us slowed the worker
+# more than at 5 ms (BENCHMARKS.md): CPU ranks keep Python's interval unless asked.
+GIL_SWITCH_US_GPU = 100.0
+
+
+def gil_switch_s(asked_us: float | None, on_gpu: bool) -> float | None:
+    """The switch interval a rank runs at: --gil-switch-us, else 100 us on a GPU rank and
+    Python's own (None: left alone) on a CPU rank."""
+    if asked_us is not None:
+        return asked_us * 1e-6
+    return GIL_SWITCH_US_GPU * 1e-6 if on_gpu else None
 
 
 def _switch_us(text: str) -> float:
@@ -88,10 +100,10 @@ def make_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
     g.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a rank waits for a block, a message or a peer before it gives up (300)")
-    g.add_argument("--gil-switch-us", dest="gil_switch_us", type=_switch_us, default=GIL_SWITCH_US,
-                   help="the ranks' GIL switch interval in microseconds (sys.setswitchinterval; Python's own "
-                        f"is 5000): how long the CPU worker and the copy threads can wait for the GIL while "
-                        f"the compute thread issues GPU work ({GIL_SWITCH_US:g})")
+    g.add_argument("--gil-switch-us", dest="gil_switch_us", type=_switch_us, default=None,
+                   help="the ranks' GIL switch interval in microseconds (sys.setswitchinterval): how long the "
+                        "CPU worker and the copy threads can wait for the GIL while the compute thread issues "
+                        f"GPU work ({GIL_SWITCH_US_GPU:g} on GPU ranks; CPU ranks keep Python's 5000)")
     g.add_argument("--save-params", dest="save_params", action="store_true",
                    help="write every rank's parameters after training (params-<pipeline>-rank<r>.pt)")
     g.add_argument("--no-trace", dest="no_trace", action="store_true", help="write no trace or timeline")
@@ -197,7 +209,9 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path) -> dict | None:
             bar.update()
 
     switch = sys.getswitchinterval()
-    sys.setswitchinterval(ns.gil_switch_us * 1e-6)
+    asked = gil_switch_s(ns.gil_switch_us, setup.device.cuda)
+    if asked is not None:
+        sys.setswitchinterval(asked)
     in_run = sys.getswitchinterval()
     try:
         res = run_pipeline(setup, cfg, plan, cost, data=ns.data,

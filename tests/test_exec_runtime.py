@@ -109,6 +109,14 @@ def test_the_ranks_run_at_the_gil_switch_interval_asked(tmp_path) -> None:
     assert sys.getswitchinterval() == before
 
 
+def test_gpu_ranks_default_to_100_us_and_cpu_ranks_keep_pythons_interval() -> None:
+    from aptmoe.exec.cli import gil_switch_s
+
+    assert gil_switch_s(None, on_gpu=True) == pytest.approx(100e-6)
+    assert gil_switch_s(None, on_gpu=False) is None
+    assert gil_switch_s(2000.0, on_gpu=False) == pytest.approx(2e-3)
+
+
 def test_a_plan_that_cannot_fit_is_refused_before_launch(tmp_path, capsys) -> None:
     out = tmp_path / "small"
     assert run_main([*TINY, *CPU, "--pipeline", "GPipe", "--num_stages", "2", "--gpu-memory", "0.0001", "--out", str(out)]) == 3
