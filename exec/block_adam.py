@@ -6,7 +6,7 @@ GIL and must take it back; with the compute thread in Python almost all the time
 wants the GIL back waits until the holder is forced to drop it (sys.getswitchinterval(), 5 ms
 by default). `torch.optim.Adam.step()` makes several such calls per chunk (the step counters'
 increment, the fused kernel, the capture check), and on the one-H200 runs of 2026-11-29 a
-4 M-parameter chunk took 1.2-2.5 ms against 1.1 ms calibrated. Here a block's chunks share one
+4 M-parameter chunk took 1.6-2.3 ms beside the issuing thread against 1.15 ms calibrated. Here a block's chunks share one
 step counter, advanced once per step by the thread that hands the chunks out, so that a chunk
 is one call: the fused kernel torch's own `Adam(fused=True)` runs, with the same arguments, so
 the results are the same bits. A torch without the CPU kernel (before 2.4) gets
@@ -67,7 +67,7 @@ class BlockAdam:
         chunk = self.chunks[i]
         if self.fused:
             with torch.no_grad():           # a chunk may be a leaf that requires grad (calibration)
-                    torch._fused_adam_([chunk], [grad], [self.exp_avg[i]], [self.exp_avg_sq[i]], [], [self.step],
+                torch._fused_adam_([chunk], [grad], [self.exp_avg[i]], [self.exp_avg_sq[i]], [], [self.step],
                                    amsgrad=False, lr=self.lr, beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.0,
                                    eps=EPS, maximize=False)
             return
