@@ -49,6 +49,7 @@ from aptmoe.calibration.dispatch import PROBE, measure_dispatch
 from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
+from aptmoe.host import allowed_cores
 from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import BlockAdam
 from aptmoe.costs import LinkSpec
@@ -176,10 +177,7 @@ def _topology(cpu: int) -> tuple[int, int]:
         return 0, cpu
 
 
-def allowed_cpus() -> list[int]:
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
+allowed_cpus = allowed_cores           # the profiler's name for it
 
 
 def cpus_in_binding_order(cpus: Sequence[int]) -> list[int]:

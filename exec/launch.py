@@ -25,6 +25,7 @@ from aptmoe.exec.device import Device
 from aptmoe.exec.runtime import ExecOptions, RankRuntime, StepReport
 
 from aptmoe.config import RunConfig
+from aptmoe.host import allowed_cores
 from aptmoe.costs import CostSource
 from aptmoe.metrics import RESOURCES, shared_metrics
 from aptmoe.plan.plan import Plan
@@ -41,14 +42,6 @@ class RankSetup:
     local_rank: int
     device: Device
     cores: list[int] = field(default_factory=list)
-
-
-def allowed_cores() -> list[int]:
-    """The cores this process may run on (all of them where the OS has no affinity)."""
-    try:
-        return sorted(psutil.Process().cpu_affinity())
-    except (AttributeError, psutil.Error):          # macOS has no affinity
-        return list(range(os.cpu_count() or 1))
 
 
 def cores_per_rank(wanted: int, local_ranks: int) -> int:

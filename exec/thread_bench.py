@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ def _measure(ns) -> dict[str, float]:
     from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
     from aptmoe.exec.cpu_expert_bench import expert_pool
     from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
-    from aptmoe.exec.launch import allowed_cores
+    from aptmoe.host import allowed_cores
     from aptmoe.exec.model import expert_forward
     from aptmoe.exec.block_adam import BlockAdam
     from aptmoe.memory import ADAM_CHUNK_PARAMS
@@ -169,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arrangement", choices=ARRANGEMENTS, help=argparse.SUPPRESS)     # one child's part
     ns = p.parse_args(argv)
     from aptmoe.config import auto_host_cores
+    from aptmoe.host import allowed_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(allowed_cores())
     try:
         ns.host_cores = auto_host_cores(cores, True) if ns.host_cores == "auto" else int(ns.host_cores)
     except ValueError:
