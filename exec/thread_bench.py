@@ -34,6 +34,7 @@ expert of a 512 MiB pool each call).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -47,9 +48,10 @@ ARRANGEMENTS = ("main", "two-teams", "worker", "host", "issuing", "issuing-host"
 def _measure(ns) -> dict[str, float]:
     import torch
 
-    from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
+    from aptmoe.calibration.timing import host_sample
+    from aptmoe.exec.cores import split_host_cores
     from aptmoe.exec.cpu_expert_bench import expert_pool
-    from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
+    from aptmoe.exec.cpu_worker import EXPERT
     from aptmoe.host import allowed_cores
     from aptmoe.exec.model import expert_forward
     from aptmoe.exec.block_adam import BlockAdam
@@ -73,9 +75,7 @@ def _measure(ns) -> dict[str, float]:
     x = torch.randn(ns.tokens, model.embedding_dim)
 
     def timed(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
+        return host_sample(fn)()
 
     def series() -> dict[str, float]:
         for step in small[:8] + big[:2]:
@@ -94,15 +94,28 @@ def _measure(ns) -> dict[str, float]:
         return _while_issuing(series, *split_host_cores(cores, ns.host_cores if ns.arrangement == "issuing-host"
                                                          else 0))
     host, workers = split_host_cores(cores, ns.host_cores if ns.arrangement == "host" else 0)
-    w = CpuWorker("bench-cpu", on_start=(lambda: start_worker_thread(workers)) if ns.arrangement != "two-teams"
-                  else None)
+    with _worker(host, workers, own_team=ns.arrangement != "two-teams") as w:
+        return w.submit(EXPERT, series).result()
+
+
+@contextlib.contextmanager
+def _worker(host: list[int], workers: list[int], own_team: bool = True):
+    """A CPU worker as the executor starts one: bound to `workers` with as many torch threads,
+    this thread then on `host` (where given) at one torch thread. `own_team=False`: as before
+    1121e15, the worker unbound and this thread keeping its OpenMP team."""
+    import torch
+
+    from aptmoe.exec.cores import bind_this_thread, start_worker_thread
+    from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
+
+    w = CpuWorker("bench-cpu", on_start=(lambda: start_worker_thread(workers)) if own_team else None)
     try:
         w.submit(EXPERT, lambda: None).result()
         if host:
             bind_this_thread(host)
-        if ns.arrangement != "two-teams":
+        if own_team:
             torch.set_num_threads(1)
-        return w.submit(EXPERT, series).result()
+        yield w
     finally:
         w.close()
 
@@ -122,15 +135,9 @@ def _issue_loop(x, stop, loops: list[int]) -> None:
 def _while_issuing(series, host: list[int], workers: list[int]) -> dict[str, float]:
     import torch
 
-    from aptmoe.exec.cores import bind_this_thread, start_worker_thread
-    from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
+    from aptmoe.exec.cpu_worker import EXPERT
 
-    w = CpuWorker("bench-cpu", on_start=lambda: start_worker_thread(workers))
-    try:
-        w.submit(EXPERT, lambda: None).result()
-        if host:
-            bind_this_thread(host)
-        torch.set_num_threads(1)
+    with _worker(host, workers) as w:
         # made and used once before any timing: a CUDA context's start would count as issuing
         x = torch.zeros(16, device="cuda" if torch.cuda.is_available() else "cpu")
         _issue_loop_for(x, 0.1, [0])
@@ -145,8 +152,6 @@ def _while_issuing(series, host: list[int], workers: list[int]) -> dict[str, flo
         _issue_loop(x, stop, loops)
         busy = loops[0] / (time.perf_counter() - t)
         return {**fut.result(), "main_rate": busy / alone}
-    finally:
-        w.close()
 
 
 def _issue_loop_for(x, seconds: float, loops: list[int]) -> None:
