@@ -1071,13 +1071,13 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
     if m.adam_cpu or m.adam_gpu is not None:
         parts = []
         if m.adam_cpu:
-            parts.append(f"CPU: torch.optim.Adam({m.adam_cpu_impl}=True) step over {sizes.adam_params >> 20} Mi fp32 "
-                         f"params in {sizes.adam_tensors} tensors with random grads, per thread count (threads "
-                         f"bound as for cpu_expert), host clock")
+            parts.append(f"CPU: the executor's step (aptmoe.exec.block_adam, {m.adam_cpu_impl}: one kernel call per "
+                         f"tensor) over {sizes.adam_params >> 20} Mi fp32 params in {sizes.adam_tensors} tensors "
+                         f"with random grads, per thread count (threads bound as for cpu_expert), host clock")
         else:
             parts.append("CPU: roofline")
         if m.adam_cpu_call:
-            parts.append(f"CPU call: one step() over a {ADAM_CALL_PARAMS}-param tensor, the median of 5 batches "
+            parts.append(f"CPU call: one chunk's call over a {ADAM_CALL_PARAMS}-param tensor, the median of 5 batches "
                          f"of {ADAM_CALLS} calls (the fixed cost each of the executor's chunks pays)")
         if m.adam_shared:
             parts.append(f"CPU shared: the same in {m.adam_shared_ranks} processes at once, each on its own cores "
