@@ -127,10 +127,10 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
                    help="cap on each GPU's host link in GB/s (default: native)")
     g.add_argument("--cores-per-socket", dest="cores_per_socket", type=int, default=None,
                    help="CPU cores of one socket (default: the profile's)")
-    g.add_argument("--host-cores", dest="host_cores", type=_host_cores, default=0,
+    g.add_argument("--host-cores", dest="host_cores", type=_host_cores, default="auto",
                    help="cores of each rank kept for its host threads, out of the CPU experts' and Adam's "
-                        "reach: a number, or auto (2 on GPU ranks with 8 or more cores, 1 with 4-7, 0 on the "
-                        "executor's CPU ranks) (0: every core does CPU work, as in the paper)")
+                        "reach: a number, or auto, the default (2 on GPU ranks with 8 or more cores, 1 with 4-7, "
+                        "0 on the executor's CPU ranks); 0: every core does CPU work, as in the paper")
     g.add_argument("--pageable", action="store_true", help="host parameters in pageable memory")
     g.add_argument("--persistence", type=float, default=0.73,
                    help="overlap of the least-used half of experts between iterations (0.73)")
@@ -204,7 +204,7 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
         stages = None                       # a preset's stage count that no longer fits: search instead
     topo = ns.topo or ARTIFACT_DEFAULTS["topo"]
     sockets = ns.cores_per_socket or cores_per_socket
-    host = getattr(ns, "host_cores", 0)
+    host = getattr(ns, "host_cores", "auto")
     if host == "auto":                      # as aptmoe-run on GPU ranks (it resolves it again for its machine)
         host = auto_host_cores(sockets // TOPOLOGIES.get(topo, 1), on_gpu=True)
     cluster = ClusterConfig(

@@ -18,7 +18,7 @@ import datetime
 import sys
 from pathlib import Path
 
-from aptmoe.config import RunConfig
+from aptmoe.config import Pipeline, RunConfig
 from aptmoe.flags import (
     add_cluster_flags,
     add_seed_flags,
@@ -145,6 +145,12 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
         (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fb))
     say(schedule_table(results))
     say(f"calibration {profile.name}: {short_fallbacks(fb)}")
+    if first.cluster.host_cores == 0 and any(c.schedule.pipeline is not Pipeline.GPIPE for c in configs.values()):
+        # The model gives a rank's host threads a core whenever they are ready; --host-cores
+        # keeps them one. Shared cores made the offload schedules up to 1.46x slower than this
+        # (docs/validation-h200-hostcores), and the simulator has no model of that wait.
+        say("note: --host-cores 0: the CPU work shares every core with the threads that issue kernels and "
+            "copies, a wait the simulator does not model (its prediction is a lower bound)")
     say(f"wrote {out}/ (results.json, results.csv" + ("" if ns.no_trace else ", trace-*.json")
         + ("" if ns.no_trace or ns.no_plot else ", timeline-*.png") + ", plan-*.txt)")
     return 0

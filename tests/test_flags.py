@@ -147,4 +147,5 @@ def test_host_cores_flag_takes_a_number_or_auto() -> None:
     assert parse("--host-cores 2").cluster.host_cores == 2
     assert parse("--host-cores auto --topo C1+G2").cluster.host_cores == 2      # 28 cores / 2 GPUs: 14 a rank
     assert parse("--host-cores auto --topo C1+G4 --cores-per-socket 12").cluster.host_cores == 0   # 3 a rank
-    assert parse("").cluster.host_cores == 0
+    assert parse("").cluster.host_cores == 2            # auto is the default (measured: docs/validation-h200-hostcores)
+    assert parse("--host-cores 0").cluster.host_cores == 0

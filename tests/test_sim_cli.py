@@ -91,6 +91,15 @@ def test_prints_parameters_and_table(tmp_path, capsys) -> None:
     assert list(json.loads((tmp_path / "one" / "results.json").read_text())["schedules"]) == ["APTMoE"]
 
 
+@pytest.mark.parametrize("pipeline, host, noted", [("Mobius", "0", True), ("Mobius", "auto", False),
+                                                   ("GPipe", "0", False)])
+def test_shared_host_cores_are_noted_as_unmodelled(pipeline, host, noted, tmp_path, capsys) -> None:
+    """--host-cores 0 leaves the host threads no core of their own: a wait the model lacks."""
+    line = DEMO.replace("--pipeline all", f"--pipeline {pipeline}") + f" --host-cores {host} --no-plot --no-trace"
+    rc, out, _ = run(line, tmp_path / "h", capsys)
+    assert rc == 0 and ("note: --host-cores 0" in out) == noted
+
+
 def test_quiet_prints_nothing(tmp_path, capsys) -> None:
     rc, out, err = run(DEMO.replace("--pipeline all", "--pipeline Mobius") + " -q --no-plot", tmp_path / "q", capsys)
     assert (rc, out, err) == (0, "", "")
