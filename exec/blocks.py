@@ -100,13 +100,14 @@ class FlatParams:
         if self.grad is None:
             self.set_grad(torch.zeros_like(self.flat))
 
-    def start_grad(self) -> bool:
-        """For code that writes its own gradients (`expert_backward`): give the block an
-        uninitialised gradient buffer if it has none. True if it was just made, so the
-        caller writes the gradient rather than adding to it (no zero-fill)."""
+    def start_grad(self, buffer: torch.Tensor | None = None) -> bool:
+        """For code that writes its own gradients (`expert_backward`): give the block a
+        gradient buffer if it has none, `buffer` (kept by the caller from step to step) or a
+        new uninitialised one. True if it was just given, so the caller writes the gradient
+        rather than adding to it (no zero-fill)."""
         if self.grad is not None:
             return False
-        self.set_grad(torch.empty_like(self.flat))
+        self.set_grad(torch.empty_like(self.flat) if buffer is None else buffer)
         return True
 
     def flat_views(self) -> tuple[torch.Tensor, ...]:
