@@ -17,6 +17,9 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``adam``: {cpu_s_per_param: {threads: s}, gpu_s_per_param: s or null, and optionally
   cpu_shared: {ranks: R, s_per_param: {threads: s}}, the CPU figure with R ranks of one
   host updating at once on disjoint cores (they share the host's memory bandwidth)};
+- ``host_memory`` (optional): {GBps: {threads: s}, cpu_alone_GBps: {threads: s}}, the host
+  memory's bandwidth for CPU work and copies together (a read-bound CPU stream plus the GPU's
+  copies, both busy) and the CPU stream's rate alone (calibration/host_memory.py);
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -187,6 +190,17 @@ class Dispatch:
 
 
 @dataclass(frozen=True)
+class HostMemory:
+    """What host memory gives CPU work and the links' copies together, by the CPU's threads.
+
+    The copy engines take their link's rate first (PCIe is the narrower pipe) and the CPU's
+    memory-bound work slows to what is left (sim/host_memory.py). Optional in the schema:
+    without it CPU work never waits for copies."""
+    GBps: dict[int, float]                  # threads -> CPU stream + copies, both busy
+    cpu_alone_GBps: dict[int, float]        # threads -> the CPU stream alone
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     made_by: MadeBy
@@ -200,6 +214,7 @@ class Profile:
     roofline: dict[str, Any]            # JSON form of AnalyticHardware's fields
     description: str = ""
     dispatch: Dispatch | None = None
+    host_memory: HostMemory | None = None
 
     schema: typing.ClassVar[str] = SCHEMA
 
@@ -243,6 +258,9 @@ class Profile:
         })
         if self.dispatch is not None:
             d["dispatch"] = dataclasses.asdict(self.dispatch)
+        if self.host_memory is not None:
+            d["host_memory"] = {"GBps": table(self.host_memory.GBps),
+                                "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps)}
         return d
 
     def to_json(self) -> str:
@@ -392,7 +410,7 @@ class _Parser:
         if data["schema"] != SCHEMA:
             self.fail("schema", f"unknown schema version {self._show(data['schema'])}; this aptmoe reads {SCHEMA!r}")
         d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
-                                "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch"))
+                                "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch", "host_memory"))
         description = d.get("description", "")
         if not isinstance(description, str):
             self.fail("description", "must be a string")
@@ -409,7 +427,13 @@ class _Parser:
             roofline=self.roofline(d["roofline"]),
             description=description,
             dispatch=self.dispatch(d["dispatch"]) if "dispatch" in d else None,
+            host_memory=self.host_memory(d["host_memory"]) if "host_memory" in d else None,
         )
+
+    def host_memory(self, data: Any) -> HostMemory:
+        d = self.obj(data, "host_memory", ("GBps", "cpu_alone_GBps"))
+        return HostMemory(self.table(d["GBps"], "host_memory.GBps", "threads"),
+                          self.table(d["cpu_alone_GBps"], "host_memory.cpu_alone_GBps", "threads"))
 
     def dispatch(self, data: Any) -> Dispatch:
         d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"))
@@ -843,6 +867,17 @@ class ProfileCost:
         call = calls[min(calls, key=lambda c: (abs(c - t), c))] if calls else 0.0
         return call + p * _by_threads(table, t, lambda per_param: per_param, lambda: self.fallbacks.add(
             f"adam cpu: {t} threads outside measured {min(table)}..{max(table)}, scaled by measured/threads"))
+
+    def host_memory_GBps(self, threads: int) -> float | None:
+        """Host memory's bandwidth for CPU work and copies together, with the CPU's work on
+        `threads` threads (the nearest measured count); None where it was not measured, and
+        CPU work then never waits for copies."""
+        hm = self.profile.host_memory
+        if hm is None:
+            self.fallbacks.add("host memory: not measured, CPU work never waits for the links' copies")
+            return None
+        t = _positive("threads", threads)
+        return hm.GBps[min(hm.GBps, key=lambda c: (abs(c - t), c))]
 
     def adam_gpu_s(self, num_params: int) -> float:
         p = _count("num_params", num_params)

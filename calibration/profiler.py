@@ -46,6 +46,7 @@ import torch
 from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
+from aptmoe.calibration.host_memory import HostMemoryResult, host_memory_source, measure_host_memory
 from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
@@ -53,10 +54,11 @@ from aptmoe.host import allowed_cores
 from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import BlockAdam
 from aptmoe.costs import LinkSpec
-from aptmoe.profile import Adam, CpuCurve, Dispatch, GpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped
+from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, LinkFit, Links, MadeBy, Profile,
+                            Skipped)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch")          # what --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory")          # what --skip can leave out
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
@@ -405,6 +407,7 @@ class Measured:
     adam_shared_ranks: int | None = None
     adam_cpu_call: dict[int, float] = field(default_factory=dict)
     dispatch: Dispatch | None = None
+    host_memory: dict[int, HostMemoryResult] = field(default_factory=dict)
 
 
 def _random_bytes(n: int, device: torch.device | str = "cpu", pinned: bool = False) -> torch.Tensor:
@@ -752,6 +755,12 @@ def measure_adam_cpu_shared(threads: int, ranks: int, machine: Machine, sizes: S
     m.adam_shared_ranks = ranks
 
 
+def measure_host_memory_bound(threads: int, machine: Machine, gpu: int, m: Measured) -> None:
+    with pinned_threads(machine.cpus[:threads]) as bound:
+        m.host_memory[threads] = measure_host_memory(threads, gpu)
+    m.cpu_bound &= bound
+
+
 def adam_shared_ranks(machine: Machine) -> int:
     """How many ranks update at once on this host: one per GPU, or the executor's two CPU
     ranks where there is at most one GPU."""
@@ -817,6 +826,11 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
         out.append(Skipped("dispatch", "--skip dispatch: blocks take their kernel time alone"))
     elif not machine.gpus and opts.blocks_on != "cpu":
         out.append(Skipped("dispatch", f"{no_gpu}: blocks take their kernel time alone"))
+    if "memory" in opts.skip:
+        out.append(Skipped("host_memory", "--skip memory: CPU work never waits for the links' copies"))
+    elif not machine.gpus:
+        out.append(Skipped("host_memory", f"{no_gpu}: no copy engine to share host memory with; CPU work "
+                                          "never waits for the links' copies"))
     if "adam" in opts.skip:
         out.append(Skipped("adam", "--skip adam: roofline Adam rates"))
     elif not machine.gpus and opts.blocks_on != "cpu":
@@ -876,6 +890,9 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
             add("adam gpu (cpu)", lambda: measure_adam_gpu(None, sizes, m, block_cpus(opts, machine)))
         elif gpus:
             add("adam gpu", lambda: measure_adam_gpu(gpus[0], sizes, m))
+    if "memory" not in opts.skip and gpus:
+        for t in machine.threads:
+            add(f"memory {t}t", lambda t=t: measure_host_memory_bound(t, machine, gpus[0], m))
     if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
         # On CPU ranks: two of them, as the executor runs by default without a GPU.
         device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
@@ -1123,6 +1140,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     links = _links(sizes, machine, m, hw, preset_fn, a)
     _compute_sources(opts, sizes, machine, m, a)
     _rate_overrides(m, a)
+    if m.host_memory:
+        a.sources["host_memory"] = host_memory_source(m.host_memory)
     if m.dispatch is not None:
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
                                  f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls) on a model too "
@@ -1149,7 +1168,10 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                   m.adam_shared_ranks if m.adam_shared else None,
                   {t: round_sig(s) for t, s in m.adam_shared.items()},
                   {t: round_sig(s) for t, s in m.adam_cpu_call.items()}),
-        roofline=_roofline_json(roof), dispatch=m.dispatch)
+        roofline=_roofline_json(roof), dispatch=m.dispatch,
+        host_memory=HostMemory({t: round_sig(r.total_GBps) for t, r in m.host_memory.items()},
+                               {t: round_sig(r.cpu_alone_GBps) for t, r in m.host_memory.items()})
+        if m.host_memory else None)
 
 
 def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:

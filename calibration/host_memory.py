@@ -1,0 +1,171 @@
+"""Host memory bandwidth shared by the CPU's work and the links' copies (`host_memory`).
+
+A GPU's copy engine reads (h2d) or writes (d2h) host memory at the link's rate, and the
+CPU's own work streams the same memory: an expert's forward on a few tokens reads all of
+its weights once (MoE-M: 134 MB), an Adam chunk reads four and writes three of its
+parameters' buffers. On the H200 host a CPU expert on one token ran 2.0-2.4 ms inside a
+run, beside the layer's loads, against 1.2 ms calibrated alone (docs/validation-h200-hostcores):
+the two together stream no more than the memory gives.
+
+This measures that sharing: a read-bound CPU stream (an MoE-M expert's forward on one token
+over a pool of experts larger than any cache, as the executor's CPU worker runs it) alone,
+and again while the GPU copies back to back in one direction, with the copies' own rate.
+The sum of the two rates under load is the memory's bandwidth for CPU work plus copies; the
+simulator gives the copies their link rate and the CPU work what is left (sim/host_memory.py).
+An Adam chunk (the executor's BlockAdam) alone and beside d2h copies is timed as a check of
+that model, not used by it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+MiB = 1 << 20
+POOL_BYTES = 768 * MiB          # the CPU stream's pool: beyond every cache
+COPY_BYTES = 256 * MiB          # one copy of the copy loop
+SAMPLES = 40                    # CPU calls timed per condition
+ADAM_CHUNK = 4 << 20            # parameters of one chunk (the executor's chunk size)
+D, H = 2048, 8192               # MoE-M's expert
+
+
+@dataclass
+class HostMemoryResult:
+    threads: int
+    cpu_alone_GBps: float
+    cpu_under_GBps: dict[str, float] = field(default_factory=dict)      # h2d, d2h -> CPU stream rate
+    copy_under_GBps: dict[str, float] = field(default_factory=dict)     # h2d, d2h -> the copies' rate
+    adam_alone_ns: float = 0.0              # per parameter
+    adam_under_d2h_ns: float = 0.0
+
+    @property
+    def total_GBps(self) -> float:
+        """CPU stream plus copies with both busy: the median over the directions measured."""
+        return statistics.median(self.cpu_under_GBps[d] + self.copy_under_GBps[d] for d in self.cpu_under_GBps)
+
+
+class CopyLoop:
+    """Copies in one direction back to back on their own stream, from a thread that only
+    queues them and waits (it holds no core while the copies run)."""
+
+    def __init__(self, direction: str, gpu: int) -> None:
+        dev = torch.device("cuda", gpu)
+        self.host = torch.empty(COPY_BYTES, dtype=torch.uint8, pin_memory=True).random_(1, 255)
+        self.dev = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev).random_(1, 255)
+        self.src, self.dst = (self.host, self.dev) if direction == "h2d" else (self.dev, self.host)
+        self.stream = torch.cuda.Stream(dev)
+        self.stop = threading.Event()
+        self.bytes = 0
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with torch.cuda.stream(self.stream):
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                for _ in range(4):
+                    self.dst.copy_(self.src, non_blocking=True)
+                self.stream.synchronize()
+                self.seconds += time.perf_counter() - t
+                self.bytes += 4 * COPY_BYTES
+
+    def __enter__(self) -> "CopyLoop":
+        self.thread.start()
+        time.sleep(0.05)                    # the copies are running before the CPU is timed
+        self.bytes, self.seconds = 0, 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    @property
+    def GBps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def _median_call(fn: Callable[[], None], n: int = SAMPLES) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _expert_stream() -> tuple[Callable[[], None], int]:
+    """One token through the next expert of the pool (its weights come from memory): the call
+    and the bytes it reads."""
+    per = 2 * D * H * 4
+    pool = [(torch.randn(H, D), torch.randn(D, H)) for _ in range(max(2, POOL_BYTES // per))]
+    x = torch.randn(1, D)
+    at = [0]
+
+    def call() -> None:
+        w1, w2 = pool[at[0] % len(pool)]
+        at[0] += 1
+        torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1)), w2)
+
+    return call, per
+
+
+def _adam_stream() -> tuple[Callable[[], None], int]:
+    """One Adam chunk of the next block of a pool (the executor's one-call update)."""
+    from aptmoe.exec.block_adam import BlockAdam
+
+    blocks = []
+    for _ in range(max(2, POOL_BYTES // (ADAM_CHUNK * 16))):
+        p = torch.randn(ADAM_CHUNK).requires_grad_()
+        p.grad = torch.randn(ADAM_CHUNK)
+        adam = BlockAdam([p], lr=1e-4)
+        adam.begin_step()
+        adam.step_chunk(0, p.grad)           # makes the moments
+        blocks.append((adam, p.grad))
+    at = [0]
+
+    def call() -> None:
+        adam, g = blocks[at[0] % len(blocks)]
+        at[0] += 1
+        adam.step_chunk(0, g)
+
+    return call, ADAM_CHUNK
+
+
+def measure_host_memory(threads: int, gpu: int) -> HostMemoryResult:
+    """At `threads` torch threads (the caller binds them): the CPU stream alone and beside
+    each direction's copies, and the Adam check."""
+    torch.set_num_threads(threads)
+    expert, nbytes = _expert_stream()
+    res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / _median_call(expert) / 1e9)
+    for direction in ("h2d", "d2h"):
+        with CopyLoop(direction, gpu) as loop:
+            seconds = _median_call(expert)
+        res.cpu_under_GBps[direction] = nbytes / seconds / 1e9
+        res.copy_under_GBps[direction] = loop.GBps
+    del expert
+    adam, params = _adam_stream()
+    res.adam_alone_ns = _median_call(adam) / params * 1e9
+    with CopyLoop("d2h", gpu):
+        res.adam_under_d2h_ns = _median_call(adam) / params * 1e9
+    return res
+
+
+def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
+    """The profile's `sources` entry: how it was measured, and every figure behind the sums."""
+    parts = []
+    for t, r in sorted(results.items()):
+        under = ", ".join(f"beside {d} copies {r.cpu_under_GBps[d]:.1f} + copies {r.copy_under_GBps[d]:.1f}"
+                          for d in r.cpu_under_GBps)
+        parts.append(f"{t}t: CPU alone {r.cpu_alone_GBps:.1f} GB/s, {under}; check: an Adam chunk "
+                     f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies")
+    return ("measured: a read-bound CPU stream (one token through an MoE-M expert, d 2048 h 8192 fp32, the "
+            f"next of a {POOL_BYTES >> 20} MiB pool each call) alone and while one GPU copies {COPY_BYTES >> 20} "
+            "MiB back to back in one direction, threads bound as for cpu_expert; GBps = the CPU stream's rate "
+            f"plus the copies', both busy, the median over h2d and d2h; median of {SAMPLES} calls: "
+            + "; ".join(parts))
