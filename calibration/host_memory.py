@@ -18,6 +18,7 @@ that model, not used by it.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -51,9 +52,13 @@ class HostMemoryResult:
 
 class CopyLoop:
     """Copies in one direction back to back on their own stream, from a thread that only
-    queues them and waits (it holds no core while the copies run)."""
+    queues them and waits on a blocking event, as the executor's copy threads do: it holds
+    no core while the copies run (a spinning wait would take one of the CPU stream's cores,
+    and a parallel region waits for its slowest thread: Adam beside a spinning copy thread
+    ran 8x slower on the H200). The thread runs on `cpus` where there are cores to spare."""
 
-    def __init__(self, direction: str, gpu: int) -> None:
+    def __init__(self, direction: str, gpu: int, cpus: list[int] | None = None) -> None:
+        self.cpus = cpus
         dev = torch.device("cuda", gpu)
         self.host = torch.empty(COPY_BYTES, dtype=torch.uint8, pin_memory=True).random_(1, 255)
         self.dev = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev).random_(1, 255)
@@ -65,12 +70,16 @@ class CopyLoop:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)         # this thread only (Linux: 0 = the caller)
+        done = torch.cuda.Event(blocking=True)
         with torch.cuda.stream(self.stream):
             while not self.stop.is_set():
                 t = time.perf_counter()
                 for _ in range(4):
                     self.dst.copy_(self.src, non_blocking=True)
-                self.stream.synchronize()
+                done.record(self.stream)
+                done.synchronize()
                 self.seconds += time.perf_counter() - t
                 self.bytes += 4 * COPY_BYTES
 
@@ -137,21 +146,21 @@ def _adam_stream() -> tuple[Callable[[], None], int]:
     return call, ADAM_CHUNK
 
 
-def measure_host_memory(threads: int, gpu: int) -> HostMemoryResult:
+def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) -> HostMemoryResult:
     """At `threads` torch threads (the caller binds them): the CPU stream alone and beside
-    each direction's copies, and the Adam check."""
+    each direction's copies (their thread on the `spare` cores, if any), and the Adam check."""
     torch.set_num_threads(threads)
     expert, nbytes = _expert_stream()
     res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / _median_call(expert) / 1e9)
     for direction in ("h2d", "d2h"):
-        with CopyLoop(direction, gpu) as loop:
+        with CopyLoop(direction, gpu, spare) as loop:
             seconds = _median_call(expert)
         res.cpu_under_GBps[direction] = nbytes / seconds / 1e9
         res.copy_under_GBps[direction] = loop.GBps
     del expert
     adam, params = _adam_stream()
     res.adam_alone_ns = _median_call(adam) / params * 1e9
-    with CopyLoop("d2h", gpu):
+    with CopyLoop("d2h", gpu, spare):
         res.adam_under_d2h_ns = _median_call(adam) / params * 1e9
     return res
 
@@ -166,6 +175,7 @@ def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
                      f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies")
     return ("measured: a read-bound CPU stream (one token through an MoE-M expert, d 2048 h 8192 fp32, the "
             f"next of a {POOL_BYTES >> 20} MiB pool each call) alone and while one GPU copies {COPY_BYTES >> 20} "
-            "MiB back to back in one direction, threads bound as for cpu_expert; GBps = the CPU stream's rate "
+            "MiB back to back in one direction (from a thread waiting on a blocking event, on the cores the "
+            "stream leaves where it leaves any), threads bound as for cpu_expert; GBps = the CPU stream's rate "
             f"plus the copies', both busy, the median over h2d and d2h; median of {SAMPLES} calls: "
             + "; ".join(parts))

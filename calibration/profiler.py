@@ -757,7 +757,7 @@ def measure_adam_cpu_shared(threads: int, ranks: int, machine: Machine, sizes: S
 
 def measure_host_memory_bound(threads: int, machine: Machine, gpu: int, m: Measured) -> None:
     with pinned_threads(machine.cpus[:threads]) as bound:
-        m.host_memory[threads] = measure_host_memory(threads, gpu)
+        m.host_memory[threads] = measure_host_memory(threads, gpu, list(machine.cpus[threads:]))
     m.cpu_bound &= bound
 
 
