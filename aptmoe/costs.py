@@ -78,9 +78,31 @@ class CostSource(Protocol):
         """True where blocks run on a GPU, so the host issues the next block while the GPU
         computes this one; False on CPU ranks, where issuing and computing are one thread."""
 
+    def host_memory_GBps(self, threads: int) -> tuple[float, float] | None:
+        """Host memory's bandwidth for CPU work and copies together, and what the CPU's work
+        on `threads` threads draws at most alone (None: CPU work never waits for copies;
+        sim/host_memory.py)."""
+
+
+def cpu_expert_bytes(d: int, h: int, dtype_bytes: int, tokens: int, direction: str) -> int:
+    """Host memory a CPU expert streams: its weights (2 d h), read once, and in the backward
+    its weight gradient written too; its tokens' activations (in, hidden, out) besides."""
+    weights = 2 * d * h * dtype_bytes
+    acts = tokens * (2 * d + h) * dtype_bytes
+    return weights + acts if direction == "fwd" else 2 * weights + 2 * acts
+
+
+def adam_bytes(num_params: int, dtype_bytes: int) -> int:
+    """Host memory one Adam step over `num_params` streams: the parameter (read, written),
+    its gradient (read) and the two fp32 moments (read, written)."""
+    return num_params * (3 * dtype_bytes + 16)
+
 
 class KernelTimeOnly:
     """For cost sources that know no host: blocks take their kernel time alone."""
+
+    def host_memory_GBps(self, threads: int) -> tuple[float, float] | None:
+        return None
 
     def host_s(self, kind: str, direction: str) -> float:
         return 0.0

@@ -868,16 +868,17 @@ class ProfileCost:
         return call + p * _by_threads(table, t, lambda per_param: per_param, lambda: self.fallbacks.add(
             f"adam cpu: {t} threads outside measured {min(table)}..{max(table)}, scaled by measured/threads"))
 
-    def host_memory_GBps(self, threads: int) -> float | None:
-        """Host memory's bandwidth for CPU work and copies together, with the CPU's work on
-        `threads` threads (the nearest measured count); None where it was not measured, and
-        CPU work then never waits for copies."""
+    def host_memory_GBps(self, threads: int) -> tuple[float, float] | None:
+        """Host memory's bandwidth for CPU work and copies together, and the CPU stream's
+        rate alone, with the CPU's work on `threads` threads (the nearest measured count);
+        None where it was not measured, and CPU work then never waits for copies."""
         hm = self.profile.host_memory
         if hm is None:
             self.fallbacks.add("host memory: not measured, CPU work never waits for the links' copies")
             return None
         t = _positive("threads", threads)
-        return hm.GBps[min(hm.GBps, key=lambda c: (abs(c - t), c))]
+        near = min(hm.GBps, key=lambda c: (abs(c - t), c))
+        return hm.GBps[near], hm.cpu_alone_GBps[near]
 
     def adam_gpu_s(self, num_params: int) -> float:
         p = _count("num_params", num_params)

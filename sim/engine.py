@@ -21,10 +21,11 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import simpy
+from aptmoe.sim.host_memory import HostMemory
 from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
-from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView
+from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes, cpu_expert_bytes
 from aptmoe.memory import MemoryModel, adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
@@ -92,6 +93,10 @@ class StepModel:
                           for s in sockets}
         self.d2h_roots = {s: SharedRoot(self.env, lambda n: cost.root_GBps(n, "d2h"), f"socket{s}.d2h")
                           for s in sockets}
+        # A socket's memory, shared by its ranks' CPU work and its GPUs' copies (where measured)
+        shared = cost.host_memory_GBps(c.worker_cores)
+        self.host_memory = {s: HostMemory(self.env, *shared, [self.h2d_roots[s], self.d2h_roots[s]])
+                            for s in sockets} if shared else {}
         policy_cost = SharedLinkView(cost, c.gpus_per_socket)
         self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.worker_cores),
                                 history) for r in range(plan.num_ranks)]
@@ -133,6 +138,7 @@ class RankModel:
         c = self.cfg.cluster
         self.h2d_root = step.h2d_roots[c.socket_of(rank)]
         self.d2h_root = step.d2h_roots[c.socket_of(rank)]
+        self.host_memory = step.host_memory.get(c.socket_of(rank))
         self.h2d_link, self.d2h_link = self.cost.h2d(), self.cost.d2h()
         self.threads = c.worker_cores          # the CPU experts' and Adam's cores
         # The rank's cores run one job at a time; expert work goes before optimizer chunks.
@@ -207,6 +213,16 @@ class RankModel:
     def _hold(self, seconds: float, resource: str = "compute"):
         self.busy[resource] += seconds
         return self.env.timeout(seconds)
+
+    def _cpu_work(self, seconds: float, nbytes: int):
+        """A CPU job of `seconds` alone, streaming `nbytes` of host memory: longer while the
+        links' copies take their share of it (sim/host_memory.py)."""
+        start = self.env.now
+        if self.host_memory is None:
+            yield self.env.timeout(seconds)
+        else:
+            yield from self.host_memory.work(seconds, nbytes)
+        self.busy["cpu"] += self.env.now - start
 
     # ------------------------------------------------------------------ loading
     def _poke(self) -> None:
@@ -300,10 +316,11 @@ class RankModel:
             yield req
             for e in experts:
                 start = self.env.now
-                secs = self.cost.cpu_expert_s(int(counts[e]), direction, self.threads)
-                yield self._hold(secs, "cpu")
+                n, m = int(counts[e]), self.cfg.model
+                yield from self._cpu_work(self.cost.cpu_expert_s(n, direction, self.threads),
+                                          cpu_expert_bytes(m.embedding_dim, m.hidden_dim, m.dtype_bytes, n, direction))
                 # the policy hears what the CPU took, as in the executor (here: the model itself)
-                self.policy.cpu_expert_ran(int(counts[e]), direction, secs)
+                self.policy.cpu_expert_ran(n, direction, self.env.now - start)
                 self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,
                              layer=layer, experts=[e], tokens=int(counts[e]))
         yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s, group=self.rank)
@@ -481,7 +498,8 @@ class RankModel:
                 with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
                     yield req
                     start = self.env.now
-                    yield self._hold(self.cost.adam_cpu_s(hi - lo, self.threads), "cpu")
+                    yield from self._cpu_work(self.cost.adam_cpu_s(hi - lo, self.threads),
+                                              adam_bytes(hi - lo, m.dtype_bytes))
                 self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=block.layer)
 
     def _send(self, a: Action):

@@ -75,6 +75,7 @@ class SharedRoot:
         self.busy_s = 0.0                # time with at least one flow
         self._last = env.now
         self._interrupted = False
+        self.listeners: list[Callable[[], None]] = []     # told when the flows' rates change
         self._manager = env.process(self._run())
 
     def transfer(self, nbytes: float, cap_GBps: float, latency_s: float = 0.0, group=None):
@@ -126,6 +127,8 @@ class SharedRoot:
                 for f in finished:
                     f.done.succeed()
             self._set_rates()
+            for tell in self.listeners:
+                tell()
             if self.flows:
                 wait = min(f.remaining / f.rate_Bps for f in self.flows)
                 event = self.env.timeout(max(wait, 0.0))
