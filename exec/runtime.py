@@ -56,7 +56,7 @@ from aptmoe.exec.model import (
     routing_generator,
 )
 
-from aptmoe.config import RunConfig
+from aptmoe.config import Pipeline, RunConfig
 from aptmoe.costs import CostSource
 from aptmoe.memory import adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
@@ -147,8 +147,12 @@ class RankRuntime:
         # step to step: a new buffer each step is fresh memory whose first write faults in
         # every page (an MoE-M expert's backward on one token took 33 ms that way on the
         # H200, against 3.6 ms calibrated). Apart from grad_buf, which the offload copies
-        # the GPU's gradient of the same block into.
-        self.cpu_grad_buf: dict[Block, torch.Tensor] = {}
+        # the GPU's gradient of the same block into. Made here for every expert where the
+        # schedule computes experts on the CPU: made on first use, a pinned buffer's
+        # allocation fell inside a timed CPU expert (35-92 ms on MoE-M in docs/validation-h200-v4).
+        self.cpu_grad_buf: dict[Block, torch.Tensor] = {
+            b: device.empty_host(fp.flat.shape, fp.flat.dtype) for b, fp in self.master.items()
+            if b.kind is BlockKind.EXPERT and cfg.schedule.pipeline is Pipeline.APTMOE and not plan.resident}
         self.ends: dict[str, torch.Tensor] = {}
         kw = dict(device=device.torch, dtype=self.dtype)
         d, V = m.embedding_dim, m.vocab_size
