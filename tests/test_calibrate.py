@@ -70,8 +70,8 @@ def test_cpu_profile_lists_the_gpu_parts_as_skipped(cpu_run) -> None:
     assert {"gpu", "links.p2p.inter_node"} <= parts
     if not HAS_CUDA:
         assert {"links.h2d", "links.d2h", "links.root_GBps", "links.duplex_GBps", "links.p2p.intra_node",
-                "adam.gpu"} <= parts
-        assert p.adam.gpu_s_per_param is None
+                "adam.gpu", "host_memory"} <= parts
+        assert p.adam.gpu_s_per_param is None and p.host_memory is None
         assert p.hardware.gpu_count == 0
     assert p.sources["gpu"].startswith("roofline")
     # ... and says so on the terminal, before measuring and in the summary
@@ -247,6 +247,10 @@ def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
     assert p.links.h2d_pinned.GBps > 1 and p.links.h2d_pinned.points
     assert p.links.root_h2d_GBps.keys() == {1}
     assert p.adam.gpu_s_per_param is not None
+    # host memory shared with copies: both rates under load are real, and their sum is the figure
+    assert p.host_memory is not None and p.host_memory.GBps.keys() == {1}
+    assert p.host_memory.GBps[1] > p.links.h2d_pinned.GBps / 2 and p.host_memory.cpu_alone_GBps[1] > 0
+    assert p.sources["host_memory"].startswith("measured:")
     assert "links.p2p.intra_node" in {s.part for s in p.skipped}
     assert p.hardware.gpu_count == 1
 
