@@ -19,41 +19,33 @@ that speed). The calibration's check, an Adam chunk beside d2h copies at 53 GB/s
 its time alone; this model gives (110 - 53) / 76 -> 1.33x. Jobs of different ranks do not slow each other here:
 Adam's figure for ranks updating at once is measured as such (`adam.cpu_shared`).
 
-Rates change when a job starts or ends and when a root's flows change; a manager process
-sleeps until the earliest job would end, interrupted to re-plan, as `SharedRoot` does.
+Rates change when a job starts or ends and when a root's flows change (sim/fluid.py).
 """
 
 from __future__ import annotations
 
-import math
-
 import simpy
 
+from aptmoe.sim.fluid import Fluid
 from aptmoe.sim.links import SharedRoot
-
-_EPS_S = 1e-12      # a job this close to done is done
 
 
 class _Job:
-    __slots__ = ("remaining_s", "demand_Bps", "rate", "done")
+    __slots__ = ("remaining", "demand_Bps", "rate", "done")
 
     def __init__(self, seconds: float, demand_Bps: float, done: simpy.Event) -> None:
-        self.remaining_s = seconds               # of its time alone
+        self.remaining = seconds                 # of its time alone
         self.demand_Bps = demand_Bps
         self.rate = 1.0                          # alone-seconds done per second
         self.done = done
 
 
-class HostMemory:
+class HostMemory(Fluid):
     def __init__(self, env: simpy.Environment, GBps: float, cpu_alone_GBps: float, roots: list[SharedRoot]) -> None:
-        self.env = env
+        super().__init__(env, 1e-12)
         self.Bps = GBps * 1e9
         self.cpu_Bps = cpu_alone_GBps * 1e9
         self.roots = roots
-        self.jobs: list[_Job] = []
-        self._last = env.now
-        self._interrupted = False
-        self._manager = env.process(self._run())
         for r in roots:
             r.listeners.append(self._replan)
 
@@ -63,46 +55,14 @@ class HostMemory:
         if seconds <= 0:
             return
         done = self.env.event()
-        self._advance()
-        self.jobs.append(_Job(seconds, min(nbytes / seconds, self.cpu_Bps), done))
-        self._replan()
+        self._join(_Job(seconds, min(nbytes / seconds, self.cpu_Bps), done))
         yield done
 
     def copies_Bps(self) -> float:
-        return sum(f.rate_Bps for r in self.roots for f in r.flows)
-
-    def _advance(self) -> None:
-        dt = self.env.now - self._last
-        if dt > 0:
-            for j in self.jobs:
-                j.remaining_s -= j.rate * dt
-        self._last = self.env.now
+        return sum(f.rate for r in self.roots for f in r.flows)
 
     def _set_rates(self) -> None:
         left = max(0.0, self.Bps - self.copies_Bps())
-        for j in self.jobs:
+        for j in self.items:
             # a floor keeps a job moving when copies would take all of it (they never did)
             j.rate = 1.0 if j.demand_Bps <= left else max(left / j.demand_Bps, 1e-3)
-
-    def _replan(self) -> None:
-        if not self._interrupted:
-            self._interrupted = True
-            self._manager.interrupt()
-
-    def _run(self):
-        while True:
-            self._advance()
-            tick = 4 * math.ulp(max(self.env.now, 1.0))
-            finished = [j for j in self.jobs if j.remaining_s <= max(_EPS_S, j.rate * tick)]
-            if finished:
-                self.jobs = [j for j in self.jobs if j not in finished]
-                for j in finished:
-                    j.done.succeed()
-            self._set_rates()
-            event = (self.env.timeout(max(min(j.remaining_s / j.rate for j in self.jobs), 0.0))
-                     if self.jobs else self.env.event())
-            try:
-                yield event
-            except simpy.Interrupt:
-                pass
-            self._interrupted = False
