@@ -47,6 +47,7 @@ from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hard
 from aptmoe import version
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
 from aptmoe.calibration.host_memory import HostMemoryResult, host_memory_source, measure_host_memory
+from aptmoe.calibration.p2p import measure_p2p_group
 from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
@@ -509,16 +510,6 @@ def measure_duplex(gpu: int, nbytes: int, copies: int, reps: Reps, m: Measured) 
     m.duplex = (h2d, d2h)
 
 
-def measure_p2p(src: int, dst: int, sizes: Sequence[int], reps: Reps, m: Measured) -> None:
-    """GPU src -> GPU dst copies; torch runs them on the source's current stream, so events
-    recorded there bracket them."""
-    a = _random_bytes(max(sizes), torch.device("cuda", src))
-    b = torch.empty(max(sizes), dtype=torch.uint8, device=torch.device("cuda", dst))
-    stream = torch.cuda.current_stream(torch.device("cuda", src))
-    m.p2p = [(size, median_of(cuda_sample(lambda size=size: b[:size].copy_(a[:size], non_blocking=True), stream),
-                              reps)) for size in sizes]
-
-
 def _series(block: TimedBlock, tokens: Sequence[int], sampler: Sampler, reps: Reps,
             limit_s: float | None = None, samplers=None) -> tuple[list[int], dict[str, list[float]], bool]:
     """Medians of fwd and bwd at each token count; with `limit_s`, stops after the first
@@ -857,7 +848,9 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
                                                            sizes.link_reps, m))
         add("duplex", lambda: measure_duplex(gpus[0], sizes.root_bytes, sizes.root_copies, sizes.link_reps, m))
         if len(gpus) >= 2:
-            add("p2p gpu0->gpu1", lambda: measure_p2p(gpus[0], gpus[1], sizes.copy_bytes, sizes.link_reps, m))
+            # through NCCL, as the executor sends activations (GPUs 0 and 1 of those visible)
+            add("p2p nccl gpu0<->gpu1", lambda: setattr(m, "p2p", measure_p2p_group(
+                "nccl", sizes.copy_bytes, sizes.link_reps.reps, gpus=gpus[:2])))
     if (gpus or opts.blocks_on == "cpu") and "gpu" not in opts.skip:
         on = None if opts.blocks_on == "cpu" else gpus[0]
         bcpus = block_cpus(opts, machine)
@@ -1012,10 +1005,10 @@ def _links(sizes: Sizes, machine: Machine, m: Measured, hw: AnalyticHardware,
     if m.p2p:
         intra, how = link_fit(m.p2p)
         a.sources["links.p2p"] = (
-            f"measured: intra_node = device-to-device copy_ GPU {machine.gpus[0]} -> GPU {machine.gpus[1]} "
-            f"(tensor.to('cuda:1')), events on the source's stream, sizes {_fmt_bytes(sizes.copy_bytes[0])}.."
-            f"{_fmt_bytes(sizes.copy_bytes[-1])}, {how}; the executor sends activations with NCCL send/recv, "
-            f"which this copy approximates (same link, no NCCL protocol overhead); {inter_src}")
+            f"measured: intra_node = NCCL isend/irecv between two processes on GPUs {machine.gpus[0]} and "
+            f"{machine.gpus[1]}, one process group per direction as the executor sends activations "
+            f"(calibration/p2p.py), half the median ping-pong of {sizes.link_reps.reps} after 3 warm-up, sizes "
+            f"{_fmt_bytes(sizes.copy_bytes[0])}..{_fmt_bytes(sizes.copy_bytes[-1])}, {how}; {inter_src}")
         a.roof["p2p_intra"] = intra.spec()
     else:
         intra = LinkFit(hw.p2p_intra.latency_s, hw.p2p_intra.GBps)

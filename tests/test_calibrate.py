@@ -305,3 +305,26 @@ def test_the_builtin_h200_profile_loads_and_drives_the_simulator():
                     popularity=PopularityConfig(gini=0.3))
     r = simulate(cfg, prof)
     assert not r.oom and r.iteration_s > 0
+
+
+# --------------------------------------------------------------------------- p2p
+
+
+def test_p2p_through_the_process_group_times_each_size_on_cpu_ranks() -> None:
+    """Two gloo ranks, one group per direction, as the executor sends: a ping-pong per size."""
+    from aptmoe.calibration.p2p import measure_p2p_group
+
+    points = measure_p2p_group("gloo", [4096, 1 << 20], reps=3)
+    assert [b for b, _ in points] == [4096, 1 << 20]
+    assert all(0 < s < 1.0 for _, s in points)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_p2p_through_nccl_is_a_link() -> None:
+    from aptmoe.calibration.p2p import measure_p2p_group
+    from aptmoe.calibration.reference import fit_link
+
+    points = measure_p2p_group("nccl", [1 << 16, 1 << 20, 1 << 24, 1 << 26], reps=5)
+    latency, GBps = fit_link(points)
+    assert points[-1][1] > points[0][1] and GBps > 5 and latency < 1e-3
