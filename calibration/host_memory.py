@@ -98,6 +98,13 @@ class CopyLoop:
         return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
 
 
+def as_executor_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the host memory the executor keeps parameters and gradients in: pinned where
+    there is a GPU (exec/device.py `host_buffer`), pageable without one. The CPU's work is
+    timed on such memory, which the kernel may back with other pages than pageable memory."""
+    return t.pin_memory() if torch.cuda.is_available() and t.device.type == "cpu" else t
+
+
 def _median_call(fn: Callable[[], None], n: int = SAMPLES) -> float:
     fn()
     times = []
@@ -112,7 +119,8 @@ def _expert_stream() -> tuple[Callable[[], None], int]:
     """One token through the next expert of the pool (its weights come from memory): the call
     and the bytes it reads."""
     per = 2 * D * H * 4
-    pool = [(torch.randn(H, D), torch.randn(D, H)) for _ in range(max(2, POOL_BYTES // per))]
+    pool = [(as_executor_host(torch.randn(H, D)), as_executor_host(torch.randn(D, H)))
+            for _ in range(max(2, POOL_BYTES // per))]
     x = torch.randn(1, D)
     at = [0]
 
@@ -130,8 +138,8 @@ def _adam_stream() -> tuple[Callable[[], None], int]:
 
     blocks = []
     for _ in range(max(2, POOL_BYTES // (ADAM_CHUNK * 16))):
-        p = torch.randn(ADAM_CHUNK).requires_grad_()
-        p.grad = torch.randn(ADAM_CHUNK)
+        p = as_executor_host(torch.randn(ADAM_CHUNK)).requires_grad_()
+        p.grad = as_executor_host(torch.randn(ADAM_CHUNK))
         adam = BlockAdam([p], lr=1e-4)
         adam.begin_step()
         adam.step_chunk(0, p.grad)           # makes the moments
@@ -174,7 +182,7 @@ def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
         parts.append(f"{t}t: CPU alone {r.cpu_alone_GBps:.1f} GB/s, {under}; check: an Adam chunk "
                      f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies")
     return ("measured: a read-bound CPU stream (one token through an MoE-M expert, d 2048 h 8192 fp32, the "
-            f"next of a {POOL_BYTES >> 20} MiB pool each call) alone and while one GPU copies {COPY_BYTES >> 20} "
+            f"next of a {POOL_BYTES >> 20} MiB pool each call, pinned as the executor's parameters) alone and while one GPU copies {COPY_BYTES >> 20} "
             "MiB back to back in one direction (from a thread waiting on a blocking event, on the cores the "
             "stream leaves where it leaves any), threads bound as for cpu_expert; GBps = the CPU stream's rate "
             f"plus the copies', both busy, the median over h2d and d2h; median of {SAMPLES} calls: "

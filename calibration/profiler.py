@@ -46,7 +46,7 @@ import torch
 from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
-from aptmoe.calibration.host_memory import HostMemoryResult, host_memory_source, measure_host_memory
+from aptmoe.calibration.host_memory import HostMemoryResult, as_executor_host, host_memory_source, measure_host_memory
 from aptmoe.calibration.p2p import measure_p2p_group
 from aptmoe.calibration.reference import fit_link, pava
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
@@ -305,7 +305,7 @@ class ExpertBlock(TimedBlock):
         """Its gradient buffers, allocated (zeros) at first use."""
         m = self.module
         if m.w1.grad is None:
-            m.w1.grad, m.w2.grad = torch.zeros_like(m.w1), torch.zeros_like(m.w2)
+            m.w1.grad, m.w2.grad = (as_executor_host(torch.zeros_like(m.w1)), as_executor_host(torch.zeros_like(m.w2)))
         return m.w1.grad, m.w2.grad
 
 
@@ -563,6 +563,8 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
 
 COLD_POOL_BYTES = 1 << 30     # more weights than any CPU cache holds
 
+PINNED_TEXT = "host tensors pinned as the executor's are where a GPU is present"
+
 
 class ExpertPool(TimedBlock):
     """Several CPU experts used in turn, a new one for every sample, so that each sample
@@ -577,6 +579,9 @@ class ExpertPool(TimedBlock):
         one = 2 * d * h * torch.finfo(dtype).bits // 8
         n = max(2, -(-pool_bytes // one))
         self.blocks = [ExpertBlock(d, h, dtype, device) for _ in range(n)]
+        for b in self.blocks:
+            for p in b.params:
+                p.data = as_executor_host(p.data)
         self.d, self.h, self.dtype, self.device = d, h, dtype, device
         self.params = [p for b in self.blocks for p in b.params]
         self.at = 0
@@ -674,9 +679,9 @@ def _adam(params: list[torch.Tensor]) -> tuple[Callable[[], None], str]:
 
 
 def _adam_params(total: int, tensors: int, device: torch.device) -> list[torch.Tensor]:
-    params = [torch.randn(total // tensors, device=device).requires_grad_() for _ in range(tensors)]
+    params = [as_executor_host(torch.randn(total // tensors, device=device)).requires_grad_() for _ in range(tensors)]
     for p in params:
-        p.grad = torch.randn_like(p)
+        p.grad = as_executor_host(torch.randn_like(p))
     return params
 
 
@@ -1069,8 +1074,8 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
             f"measured: an expert relu(x W1^T) W2^T on the CPU ({machine.hardware.cpu_model}), a different one of "
             f"a {COLD_POOL_BYTES >> 30} GiB pool per sample (weights come from memory, not cache), as the executor "
             f"runs it: fwd = expert_forward keeping the pre-activation, bwd = expert_backward adding the "
-            f"weight gradients into the expert's buffer, after an untimed forward; host clock, fresh torch.randn "
-            f"inputs, {_reps_text(sizes.cpu_reps)}{cut}")
+            f"weight gradients into the expert's buffer, after an untimed forward; {PINNED_TEXT}; host clock, "
+            f"fresh torch.randn inputs, {_reps_text(sizes.cpu_reps)}{cut}")
         a.sources["cpu_expert.threads"] = (
             f"measured: torch.set_num_threads(t) with every thread of the process bound to the first t of "
             f"{list(machine.cpus)} (one logical CPU per physical core first, socket 0 first)"
@@ -1083,7 +1088,8 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
         if m.adam_cpu:
             parts.append(f"CPU: the executor's step (aptmoe.exec.block_adam, {m.adam_cpu_impl}: one kernel call per "
                          f"tensor) over {sizes.adam_params >> 20} Mi fp32 params in {sizes.adam_tensors} tensors "
-                         f"with random grads, per thread count (threads bound as for cpu_expert), host clock")
+                         f"with random grads, per thread count (threads bound as for cpu_expert), {PINNED_TEXT}, "
+                         f"host clock")
         else:
             parts.append("CPU: roofline")
         if m.adam_cpu_call:
