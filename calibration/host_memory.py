@@ -115,11 +115,14 @@ def _median_call(fn: Callable[[], None], n: int = SAMPLES) -> float:
     return statistics.median(times)
 
 
-def _expert_stream() -> tuple[Callable[[], None], int]:
-    """One token through the next expert of the pool (its weights come from memory): the call
-    and the bytes it reads."""
+Host = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _expert_stream(host: Host = as_executor_host) -> tuple[Callable[[], None], int]:
+    """One token through the next expert of the pool (its weights come from memory, placed by
+    `host`): the call and the bytes it reads."""
     per = 2 * D * H * 4
-    pool = [(as_executor_host(torch.randn(H, D)), as_executor_host(torch.randn(D, H)))
+    pool = [(host(torch.randn(H, D)), host(torch.randn(D, H)))
             for _ in range(max(2, POOL_BYTES // per))]
     x = torch.randn(1, D)
     at = [0]
@@ -132,14 +135,15 @@ def _expert_stream() -> tuple[Callable[[], None], int]:
     return call, per
 
 
-def _adam_stream() -> tuple[Callable[[], None], int]:
-    """One Adam chunk of the next block of a pool (the executor's one-call update)."""
+def _adam_stream(host: Host = as_executor_host) -> tuple[Callable[[], None], int]:
+    """One Adam chunk of the next block of a pool (the executor's one-call update), its
+    tensors placed by `host`."""
     from aptmoe.exec.block_adam import BlockAdam
 
     blocks = []
     for _ in range(max(2, POOL_BYTES // (ADAM_CHUNK * 16))):
-        p = as_executor_host(torch.randn(ADAM_CHUNK)).requires_grad_()
-        p.grad = as_executor_host(torch.randn(ADAM_CHUNK))
+        p = host(torch.randn(ADAM_CHUNK)).requires_grad_()
+        p.grad = host(torch.randn(ADAM_CHUNK))
         adam = BlockAdam([p], lr=1e-4)
         adam.begin_step()
         adam.step_chunk(0, p.grad)           # makes the moments
