@@ -143,13 +143,12 @@ class RankRuntime:
         self.adam = {b: BlockAdam([piece for _, _, piece in cs], cfg.train.lr) for b, cs in self.chunks.items()}
         self.grad_buf = {} if plan.resident or not device.cuda else \
             {b: device.empty_host(fp.flat.shape, fp.flat.dtype) for b, fp in self.master.items()}
-        # Where a CPU expert's backward writes its gradient, one buffer per block kept from
-        # step to step: a new buffer each step is fresh memory whose first write faults in
-        # every page (an MoE-M expert's backward on one token took 33 ms that way on the
-        # H200, against 3.6 ms calibrated). Apart from grad_buf, which the offload copies
-        # the GPU's gradient of the same block into. Made here for every expert where the
-        # schedule computes experts on the CPU: made on first use, a pinned buffer's
-        # allocation fell inside a timed CPU expert (35-92 ms on MoE-M in docs/validation-h200-v4).
+        # Where a CPU expert's backward writes its gradient: one buffer per expert, apart from
+        # grad_buf (the offload copies the GPU's gradient of the same block there), made now
+        # and kept from step to step. A new buffer each step was fresh memory whose first
+        # write faulted in every page (an MoE-M expert's backward on one token: 33 ms on the
+        # H200 against 3.6 ms calibrated); made on first use, its pinned allocation fell
+        # inside a timed CPU expert (35-92 ms on MoE-M in docs/validation-h200-v4).
         self.cpu_grad_buf: dict[Block, torch.Tensor] = {
             b: device.empty_host(fp.flat.shape, fp.flat.dtype) for b, fp in self.master.items()
             if b.kind is BlockKind.EXPERT and cfg.schedule.pipeline is Pipeline.APTMOE and not plan.resident}
