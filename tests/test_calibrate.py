@@ -328,3 +328,12 @@ def test_p2p_through_nccl_is_a_link() -> None:
     points = measure_p2p_group("nccl", [1 << 16, 1 << 20, 1 << 24, 1 << 26], reps=5)
     latency, GBps = fit_link(points)
     assert points[-1][1] > points[0][1] and GBps > 5 and latency < 1e-3
+
+
+def test_the_wake_probe_measures_a_toll_and_a_slowdown() -> None:
+    """calibration/wake.py on the CPU: a cost per wake (finite: the waker woke) and a ratio."""
+    from aptmoe.calibration.wake import _MemoryStream, measure_wake_cost, slowdown
+
+    r = measure_wake_cost("cpu", switch_us=100, period_us=200, ops=3000, rounds=2)
+    assert r.wakes_per_s > 100 and r.issue_us > 0 and abs(r.cost_us) < 10_000
+    assert 0.2 < slowdown(lambda: _MemoryStream(None), "cpu", ops=3000, rounds=2) < 50

@@ -1,0 +1,197 @@
+"""What a waking thread costs the thread that issues kernels (the GIL's toll), measured.
+
+In the H200 runs (docs/validation-h200-v4) a GPU rank's compute thread issued a block 1.4-2.6x
+slower while a load was in flight or the CPU worker ran than with nothing else running: each
+copy the copy engine finishes, each job the CPU worker picks up, wakes a Python thread that
+needs the GIL, and with a short switch interval the issuing thread hands it over at once.
+The simulator does not model that yet. This probe measures the toll per wake, at a switch
+interval, before any model is built on it:
+
+* the issuing thread makes `ops` tiny in-place additions on the device (a kernel launch
+  each on a GPU), timed alone and beside a waker;
+* the waker sleeps `period` on a threading.Event (no GIL held), then does what the copy
+  engine does when a copy lands: takes a condition, touches a few Python objects, records and
+  queries an event (a torch call), notifies;
+* cost per wake = (time beside the waker - time alone) / wakes during it; alone and beside
+  alternate, and the median of `rounds` is kept.
+
+Two more neighbours tell the GIL's toll from the memory's: a thread copying host memory on
+the other cores (it wakes once per 256 MiB), and on a GPU back-to-back h2d copies (a wake per
+1 GiB). Those blocks were also slower beside loads and Adam, which stream host memory; if the
+issuing loop slows beside these, the loaded memory's latency is the cause, not the GIL.
+
+    python -m aptmoe.calibration.wake [--device cuda|cpu] [--switch-us 100,5000] [--period-us 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class WakeCost:
+    device: str
+    switch_us: float
+    period_us: float
+    issue_us: float          # one op alone
+    wakes_per_s: float
+    cost_us: float           # the issuing thread's loss per wake (median)
+
+
+def _issue(x: torch.Tensor, ops: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(ops):
+        x.add_(1.0)
+    sync()
+    return time.perf_counter() - t
+
+
+class _Waker:
+    def __init__(self, device: torch.device, period_s: float) -> None:
+        self.period_s = period_s
+        self.stop = threading.Event()
+        self.cond = threading.Condition()
+        self.wakes = 0
+        self.state: dict[int, int] = {}
+        self.marker = (lambda: torch.cuda.Event()) if device.type == "cuda" else None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period_s):
+            with self.cond:                      # what the copy engine does when a copy lands
+                self.wakes += 1
+                self.state[self.wakes % 8] = self.wakes
+                if self.marker is not None:
+                    ev = self.marker()
+                    ev.record()
+                    ev.query()
+                else:
+                    torch.empty(16)
+                self.cond.notify_all()
+
+    def __enter__(self) -> "_Waker":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+class _MemoryStream:
+    """Another thread streaming host memory (copying a 256 MiB buffer, again and again, with
+    the OpenMP threads it starts) on the cores `cpus`: it holds the GIL only between copies,
+    so what it costs the issuing thread is the memory's loaded latency, not the GIL."""
+
+    def __init__(self, cpus: list[int] | None) -> None:
+        self.src = torch.randn(64 << 20)
+        self.dst = torch.empty_like(self.src)
+        self.cpus = cpus
+        self.stop = threading.Event()
+        self.bytes = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+        while not self.stop.is_set():
+            self.dst.copy_(self.src)
+            self.bytes += 2 * self.src.numel() * 4
+
+    def __enter__(self) -> "_MemoryStream":
+        self.thread.start()
+        time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def slowdown(beside, device: str = "cpu", ops: int = 20000, rounds: int = 5) -> float:
+    """The issuing loop's time inside `beside()` (a context manager) over its time alone,
+    alternating, the median of `rounds`."""
+    x = torch.zeros(16, device=torch.device(device))
+    _issue(x, ops // 10)
+    ratios = []
+    for _ in range(rounds):
+        alone = _issue(x, ops)
+        with beside():
+            t = _issue(x, ops)
+        ratios.append(t / alone)
+    return statistics.median(ratios)
+
+
+def measure_wake_cost(device: str = "cpu", switch_us: float = 100.0, period_us: float = 500.0,
+                      ops: int = 20000, rounds: int = 5) -> WakeCost:
+    dev = torch.device(device)
+    x = torch.zeros(16, device=dev)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(switch_us * 1e-6)
+    try:
+        _issue(x, ops // 10)                                   # warm-up: kernels, allocator
+        costs, alone_s, rates = [], [], []
+        for _ in range(rounds):
+            alone = _issue(x, ops)
+            with _Waker(dev, period_us * 1e-6) as w:
+                before = w.wakes
+                beside = _issue(x, ops)
+                wakes = w.wakes - before
+            alone_s.append(alone)
+            rates.append(wakes / beside)
+            if wakes:
+                costs.append((beside - alone) / wakes)
+    finally:
+        sys.setswitchinterval(old)
+    if not costs:
+        raise RuntimeError(f"the waker never woke in {rounds} rounds of {ops} ops; use a shorter --period-us")
+    return WakeCost(device, switch_us, period_us, statistics.median(alone_s) / ops * 1e6,
+                    statistics.median(rates), statistics.median(costs) * 1e6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.wake", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--switch-us", default="100,5000", help="GIL switch intervals to measure at, in us")
+    p.add_argument("--period-us", type=float, default=500.0, help="the waker's sleep between wakes, in us")
+    p.add_argument("--ops", type=int, default=20000)
+    p.add_argument("--rounds", type=int, default=5)
+    ns = p.parse_args(argv)
+    try:
+        switches = [float(s) for s in ns.switch_us.split(",")]
+    except ValueError:
+        p.error(f"--switch-us {ns.switch_us!r}: give numbers of microseconds, comma-separated")
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    print(f"{ns.device}: {ns.ops} ops x {ns.rounds} rounds, a waker every {ns.period_us:g} us")
+    for s in switches:
+        r = measure_wake_cost(ns.device, s, ns.period_us, ns.ops, ns.rounds)
+        print(f"  switch {s:6g} us: an op {r.issue_us:6.2f} us alone; {r.wakes_per_s:7.0f} wakes/s; "
+              f"the issuing thread loses {r.cost_us:7.1f} us a wake")
+    # The issuing thread on the first core, what runs beside it on the others (as with
+    # --host-cores): a slowdown here is the memory's, not a core's or the GIL's.
+    here = sorted(os.sched_getaffinity(0))
+    others = here[1:] or None
+    os.sched_setaffinity(0, here[:1])
+    torch.set_num_threads(max(1, len(here) - 1))
+    print(f"  beside a thread copying host memory on cores {others or here}: the issuing loop takes "
+          f"{slowdown(lambda: _MemoryStream(others), ns.device, ns.ops, ns.rounds):.2f}x its time alone")
+    if ns.device == "cuda":
+        from aptmoe.calibration.host_memory import CopyLoop
+        print(f"  beside back-to-back h2d copies: "
+              f"{slowdown(lambda: CopyLoop('h2d', torch.cuda.current_device(), others), ns.device, ns.ops, ns.rounds):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
