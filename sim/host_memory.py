@@ -15,9 +15,10 @@ compute-bound one (many tokens) does not. A job's bytes are what it reads and wr
 (`aptmoe.costs.cpu_expert_bytes`, `adam_bytes`); no job draws more than the calibration's
 CPU stream did alone, so that a job alone always takes its calibrated time (Adam's 28 bytes
 a parameter in 0.23 ns would be 122 GB/s, more than the memory gives, where it was timed at
-that speed). The calibration's check, an Adam chunk beside d2h copies at 53 GB/s, ran 1.31x
-its time alone; this model gives (110 - 53) / 76 -> 1.33x. Jobs of different ranks do not slow each other here:
-Adam's figure for ranks updating at once is measured as such (`adam.cpu_shared`).
+that speed). The calibration's check, an Adam chunk beside d2h copies at 52.9 GB/s, ran
+1.31x its time alone; this model gives 75.6 / (110.3 - 52.9) = 1.32x. Jobs of different
+ranks do not slow each other here: Adam's figure for ranks updating at once is measured as
+such (`adam.cpu_shared`).
 
 Rates change when a job starts or ends and when a root's flows change (sim/fluid.py).
 """
