@@ -18,11 +18,12 @@ from aptmoe.sim.links import SharedRoot
 GB = 1e9
 
 
-def _run(jobs, copies, total=100.0, cpu_alone=80.0, root=1000.0):
-    """jobs: (start, seconds alone, bytes); copies: (start, bytes, cap GB/s). -> job end times."""
+def _run(jobs, copies, total=100.0, cpu_alone=80.0, root=1000.0, back=()):
+    """jobs: (start, seconds alone, bytes); copies and `back`: (start, bytes, cap GB/s) on the
+    h2d and the d2h root. -> job end times."""
     env = simpy.Environment()
-    h2d = SharedRoot(env, lambda n: root)
-    mem = HostMemory(env, total, cpu_alone, [h2d, SharedRoot(env, lambda n: root)])
+    h2d, d2h = SharedRoot(env, lambda n: root), SharedRoot(env, lambda n: root)
+    mem = HostMemory(env, total, cpu_alone, [h2d, d2h])
     ends = {}
 
     def job(i, at, seconds, nbytes):
@@ -30,14 +31,16 @@ def _run(jobs, copies, total=100.0, cpu_alone=80.0, root=1000.0):
         yield from mem.work(seconds, nbytes)
         ends[i] = env.now
 
-    def copy(at, nbytes, cap):
+    def copy(root, at, nbytes, cap):
         yield env.timeout(at)
-        yield from h2d.transfer(nbytes, cap)
+        yield from root.transfer(nbytes, cap)
 
     for i, j in enumerate(jobs):
         env.process(job(i, *j))
     for c in copies:
-        env.process(copy(*c))
+        env.process(copy(h2d, *c))
+    for c in back:
+        env.process(copy(d2h, *c))
     env.run()
     return ends
 
@@ -63,6 +66,16 @@ def test_a_copy_that_ends_mid_job_speeds_the_rest_up():
     # then, and the rest at full speed
     done_by_half = 0.5 * 50 / 80
     assert _run([(0, 1.0, 80 * GB)], [(0, 25 * GB, 50.0)])[0] == pytest.approx(0.5 + 1.0 - done_by_half)
+
+
+def test_copies_in_both_directions_add_up():
+    # 30 GB/s each way: 100 - 60 = 40 of the job's 80
+    assert _run([(0, 1.0, 80 * GB)], [(0, 500 * GB, 30.0)], back=[(0, 500 * GB, 30.0)])[0] == pytest.approx(2.0)
+
+
+def test_a_copy_that_starts_mid_job_slows_the_rest():
+    # alone until 0.5 s (half done), then at 50/80 for the other half
+    assert _run([(0, 1.0, 80 * GB)], [(0.5, 500 * GB, 50.0)])[0] == pytest.approx(0.5 + 0.5 * 80 / 50)
 
 
 def test_two_jobs_of_a_socket_do_not_slow_each_other():
