@@ -14,6 +14,7 @@ Explicit flags override either.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from aptmoe.config import (
     ClusterConfig,
@@ -63,6 +64,16 @@ def str2bool(text: str) -> bool:
     if t in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def number_list(cast: Callable[[str], float], what: str) -> Callable[[str], list]:
+    """An argparse `type`: comma-separated numbers (`cast` each), one line naming `what` if not."""
+    def parse(text: str) -> list:
+        try:
+            return [cast(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, comma-separated") from None
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from aptmoe.flags import number_list
+
 WARMUP = 3
 
 
@@ -102,14 +104,11 @@ def measure_p2p_group(backend: str, sizes: Sequence[int], reps: int = 10, cpus: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.p2p", description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("gloo", "nccl"), default="nccl" if torch.cuda.device_count() >= 2 else "gloo")
-    p.add_argument("--sizes", default="4096,65536,1048576,16777216", help="message sizes in bytes")
+    p.add_argument("--sizes", type=number_list(int, "whole numbers of bytes"), default="4096,65536,1048576,16777216",
+                   help="message sizes in bytes")
     p.add_argument("--reps", type=int, default=10)
     ns = p.parse_args(argv)
-    try:
-        sizes = [int(s) for s in ns.sizes.split(",")]
-    except ValueError:
-        p.error(f"--sizes {ns.sizes!r}: give whole numbers of bytes, comma-separated")
-    for size, s in measure_p2p_group(ns.backend, sizes, ns.reps):
+    for size, s in measure_p2p_group(ns.backend, ns.sizes, ns.reps):
         print(f"{size:>12,} B  {s * 1e6:10.1f} us  {size / s / 1e9:8.2f} GB/s")
     return 0
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aptmoe.flags import number_list
+
 
 @dataclass(frozen=True)
 class WakeCost:
@@ -162,19 +164,16 @@ def measure_wake_cost(device: str = "cpu", switch_us: float = 100.0, period_us: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.wake", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--switch-us", default="100,5000", help="GIL switch intervals to measure at, in us")
+    p.add_argument("--switch-us", type=number_list(float, "numbers of microseconds"), default="100,5000",
+                   help="GIL switch intervals to measure at, in us")
     p.add_argument("--period-us", type=float, default=500.0, help="the waker's sleep between wakes, in us")
     p.add_argument("--ops", type=int, default=20000)
     p.add_argument("--rounds", type=int, default=5)
     ns = p.parse_args(argv)
-    try:
-        switches = [float(s) for s in ns.switch_us.split(",")]
-    except ValueError:
-        p.error(f"--switch-us {ns.switch_us!r}: give numbers of microseconds, comma-separated")
     if ns.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
     print(f"{ns.device}: {ns.ops} ops x {ns.rounds} rounds, a waker every {ns.period_us:g} us")
-    for s in switches:
+    for s in ns.switch_us:
         r = measure_wake_cost(ns.device, s, ns.period_us, ns.ops, ns.rounds)
         print(f"  switch {s:6g} us: an op {r.issue_us:6.2f} us alone; {r.wakes_per_s:7.0f} wakes/s; "
               f"the issuing thread loses {r.cost_us:7.1f} us a wake")
