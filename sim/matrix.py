@@ -280,6 +280,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "gpus": cell.gpus, "measured_s": row.get("measured_s"),
                          "predicted_s": row.get("predicted_s"), "error": err,
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
+                         **{f"beside/{k}": b["median_error"] for k, b in sorted((row.get("beside") or {}).items())},
                          "note": row.get("note", "")})
             if row.get("measured_s") is not None and row.get("predicted_s") is not None:
                 measured[row["pipeline"]] = row["measured_s"]
@@ -291,17 +292,19 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
     return {"calibration": calibration, "command": command, "tie": TIE, "runs": runs, "configs": configs,
             "summary": {s: summarize([r for r in runs if s == "all" or r["set"] == s],
                                      [c for c in configs if s == "all" or c["set"] == s]) for s in SETS},
-            "categories": {s: by_category([r for r in runs if r["set"] == s]) for s in ("fit", "held-back")}}
+            "categories": {s: by_category([r for r in runs if r["set"] == s]) for s in ("fit", "held-back")},
+            "beside": {s: by_category([r for r in runs if r["set"] == s], "beside/") for s in ("fit", "held-back")}}
 
 
-def by_category(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """Per action category and model size: the median over runs of each run's median
-    per-action error (which resource's model is short, and where)."""
+def by_category(runs: list[dict], prefix: str = "err/") -> dict[str, dict[str, float]]:
+    """Per action category (or, with prefix 'beside/', per neighbour label of compute blocks)
+    and model size: the median over runs of each run's median per-action error (which
+    resource's model is short, and where)."""
     cells: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         for k, v in r.items():
-            if k.startswith("err/") and v is not None:
-                cells.setdefault(k[4:], {}).setdefault(r["model"], []).append(v)
+            if k.startswith(prefix) and v is not None:
+                cells.setdefault(k[len(prefix):], {}).setdefault(r["model"], []).append(v)
     return {cat: {m: statistics.median(v) for m, v in sorted(models.items())} for cat, models in sorted(cells.items())}
 
 
@@ -330,6 +333,9 @@ def write_report(out: Path, report: dict) -> None:
           "## Summary", "", "```", summary_table(report["summary"]), "```", "",
           "## Per-action error by category and model size (fit set; median of each run's median)", "", "```",
           category_table(report["categories"]["fit"]), "```", "",
+          "## Compute blocks by what ran beside them in the measurement (fit set; median of each run's median)",
+          "", "Neighbours: the rank's load, offload and cpu streams with work in flight during the block.", "",
+          "```", category_table(report.get("beside", {}).get("fit", {}), "beside"), "```", "",
           "## Runs", "", "```", matrix_table(report["runs"]), "```", "",
           "## Ranking per config (measured order; predicted order where it differs)", "", "```",
           ranking_table(report["configs"]), "```", ""]
@@ -359,10 +365,10 @@ def summary_table(summary: dict) -> str:
                          f"ranking right (ties <{100 * TIE:.0f}%)", "ranking strict"], body)
 
 
-def category_table(cats: dict[str, dict[str, float]]) -> str:
+def category_table(cats: dict[str, dict[str, float]], label: str = "category") -> str:
     models = sorted({m for v in cats.values() for m in v}, key=lambda m: "SML".find(m))
-    return format_table(["category", *models], [[c, *[_pct(v.get(m), "+.0f") for m in models]]
-                                                for c, v in cats.items()])
+    return format_table([label, *models], [[c, *[_pct(v.get(m), "+.0f") for m in models]]
+                                           for c, v in cats.items()])
 
 
 def ranking_table(configs: list[dict]) -> str:

@@ -18,7 +18,9 @@ executor's folder (``real/``), the predicted traces and the overlay PNGs.
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
+import itertools
 import json
 import statistics
 from collections import defaultdict
@@ -90,10 +92,48 @@ def _key_events(trace: Trace) -> dict[tuple[int, str, str, int], object]:
     return out
 
 
+# The rank's streams whose work can slow the thread that issues the compute stream's blocks
+# (their threads wake for the GIL; their copies and CPU work stream host memory).
+NEIGHBOURS = ("load", "offload", "cpu")
+
+
+class _Busy:
+    """When each of a rank's neighbour streams had work in flight, in the measured trace."""
+
+    def __init__(self, trace: Trace) -> None:
+        spans: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+        for e in trace.events:
+            if e.stream in NEIGHBOURS and e.cat in TIMED and e.dur_s > 0:
+                spans[(e.rank, e.stream)].append((e.start_s, e.end_s))
+        self.starts, self.reach = {}, {}
+        for k, v in spans.items():
+            v.sort()
+            self.starts[k] = [a for a, _ in v]
+            self.reach[k] = list(itertools.accumulate((b for _, b in v), max))   # latest end so far
+
+    def beside(self, rank: int, start: float, end: float) -> str:
+        """The neighbours with work overlapping [start, end), joined by '+', or 'alone'."""
+        out = []
+        for stream in NEIGHBOURS:
+            starts = self.starts.get((rank, stream))
+            if starts:
+                i = bisect.bisect_left(starts, end)          # spans that start before `end`
+                if i and self.reach[(rank, stream)][i - 1] > start:
+                    out.append(stream)
+        return "+".join(out) or "alone"
+
+
+def is_block(stream: str, name: str) -> bool:
+    """A single block on the compute stream (`0F0@1:e3`), not a whole stage's span (`0F0`)."""
+    return stream == "compute" and ":" in name
+
+
 def action_errors(predicted: Trace, measured: Trace) -> tuple[dict[str, dict], list[dict]]:
     """Per category: matched actions, median relative duration error, summed predicted and
-    measured seconds; and one row per matched action."""
+    measured seconds; and one row per matched action, with what ran beside a compute block
+    in the measurement (`beside`: the neighbour streams busy during it, or 'alone')."""
     p, m = _key_events(predicted), _key_events(measured)
+    busy = _Busy(measured)
     rows, by_cat = [], defaultdict(list)
     for key in sorted(set(p) & set(m)):
         pe, me = p[key], m[key]
@@ -101,12 +141,22 @@ def action_errors(predicted: Trace, measured: Trace) -> tuple[dict[str, dict], l
             continue
         err = (pe.dur_s - me.dur_s) / me.dur_s
         rows.append({"rank": key[0], "stream": key[1], "action": key[2], "occurrence": key[3], "cat": me.cat,
-                     "predicted_s": pe.dur_s, "measured_s": me.dur_s, "error": err})
+                     "predicted_s": pe.dur_s, "measured_s": me.dur_s, "error": err,
+                     "beside": busy.beside(me.rank, me.start_s, me.end_s) if is_block(key[1], key[2]) else ""})
         by_cat[me.cat].append((pe.dur_s, me.dur_s, err))
     summary = {cat: {"actions": len(v), "median_error": statistics.median(x[2] for x in v),
                      "predicted_s": sum(x[0] for x in v), "measured_s": sum(x[1] for x in v)}
                for cat, v in sorted(by_cat.items())}
     return summary, rows
+
+
+def beside_errors(rows: list[dict]) -> dict[str, dict]:
+    """Compute blocks by what ran beside them: blocks and their median error per label."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["beside"]:
+            by[r["beside"]].append(r["error"])
+    return {k: {"blocks": len(v), "median_error": statistics.median(v)} for k, v in sorted(by.items())}
 
 
 def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path, plot: bool = True) -> dict:
@@ -133,9 +183,10 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         mt = Trace.load(measured_trace)
         summary, rows = action_errors(trace, mt)
         row["actions"] = summary
+        row["beside"] = beside_errors(rows)
         with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["rank", "stream", "action", "occurrence", "cat", "predicted_s", "measured_s",
-                                              "error"])
+                                              "error", "beside"])
             w.writeheader()
             w.writerows(rows)
         if plot:
@@ -151,7 +202,7 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     real = json.loads((real_dir / "results.json").read_text())
     rows = [validate_schedule(name, res, real_dir, profile, dest, plot) for name, res in real["schedules"].items()]
     write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name, "schedules": rows})
-    flat = [{k: v for k, v in r.items() if k != "actions"} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("actions", "beside")} for r in rows]
     with open(dest / "validation.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
         w.writeheader()

@@ -91,3 +91,27 @@ def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
     row = json.loads((out / "validation.json").read_text())["schedules"][0]
     assert abs(row["actions"]["load-stage"]["median_error"]) <= 0.15, row["actions"]["load-stage"]
     assert -0.60 <= row["error"] <= 0.15, row["error"]
+
+
+def test_compute_blocks_are_labelled_by_the_neighbours_busy_beside_them() -> None:
+    """A block's label names the rank's load, offload and cpu streams with work overlapping it
+    in the measurement (other ranks' do not count); stage spans and other streams get none."""
+    from aptmoe.sim.validate import beside_errors
+
+    pred, real = Trace("sim"), Trace("real")
+    blocks = {"0F0@1:a": (0.0, 1.0), "0F0@1:g": (1.0, 2.0), "0F0@1:e0": (2.0, 3.0), "0F0@1:e1": (3.0, 4.0)}
+    for name, (a, b) in blocks.items():
+        pred.add(name, 0, "compute", a, a + 0.5, "forward")
+        real.add(name, 0, "compute", a, b, "forward")
+    pred.add("0F0", 0, "compute", 0.0, 2.0, "forward")
+    real.add("0F0", 0, "compute", 0.0, 4.0, "forward")
+    real.add("0LF@1:e0", 0, "load", 0.5, 2.5, "load-stage")     # overlaps a, g and e0
+    real.add("1U", 0, "cpu", 2.9, 3.5, "update")                 # overlaps e0 and e1
+    real.add("0LF@1:e1", 1, "load", 3.0, 4.0, "load-stage")     # rank 1: not a neighbour of rank 0
+    real.add("x", 0, "cpu", 1.2, 1.2, "marker")                  # markers are no work
+    _, rows = action_errors(pred, real)
+    got = {r["action"]: r["beside"] for r in rows}
+    assert got == {"0F0@1:a": "load", "0F0@1:g": "load", "0F0@1:e0": "load+cpu", "0F0@1:e1": "cpu", "0F0": ""}
+    by = beside_errors(rows)
+    assert by["load"] == {"blocks": 2, "median_error": pytest.approx(-0.5)}
+    assert set(by) == {"load", "load+cpu", "cpu"}
