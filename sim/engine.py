@@ -376,7 +376,11 @@ class RankModel:
         them (host_t advances by `host_s` per block) and no sooner than the GPU gets through
         them (`gpu_s`). On a GPU the host issues the next block while the GPU runs this one,
         so a stream of big blocks hides the host and a stream of small ones waits for it; on
-        CPU ranks issuing and computing are one thread, so a block takes the longer of the two.
+        CPU ranks issuing and computing are one thread, so a block takes both, one after the
+        other: the host cost was measured on a model too small to compute (calibration/
+        dispatch.py), so it is the Python around the call, not the arithmetic. (It was the
+        longer of the two until session 6: the CPU validation's blocks then ran 32-50% over
+        their prediction even with nothing beside them, and 3% under to 12% over with both.)
         Without a measured host cost (host_s 0) each block takes its kernel time exactly."""
         if self.host_free:                  # the common case of a roofline or an older profile
             return [self.cost.gpu_s(kind, tokens, direction) for kind, tokens, direction in work]
@@ -389,7 +393,7 @@ class RankModel:
                 self.host_t += d
                 end = max(t + k, self.host_t)
             else:
-                end = self.host_t = t + max(k, d)
+                end = self.host_t = t + k + d
             out.append(end - t)
             t = end
         return out

@@ -106,11 +106,14 @@ def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones(
     assert RankModel._issue(r, [("e", 0, "fwd")]) == [0.0] and r.host_t == 10.0
 
 
-def test_on_cpu_ranks_a_block_takes_the_longer_of_issue_and_compute() -> None:
+def test_on_cpu_ranks_a_block_takes_its_host_cost_and_its_compute_one_after_the_other() -> None:
+    """One thread issues and computes: the Python around the call (measured on a model too
+    small to compute) and then the arithmetic."""
     from aptmoe.sim.engine import RankModel
 
     r = _rank(_Cost({"a": 2.0, "g": 0.0}, {"a": 1.0, "g": 1.0}, ahead=False))
-    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == pytest.approx([2.0, 1.0])
+    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == pytest.approx([3.0, 1.0])
+    assert r.host_t == pytest.approx(14.0)
 
 
 def test_work_between_blocks_delays_the_host_on_a_gpu_and_the_stream_on_cpu() -> None:
