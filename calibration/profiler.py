@@ -59,10 +59,14 @@ from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMe
                             Skipped)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory")          # what --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p")          # what --skip can leave out
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
+# Messages between CPU ranks (gloo): boundary activations of the models CPU ranks run. Beyond
+# about 256 KiB gloo between ranks on one core each took 1.5-2 ms, and 64 KiB was bimodal
+# (0.08 or 2.5 ms) on the 2-core development machine: the fit is over the whole range.
+P2P_CPU_BYTES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB)
 # Device-side hold before each timed GPU block: longer than the host takes to enqueue one
 # block's kernels (an attention backward is ~40 launches of ~10 us).
 GPU_HOLD_S = 1e-3
@@ -809,8 +813,10 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
     elif not machine.gpus:
         for part in ("links.h2d", "links.d2h", "links.root_GBps", "links.duplex_GBps"):
             out.append(Skipped(part, f"{no_gpu}: roofline preset"))
-    if "links" not in opts.skip and len(machine.gpus) < 2:
-        why = no_gpu if not machine.gpus else "one GPU: no GPU-to-GPU copy to time"
+    if "p2p" in opts.skip:
+        out.append(Skipped("links.p2p.intra_node", "--skip p2p: roofline preset"))
+    elif len(machine.gpus) < 2 and not (opts.blocks_on == "cpu" and len(machine.cpus) >= 2):
+        why = no_gpu if not machine.gpus else "one GPU: no GPU-to-GPU send to time"
         out.append(Skipped("links.p2p.intra_node", f"{why}: roofline preset"))
     out.append(Skipped("links.p2p.inter_node", "one host: inter-node links cannot be measured here; roofline preset"))
     if "gpu" in opts.skip or (not machine.gpus and opts.blocks_on != "cpu"):
@@ -852,10 +858,16 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
             add(f"root {n} GPUs", lambda n=n: measure_root(gpus[:n], sizes.root_bytes, sizes.root_copies,
                                                            sizes.link_reps, m))
         add("duplex", lambda: measure_duplex(gpus[0], sizes.root_bytes, sizes.root_copies, sizes.link_reps, m))
+    if "p2p" not in opts.skip:
+        # through the process group, as the executor sends activations: NCCL between the
+        # first two GPUs; gloo between two CPU ranks, each on half the cores, as it binds them
         if len(gpus) >= 2:
-            # through NCCL, as the executor sends activations (GPUs 0 and 1 of those visible)
             add("p2p nccl gpu0<->gpu1", lambda: setattr(m, "p2p", measure_p2p_group(
                 "nccl", sizes.copy_bytes, sizes.link_reps.reps, gpus=gpus[:2])))
+        elif opts.blocks_on == "cpu" and len(machine.cpus) >= 2:
+            half = len(machine.cpus) // 2
+            add("p2p gloo", lambda: setattr(m, "p2p", measure_p2p_group(
+                "gloo", P2P_CPU_BYTES, sizes.link_reps.reps, cpus=[machine.cpus[:half], machine.cpus[half:2 * half]])))
     if (gpus or opts.blocks_on == "cpu") and "gpu" not in opts.skip:
         on = None if opts.blocks_on == "cpu" else gpus[0]
         bcpus = block_cpus(opts, machine)
@@ -1009,15 +1021,18 @@ def _links(sizes: Sizes, machine: Machine, m: Measured, hw: AnalyticHardware,
                  f"({hw.p2p_inter.GBps:g} GB/s)")
     if m.p2p:
         intra, how = link_fit(m.p2p)
+        between = (f"NCCL isend/irecv between two processes on GPUs {machine.gpus[0]} and {machine.gpus[1]}"
+                   if len(machine.gpus) >= 2 else
+                   "gloo isend/irecv between two CPU processes, each bound to half the cores as the executor's CPU "
+                   "ranks are")
         a.sources["links.p2p"] = (
-            f"measured: intra_node = NCCL isend/irecv between two processes on GPUs {machine.gpus[0]} and "
-            f"{machine.gpus[1]}, one process group per direction as the executor sends activations "
-            f"(calibration/p2p.py), half the median ping-pong of {sizes.link_reps.reps} after 3 warm-up, sizes "
-            f"{_fmt_bytes(sizes.copy_bytes[0])}..{_fmt_bytes(sizes.copy_bytes[-1])}, {how}; {inter_src}")
+            f"measured: intra_node = {between}, one process group per direction as the executor sends "
+            f"activations (calibration/p2p.py), half the median ping-pong of {sizes.link_reps.reps} after 3 "
+            f"warm-up, sizes {_fmt_bytes(m.p2p[0][0])}..{_fmt_bytes(m.p2p[-1][0])}, {how}; {inter_src}")
         a.roof["p2p_intra"] = intra.spec()
     else:
         intra = LinkFit(hw.p2p_intra.latency_s, hw.p2p_intra.GBps)
-        a.sources["links.p2p"] = (f"roofline: not measured (fewer than 2 GPUs); {preset_fn} p2p_intra "
+        a.sources["links.p2p"] = (f"roofline: not measured; {preset_fn} p2p_intra "
                                   f"({hw.p2p_intra.GBps:g} GB/s); {inter_src}")
     if fits["links.h2d.pinned"].points:
         a.roof["h2d"] = fits["links.h2d.pinned"].spec()
