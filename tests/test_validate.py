@@ -72,13 +72,13 @@ def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
     """Issue 6, §4: the gloo executor against the simulator with a profile measured on this
     machine (blocks timed on the CPU, as the CPU ranks run them).
 
-    Measured on the 2-core development machine, 4 runs (docs/validation-cpu.md): Mobius's
-    step predicted 27-34% short, its block loads 5-7% short. The link model is what the
-    capped CPU run exercises faithfully, so its bound is tight: +-15% (twice the measured
-    error, for another CPU's copy and pacing overheads). The step is short by the per-call
-    host overheads the simulator does not model (tiny blocks here: a Python call costs more
-    than the arithmetic); its bound, -60% to +15%, is the measured range widened by four
-    times its spread, and fails if the executor slows down or the model starts to overshoot."""
+    Measured on the 2-core development machine (docs/validation-cpu.md): Mobius's block loads
+    5-7% short in every run; its step 19-25% short in 3 runs of session 6 (27-34% before the
+    host cost and compute were put in series and sends calibrated through gloo). The link
+    model is what the capped CPU run exercises faithfully, so its bound is tight: +-15% (twice
+    the measured error, for another CPU's copy and pacing overheads). The step's bound, -50%
+    to +15%, is the measured range widened by four times its spread, and fails if the
+    executor slows down or the model starts to overshoot."""
     from aptmoe.calibration.cli import main as calibrate
 
     profile = tmp_path / "cpu.json"
@@ -90,7 +90,7 @@ def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
                      "--out", str(out), "-q"]) == 0
     row = json.loads((out / "validation.json").read_text())["schedules"][0]
     assert abs(row["actions"]["load-stage"]["median_error"]) <= 0.15, row["actions"]["load-stage"]
-    assert -0.60 <= row["error"] <= 0.15, row["error"]
+    assert -0.50 <= row["error"] <= 0.15, row["error"]
 
 
 def test_compute_blocks_are_labelled_by_the_neighbours_busy_beside_them() -> None:
