@@ -337,3 +337,15 @@ def test_the_wake_probe_measures_a_toll_and_a_slowdown() -> None:
     r = measure_wake_cost("cpu", switch_us=100, period_us=200, ops=3000, rounds=2)
     assert r.wakes_per_s > 100 and r.issue_us > 0 and abs(r.cost_us) < 10_000
     assert 0.2 < slowdown(lambda: _MemoryStream(None), "cpu", ops=3000, rounds=2) < 50
+
+
+def test_the_gpu_only_benches_say_so_on_a_cpu_machine_and_flags_are_checked(capsys) -> None:
+    from aptmoe.calibration import p2p, pinned_bench, wake
+
+    if not HAS_CUDA:
+        assert pinned_bench.main(["--rounds", "1"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    for main, bad in ((p2p.main, ["--sizes", "4096,x"]), (wake.main, ["--switch-us", "100,fast"])):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2 and "comma-separated" in capsys.readouterr().err
