@@ -184,9 +184,6 @@ def _topology(cpu: int) -> tuple[int, int]:
         return 0, cpu
 
 
-allowed_cpus = allowed_cores           # the profiler's name for it
-
-
 def cpus_in_binding_order(cpus: Sequence[int]) -> list[int]:
     """One logical CPU per physical core (socket 0 first), then their SMT siblings: the
     first t entries are t distinct cores whenever the machine has them, so t threads do
@@ -225,7 +222,7 @@ def probe_machine(opts: Options) -> Machine:
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         gpus = tuple(range(n if opts.max_gpus is None else min(n, opts.max_gpus)))
-    cpus = cpus_in_binding_order(allowed_cpus())
+    cpus = cpus_in_binding_order(allowed_cores())
     info = _cpuinfo()
     model = next((e["model name"] for e in info if e.get("model name")), "") or platform.processor() or "unknown"
     sockets = len({e["physical id"] for e in info if "physical id" in e}) or 1
@@ -262,7 +259,7 @@ def _bind(cpus: Sequence[int]) -> bool:
 def pinned_threads(cpus: Sequence[int]) -> Iterator[bool]:
     """torch computes with len(cpus) threads bound to `cpus`; both restored afterwards.
     Yields whether the binding took effect."""
-    old_threads, old_mask = torch.get_num_threads(), allowed_cpus()
+    old_threads, old_mask = torch.get_num_threads(), allowed_cores()
     bound = _bind(cpus)
     torch.set_num_threads(len(cpus))
     try:

@@ -24,7 +24,7 @@ import socket
 import sys
 from pathlib import Path
 
-from aptmoe.config import ConfigError, Pipeline, RunConfig, auto_host_cores
+from aptmoe.config import ConfigError, RunConfig, auto_host_cores
 from aptmoe.flags import (
     add_cluster_flags,
     add_seed_flags,
@@ -182,7 +182,7 @@ def preflight(cfg: RunConfig, plan: Plan) -> str | None:
     params = cfg.model.layer_params * cfg.model.num_layers
     per_param = 0 if plan.resident else cfg.model.dtype_bytes * 2 + 8     # master, pinned grad, Adam moments
     need = params * per_param
-    if cfg.schedule.pipeline is Pipeline.APTMOE:      # the CPU experts' own gradient buffers, at most one each
+    if plan.policy == "aptmoe":      # the CPU experts' own gradient buffers, one per expert (RankRuntime)
         need += cfg.model.expert_params * cfg.model.num_experts * cfg.model.num_layers * cfg.model.dtype_bytes
     avail = psutil.virtual_memory().available
     if need > 0.9 * avail:

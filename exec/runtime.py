@@ -56,7 +56,7 @@ from aptmoe.exec.model import (
     routing_generator,
 )
 
-from aptmoe.config import Pipeline, RunConfig
+from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource
 from aptmoe.memory import adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
@@ -148,10 +148,11 @@ class RankRuntime:
         # and kept from step to step. A new buffer each step was fresh memory whose first
         # write faulted in every page (an MoE-M expert's backward on one token: 33 ms on the
         # H200 against 3.6 ms calibrated); made on first use, its pinned allocation fell
-        # inside a timed CPU expert (35-92 ms on MoE-M in docs/validation-h200-v4).
+        # inside a timed CPU expert (35-92 ms on MoE-M in docs/validation-h200-v4). Only the
+        # APTMoE policy places experts on the CPU.
         self.cpu_grad_buf: dict[Block, torch.Tensor] = {
             b: device.empty_host(fp.flat.shape, fp.flat.dtype) for b, fp in self.master.items()
-            if b.kind is BlockKind.EXPERT and cfg.schedule.pipeline is Pipeline.APTMOE and not plan.resident}
+            if b.kind is BlockKind.EXPERT and plan.policy == "aptmoe"}
         self.ends: dict[str, torch.Tensor] = {}
         kw = dict(device=device.torch, dtype=self.dtype)
         d, V = m.embedding_dim, m.vocab_size
@@ -684,12 +685,6 @@ class RankRuntime:
             self._block_end(str(a.at(block)), t0, "backward", layer=block.layer)
         return dy
 
-    def _cpu_grad_buffer(self, block: Block, fp: FlatParams) -> torch.Tensor:
-        buf = self.cpu_grad_buf.get(block)
-        if buf is None:
-            buf = self.cpu_grad_buf[block] = self.dev.empty_host(fp.flat.shape, fp.flat.dtype)
-        return buf
-
     def _experts_backward(self, a: Action, step: RunExperts, run: LayerRun) -> None:
         layer = step.layer
         douts = run.output_grads()
@@ -699,7 +694,7 @@ class RankRuntime:
                 b = Block.expert_of(layer, e)
                 part, fp = run.cpu[e], self.master[b]
                 with self.lock:                  # the first gradient of the step is written, not added
-                    first = fp.start_grad(self._cpu_grad_buffer(b, fp))
+                    first = fp.start_grad(self.cpu_grad_buf[b])
                 return expert_backward(part.inp, part.hidden, ge, *fp.flat_views(), *fp.grad_views(),
                                            first=first), None
 

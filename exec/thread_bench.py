@@ -42,6 +42,8 @@ import sys
 import threading
 import time
 
+from aptmoe.flags import number_list
+
 ARRANGEMENTS = ("main", "two-teams", "worker", "host", "issuing", "issuing-host")
 
 
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--pool-mib", type=int, default=512, help="Adam chunks and experts cycled through (beyond the caches)")
-    p.add_argument("--switch-us", default="5000,100",
+    p.add_argument("--switch-us", type=number_list(float, "microseconds"), default="5000,100",
                    help="GIL switch intervals for 'issuing', microseconds (Python's default is 5000)")
     p.add_argument("--arrangement", choices=ARRANGEMENTS, help=argparse.SUPPRESS)     # one child's part
     ns = p.parse_args(argv)
@@ -182,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--host-cores {ns.host_cores!r} is not a number or auto")
     if not 0 <= ns.host_cores < cores:
         p.error(f"--host-cores {ns.host_cores} must leave the worker a core of this machine's {cores}")
-    try:
-        switches = [float(x) for x in ns.switch_us.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--switch-us {ns.switch_us!r}: give microseconds separated by commas, e.g. 5000,200")
+    switches = ns.switch_us
     if any(x <= 0 for x in switches):
         p.error("--switch-us: each interval must be above 0 microseconds")
     if ns.arrangement:

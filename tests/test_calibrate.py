@@ -48,13 +48,13 @@ def test_cpu_quick_profile_loads(cpu_run) -> None:
     assert p.made_by.tool.startswith("aptmoe ")
     assert p.hardware.torch_version == torch.__version__
     have = {(c.d, c.h, c.dtype, c.direction, c.threads) for c in p.cpu_expert}
-    available = profiler.thread_counts((1, 2), len(profiler.allowed_cpus()))
+    available = profiler.thread_counts((1, 2), len(profiler.allowed_cores()))
     assert have == {(1024, 4096, "fp32", d, t) for d in ("fwd", "bwd") for t in available}
     for c in p.cpu_expert:
         assert list(c.seconds) == sorted(c.seconds) and c.seconds[0] > 0
     assert set(p.adam.cpu_s_per_param) == set(available)
     assert set(p.adam.cpu_call_s) == set(available) and all(0 < s < 0.05 for s in p.adam.cpu_call_s.values())
-    cores = len(profiler.allowed_cpus())
+    cores = len(profiler.allowed_cores())
     if cores >= 2:                  # two CPU ranks updating at once, each on its half of the cores
         assert p.adam.shared_ranks == 2 and (cores // 2) in p.adam.cpu_shared_s_per_param
         assert all(x > 0 for x in p.adam.cpu_shared_s_per_param.values())
