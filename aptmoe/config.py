@@ -32,6 +32,10 @@ class Pipeline(str, Enum):
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# A capped link paces its copies in chunks of this size (exec/link.py): at 8 GB/s a 0.5 ms
+# pacing step, small enough for a smooth rate. Each chunk wakes the pacing thread, which the
+# simulator charges to the issuing thread (sim/issuing.py).
+LINK_CHUNK_BYTES = 4 << 20
 
 
 def _divisors(n: int) -> list[int]:

@@ -83,6 +83,11 @@ class CostSource(Protocol):
         on `threads` threads draws at most alone (None: CPU work never waits for copies;
         sim/host_memory.py)."""
 
+    def issue_tolls(self):
+        """What the issuing thread loses per copy landed, paced chunk and CPU job of the
+        rank's other threads, and beside DMA and a memory stream (an `IssueTolls`, or None:
+        it runs at its calibrated speed whatever runs beside it)."""
+
 
 def cpu_expert_bytes(d: int, h: int, dtype_bytes: int, tokens: int, direction: str) -> int:
     """Host memory a CPU expert streams: its weights (2 d h), read once, and in the backward
@@ -102,6 +107,9 @@ class KernelTimeOnly:
     """For cost sources that know no host: blocks take their kernel time alone."""
 
     def host_memory_GBps(self, threads: int) -> tuple[float, float] | None:
+        return None
+
+    def issue_tolls(self):
         return None
 
     def host_s(self, kind: str, direction: str) -> float:

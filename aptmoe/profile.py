@@ -20,6 +20,9 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``host_memory`` (optional): {GBps: {threads: s}, cpu_alone_GBps: {threads: s}}, the host
   memory's bandwidth for CPU work and copies together (a read-bound CPU stream plus the GPU's
   copies, both busy) and the CPU stream's rate alone (calibration/host_memory.py);
+- ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor}, what
+  a GPU rank's issuing thread loses per copy landed, paced chunk and CPU job of its other
+  threads, and its slowdown beside DMA and a memory stream (calibration/issue_tolls.py);
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -201,6 +204,22 @@ class HostMemory:
 
 
 @dataclass(frozen=True)
+class IssueTolls:
+    """What the thread that issues a GPU rank's blocks loses to the rank's other threads.
+
+    Each wake of a Python thread (a copy landing, a paced chunk, a CPU expert job) takes the
+    GIL that the issuing thread drops around every launch, and it waits for it back; DMA
+    copies and the CPU's memory stream slow it without a wake (calibration/issue_tolls.py).
+    Optional in the schema: without it the issuing thread runs at its calibrated speed
+    whatever runs beside it (sim/engine.py `_issue`)."""
+    copy_s: float            # per copy landed (the copy engine's wake and its next launch)
+    chunk_s: float           # per 4 MiB chunk of a capped copy (the pacer's wake)
+    cpu_job_s: float         # per CPU expert job
+    dma_factor: float        # slowdown while copies stream (>= 1)
+    memory_factor: float     # slowdown while the CPU worker streams memory (>= 1)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     made_by: MadeBy
@@ -215,6 +234,7 @@ class Profile:
     description: str = ""
     dispatch: Dispatch | None = None
     host_memory: HostMemory | None = None
+    issue_tolls: IssueTolls | None = None
 
     schema: typing.ClassVar[str] = SCHEMA
 
@@ -261,6 +281,8 @@ class Profile:
         if self.host_memory is not None:
             d["host_memory"] = {"GBps": table(self.host_memory.GBps),
                                 "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps)}
+        if self.issue_tolls is not None:
+            d["issue_tolls"] = dataclasses.asdict(self.issue_tolls)
         return d
 
     def to_json(self) -> str:
@@ -410,7 +432,8 @@ class _Parser:
         if data["schema"] != SCHEMA:
             self.fail("schema", f"unknown schema version {self._show(data['schema'])}; this aptmoe reads {SCHEMA!r}")
         d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
-                                "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch", "host_memory"))
+                                "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch", "host_memory",
+                                                                    "issue_tolls"))
         description = d.get("description", "")
         if not isinstance(description, str):
             self.fail("description", "must be a string")
@@ -428,7 +451,23 @@ class _Parser:
             description=description,
             dispatch=self.dispatch(d["dispatch"]) if "dispatch" in d else None,
             host_memory=self.host_memory(d["host_memory"]) if "host_memory" in d else None,
+            issue_tolls=self.issue_tolls(d["issue_tolls"]) if "issue_tolls" in d else None,
         )
+
+    def issue_tolls(self, data: Any) -> IssueTolls:
+        fields = [f.name for f in dataclasses.fields(IssueTolls)]
+        d = self.obj(data, "issue_tolls", tuple(fields))
+        out = {}
+        for f in fields:
+            where = f"issue_tolls.{f}"
+            if f.endswith("_factor"):
+                v = self.number(d[f], where)
+                if v < 1:
+                    self.fail(where, f"is a slowdown and must be >= 1, got {self._show(d[f])}")
+            else:
+                v = self.number(d[f], where, positive=False, unit="s")
+            out[f] = v
+        return IssueTolls(**out)
 
     def host_memory(self, data: Any) -> HostMemory:
         d = self.obj(data, "host_memory", ("GBps", "cpu_alone_GBps"))
@@ -879,6 +918,15 @@ class ProfileCost:
         t = _positive("threads", threads)
         near = min(hm.GBps, key=lambda c: (abs(c - t), c))
         return hm.GBps[near], hm.cpu_alone_GBps[near]
+
+    def issue_tolls(self) -> IssueTolls | None:
+        """What the issuing thread loses to the rank's other threads (None: not measured,
+        and it runs at its calibrated speed whatever runs beside it)."""
+        t = self.profile.issue_tolls
+        if t is None and self.profile.dispatch is not None and self.profile.dispatch.device == "cuda":
+            self.fallbacks.add("issue tolls: not measured, the issuing thread is as fast beside copies "
+                               "and CPU jobs as alone")
+        return t
 
     def adam_gpu_s(self, num_params: int) -> float:
         p = _count("num_params", num_params)

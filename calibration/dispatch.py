@@ -13,14 +13,16 @@ on CPU ranks it is the whole call. The executor runs as a subprocess, like a use
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from aptmoe.run_process import ExecutorFailed, launch_executor
 from aptmoe.profile import Dispatch
+from aptmoe.run_process import ExecutorFailed, launch_executor
 from aptmoe.trace import Trace
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
@@ -87,6 +89,65 @@ def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
         return dispatch_from_trace(Trace.load(out / "trace-GPipe.json"), device)
 
 
+# The same probe with experts as heavy to copy as MoE-S's (2 x 16 x 262144 fp32 = 32 MiB, 0.6 ms
+# at 55 GB/s) but as light to compute (16 tokens at width 16): the offload schedules' blocks
+# are issued while the copy engine lands a copy every 0.6 ms, as in MoE-S's runs, and GPipe's
+# (weights resident, no copies) in the same process are the same blocks alone.
+LOADED = ["--is_moe=True", "--model_config=S", "--embedding_dim", "16", "--hidden_dim", "262144", "--num_heads", "2",
+          "--num_layers", "8", "--num_stages", "8", "--num_experts", "8", "--gini", "0.3", "--batch_size", "16",
+          "--num_chunks", "4", "--seq_length", "32", "--pipeline", "all", "--num_warmup_steps", "1",
+          "--num_training_steps", "4", "--no-plot", "-q"]
+LOADED_SCHEDULES = ("GPipeOffload", "Mobius")
+
+
+@dataclass(frozen=True)
+class CopyToll:
+    """What each copy landing costs the executor's issuing thread, read from its own traces."""
+    seconds: float              # per copy landed while a block was issued
+    constant_s: float           # per block beside the copies whatever landed (DMA, the thread's own wake-ups)
+    blocks: int                 # forward blocks it is taken over
+    landings: int               # copies landed while they were issued
+
+
+def copy_toll_from_traces(alone: Trace, loaded: list[Trace]) -> CopyToll:
+    """Forward blocks of `loaded` (offload schedules) against the same blocks in `alone` (GPipe,
+    no copies): each block's excess over GPipe's median of its kind, fitted by least squares
+    as a constant plus a toll per copy that landed while it was issued. The constant takes
+    what every block pays beside the loads (the DMA, the thread waking from its wait for the
+    block): without it, the few blocks that see a copy land would carry all of it. Forward
+    blocks only: the backward's also run beside the offload thread."""
+    base = {k: statistics.median(v["fwd"]) for k, v in block_spans(alone).items() if v.get("fwd")}
+    xs: list[int] = []
+    ys: list[float] = []
+    for trace in loaded:
+        ends = sorted(e.end_s for e in trace.events if e.stream == "load" and e.cat.startswith("load-"))
+        for b in _blocks(trace):
+            kind = b.name.rsplit(":", 1)[-1][:1]
+            if b.cat != "forward" or kind not in base:
+                continue
+            xs.append(bisect.bisect_right(ends, b.end_s) - bisect.bisect_right(ends, b.start_s))
+            ys.append(b.dur_s - base[kind])
+    if len(set(xs)) < 2:
+        raise ValueError("the loaded probe's forward blocks all saw as many copies land: no toll per copy "
+                         "can be told from what they pay anyway")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return CopyToll(max(0.0, slope), my - slope * mx, len(xs), sum(xs))
+
+
+def measure_copy_toll() -> CopyToll:
+    """Runs the loaded probe on the GPU (every schedule, one process) and fits the toll over
+    the offload schedules' traces."""
+    with tempfile.TemporaryDirectory(prefix="aptmoe-copy-toll-") as tmp:
+        out = Path(tmp) / "run"
+        try:
+            launch_executor([*LOADED, "--device", "cuda", "--gpus", "1", "--topo", "C1+G1"], out)
+        except ExecutorFailed as e:
+            raise ExecutorFailed(f"the loaded probe (aptmoe-run on experts heavy to copy) failed: {e}") from None
+        return copy_toll_from_traces(Trace.load(out / "trace-GPipe.json"),
+                                     [Trace.load(out / f"trace-{s}.json") for s in LOADED_SCHEDULES])
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m aptmoe.calibration.dispatch [--device cpu|cuda] [--ranks N] [--repeats N]`:
     the probe alone, repeated, as a benchmark of the executor's host cost per block."""
@@ -96,7 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loaded", action="store_true",
+                   help="instead: what each copy landing costs the issuing thread (the loaded probe, a GPU)")
     ns = p.parse_args(argv)
+    if ns.loaded:
+        print(f"the executor's copy engine ({', '.join(LOADED_SCHEDULES)}): what the issuing thread loses")
+        for _ in range(ns.repeats):
+            t = measure_copy_toll()
+            print(f"  {t.seconds * 1e6:7.1f} us per copy landed, {t.constant_s * 1e6:7.1f} us per block beside "
+                  f"the loads ({t.landings} copies over {t.blocks} forward blocks)")
+        return 0
     runs = [measure_dispatch(ns.device, ns.ranks) for _ in range(ns.repeats)]
     rows = [(f"{k} {d}", [r.seconds[k][d] for r in runs]) for k in sorted(runs[0].seconds)
             for d in sorted(runs[0].seconds[k])]

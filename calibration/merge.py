@@ -20,7 +20,7 @@ import sys
 from aptmoe import version
 from aptmoe.profile import ProfileError, load_profile
 
-SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory")
+SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls")
 # roofline fields measured from each section (calibration/profiler.py's overrides)
 ROOFLINE_FIELDS = {
     "links": ("h2d", "d2h", "root_GBps", "p2p_intra"),
@@ -29,6 +29,7 @@ ROOFLINE_FIELDS = {
     "adam": ("cpu_adam_params_per_s_per_core", "gpu_adam_params_per_s"),
     "dispatch": (),
     "host_memory": (),
+    "issue_tolls": (),
 }
 
 

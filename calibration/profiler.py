@@ -46,6 +46,7 @@ import torch
 from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
+from aptmoe.calibration.issue_tolls import CAP_GBps, COPY_MIB, measure_issue_tolls
 from aptmoe.calibration.host_memory import HostMemoryResult, as_executor_host, host_memory_source, measure_host_memory
 from aptmoe.calibration.p2p import measure_p2p_group
 from aptmoe.calibration.reference import fit_link, pava
@@ -55,11 +56,11 @@ from aptmoe.host import allowed_cores
 from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import BlockAdam
 from aptmoe.costs import LinkSpec
-from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, LinkFit, Links, MadeBy, Profile,
+from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Links, MadeBy, Profile,
                             Skipped)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p")          # what --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls")          # what --skip can leave out
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
@@ -112,6 +113,7 @@ class Sizes:
     gpu_reps: Reps
     cpu_reps: Reps
     adam_reps: Reps
+    toll_rounds: int = 7          # rounds of the issuing loop beside each neighbour (issue_tolls.py)
 
 
 def _powers(lo: int, hi: int, step: int = 1) -> tuple[int, ...]:
@@ -129,7 +131,7 @@ def sizes_for(opts: Options) -> Sizes:
                   gpu_tokens=(1, 16, 256, 2048), attn_sequences=(1, 4, 16), cpu_tokens=(1, 16, 256),
                   cpu_point_limit_s=0.15, adam_params=4 * MiB, adam_tensors=4,
                   link_reps=Reps(1, 5, 2, 0.2), gpu_reps=Reps(2, 5, 3, 0.2, warmup_s=0.02),
-                  cpu_reps=Reps(1, 3, 3, 0.3, warmup_s=0.05), adam_reps=Reps(1, 3, 1, 0.5))
+                  cpu_reps=Reps(1, 3, 3, 0.3, warmup_s=0.05), adam_reps=Reps(1, 3, 1, 0.5), toll_rounds=3)
     else:
         s = Sizes(copy_bytes=_powers(64 * KiB, 1 << 30, 2), root_bytes=256 * MiB, root_copies=8,
                   gpu_tokens=_powers(1, 16384), attn_sequences=_powers(1, 128), cpu_tokens=_powers(1, 4096),
@@ -410,6 +412,8 @@ class Measured:
     adam_cpu_call: dict[int, float] = field(default_factory=dict)
     dispatch: Dispatch | None = None
     host_memory: dict[int, HostMemoryResult] = field(default_factory=dict)
+    issue_tolls: IssueTolls | None = None
+    issue_tolls_notes: list[str] = field(default_factory=list)
 
 
 def _random_bytes(n: int, device: torch.device | str = "cpu", pinned: bool = False) -> torch.Tensor:
@@ -830,6 +834,12 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
     elif not machine.gpus:
         out.append(Skipped("host_memory", f"{no_gpu}: no copy engine to share host memory with; CPU work "
                                           "never waits for the links' copies"))
+    if "tolls" in opts.skip:
+        out.append(Skipped("issue_tolls", "--skip tolls: the issuing thread is as fast beside copies and CPU "
+                                          "jobs as alone"))
+    elif not machine.gpus or opts.blocks_on == "cpu":
+        out.append(Skipped("issue_tolls", f"{no_gpu if not machine.gpus else '--blocks-on cpu'}: no GPU rank "
+                                          "whose issuing thread to time"))
     if "adam" in opts.skip:
         out.append(Skipped("adam", "--skip adam: roofline Adam rates"))
     elif not machine.gpus and opts.blocks_on != "cpu":
@@ -900,6 +910,9 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
     if "memory" not in opts.skip and gpus:
         for t in machine.threads:
             add(f"memory {t}t", lambda t=t: measure_host_memory_bound(t, machine, gpus[0], m))
+    if "tolls" not in opts.skip and gpus and opts.blocks_on != "cpu":
+        add("issue tolls", lambda: setattr(m, "issue_tolls", measure_issue_tolls(rounds=sizes.toll_rounds,
+                                                                         say=m.issue_tolls_notes.append)))
     if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
         # On CPU ranks: two of them, as the executor runs by default without a GPU.
         device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
@@ -1153,6 +1166,12 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     _rate_overrides(m, a)
     if m.host_memory:
         a.sources["host_memory"] = host_memory_source(m.host_memory)
+    if m.issue_tolls is not None:
+        a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
+                                    f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "
+                                    f"{CAP_GBps:g} GB/s), the CPU worker's one-token MoE-M experts, DMA copies and a "
+                                    f"memory stream (calibration/issue_tolls.py): "
+                                    + "; ".join(n.strip() for n in m.issue_tolls_notes))
     if m.dispatch is not None:
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
                                  f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls) on a model too "
@@ -1182,7 +1201,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         roofline=_roofline_json(roof), dispatch=m.dispatch,
         host_memory=HostMemory({t: round_sig(r.total_GBps) for t, r in m.host_memory.items()},
                                {t: round_sig(r.cpu_alone_GBps) for t, r in m.host_memory.items()})
-        if m.host_memory else None)
+        if m.host_memory else None,
+        issue_tolls=m.issue_tolls)
 
 
 def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:

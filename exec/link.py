@@ -15,7 +15,7 @@ import time
 
 import torch
 
-CHUNK_BYTES = 4 << 20        # 4 MiB: at 8 GB/s a 0.5 ms pacing step; small enough for a smooth rate
+from aptmoe.config import LINK_CHUNK_BYTES as CHUNK_BYTES      # 4 MiB
 
 
 class Link:

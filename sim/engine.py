@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import simpy
 from aptmoe.sim.host_memory import HostMemory
+from aptmoe.sim.issuing import IssuingThread
 from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
@@ -161,6 +162,9 @@ class RankModel:
         # The host thread that issues the compute stream's blocks, as a second clock (_issue).
         self.host_t = self.env.now
         self.runs_ahead = self.cost.host_runs_ahead()
+        # What runs beside that thread slows it (GPU ranks; on CPU ranks it computes too)
+        self.issuing = IssuingThread(self.cost.issue_tolls() if self.runs_ahead else None,
+                                     capped=c.link_bandwidth_GBps is not None)
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
                                  + [self.cost.between_s(d) for d in DIRECTIONS])
         self.handlers = {
@@ -218,10 +222,11 @@ class RankModel:
         """A CPU job of `seconds` alone, streaming `nbytes` of host memory: longer while the
         links' copies take their share of it (sim/host_memory.py)."""
         start = self.env.now
-        if self.host_memory is None:
-            yield self.env.timeout(seconds)
-        else:
-            yield from self.host_memory.work(seconds, nbytes)
+        with self.issuing.cpu_job(seconds):
+            if self.host_memory is None:
+                yield self.env.timeout(seconds)
+            else:
+                yield from self.host_memory.work(seconds, nbytes)
         self.busy["cpu"] += self.env.now - start
 
     # ------------------------------------------------------------------ loading
@@ -251,7 +256,8 @@ class RankModel:
                 continue
             c = launched[0]
             start = self.env.now
-            yield from self.h2d_root.transfer(c.nbytes, cap, self.h2d_link.latency_s, group=self.rank)
+            with self.issuing.copy(c.nbytes, self.h2d_link.time_s(c.nbytes)):
+                yield from self.h2d_root.transfer(c.nbytes, cap, self.h2d_link.latency_s, group=self.rank)
             launched.popleft()
             self.busy["h2d"] += self.env.now - start
             self.bytes["h2d"] += c.nbytes
@@ -386,9 +392,10 @@ class RankModel:
             return [self.cost.gpu_s(kind, tokens, direction) for kind, tokens, direction in work]
         t = self.env.now
         out = []
+        slow = self.issuing.slowdown()
         for kind, tokens, direction in work:
             k = self.cost.gpu_s(kind, tokens, direction)
-            d = self.cost.host_s(kind, direction) if tokens > 0 else 0.0
+            d = self.cost.host_s(kind, direction) * slow if tokens > 0 else 0.0
             if self.runs_ahead:
                 self.host_t += d
                 end = max(t + k, self.host_t)
@@ -404,7 +411,7 @@ class RankModel:
         if b <= 0:
             return
         if self.runs_ahead:
-            self.host_t += b
+            self.host_t += b * self.issuing.slowdown()
         else:
             yield self._hold(b)
 
@@ -475,8 +482,9 @@ class RankModel:
         for block in Block.of_layers(self.layers[s], m.num_experts, m.is_moe):
             nbytes = grads.get(block, 0)
             if nbytes:
-                yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s,
-                                                  group=self.rank)
+                with self.issuing.copy(nbytes, self.d2h_link.time_s(nbytes), engine=False):
+                    yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s,
+                                                      group=self.rank)
                 self.bytes["d2h"] += nbytes
             self._grad_home(s, block).succeed()
         self.busy["d2h"] += self.env.now - start

@@ -82,8 +82,11 @@ class _Cost:
 def _rank(cost, now=10.0):
     from types import SimpleNamespace
 
+    from aptmoe.sim.issuing import IssuingThread
+
     return SimpleNamespace(env=SimpleNamespace(now=now), cost=cost, host_t=now, runs_ahead=cost.host_runs_ahead(),
-                           host_free=False, busy={"compute": 0.0}, _hold=lambda s, r="compute": s)
+                           host_free=False, busy={"compute": 0.0}, _hold=lambda s, r="compute": s,
+                           issuing=IssuingThread(None, capped=False))
 
 
 def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:

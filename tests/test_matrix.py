@@ -415,12 +415,13 @@ def test_compare_refuses_what_it_cannot_compare_in_one_line(tmp_path, capsys, ma
 
 
 # The latest one-GPU H200 matrix, predicted again from its stored runs with today's simulator
-# and profile: its median errors as measured when the model last changed (session 6: all 12.0%,
-# held-back 13.2%), rounded up to the next half point. A model change that makes the stored
-# runs worse fails here; one that makes them better should lower these.
+# and profile: its median errors as measured when the model last changed (session 7, the
+# issuing thread's tolls: all 9.2%, held-back 13.1%; without them 11.1% and 13.2%), rounded up
+# to the next half point. A model change that makes the stored runs worse fails here; one
+# that makes them better should lower these.
 H200_MATRIX = Path(__file__).resolve().parents[1] / "docs" / "validation-h200-v4"
 H200_FLAGS = ["--calibration", "h200-1gpu", "--steps", "3", "--no-plot", "-q"]
-H200_BOUNDS = {"all": 0.125, "held-back": 0.135}
+H200_BOUNDS = {"all": 0.095, "held-back": 0.135}
 
 
 @pytest.mark.skipif(not H200_MATRIX.is_dir(), reason="the stored H200 matrix is not in this tree")

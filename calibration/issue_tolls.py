@@ -1,0 +1,262 @@
+"""What the thread that issues a GPU rank's blocks loses to the rank's other threads (`issue_tolls`).
+
+In the one-H200 runs (docs/validation-h200-v4) a block issued beside a load took 1.5-2.6x
+its time alone on MoE-S, 1.3x on MoE-M and 1.1x on MoE-L: the smaller the experts, the
+more often the copy engine wakes (an MoE-S expert lands every 0.6 ms at 55 GB/s, an MoE-L
+one every 8 ms). Every wake of a Python thread (a copy landing, a paced chunk, the CPU
+worker's job) takes the GIL that the issuing thread drops around each kernel launch, and the
+issuing thread then waits for it and for its own wake-up; the copies' DMA and the CPU
+worker's memory stream also slow it without waking anything. `calibration/wake.py` showed
+the size of it on the H200 host: 114-120 us a wake of a bare waker, whatever the switch
+interval, and 1.13x / 1.27x beside DMA copies / a memory stream.
+
+This times a launch-bound issuing loop (kernel launches of a few microseconds, the
+executor's blocks on a small model) alone and beside the executor's own neighbours, placed
+on a rank's cores as `--host-cores auto` places them (the issuing and copy threads on the
+host cores, the CPU worker on the rest):
+
+* DMA only: back-to-back 256 MiB h2d copies, a wake per 1 GiB -> `dma_factor`;
+* a host-memory stream on the worker's cores -> `memory_factor`;
+* a bare copy engine (a copy in flight behind the one landing; each lands: a blocking event
+  wakes the thread, which takes a lock, notifies and launches the next through a `Link`) on
+  natively fast copies of MoE-S's and MoE-M's expert size: per copy = (time beside - time
+  alone x dma_factor) / copies landed, printed only: the executor's engine does more per copy
+  (the policy, its lock, the block's views), and its toll, `copy_s`, is fitted from its own
+  traces (calibration/dispatch.py, the loaded probe);
+* the bare engine on a link capped to 8 GB/s, whose pacer wakes per 4 MiB chunk:
+  per chunk = (time beside - time alone - copies x its per-copy toll) / chunks -> `chunk_s`
+  (the DMA's share at a seventh of the rate is left out);
+* the CPU worker running one-token MoE-M experts back to back (the executor's CPU expert:
+  its weights streamed from memory): per job = (beside - alone x memory_factor) / jobs ->
+  `cpu_job_s`.
+
+The simulator slows the issuing thread by these at the rates its own copies and jobs run
+(sim/issuing.py). The bare engine is timed at two copy sizes: were its toll per wake, both
+would give the same figure.
+
+    python -m aptmoe.calibration.issue_tolls [--ops 20000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from aptmoe.calibration.host_memory import CopyLoop, _expert_stream
+from aptmoe.calibration.wake import _issue, _MemoryStream
+from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
+from aptmoe.exec.link import CHUNK_BYTES, Link
+
+from aptmoe.config import auto_host_cores
+from aptmoe.host import allowed_cores
+from aptmoe.profile import IssueTolls
+
+MiB = 1 << 20
+COPY_MIB = (32, 128)        # an MoE-S and an MoE-M expert (fp32)
+CAP_GBps = 8.0              # the paper's regime, as the matrix caps it
+
+
+class _Neighbour:
+    """A thread beside the issuing loop that counts what it did (`count`: wakes, copies,
+    jobs; `chunks` for a paced copy)."""
+
+    def __init__(self, cpus: list[int] | None) -> None:
+        self.cpus = cpus
+        self.stop = threading.Event()
+        self.count = 0
+        self.chunks = 0
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        if self.cpus:
+            bind_this_thread(self.cpus)
+        self.run()
+
+
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.05)                    # running before the issuing loop is timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+class _CopyEngine(_Neighbour):
+    """exec/runtime.py `_copy_engine` without a policy: `k` copies of `nbytes` in flight; a
+    blocking event per copy wakes the thread, which takes the lock, notifies and launches the
+    next through a `Link` (paced in 4 MiB chunks when capped)."""
+
+    def __init__(self, nbytes: int, cap_GBps: float | None, cpus: list[int] | None, k: int = 2) -> None:
+        super().__init__(cpus)
+        self.src = torch.empty(nbytes // 4).pin_memory().normal_()
+        self.link = Link(cap_GBps)
+        self.stream = torch.cuda.Stream()
+        self.cond = threading.Condition()
+        self.k = k
+        self.landed: dict[int, torch.Tensor] = {}
+        self.chunks_per_copy = -(-nbytes // CHUNK_BYTES) if cap_GBps else 0
+
+    def _launch(self):
+        with torch.cuda.stream(self.stream):
+            buf = torch.empty(self.src.shape, device="cuda")
+            start = torch.cuda.Event(blocking=True)
+            start.record(self.stream)
+            self.link.copy(buf, self.src)
+            end = torch.cuda.Event(blocking=True)
+            end.record(self.stream)
+        return buf, start, end
+
+    def run(self) -> None:
+        launched: deque = deque()
+        while not self.stop.is_set():
+            while len(launched) < self.k:
+                launched.append(self._launch())
+            buf, _, end = launched.popleft()
+            end.synchronize()
+            with self.cond:                 # what the executor does when a copy lands
+                self.count += 1
+                self.chunks += self.chunks_per_copy
+                self.landed[self.count % 4] = buf
+                self.cond.notify_all()
+        torch.cuda.synchronize()
+
+
+class _CpuJobs(_Neighbour):
+    """The CPU worker: one-token MoE-M experts back to back, weights streamed from memory,
+    on its cores with as many torch threads (as the executor starts it)."""
+
+    def __init__(self, job: Callable[[], None], cpus: list[int] | None) -> None:
+        super().__init__(None)
+        self.job, self.worker_cpus = job, cpus
+
+    def _main(self) -> None:
+        if self.worker_cpus:
+            start_worker_thread(self.worker_cpus)
+        self.run()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.job()
+            self.count += 1
+
+
+class _Quiet(_Neighbour):
+    """A context that starts a neighbour that counts nothing (DMA, memory streams)."""
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        super().__init__(None)
+        self.inner = make()
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.inner.__exit__(*exc)
+
+
+def _round(make: Callable[[], _Neighbour], x: torch.Tensor, ops: int) -> tuple[float, float, int, int]:
+    """One round: (issuing loop alone s, beside the neighbour s, its count and chunks meanwhile)."""
+    alone = _issue(x, ops)
+    with make() as n:
+        c0, k0 = n.count, n.chunks
+        beside = _issue(x, ops)
+        return alone, beside, n.count - c0, n.chunks - k0
+
+
+def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], None] = print) -> IssueTolls:
+    """The tolls of a GPU rank laid out as `--host-cores auto` lays it out on this machine.
+
+    Every condition is timed once per round, each beside its own alone run, and each toll is
+    taken per round (against that round's DMA and memory factors) before the median: the
+    host's speed drifts between rounds by as much as the tolls themselves."""
+    if not torch.cuda.is_available():
+        raise ValueError("issue tolls are a GPU rank's: no CUDA GPU here")
+    from aptmoe.calibration.dispatch import measure_copy_toll
+
+    cores = allowed_cores()
+    per_rank = cores[:max(1, len(cores) // torch.cuda.device_count())]
+    host, workers = split_host_cores(per_rank, auto_host_cores(len(per_rank), True)) if len(per_rank) > 1 \
+        else (per_rank, [])
+    before_threads = torch.get_num_threads()
+    bind_this_thread(host or per_rank)
+    cs = host or None
+    job, _ = _expert_stream()
+    conditions: dict[str, Callable[[], _Neighbour]] = {
+        "dma": lambda: _Quiet(lambda: CopyLoop("h2d", torch.cuda.current_device(), cs)),
+        "memory": lambda: _Quiet(lambda: _MemoryStream(workers or None)),
+        **{f"copy{mib}": (lambda mib=mib: _CopyEngine(mib * MiB, None, cs)) for mib in COPY_MIB},
+        "capped": lambda: _CopyEngine(COPY_MIB[0] * MiB, CAP_GBps, cs),
+        "jobs": lambda: _CpuJobs(job, workers or None),
+    }
+    got: dict[str, list[float]] = {k: [] for k in ("dma", "memory", "chunk", "job", *(f"copy{m}" for m in COPY_MIB))}
+    rates: dict[str, list[float]] = {k: [] for k in conditions}
+    try:
+        x = torch.zeros(16, device="cuda")
+        _issue(x, ops // 10)
+        for _ in range(rounds):
+            r = {k: _round(make, x, ops) for k, make in conditions.items()}
+            for k, (a, b, n, c) in r.items():
+                rates[k].append((c or n) / b)
+            dma = r["dma"][1] / r["dma"][0]
+            memory = r["memory"][1] / r["memory"][0]
+            got["dma"].append(dma)
+            got["memory"].append(memory)
+            for mib in COPY_MIB:
+                a, b, n, _ = r[f"copy{mib}"]
+                got[f"copy{mib}"].append((b - a * dma) / max(n, 1))
+            a, b, n, k = r["capped"]
+            got["chunk"].append((b - a - n * got[f"copy{COPY_MIB[0]}"][-1]) / max(k, 1))
+            a, b, n, _ = r["jobs"]
+            got["job"].append((b - a * memory) / max(n, 1))
+        med = {k: statistics.median(v) for k, v in got.items()}
+        rate = {k: statistics.median(v) for k, v in rates.items()}
+        say(f"issue tolls on cores {host or per_rank} (CPU worker on {workers or 'the same'}), medians of {rounds} "
+            f"rounds: beside DMA {med['dma']:.2f}x, beside a memory stream {med['memory']:.2f}x")
+        for mib in COPY_MIB:
+            say(f"  a bare copy engine, {mib} MiB copies ({rate[f'copy{mib}']:.0f}/s): "
+                f"{med[f'copy{mib}'] * 1e6:.0f} us a copy")
+        say(f"  capped to {CAP_GBps:g} GB/s ({rate['capped']:.0f} chunks/s): {med['chunk'] * 1e6:.0f} us a chunk")
+        say(f"  CPU expert jobs ({rate['jobs']:.0f}/s): {med['job'] * 1e6:.0f} us a job")
+    finally:
+        bind_this_thread(cores)
+        torch.set_num_threads(before_threads)
+    # The executor's own copy engine does more per copy than the bare one (the policy, its
+    # lock, the block's views): its toll is read from its own trace.
+    toll = measure_copy_toll()
+    say(f"  the executor's copy engine ({toll.landings} copies landed over {toll.blocks} forward blocks of "
+        f"GPipeOffload and Mobius): {toll.seconds * 1e6:.0f} us a copy, besides {toll.constant_s * 1e6:.0f} us "
+        f"a block whatever landed")
+    # A negative toll is noise around none: the model takes it as none.
+    return IssueTolls(copy_s=toll.seconds, chunk_s=max(0.0, med["chunk"]), cpu_job_s=max(0.0, med["job"]),
+                      dma_factor=max(1.0, med["dma"]), memory_factor=max(1.0, med["memory"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.issue_tolls", description=__doc__.splitlines()[0])
+    p.add_argument("--ops", type=int, default=20000, help="launches per timed run of the issuing loop")
+    p.add_argument("--rounds", type=int, default=7)
+    ns = p.parse_args(argv)
+    try:
+        t = measure_issue_tolls(ns.ops, ns.rounds)
+    except ValueError as e:
+        print(f"issue_tolls: {e}", file=sys.stderr)
+        return 2
+    print(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What runs beside a GPU rank's issuing thread, and how much slower it issues for it.
+
+The executor's main thread issues every block; beside it the copy engine wakes for each copy
+that lands (and, on a capped link, its pacer for each 4 MiB chunk), the offload thread for
+each gradient block, and the CPU worker runs expert and Adam jobs. Each wake takes the GIL the
+issuing thread drops around every launch, and the copies' DMA and the CPU's memory stream
+slow it without waking anything. On the H200 host, blocks issued beside a load took 1.1-2.6x
+their time alone, the smaller the experts (the more copies a second) the more
+(docs/validation-h200-v4). The profile's `issue_tolls` (calibration/issue_tolls.py) holds
+the loss per copy, chunk and job and the two slowdown factors; here each running copy or job
+spreads its toll over its expected duration, and the host cost of a block issued now is
+divided by what is left of the thread:
+
+    slowdown = dma^[a copy in flight] x memory^[a CPU job running] / (1 - sum of tolls per second)
+
+Without `issue_tolls` in the profile the slowdown is 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+
+from aptmoe.config import LINK_CHUNK_BYTES
+from aptmoe.profile import IssueTolls
+
+# The issuing thread keeps at least this share of its time: beyond, the per-wake model no
+# longer holds (the neighbours' wakes would queue behind each other).
+MIN_LEFT = 0.2
+
+
+class IssuingThread:
+    def __init__(self, tolls: IssueTolls | None, capped: bool) -> None:
+        self.tolls, self.capped = tolls, capped
+        self._ids = itertools.count()
+        self._copies: dict[int, float] = {}        # running copy -> its toll per second
+        self._jobs: dict[int, float] = {}          # running CPU job -> its toll per second
+
+    @contextmanager
+    def copy(self, nbytes: int, seconds: float, engine: bool = True):
+        """A copy of `nbytes` expected to take `seconds` is on one of the rank's links: a
+        parameter load by the copy engine (`engine`), or a gradient by the offload thread,
+        which only waits for its copies (its wakes cost no more than the DMA's slowdown, as
+        far as measured: `copy_s` is the copy engine's, with the policy's work)."""
+        if self.tolls is None or seconds <= 0:
+            yield
+            return
+        t = self.tolls
+        # A copy shorter than a wake's toll has landed before its thread waits for it (the
+        # copy engine keeps the next in flight): the thread does not sleep, no wake is paid.
+        toll = (t.copy_s if engine and seconds >= t.copy_s else 0.0) \
+            + (-(-nbytes // LINK_CHUNK_BYTES) * t.chunk_s if self.capped else 0.0)
+        key = next(self._ids)
+        self._copies[key] = toll / seconds
+        try:
+            yield
+        finally:
+            del self._copies[key]
+
+    @contextmanager
+    def cpu_job(self, seconds: float):
+        """A CPU job expected to take `seconds` runs on the rank's worker."""
+        if self.tolls is None or seconds <= 0:
+            yield
+            return
+        key = next(self._ids)
+        self._jobs[key] = self.tolls.cpu_job_s / seconds
+        try:
+            yield
+        finally:
+            del self._jobs[key]
+
+    def slowdown(self) -> float:
+        """How much longer the issuing thread's host work takes now than alone."""
+        t = self.tolls
+        if t is None or not (self._copies or self._jobs):
+            return 1.0
+        lost = sum(self._copies.values()) + sum(self._jobs.values())
+        factor = (t.dma_factor if self._copies else 1.0) * (t.memory_factor if self._jobs else 1.0)
+        return factor / max(MIN_LEFT, 1.0 - lost)

@@ -1,0 +1,157 @@
+"""What the issuing thread loses to the rank's other threads (sim/issuing.py, the profile's
+`issue_tolls`, the loaded probe's fit in calibration/dispatch.py): closed forms, the
+section's round trip and checks, the fit on made-up traces, and the simulator's use."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from aptmoe.config import LINK_CHUNK_BYTES, moe_model
+from aptmoe.profile import IssueTolls, ProfileCost, ProfileError, load_profile
+from aptmoe.sim.issuing import MIN_LEFT, IssuingThread
+from aptmoe.trace import Trace, TraceEvent
+
+TOLLS = IssueTolls(copy_s=200e-6, chunk_s=60e-6, cpu_job_s=100e-6, dma_factor=1.1, memory_factor=1.2)
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+def test_alone_or_unmeasured_the_thread_runs_at_its_speed():
+    assert IssuingThread(TOLLS, capped=False).slowdown() == 1.0
+    t = IssuingThread(None, capped=True)
+    with t.copy(32 << 20, 1e-3), t.cpu_job(1e-3):
+        assert t.slowdown() == 1.0
+
+
+def test_a_load_costs_its_toll_over_its_time_and_the_dma_factor():
+    t = IssuingThread(TOLLS, capped=False)
+    with t.copy(32 << 20, 0.6e-3):
+        assert t.slowdown() == pytest.approx(1.1 / (1 - 200e-6 / 0.6e-3))
+    assert t.slowdown() == 1.0                          # landed: nothing left beside it
+
+
+def test_a_copy_shorter_than_a_wake_pays_only_the_dma():
+    t = IssuingThread(TOLLS, capped=False)
+    with t.copy(1 << 20, 150e-6):
+        assert t.slowdown() == pytest.approx(1.1)
+
+
+def test_an_offload_pays_the_dma_but_not_the_copy_engines_toll():
+    t = IssuingThread(TOLLS, capped=False)
+    with t.copy(32 << 20, 0.6e-3, engine=False):
+        assert t.slowdown() == pytest.approx(1.1)
+
+
+def test_a_capped_copy_adds_a_toll_per_paced_chunk():
+    t = IssuingThread(TOLLS, capped=True)
+    nbytes, seconds = 3 * LINK_CHUNK_BYTES + 1, 2e-3          # four chunks
+    with t.copy(nbytes, seconds):
+        assert t.slowdown() == pytest.approx(1.1 / (1 - (200e-6 + 4 * 60e-6) / seconds))
+
+
+def test_cpu_jobs_and_copies_add_up_and_the_thread_keeps_a_share():
+    t = IssuingThread(TOLLS, capped=False)
+    with t.copy(32 << 20, 1e-3), t.cpu_job(0.5e-3):
+        assert t.slowdown() == pytest.approx(1.1 * 1.2 / (1 - 0.2 - 0.2))
+        with t.copy(32 << 20, 0.25e-3):                          # 0.8 more: past what the model holds
+            assert t.slowdown() == pytest.approx(1.1 * 1.2 / MIN_LEFT)
+    assert t.slowdown() == 1.0
+
+
+# --------------------------------------------------------------------------- the profile section
+
+
+def test_profile_section_round_trips_and_is_checked(tmp_path):
+    p = load_profile("a800-paper")
+    assert p.issue_tolls is None and ProfileCost(p, moe_model("S", 8)).issue_tolls() is None
+    q = p.with_(issue_tolls=TOLLS)
+    again = load_profile(str(q.save(tmp_path / "t.json")))
+    assert again.issue_tolls == TOLLS
+    assert ProfileCost(again, moe_model("S", 8)).issue_tolls() == TOLLS
+    d = json.loads((tmp_path / "t.json").read_text())
+    for field, bad, says in (("dma_factor", 0.9, "slowdown and must be >= 1"), ("copy_s", -1e-6, ">= 0"),
+                             ("chunk_s", "x", "must be a number")):
+        e = json.loads(json.dumps(d))
+        e["issue_tolls"][field] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(e))
+        with pytest.raises(ProfileError, match=f"issue_tolls.{field}.*{says}"):
+            load_profile(str(tmp_path / "bad.json"))
+    del d["issue_tolls"]["memory_factor"]
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="memory_factor"):
+        load_profile(str(tmp_path / "bad.json"))
+
+
+def test_the_h200_profile_says_where_its_tolls_come_from():
+    p = load_profile("h200-1gpu")
+    assert p.issue_tolls is not None and p.issue_tolls.copy_s > 0
+    assert p.sources["issue_tolls"].startswith("measured:")
+
+
+# --------------------------------------------------------------------------- the loaded probe's fit
+
+
+def _block(name, start, dur, cat="forward"):
+    return TraceEvent(name, 0, "compute", start, start + dur, cat, {"layer": 0})
+
+
+def test_the_fit_recovers_a_constant_and_a_toll_per_copy_landed():
+    from aptmoe.calibration.dispatch import copy_toll_from_traces
+
+    alone = Trace("real", [_block(f"0F{m}@0:e{i}", m + i * 0.01, 100e-6) for m in range(3) for i in range(4)])
+    # beside the loads each block pays 30 us, and 250 us per copy that lands while it is issued
+    events, t = [], 0.0
+    for i, landed in enumerate([0, 1, 0, 2, 1, 0, 3, 0]):
+        dur = 100e-6 + 30e-6 + 250e-6 * landed
+        events.append(_block(f"0F0@0:e{i}", t, dur))
+        events += [TraceEvent(f"L{i}.{j}", 0, "load", t, t + dur * (j + 1) / (landed + 1), "load-stage")
+                   for j in range(landed)]
+        t += dur + 1e-3
+    events.append(_block("0B0@0:e0", 0.5, 5e-3, cat="backward"))      # backward blocks are left out
+    toll = copy_toll_from_traces(alone, [Trace("real", events)])
+    assert toll.seconds == pytest.approx(250e-6) and toll.constant_s == pytest.approx(30e-6)
+    assert toll.blocks == 8 and toll.landings == 7
+
+
+def test_the_fit_refuses_blocks_that_all_saw_as_much():
+    from aptmoe.calibration.dispatch import copy_toll_from_traces
+
+    alone = Trace("real", [_block("0F0@0:e0", 0.0, 100e-6)])
+    with pytest.raises(ValueError, match="no toll per copy"):
+        copy_toll_from_traces(alone, [Trace("real", [_block("0F0@0:e0", 0.0, 300e-6)])])
+
+
+# --------------------------------------------------------------------------- the simulator
+
+
+def _simulate(pipe: str, prof):
+    from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
+    from aptmoe.profile import cost_for
+    from aptmoe.sim.simulate import simulate
+
+    p = make_parser("t", "")
+    add_seed_flags(p)
+    add_cluster_flags(p)
+    stages = "" if pipe == "GPipe" else " --num_stages 4"
+    line = ("--is_moe=True --model_config=S --num_layers 4 --num_experts 8 --gini 0.6 --batch_size 32 "
+            f"--num_chunks 4 --seq_length 128 --gpus 1 --topo C1+G1 --num_training_steps 1 --num_warmup_steps 0"
+            f"{stages} --pipeline {pipe}")
+    cfg = config_from_args(p.parse_args(shlex.split(line)), **prof.cluster_defaults())
+    return simulate(cfg, cost_for(cfg, prof))
+
+
+def test_the_simulator_slows_the_issuing_thread_beside_loads_where_the_profile_says():
+    """MoE-S's blocks are host-bound: beside its loads, the tolls lengthen GPipeOffload's step;
+    tolls of nothing change nothing; GPipe (no copies, no CPU jobs) does not move."""
+    prof = load_profile("h200-1gpu")
+    bare = prof.with_(issue_tolls=None)
+    free = prof.with_(issue_tolls=IssueTolls(0.0, 0.0, 0.0, 1.0, 1.0))
+    off = {name: _simulate("GPipeOffload", q).iteration_s for name, q in
+           (("tolls", prof), ("bare", bare), ("free", free))}
+    assert off["tolls"] > off["bare"] * 1.02
+    assert off["free"] == pytest.approx(off["bare"])
+    assert _simulate("GPipe", prof).iteration_s == pytest.approx(_simulate("GPipe", bare).iteration_s)
