@@ -367,7 +367,7 @@ class RankRuntime:
 
     def _copy_engine(self) -> None:
         k = self.cfg.schedule.max_copies_in_flight
-        launched: deque[tuple[Copy, torch.Tensor, Marker, Marker]] = deque()
+        launched: deque[tuple[Copy, FlatParams, Marker, Marker]] = deque()
         while True:
             with self.cond:
                 while True:
@@ -383,28 +383,33 @@ class RankRuntime:
                 launched.append(self._launch(c))
                 if len(launched) < k:
                     continue
-            c, buf, start, end = launched.popleft()
+            c, fp, start, end = launched.popleft()
             self.dev.block_on(end)
+            # Only the policy's bookkeeping under the lock: the compute thread takes it for
+            # every block it issues. The block's views and the allocator's note were made at
+            # launch, while the copy before it ran.
             with self.cond:
                 open_ = self.policy.window_open(c.stage)
                 self.policy.copy_finished(c)
                 if open_:
-                    self.dev.keep_for(buf, self.dev.compute if self.dev.cuda else None)
-                    self.dev_blocks[(c.stage, c.block)] = FlatParams(buf, self.shapes[c.block.kind])
-                    self._count_block(buf.numel() * buf.element_size())
+                    self.dev_blocks[(c.stage, c.block)] = fp
+                    self._count_block(fp.nbytes)
                 self.cond.notify_all()
             self.load_bytes += c.nbytes
             self._mark(str(c.action), "load", start, end, f"load-{c.phase}", bytes=c.nbytes,
                        layer=c.block.layer, phase=c.phase)
 
-    def _launch(self, c: Copy) -> tuple[Copy, torch.Tensor, Marker, Marker]:
+    def _launch(self, c: Copy) -> tuple[Copy, FlatParams, Marker, Marker]:
+        """The copy on the load stream, and the block's parameters over its buffer (views to
+        read once it has landed: the compute stream waits for the end marker's block)."""
         src = self.master[c.block].flat
         with self.dev.on(self.load_stream):
             buf = torch.empty(src.shape, dtype=src.dtype, device=self.dev.torch)
             start = self.dev.record(self.load_stream)
             self.h2d.copy(buf, src)
             end = self.dev.record(self.load_stream)
-        return c, buf, start, end
+        self.dev.keep_for(buf, self.dev.compute if self.dev.cuda else None)
+        return c, FlatParams(buf, self.shapes[c.block.kind]), start, end
 
     def _count_block(self, nbytes: int) -> None:
         self.block_bytes += nbytes
