@@ -118,7 +118,7 @@ def _median_call(fn: Callable[[], None], n: int = SAMPLES) -> float:
 Host = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _expert_stream(host: Host = as_executor_host) -> tuple[Callable[[], None], int]:
+def expert_stream(host: Host = as_executor_host) -> tuple[Callable[[], None], int]:
     """One token through the next expert of the pool (its weights come from memory, placed by
     `host`): the call and the bytes it reads."""
     per = 2 * D * H * 4
@@ -135,34 +135,38 @@ def _expert_stream(host: Host = as_executor_host) -> tuple[Callable[[], None], i
     return call, per
 
 
-def _adam_stream(host: Host = as_executor_host) -> tuple[Callable[[], None], int]:
-    """One Adam chunk of the next block of a pool (the executor's one-call update), its
-    tensors placed by `host`."""
+def adam_stream(host: Host = as_executor_host, chunk: int = ADAM_CHUNK,
+                blocks: int | None = None) -> tuple[Callable[[], None], int]:
+    """One Adam call on the next block of a pool of `blocks` blocks of `chunk` parameters,
+    each with its own optimizer, as the executor's CPU worker updates (one call per chunk of
+    a block, each block's state its own, the next one cold): the call and the parameters it
+    updates. By default the pool is 768 MiB of parameters, gradients and moments. Tensors are
+    placed by `host`."""
     from aptmoe.exec.block_adam import BlockAdam
 
-    blocks = []
-    for _ in range(max(2, POOL_BYTES // (ADAM_CHUNK * 16))):
-        p = host(torch.randn(ADAM_CHUNK)).requires_grad_()
-        p.grad = host(torch.randn(ADAM_CHUNK))
+    pool = []
+    for _ in range(blocks or max(2, POOL_BYTES // (chunk * 16))):
+        p = host(torch.randn(chunk)).requires_grad_()
+        p.grad = host(torch.randn(chunk))
         adam = BlockAdam([p], lr=1e-4)
         adam.begin_step()
         adam.step_chunk(0, p.grad)           # makes the moments
-        blocks.append((adam, p.grad))
+        pool.append((adam, p.grad))
     at = [0]
 
     def call() -> None:
-        adam, g = blocks[at[0] % len(blocks)]
+        adam, g = pool[at[0] % len(pool)]
         at[0] += 1
         adam.step_chunk(0, g)
 
-    return call, ADAM_CHUNK
+    return call, chunk
 
 
 def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) -> HostMemoryResult:
     """At `threads` torch threads (the caller binds them): the CPU stream alone and beside
     each direction's copies (their thread on the `spare` cores, if any), and the Adam check."""
     torch.set_num_threads(threads)
-    expert, nbytes = _expert_stream()
+    expert, nbytes = expert_stream()
     res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / _median_call(expert) / 1e9)
     for direction in ("h2d", "d2h"):
         with CopyLoop(direction, gpu, spare) as loop:
@@ -170,7 +174,7 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) 
         res.cpu_under_GBps[direction] = nbytes / seconds / 1e9
         res.copy_under_GBps[direction] = loop.GBps
     del expert
-    adam, params = _adam_stream()
+    adam, params = adam_stream()
     res.adam_alone_ns = _median_call(adam) / params * 1e9
     with CopyLoop("d2h", gpu, spare):
         res.adam_under_d2h_ns = _median_call(adam) / params * 1e9

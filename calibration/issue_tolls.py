@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
-from aptmoe.calibration.host_memory import CopyLoop, _expert_stream
+from aptmoe.calibration.host_memory import CopyLoop, expert_stream
 from aptmoe.calibration.wake import _issue, _MemoryStream
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
 from aptmoe.exec.link import CHUNK_BYTES, Link
@@ -193,7 +193,7 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
     before_threads = torch.get_num_threads()
     bind_this_thread(host or per_rank)
     cs = host or None
-    job, _ = _expert_stream()
+    job, _ = expert_stream()
     conditions: dict[str, Callable[[], _Neighbour]] = {
         "dma": lambda: _Quiet(lambda: CopyLoop("h2d", torch.cuda.current_device(), cs)),
         "memory": lambda: _Quiet(lambda: _MemoryStream(workers or None)),

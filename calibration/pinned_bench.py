@@ -24,7 +24,7 @@ from aptmoe.calibration import host_memory as hm
 def _streams(pinned: bool):
     """The expert stream and the Adam stream on pinned or pageable memory."""
     host = (lambda t: t.pin_memory()) if pinned else (lambda t: t)
-    return hm._expert_stream(host), hm._adam_stream(host)
+    return hm.expert_stream(host), hm.adam_stream(host)
 
 
 def main(argv: list[str] | None = None) -> int:
