@@ -88,6 +88,10 @@ class CostSource(Protocol):
         rank's other threads, and beside DMA and a memory stream (an `IssueTolls`, or None:
         it runs at its calibrated speed whatever runs beside it)."""
 
+    def pacer_late_s(self) -> float:
+        """How late each copy on a capped link ends beyond its bytes over the cap: its pacing
+        thread's last sleep ends late (0: not measured)."""
+
 
 def cpu_expert_bytes(d: int, h: int, dtype_bytes: int, tokens: int, direction: str) -> int:
     """Host memory a CPU expert streams: its weights (2 d h), read once, and in the backward
@@ -111,6 +115,9 @@ class KernelTimeOnly:
 
     def issue_tolls(self):
         return None
+
+    def pacer_late_s(self) -> float:
+        return 0.0
 
     def host_s(self, kind: str, direction: str) -> float:
         return 0.0

@@ -23,6 +23,8 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor}, what
   a GPU rank's issuing thread loses per copy landed, paced chunk and CPU job of its other
   threads, and its slowdown beside DMA and a memory stream (calibration/issue_tolls.py);
+- ``pacer`` (optional): {late_s}, how late the capped link's pacing thread wakes from a sleep,
+  which every capped copy takes beyond its bytes over the cap (calibration/pacer.py);
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -211,12 +213,20 @@ class IssueTolls:
     GIL that the issuing thread drops around every launch, and it waits for it back; DMA
     copies and the CPU's memory stream slow it without a wake (calibration/issue_tolls.py).
     Optional in the schema: without it the issuing thread runs at its calibrated speed
-    whatever runs beside it (sim/engine.py `_issue`)."""
+    whatever runs beside it (sim/issuing.py)."""
     copy_s: float            # per copy landed (the copy engine's wake and its next launch)
     chunk_s: float           # per 4 MiB chunk of a capped copy (the pacer's wake)
     cpu_job_s: float         # per CPU expert job
     dma_factor: float        # slowdown while copies stream (>= 1)
     memory_factor: float     # slowdown while the CPU worker streams memory (>= 1)
+
+
+@dataclass(frozen=True)
+class Pacer:
+    """How late the thread that paces a capped link's copies wakes from a sleep: each capped
+    copy ends that much after its bytes over the cap (exec/link.py). Optional in the schema:
+    without it a capped copy takes exactly its bytes over the cap."""
+    late_s: float
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,7 @@ class Profile:
     dispatch: Dispatch | None = None
     host_memory: HostMemory | None = None
     issue_tolls: IssueTolls | None = None
+    pacer: Pacer | None = None
 
     schema: typing.ClassVar[str] = SCHEMA
 
@@ -283,6 +294,8 @@ class Profile:
                                 "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps)}
         if self.issue_tolls is not None:
             d["issue_tolls"] = dataclasses.asdict(self.issue_tolls)
+        if self.pacer is not None:
+            d["pacer"] = dataclasses.asdict(self.pacer)
         return d
 
     def to_json(self) -> str:
@@ -433,7 +446,7 @@ class _Parser:
             self.fail("schema", f"unknown schema version {self._show(data['schema'])}; this aptmoe reads {SCHEMA!r}")
         d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
                                 "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch", "host_memory",
-                                                                    "issue_tolls"))
+                                                                    "issue_tolls", "pacer"))
         description = d.get("description", "")
         if not isinstance(description, str):
             self.fail("description", "must be a string")
@@ -452,6 +465,8 @@ class _Parser:
             dispatch=self.dispatch(d["dispatch"]) if "dispatch" in d else None,
             host_memory=self.host_memory(d["host_memory"]) if "host_memory" in d else None,
             issue_tolls=self.issue_tolls(d["issue_tolls"]) if "issue_tolls" in d else None,
+            pacer=Pacer(self.number(self.obj(d["pacer"], "pacer", ("late_s",))["late_s"], "pacer.late_s",
+                                    positive=False, unit="s")) if "pacer" in d else None,
         )
 
     def issue_tolls(self, data: Any) -> IssueTolls:
@@ -918,6 +933,13 @@ class ProfileCost:
         t = _positive("threads", threads)
         near = min(hm.GBps, key=lambda c: (abs(c - t), c))
         return hm.GBps[near], hm.cpu_alone_GBps[near]
+
+    def pacer_late_s(self) -> float:
+        """How late each capped copy ends beyond its bytes over the cap (0: not measured)."""
+        if self.profile.pacer is None:
+            self.fallbacks.add("pacer: not measured, a capped copy takes exactly its bytes over the cap")
+            return 0.0
+        return self.profile.pacer.late_s
 
     def issue_tolls(self) -> IssueTolls | None:
         """What the issuing thread loses to the rank's other threads (None: not measured,

@@ -20,7 +20,7 @@ import sys
 from aptmoe import version
 from aptmoe.profile import ProfileError, load_profile
 
-SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls")
+SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls", "pacer")
 # roofline fields measured from each section (calibration/profiler.py's overrides)
 ROOFLINE_FIELDS = {
     "links": ("h2d", "d2h", "root_GBps", "p2p_intra"),
@@ -30,6 +30,7 @@ ROOFLINE_FIELDS = {
     "dispatch": (),
     "host_memory": (),
     "issue_tolls": (),
+    "pacer": (),
 }
 
 

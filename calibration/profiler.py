@@ -47,6 +47,9 @@ from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hard
 from aptmoe import version
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
 from aptmoe.calibration.issue_tolls import CAP_GBps, COPY_MIB, measure_issue_tolls
+from aptmoe.calibration.pacer import SAMPLES as PACER_SAMPLES
+from aptmoe.calibration.pacer import SLEEP_S as PACER_SLEEP_S
+from aptmoe.calibration.pacer import measure_pacer_late
 from aptmoe.calibration.host_memory import (HostMemoryResult, adam_stream, as_executor_host, host_memory_source,
                                            measure_host_memory)
 from aptmoe.calibration.p2p import measure_p2p_group
@@ -57,11 +60,11 @@ from aptmoe.host import allowed_cores
 from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import FUSED_CPU, BlockAdam
 from aptmoe.costs import LinkSpec
-from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Links, MadeBy, Profile,
+from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, Profile,
                             Skipped)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls")          # what --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer")          # what --skip can leave out
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
@@ -415,6 +418,7 @@ class Measured:
     host_memory: dict[int, HostMemoryResult] = field(default_factory=dict)
     issue_tolls: IssueTolls | None = None
     issue_tolls_notes: list[str] = field(default_factory=list)
+    pacer_late: float | None = None
 
 
 def _random_bytes(n: int, device: torch.device | str = "cpu", pinned: bool = False) -> torch.Tensor:
@@ -855,6 +859,8 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
     elif not machine.gpus:
         out.append(Skipped("host_memory", f"{no_gpu}: no copy engine to share host memory with; CPU work "
                                           "never waits for the links' copies"))
+    if "pacer" in opts.skip:
+        out.append(Skipped("pacer", "--skip pacer: a capped copy takes exactly its bytes over the cap"))
     if "tolls" in opts.skip:
         out.append(Skipped("issue_tolls", "--skip tolls: the issuing thread is as fast beside copies and CPU "
                                           "jobs as alone"))
@@ -931,6 +937,8 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
     if "memory" not in opts.skip and gpus:
         for t in machine.threads:
             add(f"memory {t}t", lambda t=t: measure_host_memory_bound(t, machine, gpus[0], m))
+    if "pacer" not in opts.skip:
+        add("pacer", lambda: setattr(m, "pacer_late", measure_pacer_late()))
     if "tolls" not in opts.skip and gpus and opts.blocks_on != "cpu":
         add("issue tolls", lambda: setattr(m, "issue_tolls", measure_issue_tolls(rounds=sizes.toll_rounds,
                                                                          say=m.issue_tolls_notes.append)))
@@ -1188,6 +1196,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     _rate_overrides(m, a)
     if m.host_memory:
         a.sources["host_memory"] = host_memory_source(m.host_memory)
+    if m.pacer_late is not None:
+        a.sources["pacer"] = (f"measured: the median of how late time.sleep({PACER_SLEEP_S * 1e3:g} ms) returns, "
+                              f"{PACER_SAMPLES} samples (calibration/pacer.py)")
     if m.issue_tolls is not None:
         a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
                                     f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "
@@ -1224,7 +1235,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         host_memory=HostMemory({t: round_sig(r.total_GBps) for t, r in m.host_memory.items()},
                                {t: round_sig(r.cpu_alone_GBps) for t, r in m.host_memory.items()})
         if m.host_memory else None,
-        issue_tolls=m.issue_tolls)
+        issue_tolls=m.issue_tolls,
+        pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)))
 
 
 def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:

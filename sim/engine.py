@@ -165,6 +165,8 @@ class RankModel:
         # What runs beside that thread slows it (GPU ranks; on CPU ranks it computes too)
         self.issuing = IssuingThread(self.cost.issue_tolls() if self.runs_ahead else None,
                                      capped=c.link_bandwidth_GBps is not None)
+        # A capped copy ends when its pacing thread's last sleep does, late (calibration/pacer.py)
+        self.pacer_late = self.cost.pacer_late_s() if c.link_bandwidth_GBps is not None else 0.0
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
                                  + [self.cost.between_s(d) for d in DIRECTIONS])
         self.handlers = {
@@ -230,6 +232,12 @@ class RankModel:
         self.busy["cpu"] += self.env.now - start
 
     # ------------------------------------------------------------------ loading
+    def _paced(self):
+        """After a copy on a capped link: its pacing thread wakes late from its last sleep,
+        and the copy ends then (the link itself is free meanwhile)."""
+        if self.pacer_late > 0:
+            yield self.env.timeout(self.pacer_late)
+
     def _poke(self) -> None:
         if self._work is not None and not self._work.triggered:
             self._work.succeed()
@@ -258,6 +266,7 @@ class RankModel:
             start = self.env.now
             with self.issuing.copy(c.nbytes, self.h2d_link.time_s(c.nbytes)):
                 yield from self.h2d_root.transfer(c.nbytes, cap, self.h2d_link.latency_s, group=self.rank)
+            yield from self._paced()
             launched.popleft()
             self.busy["h2d"] += self.env.now - start
             self.bytes["h2d"] += c.nbytes
@@ -318,6 +327,7 @@ class RankModel:
         tokens = int(sum(counts[e] for e in experts))
         act_bytes = tokens * self.cfg.model.embedding_dim * self.cfg.model.dtype_bytes
         yield from self.d2h_root.transfer(act_bytes, self.d2h_link.GBps, self.d2h_link.latency_s, group=self.rank)
+        yield from self._paced()
         with self.cpu.request(priority=CPU_EXPERT_PRIORITY) as req:
             yield req
             for e in experts:
@@ -330,6 +340,7 @@ class RankModel:
                 self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,
                              layer=layer, experts=[e], tokens=int(counts[e]))
         yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s, group=self.rank)
+        yield from self._paced()
         self.bytes["h2d"] += act_bytes
         self.bytes["d2h"] += act_bytes
         self.expert_tokens["cpu"] += tokens
@@ -485,6 +496,7 @@ class RankModel:
                 with self.issuing.copy(nbytes, self.d2h_link.time_s(nbytes), engine=False):
                     yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s,
                                                       group=self.rank)
+                yield from self._paced()
                 self.bytes["d2h"] += nbytes
             self._grad_home(s, block).succeed()
         self.busy["d2h"] += self.env.now - start

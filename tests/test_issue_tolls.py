@@ -155,3 +155,57 @@ def test_the_simulator_slows_the_issuing_thread_beside_loads_where_the_profile_s
     assert off["tolls"] > off["bare"] * 1.02
     assert off["free"] == pytest.approx(off["bare"])
     assert _simulate("GPipe", prof).iteration_s == pytest.approx(_simulate("GPipe", bare).iteration_s)
+
+
+# --------------------------------------------------------------------------- the capped link's pacer
+
+
+def test_the_pacer_section_round_trips_and_is_checked(tmp_path):
+    from aptmoe.profile import Pacer
+
+    p = load_profile("a800-paper")
+    assert p.pacer is None and ProfileCost(p, moe_model("S", 8)).pacer_late_s() == 0.0
+    q = p.with_(pacer=Pacer(75e-6))
+    again = load_profile(str(q.save(tmp_path / "p.json")))
+    assert again.pacer == q.pacer and ProfileCost(again, moe_model("S", 8)).pacer_late_s() == 75e-6
+    d = json.loads((tmp_path / "p.json").read_text())
+    d["pacer"]["late_s"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="pacer.late_s"):
+        load_profile(str(tmp_path / "bad.json"))
+
+
+def test_a_capped_copy_ends_its_pacers_lateness_after_its_bytes_over_the_cap():
+    """Every load of a capped GPipeOffload step takes exactly `late_s` more with the pacer
+    measured than without; uncapped, nothing moves."""
+    from aptmoe.profile import Pacer
+
+    prof = load_profile("h200-1gpu").with_(issue_tolls=None)
+    late = 1e-3
+
+    def loads(p, cap):
+        from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
+        from aptmoe.profile import cost_for
+        from aptmoe.sim.simulate import simulate
+        from aptmoe.trace import Trace
+
+        parser = make_parser("t", "")
+        add_seed_flags(parser)
+        add_cluster_flags(parser)
+        line = ("--is_moe=True --model_config=S --num_layers 4 --num_experts 8 --gini 0.6 --batch_size 32 "
+                "--num_chunks 4 --seq_length 128 --gpus 1 --topo C1+G1 --num_training_steps 1 --num_warmup_steps 0 "
+                f"--num_stages 4 --pipeline GPipeOffload{cap}")
+        cfg = config_from_args(parser.parse_args(shlex.split(line)), **p.cluster_defaults())
+        trace = Trace("sim")
+        res = simulate(cfg, cost_for(cfg, p), trace=trace)
+        spans = sorted(e.dur_s for e in trace.events if e.stream == "load" and e.cat.startswith("load-"))
+        return res.iteration_s, spans
+
+    for cap, moves in (("", False), (" --link-bandwidth 8", True)):
+        (t0, bare), (t1, paced) = loads(prof, cap), loads(prof.with_(pacer=Pacer(late)), cap)
+        assert len(bare) == len(paced) > 0
+        if moves:
+            assert [b - a for a, b in zip(bare, paced)] == pytest.approx([late] * len(bare), abs=1e-9)
+            assert t1 > t0
+        else:
+            assert paced == pytest.approx(bare) and t1 == pytest.approx(t0)
