@@ -18,14 +18,14 @@ that model, not used by it.
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from aptmoe.calibration.background import Background
 
 MiB = 1 << 20
 POOL_BYTES = 768 * MiB          # the CPU stream's pool: beyond every cache
@@ -50,7 +50,7 @@ class HostMemoryResult:
         return statistics.median(self.cpu_under_GBps[d] + self.copy_under_GBps[d] for d in self.cpu_under_GBps)
 
 
-class CopyLoop:
+class CopyLoop(Background):
     """Copies in one direction back to back on their own stream, from a thread that only
     queues them and waits on a blocking event, as the executor's copy threads do: it holds
     no core while the copies run (a spinning wait would take one of the CPU stream's cores,
@@ -58,20 +58,16 @@ class CopyLoop:
     ran 8x slower on the H200). The thread runs on `cpus` where there are cores to spare."""
 
     def __init__(self, direction: str, gpu: int, cpus: list[int] | None = None) -> None:
-        self.cpus = cpus
+        super().__init__(cpus)
         dev = torch.device("cuda", gpu)
         self.host = torch.empty(COPY_BYTES, dtype=torch.uint8, pin_memory=True).random_(1, 255)
         self.dev = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev).random_(1, 255)
         self.src, self.dst = (self.host, self.dev) if direction == "h2d" else (self.dev, self.host)
         self.stream = torch.cuda.Stream(dev)
-        self.stop = threading.Event()
         self.bytes = 0
         self.seconds = 0.0
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        if self.cpus:
-            os.sched_setaffinity(0, self.cpus)         # this thread only (Linux: 0 = the caller)
+    def run(self) -> None:
         done = torch.cuda.Event(blocking=True)
         with torch.cuda.stream(self.stream):
             while not self.stop.is_set():
@@ -83,15 +79,8 @@ class CopyLoop:
                 self.seconds += time.perf_counter() - t
                 self.bytes += 4 * COPY_BYTES
 
-    def __enter__(self) -> "CopyLoop":
-        self.thread.start()
-        time.sleep(0.05)                    # the copies are running before the CPU is timed
-        self.bytes, self.seconds = 0, 0.0
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
+    def started(self) -> None:
+        self.bytes, self.seconds = 0, 0.0     # the copies are running: count from here
 
     @property
     def GBps(self) -> float:

@@ -43,13 +43,13 @@ import argparse
 import statistics
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
 import torch
 from aptmoe.calibration.host_memory import CopyLoop, expert_stream
-from aptmoe.calibration.wake import _issue, _MemoryStream
+from aptmoe.calibration.background import Background
+from aptmoe.calibration.wake import MemoryStream, issue_loop
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
 from aptmoe.exec.link import CHUNK_BYTES, Link
 
@@ -62,35 +62,14 @@ COPY_MIB = (32, 128)        # an MoE-S and an MoE-M expert (fp32)
 CAP_GBps = 8.0              # the paper's regime, as the matrix caps it
 
 
-class _Neighbour:
-    """A thread beside the issuing loop that counts what it did (`count`: wakes, copies,
-    jobs; `chunks` for a paced copy)."""
+class _Neighbour(Background):
+    """A thread beside the issuing loop that counts what it did (`count`: copies, jobs;
+    `chunks` for a paced copy)."""
 
     def __init__(self, cpus: list[int] | None) -> None:
-        self.cpus = cpus
-        self.stop = threading.Event()
+        super().__init__(cpus)
         self.count = 0
         self.chunks = 0
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        if self.cpus:
-            bind_this_thread(self.cpus)
-        self.run()
-
-
-
-    def run(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        self.thread.start()
-        time.sleep(0.05)                    # running before the issuing loop is timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
 
 
 class _CopyEngine(_Neighbour):
@@ -138,13 +117,12 @@ class _CpuJobs(_Neighbour):
     on its cores with as many torch threads (as the executor starts it)."""
 
     def __init__(self, job: Callable[[], None], cpus: list[int] | None) -> None:
-        super().__init__(None)
-        self.job, self.worker_cpus = job, cpus
+        super().__init__(cpus)
+        self.job = job
 
-    def _main(self) -> None:
-        if self.worker_cpus:
-            start_worker_thread(self.worker_cpus)
-        self.run()
+    def enter(self) -> None:
+        if self.cpus:
+            start_worker_thread(self.cpus)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -152,28 +130,14 @@ class _CpuJobs(_Neighbour):
             self.count += 1
 
 
-class _Quiet(_Neighbour):
-    """A context that starts a neighbour that counts nothing (DMA, memory streams)."""
-
-    def __init__(self, make: Callable[[], object]) -> None:
-        super().__init__(None)
-        self.inner = make()
-
-    def __enter__(self):
-        self.inner.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.inner.__exit__(*exc)
-
-
-def _round(make: Callable[[], _Neighbour], x: torch.Tensor, ops: int) -> tuple[float, float, int, int]:
-    """One round: (issuing loop alone s, beside the neighbour s, its count and chunks meanwhile)."""
-    alone = _issue(x, ops)
+def _round(make: Callable[[], Background], x: torch.Tensor, ops: int) -> tuple[float, float, int, int]:
+    """One round: (issuing loop alone s, beside the neighbour s, its count and chunks
+    meanwhile; none for a neighbour that counts nothing: DMA, a memory stream)."""
+    alone = issue_loop(x, ops)
     with make() as n:
-        c0, k0 = n.count, n.chunks
-        beside = _issue(x, ops)
-        return alone, beside, n.count - c0, n.chunks - k0
+        c0, k0 = getattr(n, "count", 0), getattr(n, "chunks", 0)
+        beside = issue_loop(x, ops)
+        return alone, beside, getattr(n, "count", 0) - c0, getattr(n, "chunks", 0) - k0
 
 
 def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], None] = print) -> IssueTolls:
@@ -194,9 +158,9 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
     bind_this_thread(host or per_rank)
     cs = host or None
     job, _ = expert_stream()
-    conditions: dict[str, Callable[[], _Neighbour]] = {
-        "dma": lambda: _Quiet(lambda: CopyLoop("h2d", torch.cuda.current_device(), cs)),
-        "memory": lambda: _Quiet(lambda: _MemoryStream(workers or None)),
+    conditions: dict[str, Callable[[], Background]] = {
+        "dma": lambda: CopyLoop("h2d", torch.cuda.current_device(), cs),
+        "memory": lambda: MemoryStream(workers or None),
         **{f"copy{mib}": (lambda mib=mib: _CopyEngine(mib * MiB, None, cs)) for mib in COPY_MIB},
         "capped": lambda: _CopyEngine(COPY_MIB[0] * MiB, CAP_GBps, cs),
         "jobs": lambda: _CpuJobs(job, workers or None),
@@ -205,7 +169,7 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
     rates: dict[str, list[float]] = {k: [] for k in conditions}
     try:
         x = torch.zeros(16, device="cuda")
-        _issue(x, ops // 10)
+        issue_loop(x, ops // 10)
         for _ in range(rounds):
             r = {k: _round(make, x, ops) for k, make in conditions.items()}
             for k, (a, b, n, c) in r.items():

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aptmoe.calibration.background import Background
 from aptmoe.flags import number_list
 
 
@@ -48,7 +49,8 @@ class WakeCost:
     cost_us: float           # the issuing thread's loss per wake (median)
 
 
-def _issue(x: torch.Tensor, ops: int) -> float:
+def issue_loop(x: torch.Tensor, ops: int) -> float:
+    """Seconds for `ops` tiny in-place additions on `x`'s device: a launch-bound issuing thread."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
     t = time.perf_counter()
@@ -58,17 +60,18 @@ def _issue(x: torch.Tensor, ops: int) -> float:
     return time.perf_counter() - t
 
 
-class _Waker:
+class _Waker(Background):
+    settle_s = 0.0
+
     def __init__(self, device: torch.device, period_s: float) -> None:
+        super().__init__()
         self.period_s = period_s
-        self.stop = threading.Event()
         self.cond = threading.Condition()
         self.wakes = 0
         self.state: dict[int, int] = {}
         self.marker = (lambda: torch.cuda.Event()) if device.type == "cuda" else None
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    def run(self) -> None:
         while not self.stop.wait(self.period_s):
             with self.cond:                      # what the copy engine does when a copy lands
                 self.wakes += 1
@@ -81,55 +84,34 @@ class _Waker:
                     torch.empty(16)
                 self.cond.notify_all()
 
-    def __enter__(self) -> "_Waker":
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
-
-
-class _MemoryStream:
+class MemoryStream(Background):
     """Another thread streaming host memory (copying a 256 MiB buffer, again and again, with
     the OpenMP threads it starts) on the cores `cpus`: it holds the GIL only between copies,
     so what it costs the issuing thread is the memory's loaded latency, not the GIL."""
 
     def __init__(self, cpus: list[int] | None) -> None:
+        super().__init__(cpus)
         self.src = torch.randn(64 << 20)
         self.dst = torch.empty_like(self.src)
-        self.cpus = cpus
-        self.stop = threading.Event()
         self.bytes = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        if self.cpus:
-            os.sched_setaffinity(0, self.cpus)
+    def run(self) -> None:
         while not self.stop.is_set():
             self.dst.copy_(self.src)
             self.bytes += 2 * self.src.numel() * 4
-
-    def __enter__(self) -> "_MemoryStream":
-        self.thread.start()
-        time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
 
 
 def slowdown(beside, device: str = "cpu", ops: int = 20000, rounds: int = 5) -> float:
     """The issuing loop's time inside `beside()` (a context manager) over its time alone,
     alternating, the median of `rounds`."""
     x = torch.zeros(16, device=torch.device(device))
-    _issue(x, ops // 10)
+    issue_loop(x, ops // 10)
     ratios = []
     for _ in range(rounds):
-        alone = _issue(x, ops)
+        alone = issue_loop(x, ops)
         with beside():
-            t = _issue(x, ops)
+            t = issue_loop(x, ops)
         ratios.append(t / alone)
     return statistics.median(ratios)
 
@@ -141,13 +123,13 @@ def measure_wake_cost(device: str = "cpu", switch_us: float = 100.0, period_us: 
     old = sys.getswitchinterval()
     sys.setswitchinterval(switch_us * 1e-6)
     try:
-        _issue(x, ops // 10)                                   # warm-up: kernels, allocator
+        issue_loop(x, ops // 10)                                   # warm-up: kernels, allocator
         costs, alone_s, rates = [], [], []
         for _ in range(rounds):
-            alone = _issue(x, ops)
+            alone = issue_loop(x, ops)
             with _Waker(dev, period_us * 1e-6) as w:
                 before = w.wakes
-                beside = _issue(x, ops)
+                beside = issue_loop(x, ops)
                 wakes = w.wakes - before
             alone_s.append(alone)
             rates.append(wakes / beside)
@@ -184,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, here[:1])
     torch.set_num_threads(max(1, len(here) - 1))
     print(f"  beside a thread copying host memory on cores {others or here}: the issuing loop takes "
-          f"{slowdown(lambda: _MemoryStream(others), ns.device, ns.ops, ns.rounds):.2f}x its time alone")
+          f"{slowdown(lambda: MemoryStream(others), ns.device, ns.ops, ns.rounds):.2f}x its time alone")
     if ns.device == "cuda":
         from aptmoe.calibration.host_memory import CopyLoop
         print(f"  beside back-to-back h2d copies: "

@@ -332,11 +332,11 @@ def test_p2p_through_nccl_is_a_link() -> None:
 
 def test_the_wake_probe_measures_a_toll_and_a_slowdown() -> None:
     """calibration/wake.py on the CPU: a cost per wake (finite: the waker woke) and a ratio."""
-    from aptmoe.calibration.wake import _MemoryStream, measure_wake_cost, slowdown
+    from aptmoe.calibration.wake import MemoryStream, measure_wake_cost, slowdown
 
     r = measure_wake_cost("cpu", switch_us=100, period_us=200, ops=3000, rounds=2)
     assert r.wakes_per_s > 100 and r.issue_us > 0 and abs(r.cost_us) < 10_000
-    assert 0.2 < slowdown(lambda: _MemoryStream(None), "cpu", ops=3000, rounds=2) < 50
+    assert 0.2 < slowdown(lambda: MemoryStream(None), "cpu", ops=3000, rounds=2) < 50
 
 
 def test_the_gpu_only_benches_say_so_on_a_cpu_machine_and_flags_are_checked(capsys) -> None:

@@ -209,3 +209,44 @@ def test_a_capped_copy_ends_its_pacers_lateness_after_its_bytes_over_the_cap():
             assert t1 > t0
         else:
             assert paced == pytest.approx(bare) and t1 == pytest.approx(t0)
+
+
+# --------------------------------------------------------------------------- the calibration's neighbours
+
+
+def test_a_background_neighbour_runs_only_inside_its_block_and_counts_from_its_start():
+    import time
+
+    import torch
+
+    from aptmoe.calibration.background import Background
+    from aptmoe.calibration.issue_tolls import _round
+    from aptmoe.host import allowed_cores
+
+    class Ticker(Background):
+        settle_s = 0.01
+
+        def __init__(self) -> None:
+            super().__init__(allowed_cores()[-1:])
+            self.count, self.chunks, self.reset = 0, 0, None
+
+        def run(self) -> None:
+            while not self.stop.is_set():
+                self.count += 1
+                self.chunks += 2
+                time.sleep(1e-4)
+
+        def started(self) -> None:
+            self.reset = self.count
+
+    with Ticker() as t:
+        assert t.thread.is_alive() and t.reset is not None and t.reset > 0      # settled, then started()
+    assert not t.thread.is_alive()
+    alone, beside, n, k = _round(Ticker, torch.zeros(16), 2000)
+    assert alone > 0 and beside > 0 and n > 0 and abs(k - 2 * n) <= 2     # read between its two counts
+    # a neighbour that counts nothing (DMA, a memory stream) counts as none
+    class Quiet(Background):
+        def run(self) -> None:
+            self.stop.wait()
+
+    assert _round(Quiet, torch.zeros(16), 100)[2:] == (0, 0)
