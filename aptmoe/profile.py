@@ -23,8 +23,8 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor}, what
   a GPU rank's issuing thread loses per copy landed, paced chunk and CPU job of its other
   threads, and its slowdown beside DMA and a memory stream (calibration/issue_tolls.py);
-- ``pacer`` (optional): {late_s}, how late the capped link's pacing thread wakes from a sleep,
-  which every capped copy takes beyond its bytes over the cap (calibration/pacer.py);
+- ``pacer`` (optional): {late_s}, what every copy on a capped link takes beyond its bytes over
+  the cap: its pacing thread's last sleep ends late (calibration/pacer.py);
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -223,9 +223,10 @@ class IssueTolls:
 
 @dataclass(frozen=True)
 class Pacer:
-    """How late the thread that paces a capped link's copies wakes from a sleep: each capped
-    copy ends that much after its bytes over the cap (exec/link.py). Optional in the schema:
-    without it a capped copy takes exactly its bytes over the cap."""
+    """What each copy on a capped link takes beyond its bytes over the cap: the thread that
+    paces it wakes late from its last sleep, and starts its next copy after its own Python
+    (exec/link.py). Optional in the schema: without it a capped copy takes exactly its bytes
+    over the cap."""
     late_s: float
 
 

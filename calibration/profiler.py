@@ -47,8 +47,10 @@ from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hard
 from aptmoe import version
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
 from aptmoe.calibration.issue_tolls import CAP_GBps, COPY_MIB, measure_issue_tolls
-from aptmoe.calibration.pacer import SAMPLES as PACER_SAMPLES
-from aptmoe.calibration.pacer import SLEEP_S as PACER_SLEEP_S
+from aptmoe.calibration.pacer import CAP_GBps as PACER_CAP
+from aptmoe.calibration.pacer import COPIES as PACER_COPIES
+from aptmoe.calibration.pacer import COPY_BYTES as PACER_BYTES
+from aptmoe.calibration.pacer import ROUNDS as PACER_ROUNDS
 from aptmoe.calibration.pacer import measure_pacer_late
 from aptmoe.calibration.host_memory import (HostMemoryResult, adam_stream, as_executor_host, host_memory_source,
                                            measure_host_memory)
@@ -1197,8 +1199,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     if m.host_memory:
         a.sources["host_memory"] = host_memory_source(m.host_memory)
     if m.pacer_late is not None:
-        a.sources["pacer"] = (f"measured: the median of how late time.sleep({PACER_SLEEP_S * 1e3:g} ms) returns, "
-                              f"{PACER_SAMPLES} samples (calibration/pacer.py)")
+        a.sources["pacer"] = (f"measured: what each of {PACER_COPIES} back-to-back copies of {PACER_BYTES >> 10} KiB "
+                              f"of host memory through a Link capped to {PACER_CAP:g} GB/s (exec/link.py) took beyond "
+                              f"its slot, the median of {PACER_ROUNDS} rounds (calibration/pacer.py)")
     if m.issue_tolls is not None:
         a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
                                     f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "
