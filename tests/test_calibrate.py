@@ -59,6 +59,9 @@ def test_cpu_quick_profile_loads(cpu_run) -> None:
         assert p.adam.shared_ranks == 2 and (cores // 2) in p.adam.cpu_shared_s_per_param
         assert all(x > 0 for x in p.adam.cpu_shared_s_per_param.values())
     assert p.gpu == ()
+    # the capped link's pacing is timed on any machine: a copy ends later than its slot, by
+    # less than a scheduler tick's worth
+    assert p.pacer is not None and 0 < p.pacer.late_s < 0.01 and p.sources["pacer"].startswith("measured:")
     assert "wrote" in stdout and "cpu expert curves" in stdout
     assert seconds < 60
 
@@ -70,8 +73,8 @@ def test_cpu_profile_lists_the_gpu_parts_as_skipped(cpu_run) -> None:
     assert {"gpu", "links.p2p.inter_node"} <= parts
     if not HAS_CUDA:
         assert {"links.h2d", "links.d2h", "links.root_GBps", "links.duplex_GBps", "links.p2p.intra_node",
-                "adam.gpu", "host_memory"} <= parts
-        assert p.adam.gpu_s_per_param is None and p.host_memory is None
+                "adam.gpu", "host_memory", "issue_tolls"} <= parts
+        assert p.adam.gpu_s_per_param is None and p.host_memory is None and p.issue_tolls is None
         assert p.hardware.gpu_count == 0
     assert p.sources["gpu"].startswith("roofline")
     # ... and says so on the terminal, before measuring and in the summary
@@ -251,6 +254,10 @@ def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
     assert p.host_memory is not None and p.host_memory.GBps.keys() == {1}
     assert p.host_memory.GBps[1] > p.links.h2d_pinned.GBps / 2 and p.host_memory.cpu_alone_GBps[1] > 0
     assert p.sources["host_memory"].startswith("measured:")
+    # the issuing thread's tolls: slowdowns >= 1, tolls >= 0, the copy engine's from its traces
+    t = p.issue_tolls
+    assert t is not None and t.dma_factor >= 1 and t.memory_factor >= 1 and min(t.copy_s, t.chunk_s, t.cpu_job_s) >= 0
+    assert "the executor's copy engine" in p.sources["issue_tolls"]
     assert "links.p2p.intra_node" in {s.part for s in p.skipped}
     assert p.hardware.gpu_count == 1
 
