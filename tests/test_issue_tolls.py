@@ -8,6 +8,8 @@ import json
 import shlex
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aptmoe.config import LINK_CHUNK_BYTES, moe_model
 from aptmoe.profile import IssueTolls, ProfileCost, ProfileError, load_profile
@@ -250,3 +252,31 @@ def test_a_background_neighbour_runs_only_inside_its_block_and_counts_from_its_s
             self.stop.wait()
 
     assert _round(Quiet, torch.zeros(16), 100)[2:] == (0, 0)
+
+
+# --------------------------------------------------------------------------- properties
+
+_tolls = st.builds(IssueTolls, copy_s=st.floats(0, 1e-3), chunk_s=st.floats(0, 1e-3), cpu_job_s=st.floats(0, 1e-3),
+                   dma_factor=st.floats(1, 2), memory_factor=st.floats(1, 2))
+_copies = st.lists(st.tuples(st.integers(1, 64 << 20), st.floats(1e-5, 1e-1)), max_size=4)
+_jobs = st.lists(st.floats(1e-5, 1e-1), max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_tolls, st.booleans(), _copies, _jobs, st.tuples(st.integers(1, 64 << 20), st.floats(1e-5, 1e-1)))
+def test_the_slowdown_is_bounded_and_never_falls_as_neighbours_join(tolls, capped, copies, jobs, extra):
+    from contextlib import ExitStack
+
+    t = IssuingThread(tolls, capped=capped)
+    top = tolls.dma_factor * tolls.memory_factor / MIN_LEFT
+    with ExitStack() as stack:
+        for nbytes, seconds in copies:
+            stack.enter_context(t.copy(nbytes, seconds))
+        for seconds in jobs:
+            stack.enter_context(t.cpu_job(seconds))
+        before = t.slowdown()
+        assert 1.0 <= before <= top * (1 + 1e-12)
+        with t.copy(*extra):
+            assert before <= t.slowdown() * (1 + 1e-12) <= top * (1 + 1e-12)
+        assert t.slowdown() == before
+    assert t.slowdown() == 1.0
