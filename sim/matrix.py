@@ -280,6 +280,8 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "gpus": cell.gpus, "measured_s": row.get("measured_s"),
                          "predicted_s": row.get("predicted_s"), "error": err,
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
+                         **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
+                            if a.get("measured_s") and a.get("predicted_s") is not None},
                          **{f"beside/{k}": b["median_error"] for k, b in sorted((row.get("beside") or {}).items())},
                          "note": row.get("note", "")})
             if row.get("measured_s") is not None and row.get("predicted_s") is not None:
@@ -293,13 +295,14 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
             "summary": {s: summarize([r for r in runs if s == "all" or r["set"] == s],
                                      [c for c in configs if s == "all" or c["set"] == s]) for s in SETS},
             "categories": {s: by_category([r for r in runs if r["set"] == s]) for s in ("fit", "held-back")},
-            "beside": {s: by_category([r for r in runs if r["set"] == s], "beside/") for s in ("fit", "held-back")}}
+            "beside": {s: by_category([r for r in runs if r["set"] == s], "beside/") for s in ("fit", "held-back")},
+            "totals": {s: by_category([r for r in runs if r["set"] == s], "total/") for s in ("fit", "held-back")}}
 
 
 def by_category(runs: list[dict], prefix: str = "err/") -> dict[str, dict[str, float]]:
-    """Per action category (or, with prefix 'beside/', per neighbour label of compute blocks)
-    and model size: the median over runs of each run's median per-action error (which
-    resource's model is short, and where)."""
+    """Per action category (or, with prefix 'beside/', per neighbour label of compute blocks;
+    with 'total/', the error of each run's total time per category) and model size: the
+    median over runs of each run's figure (which resource's model is short, and where)."""
     cells: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         for k, v in r.items():
@@ -333,6 +336,10 @@ def write_report(out: Path, report: dict) -> None:
           "## Summary", "", "```", summary_table(report["summary"]), "```", "",
           "## Per-action error by category and model size (fit set; median of each run's median)", "", "```",
           category_table(report["categories"]["fit"]), "```", "",
+          "## Total time per category and model size (fit set; median over runs of each run's "
+          "(predicted - measured) / measured of the category's summed time)", "",
+          "Where this is far below the median above, a few actions took far longer than the rest.", "",
+          "```", category_table(report.get("totals", {}).get("fit", {})), "```", "",
           "## Compute blocks by what ran beside them in the measurement (fit set; median of each run's median)",
           "", "Neighbours: the rank's load, offload and cpu streams with work in flight during the block.", "",
           "```", category_table(report.get("beside", {}).get("fit", {}), "beside"), "```", "",

@@ -369,6 +369,21 @@ def test_a_matrix_that_would_run_a_cell_twice_or_not_at_all_is_refused(flags) ->
         matrix.cells_of(ns)
 
 
+def test_a_few_slow_actions_show_in_the_category_total_not_its_median(tmp_path) -> None:
+    """Ten CPU expert calls of 1 ms predicted at 0.9 ms, and one of 100 ms: the median per
+    action says -10%, the category's total (10 ms predicted of 110 measured) -91%."""
+    out = tmp_path / "m"
+    acts = {"cpu-expert": {"median_error": -0.1, "predicted_s": 11 * 0.0009, "measured_s": 0.110}}
+    _store(out, CELLS[1], [_row("APTMoE", 1.0, 0.9, -0.1, actions=acts)])
+    rep = collect(out, CELLS, 2, "x", ["cmd"])
+    run = rep["runs"][0]
+    assert run["err/cpu-expert"] == -0.1 and run["total/cpu-expert"] == pytest.approx(0.0099 / 0.110 - 1)
+    assert rep["totals"]["fit"] == {"cpu-expert": {CELLS[1].model: pytest.approx(-0.91)}}
+    matrix.write_report(out, rep)
+    md = (out / "matrix.md").read_text()
+    assert "## Total time per category" in md and "-91%" in md
+
+
 def test_categories_are_summarized_per_model_size() -> None:
     runs = [{"model": "S", "err/forward": -0.5, "err/update": -0.2}, {"model": "S", "err/forward": -0.3},
             {"model": "L", "err/forward": 0.1, "err/update": None}]
