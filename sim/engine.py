@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict, deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import simpy
@@ -232,9 +233,15 @@ class RankModel:
         self.busy["cpu"] += self.env.now - start
 
     # ------------------------------------------------------------------ loading
-    def _paced(self):
-        """After a copy on a capped link: its pacing thread wakes late from its last sleep,
-        and the copy ends then (the link itself is free meanwhile)."""
+    def _copy(self, direction: str, nbytes: int, thread: str | None = None):
+        """One copy of `nbytes` on this rank's link in `direction` ("h2d" or "d2h"), sharing
+        its socket's root. The thread that waits for it wakes the issuing thread's toll
+        (`thread`: "engine", the copy engine, or "offload", the offload thread; None for the
+        CPU experts' activations, whose job pays for them). On a capped link the copy ends
+        when its pacing thread's last sleep does, late, the link free meanwhile."""
+        root, link = (self.h2d_root, self.h2d_link) if direction == "h2d" else (self.d2h_root, self.d2h_link)
+        with self.issuing.copy(nbytes, link.time_s(nbytes), engine=thread == "engine") if thread else nullcontext():
+            yield from root.transfer(nbytes, link.GBps, link.latency_s, group=self.rank)
         if self.pacer_late > 0:
             yield self.env.timeout(self.pacer_late)
 
@@ -251,7 +258,6 @@ class RankModel:
         """Keeps up to `max_copies_in_flight` copies launched; a launched copy runs to the end."""
         launched: deque[Copy] = deque()
         k = self.cfg.schedule.max_copies_in_flight
-        cap = self.h2d_link.GBps
         while True:
             while len(launched) < k and (c := self.policy.next_copy()) is not None:
                 launched.append(c)
@@ -264,9 +270,7 @@ class RankModel:
                 continue
             c = launched[0]
             start = self.env.now
-            with self.issuing.copy(c.nbytes, self.h2d_link.time_s(c.nbytes)):
-                yield from self.h2d_root.transfer(c.nbytes, cap, self.h2d_link.latency_s, group=self.rank)
-            yield from self._paced()
+            yield from self._copy("h2d", c.nbytes, "engine")
             launched.popleft()
             self.busy["h2d"] += self.env.now - start
             self.bytes["h2d"] += c.nbytes
@@ -326,8 +330,7 @@ class RankModel:
         """Experts on the CPU from host memory: tokens down, compute, results up."""
         tokens = int(sum(counts[e] for e in experts))
         act_bytes = tokens * self.cfg.model.embedding_dim * self.cfg.model.dtype_bytes
-        yield from self.d2h_root.transfer(act_bytes, self.d2h_link.GBps, self.d2h_link.latency_s, group=self.rank)
-        yield from self._paced()
+        yield from self._copy("d2h", act_bytes)
         with self.cpu.request(priority=CPU_EXPERT_PRIORITY) as req:
             yield req
             for e in experts:
@@ -339,8 +342,7 @@ class RankModel:
                 self.policy.cpu_expert_ran(n, direction, self.env.now - start)
                 self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,
                              layer=layer, experts=[e], tokens=int(counts[e]))
-        yield from self.h2d_root.transfer(act_bytes, self.h2d_link.GBps, self.h2d_link.latency_s, group=self.rank)
-        yield from self._paced()
+        yield from self._copy("h2d", act_bytes)
         self.bytes["h2d"] += act_bytes
         self.bytes["d2h"] += act_bytes
         self.expert_tokens["cpu"] += tokens
@@ -493,10 +495,7 @@ class RankModel:
         for block in Block.of_layers(self.layers[s], m.num_experts, m.is_moe):
             nbytes = grads.get(block, 0)
             if nbytes:
-                with self.issuing.copy(nbytes, self.d2h_link.time_s(nbytes), engine=False):
-                    yield from self.d2h_root.transfer(nbytes, self.d2h_link.GBps, self.d2h_link.latency_s,
-                                                      group=self.rank)
-                yield from self._paced()
+                yield from self._copy("d2h", nbytes, "offload")
                 self.bytes["d2h"] += nbytes
             self._grad_home(s, block).succeed()
         self.busy["d2h"] += self.env.now - start
