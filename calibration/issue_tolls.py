@@ -49,7 +49,7 @@ from collections.abc import Callable
 import torch
 from aptmoe.calibration.host_memory import CopyLoop, expert_stream
 from aptmoe.calibration.background import Background
-from aptmoe.calibration.wake import MemoryStream, issue_loop
+from aptmoe.calibration.wake import MemoryStream, issue_loop, issue_round
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
 from aptmoe.exec.link import CHUNK_BYTES, Link
 
@@ -130,16 +130,6 @@ class _CpuJobs(_Neighbour):
             self.count += 1
 
 
-def _round(make: Callable[[], Background], x: torch.Tensor, ops: int) -> tuple[float, float, int, int]:
-    """One round: (issuing loop alone s, beside the neighbour s, its count and chunks
-    meanwhile; none for a neighbour that counts nothing: DMA, a memory stream)."""
-    alone = issue_loop(x, ops)
-    with make() as n:
-        c0, k0 = getattr(n, "count", 0), getattr(n, "chunks", 0)
-        beside = issue_loop(x, ops)
-        return alone, beside, getattr(n, "count", 0) - c0, getattr(n, "chunks", 0) - k0
-
-
 def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], None] = print) -> IssueTolls:
     """The tolls of a GPU rank laid out as `--host-cores auto` lays it out on this machine.
 
@@ -171,7 +161,7 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
         x = torch.zeros(16, device="cuda")
         issue_loop(x, ops // 10)
         for _ in range(rounds):
-            r = {k: _round(make, x, ops) for k, make in conditions.items()}
+            r = {k: issue_round(make, x, ops) for k, make in conditions.items()}
             for k, (a, b, n, c) in r.items():
                 rates[k].append((c or n) / b)
             dma = r["dma"][1] / r["dma"][0]

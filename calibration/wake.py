@@ -31,6 +31,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,15 +68,15 @@ class _Waker(Background):
         super().__init__()
         self.period_s = period_s
         self.cond = threading.Condition()
-        self.wakes = 0
+        self.count = 0                           # wakes
         self.state: dict[int, int] = {}
         self.marker = (lambda: torch.cuda.Event()) if device.type == "cuda" else None
 
     def run(self) -> None:
         while not self.stop.wait(self.period_s):
             with self.cond:                      # what the copy engine does when a copy lands
-                self.wakes += 1
-                self.state[self.wakes % 8] = self.wakes
+                self.count += 1
+                self.state[self.count % 8] = self.count
                 if self.marker is not None:
                     ev = self.marker()
                     ev.record()
@@ -102,18 +103,23 @@ class MemoryStream(Background):
             self.bytes += 2 * self.src.numel() * 4
 
 
-def slowdown(beside, device: str = "cpu", ops: int = 20000, rounds: int = 5) -> float:
-    """The issuing loop's time inside `beside()` (a context manager) over its time alone,
+def issue_round(make: Callable[[], Background], x: torch.Tensor, ops: int) -> tuple[float, float, int, int]:
+    """One round: the issuing loop alone, then inside `make()`'s neighbour: (seconds alone,
+    seconds beside, the neighbour's `count` and `chunks` meanwhile; 0 for a neighbour that
+    counts nothing, such as DMA or a memory stream)."""
+    alone = issue_loop(x, ops)
+    with make() as n:
+        c0, k0 = getattr(n, "count", 0), getattr(n, "chunks", 0)
+        beside = issue_loop(x, ops)
+        return alone, beside, getattr(n, "count", 0) - c0, getattr(n, "chunks", 0) - k0
+
+
+def slowdown(beside: Callable[[], Background], device: str = "cpu", ops: int = 20000, rounds: int = 5) -> float:
+    """The issuing loop's time beside `beside()`'s neighbour over its time alone,
     alternating, the median of `rounds`."""
     x = torch.zeros(16, device=torch.device(device))
     issue_loop(x, ops // 10)
-    ratios = []
-    for _ in range(rounds):
-        alone = issue_loop(x, ops)
-        with beside():
-            t = issue_loop(x, ops)
-        ratios.append(t / alone)
-    return statistics.median(ratios)
+    return statistics.median(b / a for a, b, _, _ in (issue_round(beside, x, ops) for _ in range(rounds)))
 
 
 def measure_wake_cost(device: str = "cpu", switch_us: float = 100.0, period_us: float = 500.0,
@@ -126,11 +132,7 @@ def measure_wake_cost(device: str = "cpu", switch_us: float = 100.0, period_us: 
         issue_loop(x, ops // 10)                                   # warm-up: kernels, allocator
         costs, alone_s, rates = [], [], []
         for _ in range(rounds):
-            alone = issue_loop(x, ops)
-            with _Waker(dev, period_us * 1e-6) as w:
-                before = w.wakes
-                beside = issue_loop(x, ops)
-                wakes = w.wakes - before
+            alone, beside, wakes, _ = issue_round(lambda: _Waker(dev, period_us * 1e-6), x, ops)
             alone_s.append(alone)
             rates.append(wakes / beside)
             if wakes:

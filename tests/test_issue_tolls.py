@@ -222,7 +222,7 @@ def test_a_background_neighbour_runs_only_inside_its_block_and_counts_from_its_s
     import torch
 
     from aptmoe.calibration.background import Background
-    from aptmoe.calibration.issue_tolls import _round
+    from aptmoe.calibration.wake import issue_round
     from aptmoe.host import allowed_cores
 
     class Ticker(Background):
@@ -244,14 +244,14 @@ def test_a_background_neighbour_runs_only_inside_its_block_and_counts_from_its_s
     with Ticker() as t:
         assert t.thread.is_alive() and t.reset is not None and t.reset > 0      # settled, then started()
     assert not t.thread.is_alive()
-    alone, beside, n, k = _round(Ticker, torch.zeros(16), 2000)
+    alone, beside, n, k = issue_round(Ticker, torch.zeros(16), 2000)
     assert alone > 0 and beside > 0 and n > 0 and abs(k - 2 * n) <= 2     # read between its two counts
     # a neighbour that counts nothing (DMA, a memory stream) counts as none
     class Quiet(Background):
         def run(self) -> None:
             self.stop.wait()
 
-    assert _round(Quiet, torch.zeros(16), 100)[2:] == (0, 0)
+    assert issue_round(Quiet, torch.zeros(16), 100)[2:] == (0, 0)
 
 
 # --------------------------------------------------------------------------- properties
