@@ -27,10 +27,18 @@ from aptmoe.trace import Trace
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
 # (attention, a top-1 gate over 8 experts, every expert busy in most micro-batches).
-PROBE = ["--is_moe=True", "--model_config=S", "--embedding_dim", "16", "--hidden_dim", "32", "--num_heads", "2",
-         "--num_layers", "4", "--num_experts", "8", "--gini", "0.3", "--batch_size", "16", "--num_chunks", "4",
-         "--seq_length", "32", "--pipeline", "GPipe", "--num_warmup_steps", "1", "--num_training_steps", "3",
-         "--no-plot", "-q"]
+PROBE_FLAGS = {"embedding_dim": 16, "hidden_dim": 32, "num_heads": 2, "num_layers": 4, "num_experts": 8, "gini": 0.3,
+               "batch_size": 16, "num_chunks": 4, "seq_length": 32, "pipeline": "GPipe", "num_warmup_steps": 1,
+               "num_training_steps": 3}
+
+
+def _probe(flags: dict[str, object]) -> list[str]:
+    """aptmoe-run's arguments for a probe model of these flags."""
+    return ["--is_moe=True", "--model_config=S", *[a for k, v in flags.items() for a in (f"--{k}", str(v))],
+            "--no-plot", "-q"]
+
+
+PROBE = _probe(PROBE_FLAGS)
 CATEGORIES = {"forward": "fwd", "recompute": "fwd", "backward": "bwd"}
 
 
@@ -93,10 +101,8 @@ def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
 # at 55 GB/s) but as light to compute (16 tokens at width 16): the offload schedules' blocks
 # are issued while the copy engine lands a copy every 0.6 ms, as in MoE-S's runs, and GPipe's
 # (weights resident, no copies) in the same process are the same blocks alone.
-LOADED = ["--is_moe=True", "--model_config=S", "--embedding_dim", "16", "--hidden_dim", "262144", "--num_heads", "2",
-          "--num_layers", "8", "--num_stages", "8", "--num_experts", "8", "--gini", "0.3", "--batch_size", "16",
-          "--num_chunks", "4", "--seq_length", "32", "--pipeline", "all", "--num_warmup_steps", "1",
-          "--num_training_steps", "4", "--no-plot", "-q"]
+LOADED = _probe({**PROBE_FLAGS, "hidden_dim": 262144, "num_layers": 8, "num_stages": 8, "pipeline": "all",
+                 "num_training_steps": 4})
 LOADED_SCHEDULES = ("GPipeOffload", "Mobius")
 
 
