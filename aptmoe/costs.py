@@ -78,9 +78,9 @@ class CostSource(Protocol):
         """True where blocks run on a GPU, so the host issues the next block while the GPU
         computes this one; False on CPU ranks, where issuing and computing are one thread."""
 
-    def host_memory_GBps(self, threads: int) -> tuple[float, float] | None:
-        """Host memory's bandwidth for CPU work and copies together, and what the CPU's work
-        on `threads` threads draws at most alone (None: CPU work never waits for copies;
+    def memory_share(self, threads: int):
+        """What CPU work on `threads` threads gets of host memory beside the links' copies (an
+        `aptmoe.profile.MemoryShare`, or None: CPU work never waits for copies;
         sim/host_memory.py)."""
 
     def issue_tolls(self):
@@ -110,7 +110,7 @@ def adam_bytes(num_params: int, dtype_bytes: int) -> int:
 class KernelTimeOnly:
     """For cost sources that know no host: blocks take their kernel time alone."""
 
-    def host_memory_GBps(self, threads: int) -> tuple[float, float] | None:
+    def memory_share(self, threads: int):
         return None
 
     def issue_tolls(self):

@@ -17,9 +17,11 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``adam``: {cpu_s_per_param: {threads: s}, gpu_s_per_param: s or null, and optionally
   cpu_shared: {ranks: R, s_per_param: {threads: s}}, the CPU figure with R ranks of one
   host updating at once on disjoint cores (they share the host's memory bandwidth)};
-- ``host_memory`` (optional): {GBps: {threads: s}, cpu_alone_GBps: {threads: s}}, the host
-  memory's bandwidth for CPU work and copies together (a read-bound CPU stream plus the GPU's
-  copies, both busy) and the CPU stream's rate alone (calibration/host_memory.py);
+- ``host_memory`` (optional): {GBps: {threads: s}, cpu_alone_GBps: {threads: s}, and
+  optionally beside: {threads: [[copies GB/s, CPU GB/s], ...]}}, the host memory's bandwidth
+  for CPU work and copies together (a read-bound CPU stream plus the GPU's copies, both busy),
+  the CPU stream's rate alone, and the stream's rate beside copies at each measured rate (h2d,
+  d2h, both at once) (calibration/host_memory.py);
 - ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor}, what
   a GPU rank's issuing thread loses per copy landed, paced chunk and CPU job of its other
   threads, and its slowdown beside DMA and a memory stream (calibration/issue_tolls.py);
@@ -203,6 +205,56 @@ class HostMemory:
     without it CPU work never waits for copies."""
     GBps: dict[int, float]                  # threads -> CPU stream + copies, both busy
     cpu_alone_GBps: dict[int, float]        # threads -> the CPU stream alone
+    # threads -> (copies' GB/s, the CPU stream's GB/s beside them) per measured condition; empty
+    # in profiles made before it was measured: CPU work then gets GBps less the copies' rate
+    beside: dict[int, tuple[tuple[float, float], ...]] = dataclasses.field(default_factory=dict)
+
+    def share(self, threads: int) -> "MemoryShare":
+        """What CPU work on `threads` threads (the nearest measured count) gets beside copies."""
+        near = min(self.GBps, key=lambda c: (abs(c - threads), c))
+        alone = self.cpu_alone_GBps[near]
+        points = self.beside.get(near)
+        if not points:                       # the first model: a fixed total, the copies first
+            return MemoryShare(alone, ((0.0, self.GBps[near]), (self.GBps[near], 0.0)), measured=False)
+        return MemoryShare(alone, monotone_share(((0.0, alone), *sorted(points))))
+
+
+def monotone_share(points: typing.Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """(copies' rate, CPU rate) points made non-rising in the copies' rate by pooling adjacent
+    violators (each violating run replaced by its mean): a CPU stream that ran faster beside
+    more copies is noise, and the mean keeps the curve unbiased where a running minimum
+    would bias it low."""
+    blocks: list[list[float]] = []                     # [sum of CPU rates, count, first index]
+    xs = [x for x, _ in points]
+    for i, (_, y) in enumerate(points):
+        blocks.append([y, 1, i])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            y2, n2, _ = blocks.pop()
+            blocks[-1][0] += y2
+            blocks[-1][1] += n2
+    out = []
+    for total, n, first in blocks:
+        out += [(xs[first + k], total / n) for k in range(int(n))]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class MemoryShare:
+    """The host memory a CPU stream gets while the links copy: piecewise-linear in the copies'
+    total rate through measured points, and beyond the last one along the last segment (never
+    below 0). The simulator gives the copies their links' rate and CPU work this."""
+    cpu_alone_GBps: float                              # what a CPU job draws at most
+    points: tuple[tuple[float, float], ...]            # (copies' GB/s, CPU GB/s), the first at 0
+    measured: bool = True                              # False: the total model (no points measured)
+
+    def cpu_GBps(self, copies_GBps: float) -> float:
+        pts = self.points
+        if len(pts) == 1:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if copies_GBps <= x1 or (x1, y1) == pts[-1]:
+                return max(0.0, y0 + (y1 - y0) * (copies_GBps - x0) / (x1 - x0) if x1 > x0 else y1)
+        return pts[-1][1]
 
 
 @dataclass(frozen=True)
@@ -292,7 +344,10 @@ class Profile:
             d["dispatch"] = dataclasses.asdict(self.dispatch)
         if self.host_memory is not None:
             d["host_memory"] = {"GBps": table(self.host_memory.GBps),
-                                "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps)}
+                                "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps),
+                                **({"beside": {str(t): [list(p) for p in pts]
+                                               for t, pts in sorted(self.host_memory.beside.items())}}
+                                   if self.host_memory.beside else {})}
         if self.issue_tolls is not None:
             d["issue_tolls"] = dataclasses.asdict(self.issue_tolls)
         if self.pacer is not None:
@@ -486,9 +541,34 @@ class _Parser:
         return IssueTolls(**out)
 
     def host_memory(self, data: Any) -> HostMemory:
-        d = self.obj(data, "host_memory", ("GBps", "cpu_alone_GBps"))
-        return HostMemory(self.table(d["GBps"], "host_memory.GBps", "threads"),
-                          self.table(d["cpu_alone_GBps"], "host_memory.cpu_alone_GBps", "threads"))
+        d = self.obj(data, "host_memory", ("GBps", "cpu_alone_GBps"), ("beside",))
+        total = self.table(d["GBps"], "host_memory.GBps", "threads")
+        alone = self.table(d["cpu_alone_GBps"], "host_memory.cpu_alone_GBps", "threads")
+        if alone.keys() != total.keys():
+            self.fail("host_memory.cpu_alone_GBps", f"has thread counts {sorted(alone)}, GBps has {sorted(total)}")
+        beside = {}
+        if "beside" in d and not isinstance(d["beside"], dict):
+            self.fail("host_memory.beside", f"must be an object {{threads: [[copies GB/s, CPU GB/s], ...]}}, "
+                                            f"got {type(d['beside']).__name__}")
+        for key, pts in d.get("beside", {}).items():
+            where = f"host_memory.beside.{key}"
+            if not (isinstance(key, str) and key.isdigit()):
+                self.fail(where, "key must be a positive integer (threads) written as a string")
+            t = int(key)
+            if t not in total:
+                self.fail(where, f"is a thread count GBps does not have ({sorted(total)})")
+            rows = self.list_(pts, where)
+            if not rows:
+                self.fail(where, "is empty: give [copies GB/s, CPU GB/s] pairs, or leave the count out")
+            pairs = []
+            for i, row in enumerate(rows):
+                row = self.list_(row, f"{where}[{i}]")
+                if len(row) != 2:
+                    self.fail(f"{where}[{i}]", "must be [copies GB/s, CPU GB/s]")
+                pairs.append((self.number(row[0], f"{where}[{i}][0]", unit="GB/s"),
+                              self.number(row[1], f"{where}[{i}][1]", positive=False, unit="GB/s")))
+            beside[t] = tuple(pairs)
+        return HostMemory(total, alone, beside)
 
     def dispatch(self, data: Any) -> Dispatch:
         d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"))
@@ -923,17 +1003,19 @@ class ProfileCost:
         return call + p * _by_threads(table, t, lambda per_param: per_param, lambda: self.fallbacks.add(
             f"adam cpu: {t} threads outside measured {min(table)}..{max(table)}, scaled by measured/threads"))
 
-    def host_memory_GBps(self, threads: int) -> tuple[float, float] | None:
-        """Host memory's bandwidth for CPU work and copies together, and the CPU stream's
-        rate alone, with the CPU's work on `threads` threads (the nearest measured count);
-        None where it was not measured, and CPU work then never waits for copies."""
+    def memory_share(self, threads: int) -> "MemoryShare | None":
+        """What CPU work on `threads` threads (the nearest measured count) gets of host memory
+        beside the links' copies; None where it was not measured, and CPU work then never
+        waits for copies."""
         hm = self.profile.host_memory
         if hm is None:
             self.fallbacks.add("host memory: not measured, CPU work never waits for the links' copies")
             return None
-        t = _positive("threads", threads)
-        near = min(hm.GBps, key=lambda c: (abs(c - t), c))
-        return hm.GBps[near], hm.cpu_alone_GBps[near]
+        share = hm.share(_positive("threads", threads))
+        if not share.measured:
+            self.fallbacks.add("host memory: the CPU stream beside copies of other rates not measured, "
+                               "CPU work gets the measured total less the copies' rate")
+        return share
 
     def pacer_late_s(self) -> float:
         """How late each capped copy ends beyond its bytes over the cap (0: not measured)."""

@@ -9,15 +9,17 @@ the two together stream no more than the memory gives.
 
 This measures that sharing: a read-bound CPU stream (an MoE-M expert's forward on one token
 over a pool of experts larger than any cache, as the executor's CPU worker runs it) alone,
-and again while the GPU copies back to back in one direction, with the copies' own rate.
-The sum of the two rates under load is the memory's bandwidth for CPU work plus copies; the
-simulator gives the copies their link rate and the CPU work what is left (sim/host_memory.py).
+and again while the GPU copies back to back in one direction and in both at once, with the
+copies' own rate. The sum of the two rates under one direction's copies is the profile's
+`GBps`; the stream's rate at each copy rate is its `beside` curve: the simulator gives the
+copies their link rate and the CPU work what the curve says (sim/host_memory.py).
 An Adam chunk (the executor's BlockAdam) alone and beside d2h copies is timed as a check of
 that model, not used by it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,9 @@ import torch
 from aptmoe.calibration.background import Background
 
 MiB = 1 << 20
+# The copies the CPU stream is timed beside: one direction at a time, then both at once (a
+# rank loading the next block while it offloads the last one's gradients)
+CONDITIONS = {"h2d": ("h2d",), "d2h": ("d2h",), "duplex": ("h2d", "d2h")}
 POOL_BYTES = 768 * MiB          # the CPU stream's pool: beyond every cache
 COPY_BYTES = 256 * MiB          # one copy of the copy loop
 SAMPLES = 40                    # CPU calls timed per condition
@@ -46,8 +51,13 @@ class HostMemoryResult:
 
     @property
     def total_GBps(self) -> float:
-        """CPU stream plus copies with both busy: the median over the directions measured."""
-        return statistics.median(self.cpu_under_GBps[d] + self.copy_under_GBps[d] for d in self.cpu_under_GBps)
+        """CPU stream plus one direction's copies with both busy: the median over h2d and d2h."""
+        return statistics.median(self.cpu_under_GBps[d] + self.copy_under_GBps[d] for d in ("h2d", "d2h")
+                                 if d in self.cpu_under_GBps)
+
+    def beside(self) -> tuple[tuple[float, float], ...]:
+        """(copies' rate, the CPU stream's rate beside them) per condition, copies rising."""
+        return tuple(sorted((self.copy_under_GBps[c], self.cpu_under_GBps[c]) for c in self.cpu_under_GBps))
 
 
 class CopyLoop(Background):
@@ -157,11 +167,12 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) 
     torch.set_num_threads(threads)
     expert, nbytes = expert_stream()
     res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / _median_call(expert) / 1e9)
-    for direction in ("h2d", "d2h"):
-        with CopyLoop(direction, gpu, spare) as loop:
+    for condition, directions in CONDITIONS.items():
+        with contextlib.ExitStack() as stack:
+            loops = [stack.enter_context(CopyLoop(d, gpu, spare)) for d in directions]
             seconds = _median_call(expert)
-        res.cpu_under_GBps[direction] = nbytes / seconds / 1e9
-        res.copy_under_GBps[direction] = loop.GBps
+        res.cpu_under_GBps[condition] = nbytes / seconds / 1e9
+        res.copy_under_GBps[condition] = sum(loop.GBps for loop in loops)
     del expert
     adam, params = adam_stream()
     res.adam_alone_ns = _median_call(adam) / params * 1e9
@@ -180,7 +191,8 @@ def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
                      f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies")
     return ("measured: a read-bound CPU stream (one token through an MoE-M expert, d 2048 h 8192 fp32, the "
             f"next of a {POOL_BYTES >> 20} MiB pool each call, pinned as the executor's parameters) alone and while one GPU copies {COPY_BYTES >> 20} "
-            "MiB back to back in one direction (from a thread waiting on a blocking event, on the cores the "
-            "stream leaves where it leaves any), threads bound as for cpu_expert; GBps = the CPU stream's rate "
-            f"plus the copies', both busy, the median over h2d and d2h; median of {SAMPLES} calls: "
+            "MiB back to back in one direction and in both at once (each direction from a thread waiting on a "
+            "blocking event, on the cores the stream leaves where it leaves any), threads bound as for "
+            "cpu_expert; GBps = the CPU stream's rate plus the copies', both busy, the median over h2d and d2h; "
+            f"beside = (copies, CPU stream) per condition; median of {SAMPLES} calls: "
             + "; ".join(parts))

@@ -1236,7 +1236,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                   {t: round_sig(s) for t, s in m.adam_cpu_call.items()}),
         roofline=_roofline_json(roof), dispatch=m.dispatch,
         host_memory=HostMemory({t: round_sig(r.total_GBps) for t, r in m.host_memory.items()},
-                               {t: round_sig(r.cpu_alone_GBps) for t, r in m.host_memory.items()})
+                               {t: round_sig(r.cpu_alone_GBps) for t, r in m.host_memory.items()},
+                               {t: tuple((round_sig(c), round_sig(u)) for c, u in r.beside())
+                                for t, r in m.host_memory.items()})
         if m.host_memory else None,
         issue_tolls=m.issue_tolls,
         pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)))

@@ -96,8 +96,8 @@ class StepModel:
         self.d2h_roots = {s: SharedRoot(self.env, lambda n: cost.root_GBps(n, "d2h"), f"socket{s}.d2h")
                           for s in sockets}
         # A socket's memory, shared by its ranks' CPU work and its GPUs' copies (where measured)
-        shared = cost.host_memory_GBps(c.worker_cores)
-        self.host_memory = {s: HostMemory(self.env, *shared, [self.h2d_roots[s], self.d2h_roots[s]])
+        shared = cost.memory_share(c.worker_cores)
+        self.host_memory = {s: HostMemory(self.env, shared, [self.h2d_roots[s], self.d2h_roots[s]])
                             for s in sockets} if shared else {}
         policy_cost = SharedLinkView(cost, c.gpus_per_socket)
         self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.worker_cores),

@@ -2,23 +2,27 @@
 
 The copy engines read (h2d) and write (d2h) host memory at their links' rates, and the CPU
 experts and Adam stream the same memory. The calibration (`host_memory` in the profile,
-calibration/host_memory.py) measured what the two get together: on the H200 host a
-read-bound CPU stream fell from 76 to 60 GB/s beside copies at 48-53 GB/s, for 110 GB/s in
-all, while the copies kept their link's rate. So here the copies take what the links give
-them (sim/links.py decides that) and each CPU job progresses at
+calibration/host_memory.py) times a read-bound CPU stream alone and beside copies in each
+direction and in both at once, with the copies' own rate: on the H200 host the stream fell
+from 70-100 to 53-79 GB/s beside one direction's copies at 46-54 GB/s, while the copies kept
+their link's rate. So here the copies take what the links give them (sim/links.py decides
+that) and each CPU job progresses at
 
-    min(1, (GBps - copies' rate now) / its demand),
+    min(1, share(copies' rate now) / its demand),
     its demand = min(its bytes / its time alone, the CPU stream's rate alone),
 
-so a job that streams its weights (an expert on a few tokens) slows while copies run and a
-compute-bound one (many tokens) does not. A job's bytes are what it reads and writes
-(`aptmoe.costs.cpu_expert_bytes`, `adam_bytes`); no job draws more than the calibration's
-CPU stream did alone, so that a job alone always takes its calibrated time (Adam's 28 bytes
-a parameter in 0.23 ns would be 122 GB/s, more than the memory gives, where it was timed at
-that speed). The calibration's check, an Adam chunk beside d2h copies at 52.9 GB/s, ran
-1.31x its time alone; this model gives 75.6 / (110.3 - 52.9) = 1.32x. Jobs of different
-ranks do not slow each other here: Adam's figure for ranks updating at once is measured as
-such (`adam.cpu_shared`).
+where share is the profile's `MemoryShare`: piecewise-linear through the measured points in
+the copies' total rate. So a job that streams its weights (an expert on a few tokens) slows
+while copies run and a compute-bound one (many tokens) does not. A job's bytes are what it
+reads and writes (`aptmoe.costs.cpu_expert_bytes`, `adam_bytes`); no job draws more than the
+calibration's CPU stream did alone, so that a job alone always takes its calibrated time.
+
+Profiles made before the stream was timed beside both directions at once have one figure, the
+stream plus one direction's copies: the share is then that total less the copies' rate. With
+both directions at full rate (about 100 GB/s on one H200) that left CPU work a few GB/s, and a
+6% lower total doubled a predicted Mobius step (docs/validation-h200-v5): the measured points
+replace that extrapolation. Jobs of different ranks do not slow each other here: Adam's figure
+for ranks updating at once is measured as such (`adam.cpu_shared`).
 
 Rates change when a job starts or ends and when a root's flows change (sim/fluid.py).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import simpy
 
+from aptmoe.profile import MemoryShare
 from aptmoe.sim.fluid import Fluid
 from aptmoe.sim.links import SharedRoot
 
@@ -42,10 +47,10 @@ class _Job:
 
 
 class HostMemory(Fluid):
-    def __init__(self, env: simpy.Environment, GBps: float, cpu_alone_GBps: float, roots: list[SharedRoot]) -> None:
+    def __init__(self, env: simpy.Environment, share: MemoryShare, roots: list[SharedRoot]) -> None:
         super().__init__(env, 1e-12)
-        self.Bps = GBps * 1e9
-        self.cpu_Bps = cpu_alone_GBps * 1e9
+        self.share = share
+        self.cpu_Bps = share.cpu_alone_GBps * 1e9
         self.roots = roots
         for r in roots:
             r.listeners.append(self._replan)
@@ -63,7 +68,7 @@ class HostMemory(Fluid):
         return sum(f.rate for r in self.roots for f in r.flows)
 
     def _set_rates(self) -> None:
-        left = max(0.0, self.Bps - self.copies_Bps())
+        left = self.share.cpu_GBps(self.copies_Bps() / 1e9) * 1e9
         for j in self.items:
             # a floor keeps a job moving when copies would take all of it (they never did)
             j.rate = 1.0 if j.demand_Bps <= left else max(left / j.demand_Bps, 1e-3)

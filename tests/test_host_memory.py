@@ -7,6 +7,8 @@ import json
 
 import pytest
 import simpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aptmoe.costs import adam_bytes, cpu_expert_bytes
 from aptmoe.profile import HostMemory as HostMemoryFigures
@@ -18,12 +20,14 @@ from aptmoe.sim.links import SharedRoot
 GB = 1e9
 
 
-def _run(jobs, copies, total=100.0, cpu_alone=80.0, root=1000.0, back=()):
+def _run(jobs, copies, total=100.0, cpu_alone=80.0, root=1000.0, back=(), beside=()):
     """jobs: (start, seconds alone, bytes); copies and `back`: (start, bytes, cap GB/s) on the
-    h2d and the d2h root. -> job end times."""
+    h2d and the d2h root; the memory: a total less the copies (`beside` empty) or the CPU
+    stream's measured points beside copies. -> job end times."""
     env = simpy.Environment()
     h2d, d2h = SharedRoot(env, lambda n: root), SharedRoot(env, lambda n: root)
-    mem = HostMemory(env, total, cpu_alone, [h2d, d2h])
+    figures = HostMemoryFigures({14: total}, {14: cpu_alone}, {14: tuple(beside)} if beside else {})
+    mem = HostMemory(env, figures.share(14), [h2d, d2h])
     ends = {}
 
     def job(i, at, seconds, nbytes):
@@ -73,6 +77,42 @@ def test_copies_in_both_directions_add_up():
     assert _run([(0, 1.0, 80 * GB)], [(0, 500 * GB, 30.0)], back=[(0, 500 * GB, 30.0)])[0] == pytest.approx(2.0)
 
 
+def test_measured_points_set_what_a_job_gets_beside_copies():
+    # the stream: 80 alone, 60 beside 50 GB/s, 40 beside 100 (both directions at 50)
+    pts = [(50.0, 60.0), (100.0, 40.0)]
+    assert _run([(0, 1.0, 80 * GB)], [(0, 500 * GB, 50.0)], beside=pts)[0] == pytest.approx(80 / 60)
+    assert _run([(0, 1.0, 80 * GB)], [(0, 500 * GB, 50.0)], back=[(0, 500 * GB, 50.0)],
+                beside=pts)[0] == pytest.approx(80 / 40)
+    # between the points, on the line: 25 GB/s of copies leave 70
+    assert _run([(0, 1.0, 80 * GB)], [(0, 500 * GB, 25.0)], beside=pts)[0] == pytest.approx(80 / 70)
+    # beyond the last point along the last segment: 120 GB/s leave 32
+    assert _run([(0, 1.0, 80 * GB)], [(0, 500 * GB, 60.0)], back=[(0, 500 * GB, 60.0)],
+                beside=pts)[0] == pytest.approx(80 / 32)
+
+
+def test_the_total_model_is_the_share_of_profiles_without_points():
+    share = HostMemoryFigures({14: 110.0}, {14: 75.0}).share(14)
+    assert [share.cpu_GBps(c) for c in (0, 50, 100, 110, 200)] == pytest.approx([110, 60, 10, 0, 0])
+
+
+def test_a_point_above_its_neighbours_is_pooled_with_them():
+    # 86 beside 49 GB/s of copies, over the 77 alone: noise, pooled to their mean
+    share = HostMemoryFigures({16: 120.0}, {16: 77.0}, {16: ((49.0, 86.0), (53.0, 57.0))}).share(16)
+    assert [v for pt in share.points for v in pt] == pytest.approx([0, 81.5, 49, 81.5, 53, 57])
+
+
+@settings(max_examples=200, deadline=None)
+@given(alone=st.floats(1, 200), pts=st.lists(st.tuples(st.floats(0.1, 300), st.floats(0, 300)), min_size=1, max_size=5),
+       a=st.floats(0, 400), b=st.floats(0, 400))
+def test_a_share_never_rises_with_the_copies_and_never_goes_negative(alone, pts, a, b):
+    share = HostMemoryFigures({8: 100.0}, {8: alone}, {8: tuple(pts)}).share(8)
+    lo, hi = sorted((a, b))
+    assert share.cpu_GBps(hi) <= share.cpu_GBps(lo) + 1e-9
+    assert share.cpu_GBps(hi) >= 0
+    xs = [x for x, _ in share.points]
+    assert xs == sorted(xs) and share.points[0][0] == 0
+
+
 def test_a_copy_that_starts_mid_job_slows_the_rest():
     # alone until 0.5 s (half done), then at 50/80 for the other half
     assert _run([(0, 1.0, 80 * GB)], [(0.5, 500 * GB, 50.0)])[0] == pytest.approx(0.5 + 0.5 * 80 / 50)
@@ -95,19 +135,30 @@ def test_profile_section_round_trips_and_is_checked(tmp_path):
     p = load_profile("a800-paper")
     assert p.host_memory is None
     cost = ProfileCost(p, moe_model("M", 8))
-    assert cost.host_memory_GBps(14) is None
+    assert cost.memory_share(14) is None
     assert any(f.startswith("host memory: not measured") for f in cost.fallbacks)
-    q = p.with_(host_memory=HostMemoryFigures({14: 110.3, 16: 118.5}, {14: 75.6, 16: 85.2}))
+    q = p.with_(host_memory=HostMemoryFigures({14: 110.3, 16: 118.5}, {14: 75.6, 16: 85.2},
+                                              {16: ((49.3, 70.0), (100.2, 40.5))}))
     again = load_profile(str(q.save(tmp_path / "h.json")))
     assert again.host_memory == q.host_memory
     cost = ProfileCost(again, moe_model("M", 8))
-    assert cost.host_memory_GBps(14) == (110.3, 75.6)
-    assert cost.host_memory_GBps(13) == (110.3, 75.6) and cost.host_memory_GBps(32) == (118.5, 85.2)
-    d = json.loads((tmp_path / "h.json").read_text())
-    d["host_memory"]["GBps"]["14"] = -1
-    (tmp_path / "bad.json").write_text(json.dumps(d))
-    with pytest.raises(ProfileError, match="host_memory.GBps.14"):
-        load_profile(str(tmp_path / "bad.json"))
+    assert cost.memory_share(14).points == ((0, 110.3), (110.3, 0))          # no points: the total model
+    assert any("not measured, CPU work gets the measured total" in f for f in cost.fallbacks)
+    assert cost.memory_share(13) == cost.memory_share(14)
+    assert cost.memory_share(32).points == ((0, 85.2), (49.3, 70.0), (100.2, 40.5))
+    assert cost.memory_share(32).cpu_alone_GBps == 85.2
+    good = json.loads((tmp_path / "h.json").read_text())
+    for change, named in [(lambda h: h["GBps"].update({"14": -1}), "host_memory.GBps.14"),
+                          (lambda h: h["beside"].update({"15": [[1, 2]]}), "host_memory.beside.15"),
+                          (lambda h: h["beside"].update({"16": [[1, 2, 3]]}), r"host_memory.beside.16\[0\]"),
+                          (lambda h: h["beside"].update({"16": []}), "host_memory.beside.16"),
+                          (lambda h: h.update({"beside": [1]}), "host_memory.beside"),
+                          (lambda h: h["cpu_alone_GBps"].pop("16"), "host_memory.cpu_alone_GBps")]:
+        d = json.loads(json.dumps(good))
+        change(d["host_memory"])
+        (tmp_path / "bad.json").write_text(json.dumps(d))
+        with pytest.raises(ProfileError, match=named):
+            load_profile(str(tmp_path / "bad.json"))
 
 
 def test_the_simulator_slows_cpu_work_beside_copies_where_the_profile_says():
