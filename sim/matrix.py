@@ -11,6 +11,13 @@ later call goes on where the last one stopped. ``--repredict`` runs no executor:
 the stored runs again with the current simulator and profile, which is how a change of the
 model is judged against measurements already taken.
 
+Each cell keeps the profile it was predicted with (``OUT/cells/<cell>/profile.json``). The
+host-bound figures of a profile (the dispatch probe's cost per block, CPU Adam) came out up to
+1.8x apart on different device calls, so a matrix run over several calls can calibrate those
+parts at the start of each; ``--repredict --cell-profiles`` then predicts each cell with the
+profile of its own call, and plain ``--repredict`` with the one profile of ``--calibration``
+(what a user with one calibration file sees).
+
 A cell is known by its name (size, layers, experts, G, link, GPUs): a later call with other
 per-run flags (--steps, --batch_size, --extra) reuses the stored cells, so give those
 another --out.
@@ -48,6 +55,7 @@ from aptmoe.sim.validate import compare_run, run_executor
 from aptmoe.trace import write_json_atomic
 
 SETS = ("fit", "held-back", "all")
+CELL_PROFILE = "profile.json"       # beside each cell: the profile it was predicted with when it ran
 # Two schedules whose measured step times are closer than this are a tie for the ranking:
 # the order of a tie is run-to-run noise, not something a model can be right or wrong about.
 TIE = 0.03
@@ -156,6 +164,9 @@ def make_matrix_parser() -> argparse.ArgumentParser:
                    help="start no new cell after this many seconds (the rest: a later call)")
     g.add_argument("--repredict", action="store_true",
                    help="run nothing: predict the stored runs again and rewrite the report")
+    g.add_argument("--cell-profiles", action="store_true",
+                   help="with --repredict: predict each cell with the profile stored beside it (its "
+                        "profile.json, written when it ran); cells without one use --calibration")
     r = p.add_argument_group("each run")
     r.add_argument("--batch_size", type=int, default=32, help="global batch in sequences (32)")
     r.add_argument("--num_chunks", type=int, default=4, help="micro-batches (4)")
@@ -182,6 +193,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     profile = load_profile(ns.calibration)
     if ns.held_back_every < 0:
         raise UsageError("--held-back-every is a count of cells (0: hold none back)")
+    if ns.cell_profiles and not ns.repredict:
+        raise UsageError("--cell-profiles goes with --repredict (a new run is predicted with --calibration)")
     cells = cells_of(ns)
     out = Path(ns.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -191,13 +204,16 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             if ns.only == "all" or (ns.only == "held-back") == held_back(i, ns.held_back_every)]
     t0 = time.monotonic()
     bar = progress_bar(total=len(todo), desc="matrix", unit="cell", disable=progress_disabled(ns.quiet))
-    skipped, failed = 0, []
+    skipped, failed, own = 0, [], 0
     for i, cell in todo:
         folder = out / "cells" / cell.name
         bar.update(1)
         if ns.repredict:
             if (folder / "real" / "results.json").exists():
-                compare_run(folder / "real", profile, folder, _cell_doc(folder)["command"], plot=not ns.no_plot)
+                use = profile
+                if ns.cell_profiles and (folder / CELL_PROFILE).exists():
+                    use, own = load_profile(folder / CELL_PROFILE), own + 1
+                compare_run(folder / "real", use, folder, _cell_doc(folder)["command"], plot=not ns.no_plot)
             continue
         if (folder / "validation.json").exists():
             continue
@@ -211,6 +227,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             with StagedDir(folder) as tmp:
                 run_executor(cmd, tmp / "real")
                 compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot)
+                profile.save(tmp / CELL_PROFILE)
                 write_json_atomic(tmp / "cell.json", {
                     "cell": asdict(cell), "name": cell.name, "index": i, "held_back": held_back(i, ns.held_back_every),
                     "command": command, "wall_s": time.monotonic() - started})
@@ -221,13 +238,18 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
         if not ns.quiet:
             bar.write(f"{cell.name}: {time.monotonic() - started:.0f} s")
     bar.close()
-    report = collect(out, cells, ns.held_back_every, profile.name, [PROG, "matrix", *argv])
+    calibration = profile.name
+    if ns.cell_profiles:
+        stored = sum((out / "cells" / c.name / "real" / "results.json").exists() for _, c in todo)
+        rest = f"; the rest {profile.name}" if own < stored else ""
+        calibration = f"each cell's own profile.json ({own} of {stored} cells{rest})"
+    report = collect(out, cells, ns.held_back_every, calibration, [PROG, "matrix", *argv])
     write_report(out, report)
     from aptmoe.plot import plot_predicted_vs_measured
 
     s = report["summary"]["all"]
     plot_predicted_vs_measured(report["runs"], out / "matrix.png",
-                               title=f"{profile.name}: {s['runs']} runs, median |error| "
+                               title=f"{'own profiles' if ns.cell_profiles else profile.name}: {s['runs']} runs, median |error| "
                                      f"{_pct(s['median_abs_error'], '.1f')}, worst {_pct(s['worst_abs_error'], '.1f')}")
     say(matrix_table(report["runs"]))
     say(summary_table(report["summary"]))
