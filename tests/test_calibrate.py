@@ -254,6 +254,10 @@ def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
     assert p.host_memory is not None and p.host_memory.GBps.keys() == {1}
     assert p.host_memory.GBps[1] > p.links.h2d_pinned.GBps / 2 and p.host_memory.cpu_alone_GBps[1] > 0
     assert p.sources["host_memory"].startswith("measured:")
+    # the CPU stream beside h2d, d2h and both at once: the last with the most copies
+    beside = p.host_memory.beside[1]
+    assert len(beside) == 3 and max(beside)[0] > min(beside)[0] * 1.3
+    assert "beside duplex copies" in p.sources["host_memory"]
     # the issuing thread's tolls: slowdowns >= 1, tolls >= 0, the copy engine's from its traces
     t = p.issue_tolls
     assert t is not None and t.dma_factor >= 1 and t.memory_factor >= 1 and min(t.copy_s, t.chunk_s, t.cpu_job_s) >= 0

@@ -182,7 +182,7 @@ def test_a_capped_copy_ends_its_pacers_lateness_after_its_bytes_over_the_cap():
     measured than without; uncapped, nothing moves."""
     from aptmoe.profile import Pacer
 
-    prof = load_profile("h200-1gpu").with_(issue_tolls=None)
+    prof = load_profile("h200-1gpu").with_(issue_tolls=None, pacer=None)
     late = 1e-3
 
     def loads(p, cap):
