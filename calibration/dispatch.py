@@ -83,8 +83,19 @@ def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()))
 
 
-def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
-    """Runs the probe (`device` cuda or cpu, `ranks` processes) and returns the medians."""
+def host_times(trace: Trace) -> dict[str, dict[str, float]]:
+    """Median host time of each block kind's call (the executor's `host_us`, perf_counter
+    around the call), by direction: on a GPU, what the span would be if the host alone set
+    it. Blocks of traces written before the executor kept it are left out."""
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for e in _blocks(trace):
+        if "host_us" in e.args:
+            out[e.name.rsplit(":", 1)[-1][:1]][CATEGORIES[e.cat]].append(e.args["host_us"] / 1e6)
+    return {k: {d: statistics.median(v) for d, v in sorted(dirs.items())} for k, dirs in sorted(out.items())}
+
+
+def probe_trace(device: str, ranks: int = 1) -> Trace:
+    """Runs the probe (`device` cuda or cpu, `ranks` processes) and returns its GPipe trace."""
     with tempfile.TemporaryDirectory(prefix="aptmoe-dispatch-") as tmp:
         out = Path(tmp) / "run"
         try:
@@ -94,7 +105,12 @@ def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
         results = json.loads((out / "results.json").read_text())
         if results["schedules"]["GPipe"].get("oom"):
             raise RuntimeError("the dispatch probe was refused: " + results["schedules"]["GPipe"]["oom_detail"])
-        return dispatch_from_trace(Trace.load(out / "trace-GPipe.json"), device)
+        return Trace.load(out / "trace-GPipe.json")
+
+
+def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
+    """Runs the probe (`device` cuda or cpu, `ranks` processes) and returns the medians."""
+    return dispatch_from_trace(probe_trace(device, ranks), device)
 
 
 # The same probe with experts as heavy to copy as MoE-S's (2 x 16 x 262144 fp32 = 32 MiB, 0.6 ms
@@ -173,13 +189,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {t.seconds * 1e6:7.1f} us per copy landed, {t.constant_s * 1e6:7.1f} us per block beside "
                   f"the loads ({t.landings} copies over {t.blocks} forward blocks)")
         return 0
-    runs = [measure_dispatch(ns.device, ns.ranks) for _ in range(ns.repeats)]
-    rows = [(f"{k} {d}", [r.seconds[k][d] for r in runs]) for k in sorted(runs[0].seconds)
-            for d in sorted(runs[0].seconds[k])]
-    rows += [(f"between {d}", [r.between[d] for r in runs]) for d in sorted(runs[0].between)]
-    print(f"host ms per call, {ns.device}, {ns.ranks} ranks, median of {ns.repeats} probe runs (each a median)")
-    for name, xs in rows:
-        print(f"  {name:<12} {statistics.median(xs) * 1e3:8.4f}   runs " + " ".join(f"{x * 1e3:.4f}" for x in xs))
+    traces = [probe_trace(ns.device, ns.ranks) for _ in range(ns.repeats)]
+    runs = [dispatch_from_trace(t, ns.device) for t in traces]
+    hosts = [host_times(t) for t in traces]
+    rows = [(f"{k} {d}", [r.seconds[k][d] for r in runs], [h.get(k, {}).get(d) for h in hosts])
+            for k in sorted(runs[0].seconds) for d in sorted(runs[0].seconds[k])]
+    rows += [(f"between {d}", [r.between[d] for r in runs], []) for d in sorted(runs[0].between)]
+    print(f"host ms per call, {ns.device}, {ns.ranks} ranks, median of {ns.repeats} probe runs (each a median): "
+          "the span (what the profile keeps), then the call's host time")
+    for name, xs, hs in rows:
+        host = [h for h in hs if h is not None]
+        print(f"  {name:<12} {statistics.median(xs) * 1e3:8.4f}   runs " + " ".join(f"{x * 1e3:.4f}" for x in xs)
+              + (f"   host {statistics.median(host) * 1e3:.4f}" if host else ""))
     return 0
 
 

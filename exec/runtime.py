@@ -345,11 +345,15 @@ class RankRuntime:
 
     def _block_end(self, name: str, start: tuple[Marker, float], cat: str, **args) -> None:
         """One block ran on the compute stream: its device span, and the host time the call
-        took (on a GPU the Python-side cost of issuing it; on CPU ranks its whole run)."""
+        took (on a GPU the Python-side cost of issuing it; on CPU ranks its whole run), kept
+        in the event too (`host_us`): where the span is longer, the GPU or a wait held the
+        block, where they agree the host did. The dispatch probe's figures are checked
+        against it (docs/validation-h200-v5)."""
         marker, host = start
-        self.host_block_s += time.perf_counter() - host
+        took = time.perf_counter() - host
+        self.host_block_s += took
         self.host_blocks += 1
-        self._mark(name, "compute", marker, self.dev.record(), cat, **args)
+        self._mark(name, "compute", marker, self.dev.record(), cat, host_us=round(took * 1e6, 1), **args)
 
     def _mark(self, name: str, stream: str, start: Marker, end: Marker, cat: str, **args) -> None:
         # Recorded with or without --no-trace: the busy fractions are read from these events.

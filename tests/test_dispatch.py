@@ -149,6 +149,18 @@ def test_spans_are_read_by_kind_and_direction() -> None:
         dispatch_from_trace(Trace("real"), "cpu")
 
 
+def test_host_times_are_the_calls_own_by_kind_and_direction() -> None:
+    from aptmoe.calibration.dispatch import host_times
+
+    tr = Trace("real")
+    for name, cat, host_us in [("0F0@0:e3", "forward", 100.0), ("0F1@0:e1", "forward", 300.0),
+                               ("0B0@0:e3", "recompute", 200.0), ("0B0@0:e3", "backward", 50.0), ("0F0@0:a", "forward", None)]:
+        tr.add(name, 0, "compute", 0.0, 1.0, cat, **({} if host_us is None else {"host_us": host_us}))
+    # spans of 1 s each: the host times are read from the events' own figure, not the spans;
+    # a block without one (a trace from before the executor kept it) is left out
+    assert host_times(tr) == {"e": {"bwd": pytest.approx(50e-6), "fwd": pytest.approx(200e-6)}}
+
+
 def test_the_probe_measures_the_executor_on_cpu_ranks() -> None:
     pytest.importorskip("torch")
     from aptmoe.calibration.dispatch import measure_dispatch

@@ -62,6 +62,11 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
         assert (out / f"timeline-{name}.png").stat().st_size > 0
     apt = Trace.load(out / "trace-APTMoE.json")
     assert any(e.cat == "cpu-expert" for e in apt.events)
+    # every block on the compute stream carries the host time of its call; on CPU ranks the
+    # call is the whole block, so the host time is no shorter than a fraction of the span
+    blocks = [e for e in apt.events if e.stream == "compute" and "@" in e.name]
+    assert blocks and all(e.args["host_us"] > 0 for e in blocks)
+    assert sum(e.args["host_us"] for e in blocks) > 0.5 * sum(e.dur_s for e in blocks) * 1e6
     assert any(e.cat.startswith("load-inter-") for e in apt.events)
     assert (out / "results.csv").read_text().startswith("pipeline,")
 
