@@ -131,7 +131,8 @@ def is_block(stream: str, name: str) -> bool:
 def action_errors(predicted: Trace, measured: Trace) -> tuple[dict[str, dict], list[dict]]:
     """Per category: matched actions, median relative duration error, summed predicted and
     measured seconds; and one row per matched action, with what ran beside a compute block
-    in the measurement (`beside`: the neighbour streams busy during it, or 'alone')."""
+    in the measurement (`beside`: the neighbour streams busy during it, or 'alone') and the
+    host time of its call where the executor kept it."""
     p, m = _key_events(predicted), _key_events(measured)
     busy = _Busy(measured)
     rows, by_cat = [], defaultdict(list)
@@ -142,7 +143,9 @@ def action_errors(predicted: Trace, measured: Trace) -> tuple[dict[str, dict], l
         err = (pe.dur_s - me.dur_s) / me.dur_s
         rows.append({"rank": key[0], "stream": key[1], "action": key[2], "occurrence": key[3], "cat": me.cat,
                      "predicted_s": pe.dur_s, "measured_s": me.dur_s, "error": err,
-                     "beside": busy.beside(me.rank, me.start_s, me.end_s) if is_block(key[1], key[2]) else ""})
+                     "beside": busy.beside(me.rank, me.start_s, me.end_s) if is_block(key[1], key[2]) else "",
+                     # the executor's host time of the call (blocks, since 9e13ae7): host- or GPU-held
+                     "measured_host_s": me.args["host_us"] / 1e6 if "host_us" in me.args else ""})
         by_cat[me.cat].append((pe.dur_s, me.dur_s, err))
     summary = {cat: {"actions": len(v), "median_error": statistics.median(x[2] for x in v),
                      "predicted_s": sum(x[0] for x in v), "measured_s": sum(x[1] for x in v)}
@@ -186,7 +189,7 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         row["beside"] = beside_errors(rows)
         with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["rank", "stream", "action", "occurrence", "cat", "predicted_s", "measured_s",
-                                              "error", "beside"])
+                                              "error", "beside", "measured_host_s"])
             w.writeheader()
             w.writerows(rows)
         if plot:

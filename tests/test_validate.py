@@ -3,6 +3,7 @@ comparison (issue 6, §1)."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -54,6 +55,11 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     assert row["actions"]["forward"]["actions"] > 0 and "load-stage" in row["actions"]
     assert (out / "overlay-Mobius.png").stat().st_size > 0
     assert (out / "actions-Mobius.csv").read_text().startswith("rank,stream,action,occurrence")
+    with open(out / "actions-Mobius.csv") as f:
+        rows = list(csv.DictReader(f))
+    blocks = [r for r in rows if r["stream"] == "compute" and ":" in r["action"]]
+    assert blocks and all(float(r["measured_host_s"]) > 0 for r in blocks)        # each block's call, timed
+    assert all(r["measured_host_s"] == "" for r in rows if r["stream"] == "load")
     assert (out / "real" / "results.json").exists()
 
 
