@@ -58,6 +58,7 @@ micro-batch, stays below the load time of MHA + gate + the tail's own experts.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -170,16 +171,18 @@ def _layer(counts: Sequence[int], cost: CostSource, model: ModelConfig, *, threa
 
 def split_experts(counts: Sequence[int], cost: CostSource, model: ModelConfig, *, threads: int,
                   resident: Collection[int] = (), load_attn_gate: bool = False,
-                  remaining_mbs: int = 1, direction: str = "fwd") -> Split:
+                  remaining_mbs: int = 1, direction: str = "fwd", max_cpu_s: float = math.inf) -> Split:
     """The best split of one layer's experts among the prefixes of their popularity ranking.
 
     counts: tokens per expert for this micro-batch (backward: summed over the stage's
     micro-batches). resident: experts already on the GPU. load_attn_gate: the layer's MHA
     and gate still need loading. remaining_mbs: micro-batches still to run, this one
-    included. threads: CPU cores that run CPU experts.
+    included. threads: CPU cores that run CPU experts. max_cpu_s: the most CPU time the
+    tail may take (the CPU's slack where other work waits for it; every expert loaded
+    always fits).
 
-    Tries every head size k = 0..E' (E' = non-resident experts with tokens) and keeps the
-    least makespan; a tie goes to the larger head (fewer CPU experts).
+    Tries every head size k = 0..E' (E' = non-resident experts with tokens) whose tail fits
+    max_cpu_s and keeps the least makespan; a tie goes to the larger head (fewer CPU experts).
     """
     layer = _layer(counts, cost, model, threads=threads, resident=resident,
                    load_attn_gate=load_attn_gate, remaining_mbs=remaining_mbs, direction=direction)
@@ -194,8 +197,10 @@ def split_experts(counts: Sequence[int], cost: CostSource, model: ModelConfig, *
         if k:
             head_gpu += layer.expert_load_s + layer.gpu_s[cands[k - 1]]
         spans.append(max(tail_cpu[k], head_gpu))
-    best = min(spans)
-    k = max(i for i, s in enumerate(spans) if s <= best * (1 + _TIE_RTOL))
+    # a tail "fits" within the same float tolerance as a tie (its sum taken in another order)
+    fits = [i for i in range(len(spans)) if tail_cpu[i] <= max_cpu_s * (1 + _TIE_RTOL)] or [len(cands)]
+    best = min(spans[i] for i in fits)
+    k = max(i for i in fits if spans[i] <= best * (1 + _TIE_RTOL))
     return layer.evaluate(cands[:k])
 
 

@@ -31,7 +31,12 @@ phases with demand priority (DESIGN §1):
 
 Backward placement is decided once per stage from the forward's counts (summed over the
 micro-batches), when its backward starts, so that experts the inter-stage phase already
-brought count as free: no inter-layer phase; missing GPU experts are demanded at once.
+brought count as free: no inter-layer phase; missing GPU experts are demanded at once. In
+the backward the CPU is not free, as Eq. 1 has it: it owes the Adam of every stage whose
+gradients are home. The stage's CPU experts get at most the CPU's slack: what the GPU and
+link still have to do in this backward (and the last stage's Adam after it) less what the
+CPU still owes; with none, every expert is loaded (`_cpu_slack`). Both back-ends report each
+Adam chunk done (`adam_done`).
 
 A copy, once launched, cannot be preempted: `next_copy` always picks from the highest
 non-empty queue at the moment a copy slot frees, and back-ends keep only a few copies
@@ -46,9 +51,10 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from aptmoe.affinity import split_experts
+from aptmoe.affinity import block_load_s, split_experts
 from aptmoe.config import ModelConfig
 from aptmoe.costs import CostSource, ObservedCpuView
+from aptmoe.memory import adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 
@@ -94,6 +100,7 @@ class LoadingPolicy(Protocol):
     def window_open(self, stage: int) -> bool: ...
     def prime_history(self, layer_totals) -> None: ...
     def cpu_expert_ran(self, tokens: int, direction: str, seconds: float) -> None: ...
+    def adam_done(self, num_params: int) -> None: ...
     def end_iteration(self) -> None: ...
 
 
@@ -178,6 +185,9 @@ class _PolicyBase:
 
     def cpu_expert_ran(self, tokens: int, direction: str, seconds: float) -> None:
         """A CPU expert took `seconds` (its compute, as the back-end measured or modelled it)."""
+
+    def adam_done(self, num_params: int) -> None:
+        """A chunk of CPU Adam over `num_params` parameters ended."""
 
     def _available(self, stage: int, block: Block) -> bool:
         return (stage, block) in self.loaded or (stage, block) in self.in_flight
@@ -273,6 +283,10 @@ class AptmoePolicy(_PolicyBase):
         self._bwd: dict[int, dict[int, Placement]] = {}
         self.placements: dict[tuple[int, int], Placement] = {}
         self.required: set[tuple[int, Block]] = set()
+        self.adam_done_s = 0.0              # CPU Adam done this step, in the cost model's seconds
+        self._adam_by_stage: dict[int, float] = {}
+        self._kernels_by_stage: dict[int, float] = {}
+        self._block_load_s = {k: block_load_s(cost, model, k.value) for k in BlockKind}
 
     # -------------------------------------------------------------- helpers
     def _order(self, stage: int, pass_: str, block: Block) -> tuple:
@@ -387,6 +401,7 @@ class AptmoePolicy(_PolicyBase):
         if stage in self._bwd:
             return
         out = {}
+        budget = self._cpu_slack(stage)
         for layer in self.layers[stage]:
             seen = self.seen.get(layer, {})
             total = sum(seen.values()) if seen else np.zeros(self.model.num_experts, dtype=np.int64)
@@ -397,7 +412,8 @@ class AptmoePolicy(_PolicyBase):
             split = split_experts(counts, self.cost, self.model, threads=self.threads,
                                   resident=self._resident_experts(stage, layer),
                                   load_attn_gate=self._attn_gate_pending(stage, layer),
-                                  remaining_mbs=1, direction="bwd")
+                                  remaining_mbs=1, direction="bwd", max_cpu_s=max(0.0, budget))
+            budget -= split.cpu_s
             out[layer] = Placement(split.gpu, split.cpu)
             self.required.update((stage, Block.expert_of(layer, e)) for e in split.gpu)
             for e in set(self._experts()) - set(split.gpu):      # CPU experts, and those without tokens
@@ -410,6 +426,58 @@ class AptmoePolicy(_PolicyBase):
                 self._enqueue("inter-expert", stage, b, "B", (self._seq,))
         self._bwd[stage] = out
         self.on_work()
+
+    # -------------------------------------------------------------- the CPU's slack in the backward
+    def adam_done(self, num_params: int) -> None:
+        # counted in the cost model's seconds, as the Adam still owed is: what the chunk
+        # really took is the CPU's business, what is left of the stages' Adam is this
+        self.adam_done_s += self.cost.adam_cpu_s(num_params, self.threads)
+
+    def _adam_s(self, stage: int) -> float:
+        """The CPU Adam of a stage's blocks, chunk by chunk as the back-ends run it (the same
+        every step: computed once)."""
+        if stage not in self._adam_by_stage:
+            m = self.model
+            self._adam_by_stage[stage] = sum(
+                self.cost.adam_cpu_s(hi - lo, self.threads) for b in self.stage_blocks(stage)
+                for lo, hi in adam_chunks(m.block_bytes(b.kind.value) // m.dtype_bytes))
+        return self._adam_by_stage[stage]
+
+    def _backward_gpu_s(self, stage: int) -> float:
+        """What a stage's backward still takes on its link and GPU with every expert there:
+        the loads of its blocks not yet on the GPU, and its blocks' kernels (or the host's
+        time to issue them) for this step's tokens, with the recompute where the plan has one
+        (once per stage and step: its forward, and so its tokens, are over by its backward)."""
+        m, c = self.model, self.cost
+        load = sum(self._block_load_s[b.kind] for b in self.stage_blocks(stage) if not self._available(stage, b))
+        if stage not in self._kernels_by_stage:
+            kernels = 0.0
+            for d in ("bwd",) if self.plan.recompute == "none" else ("bwd", "fwd"):
+                host = {k: c.host_s(k, d) for k in ("a", "g", "e")}
+                for layer in self.layers[stage]:
+                    for counts in self.seen.get(layer, {}).values():
+                        tokens = int(counts.sum()) // max(1, m.top_k)
+                        if tokens:
+                            kernels += sum(max(c.gpu_s(k, tokens, d), host[k]) for k in ("a", "g"))
+                        kernels += sum(max(c.gpu_s("e", int(n), d), host["e"]) for n in counts if n)
+            self._kernels_by_stage[stage] = kernels
+        return load + self._kernels_by_stage[stage]
+
+    def _cpu_slack(self, stage: int) -> float:
+        """CPU time the backward's experts of `stage` may take without ending the step later.
+
+        From here the CPU must still run the Adam of the stages whose backward is over (less
+        what it has done) and that of this stage and the ones after it in the backward; the
+        GPU must run those stages' backwards, and the last one's Adam follows it on the CPU.
+        When the first is the longer, the CPU is the step's tail (natively, CPU Adam is:
+        docs/validation-h200-v5) and every expert placed on it ends the step that much later,
+        so the split keeps the experts on the GPU; otherwise the stage's CPU experts may take
+        the difference between them (paper Eq. 1 weighs the CPU as if it were free)."""
+        todo = [s for s in self.layers if s <= stage]           # the backward runs stages last to first
+        owed = max(0.0, sum(self._adam_s(s) for s in self.layers if s > stage) - self.adam_done_s)
+        cpu = owed + sum(self._adam_s(s) for s in todo)
+        gpu = sum(self._backward_gpu_s(s) for s in todo) + self._adam_s(min(todo))
+        return gpu - cpu
 
     def backward_placement(self, stage: int, layer: int) -> Placement:
         self._decide_backward(stage)
@@ -452,6 +520,8 @@ class AptmoePolicy(_PolicyBase):
 
     def end_iteration(self) -> None:
         super().end_iteration()
+        self.adam_done_s = 0.0
+        self._kernels_by_stage.clear()
         self.history = {layer: sum(mbs.values()) for layer, mbs in self.seen.items() if mbs}
         self.seen.clear()
         self._bwd.clear()

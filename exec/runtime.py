@@ -788,6 +788,8 @@ class RankRuntime:
         lo, hi = self._step_chunk(block, i)
         self.host_events.append((str(a.at(block)), "cpu", t0, self.dev.host_seconds(), "update",
                                  {"layer": block.layer, "params": hi - lo, "chunk": i}))
+        with self.cond:                  # the backward's split weighs the Adam still owed
+            self.policy.adam_done(hi - lo)
 
     def _step_chunk(self, block: Block, i: int) -> tuple[int, int]:
         lo, hi, _ = self.chunks[block][i]

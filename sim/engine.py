@@ -517,12 +517,14 @@ class RankModel:
             home = self._grad_home(a.stage, block)
             if not home.processed:
                 yield home                       # its gradient is still on the way
-            for lo, hi in adam_chunks(m.block_bytes(block.kind.value) // m.dtype_bytes):
+            chunks = [(lo, hi, self.cost.adam_cpu_s(hi - lo, self.threads))
+                      for lo, hi in adam_chunks(m.block_bytes(block.kind.value) // m.dtype_bytes)]
+            for lo, hi, seconds in chunks:
                 with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
                     yield req
                     start = self.env.now
-                    yield from self._cpu_work(self.cost.adam_cpu_s(hi - lo, self.threads),
-                                              adam_bytes(hi - lo, m.dtype_bytes))
+                    yield from self._cpu_work(seconds, adam_bytes(hi - lo, m.dtype_bytes))
+                self.policy.adam_done(hi - lo)
                 self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=block.layer)
 
     def _send(self, a: Action):

@@ -129,6 +129,23 @@ def test_split_is_the_best_prefix(inst):
     assert set(split.to_load) == set(split.gpu) - kw["resident"]
 
 
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.floats(0.0, 1.0))
+def test_a_cpu_budget_bounds_the_tail_and_keeps_the_best_prefix_within_it(inst, share):
+    counts, cost, model, kw = inst
+    free = split_experts(counts, cost, model, **kw)
+    budget = share * free.cpu_s
+    capped = split_experts(counts, cost, model, max_cpu_s=budget, **kw)
+    assert capped.cpu_s <= budget * (1 + REL) or not capped.cpu
+    # the best prefix among those whose tail fits: never better than the free choice
+    fits = [span for head, span in brute_prefixes(counts, cost, model, **kw)
+            if evaluate_split(head, counts, cost, model, **kw).cpu_s <= budget * (1 + REL)]
+    assert capped.makespan_s == pytest.approx(min(fits), rel=REL)
+    assert capped.makespan_s >= free.makespan_s * (1 - REL)
+    assert split_experts(counts, cost, model, max_cpu_s=free.cpu_s, **kw) == free
+    assert not split_experts(counts, cost, model, max_cpu_s=0.0, **kw).cpu      # no budget: every expert loaded
+
+
 @settings(max_examples=100, deadline=None)
 @given(instances(max_experts=8))
 def test_paper_rule_and_prefix_rule_against_all_subsets(inst):

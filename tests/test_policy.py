@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from aptmoe.affinity import split_experts
-from aptmoe.analytic_cost import AnalyticCost, a800_pcie_hardware
+from aptmoe.analytic_cost import AnalyticCost, a800_pcie_hardware, h200_hardware
 from aptmoe.config import ClusterConfig, Pipeline, PopularityConfig, RunConfig, ScheduleConfig, TrainConfig, moe_model
 from aptmoe.plan.actions import Block, BlockKind, Kind
 from aptmoe.plan.builders import build_plan
@@ -244,6 +244,7 @@ def test_stage_switch_in_backward_keeps_the_gpu_experts() -> None:
     assert p.layers == {0: (0,), 2: (2,), 4: (4,)}
     hot = [300, 100, 50, 30, 20, 10, 2, 0]
     _forward_stages(p, [(0, (0,)), (2, (2,))], hot)
+    p.adam_done(10**12)                            # stage 4's update is over: the CPU is free
     p.stage_load_begins(2, "B")
     placement = p.backward_placement(2, 2)
     assert placement.gpu and placement.cpu
@@ -407,6 +408,7 @@ def test_backward_placement_fixed_once_from_summed_forward_counts() -> None:
         p.gate_counts(0, 1, mb, c[::-1])
     drain(p)
     p.stage_dropped(0)
+    p.adam_done(10**12)                             # stage 2's update is over: the CPU is free
     p.stage_load_begins(0, "B")
     for _ in range(4 + 2):                          # MHA + gates, then the top expert of both layers
         p.copy_finished(p.next_copy())
@@ -611,3 +613,47 @@ def test_a_slow_cpu_moves_experts_back_to_the_gpu() -> None:
     before = fast.gate_counts(0, 0, 0, counts)
     after = slow.gate_counts(0, 0, 0, counts)
     assert len(after.cpu) < len(before.cpu)
+
+
+# --------------------------------------------------------------------------- the CPU's slack in the backward
+
+
+def _backward_after_forward(cost, done_params: int, counts) -> tuple[Placement, AptmoePolicy]:
+    """Rank 0 of a 4-stage plan (stages 0 and 2) after its forward; stage 2's backward is over
+    and `done_params` of its Adam done; stage 0's backward placement, decided now."""
+    p = AptmoePolicy(build_plan(cfg_for("APTMoE")), 0, MODEL, cost, threads=THREADS)
+    _forward_stages(p, [(0, (0, 1)), (2, (4, 5))], counts)
+    p.adam_done(done_params)
+    p.stage_load_begins(0, "B")
+    return p.backward_placement(0, 0), p
+
+
+def test_backward_keeps_its_experts_off_a_cpu_that_still_owes_adam() -> None:
+    """On a native H200 link an expert loads in 0.6 ms: Eq. 1 sends the cold ones to the CPU.
+    But with stage 2's Adam still to run, the CPU is the step's tail, and an expert there
+    would end the step later; once that Adam is done, the same counts split as Eq. 1 says."""
+    cost = AnalyticCost(MODEL, h200_hardware())
+    counts = [4000, 2000, 1000, 500, 8, 4, 2, 1]
+    owed, p = _backward_after_forward(cost, 0, counts)
+    assert not owed.cpu and set(owed.gpu) == set(range(E))
+    free, p = _backward_after_forward(cost, 10**12, counts)
+    total = [2 * c for c in counts]                   # two micro-batches
+    split = split_experts(total, cost, MODEL, threads=THREADS, resident=p._resident_experts(0, 0),
+                          load_attn_gate=p._attn_gate_pending(0, 0), remaining_mbs=1, direction="bwd")
+    assert free.cpu and free == Placement(split.gpu, split.cpu)
+
+
+def test_a_slow_link_leaves_the_cpu_its_experts_even_with_adam_owed() -> None:
+    """Capped to 0.5 GB/s, the backward's loads outlast any Adam: the CPU has slack."""
+    cost = AnalyticCost(MODEL, h200_hardware(), 0.5)
+    owed, _ = _backward_after_forward(cost, 0, [4000, 2000, 1000, 500, 8, 4, 2, 1])
+    assert owed.cpu
+
+
+def test_adam_done_counts_what_the_cost_model_says_its_parameters_take() -> None:
+    p = aptmoe_policy()
+    p.adam_done(4 << 20)
+    p.adam_done(1000)
+    assert p.adam_done_s == pytest.approx(COST.adam_cpu_s(4 << 20, THREADS) + COST.adam_cpu_s(1000, THREADS))
+    p.end_iteration()
+    assert p.adam_done_s == 0.0
