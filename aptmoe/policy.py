@@ -23,7 +23,9 @@ phases with demand priority (DESIGN §1):
   and gates, then its experts rank by rank across layers by popularity (the previous
   step's for a forward pass, this step's forward for a backward pass). Reaching the next
   stage clears the queue: required blocks left in it (the attention and gates, and experts
-  already placed on the GPU) fall to the inter-layer queue; speculative experts are dropped.
+  already placed on the GPU) fall to the inter-layer queue; speculative experts are dropped,
+  except at a step's start, before the rank computes anything: there the first stage keeps
+  the experts last step's counts say it will load (`stage_load_begins`).
 * inter-layer: predicted counts of a layer choose (with the affinity split, scaled to the
   micro-batches still to come) which experts to load ahead; revised per micro-batch.
 * inter-expert (highest): the real counts of a layer fix this micro-batch's split; the GPU
@@ -284,6 +286,8 @@ class AptmoePolicy(_PolicyBase):
         self.placements: dict[tuple[int, int], Placement] = {}
         self.required: set[tuple[int, Block]] = set()
         self.adam_done_s = 0.0              # CPU Adam done this step, in the cost model's seconds
+        self._windows = 0                   # load windows opened: inter-stage keys keep their order
+        self._begun: set[tuple[int, str]] = set()     # (stage, pass) whose compute has begun
         self._adam_by_stage: dict[int, float] = {}
         self._kernels_by_stage: dict[int, float] = {}
         self._block_load_s = {k: block_load_s(cost, model, k.value) for k in BlockKind}
@@ -323,11 +327,66 @@ class AptmoePolicy(_PolicyBase):
         return any(not self._available(stage, b) for b in blocks)
 
     # -------------------------------------------------------------- events
+    def _expected_head(self, stage: int, pass_: str) -> dict[int, tuple[int, ...]] | None:
+        """Per layer of the stage, the experts the affinity split would load for the pass as
+        far as is known before its compute begins: a forward's from the previous step's
+        counts (per micro-batch, all of them to come), a backward's from this step's forward;
+        None where there are no counts to go by (the first step) or nothing is split."""
+        if self.inter_stage_only or not self.model.is_moe:
+            return None
+        out = {}
+        for layer in self.layers[stage]:
+            if pass_ == "F":
+                h = self.history.get(layer)
+                if h is None:
+                    return None
+                counts, mbs = [int(round(x / self.M)) for x in h], self.M
+            else:
+                seen = self.seen.get(layer)
+                if not seen:
+                    return None
+                counts, mbs = [int(x) for x in sum(seen.values())], 1
+            out[layer] = split_experts(counts, self.cost, self.model, threads=self.threads,
+                                       resident=self._resident_experts(stage, layer),
+                                       load_attn_gate=self._attn_gate_pending(stage, layer), remaining_mbs=mbs,
+                                       direction="fwd" if pass_ == "F" else "bwd").to_load
+        return out
+
+    def _begin(self, stage: int, pass_: str) -> None:
+        """The stage's compute reached its blocks in this pass (a gate ran, a block was
+        demanded, its backward was placed)."""
+        self._begun.add((stage, pass_))
+
     def stage_load_begins(self, stage: int, pass_: str) -> None:
-        # Stage switch: what the previous target did not get falls to the later phases.
-        for s, block, p in self.queues["inter-stage"].drain():
+        # Stage switch: what the previous target did not get falls to the later phases, its
+        # attention and gates to inter-layer, its speculative experts dropped; the inter-
+        # layer phase (the predictor gate) and demand pick the experts it will compute on
+        # the GPU. But at a step's start a rank opens two windows before it computes
+        # anything, and the first stage's experts were dropped for the second's: where that
+        # rank's first input comes late (a rank of a pipeline), its first forward then
+        # waited for every expert one by one (31 ms on an MoE-S stage at 8 GB/s, where
+        # Mobius, loading it whole from the start, took 1 ms). So before this step's compute
+        # has reached the rank, a target keeps what last step's counts say the split will
+        # load (in inter-layer, ahead of this window), or its place in this phase where there
+        # are no counts to go by (the first step).
+        q = self.queues["inter-stage"]
+        first = not self._begun
+        heads: dict[tuple[int, str], dict[int, tuple[int, ...]] | None] = {}
+        for (s, block), (key, p) in sorted(q.items.items(), key=lambda kv: kv[1][0]):
+            if first:
+                if (s, p) not in heads:
+                    heads[(s, p)] = self._expected_head(s, p)
+                if heads[(s, p)] is None:
+                    continue
+            q.remove(s, block)
             if (s, block) in self.required or block.kind is not BlockKind.EXPERT:
                 self._enqueue("inter-layer", s, block, p, self._order(s, p, block))
+        for (s, p), head in sorted(heads.items()):
+            for layer, experts in (head or {}).items():
+                for i, e in enumerate(experts):
+                    b = Block.expert_of(layer, e)
+                    self._enqueue("inter-layer", s, b, p, self._order(s, p, b) + (i,))
+        self._windows += 1
         self._resident_stages.add(stage)
         layers = self.layers[stage]
         if self._reverse(pass_):
@@ -336,14 +395,15 @@ class AptmoePolicy(_PolicyBase):
         for layer in layers:                     # every MHA and gate first
             for b in ([Block.attn(layer)] + ([Block.gate(layer)] if self.model.is_moe else [])):
                 self.required.add((stage, b))
-                self._enqueue("inter-stage", stage, b, pass_, (0, seq))
+                self._enqueue("inter-stage", stage, b, pass_, (self._windows, 0, seq))
                 seq += 1
         # Then experts rank by rank across layers: forward by the previous step's popularity,
         # backward by this step's forward (known exactly by now).
         ranks = {layer: self._rank(layer, pass_) for layer in layers}
         for r in range(self.model.num_experts if self.model.is_moe else 1):
             for layer in layers:
-                self._enqueue("inter-stage", stage, Block.expert_of(layer, ranks[layer][r]), pass_, (1, r, seq))
+                self._enqueue("inter-stage", stage, Block.expert_of(layer, ranks[layer][r]), pass_,
+                              (self._windows, 1, r, seq))
                 seq += 1
         self.on_work()
 
@@ -368,6 +428,7 @@ class AptmoePolicy(_PolicyBase):
         self.on_work()
 
     def gate_counts(self, stage: int, layer: int, mb: int, counts) -> Placement:
+        self._begin(stage, "F")
         counts_arr = np.asarray(counts, dtype=np.int64)
         self.seen[layer][mb] = counts_arr
         counts = counts_arr.tolist()
@@ -400,6 +461,7 @@ class AptmoePolicy(_PolicyBase):
         """
         if stage in self._bwd:
             return
+        self._begin(stage, "B")
         out = {}
         budget = self._cpu_slack(stage)
         for layer in self.layers[stage]:
@@ -489,6 +551,7 @@ class AptmoePolicy(_PolicyBase):
         return self.placements.get((layer, mb))
 
     def require(self, stage: int, pass_: str, block: Block) -> None:
+        self._begin(stage, pass_)
         if not self._available(stage, block):
             self.required.add((stage, block))
             self._seq += 1
@@ -522,6 +585,7 @@ class AptmoePolicy(_PolicyBase):
         super().end_iteration()
         self.adam_done_s = 0.0
         self._kernels_by_stage.clear()
+        self._begun.clear()
         self.history = {layer: sum(mbs.values()) for layer, mbs in self.seen.items() if mbs}
         self.seen.clear()
         self._bwd.clear()

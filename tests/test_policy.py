@@ -204,6 +204,7 @@ def test_stage_switch_moves_attention_and_gates_down_and_drops_speculative_exper
     p.stage_load_begins(0, "F")
     first = p.next_copy()
     assert first.block == attn(0)
+    p.require(0, "F", attn(0))                      # stage 0's compute waits for its first block
     p.stage_load_begins(2, "F")
     assert {s for s, _ in queued(p, "inter-stage")} == {2}
     assert queued(p, "inter-layer") == {(0, gate(0)), (0, attn(1)), (0, gate(1))}
@@ -213,6 +214,21 @@ def test_stage_switch_moves_attention_and_gates_down_and_drops_speculative_exper
     assert names(got[:3]) == ["0LF@0:g", "0LF@1:a", "0LF@1:g"]
     assert [c.phase for c in got[:3]] == ["inter-layer"] * 3
     assert names(got[3:]) == _expected_inter_stage(2, (4, 5), {4: list(range(E)), 5: list(range(E))})
+
+
+def test_a_window_whose_compute_has_not_begun_keeps_its_place_ahead_of_the_next() -> None:
+    """At a step's start a rank opens two windows at once: the first stage, needed first,
+    keeps its inter-stage phase (it was dropped for the second's, and its forward then waited
+    for every expert), and the second's queues behind it."""
+    p = aptmoe_policy()
+    p.stage_load_begins(0, "F")
+    first = p.next_copy()
+    p.stage_load_begins(2, "F")
+    assert {s for s, _ in queued(p, "inter-stage")} == {0, 2} and not queued(p, "inter-layer")
+    p.copy_finished(first)
+    ids = {layer: list(range(E)) for layer in (0, 1, 4, 5)}
+    assert [str(first.action)] + names(drain(p)) == (_expected_inter_stage(0, (0, 1), ids)
+                                                     + _expected_inter_stage(2, (4, 5), ids))
 
 
 def _forward_stages(p: AptmoePolicy, stages_layers, counts) -> None:
@@ -259,6 +275,8 @@ def test_stage_switch_in_backward_keeps_the_gpu_experts() -> None:
 
 
 def test_stage_switch_before_the_backward_decision_drops_speculative_experts() -> None:
+    """Later in a step a window opens as the stage before it starts to compute: that stage's
+    speculative experts are dropped, and its backward decision demands what it places."""
     p = aptmoe_policy(stages=6)
     hot = [300, 100, 50, 30, 20, 10, 2, 0]
     _forward_stages(p, [(0, (0,)), (2, (2,))], hot)
@@ -267,6 +285,26 @@ def test_stage_switch_before_the_backward_decision_drops_speculative_experts() -
     assert not any(s == 2 and b.kind is BlockKind.EXPERT for ph in PHASES for s, b in queued(p, ph))
     placement = p.backward_placement(2, 2)          # decided later: the missing GPU experts are demanded
     assert queued(p, "inter-expert") == {(2, ex(2, e)) for e in placement.gpu}
+
+
+def test_at_a_steps_start_the_first_stage_keeps_what_last_step_says_it_will_load() -> None:
+    """Both windows open before the rank computes anything: the first stage, needed first,
+    keeps its attention and gates and the experts last step's counts say the split will
+    load (per micro-batch, all of them to come), ahead of the second stage's inter-stage."""
+    p = aptmoe_policy()
+    hot = [300, 100, 50, 30, 20, 10, 2, 0]
+    p.prime_history([[c * p.M for c in hot]] * MODEL.num_layers)
+    p.stage_load_begins(0, "F")
+    p.stage_load_begins(2, "F")
+    heads = {layer: split_experts(hot, COST, MODEL, threads=THREADS, load_attn_gate=True,
+                                  remaining_mbs=p.M, direction="fwd").to_load for layer in (0, 1)}
+    assert 0 < len(heads[0]) < E
+    assert queued(p, "inter-layer") == ({(0, b) for layer in (0, 1) for b in (attn(layer), gate(layer))}
+                                        | {(0, ex(layer, e)) for layer in (0, 1) for e in heads[layer]})
+    assert {s for s, _ in queued(p, "inter-stage")} == {2}
+    got = drain(p)
+    first = [c for c in got if c.stage == 0]
+    assert got[:len(first)] == first and {c.phase for c in first} == {"inter-layer"}
 
 
 def test_backward_does_not_load_experts_without_tokens() -> None:
