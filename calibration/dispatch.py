@@ -42,8 +42,15 @@ PROBE = _probe(PROBE_FLAGS)
 CATEGORIES = {"forward": "fwd", "recompute": "fwd", "backward": "bwd"}
 
 
-def probe_args(device: str, ranks: int) -> list[str]:
-    return [*PROBE, "--device", device, "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
+# The same probe at MoE-S's own widths (the artifact's S preset): its blocks compute, so only
+# the calls' host times (`host_us`) say what issuing costs; beside the tiny probe's spans they
+# tell whether the probe's host is the runs' (docs/validation-h200-v5: on one lease the tiny
+# probe's spans were half the MoE-S runs' blocks).
+WIDE = _probe({k: v for k, v in PROBE_FLAGS.items() if k not in ("embedding_dim", "hidden_dim", "num_heads")})
+
+
+def probe_args(device: str, ranks: int, wide: bool = False) -> list[str]:
+    return [*(WIDE if wide else PROBE), "--device", device, "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
 
 
 def _blocks(trace: Trace) -> list:
@@ -94,14 +101,16 @@ def host_times(trace: Trace) -> dict[str, dict[str, float]]:
     return {k: {d: statistics.median(v) for d, v in sorted(dirs.items())} for k, dirs in sorted(out.items())}
 
 
-def probe_trace(device: str, ranks: int = 1) -> Trace:
-    """Runs the probe (`device` cuda or cpu, `ranks` processes) and returns its GPipe trace."""
+def probe_trace(device: str, ranks: int = 1, wide: bool = False) -> Trace:
+    """Runs the probe (`device` cuda or cpu, `ranks` processes; `wide`: at MoE-S's widths) and
+    returns its GPipe trace."""
     with tempfile.TemporaryDirectory(prefix="aptmoe-dispatch-") as tmp:
         out = Path(tmp) / "run"
         try:
-            launch_executor(probe_args(device, ranks), out)
+            launch_executor(probe_args(device, ranks, wide), out)
         except ExecutorFailed as e:
-            raise ExecutorFailed(f"the dispatch probe (aptmoe-run GPipe on a tiny model) failed: {e}") from None
+            raise ExecutorFailed(f"the dispatch probe (aptmoe-run GPipe on a {'MoE-S' if wide else 'tiny'} model) "
+                                 f"failed: {e}") from None
         results = json.loads((out / "results.json").read_text())
         if results["schedules"]["GPipe"].get("oom"):
             raise RuntimeError("the dispatch probe was refused: " + results["schedules"]["GPipe"]["oom_detail"])
@@ -181,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loaded", action="store_true",
                    help="instead: what each copy landing costs the issuing thread (the loaded probe, a GPU)")
+    p.add_argument("--wide", action="store_true",
+                   help="the probe at MoE-S's widths: its blocks compute, so read the host times")
     ns = p.parse_args(argv)
     if ns.loaded:
         print(f"the executor's copy engine ({', '.join(LOADED_SCHEDULES)}): what the issuing thread loses")
@@ -189,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {t.seconds * 1e6:7.1f} us per copy landed, {t.constant_s * 1e6:7.1f} us per block beside "
                   f"the loads ({t.landings} copies over {t.blocks} forward blocks)")
         return 0
-    traces = [probe_trace(ns.device, ns.ranks) for _ in range(ns.repeats)]
+    traces = [probe_trace(ns.device, ns.ranks, ns.wide) for _ in range(ns.repeats)]
     runs = [dispatch_from_trace(t, ns.device) for t in traces]
     hosts = [host_times(t) for t in traces]
     rows = [(f"{k} {d}", [r.seconds[k][d] for r in runs], [h.get(k, {}).get(d) for h in hosts])
             for k in sorted(runs[0].seconds) for d in sorted(runs[0].seconds[k])]
     rows += [(f"between {d}", [r.between[d] for r in runs], []) for d in sorted(runs[0].between)]
-    print(f"host ms per call, {ns.device}, {ns.ranks} ranks, median of {ns.repeats} probe runs (each a median): "
-          "the span (what the profile keeps), then the call's host time")
+    print(f"host ms per call, {ns.device}, {ns.ranks} ranks, {'MoE-S widths' if ns.wide else 'tiny model'}, median "
+          f"of {ns.repeats} probe runs (each a median): the span (what the profile keeps), then the call's host time")
     for name, xs, hs in rows:
         host = [h for h in hs if h is not None]
         print(f"  {name:<12} {statistics.median(xs) * 1e3:8.4f}   runs " + " ".join(f"{x * 1e3:.4f}" for x in xs)

@@ -201,3 +201,20 @@ def test_the_split_weighs_a_gpu_expert_by_the_longer_of_kernels_and_host(with_di
     for e in (0, 1, 2):
         assert slow.gpu_s[e] == pytest.approx(max(plain.gpu_s[e], 2 * host))
     assert slow.gpu_s[2] > plain.gpu_s[2]            # one token: the host, not the kernels
+
+
+def test_the_wide_probe_is_the_probe_at_moe_s_widths() -> None:
+    from aptmoe.calibration.dispatch import PROBE_FLAGS, probe_args
+
+    tiny, wide = probe_args("cuda", 1), probe_args("cuda", 1, wide=True)
+    for flag in ("--embedding_dim", "--hidden_dim", "--num_heads"):
+        assert flag in tiny and flag not in wide          # the S preset's own widths
+    assert "--model_config=S" in wide
+    pairs = [tiny[i:i + 2] for i in range(len(tiny)) if tiny[i] in ("--embedding_dim", "--hidden_dim", "--num_heads")]
+    rest = list(tiny)
+    for flag, value in pairs:
+        i = rest.index(flag)
+        assert rest[i + 1] == value
+        del rest[i:i + 2]
+    assert rest == wide                                   # everything else the same
+    assert wide[wide.index("--num_layers") + 1] == str(PROBE_FLAGS["num_layers"])
