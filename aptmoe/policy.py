@@ -327,30 +327,14 @@ class AptmoePolicy(_PolicyBase):
         return any(not self._available(stage, b) for b in blocks)
 
     # -------------------------------------------------------------- events
-    def _expected_head(self, stage: int, pass_: str) -> dict[int, tuple[int, ...]] | None:
-        """Per layer of the stage, the experts the affinity split would load for the pass as
-        far as is known before its compute begins: a forward's from the previous step's
-        counts (per micro-batch, all of them to come), a backward's from this step's forward;
-        None where there are no counts to go by (the first step) or nothing is split."""
-        if self.inter_stage_only or not self.model.is_moe:
+    def _last_step_counts(self, stage: int, pass_: str) -> dict[int, list[int]] | None:
+        """Per layer of the stage, last step's tokens per expert per micro-batch: what a
+        forward's split can go by before its compute begins. None for a backward, without a
+        previous step, or where nothing is split."""
+        if pass_ != "F" or self.inter_stage_only or not self.model.is_moe \
+                or any(layer not in self.history for layer in self.layers[stage]):
             return None
-        out = {}
-        for layer in self.layers[stage]:
-            if pass_ == "F":
-                h = self.history.get(layer)
-                if h is None:
-                    return None
-                counts, mbs = [int(round(x / self.M)) for x in h], self.M
-            else:
-                seen = self.seen.get(layer)
-                if not seen:
-                    return None
-                counts, mbs = [int(x) for x in sum(seen.values())], 1
-            out[layer] = split_experts(counts, self.cost, self.model, threads=self.threads,
-                                       resident=self._resident_experts(stage, layer),
-                                       load_attn_gate=self._attn_gate_pending(stage, layer), remaining_mbs=mbs,
-                                       direction="fwd" if pass_ == "F" else "bwd").to_load
-        return out
+        return {layer: [int(round(x / self.M)) for x in self.history[layer]] for layer in self.layers[stage]}
 
     def _begin(self, stage: int, pass_: str) -> None:
         """The stage's compute reached its blocks in this pass (a gate ran, a block was
@@ -371,21 +355,19 @@ class AptmoePolicy(_PolicyBase):
         # are no counts to go by (the first step).
         q = self.queues["inter-stage"]
         first = not self._begun
-        heads: dict[tuple[int, str], dict[int, tuple[int, ...]] | None] = {}
+        last: dict[tuple[int, str], dict[int, list[int]] | None] = {}
         for (s, block), (key, p) in sorted(q.items.items(), key=lambda kv: kv[1][0]):
             if first:
-                if (s, p) not in heads:
-                    heads[(s, p)] = self._expected_head(s, p)
-                if heads[(s, p)] is None:
+                if (s, p) not in last:
+                    last[(s, p)] = self._last_step_counts(s, p)
+                if last[(s, p)] is None:
                     continue
             q.remove(s, block)
             if (s, block) in self.required or block.kind is not BlockKind.EXPERT:
                 self._enqueue("inter-layer", s, block, p, self._order(s, p, block))
-        for (s, p), head in sorted(heads.items()):
-            for layer, experts in (head or {}).items():
-                for i, e in enumerate(experts):
-                    b = Block.expert_of(layer, e)
-                    self._enqueue("inter-layer", s, b, p, self._order(s, p, b) + (i,))
+        for (s, _), per_layer in sorted(last.items()):
+            for layer, counts in (per_layer or {}).items():
+                self._predict(s, layer, 0, counts)       # as a predictor gate would, with all to come
         self._windows += 1
         self._resident_stages.add(stage)
         layers = self.layers[stage]
@@ -410,6 +392,12 @@ class AptmoePolicy(_PolicyBase):
     def predicted_counts(self, stage: int, layer: int, mb: int, counts) -> None:
         if self.inter_stage_only or not self.model.is_moe:
             return
+        self._predict(stage, layer, mb, counts)
+        self.on_work()
+
+    def _predict(self, stage: int, layer: int, mb: int, counts) -> None:
+        """The layer's experts the split would load for `counts` from micro-batch `mb` on,
+        queued in inter-layer (and those no longer wanted dropped from it)."""
         counts = np.asarray(counts, dtype=np.int64).tolist()
         split = split_experts(counts, self.cost, self.model, threads=self.threads,
                               resident=self._resident_experts(stage, layer),
@@ -425,7 +413,6 @@ class AptmoePolicy(_PolicyBase):
         for i, e in enumerate(split.to_load):
             b = Block.expert_of(layer, e)
             self._enqueue("inter-layer", stage, b, "F", self._order(stage, "F", b) + (i,))
-        self.on_work()
 
     def gate_counts(self, stage: int, layer: int, mb: int, counts) -> Placement:
         self._begin(stage, "F")

@@ -62,6 +62,7 @@ from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware
 from aptmoe.atomic import write_text_atomic
 from aptmoe.config import DTYPE_BYTES, ConfigError, ModelConfig
 from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, LinkSpec
+from aptmoe.isotonic import pava
 
 SCHEMA = "aptmoe-calibration/1"
 
@@ -211,7 +212,7 @@ class HostMemory:
 
     def share(self, threads: int) -> "MemoryShare":
         """What CPU work on `threads` threads (the nearest measured count) gets beside copies."""
-        near = min(self.GBps, key=lambda c: (abs(c - threads), c))
+        near = nearest_count(self.GBps, threads)
         alone = self.cpu_alone_GBps[near]
         points = self.beside.get(near)
         if not points:                       # the first model: a fixed total, the copies first
@@ -219,23 +220,18 @@ class HostMemory:
         return MemoryShare(alone, monotone_share(((0.0, alone), *sorted(points))))
 
 
+def nearest_count(table: typing.Mapping[int, typing.Any], n: int) -> int:
+    """The key of `table` (thread counts, ranks) nearest `n`; of two as near, the smaller."""
+    return min(table, key=lambda c: (abs(c - n), c))
+
+
 def monotone_share(points: typing.Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
     """(copies' rate, CPU rate) points made non-rising in the copies' rate by pooling adjacent
     violators (each violating run replaced by its mean): a CPU stream that ran faster beside
     more copies is noise, and the mean keeps the curve unbiased where a running minimum
     would bias it low."""
-    blocks: list[list[float]] = []                     # [sum of CPU rates, count, first index]
-    xs = [x for x, _ in points]
-    for i, (_, y) in enumerate(points):
-        blocks.append([y, 1, i])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
-            y2, n2, _ = blocks.pop()
-            blocks[-1][0] += y2
-            blocks[-1][1] += n2
-    out = []
-    for total, n, first in blocks:
-        out += [(xs[first + k], total / n) for k in range(int(n))]
-    return tuple(out)
+    pts = list(points)
+    return tuple((x, float(-y)) for (x, _), y in zip(pts, pava([-y for _, y in pts])))
 
 
 @dataclass(frozen=True)
@@ -244,17 +240,16 @@ class MemoryShare:
     total rate through measured points, and beyond the last one along the last segment (never
     below 0). The simulator gives the copies their links' rate and CPU work this."""
     cpu_alone_GBps: float                              # what a CPU job draws at most
-    points: tuple[tuple[float, float], ...]            # (copies' GB/s, CPU GB/s), the first at 0
+    points: tuple[tuple[float, float], ...]            # (copies' GB/s, CPU GB/s): two or more, the first at 0
     measured: bool = True                              # False: the total model (no points measured)
 
     def cpu_GBps(self, copies_GBps: float) -> float:
         pts = self.points
-        if len(pts) == 1:
-            return pts[0][1]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if copies_GBps <= x1 or (x1, y1) == pts[-1]:
-                return max(0.0, y0 + (y1 - y0) * (copies_GBps - x0) / (x1 - x0) if x1 > x0 else y1)
-        return pts[-1][1]
+        i = 1
+        while i < len(pts) - 1 and copies_GBps > pts[i][0]:
+            i += 1                           # the segment that holds it, or the last one beyond
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return max(0.0, y0 + (y1 - y0) * (copies_GBps - x0) / (x1 - x0) if x1 > x0 else y1)
 
 
 @dataclass(frozen=True)
@@ -999,7 +994,7 @@ class ProfileCost:
             return self.roofline.adam_cpu_s(p, t)
         # one step() call: its fixed cost (where measured; not scaled by threads) and its parameters
         calls = adam.cpu_call_s
-        call = calls[min(calls, key=lambda c: (abs(c - t), c))] if calls else 0.0
+        call = calls[nearest_count(calls, t)] if calls else 0.0
         return call + p * _by_threads(table, t, lambda per_param: per_param, lambda: self.fallbacks.add(
             f"adam cpu: {t} threads outside measured {min(table)}..{max(table)}, scaled by measured/threads"))
 

@@ -58,12 +58,28 @@ def _blocks(trace: Trace) -> list:
     return [e for e in trace.events if e.stream == "compute" and "@" in e.name and e.cat in CATEGORIES]
 
 
-def block_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
-    """Span of every block on the compute stream, by kind (a, g, e) and direction."""
+def _kind(block) -> str:
+    """A block event's kind: a, g or e (`0F0@3:e5` -> e)."""
+    return block.name.rsplit(":", 1)[-1][:1]
+
+
+def _by_kind(trace: Trace, value) -> dict[str, dict[str, list[float]]]:
+    """`value(block)` of every block on the compute stream that has one, by kind and direction."""
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for e in _blocks(trace):
-        out[e.name.rsplit(":", 1)[-1][:1]][CATEGORIES[e.cat]].append(e.dur_s)
+        v = value(e)
+        if v is not None:
+            out[_kind(e)][CATEGORIES[e.cat]].append(v)
     return out
+
+
+def _medians(by_kind: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {k: {d: statistics.median(v) for d, v in sorted(dirs.items())} for k, dirs in sorted(by_kind.items())}
+
+
+def block_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
+    """Span of every block on the compute stream, by kind (a, g, e) and direction."""
+    return _by_kind(trace, lambda e: e.dur_s)
 
 
 def between_spans(trace: Trace) -> dict[str, list[float]]:
@@ -85,7 +101,7 @@ def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     spans = block_spans(trace)
     if not spans:
         raise ValueError("the probe's trace holds no block events: the executor recorded nothing to time")
-    seconds = {k: {d: statistics.median(v) for d, v in sorted(dirs.items())} for k, dirs in sorted(spans.items())}
+    seconds = _medians(spans)
     between = {d: statistics.median(v) for d, v in sorted(between_spans(trace).items())}
     return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()))
 
@@ -94,27 +110,30 @@ def host_times(trace: Trace) -> dict[str, dict[str, float]]:
     """Median host time of each block kind's call (the executor's `host_us`, perf_counter
     around the call), by direction: on a GPU, what the span would be if the host alone set
     it. Blocks of traces written before the executor kept it are left out."""
-    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for e in _blocks(trace):
-        if "host_us" in e.args:
-            out[e.name.rsplit(":", 1)[-1][:1]][CATEGORIES[e.cat]].append(e.args["host_us"] / 1e6)
-    return {k: {d: statistics.median(v) for d, v in sorted(dirs.items())} for k, dirs in sorted(out.items())}
+    return _medians(_by_kind(trace, lambda e: e.args["host_us"] / 1e6 if "host_us" in e.args else None))
+
+
+def _run_probe(args: list[str], what: str, schedules: tuple[str, ...]) -> list[Trace]:
+    """aptmoe-run with `args` in a temporary folder: the traces of `schedules`, or one clear
+    error naming `what` failed or was refused."""
+    with tempfile.TemporaryDirectory(prefix="aptmoe-probe-") as tmp:
+        out = Path(tmp) / "run"
+        try:
+            launch_executor(args, out)
+        except ExecutorFailed as e:
+            raise ExecutorFailed(f"{what} failed: {e}") from None
+        results = json.loads((out / "results.json").read_text())
+        for s in schedules:
+            if results["schedules"][s].get("oom"):
+                raise RuntimeError(f"{what} was refused: " + results["schedules"][s]["oom_detail"])
+        return [Trace.load(out / f"trace-{s}.json") for s in schedules]
 
 
 def probe_trace(device: str, ranks: int = 1, wide: bool = False) -> Trace:
     """Runs the probe (`device` cuda or cpu, `ranks` processes; `wide`: at MoE-S's widths) and
     returns its GPipe trace."""
-    with tempfile.TemporaryDirectory(prefix="aptmoe-dispatch-") as tmp:
-        out = Path(tmp) / "run"
-        try:
-            launch_executor(probe_args(device, ranks, wide), out)
-        except ExecutorFailed as e:
-            raise ExecutorFailed(f"the dispatch probe (aptmoe-run GPipe on a {'MoE-S' if wide else 'tiny'} model) "
-                                 f"failed: {e}") from None
-        results = json.loads((out / "results.json").read_text())
-        if results["schedules"]["GPipe"].get("oom"):
-            raise RuntimeError("the dispatch probe was refused: " + results["schedules"]["GPipe"]["oom_detail"])
-        return Trace.load(out / "trace-GPipe.json")
+    return _run_probe(probe_args(device, ranks, wide),
+                      f"the dispatch probe (aptmoe-run GPipe on a {'MoE-S' if wide else 'tiny'} model)", ("GPipe",))[0]
 
 
 def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
@@ -147,13 +166,13 @@ def copy_toll_from_traces(alone: Trace, loaded: list[Trace]) -> CopyToll:
     what every block pays beside the loads (the DMA, the thread waking from its wait for the
     block): without it, the few blocks that see a copy land would carry all of it. Forward
     blocks only: the backward's also run beside the offload thread."""
-    base = {k: statistics.median(v["fwd"]) for k, v in block_spans(alone).items() if v.get("fwd")}
+    base = {k: d["fwd"] for k, d in _medians(block_spans(alone)).items() if "fwd" in d}
     xs: list[int] = []
     ys: list[float] = []
     for trace in loaded:
         ends = sorted(e.end_s for e in trace.events if e.stream == "load" and e.cat.startswith("load-"))
         for b in _blocks(trace):
-            kind = b.name.rsplit(":", 1)[-1][:1]
+            kind = _kind(b)
             if b.cat != "forward" or kind not in base:
                 continue
             xs.append(bisect.bisect_right(ends, b.end_s) - bisect.bisect_right(ends, b.start_s))
@@ -169,14 +188,9 @@ def copy_toll_from_traces(alone: Trace, loaded: list[Trace]) -> CopyToll:
 def measure_copy_toll() -> CopyToll:
     """Runs the loaded probe on the GPU (every schedule, one process) and fits the toll over
     the offload schedules' traces."""
-    with tempfile.TemporaryDirectory(prefix="aptmoe-copy-toll-") as tmp:
-        out = Path(tmp) / "run"
-        try:
-            launch_executor([*LOADED, "--device", "cuda", "--gpus", "1", "--topo", "C1+G1"], out)
-        except ExecutorFailed as e:
-            raise ExecutorFailed(f"the loaded probe (aptmoe-run on experts heavy to copy) failed: {e}") from None
-        return copy_toll_from_traces(Trace.load(out / "trace-GPipe.json"),
-                                     [Trace.load(out / f"trace-{s}.json") for s in LOADED_SCHEDULES])
+    alone, *loaded = _run_probe([*LOADED, "--device", "cuda", "--gpus", "1", "--topo", "C1+G1"],
+                                "the loaded probe (aptmoe-run on experts heavy to copy)", ("GPipe", *LOADED_SCHEDULES))
+    return copy_toll_from_traces(alone, loaded)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ This times `ROUNDS` x `COPIES` back-to-back copies through a `Link` of host tens
 `COPY_BYTES` at `CAP_GBps` (a 0.52 ms slot: a 4 MiB chunk at 8 GB/s), each from its call to
 the next one's, and takes the median of what they took beyond their slot (a mean of rounds
 moved by 40 us between runs, with a few late wakes of milliseconds). The simulator ends every capped copy that much
-after its bytes over the cap (sim/engine.py `_paced`). On a GPU the executor's copies go to
+after its bytes over the cap (sim/engine.py `_copy`). On a GPU the executor's copies go to
 the device (an asynchronous launch where this copies host memory): the same sleeps, a
 slightly different call.
 

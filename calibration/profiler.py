@@ -19,7 +19,7 @@ What is measured, and how (the file's ``sources`` repeats it, with the figures u
 - Adam: one `torch.optim.Adam` step on the CPU per thread count, and on GPU 0.
 
 Every figure is the median of repetitions after warm-up, over fresh random inputs; curves
-are made non-decreasing in tokens by pool-adjacent-violators (`reference.pava`).
+are made non-decreasing in tokens by pool-adjacent-violators (`aptmoe.isotonic.pava`).
 
 Without a GPU only the CPU parts are measured; the rest comes from the roofline preset and
 is listed in ``skipped``. torch is imported here, never by the core or the simulator.
@@ -55,15 +55,16 @@ from aptmoe.calibration.pacer import measure_pacer_late
 from aptmoe.calibration.host_memory import (HostMemoryResult, adam_stream, as_executor_host, host_memory_source,
                                            measure_host_memory)
 from aptmoe.calibration.p2p import measure_p2p_group
-from aptmoe.calibration.reference import fit_link, pava
+from aptmoe.calibration.reference import fit_link
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
 from aptmoe.host import allowed_cores
 from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import FUSED_CPU, BlockAdam
 from aptmoe.costs import LinkSpec
+from aptmoe.isotonic import pava
 from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, Profile,
-                            Skipped)
+                            Skipped, nearest_count)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer")          # what --skip can leave out
@@ -778,7 +779,7 @@ def measure_adam_cpu_shared(threads: int, ranks: int, machine: Machine, sizes: S
     # less the fixed cost of the call, as alone (the nearest thread count measured; the
     # simulator adds it back per chunk)
     calls = m.adam_cpu_call
-    call = calls[min(calls, key=lambda c: (abs(c - threads), c))] if calls else 0.0
+    call = calls[nearest_count(calls, threads)] if calls else 0.0
     m.adam_shared[threads] = max(per_call - call, 0.0) / seconds[0][1]
     m.adam_shared_ranks = ranks
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from aptmoe import version
 from aptmoe.analytic_cost import a800_pcie_hardware
+from aptmoe.isotonic import pava
 from aptmoe.profile import (Adam, CpuCurve, Hardware, LinkFit, Links, MadeBy, Profile, Skipped)
 
 SIZES = {"S": (1024, 4096), "M": (2048, 8192), "L": (4096, 14336)}   # (d, h), paper Table I
@@ -50,22 +51,6 @@ def rolling_median(y: np.ndarray, window: int = MEDIAN_WINDOW) -> np.ndarray:
     y = np.asarray(y, dtype=float)
     half = window // 2
     return np.array([np.median(y[max(0, i - half): i + half + 1]) for i in range(len(y))])
-
-
-def pava(y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Isotonic (non-decreasing) least-squares regression, pool-adjacent-violators."""
-    y = np.asarray(y, dtype=float)
-    w = np.ones_like(y) if w is None else np.asarray(w, dtype=float)
-    means: list[float] = []
-    weights: list[float] = []
-    lengths: list[int] = []
-    for yi, wi in zip(y, w):
-        means.append(float(yi)); weights.append(float(wi)); lengths.append(1)
-        while len(means) > 1 and means[-2] > means[-1]:
-            m2, w2, n2 = means.pop(), weights.pop(), lengths.pop()
-            m1, w1, n1 = means.pop(), weights.pop(), lengths.pop()
-            means.append((m1 * w1 + m2 * w2) / (w1 + w2)); weights.append(w1 + w2); lengths.append(n1 + n2)
-    return np.repeat(means, lengths)
 
 
 def padding_envelope(y: np.ndarray) -> np.ndarray:

@@ -21,8 +21,9 @@ Profiles made before the stream was timed beside both directions at once have on
 stream plus one direction's copies: the share is then that total less the copies' rate. With
 both directions at full rate (about 100 GB/s on one H200) that left CPU work a few GB/s (the
 stream measured 44-55), and a total 4-6% lower doubled a predicted Mobius step
-(docs/validation-h200-v5): the measured points replace that extrapolation. Jobs of different ranks do not slow each other here: Adam's figure
-for ranks updating at once is measured as such (`adam.cpu_shared`).
+(docs/validation-h200-v5): the measured points replace that extrapolation. Jobs of different
+ranks do not slow each other here: Adam's figure for ranks updating at once is measured as
+such (`adam.cpu_shared`).
 
 Rates change when a job starts or ends and when a root's flows change (sim/fluid.py).
 """

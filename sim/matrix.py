@@ -204,12 +204,13 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             if ns.only == "all" or (ns.only == "held-back") == held_back(i, ns.held_back_every)]
     t0 = time.monotonic()
     bar = progress_bar(total=len(todo), desc="matrix", unit="cell", disable=progress_disabled(ns.quiet))
-    skipped, failed, own = 0, [], 0
+    skipped, failed, own, stored = 0, [], 0, 0
     for i, cell in todo:
         folder = out / "cells" / cell.name
         bar.update(1)
         if ns.repredict:
             if (folder / "real" / "results.json").exists():
+                stored += 1
                 use = profile
                 if ns.cell_profiles and (folder / CELL_PROFILE).exists():
                     use, own = load_profile(folder / CELL_PROFILE), own + 1
@@ -240,7 +241,6 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     bar.close()
     calibration = profile.name
     if ns.cell_profiles:
-        stored = sum((out / "cells" / c.name / "real" / "results.json").exists() for _, c in todo)
         rest = f"; the rest {profile.name}" if own < stored else ""
         calibration = f"each cell's own profile.json ({own} of {stored} cells{rest})"
     report = collect(out, cells, ns.held_back_every, calibration, [PROG, "matrix", *argv])
