@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.exec.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", action="store_true", help="measure now (needs the GPUs)")
     p.add_argument("--gpus", default="4", help="comma-separated GPU counts for the regime case (4)")
+    p.add_argument("--no-demo", dest="demo", action="store_false",
+                   help="leave out the seed's demo (it needs 4 GPUs): the regime cases only")
     p.add_argument("--steps", type=int, default=3, help="timed steps per schedule (3)")
     p.add_argument("--keep", default="runs/exec-bench", help="where --run leaves its output folders")
     p.add_argument("--from", dest="from_", action="append", default=[], metavar="LABEL=RESULTS_JSON",
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Path] = {}
     if ns.run:
         keep = Path(ns.keep)
-        results["seed demo, 4 GPUs, native"] = run_case("demo", 4, keep, ns.steps)
+        if ns.demo:
+            results["seed demo, 4 GPUs, native"] = run_case("demo", 4, keep, ns.steps)
         for g in ns.gpus.split(","):
             results[f"paper regime, {g} GPUs"] = run_case("regime", int(g), keep, ns.steps)
     for item in ns.from_:
