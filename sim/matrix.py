@@ -293,6 +293,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
             continue
         doc = json.loads((folder / "validation.json").read_text())
         s = "held-back" if held_back(i, every) else "fit"
+        steps = step_spreads(folder / "real" / "results.json")
         measured, predicted = {}, {}
         for row in doc["schedules"]:
             err = row.get("error")
@@ -305,7 +306,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},
                          **{f"beside/{k}": b["median_error"] for k, b in sorted((row.get("beside") or {}).items())},
-                         "note": row.get("note", "")})
+                         "step_spread": steps.get(row["pipeline"]), "note": row.get("note", "")})
             if row.get("measured_s") is not None and row.get("predicted_s") is not None:
                 measured[row["pipeline"]] = row["measured_s"]
                 predicted[row["pipeline"]] = row["predicted_s"]
@@ -318,7 +319,53 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                                      [c for c in configs if s == "all" or c["set"] == s]) for s in SETS},
             "categories": {s: by_category([r for r in runs if r["set"] == s]) for s in ("fit", "held-back")},
             "beside": {s: by_category([r for r in runs if r["set"] == s], "beside/") for s in ("fit", "held-back")},
-            "totals": {s: by_category([r for r in runs if r["set"] == s], "total/") for s in ("fit", "held-back")}}
+            "totals": {s: by_category([r for r in runs if r["set"] == s], "total/") for s in ("fit", "held-back")},
+            "noise": noise(runs)}
+
+
+def step_spreads(results: Path) -> dict[str, float]:
+    """Per schedule of a stored run, (max - min) / median of its timed steps: how far one
+    run's own steps disagree (nothing where the run or its steps are not stored)."""
+    try:
+        sched = json.loads(results.read_text())["schedules"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {name: (max(s["step_s"]) - min(s["step_s"])) / statistics.median(s["step_s"])
+            for name, s in sched.items() if len(s.get("step_s") or []) >= 2}
+
+
+def replicate_pairs(runs: list[dict]) -> list[dict]:
+    """GPipe runs of cells that differ only in the host-link cap. GPipe keeps every parameter
+    on its GPU and never uses the host link (the simulator predicts the two alike), so the two
+    runs did the same work: their difference is the machine's run-to-run noise, a floor under
+    any step-time error a model can reach on these runs."""
+    by_work: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r["pipeline"] == "GPipe" and r["measured_s"]:
+            by_work.setdefault((r["cell"].rsplit("-", 2)[0], r["gpus"]), []).append(r)
+    out = []
+    for group in by_work.values():
+        for a, b in itertools.combinations(group, 2):
+            lo, hi = sorted((a["measured_s"], b["measured_s"]))
+            out.append({"model": a["model"], "cells": [a["cell"], b["cell"]], "measured_s": [a["measured_s"], b["measured_s"]],
+                        "difference": hi / lo - 1})
+    return out
+
+
+def noise(runs: list[dict]) -> dict[str, dict]:
+    """Per model size: the spread of a run's own steps and the difference between runs of the
+    same work (`replicate_pairs`), medians and worst."""
+    pairs = replicate_pairs(runs)
+    out = {}
+    for m in sorted({r["model"] for r in runs}, key="SML".find):
+        spreads = [r["step_spread"] for r in runs if r["model"] == m and r.get("step_spread") is not None]
+        diffs = [p["difference"] for p in pairs if p["model"] == m]
+        out[m] = {"runs": len(spreads),
+                  "step_spread_median": statistics.median(spreads) if spreads else None,
+                  "step_spread_worst": max(spreads) if spreads else None,
+                  "pairs": len(diffs), "pair_difference_median": statistics.median(diffs) if diffs else None,
+                  "pair_difference_worst": max(diffs) if diffs else None}
+    return out
 
 
 def by_category(runs: list[dict], prefix: str = "err/") -> dict[str, dict[str, float]]:
@@ -365,6 +412,12 @@ def write_report(out: Path, report: dict) -> None:
           "## Compute blocks by what ran beside them in the measurement (fit set; median of each run's median)",
           "", "Neighbours: the rank's load, offload and cpu streams with work in flight during the block.", "",
           "```", category_table(report.get("beside", {}).get("fit", {}), "beside"), "```", "",
+          "## Measurement noise (all runs)", "",
+          "Step spread: (max - min) / median of one run's timed steps. Same-work pairs: the GPipe runs of two cells "
+          "that differ only in the host-link cap, which GPipe never uses; the difference is slower / faster - 1. "
+          "Where these are as large as the step-time errors, the runs cannot tell the model's error from the "
+          "machine's noise.", "",
+          "```", noise_table(report.get("noise", {})), "```", "",
           "## Runs", "", "```", matrix_table(report["runs"]), "```", "",
           "## Ranking per config (measured order; predicted order where it differs)", "", "```",
           ranking_table(report["configs"]), "```", ""]
@@ -398,6 +451,14 @@ def category_table(cats: dict[str, dict[str, float]], label: str = "category") -
     models = sorted({m for v in cats.values() for m in v}, key=lambda m: "SML".find(m))
     return format_table([label, *models], [[c, *[_pct(v.get(m), "+.0f") for m in models]]
                                            for c, v in cats.items()])
+
+
+def noise_table(noise: dict[str, dict]) -> str:
+    body = [[m, str(v["runs"]), _pct(v["step_spread_median"], ".1f"), _pct(v["step_spread_worst"], ".1f"),
+             str(v["pairs"]), _pct(v["pair_difference_median"], ".1f"), _pct(v["pair_difference_worst"], ".1f")]
+            for m, v in noise.items()]
+    return format_table(["model", "runs", "step spread median", "worst", "same-work pairs", "difference median",
+                         "worst"], body)
 
 
 def ranking_table(configs: list[dict]) -> str:

@@ -8,6 +8,10 @@ schedule and model size, over all matched runs, and each folder's median absolut
 over the matched runs. What changed between the two (the executor, a flag such as
 `--host-cores`, the profile) is for the reader to say; GPipe, which has no CPU work and no
 loads, is the control for the machine when the two were measured on different leases.
+
+Then, per cell in both, one schedule's step time over another's (`--ratio`, APTMoE/Mobius),
+measured and predicted, before and after: two schedules of one cell ran side by side in one
+process on one lease, so their ratio survives a change of machine that the step times do not.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ def load_runs(folder: Path) -> dict[tuple[str, str], dict]:
                 measured = float(row["measured_s"])
             except (KeyError, ValueError):
                 continue                      # a run that did not finish (OOM, failure): nothing to compare
-            err = row.get("error")
+            err, pred = row.get("error"), row.get("predicted_s")
             out[(row["cell"], row["pipeline"])] = {"model": row.get("model", "?"), "measured_s": measured,
+                                                   "predicted_s": float(pred) if pred else None,
                                                    "error": float(err) if err else None}
     if not out:
         raise ValueError(f"{path} holds no measured run")
@@ -60,6 +65,29 @@ def compare(before: dict, after: dict) -> dict:
             "only_after": sorted(set(after) - set(before)),
             "ratio": {k: statistics.median(v) for k, v in by.items()},
             "median_abs_error": {k: statistics.median(v) if v else None for k, v in errs.items()}}
+
+
+def cell_ratios(before: dict, after: dict, num: str, den: str) -> list[dict]:
+    """Per cell with both schedules in both matrices: num / den, measured and predicted."""
+    def ratio(d: dict, cell: str, key: str) -> float | None:
+        a, b = d[(cell, num)][key], d[(cell, den)][key]
+        return a / b if a is not None and b else None
+
+    cells = sorted({c for c, _ in before} & {c for c, _ in after}, key=lambda c: ("SML".find(c[0]), c))
+    return [{"cell": c, **{f"{key[:-2]}_{name}": ratio(d, c, key) for name, d in (("before", before), ("after", after))
+                           for key in ("measured_s", "predicted_s")}}
+            for c in cells if all((c, s) in d for s in (num, den) for d in (before, after))]
+
+
+def ratio_table(rows: list[dict], num: str, den: str, before: str, after: str) -> str:
+    if not rows:
+        return f"No cell has {num} and {den} in both."
+    body = [[r["cell"], *(f"{r[k]:.3f}" if r[k] is not None else "-"
+                          for k in ("measured_before", "measured_after", "predicted_before", "predicted_after"))]
+            for r in rows]
+    return "\n".join([f"{num} / {den} per cell, each side by side in one run (below 1: {num} faster)", "",
+                      format_table(["cell", f"measured {before}", f"measured {after}", f"predicted {before}",
+                                    f"predicted {after}"], body)])
 
 
 def report(c: dict, before: str, after: str) -> str:
@@ -89,12 +117,20 @@ def make_compare_parser(prog: str) -> argparse.ArgumentParser:
                                        "after/before per run, medians per schedule and model size.")
     p.add_argument("before", help="a folder written by 'aptmoe-sim matrix'")
     p.add_argument("after", help="another, of the same configs")
+    p.add_argument("--ratio", default="APTMoE/Mobius", metavar="A/B",
+                   help="per cell, schedule A's step time over B's, both matrices (APTMoE/Mobius)")
     p.add_argument("--out", default=None, help="also write the report to this file")
     return p
 
 
 def run_compare(ns) -> int:
-    text = report(compare(load_runs(Path(ns.before)), load_runs(Path(ns.after))), ns.before, ns.after)
+    names = {p.value for p in Pipeline}
+    num, _, den = ns.ratio.partition("/")
+    if num not in names or den not in names or num == den:
+        raise ValueError(f"--ratio {ns.ratio!r} is not A/B of two schedules ({', '.join(sorted(names))})")
+    before, after = load_runs(Path(ns.before)), load_runs(Path(ns.after))
+    text = report(compare(before, after), ns.before, ns.after)
+    text += "\n" + ratio_table(cell_ratios(before, after, num, den), num, den, ns.before, ns.after) + "\n"
     print(text, end="")
     if ns.out:
         write_text_atomic(ns.out, text)
