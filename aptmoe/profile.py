@@ -149,6 +149,10 @@ class GpuCurve:
     direction: str
     tokens: tuple[int, ...]
     seconds: tuple[float, ...]
+    # Up to this many tokens the curve is a staircase: a GEMM runs its rows in tiles, so a count
+    # between two measured points at or below it takes the upper one's time (the calibration measures expert
+    # blocks every 32 tokens there, finer than the tiles). None: a line between the points.
+    step_to: int | None = None
 
     def matches(self, model: ModelConfig) -> bool:
         have = {"d": model.embedding_dim, "h": model.hidden_dim, "heads": model.num_heads,
@@ -323,8 +327,9 @@ class Profile:
                 "duplex_GBps": {"h2d": L.duplex_h2d_GBps, "d2h": L.duplex_d2h_GBps},
                 "p2p": {"intra_node": fit(L.p2p_intra), "inter_node": fit(L.p2p_inter)},
             },
-            "gpu": [{**dataclasses.asdict(c), "tokens": list(c.tokens), "seconds": list(c.seconds)}
-                    for c in self.gpu],
+            # step_to only where set: files written before it stay as they were
+            "gpu": [{**{k: v for k, v in dataclasses.asdict(c).items() if k != "step_to" or v is not None},
+                     "tokens": list(c.tokens), "seconds": list(c.seconds)} for c in self.gpu],
             "cpu_expert": [{**dataclasses.asdict(c), "tokens": list(c.tokens), "seconds": list(c.seconds)}
                            for c in self.cpu_expert],
             "adam": {"cpu_s_per_param": table(self.adam.cpu_s_per_param),
@@ -689,7 +694,7 @@ class _Parser:
         out, seen = [], {}
         for i, item in enumerate(self.list_(data, "gpu")):
             w = f"gpu[{i}]"
-            d = self.obj(item, w, ("kind", *_GPU_DIMS, "dtype", "direction", "tokens", "seconds"))
+            d = self.obj(item, w, ("kind", *_GPU_DIMS, "dtype", "direction", "tokens", "seconds"), ("step_to",))
             kind = self.choice(d["kind"], w + ".kind", BLOCK_KINDS)
             dims = {}
             for k in _GPU_DIMS:
@@ -703,12 +708,13 @@ class _Parser:
             c = GpuCurve(kind=kind, **dims, dtype=self.choice(d["dtype"], w + ".dtype", DTYPE_BYTES),
                          direction=self.choice(d["direction"], w + ".direction", DIRECTIONS),
                          tokens=(), seconds=())
-            key = dataclasses.astuple(c)[:-2]
+            key = (c.kind, *(dims[k] for k in _GPU_DIMS), c.dtype, c.direction)
             if key in seen:
                 self.fail(w, f"duplicates gpu[{seen[key]}] (same kind, dims, dtype and direction)")
             seen[key] = i
             t, s = self.curve_points(d, w)
-            out.append(dataclasses.replace(c, tokens=t, seconds=s))
+            step_to = self.integer(d.get("step_to"), w + ".step_to", nullable=True)
+            out.append(dataclasses.replace(c, tokens=t, seconds=s, step_to=step_to))
         return tuple(out)
 
     def cpu_curves(self, data: Any) -> tuple[CpuCurve, ...]:
@@ -797,15 +803,18 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
 # --------------------------------------------------------------------------- interpolation
 
 
-def interp_monotone(tokens: typing.Sequence[int], seconds: typing.Sequence[float], x: float) -> float:
-    """Piecewise-linear through (tokens, seconds), for tokens[0] <= x <= tokens[-1].
+def interp_monotone(tokens: typing.Sequence[int], seconds: typing.Sequence[float], x: float,
+                    step_to: float = 0) -> float:
+    """Piecewise-linear through (tokens, seconds), for tokens[0] <= x <= tokens[-1]; between
+    two points at or below `step_to`, a staircase instead: x takes the upper point's time
+    (GpuCurve.step_to).
 
     Exact at the measured points and monotone between them when `seconds` is.
     """
     if not tokens[0] <= x <= tokens[-1]:
         raise ValueError(f"{x} is outside [{tokens[0]}, {tokens[-1]}]")
     i = bisect.bisect_left(tokens, x)
-    if tokens[i] == x:
+    if tokens[i] == x or tokens[i] <= step_to:          # an interval wholly in the staircase
         return float(seconds[i])
     t0, t1, s0, s1 = tokens[i - 1], tokens[i], seconds[i - 1], seconds[i]
     return float(s0 + (s1 - s0) * (x - t0) / (t1 - t0))
@@ -878,10 +887,10 @@ class ProfileCost:
         return f"cpu e {direction} d{m.embedding_dim} h{m.hidden_dim} {m.dtype}"
 
     def _on_curve(self, tokens: tuple[int, ...], seconds: tuple[float, ...], n: int,
-                  roofline: Callable[[int], float], label: str) -> float:
+                  roofline: Callable[[int], float], label: str, step_to: int | None = None) -> float:
         lo, hi = tokens[0], tokens[-1]
         if lo <= n <= hi:
-            return interp_monotone(tokens, seconds, n)
+            return interp_monotone(tokens, seconds, n, step_to or 0)
         # Outside: the roofline's shape, anchored at the curve's end, stays continuous.
         edge, end_s = (lo, seconds[0]) if n < lo else (hi, seconds[-1])
         side = "below" if n < lo else "above"
@@ -908,7 +917,7 @@ class ProfileCost:
         else:
             value = self._on_curve(curve.tokens, curve.seconds, n,
                                    lambda x: self.roofline.gpu_s(kind, x, direction),
-                                   self._gpu_label(kind, direction))
+                                   self._gpu_label(kind, direction), curve.step_to)
         self._memo[key] = value
         return value
 

@@ -121,6 +121,14 @@ class Sizes:
     cpu_reps: Reps
     adam_reps: Reps
     toll_rounds: int = 7          # rounds of the issuing loop beside each neighbour (issue_tolls.py)
+    # expert blocks on a GPU: gpu_tokens and every multiple of EXPERT_STEP up to EXPERT_DENSE_TO
+    # in the full mode. Their GEMMs run in row tiles: on the H200 an MoE-L expert's forward took
+    # the same time from 129 to 192 tokens and one step more from 193 (0.99 ms, then 1.29), so
+    # a line through the powers of two alone put it 23% short at G 0.3 in three matrices (v4-v6)
+    expert_tokens: tuple[int, ...] = ()
+
+
+EXPERT_STEP, EXPERT_DENSE_TO = 32, 1024   # beyond 1024 tokens a 64-token step is at most 6%
 
 
 def _powers(lo: int, hi: int, step: int = 1) -> tuple[int, ...]:
@@ -145,9 +153,12 @@ def sizes_for(opts: Options) -> Sizes:
                   cpu_point_limit_s=0.6, adam_params=64 * MiB, adam_tensors=16,
                   link_reps=Reps(2, 10, 3, 1.0), gpu_reps=Reps(3, 15, 5, 1.0, warmup_s=0.05),
                   cpu_reps=Reps(1, 5, 3, 1.0, warmup_s=0.1), adam_reps=Reps(2, 5, 3, 3.0))
+    dense = () if opts.quick else tuple(range(EXPERT_STEP, EXPERT_DENSE_TO + 1, EXPERT_STEP))
+    s = replace(s, expert_tokens=tuple(sorted(set(s.gpu_tokens) | set(dense))))
     if opts.gpu_max_tokens is not None:
         cap = opts.gpu_max_tokens
         s = replace(s, gpu_tokens=tuple(t for t in s.gpu_tokens if t <= cap) or (1,),
+                    expert_tokens=tuple(t for t in s.expert_tokens if t <= cap) or (1,),
                     attn_sequences=tuple(q for q in s.attn_sequences if q * opts.seq_length <= cap) or (1,))
     if opts.cpu_max_tokens is not None:
         s = replace(s, cpu_tokens=tuple(t for t in s.cpu_tokens if t <= opts.cpu_max_tokens) or (1,))
@@ -549,7 +560,8 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
     dims: dict[str, int | None] = dict(d=d, h=None, heads=None, seq_length=None, experts=None)
     if kind == "e":
         block: TimedBlock = ExpertBlock(d, h, tdtype, dev)
-        dims["h"], tokens = h, sizes.gpu_tokens
+        # the dense grid on a GPU only: on CPU cores (CPU ranks' blocks) a point costs seconds
+        dims["h"], tokens = h, (sizes.expert_tokens or sizes.gpu_tokens) if gpu is not None else sizes.gpu_tokens
     elif kind == "g":
         block = GateBlock(d, experts or 8, tdtype, dev)
         dims["experts"], tokens = experts, sizes.gpu_tokens
@@ -570,8 +582,10 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
     for direction, raw in secs.items():
         values, moved = monotone(raw)
         m.moved["gpu"] += moved
+        # a staircase where the points are denser than the GEMM's row tiles (expert blocks on a GPU)
+        step_to = EXPERT_DENSE_TO if kind == "e" and gpu is not None and sizes.expert_tokens != sizes.gpu_tokens else None
         m.gpu.append(GpuCurve(kind=kind, **dims, dtype=dtype, direction=direction,
-                              tokens=tuple(done), seconds=values))
+                              tokens=tuple(done), seconds=values, step_to=step_to and min(step_to, done[-1])))
 
 
 COLD_POOL_BYTES = 1 << 30     # more weights than any CPU cache holds

@@ -180,6 +180,16 @@ def test_attention_block_takes_whole_sequences() -> None:
     assert sum(p.numel() for p in block.params) == moe_model("S", 8).with_(embedding_dim=64).attn_params
 
 
+def test_expert_curves_on_a_gpu_are_measured_every_32_tokens_up_to_1024() -> None:
+    full = profiler.sizes_for(profiler.Options())
+    assert set(range(32, 1025, 32)) | set(full.gpu_tokens) == set(full.expert_tokens)
+    assert list(full.expert_tokens) == sorted(full.expert_tokens) and full.expert_tokens[-1] == 16384
+    quick = profiler.sizes_for(profiler.Options(quick=True))
+    assert quick.expert_tokens == quick.gpu_tokens                 # --quick: the powers alone
+    capped = profiler.sizes_for(profiler.Options(gpu_max_tokens=100))
+    assert capped.expert_tokens == (1, 2, 4, 8, 16, 32, 64, 96)
+
+
 def test_profile_from_synthetic_gpu_figures() -> None:
     """The GPU half of the assembly, without a GPU: links, root, duplex, p2p and curves as
     the measurements would leave them; the H200 preset is chosen and overridden."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,43 @@ def test_interpolation_exact_and_monotone(a800, curve):
     if tokens[0] > 1:
         assert cost.gpu_s("e", 1, "fwd") <= seconds[0]
         assert any("below measured tokens" in f for f in cost.fallbacks)
+
+
+@settings(max_examples=60, deadline=None)
+@given(monotone_curves(), st.integers(0, 6000))
+def test_a_staircase_curve_is_exact_monotone_and_takes_the_next_point(a800, curve, step_to):
+    tokens, seconds = curve
+    p = a800.with_(gpu=(GpuCurve("e", 64, 128, None, None, None, "fp32", "fwd", tokens, seconds, step_to or None),))
+    cost = ProfileCost(p.validate(), TINY)
+    grid = range(tokens[0], tokens[-1] + 1, max(1, (tokens[-1] - tokens[0]) // 200))
+    values = [cost.gpu_s("e", t, "fwd") for t in grid]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    for t, s in zip(tokens, seconds):
+        assert cost.gpu_s("e", t, "fwd") == s
+    for lo, hi, s_hi in zip(tokens, tokens[1:], seconds[1:]):
+        if lo + 1 < hi and hi <= step_to:
+            assert cost.gpu_s("e", lo + 1, "fwd") == s_hi       # one token past a point: the next one's time
+
+
+def test_step_to_round_trips_and_old_files_stay_as_they_were(a800, tmp_path):
+    staircase = GpuCurve("e", 64, 128, None, None, None, "fp32", "fwd", (32, 64, 96), (1e-4, 2e-4, 3e-4), 96)
+    p = a800.with_(gpu=(staircase,)).validate()
+    again = load_profile(str(p.save(tmp_path / "s.json")))
+    assert again.gpu == (staircase,) and '"step_to": 96' in again.to_json()
+    assert "step_to" not in a800.to_json()                 # no curve of it has one
+    assert ProfileCost(again, TINY).gpu_s("e", 65, "fwd") == 3e-4
+    assert interp_monotone([32, 64, 96], [1.0, 2.0, 3.0], 65) == pytest.approx(2 + 1 / 32)
+
+
+@pytest.mark.parametrize("value, says", [(0, "gpu[0].step_to"), ("96", "gpu[0].step_to"), (True, "gpu[0].step_to")])
+def test_a_bad_step_to_is_one_clear_error(a800, tmp_path, value, says):
+    curve = GpuCurve("e", 64, 128, None, None, None, "fp32", "fwd", (32, 64), (1e-4, 2e-4))
+    doc = json.loads(a800.with_(gpu=(curve,)).to_json())
+    doc["gpu"][0]["step_to"] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=re.escape(says) + ": must be an integer >= 1"):
+        load_profile(str(path))
 
 
 def test_interp_monotone_rejects_outside():
