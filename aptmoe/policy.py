@@ -24,8 +24,9 @@ phases with demand priority (DESIGN §1):
   step's for a forward pass, this step's forward for a backward pass). Reaching the next
   stage clears the queue: required blocks left in it (the attention and gates, and experts
   already placed on the GPU) fall to the inter-layer queue; speculative experts are dropped,
-  except at a step's start, before the rank computes anything: there the first stage keeps
-  the experts last step's counts say it will load (`stage_load_begins`).
+  except from a forward target whose compute has not begun and that no predictor gate has
+  spoken for (the first stage at a step's start; later, a stage whose input comes from
+  another rank): it keeps the experts last step's counts say it will load (`_keeps`).
 * inter-layer: predicted counts of a layer choose (with the affinity split, scaled to the
   micro-batches still to come) which experts to load ahead; revised per micro-batch.
 * inter-expert (highest): the real counts of a layer fix this micro-batch's split; the GPU
@@ -288,6 +289,7 @@ class AptmoePolicy(_PolicyBase):
         self.adam_done_s = 0.0              # CPU Adam done this step, in the cost model's seconds
         self._windows = 0                   # load windows opened: inter-stage keys keep their order
         self._begun: set[tuple[int, str]] = set()     # (stage, pass) whose compute has begun
+        self._predicted: set[int] = set()             # stages a predictor gate has spoken for
         self._adam_by_stage: dict[int, float] = {}
         self._kernels_by_stage: dict[int, float] = {}
         self._block_load_s = {k: block_load_s(cost, model, k.value) for k in BlockKind}
@@ -336,6 +338,14 @@ class AptmoePolicy(_PolicyBase):
             return None
         return {layer: [int(round(x / self.M)) for x in self.history[layer]] for layer in self.layers[stage]}
 
+    def _keeps(self, stage: int, pass_: str) -> bool:
+        """Whether a target the next window replaces keeps its experts (those last step's
+        counts say the split will load; `stage_load_begins`): a forward whose compute has not
+        begun and that no predictor gate has spoken for. Its first layer's gate runs on
+        another rank (or not yet), so dropping them leaves each expert to be demanded one by
+        one when its input arrives, behind the new window's copies in flight."""
+        return pass_ == "F" and (stage, pass_) not in self._begun and stage not in self._predicted
+
     def _begin(self, stage: int, pass_: str) -> None:
         """The stage's compute reached its blocks in this pass (a gate ran, a block was
         demanded, its backward was placed)."""
@@ -352,12 +362,14 @@ class AptmoePolicy(_PolicyBase):
         # Mobius, loading it whole from the start, took 1 ms). So before this step's compute
         # has reached the rank, a target keeps what last step's counts say the split will
         # load (in inter-layer, ahead of this window), or its place in this phase where there
-        # are no counts to go by (the first step).
+        # are no counts to go by (the first step). The same holds later in a step for any
+        # forward target not begun and not predicted (`_keeps`): on 4 GPUs with the link
+        # capped, a stage's experts dropped for the backward window's were demanded behind
+        # two of its copies, and APTMoE took up to 1.24x Mobius's step.
         q = self.queues["inter-stage"]
-        first = not self._begun
         last: dict[tuple[int, str], dict[int, list[int]] | None] = {}
         for (s, block), (key, p) in sorted(q.items.items(), key=lambda kv: kv[1][0]):
-            if first:
+            if self._keeps(s, p):
                 if (s, p) not in last:
                     last[(s, p)] = self._last_step_counts(s, p)
                 if last[(s, p)] is None:
@@ -392,6 +404,7 @@ class AptmoePolicy(_PolicyBase):
     def predicted_counts(self, stage: int, layer: int, mb: int, counts) -> None:
         if self.inter_stage_only or not self.model.is_moe:
             return
+        self._predicted.add(stage)
         self._predict(stage, layer, mb, counts)
         self.on_work()
 
@@ -579,6 +592,7 @@ class AptmoePolicy(_PolicyBase):
         self.adam_done_s = 0.0
         self._kernels_by_stage.clear()
         self._begun.clear()
+        self._predicted.clear()
         self.history = {layer: sum(mbs.values()) for layer, mbs in self.seen.items() if mbs}
         self.seen.clear()
         self._bwd.clear()

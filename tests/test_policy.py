@@ -307,6 +307,42 @@ def test_at_a_steps_start_the_first_stage_keeps_what_last_step_says_it_will_load
     assert got[:len(first)] == first and {c.phase for c in first} == {"inter-layer"}
 
 
+def test_later_in_a_step_a_forward_not_begun_keeps_what_last_step_says_it_will_load() -> None:
+    """Rank 0 owns stages 0, 2 and 4 of six. Stage 2's forward window opens while stage 0
+    computes; stage 4's opens before stage 2's first input has come (it comes from another
+    rank): stage 2 keeps last step's head, ahead of stage 4's inter-stage, rather than
+    demanding each expert behind stage 4's copies. Once a predictor gate has spoken for it,
+    or its compute has begun, a stage switch drops its speculative experts as before."""
+    hot = [300, 100, 50, 30, 20, 10, 2, 0]
+    M = aptmoe_policy(stages=6).M
+    head = split_experts(hot, COST, MODEL, threads=THREADS, load_attn_gate=True, remaining_mbs=M,
+                         direction="fwd").to_load
+    assert 0 < len(head) < E
+
+    def stage_2_then_4(predicted: bool, begun: bool) -> AptmoePolicy:
+        p = aptmoe_policy(stages=6)
+        p.prime_history([[c * p.M for c in hot]] * MODEL.num_layers)
+        _forward_stages(p, [(0, (0,))], hot)                 # stage 0 computed: the rank has begun
+        p.stage_load_begins(2, "F")
+        if predicted:
+            p.predicted_counts(2, 2, 0, [0] * (E - 1) + [400])   # the predictor says: e7 alone
+        if begun:
+            p.require(2, "F", attn(2))
+        p.stage_load_begins(4, "F")
+        return p
+
+    kept = stage_2_then_4(predicted=False, begun=False)
+    assert {b for s, b in queued(kept, "inter-layer") if s == 2} == {attn(2), gate(2)} | {ex(2, e) for e in head}
+    assert {s for s, _ in queued(kept, "inter-stage")} == {4}
+    got = drain(kept)
+    assert {c.stage for c in got[:len(head) + 2]} == {2}
+
+    spoken = stage_2_then_4(predicted=True, begun=False)
+    assert {b for s, b in queued(spoken, "inter-layer") if s == 2 and b.kind is BlockKind.EXPERT} <= {ex(2, 7)}
+    begun = stage_2_then_4(predicted=False, begun=True)
+    assert not any(s == 2 and b.kind is BlockKind.EXPERT for ph in PHASES for s, b in queued(begun, ph))
+
+
 def test_backward_does_not_load_experts_without_tokens() -> None:
     """An expert that got no token in the whole forward has no backward work: once the
     backward placement is fixed, copying it only wastes the link and GPU memory."""
