@@ -30,7 +30,7 @@ grid. Model fixes are judged on the fit set; the held-back set reports the final
 Writes OUT/matrix.json, OUT/matrix.csv, OUT/matrix.png (predicted against measured, a point
 per run) and OUT/matrix.md (one row per run, then the summary:
 median and worst absolute step-time error and the configs whose schedule ranking is right,
-for the fit set, the held-back set and all).
+for the fit set, the held-back set and all; and the measurements' own noise, `noise`).
 """
 
 from __future__ import annotations
