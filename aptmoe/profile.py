@@ -149,9 +149,10 @@ class GpuCurve:
     direction: str
     tokens: tuple[int, ...]
     seconds: tuple[float, ...]
-    # Up to this many tokens the curve is a staircase: a GEMM runs its rows in tiles, so a count
-    # between two measured points at or below it takes the upper one's time (the calibration measures expert
-    # blocks every 32 tokens there, finer than the tiles). None: a line between the points.
+    # Up to this many tokens the curve is a staircase: a GEMM runs its rows in tiles, so a
+    # count between two measured points at or below it takes the upper one's time (the
+    # calibration measures expert blocks every 32 tokens there, finer than the tiles).
+    # None: a line between the points.
     step_to: int | None = None
 
     def matches(self, model: ModelConfig) -> bool:

@@ -583,7 +583,8 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
         values, moved = monotone(raw)
         m.moved["gpu"] += moved
         # a staircase where the points are denser than the GEMM's row tiles (expert blocks on a GPU)
-        step_to = EXPERT_DENSE_TO if kind == "e" and gpu is not None and sizes.expert_tokens != sizes.gpu_tokens else None
+        dense = kind == "e" and gpu is not None and sizes.expert_tokens != sizes.gpu_tokens
+        step_to = EXPERT_DENSE_TO if dense else None
         m.gpu.append(GpuCurve(kind=kind, **dims, dtype=dtype, direction=direction,
                               tokens=tuple(done), seconds=values, step_to=step_to and min(step_to, done[-1])))
 

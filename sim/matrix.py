@@ -347,8 +347,8 @@ def replicate_pairs(runs: list[dict]) -> list[dict]:
     for group in by_work.values():
         for a, b in itertools.combinations(group, 2):
             lo, hi = sorted((a["measured_s"], b["measured_s"]))
-            out.append({"model": a["model"], "cells": [a["cell"], b["cell"]], "measured_s": [a["measured_s"], b["measured_s"]],
-                        "difference": hi / lo - 1})
+            out.append({"model": a["model"], "cells": [a["cell"], b["cell"]],
+                        "measured_s": [a["measured_s"], b["measured_s"]], "difference": hi / lo - 1})
     return out
 
 
