@@ -447,10 +447,34 @@ class AptmoePolicy(_PolicyBase):
                 self.required.add((stage, b))
                 self._seq += 1
                 self._enqueue("inter-expert", stage, b, "F", (self._seq,))
-            placement = Placement(split.gpu, split.cpu)
+            placement = self._this_micro_batch(counts, split, self.M - mb)
         self.placements[(layer, mb)] = placement
         self.on_work()
         return placement
+
+    def _this_micro_batch(self, counts: list[int], split, remaining: int) -> Placement:
+        """Where this micro-batch's experts run: the split's placement, except that an expert
+        it loads whose copy has not started yet runs on the CPU now where the CPU finishes it
+        before the copy would land and the GPU run it. Its copy stays queued for the
+        micro-batches after this one. The split weighs a load against the CPU time of every
+        micro-batch still to come, so an expert it moves to the GPU at a later micro-batch
+        (fewer to come, more tokens seen) was not on its way: on 4 GPUs with the link capped
+        the micro-batch then waited for the whole copy where the CPU took a third of it."""
+        if remaining <= 1 or not split.to_load:
+            return Placement(split.gpu, split.cpu)
+        load = self._block_load_s[BlockKind.EXPERT]
+        cpu_s = {e: self.cost.cpu_expert_s(counts[e], "fwd", self.threads) for e in split.cpu + split.to_load}
+        cpu_busy = sum(cpu_s[e] for e in split.cpu)
+        now = []
+        # the last to land first: the copies keep their order (the earliest lands after one load)
+        for i in reversed(range(len(split.to_load))):
+            e = split.to_load[i]
+            if cpu_busy + cpu_s[e] <= (i + 1) * load + self.cost.gpu_s("e", counts[e], "fwd"):
+                now.append(e)
+                cpu_busy += cpu_s[e]
+        if not now:
+            return Placement(split.gpu, split.cpu)
+        return Placement(tuple(e for e in split.gpu if e not in now), split.cpu + tuple(reversed(now)))
 
     def _decide_backward(self, stage: int) -> None:
         """Fix every layer's backward placement once, when the stage's backward begins.

@@ -396,6 +396,31 @@ def test_gate_counts_queue_the_gpu_head_and_return_the_cpu_tail() -> None:
     assert {c.phase for c in got} == {"inter-expert"}
 
 
+def test_an_expert_whose_copy_lands_too_late_runs_on_the_cpu_this_micro_batch() -> None:
+    """Experts of even popularity on a slow link: the split loads six and leaves two to the
+    CPU for both micro-batches. The sixth copy lands after six loads (8.1 ms); the CPU gets
+    through the two and the sixth's 70 tokens in 5.9 ms, so this micro-batch runs it there
+    while its copy stays queued for the next; the fifth would keep the CPU past its copy's
+    landing. The last micro-batch takes the split as it is."""
+    p = aptmoe_policy()
+    p.stage_load_begins(0, "F")
+    counts = [120, 110, 100, 90, 80, 70, 60, 50]
+    split = split_experts(counts, COST, MODEL, threads=THREADS, remaining_mbs=2, direction="fwd")
+    assert split.to_load == (0, 1, 2, 3, 4, 5) and split.cpu == (6, 7)
+    cpu = {e: COST.cpu_expert_s(counts[e], "fwd", THREADS) for e in range(E)}
+    load = p._block_load_s[BlockKind.EXPERT]
+    gpu = {e: COST.gpu_s("e", counts[e], "fwd") for e in range(E)}
+    assert cpu[6] + cpu[7] + cpu[5] <= 6 * load + gpu[5]                    # e5: the CPU first
+    assert cpu[6] + cpu[7] + cpu[5] + cpu[4] > 5 * load + gpu[4]            # e4: its copy first
+    placement = p.gate_counts(0, 0, 0, counts)
+    assert placement == Placement((0, 1, 2, 3, 4), (6, 7, 5))
+    assert (0, ex(0, 5)) in queued(p, "inter-expert")
+    resident = p._resident_experts(0, 0)
+    final = split_experts(counts, COST, MODEL, threads=THREADS, resident=resident, remaining_mbs=1, direction="fwd")
+    assert final.to_load                                    # it loads more, and still waits for it
+    assert p.gate_counts(0, 0, 1, counts) == Placement(final.gpu, final.cpu)
+
+
 def test_gate_counts_keep_resident_experts_on_the_gpu() -> None:
     p = aptmoe_policy()
     p.stage_load_begins(0, "F")
