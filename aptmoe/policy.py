@@ -463,15 +463,18 @@ class AptmoePolicy(_PolicyBase):
         if remaining <= 1 or not split.to_load:
             return Placement(split.gpu, split.cpu)
         load = self._block_load_s[BlockKind.EXPERT]
-        cpu_s = {e: self.cost.cpu_expert_s(counts[e], "fwd", self.threads) for e in split.cpu + split.to_load}
-        cpu_busy = sum(cpu_s[e] for e in split.cpu)
+        cpu_busy = split.cpu_s / remaining             # the split's CPU tail, this micro-batch's share
         now = []
-        # the last to land first: the copies keep their order (the earliest lands after one load)
+        # The last to land first: the copies keep their order (the earliest lands after one
+        # load). Each before it lands a load sooner with at least as many tokens, so where one
+        # does not fit, none before it does.
         for i in reversed(range(len(split.to_load))):
             e = split.to_load[i]
-            if cpu_busy + cpu_s[e] <= (i + 1) * load + self.cost.gpu_s("e", counts[e], "fwd"):
-                now.append(e)
-                cpu_busy += cpu_s[e]
+            cpu_e = self.cost.cpu_expert_s(counts[e], "fwd", self.threads)
+            if cpu_busy + cpu_e > (i + 1) * load + self.cost.gpu_s("e", counts[e], "fwd"):
+                break
+            now.append(e)
+            cpu_busy += cpu_e
         if not now:
             return Placement(split.gpu, split.cpu)
         return Placement(tuple(e for e in split.gpu if e not in now), split.cpu + tuple(reversed(now)))
