@@ -30,7 +30,10 @@ phases with demand priority (DESIGN §1):
 * inter-layer: predicted counts of a layer choose (with the affinity split, scaled to the
   micro-batches still to come) which experts to load ahead; revised per micro-batch.
 * inter-expert (highest): the real counts of a layer fix this micro-batch's split; the GPU
-  experts not yet here are queued first. `require` puts a block compute is waiting for here.
+  experts not yet here are queued first. One whose copy has not started runs on the CPU for
+  this micro-batch where the CPU finishes it before the copy would land and run
+  (`_this_micro_batch`); its copy serves the micro-batches after. `require` puts a block
+  compute is waiting for here.
 
 Backward placement is decided once per stage from the forward's counts (summed over the
 micro-batches), when its backward starts, so that experts the inter-stage phase already
