@@ -550,3 +550,36 @@ def test_the_stored_h200_runs_are_predicted_as_well_as_when_the_model_last_chang
     for part, (median, worst) in bounds.items():
         s = report["summary"][part]
         assert s["median_abs_error"] <= median and s["worst_abs_error"] <= worst, (part, s)
+
+
+def test_block_staircase_script_finds_the_tiles_the_blocks_were_timed_in(tmp_path, capsys) -> None:
+    """scripts/block-staircase on blocks whose times follow the profile's L curve rounded up to
+    64-token tiles: the line misses them, tiles of 64 fit them exactly."""
+    import importlib.machinery
+    import importlib.util
+
+    from aptmoe.profile import interp_monotone, load_profile
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "block-staircase"
+    loader = importlib.machinery.SourceFileLoader("block_staircase", str(path))
+    spec = importlib.util.spec_from_loader("block_staircase", loader)
+    script = importlib.util.module_from_spec(spec)
+    loader.exec_module(script)
+    curve = next(c for c in load_profile("h200-1gpu").gpu
+                 if c.kind == "e" and c.d == 4096 and c.direction == "fwd" and c.dtype == "fp32")
+    events = []
+    for i, t in enumerate(range(100, 500, 7)):
+        dur = interp_monotone(curve.tokens, curve.seconds, -(-t // 64) * 64)
+        events.append({"name": f"0F0@0:e{i % 8}", "cat": "forward", "ph": "X", "pid": 0, "tid": 0, "ts": i * 1e4,
+                       "dur": dur * 1e6, "args": {"experts": [i % 8], "tokens": t}})
+    real = tmp_path / "cells" / "L2x4-G0.3-native-1gpu" / "real"
+    real.mkdir(parents=True)
+    (real / "trace-GPipe.json").write_text(json.dumps({"traceEvents": events}))
+    assert script.main([str(tmp_path), "--quanta", "64,128"]) == 0
+    # size, direction, curve, blocks, median error, median |error|
+    rows = {" ".join(w[:-3]): (int(w[-3]), float(w[-1].rstrip("%")))
+            for w in (line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("L "))}
+    assert set(rows) == {"L fwd line", "L fwd tiles of 64", "L fwd tiles of 128"}
+    assert rows["L fwd tiles of 64"] == (58, pytest.approx(0.0, abs=0.05))
+    assert rows["L fwd line"][1] > 3 and rows["L fwd tiles of 128"][1] > 3
+    assert script.main([str(tmp_path / "none")]) == 2
