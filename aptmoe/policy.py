@@ -57,7 +57,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from aptmoe.affinity import block_load_s, split_experts
+from aptmoe.affinity import Split, block_load_s, split_experts
 from aptmoe.config import ModelConfig
 from aptmoe.costs import CostSource, ObservedCpuView
 from aptmoe.memory import adam_chunks
@@ -455,7 +455,7 @@ class AptmoePolicy(_PolicyBase):
         self.on_work()
         return placement
 
-    def _this_micro_batch(self, counts: list[int], split, remaining: int) -> Placement:
+    def _this_micro_batch(self, counts: list[int], split: Split, remaining: int) -> Placement:
         """Where this micro-batch's experts run: the split's placement, except that an expert
         it loads whose copy has not started yet runs on the CPU now where the CPU finishes it
         before the copy would land and the GPU run it. Its copy stays queued for the
