@@ -27,6 +27,11 @@ the one on the diagonal (block b holds back its cell b mod k) is kept out of the
 diagonal spreads the held-back cells over models, G and links rather than one corner of the
 grid. Model fixes are judged on the fit set; the held-back set reports the final figure.
 
+A cell keeps its measured traces gzip-compressed (``real/trace-*.json.gz``: Perfetto and
+``Trace.load`` read them as they are) and the folder a ``.gitignore`` of what ``--repredict``
+writes again (predicted traces, per-action CSVs, overlays): a cell's raw traces are 2-4 MB
+each, so a 48-run matrix kept raw is 40 MB, a tenth of that compressed.
+
 Writes OUT/matrix.json, OUT/matrix.csv, OUT/matrix.png (predicted against measured, a point
 per run) and OUT/matrix.md (one row per run, then the summary:
 median and worst absolute step-time error and the configs whose schedule ranking is right,
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import itertools
 import json
 import shlex
@@ -55,6 +61,9 @@ from aptmoe.sim.validate import compare_run, run_executor
 from aptmoe.trace import write_json_atomic
 
 SETS = ("fit", "held-back", "all")
+# What --repredict writes again from the stored runs: the matrix folder's .gitignore keeps it out
+# of git (a matrix's predicted traces alone are tens of MB).
+DERIVED = ("cells/*/actions-*.csv", "cells/*/overlay-*.png", "cells/*/trace-*-predicted.json")
 CELL_PROFILE = "profile.json"       # beside each cell: the profile it was predicted with when it ran
 # Two schedules whose measured step times are closer than this are a tie for the ranking:
 # the order of a tie is run-to-run noise, not something a model can be right or wrong about.
@@ -198,6 +207,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     cells = cells_of(ns)
     out = Path(ns.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    write_gitignore(out)
     say = (lambda *a: None) if ns.quiet else print
     common = common_argv(ns)
     todo = [(i, c) for i, c in enumerate(cells)
@@ -228,6 +238,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             with StagedDir(folder) as tmp:
                 run_executor(cmd, tmp / "real")
                 compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot)
+                compress_traces(tmp / "real")
                 profile.save(tmp / CELL_PROFILE)
                 write_json_atomic(tmp / "cell.json", {
                     "cell": asdict(cell), "name": cell.name, "index": i, "held_back": held_back(i, ns.held_back_every),
@@ -259,6 +270,22 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     if failed:
         say(f"{len(failed)} cells failed and were left out: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def compress_traces(real: Path) -> None:
+    """Replace each measured trace ``trace-*.json`` in ``real`` by its ``.json.gz``."""
+    for path in sorted(real.glob("trace-*.json")):
+        with open(path, "rb") as src, gzip.open(path.with_suffix(".json.gz"), "wb") as dst:
+            dst.write(src.read())
+        path.unlink()
+
+
+def write_gitignore(out: Path) -> None:
+    """The matrix folder's .gitignore: what --repredict writes again (``DERIVED``)."""
+    path = out / ".gitignore"
+    if not path.exists():
+        path.write_text("# Rewritten by `aptmoe-sim matrix --repredict` from the stored runs: not kept in git (size).\n"
+                        + "".join(f"{p}\n" for p in DERIVED))
 
 
 def _cell_doc(folder: Path) -> dict:

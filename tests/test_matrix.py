@@ -17,6 +17,7 @@ from aptmoe.run_process import ExecutorFailed
 from aptmoe.sim import matrix
 from aptmoe.sim.cli import UsageError
 from aptmoe.sim.cli import main as sim_main
+from aptmoe.trace import Trace
 from aptmoe.sim.matrix import (
     TIE,
     Cell,
@@ -259,6 +260,24 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     assert (out / "matrix.csv").exists() and (out / "matrix.md").exists()
     assert (out / "matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in out.rglob("*partial*")]
+
+
+def test_a_cell_keeps_its_traces_compressed_and_the_folder_ignores_what_repredict_rewrites(e2e, monkeypatch) -> None:
+    out = e2e["out"]
+    real = out / "cells" / E2E_CELL / "real"
+    names = ("GPipe", "GPipeOffload", "Mobius", "APTMoE")
+    assert sorted(p.name for p in real.glob("trace-*")) == sorted(f"trace-{n}.json.gz" for n in names)
+    assert Trace.load(real / "trace-APTMoE.json.gz").events        # what Perfetto and the comparison read
+    ignored = (out / ".gitignore").read_text().split("\n")
+    assert set(matrix.DERIVED) <= set(ignored)
+    # --repredict still compares action by action from the compressed traces
+    folder = out / "cells" / E2E_CELL
+    for csv_path in folder.glob("actions-*.csv"):
+        csv_path.unlink()
+    _forbid_executor(monkeypatch)
+    assert sim_main(["matrix", "--out", str(out), *FLAGS, "--repredict"]) == 0
+    assert sorted(p.name for p in folder.glob("actions-*.csv")) == sorted(f"actions-{n}.csv" for n in names)
+    assert all(r["actions"] for r in json.loads((folder / "validation.json").read_text())["schedules"])
 
 
 def test_quiet_prints_nothing(e2e) -> None:
