@@ -610,6 +610,13 @@ class ExpertPool(TimedBlock):
         for b in self.blocks:
             for p in b.params:
                 p.data = as_executor_host(p.data)
+            # The gradient buffers now, not at each expert's first backward: allocating and
+            # pinning them there put the cost of a fresh 32-470 MB pinned buffer into the first
+            # timed backwards of a pool. On the one-GPU H200 (session 10) that made the first
+            # thread count's small-token backward 10.3 ms (MoE-S, 1-128 tokens after pooling)
+            # against 1.1 ms at the next, which found the buffers made. The executor's are made
+            # once, before its first step.
+            b.grads()
         self.d, self.h, self.dtype, self.device = d, h, dtype, device
         self.params = [p for b in self.blocks for p in b.params]
         self.at = 0

@@ -190,6 +190,21 @@ def test_expert_curves_on_a_gpu_are_measured_every_32_tokens_up_to_1024() -> Non
     assert capped.expert_tokens == (1, 2, 4, 8, 16, 32, 64, 96)
 
 
+def test_an_expert_pool_makes_its_gradient_buffers_before_any_timed_backward() -> None:
+    """Made at an expert's first backward, they put an allocation (pinned, with a GPU) into the
+    first timed samples of a pool; the backward sample must find them and write into them."""
+    pool = profiler.ExpertPool(16, 32, torch.float32, torch.device("cpu"), pool_bytes=3 * 2 * 16 * 32 * 4)
+    assert len(pool.blocks) == 3
+    assert all(g is not None for b in pool.blocks for g in (b.module.w1.grad, b.module.w2.grad))
+    made = [b.grads() for b in pool.blocks]
+    run = profiler.expert_samplers(pool, 4, lambda fn, setup: (lambda: (setup(), fn())))["bwd"]
+    for _ in range(2 * len(pool.blocks)):
+        run()
+    for b, (g1, g2) in zip(pool.blocks, made):
+        assert b.grads()[0] is g1 and b.grads()[1] is g2
+        assert g1.abs().sum() > 0 and g2.abs().sum() > 0         # the backwards wrote into them
+
+
 def test_profile_from_synthetic_gpu_figures() -> None:
     """The GPU half of the assembly, without a GPU: links, root, duplex, p2p and curves as
     the measurements would leave them; the H200 preset is chosen and overridden."""
