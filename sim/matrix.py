@@ -46,6 +46,7 @@ import gzip
 import itertools
 import json
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -228,6 +229,12 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             continue
         if (folder / "validation.json").exists():
             continue
+        if folder.exists():
+            # Cells are written whole, so this is what is left of one: its derived files after a
+            # copy of the tree that dropped the rest (the device's, for files git does not ignore)
+            # or a cell folder of an older layout. It is run again.
+            say(f"{cell.name}: an incomplete cell folder (no validation.json), run again")
+            shutil.rmtree(folder)
         if ns.max_seconds is not None and time.monotonic() - t0 > ns.max_seconds:
             skipped += 1
             continue
