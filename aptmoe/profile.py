@@ -200,6 +200,16 @@ class Dispatch:
     seconds: dict[str, dict[str, float]]     # kind (a, g, e) -> direction (fwd, bwd) -> s
     between: dict[str, float]                # direction -> s per layer between its blocks
     samples: int                             # block calls the medians are taken over
+    # The probe's issuing thread timing aptmoe.host.python_loop_s around its steps: how fast
+    # the host ran when these seconds were measured (None in profiles made before it was kept)
+    loop_s: float | None = None
+
+    def scaled(self, factor: float) -> "Dispatch":
+        """The same costs on a host `factor` times as slow (2.0: every call takes twice as long)."""
+        return dataclasses.replace(
+            self, seconds={k: {d: v * factor for d, v in dirs.items()} for k, dirs in self.seconds.items()},
+            between={d: v * factor for d, v in self.between.items()},
+            loop_s=None if self.loop_s is None else self.loop_s * factor)
 
 
 @dataclass(frozen=True)
@@ -342,7 +352,8 @@ class Profile:
             "roofline": json.loads(json.dumps(self.roofline)),
         })
         if self.dispatch is not None:
-            d["dispatch"] = dataclasses.asdict(self.dispatch)
+            d["dispatch"] = {k: v for k, v in dataclasses.asdict(self.dispatch).items()
+                             if not (k == "loop_s" and v is None)}
         if self.host_memory is not None:
             d["host_memory"] = {"GBps": table(self.host_memory.GBps),
                                 "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps),
@@ -400,6 +411,18 @@ class Profile:
 
     def with_(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
+
+    def with_host_speed(self, factor: float) -> "Profile":
+        """This profile on a host whose issuing thread is `factor` times as slow as when it was
+        calibrated (the ratio of a run's `python_loop_s` to the dispatch probe's): the host cost
+        of every block call scales by it. Kernels, copies and CPU work on several threads keep
+        their measured times: a single-thread loop says nothing of the cores' memory or vector
+        units. A profile without dispatch costs is returned as it is."""
+        if not factor > 0:
+            raise ValueError(f"a host speed factor must be positive, got {factor!r}")
+        if self.dispatch is None:
+            return self
+        return self.with_(dispatch=self.dispatch.scaled(factor))
 
 
 def _roofline_hardware(roofline: Mapping[str, Any]) -> AnalyticHardware:
@@ -572,7 +595,7 @@ class _Parser:
         return HostMemory(total, alone, beside)
 
     def dispatch(self, data: Any) -> Dispatch:
-        d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"))
+        d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"), ("loop_s",))
         device = self.choice(d["device"], "dispatch.device", ("cuda", "cpu"))
         by_kind = self.obj(d["seconds"], "dispatch.seconds", (), BLOCK_KINDS)
         seconds = {}
@@ -582,7 +605,8 @@ class _Parser:
             seconds[kind] = {k: self.number(v, f"{where}.{k}", unit="s") for k, v in dirs.items()}
         between = {k: self.number(v, f"dispatch.between.{k}", positive=False, unit="s")
                    for k, v in self.obj(d["between"], "dispatch.between", (), DIRECTIONS).items()}
-        return Dispatch(device, seconds, between, self.integer(d["samples"], "dispatch.samples"))
+        loop_s = self.number(d["loop_s"], "dispatch.loop_s", unit="s") if "loop_s" in d else None
+        return Dispatch(device, seconds, between, self.integer(d["samples"], "dispatch.samples"), loop_s)
 
     def made_by(self, data: Any) -> MadeBy:
         d = self.obj(data, "made_by", ("tool", "command", "date"))

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
 from aptmoe.trace import Trace
@@ -103,7 +104,8 @@ def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
         raise ValueError("the probe's trace holds no block events: the executor recorded nothing to time")
     seconds = _medians(spans)
     between = {d: statistics.median(v) for d, v in sorted(between_spans(trace).items())}
-    return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()))
+    return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()),
+                    loop_s=run_loop_s(trace.meta.get("host_loop_s")))
 
 
 def host_times(trace: Trace) -> dict[str, dict[str, float]]:
@@ -126,7 +128,10 @@ def _run_probe(args: list[str], what: str, schedules: tuple[str, ...]) -> list[T
         for s in schedules:
             if results["schedules"][s].get("oom"):
                 raise RuntimeError(f"{what} was refused: " + results["schedules"][s]["oom_detail"])
-        return [Trace.load(out / f"trace-{s}.json") for s in schedules]
+        traces = [Trace.load(out / f"trace-{s}.json") for s in schedules]
+        for s, tr in zip(schedules, traces):       # the host's speed when the probe ran, beside its spans
+            tr.meta["host_loop_s"] = results["schedules"][s].get("host_loop_s")
+        return traces
 
 
 def probe_trace(device: str, ranks: int = 1, wide: bool = False) -> Trace:
@@ -226,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         host = [h for h in hs if h is not None]
         print(f"  {name:<12} {statistics.median(xs) * 1e3:8.4f}   runs " + " ".join(f"{x * 1e3:.4f}" for x in xs)
               + (f"   host {statistics.median(host) * 1e3:.4f}" if host else ""))
+    loops = [r.loop_s for r in runs if r.loop_s is not None]
+    if loops:
+        print("  reference loop (aptmoe.host.python_loop_s) ms, by run: " + " ".join(f"{x * 1e3:.2f}" for x in loops))
     return 0
 
 

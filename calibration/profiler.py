@@ -1234,7 +1234,10 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     if m.dispatch is not None:
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
                                  f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls) on a model too "
-                                 f"small to compute: {' '.join(PROBE)}")
+                                 f"small to compute: {' '.join(PROBE)}"
+                                 + ("" if m.dispatch.loop_s is None else
+                                    f"; loop_s: its ranks' reference loop (aptmoe.host.python_loop_s) around the "
+                                    f"steps, {m.dispatch.loop_s * 1e3:.2f} ms"))
     roof = replace(hw, **a.roof, name=f"{hw.name}+measured" if a.roof else hw.name)
     a.sources["roofline"] = (f"derived: preset {preset_fn} (closest to GPU {machine.gpu_name!r}); measured "
                              f"overrides: {', '.join(sorted(a.roof)) or 'none'} (links: the pinned fits and the "

@@ -25,7 +25,7 @@ from aptmoe.exec.device import Device
 from aptmoe.exec.runtime import ExecOptions, RankRuntime, StepReport
 
 from aptmoe.config import RunConfig
-from aptmoe.host import allowed_cores
+from aptmoe.host import allowed_cores, python_loop_s
 from aptmoe.costs import CostSource
 from aptmoe.metrics import RESOURCES, shared_metrics
 from aptmoe.plan.plan import Plan
@@ -94,6 +94,9 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     pop = popularity_from_config(cfg)
     warm, steps = cfg.train.num_warmup_steps, cfg.train.num_training_steps
     reports: list[StepReport] = []
+    # the issuing thread's speed around the steps (aptmoe.host): a run's host can be slower or
+    # faster than the calibration's, and this says by how much
+    loop_s = [python_loop_s()]
     try:
         for i in range(warm + steps):
             rep = rt.run_step(i, pop.iteration(i))
@@ -101,19 +104,21 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
                 reports.append(rep)
             if progress is not None:
                 progress(i + 1, warm + steps, rep)
+        loop_s.append(python_loop_s())
         if params_dir is not None:
             save_params(rt, params_dir / f"params-rank{setup.rank}.pt")
     finally:
         rt.close()
     gathered = [None] * setup.world if setup.rank == 0 else None
     if setup.world > 1:
-        dist.gather_object(reports, gathered, dst=0)
+        dist.gather_object((reports, loop_s), gathered, dst=0)
     else:
-        gathered = [reports]
+        gathered = [(reports, loop_s)]
     if setup.rank != 0:
         return None
     measured = [pop.iteration(warm + j) for j in range(steps)]
-    return assemble(cfg, plan, gathered, measured, setup, trace_path)
+    return assemble(cfg, plan, [g[0] for g in gathered], measured, setup, trace_path,
+                    host_loop_s=[g[1] for g in gathered])
 
 
 def save_params(rt: RankRuntime, path: Path) -> None:
@@ -161,7 +166,9 @@ def _summed(dicts) -> dict[str, float]:
 
 
 def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measured, setup: RankSetup,
-             trace_path: Path | None) -> dict:
+             trace_path: Path | None, host_loop_s: list[list[float]] | None = None) -> dict:
+    """Rank 0's result dict from every rank's step reports; `host_loop_s`: per rank, the
+    reference loop's seconds before and after the steps (aptmoe.host.python_loop_s)."""
     steps = len(per_rank[0])
     G = len(per_rank)
     step_s = [max(per_rank[r][j].step_s for r in range(G)) for j in range(steps)]
@@ -208,7 +215,9 @@ def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measu
             "oom": False, "peak_gpu_bytes": peak,
             "peak_gpu_bytes_per_rank": [max(rep.peak_gpu_bytes for rep in reps) for reps in per_rank],
             "num_stages": plan.num_stages, "losses": losses, "step_s": step_s, "metrics": m,
-            "device": str(setup.device), "config": cfg.to_dict()}
+            "device": str(setup.device), "config": cfg.to_dict(),
+            **({"host_loop_s": {"before": [r[0] for r in host_loop_s], "after": [r[-1] for r in host_loop_s]}}
+               if host_loop_s else {})}
 
 
 def report_failure(rank: int, e: BaseException, log_dir: Path | None) -> None:

@@ -336,6 +336,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "gini": cell.gini, "link": "native" if cell.link_GBps is None else cell.link_GBps,
                          "gpus": cell.gpus, "measured_s": row.get("measured_s"),
                          "predicted_s": row.get("predicted_s"), "error": err,
+                         "host_speed": row.get("host_speed"), "error_host": row.get("error_host"),
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},
@@ -422,7 +423,16 @@ def summarize(runs: list[dict], configs: list[dict]) -> dict:
             "worst_run": f"{worst[1]['cell']} {worst[1]['pipeline']}" if worst else None,
             "signed_median_error": statistics.median(r["error"] for _, r in errs) if errs else None,
             "configs": len(configs), "ranking_right": sum(c["ranking_right"] for c in configs),
-            "ranking_strict": sum(c["ranking_strict"] for c in configs)}
+            "ranking_strict": sum(c["ranking_strict"] for c in configs),
+            **host_summary(runs)}
+
+
+def host_summary(runs: list[dict]) -> dict:
+    """The errors of the prediction at each run's own host speed (validate's `error_host`),
+    over the runs that have it: how much of the error the host's speed explains."""
+    errs = [abs(r["error_host"]) for r in runs if r.get("error_host") is not None]
+    return {"host_runs": len(errs), "median_abs_error_host": statistics.median(errs) if errs else None,
+            "worst_abs_error_host": max(errs) if errs else None}
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -437,6 +447,11 @@ def write_report(out: Path, report: dict) -> None:
     md = ["# Simulator against executor: the matrix", "",
           f"Calibration `{report['calibration']}`. Command:", "", "    " + shlex.join(report["command"]), "",
           "## Summary", "", "```", summary_table(report["summary"]), "```", "",
+          *(["At run's host: each run predicted again with the host cost of every block call scaled by its "
+             "reference loop over the dispatch probe's (`aptmoe-sim validate`, step 4). Not a prediction (a "
+             "what-if has no run to time): it shows how much of the error is the host running faster or slower "
+             "than when it was calibrated.", ""]
+            if any(v.get("host_runs") for v in report["summary"].values()) else []),
           "## Per-action error by category and model size (fit set; median of each run's median)", "", "```",
           category_table(report["categories"]["fit"]), "```", "",
           "## Total time per category and model size (fit set; median over runs of each run's "
@@ -466,19 +481,26 @@ def _pct(x, spec="+.1f") -> str:
 
 def matrix_table(runs: list[dict]) -> str:
     cats = sorted({k for r in runs for k in r if k.startswith("err/")})
-    headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error", *[c[4:] for c in cats]]
+    host = any(r.get("host_speed") is not None for r in runs)
+    headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error",
+               *(["host x", "at run's host"] if host else []), *[c[4:] for c in cats]]
     body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
-             _pct(r["error"]), *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]
+             _pct(r["error"]), *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
+             *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]
     return format_table(headers, body)
 
 
 def summary_table(summary: dict) -> str:
+    host = any(v.get("host_runs") for v in summary.values())
     body = [[s, str(v["runs"]), _pct(v["median_abs_error"], ".1f"), _pct(v["worst_abs_error"], ".1f"),
              v["worst_run"] or "-", _pct(v["signed_median_error"]),
-             f"{v['ranking_right']}/{v['configs']}", f"{v['ranking_strict']}/{v['configs']}"]
+             f"{v['ranking_right']}/{v['configs']}", f"{v['ranking_strict']}/{v['configs']}",
+             *([str(v.get("host_runs", 0)), _pct(v.get("median_abs_error_host"), ".1f"),
+                _pct(v.get("worst_abs_error_host"), ".1f")] if host else [])]
             for s, v in summary.items()]
     return format_table(["set", "runs", "median |err|", "worst |err|", "worst run", "median err",
-                         f"ranking right (ties <{100 * TIE:.0f}%)", "ranking strict"], body)
+                         f"ranking right (ties <{100 * TIE:.0f}%)", "ranking strict",
+                         *(["runs with host speed", "at run's host: median |err|", "worst"] if host else [])], body)
 
 
 def category_table(cats: dict[str, dict[str, float]], label: str = "category") -> str:

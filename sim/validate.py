@@ -10,6 +10,11 @@
 3. The comparison: predicted against measured step time, busy fraction of each resource,
    and per-action timing error (an action is matched by rank, stream, name and occurrence), by
    category; an overlay timeline per schedule (prediction above, measurement below).
+4. Where the run and the profile's dispatch probe both timed the host's reference loop
+   (aptmoe.host.python_loop_s), a second prediction with the block calls' host cost scaled by
+   their ratio (`host_speed`, `error_host`). It is not the prediction: it needs the run's own
+   host, which a what-if does not have. It says how much of an error is the host being faster
+   or slower than when it was calibrated, which on the one-GPU H200 moved 1.6x between minutes.
 
 Written into ``--out``: validation.json, validation.csv, actions-<schedule>.csv, the
 executor's folder (``real/``), the predicted traces and the overlay PNGs.
@@ -29,6 +34,7 @@ from pathlib import Path
 from aptmoe.config import RunConfig
 from aptmoe.run_process import launch_executor
 from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser
+from aptmoe.host import run_loop_s
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import load_profile
@@ -179,6 +185,11 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     for r in RESOURCES:
         row[f"busy/{r}/measured"] = real["metrics"].get(f"busy/{r}")
         row[f"busy/{r}/predicted"] = pred.metrics.get(f"busy/{r}")
+    speed = host_speed(real, profile)
+    if speed is not None and pred.iteration_s is not None:
+        at = simulate(cfg, profile.with_host_speed(speed), measured_steps=steps)
+        row.update(host_speed=speed, predicted_host_s=at.iteration_s,
+                   error_host=None if at.iteration_s is None else (at.iteration_s - real["iteration_s"]) / real["iteration_s"])
     measured_trace = real_dir / f"trace-{name}.json"
     if not measured_trace.exists():             # a stored run keeps its traces compressed
         measured_trace = measured_trace.with_suffix(".json.gz")
@@ -196,6 +207,14 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
             plot_overlay(trace, mt, tmp / f"overlay-{name}.png",
                          title=f"{name}: predicted ({profile.name}) above, measured below")
     return row
+
+
+def host_speed(real: dict, profile) -> float | None:
+    """How many times slower the run's issuing thread was than the dispatch probe's (the ratio
+    of their reference loops), or None where either did not time it."""
+    run = run_loop_s(real.get("host_loop_s"))
+    cal = None if profile.dispatch is None else profile.dispatch.loop_s
+    return None if run is None or cal is None else run / cal
 
 
 def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: bool = True) -> list[dict]:
@@ -227,14 +246,21 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
 
 
 def validation_table(rows: list[dict]) -> str:
-    headers = ["pipeline", "measured s", "predicted s", "error"] + [f"{r} busy m/p" for r in RESOURCES]
+    host = any(r.get("host_speed") is not None for r in rows)
+    headers = (["pipeline", "measured s", "predicted s", "error"] + [f"{r} busy m/p" for r in RESOURCES]
+               + (["host x", "error at run's host"] if host else []))
     body = []
     for r in rows:
         busy = [f"{fmt(_pct(r.get(f'busy/{x}/measured')), '.0f')}/{fmt(_pct(r.get(f'busy/{x}/predicted')), '.0f')}%"
                 for x in RESOURCES]
+        extra = [fmt(r.get("host_speed"), ".2f"), _signed(r.get("error_host"))] if host else []
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
-                     fmt(_pct(r.get("error")), "+.1f") + ("%" if r.get("error") is not None else ""), *busy])
+                     _signed(r.get("error")), *busy, *extra])
     return format_table(headers, body)
+
+
+def _signed(x) -> str:
+    return fmt(_pct(x), "+.1f") + ("%" if x is not None else "")
 
 
 def _pct(x):

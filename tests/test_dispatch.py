@@ -36,6 +36,8 @@ def test_dispatch_round_trips_and_is_optional(with_dispatch, tmp_path) -> None:
     (lambda d: d.pop("samples"), "dispatch.samples"),
     (lambda d: d["between"].update(fwd=-1e-3), "dispatch.between.fwd"),
     (lambda d: d.pop("between"), "dispatch.between"),
+    (lambda d: d.update(loop_s=0.0), "dispatch.loop_s"),
+    (lambda d: d.update(loop_s="fast"), "dispatch.loop_s"),
 ])
 def test_a_bad_dispatch_section_is_named(with_dispatch, tmp_path, mutate, field) -> None:
     d = with_dispatch.to_dict()
@@ -166,6 +168,7 @@ def test_the_probe_measures_the_executor_on_cpu_ranks() -> None:
     from aptmoe.calibration.dispatch import measure_dispatch
 
     d = measure_dispatch("cpu", 2)
+    assert d.loop_s is not None and 1e-4 < d.loop_s < 10      # the probe's ranks timed the reference loop
     assert set(d.seconds) == {"a", "g", "e"}
     assert all(set(v) == {"fwd", "bwd"} and min(v.values()) > 0 for v in d.seconds.values())
     assert d.samples >= 4 * 3 * 10          # blocks x passes x layers-and-micro-batches, at least
@@ -218,3 +221,27 @@ def test_the_wide_probe_is_the_probe_at_moe_s_widths() -> None:
         del rest[i:i + 2]
     assert rest == wide                                   # everything else the same
     assert wide[wide.index("--num_layers") + 1] == str(PROBE_FLAGS["num_layers"])
+
+
+def test_the_reference_loop_round_trips_and_is_left_out_when_unknown(with_dispatch, tmp_path) -> None:
+    timed = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, loop_s=0.04))
+    again = load_profile(str(timed.save(tmp_path / "t.json")))
+    assert again.dispatch.loop_s == 0.04 and again.dispatch == timed.dispatch
+    assert "loop_s" not in json.loads(with_dispatch.to_json())["dispatch"]      # older profiles stay as they were
+
+
+def test_a_slower_host_scales_the_block_calls_and_nothing_else(with_dispatch) -> None:
+    timed = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, loop_s=0.04))
+    slow = timed.with_host_speed(1.5)
+    assert slow.dispatch.seconds["a"]["bwd"] == pytest.approx(1.5 * 9e-4)
+    assert slow.dispatch.between == {"fwd": pytest.approx(7.5e-4), "bwd": pytest.approx(1.5e-3)}
+    assert slow.dispatch.loop_s == pytest.approx(0.06) and slow.dispatch.samples == D.samples
+    assert (slow.gpu, slow.cpu_expert, slow.adam, slow.links) == (timed.gpu, timed.cpu_expert, timed.adam, timed.links)
+    cost, slow_cost = ProfileCost(timed, MOE_S), ProfileCost(slow, MOE_S)
+    assert slow_cost.host_s("e", "fwd") == pytest.approx(1.5 * cost.host_s("e", "fwd"))
+    assert slow_cost.gpu_s("e", 256, "fwd") == cost.gpu_s("e", 256, "fwd")
+    assert timed.with_host_speed(1.0).dispatch == timed.dispatch
+    plain = load_profile("a800-paper")
+    assert plain.with_host_speed(2.0) is plain                          # no dispatch costs: nothing to scale
+    with pytest.raises(ValueError, match="positive"):
+        timed.with_host_speed(0.0)

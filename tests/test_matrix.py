@@ -191,6 +191,18 @@ def test_summary_of_nothing() -> None:
     assert s["median_abs_error"] is None and s["worst_abs_error"] is None and s["signed_median_error"] is None
 
 
+def test_the_error_at_each_runs_host_speed_is_summarized_where_runs_have_it() -> None:
+    runs = [{"cell": "c", "pipeline": p, "error": e, "error_host": h}
+            for p, e, h in (("GPipe", 0.30, 0.02), ("Mobius", -0.10, -0.05), ("APTMoE", 0.04, None))]
+    s = summarize(runs, [])
+    assert s["host_runs"] == 2 and s["median_abs_error_host"] == pytest.approx(0.035)
+    assert s["worst_abs_error_host"] == pytest.approx(0.05) and s["worst_abs_error"] == pytest.approx(0.30)
+    table = matrix.summary_table({"all": s})
+    assert "at run's host" in table and "3.5%" in table
+    plain = summarize([{**r, "error_host": None} for r in runs], [])
+    assert plain["host_runs"] == 0 and "at run's host" not in matrix.summary_table({"all": plain})
+
+
 def test_the_report_is_written_whole(stored) -> None:
     rep = collect(stored, CELLS, 2, "x", ["aptmoe-sim", "matrix", "--out", "m"])
     write_report(stored, rep)

@@ -61,6 +61,42 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     assert blocks and all(float(r["measured_host_s"]) > 0 for r in blocks)        # each block's call, timed
     assert all(r["measured_host_s"] == "" for r in rows if r["stream"] == "load")
     assert (out / "real" / "results.json").exists()
+    # the ranks timed the host's reference loop around their steps; a800-paper's probe did not
+    loops = json.loads((out / "real" / "results.json").read_text())["schedules"]["Mobius"]["host_loop_s"]
+    assert len(loops["before"]) == len(loops["after"]) == 2 and min(loops["before"] + loops["after"]) > 0
+    assert "host_speed" not in row
+
+
+def test_a_run_is_predicted_again_at_its_own_host_speed(tmp_path) -> None:
+    """With the probe's loop equal to the run's, the second prediction is the first; with the
+    probe's host twice as fast, every block call's host cost doubles and so does nothing else."""
+    import dataclasses
+
+    from aptmoe.host import run_loop_s
+    from aptmoe.profile import Dispatch, load_profile
+    from aptmoe.sim.validate import compare_run
+
+    pytest.importorskip("torch")
+    real = tmp_path / "real"
+    from aptmoe.run_process import launch_executor
+    launch_executor(["--is_moe=True", "--model_config=S", "--embedding_dim", "32", "--hidden_dim", "64",
+                     "--num_heads", "4", "--num_layers", "2", "--num_experts", "4",
+                     "--batch_size", "4", "--num_chunks", "2", "--seq_length", "8", "--topo", "C1+G1",
+                     "--num_warmup_steps", "0", "--num_training_steps", "1", "--device", "cpu", "--gpus", "1",
+                     "--pipeline", "GPipe", "--no-plot", "-q"], real)
+    loop = run_loop_s(json.loads((real / "results.json").read_text())["schedules"]["GPipe"]["host_loop_s"])
+    calls = Dispatch("cpu", {k: {"fwd": 2e-3, "bwd": 4e-3} for k in ("a", "g", "e")}, {"fwd": 1e-3, "bwd": 1e-3}, 10)
+    base = load_profile("a800-paper")
+    rows = {}
+    for name, probe_loop in (("same", loop), ("twice", loop / 2)):
+        profile = dataclasses.replace(base, dispatch=dataclasses.replace(calls, loop_s=probe_loop))
+        (tmp_path / name).mkdir()
+        rows[name] = compare_run(real, profile, tmp_path / name, ["test"], plot=False)[0]
+    same, twice = rows["same"], rows["twice"]
+    assert same["host_speed"] == pytest.approx(1.0) and same["predicted_host_s"] == pytest.approx(same["predicted_s"])
+    assert same["error_host"] == pytest.approx(same["error"])
+    assert twice["host_speed"] == pytest.approx(2.0) and twice["predicted_s"] == pytest.approx(same["predicted_s"])
+    assert twice["predicted_host_s"] > 1.1 * twice["predicted_s"]        # CPU ranks: the calls are the step
 
 
 def test_validate_needs_a_calibration(capsys) -> None:
