@@ -377,9 +377,8 @@ def test_a_failed_cell_leaves_no_folder(tmp_path, monkeypatch, capsys) -> None:
     assert "boom" in cap.out + cap.err and E2E_CELL in cap.out + cap.err
 
 
-def test_copied_runs_fill_a_larger_matrix(e2e, tmp_path, monkeypatch) -> None:
-    """Four cells (2 G x 2 links) from a stand-in executor that copies the real run: held back
-    every 2, cells 0 and 3 are held back; --only fit runs just the others."""
+def _copying_executor(e2e, monkeypatch) -> list:
+    """A stand-in executor that copies the e2e cell's real run; returns the argv of each call."""
     real = e2e["out"] / "cells" / E2E_CELL / "real"
     calls = []
 
@@ -387,6 +386,13 @@ def test_copied_runs_fill_a_larger_matrix(e2e, tmp_path, monkeypatch) -> None:
         calls.append(argv)
         shutil.copytree(real, out)
     monkeypatch.setattr(matrix, "run_executor", run_executor)
+    return calls
+
+
+def test_copied_runs_fill_a_larger_matrix(e2e, tmp_path, monkeypatch) -> None:
+    """Four cells (2 G x 2 links) from a stand-in executor that copies the real run: held back
+    every 2, cells 0 and 3 are held back; --only fit runs just the others."""
+    calls = _copying_executor(e2e, monkeypatch)
     out = tmp_path / "m"
     flags = [*FLAGS, "--gini", "0.3,0.6", "--links", "native,8", "--held-back-every", "2"]
     assert sim_main(["matrix", "--out", str(out), *flags, "--only", "fit"]) == 0
@@ -407,13 +413,7 @@ def test_copied_runs_fill_a_larger_matrix(e2e, tmp_path, monkeypatch) -> None:
 def test_an_incomplete_cell_folder_is_run_again(e2e, tmp_path, monkeypatch) -> None:
     """A cell folder without its validation.json (here: the derived files alone, as the device's
     copy of the tree leaves them) is not a stored cell: it is replaced by a fresh run."""
-    real = e2e["out"] / "cells" / E2E_CELL / "real"
-    calls = []
-
-    def run_executor(argv, out):
-        calls.append(argv)
-        shutil.copytree(real, out)
-    monkeypatch.setattr(matrix, "run_executor", run_executor)
+    calls = _copying_executor(e2e, monkeypatch)
     out = tmp_path / "m"
     left = out / "cells" / E2E_CELL
     left.mkdir(parents=True)
