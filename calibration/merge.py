@@ -7,7 +7,10 @@ its GPUs, while the GPU block curves need one GPU; measuring them in separate (s
 runs and merging is cheaper than one long run. Sections: links, gpu, cpu_expert, adam, dispatch.
 The merged file takes each named section, its `sources` entries, its `skipped` entries and
 the roofline fields derived from it from the other file; `made_by.command` lists every
-command involved, so the result still says exactly how it was produced.
+command involved, so the result still says exactly how it was produced: the base's history,
+then for each section taken the command that measured it (where the other file is itself a
+merge, the entry of its own history that brought that section in, not the whole history), then
+this merge.
 """
 
 from __future__ import annotations
@@ -38,11 +41,33 @@ def _in_section(key: str, section: str) -> bool:
     return key == section or key.startswith(section + ".")
 
 
+SEP = " | "
+
+
+def producer(doc: dict, section: str) -> str:
+    """The command (with the machine and date) that measured `section` of the profile `doc`:
+    the last entry of its history that took that section from another run, else its first
+    command, which measured everything it did not skip."""
+    history = doc["made_by"]["command"].split(SEP)
+    prefix = f"{section} from: "
+    for entry in reversed(history):
+        if entry.startswith(prefix):
+            return entry[len(prefix):]
+    return history[0] if len(history) > 1 else _measured(doc)     # a merge's first entry says where and when
+
+
+def _measured(doc: dict) -> str:
+    """A measured (not merged) file's command with its machine and date."""
+    hw = doc["hardware"]
+    return f"{doc['made_by']['command']} ({hw['gpu_count']}x {hw['gpu_name']}, {doc['made_by']['date']})"
+
+
 def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str) -> dict:
     """`base` with each (section, other) taken from other; plain JSON dicts in, one out."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     out["skipped"] = list(base["skipped"])
-    commands = [base["made_by"]["command"]]
+    base_history = base["made_by"]["command"]
+    commands = [base_history if SEP in base_history else _measured(base)]
     for section, other in takes:
         if section in other:
             out[section] = other[section]
@@ -54,13 +79,13 @@ def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str)
         out["skipped"] += [s for s in other["skipped"] if _in_section(s["part"], section)]
         for f in ROOFLINE_FIELDS[section]:
             out["roofline"][f] = other["roofline"][f]
-        commands.append(f"{section} from: {other['made_by']['command']} "
-                        f"({other['hardware']['gpu_count']}x {other['hardware']['gpu_name']}, {other['made_by']['date']})")
-        commands_note = f"merged: {section} from a run of {other['made_by']['command']!r}"
+        made = producer(other, section)
+        commands.append(f"{section} from: {made}")
+        commands_note = f"merged: {section} from a run of {made!r}"
         out["sources"]["roofline"] = out["sources"].get("roofline", "derived") + f"; {commands_note}"
     commands.append(command)
     out["name"] = name
-    out["made_by"] = {"tool": f"aptmoe {version()}", "command": " | ".join(commands),
+    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join(commands),
                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return out
 

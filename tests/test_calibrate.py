@@ -317,6 +317,18 @@ def test_merge_takes_a_section_with_its_sources_and_records_every_command(tmp_pa
     assert merged.links == base.links and merged.cpu_expert == base.cpu_expert       # the rest is the base's
     cmd = merged.made_by.command
     assert base.made_by.command in cmd and "aptmoe-calibrate --out other.json" in cmd and "merge" in cmd
+    # merged again, the adam section's entry is the command that measured it, not the whole history
+    again = tmp_path / "again.json"
+    assert merge_main([str(Path(importlib.resources.files("aptmoe") / "profiles" / "a800-paper.json")),
+                       "--take", f"adam={out}", "--take", f"gpu={out}", "--out", str(again)]) == 0
+    entries = load_profile(str(again)).made_by.command.split(" | ")
+    adam = [e for e in entries if e.startswith("adam from: ")]
+    gpu = [e for e in entries if e.startswith("gpu from: ")]
+    assert len(adam) == 1 and adam[0].startswith("adam from: aptmoe-calibrate --out other.json (")
+    measured = f"{base.made_by.command} ({base.hardware.gpu_count}x {base.hardware.gpu_name}, {base.made_by.date})"
+    assert entries[0] == measured                       # the base, with where and when it was measured
+    assert gpu == [f"gpu from: {measured}"]             # the base of `out` measured it
+    assert sum(e.startswith("python -m aptmoe.calibration.merge") for e in entries) == 1    # this merge; none nested
 
 
 def test_merge_rejects_an_unknown_section(tmp_path, capsys):
