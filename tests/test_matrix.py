@@ -573,7 +573,7 @@ def test_compare_refuses_what_it_cannot_compare_in_one_line(tmp_path, capsys, ma
 # these runs (an expert whose copy would land late runs on the CPU this micro-batch), moves the
 # held-back median to 11.7%: its M4 G0.3 capped APTMoE run is now predicted with a policy that
 # places experts differently from the executor that ran it; the bound follows, until v7.
-# Session 10's (v7, 11 cells on one lease, executor at 07f723f, the profile of the same lease
+# Session 10's (v7, 11 cells on one lease, executor at c23d28a, the profile of the same lease
 # with expert curves every 32 tokens): 3.8% over 44 runs, 5.2% over the 12 held back, the worst
 # 36.6% (S8 GPipe again: its same-work pair differed by 33%, docs/validation-h200-v7/README.md).
 DOCS = Path(__file__).resolve().parents[1] / "docs"
