@@ -177,6 +177,19 @@ class RankRuntime:
         self.offload_stream = device.new_stream()
         self.net_stream = device.new_stream()
         self.act_stream = device.new_stream()       # CPU experts' activations, both directions
+        # A send is posted by the thread that finishes its micro-batch, not by the net thread
+        # when it next gets the GIL and a core: on the 2-core CPU machine the net thread posted
+        # a forward's activations only after the next micro-batch's forward and a backward's
+        # gradient only after the stage's update, and the rank before waited 7.3 ms where the
+        # model has 3.6 (docs/validation-cpu.md, session 10). The net thread still walks its
+        # program and posts any send nobody has, so sends keep its order (`_post_send`).
+        net = plan.programs[rank].get("net", [])
+        self.eager_sends: dict[Action, list[Action]] = {}
+        for a in net:
+            deps = plan.deps_of(a)
+            if a.kind in (Kind.SEND_F, Kind.SEND_B) and len(deps) == 1:
+                self.eager_sends.setdefault(deps[0], []).append(a)
+        self.send_lock = threading.Lock()
         # The CPU worker owns the rank's OpenMP threads. With --host-cores it runs on the rank's
         # last cores, this thread and every thread it starts from now on (a step's load, copy
         # and offload threads) on its first ones (aptmoe.exec.cores). On a GPU rank this thread
@@ -270,6 +283,7 @@ class RankRuntime:
         self.events: list[_Event] = []
         self.host_events: list[tuple] = []
         self.sends: list[tuple[object, torch.Tensor]] = []
+        self.posted: set[Action] = set()
         self.expert_tokens = {"gpu": 0, "cpu": 0}
         self.host_block_s, self.host_blocks = 0.0, 0
         self.h2d.bytes = self.d2h.bytes = 0
@@ -339,6 +353,8 @@ class RankRuntime:
                     self._wait_event(ev, f"{d} before {a}")
             self._handlers[a.kind](self, a)
             self.done[a].set()
+            for send in self.eager_sends.get(a, ()):
+                self._post_send(send)
 
     def _block_start(self) -> tuple[Marker, float]:
         return self.dev.record(), time.perf_counter()
@@ -812,6 +828,17 @@ class RankRuntime:
             self.ends_opt.step()
 
     # =================================================================== network
+    def _post_send(self, a: Action) -> None:
+        """Post send `a` unless another thread has. The net thread reaches a send only after
+        every action before it in its program, and a micro-batch's thread only after the
+        recvs that fed it, so sends are posted in the net program's order whoever posts them:
+        a stream's NCCL calls keep the order the plan's deadlock-free schedule gives them."""
+        with self.send_lock:
+            if a in self.posted:
+                return
+            self.posted.add(a)
+            self._send(a)
+
     def _send(self, a: Action) -> None:
         peer = self.plan.rank_of(a.stage + (1 if a.kind is Kind.SEND_F else -1))
         x, ready = self.outbox.pop((a.stage, a.mb))
@@ -858,5 +885,5 @@ class RankRuntime:
     _handlers = {
         Kind.FWD: _forward, Kind.BWD: _backward, Kind.DROP_F: _drop, Kind.DROP_B: _drop,
         Kind.LOAD_F: _open_window, Kind.LOAD_B: _open_window, Kind.OFFLOAD: _offload, Kind.UPDATE: _update,
-        Kind.SEND_F: _send, Kind.SEND_B: _send, Kind.RECV_F: _recv, Kind.RECV_B: _recv,
+        Kind.SEND_F: _post_send, Kind.SEND_B: _post_send, Kind.RECV_F: _recv, Kind.RECV_B: _recv,
     }

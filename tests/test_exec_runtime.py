@@ -71,6 +71,51 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
     assert (out / "results.csv").read_text().startswith("pipeline,")
 
 
+def test_a_send_is_posted_before_its_rank_computes_anything_else(capped_run) -> None:
+    """The thread that finishes a micro-batch posts its send before its next action: no send
+    waits for the net thread to get the GIL and a core (it used to follow the next forward, or
+    the stage's update, by up to 2 ms on the 2-core machine). On CPU ranks the trace's times
+    are the host's, so the order is exact."""
+    out, _ = capped_run
+    for name in ("GPipe", "GPipeOffload", "Mobius", "APTMoE"):
+        tr = Trace.load(out / f"trace-{name}.json")
+        sends = [e for e in tr.events if e.cat == "send"]
+        assert sends
+        for e in sends:
+            producer = e.name.replace("SF", "F").replace("SB", "B")          # 0SF1 -> 0F1, 1SB0 -> 1B0
+            done = [p.end_s for p in tr.events if p.rank == e.rank and p.stream == "compute" and p.name == producer]
+            end = max(t for t in done if t <= e.start_s + 1e-9)                 # this step's occurrence
+            after = [c.start_s for c in tr.events
+                     if c.rank == e.rank and c.stream == "compute" and c.start_s >= end and c.name != producer]
+            assert not after or e.start_s <= min(after) + 1e-6, (name, e.name, e.start_s, min(after))
+
+
+def test_send_delays_script_measures_send_start_after_its_producer(tmp_path, capsys) -> None:
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("send_delays", str(ROOT / "scripts" / "send-delays"))
+    script = importlib.util.module_from_spec(importlib.util.spec_from_loader("send_delays", loader))
+    loader.exec_module(script)
+    tr = Trace("real")
+    for step in range(2):                          # the producer's occurrence in each step counts
+        t = 10.0 * step
+        tr.add("0F0", 0, "compute", t, t + 1.0, "forward")
+        tr.add("0F0@0:a", 0, "compute", t, t + 0.5, "forward")
+        tr.add("0SF0", 0, "net", t + 1.25, t + 1.3, "send")
+        tr.add("1B0", 1, "compute", t + 2.0, t + 3.0, "backward")
+        tr.add("1SB0", 1, "net", t + 3.5 + step, t + 3.6 + step, "send")
+    tr.add("2SF0", 2, "net", 5.0, 5.1, "send")        # no producer in the trace: left out
+    assert sorted(script.delays(tr)) == pytest.approx([0.25, 0.25, 0.5, 1.5])
+    path = tmp_path / "trace-GPipe.json"
+    tr.save(path)
+    assert script.main([str(path)]) == 0
+    assert "    4 " in capsys.readouterr().out
+    assert script.main([str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+
+
 def test_torchrun_launch_runs_the_seed_line(tmp_path) -> None:
     out = tmp_path / "tr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
