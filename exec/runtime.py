@@ -829,10 +829,12 @@ class RankRuntime:
 
     # =================================================================== network
     def _post_send(self, a: Action) -> None:
-        """Post send `a` unless another thread has. The net thread reaches a send only after
-        every action before it in its program, and a micro-batch's thread only after the
-        recvs that fed it, so sends are posted in the net program's order whoever posts them:
-        a stream's NCCL calls keep the order the plan's deadlock-free schedule gives them."""
+        """Post send `a` unless another thread has. Sends are posted in the net program's
+        order whoever posts them, so a stream's NCCL calls keep the plan's deadlock-free order:
+        the net thread reaches a send only after every action before it in its program; and
+        every recv that the program puts before a send feeds a compute action no later than
+        the send's producer (the plan builds both streams in one pass), so when the producer's
+        thread posts the send, those recvs are done."""
         with self.send_lock:
             if a in self.posted:
                 return
