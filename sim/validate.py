@@ -180,7 +180,7 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     pred = simulate(cfg, profile, trace=trace, measured_steps=steps)
     trace.save(tmp / f"trace-{name}-predicted.json")
     row = {"pipeline": name, "steps": steps, "measured_s": real["iteration_s"], "predicted_s": pred.iteration_s,
-           "error": None if pred.iteration_s is None else (pred.iteration_s - real["iteration_s"]) / real["iteration_s"],
+           "error": _error(pred.iteration_s, real["iteration_s"]),
            "predicted_oom": pred.oom}
     for r in RESOURCES:
         row[f"busy/{r}/measured"] = real["metrics"].get(f"busy/{r}")
@@ -189,7 +189,7 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     if speed is not None and pred.iteration_s is not None:
         at = simulate(cfg, profile.with_host_speed(speed), measured_steps=steps)
         row.update(host_speed=speed, predicted_host_s=at.iteration_s,
-                   error_host=None if at.iteration_s is None else (at.iteration_s - real["iteration_s"]) / real["iteration_s"])
+                   error_host=_error(at.iteration_s, real["iteration_s"]))
     measured_trace = real_dir / f"trace-{name}.json"
     if not measured_trace.exists():             # a stored run keeps its traces compressed
         measured_trace = measured_trace.with_suffix(".json.gz")
@@ -207,6 +207,11 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
             plot_overlay(trace, mt, tmp / f"overlay-{name}.png",
                          title=f"{name}: predicted ({profile.name}) above, measured below")
     return row
+
+
+def _error(predicted: float | None, measured: float) -> float | None:
+    """(predicted - measured) / measured; None where the simulator predicts no step (OOM)."""
+    return None if predicted is None else (predicted - measured) / measured
 
 
 def host_speed(real: dict, profile) -> float | None:
