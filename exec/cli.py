@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from aptmoe.config import ConfigError, RunConfig, auto_host_cores
@@ -194,8 +195,9 @@ def preflight(cfg: RunConfig, plan: Plan) -> str | None:
 # --------------------------------------------------------------------------- one rank
 
 
-def rank_main(ns, pipeline: str, prepared, setup, tmp: Path) -> dict | None:
-    """Everything one rank does for one schedule (the process group is up); rank 0 returns the result."""
+def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, float] | None = None) -> dict | None:
+    """Everything one rank does for one schedule (the process group is up); rank 0 returns the
+    result. `marks`: when the parts before this one ended (`run_pipeline`)."""
     from aptmoe.exec.launch import run_pipeline
     from aptmoe.exec.runtime import ExecOptions
 
@@ -220,7 +222,8 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path) -> dict | None:
                            opts=ExecOptions(timeout_s=ns.timeout),
                            trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
                            params_dir=tmp if ns.save_params else None,
-                           gpu_memory_cap=int(ns.gpu_memory * 1e9) if ns.gpu_memory else None, progress=progress)
+                           gpu_memory_cap=int(ns.gpu_memory * 1e9) if ns.gpu_memory else None, progress=progress,
+                           marks={"start": time.time()} if marks is None else marks)
     finally:
         sys.setswitchinterval(switch)
     if bar is not None:
@@ -234,18 +237,23 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path) -> dict | None:
 
 
 def _spawned(local_rank: int, world: int, port: int, argv: list[str], pipeline: str, tmp: str,
-             use_cuda: bool) -> None:
-    """A rank started by `aptmoe-run` itself: one schedule, then exit."""
+             use_cuda: bool, launched: float) -> None:
+    """A rank started by `aptmoe-run` itself: one schedule, then exit. `launched`: when the
+    parent started the processes (their start-up, imports included, is the first part timed)."""
+    marks = {"launch": launched, "start": time.time()}
     import torch.distributed as dist
     from aptmoe.exec.launch import init_rank, report_failure
+    marks["imports"] = time.time()
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world))
     ns = make_run_parser().parse_args(argv)
     try:
         prepared = prepare(ns, pipeline, use_cuda)
+        marks["prepare"] = time.time()
         setup = init_rank(local_rank, world, local_rank, prepared[0], ns.timeout, use_cuda=use_cuda)
-        res = rank_main(ns, pipeline, prepared, setup, Path(tmp))
+        marks["group"] = time.time()
+        res = rank_main(ns, pipeline, prepared, setup, Path(tmp), marks)
         if res is not None:
             write_json_atomic(Path(tmp) / f"result-{pipeline}.json", res)
         dist.destroy_process_group()
@@ -264,7 +272,7 @@ def _launch(argv: list[str], pipeline: str, world: int, tmp: Path, use_cuda: boo
     import torch.multiprocessing as mp
 
     try:
-        mp.start_processes(_spawned, args=(world, _free_port(), argv, pipeline, str(tmp), use_cuda),
+        mp.start_processes(_spawned, args=(world, _free_port(), argv, pipeline, str(tmp), use_cuda, time.time()),
                            nprocs=world, join=True, start_method="spawn")
         return True
     except mp.ProcessExitedException as e:
@@ -317,16 +325,26 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{PROG}: {name} refused: {why}", file=sys.stderr)
                     results[name] = _refused(cfg, plan, why)
                     continue
+                launched = time.time()
                 if not _launch(argv, name, cfg.world_size, tmp, use_cuda):
                     _keep_logs(tmp, out)
                     raise _RankFailed
                 results[name] = json.loads((tmp / f"result-{name}.json").read_text())
+                _add_exit(results[name], time.time() - launched)
                 (tmp / f"result-{name}.json").unlink()
             _write_outputs(ns, argv, tmp, cfg0, results)
     except _RankFailed:
         return 1            # the staged folder is gone: no half-written output
     _print_results(say, results, out, ns)
     return 0 if any(not r["oom"] for r in results.values()) else 3
+
+
+def _add_exit(res: dict, seconds: float) -> None:
+    """The processes' exit (what the launch took beyond the ranks' last mark) into `wall_s`."""
+    wall = res.get("wall_s")
+    if wall:
+        wall["exit"] = round(max(0.0, seconds - wall["total"]), 4)
+        wall["total"] = round(seconds, 4)
 
 
 class _RankFailed(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -83,27 +84,39 @@ def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s:
 
 def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource | None, *, data: str | None,
                  opts: ExecOptions, trace_path: Path | None = None, params_dir: Path | None = None,
-                 gpu_memory_cap: int | None = None, progress=None) -> dict | None:
-    """Train `cfg` with `plan` on this rank; rank 0 returns the result dict, others None."""
+                 gpu_memory_cap: int | None = None, progress=None,
+                 marks: dict[str, float] | None = None) -> dict | None:
+    """Train `cfg` with `plan` on this rank; rank 0 returns the result dict, others None.
+
+    `marks` (name -> `time.time()`, in order) gets the end of each part of the run: build
+    (model, buffers, threads), warmup, steps, finish (closing and gathering). Rank 0's
+    result carries them as `wall_s`, so a run that takes long says where."""
+    marks = {} if marks is None else marks
     dev = setup.device
     if gpu_memory_cap is not None:
         dev.cap_memory(gpu_memory_cap)
     source = make_source(data, cfg.model.seq_length, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
     peers = PeerChannels(plan, setup.rank, opts.timeout_s) if setup.world > 1 else None
     rt = RankRuntime(cfg, plan, setup.rank, dev, cost, peers, source, opts, cores=setup.cores)
+    marks["build"] = time.time()
     pop = popularity_from_config(cfg)
     warm, steps = cfg.train.num_warmup_steps, cfg.train.num_training_steps
     reports: list[StepReport] = []
     # the issuing thread's speed around the steps (aptmoe.host): a run's host can be slower or
     # faster than the calibration's, and this says by how much
     loop_s = [python_loop_s()]
+    if warm == 0:
+        marks["warmup"] = time.time()
     try:
         for i in range(warm + steps):
             rep = rt.run_step(i, pop.iteration(i))
             if i >= warm:
                 reports.append(rep)
+            if i + 1 == warm:
+                marks["warmup"] = time.time()
             if progress is not None:
                 progress(i + 1, warm + steps, rep)
+        marks["steps"] = time.time()
         loop_s.append(python_loop_s())
         if params_dir is not None:
             save_params(rt, params_dir / f"params-rank{setup.rank}.pt")
@@ -117,8 +130,20 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     if setup.rank != 0:
         return None
     measured = [pop.iteration(warm + j) for j in range(steps)]
-    return assemble(cfg, plan, [g[0] for g in gathered], measured, setup, trace_path,
-                    host_loop_s=[g[1] for g in gathered])
+    res = assemble(cfg, plan, [g[0] for g in gathered], measured, setup, trace_path,
+                   host_loop_s=[g[1] for g in gathered])
+    marks["finish"] = time.time()
+    res["wall_s"] = wall_parts(marks)
+    return res
+
+
+def wall_parts(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds of each part from ordered marks (name -> when it ended): every part after
+    the first mark, which is where the clock starts, plus their total."""
+    names, at = list(marks), list(marks.values())
+    parts = {n: round(b - a, 4) for n, a, b in zip(names[1:], at, at[1:])}
+    parts["total"] = round(at[-1] - at[0], 4) if at else 0.0
+    return parts
 
 
 def save_params(rt: RankRuntime, path: Path) -> None:
@@ -234,5 +259,5 @@ def report_failure(rank: int, e: BaseException, log_dir: Path | None) -> None:
     print(f"aptmoe-run: rank {rank}: {line}{where}", file=sys.stderr, flush=True)
 
 
-__all__ = ["RankSetup", "allowed_cores", "assemble", "bind_cores", "cores_per_rank", "busy_seconds", "init_rank", "report_failure", "run_pipeline",
+__all__ = ["RankSetup", "allowed_cores", "assemble", "bind_cores", "cores_per_rank", "busy_seconds", "init_rank", "report_failure", "run_pipeline", "wall_parts",
            "save_params"]

@@ -71,6 +71,19 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
     assert (out / "results.csv").read_text().startswith("pipeline,")
 
 
+def test_a_spawned_run_says_where_its_wall_time_went(capped_run) -> None:
+    """Every part from the parent's launch to the processes' exit, in order, adding up to
+    the total, and the timed steps no shorter than the step times they hold."""
+    out, _ = capped_run
+    for name, res in json.loads((out / "results.json").read_text())["schedules"].items():
+        wall = res["wall_s"]
+        parts = [k for k in wall if k != "total"]
+        assert parts == ["start", "imports", "prepare", "group", "build", "warmup", "steps", "finish", "exit"], name
+        assert all(wall[k] >= 0 for k in parts)
+        assert sum(wall[k] for k in parts) == pytest.approx(wall["total"], abs=1e-3)
+        assert wall["steps"] >= sum(res["step_s"]) * 0.999
+
+
 def test_a_send_is_posted_before_its_rank_computes_anything_else(capped_run) -> None:
     """The thread that finishes a micro-batch posts its send before its next action: no send
     waits for the net thread to get the GIL and a core (it used to follow the next forward, or
@@ -125,6 +138,8 @@ def test_torchrun_launch_runs_the_seed_line(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads((out / "results.json").read_text())
     assert doc["schedules"]["APTMoE"]["iteration_s"] > 0
+    wall = doc["schedules"]["APTMoE"]["wall_s"]     # under torchrun the clock starts at the schedule
+    assert list(wall) == ["build", "warmup", "steps", "finish", "total"]
     assert (out / "plan-APTMoE.txt").read_text().startswith("APTMoE:")
 
 
