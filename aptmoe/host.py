@@ -52,3 +52,13 @@ def run_loop_s(record: dict | None) -> float | None:
         return None
     values = [*record.get("before", []), *record.get("after", [])]
     return statistics.fmean(values) if values else None
+
+
+def run_stream_GBps(record: dict | None) -> tuple[int, float] | None:
+    """A run's host memory stream (its result's ``host_stream_GBps``: the CPU worker's threads
+    and, per rank, GB/s before and after the steps; exec/host_stream.py) as (threads, the mean
+    over ranks and both ends); None for a run without it."""
+    if not record:
+        return None
+    values = [*record.get("before", []), *record.get("after", [])]
+    return (int(record["threads"]), statistics.fmean(values)) if values else None

@@ -22,22 +22,19 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-
 from aptmoe.calibration.background import Background
+from aptmoe.exec.host_stream import POOL_BYTES, SAMPLES, MiB, median_call
+from aptmoe.exec.host_stream import expert_stream as _expert_stream
 
-MiB = 1 << 20
 # The copies the CPU stream is timed beside: one direction at a time, then both at once (a
 # rank loading the next block while it offloads the last one's gradients)
 CONDITIONS = {"h2d": ("h2d",), "d2h": ("d2h",), "duplex": ("h2d", "d2h")}
-POOL_BYTES = 768 * MiB          # the CPU stream's pool: beyond every cache
 COPY_BYTES = 256 * MiB          # one copy of the copy loop
-SAMPLES = 40                    # CPU calls timed per condition
 ADAM_CHUNK = 4 << 20            # parameters of one chunk (the executor's chunk size)
-D, H = 2048, 8192               # MoE-M's expert
 
 
 @dataclass
@@ -104,34 +101,14 @@ def as_executor_host(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() and t.device.type == "cpu" else t
 
 
-def _median_call(fn: Callable[[], None], n: int = SAMPLES) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
+_median_call = median_call
 Host = Callable[[torch.Tensor], torch.Tensor]
 
 
 def expert_stream(host: Host = as_executor_host) -> tuple[Callable[[], None], int]:
-    """One token through the next expert of the pool (its weights come from memory, placed by
-    `host`): the call and the bytes it reads."""
-    per = 2 * D * H * 4
-    pool = [(host(torch.randn(H, D)), host(torch.randn(D, H)))
-            for _ in range(max(2, POOL_BYTES // per))]
-    x = torch.randn(1, D)
-    at = [0]
-
-    def call() -> None:
-        w1, w2 = pool[at[0] % len(pool)]
-        at[0] += 1
-        torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1)), w2)
-
-    return call, per
+    """One token through the next expert of the pool (exec/host_stream.py; its weights come
+    from memory, placed by `host`): the call and the bytes it reads."""
+    return _expert_stream(host)
 
 
 def adam_stream(host: Host = as_executor_host, chunk: int = ADAM_CHUNK,

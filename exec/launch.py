@@ -89,7 +89,8 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     """Train `cfg` with `plan` on this rank; rank 0 returns the result dict, others None.
 
     `marks` (name -> `time.time()`, in order) gets the end of each part of the run: build
-    (model, buffers, threads), warmup, steps, finish (closing and gathering). Rank 0's
+    (model, buffers, threads), probes (the host's speed before the steps), warmup, steps,
+    finish (the probes again, closing and gathering). Rank 0's
     result carries them as `wall_s`, so a run that takes long says where."""
     marks = {} if marks is None else marks
     dev = setup.device
@@ -105,6 +106,9 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     # the issuing thread's speed around the steps (aptmoe.host): a run's host can be slower or
     # faster than the calibration's, and this says by how much
     loop_s = [python_loop_s()]
+    # and the host memory's, as the rank's CPU work sees it (exec/host_stream.py)
+    stream = [rt.host_stream_GBps()]
+    marks["probes"] = time.time()
     if warm == 0:
         marks["warmup"] = time.time()
     try:
@@ -118,20 +122,21 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
                 progress(i + 1, warm + steps, rep)
         marks["steps"] = time.time()
         loop_s.append(python_loop_s())
+        stream.append(rt.host_stream_GBps())
         if params_dir is not None:
             save_params(rt, params_dir / f"params-rank{setup.rank}.pt")
     finally:
         rt.close()
     gathered = [None] * setup.world if setup.rank == 0 else None
     if setup.world > 1:
-        dist.gather_object((reports, loop_s), gathered, dst=0)
+        dist.gather_object((reports, loop_s, stream), gathered, dst=0)
     else:
-        gathered = [(reports, loop_s)]
+        gathered = [(reports, loop_s, stream)]
     if setup.rank != 0:
         return None
     measured = [pop.iteration(warm + j) for j in range(steps)]
     res = assemble(cfg, plan, [g[0] for g in gathered], measured, setup, trace_path,
-                   host_loop_s=[g[1] for g in gathered])
+                   host_loop_s=[g[1] for g in gathered], host_stream=[g[2] for g in gathered])
     marks["finish"] = time.time()
     res["wall_s"] = wall_parts(marks)
     return res
@@ -191,9 +196,12 @@ def _summed(dicts) -> dict[str, float]:
 
 
 def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measured, setup: RankSetup,
-             trace_path: Path | None, host_loop_s: list[list[float]] | None = None) -> dict:
+             trace_path: Path | None, host_loop_s: list[list[float]] | None = None,
+             host_stream: list[list[float | None]] | None = None) -> dict:
     """Rank 0's result dict from every rank's step reports; `host_loop_s`: per rank, the
-    reference loop's seconds before and after the steps (aptmoe.host.python_loop_s)."""
+    reference loop's seconds before and after the steps (aptmoe.host.python_loop_s);
+    `host_stream`: per rank, the host memory stream's GB/s on its CPU worker before and after
+    (exec/host_stream.py; None where the plan does no CPU work)."""
     steps = len(per_rank[0])
     G = len(per_rank)
     step_s = [max(per_rank[r][j].step_s for r in range(G)) for j in range(steps)]
@@ -242,7 +250,10 @@ def assemble(cfg: RunConfig, plan: Plan, per_rank: list[list[StepReport]], measu
             "num_stages": plan.num_stages, "losses": losses, "step_s": step_s, "metrics": m,
             "device": str(setup.device), "config": cfg.to_dict(),
             **({"host_loop_s": {"before": [r[0] for r in host_loop_s], "after": [r[-1] for r in host_loop_s]}}
-               if host_loop_s else {})}
+               if host_loop_s else {}),
+            **({"host_stream_GBps": {"threads": cfg.cluster.worker_cores, "before": [r[0] for r in host_stream],
+                                     "after": [r[-1] for r in host_stream]}}
+               if host_stream and all(v is not None for r in host_stream for v in r) else {})}
 
 
 def report_failure(rank: int, e: BaseException, log_dir: Path | None) -> None:

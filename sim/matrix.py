@@ -337,6 +337,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "gpus": cell.gpus, "measured_s": row.get("measured_s"),
                          "predicted_s": row.get("predicted_s"), "error": err,
                          "host_speed": row.get("host_speed"), "error_host": row.get("error_host"),
+                         "memory_speed": row.get("memory_speed"),
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},
@@ -482,10 +483,12 @@ def _pct(x, spec="+.1f") -> str:
 def matrix_table(runs: list[dict]) -> str:
     cats = sorted({k for r in runs for k in r if k.startswith("err/")})
     host = any(r.get("host_speed") is not None for r in runs)
+    mem = any(r.get("memory_speed") is not None for r in runs)
     headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error",
-               *(["host x", "at run's host"] if host else []), *[c[4:] for c in cats]]
+               *(["host x", "at run's host"] if host else []), *(["memory x"] if mem else []), *[c[4:] for c in cats]]
     body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
              _pct(r["error"]), *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
+             *([fmt(r.get("memory_speed"), ".2f")] if mem else []),
              *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]
     return format_table(headers, body)
 

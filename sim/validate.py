@@ -34,7 +34,7 @@ from pathlib import Path
 from aptmoe.config import RunConfig
 from aptmoe.run_process import launch_executor
 from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser
-from aptmoe.host import run_loop_s
+from aptmoe.host import run_loop_s, run_stream_GBps
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import load_profile
@@ -190,6 +190,9 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         at = simulate(cfg, profile.with_host_speed(speed), measured_steps=steps)
         row.update(host_speed=speed, predicted_host_s=at.iteration_s,
                    error_host=_error(at.iteration_s, real["iteration_s"]))
+    mem = memory_speed(real, profile)
+    if mem is not None:
+        row["memory_speed"] = mem
     measured_trace = real_dir / f"trace-{name}.json"
     if not measured_trace.exists():             # a stored run keeps its traces compressed
         measured_trace = measured_trace.with_suffix(".json.gz")
@@ -222,6 +225,18 @@ def host_speed(real: dict, profile) -> float | None:
     return None if run is None or cal is None else run / cal
 
 
+def memory_speed(real: dict, profile) -> float | None:
+    """How many times slower the host memory streamed for the run's CPU worker than for the
+    calibration's stream alone at the nearest thread count (`host_memory.cpu_alone_GBps`), or
+    None where either did not measure it. A diagnostic: the prediction does not use it."""
+    run = run_stream_GBps(real.get("host_stream_GBps"))
+    hm = profile.host_memory
+    if run is None or hm is None or not hm.cpu_alone_GBps or run[1] <= 0:
+        return None
+    near = min(hm.cpu_alone_GBps, key=lambda t: (abs(t - run[0]), -t))
+    return hm.cpu_alone_GBps[near] / run[1]
+
+
 def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: bool = True) -> list[dict]:
     """Predict every schedule of the executor's run in `real_dir` and write the comparison
     (validation.json, validation.csv, actions-*.csv, predicted traces, overlays) into `dest`.
@@ -252,13 +267,15 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
 
 def validation_table(rows: list[dict]) -> str:
     host = any(r.get("host_speed") is not None for r in rows)
+    mem = any(r.get("memory_speed") is not None for r in rows)
     headers = (["pipeline", "measured s", "predicted s", "error"] + [f"{r} busy m/p" for r in RESOURCES]
-               + (["host x", "error at run's host"] if host else []))
+               + (["host x", "error at run's host"] if host else []) + (["memory x"] if mem else []))
     body = []
     for r in rows:
         busy = [f"{fmt(_pct(r.get(f'busy/{x}/measured')), '.0f')}/{fmt(_pct(r.get(f'busy/{x}/predicted')), '.0f')}%"
                 for x in RESOURCES]
-        extra = [fmt(r.get("host_speed"), ".2f"), _signed(r.get("error_host"))] if host else []
+        extra = ([fmt(r.get("host_speed"), ".2f"), _signed(r.get("error_host"))] if host else []) \
+            + ([fmt(r.get("memory_speed"), ".2f")] if mem else [])
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
                      _signed(r.get("error")), *busy, *extra])
     return format_table(headers, body)

@@ -72,16 +72,23 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
 
 
 def test_a_spawned_run_says_where_its_wall_time_went(capped_run) -> None:
-    """Every part from the parent's launch to the processes' exit, in order, adding up to
+    """(And what the host memory streamed for it.) Every part from the parent's launch to the processes' exit, in order, adding up to
     the total, and the timed steps no shorter than the step times they hold."""
     out, _ = capped_run
     for name, res in json.loads((out / "results.json").read_text())["schedules"].items():
         wall = res["wall_s"]
         parts = [k for k in wall if k != "total"]
-        assert parts == ["start", "imports", "prepare", "group", "build", "warmup", "steps", "finish", "exit"], name
+        assert parts == ["start", "imports", "prepare", "group", "build", "probes", "warmup", "steps", "finish",
+                         "exit"], name
         assert all(wall[k] >= 0 for k in parts)
         assert sum(wall[k] for k in parts) == pytest.approx(wall["total"], abs=1e-3)
         assert wall["steps"] >= sum(res["step_s"]) * 0.999
+        # the host memory stream beside the run, on the CPU worker of a plan that has CPU work
+        if name == "GPipe":
+            assert "host_stream_GBps" not in res
+        else:
+            s = res["host_stream_GBps"]
+            assert len(s["before"]) == len(s["after"]) == 2 and min(s["before"] + s["after"]) > 0
 
 
 def test_a_send_is_posted_before_its_rank_computes_anything_else(capped_run) -> None:
@@ -139,7 +146,7 @@ def test_torchrun_launch_runs_the_seed_line(tmp_path) -> None:
     doc = json.loads((out / "results.json").read_text())
     assert doc["schedules"]["APTMoE"]["iteration_s"] > 0
     wall = doc["schedules"]["APTMoE"]["wall_s"]     # under torchrun the clock starts at the schedule
-    assert list(wall) == ["build", "warmup", "steps", "finish", "total"]
+    assert list(wall) == ["build", "probes", "warmup", "steps", "finish", "total"]
     assert (out / "plan-APTMoE.txt").read_text().startswith("APTMoE:")
 
 

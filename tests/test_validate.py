@@ -65,6 +65,27 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     loops = json.loads((out / "real" / "results.json").read_text())["schedules"]["Mobius"]["host_loop_s"]
     assert len(loops["before"]) == len(loops["after"]) == 2 and min(loops["before"] + loops["after"]) > 0
     assert "host_speed" not in row
+    # and the host memory stream on each rank's CPU worker; a800-paper measured no stream
+    stream = json.loads((out / "real" / "results.json").read_text())["schedules"]["Mobius"]["host_stream_GBps"]
+    assert stream["threads"] >= 1 and len(stream["before"]) == len(stream["after"]) == 2
+    assert min(stream["before"] + stream["after"]) > 0
+    assert "memory_speed" not in row
+
+
+def test_memory_speed_is_the_profiles_stream_over_the_runs_at_the_nearest_thread_count() -> None:
+    import dataclasses
+
+    from aptmoe.profile import HostMemory, load_profile
+    from aptmoe.sim.validate import memory_speed
+
+    profile = dataclasses.replace(load_profile("a800-paper"),
+                                  host_memory=HostMemory({8: 100.0, 16: 120.0}, {8: 60.0, 16: 80.0}))
+    run = {"host_stream_GBps": {"threads": 14, "before": [30.0, 50.0], "after": [40.0, 40.0]}}
+    assert memory_speed(run, profile) == pytest.approx(2.0)           # 16 threads is nearest: 80 / 40
+    assert memory_speed({**run, "host_stream_GBps": {**run["host_stream_GBps"], "threads": 9}},
+                        profile) == pytest.approx(1.5)
+    assert memory_speed({}, profile) is None                          # a run from before the probe
+    assert memory_speed(run, dataclasses.replace(profile, host_memory=None)) is None
 
 
 def test_a_run_is_predicted_again_at_its_own_host_speed(tmp_path) -> None:
