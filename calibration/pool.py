@@ -1,0 +1,153 @@
+"""Pool several calibrations of one kind of machine into one profile: every figure the median
+of the inputs' figures.
+
+    python -m aptmoe.calibration.pool A.json B.json C.json --name h200-1gpu --out h200-1gpu.json
+
+Why: one calibration's host-side figures move from one lease (or minute) of the same machine
+kind to the next by more than the runs do. On the one-GPU H200 kind, three full calibrations
+made with the same command on three leases (2026-11-29) gave per-block host costs 10-30%
+apart, CPU Adam at 14 threads 0.255-0.307 ns/param and the CPU memory stream 64-85 GB/s, while
+the same grid of runs measured on two of those leases kept its M and L step times within 0-6%
+(docs/validation-h200-v8). Each input then predicts a grid with its own error; their median
+is a better estimate of the machine than any one of them.
+
+How: numbers are the median of the inputs that have them; objects are pooled key by key; a
+list of curves (objects with `seconds`) is pooled curve by curve, a curve matched by what it
+is (its kind, sizes, dtype, direction, threads), at the token points every input measured
+(the pointwise median of monotone curves is monotone); other lists element by element. A
+figure whose inputs differ in shape is an error, not a silent pick. The inputs must be of one
+machine (GPU model and count, CPU model and cores). Parts skipped by every input stay skipped;
+`sources` gives each input's account, `made_by` each input's history and this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import statistics
+import sys
+from typing import Any
+
+from aptmoe import version
+from aptmoe.profile import Profile, ProfileError, load_profile
+
+# what must agree for calibrations to be of one machine
+MACHINE = ("gpu_name", "gpu_count", "cpu_model", "cpu_cores")
+# the profile's own bookkeeping, not figures
+BOOKKEEPING = ("schema", "name", "description", "made_by", "hardware", "skipped", "sources")
+SEP = " | "
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _identity(curve: dict) -> tuple:
+    """What a curve is, apart from its measurements."""
+    return tuple(sorted((k, repr(v)) for k, v in curve.items() if k not in ("tokens", "seconds")))
+
+
+def pooled(values: list[Any], where: str) -> Any:
+    """The median of `values` (one figure of every input that has it), structure kept."""
+    first = values[0]
+    if all(_is_number(v) for v in values):
+        if all(isinstance(v, int) for v in values):     # sizes and counts stay whole numbers
+            return statistics.median_low(values)
+        return statistics.median(values)
+    if all(isinstance(v, dict) for v in values):
+        if "seconds" in first and "tokens" in first:
+            return _pooled_curve(values, where)
+        keys = dict.fromkeys(k for v in values for k in v)
+        return {k: pooled([v[k] for v in values if k in v], f"{where}.{k}") for k in keys}
+    if all(isinstance(v, list) for v in values):
+        if all(isinstance(c, dict) and "seconds" in c for v in values for c in v):
+            return _pooled_curves(values, where)
+        if all(len(v) == len(first) for v in values):
+            return [pooled([v[i] for v in values], f"{where}[{i}]") for i in range(len(first))]
+    if all(v == first for v in values):
+        return first
+    raise ProfileError(f"{where}: the inputs differ in shape ({_shape(first)} against "
+                       f"{_shape(next(v for v in values if v != first))}); pool calibrations made by one command")
+
+
+def _shape(v: Any) -> str:
+    return f"a list of {len(v)}" if isinstance(v, list) else type(v).__name__ if not isinstance(v, str) else repr(v)
+
+
+def _pooled_curve(curves: list[dict], where: str) -> dict:
+    tokens = [t for t in curves[0]["tokens"] if all(t in c["tokens"] for c in curves)]
+    if not tokens:
+        raise ProfileError(f"{where}: the inputs' curves share no token count")
+    out = {k: pooled([c[k] for c in curves], f"{where}.{k}") for k in curves[0] if k not in ("tokens", "seconds")}
+    out["tokens"] = tokens
+    out["seconds"] = [statistics.median(c["seconds"][c["tokens"].index(t)] for c in curves) for t in tokens]
+    return out
+
+
+def _pooled_curves(lists: list[list[dict]], where: str) -> list[dict]:
+    """Curve by curve, matched by identity, in the first input's order (then any others')."""
+    groups: dict[tuple, list[dict]] = {}
+    for curves in lists:
+        for c in curves:
+            groups.setdefault(_identity(c), []).append(c)
+    return [_pooled_curve(group, f"{where}[{i}]") for i, group in enumerate(groups.values())]
+
+
+def _history(doc: dict) -> str:
+    hw = doc["hardware"]
+    cmd = doc["made_by"]["command"]
+    return cmd if SEP in cmd else f"{cmd} ({hw['gpu_count']}x {hw['gpu_name']}, {doc['made_by']['date']})"
+
+
+def pool(docs: list[dict], *, name: str, command: str) -> dict:
+    """One profile from the calibrations `docs` (plain JSON dicts), every figure their median."""
+    if len(docs) < 2:
+        raise ProfileError("pool needs at least two calibration files")
+    first = docs[0]["hardware"]
+    for d in docs[1:]:
+        for k in MACHINE:
+            if d["hardware"].get(k) != first.get(k):
+                raise ProfileError(f"the inputs are of different machines: {k} {first.get(k)!r} against "
+                                   f"{d['hardware'].get(k)!r}; pool calibrations of one kind of machine")
+    out: dict[str, Any] = {k: docs[0][k] for k in ("schema", "description") if k in docs[0]}
+    out["name"] = name
+    out["hardware"] = dict(first)
+    figures = dict.fromkeys(k for d in docs for k in d if k not in BOOKKEEPING)
+    for section in figures:
+        out[section] = pooled([d[section] for d in docs if section in d], section)
+    skipped_everywhere = set.intersection(*({s["part"] for s in d["skipped"]} for d in docs))
+    out["skipped"] = [s for s in docs[0]["skipped"] if s["part"] in skipped_everywhere]
+    n = len(docs)
+    out["sources"] = {}
+    for key in dict.fromkeys(k for d in docs for k in d["sources"]):
+        texts = [(i + 1, d["sources"][key]) for i, d in enumerate(docs) if key in d["sources"]]
+        kind = texts[0][1].split(":", 1)[0]          # what the figures are (measured, derived, ...)
+        out["sources"][key] = (f"{kind}: the median of {len(texts)} of {n} calibrations (calibration/pool.py): "
+                               + " || ".join(f"[{i}] {t}" for i, t in texts))
+    history = [f"input {i + 1}: {_history(d)}" for i, d in enumerate(docs)]
+    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([*history, command]),
+                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.pool", description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", help="calibration files of one kind of machine, made by one command")
+    p.add_argument("--name", default=None, help="name of the pooled profile (default: the first input's)")
+    p.add_argument("--out", required=True)
+    ns = p.parse_args(argv)
+    text = "python -m aptmoe.calibration.pool " + shlex.join(argv if argv is not None else sys.argv[1:])
+    try:
+        profiles = [load_profile(path) for path in ns.inputs]
+        doc = pool([pr.to_dict() for pr in profiles], name=ns.name or profiles[0].name, command=text)
+        Profile.from_dict(doc, ns.out).save(ns.out)
+    except (ProfileError, OSError) as e:
+        print(f"aptmoe-calibrate pool: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"wrote {ns.out}: {doc['name']}, the median of {len(profiles)} calibrations")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

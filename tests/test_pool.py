@@ -1,0 +1,100 @@
+"""Pooling calibrations (calibration/pool.py): every figure the median of the inputs', curves
+matched by what they are, one clean error where the inputs cannot be pooled."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aptmoe.calibration.pool import main as pool_main
+from aptmoe.calibration.pool import pool, pooled
+from aptmoe.profile import ProfileError, load_profile
+
+
+def _h200(tmp_path: Path, name: str, scale: float, *, reverse_curves: bool = False,
+          drop_token: int | None = None) -> Path:
+    """The one-GPU H200 profile with its host figures scaled by `scale`."""
+    doc = copy.deepcopy(load_profile("h200-1gpu").to_dict())
+    doc["name"] = name
+    doc["made_by"] = {**doc["made_by"], "command": f"aptmoe-calibrate --out {name}.json"}
+    for t in doc["adam"]["cpu_s_per_param"]:
+        doc["adam"]["cpu_s_per_param"][t] *= scale
+    for curve in doc["cpu_expert"]:
+        curve["seconds"] = [s * scale for s in curve["seconds"]]
+        if drop_token is not None and drop_token in curve["tokens"]:
+            i = curve["tokens"].index(drop_token)
+            del curve["tokens"][i], curve["seconds"][i]
+    if reverse_curves:
+        doc["cpu_expert"].reverse()
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_three_calibrations_pool_to_their_median_figure_by_figure(tmp_path) -> None:
+    paths = [_h200(tmp_path, "a", 1.0), _h200(tmp_path, "b", 1.3, reverse_curves=True),
+             _h200(tmp_path, "c", 0.8, drop_token=2)]
+    out = tmp_path / "pooled.json"
+    assert pool_main([*map(str, paths), "--name", "h200-pooled", "--out", str(out)]) == 0
+    got, base = load_profile(str(out)), load_profile("h200-1gpu")
+    assert got.name == "h200-pooled"
+    # the middle input (scale 1.0) is every scaled figure's median, whatever order the curves came in
+    assert got.adam.cpu_s_per_param == pytest.approx(base.adam.cpu_s_per_param)
+    by_id = {(c.d, c.h, c.dtype, c.direction, c.threads): c for c in base.cpu_expert}
+    for c in got.cpu_expert:
+        ref = by_id[(c.d, c.h, c.dtype, c.direction, c.threads)]
+        assert 2 not in c.tokens                                      # only points every input measured
+        assert list(c.tokens) == [t for t in ref.tokens if t != 2]
+        assert list(c.seconds) == pytest.approx([s for t, s in zip(ref.tokens, ref.seconds) if t != 2])
+    assert got.gpu == base.gpu and got.links == base.links          # figures all inputs share, unchanged
+    history = got.made_by.command.split(" | ")
+    assert [h.split(":")[0] for h in history[:3]] == ["input 1", "input 2", "input 3"]
+    assert "aptmoe-calibrate --out b.json" in history[1] and history[-1].startswith("python -m aptmoe.calibration.pool")
+    assert got.sources["adam"].startswith("measured: the median of 3 of 3 calibrations")
+
+
+def test_pooling_refuses_other_machines_one_input_and_shapes_that_differ(tmp_path, capsys) -> None:
+    a = _h200(tmp_path, "a", 1.0)
+    out = tmp_path / "p.json"
+    other = json.loads(a.read_text())
+    other["hardware"]["gpu_name"] = "NVIDIA A800"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert pool_main([str(a), str(tmp_path / "other.json"), "--out", str(out)]) == 2
+    assert pool_main([str(a), "--out", str(out)]) == 2
+    bad = json.loads(a.read_text())
+    bad["adam"]["cpu_s_per_param"] = {"14": 1e-10}                  # the same keys, fewer of them: fine
+    (tmp_path / "fewer.json").write_text(json.dumps(bad))
+    assert pool_main([str(a), str(tmp_path / "fewer.json"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "different machines" in err[0] and "at least two" in err[1]
+    with pytest.raises(ProfileError, match="differ in shape"):
+        pooled([[1.0, 2.0], [1.0, 2.0, 3.0]], "x")
+
+
+monotone = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=4, max_size=4).map(
+    lambda xs: [sum(xs[:i + 1]) for i in range(len(xs))])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(monotone, min_size=2, max_size=5))
+def test_the_pointwise_median_of_monotone_curves_is_monotone_and_between_them(curves) -> None:
+    tokens = [1, 2, 4, 8]
+    got = pooled([{"tokens": tokens, "seconds": s, "threads": 4} for s in curves], "c")
+    assert got["tokens"] == tokens and got["threads"] == 4
+    sec = got["seconds"]
+    assert all(a <= b + 1e-12 for a, b in zip(sec, sec[1:]))
+    for i, s in enumerate(sec):
+        assert min(c[i] for c in curves) - 1e-12 <= s <= max(c[i] for c in curves) + 1e-12
+
+
+def test_pool_keeps_only_parts_every_input_skipped() -> None:
+    a = load_profile("h200-1gpu").to_dict()
+    b = copy.deepcopy(a)
+    b["skipped"] = [*b["skipped"], {"part": "adam", "reason": "test"}]
+    doc = pool([b, a], name="p", command="test")
+    assert {s["part"] for s in doc["skipped"]} == {s["part"] for s in a["skipped"]}
