@@ -143,13 +143,20 @@ def _world(ns, use_cuda: bool) -> tuple[int, int]:
     return ns.gpus or 2, 1
 
 
+def planning_profile(ns, use_cuda: bool):
+    """The profile the APTMoE policy plans with (--calibration, else a built-in one); the run
+    keeps a copy beside its results (plan-profile.json), so that a prediction of it, now or
+    with a later profile, takes the decisions the run took (aptmoe-sim validate)."""
+    return load_profile(ns.calibration or ("h200" if use_cuda else "a800-paper"))
+
+
 def prepare(ns, pipeline: str, use_cuda: bool) -> tuple[RunConfig, object, Plan]:
     """The config, cost source and plan of one schedule: every rank derives the same."""
     import torch
 
     gpus, nodes = _world(ns, use_cuda)
     ns.nodes = nodes
-    profile = load_profile(ns.calibration or ("h200" if use_cuda else "a800-paper"))
+    profile = planning_profile(ns, use_cuda)
     hw = profile.cluster_defaults()
     if use_cuda:
         hw["gpu_memory_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = json.loads((tmp / f"result-{name}.json").read_text())
                 _add_exit(results[name], time.time() - launched)
                 (tmp / f"result-{name}.json").unlink()
-            _write_outputs(ns, argv, tmp, cfg0, results)
+            _write_outputs(ns, argv, tmp, cfg0, results, use_cuda)
     except _RankFailed:
         return 1            # the staged folder is gone: no half-written output
     _print_results(say, results, out, ns)
@@ -395,13 +402,13 @@ def _main_torchrun(ns, argv, plans, staged, use_cuda, say) -> int:
         return 1
     if rank != 0:
         return 0
-    _write_outputs(ns, argv, tmp, cfg0, results)
+    _write_outputs(ns, argv, tmp, cfg0, results, use_cuda)
     staged.__exit__(None, None, None)
     _print_results(say, results, staged.target, ns)
     return 0
 
 
-def _write_outputs(ns, argv, tmp: Path, cfg0: RunConfig, results: dict[str, dict]) -> None:
+def _write_outputs(ns, argv, tmp: Path, cfg0: RunConfig, results: dict[str, dict], use_cuda: bool) -> None:
     from aptmoe.plot import plot_trace_file
 
     for name, s in speedups(results).items():
@@ -411,8 +418,10 @@ def _write_outputs(ns, argv, tmp: Path, cfg0: RunConfig, results: dict[str, dict
             trace = tmp / f"trace-{name}.json"
             if trace.exists():
                 plot_trace_file(trace, tmp / f"timeline-{name}.png")
+    profile = planning_profile(ns, use_cuda)
+    profile.save(tmp / "plan-profile.json")
     write_json_atomic(tmp / "results.json", {
-        "config": cfg0.to_dict(), "pipelines": list(results), "command": [PROG, *argv],
+        "config": cfg0.to_dict(), "pipelines": list(results), "command": [PROG, *argv], "planned_with": profile.name,
         "created": datetime.datetime.now().isoformat(timespec="seconds"), "source": "real",
         "schedules": results})
     write_csv(tmp / "results.csv", [flat_row(r) for r in results.values()])
@@ -424,7 +433,7 @@ def _print_results(say, results: dict[str, dict], out: Path, ns) -> None:
         if r.get("losses"):
             say(f"{name}: loss per step " + " ".join(f"{sum(x) / len(x):.4f}" for x in r["losses"]))
     say(f"wrote {out}/ (results.json, results.csv" + ("" if ns.no_trace else ", trace-*.json")
-        + ("" if ns.no_trace or ns.no_plot else ", timeline-*.png") + ", plan-*.txt)")
+        + ("" if ns.no_trace or ns.no_plot else ", timeline-*.png") + ", plan-*.txt, plan-profile.json)")
 
 
 if __name__ == "__main__":

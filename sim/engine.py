@@ -80,10 +80,11 @@ class StepStats:
 
 
 class StepModel:
-    """One training step of the whole machine."""
+    """One training step of the whole machine; its APTMoE policies decide with `decide`
+    (default: `cost`, what the step is timed with)."""
 
     def __init__(self, cfg: RunConfig, plan: Plan, cost: CostSource, counts: IterationCounts,
-                 history, trace: Trace | None, t0: float) -> None:
+                 history, trace: Trace | None, t0: float, decide: CostSource | None = None) -> None:
         self.cfg, self.plan, self.cost, self.counts = cfg, plan, cost, counts
         self.trace, self.t0 = trace, t0
         self.env = simpy.Environment()
@@ -99,7 +100,7 @@ class StepModel:
         shared = cost.memory_share(c.worker_cores)
         self.host_memory = {s: HostMemory(self.env, shared, [self.h2d_roots[s], self.d2h_roots[s]])
                             for s in sockets} if shared else {}
-        policy_cost = SharedLinkView(cost, c.gpus_per_socket)
+        policy_cost = SharedLinkView(cost if decide is None else decide, c.gpus_per_socket)
         self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.worker_cores),
                                 history) for r in range(plan.num_ranks)]
 

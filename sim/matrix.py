@@ -243,10 +243,10 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
         command = [PROG, "validate", "--calibration", ns.calibration, *cmd]
         try:
             with StagedDir(folder) as tmp:
-                run_executor(cmd, tmp / "real")
+                profile.save(tmp / CELL_PROFILE)
+                run_executor(cmd, tmp / "real", tmp / CELL_PROFILE)
                 compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot)
                 compress_traces(tmp / "real")
-                profile.save(tmp / CELL_PROFILE)
                 write_json_atomic(tmp / "cell.json", {
                     "cell": asdict(cell), "name": cell.name, "index": i, "held_back": held_back(i, ns.held_back_every),
                     "command": command, "wall_s": time.monotonic() - started})

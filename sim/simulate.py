@@ -48,16 +48,28 @@ class SimResult:
                 "fallbacks": self.fallbacks, "config": self.config}
 
 
+def _cost(cfg: RunConfig, source: Profile | str | CostSource) -> CostSource:
+    return source if hasattr(source, "gpu_s") else cost_for(cfg, source)
+
+
 def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper", *, trace: Trace | None = None,
-             measured_steps: int | None = None, plan: Plan | None = None, check_plan: bool = True) -> SimResult:
+             measured_steps: int | None = None, plan: Plan | None = None, check_plan: bool = True,
+             plan_with: Profile | str | CostSource | None = None) -> SimResult:
     """Predict `cfg`'s step time; fills `trace` (if given) with every simulated action.
+
+    `plan_with`: the costs the plan and the APTMoE policy's decisions are made with, where
+    they are not the ones the step is timed with. A run planned with one profile and
+    predicted with another (`aptmoe-sim validate`, a stored run predicted again) is then
+    predicted with the run's own decisions: which experts go to the CPU, which loads are
+    split, and the plan's layout are those the executor took.
 
     A given `plan` is validated first unless `check_plan` is false (the caller built it with
     `build_plan`, whose plans are property-tested to validate; at 256 GPUs the check costs
     a fifth of the run). A stalled simulation is reported either way."""
-    cost = profile if hasattr(profile, "gpu_s") else cost_for(cfg, profile)
+    cost = _cost(cfg, profile)
+    decide = cost if plan_with is None else _cost(cfg, plan_with)
     if plan is None:
-        plan = build_plan(cfg, cost)
+        plan = build_plan(cfg, decide)
     elif check_plan:
         validate(plan)                  # ordering, matching, no deadlock
     pop = popularity_from_config(cfg)
@@ -71,7 +83,7 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
         history = pop.iteration(i - 1).layer_totals() if i > 0 else None
         model = None
         try:
-            model = StepModel(cfg, plan, cost, pop.iteration(i), history, trace, t0)
+            model = StepModel(cfg, plan, cost, pop.iteration(i), history, trace, t0, decide=decide)
             st = model.run()
         except OutOfMemory as e:
             peak = max([e.need] + ([r.peak for r in model.ranks] if model is not None else []))

@@ -6,7 +6,10 @@
    the flags given, writing its results and measured traces.
 2. For each schedule the simulator predicts the config the executor *ran* (its
    results.json records it, cores per rank and GPU memory included) with the calibration
-   profile, over as many steps, from the same seed and popularity, on the same plan.
+   profile, over as many steps, from the same seed and popularity, on the same plan and with
+   the same decisions: the executor plans with the profile given here and keeps a copy
+   (plan-profile.json), and a stored run is predicted with the decisions of the profile it
+   planned with (`planning_profile`), whatever profile times it.
 3. The comparison: predicted against measured step time, busy fraction of each resource,
    and per-action timing error (an action is matched by rank, stream, name and occurrence), by
    category; an overlay timeline per schedule (prediction above, measurement below).
@@ -78,9 +81,32 @@ def executor_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def run_executor(argv: list[str], out: Path) -> None:
-    """The executor on our flags; exit 3 (every schedule refused) still writes its results."""
-    launch_executor([*executor_argv(argv), "-q"], out, ok=(0, 3))
+def run_executor(argv: list[str], out: Path, calibration: str | Path | None = None) -> None:
+    """The executor on our flags, its APTMoE policy planning with `calibration` (the profile
+    the prediction uses: one plan, one set of decisions); exit 3 (every schedule refused)
+    still writes its results."""
+    plan_with = [] if calibration is None else ["--calibration", str(calibration)]
+    launch_executor([*executor_argv(argv), *plan_with, "-q"], out, ok=(0, 3))
+
+
+PLAN_PROFILE = "plan-profile.json"       # aptmoe-run's copy of the profile it planned with
+
+
+def planning_profile(real_dir: Path, real: dict):
+    """The profile the executor planned a run with: the copy it wrote beside its results;
+    for runs from before it wrote one, the --calibration of its command, else aptmoe-run's
+    default of the time (h200 on a GPU, a800-paper on the CPU)."""
+    if (real_dir / PLAN_PROFILE).exists():
+        return load_profile(real_dir / PLAN_PROFILE)
+    cmd = real.get("command", [])
+    for i, a in enumerate(cmd):
+        if a == "--calibration" and i + 1 < len(cmd):
+            return load_profile(cmd[i + 1])
+        if a.startswith("--calibration="):
+            return load_profile(a.split("=", 1)[1])
+    # a schedule's "device" is the GPU's name on a GPU rank (exec/device.py), "cpu" on the CPU
+    cuda = any(s.get("device", "cpu") != "cpu" for s in real.get("schedules", {}).values())
+    return load_profile("h200" if cuda else "a800-paper")
 
 
 def _key_events(trace: Trace) -> dict[tuple[int, str, str, int], object]:
@@ -168,7 +194,10 @@ def beside_errors(rows: list[dict]) -> dict[str, dict]:
     return {k: {"blocks": len(v), "median_error": statistics.median(v)} for k, v in sorted(by.items())}
 
 
-def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path, plot: bool = True) -> dict:
+def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path, plot: bool = True,
+                      plan_with=None) -> dict:
+    """One schedule of a run, predicted with `profile` on the decisions of `plan_with` (the
+    profile the run planned with; default `profile`)."""
     from aptmoe.sim.simulate import simulate
 
     if real.get("oom") or real.get("iteration_s") is None:
@@ -177,7 +206,7 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     cfg = RunConfig.from_dict(real["config"])
     steps = len(real["step_s"])
     trace = Trace("sim", meta={"pipeline": name, "model": cfg.model.name, "calibration": profile.name})
-    pred = simulate(cfg, profile, trace=trace, measured_steps=steps)
+    pred = simulate(cfg, profile, trace=trace, measured_steps=steps, plan_with=plan_with)
     trace.save(tmp / f"trace-{name}-predicted.json")
     row = {"pipeline": name, "steps": steps, "measured_s": real["iteration_s"], "predicted_s": pred.iteration_s,
            "error": _error(pred.iteration_s, real["iteration_s"]),
@@ -187,7 +216,7 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         row[f"busy/{r}/predicted"] = pred.metrics.get(f"busy/{r}")
     speed = host_speed(real, profile)
     if speed is not None and pred.iteration_s is not None:
-        at = simulate(cfg, profile.with_host_speed(speed), measured_steps=steps)
+        at = simulate(cfg, profile.with_host_speed(speed), measured_steps=steps, plan_with=plan_with)
         row.update(host_speed=speed, predicted_host_s=at.iteration_s,
                    error_host=_error(at.iteration_s, real["iteration_s"]))
     mem = memory_speed(real, profile)
@@ -242,8 +271,12 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     (validation.json, validation.csv, actions-*.csv, predicted traces, overlays) into `dest`.
     Reads only the run's files, so a stored run can be predicted again by a newer model."""
     real = json.loads((real_dir / "results.json").read_text())
-    rows = [validate_schedule(name, res, real_dir, profile, dest, plot) for name, res in real["schedules"].items()]
-    write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name, "schedules": rows})
+    planned = planning_profile(real_dir, real)
+    rows = [validate_schedule(name, res, real_dir, profile, dest, plot, plan_with=planned)
+            for name, res in real["schedules"].items()]
+    write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name,
+                                                 "planned_with": planned.name if planned else profile.name,
+                                                 "schedules": rows})
     flat = [{k: v for k, v in r.items() if k not in ("actions", "beside")} for r in rows]
     with open(dest / "validation.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
@@ -258,7 +291,7 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
     say = (lambda *a: None) if ns.quiet else print
     with StagedDir(out) as tmp:
         say("running the executor ...")
-        run_executor(argv, tmp / "real")
+        run_executor(argv, tmp / "real", ns.calibration)
         rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv])
     say(validation_table(rows))
     say(f"wrote {out}/ (validation.json, validation.csv, actions-*.csv, overlay-*.png, real/)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,9 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     assert stream["threads"] >= 1 and len(stream["before"]) == len(stream["after"]) == 2
     assert min(stream["before"] + stream["after"]) > 0
     assert "memory_speed" not in row
+    # the executor planned with the profile the prediction uses, and kept a copy of it
+    assert json.loads((out / "real" / "results.json").read_text())["planned_with"] == "a800-paper"
+    assert (out / "real" / "plan-profile.json").exists() and doc["planned_with"] == "a800-paper"
 
 
 def test_memory_speed_is_the_profiles_stream_over_the_runs_at_the_nearest_thread_count() -> None:
@@ -118,6 +122,40 @@ def test_a_run_is_predicted_again_at_its_own_host_speed(tmp_path) -> None:
     assert same["error_host"] == pytest.approx(same["error"])
     assert twice["host_speed"] == pytest.approx(2.0) and twice["predicted_s"] == pytest.approx(same["predicted_s"])
     assert twice["predicted_host_s"] > 1.1 * twice["predicted_s"]        # CPU ranks: the calls are the step
+
+
+def test_a_run_is_predicted_with_the_decisions_of_the_profile_it_planned_with(tmp_path) -> None:
+    """The executor keeps the profile its policy planned with; a run from before it did is
+    taken to have planned with aptmoe-run's default of its device."""
+    from aptmoe.sim.validate import planning_profile
+
+    real = tmp_path / "real"
+    real.mkdir()
+    gpu = {"command": ["aptmoe-run"], "schedules": {"Mobius": {"device": "NVIDIA H200"}}}
+    assert planning_profile(real, gpu).name == "h200"
+    assert planning_profile(real, {**gpu, "schedules": {"Mobius": {"device": "cpu"}}}).name == "a800-paper"
+    assert planning_profile(real, {**gpu, "command": ["aptmoe-run", "--calibration", "h200-1gpu"]}).name == "h200-1gpu"
+    from aptmoe.profile import load_profile
+    load_profile("h200-1gpu").save(real / "plan-profile.json")
+    assert planning_profile(real, gpu).name == "h200-1gpu"
+
+
+def test_simulate_takes_its_decisions_from_plan_with_and_its_times_from_the_profile() -> None:
+    """The same profile both ways is the plain prediction; APTMoE planned with another
+    profile places other experts on the CPU and so predicts another step; GPipe has no
+    decisions to take."""
+    from aptmoe.config import RunConfig
+    from aptmoe.sim.simulate import simulate
+
+    runs = Path(__file__).resolve().parents[1] / "docs/validation-h200-v8/cells/S8x8-G0.6-cap8-1gpu/real/results.json"
+    cfg = RunConfig.from_dict(json.loads(runs.read_text())["schedules"]["APTMoE"]["config"])    # MoE-S8, capped
+    plain = simulate(cfg, "h200-1gpu")
+    assert simulate(cfg, "h200-1gpu", plan_with="h200-1gpu").iteration_s == plain.iteration_s
+    other = simulate(cfg, "h200-1gpu", plan_with="a800-paper")
+    assert other.iteration_s != plain.iteration_s
+    assert other.metrics["cpu/expert_share"] != plain.metrics["cpu/expert_share"]
+    gpipe = RunConfig.from_dict(json.loads(runs.read_text())["schedules"]["GPipe"]["config"])
+    assert simulate(gpipe, "h200-1gpu", plan_with="a800-paper").iteration_s == simulate(gpipe, "h200-1gpu").iteration_s
 
 
 def test_validate_needs_a_calibration(capsys) -> None:
