@@ -11,6 +11,12 @@ step counter, advanced once per step by the thread that hands the chunks out, so
 is one call: the fused kernel torch's own `Adam(fused=True)` runs, with the same arguments, so
 the results are the same bits. A torch without the CPU kernel (before 2.4) gets
 `torch.optim.Adam` per chunk, as before.
+
+On a GPU (a resident plan's blocks, the model's ends) it is the same fused call on the GPU's
+tensors. That also keeps `torch.optim` out of the executor: an optimizer's constructor imports
+torch._dynamo (and sympy and FSDP through it), 1.2 s on the 2-core machine and part of the
+3.4 s that a one-GPU H200 rank spent compiling Python source while it built
+(docs/validation-h200-v8/build-profile.log), in every schedule's processes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ def _has_fused_cpu() -> bool:
 FUSED_CPU = _has_fused_cpu()
 
 
+def _fused_for(chunks: list[torch.Tensor]) -> bool:
+    """Whether torch has the fused kernel for these chunks' device (CUDA's since torch 2.0)."""
+    if all(not c.is_cuda for c in chunks):
+        return FUSED_CPU
+    return all(c.is_cuda for c in chunks) and hasattr(torch, "_fused_adam_")
+
+
 def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     """`torch.optim.Adam` with torch's fused kernel where this torch has it for the device,
     else the plain loop (the GPU's ends, and chunks on a torch without the CPU kernel)."""
@@ -50,9 +63,10 @@ class BlockAdam:
 
     def __init__(self, chunks: list[torch.Tensor], lr: float, fused: bool | None = None) -> None:
         self.chunks, self.lr = chunks, lr
-        self.fused = (FUSED_CPU and all(not c.is_cuda for c in chunks)) if fused is None else fused
+        self.fused = _fused_for(chunks) if fused is None else fused
         if self.fused:
-            self.step = torch.zeros((), dtype=torch.float32)    # as torch keeps state["step"]
+            # as torch keeps state["step"] for its fused kernel: a float32 scalar on the device
+            self.step = torch.zeros((), dtype=torch.float32, device=chunks[0].device if chunks else None)
             self.exp_avg = [torch.zeros_like(c) for c in chunks]
             self.exp_avg_sq = [torch.zeros_like(c) for c in chunks]
         else:

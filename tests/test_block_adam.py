@@ -57,3 +57,52 @@ def test_make_adam_keeps_torch_defaults() -> None:
     p = torch.zeros(4, requires_grad=True)
     opt = make_adam([p], 1e-3)
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_it_is_torchs_fused_adam_to_the_bit() -> None:
+    """A resident block and the model's ends: the same fused kernel on the GPU, no torch.optim."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(5)
+    flat = torch.randn(4096, device=dev, generator=g)
+    ref = flat.clone().requires_grad_()
+    adam = BlockAdam([flat], lr=1e-2)
+    assert adam.fused and adam.step.device.type == "cuda"
+    opt = torch.optim.Adam([ref], lr=1e-2, fused=True)
+    for _ in range(3):
+        grad = torch.randn(4096, device=dev, generator=g)
+        adam.begin_step()
+        adam.step_chunk(0, grad)
+        ref.grad = grad
+        opt.step()
+    assert torch.equal(flat, ref.detach())
+
+
+def test_a_run_imports_no_torch_dynamo() -> None:
+    """torch.optim's constructors import torch._dynamo (with sympy and FSDP): 1.2 s here and
+    part of a one-GPU H200 rank's 10 s build, in every schedule's processes. The executor's
+    optimizers are fused calls of its own."""
+    import subprocess
+    import sys
+
+    if not FUSED_CPU:
+        pytest.skip("this torch has no fused CPU Adam: the executor falls back to torch.optim")
+    code = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from aptmoe.exec.cli import make_run_parser, prepare
+from aptmoe.exec.launch import init_rank, run_pipeline
+from aptmoe.exec.runtime import ExecOptions
+ns = make_run_parser().parse_args(["--is_moe=True", "--model_config=S", "--embedding_dim", "32", "--hidden_dim", "64",
+    "--num_heads", "4", "--num_layers", "2", "--num_stages", "2", "--num_experts", "4", "--batch_size", "4",
+    "--num_chunks", "2", "--seq_length", "8", "--gpus", "1", "--topo", "C1+G1", "--device", "cpu",
+    "--pipeline", "APTMoE", "--num_warmup_steps", "0", "--num_training_steps", "1"])
+cfg, cost, plan = prepare(ns, "APTMoE", False)
+res = run_pipeline(init_rank(0, 1, 0, cfg, 60, use_cuda=False), cfg, plan, cost, data=None, opts=ExecOptions(timeout_s=60))
+print(res["iteration_s"] > 0, "torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False"]
