@@ -583,20 +583,24 @@ def test_compare_refuses_what_it_cannot_compare_in_one_line(tmp_path, capsys, ma
 # executor's default h200 for every stored grid): v5, v6 and v8 do not move; v7 goes from 3.8%
 # to 4.8% (5.2 to 5.9% held back), most of it one run (S8 G0.6 capped APTMoE, +0.4% to +8.1%).
 # Session 11's (v8, 11 cells on two leases, the first one's host slow: its three S8 cells
-# 10-39% slower than v7's, docs/validation-h200-v8/README.md): 7.2%, worst 26.8%.
+# 10-39% slower than v7's, docs/validation-h200-v8/README.md): 7.2%, worst 26.8%. Then an
+# expert no micro-batch routes to gets no gradient, offload or update, as in the executor
+# (v8's offload bytes and update counts now match the runs'): v5 7.3 -> 7.8%, v6 8.0 -> 8.3%,
+# v7 4.8 -> 4.9%, v8 7.2 -> 8.8% (worst 28.5%). The predictions get faster in the G 0.6 cells,
+# where the model was already short.
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 H200_FLAGS = ["--calibration", "h200-1gpu", "--steps", "3", "--no-plot", "-q", "--cell-profiles"]
 H200_STORED = {
-    "validation-h200-v5": (48, 12, {"all": (0.075, 0.27), "held-back": (0.085, 0.27)}),
+    "validation-h200-v5": (48, 12, {"all": (0.08, 0.27), "held-back": (0.085, 0.27)}),
     "validation-h200-v6": (40, 10, {"all": (0.085, 0.32), "held-back": (0.12, 0.32)}),
     "validation-h200-v7": (44, 11, {"all": (0.05, 0.37), "held-back": (0.06, 0.37)}),
-    "validation-h200-v8": (44, 11, {"all": (0.075, 0.27), "held-back": (0.08, 0.24)}),
+    "validation-h200-v8": (44, 11, {"all": (0.09, 0.29), "held-back": (0.08, 0.24)}),
 }
 # The same runs predicted with the committed h200-1gpu, the median of three calibrations
-# (calibration/pool.py; session 11): v7 3.0% (held back 2.6%), v8 2.5% (5.7%); worst 28.6 and 28.1%.
+# (calibration/pool.py; session 11): v7 3.3% (held back 2.6%), v8 3.3% (5.7%); worst 28.3 and 29.3%.
 H200_POOLED = {
-    "validation-h200-v7": {"all": (0.032, 0.29), "held-back": (0.03, 0.29)},
-    "validation-h200-v8": {"all": (0.027, 0.29), "held-back": (0.06, 0.24)},
+    "validation-h200-v7": {"all": (0.035, 0.29), "held-back": (0.03, 0.29)},
+    "validation-h200-v8": {"all": (0.035, 0.30), "held-back": (0.06, 0.24)},
 }
 
 

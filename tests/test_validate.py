@@ -217,3 +217,25 @@ def test_compute_blocks_are_labelled_by_the_neighbours_busy_beside_them() -> Non
     by = beside_errors(rows)
     assert by["load"] == {"blocks": 2, "median_error": pytest.approx(-0.5)}
     assert set(by) == {"load", "load+cpu", "cpu"}
+
+
+def test_the_simulator_offloads_and_updates_what_the_executor_did() -> None:
+    """MoE-S8 at G 0.6 leaves one expert per layer and step without tokens: the executor
+    neither offloads nor updates it (no gradient), and neither does the simulator. Over a
+    stored one-GPU run's three steps both move the same bytes and run the same Adam chunks."""
+    from aptmoe.config import RunConfig
+    from aptmoe.sim.simulate import simulate
+    from aptmoe.trace import Trace
+
+    real = Path(__file__).resolve().parents[1] / "docs/validation-h200-v8/cells/S8x8-G0.6-cap8-1gpu/real"
+    res = json.loads((real / "results.json").read_text())["schedules"]["Mobius"]
+    measured = Trace.load(real / "trace-Mobius.json.gz")
+    predicted = Trace("sim")
+    simulate(RunConfig.from_dict(res["config"]), "h200-1gpu", trace=predicted, measured_steps=len(res["step_s"]),
+             plan_with="h200")
+
+    def moved(tr: Trace) -> tuple[int, int]:
+        return (sum(e.args["bytes"] for e in tr.events if e.cat == "offload"),
+                sum(1 for e in tr.events if e.cat == "update"))
+
+    assert moved(predicted) == moved(measured) == (6_040_977_408, 408)
