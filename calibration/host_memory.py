@@ -101,7 +101,6 @@ def as_executor_host(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() and t.device.type == "cpu" else t
 
 
-_median_call = median_call
 Host = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -143,18 +142,18 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) 
     each direction's copies (their thread on the `spare` cores, if any), and the Adam check."""
     torch.set_num_threads(threads)
     expert, nbytes = expert_stream()
-    res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / _median_call(expert) / 1e9)
+    res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / median_call(expert) / 1e9)
     for condition, directions in CONDITIONS.items():
         with contextlib.ExitStack() as stack:
             loops = [stack.enter_context(CopyLoop(d, gpu, spare)) for d in directions]
-            seconds = _median_call(expert)
+            seconds = median_call(expert)
         res.cpu_under_GBps[condition] = nbytes / seconds / 1e9
         res.copy_under_GBps[condition] = sum(loop.GBps for loop in loops)
     del expert
     adam, params = adam_stream()
-    res.adam_alone_ns = _median_call(adam) / params * 1e9
+    res.adam_alone_ns = median_call(adam) / params * 1e9
     with CopyLoop("d2h", gpu, spare):
-        res.adam_under_d2h_ns = _median_call(adam) / params * 1e9
+        res.adam_under_d2h_ns = median_call(adam) / params * 1e9
     return res
 
 

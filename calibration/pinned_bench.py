@@ -19,6 +19,7 @@ import sys
 import torch
 
 from aptmoe.calibration import host_memory as hm
+from aptmoe.exec.host_stream import median_call
 
 
 def _streams(pinned: bool):
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     got: dict[str, dict[str, list[float]]] = {k: {"expert": [], "adam": []} for k in kinds}
     for _ in range(ns.rounds):
         for kind, ((expert, nbytes), (adam, params)) in kinds.items():
-            got[kind]["expert"].append(nbytes / hm._median_call(expert) / 1e9)
-            got[kind]["adam"].append(hm._median_call(adam) / params * 1e9)
+            got[kind]["expert"].append(nbytes / median_call(expert) / 1e9)
+            got[kind]["adam"].append(median_call(adam) / params * 1e9)
     print(f"{ns.threads} threads, medians of {ns.rounds} rounds of {hm.SAMPLES} calls:")
     for kind, g in got.items():
         print(f"  {kind:9s} expert stream {statistics.median(g['expert']):6.1f} GB/s   "

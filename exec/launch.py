@@ -111,15 +111,15 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     pop = popularity_from_config(cfg)
     warm, steps = cfg.train.num_warmup_steps, cfg.train.num_training_steps
     reports: list[StepReport] = []
-    # the issuing thread's speed around the steps (aptmoe.host): a run's host can be slower or
-    # faster than the calibration's, and this says by how much
-    loop_s = [python_loop_s()]
-    # and the host memory's, as the rank's CPU work sees it (exec/host_stream.py)
-    stream = [rt.host_stream_GBps()]
-    marks["probes"] = time.time()
-    if warm == 0:
-        marks["warmup"] = time.time()
     try:
+        # the issuing thread's speed around the steps (aptmoe.host): a run's host can be slower
+        # or faster than the calibration's, and this says by how much; and the host memory's,
+        # as the rank's CPU work sees it (exec/host_stream.py)
+        loop_s = [python_loop_s()]
+        stream = [rt.host_stream_GBps()]
+        marks["probes"] = time.time()
+        if warm == 0:
+            marks["warmup"] = time.time()
         for i in range(warm + steps):
             rep = rt.run_step(i, pop.iteration(i))
             if i >= warm:
