@@ -225,14 +225,22 @@ class RankRuntime:
     def host_stream_GBps(self) -> float | None:
         """The host memory stream's speed on this rank's CPU worker, with its threads, just now
         (exec/host_stream.py), or None for a plan that does no CPU work (every parameter
-        resident on the GPU). The stream's 768 MiB pool is made for each reading and freed
-        after it: kept through the steps, it slowed them (2-core machine, 3 rounds alternating:
+        resident on the GPU). The stream's 768 MiB pool is made for each reading, inside the
+        worker's job, and freed when it ends (on a GPU rank, out of torch's pinned cache too):
+        kept through the steps, it slowed them (2-core machine, 3 rounds alternating:
         GPipeOffload 0.71-0.82 s/step without the probe, 0.81-0.94 with a kept pool; freed, as
         without)."""
         if self.plan.resident:
             return None
-        stream = HostStream(self.dev.host_buffer if self.dev.cuda else lambda t: t)
-        return self.cpu.submit(cpu_worker.EXPERT, stream.GBps).result(timeout=120)
+        place = self.dev.host_buffer if self.dev.cuda else (lambda t: t)
+
+        def read() -> float:            # the pool lives and dies inside the job: nothing keeps it
+            return HostStream(place).GBps()
+
+        gbps = self.cpu.submit(cpu_worker.EXPERT, read).result(timeout=120)
+        if self.dev.cuda:               # freed pinned memory stays in torch's cache unless emptied
+            getattr(torch._C, "_host_emptyCache", lambda: None)()
+        return gbps
 
     def close(self) -> None:
         self.cpu.close()
