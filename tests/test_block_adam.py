@@ -93,7 +93,11 @@ def test_a_run_imports_no_torch_dynamo_and_steps_with_its_objects_frozen() -> No
         pytest.skip("this torch has no fused CPU Adam: the executor falls back to torch.optim")
     code = """
 import gc, os, sys
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import socket
+with socket.socket() as sk:                 # a free port, not a fixed one another run may hold
+    sk.bind(("127.0.0.1", 0))
+    port = sk.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 from aptmoe.exec.cli import make_run_parser, prepare
 from aptmoe.exec.launch import init_rank, run_pipeline
 from aptmoe.exec.runtime import ExecOptions
