@@ -48,9 +48,12 @@ def python_loop_s(repeats: int = 3, iterations: int = LOOP_ITERATIONS) -> float:
 def run_loop_s(record: dict | None) -> float | None:
     """A run's reference loop (its result's ``host_loop_s``: per rank, before and after the
     steps) as one figure, the mean over ranks and both ends; None for a run without it."""
-    if not record:
-        return None
-    values = [*record.get("before", []), *record.get("after", [])]
+    return _mean_of_ends(record)
+
+
+def _mean_of_ends(record: dict | None) -> float | None:
+    """The mean of a per-rank reading's `before` and `after` values; None where there are none."""
+    values = [*record.get("before", []), *record.get("after", [])] if record else []
     return statistics.fmean(values) if values else None
 
 
@@ -58,7 +61,5 @@ def run_stream_GBps(record: dict | None) -> tuple[int, float] | None:
     """A run's host memory stream (its result's ``host_stream_GBps``: the CPU worker's threads
     and, per rank, GB/s before and after the steps; exec/host_stream.py) as (threads, the mean
     over ranks and both ends); None for a run without it."""
-    if not record:
-        return None
-    values = [*record.get("before", []), *record.get("after", [])]
-    return (int(record["threads"]), statistics.fmean(values)) if values else None
+    mean = _mean_of_ends(record)
+    return None if mean is None else (int(record["threads"]), mean)

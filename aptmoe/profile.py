@@ -806,6 +806,12 @@ def list_profiles() -> list[str]:
     return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".json"))
 
 
+def default_planning_profile(on_gpu: bool) -> str:
+    """The built-in profile aptmoe-run's APTMoE policy plans with when it is given none; validate
+    takes a stored run without a record of its profile to have planned with it."""
+    return "h200" if on_gpu else "a800-paper"
+
+
 def load_profile(name_or_path: str | os.PathLike) -> Profile:
     """A built-in profile by bare name (no slash, no .json), or a calibration file by path."""
     text_name = os.fspath(name_or_path)

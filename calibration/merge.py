@@ -56,6 +56,13 @@ def producer(doc: dict, section: str) -> str:
     return history[0] if len(history) > 1 else _measured(doc)     # a merge's first entry says where and when
 
 
+def history(doc: dict) -> str:
+    """How the profile `doc` was made: a merge's (or pool's) history as it stands, a measured
+    file's command with its machine and date."""
+    cmd = doc["made_by"]["command"]
+    return cmd if SEP in cmd else _measured(doc)
+
+
 def _measured(doc: dict) -> str:
     """A measured (not merged) file's command with its machine and date."""
     hw = doc["hardware"]
@@ -66,8 +73,7 @@ def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str)
     """`base` with each (section, other) taken from other; plain JSON dicts in, one out."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     out["skipped"] = list(base["skipped"])
-    base_history = base["made_by"]["command"]
-    commands = [base_history if SEP in base_history else _measured(base)]
+    commands = [history(base)]
     for section, other in takes:
         if section in other:
             out[section] = other[section]

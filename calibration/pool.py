@@ -30,13 +30,13 @@ import sys
 from typing import Any
 
 from aptmoe import version
+from aptmoe.calibration.merge import SEP, history
 from aptmoe.profile import Profile, ProfileError, load_profile
 
 # what must agree for calibrations to be of one machine
 MACHINE = ("gpu_name", "gpu_count", "cpu_model", "cpu_cores")
 # the profile's own bookkeeping, not figures
 BOOKKEEPING = ("schema", "name", "description", "made_by", "hardware", "skipped", "sources")
-SEP = " | "
 
 
 def _is_number(v: Any) -> bool:
@@ -94,12 +94,6 @@ def _pooled_curves(lists: list[list[dict]], where: str) -> list[dict]:
     return [_pooled_curve(group, f"{where}[{i}]") for i, group in enumerate(groups.values())]
 
 
-def _history(doc: dict) -> str:
-    hw = doc["hardware"]
-    cmd = doc["made_by"]["command"]
-    return cmd if SEP in cmd else f"{cmd} ({hw['gpu_count']}x {hw['gpu_name']}, {doc['made_by']['date']})"
-
-
 def pool(docs: list[dict], *, name: str, command: str) -> dict:
     """One profile from the calibrations `docs` (plain JSON dicts), every figure their median."""
     if len(docs) < 2:
@@ -125,8 +119,8 @@ def pool(docs: list[dict], *, name: str, command: str) -> dict:
         kind = texts[0][1].split(":", 1)[0]          # what the figures are (measured, derived, ...)
         out["sources"][key] = (f"{kind}: the median of {len(texts)} of {n} calibrations (calibration/pool.py): "
                                + " || ".join(f"[{i}] {t}" for i, t in texts))
-    history = [f"input {i + 1}: {_history(d)}" for i, d in enumerate(docs)]
-    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([*history, command]),
+    inputs = [f"input {i + 1}: {history(d)}" for i, d in enumerate(docs)]
+    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([*inputs, command]),
                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return out
 

@@ -37,7 +37,7 @@ from aptmoe.memory import MemoryModel
 from aptmoe.plan.builders import build_plan
 from aptmoe.plan.plan import Plan, PlanError
 from aptmoe.plan.validate import validate
-from aptmoe.profile import ProfileError, cost_for, load_profile
+from aptmoe.profile import ProfileError, cost_for, default_planning_profile, load_profile
 from aptmoe.report import (
     OutputExistsError,
     StagedDir,
@@ -147,7 +147,7 @@ def planning_profile(ns, use_cuda: bool):
     """The profile the APTMoE policy plans with (--calibration, else a built-in one); the run
     keeps a copy beside its results (plan-profile.json), so that a prediction of it, now or
     with a later profile, takes the decisions the run took (aptmoe-sim validate)."""
-    return load_profile(ns.calibration or ("h200" if use_cuda else "a800-paper"))
+    return load_profile(ns.calibration or default_planning_profile(use_cuda))
 
 
 def prepare(ns, pipeline: str, use_cuda: bool) -> tuple[RunConfig, object, Plan]:

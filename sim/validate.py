@@ -40,7 +40,7 @@ from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser
 from aptmoe.host import run_loop_s, run_stream_GBps
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
-from aptmoe.profile import load_profile
+from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.report import StagedDir, fmt, format_table, timestamp
 from aptmoe.trace import Trace, write_json_atomic
 
@@ -106,7 +106,7 @@ def planning_profile(real_dir: Path, real: dict):
             return load_profile(a.split("=", 1)[1])
     # a schedule's "device" is the GPU's name on a GPU rank (exec/device.py), "cpu" on the CPU
     cuda = any(s.get("device", "cpu") != "cpu" for s in real.get("schedules", {}).values())
-    return load_profile("h200" if cuda else "a800-paper")
+    return load_profile(default_planning_profile(cuda))
 
 
 def _key_events(trace: Trace) -> dict[tuple[int, str, str, int], object]:

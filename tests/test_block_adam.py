@@ -93,12 +93,8 @@ def test_a_run_imports_no_torch_dynamo_and_steps_with_its_objects_frozen() -> No
         pytest.skip("this torch has no fused CPU Adam: the executor falls back to torch.optim")
     code = """
 import gc, os, sys
-import socket
-with socket.socket() as sk:                 # a free port, not a fixed one another run may hold
-    sk.bind(("127.0.0.1", 0))
-    port = sk.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-from aptmoe.exec.cli import make_run_parser, prepare
+from aptmoe.exec.cli import _free_port, make_run_parser, prepare
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 from aptmoe.exec.launch import init_rank, run_pipeline
 from aptmoe.exec.runtime import ExecOptions
 ns = make_run_parser().parse_args(["--is_moe=True", "--model_config=S", "--embedding_dim", "32", "--hidden_dim", "64",
