@@ -89,8 +89,8 @@ class CostSource(Protocol):
         it runs at its calibrated speed whatever runs beside it)."""
 
     def pacer_late_s(self) -> float:
-        """How late each copy on a capped link ends beyond its bytes over the cap: its pacing
-        thread's last sleep ends late (0: not measured)."""
+        """How long after its bytes have passed over the cap a copy on a capped link is seen to
+        have landed (the link is free meanwhile; 0: not measured)."""
 
 
 def cpu_expert_bytes(d: int, h: int, dtype_bytes: int, tokens: int, direction: str) -> int:

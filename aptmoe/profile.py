@@ -25,8 +25,9 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor}, what
   a GPU rank's issuing thread loses per copy landed, paced chunk and CPU job of its other
   threads, and its slowdown beside DMA and a memory stream (calibration/issue_tolls.py);
-- ``pacer`` (optional): {late_s}, what every copy on a capped link takes beyond its bytes over
-  the cap: its pacing thread's last sleep ends late (calibration/pacer.py);
+- ``pacer`` (optional): {late_s}, how long after its bytes have passed over the cap a copy on
+  a capped link is seen to have landed: the pacing thread's sleep ends late, and the thread
+  waiting for the copy wakes after it (calibration/pacer.py);
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -285,10 +286,10 @@ class IssueTolls:
 
 @dataclass(frozen=True)
 class Pacer:
-    """What each copy on a capped link takes beyond its bytes over the cap: the thread that
-    paces it wakes late from its last sleep, and starts its next copy after its own Python
-    (exec/link.py). Optional in the schema: without it a capped copy takes exactly its bytes
-    over the cap."""
+    """How long after its bytes have passed over the cap a copy on a capped link is seen to
+    have landed: the link's pacing thread wakes late from its sleep, and the thread waiting
+    for the copy after it (exec/link.py). The link does not wait for either. Optional in the
+    schema: without it a capped copy lands exactly when its bytes have passed."""
     late_s: float
 
 
@@ -1053,9 +1054,9 @@ class ProfileCost:
         return share
 
     def pacer_late_s(self) -> float:
-        """How late each capped copy ends beyond its bytes over the cap (0: not measured)."""
+        """How late a capped copy is seen to have landed after its bytes (0: not measured)."""
         if self.profile.pacer is None:
-            self.fallbacks.add("pacer: not measured, a capped copy takes exactly its bytes over the cap")
+            self.fallbacks.add("pacer: not measured, a capped copy lands exactly when its bytes have passed")
             return 0.0
         return self.profile.pacer.late_s
 

@@ -23,7 +23,7 @@ host cores, the CPU worker on the rest):
   alone x dma_factor) / copies landed, printed only: the executor's engine does more per copy
   (the policy, its lock, the block's views), and its toll, `copy_s`, is fitted from its own
   traces (calibration/dispatch.py, the loaded probe);
-* the bare engine on a link capped to 8 GB/s, whose pacer wakes per 4 MiB chunk:
+* the bare engine on a link capped to 8 GB/s, whose pacing thread wakes per 4 MiB chunk:
   per chunk = (time beside - time alone - copies x its per-copy toll) / chunks -> `chunk_s`
   (the DMA's share at a seventh of the rate is left out);
 * the CPU worker running one-token MoE-M experts back to back (the executor's CPU expert:
@@ -51,6 +51,7 @@ from aptmoe.calibration.host_memory import CopyLoop, expert_stream
 from aptmoe.calibration.background import Background
 from aptmoe.calibration.wake import MemoryStream, issue_loop, issue_round
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
+from aptmoe.exec.device import Device
 from aptmoe.exec.link import CHUNK_BYTES, Link
 
 from aptmoe.config import auto_host_cores
@@ -80,8 +81,8 @@ class _CopyEngine(_Neighbour):
     def __init__(self, nbytes: int, cap_GBps: float | None, cpus: list[int] | None, k: int = 2) -> None:
         super().__init__(cpus)
         self.src = torch.empty(nbytes // 4).pin_memory().normal_()
-        self.link = Link(cap_GBps)
         self.stream = torch.cuda.Stream()
+        self.link = Link(cap_GBps, Device(f"cuda:{torch.cuda.current_device()}"))   # made by the thread that runs the probe
         self.cond = threading.Condition()
         self.k = k
         self.landed: dict[int, torch.Tensor] = {}
@@ -90,25 +91,21 @@ class _CopyEngine(_Neighbour):
     def _launch(self):
         with torch.cuda.stream(self.stream):
             buf = torch.empty(self.src.shape, device="cuda")
-            start = torch.cuda.Event(blocking=True)
-            start.record(self.stream)
-            self.link.copy(buf, self.src)
-            end = torch.cuda.Event(blocking=True)
-            end.record(self.stream)
-        return buf, start, end
+        return buf, self.link.copy(buf, self.src, self.stream, mark_start=True)
 
     def run(self) -> None:
         launched: deque = deque()
         while not self.stop.is_set():
             while len(launched) < self.k:
                 launched.append(self._launch())
-            buf, _, end = launched.popleft()
-            end.synchronize()
+            buf, landing = launched.popleft()
+            self.link.wait(landing)
             with self.cond:                 # what the executor does when a copy lands
                 self.count += 1
                 self.chunks += self.chunks_per_copy
                 self.landed[self.count % 4] = buf
                 self.cond.notify_all()
+        self.link.close()
         torch.cuda.synchronize()
 
 

@@ -1,21 +1,23 @@
-"""How late each copy on a capped link ends (`pacer`).
+"""How late a copy on a capped link is seen to have landed (`pacer`).
 
-A capped link (exec/link.py) paces each copy in chunks: the copying thread sleeps until a
-chunk's slot and, after the last one, until the copy's slot has passed, so that a copy of N
-bytes takes N / cap. The last sleep ends late (Linux's timer slack, 50 us by default, and the
-thread's wake-up), and the thread's next copy starts after that and after its own Python: the
-copy engine and the offload thread pace their own copies, back to back. On the 2-core
-development machine a bare 0.5-1.3 ms sleep returned 71-75 us late and back-to-back copies
-through a `Link` ended 81-111 us late each; the CPU validation's capped loads (64 KiB at
-0.05 GB/s, a 1.31 ms slot) measured 80-95 us over their slot in the executor's traces.
+A capped link (exec/link.py) has a pacing thread that issues each copy in 4 MiB chunks at
+the capped rate; a copy lands once its last chunk's slot has passed, and the thread waiting
+for it hears so late: the pacing thread's sleep ends late (Linux's timer slack, 50 us by
+default, and the thread's wake-up), it records the copy's end, and the waiting thread wakes
+in turn. The link itself does not wait for either: a copy queued behind another starts when
+that one's bytes have passed.
 
-This times `ROUNDS` x `COPIES` back-to-back copies through a `Link` of host tensors, each
-`COPY_BYTES` at `CAP_GBps` (a 0.52 ms slot: a 4 MiB chunk at 8 GB/s), each from its call to
-the next one's, and takes the median of what they took beyond their slot (a mean of rounds
-moved by 40 us between runs, with a few late wakes of milliseconds). The simulator ends every capped copy that much
-after its bytes over the cap (sim/engine.py `_copy`). On a GPU the executor's copies go to
-the device (an asynchronous launch where this copies host memory): the same sleeps, a
-slightly different call.
+This times `ROUNDS` x `COPIES` copies through a `Link` of host tensors, each `COPY_BYTES` at
+`CAP_GBps` (a 0.52 ms slot: a 4 MiB chunk at 8 GB/s), each alone on the link, from the call
+until the waiting thread has its landing, and takes the median of what they took beyond
+their slot. The simulator hands over every capped copy that much after its bytes have passed
+over the cap (sim/engine.py `_copy`, `_landing`). On a GPU the executor's copies go to the
+device (an asynchronous launch where this copies host memory): the same wakes, a slightly
+different call.
+
+Before the link had a pacing thread of its own (2026-11-29), the copying thread paced its
+own copies, and this timed back-to-back copies from one call to the next: 80-101 us on the
+2-core development machine, 120 us in the pooled one-H200 profile.
 
     python -m aptmoe.calibration.pacer
 """
@@ -36,24 +38,25 @@ ROUNDS = 3
 
 
 def measure_pacer_late(copies: int = COPIES, rounds: int = ROUNDS) -> float:
-    """Seconds a back-to-back copy through a capped `Link` takes beyond its slot (the median
-    over `rounds` rounds of `copies` copies)."""
+    """Seconds after its slot that a copy alone on a capped `Link` is seen to have landed by
+    the thread waiting for it (the median over `rounds` rounds of `copies` copies)."""
     src = torch.randn(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     slot = COPY_BYTES / (CAP_GBps * 1e9)
     late = []
     for _ in range(rounds):
         link = Link(CAP_GBps)
-        link.copy(dst, src)                     # warm: the first copy's slot starts now
-        t = time.perf_counter()
-        for _ in range(copies):
-            link.copy(dst, src)
-            now = time.perf_counter()
-            late.append(now - t - slot)
-            t = now
+        try:
+            link.wait(link.copy(dst, src))      # warm: the pacing thread has run once
+            for _ in range(copies):
+                t = time.perf_counter()
+                link.wait(link.copy(dst, src))
+                late.append(time.perf_counter() - t - slot)
+        finally:
+            link.close()
     return max(0.0, statistics.median(late))
 
 
 if __name__ == "__main__":
-    print(f"a {COPY_BYTES >> 10} KiB copy capped to {CAP_GBps:g} GB/s ends {measure_pacer_late() * 1e6:.1f} us after "
+    print(f"a {COPY_BYTES >> 10} KiB copy capped to {CAP_GBps:g} GB/s lands {measure_pacer_late() * 1e6:.1f} us after "
           f"its slot (median of {ROUNDS} rounds of {COPIES})")

@@ -885,7 +885,7 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
         out.append(Skipped("host_memory", f"{no_gpu}: no copy engine to share host memory with; CPU work "
                                           "never waits for the links' copies"))
     if "pacer" in opts.skip:
-        out.append(Skipped("pacer", "--skip pacer: a capped copy takes exactly its bytes over the cap"))
+        out.append(Skipped("pacer", "--skip pacer: a capped copy lands exactly when its bytes have passed over the cap"))
     if "tolls" in opts.skip:
         out.append(Skipped("issue_tolls", "--skip tolls: the issuing thread is as fast beside copies and CPU "
                                           "jobs as alone"))
@@ -1222,9 +1222,10 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     if m.host_memory:
         a.sources["host_memory"] = host_memory_source(m.host_memory)
     if m.pacer_late is not None:
-        a.sources["pacer"] = (f"measured: what each of {PACER_COPIES} back-to-back copies of {PACER_BYTES >> 10} KiB "
-                              f"of host memory through a Link capped to {PACER_CAP:g} GB/s (exec/link.py) took beyond "
-                              f"its slot, the median of {PACER_ROUNDS} rounds (calibration/pacer.py)")
+        a.sources["pacer"] = (f"measured: how long after its slot each of {PACER_COPIES} copies of {PACER_BYTES >> 10} "
+                              f"KiB of host memory, alone on a Link capped to {PACER_CAP:g} GB/s (exec/link.py), was "
+                              f"seen to have landed by the thread waiting for it, the median of {PACER_ROUNDS} rounds "
+                              "(calibration/pacer.py)")
     if m.issue_tolls is not None:
         a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
                                     f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "

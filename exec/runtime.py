@@ -46,7 +46,7 @@ from aptmoe.exec.cpu_worker import CpuWorker
 from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.host_stream import HostStream
 from aptmoe.exec.layer import CpuPart, LayerRun, Routing
-from aptmoe.exec.link import Link
+from aptmoe.exec.link import Landing, Link
 from aptmoe.exec.model import (
     TORCH_DTYPES,
     expert_backward,
@@ -176,8 +176,6 @@ class RankRuntime:
         self.cond = threading.Condition(self.lock)
         if self.policy is not None:
             self.policy.on_work = self.cond.notify_all
-        cap = cfg.cluster.link_bandwidth_GBps
-        self.h2d, self.d2h = Link(cap), Link(cap)
         self.load_stream = device.new_stream()
         self.offload_stream = device.new_stream()
         self.net_stream = device.new_stream()
@@ -221,6 +219,9 @@ class RankRuntime:
             if host:
                 bind_this_thread(host)
             torch.set_num_threads(1 if device.cuda else len(host))
+        # made here, after this thread is bound: a capped link's pacing thread takes its cores
+        cap = cfg.cluster.link_bandwidth_GBps
+        self.h2d, self.d2h = Link(cap, device), Link(cap, device)
 
     def host_stream_GBps(self) -> float | None:
         """The host memory stream's speed on this rank's CPU worker, with its threads, just now
@@ -244,6 +245,8 @@ class RankRuntime:
 
     def close(self) -> None:
         self.cpu.close()
+        self.h2d.close()
+        self.d2h.close()
         if self._restore_affinity:          # the next schedule in this process starts from the rank's cores
             bind_this_thread(self._restore_affinity)
         if self._restore_threads:
@@ -362,6 +365,16 @@ class RankRuntime:
         while not ev.wait(0.2):
             self._check(what, since)
 
+    def _landed(self, landing: Landing) -> bool:
+        """Whether a copy has landed, without waiting."""
+        return landing.done.is_set() and (landing.error is not None or self.dev.passed(landing.end))
+
+    def _land(self, link: Link, landing: Landing, what: str) -> None:
+        """Wait until a copy has landed (its bytes on the other side)."""
+        since = time.monotonic()
+        while not link.wait(landing, 0.2):
+            self._check(what, since)
+
     def _wait_future(self, fut: Future, what: str):
         since = time.monotonic()
         while True:
@@ -412,7 +425,7 @@ class RankRuntime:
 
     def _copy_engine(self) -> None:
         k = self.cfg.schedule.max_copies_in_flight
-        launched: deque[tuple[Copy, FlatParams, Marker, Marker]] = deque()
+        launched: deque[tuple[Copy, FlatParams, Landing]] = deque()
         while True:
             with self.cond:
                 while True:
@@ -428,8 +441,8 @@ class RankRuntime:
                 launched.append(self._launch(c))
                 if len(launched) < k:
                     continue
-            c, fp, start, end = launched.popleft()
-            self.dev.block_on(end)
+            c, fp, landing = launched.popleft()
+            self._land(self.h2d, landing, f"the load of {c.block}")
             # Only the policy's bookkeeping under the lock: the compute thread takes it for
             # every block it issues. The block's views and the allocator's note were made at
             # launch, while the copy before it ran.
@@ -441,20 +454,18 @@ class RankRuntime:
                     self._count_block(fp.nbytes)
                 self.cond.notify_all()
             self.load_bytes += c.nbytes
-            self._mark(str(c.action), "load", start, end, f"load-{c.phase}", bytes=c.nbytes,
+            self._mark(str(c.action), "load", landing.start, landing.end, f"load-{c.phase}", bytes=c.nbytes,
                        layer=c.block.layer, phase=c.phase)
 
-    def _launch(self, c: Copy) -> tuple[Copy, FlatParams, Marker, Marker]:
+    def _launch(self, c: Copy) -> tuple[Copy, FlatParams, Landing]:
         """The copy on the load stream, and the block's parameters over its buffer (views to
         read once it has landed: the compute stream waits for the end marker's block)."""
         src = self.master[c.block].flat
         with self.dev.on(self.load_stream):
             buf = torch.empty(src.shape, dtype=src.dtype, device=self.dev.torch)
-            start = self.dev.record(self.load_stream)
-            self.h2d.copy(buf, src)
-            end = self.dev.record(self.load_stream)
+        landing = self.h2d.copy(buf, src, self.load_stream, mark_start=True)
         self.dev.keep_for(buf, self.dev.compute if self.dev.cuda else None)
-        return c, FlatParams(buf, self.shapes[c.block.kind]), start, end
+        return c, FlatParams(buf, self.shapes[c.block.kind]), landing
 
     def _count_block(self, nbytes: int) -> None:
         self.block_bytes += nbytes
@@ -634,9 +645,7 @@ class RankRuntime:
         def job():
             self.dev.block_on(ready)
             host = self.dev.empty_host(down.shape, down.dtype)
-            with self.dev.on(self.act_stream):
-                self.d2h.copy(host, down)
-                self.dev.block_on(self.dev.record(self.act_stream))
+            self._land(self.d2h, self.d2h.copy(host, down, self.act_stream), f"the activations of layer {layer}")
             backs, stays = [], []
             for e, rows in zip(experts, host.split(sizes)):
                 t0 = self.dev.host_seconds()
@@ -651,8 +660,10 @@ class RankRuntime:
             up = torch.cat(backs)
             with self.dev.on(self.act_stream):
                 dev_up = torch.empty(up.shape, dtype=up.dtype, device=self.dev.torch)
-                self.h2d.copy(dev_up, up)
-                marker = self.dev.record(self.act_stream)
+            landing = self.h2d.copy(dev_up, up, self.act_stream)
+            self._wait_event(landing.done, f"the outputs of layer {layer}")
+            landing.check()
+            marker = landing.end
             if self.dev.cuda:
                 self.dev.keep_for(dev_up, self.dev.compute)
             return dict(zip(experts, zip(dev_up.split(sizes), stays))), marker
@@ -774,12 +785,12 @@ class RankRuntime:
         is handed over, and its update can start, as soon as its copy has passed."""
         s = a.stage
         nbytes = 0
-        pending: deque[tuple[Block, torch.Tensor | None, Marker | None]] = deque()
+        pending: deque[tuple[Block, torch.Tensor | None, Landing | None]] = deque()
 
         def hand_over() -> None:
             b, host, copied = pending.popleft()
             if host is not None:
-                self.dev.block_on(copied)
+                self._land(self.d2h, copied, f"the gradient of {b}")
                 master = self.master[b]
                 if master.grad is None:
                     master.set_grad(host)
@@ -797,13 +808,12 @@ class RankRuntime:
                     g = fp.grad
                     self.dev.keep_for(g, self.offload_stream)
                     host = self.grad_buf[b] if self.dev.cuda else torch.empty_like(g)
-                    self.d2h.copy(host, g)
-                    pending.append((b, host, self.dev.record(self.offload_stream)))
+                    pending.append((b, host, self.d2h.copy(host, g, self.offload_stream)))
                     nbytes += g.numel() * g.element_size()
                 else:
                     pending.append((b, None, None))
                 # hand over what has arrived already (its update can start); wait for none
-                while pending and self.dev.passed(pending[0][2]):
+                while pending and (pending[0][2] is None or self._landed(pending[0][2])):
                     hand_over()
             while pending:
                 hand_over()

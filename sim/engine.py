@@ -167,7 +167,7 @@ class RankModel:
         # What runs beside that thread slows it (GPU ranks; on CPU ranks it computes too)
         self.issuing = IssuingThread(self.cost.issue_tolls() if self.runs_ahead else None,
                                      capped=c.link_bandwidth_GBps is not None)
-        # A capped copy ends when its pacing thread's last sleep does, late (calibration/pacer.py)
+        # A capped copy is seen to have landed late, the link free meanwhile (calibration/pacer.py)
         self.pacer_late = self.cost.pacer_late_s() if c.link_bandwidth_GBps is not None else 0.0
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
                                  + [self.cost.between_s(d) for d in DIRECTIONS])
@@ -234,17 +234,32 @@ class RankModel:
         self.busy["cpu"] += self.env.now - start
 
     # ------------------------------------------------------------------ loading
-    def _copy(self, direction: str, nbytes: int, thread: str | None = None):
-        """One copy of `nbytes` on this rank's link in `direction` ("h2d" or "d2h"), sharing
-        its socket's root. The thread that waits for it wakes the issuing thread's toll
-        (`thread`: "engine", the copy engine, or "offload", the offload thread; None for the
-        CPU experts' activations, whose job pays for them). On a capped link the copy ends
-        when its pacing thread's last sleep does, late, the link free meanwhile."""
+    def _transfer(self, direction: str, nbytes: int, thread: str | None = None):
+        """The bytes of one copy of `nbytes` on this rank's link in `direction` ("h2d" or
+        "d2h"), sharing its socket's root. The thread that waits for it wakes the issuing
+        thread's toll (`thread`: "engine", the copy engine, or "offload", the offload thread;
+        None for the CPU experts' activations, whose job pays for them)."""
         root, link = (self.h2d_root, self.h2d_link) if direction == "h2d" else (self.d2h_root, self.d2h_link)
         with self.issuing.copy(nbytes, link.time_s(nbytes), engine=thread == "engine") if thread else nullcontext():
             yield from root.transfer(nbytes, link.GBps, link.latency_s, group=self.rank)
+
+    def _copy(self, direction: str, nbytes: int, thread: str | None = None):
+        """One copy, waited for: on a capped link its waiter hears it has landed late, the link
+        free meanwhile (exec/link.py's pacing thread)."""
+        yield from self._transfer(direction, nbytes, thread)
         if self.pacer_late > 0:
             yield self.env.timeout(self.pacer_late)
+
+    def _landing(self, event: simpy.Event, at: float) -> None:
+        """`event` succeeds at time `at` (now, if that has passed)."""
+        if at <= self.env.now:
+            event.succeed()
+            return
+
+        def later():
+            yield self.env.timeout(at - self.env.now)
+            event.succeed()
+        self.env.process(later())
 
     def _poke(self) -> None:
         if self._work is not None and not self._work.triggered:
@@ -256,25 +271,28 @@ class RankModel:
         yield from ()
 
     def _copy_engine(self):
-        """Keeps up to `max_copies_in_flight` copies launched; a launched copy runs to the end."""
-        launched: deque[Copy] = deque()
+        """Keeps up to `max_copies_in_flight` copies launched; a launched copy runs to the end.
+        Launched copies go over the link one after another, each as soon as the one before
+        it has passed; the engine hears of each landing `pacer_late` after its bytes."""
+        launched: deque[tuple[Copy, simpy.Event]] = deque()
         k = self.cfg.schedule.max_copies_in_flight
+        lane: simpy.Event | None = None          # the bytes of the last copy launched have passed
         while True:
             while len(launched) < k and (c := self.policy.next_copy()) is not None:
-                launched.append(c)
                 self._alloc(c.stage, c.nbytes, f"loading {c.block}")
                 self.stage_bytes[c.stage] += c.nbytes
                 self.inflight_bytes[c.stage] += c.nbytes
+                passed, landed = self.env.event(), self.env.event()
+                self.env.process(self._load(c, lane, passed, landed))
+                lane = passed
+                launched.append((c, landed))
             if not launched:
                 self._work = self.env.event()
                 yield self._work
                 continue
-            c = launched[0]
-            start = self.env.now
-            yield from self._copy("h2d", c.nbytes, "engine")
+            c, landed = launched[0]
+            yield landed
             launched.popleft()
-            self.busy["h2d"] += self.env.now - start
-            self.bytes["h2d"] += c.nbytes
             open_ = self.policy.window_open(c.stage)
             self.policy.copy_finished(c)
             self.inflight_bytes[c.stage] -= c.nbytes
@@ -284,8 +302,23 @@ class RankModel:
             ev = self.ready.pop((c.stage, c.block), None)
             if ev is not None:
                 ev.succeed()
-            self._record(str(c.action), "load", start, f"load-{c.phase}", bytes=c.nbytes,
-                         layer=c.block.layer, phase=c.phase)
+
+    def _load(self, c: Copy, after: simpy.Event | None, passed: simpy.Event, landed: simpy.Event):
+        """One launched load: its bytes once the copy launched before it has passed, then
+        `landed` when the engine hears of it. Its trace event spans its bytes, as the
+        executor's markers on the load stream do."""
+        if after is not None and not after.processed:
+            yield after
+        start = self.env.now
+        yield from self._transfer("h2d", c.nbytes, "engine")
+        self.busy["h2d"] += self.env.now - start
+        self.bytes["h2d"] += c.nbytes
+        self._record(str(c.action), "load", start, f"load-{c.phase}", bytes=c.nbytes,
+                     layer=c.block.layer, phase=c.phase)
+        passed.succeed()
+        if self.pacer_late > 0:
+            yield self.env.timeout(self.pacer_late)
+        landed.succeed()
 
     def _use(self, stage: int, pass_: str, block: Block):
         """Wait until a block is on the GPU, asking for it first if nobody has."""
@@ -503,12 +536,16 @@ class RankModel:
         s, m = a.stage, self.cfg.model
         start = self.env.now
         grads = self.grad_blocks.pop(s, {})
+        landed = start                  # blocks are handed over in order, each once it has landed
         for block in Block.of_layers(self.layers[s], m.num_experts, m.is_moe):
             nbytes = grads.get(block, 0)
             if nbytes:
-                yield from self._copy("d2h", nbytes, "offload")
+                yield from self._transfer("d2h", nbytes, "offload")
                 self.bytes["d2h"] += nbytes
-            self._grad_home(s, block).succeed()
+                landed = self.env.now + self.pacer_late
+            self._landing(self._grad_home(s, block), landed)
+        if landed > self.env.now:
+            yield self.env.timeout(landed - self.env.now)
         self.busy["d2h"] += self.env.now - start
         self._record(str(a), "offload", start, "offload", bytes=sum(grads.values()))
 
