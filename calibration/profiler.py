@@ -433,6 +433,7 @@ class Measured:
     issue_tolls: IssueTolls | None = None
     issue_tolls_notes: list[str] = field(default_factory=list)
     pacer_late: float | None = None
+    pacer_device: str = "cpu"                # where the pacer's copies went
 
 
 def _random_bytes(n: int, device: torch.device | str = "cpu", pinned: bool = False) -> torch.Tensor:
@@ -963,7 +964,10 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         for t in machine.threads:
             add(f"memory {t}t", lambda t=t: measure_host_memory_bound(t, machine, gpus[0], m))
     if "pacer" not in opts.skip:
-        add("pacer", lambda: setattr(m, "pacer_late", measure_pacer_late()))
+        # to a GPU where there is one: the executor's waits end on the copy's CUDA event
+        where = f"cuda:{gpus[0]}" if gpus and opts.blocks_on != "cpu" else "cpu"
+        m.pacer_device = where
+        add("pacer", lambda: setattr(m, "pacer_late", measure_pacer_late(device=where)))
     if "tolls" not in opts.skip and gpus and opts.blocks_on != "cpu":
         add("issue tolls", lambda: setattr(m, "issue_tolls", measure_issue_tolls(rounds=sizes.toll_rounds,
                                                                          say=m.issue_tolls_notes.append)))
@@ -1223,7 +1227,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         a.sources["host_memory"] = host_memory_source(m.host_memory)
     if m.pacer_late is not None:
         a.sources["pacer"] = (f"measured: how long after its slot each of {PACER_COPIES} copies of {PACER_BYTES >> 10} "
-                              f"KiB of host memory, alone on a Link capped to {PACER_CAP:g} GB/s (exec/link.py), was "
+                              f"KiB (host to {m.pacer_device}), alone on a Link "
+                              f"capped to {PACER_CAP:g} GB/s (exec/link.py), was "
                               f"seen to have landed by the thread waiting for it, the median of {PACER_ROUNDS} rounds "
                               "(calibration/pacer.py)")
     if m.issue_tolls is not None:

@@ -27,8 +27,10 @@ def test_all_schedules_equal_the_reference_on_gpus(tmp_path, gpus) -> None:
 
 
 def test_capped_copy_takes_bytes_over_cap() -> None:
-    """N bytes host -> GPU through a capped link take N / cap within 5%, and copies queued on
-    one stream go back to back: eight land at eight slots within 5%."""
+    """N bytes host -> GPU through a capped link land after N / cap and within 1 ms more (the
+    pacing thread's wake, the waiter's and its CUDA event's: 220-480 us at 16 GB/s on the
+    one-H200 host, session 12), and copies queued on one stream go back to back: eight land
+    within 5% of eight slots."""
     import time
 
     from aptmoe.exec.device import Device
@@ -46,7 +48,7 @@ def test_capped_copy_takes_bytes_over_cap() -> None:
             link.wait(link.copy(dst, src, stream))
             took = time.perf_counter() - t
             want = src.numel() * 4 / (cap * 1e9)
-            assert abs(took - want) / want < 0.05, f"cap {cap} GB/s: {took * 1e3:.2f} ms, want {want * 1e3:.2f} ms"
+            assert want <= took < want + 1e-3, f"cap {cap} GB/s: {took * 1e3:.2f} ms, want {want * 1e3:.2f} ms"
             part = src[:(16 << 20) // 4]                      # 16 MiB, four chunks
             t = time.perf_counter()
             landings = [link.copy(dst[:part.numel()], part, stream) for _ in range(8)]
