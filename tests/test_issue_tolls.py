@@ -177,9 +177,11 @@ def test_the_pacer_section_round_trips_and_is_checked(tmp_path):
         load_profile(str(tmp_path / "bad.json"))
 
 
-def test_a_capped_copy_ends_its_pacers_lateness_after_its_bytes_over_the_cap():
-    """Every load of a capped GPipeOffload step takes exactly `late_s` more with the pacer
-    measured than without; uncapped, nothing moves."""
+def test_a_capped_copy_lands_its_pacers_lateness_after_its_bytes_and_holds_no_link():
+    """With the pacer measured, a capped GPipeOffload step's loads keep their spans (their
+    bytes over the cap: the link does not wait for a landing, exec/link.py since session 12)
+    and the step gets later, by less than a lateness per load (it is not on every load's
+    path any more); uncapped, nothing moves."""
     from aptmoe.profile import Pacer
 
     prof = load_profile("h200-1gpu").with_(issue_tolls=None, pacer=None)
@@ -207,8 +209,8 @@ def test_a_capped_copy_ends_its_pacers_lateness_after_its_bytes_over_the_cap():
         (t0, bare), (t1, paced) = loads(prof, cap), loads(prof.with_(pacer=Pacer(late)), cap)
         assert len(bare) == len(paced) > 0
         if moves:
-            assert [b - a for a, b in zip(bare, paced)] == pytest.approx([late] * len(bare), abs=1e-9)
-            assert t1 > t0
+            assert paced == pytest.approx(bare, abs=1e-9)
+            assert t0 < t1 < t0 + len(bare) * late
         else:
             assert paced == pytest.approx(bare) and t1 == pytest.approx(t0)
 
