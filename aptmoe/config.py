@@ -32,9 +32,10 @@ class Pipeline(str, Enum):
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# A capped link paces its copies in chunks of this size (exec/link.py): at 8 GB/s a 0.5 ms
-# pacing step, small enough for a smooth rate. Each chunk wakes the pacing thread, which the
-# simulator charges to the issuing thread (sim/issuing.py).
+# The unit in which the issuing thread's toll of a capped copy is calibrated and charged
+# (calibration/issue_tolls.py `chunk_s`, sim/issuing.py): a capped link woke a thread per
+# 4 MiB until session 12; its pacing thread now wakes per landing (exec/link.py), and the
+# figure per chunk is whatever capping still costs per byte.
 LINK_CHUNK_BYTES = 4 << 20
 
 

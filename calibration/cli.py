@@ -13,6 +13,7 @@ anything is measured; no file is written unless the whole profile is.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -165,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     try:                                      # torch only now, once the flags are known good
         from aptmoe.calibration.profiler import Options, calibrate, summary
     except ImportError as e:
-        return fail(f"profiling needs torch ({e}); install it with pip install 'aptmoe[exec]'")
+        if getattr(e, "name", None) == "torch" or importlib.util.find_spec("torch") is None:
+            return fail(f"profiling needs torch ({e}); install it with pip install 'aptmoe[exec]'")
+        raise                               # a broken install of aptmoe itself: show where
 
     command = shlex.join([PROG, *argv])
     t0 = time.perf_counter()

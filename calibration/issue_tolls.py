@@ -23,9 +23,10 @@ host cores, the CPU worker on the rest):
   alone x dma_factor) / copies landed, printed only: the executor's engine does more per copy
   (the policy, its lock, the block's views), and its toll, `copy_s`, is fitted from its own
   traces (calibration/dispatch.py, the loaded probe);
-* the bare engine on a link capped to 8 GB/s, whose pacing thread wakes per 4 MiB chunk:
-  per chunk = (time beside - time alone - copies x its per-copy toll) / chunks -> `chunk_s`
-  (the DMA's share at a seventh of the rate is left out);
+* the bare engine on a link capped to 8 GB/s: per 4 MiB chunk = (time beside - time alone -
+  copies x its per-copy toll) / chunks -> `chunk_s` (the DMA's share at a seventh of the rate
+  is left out). Until session 12 the link woke a thread per chunk; its pacing thread now wakes
+  per landing, and what this finds per chunk is what capping adds per byte beyond that;
 * the CPU worker running one-token MoE-M experts back to back (the executor's CPU expert:
   its weights streamed from memory): per job = (beside - alone x memory_factor) / jobs ->
   `cpu_job_s`.
@@ -52,9 +53,9 @@ from aptmoe.calibration.background import Background
 from aptmoe.calibration.wake import MemoryStream, issue_loop, issue_round
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
 from aptmoe.exec.device import Device
-from aptmoe.exec.link import CHUNK_BYTES, Link
+from aptmoe.exec.link import Link
 
-from aptmoe.config import auto_host_cores
+from aptmoe.config import LINK_CHUNK_BYTES, auto_host_cores
 from aptmoe.host import allowed_cores
 from aptmoe.profile import IssueTolls
 
@@ -86,7 +87,7 @@ class _CopyEngine(_Neighbour):
         self.cond = threading.Condition()
         self.k = k
         self.landed: dict[int, torch.Tensor] = {}
-        self.chunks_per_copy = -(-nbytes // CHUNK_BYTES) if cap_GBps else 0
+        self.chunks_per_copy = -(-nbytes // LINK_CHUNK_BYTES) if cap_GBps else 0
 
     def _launch(self):
         with torch.cuda.stream(self.stream):

@@ -2,29 +2,29 @@
 
 `Link.copy` starts a copy and returns its `Landing` at once, as a copy on a CUDA stream
 does; the caller waits for the landing when it needs the bytes. Without a cap the copy is
-one call on the caller's stream.
+one call on the caller's stream and lands when the stream has run it.
 
-With a cap, a pacing thread of the link's own plays the DMA engine of a slower link. It cuts
-every copy into 4 MiB chunks and issues each chunk (on the copy's stream) when the chunks
-before it would have passed at the capped rate; a copy has landed once its last chunk's slot
-has passed. Copies of one lane (one stream, or one thread on the CPU) go first in, first
-out, as copies on one CUDA stream do; the lanes share the link chunk by chunk, so together
-they never exceed the cap: the sharing the simulator's fluid link models. A copy queued
-behind another starts when that one's bytes have passed, not when some thread wakes up to
-issue it: the link never idles while a copy waits.
+With a cap the copy also goes at once, at the machine's own rate, but it lands only when its
+bytes would have passed over the slower link. A pacing thread of the link's own keeps that
+link as a fluid, as the simulator's is (sim/links.py): the copies of one lane (one stream, or
+one thread on the CPU) pass first in, first out, as copies on one CUDA stream do; the lanes
+with a copy passing share the cap equally. A copy queued behind another starts when that one's
+bytes have passed, whenever a thread comes back to it, so the link never idles while a copy
+waits. The pacing thread wakes when a copy lands (it records the copy's end marker on its
+stream, then tells the waiter) and when a copy arrives at an empty lane: a thread wake per
+copy, where a real link costs the host none.
 
-Before, the issuing thread paced its own copy and slept until its slot had passed, so the
-link idled from one copy's end until that thread came back with the next: on the one-H200
-grid of 2026-11-29 (docs/validation-h200-v8, S8 G0.6 capped) a 32 MiB load took 494 us more
-than its 4.19 ms slot, start to start, and a stage's offload ran at 7.0 GB/s of the 8. Pacing
-on the host keeps the device free of artificial work and works the same for CUDA and
-host-to-host copies.
+History (docs/validation-h200-v8 and -v9, one H200, 8 GB/s): the issuing thread used to pace
+its own copy in 4 MiB chunks and sleep to its slot's end, so the link idled until that thread
+came back (494 us beyond each 32 MiB load's 4.19 ms slot; offloads at 7.0 GB/s). A pacing
+thread then issued the chunks at their slots, which closed the gaps but woke once per 4 MiB
+chunk: the issuing thread, which needs the GIL the waking thread takes, ran S8's forward blocks
+beside a capped load at 0.42 ms against 0.15 alone (v9, GPipeOffload). The bytes' own time is
+not what a slower link changes for anyone waiting on a landing; the landing is.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections import deque
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aptmoe.config import LINK_CHUNK_BYTES as CHUNK_BYTES      # 4 MiB
 from aptmoe.exec.device import Device, Marker
 
 
@@ -59,13 +58,15 @@ class Landing:
 
 @dataclass(eq=False)
 class _Copy:
-    dst: torch.Tensor
-    src: torch.Tensor
     stream: object
     mark_start: bool
     queued_at: float
+    nbytes: int
     landing: Landing
-    at: int = 0                    # the next element to issue
+    keep: tuple                    # its tensors, alive until it lands (the copy may still run)
+    left: float = 0.0              # bytes not yet passed over the capped link
+    ready: float = 0.0             # when its bytes begin to pass: its lane's copy before it has passed
+    started: bool = False
 
 
 class Link:
@@ -77,10 +78,8 @@ class Link:
         self.bytes = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._lanes: dict[object, deque[_Copy]] = {}     # lanes with copies, in round-robin order
-        self._due: list[tuple[float, int, _Copy]] = []   # issued copies by when their slot ends
-        self._seq = itertools.count()
-        self._next = 0.0              # when the link is free for the next chunk (perf_counter)
+        self._lanes: dict[object, deque[_Copy]] = {}     # lanes with copies not landed, each first in first out
+        self._vt = 0.0                # how far the fluid has been followed (perf_counter seconds)
         self._closed: BaseException | None = None
         self._thread: threading.Thread | None = None
         if self.cap is not None:
@@ -92,22 +91,30 @@ class Link:
         """Start dst.copy_(src) (contiguous, equal numel) on `stream` (None: the current one)."""
         nbytes = src.numel() * src.element_size()
         landing = Landing()
-        with self._lock:
-            self.bytes += nbytes
-            if self.cap is not None:
-                if self._closed is not None:
-                    raise LinkClosed(f"the capped link is closed: {self._closed}")
-                lane = stream if stream is not None else threading.get_ident()
-                self._lanes.setdefault(lane, deque()).append(
-                    _Copy(dst.reshape(-1), src.reshape(-1), stream, mark_start, time.perf_counter(), landing))
-                self._cond.notify()
-                return landing
+        called = time.perf_counter()     # its bytes may pass from here (a host copy takes a while below)
         with self.dev.on(stream):
-            if mark_start:
+            if mark_start and self.cap is None:
                 landing.start = self.dev.record(stream)
             dst.copy_(src, non_blocking=True)
-            landing.end = self.dev.record(stream)
-        landing.done.set()
+            if self.cap is None:
+                landing.end = self.dev.record(stream)
+        with self._lock:
+            self.bytes += nbytes
+            if self.cap is None:
+                landing.done.set()
+                return landing
+            if self._closed is not None:
+                raise LinkClosed(f"the capped link is closed: {self._closed}")
+            # (at least where the fluid has been followed to, should the thread have moved on meanwhile)
+            at = max(called, self._vt)
+            c = _Copy(stream, mark_start, at, nbytes, landing, (dst, src), left=float(nbytes), ready=at)
+            lane = stream if stream is not None else threading.get_ident()
+            q = self._lanes.get(lane)
+            if q:
+                q.append(c)              # it waits for the copy before it, which wakes the thread
+            else:
+                self._lanes[lane] = deque([c])
+                self._cond.notify()      # a new lane shares the link from now on
         return landing
 
     def wait(self, landing: Landing, timeout: float | None = None) -> bool:
@@ -133,62 +140,76 @@ class Link:
         try:
             while True:
                 with self._lock:
-                    job = self._next_job()
-                if job is None:
-                    break
-                kind, c, lo, hi = job
-                with self.dev.on(c.stream):
-                    if kind == "land":
-                        c.landing.end = self.dev.record(c.stream)
-                        c.landing.done.set()
+                    if self._closed is not None:
+                        break
+                    now = time.perf_counter()
+                    started, landed = self._advance(now)
+                    if not started and not landed:
+                        wake = self._next_landing()
+                        self._cond.wait(None if wake is None else max(0.0, wake - time.perf_counter()))
                         continue
-                    if lo == 0 and c.mark_start:
+                for c in started:
+                    with self.dev.on(c.stream):
                         c.landing.start = self.dev.record(c.stream)
-                    c.dst[lo:hi].copy_(c.src[lo:hi], non_blocking=True)
-        except BaseException as e:          # a failed copy: every waiter hears of it
+                for c in landed:
+                    with self.dev.on(c.stream):
+                        c.landing.end = self.dev.record(c.stream)
+                    c.keep = ()
+                    c.landing.done.set()
+        except BaseException as e:          # a failed record: every waiter hears of it
             with self._lock:
                 self._closed = e
         self._fail_pending()
 
-    def _next_job(self):
-        """Under the lock: wait until a landing is due or the next chunk's slot has come, and
-        return it, ("land" | "chunk", copy, lo, hi); None once closed."""
-        while self._closed is None:
-            now = time.perf_counter()
-            due = self._due[0][0] if self._due else float("inf")
-            if due <= now:
-                return ("land", heapq.heappop(self._due)[2], 0, 0)
-            wake = due
-            if self._lanes:
-                lane, q = next(iter(self._lanes.items()))
-                c = q[0]
-                # a copy's first chunk waits for the link and for its own queuing; later ones for the link
-                start = self._next if c.at else max(self._next, c.queued_at)
-                if start <= now:
-                    return self._issue(lane, q, c, start)
-                wake = min(wake, start)
-            self._cond.wait(None if wake == float("inf") else wake - now)
-        return None
+    def _advance(self, now: float) -> tuple[list[_Copy], list[_Copy]]:
+        """Under the lock: follow the fluid from where it was to `now`. Returns the copies whose
+        bytes began to pass (those that want a start marker) and those that landed."""
+        started, landed = [], []
+        vt = max(self._vt, min((q[0].ready for q in self._lanes.values()), default=now))
+        while True:
+            heads = [q[0] for q in self._lanes.values()]
+            passing = [h for h in heads if h.ready <= vt]
+            for h in passing:
+                if not h.started:
+                    h.started = True
+                    if h.mark_start:
+                        started.append(h)
+            rate = self.cap / len(passing) if passing else 0.0
+            t_ready = min((h.ready for h in heads if h.ready > vt), default=float("inf"))
+            t_done = vt + min(h.left for h in passing) / rate if passing else float("inf")
+            t = min(t_ready, t_done, now)
+            if t > vt:
+                for h in passing:
+                    h.left -= (t - vt) * rate
+                vt = t
+            done = [h for h in passing if h.left <= 1.0]     # within a byte: floating point
+            for h in done:
+                lane = next(k for k, q in self._lanes.items() if q[0] is h)
+                q = self._lanes[lane]
+                q.popleft()
+                if q:
+                    q[0].ready = max(q[0].queued_at, vt)
+                else:
+                    del self._lanes[lane]
+                landed.append(h)
+            if not done and vt >= now:
+                break
+        self._vt = vt
+        return started, landed
 
-    def _issue(self, lane, q: deque[_Copy], c: _Copy, start: float):
-        step = max(1, CHUNK_BYTES // c.src.element_size())
-        lo, hi = c.at, min(c.at + step, c.src.numel())
-        c.at = hi
-        self._next = start + (hi - lo) * c.src.element_size() / self.cap
-        del self._lanes[lane]                # round robin: this lane goes to the back
-        if hi == c.src.numel():
-            q.popleft()
-            heapq.heappush(self._due, (self._next, next(self._seq), c))
-        if q:
-            self._lanes[lane] = q
-        return ("chunk", c, lo, hi)
+    def _next_landing(self) -> float | None:
+        """Under the lock, after `_advance`: when the next copy lands if nothing arrives."""
+        heads = [q[0] for q in self._lanes.values()]
+        passing = [h for h in heads if h.ready <= self._vt]
+        if not passing:
+            return min((h.ready for h in heads), default=None)
+        return self._vt + min(h.left for h in passing) * len(passing) / self.cap
 
     def _fail_pending(self) -> None:
         with self._lock:
             why = self._closed
-            pending = [c for q in self._lanes.values() for c in q] + [c for _, _, c in self._due]
+            pending = [c for q in self._lanes.values() for c in q]
             self._lanes.clear()
-            self._due.clear()
         for c in pending:
             c.landing.error = why
             c.landing.done.set()
