@@ -174,13 +174,14 @@ def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
     machine (blocks timed on the CPU, as the CPU ranks run them).
 
     Measured on the 2-core development machine (docs/validation-cpu.md): Mobius's block loads
-    -1.1..+0.7% in 7 runs of session 7, each with its own profile (-5.3..-5.9% on the same
-    runs without the pacer's lateness, which the calibration now measures and the model
-    adds); its step 13-30% short (19-25% in session 6's 3 runs, 27-34% before). The link
-    model is what the capped CPU run exercises faithfully, so its bound is tight: +-4%, which
-    fails without the pacer and leaves another CPU three points of jitter. The step's bound,
-    -50% to +15%, is the measured range widened by about twice its spread, and fails if the
-    executor slows down or the model starts to overshoot."""
+    -1.1..+0.7% in 7 runs of session 7, each with its own profile; since session 12's link (a
+    fluid whose copies land when their bytes have passed at the cap, the spans of both sides
+    being the bytes') +0.7..+0.9% in 3 runs. Its step was 13-30% short (19-25% in session 6's
+    3 runs, 27-34% before), 9-18% short since session 12's link. The link model is what the
+    capped CPU run exercises faithfully, so its bound is tight: +-4%, which leaves another
+    CPU three points of jitter. The step's bound, -50% to +15%, is the measured range widened
+    by about twice its spread, and fails if the executor slows down or the model starts to
+    overshoot."""
     from aptmoe.calibration.cli import main as calibrate
 
     profile = tmp_path / "cpu.json"
