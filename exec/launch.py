@@ -12,6 +12,7 @@ import gc
 import os
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -83,6 +84,19 @@ def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s:
     return RankSetup(rank, world, local_rank, device, cores)
 
 
+def _import_what_the_first_backward_imports() -> None:
+    """`torch.autograd.backward` with explicit gradients, as every stage's backward calls it,
+    imports torch.fx's symbolic shapes (with sympy and mpmath: 486 modules) on its first call,
+    for a shape check (`torch.autograd._make_grads`). On the one-H200 grid that was 2.7 s of
+    the warm-up step (docs/validation-h200-v9), after `gc.freeze()`, so their objects stayed
+    in the collector's scans through the timed steps. Imported here, on a thread beside the
+    build (whose torch calls release the GIL), and frozen with the rest."""
+    try:
+        import torch.fx.experimental.symbolic_shapes  # noqa: F401
+    except Exception:                   # the first backward imports it then, and says what is wrong
+        pass
+
+
 def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource | None, *, data: str | None,
                  opts: ExecOptions, trace_path: Path | None = None, params_dir: Path | None = None,
                  gpu_memory_cap: int | None = None, progress=None,
@@ -94,6 +108,8 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     finish (the probes again, closing and gathering). Rank 0's
     result carries them as `wall_s`, so a run that takes long says where."""
     marks = {} if marks is None else marks
+    preload = threading.Thread(target=_import_what_the_first_backward_imports, name="preload", daemon=True)
+    preload.start()
     dev = setup.device
     if gpu_memory_cap is not None:
         dev.cap_memory(gpu_memory_cap)
@@ -106,6 +122,7 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     # executor stopped importing torch._dynamo and sympy, whose objects had made full
     # collections rare by accident. What exists now lives to the end of the run: out of the
     # collector's scans with it.
+    preload.join()
     gc.freeze()
     marks["build"] = time.time()
     pop = popularity_from_config(cfg)

@@ -85,7 +85,8 @@ def test_a_run_imports_no_torch_dynamo_and_steps_with_its_objects_frozen() -> No
     part of a one-GPU H200 rank's 10 s build, in every schedule's processes. The executor's
     optimizers are fused calls of its own. Without those modules' objects full collections of
     the cyclic GC came often enough to double a CPU rank's step, so the run freezes what it
-    built (gc.freeze) for its steps, and unfreezes after."""
+    built (gc.freeze) for its steps, and unfreezes after. What the first backward imports
+    (torch.fx's symbolic shapes, with sympy) is imported beside the build and frozen too."""
     import subprocess
     import sys
 
@@ -102,11 +103,15 @@ ns = make_run_parser().parse_args(["--is_moe=True", "--model_config=S", "--embed
     "--num_chunks", "2", "--seq_length", "8", "--gpus", "1", "--topo", "C1+G1", "--device", "cpu",
     "--pipeline", "APTMoE", "--num_warmup_steps", "0", "--num_training_steps", "1"])
 cfg, cost, plan = prepare(ns, "APTMoE", False)
-frozen = []
+frozen, shapes = [], []
+def progress(done, total, rep):
+    frozen.append(gc.get_freeze_count())
+    d = vars(sys.modules["torch.fx.experimental.symbolic_shapes"])
+    shapes.append(not any(o is d for o in gc.get_objects()))     # frozen objects are in no generation
 res = run_pipeline(init_rank(0, 1, 0, cfg, 60, use_cuda=False), cfg, plan, cost, data=None, opts=ExecOptions(timeout_s=60),
-                   progress=lambda done, total, rep: frozen.append(gc.get_freeze_count()))
-print(res["iteration_s"] > 0, "torch._dynamo" in sys.modules, min(frozen) > 1000, gc.get_freeze_count() == 0)
+                   progress=progress)
+print(res["iteration_s"] > 0, "torch._dynamo" in sys.modules, min(frozen) > 1000, gc.get_freeze_count() == 0, all(shapes))
 """
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["True", "False", "True", "True"]
+    assert out.stdout.split() == ["True", "False", "True", "True", "True"]
