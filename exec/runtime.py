@@ -800,10 +800,11 @@ class RankRuntime:
 
         done = self.done_marker.get(s)
         if self.d2h.cap is not None:
-            # A capped copy's slots count from when it is queued, so queue none before the
-            # gradients exist: queued while the GPU still ran the backward (the host runs
-            # ahead), the slots passed meanwhile and the copies then went at the native rate
-            # (one-H200 grid v9, L2 capped: a 2.15 GB stage's offload in 212 ms, 10 GB/s).
+            # A capped copy's bytes pass over the capped link from when it is queued, so queue
+            # none before the gradients exist: queued while the GPU still ran the backward (the
+            # host runs ahead), the link's time passed meanwhile and the copies landed faster
+            # than the cap allows (one-H200 grid v9, L2 capped: a 2.15 GB stage's offload in
+            # 212 ms, 10 GB/s).
             self.dev.block_on(done)
         with self.dev.on(self.offload_stream):
             self.dev.wait(done, self.offload_stream)
