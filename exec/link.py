@@ -49,6 +49,10 @@ class Landing:
     end: Marker | None = None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    # on a capped link (perf_counter seconds): when the copy was queued, and when its bytes had
+    # passed over the capped link, which its waiter hears of a little later
+    queued: float | None = None
+    due: float | None = None
 
     def check(self) -> None:
         """Raise what stopped the copy, if anything did."""
@@ -76,6 +80,7 @@ class Link:
         self.cap = None if cap_GBps is None else cap_GBps * 1e9
         self.dev = dev if dev is not None else Device("cpu")
         self.bytes = 0
+        self.wakes = 0                  # times the pacing thread woke (what a capped link costs the host)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._lanes: dict[object, deque[_Copy]] = {}     # lanes with copies not landed, each first in first out
@@ -107,6 +112,7 @@ class Link:
                 raise LinkClosed(f"the capped link is closed: {self._closed}")
             # (at least where the fluid has been followed to, should the thread have moved on meanwhile)
             at = max(called, self._vt)
+            landing.queued = at
             c = _Copy(stream, mark_start, at, nbytes, landing, (dst, src), left=float(nbytes), ready=at)
             lane = stream if stream is not None else threading.get_ident()
             q = self._lanes.get(lane)
@@ -147,6 +153,7 @@ class Link:
                     if not started and not landed:
                         wake = self._next_landing()
                         self._cond.wait(None if wake is None else max(0.0, wake - time.perf_counter()))
+                        self.wakes += 1
                         continue
                 for c in started:
                     with self.dev.on(c.stream):
@@ -191,6 +198,7 @@ class Link:
                     q[0].ready = max(q[0].queued_at, vt)
                 else:
                     del self._lanes[lane]
+                h.landing.due = vt
                 landed.append(h)
             if not done and vt >= now:
                 break
