@@ -64,12 +64,10 @@ class Landing:
 class _Copy:
     stream: object
     mark_start: bool
-    queued_at: float
-    nbytes: int
-    landing: Landing
+    landing: Landing               # its `queued` is when the copy was queued
     keep: tuple                    # its tensors, alive until it lands (the copy may still run)
-    left: float = 0.0              # bytes not yet passed over the capped link
-    ready: float = 0.0             # when its bytes begin to pass: its lane's copy before it has passed
+    left: float                    # bytes not yet passed over the capped link
+    ready: float                   # when its bytes begin to pass: its lane's copy before it has passed
     started: bool = False
 
 
@@ -113,7 +111,7 @@ class Link:
             # (at least where the fluid has been followed to, should the thread have moved on meanwhile)
             at = max(called, self._vt)
             landing.queued = at
-            c = _Copy(stream, mark_start, at, nbytes, landing, (dst, src), left=float(nbytes), ready=at)
+            c = _Copy(stream, mark_start, landing, (dst, src), left=float(nbytes), ready=at)
             lane = stream if stream is not None else threading.get_ident()
             q = self._lanes.get(lane)
             if q:
@@ -148,10 +146,8 @@ class Link:
                 with self._lock:
                     if self._closed is not None:
                         break
-                    now = time.perf_counter()
-                    started, landed = self._advance(now)
+                    started, landed, wake = self._advance(time.perf_counter())
                     if not started and not landed:
-                        wake = self._next_landing()
                         self._cond.wait(None if wake is None else max(0.0, wake - time.perf_counter()))
                         self.wakes += 1
                         continue
@@ -168,34 +164,34 @@ class Link:
                 self._closed = e
         self._fail_pending()
 
-    def _advance(self, now: float) -> tuple[list[_Copy], list[_Copy]]:
+    def _advance(self, now: float) -> tuple[list[_Copy], list[_Copy], float | None]:
         """Under the lock: follow the fluid from where it was to `now`. Returns the copies whose
-        bytes began to pass (those that want a start marker) and those that landed."""
+        bytes began to pass (those that want a start marker), those that landed, and when the
+        next one lands if nothing arrives (None: the link is idle)."""
         started, landed = [], []
         vt = max(self._vt, min((q[0].ready for q in self._lanes.values()), default=now))
         while True:
             heads = [q[0] for q in self._lanes.values()]
-            passing = [h for h in heads if h.ready <= vt]
-            for h in passing:
+            passing = {lane: q[0] for lane, q in self._lanes.items() if q[0].ready <= vt}
+            for h in passing.values():
                 if not h.started:
                     h.started = True
                     if h.mark_start:
                         started.append(h)
             rate = self.cap / len(passing) if passing else 0.0
             t_ready = min((h.ready for h in heads if h.ready > vt), default=float("inf"))
-            t_done = vt + min(h.left for h in passing) / rate if passing else float("inf")
+            t_done = vt + min(h.left for h in passing.values()) / rate if passing else float("inf")
             t = min(t_ready, t_done, now)
             if t > vt:
-                for h in passing:
+                for h in passing.values():
                     h.left -= (t - vt) * rate
                 vt = t
-            done = [h for h in passing if h.left <= 1.0]     # within a byte: floating point
-            for h in done:
-                lane = next(k for k, q in self._lanes.items() if q[0] is h)
+            done = [(lane, h) for lane, h in passing.items() if h.left <= 1.0]     # within a byte: floating point
+            for lane, h in done:
                 q = self._lanes[lane]
                 q.popleft()
                 if q:
-                    q[0].ready = max(q[0].queued_at, vt)
+                    q[0].ready = max(q[0].landing.queued, vt)
                 else:
                     del self._lanes[lane]
                 h.landing.due = vt
@@ -203,15 +199,8 @@ class Link:
             if not done and vt >= now:
                 break
         self._vt = vt
-        return started, landed
-
-    def _next_landing(self) -> float | None:
-        """Under the lock, after `_advance`: when the next copy lands if nothing arrives."""
-        heads = [q[0] for q in self._lanes.values()]
-        passing = [h for h in heads if h.ready <= self._vt]
-        if not passing:
-            return min((h.ready for h in heads), default=None)
-        return self._vt + min(h.left for h in passing) * len(passing) / self.cap
+        nxt = min(t_ready, t_done)
+        return started, landed, None if nxt == float("inf") else nxt
 
     def _fail_pending(self) -> None:
         with self._lock:

@@ -316,9 +316,7 @@ class RankModel:
         self._record(str(c.action), "load", start, f"load-{c.phase}", bytes=c.nbytes,
                      layer=c.block.layer, phase=c.phase)
         passed.succeed()
-        if self.pacer_late > 0:
-            yield self.env.timeout(self.pacer_late)
-        landed.succeed()
+        self._landing(landed, self.env.now + self.pacer_late)
 
     def _use(self, stage: int, pass_: str, block: Block):
         """Wait until a block is on the GPU, asking for it first if nobody has."""

@@ -275,7 +275,7 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     rows = [validate_schedule(name, res, real_dir, profile, dest, plot, plan_with=planned)
             for name, res in real["schedules"].items()]
     write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name,
-                                                 "planned_with": planned.name if planned else profile.name,
+                                                 "planned_with": planned.name,
                                                  "schedules": rows})
     flat = [{k: v for k, v in r.items() if k not in ("actions", "beside")} for r in rows]
     with open(dest / "validation.csv", "w", newline="") as f:
