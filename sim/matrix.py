@@ -50,6 +50,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -321,6 +322,7 @@ def ranking_right(measured: dict[str, float], predicted: dict[str, float], tie: 
 
 def collect(out: Path, cells: list[Cell], every: int, calibration: str, command: list[str]) -> dict:
     runs, configs = [], []
+    fallbacks: Counter[str] = Counter()          # cost figures not measured, by the runs that used each
     for i, cell in enumerate(cells):
         folder = out / "cells" / cell.name
         if not (folder / "validation.json").exists():
@@ -330,6 +332,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
         steps = step_spreads(folder / "real" / "results.json")
         measured, predicted = {}, {}
         for row in doc["schedules"]:
+            fallbacks.update(row.get("fallbacks", []))
             err = row.get("error")
             acts = row.get("actions") or {}
             runs.append({"cell": cell.name, "set": s, "pipeline": row["pipeline"], "model": cell.model,
@@ -351,6 +354,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                         "ranking_strict": ranking(measured) == ranking(predicted),
                         "ranking_right": ranking_right(measured, predicted)})
     return {"calibration": calibration, "command": command, "tie": TIE, "runs": runs, "configs": configs,
+            "fallbacks": dict(sorted(fallbacks.items())),
             "summary": {s: summarize([r for r in runs if s == "all" or r["set"] == s],
                                      [c for c in configs if s == "all" or c["set"] == s]) for s in SETS},
             "categories": {s: by_category([r for r in runs if r["set"] == s]) for s in ("fit", "held-back")},
@@ -453,6 +457,11 @@ def write_report(out: Path, report: dict) -> None:
              "what-if has no run to time): it shows how much of the error is the host running faster or slower "
              "than when it was calibrated.", ""]
             if any(v.get("host_runs") for v in report["summary"].values()) else []),
+          *(["## Cost figures not measured", "",
+             ("Where the profile had no measurement, the simulator fell back on these (runs that used each). "
+              "A prediction that leans on them is only as right as they are."), "", "```",
+             *(f"{n:3d}  {f}" for f, n in report["fallbacks"].items()), "```", ""]
+            if report.get("fallbacks") else []),
           "## Per-action error by category and model size (fit set; median of each run's median)", "", "```",
           category_table(report["categories"]["fit"]), "```", "",
           "## Total time per category and model size (fit set; median over runs of each run's "
@@ -460,7 +469,8 @@ def write_report(out: Path, report: dict) -> None:
           "Where this is far below the median above, a few actions took far longer than the rest.", "",
           "```", category_table(report.get("totals", {}).get("fit", {})), "```", "",
           "## Compute blocks by what ran beside them in the measurement (fit set; median of each run's median)",
-          "", "Neighbours: the rank's load, offload and cpu streams with work in flight during the block.", "",
+          "", ("Neighbours: the rank's load, offload and cpu streams with work in flight during the block, "
+               "and recv: a receive of the rank posted and not yet matched by its peer's send."), "",
           "```", category_table(report.get("beside", {}).get("fit", {}), "beside"), "```", "",
           "## Measurement noise (all runs)", "",
           "Step spread: (max - min) / median of one run's timed steps. Same-work pairs: the GPipe runs of two cells "

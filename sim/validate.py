@@ -41,7 +41,7 @@ from aptmoe.host import run_loop_s, run_stream_GBps
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import default_planning_profile, load_profile
-from aptmoe.report import StagedDir, fmt, format_table, timestamp
+from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
 from aptmoe.trace import Trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
@@ -124,19 +124,32 @@ def _key_events(trace: Trace) -> dict[tuple[int, str, str, int], object]:
     return out
 
 
-# The rank's streams whose work can slow the thread that issues the compute stream's blocks
-# (their threads wake for the GIL; their copies and CPU work stream host memory).
-NEIGHBOURS = ("load", "offload", "cpu")
+# What can slow a rank's compute blocks, by the label the report gives it: the streams whose
+# work can slow the thread that issues the blocks (their threads wake for the GIL; their
+# copies and CPU work stream host memory), and a receive posted and not yet matched. NCCL's
+# receive kernel waits on the GPU from its post until the peer's send: on the 2-GPU H200 grid
+# (docs/validation-h200-2gpu) MoE-M attention blocks ran 1.6x their time alone beside one.
+NEIGHBOURS = ("load", "offload", "cpu", "recv")
+
+
+def _neighbour(e) -> str | None:
+    """The label of a measured event in NEIGHBOURS, or None where it is none of them."""
+    if e.dur_s <= 0:
+        return None
+    if e.cat == "recv":
+        return "recv"
+    return e.stream if e.stream in NEIGHBOURS and e.cat in TIMED else None
 
 
 class _Busy:
-    """When each of a rank's neighbour streams had work in flight, in the measured trace."""
+    """When each of a rank's neighbours had work in flight, in the measured trace."""
 
     def __init__(self, trace: Trace) -> None:
         spans: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
         for e in trace.events:
-            if e.stream in NEIGHBOURS and e.cat in TIMED and e.dur_s > 0:
-                spans[(e.rank, e.stream)].append((e.start_s, e.end_s))
+            label = _neighbour(e)
+            if label is not None:
+                spans[(e.rank, label)].append((e.start_s, e.end_s))
         self.starts, self.reach = {}, {}
         for k, v in spans.items():
             v.sort()
@@ -146,12 +159,12 @@ class _Busy:
     def beside(self, rank: int, start: float, end: float) -> str:
         """The neighbours with work overlapping [start, end), joined by '+', or 'alone'."""
         out = []
-        for stream in NEIGHBOURS:
-            starts = self.starts.get((rank, stream))
+        for label in NEIGHBOURS:
+            starts = self.starts.get((rank, label))
             if starts:
                 i = bisect.bisect_left(starts, end)          # spans that start before `end`
-                if i and self.reach[(rank, stream)][i - 1] > start:
-                    out.append(stream)
+                if i and self.reach[(rank, label)][i - 1] > start:
+                    out.append(label)
         return "+".join(out) or "alone"
 
 
@@ -210,7 +223,10 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     trace.save(tmp / f"trace-{name}-predicted.json")
     row = {"pipeline": name, "steps": steps, "measured_s": real["iteration_s"], "predicted_s": pred.iteration_s,
            "error": _error(pred.iteration_s, real["iteration_s"]),
-           "predicted_oom": pred.oom}
+           "predicted_oom": pred.oom,
+           # cost figures the profile had no measurement for (threads or tokens outside its
+           # points, parts it skipped): where a prediction leans on them, its error is theirs
+           "fallbacks": sorted(pred.fallbacks)}
     for r in RESOURCES:
         row[f"busy/{r}/measured"] = real["metrics"].get(f"busy/{r}")
         row[f"busy/{r}/predicted"] = pred.metrics.get(f"busy/{r}")
@@ -277,7 +293,7 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name,
                                                  "planned_with": planned.name,
                                                  "schedules": rows})
-    flat = [{k: v for k, v in r.items() if k not in ("actions", "beside")} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("actions", "beside", "fallbacks")} for r in rows]
     with open(dest / "validation.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
         w.writeheader()
@@ -294,6 +310,9 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
         run_executor(argv, tmp / "real", ns.calibration)
         rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv])
     say(validation_table(rows))
+    fallbacks = sorted({f for r in rows for f in r.get("fallbacks", [])})
+    if fallbacks:
+        say(f"calibration {profile.name}: {short_fallbacks(fallbacks)}")
     say(f"wrote {out}/ (validation.json, validation.csv, actions-*.csv, overlay-*.png, real/)")
     return 0
 

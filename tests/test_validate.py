@@ -198,7 +198,8 @@ def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
 
 def test_compute_blocks_are_labelled_by_the_neighbours_busy_beside_them() -> None:
     """A block's label names the rank's load, offload and cpu streams with work overlapping it
-    in the measurement (other ranks' do not count); stage spans and other streams get none."""
+    in the measurement, and a receive posted and not yet matched (other ranks' do not count);
+    stage spans and other streams get none."""
     from aptmoe.sim.validate import beside_errors
 
     pred, real = Trace("sim"), Trace("real")
@@ -212,12 +213,14 @@ def test_compute_blocks_are_labelled_by_the_neighbours_busy_beside_them() -> Non
     real.add("1U", 0, "cpu", 2.9, 3.5, "update")                 # overlaps e0 and e1
     real.add("0LF@1:e1", 1, "load", 3.0, 4.0, "load-stage")     # rank 1: not a neighbour of rank 0
     real.add("x", 0, "cpu", 1.2, 1.2, "marker")                  # markers are no work
+    real.add("0RF1", 0, "net", 3.5, 5.0, "recv")                 # a receive posted: overlaps e1
+    real.add("0SF0", 0, "net", 1.5, 1.6, "send")                 # sends are not neighbours
     _, rows = action_errors(pred, real)
     got = {r["action"]: r["beside"] for r in rows}
-    assert got == {"0F0@1:a": "load", "0F0@1:g": "load", "0F0@1:e0": "load+cpu", "0F0@1:e1": "cpu", "0F0": ""}
+    assert got == {"0F0@1:a": "load", "0F0@1:g": "load", "0F0@1:e0": "load+cpu", "0F0@1:e1": "cpu+recv", "0F0": ""}
     by = beside_errors(rows)
     assert by["load"] == {"blocks": 2, "median_error": pytest.approx(-0.5)}
-    assert set(by) == {"load", "load+cpu", "cpu"}
+    assert set(by) == {"load", "load+cpu", "cpu+recv"}
 
 
 def test_the_simulator_offloads_and_updates_what_the_executor_did() -> None:
