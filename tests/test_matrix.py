@@ -635,6 +635,21 @@ def test_the_stored_h200_runs_are_predicted_by_the_pooled_profile_as_when_it_was
     _within(_repredicted(folder, tmp_path, monkeypatch, flags), H200_POOLED[folder])
 
 
+def test_the_stored_2gpu_runs_name_the_figures_their_prediction_fell_back_on(tmp_path, monkeypatch) -> None:
+    """Session 13's 2-GPU grid (docs/validation-h200-2gpu) ran planned with h200-1gpu's 16
+    cores: each rank had 8, its CPU worker 6 threads, where h200-2gpu measured CPU work at 14
+    and 16. Predicted with h200-2gpu: 18.9% over 48 runs (19.4% held back), the worst 44.0%.
+    The report names the thread-scaled Adam every offload run leaned on, and labels the blocks
+    that ran beside a posted receive."""
+    flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--no-plot", "-q"]
+    report = _repredicted("validation-h200-2gpu", tmp_path, monkeypatch, flags)
+    assert report["summary"]["all"]["runs"] == 48
+    _within(report, {"all": (0.20, 0.45), "held-back": (0.205, 0.31)})
+    assert report["fallbacks"]["adam cpu: 6 threads outside measured 14..16, scaled by measured/threads"] == 36
+    assert {"recv", "cpu+recv", "load+recv"} <= set(report["beside"]["fit"])
+    assert "## Cost figures not measured" in (tmp_path / "validation-h200-2gpu" / "matrix.md").read_text()
+
+
 def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str]) -> dict:
     """The stored matrix `folder` predicted again into `tmp_path` (skipped where the tree lacks it)."""
     stored, out = DOCS / folder, tmp_path / folder
