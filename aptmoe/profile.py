@@ -28,6 +28,9 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``pacer`` (optional): {late_s}, how long after its bytes have passed over the cap a copy on
   a capped link is seen to have landed: the pacing thread's sleep ends late, and the thread
   waiting for the copy wakes after it (calibration/pacer.py);
+- ``recv_wait`` (optional): {slowdown}, how many times its time alone a GPU kernel takes while
+  a receive posted on its rank waits for the peer's send (NCCL's receive kernel holds SMs as it
+  waits; calibration/p2p.py). Absent, or under 1 (noise), a posted receive costs nothing;
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -294,6 +297,16 @@ class Pacer:
 
 
 @dataclass(frozen=True)
+class RecvWait:
+    """How much slower a rank's GPU kernels run while a receive it posted waits for the peer's
+    send: NCCL's receive kernel is launched when the receive is posted and holds its SMs until
+    the data arrives (docs/validation-h200-2gpu: MoE-M attention 1.6x beside one). The
+    executor posts each receive ahead of the send that feeds it. Optional in the schema:
+    without it a posted receive costs the GPU nothing."""
+    slowdown: float          # a kernel's time beside a waiting receive over its time alone
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     made_by: MadeBy
@@ -310,6 +323,7 @@ class Profile:
     host_memory: HostMemory | None = None
     issue_tolls: IssueTolls | None = None
     pacer: Pacer | None = None
+    recv_wait: RecvWait | None = None
 
     schema: typing.ClassVar[str] = SCHEMA
 
@@ -365,6 +379,8 @@ class Profile:
             d["issue_tolls"] = dataclasses.asdict(self.issue_tolls)
         if self.pacer is not None:
             d["pacer"] = dataclasses.asdict(self.pacer)
+        if self.recv_wait is not None:
+            d["recv_wait"] = dataclasses.asdict(self.recv_wait)
         return d
 
     def to_json(self) -> str:
@@ -527,7 +543,7 @@ class _Parser:
             self.fail("schema", f"unknown schema version {self._show(data['schema'])}; this aptmoe reads {SCHEMA!r}")
         d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
                                 "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch", "host_memory",
-                                                                    "issue_tolls", "pacer"))
+                                                                    "issue_tolls", "pacer", "recv_wait"))
         description = d.get("description", "")
         if not isinstance(description, str):
             self.fail("description", "must be a string")
@@ -548,6 +564,8 @@ class _Parser:
             issue_tolls=self.issue_tolls(d["issue_tolls"]) if "issue_tolls" in d else None,
             pacer=Pacer(self.number(self.obj(d["pacer"], "pacer", ("late_s",))["late_s"], "pacer.late_s",
                                     positive=False, unit="s")) if "pacer" in d else None,
+            recv_wait=RecvWait(self.number(self.obj(d["recv_wait"], "recv_wait", ("slowdown",))["slowdown"],
+                                           "recv_wait.slowdown")) if "recv_wait" in d else None,
         )
 
     def issue_tolls(self, data: Any) -> IssueTolls:
@@ -1059,6 +1077,14 @@ class ProfileCost:
             self.fallbacks.add("pacer: not measured, a capped copy lands exactly when its bytes have passed")
             return 0.0
         return self.profile.pacer.late_s
+
+    def recv_slowdown(self) -> float:
+        """How many times its time alone a GPU kernel takes while a receive of its rank waits
+        (1: not measured; a measured ratio under 1 is the timing's noise: a waiting receive
+        never speeds a kernel up)."""
+        if self.profile.recv_wait is None:
+            return 1.0
+        return max(1.0, self.profile.recv_wait.slowdown)
 
     def issue_tolls(self) -> IssueTolls | None:
         """What the issuing thread loses to the rank's other threads (None: not measured,

@@ -23,7 +23,7 @@ import sys
 from aptmoe import version
 from aptmoe.profile import ProfileError, load_profile
 
-SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls", "pacer")
+SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls", "pacer", "recv_wait")
 # roofline fields measured from each section (calibration/profiler.py's overrides)
 ROOFLINE_FIELDS = {
     "links": ("h2d", "d2h", "root_GBps", "p2p_intra"),
@@ -34,6 +34,7 @@ ROOFLINE_FIELDS = {
     "host_memory": (),
     "issue_tolls": (),
     "pacer": (),
+    "recv_wait": (),
 }
 
 

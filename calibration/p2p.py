@@ -7,12 +7,22 @@ none of the protocol: launching the communicator's kernels, its rendezvous, its 
 This times the real thing: two processes, one channel group each way, a ping-pong of each
 size, half the round trip's median (the two directions of one pair are alike).
 
+Then what a posted receive costs the rank that waits (`recv_wait` in the profile). The
+executor posts each receive when its net program reaches it, ahead of the send that feeds it,
+and NCCL launches the receive's kernel then: it holds its SMs, spinning, until the data comes.
+On the 2-GPU H200 grid (docs/validation-h200-2gpu) blocks beside a waiting receive ran
+1.3-1.7x their time. Rank 0 times a GEMM of an MoE-M expert's shape alone, then again with a
+receive from rank 1 posted on a side stream (rank 1 sends only when rank 0 has finished):
+the ratio of the medians. Between CPU ranks the GEMM is smaller and gloo's receive waits in
+its own thread.
+
     python -m aptmoe.calibration.p2p [--backend gloo|nccl] [--sizes 4096,1048576]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import statistics
@@ -28,6 +38,16 @@ import torch.multiprocessing as mp
 from aptmoe.flags import number_list
 
 WARMUP = 3
+# the GEMM timed beside a waiting receive: (tokens, in, out), an MoE-M expert's first matmul
+# on 512 tokens on a GPU; on CPU ranks a small one, so that the part stays short there
+RECV_GEMM = {"cuda": (512, 2048, 8192), "cpu": (128, 512, 2048)}
+RECV_REPS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class P2P:
+    points: list[tuple[int, float]]      # (bytes, one-way seconds)
+    recv_slowdown: float                 # the GEMM beside a waiting receive over alone
 
 
 def _free_port() -> int:
@@ -36,8 +56,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _timed(device: torch.device, fn, reps: int) -> float:
+    """Median seconds of `fn` over `reps` calls after 3 warm-up, each timed on its own: CUDA
+    events on the current stream (synchronizing on the last event, never the device: a
+    receive may be waiting on another stream), the host clock on a CPU."""
+    times = []
+    for i in range(3 + reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            t = a.elapsed_time(b) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+        if i >= 3:
+            times.append(t)
+    return statistics.median(times)
+
+
+def _recv_wait(rank: int, device: torch.device, group, go) -> float | None:
+    """Rank 0: the GEMM's median time beside a receive from rank 1 posted and waiting, over
+    its time alone. Rank 1 sends once rank 0 has timed (`go`). None on rank 1."""
+    t, d, h = RECV_GEMM[device.type]
+    buf = torch.empty(t, d, device=device)
+    if rank == 1:
+        go.wait(timeout=120)
+        dist.isend(buf, 0, group=group).wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return None
+    x, w = torch.randn(t, d, device=device), torch.randn(d, h, device=device)
+    def gemm() -> None:
+        torch.mm(x, w)
+
+    alone = _timed(device, gemm, RECV_REPS)
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):                 # as the executor's net stream posts it
+            work = dist.irecv(buf, 1, group=group)
+    else:
+        work = dist.irecv(buf, 1, group=group)
+    beside = _timed(device, gemm, RECV_REPS)
+    go.set()
+    work.wait()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return beside / alone
+
+
 def _rank(rank: int, backend: str, port: int, sizes: Sequence[int], reps: int, cpus: Sequence[Sequence[int]],
-          gpus: Sequence[int], results) -> None:
+          gpus: Sequence[int], results, go) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if cpus and cpus[rank]:
         os.sched_setaffinity(0, cpus[rank])                 # as the executor binds its CPU ranks
@@ -70,26 +143,28 @@ def _rank(rank: int, backend: str, port: int, sizes: Sequence[int], reps: int, c
                 if i >= WARMUP:
                     times.append(time.perf_counter() - start)
             points.append((size, statistics.median(times) / 2))
+        slowdown = _recv_wait(rank, device, there[1], go)
         if rank == 0:
-            results.put(points)
+            results.put(P2P(points, slowdown))
     finally:
         dist.destroy_process_group()
 
 
 def measure_p2p_group(backend: str, sizes: Sequence[int], reps: int = 10, cpus: Sequence[Sequence[int]] = (),
-                      gpus: Sequence[int] = (0, 1)) -> list[tuple[int, float]]:
-    """[(bytes, one-way seconds)] between two ranks through `backend` (nccl: on `gpus`;
-    gloo: two CPU processes, bound to `cpus[0]` and `cpus[1]` where given)."""
+                      gpus: Sequence[int] = (0, 1)) -> P2P:
+    """Between two ranks through `backend` (nccl: on `gpus`; gloo: two CPU processes, bound to
+    `cpus[0]` and `cpus[1]` where given): [(bytes, one-way seconds)], and how much slower a
+    GEMM runs beside a waiting receive."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    results, go = ctx.Queue(), ctx.Event()
     port = _free_port()
     procs = [ctx.Process(target=_rank, args=(r, backend, port, list(sizes), reps, [list(c) for c in cpus], list(gpus),
-                                                           results),
+                                                           results, go),
                          daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
     try:
-        points = results.get(timeout=300)
+        measured = results.get(timeout=300)
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -98,7 +173,7 @@ def measure_p2p_group(backend: str, sizes: Sequence[int], reps: int = 10, cpus: 
     bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if bad:
         raise RuntimeError(f"a p2p rank exited with code {bad[0]}")
-    return points
+    return measured
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="message sizes in bytes")
     p.add_argument("--reps", type=int, default=10)
     ns = p.parse_args(argv)
-    for size, s in measure_p2p_group(ns.backend, ns.sizes, ns.reps):
+    measured = measure_p2p_group(ns.backend, ns.sizes, ns.reps)
+    for size, s in measured.points:
         print(f"{size:>12,} B  {s * 1e6:10.1f} us  {size / s / 1e9:8.2f} GB/s")
+    print(f"a GEMM {'x'.join(map(str, RECV_GEMM['cuda' if ns.backend == 'nccl' else 'cpu']))} beside a waiting "
+          f"receive: {measured.recv_slowdown:.3f}x its time alone")
     return 0
 
 

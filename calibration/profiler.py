@@ -54,7 +54,7 @@ from aptmoe.calibration.pacer import ROUNDS as PACER_ROUNDS
 from aptmoe.calibration.pacer import measure_pacer_late
 from aptmoe.calibration.host_memory import (HostMemoryResult, adam_stream, as_executor_host, host_memory_source,
                                            measure_host_memory)
-from aptmoe.calibration.p2p import measure_p2p_group
+from aptmoe.calibration.p2p import P2P, RECV_GEMM, RECV_REPS, measure_p2p_group
 from aptmoe.calibration.reference import fit_link
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
@@ -63,7 +63,7 @@ from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import FUSED_CPU, BlockAdam
 from aptmoe.costs import LinkSpec
 from aptmoe.isotonic import pava
-from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, Profile,
+from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, Profile, RecvWait,
                             Skipped, nearest_count)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -434,6 +434,12 @@ class Measured:
     issue_tolls_notes: list[str] = field(default_factory=list)
     pacer_late: float | None = None
     pacer_device: str = "cpu"                # where the pacer's copies went
+    recv_wait: float | None = None           # a GEMM beside a waiting receive over alone (p2p part)
+    recv_backend: str = ""
+
+
+def _keep_p2p(m: Measured, backend: str, measured: P2P) -> None:
+    m.p2p, m.recv_wait, m.recv_backend = measured.points, measured.recv_slowdown, backend
 
 
 def _random_bytes(n: int, device: torch.device | str = "cpu", pinned: bool = False) -> torch.Tensor:
@@ -865,11 +871,14 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
     elif not machine.gpus:
         for part in ("links.h2d", "links.d2h", "links.root_GBps", "links.duplex_GBps"):
             out.append(Skipped(part, f"{no_gpu}: roofline preset"))
+    no_wait = "a posted receive costs the kernels beside it nothing"
     if "p2p" in opts.skip:
         out.append(Skipped("links.p2p.intra_node", "--skip p2p: roofline preset"))
+        out.append(Skipped("recv_wait", f"--skip p2p: {no_wait}"))
     elif len(machine.gpus) < 2 and not (opts.blocks_on == "cpu" and len(machine.cpus) >= 2):
         why = no_gpu if not machine.gpus else "one GPU: no GPU-to-GPU send to time"
         out.append(Skipped("links.p2p.intra_node", f"{why}: roofline preset"))
+        out.append(Skipped("recv_wait", f"{why}: {no_wait}"))
     out.append(Skipped("links.p2p.inter_node", "one host: inter-node links cannot be measured here; roofline preset"))
     if "gpu" in opts.skip or (not machine.gpus and opts.blocks_on != "cpu"):
         why = "--skip gpu" if "gpu" in opts.skip else no_gpu
@@ -922,11 +931,11 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         # through the process group, as the executor sends activations: NCCL between the
         # first two GPUs; gloo between two CPU ranks, each on half the cores, as it binds them
         if len(gpus) >= 2:
-            add("p2p nccl gpu0<->gpu1", lambda: setattr(m, "p2p", measure_p2p_group(
+            add("p2p nccl gpu0<->gpu1", lambda: _keep_p2p(m, "nccl", measure_p2p_group(
                 "nccl", sizes.copy_bytes, sizes.link_reps.reps, gpus=gpus[:2])))
         elif opts.blocks_on == "cpu" and len(machine.cpus) >= 2:
             half = len(machine.cpus) // 2
-            add("p2p gloo", lambda: setattr(m, "p2p", measure_p2p_group(
+            add("p2p gloo", lambda: _keep_p2p(m, "gloo", measure_p2p_group(
                 "gloo", P2P_CPU_BYTES, sizes.link_reps.reps, cpus=[machine.cpus[:half], machine.cpus[half:2 * half]])))
     if (gpus or opts.blocks_on == "cpu") and "gpu" not in opts.skip:
         on = None if opts.blocks_on == "cpu" else gpus[0]
@@ -1231,6 +1240,11 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                               f"capped to {PACER_CAP:g} GB/s (exec/link.py), was "
                               f"seen to have landed by the thread waiting for it, the median of {PACER_ROUNDS} rounds "
                               "(calibration/pacer.py)")
+    if m.recv_wait is not None:
+        t, d, h = RECV_GEMM["cuda" if m.recv_backend == "nccl" else "cpu"]
+        a.sources["recv_wait"] = (f"measured: a {t}x{d} by {d}x{h} GEMM on rank 0, the median of {RECV_REPS} after "
+                                  f"3 warm-up, beside a {m.recv_backend} receive from rank 1 posted on a side stream "
+                                  f"and waiting, over the same alone (calibration/p2p.py)")
     if m.issue_tolls is not None:
         a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
                                     f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "
@@ -1273,7 +1287,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                 for t, r in m.host_memory.items()})
         if m.host_memory else None,
         issue_tolls=m.issue_tolls,
-        pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)))
+        pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)),
+        recv_wait=None if m.recv_wait is None else RecvWait(round_sig(m.recv_wait)))
 
 
 def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:

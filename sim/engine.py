@@ -169,6 +169,11 @@ class RankModel:
                                      capped=c.link_bandwidth_GBps is not None)
         # A capped copy is seen to have landed late, the link free meanwhile (calibration/pacer.py)
         self.pacer_late = self.cost.pacer_late_s() if c.link_bandwidth_GBps is not None else 0.0
+        # A receive is posted when the rank's net program reaches it, ahead of the send that
+        # feeds it, and waits on the GPU till then; kernels beside it run `recv_slowdown`
+        # times their time alone (_issue; calibration/p2p.py, docs/validation-h200-2gpu)
+        self.recv_slowdown = self.cost.recv_slowdown()
+        self.recvs_waiting = 0
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
                                  + [self.cost.between_s(d) for d in DIRECTIONS])
         self.handlers = {
@@ -209,12 +214,19 @@ class RankModel:
 
     def _walk(self, stream: str, program: list[Action]):
         for a in program:
+            receive = a.kind in (Kind.RECV_F, Kind.RECV_B)
+            if receive:                      # posted: it waits for the peer's send (its dep)
+                self.recvs_waiting += 1
+                posted = self.env.now
             # Waiting on events that have already fired changes nothing but costs an event.
             deps = [ev for d in self.plan.deps_of(a) if not (ev := self.step.done[d]).processed]
             if deps:
                 yield self.env.all_of(deps)
                 if stream == "compute":
                     self._host_waited()
+            if receive:
+                self.recvs_waiting -= 1
+                self._record(str(a), "net", posted, "recv")
             yield from self.handlers[a.kind](a)
             self.step.done[a].succeed()
 
@@ -432,14 +444,16 @@ class RankModel:
         dispatch.py), so it is the Python around the call, not the arithmetic. (It was the
         longer of the two until session 6: the CPU validation's blocks then ran 32-50% over
         their prediction even with nothing beside them, and 3% under to 12% over with both.)
-        Without a measured host cost (host_s 0) each block takes its kernel time exactly."""
+        Without a measured host cost (host_s 0) each block takes its kernel time exactly.
+        Kernels issued while a receive of the rank waits take `recv_slowdown` times theirs."""
+        f = self.recv_slowdown if self.recvs_waiting else 1.0
         if self.host_free:                  # the common case of a roofline or an older profile
-            return [self.cost.gpu_s(kind, tokens, direction) for kind, tokens, direction in work]
+            return [self.cost.gpu_s(kind, tokens, direction) * f for kind, tokens, direction in work]
         t = self.env.now
         out = []
         slow = self.issuing.slowdown()
         for kind, tokens, direction in work:
-            k = self.cost.gpu_s(kind, tokens, direction)
+            k = self.cost.gpu_s(kind, tokens, direction) * f
             d = self.cost.host_s(kind, direction) * slow if tokens > 0 else 0.0
             if self.runs_ahead:
                 self.host_t += d

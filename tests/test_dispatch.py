@@ -88,7 +88,7 @@ def _rank(cost, now=10.0):
 
     return SimpleNamespace(env=SimpleNamespace(now=now), cost=cost, host_t=now, runs_ahead=cost.host_runs_ahead(),
                            host_free=False, busy={"compute": 0.0}, _hold=lambda s, r="compute": s,
-                           issuing=IssuingThread(None, capped=False))
+                           issuing=IssuingThread(None, capped=False), recv_slowdown=1.0, recvs_waiting=0)
 
 
 def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:
@@ -245,3 +245,24 @@ def test_a_slower_host_scales_the_block_calls_and_nothing_else(with_dispatch) ->
     assert plain.with_host_speed(2.0) is plain                          # no dispatch costs: nothing to scale
     with pytest.raises(ValueError, match="positive"):
         timed.with_host_speed(0.0)
+
+
+def test_a_waiting_receive_slows_the_kernels_and_not_the_host() -> None:
+    """Kernels issued while a receive of the rank waits take recv_slowdown times their time
+    (NCCL's receive kernel holds SMs); the host's part of a block does not change, so blocks
+    bound by their kernels show the slowdown and blocks bound by the host hide it."""
+    from aptmoe.sim.engine import RankModel
+
+    cost = _Cost({"a": 2.0, "g": 0.2}, {"a": 1.0, "g": 1.0})
+    bound_by_kernel, bound_by_host = [("a", 8, "fwd")], [("g", 8, "fwd")] * 3
+    for slowdown, attention in ((1.0, 2.0), (1.5, 3.0)):
+        r = _rank(cost)
+        r.recv_slowdown, r.recvs_waiting = slowdown, 1
+        assert RankModel._issue(r, bound_by_kernel) == pytest.approx([attention])
+        r = _rank(cost)
+        r.recv_slowdown, r.recvs_waiting = slowdown, 1
+        assert RankModel._issue(r, bound_by_host) == pytest.approx([1.0, 1.0, 1.0])
+    # no receive waiting: the profile's slowdown does not apply
+    r = _rank(cost)
+    r.recv_slowdown = 1.5
+    assert RankModel._issue(r, bound_by_kernel) == pytest.approx([2.0])

@@ -358,3 +358,20 @@ def test_each_adam_step_call_pays_its_measured_fixed_cost(a800, tmp_path):
     for params, threads, call in ((10**6, 16, 2e-5), (4096, 8, 3e-5), (4096, 12, 3e-5), (1, 64, 2e-5)):
         assert cost.adam_cpu_s(params, threads) == pytest.approx(plain.adam_cpu_s(params, threads) + call)
     assert "cpu_call_s" not in json.loads(a800.to_json())["adam"]       # absent when not measured
+
+
+def test_the_recv_wait_section_round_trips_is_checked_and_never_speeds_a_kernel(tmp_path):
+    from aptmoe.profile import RecvWait
+
+    p = load_profile("a800-paper")
+    assert p.recv_wait is None and ProfileCost(p, moe_model("S", 8)).recv_slowdown() == 1.0
+    q = p.with_(recv_wait=RecvWait(1.42))
+    again = load_profile(str(q.save(tmp_path / "p.json")))
+    assert again.recv_wait == q.recv_wait and ProfileCost(again, moe_model("S", 8)).recv_slowdown() == 1.42
+    # a ratio under 1 is the timing's noise: kept as measured, used as 1
+    assert ProfileCost(p.with_(recv_wait=RecvWait(0.97)), moe_model("S", 8)).recv_slowdown() == 1.0
+    d = json.loads((tmp_path / "p.json").read_text())
+    d["recv_wait"]["slowdown"] = 0
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="recv_wait.slowdown"):
+        load_profile(str(tmp_path / "bad.json"))

@@ -183,11 +183,14 @@ def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
     by about twice its spread, and fails if the executor slows down or the model starts to
     overshoot."""
     from aptmoe.calibration.cli import main as calibrate
+    from aptmoe.profile import load_profile
 
     profile = tmp_path / "cpu.json"
     assert calibrate(["--quick", "--out", str(profile), "--blocks-on", "cpu", "--block-threads", "1",
                       "--models", "64x128", "--dtypes", "fp32", "--threads", "1", "--seq-length", "16",
                       "--heads", "4", "--gate-experts", "4", "--skip", "links", "-q"]) == 0
+    # two CPU ranks on this machine's cores: gloo p2p, and a GEMM beside a waiting receive
+    assert load_profile(str(profile)).recv_wait is not None
     out = tmp_path / "val"
     assert sim_main(["validate", "--calibration", str(profile), *CPU_MODEL, "--pipeline", "Mobius",
                      "--out", str(out), "-q"]) == 0
