@@ -18,6 +18,12 @@ import time
 import psutil
 
 
+def physical_cores() -> int:
+    """The machine's physical cores, as a calibration records them (`Hardware.cpu_cores`), from
+    which a run planned with its profile takes its cores per socket."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
 def allowed_cores() -> list[int]:
     """The cores this process may run on, sorted (all of them where the OS has no affinity)."""
     try:

@@ -58,7 +58,7 @@ from aptmoe.calibration.p2p import P2P, RECV_GEMM, RECV_REPS, measure_p2p_group
 from aptmoe.calibration.reference import fit_link
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
-from aptmoe.host import allowed_cores
+from aptmoe.host import allowed_cores, physical_cores
 from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import FUSED_CPU, BlockAdam
 from aptmoe.costs import LinkSpec
@@ -251,7 +251,7 @@ def probe_machine(opts: Options) -> Machine:
         gpu_count=len(gpus),
         gpu_memory_bytes=torch.cuda.get_device_properties(gpus[0]).total_memory if gpus else 0,
         cpu_model=model, cpu_sockets=sockets,
-        cpu_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        cpu_cores=physical_cores(),
         host_memory_bytes=psutil.virtual_memory().total,
         torch_version=torch.__version__)
     return Machine(gpus, tuple(cpus), thread_counts(opts.threads, len(cpus)), hardware)
@@ -1360,6 +1360,8 @@ def summary(p: Profile) -> str:
     root = lambda t: ", ".join(f"{k}: {v:.4g}" for k, v in t.items())   # noqa: E731
     lines.append(f"  root GB/s by GPUs copying: h2d {{{root(L.root_h2d_GBps)}}}, d2h {{{root(L.root_d2h_GBps)}}}")
     lines.append(f"  duplex GB/s: h2d {L.duplex_h2d_GBps:.4g}, d2h {L.duplex_d2h_GBps:.4g}")
+    if p.recv_wait is not None:
+        lines.append(f"  a GEMM beside a waiting receive: {p.recv_wait.slowdown:.3g}x its time alone")
     if p.gpu:
         lines.append(f"gpu curves ({len(p.gpu)}), tokens: time")
         for c in p.gpu:

@@ -59,7 +59,7 @@ from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.sim.validate import compare_run, run_executor
+from aptmoe.sim.validate import compare_run, other_machine, run_executor
 from aptmoe.trace import write_json_atomic
 
 SETS = ("fit", "held-back", "all")
@@ -207,6 +207,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     if ns.cell_profiles and not ns.repredict:
         raise UsageError("--cell-profiles goes with --repredict (a new run is predicted with --calibration)")
     cells = cells_of(ns)
+    if not ns.repredict and (warning := other_machine(profile, f"{PROG} matrix")) is not None:
+        print(warning, file=sys.stderr)
     out = Path(ns.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     write_gitignore(out)

@@ -31,13 +31,14 @@ import csv
 import itertools
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from aptmoe.config import RunConfig
 from aptmoe.run_process import launch_executor
 from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser
-from aptmoe.host import run_loop_s, run_stream_GBps
+from aptmoe.host import physical_cores, run_loop_s, run_stream_GBps
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import default_planning_profile, load_profile
@@ -301,10 +302,26 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     return rows
 
 
+def other_machine(profile, prog: str) -> str | None:
+    """A warning where `profile` cannot describe this machine (None where it may): a run takes
+    its cores per rank from the profile it plans with, so runs planned for another machine's
+    cores run here at thread counts this machine's figures may lack. Session 13's 2-GPU grid
+    planned with h200-1gpu's 16 cores on a 32-core host: 8 cores per rank, CPU work at 6
+    threads, Adam scaled from 14 and predicted 1.8x too slow (docs/validation-h200-2gpu)."""
+    here, there = physical_cores(), profile.hardware.cpu_cores
+    if here == there:
+        return None
+    return (f"{prog}: warning: --calibration {profile.name} was measured on {there} cores and this machine has "
+            f"{here}: the runs plan for {there} cores (each rank its topology's share of them) and are predicted "
+            f"with another machine's figures; for a prediction of this machine, calibrate it (aptmoe-calibrate)")
+
+
 def run_validate(ns, argv: list[str], prog: str) -> int:
     profile = load_profile(ns.calibration)
     out = Path(ns.out or f"runs/validate-{timestamp()}")
     say = (lambda *a: None) if ns.quiet else print
+    if (warning := other_machine(profile, f"{prog} validate")) is not None:
+        print(warning, file=sys.stderr)
     with StagedDir(out) as tmp:
         say("running the executor ...")
         run_executor(argv, tmp / "real", ns.calibration)

@@ -246,3 +246,25 @@ def test_the_simulator_offloads_and_updates_what_the_executor_did() -> None:
                 sum(1 for e in tr.events if e.cat == "update"))
 
     assert moved(predicted) == moved(measured) == (6_040_977_408, 408)
+
+
+def test_a_profile_of_another_machine_is_named_before_any_run(tmp_path, monkeypatch, capsys) -> None:
+    """A run takes its cores per rank from the profile it plans with: validate and matrix say
+    so, on stderr and before running, where the profile was measured on other cores (session
+    13's 2-GPU grid planned for 16 cores on a 32-core host without a word)."""
+    import aptmoe.sim.validate as v
+    from aptmoe.profile import load_profile
+
+    h200 = load_profile("h200-1gpu")
+    monkeypatch.setattr(v, "physical_cores", lambda: h200.hardware.cpu_cores)
+    assert v.other_machine(h200, "aptmoe-sim matrix") is None
+    monkeypatch.setattr(v, "physical_cores", lambda: 32)
+    warning = v.other_machine(h200, "aptmoe-sim matrix")
+    assert warning.startswith("aptmoe-sim matrix: warning: --calibration h200-1gpu was measured on 16 cores")
+    assert "this machine has 32" in warning and "\n" not in warning
+    # validate prints it before it runs anything: here the executor is stopped at its start
+    monkeypatch.setattr(v, "run_executor", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        sim_main(["validate", "--calibration", "h200-1gpu", "-q", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    assert "warning: --calibration h200-1gpu was measured on 16 cores" in capsys.readouterr().err
