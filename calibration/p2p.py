@@ -90,6 +90,7 @@ def _recv_wait(rank: int, device: torch.device, group, go) -> float | None:
             torch.cuda.synchronize(device)
         return None
     x, w = torch.randn(t, d, device=device), torch.randn(d, h, device=device)
+
     def gemm() -> None:
         torch.mm(x, w)
 
