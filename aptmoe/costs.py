@@ -92,9 +92,9 @@ class CostSource(Protocol):
         """How long after its bytes have passed over the cap a copy on a capped link is seen to
         have landed (the link is free meanwhile; 0: not measured)."""
 
-    def recv_slowdown(self) -> float:
-        """How many times its time alone a GPU kernel takes while a receive its rank posted
-        waits for the peer's send (1: no such cost, or not measured)."""
+    def recv_slowdown(self, kind: str) -> float:
+        """How many times its time alone a block of `kind` takes while a receive its rank
+        posted waits for the peer's send (1: no such cost, or not measured)."""
 
 
 def cpu_expert_bytes(d: int, h: int, dtype_bytes: int, tokens: int, direction: str) -> int:
@@ -123,7 +123,7 @@ class KernelTimeOnly:
     def pacer_late_s(self) -> float:
         return 0.0
 
-    def recv_slowdown(self) -> float:
+    def recv_slowdown(self, kind: str) -> float:
         return 1.0
 
     def host_s(self, kind: str, direction: str) -> float:

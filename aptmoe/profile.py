@@ -28,9 +28,11 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``pacer`` (optional): {late_s}, how long after its bytes have passed over the cap a copy on
   a capped link is seen to have landed: the pacing thread's sleep ends late, and the thread
   waiting for the copy wakes after it (calibration/pacer.py);
-- ``recv_wait`` (optional): {slowdown}, how many times its time alone a GPU kernel takes while
-  a receive posted on its rank waits for the peer's send (NCCL's receive kernel holds SMs as it
-  waits; calibration/p2p.py). Absent, or under 1 (noise), a posted receive costs nothing;
+- ``recv_wait`` (optional): {blocks: [{kind, d, slowdown}, ...]}, how many times its time
+  alone a block of each kind and width takes while a receive posted on its rank waits for the
+  peer's send (NCCL's receive kernel holds SMs as it waits; calibration/p2p.py). A block not
+  measured takes the median of those that were; absent, or under 1 (noise), a posted receive
+  costs nothing;
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -57,6 +59,7 @@ import json
 import math
 import numbers
 import os
+import statistics
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,12 +301,21 @@ class Pacer:
 
 @dataclass(frozen=True)
 class RecvWait:
-    """How much slower a rank's GPU kernels run while a receive it posted waits for the peer's
+    """How much slower a rank's blocks run while a receive it posted waits for the peer's
     send: NCCL's receive kernel is launched when the receive is posted and holds its SMs until
-    the data arrives (docs/validation-h200-2gpu: MoE-M attention 1.6x beside one). The
-    executor posts each receive ahead of the send that feeds it. Optional in the schema:
-    without it a posted receive costs the GPU nothing."""
-    slowdown: float          # a kernel's time beside a waiting receive over its time alone
+    the data arrives, and a kernel then needs more waves of thread blocks or fewer; the
+    2-GPU H200 grid saw MoE-M attention 1.6x and its experts 1.3x beside one
+    (docs/validation-h200-2gpu). The executor posts each receive ahead of the send that feeds
+    it. Optional in the schema: without it a posted receive costs the GPU nothing."""
+    blocks: tuple[tuple[str, int, float], ...]     # (kind, d, time beside a waiting receive / alone)
+
+    def slowdown(self, kind: str, d: int) -> tuple[float, bool]:
+        """The figure for a block of `kind` and width `d`, and whether it was measured (else
+        the median over the blocks that were)."""
+        for k, w, x in self.blocks:
+            if k == kind and w == d:
+                return x, True
+        return statistics.median(x for _, _, x in self.blocks), False
 
 
 @dataclass(frozen=True)
@@ -380,7 +392,7 @@ class Profile:
         if self.pacer is not None:
             d["pacer"] = dataclasses.asdict(self.pacer)
         if self.recv_wait is not None:
-            d["recv_wait"] = dataclasses.asdict(self.recv_wait)
+            d["recv_wait"] = {"blocks": [{"kind": k, "d": w, "slowdown": x} for k, w, x in self.recv_wait.blocks]}
         return d
 
     def to_json(self) -> str:
@@ -564,9 +576,20 @@ class _Parser:
             issue_tolls=self.issue_tolls(d["issue_tolls"]) if "issue_tolls" in d else None,
             pacer=Pacer(self.number(self.obj(d["pacer"], "pacer", ("late_s",))["late_s"], "pacer.late_s",
                                     positive=False, unit="s")) if "pacer" in d else None,
-            recv_wait=RecvWait(self.number(self.obj(d["recv_wait"], "recv_wait", ("slowdown",))["slowdown"],
-                                           "recv_wait.slowdown")) if "recv_wait" in d else None,
+            recv_wait=self.recv_wait(d["recv_wait"]) if "recv_wait" in d else None,
         )
+
+    def recv_wait(self, data: Any) -> RecvWait:
+        blocks = self.obj(data, "recv_wait", ("blocks",))["blocks"]
+        if not isinstance(blocks, list) or not blocks:
+            self.fail("recv_wait.blocks", "must be a non-empty list of {kind, d, slowdown}")
+        out = []
+        for i, b in enumerate(blocks):
+            where = f"recv_wait.blocks[{i}]"
+            b = self.obj(b, where, ("kind", "d", "slowdown"))
+            out.append((self.choice(b["kind"], f"{where}.kind", BLOCK_KINDS), self.integer(b["d"], f"{where}.d"),
+                        self.number(b["slowdown"], f"{where}.slowdown")))
+        return RecvWait(tuple(out))
 
     def issue_tolls(self, data: Any) -> IssueTolls:
         fields = [f.name for f in dataclasses.fields(IssueTolls)]
@@ -1078,13 +1101,17 @@ class ProfileCost:
             return 0.0
         return self.profile.pacer.late_s
 
-    def recv_slowdown(self) -> float:
-        """How many times its time alone a GPU kernel takes while a receive of its rank waits
-        (1: not measured; a measured ratio under 1 is the timing's noise: a waiting receive
-        never speeds a kernel up)."""
+    def recv_slowdown(self, kind: str) -> float:
+        """How many times its time alone a block of `kind` (at this model's width) takes while
+        a receive of its rank waits (1: not measured; a measured ratio under 1 is the timing's
+        noise: a waiting receive never speeds a block up)."""
         if self.profile.recv_wait is None:
             return 1.0
-        return max(1.0, self.profile.recv_wait.slowdown)
+        x, measured = self.profile.recv_wait.slowdown(kind, self.model.embedding_dim)
+        if not measured:
+            self.fallbacks.add(f"recv wait {kind} d{self.model.embedding_dim}: not measured, the median of the "
+                               f"blocks that were")
+        return max(1.0, x)
 
     def issue_tolls(self) -> IssueTolls | None:
         """What the issuing thread loses to the rank's other threads (None: not measured,

@@ -11,10 +11,12 @@ Then what a posted receive costs the rank that waits (`recv_wait` in the profile
 executor posts each receive when its net program reaches it, ahead of the send that feeds it,
 and NCCL launches the receive's kernel then: it holds its SMs, spinning, until the data comes.
 On the 2-GPU H200 grid (docs/validation-h200-2gpu) blocks beside a waiting receive ran
-1.3-1.7x their time. Rank 0 times a GEMM of an MoE-M expert's shape alone, then again with a
-receive from rank 1 posted on a side stream (rank 1 sends only when rank 0 has finished):
-the ratio of the medians. Between CPU ranks the GEMM is smaller and gloo's receive waits in
-its own thread.
+1.3-1.7x their time, attention more than experts (how many waves of thread blocks a kernel
+needs depends on the SMs left to it, so the loss depends on the kernel). Rank 0 times the
+executor's own blocks (`aptmoe.exec.model`: attention, an expert, the gate), forward, at each
+width asked, on a micro-batch of tokens, alone, then again with a receive from rank 1 posted
+on a side stream (rank 1 sends only when rank 0 has finished): per block, the ratio of the
+medians. Between CPU ranks gloo's receive waits in a thread of its own.
 
     python -m aptmoe.calibration.p2p [--backend gloo|nccl] [--sizes 4096,1048576]
 """
@@ -38,16 +40,25 @@ import torch.multiprocessing as mp
 from aptmoe.flags import number_list
 
 WARMUP = 3
-# the GEMM timed beside a waiting receive: (tokens, in, out), an MoE-M expert's first matmul
-# on 512 tokens on a GPU; on CPU ranks a small one, so that the part stays short there
-RECV_GEMM = {"cuda": (512, 2048, 8192), "cpu": (128, 512, 2048)}
-RECV_REPS = 20
+# the blocks timed beside a waiting receive: a micro-batch of the matrix's runs (8 sequences
+# of 128 tokens; the expert gets them all, as a popular one does), the gate over 8 experts
+RECV_SEQUENCES, RECV_GATE_EXPERTS, RECV_REPS = 8, 8, 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Width:
+    """A model width to time the blocks at: embedding d, expert hidden h, attention heads and
+    the sequence length its attention runs over."""
+    d: int
+    h: int
+    heads: int
+    seq_length: int
 
 
 @dataclasses.dataclass(frozen=True)
 class P2P:
     points: list[tuple[int, float]]      # (bytes, one-way seconds)
-    recv_slowdown: float                 # the GEMM beside a waiting receive over alone
+    recv_slowdown: dict[tuple[str, int], float]   # (block kind, d) -> beside a waiting receive / alone
 
 
 def _free_port() -> int:
@@ -78,23 +89,37 @@ def _timed(device: torch.device, fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _recv_wait(rank: int, device: torch.device, group, go) -> float | None:
-    """Rank 0: the GEMM's median time beside a receive from rank 1 posted and waiting, over
-    its time alone. Rank 1 sends once rank 0 has timed (`go`). None on rank 1."""
-    t, d, h = RECV_GEMM[device.type]
-    buf = torch.empty(t, d, device=device)
+def _blocks(widths: Sequence[Width], device: torch.device) -> dict[tuple[str, int], object]:
+    """(kind, d) -> a no-argument forward of the executor's block of that kind and width on
+    fresh random inputs (no autograd: the kernels are what a receive competes with)."""
+    from aptmoe.exec import model
+
+    out = {}
+    for w in widths:
+        tokens = RECV_SEQUENCES * w.seq_length
+        attn = model.AttentionBlock(w.d, w.heads, device=device)
+        expert = model.ExpertBlock(w.d, w.h, device=device)
+        gate = model.GateBlock(w.d, RECV_GATE_EXPERTS, device=device)
+        seqs = torch.randn(RECV_SEQUENCES, w.seq_length, w.d, device=device)
+        flat = torch.randn(tokens, w.d, device=device)
+        for kind, fn in (("a", lambda m=attn, x=seqs: m(x)), ("e", lambda m=expert, x=flat: m(x)),
+                         ("g", lambda m=gate, x=flat: m(x))):
+            out[(kind, w.d)] = torch.no_grad()(fn)
+    return out
+
+
+def _recv_wait(rank: int, device: torch.device, group, go, widths: Sequence[Width]) -> dict | None:
+    """Rank 0: per block, its median time beside a receive from rank 1 posted and waiting,
+    over its time alone. Rank 1 sends once rank 0 has timed (`go`). None on rank 1."""
+    buf = torch.empty(1 << 20, device=device)                  # 4 MiB, an activation's order
     if rank == 1:
-        go.wait(timeout=120)
+        go.wait(timeout=300)
         dist.isend(buf, 0, group=group).wait()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return None
-    x, w = torch.randn(t, d, device=device), torch.randn(d, h, device=device)
-
-    def gemm() -> None:
-        torch.mm(x, w)
-
-    alone = _timed(device, gemm, RECV_REPS)
+    blocks = _blocks(widths, device)
+    alone = {k: _timed(device, fn, RECV_REPS) for k, fn in blocks.items()}
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))
@@ -102,16 +127,16 @@ def _recv_wait(rank: int, device: torch.device, group, go) -> float | None:
             work = dist.irecv(buf, 1, group=group)
     else:
         work = dist.irecv(buf, 1, group=group)
-    beside = _timed(device, gemm, RECV_REPS)
+    beside = {k: _timed(device, fn, RECV_REPS) for k, fn in blocks.items()}
     go.set()
     work.wait()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return beside / alone
+    return {k: beside[k] / alone[k] for k in blocks}
 
 
 def _rank(rank: int, backend: str, port: int, sizes: Sequence[int], reps: int, cpus: Sequence[Sequence[int]],
-          gpus: Sequence[int], results, go) -> None:
+          gpus: Sequence[int], widths: Sequence[Width], results, go) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if cpus and cpus[rank]:
         os.sched_setaffinity(0, cpus[rank])                 # as the executor binds its CPU ranks
@@ -144,7 +169,7 @@ def _rank(rank: int, backend: str, port: int, sizes: Sequence[int], reps: int, c
                 if i >= WARMUP:
                     times.append(time.perf_counter() - start)
             points.append((size, statistics.median(times) / 2))
-        slowdown = _recv_wait(rank, device, there[1], go)
+        slowdown = _recv_wait(rank, device, there[1], go, widths)
         if rank == 0:
             results.put(P2P(points, slowdown))
     finally:
@@ -152,15 +177,15 @@ def _rank(rank: int, backend: str, port: int, sizes: Sequence[int], reps: int, c
 
 
 def measure_p2p_group(backend: str, sizes: Sequence[int], reps: int = 10, cpus: Sequence[Sequence[int]] = (),
-                      gpus: Sequence[int] = (0, 1)) -> P2P:
+                      gpus: Sequence[int] = (0, 1), widths: Sequence[Width] = ()) -> P2P:
     """Between two ranks through `backend` (nccl: on `gpus`; gloo: two CPU processes, bound to
-    `cpus[0]` and `cpus[1]` where given): [(bytes, one-way seconds)], and how much slower a
-    GEMM runs beside a waiting receive."""
+    `cpus[0]` and `cpus[1]` where given): [(bytes, one-way seconds)], and how much slower the
+    executor's blocks of each of `widths` run beside a waiting receive (none: no blocks)."""
     ctx = mp.get_context("spawn")
     results, go = ctx.Queue(), ctx.Event()
     port = _free_port()
     procs = [ctx.Process(target=_rank, args=(r, backend, port, list(sizes), reps, [list(c) for c in cpus], list(gpus),
-                                                           results, go),
+                                                           list(widths), results, go),
                          daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
@@ -183,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=number_list(int, "whole numbers of bytes"), default="4096,65536,1048576,16777216",
                    help="message sizes in bytes")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--widths", type=number_list(int, "model widths"), default="1024,2048",
+                   help="embedding widths of the blocks timed beside a waiting receive (MoE-S, -M: 1024,2048)")
     ns = p.parse_args(argv)
-    measured = measure_p2p_group(ns.backend, ns.sizes, ns.reps)
+    widths = [Width(d, 4 * d, 32, 128) for d in ns.widths]
+    measured = measure_p2p_group(ns.backend, ns.sizes, ns.reps, widths=widths)
     for size, s in measured.points:
         print(f"{size:>12,} B  {s * 1e6:10.1f} us  {size / s / 1e9:8.2f} GB/s")
-    print(f"a GEMM {'x'.join(map(str, RECV_GEMM['cuda' if ns.backend == 'nccl' else 'cpu']))} beside a waiting "
-          f"receive: {measured.recv_slowdown:.3f}x its time alone")
+    for (kind, d), x in sorted(measured.recv_slowdown.items()):
+        print(f"block {kind} d{d} beside a waiting receive: {x:.3f}x its time alone")
     return 0
 
 

@@ -54,7 +54,7 @@ from aptmoe.calibration.pacer import ROUNDS as PACER_ROUNDS
 from aptmoe.calibration.pacer import measure_pacer_late
 from aptmoe.calibration.host_memory import (HostMemoryResult, adam_stream, as_executor_host, host_memory_source,
                                            measure_host_memory)
-from aptmoe.calibration.p2p import P2P, RECV_GEMM, RECV_REPS, measure_p2p_group
+from aptmoe.calibration.p2p import P2P, RECV_REPS, RECV_SEQUENCES, Width, measure_p2p_group
 from aptmoe.calibration.reference import fit_link
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
@@ -434,7 +434,7 @@ class Measured:
     issue_tolls_notes: list[str] = field(default_factory=list)
     pacer_late: float | None = None
     pacer_device: str = "cpu"                # where the pacer's copies went
-    recv_wait: float | None = None           # a GEMM beside a waiting receive over alone (p2p part)
+    recv_wait: dict[tuple[str, int], float] = field(default_factory=dict)   # (kind, d) -> beside / alone (p2p part)
     recv_backend: str = ""
 
 
@@ -929,14 +929,17 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         add("duplex", lambda: measure_duplex(gpus[0], sizes.root_bytes, sizes.root_copies, sizes.link_reps, m))
     if "p2p" not in opts.skip:
         # through the process group, as the executor sends activations: NCCL between the
-        # first two GPUs; gloo between two CPU ranks, each on half the cores, as it binds them
+        # first two GPUs; gloo between two CPU ranks, each on half the cores, as it binds them;
+        # then the blocks of each model asked beside a waiting receive
+        widths = [Width(d, h, opts.heads, opts.seq_length) for d, h in map(model_dims, opts.models)]
         if len(gpus) >= 2:
             add("p2p nccl gpu0<->gpu1", lambda: _keep_p2p(m, "nccl", measure_p2p_group(
-                "nccl", sizes.copy_bytes, sizes.link_reps.reps, gpus=gpus[:2])))
+                "nccl", sizes.copy_bytes, sizes.link_reps.reps, gpus=gpus[:2], widths=widths)))
         elif opts.blocks_on == "cpu" and len(machine.cpus) >= 2:
             half = len(machine.cpus) // 2
             add("p2p gloo", lambda: _keep_p2p(m, "gloo", measure_p2p_group(
-                "gloo", P2P_CPU_BYTES, sizes.link_reps.reps, cpus=[machine.cpus[:half], machine.cpus[half:2 * half]])))
+                "gloo", P2P_CPU_BYTES, sizes.link_reps.reps, cpus=[machine.cpus[:half], machine.cpus[half:2 * half]],
+                widths=widths)))
     if (gpus or opts.blocks_on == "cpu") and "gpu" not in opts.skip:
         on = None if opts.blocks_on == "cpu" else gpus[0]
         bcpus = block_cpus(opts, machine)
@@ -1240,11 +1243,11 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                               f"capped to {PACER_CAP:g} GB/s (exec/link.py), was "
                               f"seen to have landed by the thread waiting for it, the median of {PACER_ROUNDS} rounds "
                               "(calibration/pacer.py)")
-    if m.recv_wait is not None:
-        t, d, h = RECV_GEMM["cuda" if m.recv_backend == "nccl" else "cpu"]
-        a.sources["recv_wait"] = (f"measured: a {t}x{d} by {d}x{h} GEMM on rank 0, the median of {RECV_REPS} after "
-                                  f"3 warm-up, beside a {m.recv_backend} receive from rank 1 posted on a side stream "
-                                  f"and waiting, over the same alone (calibration/p2p.py)")
+    if m.recv_wait:
+        a.sources["recv_wait"] = (f"measured: the executor's attention, expert and gate blocks (forward, "
+                                  f"{RECV_SEQUENCES} sequences of {opts.seq_length} tokens) on rank 0, each the median "
+                                  f"of {RECV_REPS} after 3 warm-up, beside a {m.recv_backend} receive from rank 1 "
+                                  f"posted on a side stream and waiting, over the same alone (calibration/p2p.py)")
     if m.issue_tolls is not None:
         a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
                                     f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "
@@ -1288,7 +1291,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         if m.host_memory else None,
         issue_tolls=m.issue_tolls,
         pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)),
-        recv_wait=None if m.recv_wait is None else RecvWait(round_sig(m.recv_wait)))
+        recv_wait=RecvWait(tuple((k, d, round_sig(x)) for (k, d), x in sorted(m.recv_wait.items())))
+        if m.recv_wait else None)
 
 
 def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:
@@ -1361,7 +1365,8 @@ def summary(p: Profile) -> str:
     lines.append(f"  root GB/s by GPUs copying: h2d {{{root(L.root_h2d_GBps)}}}, d2h {{{root(L.root_d2h_GBps)}}}")
     lines.append(f"  duplex GB/s: h2d {L.duplex_h2d_GBps:.4g}, d2h {L.duplex_d2h_GBps:.4g}")
     if p.recv_wait is not None:
-        lines.append(f"  a GEMM beside a waiting receive: {p.recv_wait.slowdown:.3g}x its time alone")
+        lines.append("  blocks beside a waiting receive, x their time alone: "
+                     + ", ".join(f"{k} d{d} {x:.3g}" for k, d, x in p.recv_wait.blocks))
     if p.gpu:
         lines.append(f"gpu curves ({len(p.gpu)}), tokens: time")
         for c in p.gpu:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 CPU_EXPERT_PRIORITY = 0     # lower value first (simpy.PriorityResource)
 CPU_UPDATE_PRIORITY = 1
+_ALONE = dict.fromkeys(BLOCK_KINDS, 1.0)        # every kind at its time alone (no receive waiting)
 
 
 class OutOfMemory(Exception):
@@ -172,7 +173,7 @@ class RankModel:
         # A receive is posted when the rank's net program reaches it, ahead of the send that
         # feeds it, and waits on the GPU till then; kernels beside it run `recv_slowdown`
         # times their time alone (_issue; calibration/p2p.py, docs/validation-h200-2gpu)
-        self.recv_slowdown = self.cost.recv_slowdown()
+        self.recv_slowdown = {k: self.cost.recv_slowdown(k) for k in BLOCK_KINDS}
         self.recvs_waiting = 0
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
                                  + [self.cost.between_s(d) for d in DIRECTIONS])
@@ -445,15 +446,16 @@ class RankModel:
         longer of the two until session 6: the CPU validation's blocks then ran 32-50% over
         their prediction even with nothing beside them, and 3% under to 12% over with both.)
         Without a measured host cost (host_s 0) each block takes its kernel time exactly.
-        Kernels issued while a receive of the rank waits take `recv_slowdown` times theirs."""
-        f = self.recv_slowdown if self.recvs_waiting else 1.0
+        Kernels issued while a receive of the rank waits take their kind's `recv_slowdown`
+        times theirs."""
+        f = self.recv_slowdown if self.recvs_waiting else _ALONE
         if self.host_free:                  # the common case of a roofline or an older profile
-            return [self.cost.gpu_s(kind, tokens, direction) * f for kind, tokens, direction in work]
+            return [self.cost.gpu_s(kind, tokens, direction) * f[kind] for kind, tokens, direction in work]
         t = self.env.now
         out = []
         slow = self.issuing.slowdown()
         for kind, tokens, direction in work:
-            k = self.cost.gpu_s(kind, tokens, direction) * f
+            k = self.cost.gpu_s(kind, tokens, direction) * f[kind]
             d = self.cost.host_s(kind, direction) * slow if tokens > 0 else 0.0
             if self.runs_ahead:
                 self.host_t += d

@@ -88,7 +88,8 @@ def _rank(cost, now=10.0):
 
     return SimpleNamespace(env=SimpleNamespace(now=now), cost=cost, host_t=now, runs_ahead=cost.host_runs_ahead(),
                            host_free=False, busy={"compute": 0.0}, _hold=lambda s, r="compute": s,
-                           issuing=IssuingThread(None, capped=False), recv_slowdown=1.0, recvs_waiting=0)
+                           issuing=IssuingThread(None, capped=False), recv_slowdown=dict.fromkeys("aeg", 1.0),
+                           recvs_waiting=0)
 
 
 def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:
@@ -257,12 +258,16 @@ def test_a_waiting_receive_slows_the_kernels_and_not_the_host() -> None:
     bound_by_kernel, bound_by_host = [("a", 8, "fwd")], [("g", 8, "fwd")] * 3
     for slowdown, attention in ((1.0, 2.0), (1.5, 3.0)):
         r = _rank(cost)
-        r.recv_slowdown, r.recvs_waiting = slowdown, 1
+        r.recv_slowdown, r.recvs_waiting = dict.fromkeys("aeg", slowdown), 1
         assert RankModel._issue(r, bound_by_kernel) == pytest.approx([attention])
         r = _rank(cost)
-        r.recv_slowdown, r.recvs_waiting = slowdown, 1
+        r.recv_slowdown, r.recvs_waiting = dict.fromkeys("aeg", slowdown), 1
         assert RankModel._issue(r, bound_by_host) == pytest.approx([1.0, 1.0, 1.0])
+    # each kind its own figure
+    r = _rank(cost)
+    r.recv_slowdown, r.recvs_waiting = {"a": 1.25, "e": 1.0, "g": 1.0}, 1
+    assert RankModel._issue(r, bound_by_kernel) == pytest.approx([2.5])
     # no receive waiting: the profile's slowdown does not apply
     r = _rank(cost)
-    r.recv_slowdown = 1.5
+    r.recv_slowdown = dict.fromkeys("aeg", 1.5)
     assert RankModel._issue(r, bound_by_kernel) == pytest.approx([2.0])

@@ -364,14 +364,25 @@ def test_the_recv_wait_section_round_trips_is_checked_and_never_speeds_a_kernel(
     from aptmoe.profile import RecvWait
 
     p = load_profile("a800-paper")
-    assert p.recv_wait is None and ProfileCost(p, moe_model("S", 8)).recv_slowdown() == 1.0
-    q = p.with_(recv_wait=RecvWait(1.42))
+    S, M = moe_model("S", 8), moe_model("M", 8)
+    assert p.recv_wait is None and ProfileCost(p, S).recv_slowdown("a") == 1.0
+    q = p.with_(recv_wait=RecvWait((("a", 1024, 1.2), ("e", 1024, 1.1), ("a", 2048, 1.6), ("e", 2048, 0.97))))
     again = load_profile(str(q.save(tmp_path / "p.json")))
-    assert again.recv_wait == q.recv_wait and ProfileCost(again, moe_model("S", 8)).recv_slowdown() == 1.42
+    assert again.recv_wait == q.recv_wait
+    cost = ProfileCost(again, M)
+    assert cost.recv_slowdown("a") == 1.6 and not cost.fallbacks
     # a ratio under 1 is the timing's noise: kept as measured, used as 1
-    assert ProfileCost(p.with_(recv_wait=RecvWait(0.97)), moe_model("S", 8)).recv_slowdown() == 1.0
+    assert cost.recv_slowdown("e") == 1.0
+    # a block not measured: the median of those that were, and the report says so
+    assert cost.recv_slowdown("g") == pytest.approx(1.15)
+    assert any(f.startswith("recv wait g d2048: not measured") for f in cost.fallbacks)
+    assert ProfileCost(again, moe_model("L", 8)).recv_slowdown("a") == pytest.approx(1.15)
     d = json.loads((tmp_path / "p.json").read_text())
-    d["recv_wait"]["slowdown"] = 0
+    d["recv_wait"]["blocks"][0]["slowdown"] = 0
     (tmp_path / "bad.json").write_text(json.dumps(d))
-    with pytest.raises(ProfileError, match="recv_wait.slowdown"):
+    with pytest.raises(ProfileError, match=r"recv_wait.blocks\[0\].slowdown"):
+        load_profile(str(tmp_path / "bad.json"))
+    d["recv_wait"]["blocks"][0].update(slowdown=1.2, kind="x")
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match=r"recv_wait.blocks\[0\].kind"):
         load_profile(str(tmp_path / "bad.json"))
