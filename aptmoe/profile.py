@@ -1106,6 +1106,7 @@ class ProfileCost:
         a receive of its rank waits (1: not measured; a measured ratio under 1 is the timing's
         noise: a waiting receive never speeds a block up)."""
         if self.profile.recv_wait is None:
+            self.fallbacks.add("recv wait: not measured, a posted receive costs the blocks beside it nothing")
             return 1.0
         x, measured = self.profile.recv_wait.slowdown(kind, self.model.embedding_dim)
         if not measured:

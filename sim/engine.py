@@ -173,7 +173,8 @@ class RankModel:
         # A receive is posted when the rank's net program reaches it, ahead of the send that
         # feeds it, and waits on the GPU till then; kernels beside it run `recv_slowdown`
         # times their time alone (_issue; calibration/p2p.py, docs/validation-h200-2gpu)
-        self.recv_slowdown = {k: self.cost.recv_slowdown(k) for k in BLOCK_KINDS}
+        receives = any(a.kind in (Kind.RECV_F, Kind.RECV_B) for p in self.plan.programs[rank].values() for a in p)
+        self.recv_slowdown = {k: self.cost.recv_slowdown(k) for k in BLOCK_KINDS} if receives else _ALONE
         self.recvs_waiting = 0
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
                                  + [self.cost.between_s(d) for d in DIRECTIONS])

@@ -365,7 +365,9 @@ def test_the_recv_wait_section_round_trips_is_checked_and_never_speeds_a_kernel(
 
     p = load_profile("a800-paper")
     S, M = moe_model("S", 8), moe_model("M", 8)
-    assert p.recv_wait is None and ProfileCost(p, S).recv_slowdown("a") == 1.0
+    none = ProfileCost(p, S)
+    assert p.recv_wait is None and none.recv_slowdown("a") == 1.0
+    assert none.fallbacks == {"recv wait: not measured, a posted receive costs the blocks beside it nothing"}
     q = p.with_(recv_wait=RecvWait((("a", 1024, 1.2), ("e", 1024, 1.1), ("a", 2048, 1.6), ("e", 2048, 0.97))))
     again = load_profile(str(q.save(tmp_path / "p.json")))
     assert again.recv_wait == q.recv_wait

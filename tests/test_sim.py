@@ -327,3 +327,12 @@ def test_kernels_issued_while_a_receive_waits_take_the_profiles_slowdown():
     # the receives are in the trace, from posted to landed, as the executor records them
     recvs = sorted((e.rank, e.name) for e in runs["slow"][1].events if e.cat == "recv")
     assert recvs == [(0, f"0RB{m}") for m in range(4)] + [(1, f"1RF{m}") for m in range(4)]
+
+
+def test_a_profile_without_the_receive_figure_is_named_only_where_a_rank_receives():
+    """The simulator asks for `recv_wait` only on a rank that receives: one GPU's prediction
+    (no receives) does not list it among the figures it fell back on; two GPUs' does."""
+    one = simulate(_cfg(gpus=1, layers=4, chunks=2, topo="C1+G1"), "a800-paper")
+    two = simulate(_cfg(gpus=2, layers=4, chunks=2, topo="C1+G1"), "a800-paper")
+    note = "recv wait: not measured, a posted receive costs the blocks beside it nothing"
+    assert note not in one.fallbacks and note in two.fallbacks
