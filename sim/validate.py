@@ -326,11 +326,11 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
         say("running the executor ...")
         run_executor(argv, tmp / "real", ns.calibration)
         rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv])
+        fallbacks = sorted({f for r in rows for f in r.get("fallbacks", [])})
+        (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fallbacks))
     say(validation_table(rows))
-    fallbacks = sorted({f for r in rows for f in r.get("fallbacks", [])})
-    if fallbacks:
-        say(f"calibration {profile.name}: {short_fallbacks(fallbacks)}")
-    say(f"wrote {out}/ (validation.json, validation.csv, actions-*.csv, overlay-*.png, real/)")
+    say(f"calibration {profile.name}: {short_fallbacks(fallbacks)}")
+    say(f"wrote {out}/ (validation.json, validation.csv, fallbacks.txt, actions-*.csv, overlay-*.png, real/)")
     return 0
 
 

@@ -53,6 +53,9 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     row = doc["schedules"][0]
     assert row["pipeline"] == "Mobius" and row["steps"] == 2
     assert row["measured_s"] > 0 and row["predicted_s"] > 0
+    # a800-paper has no receive figure, and these two ranks receive: named, per run and in the folder
+    assert any(f.startswith("recv wait: not measured") for f in row["fallbacks"])
+    assert (out / "fallbacks.txt").read_text().splitlines() == row["fallbacks"]
     assert row["actions"]["forward"]["actions"] > 0 and "load-stage" in row["actions"]
     assert (out / "overlay-Mobius.png").stat().st_size > 0
     assert (out / "actions-Mobius.csv").read_text().startswith("rank,stream,action,occurrence")
