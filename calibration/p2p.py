@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from aptmoe.calibration.timing import Reps, cuda_sample, host_sample, median_of
 from aptmoe.flags import number_list
 
 WARMUP = 3
@@ -68,25 +69,11 @@ def _free_port() -> int:
 
 
 def _timed(device: torch.device, fn, reps: int) -> float:
-    """Median seconds of `fn` over `reps` calls after 3 warm-up, each timed on its own: CUDA
-    events on the current stream (synchronizing on the last event, never the device: a
-    receive may be waiting on another stream), the host clock on a CPU."""
-    times = []
-    for i in range(3 + reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            t = a.elapsed_time(b) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
-        if i >= 3:
-            times.append(t)
-    return statistics.median(times)
+    """Median seconds of `fn` over `reps` calls after 3 warm-up (calibration/timing.py): CUDA
+    events on the current stream, whose sample waits for its end event and never for the
+    device (a receive may be waiting on another stream); the host clock on a CPU."""
+    sample = cuda_sample(fn, torch.cuda.current_stream(device)) if device.type == "cuda" else host_sample(fn)
+    return median_of(sample, Reps(warmup=3, reps=reps, min_reps=reps, budget_s=float("inf")))
 
 
 def _blocks(widths: Sequence[Width], device: torch.device) -> dict[tuple[str, int], object]:
