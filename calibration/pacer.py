@@ -1,11 +1,11 @@
 """How late a copy on a capped link is seen to have landed (`pacer`).
 
-A capped link (exec/link.py) has a pacing thread that issues each copy in 4 MiB chunks at
-the capped rate; a copy lands once its last chunk's slot has passed, and the thread waiting
-for it hears so late: the pacing thread's sleep ends late (Linux's timer slack, 50 us by
-default, and the thread's wake-up), it records the copy's end, and the waiting thread wakes
-in turn. The link itself does not wait for either: a copy queued behind another starts when
-that one's bytes have passed.
+A capped link (exec/link.py) copies a copy's bytes at once and has a pacing thread that
+keeps the slower link as a fluid: a copy lands once its bytes would have passed at the cap,
+and the thread waiting for it hears so late: the pacing thread's sleep ends late (Linux's
+timer slack, 50 us by default, and the thread's wake-up), it records the copy's end, and the
+waiting thread wakes in turn. The link itself does not wait for either: a copy queued behind
+another starts when that one's bytes have passed.
 
 This times `ROUNDS` x `COPIES` copies through a `Link` (host to GPU where there is one, else
 host to host), each `COPY_BYTES` at

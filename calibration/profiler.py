@@ -871,7 +871,7 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
     elif not machine.gpus:
         for part in ("links.h2d", "links.d2h", "links.root_GBps", "links.duplex_GBps"):
             out.append(Skipped(part, f"{no_gpu}: roofline preset"))
-    no_wait = "a posted receive costs the kernels beside it nothing"
+    no_wait = "a posted receive costs the blocks beside it nothing"
     if "p2p" in opts.skip:
         out.append(Skipped("links.p2p.intra_node", "--skip p2p: roofline preset"))
         out.append(Skipped("recv_wait", f"--skip p2p: {no_wait}"))

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CPU_EXPERT_PRIORITY = 0     # lower value first (simpy.PriorityResource)
 CPU_UPDATE_PRIORITY = 1
 _ALONE = dict.fromkeys(BLOCK_KINDS, 1.0)        # every kind at its time alone (no receive waiting)
+RECEIVES = (Kind.RECV_F, Kind.RECV_B)
 
 
 class OutOfMemory(Exception):
@@ -173,7 +174,7 @@ class RankModel:
         # A receive is posted when the rank's net program reaches it, ahead of the send that
         # feeds it, and waits on the GPU till then; kernels beside it run `recv_slowdown`
         # times their time alone (_issue; calibration/p2p.py, docs/validation-h200-2gpu)
-        receives = any(a.kind in (Kind.RECV_F, Kind.RECV_B) for p in self.plan.programs[rank].values() for a in p)
+        receives = any(a.kind in RECEIVES for p in self.plan.programs[rank].values() for a in p)
         self.recv_slowdown = {k: self.cost.recv_slowdown(k) for k in BLOCK_KINDS} if receives else _ALONE
         self.recvs_waiting = 0
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
@@ -216,7 +217,7 @@ class RankModel:
 
     def _walk(self, stream: str, program: list[Action]):
         for a in program:
-            receive = a.kind in (Kind.RECV_F, Kind.RECV_B)
+            receive = a.kind in RECEIVES
             if receive:                      # posted: it waits for the peer's send (its dep)
                 self.recvs_waiting += 1
                 posted = self.env.now
