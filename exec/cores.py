@@ -6,12 +6,22 @@ OpenMP threads compute CPU experts and Adam. With the worker's threads on every 
 feeding threads wait for a core (and for OpenMP's spin-waits after each parallel region),
 and the GPU waits for them. `--host-cores N` keeps the rank's first N cores for the feeding
 threads and gives the worker the rest, with as many torch threads.
+
+Affinity on Linux is per thread, and a thread takes its creator's when it starts. Binding
+only the main thread leaves the threads that exist by then (CUDA's, the process group's:
+NCCL's watchdog, the store's) free to run on every core of the machine, the CPU workers'
+of every rank among them; one of them woken on a worker core stalls that worker's OpenMP
+team at its next barrier for as long as the thread keeps the core. On the 2-GPU H200 grid,
+where the two ranks took all 32 cores between them, CPU experts of 1-2 ms took 16-65 ms at
+times (docs/validation-h200-2gpu-v2). So a rank binds every thread it has (`bind_threads`),
+before the process group starts its own, and moves all but the worker's onto the host cores
+once the worker has its cores (RankRuntime).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -22,6 +32,57 @@ def split_host_cores(cores: Sequence[int], host_cores: int) -> tuple[list[int], 
     if not 0 <= host_cores < len(cores):
         raise ValueError(f"--host-cores {host_cores} must leave the CPU worker a core of the rank's {len(cores)}")
     return cores[:host_cores], cores[host_cores:]
+
+
+def process_threads() -> list[int]:
+    """The ids of this process's threads (Linux: /proc/self/task), or [] where the OS does not list them."""
+    try:
+        return sorted(int(t) for t in os.listdir("/proc/self/task"))
+    except (OSError, ValueError):
+        return []
+
+
+def bind_threads(tids: Iterable[int], cores: Sequence[int]) -> int:
+    """Bind each thread of `tids` (of this process) to `cores`; how many were bound (a thread
+    that has ended meanwhile, or one the OS refuses, is left out)."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return 0
+    bound = 0
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, list(cores))
+            bound += 1
+        except OSError:
+            pass
+    return bound
+
+
+def thread_affinities(tids: Iterable[int]) -> dict[int, set[int]]:
+    """Each thread of `tids` that still runs, and the cores it may run on now."""
+    out = {}
+    for tid in tids:
+        try:
+            out[tid] = os.sched_getaffinity(tid)
+        except (OSError, AttributeError):        # ended meanwhile, or no per-thread affinity here
+            pass
+    return out
+
+
+def thread_placement(host: Sequence[int], workers: Sequence[int]) -> dict[str, int]:
+    """How this process's threads may run now: on the host cores only, on the worker's only,
+    or across both or beyond the rank's cores ("loose": the threads that can stall the
+    worker's team). Empty where the OS does not say."""
+    host_set, worker_set = set(host), set(workers)
+    out = {"host": 0, "worker": 0, "loose": 0}
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    for tid in process_threads():
+        try:
+            cores = os.sched_getaffinity(tid)
+        except OSError:                 # ended meanwhile
+            continue
+        out["host" if host_set and cores <= host_set else "worker" if cores <= worker_set else "loose"] += 1
+    return out
 
 
 def bind_this_thread(cores: Sequence[int]) -> bool:

@@ -23,6 +23,7 @@ import psutil
 import torch
 import torch.distributed as dist
 from aptmoe.exec.comm import PeerChannels
+from aptmoe.exec.cores import bind_threads, process_threads
 from aptmoe.exec.data import make_source
 from aptmoe.exec.device import Device
 from aptmoe.exec.runtime import ExecOptions, RankRuntime, StepReport
@@ -52,25 +53,36 @@ def cores_per_rank(wanted: int, local_ranks: int) -> int:
     return max(1, min(wanted, len(allowed_cores()) // max(1, local_ranks)))
 
 
-def bind_cores(local_rank: int, per: int, *, main_threads: int | None = None) -> list[int]:
+def bind_cores(local_rank: int, per: int, *, main_threads: int | None = None, every_thread: bool = True) -> list[int]:
     """Bind this process to its `per` cores (`cores_per_rank`, which the config records) and
     size torch's thread pool to match, or to `main_threads` (a GPU rank: 1, so that its main
-    thread never makes an OpenMP team; its CPU worker sizes its own, RankRuntime)."""
+    thread never makes an OpenMP team; its CPU worker sizes its own, RankRuntime).
+
+    Every thread the process has, not only the main one (affinity is per thread on Linux:
+    aptmoe.exec.cores); `every_thread=False` binds the main thread alone, as before
+    2026-11-29 (`--no-confine-threads`, for A/B runs)."""
     allowed = allowed_cores()
     per = max(1, min(per, len(allowed)))
     first = (local_rank * per) % len(allowed)
     cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
-    try:
-        psutil.Process().cpu_affinity(cores)
-    except (AttributeError, psutil.Error):
-        pass
+    if not (every_thread and bind_threads(process_threads(), cores)):
+        try:
+            psutil.Process().cpu_affinity(cores)
+        except (AttributeError, psutil.Error):
+            pass
     torch.set_num_threads(main_threads or len(cores))
     return cores
 
 
 def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s: float,
-              *, use_cuda: bool) -> RankSetup:
+              *, use_cuda: bool, confine_threads: bool = True) -> RankSetup:
+    """The process group up, this rank on its device and cores. With `confine_threads` the
+    rank binds its threads to its cores before the group starts its own (CUDA's, NCCL's, the
+    store's), which then stay on them; without, after, and the main thread alone."""
     backend = "nccl" if use_cuda else "gloo"
+    main_threads = 1 if use_cuda else None
+    if confine_threads:
+        cores = bind_cores(local_rank, cfg.cluster.cores_per_rank, main_threads=main_threads)
     # Each direction between two ranks has its own group (aptmoe.exec.comm), so torch's
     # warning that unbatched p2p ops serialise within a group says nothing here.
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
@@ -80,7 +92,8 @@ def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
     except TypeError:                               # torch < 2.3: no device_id
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    cores = bind_cores(local_rank, cfg.cluster.cores_per_rank, main_threads=1 if use_cuda else None)
+    if not confine_threads:
+        cores = bind_cores(local_rank, cfg.cluster.cores_per_rank, main_threads=main_threads, every_thread=False)
     return RankSetup(rank, world, local_rank, device, cores)
 
 
@@ -148,6 +161,7 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         marks["steps"] = time.time()
         loop_s.append(python_loop_s())
         stream.append(rt.host_stream_GBps())
+        placement = rt.thread_placement()
         if params_dir is not None:
             save_params(rt, params_dir / f"params-rank{setup.rank}.pt")
     finally:
@@ -155,14 +169,17 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         gc.unfreeze()           # a torchrun rank goes on to its next schedule
     gathered = [None] * setup.world if setup.rank == 0 else None
     if setup.world > 1:
-        dist.gather_object((reports, loop_s, stream), gathered, dst=0)
+        dist.gather_object((reports, loop_s, stream, placement), gathered, dst=0)
     else:
-        gathered = [(reports, loop_s, stream)]
+        gathered = [(reports, loop_s, stream, placement)]
     if setup.rank != 0:
         return None
     measured = [pop.iteration(warm + j) for j in range(steps)]
     res = assemble(cfg, plan, [g[0] for g in gathered], measured, setup, trace_path,
                    host_loop_s=[g[1] for g in gathered], host_stream=[g[2] for g in gathered])
+    # where each rank's threads could run after the steps: "loose" ones can stall its CPU
+    # worker's OpenMP team (aptmoe.exec.cores)
+    res["threads"] = [g[3] for g in gathered]
     marks["finish"] = time.time()
     res["wall_s"] = wall_parts(marks)
     return res

@@ -41,7 +41,8 @@ from aptmoe.exec import cpu_worker
 from aptmoe.exec.block_adam import BlockAdam
 from aptmoe.exec.blocks import FlatParams, initial_flat, param_shapes
 from aptmoe.exec.comm import PeerChannels
-from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
+from aptmoe.exec.cores import (bind_this_thread, bind_threads, process_threads, split_host_cores, start_worker_thread,
+                               thread_affinities, thread_placement)
 from aptmoe.exec.cpu_worker import CpuWorker
 from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.host_stream import HostStream
@@ -78,6 +79,10 @@ class RankFailure(RuntimeError):
 @dataclass
 class ExecOptions:
     timeout_s: float = 300.0          # longest wait for a block, a message or a stream
+    # with --host-cores: the threads the rank had before its CPU worker (CUDA's, the process
+    # group's) go to the host cores with the main thread (aptmoe.exec.cores); False leaves
+    # them where they were (--no-confine-threads, for A/B runs)
+    confine_threads: bool = True
 
 
 @dataclass
@@ -211,12 +216,18 @@ class RankRuntime:
         # with "terminate called without an active exception" in one run of two.)
         start = functools.partial(start_worker_thread, workers, device.enter_thread) if own_pool \
             else device.enter_thread
+        before_worker = process_threads()
+        self._moved: dict[int, set[int]] = {}         # threads sent to the host cores, and where they were
         self.cpu = CpuWorker(f"rank{rank}-cpu", on_start=start)
+        self._host_cores, self._worker_cores = host, workers
         if own_pool:
             # once the worker has fixed its thread count, the shared one goes back down: to one
             # on a GPU rank, to the host cores' on a CPU rank (whose main thread computes)
             self.cpu.submit(cpu_worker.EXPERT, lambda: None).result(timeout=60)
             if host:
+                if self.opts.confine_threads:     # every thread but the worker's (its team is born on its cores)
+                    self._moved = thread_affinities(before_worker)
+                    bind_threads(self._moved, host)
                 bind_this_thread(host)
             torch.set_num_threads(1 if device.cuda else len(host))
         # made here, after this thread is bound: a capped link's pacing thread takes its cores
@@ -243,10 +254,16 @@ class RankRuntime:
             getattr(torch._C, "_host_emptyCache", lambda: None)()
         return gbps
 
+    def thread_placement(self) -> dict[str, int]:
+        """Where the rank's threads may run now (aptmoe.exec.cores.thread_placement)."""
+        return thread_placement(self._host_cores, self._worker_cores)
+
     def close(self) -> None:
         self.cpu.close()
         self.h2d.close()
         self.d2h.close()
+        for tid, cores in self._moved.items():        # the threads it moved go back (if they still run)
+            bind_threads([tid], sorted(cores))
         if self._restore_affinity:          # the next schedule in this process starts from the rank's cores
             bind_this_thread(self._restore_affinity)
         if self._restore_threads:

@@ -460,6 +460,54 @@ def test_host_cores_keep_the_reference_equality(tmp_path) -> None:
     assert a.within(1e-5), f"loss {a.loss:.2e}, params {a.params:.2e} ({a.worst_param})"
     assert res["result"]["config"]["cluster"]["host_cores"] == 1
     assert res["result"]["metrics"]["cpu/expert_share"] > 0
+    # every thread but the worker's team on the host core, gloo's among them
+    (placed,) = res["result"]["threads"]
+    assert placed["loose"] == 0 and placed["host"] >= 2 and placed["worker"] >= 1, placed
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+                    reason="needs two cores to keep one for the host threads")
+def test_without_confined_threads_the_process_groups_threads_stay_loose(tmp_path) -> None:
+    """--no-confine-threads (the A/B's other arm): the rank binds its main thread after gloo
+    has started its threads, which keep every core; the numbers are the same."""
+    checked = run_and_compare(tmp_path, ["--device", "cpu", "--gpus", "1", "--pipeline", "APTMoE",
+                                         "--link-bandwidth", "0.02", "--host-cores", "1", "--no-confine-threads"],
+                              cuda=False)
+    res = checked["APTMoE"]
+    assert res["agreement"].within(1e-5)
+    (placed,) = res["result"]["threads"]
+    assert placed["loose"] >= 1, placed
+
+
+def test_bind_threads_moves_other_threads_and_placement_counts_them() -> None:
+    from aptmoe.exec.cores import bind_threads, process_threads, thread_placement
+
+    if not hasattr(os, "sched_getaffinity") or not process_threads():
+        pytest.skip("no per-thread affinity or thread list on this OS")
+    mine = sorted(os.sched_getaffinity(0))
+    started, stop = threading.Event(), threading.Event()
+    tid = {}
+
+    def idle() -> None:
+        tid["t"] = threading.get_native_id()
+        started.set()
+        stop.wait(30)
+
+    t = threading.Thread(target=idle)
+    t.start()
+    started.wait(30)
+    try:
+        assert tid["t"] in process_threads()
+        assert bind_threads([tid["t"], 2**30], mine[-1:]) == 1      # a thread that is not there is left out
+        assert sorted(os.sched_getaffinity(tid["t"])) == mine[-1:]
+        assert sorted(os.sched_getaffinity(0)) == mine              # the caller stays where it was
+        if len(mine) >= 2:
+            placed = thread_placement(mine[:1], mine[1:])
+            assert placed["worker"] >= 1 and placed["loose"] >= 1      # the idle thread; this one spans both
+            assert sum(placed.values()) == len(process_threads())
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_the_worker_keeps_its_thread_count_when_the_host_threads_take_fewer() -> None:
@@ -501,3 +549,40 @@ def test_thread_bench_puts_the_arrangements_side_by_side(capsys) -> None:
     assert all(float(x) > 0 for r in plain for x in r[2:5]) and all(r[5] == "-" for r in plain)
     assert [r[1] for r in issuing] == ["5000", "200"] * (len(issuing) // 2)
     assert all(float(x) > 0 for r in issuing for x in r[3:7])          # the main thread's rate as well
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+                    reason="needs two cores to keep one for the host threads")
+def test_a_rank_moves_its_other_threads_to_the_host_cores_for_the_run_and_back() -> None:
+    """A thread the process had before the run (here one of the test's; on a GPU rank CUDA's
+    and NCCL's) runs on the host cores during the steps, and where it was after them."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, threading
+from aptmoe.exec.cli import _free_port, make_run_parser, prepare
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from aptmoe.exec.launch import init_rank, run_pipeline
+from aptmoe.exec.runtime import ExecOptions
+ns = make_run_parser().parse_args(["--is_moe=True", "--model_config=S", "--embedding_dim", "32", "--hidden_dim", "64",
+    "--num_heads", "4", "--num_layers", "2", "--num_stages", "2", "--num_experts", "4", "--batch_size", "4",
+    "--num_chunks", "2", "--seq_length", "8", "--gpus", "1", "--topo", "C1+G1", "--device", "cpu", "--host-cores", "1",
+    "--pipeline", "APTMoE", "--num_warmup_steps", "0", "--num_training_steps", "2"])
+cfg, cost, plan = prepare(ns, "APTMoE", False)
+setup = init_rank(0, 1, 0, cfg, 60, use_cuda=False)
+stop, tid = threading.Event(), []
+t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), stop.wait(120)))
+t.start()
+while not tid:
+    pass
+before, during = sorted(os.sched_getaffinity(tid[0])), []
+res = run_pipeline(setup, cfg, plan, cost, data=None, opts=ExecOptions(timeout_s=60),
+                   progress=lambda *a: during.append(sorted(os.sched_getaffinity(tid[0]))))
+after = sorted(os.sched_getaffinity(tid[0]))
+stop.set()
+print(before == setup.cores, during == [setup.cores[:1]] * 2, after == before, res["threads"][0]["loose"] == 0)
+"""
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "True", "True"]
