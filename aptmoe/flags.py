@@ -51,10 +51,15 @@ ALL = "all"
 
 
 def pipelines_of(ns: argparse.Namespace) -> list[str]:
-    """`--pipeline all` is the four schedules; otherwise the one given (GPipe when absent)."""
+    """`--pipeline all` is the four schedules; a comma-separated list those given, in the
+    paper's order; otherwise the one given (GPipe when absent)."""
     if ns.pipeline is not None and ns.pipeline.strip().lower() == ALL:
         return [p.value for p in Pipeline]
-    return [Pipeline.parse(ns.pipeline or "GPipe").value]
+    asked = {Pipeline.parse(t.strip()) for t in (ns.pipeline or "GPipe").split(",") if t.strip()}
+    if not asked:
+        raise ConfigError(f"--pipeline {ns.pipeline!r} names no schedule; use one of "
+                          f"{', '.join(p.value for p in Pipeline)}, a comma-separated list of them, or all")
+    return [p.value for p in Pipeline if p in asked]
 
 
 def str2bool(text: str) -> bool:
@@ -101,7 +106,8 @@ def add_seed_flags(p: argparse.ArgumentParser) -> None:
         ("num_training_steps", int, "timed steps (2)"),
     ]:
         g.add_argument(f"--{name}", type=typ, default=None, help=help_)
-    g.add_argument("--pipeline", default=None, help="GPipe, GPipeOffload, Mobius or APTMoE (GPipe)")
+    g.add_argument("--pipeline", default=None,
+                   help="GPipe, GPipeOffload, Mobius or APTMoE, several comma-separated, or all (GPipe)")
     g.add_argument("--model_config", default=None,
                    help="artifact preset S, M, L (32 layers) or a Table I model such as MoE-S-16 (S)")
     g.add_argument("--is_moe", type=str2bool, default=None, help="MoE layers (True) or dense (False, the default)")
@@ -209,8 +215,8 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
                                                     num_heads=ns.num_heads).items() if v is not None},
                           top_k=ns.top_k, seq_length=_pick(ns, "seq_length", preset), dtype=ns.dtype)
     stages = _pick(ns, "num_stages", preset)
-    if pipe is Pipeline.GPIPE and (ns.num_stages is None or (ns.pipeline or "").strip().lower() == ALL):
-        stages = None                       # GPipe: one stage per GPU, whatever the preset or `all` says
+    if pipe is Pipeline.GPIPE and (ns.num_stages is None or len(pipelines_of(ns)) > 1):
+        stages = None                       # GPipe: one stage per GPU, whatever the preset or `all` (or a list) says
     elif stages is not None and ns.num_stages is None and model.num_layers % stages:
         stages = None                       # a preset's stage count that no longer fits: search instead
     topo = ns.topo or ARTIFACT_DEFAULTS["topo"]

@@ -7,7 +7,8 @@ import shlex
 import pytest
 
 from aptmoe.config import ConfigError, Pipeline, RunConfig
-from aptmoe.flags import ARTIFACT_PRESETS, add_cluster_flags, add_seed_flags, config_from_args, make_parser, str2bool
+from aptmoe.flags import (ARTIFACT_PRESETS, add_cluster_flags, add_seed_flags, config_from_args, make_parser, pipelines_of,
+                          str2bool)
 
 SEED_LINE = ("--is_moe=True --num_training_steps=50 --model_config=S --num_experts=16 --gini=0.3 "
              "--topo=C1+G2 --pipeline=APTMoE")
@@ -92,6 +93,24 @@ def test_gpipe_ignores_preset_stages() -> None:
 def test_pipeline_and_gpus_from_the_entry_point() -> None:
     cfg = parse(SEED_LINE, pipeline="Mobius", gpus=2)
     assert cfg.schedule.pipeline is Pipeline.MOBIUS and cfg.world_size == 2 and cfg.micro_batches == 4
+
+
+def test_pipeline_lists() -> None:
+    """`--pipeline all`, a comma-separated list (in the paper's order, once each), or one."""
+    def of(text: str) -> list[str]:
+        return pipelines_of(_parser().parse_args(["--pipeline", text]))
+
+    assert of("all") == ["GPipe", "GPipeOffload", "Mobius", "APTMoE"]
+    assert of("aptmoe, Mobius,APTMoE") == ["Mobius", "APTMoE"]
+    assert of("GPipeOffload") == ["GPipeOffload"]
+    assert pipelines_of(_parser().parse_args([])) == ["GPipe"]
+    with pytest.raises(ConfigError, match="'Mobus' is unknown"):
+        of("APTMoE,Mobus")
+    with pytest.raises(ConfigError, match="names no schedule"):
+        of(" , ")
+    # GPipe in a list takes one stage per GPU, as with all, whatever the preset says
+    cfg = parse(SEED_LINE.replace("--pipeline=APTMoE", "--pipeline=GPipe,APTMoE") + " --num_stages 8", pipeline="GPipe")
+    assert cfg.schedule.num_stages is None
 
 
 def test_aptmoe_flags() -> None:
