@@ -84,7 +84,8 @@ def table(runs: dict[str, dict[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.exec.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--a", default="", help="flags of arm A, added to the command (none); as --a=FLAGS, since they start with --")
+    p.add_argument("--a", default="",
+                   help="flags of arm A, added to the command (none); as --a=FLAGS, since they start with --")
     p.add_argument("--b", required=True, help="flags of arm B, added to the command; as --b=FLAGS")
     p.add_argument("--rounds", type=int, default=2, help="runs of each arm (2)")
     p.add_argument("--out", required=True, help="folder for the runs and ab.md (must not hold them yet)")
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         seen[arm] += 1
         label = f"{arm}{seen[arm]}"
         # -P: the package as installed, never a folder of the working directory that shares its name
-        cmd = [sys.executable, "-P", "-m", "aptmoe.exec.cli", *run, *shlex.split(ns.a if arm == "A" else ns.b), "-q", "--no-plot",
-               "--out", str(out / label)]
+        cmd = [sys.executable, "-P", "-m", "aptmoe.exec.cli", *run, *shlex.split(ns.a if arm == "A" else ns.b),
+               "-q", "--no-plot", "--out", str(out / label)]
         print(f"{label}: {shlex.join(cmd)}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             print(f"{label} failed; the table has the runs before it", file=sys.stderr)

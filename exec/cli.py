@@ -106,8 +106,9 @@ def make_run_parser() -> argparse.ArgumentParser:
                         "CPU worker and the copy threads can wait for the GIL while the compute thread issues "
                         f"GPU work ({GIL_SWITCH_US_GPU:g} on GPU ranks; CPU ranks keep Python's 5000)")
     g.add_argument("--no-confine-threads", dest="confine_threads", action="store_false",
-                   help="bind only each rank's main thread to its cores, after the process group has started its "
-                        "threads, and leave those threads where they are (the executor before 2026-11-29; for A/B runs)")
+                   help="bind only each rank's main thread to its cores, after the process group has started "
+                        "its threads, and leave those threads where they are (the executor before 2026-11-29; "
+                        "for A/B runs)")
     g.add_argument("--save-params", dest="save_params", action="store_true",
                    help="write every rank's parameters after training (params-<pipeline>-rank<r>.pt)")
     g.add_argument("--no-trace", dest="no_trace", action="store_true", help="write no trace or timeline")
@@ -261,7 +262,8 @@ def _spawned(local_rank: int, world: int, port: int, argv: list[str], pipeline: 
     try:
         prepared = prepare(ns, pipeline, use_cuda)
         marks["prepare"] = time.time()
-        setup = init_rank(local_rank, world, local_rank, prepared[0], ns.timeout, use_cuda=use_cuda, confine_threads=ns.confine_threads)
+        setup = init_rank(local_rank, world, local_rank, prepared[0], ns.timeout,
+                          use_cuda=use_cuda, confine_threads=ns.confine_threads)
         marks["group"] = time.time()
         res = rank_main(ns, pipeline, prepared, setup, Path(tmp), marks)
         if res is not None:
@@ -388,7 +390,8 @@ def _main_torchrun(ns, argv, plans, staged, use_cuda, say) -> int:
     tmp = staged.__enter__() if staged is not None else None
     results: dict[str, dict] = {}
     try:
-        setup = init_rank(rank, world, local_rank, cfg0, ns.timeout, use_cuda=use_cuda, confine_threads=ns.confine_threads)
+        setup = init_rank(rank, world, local_rank, cfg0, ns.timeout,
+                          use_cuda=use_cuda, confine_threads=ns.confine_threads)
         box = [str(tmp) if tmp is not None else None]
         dist.broadcast_object_list(box, src=0)        # rank 0's staging folder, where every rank writes
         for name, (cfg, cost, plan) in plans.items():

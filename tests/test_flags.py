@@ -7,8 +7,8 @@ import shlex
 import pytest
 
 from aptmoe.config import ConfigError, Pipeline, RunConfig
-from aptmoe.flags import (ARTIFACT_PRESETS, add_cluster_flags, add_seed_flags, config_from_args, make_parser, pipelines_of,
-                          str2bool)
+from aptmoe.flags import (ARTIFACT_PRESETS, add_cluster_flags, add_seed_flags, config_from_args, make_parser,
+                          pipelines_of, str2bool)
 
 SEED_LINE = ("--is_moe=True --num_training_steps=50 --model_config=S --num_experts=16 --gini=0.3 "
              "--topo=C1+G2 --pipeline=APTMoE")
@@ -109,7 +109,8 @@ def test_pipeline_lists() -> None:
     with pytest.raises(ConfigError, match="names no schedule"):
         of(" , ")
     # GPipe in a list takes one stage per GPU, as with all, whatever the preset says
-    cfg = parse(SEED_LINE.replace("--pipeline=APTMoE", "--pipeline=GPipe,APTMoE") + " --num_stages 8", pipeline="GPipe")
+    line = SEED_LINE.replace("--pipeline=APTMoE", "--pipeline=GPipe,APTMoE") + " --num_stages 8"
+    cfg = parse(line, pipeline="GPipe")
     assert cfg.schedule.num_stages is None
 
 
