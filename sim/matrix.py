@@ -62,6 +62,8 @@ from aptmoe.run_process import ExecutorFailed
 from aptmoe.sim.validate import compare_run, other_machine, run_executor
 from aptmoe.trace import write_json_atomic
 
+MODEL_SIZES = ("S", "M", "L")        # Table I's widths, the sizes a cell's model can have
+
 SETS = ("fit", "held-back", "all")
 # What --repredict writes again from the stored runs: the matrix folder's .gitignore keeps it out
 # of git (a matrix's predicted traces alone are tens of MB).
@@ -101,7 +103,7 @@ def parse_models(text: str, experts: int) -> list[tuple[str, int, int, int]]:
     out = []
     for item in text.split(","):
         parts = item.strip().split(":")
-        if len(parts) not in (3, 4) or parts[0] not in ("S", "M", "L") or not all(p.isdigit() for p in parts[1:]):
+        if len(parts) not in (3, 4) or parts[0] not in MODEL_SIZES or not all(p.isdigit() for p in parts[1:]):
             raise UsageError(f"--models item {item!r} is not SIZE:LAYERS:STAGES[:EXPERTS] such as S:8:4 "
                              "(SIZE of S, M, L)")
         size, layers, stages = parts[0], int(parts[1]), int(parts[2])
@@ -183,7 +185,9 @@ def make_matrix_parser() -> argparse.ArgumentParser:
     r.add_argument("--num_chunks", type=int, default=4, help="micro-batches (4)")
     r.add_argument("--seq_length", type=int, default=128, help="tokens per sequence (128)")
     r.add_argument("--warmup", type=int, default=1, help="untimed steps (1)")
-    r.add_argument("--steps", type=int, default=2, help="timed steps (2)")
+    r.add_argument("--steps", type=steps_by_size, default="2",
+                   help="timed steps: N for every run, or per model size, e.g. 3,S=6 (S runs 6, the others 3; "
+                        "S's steps are short and its runs the noisiest) (2)")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="passed to aptmoe-run")
     r.add_argument("--timeout", type=float, default=300.0, help="passed to aptmoe-run (300)")
     r.add_argument("--extra", default="", help="more aptmoe-run flags for every run, one quoted string")
@@ -193,9 +197,29 @@ def make_matrix_parser() -> argparse.ArgumentParser:
     return p
 
 
-def common_argv(ns: argparse.Namespace) -> list[str]:
+def steps_by_size(text: str) -> dict[str | None, int]:
+    """`--steps`: "3" (every run), or "3,S=6" / "S=6,M=3,L=3" (by model size; a size not named
+    takes the bare number, 2 without one) -> {None: default, size: steps}."""
+    out: dict[str | None, int] = {None: 2}
+    for item in (t.strip() for t in str(text).split(",")):
+        size, _, n = item.rpartition("=")
+        size = size.strip().upper() or None
+        if size is not None and size not in MODEL_SIZES:
+            raise argparse.ArgumentTypeError(f"--steps: {size!r} is no model size; use {', '.join(MODEL_SIZES)}")
+        try:
+            out[size] = int(n)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--steps: {item!r} is not N or SIZE=N") from None
+        if out[size] < 1:
+            raise argparse.ArgumentTypeError(f"--steps: {item!r} must be at least 1 step")
+    return out
+
+
+def common_argv(ns: argparse.Namespace, model: str) -> list[str]:
+    """The flags every run of `model`'s size shares."""
+    steps = ns.steps.get(model, ns.steps[None])
     return ["--batch_size", str(ns.batch_size), "--num_chunks", str(ns.num_chunks), "--seq_length",
-            str(ns.seq_length), "--num_warmup_steps", str(ns.warmup), "--num_training_steps", str(ns.steps),
+            str(ns.seq_length), "--num_warmup_steps", str(ns.warmup), "--num_training_steps", str(steps),
             "--device", ns.device, "--timeout", f"{ns.timeout:g}", *(["--no-plot"] if ns.no_plot else []),
             *shlex.split(ns.extra)]
 
@@ -213,7 +237,6 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     (out / "cells").mkdir(parents=True, exist_ok=True)
     write_gitignore(out)
     say = (lambda *a: None) if ns.quiet else print
-    common = common_argv(ns)
     todo = [(i, c) for i, c in enumerate(cells)
             if ns.only == "all" or (ns.only == "held-back") == held_back(i, ns.held_back_every)]
     t0 = time.monotonic()
@@ -242,7 +265,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             skipped += 1
             continue
         started = time.monotonic()
-        cmd = cell.argv(common)
+        cmd = cell.argv(common_argv(ns, cell.model))
         command = [PROG, "validate", "--calibration", ns.calibration, *cmd]
         try:
             with StagedDir(folder) as tmp:

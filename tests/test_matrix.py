@@ -4,6 +4,7 @@ and one real cell end to end (resumed, then predicted again)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -225,11 +226,23 @@ def test_an_empty_report_is_written(tmp_path) -> None:
     assert (tmp_path / "matrix.md").exists() and (tmp_path / "matrix.csv").exists()
 
 
+@pytest.mark.parametrize("text, want", [("3", {None: 3}), ("3,S=6", {None: 3, "S": 6}),
+                                        ("s=6, M=3,L=3", {None: 2, "S": 6, "M": 3, "L": 3})])
+def test_steps_by_model_size(text, want) -> None:
+    assert matrix.steps_by_size(text) == want
+
+
+@pytest.mark.parametrize("text, says", [("X=3", "no model size"), ("S=three", "not N or SIZE=N"), ("S=0", "at least 1")])
+def test_steps_that_make_no_sense_are_refused(text, says) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=says):
+        matrix.steps_by_size(text)
+
+
 # --------------------------------------------------------------------------- the command, end to end
 
 FLAGS = ["--calibration", "a800-paper", "--models", "S:4:2", "--experts", "4", "--gini", "0.3", "--links", "native",
          "--device", "cpu", "--batch_size", "4", "--num_chunks", "2", "--seq_length", "8", "--warmup", "0",
-         "--steps", "2", "--extra", "--embedding_dim 32 --hidden_dim 64 --num_heads 4", "-q"]
+         "--steps", "1,S=2", "--extra", "--embedding_dim 32 --hidden_dim 64 --num_heads 4", "-q"]
 E2E_CELL = "S4x4-G0.3-native-1gpu"
 
 
@@ -265,7 +278,11 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     assert planned == json.loads((folder / "profile.json").read_text()) and val["planned_with"] == planned["name"]
     assert cell["command"][:4] == ["aptmoe-sim", "validate", "--calibration", "a800-paper"]
     assert val["command"] == cell["command"]
-    assert (folder / "real" / "results.json").exists()
+    # --steps 1,S=2: an S cell times 2 steps
+    command = cell["command"]
+    assert command[command.index("--num_training_steps") + 1] == "2"
+    sched = json.loads((folder / "real" / "results.json").read_text())["schedules"]
+    assert {len(s["step_s"]) for s in sched.values()} == {2}
     assert json.loads((folder / "profile.json").read_text())["name"] == "a800-paper"      # what it was predicted with
     rep = json.loads((out / "matrix.json").read_text())
     assert len(rep["runs"]) == 4 and {r["cell"] for r in rep["runs"]} == {E2E_CELL}
