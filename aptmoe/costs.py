@@ -65,6 +65,14 @@ class CostSource(Protocol):
         """One CPU Adam step() over `num_params` fp32 parameters with `threads` cores (the
         executor steps each chunk of a block separately: one call per chunk)."""
 
+    def adam_cpu_alone_s(self, num_params: int, threads: int) -> float:
+        """`adam_cpu_s` with no other rank of the host updating at the same time (where the
+        source has one figure for both, that one)."""
+
+    def adam_shared_slowdown(self, threads: int) -> float:
+        """How many times longer a CPU Adam chunk takes while another rank of the host updates
+        too (they share its memory bandwidth); 1.0 where not measured or one rank per host."""
+
     def adam_gpu_s(self, num_params: int) -> float:
         """GPU Adam update (GPipe keeps the optimizer on the GPU)."""
 
@@ -134,6 +142,12 @@ class KernelTimeOnly:
 
     def host_runs_ahead(self) -> bool:
         return True
+
+    def adam_cpu_alone_s(self, num_params: int, threads: int) -> float:
+        return self.adam_cpu_s(num_params, threads)
+
+    def adam_shared_slowdown(self, threads: int) -> float:
+        return 1.0
 
 
 class SharedLinkView:

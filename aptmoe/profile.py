@@ -1059,18 +1059,47 @@ class ProfileCost:
         L = self.profile.links
         return (L.p2p_intra if same_node else L.p2p_inter).spec()
 
-    def adam_cpu_s(self, num_params: int, threads: int) -> float:
-        p = _count("num_params", num_params)
-        t = _positive("threads", threads)
+    def _adam_shared(self) -> bool:
+        """Whether this host's ranks have a figure for updating at once (and say so if it was
+        measured with another number of ranks)."""
         adam = self.profile.adam
-        table = adam.cpu_s_per_param
-        # Ranks of one host update at nearly the same time (every rank's last backward ends
-        # the step) and share the memory bandwidth: use the figure measured that way.
         if self.ranks_per_host > 1 and adam.cpu_shared_s_per_param:
             if adam.shared_ranks != self.ranks_per_host:
                 self.fallbacks.add(f"adam cpu: measured with {adam.shared_ranks} ranks at once, "
                                    f"used for {self.ranks_per_host}")
-            table = adam.cpu_shared_s_per_param
+            return True
+        return False
+
+    def adam_cpu_s(self, num_params: int, threads: int) -> float:
+        # Ranks of one host update at nearly the same time (every rank's last backward ends
+        # the step) and share the memory bandwidth: the figure measured that way, where there
+        # is one (what the policy plans with; the simulator times each chunk alone and slows
+        # it only while another rank updates: adam_shared_slowdown).
+        adam = self.profile.adam
+        return self._adam_cpu_s(num_params, threads,
+                                adam.cpu_shared_s_per_param if self._adam_shared() else adam.cpu_s_per_param)
+
+    def adam_cpu_alone_s(self, num_params: int, threads: int) -> float:
+        return self._adam_cpu_s(num_params, threads, self.profile.adam.cpu_s_per_param)
+
+    def adam_shared_slowdown(self, threads: int) -> float:
+        # On the 2-GPU H200 grid (docs/validation-h200-2gpu-v2) a chunk took 1.55-1.79 ms while
+        # the other rank's Adam ran (median per cell) and 1.14-1.36 ms alone: the profile's two
+        # figures (0.42 and 0.31 ns per parameter at 14 threads). The ranks overlapped in 32-96%
+        # of their chunks, so one figure for every chunk over-predicted the rest.
+        adam = self.profile.adam
+        if not (self._adam_shared() and adam.cpu_s_per_param):
+            return 1.0
+        t = _positive("threads", threads)
+        # (a thread count outside the measured ones: adam_cpu_s names that fallback)
+        shared = _by_threads(adam.cpu_shared_s_per_param, t, lambda x: x, lambda: None)
+        alone = _by_threads(adam.cpu_s_per_param, t, lambda x: x, lambda: None)
+        return max(1.0, shared / alone)
+
+    def _adam_cpu_s(self, num_params: int, threads: int, table: Mapping[int, float]) -> float:
+        p = _count("num_params", num_params)
+        t = _positive("threads", threads)
+        adam = self.profile.adam
         if not table:
             self.fallbacks.add("adam cpu: not measured, roofline")
             return self.roofline.adam_cpu_s(p, t)

@@ -237,15 +237,16 @@ class RankModel:
         self.busy[resource] += seconds
         return self.env.timeout(seconds)
 
-    def _cpu_work(self, seconds: float, nbytes: int):
+    def _cpu_work(self, seconds: float, nbytes: int, shared_slowdown: float = 1.0):
         """A CPU job of `seconds` alone, streaming `nbytes` of host memory: longer while the
-        links' copies take their share of it (sim/host_memory.py)."""
+        links' copies take their share of it, and an Adam chunk (`shared_slowdown`) while
+        another rank updates too (sim/host_memory.py)."""
         start = self.env.now
         with self.issuing.cpu_job(seconds):
             if self.host_memory is None:
                 yield self.env.timeout(seconds)
             else:
-                yield from self.host_memory.work(seconds, nbytes)
+                yield from self.host_memory.work(seconds, nbytes, shared_slowdown)
         self.busy["cpu"] += self.env.now - start
 
     # ------------------------------------------------------------------ loading
@@ -578,19 +579,23 @@ class RankModel:
             yield self._hold(self.cost.adam_gpu_s(params))
             self._record(str(a), "compute", start, "update", params=params)
             return
+        # A chunk takes its time alone, and longer while another rank of the socket updates
+        # too (host_memory); without the host memory model, the figure for ranks at once.
+        shared = self.cost.adam_shared_slowdown(self.threads) if self.host_memory is not None else 1.0
+        adam_s = self.cost.adam_cpu_alone_s if shared > 1.0 else self.cost.adam_cpu_s
         for block in Block.of_layers(self.layers[a.stage], m.num_experts, m.is_moe):
             home = self._grad_home(a.stage, block)
             if not home.processed:
                 yield home                       # its gradient is still on the way
             if not self._has_gradient(block):
                 continue                         # unused this step: no gradient, no update
-            chunks = [(lo, hi, self.cost.adam_cpu_s(hi - lo, self.threads))
+            chunks = [(lo, hi, adam_s(hi - lo, self.threads))
                       for lo, hi in adam_chunks(m.block_bytes(block.kind.value) // m.dtype_bytes)]
             for lo, hi, seconds in chunks:
                 with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
                     yield req
                     start = self.env.now
-                    yield from self._cpu_work(seconds, adam_bytes(hi - lo, m.dtype_bytes))
+                    yield from self._cpu_work(seconds, adam_bytes(hi - lo, m.dtype_bytes), shared)
                 self.policy.adam_done(hi - lo)
                 self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=block.layer)
 

@@ -22,8 +22,9 @@ stream plus one direction's copies: the share is then that total less the copies
 both directions at full rate (about 100 GB/s on one H200) that left CPU work a few GB/s (the
 stream measured 44-55), and a total 4-6% lower doubled a predicted Mobius step
 (docs/validation-h200-v5): the measured points replace that extrapolation. Jobs of different
-ranks do not slow each other here: Adam's figure for ranks updating at once is measured as
-such (`adam.cpu_shared`).
+ranks do not slow each other here, but for Adam: a chunk runs at its time alone, and
+`slowdown` times longer while another rank's Adam chunk runs on the socket too (the profile's
+`adam.cpu_shared`, measured with every rank updating at once, over its figure alone).
 
 Rates change when a job starts or ends and when a root's flows change (sim/fluid.py).
 """
@@ -38,13 +39,14 @@ from aptmoe.sim.links import SharedRoot
 
 
 class _Job:
-    __slots__ = ("remaining", "demand_Bps", "rate", "done")
+    __slots__ = ("remaining", "demand_Bps", "rate", "done", "shared_slowdown")
 
-    def __init__(self, seconds: float, demand_Bps: float, done: simpy.Event) -> None:
+    def __init__(self, seconds: float, demand_Bps: float, done: simpy.Event, shared_slowdown: float = 1.0) -> None:
         self.remaining = seconds                 # of its time alone
         self.demand_Bps = demand_Bps
         self.rate = 1.0                          # alone-seconds done per second
         self.done = done
+        self.shared_slowdown = shared_slowdown   # > 1: an Adam chunk, this much longer beside another
 
 
 class HostMemory(Fluid):
@@ -56,13 +58,14 @@ class HostMemory(Fluid):
         for r in roots:
             r.listeners.append(self._replan)
 
-    def work(self, seconds: float, nbytes: float):
+    def work(self, seconds: float, nbytes: float, shared_slowdown: float = 1.0):
         """A process step: ``yield from mem.work(s, n)`` returns when a CPU job of `seconds`
-        alone, streaming `nbytes`, is done."""
+        alone, streaming `nbytes`, is done. `shared_slowdown` > 1: an Adam chunk, which takes
+        that many times longer while another such job (another rank's) runs beside it."""
         if seconds <= 0:
             return
         done = self.env.event()
-        self._join(_Job(seconds, min(nbytes / seconds, self.cpu_Bps), done))
+        self._join(_Job(seconds, min(nbytes / seconds, self.cpu_Bps), done, shared_slowdown))
         yield done
 
     def copies_Bps(self) -> float:
@@ -70,6 +73,9 @@ class HostMemory(Fluid):
 
     def _set_rates(self) -> None:
         left = self.share.cpu_GBps(self.copies_Bps() / 1e9) * 1e9
+        updating = sum(j.shared_slowdown > 1.0 for j in self.items)
         for j in self.items:
             # a floor keeps a job moving when copies would take all of it (they never did)
             j.rate = 1.0 if j.demand_Bps <= left else max(left / j.demand_Bps, 1e-3)
+            if updating > 1 and j.shared_slowdown > 1.0:       # the tighter of the two bounds
+                j.rate = min(j.rate, 1.0 / j.shared_slowdown)

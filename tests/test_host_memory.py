@@ -30,9 +30,9 @@ def _run(jobs, copies, total=100.0, cpu_alone=80.0, root=1000.0, back=(), beside
     mem = HostMemory(env, figures.share(14), [h2d, d2h])
     ends = {}
 
-    def job(i, at, seconds, nbytes):
+    def job(i, at, seconds, nbytes, shared_slowdown=1.0):
         yield env.timeout(at)
-        yield from mem.work(seconds, nbytes)
+        yield from mem.work(seconds, nbytes, shared_slowdown)
         ends[i] = env.now
 
     def copy(root, at, nbytes, cap):
@@ -123,6 +123,21 @@ def test_two_jobs_of_a_socket_do_not_slow_each_other():
     assert ends == {0: pytest.approx(1.0), 1: pytest.approx(1.2)}
 
 
+def test_adam_chunks_of_two_ranks_slow_each_other_only_while_both_run():
+    # jobs: (start, seconds alone, bytes, slowdown beside another Adam chunk). Chunk 0 runs
+    # alone for 0.5 s (half done), then both at 1/1.5 until chunk 0 ends at 0.5 + 0.5 * 1.5 =
+    # 1.25; chunk 1 has done 0.75 / 1.5 = 0.5 by then and does the rest alone: 1.75
+    ends = _run([(0, 1.0, 1 * GB, 1.5), (0.5, 1.0, 1 * GB, 1.5)], [])
+    assert ends == {0: pytest.approx(1.25), 1: pytest.approx(1.75)}
+    # a CPU expert beside an Adam chunk slows neither (different ranks' jobs: only Adam has a
+    # figure for sharing)
+    assert _run([(0, 1.0, 1 * GB, 1.5), (0, 1.0, 1 * GB)], []) == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+    # beside copies as well, the tighter bound: 80 GB/s of demand in the 50 left is 0.625 of
+    # its speed, tighter than 1 / 1.5 (both chunks end at 1.6)
+    ends = _run([(0, 1.0, 80 * GB, 1.5), (0, 1.0, 80 * GB, 1.5)], [(0, 500 * GB, 50.0)])
+    assert ends == {0: pytest.approx(1.6), 1: pytest.approx(1.6)}
+
+
 def test_job_bytes():
     d, h, b = 2048, 8192, 4
     assert cpu_expert_bytes(d, h, b, 0, "fwd") == 2 * d * h * b
@@ -191,3 +206,45 @@ def test_the_simulator_slows_cpu_work_beside_copies_where_the_profile_says():
     # busy/cpu is a share of the step: the CPU's busy seconds are what the sharing lengthens
     assert shared.metrics["busy/cpu"] * shared.iteration_s > alone.metrics["busy/cpu"] * alone.iteration_s
     assert out["GPipe"][0].iteration_s == pytest.approx(out["GPipe"][1].iteration_s)
+
+
+def test_the_simulator_slows_an_adam_chunk_only_while_another_rank_updates():
+    """Two ranks of the 2-GPU H200 profile, GPipeOffload: Adam chunks take the figure for
+    ranks updating at once (0.42 against 0.31 ns per parameter alone, at 14 threads) only
+    while another rank's chunk runs beside them."""
+    import shlex
+
+    from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
+    from aptmoe.profile import cost_for
+    from aptmoe.sim.simulate import simulate
+    from aptmoe.trace import Trace
+
+    p = make_parser("t", "")
+    add_seed_flags(p)
+    add_cluster_flags(p)
+    prof = load_profile("h200-2gpu")
+    line = ("--is_moe=True --model_config=S --num_layers 8 --num_stages 4 --num_experts 8 --gini 0.3 "
+            "--batch_size 32 --num_chunks 4 --seq_length 128 --gpus 2 --topo C1+G2 --num_training_steps 1 "
+            "--num_warmup_steps 0 --pipeline GPipeOffload")
+    cfg = config_from_args(p.parse_args(shlex.split(line)), **prof.cluster_defaults())
+    cost, trace = cost_for(cfg, prof), Trace("predicted")
+    simulate(cfg, cost, trace=trace)
+    slow = cost.adam_shared_slowdown(cfg.cluster.worker_cores)
+    assert slow > 1.2
+    ups = [e for e in trace.events if e.cat == "update" and e.stream == "cpu"]
+    assert {e.rank for e in ups} == {0, 1}
+
+    def overlapped(e) -> bool:
+        return any(o.rank != e.rank and o.start_s < e.end_s and e.start_s < o.end_s for o in ups)
+
+    kinds = {True: [], False: []}
+    for e in ups:
+        alone = cost.adam_cpu_alone_s(e.args["params"], cfg.cluster.worker_cores)
+        kinds[overlapped(e)].append(e.dur_s / alone)
+    assert kinds[True] and kinds[False]
+    # a chunk no other rank's overlaps takes its time alone (slower only beside copies: the
+    # memory share), one overlapped all through, beside no copy, the figure for ranks at once,
+    # and none more than that (the tighter of the two bounds)
+    assert min(kinds[False]) == pytest.approx(1.0, rel=1e-9)
+    assert max(kinds[True]) == pytest.approx(slow, rel=1e-9)
+    assert max(kinds[True] + kinds[False]) <= slow * (1 + 1e-9)

@@ -656,7 +656,8 @@ def test_the_stored_2gpu_runs_name_the_figures_their_prediction_fell_back_on(tmp
     """Session 13's 2-GPU grid (docs/validation-h200-2gpu) ran planned with h200-1gpu's 16
     cores: each rank had 8, its CPU worker 6 threads, where h200-2gpu measured CPU work at 14
     and 16. Predicted with h200-2gpu: 18.9% over 48 runs (19.4% held back), the worst 44.0%;
-    16.9% since its receive figures (session 14), which the bounds below leave room for.
+    16.9% since its receive figures (session 14), 15.7% since Adam's figure for ranks at once
+    applies only while they overlap; the bounds below leave room for both.
     The report names the thread-scaled Adam every offload run leaned on, and labels the blocks
     that ran beside a posted receive."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--no-plot", "-q"]
@@ -673,11 +674,14 @@ def test_the_second_2gpu_grid_is_predicted_as_when_it_ran(tmp_path, monkeypatch)
     cores a rank, CPU work at measured thread counts) and predicted with its receive figures
     (`recv_wait`, measured on the same lease): 3.8% over 48 runs (4.6% held back), the worst
     32.7% (S8 G0.3 capped APTMoE, whose CPU experts stalled on threads left loose: see the
-    folder's README). Only L's gate (4 experts: no curve) fell back, on the roofline."""
+    folder's README). Only L's gate (4 experts: no curve) fell back, on the roofline.
+    Then an Adam chunk takes the figure for ranks at once only while another rank updates
+    (sim/host_memory.py): the fit set 3.5 -> 3.2%, all 3.3%, held back 4.6 -> 6.3%, the
+    worst 32.9% (S8 G0.6 native Mobius)."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v2", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
-    _within(report, {"all": (0.04, 0.33), "held-back": (0.05, 0.20)})
+    _within(report, {"all": (0.035, 0.33), "fit": (0.035, 0.33), "held-back": (0.065, 0.22)})
     assert not [f for f in report["fallbacks"] if "adam" in f or "recv" in f], report["fallbacks"]
 
 

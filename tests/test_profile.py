@@ -349,6 +349,15 @@ def test_ranks_of_one_host_update_at_the_shared_rate(a800):
     assert any("measured with 4 ranks at once, used for 2" in f for f in two.fallbacks)
 
 
+def test_a_chunk_alone_and_the_slowdown_beside_another_rank_come_from_the_two_figures(a800):
+    p = _with_shared(a800, ranks=4)
+    four = ProfileCost(p, MOE_S, ranks_per_host=4)
+    assert four.adam_cpu_alone_s(10**6, 16) == pytest.approx(2.5e-4)       # the figure alone
+    assert four.adam_shared_slowdown(16) == pytest.approx(4.0)              # 1.0e-3 / 2.5e-4
+    assert ProfileCost(p, MOE_S, ranks_per_host=1).adam_shared_slowdown(16) == 1.0     # no other rank
+    assert ProfileCost(a800, MOE_S, ranks_per_host=4).adam_shared_slowdown(16) == 1.0  # not measured
+
+
 def test_each_adam_step_call_pays_its_measured_fixed_cost(a800, tmp_path):
     p = a800.with_(adam=dataclasses.replace(_with_shared(a800).adam, cpu_call_s={8: 3e-5, 16: 2e-5}))
     again = load_profile(str(p.save(tmp_path / "c.json")))
