@@ -24,6 +24,9 @@ def test_all_schedules_equal_the_reference_on_gpus(tmp_path, gpus) -> None:
         a = c["agreement"]
         assert a.within(1e-5), f"{name}: loss {a.loss:.2e}, params {a.params:.2e} ({a.worst_param})"
     assert checked["APTMoE"]["result"]["metrics"]["cpu/expert_share"] > 0
+    # CUDA's and NCCL's threads too: none may run where it can stall a CPU worker (exec/cores.py)
+    for name, c in checked.items():
+        assert all(t["loose"] == 0 for t in c["result"]["threads"]), (name, c["result"]["threads"])
 
 
 def test_capped_copy_takes_bytes_over_cap() -> None:
