@@ -23,8 +23,9 @@ both directions at full rate (about 100 GB/s on one H200) that left CPU work a f
 stream measured 44-55), and a total 4-6% lower doubled a predicted Mobius step
 (docs/validation-h200-v5): the measured points replace that extrapolation. Jobs of different
 ranks do not slow each other here, but for Adam: a chunk runs at its time alone, and
-`slowdown` times longer while another rank's Adam chunk runs on the socket too (the profile's
-`adam.cpu_shared`, measured with every rank updating at once, over its figure alone).
+`shared_slowdown` times longer while another rank's Adam chunk runs on the socket too (the
+profile's `adam.cpu_shared`, measured with every rank updating at once, over its figure
+alone), or at the copies' bound where that is tighter.
 
 Rates change when a job starts or ends and when a root's flows change (sim/fluid.py).
 """
