@@ -78,7 +78,11 @@ def table(runs: dict[str, dict[str, dict]]) -> str:
                         + f"{max(m['worst_job_s'] for m in mine) * 1e3:.1f} | "
                         + ", ".join(str(m["loose"]) for m in mine) + " |")
         if len(med) == 2:
-            ratios.append(f"{s}: B/A {med['B'] / med['A']:.3f}")
+            # round i's two runs ran next to each other: their ratio is the A/B least touched
+            # by the machine's drift, and the rounds' spread says how far to trust the pooled one
+            rounds = [statistics.median(runs[f"B{i}"][s]["step_s"]) / statistics.median(runs[f"A{i}"][s]["step_s"])
+                      for i in range(1, len(runs) + 1) if s in runs.get(f"A{i}", {}) and s in runs.get(f"B{i}", {})]
+            ratios.append(f"{s}: B/A {med['B'] / med['A']:.3f} (rounds: {', '.join(f'{r:.3f}' for r in rounds)})")
     return "\n".join(rows + ["", "; ".join(ratios)])
 
 

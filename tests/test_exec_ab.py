@@ -40,7 +40,15 @@ def test_the_table_gives_each_arm_its_medians_and_b_over_a(tmp_path) -> None:
     text = ab.table(runs)
     assert "| APTMoE | A | 1 | 1.100 | 1.100 | 0.001 | 3.0 | 0 |" in text
     assert "| APTMoE | B | 1 | 1.400 | 1.400 | 0.020 | 60.0 | 186 |" in text
-    assert "APTMoE: B/A 1.273; Mobius: B/A 1.100" in text
+    assert "APTMoE: B/A 1.273 (rounds: 1.273); Mobius: B/A 1.100 (rounds: 1.100)" in text
+
+
+def test_each_round_gives_its_own_ratio(tmp_path) -> None:
+    for label, steps in (("A1", [1.0]), ("B1", [1.2]), ("B2", [1.1]), ("A2", [1.0]), ("A3", [2.0])):
+        _run(tmp_path / label, {"APTMoE": steps}, [], 0)
+    runs = {label: ab.run_summary(tmp_path / label) for label in ("A1", "B1", "B2", "A2", "A3")}
+    # pooled: B's 1.15 over A's 1.0; the unpaired third A run has no round ratio
+    assert "APTMoE: B/A 1.150 (rounds: 1.200, 1.100)" in ab.table(runs)
 
 
 def test_a_used_output_folder_is_refused(tmp_path, capsys) -> None:
