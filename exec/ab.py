@@ -14,13 +14,14 @@ to ab.md there.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from aptmoe.trace import Trace
 
 
 def arm_order(rounds: int) -> list[str]:
@@ -35,11 +36,7 @@ def cpu_expert_seconds(trace: Path) -> tuple[float, float]:
     """(summed seconds, slowest job's seconds) of the trace's CPU-expert jobs, all ranks."""
     if not trace.exists():
         return 0.0, 0.0
-    opener = gzip.open if trace.suffix == ".gz" else open
-    with opener(trace, "rt") as f:
-        doc = json.load(f)
-    durs = [e["dur"] * 1e-6 for e in doc.get("traceEvents", doc if isinstance(doc, list) else [])
-            if e.get("ph") == "X" and e.get("cat") == "cpu-expert"]
+    durs = [e.dur_s for e in Trace.load(trace).events if e.cat == "cpu-expert"]
     return sum(durs), max(durs, default=0.0)
 
 

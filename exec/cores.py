@@ -72,15 +72,11 @@ def thread_placement(host: Sequence[int], workers: Sequence[int]) -> dict[str, i
     """How this process's threads may run now: on the host cores only, on the worker's only,
     or across both or beyond the rank's cores ("loose": the threads that can stall the
     worker's team). Empty where the OS does not say."""
-    host_set, worker_set = set(host), set(workers)
-    out = {"host": 0, "worker": 0, "loose": 0}
     if not hasattr(os, "sched_getaffinity"):
         return {}
-    for tid in process_threads():
-        try:
-            cores = os.sched_getaffinity(tid)
-        except OSError:                 # ended meanwhile
-            continue
+    host_set, worker_set = set(host), set(workers)
+    out = {"host": 0, "worker": 0, "loose": 0}
+    for cores in thread_affinities(process_threads()).values():
         out["host" if host_set and cores <= host_set else "worker" if cores <= worker_set else "loose"] += 1
     return out
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aptmoe.exec import ab
+from aptmoe.trace import Trace
 
 
 def test_each_arm_goes_first_in_half_of_the_rounds() -> None:
@@ -23,10 +24,12 @@ def _run(folder: Path, steps: dict[str, list[float]], cpu_jobs_us: list[float], 
                          for name, s in steps.items()}}
     doc["schedules"]["GPipe"] = {"oom": True}
     (folder / "results.json").write_text(json.dumps(doc))
-    events = [{"ph": "X", "cat": "cpu-expert", "name": f"e{i}", "ts": 0, "dur": d} for i, d in enumerate(cpu_jobs_us)]
-    events.append({"ph": "X", "cat": "forward", "name": "f", "ts": 0, "dur": 1e6})
+    trace = Trace("real")                      # as the executor writes it, compressed as a matrix cell keeps it
+    for i, us in enumerate(cpu_jobs_us):
+        trace.add(f"e{i}", i % 2, "cpu", 0.0, us * 1e-6, "cpu-expert")
+    trace.add("f", 0, "compute", 0.0, 1.0, "forward")
     with gzip.open(folder / "trace-APTMoE.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
+        json.dump(trace.to_chrome(), f)
 
 
 def test_the_table_gives_each_arm_its_medians_and_b_over_a(tmp_path) -> None:
