@@ -26,17 +26,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import socket
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from aptmoe.exec.store import local_store
 from aptmoe.calibration.timing import Reps, cuda_sample, host_sample, median_of
 from aptmoe.flags import number_list
 
@@ -60,12 +63,6 @@ class Width:
 class P2P:
     points: list[tuple[int, float]]      # (bytes, one-way seconds)
     recv_slowdown: dict[tuple[str, int], float]   # (block kind, d) -> beside a waiting receive / alone
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(device: torch.device, fn, reps: int) -> float:
@@ -122,16 +119,16 @@ def _recv_wait(rank: int, device: torch.device, group, go, widths: Sequence[Widt
     return {k: beside[k] / alone[k] for k in blocks}
 
 
-def _rank(rank: int, backend: str, port: int, sizes: Sequence[int], reps: int, cpus: Sequence[Sequence[int]],
+def _rank(rank: int, backend: str, port_file: str, sizes: Sequence[int], reps: int, cpus: Sequence[Sequence[int]],
           gpus: Sequence[int], widths: Sequence[Width], results, go) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if cpus and cpus[rank]:
         os.sched_setaffinity(0, cpus[rank])                 # as the executor binds its CPU ranks
         torch.set_num_threads(len(cpus[rank]))
     device = torch.device("cuda", gpus[rank]) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    dist.init_process_group(backend, rank=rank, world_size=2, timeout=timedelta(seconds=120),
+                            store=local_store(rank, 2, Path(port_file), 120))
     try:
         peer = 1 - rank
         # one group per direction, as exec/comm.py makes them (new_group is collective: same order)
@@ -170,9 +167,9 @@ def measure_p2p_group(backend: str, sizes: Sequence[int], reps: int = 10, cpus: 
     executor's blocks of each of `widths` run beside a waiting receive (none: no blocks)."""
     ctx = mp.get_context("spawn")
     results, go = ctx.Queue(), ctx.Event()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, backend, port, list(sizes), reps, [list(c) for c in cpus], list(gpus),
-                                                           list(widths), results, go),
+    meet = Path(tempfile.mkdtemp(prefix="aptmoe-p2p-"))        # the store's port (exec/store.py: why)
+    procs = [ctx.Process(target=_rank, args=(r, backend, str(meet / "store.port"), list(sizes), reps,
+                                             [list(c) for c in cpus], list(gpus), list(widths), results, go),
                          daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
@@ -183,6 +180,7 @@ def measure_p2p_group(backend: str, sizes: Sequence[int], reps: int = 10, cpus: 
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()
+        shutil.rmtree(meet, ignore_errors=True)
     bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if bad:
         raise RuntimeError(f"a p2p rank exited with code {bad[0]}")

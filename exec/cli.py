@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -247,23 +246,24 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
     return res
 
 
-def _spawned(local_rank: int, world: int, port: int, argv: list[str], pipeline: str, tmp: str,
+def _spawned(local_rank: int, world: int, argv: list[str], pipeline: str, tmp: str,
              use_cuda: bool, launched: float) -> None:
     """A rank started by `aptmoe-run` itself: one schedule, then exit. `launched`: when the
-    parent started the processes (their start-up, imports included, is the first part timed)."""
+    parent started the processes (their start-up, imports included, is the first part timed).
+    The ranks meet through a store whose port rank 0 publishes in `tmp` (`_port_file`)."""
     marks = {"launch": launched, "start": time.time()}
     import torch.distributed as dist
     from aptmoe.exec.launch import init_rank, report_failure
     marks["imports"] = time.time()
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world))
     ns = make_run_parser().parse_args(argv)
     try:
         prepared = prepare(ns, pipeline, use_cuda)
         marks["prepare"] = time.time()
-        setup = init_rank(local_rank, world, local_rank, prepared[0], ns.timeout,
-                          use_cuda=use_cuda, confine_threads=ns.confine_threads)
+        setup = init_rank(local_rank, world, local_rank, prepared[0], ns.timeout, use_cuda=use_cuda,
+                          confine_threads=ns.confine_threads, port_file=_port_file(Path(tmp), pipeline))
         marks["group"] = time.time()
         res = rank_main(ns, pipeline, prepared, setup, Path(tmp), marks)
         if res is not None:
@@ -280,17 +280,17 @@ def _spawned(local_rank: int, world: int, port: int, argv: list[str], pipeline: 
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _port_file(tmp: Path, pipeline: str) -> Path:
+    return tmp / f"store-{pipeline}.port"
 
 
 def _launch(argv: list[str], pipeline: str, world: int, tmp: Path, use_cuda: bool) -> bool:
     import torch.multiprocessing as mp
 
+    port_file = _port_file(tmp, pipeline)
+    port_file.unlink(missing_ok=True)
     try:
-        mp.start_processes(_spawned, args=(world, _free_port(), argv, pipeline, str(tmp), use_cuda, time.time()),
+        mp.start_processes(_spawned, args=(world, argv, pipeline, str(tmp), use_cuda, time.time()),
                            nprocs=world, join=True, start_method="spawn")
         return True
     except mp.ProcessExitedException as e:
@@ -301,6 +301,8 @@ def _launch(argv: list[str], pipeline: str, world: int, tmp: Path, use_cuda: boo
         print(f"{PROG}: {pipeline}: rank {e.error_index} failed: {str(e).strip().splitlines()[-1]}",
               file=sys.stderr)
         return False
+    finally:
+        port_file.unlink(missing_ok=True)           # not an output
 
 
 # --------------------------------------------------------------------------- the command

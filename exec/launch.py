@@ -27,6 +27,7 @@ from aptmoe.exec.cores import bind_threads, process_threads
 from aptmoe.exec.data import make_source
 from aptmoe.exec.device import Device
 from aptmoe.exec.runtime import ExecOptions, RankRuntime, StepReport
+from aptmoe.exec.store import local_store
 
 from aptmoe.config import RunConfig
 from aptmoe.host import allowed_cores, python_loop_s
@@ -75,10 +76,13 @@ def bind_cores(local_rank: int, per: int, *, main_threads: int | None = None, ev
 
 
 def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s: float,
-              *, use_cuda: bool, confine_threads: bool = True) -> RankSetup:
+              *, use_cuda: bool, confine_threads: bool = True, port_file: Path | None = None) -> RankSetup:
     """The process group up, this rank on its device and cores. With `confine_threads` the
     rank binds its threads to its cores before the group starts its own (CUDA's, NCCL's, the
-    store's), which then stay on them; without, after, and the main thread alone."""
+    store's), which then stay on them; without, after, and the main thread alone.
+
+    `port_file`: ranks spawned by us meet through `aptmoe.exec.store.local_store` (rank 0
+    publishes its store's port there); without, the environment's rendezvous (torchrun's)."""
     backend = "nccl" if use_cuda else "gloo"
     main_threads = 1 if use_cuda else None
     if confine_threads:
@@ -88,10 +92,9 @@ def init_rank(rank: int, world: int, local_rank: int, cfg: RunConfig, timeout_s:
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     device = Device(f"cuda:{local_rank}" if use_cuda else "cpu")
     kw = {"device_id": device.torch} if use_cuda else {}
-    try:
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
-    except TypeError:                               # torch < 2.3: no device_id
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    if port_file is not None:
+        kw["store"] = local_store(rank, world, port_file, timeout_s)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kw)
     if not confine_threads:
         cores = bind_cores(local_rank, cfg.cluster.cores_per_rank, main_threads=main_threads, every_thread=False)
     return RankSetup(rank, world, local_rank, device, cores)

@@ -94,8 +94,11 @@ def test_a_run_imports_no_torch_dynamo_and_steps_with_its_objects_frozen() -> No
         pytest.skip("this torch has no fused CPU Adam: the executor falls back to torch.optim")
     code = """
 import gc, os, sys
-from aptmoe.exec.cli import _free_port, make_run_parser, prepare
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import tempfile
+from pathlib import Path
+from aptmoe.exec.cli import make_run_parser, prepare
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+port_file = Path(tempfile.mkdtemp()) / "store.port"
 from aptmoe.exec.launch import init_rank, run_pipeline
 from aptmoe.exec.runtime import ExecOptions
 ns = make_run_parser().parse_args(["--is_moe=True", "--model_config=S", "--embedding_dim", "32", "--hidden_dim", "64",
@@ -108,7 +111,7 @@ def progress(done, total, rep):
     frozen.append(gc.get_freeze_count())
     d = vars(sys.modules["torch.fx.experimental.symbolic_shapes"])
     shapes.append(not any(o is d for o in gc.get_objects()))     # frozen objects are in no generation
-res = run_pipeline(init_rank(0, 1, 0, cfg, 60, use_cuda=False), cfg, plan, cost, data=None, opts=ExecOptions(timeout_s=60),
+res = run_pipeline(init_rank(0, 1, 0, cfg, 60, use_cuda=False, port_file=port_file), cfg, plan, cost, data=None, opts=ExecOptions(timeout_s=60),
                    progress=progress)
 print(res["iteration_s"] > 0, "torch._dynamo" in sys.modules, min(frozen) > 1000, gc.get_freeze_count() == 0, all(shapes))
 """

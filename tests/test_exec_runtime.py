@@ -69,6 +69,7 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
     assert sum(e.args["host_us"] for e in blocks) > 0.5 * sum(e.dur_s for e in blocks) * 1e6
     assert any(e.cat.startswith("load-inter-") for e in apt.events)
     assert (out / "results.csv").read_text().startswith("pipeline,")
+    assert not list(out.glob("store-*.port"))      # how the ranks met is not an output
 
 
 def test_a_spawned_run_says_where_its_wall_time_went(capped_run) -> None:
@@ -561,8 +562,11 @@ def test_a_rank_moves_its_other_threads_to_the_host_cores_for_the_run_and_back()
 
     code = """
 import os, sys, threading
-from aptmoe.exec.cli import _free_port, make_run_parser, prepare
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import tempfile
+from pathlib import Path
+from aptmoe.exec.cli import make_run_parser, prepare
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+port_file = Path(tempfile.mkdtemp()) / "store.port"
 from aptmoe.exec.launch import init_rank, run_pipeline
 from aptmoe.exec.runtime import ExecOptions
 ns = make_run_parser().parse_args(["--is_moe=True", "--model_config=S", "--embedding_dim", "32", "--hidden_dim", "64",
@@ -570,7 +574,7 @@ ns = make_run_parser().parse_args(["--is_moe=True", "--model_config=S", "--embed
     "--num_chunks", "2", "--seq_length", "8", "--gpus", "1", "--topo", "C1+G1", "--device", "cpu", "--host-cores", "1",
     "--pipeline", "APTMoE", "--num_warmup_steps", "0", "--num_training_steps", "2"])
 cfg, cost, plan = prepare(ns, "APTMoE", False)
-setup = init_rank(0, 1, 0, cfg, 60, use_cuda=False)
+setup = init_rank(0, 1, 0, cfg, 60, use_cuda=False, port_file=port_file)
 stop, tid = threading.Event(), []
 t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), stop.wait(120)))
 t.start()
