@@ -1,0 +1,99 @@
+"""How long the issuing thread took to issue each kind of block, per schedule, in measured runs.
+
+Every block a GPU rank issues carries the host time of its call (`host_us`, exec/runtime.py).
+The simulator prices that time from the dispatch probe, the same for every schedule; where one
+schedule's calls take longer than another's for the same block, something beside the issuing
+thread slows it that the model does not know. On the 2-GPU grid of session 15
+(docs/validation-h200-2gpu-v3) APTMoE's expert forwards on a capped link took about twice
+Mobius's host time.
+
+    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...]
+
+A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
+cells/*/real below it). Prints one row per run and schedule: the median host time and span
+of each (pass, block kind) call, in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from aptmoe.report import format_table
+from aptmoe.trace import Trace, TraceError
+
+PASSES = {"forward": "f", "backward": "b", "recompute": "r"}
+
+
+def block_kind(name: str) -> str | None:
+    """'0F3@2:e5' -> 'e'; 'a', 'g' likewise; None for what is not one block's call."""
+    if "@" not in name or ":" not in name:
+        return None
+    return re.sub(r"\d+", "", name.rsplit(":", 1)[1]) or None
+
+
+def host_calls(trace: Trace) -> dict[str, tuple[int, float, float]]:
+    """'fe' (pass, kind) -> (calls, median host us, median span us) over every rank."""
+    host, span = defaultdict(list), defaultdict(list)
+    for e in trace.events:
+        kind = block_kind(e.name)
+        if e.stream != "compute" or kind is None or e.cat not in PASSES or "host_us" not in e.args:
+            continue
+        key = PASSES[e.cat] + kind
+        host[key].append(float(e.args["host_us"]))
+        span[key].append((e.end_s - e.start_s) * 1e6)
+    return {k: (len(v), statistics.median(v), statistics.median(span[k])) for k, v in host.items()}
+
+
+def run_dirs(paths: list[Path]) -> list[Path]:
+    """The run folders named, a matrix folder standing for its cells' runs."""
+    out = []
+    for p in paths:
+        cells = sorted(p.glob("cells/*/real"))
+        out.extend(cells if cells else [p])
+    return out
+
+
+def traces_of(run: Path) -> dict[str, Path]:
+    found = {}
+    for f in sorted(run.glob("trace-*.json*")):
+        name = f.name.removeprefix("trace-").split(".json")[0]
+        if not name.endswith("-predicted"):
+            found[name] = f
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.sim.host_calls", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="aptmoe-run output folders or matrix folders")
+    ns = p.parse_args(argv)
+    rows, keys = [], set()
+    for run in run_dirs(ns.runs):
+        traces = traces_of(run)
+        if not traces:
+            print(f"host_calls: error: no measured trace (trace-*.json) in {run}", file=sys.stderr)
+            return 2
+        label = run.parent.name if run.name == "real" else run.name
+        for name, path in traces.items():
+            try:
+                calls = host_calls(Trace.load(path))
+            except TraceError as e:
+                print(f"host_calls: error: {path}: {e}", file=sys.stderr)
+                return 2
+            keys |= calls.keys()
+            rows.append((label, name, calls))
+    cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
+    table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
+             for label, name, c in rows]
+    print("median host us / span us per block call (f forward, b backward, r recompute; a attention, g gate, "
+          "e expert)\n")
+    print(format_table(["run", "schedule", *cols], table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""python -m aptmoe.sim.host_calls: the issuing thread's time per block call, by schedule."""
+
+from __future__ import annotations
+
+from aptmoe.sim import host_calls
+from aptmoe.trace import Trace
+
+
+def _run(folder, name: str, fe_host_us: list[float]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    t = Trace("real", meta={"pipeline": name})
+    for i, us in enumerate(fe_host_us):
+        t.add(f"0F{i}@1:e{i}", 0, "compute", i * 1e-3, i * 1e-3 + 5e-4, "forward", host_us=us)
+    t.add("0B0@1:a", 0, "compute", 0.1, 0.102, "backward", host_us=900.0)
+    t.add("0F0", 0, "compute", 0.0, 0.2, "forward")                 # a stage's span: no block, no host time
+    t.add("0F0@1:e0", 0, "cpu", 0.0, 0.01, "cpu-expert")            # on the CPU: not an issued call
+    t.save(folder / f"trace-{name}.json")
+
+
+def test_medians_per_pass_and_kind_for_each_schedule_of_a_matrix(tmp_path, capsys) -> None:
+    _run(tmp_path / "m" / "cells" / "S8-cap" / "real", "APTMoE", [400, 420, 380])
+    _run(tmp_path / "m" / "cells" / "S8-cap" / "real", "Mobius", [200, 180, 190])
+    (tmp_path / "m" / "cells" / "S8-cap" / "real" / "trace-APTMoE-predicted.json").write_text("{}")   # not measured
+    assert host_calls.main([str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("S8-cap")}
+    assert set(rows) == {"APTMoE", "Mobius"}
+    header = next(line.split() for line in out.splitlines() if line.startswith("run"))
+    assert header[2:] == ["fe", "ba"]
+    assert rows["APTMoE"][2:5] == ["400", "/", "500"] and rows["Mobius"][2:5] == ["190", "/", "500"]
+    assert rows["APTMoE"][5:8] == ["900", "/", "2000"]
+
+
+def test_block_kind_reads_the_call_and_refuses_spans() -> None:
+    assert host_calls.block_kind("0F3@2:e15") == "e"
+    assert host_calls.block_kind("1B0@0:a") == "a"
+    assert host_calls.block_kind("0F3") is None
+
+
+def test_a_folder_without_traces_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    assert host_calls.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no measured trace" in err
