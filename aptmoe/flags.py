@@ -81,6 +81,21 @@ def number_list(cast: Callable[[str], float], what: str) -> Callable[[str], list
     return parse
 
 
+def core_list(text: str) -> list[int]:
+    """An argparse `type`: cores as `taskset -c` writes them (`0-3,8,10-11`), in order, once each."""
+    cores: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError
+            cores.extend(c for c in range(first, last + 1) if c not in cores)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give cores like 0-3,8 (ascending ranges of core numbers)") from None
+    return cores
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (no usage dump) on bad flags."""
 
