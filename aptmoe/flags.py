@@ -81,6 +81,19 @@ def number_list(cast: Callable[[str], float], what: str) -> Callable[[str], list
     return parse
 
 
+def at_least_one(unit: str) -> Callable[[str], int]:
+    """An argparse `type`: a whole number of `unit`s, 1 or more."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {unit}s") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{n}: at least 1 {unit}")
+        return n
+    return parse
+
+
 def core_list(text: str) -> list[int]:
     """An argparse `type`: cores as `taskset -c` writes them (`0-3,8,10-11`), in order, once each."""
     cores: list[int] = []

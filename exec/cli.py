@@ -24,10 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+from aptmoe.exec import repeats
 from aptmoe.config import ConfigError, RunConfig, auto_host_cores
 from aptmoe.flags import (
     add_cluster_flags,
     add_seed_flags,
+    at_least_one,
     config_from_args,
     make_parser,
     pipelines_of,
@@ -108,6 +110,10 @@ def make_run_parser() -> argparse.ArgumentParser:
                    help="bind only each rank's main thread to its cores, after the process group has started "
                         "its threads, and leave those threads where they are (the executor before 2026-11-29; "
                         "for A/B runs)")
+    g.add_argument("--repeats", type=at_least_one("run"), default=1,
+                   help="run each schedule this many times, each in fresh processes, going round the schedules, "
+                        "and keep the run of median step time (its result lists every run's): one process can "
+                        "run the same work up to 2x slower than the next (1)")
     g.add_argument("--save-params", dest="save_params", action="store_true",
                    help="write every rank's parameters after training (params-<pipeline>-rank<r>.pt)")
     g.add_argument("--no-trace", dest="no_trace", action="store_true", help="write no trace or timeline")
@@ -335,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{m.num_experts} experts per layer; {cfg0.world_size} {'GPU' if use_cuda else 'CPU'} ranks")
     results: dict[str, dict] = {}
     if torchrun:
+        if ns.repeats > 1:
+            if rank == 0:
+                print(f"{PROG}: error: --repeats needs aptmoe-run's own launch (under torchrun the ranks live for "
+                      "one run); run it without torchrun, or once per torchrun", file=sys.stderr)
+            return 2
         return _main_torchrun(ns, argv, plans, staged, use_cuda, say)
     try:
         with staged as tmp:
+            runnable: dict[str, RunConfig] = {}
             for name, (cfg, _, plan) in plans.items():
                 (tmp / f"plan-{name}.txt").write_text(plan.describe() + "\n")
                 why = preflight(cfg, plan)
@@ -345,13 +357,25 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{PROG}: {name} refused: {why}", file=sys.stderr)
                     results[name] = _refused(cfg, plan, why)
                     continue
-                launched = time.time()
-                if not _launch(argv, name, cfg.world_size, tmp, use_cuda):
-                    _keep_logs(tmp, out)
-                    raise _RankFailed
-                results[name] = json.loads((tmp / f"result-{name}.json").read_text())
-                _add_exit(results[name], time.time() - launched)
-                (tmp / f"result-{name}.json").unlink()
+                runnable[name] = cfg
+            runs: dict[str, list[dict]] = {name: [] for name in runnable}
+            for rep in range(ns.repeats):           # round the schedules: a slow spell hits them all
+                if ns.repeats > 1:
+                    say(f"run {rep + 1} of {ns.repeats}")
+                for name, cfg in runnable.items():
+                    launched = time.time()
+                    if not _launch(argv, name, cfg.world_size, tmp, use_cuda):
+                        _keep_logs(tmp, out)
+                        raise _RankFailed
+                    res = json.loads((tmp / f"result-{name}.json").read_text())
+                    _add_exit(res, time.time() - launched)
+                    (tmp / f"result-{name}.json").unlink()
+                    runs[name].append(res)
+                    if ns.repeats > 1:
+                        repeats.stash(tmp, name, rep)
+            for name, rs in runs.items():
+                results[name] = repeats.keep_median(tmp, name, rs) if ns.repeats > 1 else rs[0]
+            results = {name: results[name] for name in plans}       # the order asked for
             _write_outputs(ns, argv, tmp, cfg0, results, use_cuda)
     except _RankFailed:
         return 1            # the staged folder is gone: no half-written output

@@ -188,6 +188,9 @@ def make_matrix_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=steps_by_size, default="2",
                    help="timed steps: N for every run, or per model size, e.g. 3,S=6 (S runs 6, the others 3; "
                         "S's steps are short and its runs the noisiest) (2)")
+    r.add_argument("--repeats", type=repeats_by_size, default="1",
+                   help="runs of each schedule, the median kept (aptmoe-run --repeats): N, or per model size, "
+                        "e.g. 1,S=3 (S8's runs differed up to 2x from one process to the next) (1)")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="passed to aptmoe-run")
     r.add_argument("--timeout", type=float, default=300.0, help="passed to aptmoe-run (300)")
     r.add_argument("--extra", default="", help="more aptmoe-run flags for every run, one quoted string")
@@ -197,28 +200,37 @@ def make_matrix_parser() -> argparse.ArgumentParser:
     return p
 
 
-def steps_by_size(text: str) -> dict[str | None, int]:
-    """`--steps`: "3" (every run), or "3,S=6" / "S=6,M=3,L=3" (by model size; a size not named
-    takes the bare number, 2 without one) -> {None: default, size: steps}."""
-    out: dict[str | None, int] = {None: 2}
-    for item in (t.strip() for t in str(text).split(",")):
-        size, _, n = item.rpartition("=")
-        size = size.strip().upper() or None
-        if size is not None and size not in MODEL_SIZES:
-            raise argparse.ArgumentTypeError(f"--steps: {size!r} is no model size; use {', '.join(MODEL_SIZES)}")
-        try:
-            out[size] = int(n)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--steps: {item!r} is not N or SIZE=N") from None
-        if out[size] < 1:
-            raise argparse.ArgumentTypeError(f"--steps: {item!r} must be at least 1 step")
-    return out
+def counts_by_size(flag: str, default: int, unit: str):
+    """An argparse `type` for `flag`: "3" (every run), or "3,S=6" / "S=6,M=3,L=3" (by model
+    size; a size not named takes the bare number, `default` without one) -> {None: default,
+    size: count}."""
+    def parse(text: str) -> dict[str | None, int]:
+        out: dict[str | None, int] = {None: default}
+        for item in (t.strip() for t in str(text).split(",")):
+            size, _, n = item.rpartition("=")
+            size = size.strip().upper() or None
+            if size is not None and size not in MODEL_SIZES:
+                raise argparse.ArgumentTypeError(f"{flag}: {size!r} is no model size; use {', '.join(MODEL_SIZES)}")
+            try:
+                out[size] = int(n)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{flag}: {item!r} is not N or SIZE=N") from None
+            if out[size] < 1:
+                raise argparse.ArgumentTypeError(f"{flag}: {item!r} must be at least 1 {unit}")
+        return out
+    return parse
+
+
+steps_by_size = counts_by_size("--steps", 2, "step")
+repeats_by_size = counts_by_size("--repeats", 1, "run")
 
 
 def common_argv(ns: argparse.Namespace, model: str) -> list[str]:
     """The flags every run of `model`'s size shares."""
     steps = ns.steps.get(model, ns.steps[None])
-    return ["--batch_size", str(ns.batch_size), "--num_chunks", str(ns.num_chunks), "--seq_length",
+    runs = ns.repeats.get(model, ns.repeats[None])
+    return [*(["--repeats", str(runs)] if runs > 1 else []), "--batch_size", str(ns.batch_size),
+            "--num_chunks", str(ns.num_chunks), "--seq_length",
             str(ns.seq_length), "--num_warmup_steps", str(ns.warmup), "--num_training_steps", str(steps),
             "--device", ns.device, "--timeout", f"{ns.timeout:g}", *(["--no-plot"] if ns.no_plot else []),
             *shlex.split(ns.extra)]
@@ -355,6 +367,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
         doc = json.loads((folder / "validation.json").read_text())
         s = "held-back" if held_back(i, every) else "fit"
         steps = step_spreads(folder / "real" / "results.json")
+        repeated = run_spreads(folder / "real" / "results.json")
         measured, predicted = {}, {}
         for row in doc["schedules"]:
             fallbacks.update(row.get("fallbacks", []))
@@ -370,7 +383,8 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},
                          **{f"beside/{k}": b["median_error"] for k, b in sorted((row.get("beside") or {}).items())},
-                         "step_spread": steps.get(row["pipeline"]), "note": row.get("note", "")})
+                         "step_spread": steps.get(row["pipeline"]), "run_spread": repeated.get(row["pipeline"]),
+                         "note": row.get("note", "")})
             if row.get("measured_s") is not None and row.get("predicted_s") is not None:
                 measured[row["pipeline"]] = row["measured_s"]
                 predicted[row["pipeline"]] = row["predicted_s"]
@@ -397,6 +411,21 @@ def step_spreads(results: Path) -> dict[str, float]:
         return {}
     return {name: (max(s["step_s"]) - min(s["step_s"])) / statistics.median(s["step_s"])
             for name, s in sched.items() if len(s.get("step_s") or []) >= 2}
+
+
+def run_spreads(results: Path) -> dict[str, float]:
+    """Per schedule run more than once (`aptmoe-run --repeats`), (max - min) / median of its
+    runs' step times: how far runs of the same work in fresh processes disagree."""
+    try:
+        sched = json.loads(results.read_text())["schedules"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    out = {}
+    for name, s in sched.items():
+        times = (s.get("repeats") or {}).get("iteration_s") or []
+        if len(times) >= 2:
+            out[name] = (max(times) - min(times)) / statistics.median(times)
+    return out
 
 
 def replicate_pairs(runs: list[dict]) -> list[dict]:
@@ -430,6 +459,10 @@ def noise(runs: list[dict]) -> dict[str, dict]:
                   "step_spread_worst": max(spreads) if spreads else None,
                   "pairs": len(diffs), "pair_difference_median": statistics.median(diffs) if diffs else None,
                   "pair_difference_worst": max(diffs) if diffs else None}
+        repeated = [r["run_spread"] for r in runs if r["model"] == m and r.get("run_spread") is not None]
+        if repeated:
+            out[m].update(repeated=len(repeated), run_spread_median=statistics.median(repeated),
+                          run_spread_worst=max(repeated))
     return out
 
 
@@ -498,7 +531,9 @@ def write_report(out: Path, report: dict) -> None:
                "and recv: a receive of the rank posted and not yet matched by its peer's send."), "",
           "```", category_table(report.get("beside", {}).get("fit", {}), "beside"), "```", "",
           "## Measurement noise (all runs)", "",
-          "Step spread: (max - min) / median of one run's timed steps. Same-work pairs: the GPipe runs of two cells "
+          "Step spread: (max - min) / median of one run's timed steps. Run spread (where a schedule ran more than "
+          "once, --repeats): the same over its runs' step times, the median run being the one measured. "
+          "Same-work pairs: the GPipe runs of two cells "
           "that differ only in the host-link cap, which GPipe never uses; the difference is slower / faster - 1. "
           "Where these are as large as the step-time errors, the runs cannot tell the model's error from the "
           "machine's noise.", "",
@@ -548,11 +583,14 @@ def category_table(cats: dict[str, dict[str, float]], label: str = "category") -
 
 
 def noise_table(noise: dict[str, dict]) -> str:
+    repeated = any(v.get("repeated") for v in noise.values())
     body = [[m, str(v["runs"]), _pct(v["step_spread_median"], ".1f"), _pct(v["step_spread_worst"], ".1f"),
-             str(v["pairs"]), _pct(v["pair_difference_median"], ".1f"), _pct(v["pair_difference_worst"], ".1f")]
+             str(v["pairs"]), _pct(v["pair_difference_median"], ".1f"), _pct(v["pair_difference_worst"], ".1f"),
+             *([str(v.get("repeated", 0)), _pct(v.get("run_spread_median"), ".1f"),
+                _pct(v.get("run_spread_worst"), ".1f")] if repeated else [])]
             for m, v in noise.items()]
     return format_table(["model", "runs", "step spread median", "worst", "same-work pairs", "difference median",
-                         "worst"], body)
+                         "worst", *(["repeated", "run spread median", "worst"] if repeated else [])], body)
 
 
 def ranking_table(configs: list[dict]) -> str:

@@ -242,7 +242,8 @@ def test_steps_that_make_no_sense_are_refused(text, says) -> None:
 
 FLAGS = ["--calibration", "a800-paper", "--models", "S:4:2", "--experts", "4", "--gini", "0.3", "--links", "native",
          "--device", "cpu", "--batch_size", "4", "--num_chunks", "2", "--seq_length", "8", "--warmup", "0",
-         "--steps", "1,S=2", "--extra", "--embedding_dim 32 --hidden_dim 64 --num_heads 4", "-q"]
+         "--steps", "1,S=2", "--repeats", "1,S=2", "--extra", "--embedding_dim 32 --hidden_dim 64 --num_heads 4",
+         "-q"]
 E2E_CELL = "S4x4-G0.3-native-1gpu"
 
 
@@ -283,10 +284,15 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     assert command[command.index("--num_training_steps") + 1] == "2"
     sched = json.loads((folder / "real" / "results.json").read_text())["schedules"]
     assert {len(s["step_s"]) for s in sched.values()} == {2}
+    # --repeats 1,S=2: every schedule of an S cell ran twice, the median run kept and measured
+    assert command[command.index("--repeats") + 1] == "2"
+    assert all(len(s["repeats"]["iteration_s"]) == 2 for s in sched.values())
     assert json.loads((folder / "profile.json").read_text())["name"] == "a800-paper"      # what it was predicted with
     rep = json.loads((out / "matrix.json").read_text())
     assert len(rep["runs"]) == 4 and {r["cell"] for r in rep["runs"]} == {E2E_CELL}
     assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in rep["runs"])
+    assert all(r["run_spread"] is not None for r in rep["runs"]) and rep["noise"]["S"]["repeated"] == 4
+    assert "run spread median" in (out / "matrix.md").read_text()
     assert rep["summary"]["all"]["runs"] == 4 and rep["summary"]["all"]["configs"] == 1
     assert rep["command"][:2] == ["aptmoe-sim", "matrix"]
     assert (out / "matrix.csv").exists() and (out / "matrix.md").exists()

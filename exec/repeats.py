@@ -1,0 +1,56 @@
+"""`aptmoe-run --repeats N`: each schedule run N times, each time in fresh processes, and the
+run of median step time kept.
+
+On nvidia-h200-x2 identical MoE-S8 GPipe work ran 0.14 to 0.30 s/step from one process to
+the next, while one run's steps agreed within a few percent (docs/validation-h200-2gpu-v3).
+More steps do not help there, but more runs do. The repeats go round the schedules (all
+schedules once, then all again), so a slow period of the machine falls on every schedule
+alike. The kept run's result, trace and parameters are the schedule's. Its result also
+lists every run's step time in the order they ran (`repeats`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _files(tmp: Path, name: str) -> list[Path]:
+    """What one launch of schedule `name` leaves in the staging folder besides its result."""
+    return [tmp / f"trace-{name}.json", *sorted(tmp.glob(f"params-{name}-rank*.pt"))]
+
+
+def _stashed(path: Path, rep: int) -> Path:
+    return path.with_name(f"{path.name}.rep{rep}")
+
+
+def stash(tmp: Path, name: str, rep: int) -> None:
+    """Set launch `rep`'s files aside, so the next launch of `name` cannot overwrite them."""
+    for f in _files(tmp, name):
+        if f.exists():
+            os.replace(f, _stashed(f, rep))
+
+
+def median_index(times: list[float]) -> int:
+    """The run whose step time is the median (the lower of the middle two for an even count)."""
+    order = sorted(range(len(times)), key=lambda i: (times[i], i))
+    return order[(len(times) - 1) // 2]
+
+
+def keep_median(tmp: Path, name: str, runs: list[dict]) -> dict:
+    """The result of the median run of `name` with `repeats` added; its stashed files put back
+    under their own names, the other runs' removed."""
+    times = [r["iteration_s"] for r in runs]
+    k = median_index(times)
+    for rep in range(len(runs)):
+        for f in tmp.glob(f"*.rep{rep}"):
+            if not (f.name.startswith(f"trace-{name}.") or f.name.startswith(f"params-{name}-")):
+                continue
+            if rep == k:
+                os.replace(f, f.with_name(f.name.removesuffix(f".rep{rep}")))
+            else:
+                f.unlink()
+    return {**runs[k], "repeats": {"iteration_s": times, "kept": k}}
+
+
+__all__ = ["keep_median", "median_index", "stash"]
