@@ -81,15 +81,15 @@ def number_list(cast: Callable[[str], float], what: str) -> Callable[[str], list
     return parse
 
 
-def at_least_one(unit: str) -> Callable[[str], int]:
-    """An argparse `type`: a whole number of `unit`s, 1 or more."""
+def whole_number(unit: str, minimum: int = 1) -> Callable[[str], int]:
+    """An argparse `type`: a whole number of `unit`s, `minimum` or more."""
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {unit}s") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{n}: at least 1 {unit}")
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{n}: at least {minimum} {unit}{'' if minimum == 1 else 's'}")
         return n
     return parse
 
@@ -151,12 +151,9 @@ def _host_cores(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of cores or auto") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} cores cannot be kept; use 0 or more, or auto")
-    return n
+        return whole_number("core", 0)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or auto") from None
 
 
 def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:

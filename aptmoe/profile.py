@@ -54,6 +54,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import datetime
+import functools
 import importlib.resources
 import json
 import math
@@ -849,9 +850,25 @@ def list_profiles() -> list[str]:
 
 
 def default_planning_profile(on_gpu: bool) -> str:
-    """The built-in profile aptmoe-run's APTMoE policy plans with when it is given none; validate
-    takes a stored run without a record of its profile to have planned with it."""
+    """The built-in profile aptmoe-run's APTMoE policy planned with when it was given none and
+    no built-in profile was made on its kind of machine (`machine_profile`); validate takes a
+    stored run without a record of its profile to have planned with it."""
     return "h200" if on_gpu else "a800-paper"
+
+
+@functools.lru_cache(maxsize=8)
+def machine_profile(gpu_name: str, gpu_count: int, cpu_cores: int) -> str | None:
+    """The built-in profile calibrated on a machine like this one (same GPU model and count,
+    same physical cores), or None. On nvidia-h200-x2 the default had been `h200`, made on the
+    4-GPU kind, whose CPU figures are another host's; `h200-2gpu` is this host's."""
+    for name in list_profiles():
+        try:
+            hw = load_profile(name).hardware
+        except ProfileError:
+            continue
+        if hw is not None and (hw.gpu_name, hw.gpu_count, hw.cpu_cores) == (gpu_name, gpu_count, cpu_cores):
+            return name
+    return None
 
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:

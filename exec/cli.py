@@ -29,16 +29,17 @@ from aptmoe.config import ConfigError, RunConfig, auto_host_cores
 from aptmoe.flags import (
     add_cluster_flags,
     add_seed_flags,
-    at_least_one,
     config_from_args,
     make_parser,
     pipelines_of,
+    whole_number,
 )
+from aptmoe.host import physical_cores
 from aptmoe.memory import MemoryModel
 from aptmoe.plan.builders import build_plan
 from aptmoe.plan.plan import Plan, PlanError
 from aptmoe.plan.validate import validate
-from aptmoe.profile import ProfileError, cost_for, default_planning_profile, load_profile
+from aptmoe.profile import ProfileError, cost_for, default_planning_profile, load_profile, machine_profile
 from aptmoe.report import (
     OutputExistsError,
     StagedDir,
@@ -97,7 +98,8 @@ def make_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="cuda: one GPU per rank; cpu: gloo ranks on the CPU (auto: cuda where present)")
     g.add_argument("--calibration", default=None,
-                   help="calibration profile the APTMoE policy plans with (default: h200 on a GPU, else a800-paper)")
+                   help="calibration profile the APTMoE policy plans with (default: the built-in profile made on this "
+                        "kind of machine, e.g. h200-2gpu on two H200s; else h200 on a GPU, a800-paper on the CPU)")
     g.add_argument("--data", default=None, help="train on the bytes of this text file (default: synthetic tokens)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
     g.add_argument("--timeout", type=float, default=300.0,
@@ -110,7 +112,7 @@ def make_run_parser() -> argparse.ArgumentParser:
                    help="bind only each rank's main thread to its cores, after the process group has started "
                         "its threads, and leave those threads where they are (the executor before 2026-11-29; "
                         "for A/B runs)")
-    g.add_argument("--repeats", type=at_least_one("run"), default=1,
+    g.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="run each schedule this many times, each in fresh processes, going round the schedules, "
                         "and keep the run of median step time (its result lists every run's): one process can "
                         "run the same work up to 2x slower than the next (1)")
@@ -153,10 +155,18 @@ def _world(ns, use_cuda: bool) -> tuple[int, int]:
 
 
 def planning_profile(ns, use_cuda: bool):
-    """The profile the APTMoE policy plans with (--calibration, else a built-in one); the run
-    keeps a copy beside its results (plan-profile.json), so that a prediction of it, now or
-    with a later profile, takes the decisions the run took (aptmoe-sim validate)."""
-    return load_profile(ns.calibration or default_planning_profile(use_cuda))
+    """The profile the APTMoE policy plans with (--calibration, else the built-in one made on
+    this kind of machine, else `default_planning_profile`); the run keeps a copy beside its
+    results (plan-profile.json), so that a prediction of it, now or with a later profile,
+    takes the decisions the run took (aptmoe-sim validate)."""
+    if ns.calibration:
+        return load_profile(ns.calibration)
+    name = None
+    if use_cuda:
+        import torch
+
+        name = machine_profile(torch.cuda.get_device_name(0), torch.cuda.device_count(), physical_cores())
+    return load_profile(name or default_planning_profile(use_cuda))
 
 
 def prepare(ns, pipeline: str, use_cuda: bool) -> tuple[RunConfig, object, Plan]:

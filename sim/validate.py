@@ -37,7 +37,7 @@ from pathlib import Path
 
 from aptmoe.config import RunConfig
 from aptmoe.run_process import launch_executor
-from aptmoe.flags import add_cluster_flags, add_seed_flags, at_least_one, make_parser
+from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser, whole_number
 from aptmoe.host import physical_cores, run_loop_s, run_stream_GBps
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
@@ -60,7 +60,7 @@ def make_validate_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--calibration", required=True, help="profile of THIS machine (built-in name or .json)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="passed to aptmoe-run")
     g.add_argument("--timeout", type=float, default=300.0, help="passed to aptmoe-run (300)")
-    g.add_argument("--repeats", type=at_least_one("run"), default=1,
+    g.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="passed to aptmoe-run: runs of each schedule, the median kept and predicted (1)")
     g.add_argument("--out", default=None, help="output folder (default: runs/validate-<timestamp>)")
     g.add_argument("-q", "--quiet", action="store_true")

@@ -397,3 +397,29 @@ def test_the_recv_wait_section_round_trips_is_checked_and_never_speeds_a_kernel(
     (tmp_path / "bad.json").write_text(json.dumps(d))
     with pytest.raises(ProfileError, match=r"recv_wait.blocks\[0\].kind"):
         load_profile(str(tmp_path / "bad.json"))
+
+
+def test_the_built_in_profile_of_a_machine_is_the_one_calibrated_on_its_kind() -> None:
+    from aptmoe.profile import machine_profile
+
+    assert machine_profile("NVIDIA H200", 2, 32) == "h200-2gpu"
+    assert machine_profile("NVIDIA H200", 1, 16) == "h200-1gpu"
+    assert machine_profile("NVIDIA H200", 4, 64) == "h200"
+    assert machine_profile("NVIDIA H200", 2, 48) is None           # other cores: another host
+    assert machine_profile("NVIDIA A800", 2, 32) is None
+
+
+def test_aptmoe_run_plans_with_its_machines_profile_unless_told(monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    from aptmoe.exec import cli
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cli, "physical_cores", lambda: 32)
+    ns = cli.make_run_parser().parse_args([])
+    assert cli.planning_profile(ns, True).name == "h200-2gpu"
+    assert cli.planning_profile(ns, False).name == "a800-paper"
+    monkeypatch.setattr(cli, "physical_cores", lambda: 48)             # no built-in profile of this host
+    assert cli.planning_profile(ns, True).name == "h200"
+    told = cli.make_run_parser().parse_args(["--calibration", "h200-1gpu"])
+    assert cli.planning_profile(told, True).name == "h200-1gpu"
