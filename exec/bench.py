@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from aptmoe.benchmarking import write_section
+from aptmoe.flags import whole_number
 
 START, END = "<!-- exec-bench:start -->", "<!-- exec-bench:end -->"
 SEED = ["--is_moe=True", "--model_config=S", "--num_experts=16", "--gini=0.3", "--topo=C1+G2", "--pipeline", "all"]
@@ -30,10 +31,11 @@ CASES = {
 ARTIFACT_BEST_S = 5.80          # the artifact on the same host: GPipeOffload 22.1 seq/s (issue 5, §11)
 
 
-def run_case(name: str, gpus: int, keep: Path, steps: int) -> Path:
+def run_case(name: str, gpus: int, keep: Path, steps: int, repeats: int = 1) -> Path:
     out = keep / f"{name}{gpus}"
     cmd = ["aptmoe-run", *SEED, "--gpus", str(gpus), "--num_warmup_steps", "1", "--num_training_steps", str(steps),
-           "--no-plot", "-q", "--out", str(out), *CASES[name][1]]
+           "--no-plot", "-q", "--out", str(out), *CASES[name][1],
+           *(["--repeats", str(repeats)] if repeats > 1 else [])]
     subprocess.run(cmd, check=True)
     return out / "results.json"
 
@@ -44,10 +46,13 @@ def section(results: dict[str, Path]) -> str:
         doc = json.loads(Path(path).read_text())
         sched = doc["schedules"]
         some = next((s for s in sched.values() if not s.get("oom")), {})
+        runs = len((some.get("repeats") or {}).get("iteration_s", [])) or 1
+        which = "one run" if runs == 1 else (f"the median run of {runs}, each in fresh processes, the schedules "
+                                             "taking turns; every run's mean s/step after `runs:`")
         lines += [f"### {label}", "", "`" + " ".join(doc["command"]) + "`", "",
                   f"Device: {some.get('device', '?')} x {doc['config']['cluster']['gpus_per_node']}; "
-                  f"{doc['created'][:10]}; each figure the median of the timed steps of one run "
-                  f"({len(some.get('step_s', []))} steps after 1 warm-up), all schedules in that run.", "",
+                  f"{doc['created'][:10]}; each figure the median of the timed steps of {which} "
+                  f"({len(some.get('step_s', []))} steps after 1 warm-up).", "",
                   "| schedule | s/step (median) | steps (s) | seq/s | peak GPU GB | busy compute / h2d / cpu | "
                   "CPU expert share | vs Mobius | vs artifact's best |", "|---|---|---|---|---|---|---|---|---|"]
         mob = sched.get("Mobius", {}).get("step_s")
@@ -58,7 +63,10 @@ def section(results: dict[str, Path]) -> str:
             med = statistics.median(s["step_s"])
             m = s["metrics"]
             vs_m = f"{statistics.median(mob) / med:.2f}x" if mob else "-"
-            lines.append(f"| {name} | {med:.3f} | {', '.join(f'{x:.2f}' for x in s['step_s'])} | "
+            reps = (s.get("repeats") or {}).get("iteration_s")
+            steps = ", ".join(f"{x:.2f}" for x in s["step_s"]) + (
+                f" (runs: {', '.join(f'{x:.2f}' for x in reps)})" if reps else "")
+            lines.append(f"| {name} | {med:.3f} | {steps} | "
                          f"{doc['config']['train']['batch_size'] / med:.1f} | {s['peak_gpu_bytes'] / 1e9:.1f} | "
                          f"{m['busy/compute'] * 100:.0f}% / {m['busy/h2d'] * 100:.0f}% / {m['busy/cpu'] * 100:.0f}% | "
                          f"{m['cpu/expert_share'] * 100:.2f}% | {vs_m} | {ARTIFACT_BEST_S / med:.2f}x |")
@@ -74,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-demo", dest="demo", action="store_false",
                    help="leave out the seed's demo (it needs 4 GPUs): the regime cases only")
     p.add_argument("--steps", type=int, default=3, help="timed steps per schedule (3)")
+    p.add_argument("--repeats", type=whole_number("run"), default=1,
+                   help="runs of each schedule, the median kept (aptmoe-run --repeats) (1)")
     p.add_argument("--keep", default="runs/exec-bench", help="where --run leaves its output folders")
     p.add_argument("--from", dest="from_", action="append", default=[], metavar="LABEL=RESULTS_JSON",
                    help="format an earlier run instead")
@@ -83,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.run:
         keep = Path(ns.keep)
         if ns.demo:
-            results["seed demo, 4 GPUs, native"] = run_case("demo", 4, keep, ns.steps)
+            results["seed demo, 4 GPUs, native"] = run_case("demo", 4, keep, ns.steps, ns.repeats)
         for g in ns.gpus.split(","):
-            results[f"paper regime, {g} GPUs"] = run_case("regime", int(g), keep, ns.steps)
+            results[f"paper regime, {g} GPUs"] = run_case("regime", int(g), keep, ns.steps, ns.repeats)
     for item in ns.from_:
         label, _, path = item.partition("=")
         if not path:
