@@ -7,7 +7,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 (docs/validation-h200-2gpu-v3) APTMoE's expert forwards on a capped link took about twice
 Mobius's host time.
 
-    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...]
+    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -17,6 +17,7 @@ of each (pass, block kind) call, in microseconds.
 from __future__ import annotations
 
 import argparse
+import bisect
 import re
 import statistics
 import sys
@@ -49,6 +50,31 @@ def host_calls(trace: Trace) -> dict[str, tuple[int, float, float]]:
     return {k: (len(v), statistics.median(v), statistics.median(span[k])) for k, v in host.items()}
 
 
+def by_landings(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
+    """The `key` calls (pass and kind, as `host_calls` names them) by how many of the rank's
+    loads landed while the call was issued (its start to its start plus its host time):
+    '0', '1', '2+' -> (calls, median host us). A landing wakes the copy engine, whose work then
+    competes with the issuing thread for the GIL; calls with none beside them show what is
+    left."""
+    ends: dict[int, list[float]] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "load" and e.cat.startswith("load-"):
+            ends[e.rank].append(e.end_s)
+    for v in ends.values():
+        v.sort()
+    out = defaultdict(list)
+    for e in trace.events:
+        kind = block_kind(e.name)
+        if e.stream != "compute" or kind is None or e.cat not in PASSES or "host_us" not in e.args \
+                or PASSES[e.cat] + kind != key:
+            continue
+        us = float(e.args["host_us"])
+        r = ends.get(e.rank, [])
+        n = bisect.bisect_right(r, e.start_s + us * 1e-6) - bisect.bisect_left(r, e.start_s)
+        out["2+" if n >= 2 else str(n)].append(us)
+    return {k: (len(v), statistics.median(v)) for k, v in sorted(out.items())}
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The run folders named, a matrix folder standing for its cells' runs."""
     out = []
@@ -70,8 +96,11 @@ def traces_of(run: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.sim.host_calls", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="aptmoe-run output folders or matrix folders")
+    p.add_argument("--landings", metavar="CALL", default=None,
+                   help="also split one kind of call (e.g. fe: expert forwards) by the loads that landed while "
+                        "it was issued: 0, 1, 2 or more")
     ns = p.parse_args(argv)
-    rows, keys = [], set()
+    rows, keys, split = [], set(), []
     for run in run_dirs(ns.runs):
         traces = traces_of(run)
         if not traces:
@@ -80,18 +109,26 @@ def main(argv: list[str] | None = None) -> int:
         label = run.parent.name if run.name == "real" else run.name
         for name, path in traces.items():
             try:
-                calls = host_calls(Trace.load(path))
+                trace = Trace.load(path)
             except TraceError as e:
                 print(f"host_calls: error: {path}: {e}", file=sys.stderr)
                 return 2
+            calls = host_calls(trace)
+            landed = by_landings(trace, ns.landings) if ns.landings else {}
             keys |= calls.keys()
             rows.append((label, name, calls))
+            if landed:
+                split.append([label, name, *(f"{landed[k][1]:.0f} ({landed[k][0]})" if k in landed else "-"
+                                             for k in ("0", "1", "2+"))])
     cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
     print("median host us / span us per block call (f forward, b backward, r recompute; a attention, g gate, "
           "e expert)\n")
     print(format_table(["run", "schedule", *cols], table))
+    if split:
+        print(f"\nmedian host us (calls) of {ns.landings} by the loads that landed while it was issued\n")
+        print(format_table(["run", "schedule", "none", "one", "two or more"], split))
     return 0
 
 

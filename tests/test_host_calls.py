@@ -41,3 +41,21 @@ def test_a_folder_without_traces_is_one_line_and_exit_2(tmp_path, capsys) -> Non
     assert host_calls.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no measured trace" in err
+
+
+def test_calls_split_by_the_loads_that_landed_while_they_were_issued(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "APTMoE"})
+    # three expert forwards of 1 ms each at t = 0, 2, 4 ms; loads land at 0.5 ms (inside the
+    # first), at 4.2 and 4.4 ms (inside the third), and at 3 ms (inside none); another
+    # rank's landing inside the second counts for nothing here
+    for i, us in enumerate([800.0, 300.0, 1200.0]):
+        t.add(f"0F0@1:e{i}", 0, "compute", i * 2e-3, i * 2e-3 + 1e-3, "forward", host_us=us)
+    for end in (0.5e-3, 3e-3, 4.2e-3, 4.4e-3):
+        t.add("0LF@1:e0", 0, "load", end - 1e-3, end, "load-inter-expert")
+    t.add("1LF@1:e0", 1, "load", 1.5e-3, 2.1e-3, "load-inter-expert")
+    assert host_calls.by_landings(t) == {"0": (1, 300.0), "1": (1, 800.0), "2+": (1, 1200.0)}
+    t.save(tmp_path / "trace-APTMoE.json")
+    assert host_calls.main([str(tmp_path), "--landings", "fe"]) == 0
+    out = capsys.readouterr().out
+    assert "of fe by the loads that landed" in out
+    assert out.splitlines()[-1].split()[2:] == ["300", "(1)", "800", "(1)", "1200", "(1)"]
