@@ -46,8 +46,11 @@ from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timesta
 from aptmoe.trace import Trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
+# Not sends: NCCL runs a send on its own stream, so the executor's event around it on the net
+# stream spans only its enqueue, where the simulator's spans the transfer (the 2-GPU grids
+# reported "errors" of -80% to +2354% for it, docs/validation-h200-2gpu-v2).
 TIMED = ("forward", "backward", "recompute", "cpu-expert", "load-inter-stage", "load-inter-layer",
-         "load-inter-expert", "load-stage", "offload", "update", "send")
+         "load-inter-expert", "load-stage", "offload", "update")
 
 
 def make_validate_parser(prog: str) -> argparse.ArgumentParser:

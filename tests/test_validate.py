@@ -24,6 +24,8 @@ def test_actions_are_matched_by_rank_stream_name_and_occurrence() -> None:
         real.add("0LF@1:e2", 1, "load", t, t + 3.0, "load-stage")        # another rank: no match
     pred.add("0F0", 0, "load", 0, 0, "marker")
     real.add("0F0", 0, "load", 0, 0, "marker")                          # markers are not compared
+    pred.add("0SF0", 0, "net", 2.0, 2.5, "send")
+    real.add("0SF0", 0, "net", 2.0, 2.0001, "send")                     # the run times only its enqueue
     # one expert of one slot on the GPU in the prediction and on the CPU in the run: two actions
     pred.add("0F0@1:e3", 0, "compute", 20.0, 20.1, "forward")
     real.add("0F0@1:e3", 0, "cpu", 20.0, 25.0, "cpu-expert")
