@@ -866,7 +866,7 @@ def machine_profile(gpu_name: str, gpu_count: int, cpu_cores: int) -> str | None
             hw = load_profile(name).hardware
         except ProfileError:
             continue
-        if hw is not None and (hw.gpu_name, hw.gpu_count, hw.cpu_cores) == (gpu_name, gpu_count, cpu_cores):
+        if (hw.gpu_name, hw.gpu_count, hw.cpu_cores) == (gpu_name, gpu_count, cpu_cores):
             return name
     return None
 

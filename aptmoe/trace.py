@@ -18,7 +18,7 @@ from pathlib import Path
 from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
-__all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "write_json_atomic"]
+__all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "block_kind", "run_trace", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -38,6 +38,24 @@ CATEGORIES = (
 
 class TraceError(ValueError):
     pass
+
+
+def run_trace(folder: str | Path, name: str) -> Path | None:
+    """The measured trace of schedule `name` in a run's folder: `trace-NAME.json`, or the
+    `.json.gz` a stored run keeps instead; None where it has neither."""
+    plain = Path(folder) / f"trace-{name}.json"
+    for path in (plain, plain.with_suffix(".json.gz")):
+        if path.exists():
+            return path
+    return None
+
+
+def block_kind(name: str) -> str | None:
+    """The kind of the one block an event names, a, g or e (`0F0@3:e5` -> e), or None where it
+    names no single block (a stage's span, `0F0`)."""
+    if "@" not in name or ":" not in name:
+        return None
+    return name.rsplit(":", 1)[1][:1] or None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
-from aptmoe.trace import Trace
+from aptmoe.trace import Trace, block_kind
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
 # (attention, a top-1 gate over 8 experts, every expert busy in most micro-batches).
@@ -61,7 +61,7 @@ def _blocks(trace: Trace) -> list:
 
 def _kind(block) -> str:
     """A block event's kind: a, g or e (`0F0@3:e5` -> e)."""
-    return block.name.rsplit(":", 1)[-1][:1]
+    return block_kind(block.name)
 
 
 def _by_kind(trace: Trace, value) -> dict[str, dict[str, list[float]]]:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aptmoe.trace import Trace
+from aptmoe.trace import Trace, run_trace
 
 
 def arm_order(rounds: int) -> list[str]:
@@ -32,9 +32,9 @@ def arm_order(rounds: int) -> list[str]:
     return out
 
 
-def cpu_expert_seconds(trace: Path) -> tuple[float, float]:
+def cpu_expert_seconds(trace: Path | None) -> tuple[float, float]:
     """(summed seconds, slowest job's seconds) of the trace's CPU-expert jobs, all ranks."""
-    if not trace.exists():
+    if trace is None or not trace.exists():
         return 0.0, 0.0
     durs = [e.dur_s for e in Trace.load(trace).events if e.cat == "cpu-expert"]
     return sum(durs), max(durs, default=0.0)
@@ -48,9 +48,7 @@ def run_summary(folder: Path) -> dict[str, dict]:
     for name, s in doc["schedules"].items():
         if s.get("oom") or not s.get("step_s"):
             continue
-        trace = next((p for p in (folder / f"trace-{name}.json.gz", folder / f"trace-{name}.json") if p.exists()),
-                     folder / f"trace-{name}.json.gz")
-        total, worst = cpu_expert_seconds(trace)
+        total, worst = cpu_expert_seconds(run_trace(folder, name))
         out[name] = {"step_s": list(s["step_s"]), "cpu_expert_s": total / len(s["step_s"]), "worst_job_s": worst,
                      "loose": sum(t.get("loose", 0) for t in s.get("threads", []))}
     return out

@@ -42,14 +42,12 @@ def keep_median(tmp: Path, name: str, runs: list[dict]) -> dict:
     under their own names, the other runs' removed."""
     times = [r["iteration_s"] for r in runs]
     k = median_index(times)
-    for rep in range(len(runs)):
-        for f in tmp.glob(f"*.rep{rep}"):
-            if not (f.name.startswith(f"trace-{name}.") or f.name.startswith(f"params-{name}-")):
-                continue
-            if rep == k:
-                os.replace(f, f.with_name(f.name.removesuffix(f".rep{rep}")))
-            else:
-                f.unlink()
+    for f in [*tmp.glob(f"trace-{name}.json.rep*"), *tmp.glob(f"params-{name}-rank*.pt.rep*")]:
+        original, _, rep = f.name.rpartition(".rep")
+        if int(rep) == k:
+            os.replace(f, f.with_name(original))
+        else:
+            f.unlink()
     return {**runs[k], "repeats": {"iteration_s": times, "kept": k}}
 
 

@@ -18,34 +18,30 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from aptmoe.report import format_table
-from aptmoe.trace import Trace, TraceError
+from aptmoe.trace import Trace, TraceError, block_kind
 
 PASSES = {"forward": "f", "backward": "b", "recompute": "r"}
 
 
-def block_kind(name: str) -> str | None:
-    """'0F3@2:e5' -> 'e'; 'a', 'g' likewise; None for what is not one block's call."""
-    if "@" not in name or ":" not in name:
-        return None
-    return re.sub(r"\d+", "", name.rsplit(":", 1)[1]) or None
+def _calls(trace: Trace):
+    """(pass and kind, e.g. 'fe'; host us; event) of every block call the run timed the host of."""
+    for e in trace.events:
+        kind = block_kind(e.name)
+        if e.stream == "compute" and kind is not None and e.cat in PASSES and "host_us" in e.args:
+            yield PASSES[e.cat] + kind, float(e.args["host_us"]), e
 
 
 def host_calls(trace: Trace) -> dict[str, tuple[int, float, float]]:
     """'fe' (pass, kind) -> (calls, median host us, median span us) over every rank."""
     host, span = defaultdict(list), defaultdict(list)
-    for e in trace.events:
-        kind = block_kind(e.name)
-        if e.stream != "compute" or kind is None or e.cat not in PASSES or "host_us" not in e.args:
-            continue
-        key = PASSES[e.cat] + kind
-        host[key].append(float(e.args["host_us"]))
+    for key, us, e in _calls(trace):
+        host[key].append(us)
         span[key].append((e.end_s - e.start_s) * 1e6)
     return {k: (len(v), statistics.median(v), statistics.median(span[k])) for k, v in host.items()}
 
@@ -63,12 +59,9 @@ def by_landings(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     for v in ends.values():
         v.sort()
     out = defaultdict(list)
-    for e in trace.events:
-        kind = block_kind(e.name)
-        if e.stream != "compute" or kind is None or e.cat not in PASSES or "host_us" not in e.args \
-                or PASSES[e.cat] + kind != key:
+    for k, us, e in _calls(trace):
+        if k != key:
             continue
-        us = float(e.args["host_us"])
         r = ends.get(e.rank, [])
         n = bisect.bisect_right(r, e.start_s + us * 1e-6) - bisect.bisect_left(r, e.start_s)
         out["2+" if n >= 2 else str(n)].append(us)

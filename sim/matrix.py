@@ -366,8 +366,8 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
             continue
         doc = json.loads((folder / "validation.json").read_text())
         s = "held-back" if held_back(i, every) else "fit"
-        steps = step_spreads(folder / "real" / "results.json")
-        repeated = run_spreads(folder / "real" / "results.json")
+        stored = _stored_schedules(folder / "real" / "results.json")
+        steps, repeated = _step_spreads(stored), _run_spreads(stored)
         measured, predicted = {}, {}
         for row in doc["schedules"]:
             fallbacks.update(row.get("fallbacks", []))
@@ -402,24 +402,28 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
             "noise": noise(runs)}
 
 
+def _stored_schedules(results: Path) -> dict[str, dict]:
+    """The schedules of a stored run's results.json (none where it is missing or unreadable)."""
+    try:
+        return json.loads(results.read_text())["schedules"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def step_spreads(results: Path) -> dict[str, float]:
     """Per schedule of a stored run, (max - min) / median of its timed steps: how far one
     run's own steps disagree (nothing where the run or its steps are not stored)."""
-    try:
-        sched = json.loads(results.read_text())["schedules"]
-    except (OSError, ValueError, KeyError):
-        return {}
+    return _step_spreads(_stored_schedules(results))
+
+
+def _step_spreads(sched: dict[str, dict]) -> dict[str, float]:
     return {name: (max(s["step_s"]) - min(s["step_s"])) / statistics.median(s["step_s"])
             for name, s in sched.items() if len(s.get("step_s") or []) >= 2}
 
 
-def run_spreads(results: Path) -> dict[str, float]:
+def _run_spreads(sched: dict[str, dict]) -> dict[str, float]:
     """Per schedule run more than once (`aptmoe-run --repeats`), (max - min) / median of its
     runs' step times: how far runs of the same work in fresh processes disagree."""
-    try:
-        sched = json.loads(results.read_text())["schedules"]
-    except (OSError, ValueError, KeyError):
-        return {}
     out = {}
     for name, s in sched.items():
         times = (s.get("repeats") or {}).get("iteration_s") or []

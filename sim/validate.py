@@ -43,7 +43,7 @@ from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
-from aptmoe.trace import Trace, write_json_atomic
+from aptmoe.trace import Trace, run_trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
 # Not sends: NCCL runs a send on its own stream, so the executor's event around it on the net
@@ -244,10 +244,8 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     mem = memory_speed(real, profile)
     if mem is not None:
         row["memory_speed"] = mem
-    measured_trace = real_dir / f"trace-{name}.json"
-    if not measured_trace.exists():             # a stored run keeps its traces compressed
-        measured_trace = measured_trace.with_suffix(".json.gz")
-    if measured_trace.exists() and not pred.oom:
+    measured_trace = run_trace(real_dir, name)
+    if measured_trace is not None and not pred.oom:
         mt = Trace.load(measured_trace)
         summary, rows = action_errors(trace, mt)
         row["actions"] = summary

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aptmoe.sim import host_calls
-from aptmoe.trace import Trace
+from aptmoe.trace import Trace, block_kind
 
 
 def _run(folder, name: str, fe_host_us: list[float]) -> None:
@@ -32,9 +32,9 @@ def test_medians_per_pass_and_kind_for_each_schedule_of_a_matrix(tmp_path, capsy
 
 
 def test_block_kind_reads_the_call_and_refuses_spans() -> None:
-    assert host_calls.block_kind("0F3@2:e15") == "e"
-    assert host_calls.block_kind("1B0@0:a") == "a"
-    assert host_calls.block_kind("0F3") is None
+    assert block_kind("0F3@2:e15") == "e"
+    assert block_kind("1B0@0:a") == "a"
+    assert block_kind("0F3") is None
 
 
 def test_a_folder_without_traces_is_one_line_and_exit_2(tmp_path, capsys) -> None:
