@@ -103,6 +103,25 @@ class Device:
         return time.perf_counter() - self._zero_host
 
     # ---------------------------------------------------------------- memory
+    def allocator_counts(self) -> dict[str, float]:
+        """How often (and, for pinned memory, how long) this process has asked the driver for
+        memory so far: device segments (cudaMalloc), allocations retried after freeing the
+        cache, pinned host blocks (cudaHostAlloc) and their seconds. Counted across the timed
+        steps (`run_pipeline`): each such call can take the driver's locks from the issuing
+        thread's launches, where a warm caching allocator makes none. Empty on a CPU, and the
+        host figures where this torch does not count them (before 2.6)."""
+        if not self.cuda:
+            return {}
+        dev = torch.cuda.memory_stats(self.torch)
+        out = {"device_mallocs": float(dev.get("segment.all.allocated", 0)),
+               "alloc_retries": float(dev.get("num_alloc_retries", 0))}
+        host_stats = getattr(torch.cuda.memory, "host_memory_stats", None)
+        if host_stats is not None:
+            host = host_stats()
+            out["host_allocs"] = float(host.get("num_host_alloc", 0))
+            out["host_alloc_s"] = float(host.get("host_alloc_time.total", 0)) / 1e6
+        return out
+
     def host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of `tensor`, pinned where there is a GPU to copy to."""
         out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.cuda)

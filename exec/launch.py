@@ -153,7 +153,10 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         marks["probes"] = time.time()
         if warm == 0:
             marks["warmup"] = time.time()
+        allocs = dev.allocator_counts()
         for i in range(warm + steps):
+            if i == warm:
+                allocs = dev.allocator_counts()
             rep = rt.run_step(i, pop.iteration(i))
             if i >= warm:
                 reports.append(rep)
@@ -162,6 +165,9 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
             if progress is not None:
                 progress(i + 1, warm + steps, rep)
         marks["steps"] = time.time()
+        # what the timed steps asked the driver for (none, once the warm-up step has filled the
+        # caching allocators): a call there can hold up the issuing thread's launches
+        allocs = {k: round(v - allocs.get(k, 0.0), 6) for k, v in dev.allocator_counts().items()}
         loop_s.append(python_loop_s())
         stream.append(rt.host_stream_GBps())
         placement = rt.thread_placement()
@@ -172,9 +178,9 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         gc.unfreeze()           # a torchrun rank goes on to its next schedule
     gathered = [None] * setup.world if setup.rank == 0 else None
     if setup.world > 1:
-        dist.gather_object((reports, loop_s, stream, placement), gathered, dst=0)
+        dist.gather_object((reports, loop_s, stream, placement, allocs), gathered, dst=0)
     else:
-        gathered = [(reports, loop_s, stream, placement)]
+        gathered = [(reports, loop_s, stream, placement, allocs)]
     if setup.rank != 0:
         return None
     measured = [pop.iteration(warm + j) for j in range(steps)]
@@ -183,6 +189,8 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     # where each rank's threads could run after the steps: "loose" ones can stall its CPU
     # worker's OpenMP team (aptmoe.exec.cores)
     res["threads"] = [g[3] for g in gathered]
+    if any(g[4] for g in gathered):
+        res["allocations"] = [g[4] for g in gathered]       # per rank, over the timed steps
     marks["finish"] = time.time()
     res["wall_s"] = wall_parts(marks)
     return res

@@ -590,3 +590,11 @@ print(before == setup.cores, during == [setup.cores[:1]] * 2, after == before, r
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True", "True", "True"]
+
+
+def test_a_cpu_device_counts_no_driver_allocations() -> None:
+    """`allocator_counts` (what the timed steps asked the driver for, per rank in a GPU run's
+    results) is empty where there is no driver: a CPU run's results carry no `allocations`."""
+    from aptmoe.exec.device import Device
+
+    assert Device("cpu").allocator_counts() == {}
