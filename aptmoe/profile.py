@@ -22,9 +22,11 @@ that the simulator reads directly (DESIGN §3). Its sections:
   for CPU work and copies together (a read-bound CPU stream plus the GPU's copies, both busy),
   the CPU stream's rate alone, and the stream's rate beside copies at each measured rate (h2d,
   d2h, both at once) (calibration/host_memory.py);
-- ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor}, what
-  a GPU rank's issuing thread loses per copy landed, paced chunk and CPU job of its other
-  threads, and its slowdown beside DMA and a memory stream (calibration/issue_tolls.py);
+- ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor, and optionally
+  expert_factor, other_expert_factor, both_expert_factor}, what a GPU rank's issuing thread
+  loses per copy landed, paced chunk and CPU job of its other threads, and its slowdown beside
+  DMA, a memory stream, and CPU experts computing on its rank's cores, another rank's of the
+  host, or both (calibration/issue_tolls.py, calibration/expert_neighbours.py);
 - ``pacer`` (optional): {late_s}, how long after its bytes have passed over the cap a copy on
   a capped link is seen to have landed: the pacing thread's sleep ends late, and the thread
   waiting for the copy wakes after it (calibration/pacer.py);
@@ -289,6 +291,24 @@ class IssueTolls:
     cpu_job_s: float         # per CPU expert job
     dma_factor: float        # slowdown while copies stream (>= 1)
     memory_factor: float     # slowdown while the CPU worker streams memory (>= 1)
+    # Slowdowns while CPU experts compute, on the rank's own worker cores, on another rank's
+    # of the same host, or both (calibration/expert_neighbours.py: the host's shared parts,
+    # as much from another process as from its own). Optional: where not measured, a rank's
+    # own CPU experts count as its memory stream and another's as nothing, as before.
+    expert_factor: float | None = None
+    other_expert_factor: float | None = None
+    both_expert_factor: float | None = None
+
+    def experts(self, own: bool, other: bool) -> float:
+        """The slowdown of CPU experts computing on the rank's cores (`own`), another's (`other`)."""
+        if own and other:
+            return self.both_expert_factor if self.both_expert_factor is not None else \
+                (self.expert_factor if self.expert_factor is not None else self.memory_factor)
+        if own:
+            return self.expert_factor if self.expert_factor is not None else self.memory_factor
+        if other:
+            return self.other_expert_factor if self.other_expert_factor is not None else 1.0
+        return 1.0
 
 
 @dataclass(frozen=True)
@@ -389,7 +409,7 @@ class Profile:
                                                for t, pts in sorted(self.host_memory.beside.items())}}
                                    if self.host_memory.beside else {})}
         if self.issue_tolls is not None:
-            d["issue_tolls"] = dataclasses.asdict(self.issue_tolls)
+            d["issue_tolls"] = {k: v for k, v in dataclasses.asdict(self.issue_tolls).items() if v is not None}
         if self.pacer is not None:
             d["pacer"] = dataclasses.asdict(self.pacer)
         if self.recv_wait is not None:
@@ -594,9 +614,12 @@ class _Parser:
 
     def issue_tolls(self, data: Any) -> IssueTolls:
         fields = [f.name for f in dataclasses.fields(IssueTolls)]
-        d = self.obj(data, "issue_tolls", tuple(fields))
+        optional = tuple(f.name for f in dataclasses.fields(IssueTolls) if f.default is not dataclasses.MISSING)
+        d = self.obj(data, "issue_tolls", tuple(f for f in fields if f not in optional), optional)
         out = {}
         for f in fields:
+            if f not in d:
+                continue
             where = f"issue_tolls.{f}"
             if f.endswith("_factor"):
                 v = self.number(d[f], where)

@@ -29,7 +29,10 @@ host cores, the CPU worker on the rest):
   per landing, and what this finds per chunk is what capping adds per byte beyond that;
 * the CPU worker running one-token MoE-M experts back to back (the executor's CPU expert:
   its weights streamed from memory): per job = (beside - alone x memory_factor) / jobs ->
-  `cpu_job_s`.
+  `cpu_job_s`;
+* GPU expert calls beside MoE-S CPU experts computing on the rank's worker cores, on the next
+  rank's, and on both (calibration/expert_neighbours.py) -> `expert_factor`,
+  `other_expert_factor`, `both_expert_factor`.
 
 The simulator slows the issuing thread by these at the rates its own copies and jobs run
 (sim/issuing.py). The bare engine is timed at two copy sizes: were its toll per wake, both
@@ -191,9 +194,27 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
     say(f"  the executor's copy engine ({toll.landings} copies landed over {toll.blocks} forward blocks of "
         f"GPipeOffload and Mobius): {toll.seconds * 1e6:.0f} us a copy, besides {toll.constant_s * 1e6:.0f} us "
         f"a block whatever landed")
+    experts = measure_expert_factors(rounds, say)
     # A negative toll is noise around none: the model takes it as none.
     return IssueTolls(copy_s=toll.seconds, chunk_s=max(0.0, med["chunk"]), cpu_job_s=max(0.0, med["job"]),
-                      dma_factor=max(1.0, med["dma"]), memory_factor=max(1.0, med["memory"]))
+                      dma_factor=max(1.0, med["dma"]), memory_factor=max(1.0, med["memory"]), **experts)
+
+
+def measure_expert_factors(rounds: int, say: Callable[[str], None] = print) -> dict[str, float]:
+    """The issuing loop's slowdown beside CPU experts on the rank's worker cores, another
+    rank's, and both (calibration/expert_neighbours.py), as `IssueTolls` fields: those of the
+    conditions this machine has cores for (none beside another rank on a machine of one rank's
+    cores), each at least 1."""
+    from aptmoe.calibration.expert_neighbours import Layout, measure
+
+    lay = Layout.of_machine(max(1, torch.cuda.device_count()))
+    if not lay.workers and not lay.other:
+        say("  CPU experts beside the issuing loop: no cores for them here, not measured")
+        return {}
+    r = measure(lay, rounds=rounds)
+    say("  " + r.report().replace("\n", "\n  "))
+    names = {"own": "expert_factor", "other": "other_expert_factor", "both": "both_expert_factor"}
+    return {names[c]: max(1.0, x) for c, x in r.ratio.items() if c in names}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import simpy
 from aptmoe.sim.host_memory import HostMemory
-from aptmoe.sim.issuing import IssuingThread
+from aptmoe.sim.issuing import HostExperts, IssuingThread
 from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
@@ -102,6 +102,8 @@ class StepModel:
         shared = cost.memory_share(c.worker_cores)
         self.host_memory = {s: HostMemory(self.env, shared, [self.h2d_roots[s], self.d2h_roots[s]])
                             for s in sockets} if shared else {}
+        # the CPU experts computing on each host: they slow every rank's issuing thread there
+        self.host_experts = {s: HostExperts() for s in sockets}
         policy_cost = SharedLinkView(cost if decide is None else decide, c.gpus_per_socket)
         self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.worker_cores),
                                 history) for r in range(plan.num_ranks)]
@@ -168,7 +170,8 @@ class RankModel:
         self.runs_ahead = self.cost.host_runs_ahead()
         # What runs beside that thread slows it (GPU ranks; on CPU ranks it computes too)
         self.issuing = IssuingThread(self.cost.issue_tolls() if self.runs_ahead else None,
-                                     capped=c.link_bandwidth_GBps is not None)
+                                     capped=c.link_bandwidth_GBps is not None, rank=rank,
+                                     host=step.host_experts[c.socket_of(rank)])
         # A capped copy is seen to have landed late, the link free meanwhile (calibration/pacer.py)
         self.pacer_late = self.cost.pacer_late_s() if c.link_bandwidth_GBps is not None else 0.0
         # A receive is posted when the rank's net program reaches it, ahead of the send that
@@ -237,12 +240,12 @@ class RankModel:
         self.busy[resource] += seconds
         return self.env.timeout(seconds)
 
-    def _cpu_work(self, seconds: float, nbytes: int, shared_slowdown: float = 1.0):
+    def _cpu_work(self, seconds: float, nbytes: int, shared_slowdown: float = 1.0, expert: bool = False):
         """A CPU job of `seconds` alone, streaming `nbytes` of host memory: longer while the
         links' copies take their share of it, and an Adam chunk (`shared_slowdown`) while
-        another rank updates too (sim/host_memory.py)."""
+        another rank updates too (sim/host_memory.py). `expert`: a CPU expert, not Adam."""
         start = self.env.now
-        with self.issuing.cpu_job(seconds):
+        with self.issuing.cpu_job(seconds, expert):
             if self.host_memory is None:
                 yield self.env.timeout(seconds)
             else:
@@ -385,7 +388,8 @@ class RankModel:
                 start = self.env.now
                 n, m = int(counts[e]), self.cfg.model
                 yield from self._cpu_work(self.cost.cpu_expert_s(n, direction, self.threads),
-                                          cpu_expert_bytes(m.embedding_dim, m.hidden_dim, m.dtype_bytes, n, direction))
+                                          cpu_expert_bytes(m.embedding_dim, m.hidden_dim, m.dtype_bytes, n, direction),
+                                          expert=True)
                 # the policy hears what the CPU took, as in the executor (here: the model itself)
                 self.policy.cpu_expert_ran(n, direction, self.env.now - start)
                 self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,

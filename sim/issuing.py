@@ -7,18 +7,23 @@ issuing thread drops around every launch, and the copies' DMA and the CPU's memo
 slow it without waking anything. On the H200 host, blocks issued beside a load took 1.1-2.6x
 their time alone, the smaller the experts (the more copies a second) the more
 (docs/validation-h200-v4). The profile's `issue_tolls` (calibration/issue_tolls.py) holds
-the loss per copy, chunk and job and the two slowdown factors; here each running copy or job
+the loss per copy, chunk and job and the slowdown factors; here each running copy or job
 spreads its toll over its expected duration, and the host cost of a block issued now is
 divided by what is left of the thread:
 
-    slowdown = dma^[a copy in flight] x memory^[a CPU job running] / (1 - sum of tolls per second)
+    slowdown = dma^[a copy in flight] x memory^[an Adam job running] x experts / (1 - sum of tolls per second)
 
-Without `issue_tolls` in the profile the slowdown is 1.
+where `experts` is the factor of CPU experts computing on the rank's own worker cores, on
+another rank's of the same host, or both (1 if none): on nvidia-h200-x2 they slowed an issuing
+loop as much from another process as from its own (calibration/expert_neighbours.py), so
+the ranks of a host share one `HostExperts`. Without `issue_tolls` in the profile the
+slowdown is 1.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from contextlib import contextmanager
 
 from aptmoe.config import LINK_CHUNK_BYTES
@@ -29,12 +34,26 @@ from aptmoe.profile import IssueTolls
 MIN_LEFT = 0.2
 
 
+class HostExperts:
+    """The CPU expert jobs computing now on one host, by rank: its ranks' issuing threads
+    each see their own and the others'."""
+
+    def __init__(self) -> None:
+        self.running: Counter[int] = Counter()
+
+    def others(self, rank: int) -> bool:
+        return any(n > 0 for r, n in self.running.items() if r != rank)
+
+
 class IssuingThread:
-    def __init__(self, tolls: IssueTolls | None, capped: bool) -> None:
-        self.tolls, self.capped = tolls, capped
+    def __init__(self, tolls: IssueTolls | None, capped: bool, rank: int = 0,
+                 host: HostExperts | None = None) -> None:
+        self.tolls, self.capped, self.rank = tolls, capped, rank
+        self.host = host if host is not None else HostExperts()
         self._ids = itertools.count()
         self._copies: dict[int, float] = {}        # running copy -> its toll per second
         self._jobs: dict[int, float] = {}          # running CPU job -> its toll per second
+        self._adam = 0                             # of which not CPU experts (Adam chunks)
 
     @contextmanager
     def copy(self, nbytes: int, seconds: float, engine: bool = True):
@@ -58,23 +77,35 @@ class IssuingThread:
             del self._copies[key]
 
     @contextmanager
-    def cpu_job(self, seconds: float):
-        """A CPU job expected to take `seconds` runs on the rank's worker."""
+    def cpu_job(self, seconds: float, expert: bool = False):
+        """A CPU job expected to take `seconds` runs on the rank's worker: a CPU expert
+        (`expert`) or an Adam chunk."""
         if self.tolls is None or seconds <= 0:
             yield
             return
         key = next(self._ids)
         self._jobs[key] = self.tolls.cpu_job_s / seconds
+        if expert:
+            self.host.running[self.rank] += 1
+        else:
+            self._adam += 1
         try:
             yield
         finally:
             del self._jobs[key]
+            if expert:
+                self.host.running[self.rank] -= 1
+            else:
+                self._adam -= 1
 
     def slowdown(self) -> float:
         """How much longer the issuing thread's host work takes now than alone."""
         t = self.tolls
-        if t is None or not (self._copies or self._jobs):
+        if t is None:
+            return 1.0
+        experts = t.experts(self.host.running[self.rank] > 0, self.host.others(self.rank))
+        if not (self._copies or self._jobs) and experts == 1.0:
             return 1.0
         lost = sum(self._copies.values()) + sum(self._jobs.values())
-        factor = (t.dma_factor if self._copies else 1.0) * (t.memory_factor if self._jobs else 1.0)
+        factor = (t.dma_factor if self._copies else 1.0) * (t.memory_factor if self._adam else 1.0) * experts
         return factor / max(MIN_LEFT, 1.0 - lost)

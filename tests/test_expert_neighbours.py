@@ -58,3 +58,19 @@ def test_on_a_machine_without_a_gpu_the_gpu_loop_is_one_line_and_exit_2(capsys) 
     assert en.main(["--rounds", "1", "--calls", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA GPU here" in err and "--device cpu" in err
+
+
+def test_the_issue_tolls_take_the_three_factors_at_least_one(monkeypatch) -> None:
+    from aptmoe.calibration import issue_tolls
+
+    lay = en.Layout(0, (1,), (2,))
+    fake = en.NeighbourCost("cuda", lay, {"alone": 60.0, "own": 80.0, "other": 50.0, "both": 90.0},
+                            {"own": 1.33, "other": 0.83, "both": 1.5})
+    monkeypatch.setattr(en.Layout, "of_machine", classmethod(lambda cls, gpus: lay))
+    monkeypatch.setattr(en, "measure", lambda layout, rounds: fake)
+    said: list[str] = []
+    got = issue_tolls.measure_expert_factors(3, said.append)
+    assert got == {"expert_factor": 1.33, "other_expert_factor": 1.0, "both_expert_factor": 1.5}
+    assert "x alone" in said[0]
+    monkeypatch.setattr(en.Layout, "of_machine", classmethod(lambda cls, gpus: en.Layout(0, (), ())))
+    assert issue_tolls.measure_expert_factors(3, said.append) == {} and "not measured" in said[-1]

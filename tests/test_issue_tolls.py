@@ -4,6 +4,7 @@ section's round trip and checks, the fit on made-up traces, and the simulator's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 
@@ -64,6 +65,37 @@ def test_cpu_jobs_and_copies_add_up_and_the_thread_keeps_a_share():
     assert t.slowdown() == 1.0
 
 
+def test_cpu_experts_slow_the_issuing_thread_by_whose_they_are():
+    """Measured per condition (calibration/expert_neighbours.py), not multiplied: CPU experts
+    on the rank's cores, on another rank's of the host, or on both."""
+    from aptmoe.sim.issuing import HostExperts
+
+    tolls = dataclasses.replace(TOLLS, cpu_job_s=0.0, expert_factor=1.3, other_expert_factor=1.25,
+                                both_expert_factor=1.4)
+    host = HostExperts()
+    me, peer = IssuingThread(tolls, False, rank=0, host=host), IssuingThread(tolls, False, rank=1, host=host)
+    assert me.slowdown() == 1.0
+    with peer.cpu_job(1e-3, expert=True):
+        assert me.slowdown() == pytest.approx(1.25) and peer.slowdown() == pytest.approx(1.3)
+        with me.cpu_job(1e-3, expert=True):
+            assert me.slowdown() == pytest.approx(1.4) == peer.slowdown()
+        with me.cpu_job(1e-3):                                     # an Adam chunk here: its memory stream
+            assert me.slowdown() == pytest.approx(1.2 * 1.25)
+    assert me.slowdown() == 1.0 == peer.slowdown() and not host.others(0)
+
+
+def test_without_expert_factors_a_ranks_experts_count_as_its_memory_stream_and_anothers_as_none():
+    from aptmoe.sim.issuing import HostExperts
+
+    tolls = dataclasses.replace(TOLLS, cpu_job_s=0.0)           # as profiles made before session 16
+    host = HostExperts()
+    me, peer = IssuingThread(tolls, False, rank=0, host=host), IssuingThread(tolls, False, rank=1, host=host)
+    with peer.cpu_job(1e-3, expert=True):
+        assert me.slowdown() == 1.0 and peer.slowdown() == pytest.approx(1.2)
+        with me.cpu_job(1e-3, expert=True):
+            assert me.slowdown() == pytest.approx(1.2)
+
+
 # --------------------------------------------------------------------------- the profile section
 
 
@@ -82,6 +114,16 @@ def test_profile_section_round_trips_and_is_checked(tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(e))
         with pytest.raises(ProfileError, match=f"issue_tolls.{field}.*{says}"):
             load_profile(str(tmp_path / "bad.json"))
+    assert "expert_factor" not in d["issue_tolls"]                 # unmeasured: left out, not null
+    withx = json.loads(json.dumps(d))
+    withx["issue_tolls"].update(expert_factor=1.3, other_expert_factor=1.2, both_expert_factor=1.4)
+    (tmp_path / "x.json").write_text(json.dumps(withx))
+    x = load_profile(str(tmp_path / "x.json")).issue_tolls
+    assert (x.expert_factor, x.other_expert_factor, x.both_expert_factor) == (1.3, 1.2, 1.4)
+    withx["issue_tolls"]["other_expert_factor"] = 0.8
+    (tmp_path / "bad.json").write_text(json.dumps(withx))
+    with pytest.raises(ProfileError, match="issue_tolls.other_expert_factor.*slowdown and must be >= 1"):
+        load_profile(str(tmp_path / "bad.json"))
     del d["issue_tolls"]["memory_factor"]
     (tmp_path / "bad.json").write_text(json.dumps(d))
     with pytest.raises(ProfileError, match="memory_factor"):
@@ -92,6 +134,8 @@ def test_the_h200_profile_says_where_its_tolls_come_from():
     p = load_profile("h200-1gpu")
     assert p.issue_tolls is not None and p.issue_tolls.copy_s > 0
     assert p.sources["issue_tolls"].startswith("measured:")
+    two = load_profile("h200-2gpu")
+    assert two.issue_tolls.both_expert_factor > 1 and "expert_neighbours" in two.sources["issue_tolls"]
 
 
 # --------------------------------------------------------------------------- the loaded probe's fit
