@@ -693,14 +693,15 @@ def test_the_second_2gpu_grid_is_predicted_as_when_it_ran(tmp_path, monkeypatch)
 
 def test_the_third_2gpu_grid_ran_confined_and_is_predicted_as_when_it_ran(tmp_path, monkeypatch) -> None:
     """Session 15's 2-GPU grid (docs/validation-h200-2gpu-v3): the ranks' threads confined to
-    their cores (no thread loose in any run), S8 with 6 timed steps. 3.9% over 48 runs, 8.6%
+    their cores (no thread loose in any run), S8 with 6 timed steps. 3.8% over 48 runs, 8.6%
     held back, the worst 39.6% (S8 G0.3 capped GPipe: the same work ran 0.14-0.30 s/step on
-    that lease, see the folder's README); the ranking right in 9 of 12 cells (7 in v2)."""
+    that lease, see the folder's README); the ranking right in 10 of 12 cells (9 before session
+    16's CPU-expert factors of the issuing thread, 7 in v2)."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v3", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
-    _within(report, {"all": (0.04, 0.40), "fit": (0.036, 0.40), "held-back": (0.087, 0.30)})
-    assert report["summary"]["all"]["ranking_right"] >= 9
+    _within(report, {"all": (0.039, 0.40), "fit": (0.036, 0.40), "held-back": (0.087, 0.30)})
+    assert report["summary"]["all"]["ranking_right"] >= 10
     for results in (DOCS / "validation-h200-2gpu-v3" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
             assert all(t["loose"] == 0 for t in res["threads"]), results
