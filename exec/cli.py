@@ -118,6 +118,10 @@ def make_run_parser() -> argparse.ArgumentParser:
                         "run the same work up to 2x slower than the next (1)")
     g.add_argument("--save-params", dest="save_params", action="store_true",
                    help="write every rank's parameters after training (params-<pipeline>-rank<r>.pt)")
+    g.add_argument("--torch-profile", dest="torch_profile", action="store_true",
+                   help="profile each rank's last timed step with torch.profiler: the issuing thread's "
+                        "torch ops and, on a GPU, every thread's CUDA runtime calls and the kernels "
+                        "(torch-<pipeline>-rank<r>.json.gz, for Perfetto; the profiler slows that step)")
     g.add_argument("--no-trace", dest="no_trace", action="store_true", help="write no trace or timeline")
     g.add_argument("--no-plot", dest="no_plot", action="store_true", help="write no timeline PNG")
     g.add_argument("--out", default=None, help="output folder (default: runs/run-<timestamp>)")
@@ -248,6 +252,7 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
                            opts=ExecOptions(timeout_s=ns.timeout, confine_threads=ns.confine_threads),
                            trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
                            params_dir=tmp if ns.save_params else None,
+                           torch_profile=tmp / f"torch-{pipeline}-rank{setup.rank}.json.gz" if ns.torch_profile else None,
                            gpu_memory_cap=int(ns.gpu_memory * 1e9) if ns.gpu_memory else None, progress=progress,
                            marks={"start": time.time()} if marks is None else marks)
     finally:
@@ -481,7 +486,8 @@ def _print_results(say, results: dict[str, dict], out: Path, ns) -> None:
         if r.get("losses"):
             say(f"{name}: loss per step " + " ".join(f"{sum(x) / len(x):.4f}" for x in r["losses"]))
     say(f"wrote {out}/ (results.json, results.csv" + ("" if ns.no_trace else ", trace-*.json")
-        + ("" if ns.no_trace or ns.no_plot else ", timeline-*.png") + ", plan-*.txt, plan-profile.json)")
+        + ("" if ns.no_trace or ns.no_plot else ", timeline-*.png") + (", torch-*.json.gz" if ns.torch_profile else "")
+        + ", plan-*.txt, plan-profile.json)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ docs/metrics.md). Rank 0 writes the measured trace.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import gzip
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -116,8 +119,9 @@ def _import_what_the_first_backward_imports() -> None:
 def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource | None, *, data: str | None,
                  opts: ExecOptions, trace_path: Path | None = None, params_dir: Path | None = None,
                  gpu_memory_cap: int | None = None, progress=None,
-                 marks: dict[str, float] | None = None) -> dict | None:
+                 marks: dict[str, float] | None = None, torch_profile: Path | None = None) -> dict | None:
     """Train `cfg` with `plan` on this rank; rank 0 returns the result dict, others None.
+    `torch_profile`: where to write torch.profiler's trace of the last timed step.
 
     `marks` (name -> `time.time()`, in order) gets the end of each part of the run: build
     (model, buffers, threads), probes (the host's speed before the steps), warmup, steps,
@@ -157,7 +161,8 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         for i in range(warm + steps):
             if i == warm:
                 allocs = dev.allocator_counts()
-            rep = rt.run_step(i, pop.iteration(i))
+            with torch_profiled(torch_profile if i == warm + steps - 1 else None, dev.cuda):
+                rep = rt.run_step(i, pop.iteration(i))
             if i >= warm:
                 reports.append(rep)
             if i + 1 == warm:
@@ -194,6 +199,32 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     marks["finish"] = time.time()
     res["wall_s"] = wall_parts(marks)
     return res
+
+
+@contextlib.contextmanager
+def torch_profiled(path: Path | None, cuda: bool):
+    """torch.profiler over the `with` block, its Chrome trace gzipped to `path` (None: no
+    profiling). It records the calling thread's torch ops, and on a GPU, from CUPTI, every
+    thread's CUDA runtime calls and the kernels: how long each launch took, and what the
+    copy, load and CPU threads asked the driver for meanwhile (session 16 read the issuing
+    thread's launches off it). The trace is written uncompressed by torch, then gzipped here
+    (torch's own .gz export is not in every version this runs on)."""
+    if path is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        yield
+    raw = path.with_name(f".{path.name}.json")
+    try:
+        prof.export_chrome_trace(str(raw))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(raw, "rb") as src, gzip.open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, path)
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def wall_parts(marks: dict[str, float]) -> dict[str, float]:

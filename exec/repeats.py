@@ -5,7 +5,7 @@ On nvidia-h200-x2 identical MoE-S8 GPipe work ran 0.14 to 0.30 s/step from one p
 the next, while one run's steps agreed within a few percent (docs/validation-h200-2gpu-v3).
 More steps do not help there, but more runs do. The repeats go round the schedules (all
 schedules once, then all again), so a slow period of the machine falls on every schedule
-alike. The kept run's result, trace and parameters are the schedule's. Its result also
+alike. The kept run's result, trace, parameters and torch profiles are the schedule's. Its result also
 lists every run's step time in the order they ran (`repeats`).
 """
 
@@ -15,9 +15,12 @@ import os
 from pathlib import Path
 
 
+# What one launch of a schedule leaves in the staging folder besides its result.
+_PATTERNS = ("trace-{name}.json", "params-{name}-rank*.pt", "torch-{name}-rank*.json.gz")
+
+
 def _files(tmp: Path, name: str) -> list[Path]:
-    """What one launch of schedule `name` leaves in the staging folder besides its result."""
-    return [tmp / f"trace-{name}.json", *sorted(tmp.glob(f"params-{name}-rank*.pt"))]
+    return [f for pattern in _PATTERNS for f in sorted(tmp.glob(pattern.format(name=name)))]
 
 
 def _stashed(path: Path, rep: int) -> Path:
@@ -42,7 +45,7 @@ def keep_median(tmp: Path, name: str, runs: list[dict]) -> dict:
     under their own names, the other runs' removed."""
     times = [r["iteration_s"] for r in runs]
     k = median_index(times)
-    for f in [*tmp.glob(f"trace-{name}.json.rep*"), *tmp.glob(f"params-{name}-rank*.pt.rep*")]:
+    for f in [f for pattern in _PATTERNS for f in tmp.glob(pattern.format(name=name) + ".rep*")]:
         original, _, rep = f.name.rpartition(".rep")
         if int(rep) == k:
             os.replace(f, f.with_name(original))

@@ -20,6 +20,7 @@ def test_the_kept_runs_files_come_back_and_the_others_go(tmp_path) -> None:
     for rep in range(3):
         (tmp_path / "trace-GPipe.json").write_text(f"gpipe {rep}")
         (tmp_path / "params-GPipe-rank0.pt").write_text(f"params {rep}")
+        (tmp_path / "torch-GPipe-rank1.json.gz").write_text(f"torch {rep}")
         (tmp_path / "trace-GPipeOffload.json").write_text(f"offload {rep}")
         repeats.stash(tmp_path, "GPipe", rep)
         repeats.stash(tmp_path, "GPipeOffload", rep)
@@ -28,9 +29,10 @@ def test_the_kept_runs_files_come_back_and_the_others_go(tmp_path) -> None:
     assert res["rep"] == 2 and res["repeats"] == {"iteration_s": [0.30, 0.10, 0.20], "kept": 2}
     assert (tmp_path / "trace-GPipe.json").read_text() == "gpipe 2"
     assert (tmp_path / "params-GPipe-rank0.pt").read_text() == "params 2"
+    assert (tmp_path / "torch-GPipe-rank1.json.gz").read_text() == "torch 2"
     # GPipe's are settled; GPipeOffload's stashed files are not GPipe's to touch
     assert sorted(f.name for f in tmp_path.iterdir() if "GPipe." in f.name or "GPipe-" in f.name) == [
-        "params-GPipe-rank0.pt", "trace-GPipe.json"]
+        "params-GPipe-rank0.pt", "torch-GPipe-rank1.json.gz", "trace-GPipe.json"]
     assert len(list(tmp_path.glob("trace-GPipeOffload.json.rep*"))) == 3
 
 

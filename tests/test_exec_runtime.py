@@ -598,3 +598,34 @@ def test_a_cpu_device_counts_no_driver_allocations() -> None:
     from aptmoe.exec.device import Device
 
     assert Device("cpu").allocator_counts() == {}
+
+
+def test_torch_profile_writes_each_ranks_last_step_for_perfetto(tmp_path) -> None:
+    """--torch-profile: one gzipped Chrome trace per rank and schedule, of the last timed step
+    (its torch ops, each inside that step's time), and nothing half-written beside it."""
+    import gzip
+
+    out = tmp_path / "run"
+    argv = [*TINY, "--gpus", "2", "--device", "cpu", "--pipeline", "APTMoE", "--torch-profile", "--no-plot",
+            "--out", str(out)]
+    assert run_main(argv) == 0
+    names = sorted(f.name for f in out.iterdir() if f.name.startswith(("torch-", ".torch-")))
+    assert names == ["torch-APTMoE-rank0.json.gz", "torch-APTMoE-rank1.json.gz"]
+    doc = json.loads(gzip.decompress((out / "torch-APTMoE-rank0.json.gz").read_bytes()))
+    ops = [e for e in doc["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    assert ops and any(e["name"] == "aten::linear" for e in ops)
+    step = json.loads((out / "results.json").read_text())["schedules"]["APTMoE"]["step_s"][-1]
+    span_s = (max(e["ts"] + e["dur"] for e in ops) - min(e["ts"] for e in ops)) / 1e6
+    assert span_s <= step * 1.5                      # one step's ops, not the run's
+
+
+def test_without_torch_profile_no_profile_is_written(tmp_path) -> None:
+    from aptmoe.exec.launch import torch_profiled
+
+    with torch_profiled(None, cuda=False):
+        pass
+    path = tmp_path / "t.json.gz"
+    with torch_profiled(path, cuda=False):
+        import torch
+        torch.ones(3).add_(1)
+    assert path.exists() and not list(tmp_path.glob(".*"))       # the raw export is gone
