@@ -617,6 +617,11 @@ def test_torch_profile_writes_each_ranks_last_step_for_perfetto(tmp_path) -> Non
     step = json.loads((out / "results.json").read_text())["schedules"]["APTMoE"]["step_s"][-1]
     span_s = (max(e["ts"] + e["dur"] for e in ops) - min(e["ts"] for e in ops)) / 1e6
     assert span_s <= step * 1.5                      # one step's ops, not the run's
+    script = Path(__file__).resolve().parents[1] / "scripts" / "torch-profile-summary"
+    told = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
+    assert told.returncode == 0, told.stderr
+    assert told.stdout.count("== torch-APTMoE-rank") == 2 and "issuing thread's aten::linear" in told.stdout
+    assert "(none: a CPU run" in told.stdout          # gloo ranks make no CUDA calls
 
 
 def test_without_torch_profile_no_profile_is_written(tmp_path) -> None:
