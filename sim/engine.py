@@ -102,7 +102,8 @@ class StepModel:
         shared = cost.memory_share(c.worker_cores)
         self.host_memory = {s: HostMemory(self.env, shared, [self.h2d_roots[s], self.d2h_roots[s]])
                             for s in sockets} if shared else {}
-        # the CPU experts computing on each host: they slow every rank's issuing thread there
+        # the CPU experts computing on each socket: they slow every issuing thread of its ranks
+        # (the x2 VM is one socket: its two ranks' experts slowed each other's issuing threads)
         self.host_experts = {s: HostExperts() for s in sockets}
         policy_cost = SharedLinkView(cost if decide is None else decide, c.gpus_per_socket)
         self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.worker_cores),

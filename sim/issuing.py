@@ -14,9 +14,9 @@ divided by what is left of the thread:
     slowdown = dma^[a copy in flight] x memory^[an Adam job running] x experts / (1 - sum of tolls per second)
 
 where `experts` is the factor of CPU experts computing on the rank's own worker cores, on
-another rank's of the same host, or both (1 if none): on nvidia-h200-x2 they slowed an issuing
-loop as much from another process as from its own (calibration/expert_neighbours.py), so
-the ranks of a host share one `HostExperts`. Without `issue_tolls` in the profile the
+another rank's of the same socket, or both (1 if none): on nvidia-h200-x2 (one socket) they
+slowed an issuing loop as much from another process as from its own
+(calibration/expert_neighbours.py), so the ranks of a socket share one `HostExperts`. Without `issue_tolls` in the profile the
 slowdown is 1.
 """
 
@@ -35,8 +35,8 @@ MIN_LEFT = 0.2
 
 
 class HostExperts:
-    """The CPU expert jobs computing now on one host, by rank: its ranks' issuing threads
-    each see their own and the others'."""
+    """The CPU expert jobs computing now on one socket, by rank: the issuing threads of its
+    ranks each see their own and the others'."""
 
     def __init__(self) -> None:
         self.running: Counter[int] = Counter()
