@@ -7,7 +7,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 (docs/validation-h200-2gpu-v3) APTMoE's expert forwards on a capped link took about twice
 Mobius's host time.
 
-    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe]
+    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -68,6 +68,35 @@ def by_landings(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     return {k: (len(v), statistics.median(v)) for k, v in sorted(out.items())}
 
 
+CPU_EXPERTS = ("cpu-expert", "recompute")          # a CPU lane's expert jobs (its "update" is Adam)
+BESIDE = ("none", "own", "other", "both")
+
+
+def by_cpu_experts(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
+    """The `key` calls by the CPU experts computing while each was issued (its start to its
+    start plus its host time): none, the rank's own ('own'), another rank's ('other'), or
+    both -> (calls, median host us). The simulator slows the issuing thread by a measured
+    factor for each (`issue_tolls.expert_factor` and the like, calibration/expert_neighbours.py);
+    this shows what the runs themselves saw. Ranks are taken to share one host."""
+    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "cpu" and e.cat in CPU_EXPERTS:
+            spans[e.rank].append((e.start_s, e.end_s))
+
+    def busy(rank_spans: list[tuple[float, float]], a: float, b: float) -> bool:
+        return any(s < b and t > a for s, t in rank_spans)
+
+    out = defaultdict(list)
+    for k, us, e in _calls(trace):
+        if k != key:
+            continue
+        a, b = e.start_s, e.start_s + us * 1e-6
+        own = busy(spans.get(e.rank, []), a, b)
+        other = any(busy(v, a, b) for r, v in spans.items() if r != e.rank)
+        out["both" if own and other else "own" if own else "other" if other else "none"].append(us)
+    return {k: (len(out[k]), statistics.median(out[k])) for k in BESIDE if out[k]}
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The run folders named, a matrix folder standing for its cells' runs."""
     out = []
@@ -92,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--landings", metavar="CALL", default=None,
                    help="also split one kind of call (e.g. fe: expert forwards) by the loads that landed while "
                         "it was issued: 0, 1, 2 or more")
+    p.add_argument("--beside", metavar="CALL", default=None,
+                   help="also split one kind of call by the CPU experts computing while it was issued: none, "
+                        "the rank's own, another rank's, both")
     ns = p.parse_args(argv)
-    rows, keys, split = [], set(), []
+    rows, keys, split, beside = [], set(), [], []
     for run in run_dirs(ns.runs):
         traces = traces_of(run)
         if not traces:
@@ -111,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             keys |= calls.keys()
             rows.append((label, name, calls))
             if landed:
-                split.append([label, name, *(f"{landed[k][1]:.0f} ({landed[k][0]})" if k in landed else "-"
-                                             for k in ("0", "1", "2+"))])
+                split.append([label, name, *_cells(landed, ("0", "1", "2+"))])
+            if ns.beside:
+                beside.append([label, name, *_cells(by_cpu_experts(trace, ns.beside), BESIDE)])
     cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
@@ -122,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     if split:
         print(f"\nmedian host us (calls) of {ns.landings} by the loads that landed while it was issued\n")
         print(format_table(["run", "schedule", "none", "one", "two or more"], split))
+    if beside:
+        print(f"\nmedian host us (calls) of {ns.beside} by the CPU experts computing while it was issued\n")
+        print(format_table(["run", "schedule", "none", "own", "another rank's", "both"], beside))
     return 0
+
+
+def _cells(groups: dict[str, tuple[int, float]], order) -> list[str]:
+    return [f"{groups[k][1]:.0f} ({groups[k][0]})" if k in groups else "-" for k in order]
 
 
 if __name__ == "__main__":

@@ -59,3 +59,23 @@ def test_calls_split_by_the_loads_that_landed_while_they_were_issued(tmp_path, c
     out = capsys.readouterr().out
     assert "of fe by the loads that landed" in out
     assert out.splitlines()[-1].split()[2:] == ["300", "(1)", "800", "(1)", "1200", "(1)"]
+
+
+def test_calls_split_by_the_cpu_experts_computing_while_they_were_issued(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "APTMoE"})
+    # four expert forwards of rank 0, 1 ms each at t = 0, 2, 4, 6 ms; rank 0's CPU expert
+    # computes across the second and the fourth, rank 1's across the third and the fourth;
+    # rank 0's Adam (an update) across the first counts for nothing
+    for i, us in enumerate([200.0, 400.0, 300.0, 500.0]):
+        t.add(f"0F0@1:e{i}", 0, "compute", i * 2e-3, i * 2e-3 + 1e-3, "forward", host_us=us)
+    t.add("0F0@1:e5", 0, "cpu", 2.1e-3, 2.3e-3, "cpu-expert")
+    t.add("0B0@1:e5", 0, "cpu", 6.0e-3, 6.9e-3, "recompute")
+    t.add("0F0@5:e1", 1, "cpu", 3.9e-3, 7.0e-3, "cpu-expert")
+    t.add("0U0@1:e0", 0, "cpu", 0.0, 1e-3, "update")
+    assert host_calls.by_cpu_experts(t) == {"none": (1, 200.0), "own": (1, 400.0), "other": (1, 300.0),
+                                            "both": (1, 500.0)}
+    t.save(tmp_path / "trace-APTMoE.json")
+    assert host_calls.main([str(tmp_path), "--beside", "fe"]) == 0
+    out = capsys.readouterr().out
+    assert "of fe by the CPU experts computing while it was issued" in out
+    assert out.splitlines()[-1].split()[2:] == ["200", "(1)", "400", "(1)", "300", "(1)", "500", "(1)"]
