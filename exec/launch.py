@@ -161,7 +161,7 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         for i in range(warm + steps):
             if i == warm:
                 allocs = dev.allocator_counts()
-            with torch_profiled(torch_profile if i == warm + steps - 1 else None, dev.cuda):
+            with torch_profiled(torch_profile if i == warm + steps - 1 else None, dev.cuda, f"aptmoe step {i}"):
                 rep = rt.run_step(i, pop.iteration(i))
             if i >= warm:
                 reports.append(rep)
@@ -202,20 +202,21 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
 
 
 @contextlib.contextmanager
-def torch_profiled(path: Path | None, cuda: bool):
+def torch_profiled(path: Path | None, cuda: bool, label: str = "aptmoe"):
     """torch.profiler over the `with` block, its Chrome trace gzipped to `path` (None: no
-    profiling). It records the calling thread's torch ops, and on a GPU, from CUPTI, every
-    thread's CUDA runtime calls and the kernels: how long each launch took, and what the
-    copy, load and CPU threads asked the driver for meanwhile (session 16 read the issuing
-    thread's launches off it). The trace is written uncompressed by torch, then gzipped here
-    (torch's own .gz export is not in every version this runs on)."""
+    profiling), the block marked `label` in it. It records the calling thread's torch ops,
+    and on a GPU, from CUPTI, every thread's CUDA runtime calls and the kernels: how long each
+    launch took, and what the copy, load and CPU threads asked the driver for meanwhile
+    (session 16 read the issuing thread's launches off it). The trace is written uncompressed
+    by torch, then gzipped here (torch's own .gz export is not in every version this runs on)."""
     if path is None:
         yield
         return
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        yield
+        with record_function(label):
+            yield
     raw = path.with_name(f".{path.name}.json")
     try:
         prof.export_chrome_trace(str(raw))
