@@ -5,8 +5,8 @@ On nvidia-h200-x2 identical MoE-S8 GPipe work ran 0.14 to 0.30 s/step from one p
 the next, while one run's steps agreed within a few percent (docs/validation-h200-2gpu-v3).
 More steps do not help there, but more runs do. The repeats go round the schedules (all
 schedules once, then all again), so a slow period of the machine falls on every schedule
-alike. The kept run's result, trace, parameters and torch profiles are the schedule's. Its result also
-lists every run's step time in the order they ran (`repeats`).
+alike. The kept run's result, trace, parameters and torch profiles are the schedule's. Its
+result also lists every run's step time in the order they ran (`repeats`).
 """
 
 from __future__ import annotations
