@@ -59,18 +59,13 @@ def _blocks(trace: Trace) -> list:
     return [e for e in trace.events if e.stream == "compute" and "@" in e.name and e.cat in CATEGORIES]
 
 
-def _kind(block) -> str:
-    """A block event's kind: a, g or e (`0F0@3:e5` -> e)."""
-    return block_kind(block.name)
-
-
 def _by_kind(trace: Trace, value) -> dict[str, dict[str, list[float]]]:
     """`value(block)` of every block on the compute stream that has one, by kind and direction."""
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for e in _blocks(trace):
         v = value(e)
         if v is not None:
-            out[_kind(e)][CATEGORIES[e.cat]].append(v)
+            out[block_kind(e.name)][CATEGORIES[e.cat]].append(v)
     return out
 
 
@@ -177,7 +172,7 @@ def copy_toll_from_traces(alone: Trace, loaded: list[Trace]) -> CopyToll:
     for trace in loaded:
         ends = sorted(e.end_s for e in trace.events if e.stream == "load" and e.cat.startswith("load-"))
         for b in _blocks(trace):
-            kind = _kind(b)
+            kind = block_kind(b.name)
             if b.cat != "forward" or kind not in base:
                 continue
             xs.append(bisect.bisect_right(ends, b.end_s) - bisect.bisect_right(ends, b.start_s))

@@ -38,6 +38,7 @@ how many CPU experts a second each neighbour computed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -58,10 +59,12 @@ from aptmoe.host import allowed_cores
 CONDITIONS = ("own", "other", "both", "pageable", "pinned")
 
 # The other rank: a process bound to its worker cores with as many torch threads, computing
-# CPU experts back to back while its stdin says "run" (and idle after "stop"); it exits
-# when its stdin closes. It reports the experts it computed on stdout after each "stop".
+# CPU experts (the executor's `expert_forward`) back to back while its stdin says "run" (and
+# idle after "stop"); it exits when its stdin closes. It reports the experts it computed on
+# stdout after each "stop".
 _OTHER = """
 import os, sys, threading, time, torch
+from aptmoe.exec.model import expert_forward
 cores = {cores!r}
 os.sched_setaffinity(0, cores)
 torch.set_num_threads(len(cores))
@@ -81,12 +84,11 @@ def control():
             print(done[0], flush=True)
     os._exit(0)
 threading.Thread(target=control, daemon=True).start()
-torch.relu(x @ w1.t()) @ w2.t()
+expert_forward(x, w1, w2, keep=True)
 print("ready", flush=True)
 while True:
     go.wait()
-    with torch.no_grad():
-        torch.relu(x @ w1.t()) @ w2.t()
+    expert_forward(x, w1, w2, keep=True)
     done[0] += 1
 """
 
@@ -195,13 +197,16 @@ class _Uploads(Background):
 
 
 class _OtherRank:
-    """Another process computing CPU experts on `cores` while `running()`; stopped with the `with`."""
+    """Another process computing CPU experts on `cores` between `run()` and `stop()` (which
+    says how many); `close()` ends it."""
 
     def __init__(self, cores: Sequence[int], d: int, f: int, tokens: int) -> None:
         code = _OTHER.format(cores=list(cores), d=d, f=f, tokens=tokens)
         env = {**os.environ, "OMP_NUM_THREADS": str(len(cores))}
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        # -P: the working directory stays off sys.path (in the repository root, its aptmoe/ would
+        # stand in for the installed package, which maps exec/ into it)
+        self.proc = subprocess.Popen([sys.executable, "-P", "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         if self.proc.stdout.readline().strip() != "ready":
             why = (self.proc.stderr.read().strip().splitlines() or ["it exited"])[-1]
             self.close()
@@ -292,22 +297,22 @@ def measure(layout: Layout, device: str = "cuda", size: str = "S", tokens: int =
             a = issue_calls(gpu_call, sync, calls)
             alone.append(a)
             for c in conditions:
-                own = neighbour(c)
-                if own is not None:
-                    own.settle_s = 0.0
-                    own.__enter__()
-                if c in ("other", "both"):
-                    other.run()
-                time.sleep(settle_s)
-                if own is not None:
-                    own.started()
-                t0 = time.perf_counter()
-                b = issue_calls(gpu_call, sync, calls)
-                took = time.perf_counter() - t0
-                if own is not None:
-                    rates[c].setdefault("uploads" if c in ("pageable", "pinned") else "this process",
-                                        []).append(own.count / took)
-                    own.__exit__(None, None, None)
+                with contextlib.ExitStack() as stack:        # this process's neighbour stops however it ends
+                    own = neighbour(c)
+                    if own is not None:
+                        own.settle_s = 0.0                   # it settles beside the other rank's, below
+                        stack.enter_context(own)
+                    if c in ("other", "both"):
+                        other.run()
+                    time.sleep(settle_s)
+                    if own is not None:
+                        own.started()
+                    t0 = time.perf_counter()
+                    b = issue_calls(gpu_call, sync, calls)
+                    took = time.perf_counter() - t0
+                    if own is not None:
+                        rates[c].setdefault("uploads" if c in ("pageable", "pinned") else "this process",
+                                            []).append(own.count / took)
                 if c in ("other", "both"):
                     rates[c].setdefault("other", []).append(other.stop() / (took + settle_s))
                 beside[c].append(b)

@@ -157,7 +157,6 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         marks["probes"] = time.time()
         if warm == 0:
             marks["warmup"] = time.time()
-        allocs = dev.allocator_counts()
         for i in range(warm + steps):
             if i == warm:
                 allocs = dev.allocator_counts()
