@@ -29,10 +29,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine_line() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+def commit() -> str:
+    """HEAD's short hash, or $APTMOE_COMMIT where the tree has no git (the device machine gets
+    a copy of the working tree without its history)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out = ""
+    return out or os.environ.get("APTMOE_COMMIT", "") or "uncommitted"
+
+
+def machine_line(with_date: bool = True) -> str:
+    date = f"date {datetime.date.today().isoformat()}; " if with_date else ""
     return (f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-            f"date {datetime.date.today().isoformat()}; commit {commit or 'uncommitted'}.")
+            f"{date}commit {commit()}.")
 
 
 def table_rows(rows: list[tuple[str, list[float]]], targets: dict[str, str]) -> list[str]:
