@@ -30,13 +30,16 @@ def cpu_model() -> str:
 
 
 def commit() -> str:
-    """HEAD's short hash, or $APTMOE_COMMIT where the tree has no git (the device machine gets
-    a copy of the working tree without its history)."""
+    """$APTMOE_COMMIT if set, else HEAD's short hash. The variable comes first because the
+    device machine's copy of the tree can carry a stale .git: on 2026-11-30 git there named
+    the session's starting commit, not the one the tree was copied from."""
+    if os.environ.get("APTMOE_COMMIT"):
+        return os.environ["APTMOE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         out = ""
-    return out or os.environ.get("APTMOE_COMMIT", "") or "uncommitted"
+    return out or "uncommitted"
 
 
 def machine_line(with_date: bool = True) -> str:
