@@ -7,7 +7,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 (docs/validation-h200-2gpu-v3) APTMoE's expert forwards on a capped link took about twice
 Mobius's host time.
 
-    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe]
+    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -97,6 +97,31 @@ def by_cpu_experts(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]
     return {k: (len(out[k]), statistics.median(out[k])) for k in BESIDE if out[k]}
 
 
+# a copy's phase (its event's category after "load-"): whole stages (GPipeOffload, Mobius), then
+# APTMoE's three, innermost last
+PHASES = ("none", "stage", "inter-stage", "inter-layer", "inter-expert")
+
+
+def by_loading(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
+    """The `key` calls by the loading phase of the rank's copies in flight while each was
+    issued: none, or the innermost phase among them (inter-expert over inter-layer over
+    inter-stage) -> (calls, median host us). Session 17's A/B on a capped link found APTMoE's
+    expert forwards slower beside its inner phases' copies than beside its inter-stage ones,
+    and its steps slower with those phases than without (--inter_stage_only)."""
+    spans: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "load" and e.cat.startswith("load-") and e.cat[5:] in PHASES:
+            spans[e.rank].append((e.start_s, e.end_s, PHASES.index(e.cat[5:])))
+    out = defaultdict(list)
+    for k, us, e in _calls(trace):
+        if k != key:
+            continue
+        a, b = e.start_s, e.start_s + us * 1e-6
+        inner = max((i for s, t, i in spans.get(e.rank, []) if s < b and t > a), default=0)
+        out[PHASES[inner]].append(us)
+    return {k: (len(out[k]), statistics.median(out[k])) for k in PHASES if out[k]}
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The run folders named, a matrix folder standing for its cells' runs."""
     out = []
@@ -124,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beside", metavar="CALL", default=None,
                    help="also split one kind of call by the CPU experts computing while it was issued: none, "
                         "the rank's own, another rank's, both")
+    p.add_argument("--loading", metavar="CALL", default=None,
+                   help="also split one kind of call by the loading phase of the copies in flight while it was "
+                        "issued: none, stage (whole stages), inter-stage, inter-layer, inter-expert (the innermost)")
     ns = p.parse_args(argv)
-    rows, keys, split, beside = [], set(), [], []
+    rows, keys, split, beside, loading = [], set(), [], [], []
     for run in run_dirs(ns.runs):
         traces = traces_of(run)
         if not traces:
@@ -146,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 split.append([label, name, *_cells(landed, ("0", "1", "2+"))])
             if ns.beside:
                 beside.append([label, name, *_cells(by_cpu_experts(trace, ns.beside), BESIDE)])
+            if ns.loading:
+                loading.append([label, name, *_cells(by_loading(trace, ns.loading), PHASES)])
     cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
@@ -158,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     if beside:
         print(f"\nmedian host us (calls) of {ns.beside} by the CPU experts computing while it was issued\n")
         print(format_table(["run", "schedule", "none", "own", "another rank's", "both"], beside))
+    if loading:
+        print(f"\nmedian host us (calls) of {ns.loading} by the loading phase of the copies in flight while it "
+              "was issued\n")
+        print(format_table(["run", "schedule", *PHASES], loading))
     return 0
 
 

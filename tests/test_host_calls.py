@@ -79,3 +79,28 @@ def test_calls_split_by_the_cpu_experts_computing_while_they_were_issued(tmp_pat
     out = capsys.readouterr().out
     assert "of fe by the CPU experts computing while it was issued" in out
     assert out.splitlines()[-1].split()[2:] == ["200", "(1)", "400", "(1)", "300", "(1)", "500", "(1)"]
+
+
+def test_calls_split_by_the_innermost_loading_phase_in_flight_while_they_were_issued(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "APTMoE"})
+    # five expert forwards of rank 0, 1 ms each at t = 0, 2, 4, 6, 8 ms (host time 0.5 ms, so a
+    # call is issued over its first half): none in flight; an inter-stage copy; inter-stage and
+    # inter-expert at once (the innermost counts); an inter-layer copy that ends as the fourth
+    # begins (not in flight) beside a whole-stage one; an inter-layer copy. Rank 1's copy across
+    # the first and an offload across the second count for nothing.
+    for i, us in enumerate([100.0, 200.0, 400.0, 150.0, 300.0]):
+        t.add(f"0F0@1:e{i}", 0, "compute", i * 2e-3, i * 2e-3 + 1e-3, "forward", host_us=us)
+    t.add("1LF@1:e0", 1, "load", 0.0, 1e-3, "load-inter-expert")
+    t.add("0O0@1:e0", 0, "offload", 2.0e-3, 3e-3, "offload")
+    t.add("0LF@1:a", 0, "load", 1.9e-3, 4.3e-3, "load-inter-stage")
+    t.add("0LF@1:e2", 0, "load", 4.1e-3, 4.2e-3, "load-inter-expert")
+    t.add("0LF@1:e3", 0, "load", 5.0e-3, 6.0e-3, "load-inter-layer")
+    t.add("0LF@1:e4", 0, "load", 5.0e-3, 6.1e-3, "load-stage")
+    t.add("0LF@1:e5", 0, "load", 8.2e-3, 9.0e-3, "load-inter-layer")
+    assert host_calls.by_loading(t) == {"none": (1, 100.0), "stage": (1, 150.0), "inter-stage": (1, 200.0),
+                                        "inter-layer": (1, 300.0), "inter-expert": (1, 400.0)}
+    t.save(tmp_path / "trace-APTMoE.json")
+    assert host_calls.main([str(tmp_path), "--loading", "fe"]) == 0
+    out = capsys.readouterr().out
+    assert "of fe by the loading phase of the copies in flight" in out
+    assert out.splitlines()[-1].split()[2:] == ["100", "(1)", "150", "(1)", "200", "(1)", "300", "(1)", "400", "(1)"]
