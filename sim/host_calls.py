@@ -7,7 +7,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 (docs/validation-h200-2gpu-v3) APTMoE's expert forwards on a capped link took about twice
 Mobius's host time.
 
-    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe]
+    python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -122,6 +122,36 @@ def by_loading(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     return {k: (len(out[k]), statistics.median(out[k])) for k in PHASES if out[k]}
 
 
+JOBS = ("alone", "other", "job")
+
+
+def by_jobs(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
+    """The `key` calls by whether their layer ran CPU experts in the same action (a pass of
+    one micro-batch on one stage: a "job layer"), and for the others whether another rank's
+    CPU experts computed while each was issued: 'alone', 'other', 'job' -> (calls, median
+    host us). A backward's CPU experts and its recompute's share the action's name, so they
+    count for both. In session 17's APTMoE runs with --inter_stage_only a job layer's expert
+    forwards took 1.4-1.9x those of a layer without one, also while none of its experts
+    computed, and another rank's experts cost nothing (docs/measured/h200x2-session17)."""
+    jobs: set[tuple[int, str, object]] = set()
+    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "cpu" and e.cat in CPU_EXPERTS:
+            jobs.add((e.rank, e.name.split(":", 1)[0], e.args.get("layer")))
+            spans[e.rank].append((e.start_s, e.end_s))
+    out = defaultdict(list)
+    for k, us, e in _calls(trace):
+        if k != key:
+            continue
+        if (e.rank, e.name.split(":", 1)[0], e.args.get("layer")) in jobs:
+            out["job"].append(us)
+            continue
+        a, b = e.start_s, e.start_s + us * 1e-6
+        other = any(s < b and t > a for r, v in spans.items() if r != e.rank for s, t in v)
+        out["other" if other else "alone"].append(us)
+    return {k: (len(out[k]), statistics.median(out[k])) for k in JOBS if out[k]}
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The run folders named, a matrix folder standing for its cells' runs."""
     out = []
@@ -152,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loading", metavar="CALL", default=None,
                    help="also split one kind of call by the loading phase of the copies in flight while it was "
                         "issued: none, stage (whole stages), inter-stage, inter-layer, inter-expert (the innermost)")
+    p.add_argument("--jobs", metavar="CALL", default=None,
+                   help="also split one kind of call by whether its layer ran CPU experts in the same pass, and for "
+                        "the others whether another rank's CPU experts computed while it was issued")
     ns = p.parse_args(argv)
-    rows, keys, split, beside, loading = [], set(), [], [], []
+    rows, keys, split, beside, loading, jobs = [], set(), [], [], [], []
     for run in run_dirs(ns.runs):
         traces = traces_of(run)
         if not traces:
@@ -176,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 beside.append([label, name, *_cells(by_cpu_experts(trace, ns.beside), BESIDE)])
             if ns.loading:
                 loading.append([label, name, *_cells(by_loading(trace, ns.loading), PHASES)])
+            if ns.jobs:
+                jobs.append([label, name, *_cells(by_jobs(trace, ns.jobs), JOBS)])
     cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
@@ -192,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nmedian host us (calls) of {ns.loading} by the loading phase of the copies in flight while it "
               "was issued\n")
         print(format_table(["run", "schedule", *PHASES], loading))
+    if jobs:
+        print(f"\nmedian host us (calls) of {ns.jobs} by the CPU experts of its layer (a job layer) and, in the "
+              "others, another rank's\n")
+        print(format_table(["run", "schedule", "no job", "no job, another rank's computing", "job layer"], jobs))
     return 0
 
 

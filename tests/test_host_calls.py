@@ -104,3 +104,28 @@ def test_calls_split_by_the_innermost_loading_phase_in_flight_while_they_were_is
     out = capsys.readouterr().out
     assert "of fe by the loading phase of the copies in flight" in out
     assert out.splitlines()[-1].split()[2:] == ["100", "(1)", "150", "(1)", "200", "(1)", "300", "(1)", "400", "(1)"]
+
+
+def test_calls_split_by_their_layers_cpu_experts_and_another_ranks(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "APTMoE"})
+    # rank 0's forward of stage 1 in 6 steps: layer 0 ran expert 7 on the CPU (a job layer),
+    # layer 1 did not; rank 1's CPU expert computes across every third of rank 0's layer-1
+    # calls. The backward's CPU expert makes its own layer a job layer, not the forward's;
+    # an Adam chunk (an update) on rank 1 is no expert.
+    for s in range(6):
+        at = s * 1e-2
+        t.add(f"{s}F0@1:e0", 0, "compute", at, at + 4e-4, "forward", host_us=300.0, layer=0)
+        t.add(f"{s}F0@1:e7", 0, "cpu", at + 1e-3, at + 3e-3, "cpu-expert", layer=0)
+        b, busy = at + 5e-3, s % 3 == 0
+        t.add(f"{s}F0@1:e1", 0, "compute", b, b + 4e-4, "forward", host_us=180.0 if busy else 150.0, layer=1)
+        if busy:
+            t.add(f"{s}F0@5:e2", 1, "cpu", b - 1e-4, b + 1e-3, "cpu-expert", layer=9)
+        else:
+            t.add(f"{s}U@5:e2", 1, "cpu", b - 1e-4, b + 1e-3, "update", layer=9)
+        t.add(f"{s}B0@1:e1", 0, "cpu", at + 8e-3, at + 9e-3, "cpu-expert", layer=1)
+    assert host_calls.by_jobs(t) == {"alone": (4, 150.0), "other": (2, 180.0), "job": (6, 300.0)}
+    t.save(tmp_path / "trace-APTMoE.json")
+    assert host_calls.main([str(tmp_path), "--jobs", "fe"]) == 0
+    out = capsys.readouterr().out
+    assert "of fe by the CPU experts of its layer" in out
+    assert out.splitlines()[-1].split()[2:] == ["150", "(4)", "180", "(2)", "300", "(6)"]
