@@ -21,6 +21,8 @@ import bisect
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.report import format_table
@@ -170,23 +172,38 @@ def traces_of(run: Path) -> dict[str, Path]:
     return found
 
 
+@dataclass(frozen=True)
+class Split:
+    """One way to split a kind of call: its flag, the function, its groups and their headers."""
+    flag: str
+    split: Callable[[Trace, str], dict[str, tuple[int, float]]]
+    groups: tuple[str, ...]
+    headers: tuple[str, ...]
+    by: str                      # what the split goes by, as the help and the table's title say it
+
+
+SPLITS = (
+    Split("landings", by_landings, ("0", "1", "2+"), ("none", "one", "two or more"),
+          "by the loads that landed while it was issued"),
+    Split("beside", by_cpu_experts, BESIDE, ("none", "own", "another rank's", "both"),
+          "by the CPU experts computing while it was issued"),
+    Split("loading", by_loading, PHASES, PHASES,
+          "by the loading phase of the copies in flight while it was issued"),
+    Split("jobs", by_jobs, JOBS, ("no job", "no job, another rank's computing", "job layer"),
+          "by the CPU experts of its layer (a job layer) and, in the others, another rank's"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.sim.host_calls", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="aptmoe-run output folders or matrix folders")
-    p.add_argument("--landings", metavar="CALL", default=None,
-                   help="also split one kind of call (e.g. fe: expert forwards) by the loads that landed while "
-                        "it was issued: 0, 1, 2 or more")
-    p.add_argument("--beside", metavar="CALL", default=None,
-                   help="also split one kind of call by the CPU experts computing while it was issued: none, "
-                        "the rank's own, another rank's, both")
-    p.add_argument("--loading", metavar="CALL", default=None,
-                   help="also split one kind of call by the loading phase of the copies in flight while it was "
-                        "issued: none, stage (whole stages), inter-stage, inter-layer, inter-expert (the innermost)")
-    p.add_argument("--jobs", metavar="CALL", default=None,
-                   help="also split one kind of call by whether its layer ran CPU experts in the same pass, and for "
-                        "the others whether another rank's CPU experts computed while it was issued")
+    for s in SPLITS:
+        p.add_argument(f"--{s.flag}", metavar="CALL", default=None,
+                       help=f"also split one kind of call (e.g. fe: expert forwards) {s.by}: {', '.join(s.headers)}")
     ns = p.parse_args(argv)
-    rows, keys, split, beside, loading, jobs = [], set(), [], [], [], []
+    asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
+    rows, keys = [], set()
+    splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
         traces = traces_of(run)
         if not traces:
@@ -200,37 +217,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"host_calls: error: {path}: {e}", file=sys.stderr)
                 return 2
             calls = host_calls(trace)
-            landed = by_landings(trace, ns.landings) if ns.landings else {}
             keys |= calls.keys()
             rows.append((label, name, calls))
-            if landed:
-                split.append([label, name, *_cells(landed, ("0", "1", "2+"))])
-            if ns.beside:
-                beside.append([label, name, *_cells(by_cpu_experts(trace, ns.beside), BESIDE)])
-            if ns.loading:
-                loading.append([label, name, *_cells(by_loading(trace, ns.loading), PHASES)])
-            if ns.jobs:
-                jobs.append([label, name, *_cells(by_jobs(trace, ns.jobs), JOBS)])
+            for s, call in asked:
+                splits[s.flag].append([label, name, *_cells(s.split(trace, call), s.groups)])
     cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
     print("median host us / span us per block call (f forward, b backward, r recompute; a attention, g gate, "
           "e expert)\n")
     print(format_table(["run", "schedule", *cols], table))
-    if split:
-        print(f"\nmedian host us (calls) of {ns.landings} by the loads that landed while it was issued\n")
-        print(format_table(["run", "schedule", "none", "one", "two or more"], split))
-    if beside:
-        print(f"\nmedian host us (calls) of {ns.beside} by the CPU experts computing while it was issued\n")
-        print(format_table(["run", "schedule", "none", "own", "another rank's", "both"], beside))
-    if loading:
-        print(f"\nmedian host us (calls) of {ns.loading} by the loading phase of the copies in flight while it "
-              "was issued\n")
-        print(format_table(["run", "schedule", *PHASES], loading))
-    if jobs:
-        print(f"\nmedian host us (calls) of {ns.jobs} by the CPU experts of its layer (a job layer) and, in the "
-              "others, another rank's\n")
-        print(format_table(["run", "schedule", "no job", "no job, another rank's computing", "job layer"], jobs))
+    for s, call in asked:
+        print(f"\nmedian host us (calls) of {call} {s.by}\n")
+        print(format_table(["run", "schedule", *s.headers], splits[s.flag]))
     return 0
 
 
