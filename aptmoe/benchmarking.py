@@ -12,10 +12,15 @@ import time
 from pathlib import Path
 
 
-def time_command(cmd: list[str]) -> float:
-    """Wall seconds of one run of `cmd` (its output discarded; a failure raises)."""
+def time_command(cmd: list[str], log: Path | None = None) -> float:
+    """Wall seconds of one run of `cmd` (its output discarded, or written with its errors to
+    `log`; a failure raises)."""
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if log is None:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    else:
+        with log.open("w") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
     return time.perf_counter() - t
 
 

@@ -20,11 +20,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aptmoe.benchmarking import machine_line, table_rows, write_section
+from aptmoe.benchmarking import machine_line, table_rows, time_command, write_section
 
 
 @dataclass(frozen=True)
@@ -92,16 +91,6 @@ def section(runs: list[Run], kind: str) -> tuple[str, str, str]:
     return "\n".join(lines) + "\n", start, end
 
 
-def _time_run(cmd: list[str], log: Path | None) -> float:
-    t = time.perf_counter()
-    if log is None:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    else:
-        with log.open("w") as f:
-            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t
-
-
 def run(repeats: int, modes: list[str], extra: list[str], record: Path | None, keep: Path | None,
         bench: str) -> list[Run]:
     """Time `repeats` runs of each mode; each run is appended to `record` as it ends."""
@@ -119,7 +108,7 @@ def run(repeats: int, modes: list[str], extra: list[str], record: Path | None, k
                 i = sum(r.case == name for r in runs)
                 out = (keep or tmp) / f"{mode}{i}.json"
                 log = keep / f"{mode}{i}.log" if keep else None
-                secs = _time_run(exe + flags + extra + ["-q", "--out", str(out)], log)
+                secs = time_command(exe + flags + extra + ["-q", "--out", str(out)], log)
                 runs.append(Run(name, round(secs, 2), kind, machine, datetime.date.today().isoformat(), bench))
                 if record:
                     _append(record, runs[-1])
