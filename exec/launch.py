@@ -216,15 +216,15 @@ def torch_profiled(path: Path | None, cuda: bool, label: str = "aptmoe"):
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         with record_function(label):
             yield
-    raw = path.with_name(f".{path.name}.json")
+    raw, tmp = path.with_name(f".{path.name}.json"), path.with_name(f".{path.name}.tmp")
     try:
         prof.export_chrome_trace(str(raw))
-        tmp = path.with_name(f".{path.name}.tmp")
         with open(raw, "rb") as src, gzip.open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(tmp, path)
-    finally:
+    finally:                            # nothing half-written stays beside the outputs
         raw.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def wall_parts(marks: dict[str, float]) -> dict[str, float]:

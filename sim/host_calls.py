@@ -48,12 +48,47 @@ def host_calls(trace: Trace) -> dict[str, tuple[int, float, float]]:
     return {k: (len(v), statistics.median(v), statistics.median(span[k])) for k, v in host.items()}
 
 
+def _issued(trace: Trace, key: str):
+    """(event, host us, (issue start, issue end)) of every `key` call: a call is issued from
+    its start to its start plus its host time."""
+    for k, us, e in _calls(trace):
+        if k == key:
+            yield e, us, (e.start_s, e.start_s + us * 1e-6)
+
+
+def _medians(groups: dict[str, list[float]], order) -> dict[str, tuple[int, float]]:
+    """group -> (calls, median host us), in `order`, the empty groups left out."""
+    return {k: (len(groups[k]), statistics.median(groups[k])) for k in order if groups.get(k)}
+
+
+def _overlaps(spans, a: float, b: float) -> bool:
+    return any(s < b and t > a for s, t, *_ in spans)
+
+
+CPU_EXPERTS = ("cpu-expert", "recompute")          # a CPU lane's expert jobs (its "update" is Adam)
+
+
+def _cpu_expert_spans(trace: Trace) -> dict[int, list[tuple[float, float]]]:
+    """Each rank's CPU experts computing: (start, end) of its CPU lane's expert jobs."""
+    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "cpu" and e.cat in CPU_EXPERTS:
+            spans[e.rank].append((e.start_s, e.end_s))
+    return spans
+
+
+def _others_busy(spans: dict[int, list[tuple[float, float]]], rank: int, a: float, b: float) -> bool:
+    return any(_overlaps(v, a, b) for r, v in spans.items() if r != rank)
+
+
+LANDED = ("0", "1", "2+")
+
+
 def by_landings(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     """The `key` calls (pass and kind, as `host_calls` names them) by how many of the rank's
-    loads landed while the call was issued (its start to its start plus its host time):
-    '0', '1', '2+' -> (calls, median host us). A landing wakes the copy engine, whose work then
-    competes with the issuing thread for the GIL; calls with none beside them show what is
-    left."""
+    loads landed while the call was issued: '0', '1', '2+' -> (calls, median host us). A
+    landing wakes the copy engine, whose work then competes with the issuing thread for the
+    GIL; calls with none beside them show what is left."""
     ends: dict[int, list[float]] = defaultdict(list)
     for e in trace.events:
         if e.stream == "load" and e.cat.startswith("load-"):
@@ -61,42 +96,29 @@ def by_landings(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     for v in ends.values():
         v.sort()
     out = defaultdict(list)
-    for k, us, e in _calls(trace):
-        if k != key:
-            continue
+    for e, us, (a, b) in _issued(trace, key):
         r = ends.get(e.rank, [])
-        n = bisect.bisect_right(r, e.start_s + us * 1e-6) - bisect.bisect_left(r, e.start_s)
-        out["2+" if n >= 2 else str(n)].append(us)
-    return {k: (len(v), statistics.median(v)) for k, v in sorted(out.items())}
+        n = bisect.bisect_right(r, b) - bisect.bisect_left(r, a)
+        out[LANDED[min(n, 2)]].append(us)
+    return _medians(out, LANDED)
 
 
-CPU_EXPERTS = ("cpu-expert", "recompute")          # a CPU lane's expert jobs (its "update" is Adam)
 BESIDE = ("none", "own", "other", "both")
 
 
 def by_cpu_experts(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
-    """The `key` calls by the CPU experts computing while each was issued (its start to its
-    start plus its host time): none, the rank's own ('own'), another rank's ('other'), or
-    both -> (calls, median host us). The simulator slows the issuing thread by a measured
-    factor for each (`issue_tolls.expert_factor` and the like, calibration/expert_neighbours.py);
-    this shows what the runs themselves saw. Ranks are taken to share one host."""
-    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for e in trace.events:
-        if e.stream == "cpu" and e.cat in CPU_EXPERTS:
-            spans[e.rank].append((e.start_s, e.end_s))
-
-    def busy(rank_spans: list[tuple[float, float]], a: float, b: float) -> bool:
-        return any(s < b and t > a for s, t in rank_spans)
-
+    """The `key` calls by the CPU experts computing while each was issued: none, the rank's
+    own ('own'), another rank's ('other'), or both -> (calls, median host us). The simulator
+    slows the issuing thread by a measured factor for each (`issue_tolls.expert_factor` and
+    the like, calibration/expert_neighbours.py); this shows what the runs themselves saw.
+    Ranks are taken to share one host."""
+    spans = _cpu_expert_spans(trace)
     out = defaultdict(list)
-    for k, us, e in _calls(trace):
-        if k != key:
-            continue
-        a, b = e.start_s, e.start_s + us * 1e-6
-        own = busy(spans.get(e.rank, []), a, b)
-        other = any(busy(v, a, b) for r, v in spans.items() if r != e.rank)
+    for e, us, (a, b) in _issued(trace, key):
+        own = _overlaps(spans.get(e.rank, []), a, b)
+        other = _others_busy(spans, e.rank, a, b)
         out["both" if own and other else "own" if own else "other" if other else "none"].append(us)
-    return {k: (len(out[k]), statistics.median(out[k])) for k in BESIDE if out[k]}
+    return _medians(out, BESIDE)
 
 
 # a copy's phase (its event's category after "load-"): whole stages (GPipeOffload, Mobius), then
@@ -115,43 +137,35 @@ def by_loading(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
         if e.stream == "load" and e.cat.startswith("load-") and e.cat[5:] in PHASES:
             spans[e.rank].append((e.start_s, e.end_s, PHASES.index(e.cat[5:])))
     out = defaultdict(list)
-    for k, us, e in _calls(trace):
-        if k != key:
-            continue
-        a, b = e.start_s, e.start_s + us * 1e-6
+    for e, us, (a, b) in _issued(trace, key):
         inner = max((i for s, t, i in spans.get(e.rank, []) if s < b and t > a), default=0)
         out[PHASES[inner]].append(us)
-    return {k: (len(out[k]), statistics.median(out[k])) for k in PHASES if out[k]}
+    return _medians(out, PHASES)
 
 
 JOBS = ("alone", "other", "job")
 
 
+def _action_layer(e) -> tuple[int, str, object]:
+    """The rank, action (`0F3@2`: a pass of one micro-batch on one stage) and layer of an event."""
+    return e.rank, e.name.split(":", 1)[0], e.args.get("layer")
+
+
 def by_jobs(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
-    """The `key` calls by whether their layer ran CPU experts in the same action (a pass of
-    one micro-batch on one stage: a "job layer"), and for the others whether another rank's
-    CPU experts computed while each was issued: 'alone', 'other', 'job' -> (calls, median
-    host us). A backward's CPU experts and its recompute's share the action's name, so they
-    count for both. In session 17's APTMoE runs with --inter_stage_only a job layer's expert
-    forwards took 1.4-1.9x those of a layer without one, also while none of its experts
-    computed, and another rank's experts cost nothing (docs/measured/h200x2-session17)."""
-    jobs: set[tuple[int, str, object]] = set()
-    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for e in trace.events:
-        if e.stream == "cpu" and e.cat in CPU_EXPERTS:
-            jobs.add((e.rank, e.name.split(":", 1)[0], e.args.get("layer")))
-            spans[e.rank].append((e.start_s, e.end_s))
+    """The `key` calls by whether their layer ran CPU experts in the same action (a "job
+    layer"), and for the others whether another rank's CPU experts computed while each was
+    issued: 'alone', 'other', 'job' -> (calls, median host us). A backward's CPU experts and
+    its recompute's share the action's name, so they count for both. In session 17's APTMoE
+    runs with --inter_stage_only a job layer's expert forwards took 1.4-1.9x those of a layer
+    without one, also while none of its experts computed, and another rank's experts cost
+    nothing (docs/measured/h200x2-session17)."""
+    jobs = {_action_layer(e) for e in trace.events if e.stream == "cpu" and e.cat in CPU_EXPERTS}
+    spans = _cpu_expert_spans(trace)
     out = defaultdict(list)
-    for k, us, e in _calls(trace):
-        if k != key:
-            continue
-        if (e.rank, e.name.split(":", 1)[0], e.args.get("layer")) in jobs:
-            out["job"].append(us)
-            continue
-        a, b = e.start_s, e.start_s + us * 1e-6
-        other = any(s < b and t > a for r, v in spans.items() if r != e.rank for s, t in v)
-        out["other" if other else "alone"].append(us)
-    return {k: (len(out[k]), statistics.median(out[k])) for k in JOBS if out[k]}
+    for e, us, (a, b) in _issued(trace, key):
+        group = "job" if _action_layer(e) in jobs else "other" if _others_busy(spans, e.rank, a, b) else "alone"
+        out[group].append(us)
+    return _medians(out, JOBS)
 
 
 def run_dirs(paths: list[Path]) -> list[Path]:
@@ -183,7 +197,7 @@ class Split:
 
 
 SPLITS = (
-    Split("landings", by_landings, ("0", "1", "2+"), ("none", "one", "two or more"),
+    Split("landings", by_landings, LANDED, ("none", "one", "two or more"),
           "by the loads that landed while it was issued"),
     Split("beside", by_cpu_experts, BESIDE, ("none", "own", "another rank's", "both"),
           "by the CPU experts computing while it was issued"),

@@ -16,8 +16,8 @@ divided by what is left of the thread:
 where `experts` is the factor of CPU experts computing on the rank's own worker cores, on
 another rank's of the same socket, or both (1 if none): on nvidia-h200-x2 (one socket) they
 slowed an issuing loop as much from another process as from its own
-(calibration/expert_neighbours.py), so the ranks of a socket share one `HostExperts`. Without `issue_tolls` in the profile the
-slowdown is 1.
+(calibration/expert_neighbours.py), so the ranks of a socket share one `HostExperts`.
+Without `issue_tolls` in the profile the slowdown is 1.
 """
 
 from __future__ import annotations
