@@ -8,6 +8,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 Mobius's host time.
 
     python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
+        [--gaps f|b] [--predicted]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -168,6 +169,43 @@ def by_jobs(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     return _medians(out, JOBS)
 
 
+GAP_PASSES = {"f": "forward", "b": "backward"}
+
+
+def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:
+    """The time inside each action of `pass_` (f: a stage's forward of one micro-batch, b: its
+    backward with the recompute) that none of its block calls covers, by where it falls:
+    'start' (the action's start to its first call), 'end' (its last call to its end), and
+    between two calls 'fg>fe' (a gate to an expert of the same layer), 'fe>fa+' (the '+': the
+    next layer), and so on -> (gaps, median us, mean us per action). The simulator's actions
+    are their calls back to back; a measured one holds the host work between them (a layer's
+    combine, APTMoE's split) and the waits the executor does inside the action (a load not
+    landed, a CPU expert's output, the output gradient after the recompute).
+
+    Session 18 (docs/validation-h200-2gpu-v4): in S8 the forwards' 'fg>fe' took 30-70 us in
+    GPipe and Mobius and about 300-460 us in APTMoE."""
+    cat = GAP_PASSES[pass_]
+    actions = [e for e in trace.events if e.stream == "compute" and e.cat == cat and block_kind(e.name) is None]
+    calls: dict[tuple[int, str], list] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "compute" and e.cat in PASSES and block_kind(e.name) is not None:
+            calls[(e.rank, e.name.split("@", 1)[0])].append(e)
+    out: dict[str, list[float]] = defaultdict(list)
+    for act in actions:
+        inside = sorted((c for c in calls.get((act.rank, act.name), ())
+                         if act.start_s <= c.start_s and c.end_s <= act.end_s + 1e-9), key=lambda c: c.start_s)
+        if not inside:
+            continue
+        out["start"].append(inside[0].start_s - act.start_s)
+        out["end"].append(act.end_s - inside[-1].end_s)
+        for x, y in zip(inside, inside[1:]):
+            turn = "+" if x.args.get("layer") != y.args.get("layer") else ""
+            out[f"{PASSES[x.cat]}{block_kind(x.name)}>{PASSES[y.cat]}{block_kind(y.name)}{turn}"].append(
+                y.start_s - x.end_s)
+    n = len(out["start"])
+    return {k: (len(v), statistics.median(v) * 1e6, sum(v) / n * 1e6) for k, v in out.items()}
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The run folders named, a matrix folder standing for its cells' runs."""
     out = []
@@ -177,12 +215,18 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def traces_of(run: Path) -> dict[str, Path]:
+def traces_of(run: Path, predicted: bool = False) -> dict[str, Path]:
+    """A run's measured traces by schedule; with `predicted`, also the simulator's of each
+    where the run is a matrix cell's (`trace-X-predicted.json` beside `real/`, written by
+    `aptmoe-sim matrix --repredict`), as 'X (predicted)'."""
     found = {}
     for f in sorted(run.glob("trace-*.json*")):
         name = f.name.removeprefix("trace-").split(".json")[0]
         if not name.endswith("-predicted"):
             found[name] = f
+            sim = run.parent / f"trace-{name}-predicted.json"
+            if predicted and run.name == "real" and sim.exists():
+                found[f"{name} (predicted)"] = sim
     return found
 
 
@@ -214,12 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     for s in SPLITS:
         p.add_argument(f"--{s.flag}", metavar="CALL", default=None,
                        help=f"also split one kind of call (e.g. fe: expert forwards) {s.by}: {', '.join(s.headers)}")
+    p.add_argument("--gaps", choices=sorted(GAP_PASSES), default=None,
+                   help="also the time inside each forward (f) or backward (b) action between its block "
+                        "calls: median us (mean us per action) by where it falls")
+    p.add_argument("--predicted", action="store_true",
+                   help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
     ns = p.parse_args(argv)
     asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
-    rows, keys = [], set()
+    rows, keys, gap_rows = [], set(), []
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
-        traces = traces_of(run)
+        traces = traces_of(run, ns.predicted)
         if not traces:
             print(f"host_calls: error: no measured trace (trace-*.json) in {run}", file=sys.stderr)
             return 2
@@ -235,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((label, name, calls))
             for s, call in asked:
                 splits[s.flag].append([label, name, *_cells(s.split(trace, call), s.groups)])
+            if ns.gaps:
+                gap_rows.append((label, name, gaps(trace, ns.gaps)))
     cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
@@ -244,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     for s, call in asked:
         print(f"\nmedian host us (calls) of {call} {s.by}\n")
         print(format_table(["run", "schedule", *s.headers], splits[s.flag]))
+    if ns.gaps:
+        where = sorted({k for *_, g in gap_rows for k in g} - {"start", "end"})
+        print(f"\nus inside each {GAP_PASSES[ns.gaps]} action outside its block calls: median (mean per action)\n")
+        print(format_table(["run", "schedule", "start", *where, "end"],
+                           [[label, name, *(f"{round(g[k][1])} ({round(g[k][2])})" if k in g else "-"
+                                            for k in ("start", *where, "end"))] for label, name, g in gap_rows]))
     return 0
 
 

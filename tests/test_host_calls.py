@@ -129,3 +129,29 @@ def test_calls_split_by_their_layers_cpu_experts_and_another_ranks(tmp_path, cap
     out = capsys.readouterr().out
     assert "of fe by the CPU experts of its layer" in out
     assert out.splitlines()[-1].split()[2:] == ["150", "(4)", "180", "(2)", "300", "(6)"]
+
+
+def test_gaps_inside_an_action_by_where_they_fall(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "APTMoE"})
+    ms = 1e-3
+    t.add("0F0", 0, "compute", 0.0, 10 * ms, "forward")                         # the action
+    for name, a, b in (("0F0@1:a", 1, 2), ("0F0@1:g", 2.5, 3), ("0F0@1:e0", 3.5, 4), ("0F0@2:a", 5, 6)):
+        t.add(name, 0, "compute", a * ms, b * ms, "forward", host_us=100.0, layer=int(name[4]))
+    t.add("0F1@1:a", 0, "compute", 20 * ms, 21 * ms, "forward", host_us=100.0, layer=1)   # another action's
+    t.add("0B0", 0, "compute", 30 * ms, 40 * ms, "backward")
+    t.add("0B0@1:e0", 0, "compute", 31 * ms, 32 * ms, "recompute", host_us=100.0, layer=1)
+    t.add("0B0@1:e0", 0, "compute", 34 * ms, 35 * ms, "backward", host_us=100.0, layer=1)
+    got = {k: (n, round(med), round(mean)) for k, (n, med, mean) in host_calls.gaps(t, "f").items()}
+    assert got == {"start": (1, 1000, 1000), "fa>fg": (1, 500, 500), "fg>fe": (1, 500, 500),
+                   "fe>fa+": (1, 1000, 1000), "end": (1, 4000, 4000)}
+    got = {k: (n, round(med)) for k, (n, med, _) in host_calls.gaps(t, "b").items()}
+    assert got == {"start": (1, 1000), "re>be": (1, 2000), "end": (1, 5000)}
+    (tmp_path / "real").mkdir()
+    t.save(tmp_path / "real" / "trace-APTMoE.json")
+    t.save(tmp_path / "trace-APTMoE-predicted.json")
+    assert host_calls.main([str(tmp_path / "real"), "--gaps", "f", "--predicted"]) == 0
+    out = capsys.readouterr().out
+    assert "outside its block calls" in out
+    rows = [line.split() for line in out.split("outside its block calls")[1].splitlines()
+            if line.startswith(tmp_path.name)]                # a run in real/ goes by its cell's name
+    assert [r[1:3] for r in rows] == [["APTMoE", "1000"], ["APTMoE", "(predicted)"]]
