@@ -8,7 +8,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 Mobius's host time.
 
     python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
-        [--gaps f|b] [--predicted]
+        [--gaps f|b] [--budget] [--predicted]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -21,7 +21,7 @@ import argparse
 import bisect
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +206,29 @@ def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:
     return {k: (len(v), statistics.median(v) * 1e6, sum(v) / n * 1e6) for k, v in out.items()}
 
 
+def budget(trace: Trace) -> dict[int, tuple[float, float, float]]:
+    """Where each rank's compute stream spends a step, in ms: (its block calls, the time inside
+    its forward and backward actions that no call covers, the rest of its span: between
+    actions, the update, the step's tail) -> rank -> those three. A step is one occurrence of
+    each action. Measured against predicted, it shows how a step's error splits: in session
+    18's S8 runs the simulator's blocks were longer, its actions had no gaps, and the time
+    between them was about right (docs/validation-h200-2gpu-v4)."""
+    out = {}
+    for rank in sorted({e.rank for e in trace.events}):
+        events = [e for e in trace.events if e.rank == rank]
+        actions = [e for e in events if e.stream == "compute" and e.cat in GAP_PASSES.values()
+                   and block_kind(e.name) is None]
+        if not actions:
+            continue
+        steps = max(Counter(e.name for e in actions).values())
+        blocks = sum(e.end_s - e.start_s for e in events if e.stream == "compute" and e.cat in PASSES
+                     and block_kind(e.name) is not None)
+        inside = sum(e.end_s - e.start_s for e in actions)
+        span = max(e.end_s for e in events) - min(e.start_s for e in events)
+        out[rank] = (blocks / steps * 1e3, (inside - blocks) / steps * 1e3, (span - inside) / steps * 1e3)
+    return out
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The run folders named, a matrix folder standing for its cells' runs."""
     out = []
@@ -261,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gaps", choices=sorted(GAP_PASSES), default=None,
                    help="also the time inside each forward (f) or backward (b) action between its block "
                         "calls: median us (mean us per action) by where it falls")
+    p.add_argument("--budget", action="store_true",
+                   help="also where each rank's compute stream spends a step: its block calls, the gaps inside "
+                        "its actions, the rest (ms a step)")
     p.add_argument("--predicted", action="store_true",
                    help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
     ns = p.parse_args(argv)
     asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
-    rows, keys, gap_rows = [], set(), []
+    rows, keys, gap_rows, budget_rows = [], set(), [], []
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
         traces = traces_of(run, ns.predicted)
@@ -286,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 splits[s.flag].append([label, name, *_cells(s.split(trace, call), s.groups)])
             if ns.gaps:
                 gap_rows.append((label, name, gaps(trace, ns.gaps)))
+            if ns.budget:
+                budget_rows.extend([label, name, str(rank), *(f"{round(x, 1) + 0.0:.1f}" for x in (*b, sum(b)))]
+                                   for rank, b in budget(trace).items())
     cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
@@ -301,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(["run", "schedule", "start", *where, "end"],
                            [[label, name, *(f"{round(g[k][1])} ({round(g[k][2])})" if k in g else "-"
                                             for k in ("start", *where, "end"))] for label, name, g in gap_rows]))
+    if ns.budget:
+        print("\nms a step on each rank's compute stream\n")
+        print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))
     return 0
 
 

@@ -155,3 +155,22 @@ def test_gaps_inside_an_action_by_where_they_fall(tmp_path, capsys) -> None:
     rows = [line.split() for line in out.split("outside its block calls")[1].splitlines()
             if line.startswith(tmp_path.name)]                # a run in real/ goes by its cell's name
     assert [r[1:3] for r in rows] == [["APTMoE", "1000"], ["APTMoE", "(predicted)"]]
+
+
+def test_budget_splits_each_ranks_step_into_calls_gaps_and_the_rest(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "Mobius"})
+    ms = 1e-3
+    for step in range(2):                                   # two steps of 20 ms on rank 0
+        t0 = step * 20 * ms
+        t.add("0F0", 0, "compute", t0, t0 + 10 * ms, "forward")
+        t.add("0F0@1:a", 0, "compute", t0 + 1 * ms, t0 + 4 * ms, "forward", host_us=100.0, layer=1)
+        t.add("0F0@1:e0", 0, "compute", t0 + 5 * ms, t0 + 7 * ms, "forward", host_us=100.0, layer=1)
+        t.add("0U", 0, "compute", t0 + 12 * ms, t0 + 20 * ms, "update")       # outside every action
+    t.add("0LF@1:e0", 0, "load", -2 * ms, 0.0, "load-stage")                  # the span starts here
+    got = host_calls.budget(t)
+    assert list(got) == [0]
+    assert [round(x, 6) for x in got[0]] == [5.0, 5.0, 11.0]                 # ms a step: 5 calls, 5 gaps, 11 rest
+    t.save(tmp_path / "trace-Mobius.json")
+    assert host_calls.main([str(tmp_path), "--budget"]) == 0
+    row = capsys.readouterr().out.split("compute stream")[1].splitlines()[-1].split()
+    assert row[1:] == ["Mobius", "0", "5.0", "5.0", "11.0", "21.0"]
