@@ -30,6 +30,11 @@ host cores, the CPU worker on the rest):
 * the CPU worker running one-token MoE-M experts back to back (the executor's CPU expert:
   its weights streamed from memory): per job = (beside - alone x memory_factor) / jobs ->
   `cpu_job_s`;
+* the CPU worker running the executor's Adam chunks back to back (one fused call per chunk of
+  4 M parameters, each block's state its own: `host_memory.adam_stream`) -> `adam_factor`, the
+  whole slowdown (its memory stream and its wakes). A bare memory stream gave 1.01 on the
+  2-GPU H200 where the S8 runs' calls took 1.3-1.6x beside the rank's Adam
+  (docs/validation-h200-2gpu-v4);
 * GPU expert calls beside MoE-S CPU experts computing on the rank's worker cores, on the next
   rank's, and on both (calibration/expert_neighbours.py) -> `expert_factor`,
   `other_expert_factor`, `both_expert_factor`.
@@ -51,7 +56,7 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
-from aptmoe.calibration.host_memory import CopyLoop, expert_stream
+from aptmoe.calibration.host_memory import CopyLoop, adam_stream, expert_stream
 from aptmoe.calibration.background import Background
 from aptmoe.calibration.wake import MemoryStream, issue_loop, issue_round
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
@@ -149,14 +154,17 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
     bind_this_thread(host or per_rank)
     cs = host or None
     job, _ = expert_stream()
+    adam, _ = adam_stream()
     conditions: dict[str, Callable[[], Background]] = {
         "dma": lambda: CopyLoop("h2d", torch.cuda.current_device(), cs),
         "memory": lambda: MemoryStream(workers or None),
         **{f"copy{mib}": (lambda mib=mib: _CopyEngine(mib * MiB, None, cs)) for mib in COPY_MIB},
         "capped": lambda: _CopyEngine(COPY_MIB[0] * MiB, CAP_GBps, cs),
         "jobs": lambda: _CpuJobs(job, workers or None),
+        "adam": lambda: _CpuJobs(adam, workers or None),
     }
-    got: dict[str, list[float]] = {k: [] for k in ("dma", "memory", "chunk", "job", *(f"copy{m}" for m in COPY_MIB))}
+    got: dict[str, list[float]] = {k: [] for k in ("dma", "memory", "chunk", "job", "adam",
+                                                   *(f"copy{m}" for m in COPY_MIB))}
     rates: dict[str, list[float]] = {k: [] for k in conditions}
     try:
         x = torch.zeros(16, device="cuda")
@@ -176,6 +184,8 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
             got["chunk"].append((b - a - n * got[f"copy{COPY_MIB[0]}"][-1]) / max(k, 1))
             a, b, n, _ = r["jobs"]
             got["job"].append((b - a * memory) / max(n, 1))
+            a, b, _, _ = r["adam"]
+            got["adam"].append(b / a)
         med = {k: statistics.median(v) for k, v in got.items()}
         rate = {k: statistics.median(v) for k, v in rates.items()}
         say(f"issue tolls on cores {host or per_rank} (CPU worker on {workers or 'the same'}), medians of {rounds} "
@@ -185,6 +195,7 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
                 f"{med[f'copy{mib}'] * 1e6:.0f} us a copy")
         say(f"  capped to {CAP_GBps:g} GB/s ({rate['capped']:.0f} chunks/s): {med['chunk'] * 1e6:.0f} us a chunk")
         say(f"  CPU expert jobs ({rate['jobs']:.0f}/s): {med['job'] * 1e6:.0f} us a job")
+        say(f"  the executor's Adam chunks ({rate['adam']:.0f}/s): {med['adam']:.2f}x")
     finally:
         bind_this_thread(cores)
         torch.set_num_threads(before_threads)
@@ -197,7 +208,8 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
     experts = measure_expert_factors(rounds, say)
     # A negative toll is noise around none: the model takes it as none.
     return IssueTolls(copy_s=toll.seconds, chunk_s=max(0.0, med["chunk"]), cpu_job_s=max(0.0, med["job"]),
-                      dma_factor=max(1.0, med["dma"]), memory_factor=max(1.0, med["memory"]), **experts)
+                      dma_factor=max(1.0, med["dma"]), memory_factor=max(1.0, med["memory"]),
+                      adam_factor=max(1.0, med["adam"]), **experts)
 
 
 def measure_expert_factors(rounds: int, say: Callable[[str], None] = print) -> dict[str, float]:

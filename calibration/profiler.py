@@ -1251,8 +1251,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     if m.issue_tolls is not None:
         a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
                                     f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "
-                                    f"{CAP_GBps:g} GB/s), the CPU worker's one-token MoE-M experts, DMA copies and a "
-                                    f"memory stream (calibration/issue_tolls.py): "
+                                    f"{CAP_GBps:g} GB/s), the CPU worker's one-token MoE-M experts and the executor's "
+                                    f"Adam chunks, DMA copies and a memory stream (calibration/issue_tolls.py): "
                                     + "; ".join(n.strip() for n in m.issue_tolls_notes))
     if m.dispatch is not None:
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "

@@ -13,6 +13,9 @@ divided by what is left of the thread:
 
     slowdown = dma^[a copy in flight] x memory^[an Adam job running] x experts / (1 - sum of tolls per second)
 
+(where the profile has an `adam_factor`, measured beside the executor's own Adam chunks, it
+stands for memory and for the chunks' tolls),
+
 where `experts` is the factor of CPU experts computing on the rank's own worker cores, on
 another rank's of the same socket, or both (1 if none): on nvidia-h200-x2 (one socket) they
 slowed an issuing loop as much from another process as from its own
@@ -84,7 +87,9 @@ class IssuingThread:
             yield
             return
         key = next(self._ids)
-        self._jobs[key] = self.tolls.cpu_job_s / seconds
+        # A measured Adam factor holds the chunks' wakes as well as their memory stream.
+        in_factor = not expert and self.tolls.adam_factor is not None
+        self._jobs[key] = 0.0 if in_factor else self.tolls.cpu_job_s / seconds
         if expert:
             self.host.running[self.rank] += 1
         else:
@@ -107,5 +112,6 @@ class IssuingThread:
         if not (self._copies or self._jobs) and experts == 1.0:
             return 1.0
         lost = sum(self._copies.values()) + sum(self._jobs.values())
-        factor = (t.dma_factor if self._copies else 1.0) * (t.memory_factor if self._adam else 1.0) * experts
+        adam = t.adam_factor if t.adam_factor is not None else t.memory_factor
+        factor = (t.dma_factor if self._copies else 1.0) * (adam if self._adam else 1.0) * experts
         return factor / max(MIN_LEFT, 1.0 - lost)

@@ -287,7 +287,8 @@ def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
     # the issuing thread's tolls: slowdowns >= 1, tolls >= 0, the copy engine's from its traces
     t = p.issue_tolls
     assert t is not None and t.dma_factor >= 1 and t.memory_factor >= 1 and min(t.copy_s, t.chunk_s, t.cpu_job_s) >= 0
-    assert "the executor's copy engine" in p.sources["issue_tolls"]
+    assert t.adam_factor is not None and t.adam_factor >= 1
+    assert "the executor's copy engine" in p.sources["issue_tolls"] and "Adam chunks" in p.sources["issue_tolls"]
     assert "links.p2p.intra_node" in {s.part for s in p.skipped}
     assert p.hardware.gpu_count == 1
 

@@ -96,6 +96,36 @@ def test_without_expert_factors_a_ranks_experts_count_as_its_memory_stream_and_a
             assert me.slowdown() == pytest.approx(1.2)
 
 
+def test_a_measured_adam_factor_stands_for_the_memory_stream_and_the_chunks_tolls():
+    """Measured beside the executor's own Adam chunks (calibration/issue_tolls.py), the factor
+    holds their wakes too: no toll per chunk on top, and CPU experts keep theirs."""
+    tolls = dataclasses.replace(TOLLS, adam_factor=1.5)
+    t = IssuingThread(tolls, capped=False)
+    with t.cpu_job(0.5e-3):                                          # an Adam chunk
+        assert t.slowdown() == pytest.approx(1.5)
+        with t.copy(32 << 20, 1e-3, engine=False):                   # an offload beside it
+            assert t.slowdown() == pytest.approx(1.1 * 1.5)
+    with t.cpu_job(0.5e-3, expert=True):                             # a CPU expert: its toll, no Adam factor
+        assert t.slowdown() == pytest.approx(1.2 / (1 - 0.2))
+    assert t.slowdown() == 1.0
+    without = IssuingThread(TOLLS, capped=False)
+    with without.cpu_job(0.5e-3):
+        assert without.slowdown() == pytest.approx(1.2 / (1 - 0.2))     # as before: memory and a toll
+
+
+def test_the_calibrations_adam_neighbour_runs_the_executors_chunks_on_its_cores():
+    import torch
+
+    from aptmoe.calibration.host_memory import adam_stream
+    from aptmoe.calibration.issue_tolls import _CpuJobs
+    from aptmoe.calibration.wake import issue_round
+    from aptmoe.host import allowed_cores
+
+    call, params = adam_stream(chunk=1 << 16, blocks=2)
+    alone, beside, jobs, _ = issue_round(lambda: _CpuJobs(call, allowed_cores()[-1:]), torch.zeros(16), 2000)
+    assert params == 1 << 16 and alone > 0 and beside > 0 and jobs > 0
+
+
 # --------------------------------------------------------------------------- the profile section
 
 
@@ -116,10 +146,10 @@ def test_profile_section_round_trips_and_is_checked(tmp_path):
             load_profile(str(tmp_path / "bad.json"))
     assert "expert_factor" not in d["issue_tolls"]                 # unmeasured: left out, not null
     withx = json.loads(json.dumps(d))
-    withx["issue_tolls"].update(expert_factor=1.3, other_expert_factor=1.2, both_expert_factor=1.4)
+    withx["issue_tolls"].update(expert_factor=1.3, other_expert_factor=1.2, both_expert_factor=1.4, adam_factor=1.5)
     (tmp_path / "x.json").write_text(json.dumps(withx))
     x = load_profile(str(tmp_path / "x.json")).issue_tolls
-    assert (x.expert_factor, x.other_expert_factor, x.both_expert_factor) == (1.3, 1.2, 1.4)
+    assert (x.expert_factor, x.other_expert_factor, x.both_expert_factor, x.adam_factor) == (1.3, 1.2, 1.4, 1.5)
     withx["issue_tolls"]["other_expert_factor"] = 0.8
     (tmp_path / "bad.json").write_text(json.dumps(withx))
     with pytest.raises(ProfileError, match="issue_tolls.other_expert_factor.*slowdown and must be >= 1"):
@@ -305,7 +335,8 @@ def test_a_background_neighbour_runs_only_inside_its_block_and_counts_from_its_s
 # --------------------------------------------------------------------------- properties
 
 _tolls = st.builds(IssueTolls, copy_s=st.floats(0, 1e-3), chunk_s=st.floats(0, 1e-3), cpu_job_s=st.floats(0, 1e-3),
-                   dma_factor=st.floats(1, 2), memory_factor=st.floats(1, 2))
+                   dma_factor=st.floats(1, 2), memory_factor=st.floats(1, 2),
+                   adam_factor=st.none() | st.floats(1, 2))
 _copies = st.lists(st.tuples(st.integers(1, 64 << 20), st.floats(1e-5, 1e-1)), max_size=4)
 _jobs = st.lists(st.floats(1e-5, 1e-1), max_size=4)
 
@@ -316,7 +347,7 @@ def test_the_slowdown_is_bounded_and_never_falls_as_neighbours_join(tolls, cappe
     from contextlib import ExitStack
 
     t = IssuingThread(tolls, capped=capped)
-    top = tolls.dma_factor * tolls.memory_factor / MIN_LEFT
+    top = tolls.dma_factor * (tolls.adam_factor or tolls.memory_factor) / MIN_LEFT
     with ExitStack() as stack:
         for nbytes, seconds in copies:
             stack.enter_context(t.copy(nbytes, seconds))
