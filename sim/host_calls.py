@@ -177,10 +177,13 @@ def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:
     backward with the recompute) that none of its block calls covers, by where it falls:
     'start' (the action's start to its first call), 'end' (its last call to its end), and
     between two calls 'fg>fe' (a gate to an expert of the same layer), 'fe>fa+' (the '+': the
-    next layer), and so on -> (gaps, median us, mean us per action). The simulator's actions
-    are their calls back to back; a measured one holds the host work between them (a layer's
-    combine, APTMoE's split) and the waits the executor does inside the action (a load not
-    landed, a CPU expert's output, the output gradient after the recompute).
+    next layer), and so on -> (gaps, median us, mean us per action). A measured action holds
+    the host work between its calls (a layer's combine, APTMoE's CPU experts handed over) and
+    the waits the executor does inside it (a load not landed, a CPU expert's output, the
+    output gradient after the recompute). The simulator's calls run back to back: it charges a
+    layer's host work between its blocks (the profile's `dispatch.between`) to the issuing
+    thread's clock, so that work shows in the layer's first expert call, and it places waits
+    before an action, not inside.
 
     Session 18 (docs/validation-h200-2gpu-v4): in S8 the forwards' 'fg>fe' took 30-70 us in
     GPipe and Mobius and about 300-460 us in APTMoE."""
@@ -211,8 +214,9 @@ def budget(trace: Trace) -> dict[int, tuple[float, float, float]]:
     its forward and backward actions that no call covers, the rest of its span: between
     actions, the update, the step's tail) -> rank -> those three. A step is one occurrence of
     each action. Measured against predicted, it shows how a step's error splits: in session
-    18's S8 runs the simulator's blocks were longer, its actions had no gaps, and the time
-    between them was about right (docs/validation-h200-2gpu-v4)."""
+    18's S8 runs the simulator's block calls were longer (they hold the layer's host work
+    between blocks, `gaps`), its actions had almost no gaps, and the time between them was
+    about right (docs/validation-h200-2gpu-v4)."""
     out = {}
     for rank in sorted({e.rank for e in trace.events}):
         events = [e for e in trace.events if e.rank == rank]
