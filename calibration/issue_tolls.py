@@ -35,6 +35,10 @@ host cores, the CPU worker on the rest):
   whole slowdown (its memory stream and its wakes). A bare memory stream gave 1.01 on the
   2-GPU H200 where the S8 runs' calls took 1.3-1.6x beside the rank's Adam
   (docs/validation-h200-2gpu-v4);
+* d2h copies alone and d2h copies beside those Adam chunks at once, printed only: on native
+  links the S8 runs' calls took about 4x their time alone beside the rank's gradient offload
+  and its Adam together, and 0.8-1.0x on capped links; the model multiplies dma_factor and
+  adam_factor, and this says by how much that falls short at the machine's own rate;
 * GPU expert calls beside MoE-S CPU experts computing on the rank's worker cores, on the next
   rank's, and on both (calibration/expert_neighbours.py) -> `expert_factor`,
   `other_expert_factor`, `both_expert_factor`.
@@ -118,6 +122,23 @@ class _CopyEngine(_Neighbour):
         torch.cuda.synchronize()
 
 
+class _Together(Background):
+    """Several neighbours at once, each on its own thread and cores, started and stopped as one."""
+
+    def __init__(self, *parts: Background) -> None:
+        super().__init__(None)
+        self.parts = parts
+
+    def __enter__(self):
+        for p in self.parts:
+            p.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in reversed(self.parts):
+            p.__exit__(*exc)
+
+
 class _CpuJobs(_Neighbour):
     """The CPU worker: one-token MoE-M experts back to back, weights streamed from memory,
     on its cores with as many torch threads (as the executor starts it)."""
@@ -162,8 +183,11 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
         "capped": lambda: _CopyEngine(COPY_MIB[0] * MiB, CAP_GBps, cs),
         "jobs": lambda: _CpuJobs(job, workers or None),
         "adam": lambda: _CpuJobs(adam, workers or None),
+        "d2h": lambda: CopyLoop("d2h", torch.cuda.current_device(), cs),
+        "d2h+adam": lambda: _Together(CopyLoop("d2h", torch.cuda.current_device(), cs),
+                                      _CpuJobs(adam, workers or None)),
     }
-    got: dict[str, list[float]] = {k: [] for k in ("dma", "memory", "chunk", "job", "adam",
+    got: dict[str, list[float]] = {k: [] for k in ("dma", "memory", "chunk", "job", "adam", "d2h", "d2h+adam",
                                                    *(f"copy{m}" for m in COPY_MIB))}
     rates: dict[str, list[float]] = {k: [] for k in conditions}
     try:
@@ -184,8 +208,9 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
             got["chunk"].append((b - a - n * got[f"copy{COPY_MIB[0]}"][-1]) / max(k, 1))
             a, b, n, _ = r["jobs"]
             got["job"].append((b - a * memory) / max(n, 1))
-            a, b, _, _ = r["adam"]
-            got["adam"].append(b / a)
+            for k in ("adam", "d2h", "d2h+adam"):
+                a, b, _, _ = r[k]
+                got[k].append(b / a)
         med = {k: statistics.median(v) for k, v in got.items()}
         rate = {k: statistics.median(v) for k, v in rates.items()}
         say(f"issue tolls on cores {host or per_rank} (CPU worker on {workers or 'the same'}), medians of {rounds} "
@@ -196,6 +221,8 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
         say(f"  capped to {CAP_GBps:g} GB/s ({rate['capped']:.0f} chunks/s): {med['chunk'] * 1e6:.0f} us a chunk")
         say(f"  CPU expert jobs ({rate['jobs']:.0f}/s): {med['job'] * 1e6:.0f} us a job")
         say(f"  the executor's Adam chunks ({rate['adam']:.0f}/s): {med['adam']:.2f}x")
+        say(f"  d2h copies: {med['d2h']:.2f}x; d2h copies and the Adam chunks at once: {med['d2h+adam']:.2f}x "
+            f"(the model: dma x adam, {max(1.0, med['dma']) * max(1.0, med['adam']):.2f}x; printed only)")
     finally:
         bind_this_thread(cores)
         torch.set_num_threads(before_threads)

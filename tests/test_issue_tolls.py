@@ -126,6 +126,32 @@ def test_the_calibrations_adam_neighbour_runs_the_executors_chunks_on_its_cores(
     assert params == 1 << 16 and alone > 0 and beside > 0 and jobs > 0
 
 
+def test_neighbours_together_run_each_on_its_own_thread_inside_the_block_only():
+    import time
+
+    from aptmoe.calibration.background import Background
+    from aptmoe.calibration.issue_tolls import _Together
+
+    class Counter(Background):
+        settle_s = 0.0
+
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.count = 0
+
+        def run(self) -> None:
+            while not self.stop.is_set():
+                self.count += 1
+                time.sleep(1e-4)
+
+    a, b = Counter(), Counter()
+    with _Together(a, b) as both:
+        time.sleep(0.02)
+        assert a.thread.is_alive() and b.thread.is_alive() and a.thread is not b.thread
+        assert getattr(both, "count", 0) == 0                      # counts nothing itself (issue_round: none)
+    assert not a.thread.is_alive() and not b.thread.is_alive() and a.count > 0 and b.count > 0
+
+
 # --------------------------------------------------------------------------- the profile section
 
 
