@@ -113,7 +113,7 @@ def test_a_measured_adam_factor_stands_for_the_memory_stream_and_the_chunks_toll
         assert without.slowdown() == pytest.approx(1.2 / (1 - 0.2))     # as before: memory and a toll
 
 
-def test_the_calibrations_adam_neighbour_runs_the_executors_chunks_on_its_cores():
+def test_the_calibrations_adam_neighbour_runs_the_executors_chunks_beside_the_loop():
     import torch
 
     from aptmoe.calibration.host_memory import adam_stream
