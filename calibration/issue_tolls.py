@@ -35,9 +35,9 @@ host cores, the CPU worker on the rest):
   whole slowdown (its memory stream and its wakes). A bare memory stream gave 1.01 on the
   2-GPU H200 where the S8 runs' calls took 1.3-1.6x beside the rank's Adam
   (docs/validation-h200-2gpu-v4);
-* d2h copies alone and d2h copies beside those Adam chunks at once, printed only: on native
-  links the S8 runs' calls took about 4x their time alone beside the rank's gradient offload
-  and its Adam together, and 0.8-1.0x on capped links; the model multiplies dma_factor and
+* d2h copies alone and d2h copies beside those Adam chunks at once, printed only: the S8 runs'
+  expert recomputes took about 4x their time alone beside the rank's gradient offload and its
+  Adam together on native links, 1.3-1.4x on capped ones; the model multiplies dma_factor and
   adam_factor, and this says by how much that falls short at the machine's own rate;
 * GPU expert calls beside MoE-S CPU experts computing on the rank's worker cores, on the next
   rank's, and on both (calibration/expert_neighbours.py) -> `expert_factor`,
