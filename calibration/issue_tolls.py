@@ -53,6 +53,7 @@ would give the same figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import threading
@@ -123,20 +124,23 @@ class _CopyEngine(_Neighbour):
 
 
 class _Together(Background):
-    """Several neighbours at once, each on its own thread and cores, started and stopped as one."""
+    """Several neighbours at once, each on its own thread and cores, started and stopped as one
+    (a part that fails to start stops those started before it)."""
 
     def __init__(self, *parts: Background) -> None:
         super().__init__(None)
         self.parts = parts
+        self._started = contextlib.ExitStack()
 
     def __enter__(self):
-        for p in self.parts:
-            p.__enter__()
+        with contextlib.ExitStack() as stack:
+            for p in self.parts:
+                stack.enter_context(p)
+            self._started = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        for p in reversed(self.parts):
-            p.__exit__(*exc)
+        self._started.__exit__(*exc)
 
 
 class _CpuJobs(_Neighbour):

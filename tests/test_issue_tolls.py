@@ -151,6 +151,16 @@ def test_neighbours_together_run_each_on_its_own_thread_inside_the_block_only():
         assert getattr(both, "count", 0) == 0                      # counts nothing itself (issue_round: none)
     assert not a.thread.is_alive() and not b.thread.is_alive() and a.count > 0 and b.count > 0
 
+    class Broken(Background):
+        def __enter__(self):
+            raise RuntimeError("no copy engine")
+
+    first = Counter()
+    with pytest.raises(RuntimeError, match="no copy engine"):
+        with _Together(first, Broken()):
+            pass
+    assert first.thread.ident is not None and not first.thread.is_alive()   # started, then stopped
+
 
 # --------------------------------------------------------------------------- the profile section
 
