@@ -144,32 +144,49 @@ def by_loading(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     return _medians(out, PHASES)
 
 
+GAP_PASSES = {"f": "forward", "b": "backward"}    # an action's category by its pass
 JOBS = ("alone", "other", "job")
 
 
-def _action_layer(e) -> tuple[int, str, object]:
-    """The rank, action (`0F3@2`: a pass of one micro-batch on one stage) and layer of an event."""
-    return e.rank, e.name.split(":", 1)[0], e.args.get("layer")
+def _action_layers(trace: Trace) -> Callable:
+    """A function from an event (a block call or a CPU lane's job) to its rank, action (`0F3`:
+    a pass of one micro-batch on one stage), the action's occurrence (the step, counted from
+    0) and layer. An action runs once a step under one name, so the occurrence is the last of
+    its starts at or before the event's start: a CPU job starts inside the action that
+    handed it over."""
+    starts: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "compute" and e.cat in GAP_PASSES.values() and block_kind(e.name) is None:
+            starts[(e.rank, e.name)].append(e.start_s)
+    for v in starts.values():
+        v.sort()
+
+    def key(e) -> tuple[int, str, int, object]:
+        action = e.name.split("@", 1)[0]
+        seen = starts.get((e.rank, action), [])
+        return e.rank, action, bisect.bisect_right(seen, e.start_s + 1e-9) - 1, e.args.get("layer")
+    return key
 
 
 def by_jobs(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
-    """The `key` calls by whether their layer ran CPU experts in the same action (a "job
-    layer"), and for the others whether another rank's CPU experts computed while each was
-    issued: 'alone', 'other', 'job' -> (calls, median host us). A backward's CPU experts and
-    its recompute's share the action's name, so they count for both. In session 17's APTMoE
-    runs with --inter_stage_only a job layer's expert forwards took 1.4-1.9x those of a layer
-    without one, also while none of its experts computed, and another rank's experts cost
-    nothing (docs/measured/h200x2-session17)."""
-    jobs = {_action_layer(e) for e in trace.events if e.stream == "cpu" and e.cat in CPU_EXPERTS}
+    """The `key` calls by whether their layer ran CPU experts in the same occurrence of the
+    action, that is in the same step (a "job layer"), and for the others whether another
+    rank's CPU experts computed while each was issued: 'alone', 'other', 'job' -> (calls,
+    median host us). A backward's CPU experts and its recompute's share the action's name,
+    so they count for both. In session 17's APTMoE runs with --inter_stage_only a job layer's
+    expert forwards took 1.4-1.9x those of a layer without one, also while none of its
+    experts computed, and another rank's experts cost nothing (docs/measured/h200x2-session17).
+    Sessions 17 and 18 keyed a job layer by action and layer alone, so a layer that ran CPU
+    experts in any step counted as one in every step; APTMoE's split changes from step to
+    step, and its figures were read again (docs/measured/h200x2-session17)."""
+    place = _action_layers(trace)
+    jobs = {place(e) for e in trace.events if e.stream == "cpu" and e.cat in CPU_EXPERTS}
     spans = _cpu_expert_spans(trace)
     out = defaultdict(list)
     for e, us, (a, b) in _issued(trace, key):
-        group = "job" if _action_layer(e) in jobs else "other" if _others_busy(spans, e.rank, a, b) else "alone"
+        group = "job" if place(e) in jobs else "other" if _others_busy(spans, e.rank, a, b) else "alone"
         out[group].append(us)
     return _medians(out, JOBS)
-
-
-GAP_PASSES = {"f": "forward", "b": "backward"}
 
 
 def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:

@@ -131,6 +131,21 @@ def test_calls_split_by_their_layers_cpu_experts_and_another_ranks(tmp_path, cap
     assert out.splitlines()[-1].split()[2:] == ["150", "(4)", "180", "(2)", "300", "(6)"]
 
 
+def test_a_job_layer_is_one_in_its_own_step_only(tmp_path) -> None:
+    t = Trace("real", meta={"pipeline": "APTMoE"})
+    # rank 0's forward of stage 0 micro-batch 0 runs under one name in each of three steps; its
+    # layer 0 sends expert 7 to the CPU in steps 0 and 2, not in step 1, where its call is as
+    # fast as layer 1's
+    for s in range(3):
+        at = s * 1e-1
+        t.add("0F0", 0, "compute", at, at + 2e-2, "forward")
+        t.add("0F0@0:e0", 0, "compute", at + 1e-3, at + 2e-3, "forward", host_us=100.0 if s == 1 else 300.0, layer=0)
+        t.add("0F0@1:e0", 0, "compute", at + 5e-3, at + 6e-3, "forward", host_us=110.0, layer=1)
+        if s != 1:
+            t.add("0F0@0:e7", 0, "cpu", at + 1.5e-3, at + 4e-3, "cpu-expert", layer=0)
+    assert host_calls.by_jobs(t) == {"alone": (4, 110.0), "job": (2, 300.0)}
+
+
 def test_gaps_inside_an_action_by_where_they_fall(tmp_path, capsys) -> None:
     t = Trace("real", meta={"pipeline": "APTMoE"})
     ms = 1e-3
