@@ -24,8 +24,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from aptmoe.atomic import atomic_path  # noqa: E402
-from aptmoe.plan.plan import STREAMS  # noqa: E402
-from aptmoe.trace import Trace  # noqa: E402
+from aptmoe.trace import TRACE_STREAMS, Trace  # noqa: E402
 
 PIPELINE_COLORS = {"GPipe": "#8c8c8c", "GPipeOffload": "#9c6fb0", "Mobius": "#4c78a8", "APTMoE": "#e0503f"}
 
@@ -34,6 +33,7 @@ CATEGORY_COLORS = {
     "backward": "#54a24b",
     "recompute": "#9ecf8f",           # a lighter backward: forward again before it
     "cpu-expert": "#f58518",
+    "cpu-job": "#fdd0a2",             # a light cpu-expert: hand-over to outputs landed
     "load-inter-stage": "#f4b6b0",     # light: lowest priority
     "load-inter-layer": "#e0503f",     # medium
     "load-inter-expert": "#7f0d12",    # dark: highest priority
@@ -68,7 +68,7 @@ class Timeline:
 
 def _row_key(rank_stream: tuple[int, str]) -> tuple:
     rank, stream = rank_stream
-    return (rank, STREAMS.index(stream) if stream in STREAMS else len(STREAMS), stream)
+    return (rank, TRACE_STREAMS.index(stream) if stream in TRACE_STREAMS else len(TRACE_STREAMS), stream)
 
 
 def finest(intervals: list[tuple[float, float, int]]) -> list[int]:

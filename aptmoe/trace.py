@@ -1,7 +1,7 @@
 """One trace schema for both back-ends: Chrome Trace Event JSON, in microseconds.
 
 Each complete event (``"ph": "X"``) has ``pid`` = rank, ``tid`` = stream index (names in
-``STREAMS``, given by thread_name metadata so Perfetto and chrome://tracing label rows),
+``TRACE_STREAMS``, given by thread_name metadata so Perfetto and chrome://tracing label rows),
 ``name`` = the plan action's printed form (``2F0``, ``5LF@12:e3``, ``2F0@12:e3`` for a CPU
 expert), ``cat`` = what it is for colouring (one of ``CATEGORIES``), ``ts``/``dur`` in
 microseconds, and ``args`` with at least ``source`` ("sim" or "real") and, where they apply,
@@ -18,7 +18,8 @@ from pathlib import Path
 from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
-__all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "block_kind", "run_trace", "write_json_atomic"]
+__all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind", "run_trace",
+           "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -27,6 +28,7 @@ CATEGORIES = (
     "forward", "backward",            # compute stream, GPU work of a stage and micro-batch
     "recompute",                       # forward again from a stage checkpoint, before its backward
     "cpu-expert",                      # expert FFN on the CPU (cpu stream)
+    "cpu-job",                         # a layer's CPU experts from hand-over to outputs landed (cpu-jobs)
     "load-inter-stage", "load-inter-layer", "load-inter-expert", "load-stage",   # host -> GPU
     "offload",                         # GPU -> host gradients
     "update",                          # optimizer step
@@ -34,6 +36,18 @@ CATEGORIES = (
     "wait",                            # compute stalled on a block or a receive
     "marker",                          # instant: a stage's load window opens, a drop
 )
+
+
+# The lanes of a trace: the plan's streams, then those only a trace has. A CPU job's span
+# (hand-over to outputs landed) holds its experts' and other jobs' work on the cpu lane, and
+# lanes hold nested events only (Perfetto draws a lane's events as a stack).
+TRACE_STREAMS = (*STREAMS, "cpu-jobs")
+
+# A `cpu-job` event's phases, each an arg `<phase>_us`: waiting for the CPU (the worker busy
+# with another job, or the simulator's CPU resource), for its inputs to be computed on the GPU,
+# their copy to host memory, the experts computing, and their outputs' copy back until the
+# waiter hears of it. The executor runs them in this order; the simulator copies down first.
+CPU_JOB_PHASES = ("queue", "ready", "down", "compute", "up")
 
 
 class TraceError(ValueError):
@@ -96,10 +110,10 @@ class Trace:
         out = []
         for r in range(self.num_ranks):
             out.append({"ph": "M", "name": "process_name", "pid": r, "tid": 0, "args": {"name": f"rank {r}"}})
-            for i, s in enumerate(STREAMS):
+            for i, s in enumerate(TRACE_STREAMS):
                 out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": i, "args": {"name": s}})
         for e in self.events:
-            out.append({"name": e.name, "cat": e.cat, "ph": "X", "pid": e.rank, "tid": STREAMS.index(e.stream),
+            out.append({"name": e.name, "cat": e.cat, "ph": "X", "pid": e.rank, "tid": TRACE_STREAMS.index(e.stream),
                         "ts": round(e.start_s * US_PER_S, 3), "dur": round(e.dur_s * US_PER_S, 3),
                         "args": {"source": self.source, **e.args}})
         return {"traceEvents": out, "displayTimeUnit": "ms",
@@ -126,7 +140,7 @@ class Trace:
                 args = dict(ev.get("args", {}))
                 args.pop("source", None)
                 tid = ev["tid"]
-                stream = STREAMS[tid] if isinstance(tid, int) else str(tid)
+                stream = TRACE_STREAMS[tid] if isinstance(tid, int) else str(tid)
                 start = ev["ts"] / US_PER_S
                 tr.events.append(TraceEvent(ev["name"], int(ev["pid"]), stream, start,
                                             start + ev["dur"] / US_PER_S, ev.get("cat", ""), args))

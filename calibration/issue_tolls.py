@@ -35,10 +35,12 @@ host cores, the CPU worker on the rest):
   whole slowdown (its memory stream and its wakes). A bare memory stream gave 1.01 on the
   2-GPU H200 where the S8 runs' calls took 1.3-1.6x beside the rank's Adam
   (docs/validation-h200-2gpu-v4);
-* d2h copies alone and d2h copies beside those Adam chunks at once, printed only: the S8 runs'
-  expert recomputes took about 4x their time alone beside the rank's gradient offload and its
-  Adam together on native links, 1.3-1.4x on capped ones; the model multiplies dma_factor and
-  adam_factor, and this says by how much that falls short at the machine's own rate;
+* d2h copies alone and d2h copies beside those Adam chunks at once, and the same for the bare
+  copy engine capped to 8 GB/s, printed only: the S8 runs' expert recomputes took about 4x
+  their time alone beside the rank's gradient offload and its Adam together on native links,
+  1.3-1.4x on capped ones; the model multiplies dma_factor and adam_factor (on a capped link,
+  its copy and chunk tolls and adam_factor), and this says by how much that falls short at
+  each rate;
 * GPU expert calls beside MoE-S CPU experts computing on the rank's worker cores, on the next
   rank's, and on both (calibration/expert_neighbours.py) -> `expert_factor`,
   `other_expert_factor`, `both_expert_factor`.
@@ -190,8 +192,11 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
         "d2h": lambda: CopyLoop("d2h", torch.cuda.current_device(), cs),
         "d2h+adam": lambda: _Together(CopyLoop("d2h", torch.cuda.current_device(), cs),
                                       _CpuJobs(adam, workers or None)),
+        "capped+adam": lambda: _Together(_CopyEngine(COPY_MIB[0] * MiB, CAP_GBps, cs),
+                                         _CpuJobs(adam, workers or None)),
     }
-    got: dict[str, list[float]] = {k: [] for k in ("dma", "memory", "chunk", "job", "adam", "d2h", "d2h+adam",
+    together = ("adam", "d2h", "d2h+adam", "capped", "capped+adam")     # each as its time alone's multiple
+    got: dict[str, list[float]] = {k: [] for k in ("dma", "memory", "chunk", "job", *together,
                                                    *(f"copy{m}" for m in COPY_MIB))}
     rates: dict[str, list[float]] = {k: [] for k in conditions}
     try:
@@ -212,7 +217,7 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
             got["chunk"].append((b - a - n * got[f"copy{COPY_MIB[0]}"][-1]) / max(k, 1))
             a, b, n, _ = r["jobs"]
             got["job"].append((b - a * memory) / max(n, 1))
-            for k in ("adam", "d2h", "d2h+adam"):
+            for k in together:
                 a, b, _, _ = r[k]
                 got[k].append(b / a)
         med = {k: statistics.median(v) for k, v in got.items()}
@@ -227,6 +232,8 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
         say(f"  the executor's Adam chunks ({rate['adam']:.0f}/s): {med['adam']:.2f}x")
         say(f"  d2h copies: {med['d2h']:.2f}x; d2h copies and the Adam chunks at once: {med['d2h+adam']:.2f}x "
             f"(the model: dma x adam, {max(1.0, med['dma']) * max(1.0, med['adam']):.2f}x; printed only)")
+        say(f"  copies capped to {CAP_GBps:g} GB/s: {med['capped']:.2f}x; those and the Adam chunks at once: "
+            f"{med['capped+adam']:.2f}x (their product {med['capped'] * max(1.0, med['adam']):.2f}x; printed only)")
     finally:
         bind_this_thread(cores)
         torch.set_num_threads(before_threads)

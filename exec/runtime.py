@@ -66,6 +66,7 @@ from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
 from aptmoe.stage_walk import RunExperts, backward_walk, forward_walk
+from aptmoe.trace import CPU_JOB_PHASES
 
 # "RANK:STEP" makes that rank exit abruptly when the step begins: how the tests check that
 # the other ranks stop with a clear message instead of hanging.
@@ -658,11 +659,15 @@ class RankRuntime:
         ready = self.dev.record()
         sizes = [int(step.counts[e]) for e in experts]
         self.expert_tokens["cpu"] += sum(sizes)
+        submitted = self.dev.host_seconds()
 
         def job():
+            phases = [self.dev.host_seconds()]               # the worker takes the job
             self.dev.block_on(ready)
+            phases.append(self.dev.host_seconds())           # its inputs computed
             host = self.dev.empty_host(down.shape, down.dtype)
             self._land(self.d2h, self.d2h.copy(host, down, self.act_stream), f"the activations of layer {layer}")
+            phases.append(self.dev.host_seconds())           # in host memory
             backs, stays = [], []
             for e, rows in zip(experts, host.split(sizes)):
                 t0 = self.dev.host_seconds()
@@ -677,15 +682,27 @@ class RankRuntime:
             up = torch.cat(backs)
             with self.dev.on(self.act_stream):
                 dev_up = torch.empty(up.shape, dtype=up.dtype, device=self.dev.torch)
+            phases.append(self.dev.host_seconds())           # computed
             landing = self.h2d.copy(dev_up, up, self.act_stream)
             self._wait_event(landing.done, f"the outputs of layer {layer}")
             landing.check()
+            self._job_event(a, layer, experts, sum(sizes), cat, [submitted, *phases, self.dev.host_seconds()])
             marker = landing.end
             if self.dev.cuda:
                 self.dev.keep_for(dev_up, self.dev.compute)
             return dict(zip(experts, zip(dev_up.split(sizes), stays))), marker
 
         return self.cpu.submit(cpu_worker.EXPERT, job)
+
+    def _job_event(self, a: Action, layer: int, experts: list[int], tokens: int, cat: str,
+                   at: list[float]) -> None:
+        """One CPU job on the cpu lane as a `cpu-job` event from its hand-over to its outputs'
+        landing, its phases in the args (trace.CPU_JOB_PHASES, us): the executor and the
+        simulator give the same five, so the wait for a CPU expert's outputs splits into
+        where each spent it."""
+        us = {f"{k}_us": round((b - t) * 1e6, 1) for k, t, b in zip(CPU_JOB_PHASES, at, at[1:])}
+        self.host_events.append((f"{a}@{layer}:cpu", "cpu-jobs", at[0], at[-1], "cpu-job",
+                                 {"layer": layer, "experts": experts, "tokens": tokens, "of": cat, **us}))
 
     def _gpu_experts(self, a: Action, step: RunExperts, run_one, cat: str) -> None:
         """The step's GPU experts in the order their weights arrive; `run_one(e, params)`."""

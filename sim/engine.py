@@ -41,7 +41,7 @@ from aptmoe.stage_walk import (
     backward_walk,
     forward_walk,
 )
-from aptmoe.trace import Trace
+from aptmoe.trace import CPU_JOB_PHASES, Trace
 
 log = logging.getLogger(__name__)
 
@@ -382,9 +382,12 @@ class RankModel:
         """Experts on the CPU from host memory: tokens down, compute, results up."""
         tokens = int(sum(counts[e] for e in experts))
         act_bytes = tokens * self.cfg.model.embedding_dim * self.cfg.model.dtype_bytes
+        at = {"submitted": self.env.now}
         yield from self._copy("d2h", act_bytes)
+        at["down"] = self.env.now
         with self.cpu.request(priority=CPU_EXPERT_PRIORITY) as req:
             yield req
+            at["began"] = self.env.now
             for e in experts:
                 start = self.env.now
                 n, m = int(counts[e]), self.cfg.model
@@ -395,7 +398,14 @@ class RankModel:
                 self.policy.cpu_expert_ran(n, direction, self.env.now - start)
                 self._record(str(label.at(Block.expert_of(layer, e))), "cpu", start, cat,
                              layer=layer, experts=[e], tokens=int(counts[e]))
+            at["computed"] = self.env.now
         yield from self._copy("h2d", act_bytes)
+        # the same phases as the executor's (trace.CPU_JOB_PHASES), each by its own length: here
+        # the copy down comes before the wait for the CPU, and the inputs are ready when handed over
+        us = {"queue": at["began"] - at["down"], "ready": 0.0, "down": at["down"] - at["submitted"],
+              "compute": at["computed"] - at["began"], "up": self.env.now - at["computed"]}
+        self._record(f"{label}@{layer}:cpu", "cpu-jobs", at["submitted"], "cpu-job", layer=layer, experts=list(experts),
+                     tokens=tokens, of=cat, **{f"{k}_us": round(us[k] * 1e6, 1) for k in CPU_JOB_PHASES})
         self.bytes["h2d"] += act_bytes
         self.bytes["d2h"] += act_bytes
         self.expert_tokens["cpu"] += tokens

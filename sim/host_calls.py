@@ -8,7 +8,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 Mobius's host time.
 
     python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
-        [--gaps f|b] [--budget] [--predicted]
+        [--gaps f|b] [--budget] [--cpu-jobs] [--predicted]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.report import format_table
-from aptmoe.trace import Trace, TraceError, block_kind
+from aptmoe.trace import CPU_JOB_PHASES, Trace, TraceError, block_kind
 
 PASSES = {"forward": "f", "backward": "b", "recompute": "r"}
 
@@ -250,6 +250,38 @@ def budget(trace: Trace) -> dict[int, tuple[float, float, float]]:
     return out
 
 
+JOB_PASSES = {"f": "forward", "r": "recompute", "b": "backward"}
+JOB_COLUMNS = (*CPU_JOB_PHASES, "total", "next")
+
+
+def cpu_jobs(trace: Trace) -> dict[str, dict[str, tuple[int, float]]]:
+    """The rank's CPU jobs (a layer's CPU experts in one pass, the `cpu-job` events) by pass
+    (f, r: a backward's recompute, b) -> each phase of trace.CPU_JOB_PHASES, 'total' (the
+    hand-over to the outputs landed) and 'next' (from there to the rank's next block call:
+    the issuing thread's wake-up and the layer's combine) -> (jobs, median us). On a capped
+    link APTMoE's forwards spent 1550 us from their last GPU expert to the next layer, where
+    the simulator put 184 (session 18, `gaps`): this says which phase holds it."""
+    starts: dict[int, list[float]] = defaultdict(list)
+    for _, _, e in _calls(trace):
+        starts[e.rank].append(e.start_s)
+    for v in starts.values():
+        v.sort()
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for j in trace.events:
+        if j.cat != "cpu-job":
+            continue
+        action = j.name.split("@", 1)[0]
+        pass_ = "f" if "F" in action else "r" if j.args.get("of") == "recompute" else "b"
+        for k in CPU_JOB_PHASES:
+            out[pass_][k].append(float(j.args[f"{k}_us"]))
+        out[pass_]["total"].append(j.dur_s * 1e6)
+        later = starts.get(j.rank, [])
+        i = bisect.bisect_left(later, j.end_s)
+        if i < len(later):
+            out[pass_]["next"].append((later[i] - j.end_s) * 1e6)
+    return {p: _medians(out[p], JOB_COLUMNS) for p in JOB_PASSES if p in out}
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The run folders named, a matrix folder standing for its cells' runs."""
     out = []
@@ -308,11 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", action="store_true",
                    help="also where each rank's compute stream spends a step: its block calls, the gaps inside "
                         "its actions, the rest (ms a step)")
+    p.add_argument("--cpu-jobs", action="store_true",
+                   help="also the CPU jobs' phases by pass: waiting for the CPU, for the inputs, the copy down, "
+                        "the experts, the copy up, in all, and on to the next block call (median us)")
     p.add_argument("--predicted", action="store_true",
                    help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
     ns = p.parse_args(argv)
     asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
-    rows, keys, gap_rows, budget_rows = [], set(), [], []
+    rows, keys, gap_rows, budget_rows, job_rows = [], set(), [], [], []
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
         traces = traces_of(run, ns.predicted)
@@ -333,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                 splits[s.flag].append([label, name, *_cells(s.split(trace, call), s.groups)])
             if ns.gaps:
                 gap_rows.append((label, name, gaps(trace, ns.gaps)))
+            if ns.cpu_jobs:
+                job_rows.extend([label, name, pass_, str(max(n for n, _ in g.values())),
+                                 *(f"{g[k][1]:.0f}" if k in g else "-" for k in JOB_COLUMNS)]
+                                for pass_, g in cpu_jobs(trace).items())
             if ns.budget:
                 budget_rows.extend([label, name, str(rank), *(f"{round(x, 1) + 0.0:.1f}" for x in (*b, sum(b)))]
                                    for rank, b in budget(trace).items())
@@ -351,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(["run", "schedule", "start", *where, "end"],
                            [[label, name, *(f"{round(g[k][1])} ({round(g[k][2])})" if k in g else "-"
                                             for k in ("start", *where, "end"))] for label, name, g in gap_rows]))
+    if ns.cpu_jobs:
+        print("\nmedian us of the CPU jobs (f forward, r recompute, b backward) in each phase, in all, and from "
+              "their outputs' landing to the rank's next block call\n")
+        print(format_table(["run", "schedule", "pass", "jobs", *JOB_COLUMNS], job_rows))
     if ns.budget:
         print("\nms a step on each rank's compute stream\n")
         print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))

@@ -20,7 +20,7 @@ from exec_helpers import TINY, run_and_compare  # noqa: E402
 
 from aptmoe.exec.cli import main as run_main  # noqa: E402
 from aptmoe.plan.actions import Block  # noqa: E402
-from aptmoe.trace import Trace  # noqa: E402
+from aptmoe.trace import CPU_JOB_PHASES, Trace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--gpus", "2"]
@@ -62,6 +62,16 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
         assert (out / f"timeline-{name}.png").stat().st_size > 0
     apt = Trace.load(out / "trace-APTMoE.json")
     assert any(e.cat == "cpu-expert" for e in apt.events)
+    # each CPU job spans its experts' work, its phases adding up to its span
+    jobs = [e for e in apt.events if e.cat == "cpu-job"]
+    assert jobs and all(e.stream == "cpu-jobs" for e in jobs)
+    for j in jobs:
+        phases = sum(j.args[f"{k}_us"] for k in CPU_JOB_PHASES)
+        assert abs(phases - j.dur_s * 1e6) < 1.0, (j.name, j.args)
+        mine = [e for e in apt.events if e.stream == "cpu" and e.rank == j.rank and e.cat in ("cpu-expert", "recompute")
+                and e.name.split("@")[0] == j.name.split("@")[0] and e.args["layer"] == j.args["layer"]
+                and j.start_s <= e.start_s <= j.end_s]
+        assert sorted(e.args["experts"][0] for e in mine) == sorted(j.args["experts"]), j.name
     # every block on the compute stream carries the host time of its call; on CPU ranks the
     # call is the whole block, so the host time is no shorter than a fraction of the span
     blocks = [e for e in apt.events if e.stream == "compute" and "@" in e.name]

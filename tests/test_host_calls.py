@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from aptmoe.sim import host_calls
 from aptmoe.trace import Trace, block_kind
 
@@ -189,3 +191,27 @@ def test_budget_splits_each_ranks_step_into_calls_gaps_and_the_rest(tmp_path, ca
     assert host_calls.main([str(tmp_path), "--budget"]) == 0
     row = capsys.readouterr().out.split("compute stream")[1].splitlines()[-1].split()
     assert row[1:] == ["Mobius", "0", "5.0", "5.0", "11.0", "21.0"]
+
+
+def test_cpu_jobs_by_pass_and_phase_and_the_wait_to_the_next_call(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "APTMoE"})
+    phases = {"queue_us": 10.0, "ready_us": 20.0, "down_us": 30.0, "compute_us": 400.0, "up_us": 40.0}
+    # two forward jobs of 500 us (the next call 100 and 300 us after), one recompute job and
+    # one backward job in a backward action; a job with no call after it has no 'next'
+    for i, at in enumerate((0.0, 0.01)):
+        t.add(f"{i}F0@0:cpu", 0, "cpu-jobs", at, at + 5e-4, "cpu-job", layer=0, of="cpu-expert", **phases)
+        t.add(f"{i}F0@1:a", 0, "compute", at + 5e-4 + (1e-4 if i == 0 else 3e-4), at + 8e-3, "forward",
+              host_us=50.0, layer=1)
+    t.add("0B0@0:cpu", 0, "cpu-jobs", 0.02, 0.0202, "cpu-job", layer=0, of="recompute",
+          **{**phases, "compute_us": 100.0})
+    t.add("0B0@0:cpu", 0, "cpu-jobs", 0.03, 0.0305, "cpu-job", layer=0, of="cpu-expert", **phases)
+    got = host_calls.cpu_jobs(t)
+    assert set(got) == {"f", "r", "b"}
+    assert got["f"]["compute"] == (2, 400.0) and got["f"]["next"] == (2, 200.0)
+    assert got["f"]["total"][1] == pytest.approx(500.0)
+    assert got["r"]["compute"] == (1, 100.0) and "next" not in got["b"]
+    t.save(tmp_path / "trace-APTMoE.json")
+    assert host_calls.main([str(tmp_path), "--cpu-jobs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    f_row = next(line.split() for line in out if line.split()[2:3] == ["f"])
+    assert f_row[3:] == ["2", "10", "20", "30", "400", "40", "500", "200"]

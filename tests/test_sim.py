@@ -14,7 +14,7 @@ from aptmoe.plan.actions import Kind
 from aptmoe.plan.builders import build_plan
 from aptmoe.sim.links import SharedRoot, max_min_rates
 from aptmoe.sim.simulate import simulate
-from aptmoe.trace import Trace
+from aptmoe.trace import CPU_JOB_PHASES, Trace
 
 
 class ConstCost(KernelTimeOnly):
@@ -336,3 +336,25 @@ def test_a_profile_without_the_receive_figure_is_named_only_where_a_rank_receive
     two = simulate(_cfg(gpus=2, layers=4, chunks=2, topo="C1+G1"), "a800-paper")
     note = "recv wait: not measured, a posted receive costs the blocks beside it nothing"
     assert note not in one.fallbacks and note in two.fallbacks
+
+
+def test_a_cpu_jobs_phases_are_its_copies_and_its_experts_compute():
+    """Forward only (no gradient offload shares the copy down): each job's copy down takes its
+    activations' bytes over the link, its compute the cost's figure per expert, its copy up
+    no less than its bytes over the link (weight loads share it), and the five phases add up
+    to the job's span on the cpu-jobs lane."""
+    cfg = _cfg(pipeline=Pipeline.APTMOE, gpus=2, layers=8, stages=4, topo="C1+G1", experts=8, gini=0.6,
+               fwd_only=True)
+    rate, cpu_s = 1e-3, 1e-4
+    tr = Trace("sim")
+    simulate(cfg, ConstCost(h2d_GBps=rate, cpu_s=cpu_s), trace=tr)
+    jobs = [e for e in tr.events if e.cat == "cpu-job"]
+    assert jobs and all(e.stream == "cpu-jobs" for e in jobs)
+    for j in jobs:
+        us = {k: j.args[f"{k}_us"] for k in CPU_JOB_PHASES}
+        copy_us = j.args["tokens"] * cfg.model.embedding_dim * cfg.model.dtype_bytes / (rate * 1e9) * 1e6
+        assert us["down"] == pytest.approx(copy_us, abs=0.1)
+        assert us["up"] >= copy_us - 0.1
+        assert us["compute"] == pytest.approx(len(j.args["experts"]) * cpu_s * 1e6, abs=0.1)
+        assert us["ready"] == 0.0 and us["queue"] >= 0.0
+        assert sum(us.values()) == pytest.approx(j.dur_s * 1e6, abs=0.5)

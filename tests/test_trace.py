@@ -7,7 +7,7 @@ import json
 import pytest
 
 from aptmoe.plan.plan import STREAMS
-from aptmoe.trace import CATEGORIES, US_PER_S, Trace, TraceError, write_json_atomic
+from aptmoe.trace import CATEGORIES, TRACE_STREAMS, US_PER_S, Trace, TraceError, write_json_atomic
 
 
 def sample() -> Trace:
@@ -52,7 +52,7 @@ def test_metadata_rows_name_every_rank_and_stream() -> None:
     procs = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
     assert procs == {0: "rank 0", 1: "rank 1"}
-    assert threads == {(r, i): s for r in (0, 1) for i, s in enumerate(STREAMS)}
+    assert threads == {(r, i): s for r in (0, 1) for i, s in enumerate(TRACE_STREAMS)}
     assert d["otherData"]["schema"] == "aptmoe-trace/1" and d["otherData"]["source"] == "sim"
     xs = [e for e in d["traceEvents"] if e["ph"] == "X"]
     assert all(e["args"]["source"] == "sim" for e in xs)
