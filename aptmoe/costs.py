@@ -96,6 +96,10 @@ class CostSource(Protocol):
         rank's other threads, and beside DMA and a memory stream (an `IssueTolls`, or None:
         it runs at its calibrated speed whatever runs beside it)."""
 
+    def cpu_job(self):
+        """How long a CPU expert job waits beyond its copies' bytes and its experts' compute
+        (an `aptmoe.profile.CpuJob`, or None: nothing more)."""
+
     def pacer_late_s(self) -> float:
         """How long after its bytes have passed over the cap a copy on a capped link is seen to
         have landed (the link is free meanwhile; 0: not measured)."""
@@ -126,6 +130,9 @@ class KernelTimeOnly:
         return None
 
     def issue_tolls(self):
+        return None
+
+    def cpu_job(self):
         return None
 
     def pacer_late_s(self) -> float:

@@ -31,6 +31,9 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``pacer`` (optional): {late_s}, how long after its bytes have passed over the cap a copy on
   a capped link is seen to have landed: the pacing thread's sleep ends late, and the thread
   waiting for the copy wakes after it (calibration/pacer.py);
+- ``cpu_job`` (optional): {take_s, down_s, up_s, resume_s}, how long an executor's CPU job
+  waits beyond its copies' bytes and its experts: the worker taking it, its copies' launches
+  and landings heard, the issuing thread's wake after it (calibration/cpu_jobs.py);
 - ``recv_wait`` (optional): {blocks: [{kind, d, slowdown}, ...]}, how many times its time
   alone a block of each kind and width takes while a receive posted on its rank waits for the
   peer's send (NCCL's receive kernel holds SMs as it waits; calibration/p2p.py). A block not
@@ -319,6 +322,22 @@ class IssueTolls:
 
 
 @dataclass(frozen=True)
+class CpuJob:
+    """How long one of the executor's CPU jobs (a layer's CPU experts in one pass) waits
+    beyond its copies' bytes and its experts' compute (exec/runtime.py `_submit_cpu`): each is
+    a Python thread woken in turn. `take_s`: from the hand-over until the CPU worker runs it
+    with its inputs computed; `down_s`, `up_s`: the copy down's and the copy up's launch
+    and landing heard, besides their bytes; `resume_s`: the issuing thread's wake when the
+    outputs are in, over a layer with no job. Read from the executor's own traces
+    (calibration/cpu_jobs.py). Optional in the schema: without it a job takes its copies and
+    its experts only (on the 2-GPU H200, S8 G0.3, 0.7-1.0 ms a job short, session 19)."""
+    take_s: float
+    down_s: float
+    up_s: float
+    resume_s: float
+
+
+@dataclass(frozen=True)
 class Pacer:
     """How long after its bytes have passed over the cap a copy on a capped link is seen to
     have landed: the link's pacing thread wakes late from its sleep, and the thread waiting
@@ -364,6 +383,7 @@ class Profile:
     issue_tolls: IssueTolls | None = None
     pacer: Pacer | None = None
     recv_wait: RecvWait | None = None
+    cpu_job: CpuJob | None = None
 
     schema: typing.ClassVar[str] = SCHEMA
 
@@ -419,6 +439,8 @@ class Profile:
             d["issue_tolls"] = {k: v for k, v in dataclasses.asdict(self.issue_tolls).items() if v is not None}
         if self.pacer is not None:
             d["pacer"] = dataclasses.asdict(self.pacer)
+        if self.cpu_job is not None:
+            d["cpu_job"] = dataclasses.asdict(self.cpu_job)
         if self.recv_wait is not None:
             d["recv_wait"] = {"blocks": [{"kind": k, "d": w, "slowdown": x} for k, w, x in self.recv_wait.blocks]}
         return d
@@ -583,7 +605,8 @@ class _Parser:
             self.fail("schema", f"unknown schema version {self._show(data['schema'])}; this aptmoe reads {SCHEMA!r}")
         d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
                                 "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch", "host_memory",
-                                                                    "issue_tolls", "pacer", "recv_wait"))
+                                                                    "issue_tolls", "pacer", "recv_wait",
+                                                                    "cpu_job"))
         description = d.get("description", "")
         if not isinstance(description, str):
             self.fail("description", "must be a string")
@@ -605,7 +628,13 @@ class _Parser:
             pacer=Pacer(self.number(self.obj(d["pacer"], "pacer", ("late_s",))["late_s"], "pacer.late_s",
                                     positive=False, unit="s")) if "pacer" in d else None,
             recv_wait=self.recv_wait(d["recv_wait"]) if "recv_wait" in d else None,
+            cpu_job=self.cpu_job(d["cpu_job"]) if "cpu_job" in d else None,
         )
+
+    def cpu_job(self, data: Any) -> CpuJob:
+        fields = tuple(f.name for f in dataclasses.fields(CpuJob))
+        d = self.obj(data, "cpu_job", fields)
+        return CpuJob(**{f: self.number(d[f], f"cpu_job.{f}", positive=False, unit="s") for f in fields})
 
     def recv_wait(self, data: Any) -> RecvWait:
         blocks = self.obj(data, "recv_wait", ("blocks",))["blocks"]
@@ -1189,6 +1218,12 @@ class ProfileCost:
             self.fallbacks.add(f"recv wait {kind} d{self.model.embedding_dim}: not measured, the median of the "
                                f"blocks that were")
         return max(1.0, x)
+
+    def cpu_job(self) -> CpuJob | None:
+        """How long a CPU job waits beyond its copies and its experts (None: not measured)."""
+        if self.profile.cpu_job is None and self.profile.dispatch is not None:
+            self.fallbacks.add("cpu job: not measured, a CPU job takes its copies and its experts only")
+        return self.profile.cpu_job
 
     def issue_tolls(self) -> IssueTolls | None:
         """What the issuing thread loses to the rank's other threads (None: not measured,

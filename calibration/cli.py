@@ -26,7 +26,7 @@ from aptmoe.profile import ProfileError, load_profile
 
 PROG = "aptmoe-calibrate"
 MODEL_SIZES = ("S", "M", "L")                 # the config presets (Table I)
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer")   # the profiler's parts that --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")   # the profiler's parts that --skip can leave out
 
 
 class UsageError(ValueError):

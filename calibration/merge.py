@@ -23,7 +23,8 @@ import sys
 from aptmoe import version
 from aptmoe.profile import ProfileError, load_profile
 
-SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls", "pacer", "recv_wait")
+SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls", "pacer", "recv_wait",
+            "cpu_job")
 # roofline fields measured from each section (calibration/profiler.py's overrides)
 ROOFLINE_FIELDS = {
     "links": ("h2d", "d2h", "root_GBps", "p2p_intra"),

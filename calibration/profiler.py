@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -45,6 +46,8 @@ import torch
 
 from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
+from aptmoe.calibration.cpu_jobs import PROBE as CPU_JOB_PROBE
+from aptmoe.calibration.cpu_jobs import measure_cpu_job
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
 from aptmoe.calibration.issue_tolls import CAP_GBps, COPY_MIB, measure_issue_tolls
 from aptmoe.calibration.pacer import CAP_GBps as PACER_CAP
@@ -63,11 +66,11 @@ from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import FUSED_CPU, BlockAdam
 from aptmoe.costs import LinkSpec
 from aptmoe.isotonic import pava
-from aptmoe.profile import (Adam, CpuCurve, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, Profile, RecvWait,
+from aptmoe.profile import (Adam, CpuCurve, CpuJob, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, Profile, RecvWait,
                             Skipped, nearest_count)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer")          # what --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")   # what --skip can leave out
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
@@ -434,6 +437,7 @@ class Measured:
     issue_tolls_notes: list[str] = field(default_factory=list)
     pacer_late: float | None = None
     pacer_device: str = "cpu"                # where the pacer's copies went
+    cpu_job: CpuJob | None = None
     recv_wait: dict[tuple[str, int], float] = field(default_factory=dict)   # (kind, d) -> beside / alone (p2p part)
     recv_backend: str = ""
 
@@ -902,6 +906,11 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
     elif not machine.gpus or opts.blocks_on == "cpu":
         out.append(Skipped("issue_tolls", f"{no_gpu if not machine.gpus else '--blocks-on cpu'}: no GPU rank "
                                           "whose issuing thread to time"))
+    if "cpujob" in opts.skip:
+        out.append(Skipped("cpu_job", "--skip cpujob: a CPU job takes its copies and its experts only"))
+    elif not machine.gpus or opts.blocks_on == "cpu":
+        out.append(Skipped("cpu_job", f"{no_gpu if not machine.gpus else '--blocks-on cpu'}: no GPU rank whose "
+                                      "CPU jobs to time"))
     if "adam" in opts.skip:
         out.append(Skipped("adam", "--skip adam: roofline Adam rates"))
     elif not machine.gpus and opts.blocks_on != "cpu":
@@ -983,6 +992,8 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
     if "tolls" not in opts.skip and gpus and opts.blocks_on != "cpu":
         add("issue tolls", lambda: setattr(m, "issue_tolls", measure_issue_tolls(rounds=sizes.toll_rounds,
                                                                          say=m.issue_tolls_notes.append)))
+    if "cpujob" not in opts.skip and gpus and opts.blocks_on != "cpu":
+        add("cpu job", lambda: setattr(m, "cpu_job", measure_cpu_job()))
     if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
         # On CPU ranks: two of them, as the executor runs by default without a GPU.
         device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
@@ -1254,6 +1265,10 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                     f"{CAP_GBps:g} GB/s), the CPU worker's one-token MoE-M experts and the executor's "
                                     f"Adam chunks, DMA copies and a memory stream (calibration/issue_tolls.py): "
                                     + "; ".join(n.strip() for n in m.issue_tolls_notes))
+    if m.cpu_job is not None:
+        a.sources["cpu_job"] = ("measured: the executor's own APTMoE run on one GPU with MoE-S's widths on a native "
+                                "link (" + " ".join(CPU_JOB_PROBE) + "), the medians of its CPU jobs' phases "
+                                "(calibration/cpu_jobs.py)")
     if m.dispatch is not None:
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
                                  f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls) on a model too "
@@ -1291,6 +1306,7 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         if m.host_memory else None,
         issue_tolls=m.issue_tolls,
         pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)),
+        cpu_job=None if m.cpu_job is None else CpuJob(*(round_sig(x) for x in dataclasses.astuple(m.cpu_job))),
         recv_wait=RecvWait(tuple((k, d, round_sig(x)) for (k, d), x in sorted(m.recv_wait.items())))
         if m.recv_wait else None)
 

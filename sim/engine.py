@@ -173,6 +173,8 @@ class RankModel:
         self.issuing = IssuingThread(self.cost.issue_tolls() if self.runs_ahead else None,
                                      capped=c.link_bandwidth_GBps is not None, rank=rank,
                                      host=step.host_experts[c.socket_of(rank)])
+        # A CPU job's thread wakes beyond its copies and experts (calibration/cpu_jobs.py)
+        self.cpu_job = self.cost.cpu_job()
         # A capped copy is seen to have landed late, the link free meanwhile (calibration/pacer.py)
         self.pacer_late = self.cost.pacer_late_s() if c.link_bandwidth_GBps is not None else 0.0
         # A receive is posted when the rank's net program reaches it, ahead of the send that
@@ -382,8 +384,14 @@ class RankModel:
         """Experts on the CPU from host memory: tokens down, compute, results up."""
         tokens = int(sum(counts[e] for e in experts))
         act_bytes = tokens * self.cfg.model.embedding_dim * self.cfg.model.dtype_bytes
+        lat = self.cpu_job
         at = {"submitted": self.env.now}
+        if lat is not None:                 # the worker wakes to take it (and its inputs are computed)
+            yield self.env.timeout(lat.take_s)
+        at["taken"] = self.env.now
         yield from self._copy("d2h", act_bytes)
+        if lat is not None:
+            yield self.env.timeout(lat.down_s)
         at["down"] = self.env.now
         with self.cpu.request(priority=CPU_EXPERT_PRIORITY) as req:
             yield req
@@ -400,9 +408,12 @@ class RankModel:
                              layer=layer, experts=[e], tokens=int(counts[e]))
             at["computed"] = self.env.now
         yield from self._copy("h2d", act_bytes)
+        if lat is not None:
+            yield self.env.timeout(lat.up_s)
         # the same phases as the executor's (trace.CPU_JOB_PHASES), each by its own length: here
-        # the copy down comes before the wait for the CPU, and the inputs are ready when handed over
-        us = {"queue": at["began"] - at["down"], "ready": 0.0, "down": at["down"] - at["submitted"],
+        # the copy down comes before the wait for the CPU, and the inputs are ready when taken
+        us = {"queue": at["taken"] - at["submitted"] + at["began"] - at["down"], "ready": 0.0,
+              "down": at["down"] - at["taken"],
               "compute": at["computed"] - at["began"], "up": self.env.now - at["computed"]}
         self._record(f"{label}@{layer}:cpu", "cpu-jobs", at["submitted"], "cpu-job", layer=layer, experts=list(experts),
                      tokens=tokens, of=cat, **{f"{k}_us": round(us[k] * 1e6, 1) for k in CPU_JOB_PHASES})
@@ -443,8 +454,11 @@ class RankModel:
         yield from self._gpu_experts(a.stage, step.pass_, step.layer, step.gpu, step.counts, step.direction, a,
                                      step.cat)
         if cpu is not None:
+            waits = cpu.is_alive            # a job done by now is no wake: its result is there
             yield cpu
             self._host_waited()
+            if waits and self.cpu_job is not None:
+                self.host_t += self.cpu_job.resume_s
 
     # ------------------------------------------------------------------ the issuing host
     def _host_waited(self) -> None:

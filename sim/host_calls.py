@@ -262,8 +262,9 @@ def cpu_jobs(trace: Trace) -> dict[str, dict[str, tuple[int, float]]]:
     link APTMoE's forwards spent 1550 us from their last GPU expert to the next layer, where
     the simulator put 184 (session 18, `gaps`): this says which phase holds it."""
     starts: dict[int, list[float]] = defaultdict(list)
-    for _, _, e in _calls(trace):
-        starts[e.rank].append(e.start_s)
+    for e in trace.events:              # every block call, predicted ones too (they have no host_us)
+        if e.stream == "compute" and e.cat in PASSES and block_kind(e.name) is not None:
+            starts[e.rank].append(e.start_s)
     for v in starts.values():
         v.sort()
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -1,0 +1,116 @@
+"""How long the executor's CPU jobs wait beyond their copies and their experts (`cpu_job`).
+
+A CPU job (a layer's CPU experts in one pass, exec/runtime.py `_submit_cpu`) is handed to the
+CPU worker thread, which waits for the job's inputs on the GPU, copies them down, runs the
+experts, copies the outputs up and waits for them to land; then the issuing thread, which
+waited for the job, wakes. Each hand-over is a Python thread woken. On the 2-GPU H200 (S8
+G0.3, session 19) a job took 0.7-1.0 ms longer than its copies and experts: the worker took
+it 150-280 us after the hand-over, the copies took 270-640 and 160-430 us for a few hundred
+KB, and the issuing thread resumed 250-730 us after the outputs landed.
+
+Those waits are read here from the executor's own trace: `aptmoe-run` APTMoE on one GPU with
+MoE-S's widths on a native link (its cold experts go to the CPU), each job's phases
+(trace.CPU_JOB_PHASES) as the executor timed them:
+
+* `take_s`: the median of the wait for the worker and for the inputs;
+* `down_s`, `up_s`: the medians of the copies' phases (their bytes at this size take a few
+  microseconds at the native rate, which the model adds again: left in);
+* `resume_s`: the median time from a job's outputs landing to the issuing thread's next call,
+  where the thread waited for them, less the median from a layer's last GPU expert to the
+  next call where the layer had no job (the combine and the next launch, which the model
+  already has in `dispatch`).
+
+    python -m aptmoe.calibration.cpu_jobs [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import statistics
+import sys
+from collections import defaultdict
+
+from aptmoe.calibration.dispatch import _probe, _run_probe
+from aptmoe.profile import CpuJob
+from aptmoe.trace import Trace, block_kind
+
+PROBE = _probe({"num_layers": 8, "num_stages": 4, "num_experts": 8, "gini": 0.3, "batch_size": 32, "num_chunks": 4,
+                "seq_length": 128, "pipeline": "APTMoE", "num_warmup_steps": 1, "num_training_steps": 3})
+PASSES = ("forward", "backward", "recompute")
+
+
+def _occurrence(starts: dict[tuple[int, str], list[float]], rank: int, action: str, at: float) -> int:
+    """Which run of `action` (one a step) on `rank` an event at `at` belongs to."""
+    return bisect.bisect_right(starts.get((rank, action), []), at + 1e-9) - 1
+
+
+def cpu_job_from_trace(trace: Trace) -> CpuJob:
+    """The medians above from one APTMoE trace of the executor (source 'real')."""
+    jobs = [e for e in trace.events if e.cat == "cpu-job"]
+    if not jobs:
+        raise ValueError("the CPU-job probe put no expert on the CPU: APTMoE's split sent every expert to the "
+                         "GPU on this machine, so there is no job to time")
+    phase = {k: [j.args[f"{k}_us"] * 1e-6 for j in jobs] for k in ("queue", "ready", "down", "up")}
+    take = statistics.median(q + r for q, r in zip(phase["queue"], phase["ready"]))
+    starts: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for e in trace.events:
+        if e.stream == "compute" and e.cat in ("forward", "backward") and block_kind(e.name) is None:
+            starts[(e.rank, e.name)].append(e.start_s)
+    for v in starts.values():
+        v.sort()
+    # forward jobs by (rank, action, its run, layer)
+    job_of = {}
+    for j in jobs:
+        action = j.name.split("@", 1)[0]
+        if "F" in action:
+            job_of[(j.rank, action, _occurrence(starts, j.rank, action, j.start_s), j.args["layer"])] = j
+    calls = sorted((e for e in trace.events if e.stream == "compute" and e.cat == "forward"
+                    and block_kind(e.name) is not None), key=lambda e: (e.rank, e.start_s))
+    waited, alone = [], []
+    for x, y in zip(calls, calls[1:]):
+        if x.rank != y.rank or block_kind(x.name) != "e" or x.args.get("layer") == y.args.get("layer"):
+            continue
+        action = x.name.split("@", 1)[0]
+        if y.name.split("@", 1)[0] != action:
+            continue
+        j = job_of.get((x.rank, action, _occurrence(starts, x.rank, action, x.start_s), x.args.get("layer")))
+        if j is None:
+            alone.append(y.start_s - x.end_s)
+        elif j.end_s > x.end_s and y.start_s >= j.end_s:
+            waited.append(y.start_s - j.end_s)
+    if not waited or not alone:
+        raise ValueError("the CPU-job probe's forwards need layers with a job the issuing thread waited for and "
+                         f"layers without one; it had {len(waited)} and {len(alone)}")
+    resume = max(0.0, statistics.median(waited) - statistics.median(alone))
+    return CpuJob(take_s=take, down_s=statistics.median(phase["down"]), up_s=statistics.median(phase["up"]),
+                  resume_s=resume)
+
+
+def probe_trace() -> Trace:
+    return _run_probe([*PROBE, "--device", "cuda", "--gpus", "1", "--topo", "C1+G1"],
+                      "the CPU-job probe (aptmoe-run APTMoE on MoE-S widths, one GPU)", ("APTMoE",))[0]
+
+
+def measure_cpu_job() -> CpuJob:
+    """Runs the probe on the GPU and returns the medians of its jobs' waits."""
+    return cpu_job_from_trace(probe_trace())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.cpu_jobs", description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=1, help="probe runs, each its own process (1)")
+    ns = p.parse_args(argv)
+    try:
+        for i in range(ns.repeats):
+            t = measure_cpu_job()
+            print(f"run {i + 1}: take {t.take_s * 1e6:.0f} us, down {t.down_s * 1e6:.0f} us, up {t.up_s * 1e6:.0f} us, "
+                  f"resume {t.resume_s * 1e6:.0f} us")
+    except (ValueError, RuntimeError) as e:
+        print(f"cpu_jobs: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
