@@ -82,6 +82,10 @@ class CostSource(Protocol):
     def between_s(self, direction: str) -> float:
         """Host time per layer and pass between its blocks: routing, combine (0: not measured)."""
 
+    def combine_s(self, direction: str) -> float:
+        """Of `between_s`, the part after the layer's experts: the combine (0: not measured, or
+        all of it before them)."""
+
     def host_runs_ahead(self) -> bool:
         """True where blocks run on a GPU, so the host issues the next block while the GPU
         computes this one; False on CPU ranks, where issuing and computing are one thread."""
@@ -145,6 +149,9 @@ class KernelTimeOnly:
         return 0.0
 
     def between_s(self, direction: str) -> float:
+        return 0.0
+
+    def combine_s(self, direction: str) -> float:
         return 0.0
 
     def host_runs_ahead(self) -> bool:

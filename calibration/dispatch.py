@@ -93,14 +93,34 @@ def between_spans(trace: Trace) -> dict[str, list[float]]:
     return out
 
 
+def combine_spans(trace: Trace) -> dict[str, list[float]]:
+    """Per stage pass, from each layer's last expert call (of the pass itself, not its
+    recompute) to the action's next call or its end: the host work after a layer's experts
+    (the combine), the part of `between_spans` that the executor does after waiting for the
+    layer's CPU experts."""
+    out: dict[str, list[float]] = defaultdict(list)
+    blocks = [b for b in _blocks(trace) if b.cat in ("forward", "backward")]
+    for s in trace.events:
+        if s.stream != "compute" or "@" in s.name or s.cat not in ("forward", "backward"):
+            continue
+        inside = sorted((b for b in blocks if b.rank == s.rank and s.start_s <= b.start_s and b.end_s <= s.end_s),
+                        key=lambda b: b.start_s)
+        for x, y in zip(inside, [*inside[1:], None]):
+            if block_kind(x.name) == "e" and (y is None or block_kind(y.name) != "e"):
+                out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if y is None else y.start_s) - x.end_s))
+    return out
+
+
 def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     spans = block_spans(trace)
     if not spans:
         raise ValueError("the probe's trace holds no block events: the executor recorded nothing to time")
     seconds = _medians(spans)
     between = {d: statistics.median(v) for d, v in sorted(between_spans(trace).items())}
+    # a part of `between` by construction; a median of its own can come out over it on noise
+    combine = {d: min(statistics.median(v), between.get(d, 0.0)) for d, v in sorted(combine_spans(trace).items())}
     return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()),
-                    loop_s=run_loop_s(trace.meta.get("host_loop_s")))
+                    loop_s=run_loop_s(trace.meta.get("host_loop_s")), combine=combine or None)
 
 
 def host_times(trace: Trace) -> dict[str, dict[str, float]]:
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(f"{k} {d}", [r.seconds[k][d] for r in runs], [h.get(k, {}).get(d) for h in hosts])
             for k in sorted(runs[0].seconds) for d in sorted(runs[0].seconds[k])]
     rows += [(f"between {d}", [r.between[d] for r in runs], []) for d in sorted(runs[0].between)]
+    rows += [(f"combine {d}", [(r.combine or {}).get(d, 0.0) for r in runs], []) for d in sorted(runs[0].combine or {})]
     print(f"host ms per call, {ns.device}, {ns.ranks} ranks, {'MoE-S widths' if ns.wide else 'tiny model'}, median "
           f"of {ns.repeats} probe runs (each a median): the span (what the profile keeps), then the call's host time")
     for name, xs, hs in rows:

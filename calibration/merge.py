@@ -36,6 +36,7 @@ ROOFLINE_FIELDS = {
     "issue_tolls": (),
     "pacer": (),
     "recv_wait": (),
+    "cpu_job": (),
 }
 
 

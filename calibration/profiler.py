@@ -1266,7 +1266,7 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                     f"Adam chunks, DMA copies and a memory stream (calibration/issue_tolls.py): "
                                     + "; ".join(n.strip() for n in m.issue_tolls_notes))
     if m.cpu_job is not None:
-        a.sources["cpu_job"] = ("measured: the executor's own APTMoE run on one GPU with MoE-S's widths on a native "
+        a.sources["cpu_job"] = ("measured: the executor's own APTMoE run on up to two GPUs with MoE-S's widths on a native "
                                 "link (" + " ".join(CPU_JOB_PROBE) + "), the medians of its CPU jobs' phases "
                                 "(calibration/cpu_jobs.py)")
     if m.dispatch is not None:

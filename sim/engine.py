@@ -445,8 +445,11 @@ class RankModel:
         if isinstance(step, RunBlocks):
             yield from self._blocks(a, step.pass_, list(step.blocks), self.T, step.direction, step.cat)
             return
-        if step.cat != "recompute":         # a layer's routing and combine (the backward's
-            yield from self._between(step.direction)    # figure holds its recompute's too)
+        # a layer's routing before its experts and its combine after them (the backward's
+        # figures hold its recompute's too)
+        combine = self.cost.combine_s(step.direction) if step.cat != "recompute" else 0.0
+        if step.cat != "recompute":
+            yield from self._between(self.cost.between_s(step.direction) - combine)
         cpu = None
         if step.cpu:
             cat = "recompute" if step.cat == "recompute" else "cpu-expert"
@@ -459,6 +462,7 @@ class RankModel:
             self._host_waited()
             if waits and self.cpu_job is not None:
                 self.host_t += self.cpu_job.resume_s
+        yield from self._between(combine)
 
     # ------------------------------------------------------------------ the issuing host
     def _host_waited(self) -> None:
@@ -498,9 +502,9 @@ class RankModel:
             t = end
         return out
 
-    def _between(self, direction: str):
-        """The host's work between a layer's blocks: on a GPU it delays only the host's clock."""
-        b = self.cost.between_s(direction)
+    def _between(self, b: float):
+        """`b` seconds of the host's work between a layer's blocks: on a GPU it delays only the
+        host's clock."""
         if b <= 0:
             return
         if self.runs_ahead:

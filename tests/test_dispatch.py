@@ -24,7 +24,9 @@ def with_dispatch():
 
 def test_dispatch_round_trips_and_is_optional(with_dispatch, tmp_path) -> None:
     again = load_profile(str(with_dispatch.save(tmp_path / "d.json")))
-    assert again.dispatch == D
+    assert again.dispatch == D and "combine" not in json.loads(again.to_json())["dispatch"]
+    split = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, combine={"fwd": 2e-4, "bwd": 4e-4}))
+    assert load_profile(str(split.save(tmp_path / "c.json"))).dispatch == split.dispatch
     assert "dispatch" not in json.loads(load_profile("a800-paper").to_json())
 
 
@@ -38,6 +40,9 @@ def test_dispatch_round_trips_and_is_optional(with_dispatch, tmp_path) -> None:
     (lambda d: d.pop("between"), "dispatch.between"),
     (lambda d: d.update(loop_s=0.0), "dispatch.loop_s"),
     (lambda d: d.update(loop_s="fast"), "dispatch.loop_s"),
+    (lambda d: d.update(combine={"fwd": 6e-4}), "dispatch.combine.fwd"),       # more than between
+    (lambda d: d.update(combine={"fwd": -1e-4}), "dispatch.combine.fwd"),
+    (lambda d: d.update(combine={"up": 1e-4}), "dispatch.combine.up"),
 ])
 def test_a_bad_dispatch_section_is_named(with_dispatch, tmp_path, mutate, field) -> None:
     d = with_dispatch.to_dict()
@@ -126,10 +131,10 @@ def test_work_between_blocks_delays_the_host_on_a_gpu_and_the_stream_on_cpu() ->
     from aptmoe.sim.engine import RankModel
 
     r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25))
-    assert list(RankModel._between(r, "fwd")) == [] and r.host_t == pytest.approx(10.25)
+    assert list(RankModel._between(r, 0.25)) == [] and r.host_t == pytest.approx(10.25)
     assert RankModel._issue(r, [("e", 4, "fwd")]) == pytest.approx([0.25])     # the GPU waits for the host
     r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25, ahead=False))
-    assert list(RankModel._between(r, "fwd")) == [0.25]                          # one hold on the stream
+    assert list(RankModel._between(r, 0.25)) == [0.25]                          # one hold on the stream
 
 
 def test_spans_are_read_by_kind_and_direction() -> None:
@@ -145,6 +150,7 @@ def test_spans_are_read_by_kind_and_direction() -> None:
     tr.add("0F0", 0, "compute", 0.0, 1.8, "forward")      # encloses the three forward blocks: 0.2 between
     d = dispatch_from_trace(tr, "cpu")
     assert d.between == {"fwd": pytest.approx(0.2)}
+    assert d.combine == {"fwd": pytest.approx(0.2)}          # the last expert (1.2-1.6) to the action's end
     assert d.seconds == {"a": {"fwd": pytest.approx(1.0)}, "e": {"bwd": pytest.approx(0.5), "fwd": pytest.approx(0.3)},
                          "g": {"bwd": pytest.approx(0.1)}}
     assert d.samples == 6 and d.device == "cpu"
@@ -271,3 +277,26 @@ def test_a_waiting_receive_slows_the_kernels_and_not_the_host() -> None:
     r = _rank(cost)
     r.recv_slowdown = dict.fromkeys("aeg", 1.5)
     assert RankModel._issue(r, bound_by_kernel) == pytest.approx([2.0])
+
+
+def test_a_layers_combine_comes_after_its_experts(with_dispatch) -> None:
+    """Host-bound blocks (a tiny model): with `combine` measured, a layer's first expert call
+    holds `between` less the combine, and the next layer's attention holds the combine."""
+    from aptmoe.config import ClusterConfig, ModelConfig, PopularityConfig, RunConfig, ScheduleConfig, TrainConfig
+    from aptmoe.sim.simulate import simulate
+
+    cfg = RunConfig(model=ModelConfig(name="tiny", embedding_dim=64, hidden_dim=128, num_heads=4, num_layers=4,
+                                      num_experts=4, seq_length=16),
+                    cluster=ClusterConfig(gpus_per_node=2, topo="C1+G1", gpu_memory_bytes=10**15),
+                    train=TrainConfig(batch_size=32, num_chunks=4, num_warmup_steps=1, num_training_steps=1),
+                    schedule=ScheduleConfig(pipeline="GPipe", num_stages=2), popularity=PopularityConfig(gini=0.6))
+    combine = {"fwd": 2e-4, "bwd": 4e-4}
+    split = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, combine=combine))
+    spans = []
+    for profile in (with_dispatch, split):
+        tr = Trace("sim")
+        simulate(cfg, ProfileCost(profile, cfg.model), trace=tr)
+        first = next(e for e in tr.events if e.name.startswith("0F0@0:e"))
+        spans.append((first.dur_s, next(e for e in tr.events if e.name == "0F0@1:a").dur_s))
+    (e0, a0), (e1, a1) = spans
+    assert e0 - e1 == pytest.approx(combine["fwd"]) and a1 - a0 == pytest.approx(combine["fwd"])
