@@ -32,8 +32,17 @@ makes the 2x of APTMoE's expert calls: one upload a job is too rare to matter (p
 changed nothing, A/B on one lease), and with the CPU experts' compute left out, or their
 copies sent natively, APTMoE's expert calls stayed 1.5-2x Mobius's (docs/measured/h200x2-session16).
 
+Since session 19 it also times the loop beside the rank's own work: native host-to-device
+copies back to back on a thread of its host cores ('h2d', as the copy engine streams a
+stage's weights), the executor's Adam chunks back to back on its worker cores ('adam', as the
+CPU worker updates), and device-to-host copies with the Adam chunks at once ('d2h+adam', a
+stage's gradient offload beside its update). The runs' calls took 1.5-1.9x their time alone
+beside a native copy and 1.3-1.6x beside the rank's Adam (docs/validation-h200-2gpu-v4) where
+the launch-bound loop of calibration/issue_tolls.py saw 1.09-1.16x and 1.13x; this loop makes
+the executor's own call.
+
 Prints, per condition, the issuing loop's microseconds a call and its ratio to alone, and
-how many CPU experts a second each neighbour computed.
+how many CPU experts (Adam chunks, uploads, GB/s of copies) a second each neighbour did.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from dataclasses import dataclass, field
 
 import torch
 from aptmoe.calibration.background import Background
+from aptmoe.calibration.host_memory import CopyLoop, adam_stream
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
 from aptmoe.exec.model import expert_forward
 
@@ -56,7 +66,11 @@ from aptmoe.config import auto_host_cores, moe_model
 from aptmoe.flags import core_list, make_parser, whole_number
 from aptmoe.host import allowed_cores
 
-CONDITIONS = ("own", "other", "both", "pageable", "pinned")
+CONDITIONS = ("own", "other", "both", "pageable", "pinned", "h2d", "adam", "d2h+adam")
+# the rank's own copies and Adam (session 19): the runs' calls took 1.5-1.9x their time alone
+# beside a native copy and 1.3-1.6x beside the rank's Adam, where a launch-bound loop
+# (calibration/issue_tolls.py) saw 1.09-1.16x and 1.13x; this loop makes the executor's call
+OWN_WORK = ("h2d", "adam", "d2h+adam")
 
 # The other rank: a process bound to its worker cores with as many torch threads, computing
 # CPU experts (the executor's `expert_forward`) back to back while its stdin says "run" (and
@@ -95,11 +109,13 @@ while True:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each party runs: the issuing thread's core, this rank's worker cores, the other rank's."""
+    """Where each party runs: the issuing thread's core, this rank's worker cores, the other
+    rank's, and this rank's host cores (its issuing and copy threads)."""
 
     issue: int
     workers: tuple[int, ...]
     other: tuple[int, ...]
+    host: tuple[int, ...] = ()
 
     @classmethod
     def of_machine(cls, gpus: int) -> Layout:
@@ -110,13 +126,15 @@ class Layout:
         share = max(1, len(cores) // max(1, gpus))
         mine, rest = cores[:share], cores[share:2 * share] if gpus > 1 else cores[share:]
         # (a rank too small for host cores of its own: the issuing thread on its first core)
-        _, workers = split_host_cores(mine, max(1, auto_host_cores(len(mine), True))) if len(mine) > 1 else ([], [])
+        host, workers = split_host_cores(mine, max(1, auto_host_cores(len(mine), True))) if len(mine) > 1 \
+            else (mine, [])
         _, other = split_host_cores(rest, auto_host_cores(len(rest), True)) if rest else ([], [])
-        return cls(mine[0], tuple(workers), tuple(other))
+        return cls(mine[0], tuple(workers), tuple(other), tuple(host))
 
     def check(self) -> None:
         allowed = set(allowed_cores())
-        for name, cores in (("issuing", (self.issue,)), ("worker", self.workers), ("other rank's", self.other)):
+        for name, cores in (("issuing", (self.issue,)), ("worker", self.workers), ("other rank's", self.other),
+                            ("host", self.host)):
             bad = [c for c in cores if c not in allowed]
             if bad:
                 raise ValueError(f"{name} core {bad[0]} is not one this process may run on")
@@ -139,7 +157,8 @@ class NeighbourCost:
                  f"  alone:    {self.call_us['alone']:7.1f} us a call"]
         for c in self.ratio:
             rates = ", ".join(f"{who} {r:.0f}/s" for who, r in self.experts_per_s.get(c, {}).items())
-            what = "a job's outputs to the device" if c in ("pageable", "pinned") else "CPU experts"
+            what = ("a job's outputs to the device" if c in ("pageable", "pinned") else
+                    "the rank's own copies and Adam chunks" if c in OWN_WORK else "CPU experts")
             lines.append(f"  {c + ':':9s} {self.call_us[c]:7.1f} us a call, {self.ratio[c]:.2f}x alone"
                          f"  ({what}: {rates})")
         return "\n".join(lines)
@@ -273,14 +292,28 @@ def measure(layout: Layout, device: str = "cuda", size: str = "S", tokens: int =
     pinned = out.pin_memory() if dev.type == "cuda" else None
     conditions = [c for c in CONDITIONS if (c != "own" or layout.workers) and (c != "other" or layout.other)
                   and (c != "both" or (layout.workers and layout.other))
-                  and (c not in ("pageable", "pinned") or (dev.type == "cuda" and layout.workers))]
+                  and (c not in ("pageable", "pinned", *OWN_WORK) or (dev.type == "cuda" and layout.workers))]
+    adam = adam_stream()[0] if any(c in OWN_WORK for c in conditions) else None
+    copies = list(layout.host) or [layout.issue]
 
-    def neighbour(c: str) -> Background | None:
+    def neighbours(c: str) -> list[Background]:
         if c in ("own", "both"):
-            return _OwnExperts(layout.workers, cpu_job)
+            return [_OwnExperts(layout.workers, cpu_job)]
         if c in ("pageable", "pinned"):
-            return _Uploads(layout.workers, out if c == "pageable" else pinned, dev)
-        return None
+            return [_Uploads(layout.workers, out if c == "pageable" else pinned, dev)]
+        if c == "h2d":
+            return [CopyLoop("h2d", dev.index, copies)]
+        if c == "adam":
+            return [_OwnExperts(layout.workers, adam)]
+        if c == "d2h+adam":
+            return [CopyLoop("d2h", dev.index, copies), _OwnExperts(layout.workers, adam)]
+        return []
+
+    def rate_of(c: str, n: Background, took: float) -> tuple[str, float]:
+        if isinstance(n, CopyLoop):
+            return "copies GB/s", n.GBps
+        who = "uploads" if c in ("pageable", "pinned") else "Adam chunks" if c in OWN_WORK else "this process"
+        return who, n.count / took
 
     before_aff, before_threads = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None, \
         torch.get_num_threads()
@@ -297,22 +330,22 @@ def measure(layout: Layout, device: str = "cuda", size: str = "S", tokens: int =
             a = issue_calls(gpu_call, sync, calls)
             alone.append(a)
             for c in conditions:
-                with contextlib.ExitStack() as stack:        # this process's neighbour stops however it ends
-                    own = neighbour(c)
-                    if own is not None:
-                        own.settle_s = 0.0                   # it settles beside the other rank's, below
-                        stack.enter_context(own)
+                with contextlib.ExitStack() as stack:        # this process's neighbours stop however it ends
+                    mine = neighbours(c)
+                    for n in mine:
+                        n.settle_s = 0.0                     # they settle together, beside the other rank's, below
+                        stack.enter_context(n)
                     if c in ("other", "both"):
                         other.run()
                     time.sleep(settle_s)
-                    if own is not None:
-                        own.started()
+                    for n in mine:
+                        n.started()
                     t0 = time.perf_counter()
                     b = issue_calls(gpu_call, sync, calls)
                     took = time.perf_counter() - t0
-                    if own is not None:
-                        rates[c].setdefault("uploads" if c in ("pageable", "pinned") else "this process",
-                                            []).append(own.count / took)
+                    for n in mine:
+                        who, r = rate_of(c, n, took)
+                        rates[c].setdefault(who, []).append(r)
                 if c in ("other", "both"):
                     rates[c].setdefault("other", []).append(other.stop() / (took + settle_s))
                 beside[c].append(b)
