@@ -156,7 +156,8 @@ class NeighbourCost:
                  f"cores {_span(lay.workers)} (this process) and {_span(lay.other)} (another):",
                  f"  alone:    {self.call_us['alone']:7.1f} us a call"]
         for c in self.ratio:
-            rates = ", ".join(f"{who} {r:.0f}/s" for who, r in self.experts_per_s.get(c, {}).items())
+            rates = ", ".join(f"{who} {r:.0f}" + ("" if who.endswith("GB/s") else "/s")
+                              for who, r in self.experts_per_s.get(c, {}).items())
             what = ("a job's outputs to the device" if c in ("pageable", "pinned") else
                     "the rank's own copies and Adam chunks" if c in OWN_WORK else "CPU experts")
             lines.append(f"  {c + ':':9s} {self.call_us[c]:7.1f} us a call, {self.ratio[c]:.2f}x alone"

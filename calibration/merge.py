@@ -10,7 +10,9 @@ the roofline fields derived from it from the other file; `made_by.command` lists
 command involved, so the result still says exactly how it was produced: the base's history,
 then for each section taken the command that measured it (where the other file is itself a
 merge, the entry of its own history that brought that section in, not the whole history), then
-this merge.
+this merge. `SECTION.FIELD=FILE` takes one field of a section and keeps the rest of the base's
+(a figure measured again on its own, say `issue_tolls.adam_factor`), its source noted beside
+the section's.
 """
 
 from __future__ import annotations
@@ -78,6 +80,17 @@ def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str)
     out["skipped"] = list(base["skipped"])
     commands = [history(base)]
     for section, other in takes:
+        if "." in section:                      # one field of a section, the rest of it kept
+            part, field = section.split(".", 1)
+            if part not in out or field not in other.get(part, {}):
+                raise ProfileError(f"--take {section}: the base needs a {part} section and the other file "
+                                   f"its {field}")
+            out[part] = {**out[part], field: other[part][field]}
+            made = producer(other, part)
+            commands.append(f"{section} from: {made}")
+            before = out["sources"].get(part)
+            out["sources"][part] = (f"{before}; " if before else "measured: ") + f"{field} from a run of {made!r}"
+            continue
         if section in other:
             out[section] = other[section]
         else:                                   # an optional section the other file lacks
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.merge", description=__doc__.splitlines()[0])
     p.add_argument("base", help="calibration file whose other sections are kept")
     p.add_argument("--take", action="append", default=[], metavar="SECTION=FILE",
-                   help=f"take SECTION ({', '.join(SECTIONS)}) from FILE; repeatable")
+                   help=f"take SECTION ({', '.join(SECTIONS)}) from FILE, or SECTION.FIELD=FILE one field of "
+                        f"it (issue_tolls.adam_factor); repeatable")
     p.add_argument("--name", default=None, help="name of the merged profile (default: the base's)")
     p.add_argument("--out", required=True)
     ns = p.parse_args(argv)
@@ -113,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         takes = []
         for item in ns.take:
             section, _, path = item.partition("=")
-            if section not in SECTIONS or not path:
-                raise ProfileError(f"--take {item!r}: use SECTION=FILE with SECTION one of {', '.join(SECTIONS)}")
+            if section.split(".", 1)[0] not in SECTIONS or not path:
+                raise ProfileError(f"--take {item!r}: use SECTION=FILE (or SECTION.FIELD=FILE, one field) with "
+                                   f"SECTION one of {', '.join(SECTIONS)}")
             takes.append((section, load_profile(path).to_dict()))
         merged = merge(base.to_dict(), takes, name=ns.name or base.name, command=argv_text)
         from aptmoe.profile import Profile

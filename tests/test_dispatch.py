@@ -300,3 +300,24 @@ def test_a_layers_combine_comes_after_its_experts(with_dispatch) -> None:
         spans.append((first.dur_s, next(e for e in tr.events if e.name == "0F0@1:a").dur_s))
     (e0, a0), (e1, a1) = spans
     assert e0 - e1 == pytest.approx(combine["fwd"]) and a1 - a0 == pytest.approx(combine["fwd"])
+
+
+def test_merge_takes_one_field_of_a_section_and_keeps_the_rest(with_dispatch, tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    from aptmoe.calibration.merge import main as merge_main
+
+    src = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, combine={"fwd": 1e-4}))
+    (tmp_path / "c.json").write_text(src.to_json())
+    other = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, between={"fwd": 9e-4, "bwd": 2e-3},
+                                                                             combine={"fwd": 3e-4}))
+    (tmp_path / "o.json").write_text(other.to_json())
+    assert merge_main([str(tmp_path / "c.json"), "--take", f"dispatch.combine={tmp_path / 'o.json'}", "--out",
+                       str(tmp_path / "m.json")]) == 0
+    merged = load_profile(str(tmp_path / "m.json"))
+    assert merged.dispatch.combine == {"fwd": 3e-4} and merged.dispatch.between == D.between
+    assert "combine from a run of" in merged.sources["dispatch"]
+    assert "dispatch.combine from: " in merged.made_by.command
+    # a field the other file lacks is one line and no file
+    assert merge_main([str(tmp_path / "c.json"), "--take", "dispatch.nothing=a800-paper", "--out",
+                       str(tmp_path / "n.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "n.json").exists()

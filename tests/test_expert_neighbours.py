@@ -71,6 +71,9 @@ def test_the_issue_tolls_take_the_three_factors_at_least_one(monkeypatch) -> Non
     said: list[str] = []
     got = issue_tolls.measure_expert_factors(3, said.append)
     assert got == {"expert_factor": 1.33, "other_expert_factor": 1.0, "both_expert_factor": 1.5}
+    fake = en.NeighbourCost("cuda", lay, {"alone": 60.0, "adam": 78.0}, {"adam": 1.3})
+    monkeypatch.setattr(en, "measure", lambda layout, rounds: fake)
+    assert issue_tolls.measure_expert_factors(3, said.append) == {"adam_factor": 1.3}
     assert "x alone" in said[0]
     monkeypatch.setattr(en.Layout, "of_machine", classmethod(lambda cls, gpus: en.Layout(0, (), ())))
     assert issue_tolls.measure_expert_factors(3, said.append) == {} and "not measured" in said[-1]
