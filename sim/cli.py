@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -180,11 +181,21 @@ def run_plot(ns: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def need_simpy() -> None:
+    """The simulator's one dependency beyond the core, checked before a command starts work:
+    `validate` and `matrix` run the executor first (a minute or more on a GPU) and would
+    only then find they cannot predict it."""
+    if importlib.util.find_spec("simpy") is None:
+        raise ValueError("the simulator needs simpy, which is not installed here (pip install simpy); nothing was run")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "plot":
             return run_plot(make_plot_parser().parse_args(argv[1:]))
+        if not (argv and argv[0] == "compare") and not any(a in ("-h", "--help") for a in argv):
+            need_simpy()
         if argv and argv[0] == "validate":
             from aptmoe.sim.validate import make_validate_parser, run_validate
 

@@ -188,3 +188,20 @@ def test_plot_of_a_missing_trace_is_one_line(tmp_path, capsys) -> None:
     assert main(["plot", str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("aptmoe-sim: error: ")
+
+
+@pytest.mark.parametrize("argv", [["validate", "--pipeline", "APTMoE"], ["matrix", "--gpus", "2"], []])
+def test_without_simpy_a_command_says_so_before_it_runs_anything(argv, tmp_path, monkeypatch, capsys) -> None:
+    """validate and matrix run the executor first (minutes on a GPU): without the simulator's
+    one dependency they stop before it, in one line, and write nothing."""
+    import importlib.util
+
+    from aptmoe.sim import validate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "simpy" else real(name, *a))
+    monkeypatch.setattr(validate, "run_executor", lambda *a, **k: pytest.fail("the executor ran"))
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install simpy" in err and not out.exists()
