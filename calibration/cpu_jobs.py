@@ -75,9 +75,10 @@ def cpu_job_from_trace(trace: Trace) -> CpuJob:
         if x.rank != y.rank or block_kind(x.name) != "e" or x.args.get("layer") == y.args.get("layer"):
             continue
         action = x.name.split("@", 1)[0]
-        if y.name.split("@", 1)[0] != action:
-            continue
-        j = job_of.get((x.rank, action, _occurrence(starts, x.rank, action, x.start_s), x.args.get("layer")))
+        run = _occurrence(starts, x.rank, action, x.start_s)
+        if y.name.split("@", 1)[0] != action or _occurrence(starts, y.rank, action, y.start_s) != run:
+            continue                                 # the action's last layer: no next call in it
+        j = job_of.get((x.rank, action, run, x.args.get("layer")))
         if j is None:
             alone.append(y.start_s - x.end_s)
         elif j.end_s > x.end_s and y.start_s >= j.end_s:

@@ -438,6 +438,7 @@ class Measured:
     pacer_late: float | None = None
     pacer_device: str = "cpu"                # where the pacer's copies went
     cpu_job: CpuJob | None = None
+    cpu_job_refused: str = ""                # why the CPU-job probe measured nothing (too few jobs)
     recv_wait: dict[tuple[str, int], float] = field(default_factory=dict)   # (kind, d) -> beside / alone (p2p part)
     recv_backend: str = ""
 
@@ -925,6 +926,16 @@ def block_cpus(opts: Options, machine: Machine) -> list[int]:
     return list(machine.cpus[:n])
 
 
+def _measure_cpu_job(m: Measured) -> None:
+    """The CPU-job probe, or why it could not time any: APTMoE's split decides on the machine's
+    own speeds how many experts go to the CPU, and a machine that sends too few is listed
+    under 'skipped' rather than failing the whole calibration."""
+    try:
+        m.cpu_job = measure_cpu_job()
+    except ValueError as e:
+        m.cpu_job_refused = str(e)
+
+
 def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> list[Task]:
     tasks: list[Task] = []
     gpus = machine.gpus
@@ -993,7 +1004,7 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         add("issue tolls", lambda: setattr(m, "issue_tolls", measure_issue_tolls(rounds=sizes.toll_rounds,
                                                                          say=m.issue_tolls_notes.append)))
     if "cpujob" not in opts.skip and gpus and opts.blocks_on != "cpu":
-        add("cpu job", lambda: setattr(m, "cpu_job", measure_cpu_job()))
+        add("cpu job", lambda: _measure_cpu_job(m))
     if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
         # On CPU ranks: two of them, as the executor runs by default without a GPU.
         device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
@@ -1291,7 +1302,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         name=name, description=description,
         made_by=MadeBy(f"aptmoe {version()}", command,
                        date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
-        hardware=hwd, skipped=tuple(skipped), sources=a.sources, links=links,
+        hardware=hwd, sources=a.sources, links=links,
+        skipped=(*skipped, *([Skipped("cpu_job", f"not measured: {m.cpu_job_refused}")] if m.cpu_job_refused else [])),
         gpu=tuple(m.gpu), cpu_expert=tuple(m.cpu),
         adam=Adam({t: round_sig(s) for t, s in m.adam_cpu.items()},
                   None if m.adam_gpu is None else round_sig(m.adam_gpu),
