@@ -18,8 +18,8 @@ from pathlib import Path
 from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
-__all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind", "run_trace",
-           "write_json_atomic"]
+__all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
+           "run_trace", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 

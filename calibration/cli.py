@@ -26,7 +26,8 @@ from aptmoe.profile import ProfileError, load_profile
 
 PROG = "aptmoe-calibrate"
 MODEL_SIZES = ("S", "M", "L")                 # the config presets (Table I)
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")   # the profiler's parts that --skip can leave out
+# the profiler's parts that --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")
 
 
 class UsageError(ValueError):

@@ -70,7 +70,8 @@ from aptmoe.profile import (Adam, CpuCurve, CpuJob, Dispatch, GpuCurve, Hardware
                             Skipped, nearest_count)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")   # what --skip can leave out
+# what --skip can leave out
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
@@ -1277,9 +1278,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                     f"Adam chunks, DMA copies and a memory stream (calibration/issue_tolls.py): "
                                     + "; ".join(n.strip() for n in m.issue_tolls_notes))
     if m.cpu_job is not None:
-        a.sources["cpu_job"] = ("measured: the executor's own APTMoE run on up to two GPUs with MoE-S's widths on a native "
-                                "link (" + " ".join(CPU_JOB_PROBE) + "), the medians of its CPU jobs' phases "
-                                "(calibration/cpu_jobs.py)")
+        a.sources["cpu_job"] = ("measured: the executor's own APTMoE run on up to two GPUs with MoE-S's widths on a "
+                                "native link (" + " ".join(CPU_JOB_PROBE) + "), the medians of its CPU jobs' "
+                                "phases (calibration/cpu_jobs.py)")
     if m.dispatch is not None:
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
                                  f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls) on a model too "
