@@ -10,6 +10,7 @@ microseconds, and ``args`` with at least ``source`` ("sim" or "real") and, where
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
-           "run_trace", "write_json_atomic"]
+           "action_runs", "run_trace", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -62,6 +63,25 @@ def run_trace(folder: str | Path, name: str) -> Path | None:
         if path.exists():
             return path
     return None
+
+
+def action_runs(trace: "Trace"):
+    """A function from an event of `trace` to (its action, e.g. `0F3` for `0F3@12:e5`, and which
+    run of that action it belongs to, the step, counted from 0). An action runs once a step
+    under one name on its rank, so the run is the last of the action's starts (its forward or
+    backward span on the compute stream) at or before the event's: a block call, or a CPU job
+    that the action handed over. -1 before the action's first start."""
+    starts: dict[tuple[int, str], list[float]] = {}
+    for e in trace.events:
+        if e.stream == "compute" and e.cat in ("forward", "backward") and block_kind(e.name) is None:
+            starts.setdefault((e.rank, e.name), []).append(e.start_s)
+    for v in starts.values():
+        v.sort()
+
+    def run_of(e: "TraceEvent") -> tuple[str, int]:
+        action = e.name.split("@", 1)[0]
+        return action, bisect.bisect_right(starts.get((e.rank, action), []), e.start_s + 1e-9) - 1
+    return run_of
 
 
 def block_kind(name: str) -> str | None:

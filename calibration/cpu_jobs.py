@@ -26,26 +26,18 @@ Those waits are read here from the executor's own trace: `aptmoe-run` APTMoE on 
 from __future__ import annotations
 
 import argparse
-import bisect
 import statistics
 import sys
-from collections import defaultdict
 
 from aptmoe.calibration.dispatch import _probe, _run_probe
 from aptmoe.profile import CpuJob
-from aptmoe.trace import Trace, block_kind
+from aptmoe.trace import Trace, action_runs, block_kind
 
 # G 0.6: its cold experts see few tokens, so the split sends them to the CPU in most layers
 # (at G 0.3 on one H200 two of four runs had no forward job the issuing thread waited for)
 PROBE = _probe({"num_layers": 8, "num_stages": 4, "num_experts": 8, "gini": 0.6, "batch_size": 32, "num_chunks": 4,
                 "seq_length": 128, "pipeline": "APTMoE", "num_warmup_steps": 1, "num_training_steps": 6})
 MIN_JOBS = 5        # forward jobs waited for, and layers without one, that the medians need
-PASSES = ("forward", "backward", "recompute")
-
-
-def _occurrence(starts: dict[tuple[int, str], list[float]], rank: int, action: str, at: float) -> int:
-    """Which run of `action` (one a step) on `rank` an event at `at` belongs to."""
-    return bisect.bisect_right(starts.get((rank, action), []), at + 1e-9) - 1
 
 
 def cpu_job_from_trace(trace: Trace) -> CpuJob:
@@ -56,29 +48,18 @@ def cpu_job_from_trace(trace: Trace) -> CpuJob:
                          "GPU on this machine, so there is no job to time")
     phase = {k: [j.args[f"{k}_us"] * 1e-6 for j in jobs] for k in ("queue", "ready", "down", "up")}
     take = statistics.median(q + r for q, r in zip(phase["queue"], phase["ready"]))
-    starts: dict[tuple[int, str], list[float]] = defaultdict(list)
-    for e in trace.events:
-        if e.stream == "compute" and e.cat in ("forward", "backward") and block_kind(e.name) is None:
-            starts[(e.rank, e.name)].append(e.start_s)
-    for v in starts.values():
-        v.sort()
+    run_of = action_runs(trace)
     # forward jobs by (rank, action, its run, layer)
-    job_of = {}
-    for j in jobs:
-        action = j.name.split("@", 1)[0]
-        if "F" in action:
-            job_of[(j.rank, action, _occurrence(starts, j.rank, action, j.start_s), j.args["layer"])] = j
+    job_of = {(j.rank, *run_of(j), j.args["layer"]): j for j in jobs if "F" in run_of(j)[0]}
     calls = sorted((e for e in trace.events if e.stream == "compute" and e.cat == "forward"
                     and block_kind(e.name) is not None), key=lambda e: (e.rank, e.start_s))
     waited, alone = [], []
     for x, y in zip(calls, calls[1:]):
         if x.rank != y.rank or block_kind(x.name) != "e" or x.args.get("layer") == y.args.get("layer"):
             continue
-        action = x.name.split("@", 1)[0]
-        run = _occurrence(starts, x.rank, action, x.start_s)
-        if y.name.split("@", 1)[0] != action or _occurrence(starts, y.rank, action, y.start_s) != run:
+        if run_of(x) != run_of(y):
             continue                                 # the action's last layer: no next call in it
-        j = job_of.get((x.rank, action, run, x.args.get("layer")))
+        j = job_of.get((x.rank, *run_of(x), x.args.get("layer")))
         if j is None:
             alone.append(y.start_s - x.end_s)
         elif j.end_s > x.end_s and y.start_s >= j.end_s:

@@ -35,7 +35,8 @@ host cores, the CPU worker on the rest):
   (its memory stream and its wakes), printed; `adam_factor` is the same neighbour's beside
   the executor's expert call (expert_neighbours, below) where that was measured. A bare memory
   stream gave 1.01 on the 2-GPU H200 where the S8 runs' calls took 1.3-1.6x beside the rank's
-  Adam (docs/validation-h200-2gpu-v4); this loop 1.13x, the expert call 1.20-1.33x (session 19);
+  Adam (docs/validation-h200-2gpu-v4); this loop 1.13x and 1.18x, the expert call 1.15-1.33x
+  (session 19, docs/measured/h200x2-session19);
 * d2h copies alone and d2h copies beside those Adam chunks at once, and the same for the bare
   copy engine capped to 8 GB/s, printed only: the S8 runs' expert recomputes took about 4x
   their time alone beside the rank's gradient offload and its Adam together on native links,
@@ -246,9 +247,10 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
         f"GPipeOffload and Mobius): {toll.seconds * 1e6:.0f} us a copy, besides {toll.constant_s * 1e6:.0f} us "
         f"a block whatever landed")
     experts = measure_expert_factors(rounds, say)
-    # Beside the Adam chunks the executor's own expert call (expert_neighbours) is slowed more
-    # than the launch loop (session 19: 1.20-1.33x against 1.13x; the runs' calls 1.3-1.6x):
-    # its figure where it was measured, the loop's where not.
+    # Beside the Adam chunks the executor's own expert call (expert_neighbours) is the call the
+    # model slows; it was slowed a little more than the launch loop, and noisily (session 19:
+    # 1.15-1.33x over three runs against 1.13x and 1.18x; the runs' calls 1.3-1.6x): its figure
+    # where it was measured, the loop's where not.
     experts.setdefault("adam_factor", max(1.0, med["adam"]))
     # A negative toll is noise around none: the model takes it as none.
     return IssueTolls(copy_s=toll.seconds, chunk_s=max(0.0, med["chunk"]), cpu_job_s=max(0.0, med["job"]),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.report import format_table
-from aptmoe.trace import CPU_JOB_PHASES, Trace, TraceError, block_kind
+from aptmoe.trace import CPU_JOB_PHASES, Trace, TraceError, action_runs, block_kind
 
 PASSES = {"forward": "f", "backward": "b", "recompute": "r"}
 
@@ -150,21 +150,12 @@ JOBS = ("alone", "other", "job")
 
 def _action_layers(trace: Trace) -> Callable:
     """A function from an event (a block call or a CPU lane's job) to its rank, action (`0F3`:
-    a pass of one micro-batch on one stage), the action's occurrence (the step, counted from
-    0) and layer. An action runs once a step under one name, so the occurrence is the last of
-    its starts at or before the event's start: a CPU job starts inside the action that
-    handed it over."""
-    starts: dict[tuple[int, str], list[float]] = defaultdict(list)
-    for e in trace.events:
-        if e.stream == "compute" and e.cat in GAP_PASSES.values() and block_kind(e.name) is None:
-            starts[(e.rank, e.name)].append(e.start_s)
-    for v in starts.values():
-        v.sort()
+    a pass of one micro-batch on one stage), the action's run (the step: trace.action_runs)
+    and layer."""
+    run_of = action_runs(trace)
 
     def key(e) -> tuple[int, str, int, object]:
-        action = e.name.split("@", 1)[0]
-        seen = starts.get((e.rank, action), [])
-        return e.rank, action, bisect.bisect_right(seen, e.start_s + 1e-9) - 1, e.args.get("layer")
+        return (e.rank, *run_of(e), e.args.get("layer"))
     return key
 
 

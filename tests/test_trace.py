@@ -101,3 +101,17 @@ def test_a_compressed_trace_loads_like_a_plain_one(tmp_path) -> None:
     (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
     with pytest.raises(TraceError):
         Trace.load(tmp_path / "bad.json.gz")
+
+
+def test_an_event_belongs_to_the_run_of_its_action_that_started_last() -> None:
+    from aptmoe.trace import action_runs
+
+    t = Trace("real")
+    for s in range(3):                          # one action under one name, once a step
+        t.add("0F0", 0, "compute", s * 1.0, s * 1.0 + 0.5, "forward")
+    t.add("0F0", 1, "compute", 0.2, 0.4, "forward")                  # the same name on another rank
+    run_of = action_runs(t)
+    t.add("0F0@3:e1", 0, "compute", 1.1, 1.2, "forward")
+    t.add("0F0@3:cpu", 0, "cpu-jobs", 2.0, 2.3, "cpu-job")           # starts with its action's run
+    t.add("0F0@3:a", 1, "compute", 0.1, 0.15, "forward")             # before its rank's first run
+    assert [run_of(e) for e in t.events[-3:]] == [("0F0", 1), ("0F0", 2), ("0F0", -1)]
