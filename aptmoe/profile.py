@@ -337,7 +337,7 @@ class CpuJob:
     and landing heard, besides their bytes; `resume_s`: the issuing thread's wake when the
     outputs are in, over a layer with no job. Read from the executor's own traces
     (calibration/cpu_jobs.py). Optional in the schema: without it a job takes its copies and
-    its experts only (on the 2-GPU H200, S8 G0.3, 0.7-1.0 ms a job short, session 19)."""
+    its experts only (on the 2-GPU H200, S8 G0.3, 0.7-1.1 ms a job short, session 19)."""
     take_s: float
     down_s: float
     up_s: float

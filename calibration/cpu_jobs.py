@@ -4,9 +4,9 @@ A CPU job (a layer's CPU experts in one pass, exec/runtime.py `_submit_cpu`) is 
 CPU worker thread, which waits for the job's inputs on the GPU, copies them down, runs the
 experts, copies the outputs up and waits for them to land; then the issuing thread, which
 waited for the job, wakes. Each hand-over is a Python thread woken. On the 2-GPU H200 (S8
-G0.3, session 19) a job took 0.7-1.0 ms longer than its copies and experts: the worker took
-it 150-280 us after the hand-over, the copies took 270-640 and 160-430 us for a few hundred
-KB, and the issuing thread resumed 250-730 us after the outputs landed.
+G0.3, session 19) a job took 0.7-1.1 ms longer than its copies and experts: the worker took
+it 150-280 us after the hand-over, the copies took 270-640 and 160-430 us for tens of KB (a
+median job's 6-18 tokens), and the issuing thread resumed 240-730 us after the outputs landed.
 
 Those waits are read here from the executor's own trace: `aptmoe-run` APTMoE on two GPUs
 (one where there is one) with MoE-S's widths on a native link (its cold experts go to the CPU), each job's phases
