@@ -213,7 +213,7 @@ def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:
             turn = "+" if x.args.get("layer") != y.args.get("layer") else ""
             out[f"{PASSES[x.cat]}{block_kind(x.name)}>{PASSES[y.cat]}{block_kind(y.name)}{turn}"].append(
                 y.start_s - x.end_s)
-    n = len(out["start"])
+    n = len(out.get("start", ()))         # actions with a call: none in a run without this pass
     return {k: (len(v), statistics.median(v) * 1e6, sum(v) / n * 1e6) for k, v in out.items()}
 
 

@@ -172,6 +172,14 @@ def test_gaps_inside_an_action_by_where_they_fall(tmp_path, capsys) -> None:
     rows = [line.split() for line in out.split("outside its block calls")[1].splitlines()
             if line.startswith(tmp_path.name)]                # a run in real/ goes by its cell's name
     assert [r[1:3] for r in rows] == [["APTMoE", "1000"], ["APTMoE", "(predicted)"]]
+    # a run without backward actions (forward only) has no backward gaps, and says so in a row of dashes
+    fwd = Trace("real", meta={"pipeline": "APTMoE"})
+    fwd.events = [e for e in t.events if e.cat == "forward"]
+    assert host_calls.gaps(fwd, "b") == {}
+    (tmp_path / "fwd").mkdir()
+    fwd.save(tmp_path / "fwd" / "trace-APTMoE.json")
+    assert host_calls.main([str(tmp_path / "fwd"), "--gaps", "b"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[1:] == ["APTMoE", "-", "-"]
 
 
 def test_budget_splits_each_ranks_step_into_calls_gaps_and_the_rest(tmp_path, capsys) -> None:
