@@ -20,7 +20,7 @@ from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
-           "action_runs", "run_trace", "write_json_atomic"]
+           "action_runs", "is_action", "is_block_call", "run_trace", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -65,6 +65,22 @@ def run_trace(folder: str | Path, name: str) -> Path | None:
     return None
 
 
+PASS_CATEGORIES = ("forward", "backward", "recompute")     # a block call's pass
+ACTION_CATEGORIES = ("forward", "backward")                 # an action's: its recompute runs inside its backward
+
+
+def is_block_call(e: "TraceEvent") -> bool:
+    """A call of one block on the compute stream (`0F3@12:e5`): the executor's, with its host
+    time, or the simulator's."""
+    return e.stream == "compute" and e.cat in PASS_CATEGORIES and block_kind(e.name) is not None
+
+
+def is_action(e: "TraceEvent") -> bool:
+    """A stage's forward or backward of one micro-batch on the compute stream (`0F3`): the span
+    that holds its block calls."""
+    return e.stream == "compute" and e.cat in ACTION_CATEGORIES and block_kind(e.name) is None
+
+
 def action_runs(trace: "Trace"):
     """A function from an event of `trace` to (its action, e.g. `0F3` for `0F3@12:e5`, and which
     run of that action it belongs to, the step, counted from 0). An action runs once a step
@@ -73,7 +89,7 @@ def action_runs(trace: "Trace"):
     that the action handed over. -1 before the action's first start."""
     starts: dict[tuple[int, str], list[float]] = {}
     for e in trace.events:
-        if e.stream == "compute" and e.cat in ("forward", "backward") and block_kind(e.name) is None:
+        if is_action(e):
             starts.setdefault((e.rank, e.name), []).append(e.start_s)
     for v in starts.values():
         v.sort()

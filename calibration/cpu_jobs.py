@@ -31,7 +31,7 @@ import sys
 
 from aptmoe.calibration.dispatch import _probe, _run_probe
 from aptmoe.profile import CpuJob
-from aptmoe.trace import Trace, action_runs, block_kind
+from aptmoe.trace import Trace, action_runs, block_kind, is_block_call
 
 # G 0.6: its cold experts see few tokens, so the split sends them to the CPU in most layers
 # (at G 0.3 on one H200 two of four runs had no forward job the issuing thread waited for)
@@ -51,8 +51,8 @@ def cpu_job_from_trace(trace: Trace) -> CpuJob:
     run_of = action_runs(trace)
     # forward jobs by (rank, action, its run, layer)
     job_of = {(j.rank, *run_of(j), j.args["layer"]): j for j in jobs if "F" in run_of(j)[0]}
-    calls = sorted((e for e in trace.events if e.stream == "compute" and e.cat == "forward"
-                    and block_kind(e.name) is not None), key=lambda e: (e.rank, e.start_s))
+    calls = sorted((e for e in trace.events if is_block_call(e) and e.cat == "forward"),
+                   key=lambda e: (e.rank, e.start_s))
     waited, alone = [], []
     for x, y in zip(calls, calls[1:]):
         if x.rank != y.rank or block_kind(x.name) != "e" or x.args.get("layer") == y.args.get("layer"):

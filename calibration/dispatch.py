@@ -24,7 +24,7 @@ from pathlib import Path
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
-from aptmoe.trace import Trace, block_kind
+from aptmoe.trace import Trace, block_kind, is_action, is_block_call
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
 # (attention, a top-1 gate over 8 experts, every expert busy in most micro-batches).
@@ -56,7 +56,7 @@ def probe_args(device: str, ranks: int, wide: bool = False) -> list[str]:
 
 def _blocks(trace: Trace) -> list:
     """The block events on the compute stream (a stage's action at one block: `0F0@3:e5`)."""
-    return [e for e in trace.events if e.stream == "compute" and "@" in e.name and e.cat in CATEGORIES]
+    return [e for e in trace.events if is_block_call(e)]
 
 
 def _by_kind(trace: Trace, value) -> dict[str, dict[str, list[float]]]:
@@ -78,15 +78,20 @@ def block_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
     return _by_kind(trace, lambda e: e.dur_s)
 
 
+def _actions(trace: Trace):
+    """(a stage's pass, the block calls inside its span in the order they ran) of every action."""
+    blocks = _blocks(trace)
+    for s in trace.events:
+        if is_action(s):
+            yield s, sorted((b for b in blocks if b.rank == s.rank and s.start_s <= b.start_s and b.end_s <= s.end_s),
+                            key=lambda b: b.start_s)
+
+
 def between_spans(trace: Trace) -> dict[str, list[float]]:
     """Per stage pass (forward; backward with its recompute): the stage's span less its
     blocks', per layer it ran: the host work between blocks."""
     out: dict[str, list[float]] = defaultdict(list)
-    blocks = _blocks(trace)
-    for s in trace.events:
-        if s.stream != "compute" or "@" in s.name or s.cat not in ("forward", "backward"):
-            continue
-        inside = [b for b in blocks if b.rank == s.rank and s.start_s <= b.start_s and b.end_s <= s.end_s]
+    for s, inside in _actions(trace):
         layers = {b.args.get("layer") for b in inside}
         if inside:
             out[CATEGORIES[s.cat]].append(max(0.0, s.dur_s - sum(b.dur_s for b in inside)) / len(layers))
@@ -99,12 +104,8 @@ def combine_spans(trace: Trace) -> dict[str, list[float]]:
     (the combine), the part of `between_spans` that the executor does after waiting for the
     layer's CPU experts."""
     out: dict[str, list[float]] = defaultdict(list)
-    blocks = [b for b in _blocks(trace) if b.cat in ("forward", "backward")]
-    for s in trace.events:
-        if s.stream != "compute" or "@" in s.name or s.cat not in ("forward", "backward"):
-            continue
-        inside = sorted((b for b in blocks if b.rank == s.rank and s.start_s <= b.start_s and b.end_s <= s.end_s),
-                        key=lambda b: b.start_s)
+    for s, calls in _actions(trace):
+        inside = [b for b in calls if b.cat != "recompute"]
         for x, y in zip(inside, [*inside[1:], None]):
             if block_kind(x.name) == "e" and (y is None or block_kind(y.name) != "e"):
                 out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if y is None else y.start_s) - x.end_s))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.report import format_table
-from aptmoe.trace import CPU_JOB_PHASES, Trace, TraceError, action_runs, block_kind
+from aptmoe.trace import CPU_JOB_PHASES, Trace, TraceError, action_runs, block_kind, is_action, is_block_call
 
 PASSES = {"forward": "f", "backward": "b", "recompute": "r"}
 
@@ -35,9 +35,8 @@ PASSES = {"forward": "f", "backward": "b", "recompute": "r"}
 def _calls(trace: Trace):
     """(pass and kind, e.g. 'fe'; host us; event) of every block call the run timed the host of."""
     for e in trace.events:
-        kind = block_kind(e.name)
-        if e.stream == "compute" and kind is not None and e.cat in PASSES and "host_us" in e.args:
-            yield PASSES[e.cat] + kind, float(e.args["host_us"]), e
+        if is_block_call(e) and "host_us" in e.args:
+            yield PASSES[e.cat] + block_kind(e.name), float(e.args["host_us"]), e
 
 
 def host_calls(trace: Trace) -> dict[str, tuple[int, float, float]]:
@@ -196,10 +195,10 @@ def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:
     Session 18 (docs/validation-h200-2gpu-v4): in S8 the forwards' 'fg>fe' took 30-70 us in
     GPipe and Mobius and about 300-460 us in APTMoE."""
     cat = GAP_PASSES[pass_]
-    actions = [e for e in trace.events if e.stream == "compute" and e.cat == cat and block_kind(e.name) is None]
+    actions = [e for e in trace.events if is_action(e) and e.cat == cat]
     calls: dict[tuple[int, str], list] = defaultdict(list)
     for e in trace.events:
-        if e.stream == "compute" and e.cat in PASSES and block_kind(e.name) is not None:
+        if is_block_call(e):
             calls[(e.rank, e.name.split("@", 1)[0])].append(e)
     out: dict[str, list[float]] = defaultdict(list)
     for act in actions:
@@ -228,13 +227,11 @@ def budget(trace: Trace) -> dict[int, tuple[float, float, float]]:
     out = {}
     for rank in sorted({e.rank for e in trace.events}):
         events = [e for e in trace.events if e.rank == rank]
-        actions = [e for e in events if e.stream == "compute" and e.cat in GAP_PASSES.values()
-                   and block_kind(e.name) is None]
+        actions = [e for e in events if is_action(e)]
         if not actions:
             continue
         steps = max(Counter(e.name for e in actions).values())
-        blocks = sum(e.end_s - e.start_s for e in events if e.stream == "compute" and e.cat in PASSES
-                     and block_kind(e.name) is not None)
+        blocks = sum(e.end_s - e.start_s for e in events if is_block_call(e))
         inside = sum(e.end_s - e.start_s for e in actions)
         span = max(e.end_s for e in events) - min(e.start_s for e in events)
         out[rank] = (blocks / steps * 1e3, (inside - blocks) / steps * 1e3, (span - inside) / steps * 1e3)
@@ -254,7 +251,7 @@ def cpu_jobs(trace: Trace) -> dict[str, dict[str, tuple[int, float]]]:
     the simulator put 184 (session 18, `gaps`): this says which phase holds it."""
     starts: dict[int, list[float]] = defaultdict(list)
     for e in trace.events:              # every block call, predicted ones too (they have no host_us)
-        if e.stream == "compute" and e.cat in PASSES and block_kind(e.name) is not None:
+        if is_block_call(e):
             starts[e.rank].append(e.start_s)
     for v in starts.values():
         v.sort()
