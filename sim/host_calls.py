@@ -8,7 +8,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 Mobius's host time.
 
     python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
-        [--gaps f|b] [--budget] [--cpu-jobs] [--predicted]
+        [--gaps f|b] [--budget] [--cpu-jobs] [--own-work] [--predicted]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aptmoe.own_work import CONDITIONS as OWN_WORK
+from aptmoe.own_work import own_work_factors
 from aptmoe.report import format_table
 from aptmoe.trace import CPU_JOB_PHASES, Trace, TraceError, action_runs, block_kind, is_action, is_block_call
 
@@ -332,11 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-jobs", action="store_true",
                    help="also the CPU jobs' phases by pass: waiting for the CPU, for the inputs, the copy down, "
                         "the experts, the copy up, in all, and on to the next block call (median us)")
+    p.add_argument("--own-work", action="store_true",
+                   help="also each rank's calls beside its own Adam, a copy, or both, over its calls alone, as "
+                        "the calibration reads them (aptmoe.own_work): median ratio (calls)")
     p.add_argument("--predicted", action="store_true",
                    help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
     ns = p.parse_args(argv)
     asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
-    rows, keys, gap_rows, budget_rows, job_rows = [], set(), [], [], []
+    rows, keys, gap_rows, budget_rows, job_rows, own_rows = [], set(), [], [], [], []
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
         traces = traces_of(run, ns.predicted)
@@ -361,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                 job_rows.extend([label, name, pass_, str(max(n for n, _ in g.values())),
                                  *(f"{g[k][1]:.0f}" if k in g else "-" for k in JOB_COLUMNS)]
                                 for pass_, g in cpu_jobs(trace).items())
+            if ns.own_work:
+                f = own_work_factors(trace)
+                own_rows.append([label, name, *(f"{f[c].factor:.2f} ({f[c].calls})" if c in f else "-"
+                                                for c in OWN_WORK)])
             if ns.budget:
                 budget_rows.extend([label, name, str(rank), *(f"{round(x, 1) + 0.0:.1f}" for x in (*b, sum(b)))]
                                    for rank, b in budget(trace).items())
@@ -383,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmedian us of the CPU jobs (f forward, r recompute, b backward) in each phase, in all, and from "
               "their outputs' landing to the rank's next block call\n")
         print(format_table(["run", "schedule", "pass", "jobs", *JOB_COLUMNS], job_rows))
+    if ns.own_work:
+        print("\neach call's host time over its kind's calls alone, beside the rank's own work: median (calls)\n")
+        print(format_table(["run", "schedule", *OWN_WORK], own_rows))
     if ns.budget:
         print("\nms a step on each rank's compute stream\n")
         print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))

@@ -223,3 +223,21 @@ def test_cpu_jobs_by_pass_and_phase_and_the_wait_to_the_next_call(tmp_path, caps
     out = capsys.readouterr().out.splitlines()
     f_row = next(line.split() for line in out if line.split()[2:3] == ["f"])
     assert f_row[3:] == ["2", "10", "20", "30", "400", "40", "500", "200"]
+
+
+def test_own_work_prints_each_conditions_ratio_and_calls(tmp_path, capsys) -> None:
+    from aptmoe.own_work import MIN_ALONE
+
+    t = Trace("real", meta={"pipeline": "Mobius"})
+    for i in range(MIN_ALONE + 4):                    # expert recomputes, 2 ms apart; the last four beside Adam
+        a = i * 2e-3
+        us = 100.0 if i < MIN_ALONE else 250.0
+        t.add(f"0B0@1:e{i % 8}", 0, "compute", a, a + 1e-3, "recompute", host_us=us)
+        if i >= MIN_ALONE:
+            t.add("0U@1:e0", 0, "cpu", a, a + us * 1e-6, "update")
+    t.save(tmp_path / "trace-Mobius.json")
+    assert host_calls.main([str(tmp_path), "--own-work"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:2] == [tmp_path.name, "Mobius"]
+               and "(" in line)
+    assert row.split()[2:] == ["2.50", "(4)", "-", "-"]

@@ -1,0 +1,115 @@
+"""aptmoe.own_work and calibration/own_calls.py: the issuing thread's calls beside its rank's
+own copies and Adam, read from an executor trace."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aptmoe.own_work import MIN_ALONE, _covered, calls_by_condition, own_work_factors
+from aptmoe.trace import Trace
+
+CALL_S = 3e-3        # each call's slot: 3 ms apart (the longest call is 1.5 ms)
+
+
+def _trace(conditions: list[tuple[str, str, float]], rank: int = 0) -> Trace:
+    """Expert recomputes (`re`) or attention forwards (`fa`), one per slot, each (kind, what runs
+    beside it over its whole issue, host us); what runs beside is drawn around the call."""
+    t = Trace("real")
+    for i, (kind, beside, us) in enumerate(conditions):
+        a = i * CALL_S
+        b = a + us * 1e-6
+        name, cat = (f"0B0@1:e{i % 8}", "recompute") if kind == "re" else ("0F0@1:a", "forward")
+        t.add(name, rank, "compute", a, a + 0.9 * CALL_S, cat, host_us=us)
+        if "copy" in beside:
+            t.add("0O", rank, "offload", a - 1e-6, b + 1e-6, "offload")
+        if "adam" in beside:
+            t.add("0U@1:e0", rank, "cpu", a - 1e-6, b + 1e-6, "update")
+        if "expert" in beside:
+            t.add("0F0@1:e3", rank, "cpu", a, b, "cpu-expert")
+    return t
+
+
+def test_each_call_goes_to_what_ran_beside_it_and_calls_by_a_cpu_expert_are_left_out() -> None:
+    t = _trace([("re", "alone", 100.0), ("re", "adam", 150.0), ("re", "copy", 120.0), ("re", "copy+adam", 400.0),
+                ("re", "adam+expert", 900.0)])
+    got = calls_by_condition(t)
+    assert {c: [us for _, us in v] for c, v in got.items()} == {
+        "alone": [100.0], "adam": [150.0], "copy": [120.0], "copy+adam": [400.0]}
+
+
+def test_a_neighbour_for_part_of_a_call_only_leaves_it_out() -> None:
+    t = Trace("real")
+    t.add("0B0@1:e0", 0, "compute", 0.0, 1e-3, "recompute", host_us=200.0)
+    t.add("0U@1:e0", 0, "cpu", 150e-6, 1e-3, "update")                 # the last quarter of its 200 us
+    assert calls_by_condition(t) == {}
+    t.add("0U@1:e0", 0, "cpu", 0.0, 150e-6, "update")                  # and the rest: beside Adam throughout
+    assert calls_by_condition(t) == {"adam": [("re", 200.0)]}
+
+
+def test_another_ranks_copies_and_adam_are_not_this_ranks() -> None:
+    t = _trace([("re", "alone", 100.0)] * 3)
+    t.add("1O", 1, "offload", 0.0, 1.0, "offload")
+    t.add("1U@5:e0", 1, "cpu", 0.0, 1.0, "update")
+    assert [c for c in calls_by_condition(t)] == ["alone"]
+
+
+def test_factors_are_each_calls_time_over_its_kinds_alone_median() -> None:
+    # attention forwards take 10x an expert's; beside Adam each takes 1.5x its own kind's time
+    calls = [("re", "alone", 100.0)] * MIN_ALONE + [("fa", "alone", 1000.0)] * MIN_ALONE \
+        + [("re", "adam", 150.0)] * 5 + [("fa", "adam", 1500.0)] * 3 + [("re", "copy+adam", 390.0)] * 4
+    f = own_work_factors(_trace(calls))
+    assert f["adam"].factor == pytest.approx(1.5) and (f["adam"].calls, f["adam"].kinds) == (8, 2)
+    assert f["copy+adam"].factor == pytest.approx(3.9) and f["copy+adam"].calls == 4
+    assert "copy" not in f
+
+
+def test_a_kind_with_too_few_calls_alone_counts_for_nothing() -> None:
+    calls = [("re", "alone", 100.0)] * (MIN_ALONE - 1) + [("re", "adam", 150.0)] * 5
+    assert own_work_factors(_trace(calls)) == {}
+
+
+def test_faster_beside_than_alone_is_noise_around_none() -> None:
+    calls = [("re", "alone", 100.0)] * MIN_ALONE + [("re", "adam", 90.0)] * 5
+    assert own_work_factors(_trace(calls))["adam"].factor == 1.0
+
+
+def test_several_traces_pool_their_ratios_each_against_its_own_alone() -> None:
+    fast = _trace([("re", "alone", 100.0)] * MIN_ALONE + [("re", "adam", 120.0)] * 3)
+    slow = _trace([("re", "alone", 300.0)] * MIN_ALONE + [("re", "adam", 600.0)] * 4)
+    f = own_work_factors([fast, slow])
+    assert f["adam"].factor == pytest.approx(2.0) and f["adam"].calls == 7     # 1.2 x3, 2.0 x4: median 2.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), max_size=6), st.floats(0, 1), st.floats(0, 1))
+def test_covered_is_a_share_and_ignores_overlaps_between_spans(spans, a, w) -> None:
+    spans = [(min(s, t), max(s, t)) for s, t in spans]
+    b = a + w
+    got = _covered(spans, a, b)
+    assert 0.0 <= got <= 1.0 + 1e-9
+    assert _covered(spans + spans, a, b) == pytest.approx(got)              # twice the same spans: no more
+    if b > a:
+        assert _covered([(a, b)], a, b) == pytest.approx(1.0)
+
+
+def test_the_calibration_takes_both_fields_or_says_what_it_lacked() -> None:
+    from aptmoe.calibration.own_calls import MIN_CALLS, issue_fields
+    from aptmoe.own_work import OwnWork
+
+    assert issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6), "copy+adam": OwnWork(3.1, MIN_CALLS + 5, 3),
+                         "copy": OwnWork(1.8, 100, 6)}) == {"adam_factor": 1.4, "copy_adam_factor": 3.1}
+    with pytest.raises(ValueError, match=f"needs {MIN_CALLS} calls.*adam {MIN_CALLS}, copy\\+adam none"):
+        issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6)})
+    with pytest.raises(ValueError, match="copy\\+adam 3"):
+        issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6), "copy+adam": OwnWork(3.1, 3, 1)})
+
+
+def test_the_probe_is_no_config_of_the_grid() -> None:
+    """The factors stand for a machine, not for the matrix they are checked against: the probe
+    runs a depth and a G that no grid cell has."""
+    from aptmoe.calibration.own_calls import PROBE
+
+    flags = dict(zip(PROBE[2::2], PROBE[3::2]))
+    assert flags["--num_layers"] not in ("2", "4", "8") and flags["--gini"] not in ("0.3", "0.6")
