@@ -23,11 +23,11 @@ that the simulator reads directly (DESIGN §3). Its sections:
   the CPU stream's rate alone, and the stream's rate beside copies at each measured rate (h2d,
   d2h, both at once) (calibration/host_memory.py);
 - ``issue_tolls`` (optional): {copy_s, chunk_s, cpu_job_s, dma_factor, memory_factor, and optionally
-  expert_factor, other_expert_factor, both_expert_factor, adam_factor}, what a GPU rank's issuing
-  thread loses per copy landed, paced chunk and CPU job of its other threads, and its slowdown
-  beside DMA, a memory stream, CPU experts computing on its rank's cores, another rank's of the
-  host, or both, and the executor's Adam chunks (calibration/issue_tolls.py,
-  calibration/expert_neighbours.py);
+  expert_factor, other_expert_factor, both_expert_factor, adam_factor, copy_adam_factor}, what a
+  GPU rank's issuing thread loses per copy landed, paced chunk and CPU job of its other threads,
+  and its slowdown beside DMA, a memory stream, CPU experts computing on its rank's cores,
+  another rank's of the host, or both, the executor's Adam chunks, and a native copy with
+  them (calibration/issue_tolls.py, calibration/expert_neighbours.py, calibration/own_calls.py);
 - ``pacer`` (optional): {late_s}, how long after its bytes have passed over the cap a copy on
   a capped link is seen to have landed: the pacing thread's sleep ends late, and the thread
   waiting for the copy wakes after it (calibration/pacer.py);
@@ -315,6 +315,12 @@ class IssueTolls:
     # Adam where a bare memory stream gave 1.01 (docs/validation-h200-2gpu-v4). Optional: where
     # not measured, memory_factor and a CPU job's toll per chunk, as before.
     adam_factor: float | None = None
+    # Slowdown while a copy streams at the link's native speed *and* the CPU worker runs Adam:
+    # the two share the host's memory, and beside both the runs' calls took far more than the
+    # two factors' product (S8 on the 2-GPU H200: 2.4-3.9x where dma x adam is 1.25). Read
+    # from the executor's own run (calibration/cpu_jobs.py). Optional: where not measured,
+    # the product, as before; on a capped link always the product (its copies stream a sixth).
+    copy_adam_factor: float | None = None
 
     def experts(self, own: bool, other: bool) -> float:
         """The slowdown of CPU experts computing on the rank's cores (`own`), another's (`other`)."""

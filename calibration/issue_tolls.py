@@ -46,7 +46,10 @@ host cores, the CPU worker on the rest):
 * GPU expert calls beside MoE-S CPU experts computing on the rank's worker cores, on the next
   rank's, and on both (calibration/expert_neighbours.py) -> `expert_factor`,
   `other_expert_factor`, `both_expert_factor`; and beside the rank's Adam chunks ->
-  `adam_factor` (its native copies and its offload with Adam: printed).
+  `adam_factor` (its native copies and its offload with Adam: printed);
+* the executor's own block calls, in its own run, beside the rank's Adam and beside a native
+  copy with the Adam (calibration/own_calls.py) -> `adam_factor` (in place of the expert
+  call's) and `copy_adam_factor`: no loop here slows as much as those calls do.
 
 The simulator slows the issuing thread by these at the rates its own copies and jobs run
 (sim/issuing.py). The bare engine is timed at two copy sizes: were its toll per wake, both
@@ -68,6 +71,7 @@ from collections.abc import Callable
 import torch
 from aptmoe.calibration.host_memory import CopyLoop, adam_stream, expert_stream
 from aptmoe.calibration.background import Background
+from aptmoe.calibration.own_calls import measure_own_calls
 from aptmoe.calibration.wake import MemoryStream, issue_loop, issue_round
 from aptmoe.exec.cores import bind_this_thread, split_host_cores, start_worker_thread
 from aptmoe.exec.device import Device
@@ -252,6 +256,13 @@ def measure_issue_tolls(ops: int = 20000, rounds: int = 7, say: Callable[[str], 
     # 1.15-1.33x over three runs against 1.13x and 1.18x; the runs' calls 1.3-1.6x): its figure
     # where it was measured, the loop's where not.
     experts.setdefault("adam_factor", max(1.0, med["adam"]))
+    # The executor's own calls beside its Adam, and beside a native copy with it, took more
+    # than any loop here (session 20: 1.3-1.6x and 2.4-3.9x in the S8 runs): their figures
+    # from its own run where it has enough such calls, the loops' (and the product) where not.
+    try:
+        experts.update(measure_own_calls(say))
+    except ValueError as e:
+        say(f"  the executor's own calls: not measured ({e}); adam_factor from the loop, copy_adam_factor none")
     # A negative toll is noise around none: the model takes it as none.
     return IssueTolls(copy_s=toll.seconds, chunk_s=max(0.0, med["chunk"]), cpu_job_s=max(0.0, med["job"]),
                       dma_factor=max(1.0, med["dma"]), memory_factor=max(1.0, med["memory"]), **experts)

@@ -50,6 +50,7 @@ from aptmoe.calibration.cpu_jobs import PROBE as CPU_JOB_PROBE
 from aptmoe.calibration.cpu_jobs import measure_cpu_job
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
 from aptmoe.calibration.issue_tolls import CAP_GBps, COPY_MIB, measure_issue_tolls
+from aptmoe.calibration.own_calls import PROBE as OWN_CALLS_PROBE
 from aptmoe.calibration.pacer import CAP_GBps as PACER_CAP
 from aptmoe.calibration.pacer import COPIES as PACER_COPIES
 from aptmoe.calibration.pacer import COPY_BYTES as PACER_BYTES
@@ -1275,7 +1276,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         a.sources["issue_tolls"] = (f"measured: a launch-bound issuing loop on a rank's host cores alone and beside "
                                     f"the copy engine ({', '.join(map(str, COPY_MIB))} MiB copies, native and "
                                     f"{CAP_GBps:g} GB/s), the CPU worker's one-token MoE-M experts and the executor's "
-                                    f"Adam chunks, DMA copies and a memory stream (calibration/issue_tolls.py): "
+                                    f"Adam chunks, DMA copies and a memory stream (calibration/issue_tolls.py), and the "
+                                    f"executor's own calls in its run ({' '.join(OWN_CALLS_PROBE)}; "
+                                    f"calibration/own_calls.py): "
                                     + "; ".join(n.strip() for n in m.issue_tolls_notes))
     if m.cpu_job is not None:
         a.sources["cpu_job"] = ("measured: the executor's own APTMoE run on up to two GPUs with MoE-S's widths on a "

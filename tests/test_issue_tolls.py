@@ -113,6 +113,30 @@ def test_a_measured_adam_factor_stands_for_the_memory_stream_and_the_chunks_toll
         assert without.slowdown() == pytest.approx(1.2 / (1 - 0.2))     # as before: memory and a toll
 
 
+def test_a_copy_with_adam_takes_the_measured_factor_on_a_native_link_only():
+    """`copy_adam_factor`, read from the executor's calls beside a native copy and its Adam at
+    once, stands for dma x adam and the copies' tolls there; never below that product (copies
+    landing more often than where it was read), and not on a capped link (a sixth the stream)."""
+    tolls = dataclasses.replace(TOLLS, adam_factor=1.5, copy_adam_factor=3.0)
+    native, capped = IssuingThread(tolls, capped=False), IssuingThread(tolls, capped=True)
+    paced = 1 - 8 * 60e-6 / 1e-3                                     # a capped copy's 8 chunks' tolls
+    for t in (native, capped):
+        with t.cpu_job(0.5e-3):
+            assert t.slowdown() == pytest.approx(1.5)
+            with t.copy(32 << 20, 1e-3, engine=False):
+                assert t.slowdown() == pytest.approx(3.0 if t is native else 1.1 * 1.5 / paced)
+            with t.copy(32 << 20, 1e-3):                             # a load: the engine's toll is in the factor
+                assert t.slowdown() == pytest.approx(3.0 if t is native else 1.1 * 1.5 / (paced - 0.2))
+        with t.copy(32 << 20, 1e-3, engine=False):                   # a copy alone: DMA (and a capped one's chunks)
+            assert t.slowdown() == pytest.approx(1.1 if t is native else 1.1 / paced)
+    low = IssuingThread(dataclasses.replace(tolls, copy_adam_factor=1.2), capped=False)
+    with low.cpu_job(0.5e-3), low.copy(32 << 20, 1e-3, engine=False):
+        assert low.slowdown() == pytest.approx(1.1 * 1.5)              # the product, where it is more
+    without = IssuingThread(dataclasses.replace(tolls, copy_adam_factor=None), capped=False)
+    with without.cpu_job(0.5e-3), without.copy(32 << 20, 1e-3, engine=False):
+        assert without.slowdown() == pytest.approx(1.1 * 1.5)          # as before: the product
+
+
 def test_the_calibrations_adam_neighbour_runs_the_executors_chunks_beside_the_loop():
     import torch
 
@@ -182,10 +206,12 @@ def test_profile_section_round_trips_and_is_checked(tmp_path):
             load_profile(str(tmp_path / "bad.json"))
     assert "expert_factor" not in d["issue_tolls"]                 # unmeasured: left out, not null
     withx = json.loads(json.dumps(d))
-    withx["issue_tolls"].update(expert_factor=1.3, other_expert_factor=1.2, both_expert_factor=1.4, adam_factor=1.5)
+    withx["issue_tolls"].update(expert_factor=1.3, other_expert_factor=1.2, both_expert_factor=1.4, adam_factor=1.5,
+                                copy_adam_factor=3.1)
     (tmp_path / "x.json").write_text(json.dumps(withx))
     x = load_profile(str(tmp_path / "x.json")).issue_tolls
-    assert (x.expert_factor, x.other_expert_factor, x.both_expert_factor, x.adam_factor) == (1.3, 1.2, 1.4, 1.5)
+    assert (x.expert_factor, x.other_expert_factor, x.both_expert_factor, x.adam_factor, x.copy_adam_factor) == \
+        (1.3, 1.2, 1.4, 1.5, 3.1)
     withx["issue_tolls"]["other_expert_factor"] = 0.8
     (tmp_path / "bad.json").write_text(json.dumps(withx))
     with pytest.raises(ProfileError, match="issue_tolls.other_expert_factor.*slowdown and must be >= 1"):
@@ -372,7 +398,7 @@ def test_a_background_neighbour_runs_only_inside_its_block_and_counts_from_its_s
 
 _tolls = st.builds(IssueTolls, copy_s=st.floats(0, 1e-3), chunk_s=st.floats(0, 1e-3), cpu_job_s=st.floats(0, 1e-3),
                    dma_factor=st.floats(1, 2), memory_factor=st.floats(1, 2),
-                   adam_factor=st.none() | st.floats(1, 2))
+                   adam_factor=st.none() | st.floats(1, 2), copy_adam_factor=st.none() | st.floats(1, 5))
 _copies = st.lists(st.tuples(st.integers(1, 64 << 20), st.floats(1e-5, 1e-1)), max_size=4)
 _jobs = st.lists(st.floats(1e-5, 1e-1), max_size=4)
 
@@ -383,7 +409,7 @@ def test_the_slowdown_is_bounded_and_never_falls_as_neighbours_join(tolls, cappe
     from contextlib import ExitStack
 
     t = IssuingThread(tolls, capped=capped)
-    top = tolls.dma_factor * (tolls.adam_factor or tolls.memory_factor) / MIN_LEFT
+    top = max(tolls.dma_factor * (tolls.adam_factor or tolls.memory_factor), tolls.copy_adam_factor or 1.0) / MIN_LEFT
     with ExitStack() as stack:
         for nbytes, seconds in copies:
             stack.enter_context(t.copy(nbytes, seconds))

@@ -1,0 +1,85 @@
+"""The issuing thread's own calls beside the rank's Adam and copies: `adam_factor`, `copy_adam_factor`.
+
+On the 2-GPU H200 (docs/validation-h200-2gpu-v4, read in session 20) the S8 runs' block calls
+took 1.3-1.6x their time alone beside the rank's Adam chunks and 2.4-3.9x beside a native copy
+and the chunks at once (a gradient offload, or the next stage's loads). The loops that stand
+for the calls (calibration/issue_tolls.py, calibration/expert_neighbours.py) saw 1.13-1.33x and
+1.24-1.47x: the model multiplied `dma_factor` and `adam_factor`, 1.25x, and native S8's
+Mobius and APTMoE were predicted 12-19% fast. What slows the runs' calls more than the loops'
+is not known; the calls themselves are, so the figures are read from them
+(aptmoe/own_work.py): the executor's Mobius and GPipeOffload on up to two GPUs at MoE-S's
+widths on a native link. Mobius recomputes beside its gradient offload and the Adam after it;
+GPipeOffload beside the next stage's loads and the last one's Adam.
+
+The probe is no grid config (12 layers, G 0.45).
+
+    python -m aptmoe.calibration.own_calls [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+from aptmoe.calibration.dispatch import _probe, _run_probe
+from aptmoe.own_work import OwnWork, own_work_factors
+from aptmoe.trace import Trace
+
+SCHEDULES = ("Mobius", "GPipeOffload")
+PROBE = _probe({"num_layers": 12, "num_stages": 4, "num_experts": 8, "gini": 0.45, "batch_size": 32,
+                "num_chunks": 4, "seq_length": 128, "pipeline": ",".join(SCHEDULES), "num_warmup_steps": 1,
+                "num_training_steps": 6})
+MIN_CALLS = 30       # calls beside Adam (and beside a copy with it) that a factor needs
+FIELDS = {"adam": "adam_factor", "copy+adam": "copy_adam_factor"}
+
+
+def issue_fields(found: dict[str, OwnWork]) -> dict[str, float]:
+    """`IssueTolls` fields from the factors: those with at least MIN_CALLS calls."""
+    missing = [c for c in FIELDS if c not in found or found[c].calls < MIN_CALLS]
+    if missing:
+        have = ", ".join(f"{c} {found[c].calls}" if c in found else f"{c} none" for c in FIELDS)
+        raise ValueError(f"the own-calls probe needs {MIN_CALLS} calls beside Adam and beside a copy with Adam; "
+                         f"it had {have}")
+    return {FIELDS[c]: found[c].factor for c in FIELDS}
+
+
+def probe_traces() -> list[Trace]:
+    """The probe's traces, on two GPUs where there are (as the runs it stands for)."""
+    import torch
+
+    g = max(1, min(2, torch.cuda.device_count()))
+    return _run_probe([*PROBE, "--device", "cuda", "--gpus", str(g), "--topo", f"C1+G{g}"],
+                      f"the own-calls probe (aptmoe-run {' and '.join(SCHEDULES)} on MoE-S widths, {g} GPU)",
+                      SCHEDULES)
+
+
+def measure_own_calls(say: Callable[[str], None] = print) -> dict[str, float]:
+    """Runs the probe and returns `adam_factor` and `copy_adam_factor`, saying what it found."""
+    found = own_work_factors(probe_traces())
+    say("the executor's own calls (" + " and ".join(SCHEDULES) + ", MoE-S widths, 12 layers, native): "
+        + "; ".join(f"beside {c} {found[c]}" for c in sorted(found)))
+    return issue_fields(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.own_calls", description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=1, help="probe runs, each its own processes (1)")
+    ns = p.parse_args(argv)
+    got: dict[str, list[float]] = {f: [] for f in FIELDS.values()}
+    try:
+        for i in range(ns.repeats):
+            fields = measure_own_calls(lambda s, i=i: print(f"run {i + 1}: {s}", flush=True))
+            for k, v in fields.items():
+                got[k].append(v)
+    except (ValueError, RuntimeError) as e:
+        print(f"own_calls: error: {e}", file=sys.stderr)
+        return 1
+    for k, v in got.items():
+        print(f"{k}: median {statistics.median(v):.2f} over {len(v)} runs ({', '.join(f'{x:.2f}' for x in v)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
