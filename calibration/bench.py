@@ -108,7 +108,10 @@ def run(repeats: int, modes: list[str], extra: list[str], record: Path | None, k
                 i = sum(r.case == name for r in runs)
                 out = (keep or tmp) / f"{mode}{i}.json"
                 log = keep / f"{mode}{i}.log" if keep else None
-                secs = time_command(exe + flags + extra + ["-q", "--out", str(out)], log)
+                # With a log kept: no -q, so the log has a line per part as it ends (a run that a
+                # device call's limit stopped left no part's time in session 20)
+                quiet = [] if log else ["-q"]
+                secs = time_command(exe + flags + extra + [*quiet, "--out", str(out)], log)
                 runs.append(Run(name, round(secs, 2), kind, machine, datetime.date.today().isoformat(), bench))
                 if record:
                     _append(record, runs[-1])

@@ -72,3 +72,15 @@ def test_bad_flags_are_one_line_and_exit_2(argv, says, capsys) -> None:
 def test_an_empty_record_says_so(tmp_path, capsys) -> None:
     assert bench.main(["--repeats", "0", "--record", str(tmp_path / "none.jsonl")]) == 2
     assert "holds no runs" in capsys.readouterr().err
+
+
+def test_a_kept_log_gets_each_parts_time_and_an_unkept_run_stays_quiet(tmp_path, monkeypatch) -> None:
+    """Without -q the calibration prints a line per part as it ends (no terminal: no bar), so a
+    run stopped by a device call's limit still says how far it got."""
+    called: list[tuple[list[str], object]] = []
+    monkeypatch.setattr(bench, "time_command", lambda cmd, log: called.append((cmd, log)) or 1.0)
+    bench.run(1, ["quick"], ["--threads", "2"], None, tmp_path, "bench")
+    bench.run(1, ["quick"], ["--threads", "2"], None, None, "bench")
+    (kept, log), (unkept, none) = called
+    assert log == tmp_path / "quick0.log" and "-q" not in kept
+    assert none is None and "-q" in unkept
