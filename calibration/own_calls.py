@@ -11,7 +11,10 @@ is not known; the calls themselves are, so the figures are read from them
 widths on a native link. Mobius recomputes beside its gradient offload and the Adam after it;
 GPipeOffload beside the next stage's loads and the last one's Adam.
 
-The probe is no grid config (12 layers, G 0.45).
+The probe is no grid config (12 layers, G 0.45). On nvidia-h200-x2 (session 20, four runs: three
+alone and one in a calibration's tolls part) it gave 1.33-1.43x beside Adam and 3.14-3.31x beside
+a native copy with Adam, where the loops in the same calibration gave 1.09-1.25x and 1.29-1.31x
+(docs/measured/h200x2-session20).
 
     python -m aptmoe.calibration.own_calls [--repeats 1]
 """

@@ -727,6 +727,21 @@ def test_the_fourth_2gpu_grid_measures_s8_as_the_median_of_three_runs(tmp_path, 
             assert res["iteration_s"] == sorted(res["repeats"]["iteration_s"])[1], results
 
 
+def test_the_held_back_diagonal_measured_again_on_a_later_lease(tmp_path, monkeypatch) -> None:
+    """Session 20 (docs/validation-h200-2gpu-v5-heldback): the held-back cells measured again on
+    a fresh nvidia-h200-x2 lease, after `h200-2gpu` took its `adam_factor` and
+    `copy_adam_factor` from the executor's own calls; no run in it informed the model. 3.9%,
+    the worst 14.4% (S8 G0.3 native Mobius; with the profile before, 19.3%), ranking right in
+    2 of 3 (S8 G0.3 native: measured APTMoE 3.6% faster than Mobius, predicted a tie the other
+    way)."""
+    flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--repeats", "1,S=3", "--only",
+             "held-back", "--no-plot", "-q"]
+    report = _repredicted("validation-h200-2gpu-v5-heldback", tmp_path, monkeypatch, flags)
+    assert report["summary"]["held-back"]["runs"] == 12
+    _within(report, {"held-back": (0.040, 0.145)})
+    assert report["summary"]["held-back"]["ranking_right"] >= 2
+
+
 def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str]) -> dict:
     """The stored matrix `folder` predicted again into `tmp_path` (skipped where the tree lacks it)."""
     stored, out = DOCS / folder, tmp_path / folder
