@@ -30,12 +30,10 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from aptmoe.trace import Trace, TraceEvent, block_kind, is_block_call
+from aptmoe.trace import CPU_EXPERT_CATEGORIES, Trace, call_kind, is_block_call
 
 CONDITIONS = ("adam", "copy", "copy+adam")
 MIN_ALONE = 10          # calls alone a kind needs before its calls beside anything count
-CPU_EXPERT_CATEGORIES = ("cpu-expert", "recompute")     # a cpu lane's expert jobs ("update" is Adam)
-PASS_LETTERS = {"forward": "f", "backward": "b", "recompute": "r"}
 
 
 @dataclass(frozen=True)
@@ -79,11 +77,6 @@ def _lanes(trace: Trace) -> tuple[dict[int, list[Span]], dict[int, list[Span]], 
         elif e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES:
             experts[e.rank].append(span)
     return copies, adam, experts
-
-
-def call_kind(e: TraceEvent) -> str:
-    """A block call's pass and block kind: `fe` an expert's forward, `ra` attention's recompute."""
-    return PASS_LETTERS[e.cat] + block_kind(e.name)
 
 
 def calls_by_condition(trace: Trace) -> dict[str, list[tuple[str, float]]]:

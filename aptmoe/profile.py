@@ -318,7 +318,7 @@ class IssueTolls:
     # Slowdown while a copy streams at the link's native speed *and* the CPU worker runs Adam:
     # the two share the host's memory, and beside both the runs' calls took far more than the
     # two factors' product (S8 on the 2-GPU H200: 2.4-3.9x where dma x adam is 1.25). Read
-    # from the executor's own run (calibration/cpu_jobs.py). Optional: where not measured,
+    # from the executor's own run (calibration/own_calls.py). Optional: where not measured,
     # the product, as before; on a capped link always the product (its copies stream a sixth).
     copy_adam_factor: float | None = None
 

@@ -20,7 +20,7 @@ from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
-           "action_runs", "is_action", "is_block_call", "run_trace", "write_json_atomic"]
+           "action_runs", "call_kind", "is_action", "is_block_call", "run_trace", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -66,6 +66,8 @@ def run_trace(folder: str | Path, name: str) -> Path | None:
 
 
 PASS_CATEGORIES = ("forward", "backward", "recompute")     # a block call's pass
+PASS_LETTERS = {"forward": "f", "backward": "b", "recompute": "r"}
+CPU_EXPERT_CATEGORIES = ("cpu-expert", "recompute")     # a cpu lane's expert jobs (its "update" is Adam)
 ACTION_CATEGORIES = ("forward", "backward")                 # an action's: its recompute runs inside its backward
 
 
@@ -98,6 +100,11 @@ def action_runs(trace: "Trace"):
         action = e.name.split("@", 1)[0]
         return action, bisect.bisect_right(starts.get((e.rank, action), []), e.start_s + 1e-9) - 1
     return run_of
+
+
+def call_kind(e: "TraceEvent") -> str:
+    """A block call's pass and block kind: `fe` an expert's forward, `ra` attention's recompute."""
+    return PASS_LETTERS[e.cat] + block_kind(e.name)
 
 
 def block_kind(name: str) -> str | None:

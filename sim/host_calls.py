@@ -29,16 +29,15 @@ from pathlib import Path
 from aptmoe.own_work import CONDITIONS as OWN_WORK
 from aptmoe.own_work import own_work_factors
 from aptmoe.report import format_table
-from aptmoe.trace import CPU_JOB_PHASES, Trace, TraceError, action_runs, block_kind, is_action, is_block_call
-
-PASSES = {"forward": "f", "backward": "b", "recompute": "r"}
+from aptmoe.trace import (CPU_EXPERT_CATEGORIES, CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs,
+                          block_kind, call_kind, is_action, is_block_call)
 
 
 def _calls(trace: Trace):
     """(pass and kind, e.g. 'fe'; host us; event) of every block call the run timed the host of."""
     for e in trace.events:
         if is_block_call(e) and "host_us" in e.args:
-            yield PASSES[e.cat] + block_kind(e.name), float(e.args["host_us"]), e
+            yield call_kind(e), float(e.args["host_us"]), e
 
 
 def host_calls(trace: Trace) -> dict[str, tuple[int, float, float]]:
@@ -67,14 +66,11 @@ def _overlaps(spans, a: float, b: float) -> bool:
     return any(s < b and t > a for s, t, *_ in spans)
 
 
-CPU_EXPERTS = ("cpu-expert", "recompute")          # a CPU lane's expert jobs (its "update" is Adam)
-
-
 def _cpu_expert_spans(trace: Trace) -> dict[int, list[tuple[float, float]]]:
     """Each rank's CPU experts computing: (start, end) of its CPU lane's expert jobs."""
     spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for e in trace.events:
-        if e.stream == "cpu" and e.cat in CPU_EXPERTS:
+        if e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES:
             spans[e.rank].append((e.start_s, e.end_s))
     return spans
 
@@ -172,7 +168,7 @@ def by_jobs(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     experts in any step counted as one in every step; APTMoE's split changes from step to
     step, and its figures were read again (docs/measured/h200x2-session17)."""
     place = _action_layers(trace)
-    jobs = {place(e) for e in trace.events if e.stream == "cpu" and e.cat in CPU_EXPERTS}
+    jobs = {place(e) for e in trace.events if e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES}
     spans = _cpu_expert_spans(trace)
     out = defaultdict(list)
     for e, us, (a, b) in _issued(trace, key):
@@ -212,7 +208,7 @@ def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:
         out["end"].append(act.end_s - inside[-1].end_s)
         for x, y in zip(inside, inside[1:]):
             turn = "+" if x.args.get("layer") != y.args.get("layer") else ""
-            out[f"{PASSES[x.cat]}{block_kind(x.name)}>{PASSES[y.cat]}{block_kind(y.name)}{turn}"].append(
+            out[f"{PASS_LETTERS[x.cat]}{block_kind(x.name)}>{PASS_LETTERS[y.cat]}{block_kind(y.name)}{turn}"].append(
                 y.start_s - x.end_s)
     n = len(out.get("start", ()))         # actions with a call: none in a run without this pass
     return {k: (len(v), statistics.median(v) * 1e6, sum(v) / n * 1e6) for k, v in out.items()}
