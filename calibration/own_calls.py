@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 
 from aptmoe.calibration.dispatch import _probe, _run_probe
+from aptmoe.flags import whole_number
 from aptmoe.own_work import OwnWork, own_work_factors
 from aptmoe.trace import Trace
 
@@ -68,7 +69,7 @@ def measure_own_calls(say: Callable[[str], None] = print) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.own_calls", description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=1, help="probe runs, each its own processes (1)")
+    p.add_argument("--repeats", type=whole_number("run"), default=1, help="probe runs, each its own processes (1)")
     ns = p.parse_args(argv)
     got: dict[str, list[float]] = {f: [] for f in FIELDS.values()}
     try:

@@ -113,3 +113,13 @@ def test_the_probe_is_no_config_of_the_grid() -> None:
 
     flags = dict(zip(PROBE[2::2], PROBE[3::2]))
     assert flags["--num_layers"] not in ("2", "4", "8") and flags["--gini"] not in ("0.3", "0.6")
+
+
+def test_the_probes_command_refuses_no_runs_in_one_line(capsys) -> None:
+    from aptmoe.calibration.own_calls import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--repeats", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "at least 1 run" in err[-1] and not any("Traceback" in line for line in err)
