@@ -29,7 +29,8 @@ import argparse
 import statistics
 import sys
 
-from aptmoe.calibration.dispatch import _probe, _run_probe
+from aptmoe.calibration.dispatch import _probe, run_on_gpus
+from aptmoe.flags import whole_number
 from aptmoe.profile import CpuJob
 from aptmoe.trace import Trace, action_runs, block_kind, is_block_call
 
@@ -77,11 +78,7 @@ def cpu_job_from_trace(trace: Trace) -> CpuJob:
 
 def probe_trace() -> Trace:
     """The probe's APTMoE trace, on two GPUs where there are (as the runs it stands for)."""
-    import torch
-
-    g = min(2, torch.cuda.device_count())
-    return _run_probe([*PROBE, "--device", "cuda", "--gpus", str(g), "--topo", f"C1+G{g}"],
-                      f"the CPU-job probe (aptmoe-run APTMoE on MoE-S widths, {g} GPU)", ("APTMoE",))[0]
+    return run_on_gpus(PROBE, "the CPU-job probe (aptmoe-run APTMoE on MoE-S widths, {gpus} GPU)", ("APTMoE",))[0]
 
 
 def measure_cpu_job() -> CpuJob:
@@ -91,7 +88,7 @@ def measure_cpu_job() -> CpuJob:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.cpu_jobs", description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=1, help="probe runs, each its own process (1)")
+    p.add_argument("--repeats", type=whole_number("run"), default=1, help="probe runs, each its own process (1)")
     ns = p.parse_args(argv)
     try:
         for i in range(ns.repeats):

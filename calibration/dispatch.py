@@ -50,8 +50,13 @@ CATEGORIES = {"forward": "fwd", "recompute": "fwd", "backward": "bwd"}
 WIDE = _probe({k: v for k, v in PROBE_FLAGS.items() if k not in ("embedding_dim", "hidden_dim", "num_heads")})
 
 
+def on_ranks(probe: list[str], device: str, ranks: int) -> list[str]:
+    """A probe's aptmoe-run arguments on `ranks` processes of `device` that share one socket."""
+    return [*probe, "--device", device, "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
+
+
 def probe_args(device: str, ranks: int, wide: bool = False) -> list[str]:
-    return [*(WIDE if wide else PROBE), "--device", device, "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
+    return on_ranks(WIDE if wide else PROBE, device, ranks)
 
 
 def _blocks(trace: Trace) -> list:
@@ -150,6 +155,15 @@ def _run_probe(args: list[str], what: str, schedules: tuple[str, ...]) -> list[T
         return traces
 
 
+def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: int = 2) -> list[Trace]:
+    """`_run_probe` on this machine's GPUs, `most` of them at most (the runs a probe stands for
+    use two); `what` names the probe, its `{gpus}` the GPUs it ran on."""
+    import torch
+
+    g = max(1, min(most, torch.cuda.device_count()))
+    return _run_probe(on_ranks(probe, "cuda", g), what.format(gpus=g), schedules)
+
+
 def probe_trace(device: str, ranks: int = 1, wide: bool = False) -> Trace:
     """Runs the probe (`device` cuda or cpu, `ranks` processes; `wide`: at MoE-S's widths) and
     returns its GPipe trace."""
@@ -209,7 +223,7 @@ def copy_toll_from_traces(alone: Trace, loaded: list[Trace]) -> CopyToll:
 def measure_copy_toll() -> CopyToll:
     """Runs the loaded probe on the GPU (every schedule, one process) and fits the toll over
     the offload schedules' traces."""
-    alone, *loaded = _run_probe([*LOADED, "--device", "cuda", "--gpus", "1", "--topo", "C1+G1"],
+    alone, *loaded = _run_probe(on_ranks(LOADED, "cuda", 1),
                                 "the loaded probe (aptmoe-run on experts heavy to copy)", ("GPipe", *LOADED_SCHEDULES))
     return copy_toll_from_traces(alone, loaded)
 

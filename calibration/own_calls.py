@@ -26,7 +26,7 @@ import statistics
 import sys
 from collections.abc import Callable
 
-from aptmoe.calibration.dispatch import _probe, _run_probe
+from aptmoe.calibration.dispatch import _probe, run_on_gpus
 from aptmoe.flags import whole_number
 from aptmoe.own_work import OwnWork, own_work_factors
 from aptmoe.trace import Trace
@@ -51,12 +51,8 @@ def issue_fields(found: dict[str, OwnWork]) -> dict[str, float]:
 
 def probe_traces() -> list[Trace]:
     """The probe's traces, on two GPUs where there are (as the runs it stands for)."""
-    import torch
-
-    g = max(1, min(2, torch.cuda.device_count()))
-    return _run_probe([*PROBE, "--device", "cuda", "--gpus", str(g), "--topo", f"C1+G{g}"],
-                      f"the own-calls probe (aptmoe-run {' and '.join(SCHEDULES)} on MoE-S widths, {g} GPU)",
-                      SCHEDULES)
+    return run_on_gpus(PROBE, f"the own-calls probe (aptmoe-run {' and '.join(SCHEDULES)} on MoE-S widths, "
+                       "{gpus} GPU)", SCHEDULES)
 
 
 def measure_own_calls(say: Callable[[str], None] = print) -> dict[str, float]:

@@ -696,7 +696,7 @@ class RankRuntime:
 
     def _job_event(self, a: Action, layer: int, experts: list[int], tokens: int, cat: str,
                    at: list[float]) -> None:
-        """One CPU job on the cpu lane as a `cpu-job` event from its hand-over to its outputs'
+        """One CPU job on the cpu-jobs lane as a `cpu-job` event from its hand-over to its outputs'
         landing, its phases in the args (trace.CPU_JOB_PHASES, us): the executor and the
         simulator give the same five, so the wait for a CPU expert's outputs splits into
         where each spent it."""

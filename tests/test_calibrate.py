@@ -290,7 +290,8 @@ def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
     assert t.adam_factor is not None and t.adam_factor >= 1
     # the executor's own calls beside its Adam and a copy with it (calibration/own_calls.py)
     assert "the executor's own calls" in p.sources["issue_tolls"]
-    assert t.copy_adam_factor is None or t.copy_adam_factor >= 1
+    assert (t.copy_adam_factor is not None and t.copy_adam_factor >= 1) or \
+        "the executor's own calls: not measured" in p.sources["issue_tolls"]
     assert "the executor's copy engine" in p.sources["issue_tolls"] and "Adam chunks" in p.sources["issue_tolls"]
     assert "links.p2p.intra_node" in {s.part for s in p.skipped}
     assert p.hardware.gpu_count == 1

@@ -321,3 +321,18 @@ def test_merge_takes_one_field_of_a_section_and_keeps_the_rest(with_dispatch, tm
     assert merge_main([str(tmp_path / "c.json"), "--take", "dispatch.nothing=a800-paper", "--out",
                        str(tmp_path / "n.json")]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "n.json").exists()
+
+
+@pytest.mark.parametrize("gpus, ranks", [(0, 1), (1, 1), (2, 2), (8, 2)])
+def test_a_gpu_probe_runs_on_at_most_two_gpus_of_one_socket_and_says_how_many(gpus, ranks, monkeypatch) -> None:
+    import torch
+
+    from aptmoe.calibration import dispatch
+
+    got = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(dispatch, "_run_probe", lambda args, what, schedules: got.append((args, what, schedules)))
+    dispatch.run_on_gpus(["--pipeline", "Mobius"], "the probe on {gpus} GPU", ("Mobius",))
+    (args, what, schedules), = got
+    assert args == ["--pipeline", "Mobius", "--device", "cuda", "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
+    assert what == f"the probe on {ranks} GPU" and schedules == ("Mobius",)
