@@ -19,9 +19,16 @@ call is in one condition when, over at least half of that span, the rank had:
 * `copy+adam`: both at once.
 
 Calls beside any CPU expert (the rank's or another's) are left out: their factors are
-measured apart. A condition's factor is the median, over its calls, of each call's host
-time over the median of its kind's calls alone (a kind is a pass and a block kind, `re`: an
-expert's recompute), so that a mix of kinds does not weigh in.
+measured apart. Each call is set against the median of its kind's calls alone (a kind is a
+pass and a block kind, `re`: an expert's recompute), so that a mix of kinds does not weigh
+in. A condition's factor is its calls' host time over what the same calls would have taken at
+those medians (a ratio of sums): the simulator gives each call of the condition its kind's
+host cost (the dispatch probe's median) times the factor, and what a step takes is the sum.
+The median of the calls' ratios is kept beside it. On the 2-GPU H200 runs the calls beside a
+neighbour have long tails (a recompute beside an offload with Adam took 281-1137 us where
+alone it took 138), and the sums ran 5-17% over the medians beside a copy, with or without
+Adam (session 21, docs/validation-h200-2gpu-v4): the medians, which the calibration took
+until then, left that time out of the predicted steps.
 """
 
 from __future__ import annotations
@@ -38,14 +45,16 @@ MIN_ALONE = 10          # calls alone a kind needs before its calls beside anyth
 
 @dataclass(frozen=True)
 class OwnWork:
-    """A condition's factor and what it rests on."""
+    """A condition's factor (a ratio of sums), the median of its calls' ratios, and what they
+    rest on."""
 
     factor: float
     calls: int
     kinds: int
+    median: float
 
     def __str__(self) -> str:
-        return f"{self.factor:.2f}x ({self.calls} calls of {self.kinds} kinds)"
+        return f"{self.factor:.2f}x (median {self.median:.2f}; {self.calls} calls of {self.kinds} kinds)"
 
 
 Span = tuple[float, float]
@@ -99,25 +108,29 @@ def calls_by_condition(trace: Trace) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
-def own_work_ratios(trace: Trace, min_alone: int = MIN_ALONE) -> dict[str, list[tuple[str, float]]]:
-    """Each condition -> (kind, host time over the median of its kind's calls alone) of its
-    calls, for the kinds with at least `min_alone` calls alone."""
+Call = tuple[str, float, float]          # kind, host us, its kind's median us alone
+
+
+def own_work_ratios(trace: Trace, min_alone: int = MIN_ALONE) -> dict[str, list[Call]]:
+    """Each condition -> (kind, host us, its kind's median us alone) of its calls, for the
+    kinds with at least `min_alone` calls alone."""
     groups = calls_by_condition(trace)
     alone: dict[str, list[float]] = defaultdict(list)
     for kind, us in groups.get("alone", []):
         alone[kind].append(us)
     ref = {k: statistics.median(v) for k, v in alone.items() if len(v) >= min_alone}
-    return {cond: [(kind, us / ref[kind]) for kind, us in groups.get(cond, []) if ref.get(kind, 0) > 0]
+    return {cond: [(kind, us, ref[kind]) for kind, us in groups.get(cond, []) if ref.get(kind, 0) > 0]
             for cond in CONDITIONS}
 
 
 def own_work_factors(traces: Trace | list[Trace], min_alone: int = MIN_ALONE) -> dict[str, OwnWork]:
     """Each condition with calls of a kind that has at least `min_alone` calls alone -> its
-    factor (at least 1: less is noise around none). Over several traces (runs or schedules),
-    each call against its own trace's calls alone, the ratios pooled."""
-    pooled: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    factor and median (each at least 1: less is noise around none). Over several traces (runs
+    or schedules), each call against its own trace's calls alone, the calls pooled."""
+    pooled: dict[str, list[Call]] = defaultdict(list)
     for t in [traces] if isinstance(traces, Trace) else traces:
         for cond, got in own_work_ratios(t, min_alone).items():
             pooled[cond].extend(got)
-    return {cond: OwnWork(max(1.0, statistics.median(r for _, r in got)), len(got), len({k for k, _ in got}))
+    return {cond: OwnWork(max(1.0, sum(us for _, us, _ in got) / sum(ref for _, _, ref in got)), len(got),
+                          len({k for k, _, _ in got}), max(1.0, statistics.median(us / ref for _, us, ref in got)))
             for cond, got in pooled.items() if got}

@@ -49,6 +49,13 @@ log = logging.getLogger(__name__)
 CPU_EXPERT_PRIORITY = 0     # lower value first (simpy.PriorityResource)
 CPU_UPDATE_PRIORITY = 1
 _ALONE = dict.fromkeys(BLOCK_KINDS, 1.0)        # every kind at its time alone (no receive waiting)
+
+
+def _host_us(host_s: float | None) -> dict:
+    """A predicted block call's host time as the executor writes it into its events (`host_us`,
+    exec/runtime.py), so that what reads the measured calls (sim/host_calls.py, aptmoe.own_work)
+    reads the model's the same way; nothing where the profile has no host cost."""
+    return {} if host_s is None else {"host_us": round(host_s * 1e6, 1)}
 RECEIVES = (Kind.RECV_F, Kind.RECV_B)
 
 
@@ -368,14 +375,14 @@ class RankModel:
                 self._host_waited()
                 continue
             start = self.env.now
-            durs = self._issue([("e", int(counts[e]), direction) for e in ready])
+            durs, hosts = self._issue([("e", int(counts[e]), direction) for e in ready])
             yield self._hold(sum(durs))
             t = start
-            for e, d in zip(ready, durs):
+            for e, d, h in zip(ready, durs, hosts):
                 if self.step.trace is not None:
                     self.step.trace.add(str(label.at(Block.expert_of(layer, e))), self.rank, "compute",
                                         self.step.t0 + t, self.step.t0 + t + d, cat,
-                                        layer=layer, experts=[e], tokens=int(counts[e]))
+                                        layer=layer, experts=[e], tokens=int(counts[e]), **_host_us(h))
                 t += d
             self.expert_tokens["gpu"] += int(sum(counts[e] for e in ready))
             pending = [e for e in pending if e not in ready]
@@ -430,13 +437,13 @@ class RankModel:
             j = i + 1
             while j < len(blocks) and (self.policy is None or self.policy.is_loaded(a.stage, blocks[j])):
                 j += 1
-            durs = self._issue([(b.kind.value, tokens, direction) for b in blocks[i:j]])
+            durs, hosts = self._issue([(b.kind.value, tokens, direction) for b in blocks[i:j]])
             start = self.env.now
             yield self._hold(sum(durs))
             if self.step.trace is not None:
-                for b, d in zip(blocks[i:j], durs):
+                for b, d, h in zip(blocks[i:j], durs, hosts):
                     self.step.trace.add(str(a.at(b)), self.rank, "compute", self.step.t0 + start,
-                                        self.step.t0 + start + d, cat, layer=b.layer)
+                                        self.step.t0 + start + d, cat, layer=b.layer, **_host_us(h))
                     start += d
             i = j
 
@@ -469,8 +476,9 @@ class RankModel:
         """The host thread waited (for weights, a message, the CPU's experts) until now."""
         self.host_t = max(self.host_t, self.env.now)
 
-    def _issue(self, work: list[tuple[str, int, str]]) -> list[float]:
-        """Durations on the compute stream of blocks (kind, tokens, direction) issued back to back.
+    def _issue(self, work: list[tuple[str, int, str]]) -> tuple[list[float], list[float | None]]:
+        """Durations on the compute stream of blocks (kind, tokens, direction) issued back to
+        back, and the host time of each block's call (None without a measured host cost).
 
         The host is a second clock: a block's kernels end no sooner than the host has issued
         them (host_t advances by `host_s` per block) and no sooner than the GPU gets through
@@ -486,9 +494,10 @@ class RankModel:
         times theirs."""
         f = self.recv_slowdown if self.recvs_waiting else _ALONE
         if self.host_free:                  # the common case of a roofline or an older profile
-            return [self.cost.gpu_s(kind, tokens, direction) * f[kind] for kind, tokens, direction in work]
+            return ([self.cost.gpu_s(kind, tokens, direction) * f[kind] for kind, tokens, direction in work],
+                    [None] * len(work))
         t = self.env.now
-        out = []
+        out, hosts = [], []
         slow = self.issuing.slowdown()
         for kind, tokens, direction in work:
             k = self.cost.gpu_s(kind, tokens, direction) * f[kind]
@@ -499,8 +508,9 @@ class RankModel:
             else:
                 end = self.host_t = t + k + d
             out.append(end - t)
+            hosts.append(d)
             t = end
-        return out
+        return out, hosts
 
     def _between(self, b: float):
         """`b` seconds of the host's work between a layer's blocks: on a GPU it delays only the

@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the experts, the copy up, in all, and on to the next block call (median us)")
     p.add_argument("--own-work", action="store_true",
                    help="also each rank's calls beside its own Adam, a copy, or both, over its calls alone, as "
-                        "the calibration reads them (aptmoe.own_work): median ratio (calls)")
+                        "the calibration reads them (aptmoe.own_work): the calls' time over their kinds' "
+                        "medians alone, the median of their ratios (calls)")
     p.add_argument("--predicted", action="store_true",
                    help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
     ns = p.parse_args(argv)
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                                 for pass_, g in cpu_jobs(trace).items())
             if ns.own_work:
                 f = own_work_factors(trace)
-                own_rows.append([label, name, *(f"{f[c].factor:.2f} ({f[c].calls})" if c in f else "-"
+                own_rows.append([label, name, *(f"{f[c].factor:.2f} {f[c].median:.2f} ({f[c].calls})" if c in f else "-"
                                                 for c in OWN_WORK)])
             if ns.budget:
                 budget_rows.extend([label, name, str(rank), *(f"{round(x, 1) + 0.0:.1f}" for x in (*b, sum(b)))]
@@ -389,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
               "their outputs' landing to the rank's next block call\n")
         print(format_table(["run", "schedule", "pass", "jobs", *JOB_COLUMNS], job_rows))
     if ns.own_work:
-        print("\neach call's host time over its kind's calls alone, beside the rank's own work: median (calls)\n")
+        print("\nthe calls beside the rank's own work against their kinds' median calls alone: their time over "
+              "those medians (the factor), the median of their ratios (calls)\n")
         print(format_table(["run", "schedule", *OWN_WORK], own_rows))
     if ns.budget:
         print("\nms a step on each rank's compute stream\n")

@@ -102,19 +102,20 @@ def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones(
 
     # attention 2 s of kernels, then three gates of none; the host takes 1 s per block.
     r = _rank(_Cost({"a": 2.0, "g": 0.0}, {"a": 1.0, "g": 1.0}))
-    durs = RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd")])
+    durs, hosts = RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd")])
+    assert hosts == [1.0] * 4                                            # each call's own host time
     # the host issues the first gate while the GPU runs the attention: it ends with it
     assert durs == pytest.approx([2.0, 0.0, 1.0, 1.0])
     assert sum(durs) == pytest.approx(max(2.0 + 0.0, 1.0 * 4))       # max(kernels, host) for a back-to-back run
     # host cost zero: every block takes its kernel time, as before the host clock existed
     # (the engine's shortcut for sources without host times gives the same)
     r = _rank(_Cost({"a": 2.0, "g": 0.5}, {"a": 0.0, "g": 0.0}))
-    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == [2.0, 0.5]
-    r.host_free = True
-    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == [2.0, 0.5]
+    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == ([2.0, 0.5], [0.0, 0.0])
+    r.host_free = True                  # no host time to give the calls' events either
+    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == ([2.0, 0.5], [None, None])
     # a block without tokens is not issued at all
     r = _rank(_Cost({"e": 1.0}, {"e": 1.0}))
-    assert RankModel._issue(r, [("e", 0, "fwd")]) == [0.0] and r.host_t == 10.0
+    assert RankModel._issue(r, [("e", 0, "fwd")]) == ([0.0], [0.0]) and r.host_t == 10.0
 
 
 def test_on_cpu_ranks_a_block_takes_its_host_cost_and_its_compute_one_after_the_other() -> None:
@@ -123,7 +124,7 @@ def test_on_cpu_ranks_a_block_takes_its_host_cost_and_its_compute_one_after_the_
     from aptmoe.sim.engine import RankModel
 
     r = _rank(_Cost({"a": 2.0, "g": 0.0}, {"a": 1.0, "g": 1.0}, ahead=False))
-    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == pytest.approx([3.0, 1.0])
+    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")])[0] == pytest.approx([3.0, 1.0])
     assert r.host_t == pytest.approx(14.0)
 
 
@@ -132,7 +133,7 @@ def test_work_between_blocks_delays_the_host_on_a_gpu_and_the_stream_on_cpu() ->
 
     r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25))
     assert list(RankModel._between(r, 0.25)) == [] and r.host_t == pytest.approx(10.25)
-    assert RankModel._issue(r, [("e", 4, "fwd")]) == pytest.approx([0.25])     # the GPU waits for the host
+    assert RankModel._issue(r, [("e", 4, "fwd")])[0] == pytest.approx([0.25])  # the GPU waits for the host
     r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25, ahead=False))
     assert list(RankModel._between(r, 0.25)) == [0.25]                          # one hold on the stream
 
@@ -265,18 +266,18 @@ def test_a_waiting_receive_slows_the_kernels_and_not_the_host() -> None:
     for slowdown, attention in ((1.0, 2.0), (1.5, 3.0)):
         r = _rank(cost)
         r.recv_slowdown, r.recvs_waiting = dict.fromkeys("aeg", slowdown), 1
-        assert RankModel._issue(r, bound_by_kernel) == pytest.approx([attention])
+        assert RankModel._issue(r, bound_by_kernel)[0] == pytest.approx([attention])
         r = _rank(cost)
         r.recv_slowdown, r.recvs_waiting = dict.fromkeys("aeg", slowdown), 1
-        assert RankModel._issue(r, bound_by_host) == pytest.approx([1.0, 1.0, 1.0])
+        assert RankModel._issue(r, bound_by_host)[0] == pytest.approx([1.0, 1.0, 1.0])
     # each kind its own figure
     r = _rank(cost)
     r.recv_slowdown, r.recvs_waiting = {"a": 1.25, "e": 1.0, "g": 1.0}, 1
-    assert RankModel._issue(r, bound_by_kernel) == pytest.approx([2.5])
+    assert RankModel._issue(r, bound_by_kernel)[0] == pytest.approx([2.5])
     # no receive waiting: the profile's slowdown does not apply
     r = _rank(cost)
     r.recv_slowdown = dict.fromkeys("aeg", 1.5)
-    assert RankModel._issue(r, bound_by_kernel) == pytest.approx([2.0])
+    assert RankModel._issue(r, bound_by_kernel)[0] == pytest.approx([2.0])
 
 
 def test_a_layers_combine_comes_after_its_experts(with_dispatch) -> None:

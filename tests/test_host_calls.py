@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aptmoe.sim import host_calls
-from aptmoe.trace import Trace, block_kind
+from aptmoe.trace import Trace, block_kind, is_block_call
 
 
 def _run(folder, name: str, fe_host_us: list[float]) -> None:
@@ -240,4 +240,36 @@ def test_own_work_prints_each_conditions_ratio_and_calls(tmp_path, capsys) -> No
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.split()[:2] == [tmp_path.name, "Mobius"]
                and "(" in line)
-    assert row.split()[2:] == ["2.50", "(4)", "-", "-"]
+    assert row.split()[2:] == ["2.50", "2.50", "(4)", "-", "-"]
+
+
+def test_the_simulators_calls_carry_their_host_time_and_read_as_the_model_has_them() -> None:
+    """A predicted block call carries the host time the model gave it (`host_us`, as the
+    executor's do), so the same readers compare them: alone, a call takes its kind's host
+    cost; beside the rank's Adam and nothing else, that times the profile's `adam_factor`."""
+    import shlex
+    import statistics
+
+    from aptmoe.flags import add_cluster_flags, add_seed_flags, config_from_args, make_parser
+    from aptmoe.own_work import own_work_factors
+    from aptmoe.profile import cost_for, load_profile
+    from aptmoe.sim.simulate import simulate
+
+    prof = load_profile("h200-2gpu")
+    p = make_parser("t", "")
+    add_seed_flags(p)
+    add_cluster_flags(p)
+    line = ("--is_moe=True --model_config=S --num_layers 8 --num_stages 4 --num_experts 8 --gini 0.3 "
+            "--batch_size 32 --num_chunks 4 --seq_length 128 --gpus 2 --topo C1+G2 --num_training_steps 2 "
+            "--num_warmup_steps 0 --pipeline Mobius")
+    cfg = config_from_args(p.parse_args(shlex.split(line)), **prof.cluster_defaults())
+    cost = cost_for(cfg, prof)
+    trace = Trace("sim")
+    simulate(cfg, cost, trace=trace)
+    calls = [e for e in trace.events if is_block_call(e)]
+    assert calls and all(e.args["host_us"] > 0 for e in calls if e.args.get("tokens", 1) > 0)
+    f = own_work_factors(trace)
+    assert f["adam"].median == pytest.approx(prof.issue_tolls.adam_factor, rel=1e-3)
+    alone = [e for e in calls if e.name.endswith(":a") and e.cat == "forward"]
+    assert statistics.median(e.args["host_us"] for e in alone) == pytest.approx(
+        cost.host_s("a", "fwd") * 1e6, abs=0.1)

@@ -79,7 +79,17 @@ def test_several_traces_pool_their_ratios_each_against_its_own_alone() -> None:
     fast = _trace([("re", "alone", 100.0)] * MIN_ALONE + [("re", "adam", 120.0)] * 3)
     slow = _trace([("re", "alone", 300.0)] * MIN_ALONE + [("re", "adam", 600.0)] * 4)
     f = own_work_factors([fast, slow])
-    assert f["adam"].factor == pytest.approx(2.0) and f["adam"].calls == 7     # 1.2 x3, 2.0 x4: median 2.0
+    assert f["adam"].median == pytest.approx(2.0) and f["adam"].calls == 7     # 1.2 x3, 2.0 x4: median 2.0
+    assert f["adam"].factor == pytest.approx((3 * 120 + 4 * 600) / (3 * 100 + 4 * 300))
+
+
+def test_the_factor_keeps_the_time_of_a_long_tail_that_the_median_leaves_out() -> None:
+    # nine calls beside Adam at 1.2x and one at 10x: the median says 1.2, the time says 2.08
+    calls = [("re", "alone", 100.0)] * MIN_ALONE + [("re", "adam", 120.0)] * 9 + [("re", "adam", 1000.0)]
+    f = own_work_factors(_trace(calls))["adam"]
+    assert f.median == pytest.approx(1.2)
+    assert f.factor == pytest.approx((9 * 120 + 1000) / (10 * 100))
+    assert "2.08x (median 1.20; 10 calls of 1 kinds)" == str(f)
 
 
 @settings(max_examples=100, deadline=None)
@@ -98,12 +108,13 @@ def test_the_calibration_takes_both_fields_or_says_what_it_lacked() -> None:
     from aptmoe.calibration.own_calls import MIN_CALLS, issue_fields
     from aptmoe.own_work import OwnWork
 
-    assert issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6), "copy+adam": OwnWork(3.1, MIN_CALLS + 5, 3),
-                         "copy": OwnWork(1.8, 100, 6)}) == {"adam_factor": 1.4, "copy_adam_factor": 3.1}
+    # the factor (a ratio of sums), not the median
+    assert issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6, 1.3), "copy+adam": OwnWork(3.1, MIN_CALLS + 5, 3, 2.9),
+                         "copy": OwnWork(1.8, 100, 6, 1.7)}) == {"adam_factor": 1.4, "copy_adam_factor": 3.1}
     with pytest.raises(ValueError, match=f"needs {MIN_CALLS} calls.*adam {MIN_CALLS}, copy\\+adam none"):
-        issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6)})
+        issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6, 1.4)})
     with pytest.raises(ValueError, match="copy\\+adam 3"):
-        issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6), "copy+adam": OwnWork(3.1, 3, 1)})
+        issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6, 1.4), "copy+adam": OwnWork(3.1, 3, 1, 3.1)})
 
 
 def test_the_probe_is_no_config_of_the_grid() -> None:
