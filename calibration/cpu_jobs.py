@@ -36,10 +36,10 @@ from aptmoe.trace import Trace, action_runs, block_kind, is_block_call
 
 # G 0.6: its cold experts see few tokens, so the split sends them to the CPU in most layers
 # (at G 0.3 on one H200 two of four runs had no forward job the issuing thread waited for).
-# This is the 2-GPU grid's S8 G0.6 native APTMoE config, a cell of its fit set: another depth
-# would keep the calibration's run apart from the matrix it is checked on (own_calls.py's probe
-# is of none); left until a lease can measure `cpu_job` again with it.
-PROBE = _probe({"num_layers": 8, "num_stages": 4, "num_experts": 8, "gini": 0.6, "batch_size": 32, "num_chunks": 4,
+# 12 layers, a depth no cell of the matrix has, so that the calibration's run stays apart from
+# the runs it is checked on (until session 21 it was the 2-GPU grid's S8 G0.6 native APTMoE
+# cell, of its fit set).
+PROBE = _probe({"num_layers": 12, "num_stages": 4, "num_experts": 8, "gini": 0.6, "batch_size": 32, "num_chunks": 4,
                 "seq_length": 128, "pipeline": "APTMoE", "num_warmup_steps": 1, "num_training_steps": 6})
 MIN_JOBS = 5        # forward jobs waited for, and layers without one, that the medians need
 

@@ -117,13 +117,18 @@ def test_the_calibration_takes_both_fields_or_says_what_it_lacked() -> None:
         issue_fields({"adam": OwnWork(1.4, MIN_CALLS, 6, 1.4), "copy+adam": OwnWork(3.1, 3, 1, 3.1)})
 
 
-def test_the_probe_is_no_config_of_the_grid() -> None:
-    """The factors stand for a machine, not for the matrix they are checked against: the probe
-    runs a depth and a G that no grid cell has."""
-    from aptmoe.calibration.own_calls import PROBE
+@pytest.mark.parametrize("module", ["own_calls", "cpu_jobs"])
+def test_the_calibrations_executor_runs_are_no_config_of_the_grid(module) -> None:
+    """The figures stand for a machine, not for the matrix they are checked against: the
+    calibration's own executor runs have a depth that no cell of the grid has."""
+    import importlib
 
-    flags = dict(zip(PROBE[2::2], PROBE[3::2]))
-    assert flags["--num_layers"] not in ("2", "4", "8") and flags["--gini"] not in ("0.3", "0.6")
+    from aptmoe.sim.matrix import make_matrix_parser, parse_models
+
+    probe = importlib.import_module(f"aptmoe.calibration.{module}").PROBE
+    flags = dict(zip(probe[2::2], probe[3::2]))
+    grid = parse_models(make_matrix_parser().get_default("models"), 8)
+    assert int(flags["--num_layers"]) not in {layers for _, layers, _, _ in grid}
 
 
 def test_the_probes_command_refuses_no_runs_in_one_line(capsys) -> None:
