@@ -12,9 +12,12 @@ widths on a native link. Mobius recomputes beside its gradient offload and the A
 GPipeOffload beside the next stage's loads and the last one's Adam.
 
 The probe is no grid config (12 layers, G 0.45). On nvidia-h200-x2 (session 20, four runs: three
-alone and one in a calibration's tolls part) it gave 1.33-1.43x beside Adam and 3.14-3.31x beside
-a native copy with Adam, where the loops in the same calibration gave 1.09-1.25x and 1.29-1.31x
-(docs/measured/h200x2-session20).
+alone and one in a calibration's tolls part) the calls' medians were 1.33-1.43x beside Adam and
+3.14-3.31x beside a native copy with Adam, where the loops in the same calibration gave
+1.09-1.25x and 1.29-1.31x (docs/measured/h200x2-session20). The factors are the calls' time
+over their kinds' medians alone, which their tails put over the medians (aptmoe/own_work.py):
+in session 21's three runs 1.42-1.58x and 3.24-4.05x, against medians of 1.31-1.46x and
+2.96-3.77x (docs/measured/h200x2-session21).
 
     python -m aptmoe.calibration.own_calls [--repeats 1]
 """
