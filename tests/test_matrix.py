@@ -751,17 +751,17 @@ def _fresh_flags(models: str, links: str) -> list[str]:
 
 
 def test_fresh_configs_measured_after_the_model_was_fixed(tmp_path, monkeypatch) -> None:
-    """Session 21 (docs/validation-h200-2gpu-v6-fresh): four configs no grid cell or probe has
-    (S4 and M8, G 0.45, native and capped), measured on the lease whose calibration runs set
-    the shipped factors, after the change; none of its runs informed anything, so all 16 are
-    held back whatever the diagonal calls them. 3.6%, the worst 30.3% (S4 G0.45 capped
+    """Session 21 (docs/validation-h200-2gpu-v6-fresh): six configs no grid cell or probe has
+    (S4, M8 and L4, G 0.45, native and capped), measured after the change on the lease whose
+    calibration runs set the shipped factors; none of its runs informed anything, so all 24
+    are held back whatever the diagonal calls them. 4.4%, the worst 30.3% (S4 G0.45 capped
     GPipe: predicted 0.089 s/step, and the same work, which uses no link, ran 0.068, 0.078
-    and 0.089 s/step in three measurements of that lease); ranking right in 3 of 4."""
-    flags = _fresh_flags("S:4:4,M:8:4", "native,8")
+    and 0.089 s/step in three measurements of that lease); ranking right in 5 of 6."""
+    flags = _fresh_flags("S:4:4,M:8:4,L:4:2:4", "native,8")
     report = _repredicted("validation-h200-2gpu-v6-fresh", tmp_path, monkeypatch, flags)
-    assert report["summary"]["all"]["runs"] == 16
-    _within(report, {"all": (0.036, 0.303)})
-    assert report["summary"]["all"]["ranking_right"] >= 3
+    assert report["summary"]["all"]["runs"] == 24
+    _within(report, {"all": (0.045, 0.303)})
+    assert report["summary"]["all"]["ranking_right"] >= 5
 
 
 def test_a_fresh_config_measured_again_on_the_same_lease(tmp_path, monkeypatch) -> None:
