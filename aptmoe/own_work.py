@@ -26,9 +26,9 @@ those medians (a ratio of sums): the simulator gives each call of the condition 
 host cost (the dispatch probe's median) times the factor, and what a step takes is the sum.
 The median of the calls' ratios is kept beside it. On the 2-GPU H200 runs the calls beside a
 neighbour have long tails (a recompute beside an offload with Adam took 281-1137 us where
-alone it took 138), and the sums ran 5-17% over the medians beside a copy, with or without
-Adam (session 21, docs/validation-h200-2gpu-v4): the medians, which the calibration took
-until then, left that time out of the predicted steps.
+alone it took 138): on v4's native S8 cells the factor ran 6-16% over the median beside Adam,
+8-16% beside a copy and 2-21% beside both (docs/validation-h200-2gpu-v4, read in session 21).
+The medians, which the calibration took until then, left that time out of the predicted steps.
 """
 
 from __future__ import annotations

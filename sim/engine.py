@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CPU_EXPERT_PRIORITY = 0     # lower value first (simpy.PriorityResource)
 CPU_UPDATE_PRIORITY = 1
 _ALONE = dict.fromkeys(BLOCK_KINDS, 1.0)        # every kind at its time alone (no receive waiting)
+RECEIVES = (Kind.RECV_F, Kind.RECV_B)
 
 
 def _host_us(host_s: float | None) -> dict:
@@ -56,7 +57,6 @@ def _host_us(host_s: float | None) -> dict:
     exec/runtime.py), so that what reads the measured calls (sim/host_calls.py, aptmoe.own_work)
     reads the model's the same way; nothing where the profile has no host cost."""
     return {} if host_s is None else {"host_us": round(host_s * 1e6, 1)}
-RECEIVES = (Kind.RECV_F, Kind.RECV_B)
 
 
 class OutOfMemory(Exception):

@@ -365,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                                 for pass_, g in cpu_jobs(trace).items())
             if ns.own_work:
                 f = own_work_factors(trace)
-                own_rows.append([label, name, *(f"{f[c].factor:.2f} {f[c].median:.2f} ({f[c].calls})" if c in f else "-"
-                                                for c in OWN_WORK)])
+                own_rows.append([label, name, *(f"{f[c].factor:.2f} {f[c].median:.2f} ({f[c].calls})"
+                                                if c in f else "-" for c in OWN_WORK)])
             if ns.budget:
                 budget_rows.extend([label, name, str(rank), *(f"{round(x, 1) + 0.0:.1f}" for x in (*b, sum(b)))]
                                    for rank, b in budget(trace).items())
