@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from aptmoe.calibration.dispatch import _probe, run_on_gpus
 from aptmoe.flags import whole_number
-from aptmoe.own_work import OwnWork, own_work_factors
+from aptmoe.own_work import OwnWork, first_uses, own_work_factors
 from aptmoe.trace import Trace
 
 SCHEDULES = ("Mobius", "GPipeOffload")
@@ -58,12 +58,32 @@ def probe_traces() -> list[Trace]:
                        "{gpus} GPU)", SCHEDULES)
 
 
-def measure_own_calls(say: Callable[[str], None] = print) -> dict[str, float]:
-    """Runs the probe and returns `adam_factor` and `copy_adam_factor`, saying what it found."""
-    found = own_work_factors(probe_traces())
+def own_calls_from_traces(traces: list[Trace], say: Callable[[str], None] = print) -> dict[str, float]:
+    """`adam_factor` and `copy_adam_factor` from the probe's traces, saying what it found."""
+    found = own_work_factors(traces)
     say("the executor's own calls (" + " and ".join(SCHEDULES) + ", MoE-S widths, 12 layers, native): "
         + "; ".join(f"beside {c} {found[c]}" for c in sorted(found)))
     return issue_fields(found)
+
+
+def measure_own_calls(say: Callable[[str], None] = print) -> dict[str, float]:
+    """Runs the probe and returns `adam_factor` and `copy_adam_factor`, saying what it found."""
+    return own_calls_from_traces(probe_traces(), say)
+
+
+def first_use_line(traces: list[Trace]) -> str:
+    """The calls alone of loaded blocks, the first after each load against the later ones, by
+    kind (aptmoe.own_work.first_uses), pooled over the traces: printed, not a profile figure
+    (the model has no such cost; session 21 found it in the 2-GPU grid's runs)."""
+    pooled: dict[str, dict[str, list[float]]] = {}
+    for t in traces:
+        for kind, got in first_uses(t).items():
+            into = pooled.setdefault(kind, {"first": [], "later": []})
+            into["first"] += got["first"]
+            into["later"] += got["later"]
+    cells = [f"{k} {statistics.median(v['first']):.0f} / {statistics.median(v['later']):.0f} us "
+             f"({len(v['first'])})" for k, v in sorted(pooled.items()) if v["first"] and v["later"]]
+    return "first call after a block's load / its later calls, alone: " + ("; ".join(cells) or "none")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     got: dict[str, list[float]] = {f: [] for f in FIELDS.values()}
     try:
         for i in range(ns.repeats):
-            fields = measure_own_calls(lambda s, i=i: print(f"run {i + 1}: {s}", flush=True))
+            traces = probe_traces()
+            fields = own_calls_from_traces(traces, lambda s, i=i: print(f"run {i + 1}: {s}", flush=True))
+            print(f"run {i + 1}: {first_use_line(traces)}", flush=True)
             for k, v in fields.items():
                 got[k].append(v)
     except (ValueError, RuntimeError) as e:

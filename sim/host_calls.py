@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.own_work import CONDITIONS as OWN_WORK
-from aptmoe.own_work import own_work_factors
+from aptmoe.own_work import first_uses, own_work_factors
 from aptmoe.report import format_table
 from aptmoe.trace import (CPU_EXPERT_CATEGORIES, CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs,
                           block_kind, call_kind, is_action, is_block_call)
@@ -334,11 +334,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also each rank's calls beside its own Adam, a copy, or both, over its calls alone, as "
                         "the calibration reads them (aptmoe.own_work): the calls' time over their kinds' "
                         "medians alone, the median of their ratios (calls)")
+    p.add_argument("--first-use", dest="first_use", action="store_true",
+                   help="also the calls alone of blocks the rank loads: the first call after a block's load "
+                        "against its later calls, median host us (calls)")
     p.add_argument("--predicted", action="store_true",
                    help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
     ns = p.parse_args(argv)
     asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
-    rows, keys, gap_rows, budget_rows, job_rows, own_rows = [], set(), [], [], [], []
+    rows, keys, gap_rows, budget_rows, job_rows, own_rows, first_rows = [], set(), [], [], [], [], []
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
         traces = traces_of(run, ns.predicted)
@@ -367,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 f = own_work_factors(trace)
                 own_rows.append([label, name, *(f"{f[c].factor:.2f} {f[c].median:.2f} ({f[c].calls})"
                                                 if c in f else "-" for c in OWN_WORK)])
+            if ns.first_use:
+                first_rows.append((label, name, first_uses(trace)))
             if ns.budget:
                 budget_rows.extend([label, name, str(rank), *(f"{round(x, 1) + 0.0:.1f}" for x in (*b, sum(b)))]
                                    for rank, b in budget(trace).items())
@@ -393,10 +398,23 @@ def main(argv: list[str] | None = None) -> int:
         print("\nthe calls beside the rank's own work against their kinds' median calls alone: their time over "
               "those medians (the factor), the median of their ratios (calls)\n")
         print(format_table(["run", "schedule", *OWN_WORK], own_rows))
+    if ns.first_use:
+        kinds = sorted({k for *_, f in first_rows for k in f}, key=lambda k: ("fbr".index(k[0]), k[1:]))
+        print("\nthe calls alone of blocks the rank loads: median host us of the first call after a block's load "
+              "/ of its later calls (first calls)\n")
+        print(format_table(["run", "schedule", *kinds],
+                           [[label, name, *(_first_cell(f.get(k)) for k in kinds)] for label, name, f in first_rows]))
     if ns.budget:
         print("\nms a step on each rank's compute stream\n")
         print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))
     return 0
+
+
+def _first_cell(got: dict[str, list[float]] | None) -> str:
+    if not got:
+        return "-"
+    first, later = (f"{statistics.median(got[k]):.0f}" if got[k] else "-" for k in ("first", "later"))
+    return f"{first} / {later} ({len(got['first'])})"
 
 
 def _cells(groups: dict[str, tuple[int, float]], order) -> list[str]:

@@ -273,3 +273,16 @@ def test_the_simulators_calls_carry_their_host_time_and_read_as_the_model_has_th
     alone = [e for e in calls if e.name.endswith(":a") and e.cat == "forward"]
     assert statistics.median(e.args["host_us"] for e in alone) == pytest.approx(
         cost.host_s("a", "fwd") * 1e6, abs=0.1)
+
+
+def test_first_use_prints_the_first_call_after_a_load_against_the_later_ones(tmp_path, capsys) -> None:
+    t = Trace("real", meta={"pipeline": "Mobius"})
+    t.add("0LF@1:e0", 0, "load", 0.0, 1e-3, "load-stage", layer=1)
+    for i, us in enumerate([400.0, 100.0, 120.0, 110.0]):
+        t.add(f"0F{i}@1:e0", 0, "compute", (2 + 3 * i) * 1e-3, (3 + 3 * i) * 1e-3, "forward", host_us=us, layer=1)
+    t.save(tmp_path / "trace-Mobius.json")
+    assert host_calls.main([str(tmp_path), "--first-use"]) == 0
+    out = capsys.readouterr().out
+    assert "first call after a block's load" in out
+    row = out.splitlines()[-1]
+    assert row.split()[:2] == [tmp_path.name, "Mobius"] and row.split()[2:] == ["400", "/", "110", "(1)"]

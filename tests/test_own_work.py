@@ -139,3 +139,37 @@ def test_the_probes_command_refuses_no_runs_in_one_line(capsys) -> None:
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "at least 1 run" in err[-1] and not any("Traceback" in line for line in err)
+
+
+def _loaded_block_trace() -> Trace:
+    """Stage 0's expert 0 of layer 1 loaded twice (forward, then backward); its calls after each
+    load; an attention block the rank keeps (never loaded)."""
+    t = Trace("real")
+    ms = 1e-3
+    t.add("0LF@1:e0", 0, "load", 0.0, 1 * ms, "load-stage", layer=1)
+    for i, (at, us) in enumerate([(2, 300.0), (5, 100.0), (8, 110.0)]):
+        t.add(f"0F{i}@1:e0", 0, "compute", at * ms, (at + 1) * ms, "forward", host_us=us, layer=1)
+        t.add(f"0F{i}@1:a", 0, "compute", (at + 1.5) * ms, (at + 2) * ms, "forward", host_us=90.0, layer=1)
+    t.add("0LB@1:e0", 0, "load", 10 * ms, 11 * ms, "load-stage", layer=1)
+    t.add("0B0@1:e0", 0, "compute", 12 * ms, 13 * ms, "recompute", host_us=250.0, layer=1)
+    t.add("0B1@1:e0", 0, "compute", 14.0 * ms, 14.5 * ms, "recompute", host_us=10.0, layer=1)  # beside a copy:
+    t.add("0LB@2:e3", 0, "load", 13.9 * ms, 15 * ms, "load-stage", layer=2)                  # not alone
+    return t
+
+
+def test_the_first_call_after_a_blocks_load_is_told_from_its_later_calls() -> None:
+    from aptmoe.own_work import first_uses
+
+    got = first_uses(_loaded_block_trace())
+    assert got == {"fe": {"first": [300.0], "later": [100.0, 110.0]}, "re": {"first": [250.0], "later": []}}
+    # a rank's resident blocks (the attention here, all of GPipe's) are not counted
+    assert "fa" not in got
+
+
+def test_the_probes_command_prints_the_first_use_of_loaded_blocks() -> None:
+    from aptmoe.calibration.own_calls import first_use_line
+
+    t = _loaded_block_trace()
+    assert first_use_line([t, t]) == ("first call after a block's load / its later calls, alone: "
+                                      "fe 300 / 105 us (2)")
+    assert first_use_line([Trace("real")]).endswith(": none")
