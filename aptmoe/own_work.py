@@ -38,7 +38,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from aptmoe.trace import CPU_EXPERT_CATEGORIES, Trace, call_kind, is_block_call
+from aptmoe.trace import CPU_EXPERT_CATEGORIES, Trace, call_kind, is_block_call, is_load
 
 CONDITIONS = ("adam", "copy", "copy+adam")
 MIN_ALONE = 10          # calls alone a kind needs before its calls beside anything count
@@ -75,12 +75,12 @@ def _covered(spans: list[Span], a: float, b: float) -> float:
     return covered / (b - a)
 
 
-def _lanes(trace: Trace) -> tuple[dict[int, list[Span]], dict[int, list[Span]], dict[int, list[Span]]]:
+def rank_lanes(trace: Trace) -> tuple[dict[int, list[Span]], dict[int, list[Span]], dict[int, list[Span]]]:
     """Each rank's copies in flight, Adam chunks and CPU experts, as (start, end) spans."""
     copies, adam, experts = defaultdict(list), defaultdict(list), defaultdict(list)
     for e in trace.events:
         span = (e.start_s, e.end_s)
-        if (e.stream == "load" and e.cat.startswith("load-")) or (e.stream == "offload" and e.cat == "offload"):
+        if is_load(e) or (e.stream == "offload" and e.cat == "offload"):
             copies[e.rank].append(span)
         elif e.stream == "cpu" and e.cat == "update":
             adam[e.rank].append(span)
@@ -92,7 +92,7 @@ def _lanes(trace: Trace) -> tuple[dict[int, list[Span]], dict[int, list[Span]], 
 def _conditions(trace: Trace):
     """(condition, call event, host us) of each block call in one condition: 'alone' or one of
     CONDITIONS."""
-    copies, adam, experts = _lanes(trace)
+    copies, adam, experts = rank_lanes(trace)
     for e in trace.events:
         if not is_block_call(e) or "host_us" not in e.args:
             continue
@@ -130,7 +130,7 @@ def first_uses(trace: Trace) -> dict[str, dict[str, list[float]]]:
     no such cost. Resident blocks (GPipe's) are not counted."""
     landed: dict[tuple, list[float]] = defaultdict(list)
     for e in trace.events:
-        if e.stream == "load" and e.cat.startswith("load-") and "@" in e.name:
+        if is_load(e) and "@" in e.name:
             landed[_block_key(e)].append(e.end_s)
     for v in landed.values():
         v.sort()

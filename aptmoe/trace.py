@@ -20,7 +20,7 @@ from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
-           "action_runs", "call_kind", "is_action", "is_block_call", "run_trace", "write_json_atomic"]
+           "action_runs", "call_kind", "is_action", "is_block_call", "is_load", "run_trace", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -75,6 +75,11 @@ def is_block_call(e: "TraceEvent") -> bool:
     """A call of one block on the compute stream (`0F3@12:e5`): the executor's, with its host
     time, or the simulator's."""
     return e.stream == "compute" and e.cat in PASS_CATEGORIES and block_kind(e.name) is not None
+
+
+def is_load(e: "TraceEvent") -> bool:
+    """A copy of a block's parameters to the device (`0LF@2:e5`, category load-<its phase>)."""
+    return e.stream == "load" and e.cat.startswith("load-")
 
 
 def is_action(e: "TraceEvent") -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
-from aptmoe.trace import Trace, block_kind, is_action, is_block_call
+from aptmoe.trace import Trace, block_kind, is_action, is_block_call, is_load
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
 # (attention, a top-1 gate over 8 experts, every expert busy in most micro-batches).
@@ -205,7 +205,7 @@ def copy_toll_from_traces(alone: Trace, loaded: list[Trace]) -> CopyToll:
     xs: list[int] = []
     ys: list[float] = []
     for trace in loaded:
-        ends = sorted(e.end_s for e in trace.events if e.stream == "load" and e.cat.startswith("load-"))
+        ends = sorted(e.end_s for e in trace.events if is_load(e))
         for b in _blocks(trace):
             kind = block_kind(b.name)
             if b.cat != "forward" or kind not in base:

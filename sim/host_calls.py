@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.own_work import CONDITIONS as OWN_WORK
-from aptmoe.own_work import first_uses, own_work_factors
+from aptmoe.own_work import first_uses, own_work_factors, rank_lanes
 from aptmoe.report import format_table
 from aptmoe.trace import (CPU_EXPERT_CATEGORIES, CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs,
-                          block_kind, call_kind, is_action, is_block_call)
+                          block_kind, call_kind, is_action, is_block_call, is_load)
 
 
 def _calls(trace: Trace):
@@ -68,11 +68,7 @@ def _overlaps(spans, a: float, b: float) -> bool:
 
 def _cpu_expert_spans(trace: Trace) -> dict[int, list[tuple[float, float]]]:
     """Each rank's CPU experts computing: (start, end) of its CPU lane's expert jobs."""
-    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for e in trace.events:
-        if e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES:
-            spans[e.rank].append((e.start_s, e.end_s))
-    return spans
+    return rank_lanes(trace)[2]
 
 
 def _others_busy(spans: dict[int, list[tuple[float, float]]], rank: int, a: float, b: float) -> bool:
@@ -89,7 +85,7 @@ def by_landings(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     GIL; calls with none beside them show what is left."""
     ends: dict[int, list[float]] = defaultdict(list)
     for e in trace.events:
-        if e.stream == "load" and e.cat.startswith("load-"):
+        if is_load(e):
             ends[e.rank].append(e.end_s)
     for v in ends.values():
         v.sort()
@@ -132,7 +128,7 @@ def by_loading(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     and its steps slower with those phases than without (--inter_stage_only)."""
     spans: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
     for e in trace.events:
-        if e.stream == "load" and e.cat.startswith("load-") and e.cat[5:] in PHASES:
+        if is_load(e) and e.cat[5:] in PHASES:
             spans[e.rank].append((e.start_s, e.end_s, PHASES.index(e.cat[5:])))
     out = defaultdict(list)
     for e, us, (a, b) in _issued(trace, key):
