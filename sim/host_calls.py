@@ -8,7 +8,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 Mobius's host time.
 
     python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
-        [--gaps f|b] [--budget] [--cpu-jobs] [--own-work] [--predicted]
+        [--gaps f|b] [--budget] [--cpu-jobs] [--own-work] [--first-use] [--predicted [--stalls]]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -210,6 +210,57 @@ def gaps(trace: Trace, pass_: str = "f") -> dict[str, tuple[int, float, float]]:
     return {k: (len(v), statistics.median(v) * 1e6, sum(v) / n * 1e6) for k, v in out.items()}
 
 
+# A call this much longer than its prediction, and by this much, stalled: the model's block costs
+# are not that far off otherwise (session 22's longest stall: an expert's recompute of 228 ms).
+STALL_FACTOR, STALL_FLOOR_S = 3.0, 2e-3
+
+
+@dataclass(frozen=True)
+class Stalls:
+    """The block calls of one measured run that took `STALL_FACTOR` times their prediction and
+    `STALL_FLOOR_S` more: how many, how many of those were the first call of their rank with
+    their token count in their direction (forward and recompute share their kernels), how many
+    such first calls there were in all, and the longest rank's time over the prediction."""
+    calls: int
+    first_shape: int
+    first_calls: int
+    excess_s: float
+
+
+def stalls(real: Trace, predicted: Trace) -> Stalls:
+    """The measured block calls that stalled against their predicted twins (the same rank, pass,
+    name and occurrence). On the 2 x H200 grids v4, v5 and v6-fresh (84 runs; session 22, with
+    its model) 139 calls stalled, 95 of them the first call of their rank with their token count
+    in their direction (of 35,194 such first calls). In every L run at G 0.6 and 0.45 one or
+    two did, 44-228 ms over the prediction in the run, and reproducibly (the same call, the same
+    length, native and capped: L2 G0.6 GPipe's first 9-token expert backward, 72.6-72.8 ms); in
+    no L run at G 0.3. A kernel the run had not used yet, it seems, not a cost the model has."""
+    def by_call(trace: Trace):
+        out, seen = {}, Counter()
+        for e in sorted((e for e in trace.events if is_block_call(e) and e.stream == "compute"),
+                        key=lambda e: e.start_s):
+            k = (e.rank, e.cat, e.name)
+            out[(*k, seen[k])] = e
+            seen[k] += 1
+        return out
+    ours, twins = by_call(real), by_call(predicted)
+    shapes, calls, first, firsts, excess = set(), 0, 0, 0, Counter()
+    for key, e in sorted(ours.items(), key=lambda kv: kv[1].start_s):
+        shape = (e.rank, "b" if e.cat == "backward" else "f", block_kind(e.name), e.args.get("tokens"))
+        new = shape not in shapes
+        shapes.add(shape)
+        firsts += new
+        twin = twins.get(key)
+        if twin is None:
+            continue
+        took, want = e.end_s - e.start_s, twin.end_s - twin.start_s
+        if took >= STALL_FACTOR * want and took - want >= STALL_FLOOR_S:
+            calls += 1
+            first += new
+            excess[e.rank] += took - want
+    return Stalls(calls, first, firsts, max(excess.values(), default=0.0))
+
+
 def budget(trace: Trace) -> dict[int, tuple[float, float, float]]:
     """Where each rank's compute stream spends a step, in ms: (its block calls, the time inside
     its forward and backward actions that no call covers, the rest of its span: between
@@ -335,9 +386,16 @@ def main(argv: list[str] | None = None) -> int:
                         "against its later calls, median host us (calls)")
     p.add_argument("--predicted", action="store_true",
                    help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
+    p.add_argument("--stalls", action="store_true",
+                   help=f"with --predicted: the calls that took {STALL_FACTOR:g}x their prediction and "
+                        f"{STALL_FLOOR_S * 1e3:g} ms more, how many were the first of their token count, and "
+                        "the longest rank's time over the prediction")
     ns = p.parse_args(argv)
+    if ns.stalls and not ns.predicted:
+        p.error("--stalls compares each run with its prediction: add --predicted")
     asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
     rows, keys, gap_rows, budget_rows, job_rows, own_rows, first_rows = [], set(), [], [], [], [], []
+    stall_rows, measured = [], {}
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
         traces = traces_of(run, ns.predicted)
@@ -351,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             except TraceError as e:
                 print(f"host_calls: error: {path}: {e}", file=sys.stderr)
                 return 2
+            if ns.stalls:
+                if name.endswith(" (predicted)"):
+                    st = stalls(measured.pop(name.removesuffix(" (predicted)")), trace)
+                    stall_rows.append([label, name.removesuffix(" (predicted)"), str(st.calls),
+                                       f"{st.first_shape} of {st.first_calls}", f"{st.excess_s * 1e3:.1f}"])
+                else:
+                    measured[name] = trace
             calls = host_calls(trace)
             keys |= calls.keys()
             rows.append((label, name, calls))
@@ -400,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
               "/ of its later calls (first calls)\n")
         print(format_table(["run", "schedule", *kinds],
                            [[label, name, *(_first_cell(f.get(k)) for k in kinds)] for label, name, f in first_rows]))
+    if ns.stalls:
+        print(f"\nblock calls that took {STALL_FACTOR:g}x their prediction and {STALL_FLOOR_S * 1e3:g} ms more: how "
+              "many, how many were the first of their rank's calls with their token count (of all such first "
+              "calls), the longest rank's ms over the prediction (the whole run)\n")
+        print(format_table(["run", "schedule", "stalls", "first of a shape", "ms over"], stall_rows))
     if ns.budget:
         print("\nms a step on each rank's compute stream\n")
         print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))

@@ -286,3 +286,40 @@ def test_first_use_prints_the_first_call_after_a_load_against_the_later_ones(tmp
     assert "first call after a block's load" in out
     row = out.splitlines()[-1]
     assert row.split()[:2] == [tmp_path.name, "Mobius"] and row.split()[2:] == ["400", "/", "110", "(1)"]
+
+
+def _expert_calls(trace: Trace, calls: list[tuple[str, str, int, float]]) -> None:
+    t = 0.0
+    for name, cat, tokens, took in calls:
+        trace.add(name, 0, "compute", t, t + took, cat, tokens=tokens, host_us=50.0)
+        t += took
+
+
+def test_stalls_are_calls_far_over_their_prediction_and_name_the_first_of_a_shape(tmp_path, capsys) -> None:
+    """A call 3x its prediction and 2 ms more stalled; 2.9x, or 3x but only 1 ms more, did not.
+    Of the stalls, those that were the rank's first call with their token count in their
+    direction (a recompute shares the forward's kernels) are counted apart, and the longest
+    rank's time over the prediction is the run's."""
+    run = tmp_path / "m" / "cells" / "L4-native" / "real"
+    run.mkdir(parents=True)
+    measured, predicted = Trace("real"), Trace("sim")
+    calls = [("0F0@0:e0", "forward", 9, 1e-3), ("0F1@0:e0", "forward", 9, 1e-3),
+             ("0B0@0:e0", "recompute", 9, 1e-3), ("0B0@0:e1", "backward", 9, 1e-3),
+             ("0B1@0:e1", "backward", 31, 0.5e-3), ("0B1@0:e0", "backward", 9, 1e-3)]
+    _expert_calls(predicted, calls)
+    took = {("0F1@0:e0", "forward"): 5e-3,          # 5x, 4 ms over; not the first 9-token forward
+            ("0B0@0:e0", "recompute"): 2.9e-3,      # 2.9x: no stall
+            ("0B0@0:e1", "backward"): 30e-3,        # the first 9-token backward: a stall
+            ("0B1@0:e1", "backward"): 1.5e-3,       # 3x, but 1 ms over: no stall
+            ("0B1@0:e0", "backward"): 4e-3}         # 4x, 3 ms over; the second 9-token backward
+    _expert_calls(measured, [(n, c, k, took.get((n, c), t)) for n, c, k, t in calls])
+    measured.save(run / "trace-GPipe.json")
+    predicted.save(run.parent / "trace-GPipe-predicted.json")
+    st = host_calls.stalls(measured, predicted)
+    assert (st.calls, st.first_shape, st.first_calls) == (3, 1, 3)
+    assert st.excess_s == pytest.approx(4e-3 + 29e-3 + 3e-3)
+    assert host_calls.main([str(tmp_path / "m"), "--predicted", "--stalls"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row == ["L4-native", "GPipe", "3", "1", "of", "3", "36.0"]
+    with pytest.raises(SystemExit):
+        host_calls.main([str(tmp_path / "m"), "--stalls"])
