@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 BLOCK_KINDS = ("a", "g", "e")
 DIRECTIONS = ("fwd", "bwd")
+BETWEEN_PASSES = (*DIRECTIONS, "rec")          # a recompute's host work between blocks, apart
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class CostSource(Protocol):
         """Host time the executor spends issuing one block (0: not measured)."""
 
     def between_s(self, direction: str) -> float:
-        """Host time per layer and pass between its blocks: routing, combine (0: not measured)."""
+        """Host time per layer and pass between its blocks: routing, combine (0: not measured).
+        `direction` is one of BETWEEN_PASSES: "rec" is a recomputed layer's (0 where not
+        measured apart: then "bwd" holds it)."""
 
     def combine_s(self, direction: str) -> float:
         """Of `between_s`, the part after the layer's experts: the combine (0: not measured, or

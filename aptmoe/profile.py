@@ -75,7 +75,7 @@ from typing import Any, Callable, Mapping
 from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware
 from aptmoe.atomic import write_text_atomic
 from aptmoe.config import DTYPE_BYTES, ConfigError, ModelConfig
-from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, LinkSpec
+from aptmoe.costs import BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, LinkSpec
 from aptmoe.isotonic import pava
 
 SCHEMA = "aptmoe-calibration/1"
@@ -212,7 +212,11 @@ class Dispatch:
     `_issue`). Optional in the schema: profiles without it model kernel time alone."""
     device: str                              # "cuda" or "cpu": where the blocks ran
     seconds: dict[str, dict[str, float]]     # kind (a, g, e) -> direction (fwd, bwd) -> s
-    between: dict[str, float]                # direction -> s per layer between its blocks
+    # pass -> s per layer between its blocks: fwd, bwd, and (since session 22) rec, a recomputed
+    # layer's, measured apart from its backward's. Without rec, bwd holds a recomputing
+    # backward's host work for both (the probe's median backward recomputes) and the simulator
+    # charges it to the backward's layers.
+    between: dict[str, float]
     samples: int                             # block calls the medians are taken over
     # The probe's issuing thread timing aptmoe.host.python_loop_s around its steps: how fast
     # the host ran when these seconds were measured (None in profiles made before it was kept)
@@ -719,7 +723,7 @@ class _Parser:
             dirs = self.obj(dirs, where, (), ("fwd", "bwd"))
             seconds[kind] = {k: self.number(v, f"{where}.{k}", unit="s") for k, v in dirs.items()}
         between = {k: self.number(v, f"dispatch.between.{k}", positive=False, unit="s")
-                   for k, v in self.obj(d["between"], "dispatch.between", (), DIRECTIONS).items()}
+                   for k, v in self.obj(d["between"], "dispatch.between", (), BETWEEN_PASSES).items()}
         loop_s = self.number(d["loop_s"], "dispatch.loop_s", unit="s") if "loop_s" in d else None
         combine = None
         if "combine" in d:

@@ -104,6 +104,12 @@ def pool(docs: list[dict], *, name: str, command: str) -> dict:
             if d["hardware"].get(k) != first.get(k):
                 raise ProfileError(f"the inputs are of different machines: {k} {first.get(k)!r} against "
                                    f"{d['hardware'].get(k)!r}; pool calibrations of one kind of machine")
+    # Since session 22 a dispatch probe's `bwd` between is the backward's alone, beside `rec`;
+    # before, `bwd` held the recompute's too: a median across the two would be of neither.
+    split = {"rec" in d["dispatch"]["between"] for d in docs if "dispatch" in d}
+    if len(split) > 1:
+        raise ProfileError("dispatch.between: some inputs measure a recompute's host work apart (rec) and some "
+                           "hold it in bwd; pool calibrations made by one version of aptmoe-calibrate")
     out: dict[str, Any] = {k: docs[0][k] for k in ("schema", "description") if k in docs[0]}
     out["name"] = name
     out["hardware"] = dict(first)

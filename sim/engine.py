@@ -27,7 +27,7 @@ from aptmoe.sim.issuing import HostExperts, IssuingThread
 from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
-from aptmoe.costs import BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes, cpu_expert_bytes
+from aptmoe.costs import BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes, cpu_expert_bytes
 from aptmoe.memory import MemoryModel, adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
@@ -192,7 +192,7 @@ class RankModel:
         self.recvs_waiting = 0
         self.inbound: dict[Action, list[simpy.Event]] = {}     # a compute action's messages, on a GPU
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
-                                 + [self.cost.between_s(d) for d in DIRECTIONS])
+                                 + [self.cost.between_s(d) for d in BETWEEN_PASSES])
         self.handlers = {
             Kind.FWD: self._forward, Kind.BWD: self._backward, Kind.DROP_F: self._drop,
             Kind.DROP_B: self._drop, Kind.LOAD_F: self._open_window, Kind.LOAD_B: self._open_window,
@@ -463,10 +463,13 @@ class RankModel:
         if isinstance(step, RunBlocks):
             yield from self._blocks(a, step.pass_, list(step.blocks), self.T, step.direction, step.cat)
             return
-        # a layer's routing before its experts and its combine after them (the backward's
-        # figures hold its recompute's too)
-        combine = self.cost.combine_s(step.direction) if step.cat != "recompute" else 0.0
-        if step.cat != "recompute":
+        # a layer's routing before its experts and its combine after them; a recompute's where
+        # the profile measured it apart (else the backward's figure holds it)
+        if step.cat == "recompute":
+            combine = 0.0
+            yield from self._between(self.cost.between_s("rec"))
+        else:
+            combine = self.cost.combine_s(step.direction)
             yield from self._between(self.cost.between_s(step.direction) - combine)
         cpu = None
         if step.cpu:

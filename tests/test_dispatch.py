@@ -280,6 +280,60 @@ def test_a_waiting_receive_slows_the_kernels_and_not_the_host() -> None:
     assert RankModel._issue(r, bound_by_kernel)[0] == pytest.approx([2.0])
 
 
+def test_a_recomputing_backward_splits_its_host_work_at_its_first_backward_call() -> None:
+    """A backward that recomputes: its recompute's host work between blocks ("rec": from the
+    action's start to its first backward call, less the recompute's calls, per layer) apart
+    from the backward's ("bwd": from there to its end, less its calls). A backward without a
+    recompute is all "bwd". Before session 22 the first was both, charged to the backward."""
+    from aptmoe.calibration.dispatch import dispatch_from_trace
+
+    tr = Trace("real")
+    t = 0.0
+    # two layers recomputed (0.1 s of calls each, 0.3 s between) then two backward (0.2 each, 0.5 between)
+    for name, cat, dur, gap in [("0B0@0:a", "recompute", 0.1, 0.3), ("0B0@1:a", "recompute", 0.1, 0.3),
+                                ("0B0@1:a", "backward", 0.2, 0.5), ("0B0@0:a", "backward", 0.2, 0.5)]:
+        tr.add(name, 0, "compute", t, t + dur, cat, layer=int(name[4]))
+        t += dur + gap
+    tr.add("0B0", 0, "compute", 0.0, t, "backward")
+    # a backward without recompute: two layers, 0.2 of calls and 0.4 between each
+    t0 = t = 10.0
+    for name in ("0B1@1:a", "0B1@0:a"):
+        tr.add(name, 0, "compute", t, t + 0.2, "backward", layer=int(name[4]))
+        t += 0.6
+    tr.add("0B1", 0, "compute", t0, t, "backward")
+    d = dispatch_from_trace(tr, "cpu")
+    assert d.between["rec"] == pytest.approx(0.3)
+    from aptmoe.calibration.dispatch import between_spans
+
+    assert sorted(between_spans(tr)["bwd"]) == pytest.approx([0.4, 0.5])
+
+
+def test_a_recomputed_layer_takes_the_recompute_figure_where_the_profile_has_it(with_dispatch) -> None:
+    """On CPU ranks, where the work between blocks holds the stream: with `rec` measured, each
+    recomputed layer of a backward takes `rec` more, and the backward layers `bwd` as before;
+    a profile without it charges the recompute nothing apart (its `bwd` holds it)."""
+    from aptmoe.config import ClusterConfig, ModelConfig, PopularityConfig, RunConfig, ScheduleConfig, TrainConfig
+    from aptmoe.sim.simulate import simulate
+
+    cfg = RunConfig(model=ModelConfig(name="tiny", embedding_dim=64, hidden_dim=128, num_heads=4, num_layers=2,
+                                      num_experts=4, seq_length=16),
+                    cluster=ClusterConfig(gpus_per_node=1, topo="C1+G1", gpu_memory_bytes=10**15),
+                    train=TrainConfig(batch_size=16, num_chunks=2, num_warmup_steps=1, num_training_steps=1),
+                    schedule=ScheduleConfig(pipeline="GPipe", recompute="all"), popularity=PopularityConfig(gini=0.6))
+    cpu = dataclasses.replace(D, device="cpu")
+    rec = 7e-4
+    spans = []
+    for between in (cpu.between, {**cpu.between, "rec": rec}):
+        prof = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(cpu, between=between))
+        tr = Trace("sim")
+        simulate(cfg, ProfileCost(prof, cfg.model), trace=tr)
+        spans.append({e.name: e.dur_s for e in tr.events if e.name in ("0B0", "0B1", "0F0")})
+    without, with_rec = spans
+    assert with_rec["0F0"] == pytest.approx(without["0F0"])
+    for b in ("0B0", "0B1"):
+        assert with_rec[b] - without[b] == pytest.approx(cfg.model.num_layers * rec)
+
+
 def test_a_layers_combine_comes_after_its_experts(with_dispatch) -> None:
     """Host-bound blocks (a tiny model): with `combine` measured, a layer's first expert call
     holds `between` less the combine, and the next layer's attention holds the combine."""

@@ -98,3 +98,17 @@ def test_pool_keeps_only_parts_every_input_skipped() -> None:
     b["skipped"] = [*b["skipped"], {"part": "adam", "reason": "test"}]
     doc = pool([b, a], name="p", command="test")
     assert {s["part"] for s in doc["skipped"]} == {s["part"] for s in a["skipped"]}
+
+
+def test_pooling_refuses_a_recompute_between_measured_apart_beside_one_held_in_bwd(tmp_path, capsys) -> None:
+    """Since session 22 `dispatch.between.bwd` is the backward's alone where `rec` is there; a
+    calibration before it holds both in bwd: the median of the two is of neither."""
+    old, new = _h200(tmp_path, "old", 1.0), json.loads(_h200(tmp_path, "new", 1.0).read_text())
+    new["dispatch"]["between"]["rec"] = 6e-4
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert pool_main([str(old), str(tmp_path / "new.json"), "--out", str(tmp_path / "p.json")]) == 2
+    assert "rec" in capsys.readouterr().err and not (tmp_path / "p.json").exists()
+    both = json.loads((tmp_path / "new.json").read_text())
+    (tmp_path / "new2.json").write_text(json.dumps(both))
+    assert pool_main([str(tmp_path / "new.json"), str(tmp_path / "new2.json"), "--out", str(tmp_path / "p.json")]) == 0
+    assert load_profile(str(tmp_path / "p.json")).dispatch.between["rec"] == pytest.approx(6e-4)
