@@ -378,7 +378,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "gpus": cell.gpus, "measured_s": row.get("measured_s"),
                          "predicted_s": row.get("predicted_s"), "error": err,
                          "host_speed": row.get("host_speed"), "error_host": row.get("error_host"),
-                         "memory_speed": row.get("memory_speed"),
+                         "memory_speed": row.get("memory_speed"), "stall_s_per_step": row.get("stall_s_per_step"),
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},
@@ -550,6 +550,11 @@ def write_report(out: Path, report: dict) -> None:
     tmp.replace(out / "matrix.md")
 
 
+def _stall_ms(run: dict) -> str:
+    s = run.get("stall_s_per_step")
+    return "-" if s is None else f"{s * 1e3:.1f}"
+
+
 def _pct(x, spec="+.1f") -> str:
     return "-" if x is None else f"{100 * x:{spec}}%"
 
@@ -558,10 +563,12 @@ def matrix_table(runs: list[dict]) -> str:
     cats = sorted({k for r in runs for k in r if k.startswith("err/")})
     host = any(r.get("host_speed") is not None for r in runs)
     mem = any(r.get("memory_speed") is not None for r in runs)
-    headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error",
+    stall = any(r.get("stall_s_per_step") is not None for r in runs)
+    headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error", *(["stalls ms/step"] if stall else []),
                *(["host x", "at run's host"] if host else []), *(["memory x"] if mem else []), *[c[4:] for c in cats]]
     body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
-             _pct(r["error"]), *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
+             _pct(r["error"]), *([_stall_ms(r)] if stall else []),
+             *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
              *([fmt(r.get("memory_speed"), ".2f")] if mem else []),
              *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]
     return format_table(headers, body)

@@ -43,6 +43,7 @@ from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
+from aptmoe.stalls import stalls
 from aptmoe.trace import Trace, run_trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
@@ -249,6 +250,10 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         mt = Trace.load(measured_trace)
         summary, rows = action_errors(trace, mt)
         row["actions"] = summary
+        # one-off stalls of single calls (aptmoe/stalls.py): the longest rank's time over the
+        # prediction in them, a step's worth, beside the error they are a part of
+        st = stalls(mt, trace)
+        row["stalls"], row["stall_s_per_step"] = st.calls, st.excess_s / steps
         row["beside"] = beside_errors(rows)
         with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["rank", "stream", "action", "occurrence", "cat", "predicted_s", "measured_s",
@@ -340,7 +345,9 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
 def validation_table(rows: list[dict]) -> str:
     host = any(r.get("host_speed") is not None for r in rows)
     mem = any(r.get("memory_speed") is not None for r in rows)
-    headers = (["pipeline", "measured s", "predicted s", "error"] + [f"{r} busy m/p" for r in RESOURCES]
+    stall = any(r.get("stall_s_per_step") is not None for r in rows)
+    headers = (["pipeline", "measured s", "predicted s", "error"] + (["stalls ms/step"] if stall else [])
+               + [f"{r} busy m/p" for r in RESOURCES]
                + (["host x", "error at run's host"] if host else []) + (["memory x"] if mem else []))
     body = []
     for r in rows:
@@ -349,8 +356,12 @@ def validation_table(rows: list[dict]) -> str:
         extra = ([fmt(r.get("host_speed"), ".2f"), _signed(r.get("error_host"))] if host else []) \
             + ([fmt(r.get("memory_speed"), ".2f")] if mem else [])
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
-                     _signed(r.get("error")), *busy, *extra])
+                     _signed(r.get("error")), *([_ms(r.get("stall_s_per_step"))] if stall else []), *busy, *extra])
     return format_table(headers, body)
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
 def _signed(x) -> str:

@@ -192,6 +192,17 @@ def test_summary_of_nothing() -> None:
     assert s["median_abs_error"] is None and s["worst_abs_error"] is None and s["signed_median_error"] is None
 
 
+def test_the_runs_table_names_each_runs_stalls_a_step_where_the_runs_have_them() -> None:
+    """validate's `stall_s_per_step` (aptmoe/stalls.py) as a column of the runs, in ms; a run
+    without a measured trace to compare has none ("-"), and runs that none has lack the column."""
+    runs = [{"cell": "L2", "set": "fit", "pipeline": p, "measured_s": 0.209, "predicted_s": 0.181, "error": -0.133,
+             "stall_s_per_step": s} for p, s in (("GPipe", 0.02398), ("Mobius", None))]
+    rows = {line.split()[2]: line.split() for line in matrix.matrix_table(runs).splitlines()[2:]}
+    assert "stalls ms/step" in matrix.matrix_table(runs)
+    assert rows["GPipe"][6] == "24.0" and rows["Mobius"][6] == "-"
+    assert "stalls" not in matrix.matrix_table([{**r, "stall_s_per_step": None} for r in runs])
+
+
 def test_the_error_at_each_runs_host_speed_is_summarized_where_runs_have_it() -> None:
     runs = [{"cell": "c", "pipeline": p, "error": e, "error_host": h}
             for p, e, h in (("GPipe", 0.30, 0.02), ("Mobius", -0.10, -0.05), ("APTMoE", 0.04, None))]

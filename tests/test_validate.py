@@ -59,6 +59,7 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     assert any(f.startswith("recv wait: not measured") for f in row["fallbacks"])
     assert (out / "fallbacks.txt").read_text().splitlines() == row["fallbacks"]
     assert row["actions"]["forward"]["actions"] > 0 and "load-stage" in row["actions"]
+    assert row["stalls"] >= 0 and row["stall_s_per_step"] >= 0             # aptmoe/stalls.py, per run
     assert (out / "overlay-Mobius.png").stat().st_size > 0
     assert (out / "actions-Mobius.csv").read_text().startswith("rank,stream,action,occurrence")
     with open(out / "actions-Mobius.csv") as f:

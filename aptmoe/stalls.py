@@ -1,0 +1,65 @@
+"""Block calls that stalled: far longer than the simulator's twin of the same call.
+
+A measured call 3x its prediction and 2 ms more stalled. On the 2 x H200 grids (session 22)
+they were one-off: the same call, the same length, native and capped, most of them the first
+call of their rank with their token count; the model has no term for them (a one-off cost of a
+run's first steps is not the steady state it predicts), so validate and the matrix name them
+per run (`stall_s_per_step`) and `host_calls --stalls` lists them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from aptmoe.trace import Trace, block_kind, is_block_call
+
+# A call this much longer than its prediction, and by this much, stalled: the model's block costs
+# are not that far off otherwise (session 22's longest stall: an expert's recompute of 228 ms).
+STALL_FACTOR, STALL_FLOOR_S = 3.0, 2e-3
+
+
+@dataclass(frozen=True)
+class Stalls:
+    """The block calls of one measured run that took `STALL_FACTOR` times their prediction and
+    `STALL_FLOOR_S` more: how many, how many of those were the first call of their rank with
+    their token count in their direction (forward and recompute share their kernels), how many
+    such first calls there were in all, and the longest rank's time over the prediction."""
+    calls: int
+    first_shape: int
+    first_calls: int
+    excess_s: float
+
+
+def stalls(real: Trace, predicted: Trace) -> Stalls:
+    """The measured block calls that stalled against their predicted twins (the same rank, pass,
+    name and occurrence). On the 2 x H200 grids v4, v5 and v6-fresh (84 runs; session 22, with
+    its model) 139 calls stalled, 95 of them the first call of their rank with their token count
+    in their direction (of 35,194 such first calls). In every L run at G 0.6 and 0.45 one or
+    two did, 44-228 ms over the prediction in the run, and reproducibly (the same call, the same
+    length, native and capped: L2 G0.6 GPipe's first 9-token expert backward, 72.6-72.8 ms); in
+    no L run at G 0.3. A kernel the run had not used yet, it seems, not a cost the model has."""
+    def by_call(trace: Trace):
+        out, seen = {}, Counter()
+        for e in sorted((e for e in trace.events if is_block_call(e) and e.stream == "compute"),
+                        key=lambda e: e.start_s):
+            k = (e.rank, e.cat, e.name)
+            out[(*k, seen[k])] = e
+            seen[k] += 1
+        return out
+    ours, twins = by_call(real), by_call(predicted)
+    shapes, calls, first, firsts, excess = set(), 0, 0, 0, Counter()
+    for key, e in sorted(ours.items(), key=lambda kv: kv[1].start_s):
+        shape = (e.rank, "b" if e.cat == "backward" else "f", block_kind(e.name), e.args.get("tokens"))
+        new = shape not in shapes
+        shapes.add(shape)
+        firsts += new
+        twin = twins.get(key)
+        if twin is None:
+            continue
+        took, want = e.end_s - e.start_s, twin.end_s - twin.start_s
+        if took >= STALL_FACTOR * want and took - want >= STALL_FLOOR_S:
+            calls += 1
+            first += new
+            excess[e.rank] += took - want
+    return Stalls(calls, first, firsts, max(excess.values(), default=0.0))
