@@ -59,7 +59,7 @@ from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.sim.validate import compare_run, other_machine, run_executor
+from aptmoe.sim.validate import compare_run, ms_cell, other_machine, run_executor
 from aptmoe.trace import write_json_atomic
 
 MODEL_SIZES = ("S", "M", "L")        # Table I's widths, the sizes a cell's model can have
@@ -550,11 +550,6 @@ def write_report(out: Path, report: dict) -> None:
     tmp.replace(out / "matrix.md")
 
 
-def _stall_ms(run: dict) -> str:
-    s = run.get("stall_s_per_step")
-    return "-" if s is None else f"{s * 1e3:.1f}"
-
-
 def _pct(x, spec="+.1f") -> str:
     return "-" if x is None else f"{100 * x:{spec}}%"
 
@@ -567,7 +562,7 @@ def matrix_table(runs: list[dict]) -> str:
     headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error", *(["stalls ms/step"] if stall else []),
                *(["host x", "at run's host"] if host else []), *(["memory x"] if mem else []), *[c[4:] for c in cats]]
     body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
-             _pct(r["error"]), *([_stall_ms(r)] if stall else []),
+             _pct(r["error"]), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
              *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
              *([fmt(r.get("memory_speed"), ".2f")] if mem else []),
              *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]

@@ -356,11 +356,12 @@ def validation_table(rows: list[dict]) -> str:
         extra = ([fmt(r.get("host_speed"), ".2f"), _signed(r.get("error_host"))] if host else []) \
             + ([fmt(r.get("memory_speed"), ".2f")] if mem else [])
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
-                     _signed(r.get("error")), *([_ms(r.get("stall_s_per_step"))] if stall else []), *busy, *extra])
+                     _signed(r.get("error")), *([ms_cell(r.get("stall_s_per_step"))] if stall else []), *busy, *extra])
     return format_table(headers, body)
 
 
-def _ms(seconds) -> str:
+def ms_cell(seconds) -> str:
+    """Seconds as a table's milliseconds ("-": none)."""
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
