@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from aptmoe.trace import Trace, block_kind, is_block_call
+from aptmoe.trace import Trace, block_kind, by_occurrence, is_block_call
 
 # A call this much longer than its prediction, and by this much, stalled: the model's block costs
 # are not that far off otherwise (session 22's longest stall: an expert's recompute of 228 ms).
@@ -40,13 +40,8 @@ def stalls(real: Trace, predicted: Trace) -> Stalls:
     length, native and capped: L2 G0.6 GPipe's first 9-token expert backward, 72.6-72.8 ms); in
     no L run at G 0.3. A kernel the run had not used yet, it seems, not a cost the model has."""
     def by_call(trace: Trace):
-        out, seen = {}, Counter()
-        for e in sorted((e for e in trace.events if is_block_call(e) and e.stream == "compute"),
-                        key=lambda e: e.start_s):
-            k = (e.rank, e.cat, e.name)
-            out[(*k, seen[k])] = e
-            seen[k] += 1
-        return out
+        return by_occurrence((e for e in trace.events if is_block_call(e) and e.stream == "compute"),
+                             lambda e: (e.rank, e.cat, e.name))
     ours, twins = by_call(real), by_call(predicted)
     shapes, calls, first, firsts, excess = set(), 0, 0, 0, Counter()
     for key, e in sorted(ours.items(), key=lambda kv: kv[1].start_s):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import gzip
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
-           "action_runs", "call_kind", "is_action", "is_block_call", "is_load", "run_trace", "write_json_atomic"]
+           "action_runs", "by_occurrence", "call_kind", "is_action", "is_block_call", "is_load", "run_trace", "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -80,6 +81,18 @@ def is_block_call(e: "TraceEvent") -> bool:
 def is_load(e: "TraceEvent") -> bool:
     """A copy of a block's parameters to the device (`0LF@2:e5`, category load-<its phase>)."""
     return e.stream == "load" and e.cat.startswith("load-")
+
+
+def by_occurrence(events, key) -> dict[tuple, "TraceEvent"]:
+    """Each event under `key(event)` plus its occurrence (how many events of that key started
+    before it): how a run and its prediction name the same action or call."""
+    seen: dict[tuple, int] = defaultdict(int)
+    out = {}
+    for e in sorted(events, key=lambda e: e.start_s):
+        k = key(e)
+        out[(*k, seen[k])] = e
+        seen[k] += 1
+    return out
 
 
 def is_action(e: "TraceEvent") -> bool:

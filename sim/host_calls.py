@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             if ns.budget:
                 budget_rows.extend([label, name, str(rank), *(f"{round(x, 1) + 0.0:.1f}" for x in (*b, sum(b)))]
                                    for rank, b in budget(trace).items())
-    cols = sorted(keys, key=lambda k: ("fbr".index(k[0]), k[1:]))
+    cols = sorted(keys, key=_pass_order)
     table = [[label, name, *(f"{c[k][1]:.0f} / {c[k][2]:.0f}" if k in c else "-" for k in cols)]
              for label, name, c in rows]
     print("median host us / span us per block call (f forward, b backward, r recompute; a attention, g gate, "
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
               "those medians (the factor), the median of their ratios (calls)\n")
         print(format_table(["run", "schedule", *OWN_WORK], own_rows))
     if ns.first_use:
-        kinds = sorted({k for *_, f in first_rows for k in f}, key=lambda k: ("fbr".index(k[0]), k[1:]))
+        kinds = sorted({k for *_, f in first_rows for k in f}, key=_pass_order)
         print("\nthe calls alone of blocks the rank loads: median host us of the first call after a block's load "
               "/ of its later calls (first calls)\n")
         print(format_table(["run", "schedule", *kinds],
@@ -424,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nms a step on each rank's compute stream\n")
         print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))
     return 0
+
+
+def _pass_order(kind: str) -> tuple[int, str]:
+    """'fe', 'ba', 're'... in table order: forward, backward, recompute, then the block kind."""
+    return "fbr".index(kind[0]), kind[1:]
 
 
 def _first_cell(got: dict[str, list[float]] | None) -> str:

@@ -44,7 +44,7 @@ from aptmoe.plot import plot_overlay
 from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
 from aptmoe.stalls import stalls
-from aptmoe.trace import Trace, run_trace, write_json_atomic
+from aptmoe.trace import Trace, by_occurrence, run_trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
 # Not sends: NCCL runs a send on its own stream, so the executor's event around it on the net
@@ -120,15 +120,7 @@ def _key_events(trace: Trace) -> dict[tuple[int, str, str, int], object]:
     # The stream is part of the key: the APTMoE policy places experts from the times it has
     # seen, so a run and its prediction can compute one expert of one slot on different
     # sides (the GPU in one, the CPU in the other), and those are not the same action.
-    seen: dict[tuple[int, str, str], int] = defaultdict(int)
-    out = {}
-    for e in sorted(trace.events, key=lambda e: e.start_s):
-        if e.cat not in TIMED:
-            continue
-        k = seen[(e.rank, e.stream, e.name)]
-        seen[(e.rank, e.stream, e.name)] += 1
-        out[(e.rank, e.stream, e.name, k)] = e
-    return out
+    return by_occurrence((e for e in trace.events if e.cat in TIMED), lambda e: (e.rank, e.stream, e.name))
 
 
 # What can slow a rank's compute blocks, by the label the report gives it: the streams whose

@@ -59,7 +59,12 @@ def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
     assert any(f.startswith("recv wait: not measured") for f in row["fallbacks"])
     assert (out / "fallbacks.txt").read_text().splitlines() == row["fallbacks"]
     assert row["actions"]["forward"]["actions"] > 0 and "load-stage" in row["actions"]
-    assert row["stalls"] >= 0 and row["stall_s_per_step"] >= 0             # aptmoe/stalls.py, per run
+    # the run's stalls against its prediction (aptmoe/stalls.py), a step's worth
+    from aptmoe.stalls import stalls
+    from aptmoe.trace import run_trace
+
+    st = stalls(Trace.load(run_trace(out / "real", "Mobius")), Trace.load(out / "trace-Mobius-predicted.json"))
+    assert row["stalls"] == st.calls and row["stall_s_per_step"] == pytest.approx(st.excess_s / 2)
     assert (out / "overlay-Mobius.png").stat().st_size > 0
     assert (out / "actions-Mobius.csv").read_text().startswith("rank,stream,action,occurrence")
     with open(out / "actions-Mobius.csv") as f:
