@@ -197,6 +197,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# How the CUDA driver loads the executor's kernels (its CUDA_MODULE_LOADING). Lazy, torch's
+# default, loads each kernel at its first call: an expert GEMM of a token count not met before
+# picks a kernel not loaded yet, and that one call stalls. In session 22's L2 G0.6 runs the
+# first 9-token expert backward took 72.6 ms against 0.7 predicted, once per run; eager loading
+# (session 23) took the stalls away, and GPipe's error from -13.4% to -3.5%.
+KERNEL_LOADINGS = ("lazy", "eager")
+
+
+def add_kernel_loading_flag(g, default: str | None, why: str) -> None:
+    """`--kernel-loading` on a parser or group: `default` (None: the environment's
+    CUDA_MODULE_LOADING, unset meaning lazy), `why` the reason for it in the help."""
+    g.add_argument("--kernel-loading", dest="kernel_loading", choices=KERNEL_LOADINGS, default=default,
+                   help="when the CUDA driver loads the executor's GPU kernels: eager, all at start (some "
+                        "seconds more start-up and the modules' GPU memory); lazy, each at its first call "
+                        f"(a new expert token count can stall that one call tens of ms, once per run). {why}")
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return _Parser(prog=prog, description=description, formatter_class=HelpFormatter)
 

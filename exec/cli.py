@@ -28,6 +28,7 @@ from aptmoe.exec import repeats
 from aptmoe.config import ConfigError, RunConfig, auto_host_cores
 from aptmoe.flags import (
     add_cluster_flags,
+    add_kernel_loading_flag,
     add_seed_flags,
     config_from_args,
     make_parser,
@@ -112,6 +113,9 @@ def make_run_parser() -> argparse.ArgumentParser:
                    help="bind only each rank's main thread to its cores, after the process group has started "
                         "its threads, and leave those threads where they are (the executor before 2026-11-29; "
                         "for A/B runs)")
+    add_kernel_loading_flag(g, None, "Default: the environment's CUDA_MODULE_LOADING, lazy where unset "
+                                     "(aptmoe-sim validate runs eager: the simulator predicts steps without "
+                                     "one-off loads)")
     g.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="run each schedule this many times, each in fresh processes, going round the schedules, "
                         "and keep the run of median step time (its result lists every run's): one process can "
@@ -130,6 +134,19 @@ def make_run_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- shared by parent and ranks
+
+
+def set_kernel_loading(ns) -> None:
+    """CUDA_MODULE_LOADING as --kernel-loading asks, before anything in this process starts
+    CUDA (the driver reads it once, at its start) and before the ranks are spawned (they
+    inherit it). Without the flag the environment's value stands."""
+    if ns.kernel_loading is not None:
+        os.environ["CUDA_MODULE_LOADING"] = ns.kernel_loading.upper()
+
+
+def kernel_loading_in_use() -> str:
+    """What this GPU rank's driver was started with: torch sets lazy where nothing was asked."""
+    return os.environ.get("CUDA_MODULE_LOADING", "LAZY").lower()
 
 
 def _use_cuda(ns) -> bool:
@@ -264,6 +281,7 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
     if res is not None:
         res["cores_rank0"] = setup.cores
         res["gil_switch_us"] = round(in_run * 1e6, 3)
+        res["kernel_loading"] = kernel_loading_in_use() if setup.device.cuda else None
     return res
 
 
@@ -341,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_WORLD_SIZE"))
     rank = int(os.environ.get("RANK", 0)) if torchrun else 0
     try:
+        set_kernel_loading(ns)
         use_cuda = _use_cuda(ns)
         plans = {p: prepare(ns, p, use_cuda) for p in pipelines_of(ns)}
         out = Path(ns.out or f"runs/run-{timestamp()}")

@@ -143,3 +143,12 @@ class Device:
 
     def peak_bytes(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.torch)) if self.cuda else None
+
+    def outside_allocator_bytes(self) -> int | None:
+        """GPU memory in use that torch's caching allocator does not hold: the CUDA context with
+        its loaded kernels, NCCL's buffers, and any other process's use of this GPU (None on
+        the CPU). Eager kernel loading (`aptmoe-run --kernel-loading eager`) shows here."""
+        if not self.cuda:
+            return None
+        free, total = torch.cuda.mem_get_info(self.torch)
+        return int(total - free - torch.cuda.memory_reserved(self.torch))

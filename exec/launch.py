@@ -175,6 +175,7 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         loop_s.append(python_loop_s())
         stream.append(rt.host_stream_GBps())
         placement = rt.thread_placement()
+        outside = dev.outside_allocator_bytes()
         if params_dir is not None:
             save_params(rt, params_dir / f"params-rank{setup.rank}.pt")
     finally:
@@ -182,9 +183,9 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
         gc.unfreeze()           # a torchrun rank goes on to its next schedule
     gathered = [None] * setup.world if setup.rank == 0 else None
     if setup.world > 1:
-        dist.gather_object((reports, loop_s, stream, placement, allocs), gathered, dst=0)
+        dist.gather_object((reports, loop_s, stream, placement, allocs, outside), gathered, dst=0)
     else:
-        gathered = [(reports, loop_s, stream, placement, allocs)]
+        gathered = [(reports, loop_s, stream, placement, allocs, outside)]
     if setup.rank != 0:
         return None
     measured = [pop.iteration(warm + j) for j in range(steps)]
@@ -195,6 +196,10 @@ def run_pipeline(setup: RankSetup, cfg: RunConfig, plan: Plan, cost: CostSource 
     res["threads"] = [g[3] for g in gathered]
     if any(g[4] for g in gathered):
         res["allocations"] = [g[4] for g in gathered]       # per rank, over the timed steps
+    if setup.device.cuda:
+        # per rank, after the steps: what the CUDA context and its loaded kernels took beside
+        # the model's memory (peak_gpu_bytes counts torch's allocator only)
+        res["gpu_bytes_outside_allocator"] = [g[5] for g in gathered]
     marks["finish"] = time.time()
     res["wall_s"] = wall_parts(marks)
     return res

@@ -54,12 +54,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aptmoe.flags import make_parser
+from aptmoe.flags import add_kernel_loading_flag, make_parser
 from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.sim.validate import compare_run, ms_cell, other_machine, run_executor
+from aptmoe.sim.validate import KERNEL_LOADING_WHY, compare_run, ms_cell, other_machine, run_executor
 from aptmoe.trace import write_json_atomic
 
 MODEL_SIZES = ("S", "M", "L")        # Table I's widths, the sizes a cell's model can have
@@ -193,6 +193,7 @@ def make_matrix_parser() -> argparse.ArgumentParser:
                         "e.g. 1,S=3 (S8's runs differed up to 2x from one process to the next) (1)")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="passed to aptmoe-run")
     r.add_argument("--timeout", type=float, default=300.0, help="passed to aptmoe-run (300)")
+    add_kernel_loading_flag(r, "eager", KERNEL_LOADING_WHY)
     r.add_argument("--extra", default="", help="more aptmoe-run flags for every run, one quoted string")
     p.add_argument("--no-plot", action="store_true",
                    help="draw no timelines (the executor's and the overlays; --repredict draws them later)")
@@ -232,7 +233,8 @@ def common_argv(ns: argparse.Namespace, model: str) -> list[str]:
     return [*(["--repeats", str(runs)] if runs > 1 else []), "--batch_size", str(ns.batch_size),
             "--num_chunks", str(ns.num_chunks), "--seq_length",
             str(ns.seq_length), "--num_warmup_steps", str(ns.warmup), "--num_training_steps", str(steps),
-            "--device", ns.device, "--timeout", f"{ns.timeout:g}", *(["--no-plot"] if ns.no_plot else []),
+            "--device", ns.device, "--timeout", f"{ns.timeout:g}", "--kernel-loading", ns.kernel_loading,
+            *(["--no-plot"] if ns.no_plot else []),
             *shlex.split(ns.extra)]
 
 
@@ -282,7 +284,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
         try:
             with StagedDir(folder) as tmp:
                 profile.save(tmp / CELL_PROFILE)
-                run_executor(cmd, tmp / "real", tmp / CELL_PROFILE)
+                run_executor(cmd, tmp / "real", tmp / CELL_PROFILE, kernel_loading=ns.kernel_loading)
                 compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot)
                 compress_traces(tmp / "real")
                 write_json_atomic(tmp / "cell.json", {

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from aptmoe.config import RunConfig
 from aptmoe.run_process import launch_executor
-from aptmoe.flags import add_cluster_flags, add_seed_flags, make_parser, whole_number
+from aptmoe.flags import add_cluster_flags, add_kernel_loading_flag, add_seed_flags, make_parser, whole_number
 from aptmoe.host import physical_cores, run_loop_s, run_stream_GBps
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
@@ -54,6 +54,11 @@ TIMED = ("forward", "backward", "recompute", "cpu-expert", "load-inter-stage", "
          "load-inter-expert", "load-stage", "offload", "update")
 
 
+# passed to aptmoe-run by validate and the matrix
+KERNEL_LOADING_WHY = ("Passed to aptmoe-run (eager): the simulator predicts steps without one-off kernel loads, "
+                      "and a run of a few steps would meet them in its timed steps")
+
+
 def make_validate_parser(prog: str) -> argparse.ArgumentParser:
     p = make_parser(f"{prog} validate", "Run the executor on a config, predict it with the simulator, and report "
                                         "the prediction's error: step time, per-resource busy time, per-action "
@@ -66,20 +71,22 @@ def make_validate_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=300.0, help="passed to aptmoe-run (300)")
     g.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="passed to aptmoe-run: runs of each schedule, the median kept and predicted (1)")
+    add_kernel_loading_flag(g, "eager", KERNEL_LOADING_WHY)
     g.add_argument("--out", default=None, help="output folder (default: runs/validate-<timestamp>)")
     g.add_argument("-q", "--quiet", action="store_true")
     return p
 
 
 def executor_argv(argv: list[str]) -> list[str]:
-    """The flags aptmoe-run shares with us: all but ours (--calibration, --out, -q)."""
+    """The flags aptmoe-run shares with us: all but ours (--calibration, --out, -q) and
+    --kernel-loading, whose default is ours (`run_executor` passes it)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
         name = a.split("=", 1)[0]
-        if name in ("--calibration", "--out"):
+        if name in ("--calibration", "--out", "--kernel-loading"):
             skip = "=" not in a
             continue
         if name in ("-q", "--quiet"):
@@ -88,12 +95,13 @@ def executor_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def run_executor(argv: list[str], out: Path, calibration: str | Path | None = None) -> None:
+def run_executor(argv: list[str], out: Path, calibration: str | Path | None = None, *,
+                 kernel_loading: str = "eager") -> None:
     """The executor on our flags, its APTMoE policy planning with `calibration` (the profile
-    the prediction uses: one plan, one set of decisions); exit 3 (every schedule refused)
-    still writes its results."""
+    the prediction uses: one plan, one set of decisions), its kernels loaded as
+    `kernel_loading` says; exit 3 (every schedule refused) still writes its results."""
     plan_with = [] if calibration is None else ["--calibration", str(calibration)]
-    launch_executor([*executor_argv(argv), *plan_with, "-q"], out, ok=(0, 3))
+    launch_executor([*executor_argv(argv), *plan_with, "--kernel-loading", kernel_loading, "-q"], out, ok=(0, 3))
 
 
 PLAN_PROFILE = "plan-profile.json"       # aptmoe-run's copy of the profile it planned with
@@ -324,7 +332,7 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
         print(warning, file=sys.stderr)
     with StagedDir(out) as tmp:
         say("running the executor ...")
-        run_executor(argv, tmp / "real", ns.calibration)
+        run_executor(argv, tmp / "real", ns.calibration, kernel_loading=ns.kernel_loading)
         rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv])
         fallbacks = sorted({f for r in rows for f in r.get("fallbacks", [])})
         (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fallbacks))

@@ -63,3 +63,25 @@ def test_capped_copy_takes_bytes_over_cap() -> None:
             assert torch.equal(dst.cpu(), src)
         finally:
             link.close()
+
+
+def test_eager_kernel_loading_reaches_the_ranks(tmp_path, monkeypatch) -> None:
+    """--kernel-loading eager is in the ranks' driver: they record it, and their CUDA context
+    holds every kernel module (more GPU memory outside torch's allocator than a lazy rank's,
+    which has loaded only the kernels it called)."""
+    import json
+
+    from aptmoe.exec.cli import main as run_main
+    from exec_helpers import TINY
+
+    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)     # restored after the test
+    outside = {}
+    for mode in ("lazy", "eager"):
+        out = tmp_path / mode
+        assert run_main([*TINY, "--pipeline", "GPipe", "--gpus", "1", "--num_stages", "2", "--num_layers", "2",
+                         "--kernel-loading", mode, "--no-plot", "--out", str(out)]) == 0
+        res = json.loads((out / "results.json").read_text())["schedules"]["GPipe"]
+        assert res["kernel_loading"] == mode
+        outside[mode] = res["gpu_bytes_outside_allocator"][0]
+    print(f"GPU bytes outside torch's allocator after the steps: {outside}")      # pytest -s shows it
+    assert outside["eager"] > outside["lazy"] + (16 << 20), outside

@@ -200,6 +200,22 @@ def test_gpu_ranks_default_to_100_us_and_cpu_ranks_keep_pythons_interval() -> No
     assert gil_switch_s(2000.0, on_gpu=False) == pytest.approx(2e-3)
 
 
+def test_kernel_loading_sets_the_drivers_variable_only_when_asked(monkeypatch) -> None:
+    """The ranks inherit CUDA_MODULE_LOADING from aptmoe-run, which sets it before anything
+    starts CUDA; without the flag the environment's value stands (unset: lazy, torch's)."""
+    from aptmoe.exec.cli import kernel_loading_in_use, make_run_parser, set_kernel_loading
+
+    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+    set_kernel_loading(make_run_parser().parse_args([]))
+    assert "CUDA_MODULE_LOADING" not in os.environ and kernel_loading_in_use() == "lazy"
+    set_kernel_loading(make_run_parser().parse_args(["--kernel-loading", "eager"]))
+    assert os.environ["CUDA_MODULE_LOADING"] == "EAGER" and kernel_loading_in_use() == "eager"
+    set_kernel_loading(make_run_parser().parse_args([]))
+    assert kernel_loading_in_use() == "eager"
+    set_kernel_loading(make_run_parser().parse_args(["--kernel-loading=lazy"]))
+    assert os.environ["CUDA_MODULE_LOADING"] == "LAZY"
+
+
 def test_a_plan_that_cannot_fit_is_refused_before_launch(tmp_path, capsys) -> None:
     out = tmp_path / "small"
     assert run_main([*TINY, *CPU, "--pipeline", "GPipe", "--num_stages", "2", "--gpu-memory", "0.0001", "--out", str(out)]) == 3

@@ -270,7 +270,7 @@ def e2e(tmp_path_factory):
 
 
 def _forbid_executor(monkeypatch) -> None:
-    def run_executor(argv, out, calibration=None):
+    def run_executor(argv, out, calibration=None, **kw):
         raise AssertionError("the executor ran")
     monkeypatch.setattr(matrix, "run_executor", run_executor)
 
@@ -298,6 +298,9 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     # --repeats 1,S=2: every schedule of an S cell ran twice, the median run kept and measured
     assert command[command.index("--repeats") + 1] == "2"
     assert all(len(s["repeats"]["iteration_s"]) == 2 for s in sched.values())
+    # eager kernel loading asked for (the default), and on CPU ranks nothing to load
+    assert command[command.index("--kernel-loading") + 1] == "eager"
+    assert all(s["kernel_loading"] is None and "gpu_bytes_outside_allocator" not in s for s in sched.values())
     assert json.loads((folder / "profile.json").read_text())["name"] == "a800-paper"      # what it was predicted with
     rep = json.loads((out / "matrix.json").read_text())
     assert len(rep["runs"]) == 4 and {r["cell"] for r in rep["runs"]} == {E2E_CELL}
@@ -402,7 +405,7 @@ def test_repredict_runs_nothing_for_a_missing_cell(tmp_path, monkeypatch) -> Non
 
 
 def test_a_failed_cell_leaves_no_folder(tmp_path, monkeypatch, capsys) -> None:
-    def run_executor(argv, out, calibration=None):
+    def run_executor(argv, out, calibration=None, **kw):
         raise ExecutorFailed("aptmoe-run failed (exit 1): boom")
     monkeypatch.setattr(matrix, "run_executor", run_executor)
     out = tmp_path / "m"
@@ -419,8 +422,8 @@ def _copying_executor(e2e, monkeypatch) -> list:
     real = e2e["out"] / "cells" / E2E_CELL / "real"
     calls = []
 
-    def run_executor(argv, out, calibration=None):
-        calls.append(argv)
+    def run_executor(argv, out, calibration=None, *, kernel_loading):
+        calls.append([*argv, f"kernel_loading={kernel_loading}"])
         shutil.copytree(real, out)
     monkeypatch.setattr(matrix, "run_executor", run_executor)
     return calls
@@ -445,6 +448,16 @@ def test_copied_runs_fill_a_larger_matrix(e2e, tmp_path, monkeypatch) -> None:
         "S4x4-G0.3-native-1gpu": "held-back", "S4x4-G0.3-cap8-1gpu": "fit",
         "S4x4-G0.6-native-1gpu": "fit", "S4x4-G0.6-cap8-1gpu": "held-back"}
     assert rep["summary"]["all"]["runs"] == 16 and rep["summary"]["held-back"]["configs"] == 2
+
+
+def test_kernel_loading_reaches_the_executor_and_the_recorded_command(e2e, tmp_path, monkeypatch) -> None:
+    calls = _copying_executor(e2e, monkeypatch)
+    for mode in ("lazy", "eager"):
+        out = tmp_path / mode
+        assert sim_main(["matrix", "--out", str(out), *FLAGS, "--kernel-loading", mode]) == 0
+        assert calls[-1][-1] == f"kernel_loading={mode}"
+        command = json.loads((out / "cells" / E2E_CELL / "cell.json").read_text())["command"]
+        assert command[command.index("--kernel-loading") + 1] == mode
 
 
 def test_an_incomplete_cell_folder_is_run_again(e2e, tmp_path, monkeypatch) -> None:

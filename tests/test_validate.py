@@ -38,8 +38,27 @@ def test_actions_are_matched_by_rank_stream_name_and_occurrence() -> None:
 
 
 def test_our_flags_are_not_passed_to_the_executor() -> None:
-    argv = ["--calibration", "h200", "--gini=0.3", "--out=x", "-q", "--pipeline", "all", "--out", "y"]
+    argv = ["--calibration", "h200", "--gini=0.3", "--out=x", "-q", "--pipeline", "all", "--out", "y",
+            "--kernel-loading", "lazy", "--kernel-loading=lazy"]
     assert executor_argv(argv) == ["--gini=0.3", "--pipeline", "all"]
+
+
+@pytest.mark.parametrize("asked, want", [((), "eager"), (("--kernel-loading", "lazy"), "lazy")])
+def test_validate_loads_kernels_eagerly_unless_asked(tmp_path, monkeypatch, asked, want) -> None:
+    """The simulator predicts steps without one-off kernel loads, so validate asks aptmoe-run
+    for eager loading, once, whatever its own command line says."""
+    import aptmoe.sim.validate as v
+
+    seen = []
+
+    def launch(args, out, ok=(0,)):
+        seen.append(args)
+        raise RuntimeError("stop")
+    monkeypatch.setattr(v, "launch_executor", launch)
+    with pytest.raises(RuntimeError, match="stop"):
+        sim_main(["validate", "--calibration", "a800-paper", "--device", "cpu", *asked, "--out", str(tmp_path / "v")])
+    args = seen[0]
+    assert args.count("--kernel-loading") == 1 and args[args.index("--kernel-loading") + 1] == want
 
 
 def test_validate_runs_the_executor_and_compares(tmp_path) -> None:
