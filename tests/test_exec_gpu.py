@@ -78,7 +78,7 @@ def test_eager_kernel_loading_reaches_the_ranks(tmp_path, monkeypatch) -> None:
     outside = {}
     for mode in ("lazy", "eager"):
         out = tmp_path / mode
-        assert run_main([*TINY, "--pipeline", "GPipe", "--gpus", "1", "--num_stages", "2", "--num_layers", "2",
+        assert run_main([*TINY, "--pipeline", "GPipe", "--gpus", "1", "--num_stages", "1", "--num_layers", "2",
                          "--kernel-loading", mode, "--no-plot", "--out", str(out)]) == 0
         res = json.loads((out / "results.json").read_text())["schedules"]["GPipe"]
         assert res["kernel_loading"] == mode
