@@ -156,8 +156,9 @@ def cells_of(ns: argparse.Namespace) -> list[Cell]:
 
 
 def held_back(index: int, every: int) -> bool:
-    """The diagonal of each block of `every` cells (see the module docstring)."""
-    return every > 1 and index % every == (index // every) % every
+    """The diagonal of each block of `every` cells (see the module docstring); every cell
+    where `every` is 1 (a matrix of configs no fix has seen: all of it the held-back figure)."""
+    return every > 0 and index % every == (index // every) % every
 
 
 def make_matrix_parser() -> argparse.ArgumentParser:
@@ -171,7 +172,7 @@ def make_matrix_parser() -> argparse.ArgumentParser:
     g.add_argument("--gini", default="0.3,0.6", help="G values (0.3,0.6)")
     g.add_argument("--links", default="native,8", help="per-GPU link caps in GB/s, or native (native,8)")
     g.add_argument("--gpus", default="1", help="GPU counts, each run as C1+G<n> (1)")
-    g.add_argument("--held-back-every", type=int, default=4, help="hold back one cell in k (4; 0: none)")
+    g.add_argument("--held-back-every", type=int, default=4, help="hold back one cell in k (4; 1: all, 0: none)")
     g.add_argument("--only", choices=SETS, default="all", help="run only this set's cells (all)")
     g.add_argument("--max-seconds", type=float, default=None,
                    help="start no new cell after this many seconds (the rest: a later call)")

@@ -72,6 +72,9 @@ def make_validate_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="passed to aptmoe-run: runs of each schedule, the median kept and predicted (1)")
     add_kernel_loading_flag(g, "eager", KERNEL_LOADING_WHY)
+    g.add_argument("--no-plot", action="store_true",
+                   help="draw no timelines: passed to aptmoe-run, and no overlays (the matrix records its "
+                        "cells' commands with it)")
     g.add_argument("--out", default=None, help="output folder (default: runs/validate-<timestamp>)")
     g.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -333,12 +336,13 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
     with StagedDir(out) as tmp:
         say("running the executor ...")
         run_executor(argv, tmp / "real", ns.calibration, kernel_loading=ns.kernel_loading)
-        rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv])
+        rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv], plot=not ns.no_plot)
         fallbacks = sorted({f for r in rows for f in r.get("fallbacks", [])})
         (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fallbacks))
     say(validation_table(rows))
     say(f"calibration {profile.name}: {short_fallbacks(fallbacks)}")
-    say(f"wrote {out}/ (validation.json, validation.csv, fallbacks.txt, actions-*.csv, overlay-*.png, real/)")
+    say(f"wrote {out}/ (validation.json, validation.csv, fallbacks.txt, actions-*.csv"
+        f"{'' if ns.no_plot else ', overlay-*.png'}, real/)")
     return 0
 
 
