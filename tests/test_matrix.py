@@ -552,6 +552,34 @@ def test_same_work_pairs_are_gpipe_runs_differing_only_in_the_link() -> None:
         (["S8x8-G0.3-native-1gpu", "S8x8-G0.3-cap8-1gpu"], 0.4), (["M4x8-G0.3-native-1gpu", "M4x8-G0.3-cap8-1gpu"], 0.0)]
 
 
+def test_schedules_of_one_plan_are_found_by_their_plan_files(tmp_path) -> None:
+    body = "  stage 0: rank 0, layers 0-0\nrank 0:\n  compute  0F0 0B0\n"
+    for name, policy in (("GPipeOffload", "stage"), ("Mobius", "stage"), ("APTMoE", "affinity"), ("GPipe", "none")):
+        (tmp_path / f"plan-{name}.txt").write_text(f"{name}: 1 stages on 1 ranks, policy={policy}\n{body}")
+    names = ["GPipe", "GPipeOffload", "Mobius", "APTMoE", "Missing"]
+    assert matrix.same_plans(tmp_path, names) == [["GPipeOffload", "Mobius"]]
+    (tmp_path / "plan-Mobius.txt").write_text(f"Mobius: 1 stages on 1 ranks, policy=stage\n{body}  load 0LF\n")
+    assert matrix.same_plans(tmp_path, names) == []
+
+
+def test_the_ranking_does_not_judge_the_order_of_one_plans_runs() -> None:
+    measured = {"GPipeOffload": 0.694, "Mobius": 0.875, "APTMoE": 0.60}
+    predicted = {"GPipeOffload": 0.691, "Mobius": 0.690, "APTMoE": 0.65}
+    assert not ranking_right(measured, predicted)
+    assert ranking_right(measured, predicted, same_plans=[["GPipeOffload", "Mobius"]])
+    assert not ranking_right(measured, {**predicted, "APTMoE": 0.70}, same_plans=[["GPipeOffload", "Mobius"]])
+
+
+def test_same_work_pairs_include_one_cells_schedules_of_one_plan() -> None:
+    cell = "L2x8-G0.5-native-2gpu"
+    runs = [{"cell": cell, "pipeline": p, "model": "L", "gpus": 2, "measured_s": t, "same_plan": twin}
+            for p, t, twin in (("GPipe", 0.2, ""), ("GPipeOffload", 0.7, "GPipeOffload=Mobius"),
+                               ("Mobius", 0.875, "GPipeOffload=Mobius"), ("APTMoE", 0.72, ""))]
+    pairs = matrix.replicate_pairs(runs)
+    assert [(p["pipelines"], round(p["difference"], 6)) for p in pairs] == [(["GPipeOffload", "Mobius"], 0.25)]
+    assert matrix.noise(runs)["L"]["pairs"] == 1
+
+
 def test_noise_reports_step_spread_and_pair_difference_per_model(tmp_path) -> None:
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"schedules": {"GPipe": {"step_s": [1.0, 1.2, 1.1]}, "Mobius": {"step_s": [2.0]}}}))
@@ -724,7 +752,8 @@ def test_the_second_2gpu_grid_is_predicted_as_when_it_ran(tmp_path, monkeypatch)
     (sim/host_memory.py): the fit set 3.5 -> 3.2%, all 3.3%, held back 4.6 -> 6.3%, the
     worst 32.9% (S8 G0.6 native Mobius). Since session 22's recompute beside the gradient's
     wait (the executor's order on a GPU): 4.7% (9.7% held back), the worst 34.1% (the same
-    run), ranking 7 of 12."""
+    run), ranking 7 of 12; 8 since session 23's ranking leaves the order of one plan's runs
+    unjudged."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v2", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
@@ -739,12 +768,13 @@ def test_the_third_2gpu_grid_ran_confined_and_is_predicted_as_when_it_ran(tmp_pa
     that lease, see the folder's README); the ranking right in 10 of 12 cells (9 before session
     16's CPU-expert factors of the issuing thread, 7 in v2). Since session 22's recompute
     beside the gradient's wait: 5.1% (11.0% held back), the worst 49.4% (the same run), ranking
-    9 of 12: its S8 cells are predicted 10-20% fast, as in v4."""
+    9 of 12: its S8 cells are predicted 10-20% fast, as in v4. 10 of 12 since session 23's
+    ranking leaves the order of one plan's runs unjudged (Mobius and GPipeOffload on L2)."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v3", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
     _within(report, {"all": (0.052, 0.50), "fit": (0.049, 0.50), "held-back": (0.111, 0.41)})
-    assert report["summary"]["all"]["ranking_right"] >= 9
+    assert report["summary"]["all"]["ranking_right"] >= 10
     for results in (DOCS / "validation-h200-2gpu-v3" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
             assert all(t["loose"] == 0 for t in res["threads"]), results
@@ -764,12 +794,14 @@ def test_the_fourth_2gpu_grid_measures_s8_as_the_median_of_three_runs(tmp_path, 
     S8 G0.3 native APTMoE 13.8%). Since session 22's recompute beside the gradient's wait:
     4.3%, 9.1% held back, the worst 19.0% (S8 G0.3 native Mobius, -19%): every S8 run is now
     predicted fast (-3 to -19%), and L2 G0.6 GPipe -13.3%, where one expert call a run stalls
-    24 ms a step that the model has no term for (docs/measured/offline-session22)."""
+    24 ms a step that the model has no term for (docs/measured/offline-session22), which
+    session 23 found to be lazy kernel loading (docs/measured/session23). Ranking 11 of 12
+    since session 23's ranking leaves the order of one plan's runs unjudged."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--repeats", "1,S=3", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v4", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
     _within(report, {"all": (0.043, 0.191), "fit": (0.041, 0.188), "held-back": (0.091, 0.191)})
-    assert report["summary"]["all"]["ranking_right"] >= 10
+    assert report["summary"]["all"]["ranking_right"] >= 11
     for results in (DOCS / "validation-h200-2gpu-v4" / "cells").glob("S8*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
             assert len(res["repeats"]["iteration_s"]) == 3, results
@@ -824,6 +856,29 @@ def test_a_fresh_config_measured_again_on_the_same_lease(tmp_path, monkeypatch) 
     report = _repredicted("validation-h200-2gpu-v6-again", tmp_path, monkeypatch, _fresh_flags("S:4:4", "native"))
     assert report["summary"]["all"]["runs"] == 4
     _within(report, {"all": (0.104, 0.173)})
+
+
+def test_fresh_configs_run_with_kernels_loaded_eagerly(tmp_path, monkeypatch) -> None:
+    """Session 23 (docs/validation-h200-2gpu-v7-fresh): six configs no fix has seen (S6, M6 with
+    4 experts, L2 with 8; G 0.5; native and capped), every run with eager kernel loading, all
+    24 held back. 2.3%, the worst 43.3% (S6 native GPipe: the same work ran 0.127 s/step in
+    the capped cell, predicted 0.107 in both); M and L 2.0%, 13 of their 16 runs within 2.5%;
+    ranking right in 4 of 6 (M6 capped: APTMoE's CPU experts 18% over the model; L2 native:
+    GPipeOffload's one run 0.694 s against APTMoE's 0.720, the same plan as Mobius's, which
+    ran 0.875 s, and 0.720-0.797 s in three runs later)."""
+    flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--repeats", "1,S=3",
+             "--models", "S:6:6,M:6:6:4,L:2:2:8", "--gini", "0.5", "--links", "native,8", "--held-back-every", "1",
+             "--no-plot", "-q"]
+    report = _repredicted("validation-h200-2gpu-v7-fresh", tmp_path, monkeypatch, flags)
+    assert report["summary"]["held-back"]["runs"] == 24 and report["summary"]["fit"]["runs"] == 0
+    _within(report, {"held-back": (0.024, 0.434)})
+    assert report["summary"]["held-back"]["ranking_right"] >= 4
+    assert {c["cell"]: c["same_plans"] for c in report["configs"] if c["same_plans"]} == {
+        "L2x8-G0.5-native-2gpu": [["GPipeOffload", "Mobius"]], "L2x8-G0.5-cap8-2gpu": [["GPipeOffload", "Mobius"]]}
+    assert "(held-back set; median of each run's median)" in (tmp_path / "validation-h200-2gpu-v7-fresh" / "matrix.md").read_text()
+    for results in (DOCS / "validation-h200-2gpu-v7-fresh" / "cells").glob("*/real/results.json"):
+        for res in json.loads(results.read_text())["schedules"].values():
+            assert res["kernel_loading"] == "eager" and len(res["gpu_bytes_outside_allocator"]) == 2, results
 
 
 def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str]) -> dict:
