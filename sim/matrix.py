@@ -366,8 +366,8 @@ def same_plans(real: Path, names) -> list[list[str]]:
     """The groups (of two or more) of a run's schedules whose plans are one plan: their
     plan-<name>.txt alike but for the schedule's name that heads it. Mobius on as many stages
     as GPUs is GPipeOffload's plan (each rank one stage, loaded whole, no other stage to
-    prefetch): v7-fresh's L2x8 native measured the two 0.875 and 0.694 s in one cell, and
-    0.744-0.797 and 0.720-0.797 s in three runs each on the same lease."""
+    prefetch): v7-fresh's L2x8 native measured Mobius 0.875 and GPipeOffload 0.694 s in one
+    cell, and 0.744-0.787 and 0.720-0.797 s in three runs each on the same lease."""
     by_plan: dict[tuple[str, str], list[str]] = {}
     for name in names:
         try:
@@ -474,7 +474,8 @@ def replicate_pairs(runs: list[dict]) -> list[dict]:
     for group in by_work.values():
         for a, b in itertools.combinations(group, 2):
             lo, hi = sorted((a["measured_s"], b["measured_s"]))
-            out.append({"model": a["model"], "cells": [a["cell"], b["cell"]], "pipelines": [a["pipeline"], b["pipeline"]],
+            out.append({"model": a["model"], "cells": [a["cell"], b["cell"]],
+                        "pipelines": [a["pipeline"], b["pipeline"]],
                         "measured_s": [a["measured_s"], b["measured_s"]], "difference": hi / lo - 1})
     return out
 
