@@ -152,6 +152,15 @@ def first_uses(trace: Trace) -> dict[str, dict[str, list[float]]]:
     return dict(out)
 
 
+def first_use_cell(got: dict[str, list[float]] | None) -> str:
+    """One kind of `first_uses`, printed: 'first / later (n)', the median host us of its first
+    calls after a load and of its later calls, and how many first calls ('-' for none)."""
+    if not got:
+        return "-"
+    first, later = (f"{statistics.median(got[k]):.0f}" if got[k] else "-" for k in ("first", "later"))
+    return f"{first} / {later} ({len(got['first'])})"
+
+
 Call = tuple[str, float, float]          # kind, host us, its kind's median us alone
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from aptmoe.calibration.dispatch import _probe, run_on_gpus
 from aptmoe.flags import whole_number
-from aptmoe.own_work import OwnWork, first_uses, own_work_factors
+from aptmoe.own_work import OwnWork, first_use_cell, first_uses, own_work_factors
 from aptmoe.trace import Trace
 
 SCHEDULES = ("Mobius", "GPipeOffload")
@@ -81,9 +81,8 @@ def first_use_line(traces: list[Trace]) -> str:
             into = pooled.setdefault(kind, {"first": [], "later": []})
             into["first"] += got["first"]
             into["later"] += got["later"]
-    cells = [f"{k} {statistics.median(v['first']):.0f} / {statistics.median(v['later']):.0f} us "
-             f"({len(v['first'])})" for k, v in sorted(pooled.items()) if v["first"] and v["later"]]
-    return "first call after a block's load / its later calls, alone: " + ("; ".join(cells) or "none")
+    cells = [f"{k} {first_use_cell(v)}" for k, v in sorted(pooled.items()) if v["first"] and v["later"]]
+    return "first call after a block's load / its later calls, alone, host us: " + ("; ".join(cells) or "none")
 
 
 def main(argv: list[str] | None = None) -> int:

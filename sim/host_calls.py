@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.own_work import CONDITIONS as OWN_WORK
-from aptmoe.own_work import first_uses, own_work_factors, rank_lanes
+from aptmoe.own_work import first_use_cell, first_uses, own_work_factors, rank_lanes
 from aptmoe.report import format_table
 from aptmoe.stalls import STALL_FACTOR, STALL_FLOOR_S, stalls
 from aptmoe.trace import (CPU_EXPERT_CATEGORIES, CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs,
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nthe calls alone of blocks the rank loads: median host us of the first call after a block's load "
               "/ of its later calls (first calls)\n")
         print(format_table(["run", "schedule", *kinds],
-                           [[label, name, *(_first_cell(f.get(k)) for k in kinds)] for label, name, f in first_rows]))
+                           [[label, name, *(first_use_cell(f.get(k)) for k in kinds)] for label, name, f in first_rows]))
     if ns.stalls:
         print(f"\nblock calls that took {STALL_FACTOR:g}x their prediction and {STALL_FLOOR_S * 1e3:g} ms more: how "
               "many, how many were the first of their rank's calls with their token count (of all such first "
@@ -429,13 +429,6 @@ def main(argv: list[str] | None = None) -> int:
 def _pass_order(kind: str) -> tuple[int, str]:
     """'fe', 'ba', 're'... in table order: forward, backward, recompute, then the block kind."""
     return "fbr".index(kind[0]), kind[1:]
-
-
-def _first_cell(got: dict[str, list[float]] | None) -> str:
-    if not got:
-        return "-"
-    first, later = (f"{statistics.median(got[k]):.0f}" if got[k] else "-" for k in ("first", "later"))
-    return f"{first} / {later} ({len(got['first'])})"
 
 
 def _cells(groups: dict[str, tuple[int, float]], order) -> list[str]:

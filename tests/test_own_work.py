@@ -170,6 +170,6 @@ def test_the_probes_command_prints_the_first_use_of_loaded_blocks() -> None:
     from aptmoe.calibration.own_calls import first_use_line
 
     t = _loaded_block_trace()
-    assert first_use_line([t, t]) == ("first call after a block's load / its later calls, alone: "
-                                      "fe 300 / 105 us (2)")
+    assert first_use_line([t, t]) == ("first call after a block's load / its later calls, alone, host us: "
+                                      "fe 300 / 105 (2)")
     assert first_use_line([Trace("real")]).endswith(": none")
