@@ -59,7 +59,7 @@ from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.sim.validate import KERNEL_LOADING_WHY, compare_run, ms_cell, other_machine, run_executor
+from aptmoe.sim.validate import KERNEL_LOADING_WHY, alike_cell, compare_run, ms_cell, other_machine, run_executor
 from aptmoe.trace import write_json_atomic
 
 MODEL_SIZES = ("S", "M", "L")        # Table I's widths, the sizes a cell's model can have
@@ -401,6 +401,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "predicted_s": row.get("predicted_s"), "error": err,
                          "host_speed": row.get("host_speed"), "error_host": row.get("error_host"),
                          "memory_speed": row.get("memory_speed"), "stall_s_per_step": row.get("stall_s_per_step"),
+                         "cpu_jobs_alike": row.get("cpu_jobs_alike"),
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},
@@ -577,7 +578,12 @@ def write_report(out: Path, report: dict) -> None:
           "Where these are as large as the step-time errors, the runs cannot tell the model's error from the "
           "machine's noise.", "",
           "```", noise_table(report.get("noise", {})), "```", "",
-          "## Runs", "", "```", matrix_table(report["runs"]), "```", "",
+          "## Runs", "",
+          "Stalls: a step's worth of the longest rank's time over the prediction in block calls that took 3x it "
+          "and 2 ms more (aptmoe/stalls.py). CPU jobs alike: of the CPU expert jobs the run or its prediction "
+          "made, the share both made (the same rank, job and step; aptmoe/cpu_jobs_alike.py): the policy "
+          "decides on each back-end's own clock, and per-action errors compare only the shared jobs.", "",
+          "```", matrix_table(report["runs"]), "```", "",
           "## Ranking per config (measured order; predicted order where it differs)", "", "```",
           ranking_table(report["configs"]), "```", ""]
     tmp = out / ".matrix.md.partial"
@@ -594,10 +600,13 @@ def matrix_table(runs: list[dict]) -> str:
     host = any(r.get("host_speed") is not None for r in runs)
     mem = any(r.get("memory_speed") is not None for r in runs)
     stall = any(r.get("stall_s_per_step") is not None for r in runs)
+    jobs = any(r.get("cpu_jobs_alike") is not None for r in runs)
     headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error", *(["stalls ms/step"] if stall else []),
+               *(["CPU jobs alike"] if jobs else []),
                *(["host x", "at run's host"] if host else []), *(["memory x"] if mem else []), *[c[4:] for c in cats]]
     body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
              _pct(r["error"]), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
+             *([alike_cell(r.get("cpu_jobs_alike"))] if jobs else []),
              *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
              *([fmt(r.get("memory_speed"), ".2f")] if mem else []),
              *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]

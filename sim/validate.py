@@ -33,9 +33,11 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 from aptmoe.config import RunConfig
+from aptmoe.cpu_jobs_alike import cpu_jobs_alike
 from aptmoe.run_process import launch_executor
 from aptmoe.flags import add_cluster_flags, add_kernel_loading_flag, add_seed_flags, make_parser, whole_number
 from aptmoe.host import physical_cores, run_loop_s, run_stream_GBps
@@ -257,6 +259,12 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         # prediction in them, a step's worth, beside the error they are a part of
         st = stalls(mt, trace)
         row["stalls"], row["stall_s_per_step"] = st.calls, st.excess_s / steps
+        # the experts each put on the CPU (aptmoe/cpu_jobs_alike.py): where they differ, the
+        # prediction's timing changed its decisions, and per-action errors compare the rest
+        jobs = cpu_jobs_alike(mt, trace)
+        if jobs.alike is not None:
+            row["cpu_jobs"] = asdict(jobs)
+            row["cpu_jobs_alike"] = jobs.alike
         row["beside"] = beside_errors(rows)
         with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["rank", "stream", "action", "occurrence", "cat", "predicted_s", "measured_s",
@@ -305,7 +313,7 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name,
                                                  "planned_with": planned.name,
                                                  "schedules": rows})
-    flat = [{k: v for k, v in r.items() if k not in ("actions", "beside", "fallbacks")} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("actions", "beside", "fallbacks", "cpu_jobs")} for r in rows]
     with open(dest / "validation.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
         w.writeheader()
@@ -350,7 +358,9 @@ def validation_table(rows: list[dict]) -> str:
     host = any(r.get("host_speed") is not None for r in rows)
     mem = any(r.get("memory_speed") is not None for r in rows)
     stall = any(r.get("stall_s_per_step") is not None for r in rows)
+    jobs = any(r.get("cpu_jobs_alike") is not None for r in rows)
     headers = (["pipeline", "measured s", "predicted s", "error"] + (["stalls ms/step"] if stall else [])
+               + (["CPU jobs alike"] if jobs else [])
                + [f"{r} busy m/p" for r in RESOURCES]
                + (["host x", "error at run's host"] if host else []) + (["memory x"] if mem else []))
     body = []
@@ -360,8 +370,14 @@ def validation_table(rows: list[dict]) -> str:
         extra = ([fmt(r.get("host_speed"), ".2f"), _signed(r.get("error_host"))] if host else []) \
             + ([fmt(r.get("memory_speed"), ".2f")] if mem else [])
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
-                     _signed(r.get("error")), *([ms_cell(r.get("stall_s_per_step"))] if stall else []), *busy, *extra])
+                     _signed(r.get("error")), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
+                     *([alike_cell(r.get("cpu_jobs_alike"))] if jobs else []), *busy, *extra])
     return format_table(headers, body)
+
+
+def alike_cell(alike) -> str:
+    """`cpu_jobs_alike` as a table shows it: the share of CPU expert jobs both made ('-': none)."""
+    return "-" if alike is None else f"{100 * alike:.0f}%"
 
 
 def ms_cell(seconds) -> str:

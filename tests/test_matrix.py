@@ -879,6 +879,16 @@ def test_fresh_configs_run_with_kernels_loaded_eagerly(tmp_path, monkeypatch) ->
     for results in (DOCS / "validation-h200-2gpu-v7-fresh" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
             assert res["kernel_loading"] == "eager" and len(res["gpu_bytes_outside_allocator"]) == 2, results
+    # M6 capped APTMoE: the run and its prediction put other experts on the CPU (34 of 94 jobs alike)
+    from aptmoe.cpu_jobs_alike import cpu_jobs_alike
+    from aptmoe.trace import Trace, run_trace
+
+    runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
+    cell = tmp_path / "validation-h200-2gpu-v7-fresh" / "cells" / "M6x4-G0.5-cap8-2gpu"
+    jobs = cpu_jobs_alike(Trace.load(run_trace(cell / "real", "APTMoE")), Trace.load(cell / "trace-APTMoE-predicted.json"))
+    assert (jobs.measured, jobs.predicted, jobs.shared) == (67, 61, 34)
+    assert runs[("M6x4-G0.5-cap8-2gpu", "APTMoE")]["cpu_jobs_alike"] == jobs.alike
+    assert runs[("M6x4-G0.5-cap8-2gpu", "Mobius")]["cpu_jobs_alike"] is None
 
 
 def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str]) -> dict:

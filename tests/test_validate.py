@@ -37,6 +37,34 @@ def test_actions_are_matched_by_rank_stream_name_and_occurrence() -> None:
     assert [r["occurrence"] for r in rows] == [0, 1] and {r["stream"] for r in rows} == {"compute"}
 
 
+def _jobs_trace(jobs) -> Trace:
+    """Two steps of one rank's 0F0 and 0B0 (forward at 0 and 10 s, backward at 5 and 15 s),
+    with CPU expert jobs (name, category, start s)."""
+    t = Trace("x")
+    for step in (0, 1):
+        t.add("0F0", 0, "compute", 10.0 * step, 10.0 * step + 4, "forward")
+        t.add("0B0", 0, "compute", 10.0 * step + 5, 10.0 * step + 9, "backward")
+    for name, cat, start in jobs:
+        t.add(name, 0, "cpu", start, start + 0.5, cat)
+    t.add("0U@0:a", 0, "cpu", 9.5, 9.9, "update")                       # Adam: not an expert job
+    return t
+
+
+def test_cpu_jobs_alike_counts_the_jobs_both_made_by_rank_job_step_and_category() -> None:
+    from aptmoe.cpu_jobs_alike import cpu_jobs_alike
+
+    real = _jobs_trace([("0F0@0:e1", "cpu-expert", 1.0), ("0F0@0:e1", "cpu-expert", 11.0),
+                        ("0B0@0:e1", "cpu-expert", 6.0), ("0B0@0:e1", "recompute", 5.5)])
+    pred = _jobs_trace([("0F0@0:e1", "cpu-expert", 1.2),                   # step 0: shared
+                        ("0F0@0:e2", "cpu-expert", 11.0),                  # step 1: another expert
+                        ("0B0@0:e1", "cpu-expert", 16.0)])                 # the backward's, a step later
+    got = cpu_jobs_alike(real, pred)
+    assert (got.measured, got.predicted, got.shared) == (4, 3, 1)
+    assert got.alike == pytest.approx(1 / 6)
+    assert cpu_jobs_alike(real, real).alike == 1.0
+    assert cpu_jobs_alike(Trace("a"), Trace("b")).alike is None
+
+
 def test_our_flags_are_not_passed_to_the_executor() -> None:
     argv = ["--calibration", "h200", "--gini=0.3", "--out=x", "-q", "--pipeline", "all", "--out", "y",
             "--kernel-loading", "lazy", "--kernel-loading=lazy"]
