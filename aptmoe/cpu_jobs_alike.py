@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aptmoe.trace import CPU_EXPERT_CATEGORIES, Trace, action_runs
+from aptmoe.trace import Trace, action_runs, is_cpu_job
 
 
 def cpu_jobs(trace: Trace) -> set[tuple[int, str, int, str]]:
     """(rank, job, step, category) of each CPU expert job of `trace`: `0F2@0:e3` in step 1, its
     category telling a backward's job from its recompute's (they share the action's name)."""
     run_of = action_runs(trace)
-    return {(e.rank, e.name, run_of(e)[1], e.cat) for e in trace.events
-            if e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES}
+    return {(e.rank, e.name, run_of(e)[1], e.cat) for e in trace.events if is_cpu_job(e)}
 
 
 @dataclass(frozen=True)

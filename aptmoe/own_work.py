@@ -38,7 +38,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from aptmoe.trace import CPU_EXPERT_CATEGORIES, Trace, call_kind, is_block_call, is_load
+from aptmoe.trace import Trace, call_kind, is_block_call, is_cpu_job, is_load
 
 CONDITIONS = ("adam", "copy", "copy+adam")
 MIN_ALONE = 10          # calls alone a kind needs before its calls beside anything count
@@ -84,7 +84,7 @@ def rank_lanes(trace: Trace) -> tuple[dict[int, list[Span]], dict[int, list[Span
             copies[e.rank].append(span)
         elif e.stream == "cpu" and e.cat == "update":
             adam[e.rank].append(span)
-        elif e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES:
+        elif is_cpu_job(e):
             experts[e.rank].append(span)
     return copies, adam, experts
 

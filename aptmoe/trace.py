@@ -21,7 +21,8 @@ from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
-           "action_runs", "by_occurrence", "call_kind", "is_action", "is_block_call", "is_load", "run_trace", "write_json_atomic"]
+           "action_runs", "by_occurrence", "call_kind", "is_action", "is_block_call", "is_cpu_job", "is_load", "run_trace",
+           "write_json_atomic"]
 
 US_PER_S = 1_000_000
 
@@ -81,6 +82,12 @@ def is_block_call(e: "TraceEvent") -> bool:
 def is_load(e: "TraceEvent") -> bool:
     """A copy of a block's parameters to the device (`0LF@2:e5`, category load-<its phase>)."""
     return e.stream == "load" and e.cat.startswith("load-")
+
+
+def is_cpu_job(e: "TraceEvent") -> bool:
+    """An expert job on a rank's CPU lane (`0F3@12:e5`, a forward's or a backward's, or a
+    recompute's); the lane's other work is Adam (category update)."""
+    return e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES
 
 
 def by_occurrence(events, key) -> dict[tuple, "TraceEvent"]:

@@ -30,8 +30,8 @@ from aptmoe.own_work import CONDITIONS as OWN_WORK
 from aptmoe.own_work import first_use_cell, first_uses, own_work_factors, rank_lanes
 from aptmoe.report import format_table
 from aptmoe.stalls import STALL_FACTOR, STALL_FLOOR_S, stalls
-from aptmoe.trace import (CPU_EXPERT_CATEGORIES, CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs,
-                          block_kind, call_kind, is_action, is_block_call, is_load)
+from aptmoe.trace import (CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs, block_kind, call_kind,
+                          is_action, is_block_call, is_cpu_job, is_load)
 
 
 def _calls(trace: Trace):
@@ -165,7 +165,7 @@ def by_jobs(trace: Trace, key: str = "fe") -> dict[str, tuple[int, float]]:
     experts in any step counted as one in every step; APTMoE's split changes from step to
     step, and its figures were read again (docs/measured/h200x2-session17)."""
     place = _action_layers(trace)
-    jobs = {place(e) for e in trace.events if e.stream == "cpu" and e.cat in CPU_EXPERT_CATEGORIES}
+    jobs = {place(e) for e in trace.events if is_cpu_job(e)}
     spans = _cpu_expert_spans(trace)
     out = defaultdict(list)
     for e, us, (a, b) in _issued(trace, key):

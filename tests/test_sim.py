@@ -324,9 +324,8 @@ def test_kernels_issued_while_a_receive_waits_take_the_profiles_slowdown():
     forward's send: slowed), and issues its backward blocks once it has landed, while the next
     one waits for rank 1's second backward: slowed; nothing is left to receive during its last
     backward."""
-    from collections import defaultdict
-
     from aptmoe.profile import RecvWait, load_profile
+    from aptmoe.trace import by_occurrence
 
     base = load_profile("a800-paper")
     assert base.recv_wait is None
@@ -346,13 +345,9 @@ def test_kernels_issued_while_a_receive_waits_take_the_profiles_slowdown():
     assert runs["slow"][0].iteration_s > runs["none"][0].iteration_s
 
     def blocks(tr, what=lambda e: e.dur_s):
-        seen, out = defaultdict(int), {}
-        for e in sorted(tr.events, key=lambda e: e.start_s):
-            if e.stream == "compute" and ":" in e.name:
-                k = (e.rank, e.name, e.cat)
-                out[(*k, seen[k])] = what(e)
-                seen[k] += 1
-        return out
+        calls = by_occurrence((e for e in tr.events if e.stream == "compute" and ":" in e.name),
+                              lambda e: (e.rank, e.name, e.cat))
+        return {k: what(e) for k, e in calls.items()}
 
     def starts(tr):
         return blocks(tr, lambda e: e.start_s)
