@@ -134,6 +134,13 @@ class Sizes:
 
 
 EXPERT_STEP, EXPERT_DENSE_TO = 32, 1024   # beyond 1024 tokens a 64-token step is at most 6%
+# CPU experts in the full mode: these counts as well as the powers of two. APTMoE sends the
+# experts that few tokens chose to the CPU (in the stored 2-GPU runs 5,665 of 5,673 had under
+# 128), and the curve between powers of two is not a line: MoE-S's forward on the H200 host's
+# 14 threads took 1.0 ms at 8 tokens and 1.8-2.4 from 16 to 80 (its jobs in those runs), where
+# the line through the calibration's 1.25 ms at 16 and 1.72 at 32 put it (session 24,
+# calibration/cpu_expert_sweep.py)
+CPU_DENSE_TOKENS = (3, 6, 10, 12, 14, 20, 24, 28, 40, 48, 56, 80, 96, 112)
 
 
 def _powers(lo: int, hi: int, step: int = 1) -> tuple[int, ...]:
@@ -154,10 +161,13 @@ def sizes_for(opts: Options) -> Sizes:
                   cpu_reps=Reps(1, 3, 3, 0.3, warmup_s=0.05), adam_reps=Reps(1, 3, 1, 0.5), toll_rounds=3)
     else:
         s = Sizes(copy_bytes=_powers(64 * KiB, 1 << 30, 2), root_bytes=256 * MiB, root_copies=8,
-                  gpu_tokens=_powers(1, 16384), attn_sequences=_powers(1, 128), cpu_tokens=_powers(1, 4096),
+                  gpu_tokens=_powers(1, 16384), attn_sequences=_powers(1, 128),
+                  cpu_tokens=tuple(sorted(set(_powers(1, 4096)) | set(CPU_DENSE_TOKENS))),
                   cpu_point_limit_s=0.6, adam_params=64 * MiB, adam_tensors=16,
                   link_reps=Reps(2, 10, 3, 1.0), gpu_reps=Reps(3, 15, 5, 1.0, warmup_s=0.05),
-                  cpu_reps=Reps(1, 5, 3, 1.0, warmup_s=0.1), adam_reps=Reps(2, 5, 3, 3.0))
+                  # CPU points: up to 9 repetitions each within the budget (5 until 2026-11-30,
+                  # when 34 of the 2-GPU profile's 142 medians came out of order)
+                  cpu_reps=Reps(1, 9, 3, 1.0, warmup_s=0.1), adam_reps=Reps(2, 5, 3, 3.0))
     dense = () if opts.quick else tuple(range(EXPERT_STEP, EXPERT_DENSE_TO + 1, EXPERT_STEP))
     s = replace(s, expert_tokens=tuple(sorted(set(s.gpu_tokens) | set(dense))))
     if opts.gpu_max_tokens is not None:
@@ -634,6 +644,8 @@ class ExpertPool(TimedBlock):
         self.d, self.h, self.dtype, self.device = d, h, dtype, device
         self.params = [p for b in self.blocks for p in b.params]
         self.at = 0
+        self._states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._states_tokens = -1
 
     def inputs(self, tokens: int) -> torch.Tensor:
         self.at = (self.at + 1) % len(self.blocks)      # every sample's setup moves to the next expert
@@ -648,14 +660,36 @@ class ExpertPool(TimedBlock):
     def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.blocks[self.at].grads()
 
+    def backward_state(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Moves to the next expert and gives what its backward on `tokens` tokens needs: (its
+        input, its kept pre-activation, the output's gradient), from a forward that ran a
+        whole pool of experts ago. In a step an expert's backward comes long after its
+        forward, with other experts, activations and Adam between them, so its weights come
+        from memory; timed right after an untimed forward of the same expert, its weights
+        came from the last-level cache (300 MiB on the H200 host; an MoE-M expert is 128 MiB)."""
+        if self._states_tokens != tokens:
+            self._states = []                              # free the last count's first
+            for i, b in enumerate(self.blocks):
+                x = b.inputs(tokens).detach()
+                out, hidden = exec_model.expert_forward(x, *b.weights(), keep=True)
+                self._states.append((x, hidden, torch.randn_like(out)))
+            self._states_tokens, self.at = tokens, len(self.blocks) - 1
+        self.at = (self.at + 1) % len(self.blocks)
+        return self._states[self.at]
 
-def expert_samplers(pool, tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
+
+def expert_samplers(pool, tokens: int, sampler: Sampler, *, warm_backward: bool = False
+                    ) -> dict[str, Callable[[], float]]:
     """A sample per direction, as the executor runs an expert on either device
     (`expert_forward` and `expert_backward` of aptmoe.exec.model): fwd keeps the
     pre-activation for a backward; bwd adds its weight gradients into the expert's gradient
     buffer (a later micro-batch's case: the first one writes instead, moving a third fewer
-    bytes). `pool`: an ExpertBlock or an ExpertPool."""
+    bytes). `pool`: an ExpertBlock or an ExpertPool. A pool's bwd takes the next expert,
+    whose forward ran a pool ago (`ExpertPool.backward_state`), unless `warm_backward`: then
+    an untimed forward of the same expert just before, as the calibration did until
+    2026-11-30 (calibration/cpu_expert_sweep.py puts the two side by side)."""
     state: dict[str, object] = {}
+    cold = isinstance(pool, ExpertPool) and not warm_backward
 
     def setup_fwd() -> None:
         state.clear()
@@ -666,6 +700,10 @@ def expert_samplers(pool, tokens: int, sampler: Sampler) -> dict[str, Callable[[
 
     def setup_bwd() -> None:
         state.clear()
+        if cold:
+            x, hidden, g = pool.backward_state(tokens)
+            state.update(x=x, h=hidden, g=g)
+            return
         x = pool.inputs(tokens).detach()
         out, hidden = exec_model.expert_forward(x, *pool.weights(), keep=True)
         state.update(x=x, h=hidden, g=torch.randn_like(out))
@@ -1193,8 +1231,9 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
             f"measured: an expert relu(x W1^T) W2^T on the CPU ({machine.hardware.cpu_model}), a different one of "
             f"a {COLD_POOL_BYTES >> 30} GiB pool per sample (weights come from memory, not cache), as the executor "
             f"runs it: fwd = expert_forward keeping the pre-activation, bwd = expert_backward adding the "
-            f"weight gradients into the expert's buffer, after an untimed forward; {PINNED_TEXT}; host clock, "
-            f"fresh torch.randn inputs, {_reps_text(sizes.cpu_reps)}{cut}")
+            f"weight gradients into the expert's buffer, of the next expert too, whose forward ran a pool ago (as "
+            f"in a step; until 2026-11-30 right after an untimed forward of the same expert, from the cache); "
+            f"{PINNED_TEXT}; host clock, fresh torch.randn inputs, {_reps_text(sizes.cpu_reps)}{cut}")
         a.sources["cpu_expert.threads"] = (
             f"measured: torch.set_num_threads(t) with every thread of the process bound to the first t of "
             f"{list(machine.cpus)} (one logical CPU per physical core first, socket 0 first)"

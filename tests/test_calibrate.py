@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from unittest import mock
 
 torch = pytest.importorskip("torch")
 
@@ -204,6 +205,45 @@ def test_an_expert_pool_makes_its_gradient_buffers_before_any_timed_backward() -
     for b, (g1, g2) in zip(pool.blocks, made):
         assert b.grads()[0] is g1 and b.grads()[1] is g2
         assert g1.abs().sum() > 0 and g2.abs().sum() > 0         # the backwards wrote into them
+
+
+def test_a_pool_times_each_backward_on_an_expert_whose_forward_ran_a_pool_ago() -> None:
+    """A step's backward finds its expert's weights in memory, not in the cache its forward
+    left them in. Timed right after an untimed forward of the same expert, an MoE-M expert
+    (128 MiB) came from the H200 host's 300 MiB cache. The sampler must take the next expert
+    each time, with what its own forward kept: the gradients it writes are that forward's."""
+    pool = profiler.ExpertPool(16, 32, torch.float32, torch.device("cpu"), pool_bytes=3 * 2 * 16 * 32 * 4)
+    forwards: list[int] = []
+    real_forward = profiler.exec_model.expert_forward
+
+    def counting(x, w1, w2, keep):
+        forwards.append(next(i for i, b in enumerate(pool.blocks) if b.weights()[0].data_ptr() == w1.data_ptr()))
+        return real_forward(x, w1, w2, keep)
+
+    run = profiler.expert_samplers(pool, 4, lambda fn, setup: (lambda: (setup(), fn())))["bwd"]
+    with mock.patch.object(profiler.exec_model, "expert_forward", counting):
+        used = []
+        for _ in range(2 * len(pool.blocks)):
+            run()
+            used.append(pool.at)
+    assert forwards == [0, 1, 2]                      # one forward each, all before the first backward
+    assert used == [0, 1, 2, 0, 1, 2]                 # each backward on the next expert
+    x, hidden, g = pool.backward_state(4)             # expert 0 again: its kept forward is exact
+    w1, w2 = pool.weights()
+    assert torch.equal(hidden, x @ w1.t())
+    warm = profiler.expert_samplers(pool, 4, lambda fn, setup: (lambda: (setup(), fn())), warm_backward=True)["bwd"]
+    with mock.patch.object(profiler.exec_model, "expert_forward", counting):
+        forwards.clear()
+        warm()
+    assert forwards == [pool.at]                      # the old way: the same expert's forward first
+
+
+def test_the_full_mode_times_cpu_experts_at_dense_counts_below_128() -> None:
+    full = profiler.sizes_for(profiler.Options()).cpu_tokens
+    assert list(full) == sorted(set(full)) and full[-1] == 4096
+    assert {1, 2, 4, 8, 16, 32, 64, 128} | set(profiler.CPU_DENSE_TOKENS) <= set(full)
+    assert sum(t < 128 for t in full) >= 20
+    assert profiler.sizes_for(profiler.Options(quick=True)).cpu_tokens == (1, 16, 256)
 
 
 def test_profile_from_synthetic_gpu_figures() -> None:
