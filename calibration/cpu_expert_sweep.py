@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from aptmoe.calibration.cpu_ranks import START_AFTER_S
 from aptmoe.flags import number_list
 
 ARRANGEMENTS = ("main", "worker", "pair")
@@ -61,35 +62,21 @@ def _sweep(size: str, tokens: list[int], reps: int, pool_mib: int) -> dict[str, 
 
 
 def _child(ns) -> dict:
-    import torch
-
-    from aptmoe.exec.cores import bind_this_thread, start_worker_thread
-    from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
+    from aptmoe.calibration.cpu_ranks import on_worker
 
     cores = [int(c) for c in ns.cores.split(",")]
     if ns.arrangement == "main":
         from aptmoe.calibration.profiler import pinned_threads
         with pinned_threads(cores):
             return {s: _sweep(s, ns.tokens, ns.reps, ns.pool_mib) for s in ns.sizes}
-    host, workers = cores[:ns.host_cores], cores[ns.host_cores:]
-    w = CpuWorker("sweep-cpu", on_start=lambda: start_worker_thread(workers))
-    try:
-        w.submit(EXPERT, lambda: None).result()
-        if host:
-            bind_this_thread(host)
-        torch.set_num_threads(1)
-        if ns.start_at:                      # the pair's processes start their sweeps together
-            time.sleep(max(0.0, ns.start_at - time.time()))
-        return w.submit(EXPERT, lambda: {s: _sweep(s, ns.tokens, ns.reps, ns.pool_mib) for s in ns.sizes}).result()
-    finally:
-        w.close()
+    return on_worker(cores, ns.host_cores, lambda: {s: _sweep(s, ns.tokens, ns.reps, ns.pool_mib) for s in ns.sizes},
+                     ns.start_at)
 
 
 def _rank_cores(rank: int, ranks: int) -> list[int]:
+    from aptmoe.calibration.cpu_ranks import rank_cores
     from aptmoe.host import allowed_cores
-    allowed = allowed_cores()
-    per = len(allowed) // ranks
-    return allowed[rank * per:(rank + 1) * per]
+    return rank_cores(rank, ranks, allowed_cores())
 
 
 def _spawn(ns, arrangement: str, cores: list[int], start_at: float = 0.0) -> subprocess.Popen:
@@ -119,7 +106,7 @@ def measure(ns) -> dict:
         elif arr == "worker":
             res = [_result(_spawn(ns, "worker", per), "worker")]
         else:
-            start = time.time() + 8.0           # after every process has imported torch
+            start = time.time() + START_AFTER_S
             procs = [_spawn(ns, "worker", _rank_cores(r, ns.ranks), start) for r in range(ns.ranks)]
             res = [_result(p, f"pair rank {r}") for r, p in enumerate(procs)]
         out[arr] = res

@@ -46,6 +46,7 @@ import torch
 
 from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
+from aptmoe.calibration import cpu_ranks
 from aptmoe.calibration.cpu_jobs import PROBE as CPU_JOB_PROBE
 from aptmoe.calibration.cpu_jobs import measure_cpu_job
 from aptmoe.calibration.dispatch import PROBE, measure_dispatch
@@ -131,6 +132,7 @@ class Sizes:
     # the same time from 129 to 192 tokens and one step more from 193 (0.99 ms, then 1.29), so
     # a line through the powers of two alone put it 23% short at G 0.3 in three matrices (v4-v6)
     expert_tokens: tuple[int, ...] = ()
+    cpu_rounds: int = 1           # passes over the CPU counts, each point the median of theirs (cpu_ranks.py)
 
 
 EXPERT_STEP, EXPERT_DENSE_TO = 32, 1024   # beyond 1024 tokens a 64-token step is at most 6%
@@ -167,7 +169,7 @@ def sizes_for(opts: Options) -> Sizes:
                   link_reps=Reps(2, 10, 3, 1.0), gpu_reps=Reps(3, 15, 5, 1.0, warmup_s=0.05),
                   # CPU points: up to 9 repetitions each within the budget (5 until 2026-11-30,
                   # when 34 of the 2-GPU profile's 142 medians came out of order)
-                  cpu_reps=Reps(1, 9, 3, 1.0, warmup_s=0.1), adam_reps=Reps(2, 5, 3, 3.0))
+                  cpu_reps=Reps(1, 9, 3, 1.0, warmup_s=0.1), adam_reps=Reps(2, 5, 3, 3.0), cpu_rounds=3)
     dense = () if opts.quick else tuple(range(EXPERT_STEP, EXPERT_DENSE_TO + 1, EXPERT_STEP))
     s = replace(s, expert_tokens=tuple(sorted(set(s.gpu_tokens) | set(dense))))
     if opts.gpu_max_tokens is not None:
@@ -436,6 +438,7 @@ class Measured:
     moved: dict[str, list[float]] = field(default_factory=lambda: {"gpu": [], "cpu": []})   # by `monotone`
     cpu_cut: list[str] = field(default_factory=list)       # series stopped by the point limit
     cpu_bound: bool = True
+    cpu_ranks: dict[int, int] = field(default_factory=dict)  # threads -> ranks at once, on their CPU workers
     adam_cpu: dict[int, float] = field(default_factory=dict)
     adam_cpu_impl: str = ""
     adam_gpu: float | None = None
@@ -735,17 +738,28 @@ class _BlockCache:
 
 def measure_cpu_expert(size: str, dtype: str, threads: int, machine: Machine, sizes: Sizes,
                        cache: _BlockCache, m: Measured) -> None:
-    block = cache.get(size, dtype)
-    with pinned_threads(machine.cpus[:threads]) as bound:
-        done, secs, cut = _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps, sizes.cpu_point_limit_s,
-                                  samplers=expert_samplers)
-    m.cpu_bound &= bound
+    """A CPU expert's curves at `threads`: on a machine with GPUs as its ranks run them, on each
+    rank's CPU worker, every rank at once (calibration/cpu_ranks.py), where a rank's share of
+    the cores holds `threads`; otherwise on this process's main thread, bound to the first
+    `threads` cores."""
+    ranks, allowed = len(machine.gpus), allowed_cores()
+    if ranks and threads <= len(allowed) // ranks:
+        done, secs, cut = cpu_ranks.at_once(size, dtype, threads, ranks, allowed, sizes.cpu_tokens, sizes.cpu_reps,
+                                            sizes.cpu_point_limit_s, sizes.cpu_rounds, COLD_POOL_BYTES)
+        m.cpu_ranks[threads] = ranks
+    else:
+        block = cache.get(size, dtype)
+        with pinned_threads(machine.cpus[:threads]) as bound:
+            done, secs, cut = _series(block, sizes.cpu_tokens, host_sample, sizes.cpu_reps,
+                                      sizes.cpu_point_limit_s, samplers=expert_samplers)
+        m.cpu_bound &= bound
     if cut:
         m.cpu_cut.append(f"{size} {dtype} {threads}t: {done[-1]}")
+    d, h = model_dims(size)
     for direction, raw in secs.items():
         values, moved = monotone(raw)
         m.moved["cpu"] += moved
-        m.cpu.append(CpuCurve(d=block.d, h=block.h, dtype=dtype, direction=direction, threads=threads,
+        m.cpu.append(CpuCurve(d=d, h=h, dtype=dtype, direction=direction, threads=threads,
                               tokens=tuple(done), seconds=values))
 
 
@@ -1233,11 +1247,20 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
             f"runs it: fwd = expert_forward keeping the pre-activation, bwd = expert_backward adding the "
             f"weight gradients into the expert's buffer, of the next expert too, whose forward ran a pool ago (as "
             f"in a step; until 2026-11-30 right after an untimed forward of the same expert, from the cache); "
-            f"{PINNED_TEXT}; host clock, fresh torch.randn inputs, {_reps_text(sizes.cpu_reps)}{cut}")
-        a.sources["cpu_expert.threads"] = (
-            f"measured: torch.set_num_threads(t) with every thread of the process bound to the first t of "
-            f"{list(machine.cpus)} (one logical CPU per physical core first, socket 0 first)"
-            if m.cpu_bound else "measured: torch.set_num_threads(t); threads could not be bound on this OS")
+            f"{PINNED_TEXT}; host clock, fresh torch.randn inputs, {_reps_text(sizes.cpu_reps)}"
+            + (f" in all, over {sizes.cpu_rounds} passes through the counts, each point the median of the passes'"
+               if sizes.cpu_rounds > 1 else "") + cut)
+        alone = sorted({c.threads for c in m.cpu} - set(m.cpu_ranks))
+        ways = [f"{t} threads: as the executor's GPU ranks run them, {r} processes at once (one a rank, on its even "
+                f"share of the allowed cores), each on its CPU worker thread bound to the share's last {t} cores "
+                f"with {t} torch threads, the main thread on the rest at one; the starts aligned; each point the "
+                f"median over the ranks (calibration/cpu_ranks.py)" for t, r in sorted(m.cpu_ranks.items())]
+        if alone:
+            ways.append(f"{', '.join(map(str, alone))} threads: " + (
+                f"torch.set_num_threads(t) with every thread of the process bound to the first t of "
+                f"{list(machine.cpus)} (one logical CPU per physical core first, socket 0 first)"
+                if m.cpu_bound else "torch.set_num_threads(t); threads could not be bound on this OS"))
+        a.sources["cpu_expert.threads"] = "measured: " + "; ".join(ways)
         a.sources["cpu_expert.monotone"] = smoothing(m.moved["cpu"])
     else:
         a.sources["cpu_expert"] = "roofline: not measured (--skip cpu)"

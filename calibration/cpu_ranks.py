@@ -1,0 +1,124 @@
+"""CPU experts timed as a GPU host's ranks run them: on each rank's CPU worker, every rank at once.
+
+The executor computes a GPU rank's CPU experts on its CPU worker thread (exec/cpu_worker.py),
+bound to the rank's cores less those its host threads keep, with as many torch threads, while
+the main thread holds one. APTMoE's ranks compute their cold experts at about the same time,
+and share the socket's memory. The calibration timed one process's main thread on the first
+cores, alone. In the stored 2-GPU runs (5,673 CPU expert jobs) the experts took 1.09x those
+curves at the median, 1.17x for MoE-M; the sweep of session 24 (calibration/cpu_expert_sweep.py,
+docs/measured/session24) timed the ways side by side on one lease, and every rank's worker at
+once came nearest to the runs: 1.08x at the median, 1.02x for MoE-M, against 1.16x for the main
+thread's way.
+
+`measure_cpu_expert` (calibration/profiler.py) calls `at_once` on a machine with GPUs for each
+thread count a rank's share of the cores holds: one process per rank (the executor's layout:
+rank r on the r-th share of the allowed cores, its worker on the last `threads` of them), the
+series started together. A curve's point is the median over the ranks of the median over
+`rounds` passes through the counts: the host's CPU speed drifts from one minute to the next
+(in that lease two passes of the same way, minutes apart, differed by up to 1.6x at a point),
+and passes spread each point over the run's length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+START_AFTER_S = 8.0       # every rank's process has imported torch by then
+
+
+def rank_cores(rank: int, ranks: int, allowed: Sequence[int]) -> list[int]:
+    """Rank `rank`'s cores of `ranks` on one host: its even share, in order (exec/launch.py)."""
+    per = len(allowed) // ranks
+    return list(allowed[rank * per:(rank + 1) * per])
+
+
+def on_worker(cores: Sequence[int], host_cores: int, fn: Callable[[], Any], start_at: float = 0.0) -> Any:
+    """`fn()` on a CPU worker as a GPU rank's runtime starts one: bound to `cores` less the first
+    `host_cores`, with as many torch threads, this thread on those first cores at one torch
+    thread; begun at `start_at` (time.time()) where given, so that ranks start together."""
+    import torch
+
+    from aptmoe.exec.cores import bind_this_thread, start_worker_thread
+    from aptmoe.exec.cpu_worker import EXPERT, CpuWorker
+
+    host, workers = list(cores[:host_cores]), list(cores[host_cores:])
+    w = CpuWorker("calibration-cpu", on_start=lambda: start_worker_thread(workers))
+    try:
+        w.submit(EXPERT, lambda: None).result()
+        if host:
+            bind_this_thread(host)
+        torch.set_num_threads(1)
+        time.sleep(max(0.0, start_at - time.time()))
+        return w.submit(EXPERT, fn).result()
+    finally:
+        w.close()
+
+
+def rank_series(size: str, dtype: str, tokens: Sequence[int], reps: dict, limit_s: float | None,
+                rounds: int, pool_bytes: int) -> dict:
+    """{tokens, fwd, bwd, cut} on this thread: `rounds` passes over the counts (the first stops
+    after a point whose fwd + bwd exceed `limit_s`), each with its share of `reps`; each point
+    the median of the passes' medians."""
+    import torch
+
+    from aptmoe.calibration.profiler import TORCH_DTYPES, ExpertPool, _series, expert_samplers, model_dims
+    from aptmoe.calibration.timing import Reps, host_sample
+
+    d, h = model_dims(size)
+    pool = ExpertPool(d, h, TORCH_DTYPES[dtype], torch.device("cpu"), pool_bytes=pool_bytes)
+    r = Reps(**reps)
+    share = Reps(r.warmup, max(1, math.ceil(r.reps / rounds)), max(1, math.ceil(r.min_reps / rounds)),
+                 r.budget_s / rounds, r.warmup_s)
+    done, first, cut = _series(pool, tokens, host_sample, share, limit_s, samplers=expert_samplers)
+    passes = [first] + [_series(pool, done, host_sample, share, samplers=expert_samplers)[1]
+                        for _ in range(rounds - 1)]
+    return {"tokens": done, "cut": cut,
+            **{k: [statistics.median(p[k][i] for p in passes) for i in range(len(done))] for k in ("fwd", "bwd")}}
+
+
+def at_once(size: str, dtype: str, threads: int, ranks: int, allowed: Sequence[int], tokens: Sequence[int],
+            reps: Any, limit_s: float | None, rounds: int, pool_bytes: int,
+            start_after_s: float = START_AFTER_S) -> tuple[list[int], dict, bool]:
+    """(tokens, {fwd, bwd: seconds per count}, cut): every rank's worker on `threads` of its
+    cores, all at once, each point the median over ranks. Ranks that stopped at different
+    counts are cut to the shortest series."""
+    per = len(allowed) // ranks
+    if not 1 <= threads <= per:
+        raise ValueError(f"{threads} threads do not fit a rank's {per} cores of {len(allowed)} shared by {ranks} ranks")
+    job = {"size": size, "dtype": dtype, "tokens": list(tokens), "limit_s": limit_s, "rounds": rounds,
+           "pool_bytes": pool_bytes, "reps": {k: getattr(reps, k) for k in ("warmup", "reps", "min_reps", "budget_s",
+                                                                            "warmup_s")},
+           "host_cores": per - threads, "start_at": time.time() + start_after_s}
+    procs = [subprocess.Popen([sys.executable, "-P", "-m", "aptmoe.calibration.cpu_ranks",
+                               json.dumps({**job, "cores": rank_cores(r, ranks, allowed)})],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+    results = []
+    for r, p in enumerate(procs):
+        out, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"CPU experts on rank {r}'s worker failed: {(err.strip().splitlines() or ['?'])[-1]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    n = min(len(x["tokens"]) for x in results)
+    secs = {k: [statistics.median(x[k][i] for x in results) for i in range(n)] for k in ("fwd", "bwd")}
+    return results[0]["tokens"][:n], secs, any(x["cut"] for x in results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank's part of `at_once` (its job as JSON): prints its series as JSON."""
+    job = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    out = on_worker(job["cores"], job["host_cores"],
+                    lambda: rank_series(job["size"], job["dtype"], job["tokens"], job["reps"], job["limit_s"],
+                                        job["rounds"], job["pool_bytes"]), job["start_at"])
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
