@@ -77,10 +77,20 @@ def rank_series(size: str, dtype: str, tokens: Sequence[int], reps: dict, limit_
     share = Reps(r.warmup, max(1, math.ceil(r.reps / rounds)), max(1, math.ceil(r.min_reps / rounds)),
                  r.budget_s / rounds, r.warmup_s)
     done, first, cut = _series(pool, tokens, host_sample, share, limit_s, samplers=expert_samplers)
-    passes = [first] + [_series(pool, done, host_sample, share, samplers=expert_samplers)[1]
+    again = Reps(share.warmup, share.reps, share.min_reps, share.budget_s)     # warm by now: no warm-up time
+    passes = [first] + [_series(pool, done, host_sample, again, samplers=expert_samplers)[1]
                         for _ in range(rounds - 1)]
-    return {"tokens": done, "cut": cut,
+    return {"tokens": done, "cut": cut, "spread": spread(passes),
             **{k: [statistics.median(p[k][i] for p in passes) for i in range(len(done))] for k in ("fwd", "bwd")}}
+
+
+def spread(passes: Sequence[dict]) -> dict[str, tuple[float, float]]:
+    """{direction: (median, worst) over the counts of the slowest pass's median over the fastest's}."""
+    out = {}
+    for k in ("fwd", "bwd"):
+        ratios = [max(v) / min(v) for v in zip(*(p[k] for p in passes)) if min(v) > 0]
+        out[k] = (statistics.median(ratios), max(ratios)) if ratios else (1.0, 1.0)
+    return out
 
 
 def at_once(size: str, dtype: str, threads: int, ranks: int, allowed: Sequence[int], tokens: Sequence[int],
@@ -105,6 +115,11 @@ def at_once(size: str, dtype: str, threads: int, ranks: int, allowed: Sequence[i
         if p.returncode:
             raise RuntimeError(f"CPU experts on rank {r}'s worker failed: {(err.strip().splitlines() or ['?'])[-1]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
+    for r, x in enumerate(results):
+        if rounds > 1:
+            print(f"  {size} {dtype} {threads}t rank {r}: the slowest of {rounds} passes over the fastest, at a count: "
+                  + ", ".join(f"{k} median {a:.2f} worst {b:.2f}" for k, (a, b) in x["spread"].items()),
+                  file=sys.stderr, flush=True)
     n = min(len(x["tokens"]) for x in results)
     secs = {k: [statistics.median(x[k][i] for x in results) for i in range(n)] for k in ("fwd", "bwd")}
     return results[0]["tokens"][:n], secs, any(x["cut"] for x in results)
