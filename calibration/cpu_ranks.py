@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-START_AFTER_S = 8.0       # every rank's process has imported torch by then
+READY = "ready"           # a rank's line once its pool and worker are made
 
 
 def rank_cores(rank: int, ranks: int, allowed: Sequence[int]) -> list[int]:
@@ -62,10 +62,10 @@ def on_worker(cores: Sequence[int], host_cores: int, fn: Callable[[], Any], star
 
 
 def rank_series(size: str, dtype: str, tokens: Sequence[int], reps: dict, limit_s: float | None,
-                rounds: int, pool_bytes: int) -> dict:
+                rounds: int, pool_bytes: int, begin: Callable[[], None] = lambda: None) -> dict:
     """{tokens, fwd, bwd, cut} on this thread: `rounds` passes over the counts (the first stops
     after a point whose fwd + bwd exceed `limit_s`), each with its share of `reps`; each point
-    the median of the passes' medians."""
+    the median of the passes' medians. `begin()` runs once the pool is made, before any timing."""
     import torch
 
     from aptmoe.calibration.profiler import TORCH_DTYPES, ExpertPool, _series, expert_samplers, model_dims
@@ -73,6 +73,7 @@ def rank_series(size: str, dtype: str, tokens: Sequence[int], reps: dict, limit_
 
     d, h = model_dims(size)
     pool = ExpertPool(d, h, TORCH_DTYPES[dtype], torch.device("cpu"), pool_bytes=pool_bytes)
+    begin()
     r = Reps(**reps)
     share = Reps(r.warmup, max(1, math.ceil(r.reps / rounds)), max(1, math.ceil(r.min_reps / rounds)),
                  r.budget_s / rounds, r.warmup_s)
@@ -94,8 +95,7 @@ def spread(passes: Sequence[dict]) -> dict[str, tuple[float, float]]:
 
 
 def at_once(size: str, dtype: str, threads: int, ranks: int, allowed: Sequence[int], tokens: Sequence[int],
-            reps: Any, limit_s: float | None, rounds: int, pool_bytes: int,
-            start_after_s: float = START_AFTER_S) -> tuple[list[int], dict, bool]:
+            reps: Any, limit_s: float | None, rounds: int, pool_bytes: int) -> tuple[list[int], dict, bool]:
     """(tokens, {fwd, bwd: seconds per count}, cut): every rank's worker on `threads` of its
     cores, all at once, each point the median over ranks. Ranks that stopped at different
     counts are cut to the shortest series."""
@@ -105,14 +105,21 @@ def at_once(size: str, dtype: str, threads: int, ranks: int, allowed: Sequence[i
     job = {"size": size, "dtype": dtype, "tokens": list(tokens), "limit_s": limit_s, "rounds": rounds,
            "pool_bytes": pool_bytes, "reps": {k: getattr(reps, k) for k in ("warmup", "reps", "min_reps", "budget_s",
                                                                             "warmup_s")},
-           "host_cores": per - threads, "start_at": time.time() + start_after_s}
+           "host_cores": per - threads}
     procs = [subprocess.Popen([sys.executable, "-P", "-m", "aptmoe.calibration.cpu_ranks",
                                json.dumps({**job, "cores": rank_cores(r, ranks, allowed)})],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(ranks)]
+    # every rank has its pool and its worker before any starts timing: they start together
+    ready = [p.stdout.readline().strip() == READY for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            p.stdin.write("go\n")
+            p.stdin.flush()
     results = []
-    for r, p in enumerate(procs):
+    for r, (p, ok) in enumerate(zip(procs, ready)):
         out, err = p.communicate()
-        if p.returncode:
+        if p.returncode or not ok:
             raise RuntimeError(f"CPU experts on rank {r}'s worker failed: {(err.strip().splitlines() or ['?'])[-1]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
     for r, x in enumerate(results):
@@ -128,9 +135,14 @@ def at_once(size: str, dtype: str, threads: int, ranks: int, allowed: Sequence[i
 def main(argv: list[str] | None = None) -> int:
     """One rank's part of `at_once` (its job as JSON): prints its series as JSON."""
     job = json.loads((argv if argv is not None else sys.argv[1:])[0])
+
+    def begin() -> None:                 # say so, and wait for every other rank to be ready too
+        print(READY, flush=True)
+        sys.stdin.readline()
+
     out = on_worker(job["cores"], job["host_cores"],
                     lambda: rank_series(job["size"], job["dtype"], job["tokens"], job["reps"], job["limit_s"],
-                                        job["rounds"], job["pool_bytes"]), job["start_at"])
+                                        job["rounds"], job["pool_bytes"], begin))
     print(json.dumps(out))
     return 0
 

@@ -19,7 +19,7 @@ def test_ranks_take_the_executors_even_shares_in_order() -> None:
 def test_every_rank_times_the_series_at_once_and_each_point_is_their_median() -> None:
     """Two processes (the two cores here), one worker thread each, two passes over two counts."""
     tokens, secs, cut = cpu_ranks.at_once("S", "fp32", 1, 2, [0, 1], (1, 2), Reps(0, 2, 2, 0.0), None, 2,
-                                          2 * 33554432, start_after_s=0.0)
+                                          2 * 33554432)
     assert tokens == [1, 2] and not cut
     assert set(secs) == {"fwd", "bwd"} and all(len(v) == 2 and min(v) > 0 for v in secs.values())
 

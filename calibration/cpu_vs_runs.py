@@ -1,0 +1,119 @@
+"""A profile's CPU expert curves against the executor's own CPU experts in measured runs.
+
+    python -m aptmoe.calibration.cpu_vs_runs PROFILE FOLDER... [--json OUT]
+
+Every CPU expert job of every measured run under the folders (a run folder: results.json with
+its traces; a matrix or any folder above: each run below it) is set beside what the profile
+says one expert on that many tokens takes, in its direction (a recompute's is a forward), at the
+run's thread count (its rank's worker cores). Prints, per model width and direction and over
+all: the jobs, the median of run / profile, and the mean |log(run / profile)| (0.10: about 10%
+off either way, job by job). A job in a run also shares the host with copies, the other ranks
+and the issuing threads, which the simulator adds on its own (host memory, tolls): a
+calibration that times experts as the runs run them comes out near 1, one that times them
+faster than runs can comes out above it.
+
+Session 24 judged the CPU expert calibrations with it (docs/measured/session24).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aptmoe.config import ConfigError, RunConfig
+from aptmoe.profile import ProfileCost, ProfileError, load_profile
+from aptmoe.trace import Trace, TraceError, action_runs, is_cpu_job, run_trace
+
+
+@dataclass(frozen=True)
+class Fit:
+    group: str               # "MoE d1024 fwd", ..., "all"
+    jobs: int
+    median_ratio: float      # run / profile
+    mean_abs_log: float
+
+
+def run_folders(paths: list[Path]) -> list[Path]:
+    """The measured runs (results.json with source "real") at or under `paths`."""
+    out = []
+    for p in paths:
+        for r in sorted([p / "results.json"] if (p / "results.json").exists() else p.rglob("results.json")):
+            try:
+                if json.loads(r.read_text()).get("source") == "real":
+                    out.append(r.parent)
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def job_ratios(profile_path: str, runs: list[Path]) -> dict[str, list[float]]:
+    """{group: [run / profile per CPU expert job]} over the runs' traces."""
+    profile = load_profile(profile_path)
+    out: dict[str, list[float]] = defaultdict(list)
+    for folder in runs:
+        results = json.loads((folder / "results.json").read_text())
+        cfg = RunConfig.from_dict(results["config"])
+        cost = ProfileCost(profile, cfg.model)
+        threads = cfg.cluster.worker_cores
+        for name in results.get("schedules", {}):
+            path = run_trace(folder, name)
+            if path is None:
+                continue
+            trace = Trace.load(path)
+            run_of = action_runs(trace)
+            for e in trace.events:
+                if not is_cpu_job(e) or e.dur_s <= 0:
+                    continue
+                direction = "bwd" if e.cat == "cpu-expert" and "B" in run_of(e)[0] else "fwd"
+                predicted = cost.cpu_expert_s(int(e.args["tokens"]), direction, threads)
+                if predicted > 0:
+                    r = e.dur_s / predicted
+                    out[f"MoE d{cfg.model.embedding_dim} {direction}"].append(r)
+                    out["all"].append(r)
+    return out
+
+
+def fits(ratios: dict[str, list[float]]) -> list[Fit]:
+    return [Fit(g, len(v), statistics.median(v), statistics.fmean(abs(math.log(x)) for x in v))
+            for g, v in sorted(ratios.items(), key=lambda kv: (kv[0] == "all", kv[0])) if v]
+
+
+def table(rows: list[Fit]) -> str:
+    lines = [f"{'group':<16}{'jobs':>7}{'run/profile':>13}{'mean |log|':>12}"]
+    lines += [f"{f.group:<16}{f.jobs:>7}{f.median_ratio:>13.2f}{f.mean_abs_log:>12.3f}" for f in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.cpu_vs_runs", description=__doc__.splitlines()[0])
+    p.add_argument("profile", help="profile name or file")
+    p.add_argument("folders", nargs="+", type=Path, help="run folders, or folders above them (a matrix)")
+    p.add_argument("--json", type=Path, help="write the rows here too")
+    ns = p.parse_args(argv)
+    try:
+        runs = run_folders(ns.folders)
+        if not runs:
+            raise ValueError(f"no measured run (results.json with source real) under {', '.join(map(str, ns.folders))}")
+        rows = fits(job_ratios(ns.profile, runs))
+        if not rows:
+            raise ValueError(f"the {len(runs)} measured runs have no CPU expert job (APTMoE puts them there)")
+    except (ValueError, OSError, KeyError, ConfigError, ProfileError, TraceError) as e:
+        print(f"cpu_vs_runs: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(runs)} runs; profile {ns.profile}")
+    print(table(rows))
+    if ns.json:
+        tmp = ns.json.with_name(ns.json.name + ".partial")
+        tmp.write_text(json.dumps([asdict(f) for f in rows], indent=1))
+        tmp.replace(ns.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
