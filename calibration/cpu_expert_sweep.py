@@ -3,9 +3,9 @@
     python -m aptmoe.calibration.cpu_expert_sweep [--sizes S,M] [--tokens 1,2,4,...] [--threads 14]
         [--ranks 2] [--host-cores 2] [--reps 15] [--profile h200-2gpu] [--out sweep.json]
 
-In the stored 2-GPU runs APTMoE's CPU experts took longer than the profile's curves: 16 to 63
-tokens of an MoE-S forward 25-35% longer, backwards 20-50% longer (session 24, over 5,673
-jobs). This times them several ways on the same pool, in fresh processes:
+In the stored 2-GPU runs APTMoE's CPU experts took longer than the profile's curves: MoE-S
+forwards of 16 to 63 tokens 1.2-1.4x, MoE-M backwards 1.32x at the median (v2 to v7-fresh,
+5,230 jobs; calibration/cpu_vs_runs.py and docs/measured/session24). This times them several ways on the same pool, in fresh processes:
 
   main     the calibration's way (`measure_cpu_expert`): the main thread, torch's threads
            bound to the first `--threads` cores

@@ -4,19 +4,20 @@ The executor computes a GPU rank's CPU experts on its CPU worker thread (exec/cp
 bound to the rank's cores less those its host threads keep, with as many torch threads, while
 the main thread holds one. APTMoE's ranks compute their cold experts at about the same time,
 and share the socket's memory. The calibration timed one process's main thread on the first
-cores, alone. In the stored 2-GPU runs (5,673 CPU expert jobs) the experts took 1.09x those
-curves at the median, 1.17x for MoE-M; the sweep of session 24 (calibration/cpu_expert_sweep.py,
-docs/measured/session24) timed the ways side by side on one lease, and every rank's worker at
-once came nearest to the runs: 1.08x at the median, 1.02x for MoE-M, against 1.16x for the main
-thread's way.
+cores, alone. In the stored 2-GPU runs (v2 to v7-fresh, 5,230 CPU expert jobs) the experts took
+1.09x those curves at the median, MoE-M's backwards 1.32x (calibration/cpu_vs_runs.py); the
+sweep of session 24 (calibration/cpu_expert_sweep.py, docs/measured/session24) timed the ways
+side by side on one lease, and every rank's worker at once came nearest to the runs: 1.08x at
+the median, 1.02x for MoE-M, against 1.16x for the main thread's way.
 
 `measure_cpu_expert` (calibration/profiler.py) calls `at_once` on a machine with GPUs for each
 thread count a rank's share of the cores holds: one process per rank (the executor's layout:
 rank r on the r-th share of the allowed cores, its worker on the last `threads` of them), the
 series started together. A curve's point is the median over the ranks of the median over
 `rounds` passes through the counts: the host's CPU speed drifts from one minute to the next
-(in that lease two passes of the same way, minutes apart, differed by up to 1.6x at a point),
-and passes spread each point over the run's length.
+(in the calibration that made h200-2gpu's curves, the slowest of three passes at a point took
+a median of 1.06-1.41x the fastest, and up to 2.67x, by size, thread count and rank), and
+passes spread each point over the run's length.
 """
 
 from __future__ import annotations
