@@ -139,9 +139,9 @@ EXPERT_STEP, EXPERT_DENSE_TO = 32, 1024   # beyond 1024 tokens a 64-token step i
 # CPU experts in the full mode: these counts as well as the powers of two. APTMoE sends the
 # experts that few tokens chose to the CPU (in the stored 2-GPU runs 5,665 of 5,673 CPU expert
 # jobs had under 128 tokens), and the curve between powers of two is not a line. MoE-S's forward
-# on the H200 host's 14 threads: the runs' jobs took a median of 1.0 ms at 8 tokens and 1.5-2.6
-# ms at each count from 16 to 80, where the calibration's points were 1.25 ms at 16 and 1.72 at
-# 32 (session 24, docs/measured/session24/runs-by-count.txt)
+# on the H200 host's 14 threads: the runs' jobs nearest 8 tokens took a median of 1.0 ms, those
+# nearest each count from 16 to 80 1.5-2.5 ms, where the calibration's points were 1.25 ms at 16
+# and 1.72 at 32 (session 24, docs/measured/session24/runs-by-count.txt)
 CPU_DENSE_TOKENS = (3, 6, 10, 12, 14, 20, 24, 28, 40, 48, 56, 80, 96, 112)
 
 
