@@ -27,12 +27,14 @@ from aptmoe.sim.issuing import HostExperts, IssuingThread
 from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
-from aptmoe.costs import BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes, cpu_expert_bytes
+from aptmoe.costs import (BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes,
+                          cpu_expert_bytes)
 from aptmoe.memory import MemoryModel, adam_chunks
 from aptmoe.plan.actions import Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
+from aptmoe.replayed_placements import ReplayedPolicy, RunPlacements
 from aptmoe.stage_walk import (
     RunBlocks,
     RunExperts,
@@ -93,7 +95,8 @@ class StepModel:
     (default: `cost`, what the step is timed with)."""
 
     def __init__(self, cfg: RunConfig, plan: Plan, cost: CostSource, counts: IterationCounts,
-                 history, trace: Trace | None, t0: float, decide: CostSource | None = None) -> None:
+                 history, trace: Trace | None, t0: float, decide: CostSource | None = None,
+                 replay: tuple[RunPlacements, int] | None = None) -> None:
         self.cfg, self.plan, self.cost, self.counts = cfg, plan, cost, counts
         self.trace, self.t0 = trace, t0
         self.env = simpy.Environment()
@@ -113,8 +116,16 @@ class StepModel:
         # (the x2 VM is one socket: its two ranks' experts slowed each other's issuing threads)
         self.host_experts = {s: HostExperts() for s in sockets}
         policy_cost = SharedLinkView(cost if decide is None else decide, c.gpus_per_socket)
-        self.ranks = [RankModel(self, r, make_policy(plan, r, cfg.model, policy_cost, threads=c.worker_cores),
-                                history) for r in range(plan.num_ranks)]
+        self.ranks = [RankModel(self, r, self._policy(r, policy_cost, replay), history)
+                      for r in range(plan.num_ranks)]
+
+    def _policy(self, rank: int, cost: CostSource, replay: tuple[RunPlacements, int] | None):
+        """The rank's loading policy; with `replay` (a run's placements, this step's index) it
+        places experts where the run did (aptmoe/replayed_placements.py)."""
+        policy = make_policy(self.plan, rank, self.cfg.model, cost, threads=self.cfg.cluster.worker_cores)
+        if replay is None or policy is None or self.plan.policy != "aptmoe":
+            return policy
+        return ReplayedPolicy(policy, replay[0], rank, replay[1])
 
     def run(self) -> StepStats:
         self.env.run()

@@ -59,7 +59,8 @@ from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.sim.validate import KERNEL_LOADING_WHY, alike_cell, compare_run, ms_cell, other_machine, run_executor
+from aptmoe.sim.validate import (KERNEL_LOADING_WHY, add_replay_flag, alike_cell, compare_run, ms_cell, other_machine,
+                                 run_executor)
 from aptmoe.trace import write_json_atomic
 
 MODEL_SIZES = ("S", "M", "L")        # Table I's widths, the sizes a cell's model can have
@@ -178,6 +179,7 @@ def make_matrix_parser() -> argparse.ArgumentParser:
                    help="start no new cell after this many seconds (the rest: a later call)")
     g.add_argument("--repredict", action="store_true",
                    help="run nothing: predict the stored runs again and rewrite the report")
+    add_replay_flag(g)
     g.add_argument("--cell-profiles", action="store_true",
                    help="with --repredict: predict each cell with the profile stored beside it (its "
                         "profile.json, written when it ran); cells without one use --calibration")
@@ -266,7 +268,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
                 use = profile
                 if ns.cell_profiles and (folder / CELL_PROFILE).exists():
                     use, own = load_profile(folder / CELL_PROFILE), own + 1
-                compare_run(folder / "real", use, folder, _cell_doc(folder)["command"], plot=not ns.no_plot)
+                compare_run(folder / "real", use, folder, _cell_doc(folder)["command"], plot=not ns.no_plot,
+                            replay=ns.replay_placements)
             continue
         if (folder / "validation.json").exists():
             continue
@@ -281,12 +284,13 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             continue
         started = time.monotonic()
         cmd = cell.argv(common_argv(ns, cell.model))
-        command = [PROG, "validate", "--calibration", ns.calibration, *cmd]
+        command = [PROG, "validate", "--calibration", ns.calibration,
+                   *(["--replay-placements"] if ns.replay_placements else []), *cmd]
         try:
             with StagedDir(folder) as tmp:
                 profile.save(tmp / CELL_PROFILE)
                 run_executor(cmd, tmp / "real", tmp / CELL_PROFILE, kernel_loading=ns.kernel_loading)
-                compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot)
+                compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot, replay=ns.replay_placements)
                 compress_traces(tmp / "real")
                 write_json_atomic(tmp / "cell.json", {
                     "cell": asdict(cell), "name": cell.name, "index": i, "held_back": held_back(i, ns.held_back_every),
@@ -302,6 +306,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     if ns.cell_profiles:
         rest = f"; the rest {profile.name}" if own < stored else ""
         calibration = f"each cell's own profile.json ({own} of {stored} cells{rest})"
+    if ns.replay_placements:
+        calibration += ", APTMoE on each run's own CPU placements (--replay-placements)"
     report = collect(out, cells, ns.held_back_every, calibration, [PROG, "matrix", *argv])
     write_report(out, report)
     from aptmoe.plot import plot_predicted_vs_measured

@@ -22,6 +22,7 @@ from aptmoe.plan.plan import Plan
 from aptmoe.plan.validate import validate
 from aptmoe.popularity import popularity_from_config
 from aptmoe.profile import Profile, cost_for
+from aptmoe.replayed_placements import RunPlacements
 from aptmoe.trace import Trace
 
 
@@ -54,7 +55,8 @@ def _cost(cfg: RunConfig, source: Profile | str | CostSource) -> CostSource:
 
 def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper", *, trace: Trace | None = None,
              measured_steps: int | None = None, plan: Plan | None = None, check_plan: bool = True,
-             plan_with: Profile | str | CostSource | None = None) -> SimResult:
+             plan_with: Profile | str | CostSource | None = None,
+             placements: RunPlacements | None = None) -> SimResult:
     """Predict `cfg`'s step time; fills `trace` (if given) with every simulated action.
 
     `plan_with`: the costs the plan and the APTMoE policy's decisions are made with, where
@@ -65,7 +67,11 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
 
     A given `plan` is validated first unless `check_plan` is false (the caller built it with
     `build_plan`, whose plans are property-tested to validate; at 256 GPUs the check costs
-    a fifth of the run). A stalled simulation is reported either way."""
+    a fifth of the run). A stalled simulation is reported either way.
+
+    `placements`: a run's own CPU placements (aptmoe/replayed_placements.py), which APTMoE's
+    policies then hand the compute instead of their own, step by step; a run and its
+    prediction then differ only in what the work costs."""
     cost = _cost(cfg, profile)
     decide = cost if plan_with is None else _cost(cfg, plan_with)
     if plan is None:
@@ -83,7 +89,8 @@ def simulate(cfg: RunConfig, profile: Profile | str | CostSource = "a800-paper",
         history = pop.iteration(i - 1).layer_totals() if i > 0 else None
         model = None
         try:
-            model = StepModel(cfg, plan, cost, pop.iteration(i), history, trace, t0, decide=decide)
+            model = StepModel(cfg, plan, cost, pop.iteration(i), history, trace, t0, decide=decide,
+                              replay=None if placements is None else (placements, j))
             st = model.run()
         except OutOfMemory as e:
             peak = max([e.need] + ([r.peak for r in model.ranks] if model is not None else []))

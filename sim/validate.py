@@ -44,6 +44,7 @@ from aptmoe.host import physical_cores, run_loop_s, run_stream_GBps
 from aptmoe.metrics import RESOURCES
 from aptmoe.plot import plot_overlay
 from aptmoe.profile import default_planning_profile, load_profile
+from aptmoe.replayed_placements import run_placements
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
 from aptmoe.stalls import stalls
 from aptmoe.trace import Trace, by_occurrence, run_trace, write_json_atomic
@@ -77,9 +78,17 @@ def make_validate_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--no-plot", action="store_true",
                    help="draw no timelines: passed to aptmoe-run, and no overlays (the matrix records its "
                         "cells' commands with it)")
+    add_replay_flag(g)
     g.add_argument("--out", default=None, help="output folder (default: runs/validate-<timestamp>)")
     g.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+def add_replay_flag(g) -> None:
+    g.add_argument("--replay-placements", action="store_true",
+                   help="predict APTMoE with each run's own CPU placements instead of the policy's "
+                        "(aptmoe/replayed_placements.py): the error left is what the work costs, not "
+                        "which experts the prediction chose")
 
 
 def executor_argv(argv: list[str]) -> list[str]:
@@ -94,7 +103,7 @@ def executor_argv(argv: list[str]) -> list[str]:
         if name in ("--calibration", "--out", "--kernel-loading"):
             skip = "=" not in a
             continue
-        if name in ("-q", "--quiet"):
+        if name in ("-q", "--quiet", "--replay-placements"):
             continue
         out.append(a)
     return out
@@ -220,9 +229,10 @@ def beside_errors(rows: list[dict]) -> dict[str, dict]:
 
 
 def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path, plot: bool = True,
-                      plan_with=None) -> dict:
+                      plan_with=None, replay: bool = False) -> dict:
     """One schedule of a run, predicted with `profile` on the decisions of `plan_with` (the
-    profile the run planned with; default `profile`)."""
+    profile the run planned with; default `profile`); with `replay`, on the run's own CPU
+    placements (from its trace)."""
     from aptmoe.sim.simulate import simulate
 
     if real.get("oom") or real.get("iteration_s") is None:
@@ -230,12 +240,18 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
                 "note": real.get("oom_detail", "did not run")}
     cfg = RunConfig.from_dict(real["config"])
     steps = len(real["step_s"])
+    measured_trace = run_trace(real_dir, name)
+    placements = None
+    if replay:
+        if measured_trace is None:
+            raise ValueError(f"--replay-placements needs the run's trace: {real_dir} has no trace of {name}")
+        placements = run_placements(Trace.load(measured_trace))
     trace = Trace("sim", meta={"pipeline": name, "model": cfg.model.name, "calibration": profile.name})
-    pred = simulate(cfg, profile, trace=trace, measured_steps=steps, plan_with=plan_with)
+    pred = simulate(cfg, profile, trace=trace, measured_steps=steps, plan_with=plan_with, placements=placements)
     trace.save(tmp / f"trace-{name}-predicted.json")
     row = {"pipeline": name, "steps": steps, "measured_s": real["iteration_s"], "predicted_s": pred.iteration_s,
            "error": _error(pred.iteration_s, real["iteration_s"]),
-           "predicted_oom": pred.oom,
+           "predicted_oom": pred.oom, "replayed_placements": replay,
            # cost figures the profile had no measurement for (threads or tokens outside its
            # points, parts it skipped): where a prediction leans on them, its error is theirs
            "fallbacks": sorted(pred.fallbacks)}
@@ -244,13 +260,13 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         row[f"busy/{r}/predicted"] = pred.metrics.get(f"busy/{r}")
     speed = host_speed(real, profile)
     if speed is not None and pred.iteration_s is not None:
-        at = simulate(cfg, profile.with_host_speed(speed), measured_steps=steps, plan_with=plan_with)
+        at = simulate(cfg, profile.with_host_speed(speed), measured_steps=steps, plan_with=plan_with,
+                      placements=placements)
         row.update(host_speed=speed, predicted_host_s=at.iteration_s,
                    error_host=_error(at.iteration_s, real["iteration_s"]))
     mem = memory_speed(real, profile)
     if mem is not None:
         row["memory_speed"] = mem
-    measured_trace = run_trace(real_dir, name)
     if measured_trace is not None and not pred.oom:
         mt = Trace.load(measured_trace)
         summary, rows = action_errors(trace, mt)
@@ -302,13 +318,15 @@ def memory_speed(real: dict, profile) -> float | None:
     return hm.cpu_alone_GBps[near] / run[1]
 
 
-def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: bool = True) -> list[dict]:
+def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: bool = True,
+                replay: bool = False) -> list[dict]:
     """Predict every schedule of the executor's run in `real_dir` and write the comparison
     (validation.json, validation.csv, actions-*.csv, predicted traces, overlays) into `dest`.
-    Reads only the run's files, so a stored run can be predicted again by a newer model."""
+    Reads only the run's files, so a stored run can be predicted again by a newer model.
+    `replay`: with each run's own CPU placements (`validate_schedule`)."""
     real = json.loads((real_dir / "results.json").read_text())
     planned = planning_profile(real_dir, real)
-    rows = [validate_schedule(name, res, real_dir, profile, dest, plot, plan_with=planned)
+    rows = [validate_schedule(name, res, real_dir, profile, dest, plot, plan_with=planned, replay=replay)
             for name, res in real["schedules"].items()]
     write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name,
                                                  "planned_with": planned.name,
@@ -344,7 +362,8 @@ def run_validate(ns, argv: list[str], prog: str) -> int:
     with StagedDir(out) as tmp:
         say("running the executor ...")
         run_executor(argv, tmp / "real", ns.calibration, kernel_loading=ns.kernel_loading)
-        rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv], plot=not ns.no_plot)
+        rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv], plot=not ns.no_plot,
+                           replay=ns.replay_placements)
         fallbacks = sorted({f for r in rows for f in r.get("fallbacks", [])})
         (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fallbacks))
     say(validation_table(rows))
