@@ -408,6 +408,9 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "host_speed": row.get("host_speed"), "error_host": row.get("error_host"),
                          "memory_speed": row.get("memory_speed"), "stall_s_per_step": row.get("stall_s_per_step"),
                          "cpu_jobs_alike": row.get("cpu_jobs_alike"),
+                         # on the run's own CPU placements (the same as `error` where they were alike)
+                         "error_replayed": row["error_replayed"] if "error_replayed" in row
+                         else err if row.get("cpu_jobs_alike") == 1 else None,
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},
@@ -559,6 +562,7 @@ def write_report(out: Path, report: dict) -> None:
              "what-if has no run to time): it shows how much of the error is the host running faster or slower "
              "than when it was calibrated.", ""]
             if any(v.get("host_runs") for v in report["summary"].values()) else []),
+          *placements_lines(report["runs"]),
           *(["## Cost figures not measured", "",
              ("Where the profile had no measurement, the simulator fell back on these (runs that used each). "
               "A prediction that leans on them is only as right as they are."), "", "```",
@@ -588,13 +592,30 @@ def write_report(out: Path, report: dict) -> None:
           "Stalls: a step's worth of the longest rank's time over the prediction in block calls that took 3x it "
           "and 2 ms more (aptmoe/stalls.py). CPU jobs alike: of the CPU expert jobs the run or its prediction "
           "made, the share both made (the same rank, job and step; aptmoe/cpu_jobs_alike.py): the policy "
-          "decides on each back-end's own clock, and per-action errors compare only the shared jobs.", "",
+          "decides on each back-end's own clock, and per-action errors compare only the shared jobs. On run's "
+          "placements: the error of the same run predicted with its own CPU placements (aptmoe/"
+          "replayed_placements.py): what is left of the error once the prediction does the run's work.", "",
           "```", matrix_table(report["runs"]), "```", "",
           "## Ranking per config (measured order; predicted order where it differs)", "", "```",
           ranking_table(report["configs"]), "```", ""]
     tmp = out / ".matrix.md.partial"
     tmp.write_text("\n".join(md))
     tmp.replace(out / "matrix.md")
+
+
+def placements_lines(runs: list[dict]) -> list[str]:
+    """The paragraph on the runs with CPU jobs: their error as predicted and on their own
+    placements (none where no run had a CPU job)."""
+    both = [r for r in runs if r.get("error_replayed") is not None and r.get("error") is not None]
+    if not both:
+        return []
+    own = statistics.median(abs(r["error"]) for r in both)
+    replayed = statistics.median(abs(r["error_replayed"]) for r in both)
+    alike = statistics.median(r["cpu_jobs_alike"] for r in both)
+    return [f"On the runs' own CPU placements: the {len(both)} runs with CPU expert jobs (the prediction shared "
+            f"a median {100 * alike:.0f}% of their jobs) have a median |error| of {100 * own:.1f}% as predicted "
+            f"and {100 * replayed:.1f}% predicted with the run's placements (aptmoe/replayed_placements.py): "
+            f"the difference is the prediction putting other experts on the CPU than the run did.", ""]
 
 
 def _pct(x, spec="+.1f") -> str:
@@ -608,11 +629,11 @@ def matrix_table(runs: list[dict]) -> str:
     stall = any(r.get("stall_s_per_step") is not None for r in runs)
     jobs = any(r.get("cpu_jobs_alike") is not None for r in runs)
     headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error", *(["stalls ms/step"] if stall else []),
-               *(["CPU jobs alike"] if jobs else []),
+               *(["CPU jobs alike", "on run's placements"] if jobs else []),
                *(["host x", "at run's host"] if host else []), *(["memory x"] if mem else []), *[c[4:] for c in cats]]
     body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
              _pct(r["error"]), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
-             *([alike_cell(r.get("cpu_jobs_alike"))] if jobs else []),
+             *([alike_cell(r.get("cpu_jobs_alike")), _pct(r.get("error_replayed"))] if jobs else []),
              *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
              *([fmt(r.get("memory_speed"), ".2f")] if mem else []),
              *[_pct(r.get(c), "+.0f") for c in cats]] for r in runs]

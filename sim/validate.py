@@ -241,11 +241,12 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     cfg = RunConfig.from_dict(real["config"])
     steps = len(real["step_s"])
     measured_trace = run_trace(real_dir, name)
+    mt = None if measured_trace is None else Trace.load(measured_trace)
     placements = None
     if replay:
-        if measured_trace is None:
+        if mt is None:
             raise ValueError(f"--replay-placements needs the run's trace: {real_dir} has no trace of {name}")
-        placements = run_placements(Trace.load(measured_trace))
+        placements = run_placements(mt)
     trace = Trace("sim", meta={"pipeline": name, "model": cfg.model.name, "calibration": profile.name})
     pred = simulate(cfg, profile, trace=trace, measured_steps=steps, plan_with=plan_with, placements=placements)
     trace.save(tmp / f"trace-{name}-predicted.json")
@@ -267,8 +268,7 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
     mem = memory_speed(real, profile)
     if mem is not None:
         row["memory_speed"] = mem
-    if measured_trace is not None and not pred.oom:
-        mt = Trace.load(measured_trace)
+    if mt is not None and not pred.oom:
         summary, rows = action_errors(trace, mt)
         row["actions"] = summary
         # one-off stalls of single calls (aptmoe/stalls.py): the longest rank's time over the
@@ -281,6 +281,13 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         if jobs.alike is not None:
             row["cpu_jobs"] = asdict(jobs)
             row["cpu_jobs_alike"] = jobs.alike
+            if not replay and jobs.alike < 1:
+                # the same run on its own placements: what is left is what the work costs
+                # (aptmoe/replayed_placements.py; --replay-placements makes it the prediction)
+                again = simulate(cfg, profile, measured_steps=steps, plan_with=plan_with,
+                                 placements=run_placements(mt))
+                row["predicted_replayed_s"] = again.iteration_s
+                row["error_replayed"] = _error(again.iteration_s, real["iteration_s"])
         row["beside"] = beside_errors(rows)
         with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["rank", "stream", "action", "occurrence", "cat", "predicted_s", "measured_s",
@@ -379,7 +386,7 @@ def validation_table(rows: list[dict]) -> str:
     stall = any(r.get("stall_s_per_step") is not None for r in rows)
     jobs = any(r.get("cpu_jobs_alike") is not None for r in rows)
     headers = (["pipeline", "measured s", "predicted s", "error"] + (["stalls ms/step"] if stall else [])
-               + (["CPU jobs alike"] if jobs else [])
+               + (["CPU jobs alike", "error on run's placements"] if jobs else [])
                + [f"{r} busy m/p" for r in RESOURCES]
                + (["host x", "error at run's host"] if host else []) + (["memory x"] if mem else []))
     body = []
@@ -390,8 +397,16 @@ def validation_table(rows: list[dict]) -> str:
             + ([fmt(r.get("memory_speed"), ".2f")] if mem else [])
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
                      _signed(r.get("error")), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
-                     *([alike_cell(r.get("cpu_jobs_alike"))] if jobs else []), *busy, *extra])
+                     *([alike_cell(r.get("cpu_jobs_alike")), replayed_cell(r)] if jobs else []), *busy, *extra])
     return format_table(headers, body)
+
+
+def replayed_cell(row: dict) -> str:
+    """The run's error predicted on its own CPU placements ('-': it had no CPU job; where the
+    prediction made the run's jobs already, its error)."""
+    if "error_replayed" in row:
+        return _signed(row["error_replayed"])
+    return _signed(row.get("error")) if row.get("cpu_jobs_alike") == 1 else "-"
 
 
 def alike_cell(alike) -> str:

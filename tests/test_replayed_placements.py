@@ -117,3 +117,30 @@ def test_the_flag_is_validates_own_and_the_matrix_records_it() -> None:
     assert executor_argv(["--replay-placements", "--gini", "0.5", "-q"]) == ["--gini", "0.5"]
     assert make_validate_parser("aptmoe-sim").parse_args(["--calibration", "h200-2gpu",
                                                           "--replay-placements"]).replay_placements
+
+
+def test_every_prediction_also_says_its_error_on_the_runs_placements(tmp_path) -> None:
+    """Without the flag the prediction is the policy's own (-6.5%), and the row also carries the
+    error on the run's placements; the matrix shows it beside "CPU jobs alike"."""
+    if not CELL.is_dir():
+        pytest.skip("the stored v7-fresh matrix is not in this tree")
+    real_dir = tmp_path / "real"
+    shutil.copytree(CELL / "real", real_dir)
+    from aptmoe.profile import load_profile
+    from aptmoe.sim.matrix import matrix_table, placements_lines
+    from aptmoe.sim.validate import compare_run, validation_table
+
+    rows = {r["pipeline"]: r for r in compare_run(real_dir, load_profile("h200-2gpu"), tmp_path, ["test"], plot=False)}
+    apt = rows["APTMoE"]
+    assert not apt["replayed_placements"] and apt["cpu_jobs"]["shared"] < 67
+    assert apt["error"] < -0.05 and abs(apt["error_replayed"]) < 0.02
+    assert "error_replayed" not in rows["Mobius"]                      # no CPU job: nothing to replay
+    assert "error on run's placements" in validation_table(list(rows.values()))
+    runs = [{"cell": "c", "set": "held-back", "pipeline": "APTMoE", "measured_s": 1.0, "predicted_s": 0.9,
+             "error": -0.1, "cpu_jobs_alike": 0.5, "error_replayed": -0.02},
+            {"cell": "c", "set": "held-back", "pipeline": "GPipe", "measured_s": 1.0, "predicted_s": 1.0,
+             "error": 0.0, "cpu_jobs_alike": None, "error_replayed": None}]
+    assert "on run's placements" in matrix_table(runs).splitlines()[0] and "-2.0%" in matrix_table(runs)
+    (line, _) = placements_lines(runs)
+    assert "the 1 runs with CPU expert jobs" in line and "10.0% as predicted and 2.0%" in line
+    assert placements_lines(runs[1:]) == []
