@@ -114,9 +114,11 @@ def at_once(size: str, dtype: str, threads: int, ranks: int, allowed: Sequence[i
     # every rank has its pool and its worker before any starts timing: they start together
     ready = [p.stdout.readline().strip() == READY for p in procs]
     for p in procs:
-        if p.poll() is None:
+        try:
             p.stdin.write("go\n")
             p.stdin.flush()
+        except BrokenPipeError:          # it has ended: its error is read below
+            pass
     results = []
     for r, (p, ok) in enumerate(zip(procs, ready)):
         out, err = p.communicate()

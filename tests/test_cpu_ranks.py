@@ -24,6 +24,11 @@ def test_every_rank_times_the_series_at_once_and_each_point_is_their_median() ->
     assert set(secs) == {"fwd", "bwd"} and all(len(v) == 2 and min(v) > 0 for v in secs.values())
 
 
+def test_a_rank_that_fails_before_it_is_ready_says_why() -> None:
+    with pytest.raises(RuntimeError, match="rank 0's worker failed: KeyError: 'fp99'"):
+        cpu_ranks.at_once("S", "fp99", 1, 2, [0, 1], (1,), Reps(0, 1, 1, 0.0), None, 1, 1)
+
+
 def test_threads_that_do_not_fit_a_ranks_share_are_refused() -> None:
     with pytest.raises(ValueError, match="3 threads do not fit a rank's 1 cores"):
         cpu_ranks.at_once("S", "fp32", 3, 2, [0, 1], (1,), Reps(0, 1, 1, 0.0), None, 1, 1)
