@@ -1248,8 +1248,8 @@ def _compute_sources(opts: Options, sizes: Sizes, machine: Machine, m: Measured,
             f"weight gradients into the expert's buffer, of the next expert too, whose forward ran a pool ago (as "
             f"in a step; until 2026-11-30 right after an untimed forward of the same expert, from the cache); "
             f"{PINNED_TEXT}; host clock, fresh torch.randn inputs, {_reps_text(sizes.cpu_reps)}"
-            + (f" in all, over {sizes.cpu_rounds} passes through the counts, each point the median of the passes'"
-               if sizes.cpu_rounds > 1 else "") + cut)
+            + (f" in all on the ranks' workers, over {sizes.cpu_rounds} passes through the counts, each point the "
+               f"median of the passes'" if sizes.cpu_rounds > 1 and m.cpu_ranks else "") + cut)
         alone = sorted({c.threads for c in m.cpu} - set(m.cpu_ranks))
         ways = [f"{t} threads: as the executor's GPU ranks run them, {r} processes at once (one a rank, on its even "
                 f"share of the allowed cores), each on its CPU worker thread bound to the share's last {t} cores "

@@ -72,3 +72,26 @@ def test_a_gpu_machines_calibration_times_cpu_experts_on_every_ranks_worker(tmp_
     assert f"{gpus} processes at once" in p.sources["cpu_expert.threads"]
     assert {(c.direction, c.threads) for c in p.cpu_expert} == {("fwd", 2), ("bwd", 2)}
     assert all(c.seconds[0] > 0 for c in p.cpu_expert)
+
+
+@pytest.mark.parametrize("on_ranks", [True, False])
+def test_the_profile_says_how_its_cpu_curves_were_timed(monkeypatch, on_ranks) -> None:
+    """Passes and ranks are named only where the curves were timed that way: a CPU-only
+    machine's full calibration times one pass on its main thread."""
+    monkeypatch.setattr(profiler.cpu_ranks, "at_once", lambda *a: ([1, 2], {"fwd": [1e-3, 2e-3],
+                                                                            "bwd": [2e-3, 3e-3]}, False))
+    monkeypatch.setattr(profiler, "allowed_cores", lambda: [0, 1])
+    monkeypatch.setattr(profiler, "_series", lambda *a, **k: ([1, 2], {"fwd": [1e-3, 2e-3], "bwd": [2e-3, 3e-3]},
+                                                              False))
+    skip = frozenset({"links", "gpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob"})
+    opts = profiler.Options(models=("S",), dtypes=("fp32",), threads=(1,), skip=skip)
+    sizes = profiler.sizes_for(opts)
+    machine = _machine((0, 1) if on_ranks else (), (1,))
+    m = profiler.Measured()
+    no_pool = type("NoPool", (), {"get": lambda self, size, dtype: None})()     # _series is stubbed
+    profiler.measure_cpu_expert("S", "fp32", 1, machine, sizes, no_pool, m)
+    p = profiler.build_profile(opts, sizes, machine, m, profiler.skipped_parts(opts, machine), name="t",
+                               command="aptmoe-calibrate --out t.json").validate()
+    said = p.sources["cpu_expert"] + p.sources["cpu_expert.threads"]
+    assert ("over 3 passes" in said) == on_ranks and ("2 processes at once" in said) == on_ranks
+    assert ("bound to the first t of" in said) != on_ranks
