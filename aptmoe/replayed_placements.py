@@ -19,14 +19,12 @@ run computed on the GPU and the policy did not load is demanded when its compute
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from aptmoe.plan.actions import Action, Kind
 from aptmoe.policy import LoadingPolicy, Placement
 from aptmoe.trace import Trace, action_runs, is_cpu_job
-
-_ACTION = re.compile(r"^(\d+)([FB])(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -50,17 +48,16 @@ def run_placements(trace: Trace) -> RunPlacements:
     for e in trace.events:
         if not is_cpu_job(e) or e.cat == "recompute":
             continue
-        action, step = run_of(e)
-        m = _ACTION.match(action)
-        if m is None or step < 0:
+        name, step = run_of(e)
+        action = Action.parse(name)
+        if action.kind not in (Kind.FWD, Kind.BWD) or step < 0:
             raise ValueError(f"CPU job {e.name!r} of rank {e.rank} belongs to no action of the trace: is it "
                              f"an executor's trace of APTMoE?")
-        stage, kind, mb = int(m.group(1)), m.group(2), int(m.group(3))
         layer, experts = int(e.args["layer"]), e.args["experts"]
-        if kind == "F":
-            fwd[(e.rank, step, stage, mb, layer)].update(experts)
+        if action.kind is Kind.FWD:
+            fwd[(e.rank, step, action.stage, action.mb, layer)].update(experts)
         else:
-            bwd[(e.rank, step, stage, layer)].update(experts)
+            bwd[(e.rank, step, action.stage, layer)].update(experts)
     return RunPlacements({k: frozenset(v) for k, v in fwd.items()}, {k: frozenset(v) for k, v in bwd.items()})
 
 

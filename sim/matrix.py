@@ -408,9 +408,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "host_speed": row.get("host_speed"), "error_host": row.get("error_host"),
                          "memory_speed": row.get("memory_speed"), "stall_s_per_step": row.get("stall_s_per_step"),
                          "cpu_jobs_alike": row.get("cpu_jobs_alike"),
-                         # on the run's own CPU placements (the same as `error` where they were alike)
-                         "error_replayed": row["error_replayed"] if "error_replayed" in row
-                         else err if row.get("cpu_jobs_alike") == 1 else None,
+                         "error_replayed": row.get("error_replayed"),     # on the run's own CPU placements
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
                          **{f"total/{c}": a["predicted_s"] / a["measured_s"] - 1 for c, a in sorted(acts.items())
                             if a.get("measured_s") and a.get("predicted_s") is not None},

@@ -281,13 +281,13 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         if jobs.alike is not None:
             row["cpu_jobs"] = asdict(jobs)
             row["cpu_jobs_alike"] = jobs.alike
-            if not replay and jobs.alike < 1:
-                # the same run on its own placements: what is left is what the work costs
-                # (aptmoe/replayed_placements.py; --replay-placements makes it the prediction)
-                again = simulate(cfg, profile, measured_steps=steps, plan_with=plan_with,
-                                 placements=run_placements(mt))
-                row["predicted_replayed_s"] = again.iteration_s
-                row["error_replayed"] = _error(again.iteration_s, real["iteration_s"])
+            # the same run on its own placements: what is left is what the work costs
+            # (aptmoe/replayed_placements.py; --replay-placements makes it the prediction). Where
+            # the prediction made the run's jobs already, that is the prediction itself.
+            again = pred if replay or jobs.alike == 1 else simulate(
+                cfg, profile, measured_steps=steps, plan_with=plan_with, placements=run_placements(mt))
+            row["predicted_replayed_s"] = again.iteration_s
+            row["error_replayed"] = _error(again.iteration_s, real["iteration_s"])
         row["beside"] = beside_errors(rows)
         with open(tmp / f"actions-{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["rank", "stream", "action", "occurrence", "cat", "predicted_s", "measured_s",
@@ -397,16 +397,9 @@ def validation_table(rows: list[dict]) -> str:
             + ([fmt(r.get("memory_speed"), ".2f")] if mem else [])
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
                      _signed(r.get("error")), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
-                     *([alike_cell(r.get("cpu_jobs_alike")), replayed_cell(r)] if jobs else []), *busy, *extra])
+                     *([alike_cell(r.get("cpu_jobs_alike")), _signed(r.get("error_replayed"))] if jobs else []),
+                     *busy, *extra])
     return format_table(headers, body)
-
-
-def replayed_cell(row: dict) -> str:
-    """The run's error predicted on its own CPU placements ('-': it had no CPU job; where the
-    prediction made the run's jobs already, its error)."""
-    if "error_replayed" in row:
-        return _signed(row["error_replayed"])
-    return _signed(row.get("error")) if row.get("cpu_jobs_alike") == 1 else "-"
 
 
 def alike_cell(alike) -> str:
