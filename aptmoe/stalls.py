@@ -9,6 +9,7 @@ per run (`stall_s_per_step`) and `host_calls --stalls` lists them.
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 
@@ -29,6 +30,11 @@ class Stalls:
     first_shape: int
     first_calls: int
     excess_s: float
+    # Of the stalled calls' host time, the median share their issuing thread ran and waited
+    # for a core (exec/thread_clock.py; None for traces from before the executor kept them):
+    # what is neither, it slept, for the GIL, a lock or the driver.
+    ran: float | None = None
+    queued: float | None = None
 
 
 def stalls(real: Trace, predicted: Trace) -> Stalls:
@@ -43,7 +49,7 @@ def stalls(real: Trace, predicted: Trace) -> Stalls:
         return by_occurrence((e for e in trace.events if is_block_call(e) and e.stream == "compute"),
                              lambda e: (e.rank, e.cat, e.name))
     ours, twins = by_call(real), by_call(predicted)
-    shapes, calls, first, firsts, excess = set(), 0, 0, 0, Counter()
+    shapes, calls, first, firsts, excess, held = set(), 0, 0, 0, Counter(), []
     for key, e in sorted(ours.items(), key=lambda kv: kv[1].start_s):
         shape = (e.rank, "b" if e.cat == "backward" else "f", block_kind(e.name), e.args.get("tokens"))
         new = shape not in shapes
@@ -57,4 +63,12 @@ def stalls(real: Trace, predicted: Trace) -> Stalls:
             calls += 1
             first += new
             excess[e.rank] += took - want
-    return Stalls(calls, first, firsts, max(excess.values(), default=0.0))
+            held.append(e.args)
+    return Stalls(calls, first, firsts, max(excess.values(), default=0.0),
+                  _share(held, "run_us"), _share(held, "queued_us"))
+
+
+def _share(args: list[dict], key: str) -> float | None:
+    """The median of `key` over the host time of the calls whose args carry both."""
+    shares = [a[key] / a["host_us"] for a in args if key in a and a.get("host_us")]
+    return statistics.median(shares) if shares else None

@@ -10,7 +10,10 @@ all: the jobs, the median of run / profile, and the mean |log(run / profile)| (0
 off either way, job by job). A job in a run also shares the host with copies, the other ranks
 and the issuing threads, which the simulator adds on its own (host memory, tolls): a
 calibration that times experts as the runs run them comes out near 1, one that times them
-faster than runs can comes out above it.
+faster than runs can comes out above it. Where the runs' events carry their worker thread's
+clocks (exec/thread_clock.py), it prints too the median share of a job's time the thread ran
+(`ran`) and waited for a core (`queued`): a job slower than the curve that ran all along
+computed slower; one that did not, waited.
 
 Session 24 judged the CPU expert calibrations with it (docs/measured/session24).
 """
@@ -37,6 +40,10 @@ class Fit:
     jobs: int
     median_ratio: float      # run / profile
     mean_abs_log: float
+    # of the jobs' time, the median share their worker thread ran and waited for a core
+    # (exec/thread_clock.py; None for runs from before the executor kept them)
+    ran: float | None = None
+    queued: float | None = None
 
 
 def run_folders(paths: list[Path]) -> list[Path]:
@@ -54,8 +61,24 @@ def run_folders(paths: list[Path]) -> list[Path]:
 
 def job_ratios(profile_path: str, runs: list[Path]) -> dict[str, list[float]]:
     """{group: [run / profile per CPU expert job]} over the runs' traces."""
+    return {g: [r for r, _ in v] for g, v in _jobs(profile_path, runs).items()}
+
+
+def job_shares(profile_path: str, runs: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """{group: {"run_us": [...], "queued_us": [...]}}: each job's share of its time that its
+    worker thread ran and waited for a core, over the jobs whose events carry them."""
+    return _shares(_jobs(profile_path, runs))
+
+
+def _shares(jobs: dict[str, list[tuple[float, dict]]]) -> dict[str, dict[str, list[float]]]:
+    return {g: {k: [a[k] / a["dur_us"] for _, a in v if k in a and a["dur_us"] > 0] for k in ("run_us", "queued_us")}
+            for g, v in jobs.items()}
+
+
+def _jobs(profile_path: str, runs: list[Path]) -> dict[str, list[tuple[float, dict]]]:
+    """{group: [(run / profile, the job's args with its duration as dur_us)]}."""
     profile = load_profile(profile_path)
-    out: dict[str, list[float]] = defaultdict(list)
+    out: dict[str, list[tuple[float, dict]]] = defaultdict(list)
     for folder in runs:
         results = json.loads((folder / "results.json").read_text())
         cfg = RunConfig.from_dict(results["config"])
@@ -73,20 +96,29 @@ def job_ratios(profile_path: str, runs: list[Path]) -> dict[str, list[float]]:
                 direction = "bwd" if e.cat == "cpu-expert" and "B" in run_of(e)[0] else "fwd"
                 predicted = cost.cpu_expert_s(int(e.args["tokens"]), direction, threads)
                 if predicted > 0:
-                    r = e.dur_s / predicted
-                    out[f"MoE d{cfg.model.embedding_dim} {direction}"].append(r)
-                    out["all"].append(r)
+                    job = (e.dur_s / predicted, {**e.args, "dur_us": e.dur_s * 1e6})
+                    out[f"MoE d{cfg.model.embedding_dim} {direction}"].append(job)
+                    out["all"].append(job)
     return out
 
 
-def fits(ratios: dict[str, list[float]]) -> list[Fit]:
-    return [Fit(g, len(v), statistics.median(v), statistics.fmean(abs(math.log(x)) for x in v))
+def fits(ratios: dict[str, list[float]], shares: dict[str, dict[str, list[float]]] | None = None) -> list[Fit]:
+    def median(g: str, key: str) -> float | None:
+        xs = (shares or {}).get(g, {}).get(key)
+        return statistics.median(xs) if xs else None
+
+    return [Fit(g, len(v), statistics.median(v), statistics.fmean(abs(math.log(x)) for x in v),
+                median(g, "run_us"), median(g, "queued_us"))
             for g, v in sorted(ratios.items(), key=lambda kv: (kv[0] == "all", kv[0])) if v]
 
 
 def table(rows: list[Fit]) -> str:
-    lines = [f"{'group':<16}{'jobs':>7}{'run/profile':>13}{'mean |log|':>12}"]
-    lines += [f"{f.group:<16}{f.jobs:>7}{f.median_ratio:>13.2f}{f.mean_abs_log:>12.3f}" for f in rows]
+    def share(x: float | None) -> str:
+        return f"{'-' if x is None else f'{x:.2f}':>8}"
+
+    lines = [f"{'group':<16}{'jobs':>7}{'run/profile':>13}{'mean |log|':>12}{'ran':>8}{'queued':>8}"]
+    lines += [f"{f.group:<16}{f.jobs:>7}{f.median_ratio:>13.2f}{f.mean_abs_log:>12.3f}{share(f.ran)}{share(f.queued)}"
+              for f in rows]
     return "\n".join(lines)
 
 
@@ -100,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = run_folders(ns.folders)
         if not runs:
             raise ValueError(f"no measured run (results.json with source real) under {', '.join(map(str, ns.folders))}")
-        rows = fits(job_ratios(ns.profile, runs))
+        jobs = _jobs(ns.profile, runs)
+        rows = fits({g: [r for r, _ in v] for g, v in jobs.items()}, _shares(jobs))
         if not rows:
             raise ValueError(f"the {len(runs)} measured runs have no CPU expert job (APTMoE puts them there)")
     except (ValueError, OSError, KeyError, ConfigError, ProfileError, TraceError) as e:

@@ -48,6 +48,7 @@ from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.host_stream import HostStream
 from aptmoe.exec.layer import CpuPart, LayerRun, Routing
 from aptmoe.exec.link import Landing, Link
+from aptmoe.exec.thread_clock import span_args, span_start
 from aptmoe.exec.model import (
     TORCH_DTYPES,
     expert_backward,
@@ -412,20 +413,23 @@ class RankRuntime:
             for send in self.eager_sends.get(a, ()):
                 self._post_send(send)
 
-    def _block_start(self) -> tuple[Marker, float]:
-        return self.dev.record(), time.perf_counter()
+    def _block_start(self) -> tuple[Marker, float, tuple]:
+        return self.dev.record(), time.perf_counter(), span_start()
 
-    def _block_end(self, name: str, start: tuple[Marker, float], cat: str, **args) -> None:
+    def _block_end(self, name: str, start: tuple[Marker, float, tuple], cat: str, **args) -> None:
         """One block ran on the compute stream: its device span, and the host time the call
         took (on a GPU the Python-side cost of issuing it; on CPU ranks its whole run), kept
         in the event too (`host_us`): where the span is longer, the GPU or a wait held the
         block, where they agree the host did. The dispatch probe's figures are checked
-        against it (docs/validation-h200-v5)."""
-        marker, host = start
+        against it (docs/validation-h200-v5). Of that host time, the thread ran `run_us`
+        and waited for a core `queued_us` (exec/thread_clock.py); the rest it slept (the
+        GIL, a lock, the driver)."""
+        marker, host, clocks = start
         took = time.perf_counter() - host
+        ran = span_args(clocks)
         self.host_block_s += took
         self.host_blocks += 1
-        self._mark(name, "compute", marker, self.dev.record(), cat, host_us=round(took * 1e6, 1), **args)
+        self._mark(name, "compute", marker, self.dev.record(), cat, host_us=round(took * 1e6, 1), **ran, **args)
 
     def _mark(self, name: str, stream: str, start: Marker, end: Marker, cat: str, **args) -> None:
         # Recorded with or without --no-trace: the busy fractions are read from these events.
@@ -670,15 +674,15 @@ class RankRuntime:
             phases.append(self.dev.host_seconds())           # in host memory
             backs, stays = [], []
             for e, rows in zip(experts, host.split(sizes)):
-                t0 = self.dev.host_seconds()
+                t0, clocks = self.dev.host_seconds(), span_start()
                 back, stay = work(e, rows)
-                t1 = self.dev.host_seconds()
+                t1, ran = self.dev.host_seconds(), span_args(clocks)
                 backs.append(back)
                 stays.append(stay)
                 with self.cond:                      # the split learns how fast the CPU really is
                     self.policy.cpu_expert_ran(int(step.counts[e]), direction, t1 - t0)
                 self.host_events.append((str(a.at(Block.expert_of(layer, e))), "cpu", t0, t1,
-                                         cat, {"layer": layer, "experts": [e], "tokens": int(step.counts[e])}))
+                                         cat, {"layer": layer, "experts": [e], "tokens": int(step.counts[e]), **ran}))
             up = torch.cat(backs)
             with self.dev.on(self.act_stream):
                 dev_up = torch.empty(up.shape, dtype=up.dtype, device=self.dev.torch)
@@ -877,10 +881,10 @@ class RankRuntime:
             self._wait_future(f, f"the update of stage {a.stage}")
 
     def _adam_chunk(self, a: Action, block: Block, i: int) -> None:
-        t0 = self.dev.host_seconds()
+        t0, clocks = self.dev.host_seconds(), span_start()
         lo, hi = self._step_chunk(block, i)
         self.host_events.append((str(a.at(block)), "cpu", t0, self.dev.host_seconds(), "update",
-                                 {"layer": block.layer, "params": hi - lo, "chunk": i}))
+                                 {"layer": block.layer, "params": hi - lo, "chunk": i, **span_args(clocks)}))
         with self.cond:                  # the backward's split weighs the Adam still owed
             self.policy.adam_done(hi - lo)
 

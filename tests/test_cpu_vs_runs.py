@@ -31,6 +31,26 @@ def test_each_job_is_set_beside_the_profiles_expert_at_the_runs_threads() -> Non
     assert all_.jobs == 67 and all_.median_ratio == pytest.approx(sorted(ratios["all"])[33])
     assert all_.mean_abs_log == pytest.approx(sum(abs(math.log(x)) for x in ratios["all"]) / 67)
     assert cpu_vs_runs.fits(ratios)[-1].group == "all"
+    # a run from before the executor kept its threads' clocks has no shares to give
+    assert all_.ran is None and all_.queued is None
+
+
+def test_the_worker_threads_clocks_give_the_shares_it_ran_and_queued(tmp_path, capsys) -> None:
+    """The stored run's jobs, given clocks: ran half and queued a tenth of their time."""
+    run = tmp_path / "real"
+    run.mkdir()
+    (run / "results.json").write_text((RUN / "results.json").read_text())
+    trace = Trace.load(run_trace(RUN, "APTMoE"))
+    for e in trace.events:
+        if is_cpu_job(e):
+            e.args.update(run_us=0.5 * e.dur_s * 1e6, queued_us=0.1 * e.dur_s * 1e6)
+    trace.save(run / "trace-APTMoE.json")
+    shares = cpu_vs_runs.job_shares("h200-2gpu", [run])
+    assert len(shares["all"]["run_us"]) == 67
+    all_ = cpu_vs_runs.fits(cpu_vs_runs.job_ratios("h200-2gpu", [run]), shares)[-1]
+    assert (all_.ran, all_.queued) == (pytest.approx(0.5), pytest.approx(0.1))
+    assert cpu_vs_runs.main(["h200-2gpu", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[-2:] == ["0.50", "0.10"]
 
 
 def test_a_matrix_folder_stands_for_its_runs_and_the_table_prints(tmp_path, capsys) -> None:

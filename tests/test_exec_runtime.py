@@ -77,6 +77,12 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
     blocks = [e for e in apt.events if e.stream == "compute" and "@" in e.name]
     assert blocks and all(e.args["host_us"] > 0 for e in blocks)
     assert sum(e.args["host_us"] for e in blocks) > 0.5 * sum(e.dur_s for e in blocks) * 1e6
+    # and what of that host time the issuing thread ran (no more than the call took), as
+    # every CPU expert and Adam chunk carries its worker thread's (exec/thread_clock.py)
+    timed = blocks + [e for e in apt.events if e.stream == "cpu"]
+    assert all(0 <= e.args["run_us"] <= e.dur_s * 1e6 + 50 for e in timed if e.stream == "cpu"), [(e.name, e.dur_s * 1e6, e.args) for e in timed if e.stream == "cpu" and not 0 <= e.args["run_us"] <= e.dur_s * 1e6 + 50][:5]
+    assert all(0 <= e.args["run_us"] <= e.args["host_us"] + 50 for e in blocks)
+    assert sum(e.args["run_us"] for e in blocks) > 0
     assert any(e.cat.startswith("load-inter-") for e in apt.events)
     assert (out / "results.csv").read_text().startswith("pipeline,")
     assert not list(out.glob("store-*.port"))      # how the ranks met is not an output
