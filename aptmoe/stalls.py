@@ -30,11 +30,10 @@ class Stalls:
     first_shape: int
     first_calls: int
     excess_s: float
-    # Of the stalled calls' host time, the median share their issuing thread ran and waited
-    # for a core (exec/thread_clock.py; None for traces from before the executor kept them):
-    # what is neither, it slept, for the GIL, a lock or the driver.
+    # Of the stalled calls' host time, the median share their issuing thread ran
+    # (exec/thread_clock.py; None for traces from before the executor kept it): the rest it
+    # slept (the GIL, a lock, the driver) or waited for a core.
     ran: float | None = None
-    queued: float | None = None
 
 
 def stalls(real: Trace, predicted: Trace) -> Stalls:
@@ -64,11 +63,6 @@ def stalls(real: Trace, predicted: Trace) -> Stalls:
             first += new
             excess[e.rank] += took - want
             held.append(e.args)
+    ran = [a["run_us"] / a["host_us"] for a in held if "run_us" in a and a.get("host_us")]
     return Stalls(calls, first, firsts, max(excess.values(), default=0.0),
-                  _share(held, "run_us"), _share(held, "queued_us"))
-
-
-def _share(args: list[dict], key: str) -> float | None:
-    """The median of `key` over the host time of the calls whose args carry both."""
-    shares = [a[key] / a["host_us"] for a in args if key in a and a.get("host_us")]
-    return statistics.median(shares) if shares else None
+                  statistics.median(ran) if ran else None)

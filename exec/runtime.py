@@ -414,19 +414,19 @@ class RankRuntime:
                 self._post_send(send)
 
     def _block_start(self) -> tuple[Marker, float, tuple]:
-        return self.dev.record(), time.perf_counter(), span_start()
+        return self.dev.record(), time.perf_counter(), span_start(queued=False)
 
     def _block_end(self, name: str, start: tuple[Marker, float, tuple], cat: str, **args) -> None:
         """One block ran on the compute stream: its device span, and the host time the call
         took (on a GPU the Python-side cost of issuing it; on CPU ranks its whole run), kept
         in the event too (`host_us`): where the span is longer, the GPU or a wait held the
         block, where they agree the host did. The dispatch probe's figures are checked
-        against it (docs/validation-h200-v5). Of that host time, the thread ran `run_us`
-        and waited for a core `queued_us` (exec/thread_clock.py); the rest it slept (the
-        GIL, a lock, the driver)."""
+        against it (docs/validation-h200-v5). Of that host time the thread ran `run_us`
+        (exec/thread_clock.py); the rest it slept (the GIL, a lock, the driver) or waited
+        for a core."""
         marker, host, clocks = start
+        ran = span_args(clocks)                  # inside the call's span, so no longer than it
         took = time.perf_counter() - host
-        ran = span_args(clocks)
         self.host_block_s += took
         self.host_blocks += 1
         self._mark(name, "compute", marker, self.dev.record(), cat, host_us=round(took * 1e6, 1), **ran, **args)
@@ -676,7 +676,8 @@ class RankRuntime:
             for e, rows in zip(experts, host.split(sizes)):
                 t0, clocks = self.dev.host_seconds(), span_start()
                 back, stay = work(e, rows)
-                t1, ran = self.dev.host_seconds(), span_args(clocks)
+                ran = span_args(clocks)
+                t1 = self.dev.host_seconds()
                 backs.append(back)
                 stays.append(stay)
                 with self.cond:                      # the split learns how fast the CPU really is
@@ -883,8 +884,9 @@ class RankRuntime:
     def _adam_chunk(self, a: Action, block: Block, i: int) -> None:
         t0, clocks = self.dev.host_seconds(), span_start()
         lo, hi = self._step_chunk(block, i)
+        ran = span_args(clocks)
         self.host_events.append((str(a.at(block)), "cpu", t0, self.dev.host_seconds(), "update",
-                                 {"layer": block.layer, "params": hi - lo, "chunk": i, **span_args(clocks)}))
+                                 {"layer": block.layer, "params": hi - lo, "chunk": i, **ran}))
         with self.cond:                  # the backward's split weighs the Adam still owed
             self.policy.adam_done(hi - lo)
 

@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                     st = stalls(measured.pop(name.removesuffix(" (predicted)")), trace)
                     stall_rows.append([label, name.removesuffix(" (predicted)"), str(st.calls),
                                        f"{st.first_shape} of {st.first_calls}", f"{st.excess_s * 1e3:.1f}",
-                                       *("-" if x is None else f"{x:.2f}" for x in (st.ran, st.queued))])
+                                       "-" if st.ran is None else f"{st.ran:.2f}"])
                 else:
                     measured[name] = trace
             calls = host_calls(trace)
@@ -420,9 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nblock calls that took {STALL_FACTOR:g}x their prediction and {STALL_FLOOR_S * 1e3:g} ms more: how "
               "many, how many were the first of their rank's calls with their token count (of all such first "
               "calls), the longest rank's ms over the prediction (the whole run), and of the stalled calls' host "
-              "time the median share their thread ran and waited for a core (the rest it slept: the GIL, a lock, "
-              "the driver; - in traces from before the executor kept them)\n")
-        print(format_table(["run", "schedule", "stalls", "first of a shape", "ms over", "ran", "queued"], stall_rows))
+              "time the median share their thread ran (the rest it slept, on the GIL, a lock or the driver, or "
+              "waited for a core; - in traces from before the executor kept it)\n")
+        print(format_table(["run", "schedule", "stalls", "first of a shape", "ms over", "ran"], stall_rows))
     if ns.budget:
         print("\nms a step on each rank's compute stream\n")
         print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 from exec_helpers import TINY, run_and_compare  # noqa: E402
 
 from aptmoe.exec.cli import main as run_main  # noqa: E402
+from aptmoe.exec.thread_clock import SCHEDSTAT  # noqa: E402
 from aptmoe.plan.actions import Block  # noqa: E402
 from aptmoe.trace import CPU_JOB_PHASES, Trace  # noqa: E402
 
@@ -78,9 +79,11 @@ def test_results_have_the_simulators_keys_and_a_trace_per_schedule(capped_run) -
     assert blocks and all(e.args["host_us"] > 0 for e in blocks)
     assert sum(e.args["host_us"] for e in blocks) > 0.5 * sum(e.dur_s for e in blocks) * 1e6
     # and what of that host time the issuing thread ran (no more than the call took), as
-    # every CPU expert and Adam chunk carries its worker thread's (exec/thread_clock.py)
-    timed = blocks + [e for e in apt.events if e.stream == "cpu"]
-    assert all(0 <= e.args["run_us"] <= e.dur_s * 1e6 + 50 for e in timed if e.stream == "cpu"), [(e.name, e.dur_s * 1e6, e.args) for e in timed if e.stream == "cpu" and not 0 <= e.args["run_us"] <= e.dur_s * 1e6 + 50][:5]
+    # every CPU expert and Adam chunk carries its worker thread's, with its wait for a core
+    # where Linux keeps it (exec/thread_clock.py)
+    jobs = [e for e in apt.events if e.stream == "cpu"]
+    assert jobs and all(0 <= e.args["run_us"] <= e.dur_s * 1e6 + 50 for e in jobs)
+    assert all(0 <= e.args["queued_us"] <= e.dur_s * 1e6 + 50 for e in jobs) or not os.path.exists(SCHEDSTAT)
     assert all(0 <= e.args["run_us"] <= e.args["host_us"] + 50 for e in blocks)
     assert sum(e.args["run_us"] for e in blocks) > 0
     assert any(e.cat.startswith("load-inter-") for e in apt.events)

@@ -288,15 +288,14 @@ def test_first_use_prints_the_first_call_after_a_load_against_the_later_ones(tmp
     assert row.split()[:2] == [tmp_path.name, "Mobius"] and row.split()[2:] == ["400", "/", "110", "(1)"]
 
 
-def _expert_calls(trace: Trace, calls: list[tuple[str, str, int, float]], clocks: dict | None = None) -> None:
-    """`clocks`: {name: (share of the host time run, share queued)} for measured calls that
-    carry their thread's clocks, their host time the call's."""
+def _expert_calls(trace: Trace, calls: list[tuple[str, str, int, float]], ran: dict | None = None) -> None:
+    """`ran`: {name: share of the host time run} for measured calls that carry their thread's
+    CPU time, their host time the call's."""
     t = 0.0
     for name, cat, tokens, took in calls:
         host = {"host_us": 50.0}
-        if clocks is not None:
-            ran, queued = clocks.get(name, (1.0, 0.0))
-            host = {"host_us": took * 1e6, "run_us": ran * took * 1e6, "queued_us": queued * took * 1e6}
+        if ran is not None:
+            host = {"host_us": took * 1e6, "run_us": ran.get(name, 1.0) * took * 1e6}
         trace.add(name, 0, "compute", t, t + took, cat, tokens=tokens, **host)
         t += took
 
@@ -326,16 +325,15 @@ def test_stalls_are_calls_far_over_their_prediction_and_name_the_first_of_a_shap
     assert st.excess_s == pytest.approx(4e-3 + 29e-3 + 3e-3)
     assert host_calls.main([str(tmp_path / "m"), "--predicted", "--stalls"]) == 0
     row = capsys.readouterr().out.splitlines()[-1].split()
-    assert row == ["L4-native", "GPipe", "3", "1", "of", "3", "36.0", "-", "-"]
-    # with the threads' clocks (exec/thread_clock.py): the stalled calls' median shares of
-    # their host time run and queued, the calls that did not stall left out
+    assert row == ["L4-native", "GPipe", "3", "1", "of", "3", "36.0", "-"]
+    # with the issuing thread's CPU time (exec/thread_clock.py): the stalled calls' median
+    # share of their host time run, the calls that did not stall left out
     measured = Trace("real")
     _expert_calls(measured, [(n, c, k, took.get((n, c), t)) for n, c, k, t in calls],
-                  {"0F1@0:e0": (0.2, 0.1), "0B0@0:e1": (0.4, 0.3), "0B1@0:e0": (0.9, 0.05)})
+                  {"0F1@0:e0": 0.2, "0B0@0:e1": 0.4, "0B1@0:e0": 0.9})
     measured.save(run / "trace-GPipe.json")
-    st = host_calls.stalls(measured, predicted)
-    assert (st.ran, st.queued) == (pytest.approx(0.4), pytest.approx(0.1))
+    assert host_calls.stalls(measured, predicted).ran == pytest.approx(0.4)
     assert host_calls.main([str(tmp_path / "m"), "--predicted", "--stalls"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split()[-2:] == ["0.40", "0.10"]
+    assert capsys.readouterr().out.splitlines()[-1].split()[-1] == "0.40"
     with pytest.raises(SystemExit):
         host_calls.main([str(tmp_path / "m"), "--stalls"])

@@ -29,6 +29,15 @@ def test_a_sleeping_thread_ran_little_and_a_busy_one_most_of_its_span() -> None:
     _spin(0.05)
     busy, wall_us = span_args(mark), (time.perf_counter() - t0) * 1e6
     assert 0 < busy["run_us"] <= wall_us + 50
+    # the issuing thread's block calls read the CPU time only: no wait for a core in their args
+    assert set(span_args(span_start(queued=False))) == {"run_us"}
+
+
+def test_the_bench_times_both_kinds_of_span() -> None:
+    from aptmoe.exec.thread_clock import bench
+
+    us = bench(pairs=2000, repeats=3)
+    assert set(us) == {"both clocks", "CPU time only"} and all(0 < v < 1000 for v in us.values())
 
 
 @linux_schedstat
