@@ -10,11 +10,11 @@ whenever the thread reads it itself. (Its first field, the time run, is not: it 
 a scheduler tick, and a 58 us CPU expert showed 258 us run on the 2-core CI machine.)
 
 The file is opened once per thread and read with `pread`. Even so a pair of readings of both
-clocks cost 7-8 us on that machine, against 2 us for the CPU time alone
+clocks costs 7.5 us on that machine, against 2.3 us for the CPU time alone
 (`python -m aptmoe.exec.thread_clock`, BENCHMARKS.md), so the executor's block calls, a few
 hundred microseconds of host each on the H200, carry the CPU time only; CPU jobs and Adam
 chunks, milliseconds each, carry both. (In session 25's runs the issuing thread's stalled
-calls had queued for 0-5% of their host time: its two host cores were not crowded.)
+calls had queued for 0-13% of their host time: its two host cores were not crowded.)
 
     mark = span_start()                   # span_start(queued=False): the CPU time only
     ...                                   # the work
