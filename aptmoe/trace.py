@@ -5,7 +5,10 @@ Each complete event (``"ph": "X"``) has ``pid`` = rank, ``tid`` = stream index (
 ``name`` = the plan action's printed form (``2F0``, ``5LF@12:e3``, ``2F0@12:e3`` for a CPU
 expert), ``cat`` = what it is for colouring (one of ``CATEGORIES``), ``ts``/``dur`` in
 microseconds, and ``args`` with at least ``source`` ("sim" or "real") and, where they apply,
-``layer``, ``experts``, ``bytes``, ``phase``, ``stage``, ``mb``.
+``layer``, ``experts``, ``bytes``, ``phase``, ``stage``, ``mb``. A measured block call also has
+``host_us`` (its issuing thread's wall time) and ``run_us`` (that thread's CPU time over it); a
+measured CPU expert or Adam chunk ``run_us`` and, where Linux keeps it, ``queued_us`` (its
+thread's wait for a core: aptmoe.exec.thread_clock).
 """
 
 from __future__ import annotations

@@ -48,7 +48,6 @@ from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.host_stream import HostStream
 from aptmoe.exec.layer import CpuPart, LayerRun, Routing
 from aptmoe.exec.link import Landing, Link
-from aptmoe.exec.thread_clock import span_args, span_start
 from aptmoe.exec.model import (
     TORCH_DTYPES,
     expert_backward,
@@ -58,6 +57,7 @@ from aptmoe.exec.model import (
     routing_from_counts,
     routing_generator,
 )
+from aptmoe.exec.thread_clock import span_args, span_start
 
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource

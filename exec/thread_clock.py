@@ -59,6 +59,16 @@ class _Stat:
 _local = threading.local()
 
 
+def _forget() -> None:
+    """In a forked child: the file the forking thread kept names the parent's thread, not this
+    process's, so the child opens its own at its next reading."""
+    _local.stat = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget)
+
+
 def _stat() -> _Stat:
     s = getattr(_local, "stat", None)
     if s is None:

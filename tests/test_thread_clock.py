@@ -78,3 +78,28 @@ def test_a_thread_that_ends_leaves_no_open_file() -> None:
         t.join()
     gc.collect()
     assert fds() <= before + 1
+
+
+@linux_schedstat
+def test_a_forked_child_reads_its_own_threads_file() -> None:
+    """The file a thread keeps names that thread (/proc/<pid>/task/<tid>): a child forked
+    from it must not read its parent's figures."""
+    import multiprocessing
+
+    from aptmoe.exec import thread_clock
+
+    span_start()                                   # this thread's file is open now
+    parent = os.readlink(f"/proc/self/fd/{thread_clock._local.stat.fd}")
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+
+    def child() -> None:
+        forgot = getattr(thread_clock._local, "stat", "kept") is None
+        span_start()
+        q.put((forgot, os.readlink(f"/proc/self/fd/{thread_clock._local.stat.fd}")))
+
+    p = ctx.Process(target=child)
+    p.start()
+    forgot, mine = q.get(timeout=30)
+    p.join(timeout=30)
+    assert forgot and mine != parent and f"/{p.pid}/" in mine
