@@ -916,7 +916,7 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
 def test_v8_freshs_config_measured_again(tmp_path, monkeypatch) -> None:
     """Session 25 (docs/validation-h200-2gpu-v8-again): the same 8 runs on another lease, the
     model and profile unchanged. 1.7%, the worst 4.9% (native APTMoE): v8-fresh's two misses
-    (native Mobius -13.1%, capped APTMoE -11.5%) were those runs' own, 15% and 8% slower than
+    (native Mobius -13.1%, capped APTMoE -11.5%) were those runs' own, 17% and 9% slower than
     here with the same predictions. The native cell's order is wrong (Mobius 7% ahead, APTMoE
     predicted 0.4% ahead)."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
