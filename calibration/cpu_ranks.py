@@ -35,9 +35,11 @@ READY = "ready"           # a rank's line once its pool and worker are made
 
 
 def rank_cores(rank: int, ranks: int, allowed: Sequence[int]) -> list[int]:
-    """Rank `rank`'s cores of `ranks` on one host: its even share, in order (exec/launch.py)."""
-    per = len(allowed) // ranks
-    return list(allowed[rank * per:(rank + 1) * per])
+    """Rank `rank`'s cores of `ranks` on one host: its even share, as the executor binds it
+    (aptmoe.exec.cores.rank_share)."""
+    from aptmoe.exec.cores import rank_share
+
+    return rank_share(rank, len(allowed) // ranks, allowed)
 
 
 def on_worker(cores: Sequence[int], host_cores: int, fn: Callable[[], Any], start_at: float = 0.0) -> Any:

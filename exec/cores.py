@@ -26,6 +26,15 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 
+def rank_share(local_rank: int, per: int, allowed: Sequence[int]) -> list[int]:
+    """A rank's `per` cores of `allowed`, the cores this host lets us use: the local_rank-th
+    run of them, wrapping round where the ranks ask for more than there are. The executor
+    binds each rank so (exec/launch.py `bind_cores`), and the calibration times a rank's CPU
+    experts on the same cores (calibration/cpu_ranks.py)."""
+    first = (local_rank * per) % len(allowed)
+    return [allowed[(first + i) % len(allowed)] for i in range(per)]
+
+
 def split_host_cores(cores: Sequence[int], host_cores: int) -> tuple[list[int], list[int]]:
     """(the host threads' cores, the CPU worker's cores) of a rank bound to `cores`."""
     cores = list(cores)

@@ -26,7 +26,7 @@ import psutil
 import torch
 import torch.distributed as dist
 from aptmoe.exec.comm import PeerChannels
-from aptmoe.exec.cores import bind_threads, process_threads
+from aptmoe.exec.cores import bind_threads, process_threads, rank_share
 from aptmoe.exec.data import make_source
 from aptmoe.exec.device import Device
 from aptmoe.exec.runtime import ExecOptions, RankRuntime, StepReport
@@ -66,9 +66,7 @@ def bind_cores(local_rank: int, per: int, *, main_threads: int | None = None, ev
     aptmoe.exec.cores); `every_thread=False` binds the main thread alone, as before
     2026-11-29 (`--no-confine-threads`, for A/B runs)."""
     allowed = allowed_cores()
-    per = max(1, min(per, len(allowed)))
-    first = (local_rank * per) % len(allowed)
-    cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
+    cores = rank_share(local_rank, max(1, min(per, len(allowed))), allowed)
     if not (every_thread and bind_threads(process_threads(), cores)):
         try:
             psutil.Process().cpu_affinity(cores)
