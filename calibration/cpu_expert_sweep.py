@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from aptmoe.atomic import write_json_atomic
 from aptmoe.flags import number_list
 
 ARRANGEMENTS = ("main", "worker", "pair")
@@ -178,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpu_expert_sweep: {e}", file=sys.stderr)
         return 1
     if ns.out:
-        with tempfile.NamedTemporaryFile("w", dir=ns.out.parent or ".", delete=False, suffix=".tmp") as f:
-            json.dump(result, f, indent=1)
-        os.replace(f.name, ns.out)
+        write_json_atomic(ns.out, result, indent=1)
     print(table(result, ns.profile or None))
     return 0
 

@@ -29,6 +29,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from aptmoe.atomic import write_json_atomic
 from aptmoe.config import ConfigError, RunConfig
 from aptmoe.profile import ProfileCost, ProfileError, load_profile
 from aptmoe.trace import Trace, TraceError, action_runs, is_cpu_job, run_trace
@@ -142,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runs)} runs; profile {ns.profile}")
     print(table(rows))
     if ns.json:
-        tmp = ns.json.with_name(ns.json.name + ".partial")
-        tmp.write_text(json.dumps([asdict(f) for f in rows], indent=1))
-        tmp.replace(ns.json)
+        write_json_atomic(ns.json, [asdict(f) for f in rows], indent=1)
     return 0
 
 
