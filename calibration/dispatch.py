@@ -33,21 +33,28 @@ PROBE_FLAGS = {"embedding_dim": 16, "hidden_dim": 32, "num_heads": 2, "num_layer
                "num_training_steps": 3}
 
 
-def _probe(flags: dict[str, object]) -> list[str]:
-    """aptmoe-run's arguments for a probe model of these flags."""
-    return ["--is_moe=True", "--model_config=S", *[a for k, v in flags.items() for a in (f"--{k}", str(v))],
+def _probe(flags: dict[str, object], size: str = "S") -> list[str]:
+    """aptmoe-run's arguments for a probe model of these flags (widths not in them: `size`'s)."""
+    return ["--is_moe=True", f"--model_config={size}", *[a for k, v in flags.items() for a in (f"--{k}", str(v))],
             "--no-plot", "-q"]
 
 
 PROBE = _probe(PROBE_FLAGS)
 CATEGORIES = {"forward": "fwd", "recompute": "fwd", "backward": "bwd"}
+WIDE_SIZES = ("S", "M", "L")
 
 
-# The same probe at MoE-S's own widths (the artifact's S preset): its blocks compute, so only
-# the calls' host times (`host_us`) say what issuing costs; beside the tiny probe's spans they
-# tell whether the probe's host is the runs' (docs/validation-h200-v5: on one lease the tiny
-# probe's spans were half the MoE-S runs' blocks).
-WIDE = _probe({k: v for k, v in PROBE_FLAGS.items() if k not in ("embedding_dim", "hidden_dim", "num_heads")})
+def wide_probe(size: str = "S") -> list[str]:
+    """The same probe at a preset's own widths (MoE-S, -M, -L): its blocks compute, so only
+    the calls' host times (`host_us`) say what issuing costs; beside the tiny probe's spans they
+    tell whether the probe's host is the runs' (docs/validation-h200-v5: on one lease the tiny
+    probe's spans were half the MoE-S runs' blocks)."""
+    if size not in WIDE_SIZES:
+        raise ValueError(f"the wide probe's widths are a preset's, one of {', '.join(WIDE_SIZES)}; got {size!r}")
+    return _probe({k: v for k, v in PROBE_FLAGS.items() if k not in ("embedding_dim", "hidden_dim", "num_heads")}, size)
+
+
+WIDE = wide_probe()
 
 
 def on_ranks(probe: list[str], device: str, ranks: int) -> list[str]:
@@ -55,8 +62,9 @@ def on_ranks(probe: list[str], device: str, ranks: int) -> list[str]:
     return [*probe, "--device", device, "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
 
 
-def probe_args(device: str, ranks: int, wide: bool = False) -> list[str]:
-    return on_ranks(WIDE if wide else PROBE, device, ranks)
+def probe_args(device: str, ranks: int, wide: bool | str = False) -> list[str]:
+    """`wide`: False for the tiny probe, True or a preset's size (S, M, L) for the probe at its widths."""
+    return on_ranks(wide_probe("S" if wide is True else wide) if wide else PROBE, device, ranks)
 
 
 def _blocks(trace: Trace) -> list:
@@ -179,11 +187,12 @@ def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: i
     return _run_probe(on_ranks(probe, "cuda", g), what.format(gpus=g), schedules)
 
 
-def probe_trace(device: str, ranks: int = 1, wide: bool = False) -> Trace:
-    """Runs the probe (`device` cuda or cpu, `ranks` processes; `wide`: at MoE-S's widths) and
-    returns its GPipe trace."""
-    return _run_probe(probe_args(device, ranks, wide),
-                      f"the dispatch probe (aptmoe-run GPipe on a {'MoE-S' if wide else 'tiny'} model)", ("GPipe",))[0]
+def probe_trace(device: str, ranks: int = 1, wide: bool | str = False) -> Trace:
+    """Runs the probe (`device` cuda or cpu, `ranks` processes; `wide`: at MoE-S's widths, or
+    a preset's size) and returns its GPipe trace."""
+    what = f"MoE-{'S' if wide is True else wide}" if wide else "tiny"
+    return _run_probe(probe_args(device, ranks, wide), f"the dispatch probe (aptmoe-run GPipe on a {what} model)",
+                      ("GPipe",))[0]
 
 
 def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
@@ -254,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loaded", action="store_true",
                    help="instead: what each copy landing costs the issuing thread (the loaded probe, a GPU)")
-    p.add_argument("--wide", action="store_true",
-                   help="the probe at MoE-S's widths: its blocks compute, so read the host times")
+    p.add_argument("--wide", nargs="?", const="S", choices=WIDE_SIZES, default=None, metavar="SIZE",
+                   help="the probe at a preset's widths (S when none is given; S, M or L): its blocks compute, "
+                        "so read the host times")
     ns = p.parse_args(argv)
     if ns.loaded:
         print(f"the executor's copy engine ({', '.join(LOADED_SCHEDULES)}): what the issuing thread loses")
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in sorted(runs[0].seconds) for d in sorted(runs[0].seconds[k])]
     rows += [(f"between {d}", [r.between[d] for r in runs], []) for d in sorted(runs[0].between)]
     rows += [(f"combine {d}", [(r.combine or {}).get(d, 0.0) for r in runs], []) for d in sorted(runs[0].combine or {})]
-    print(f"host ms per call, {ns.device}, {ns.ranks} ranks, {'MoE-S widths' if ns.wide else 'tiny model'}, median "
+    print(f"host ms per call, {ns.device}, {ns.ranks} ranks, {f'MoE-{ns.wide} widths' if ns.wide else 'tiny model'}, median "
           f"of {ns.repeats} probe runs (each a median): the span (what the profile keeps), then the call's host time")
     for name, xs, hs in rows:
         host = [h for h in hs if h is not None]

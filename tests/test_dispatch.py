@@ -231,6 +231,17 @@ def test_the_wide_probe_is_the_probe_at_moe_s_widths() -> None:
     assert wide[wide.index("--num_layers") + 1] == str(PROBE_FLAGS["num_layers"])
 
 
+def test_the_wide_probe_takes_any_preset_s_widths_and_only_those() -> None:
+    from aptmoe.calibration.dispatch import probe_args
+
+    s, m = probe_args("cuda", 2, wide=True), probe_args("cuda", 2, wide="M")
+    assert "--model_config=M" in m and "--model_config=S" not in m
+    assert [a for a in m if a != "--model_config=M"] == [a for a in s if a != "--model_config=S"]
+    assert probe_args("cuda", 2, wide="S") == s
+    with pytest.raises(ValueError, match="one of S, M, L"):
+        probe_args("cuda", 2, wide="XL")
+
+
 def test_the_reference_loop_round_trips_and_is_left_out_when_unknown(with_dispatch, tmp_path) -> None:
     timed = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, loop_s=0.04))
     again = load_profile(str(timed.save(tmp_path / "t.json")))
