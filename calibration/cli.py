@@ -70,6 +70,9 @@ def make_calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-point-limit", dest="cpu_point_limit", type=float, default=None,
                    help="stop a CPU curve after the first token count whose fwd + bwd take longer, in "
                         "seconds (0.6; quick 0.15)")
+    p.add_argument("--dispatch-repeats", dest="dispatch_repeats", type=int, default=1,
+                   help="runs of the dispatch probe, each figure their median (1): the host's speed moves "
+                        "between runs")
     p.add_argument("--name", default=None, help="profile name (default: the --out file's stem)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -136,7 +139,7 @@ def option_fields(ns: argparse.Namespace) -> dict:
     """The profiler's `Options` fields from the parsed flags (no torch needed); UsageError
     on bad input."""
     for flag in ("--seq-length", "--heads", "--gpus", "--gpu-max-tokens", "--cpu-max-tokens", "--cpu-point-limit",
-                 "--block-threads"):
+                 "--block-threads", "--dispatch-repeats"):
         _positive(flag, getattr(ns, flag[2:].replace("-", "_")))
     models = _models(ns.models)
     width = min(_width(s) for s in models)
@@ -150,7 +153,7 @@ def option_fields(ns: argparse.Namespace) -> dict:
         seq_length=ns.seq_length, heads=ns.heads, quick=ns.quick, max_gpus=ns.gpus,
         skip=frozenset(_choices("--skip", ns.skip, PARTS)) if ns.skip is not None else frozenset(),
         gpu_max_tokens=ns.gpu_max_tokens, cpu_max_tokens=ns.cpu_max_tokens, cpu_point_limit_s=ns.cpu_point_limit,
-        blocks_on=ns.blocks_on, block_threads=ns.block_threads)
+        blocks_on=ns.blocks_on, block_threads=ns.block_threads, dispatch_repeats=ns.dispatch_repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

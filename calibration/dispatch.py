@@ -195,9 +195,37 @@ def probe_trace(device: str, ranks: int = 1, wide: bool | str = False) -> Trace:
                       ("GPipe",))[0]
 
 
-def measure_dispatch(device: str, ranks: int = 1) -> Dispatch:
-    """Runs the probe (`device` cuda or cpu, `ranks` processes) and returns the medians."""
-    return dispatch_from_trace(probe_trace(device, ranks), device)
+def median_dispatch(runs: list[Dispatch]) -> Dispatch:
+    """Each figure's median over several probe runs (their samples summed): one run is a
+    median over its calls, but the host moves between runs (session 19: one of three runs
+    of one lease took 1.5x the others' spans, its reference loop 40 ms against 25)."""
+    if not runs:
+        raise ValueError("no probe runs to take the median of")
+    if len({r.device for r in runs}) > 1:
+        raise ValueError("the probe runs ran on different devices: " + ", ".join(sorted({r.device for r in runs})))
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    def keys(dicts) -> list[str]:
+        return sorted({k for d in dicts for k in d})
+
+    seconds = {k: {d: med([r.seconds[k][d] for r in runs if d in r.seconds.get(k, {})])
+                   for d in keys(r.seconds.get(k, {}) for r in runs)} for k in keys(r.seconds for r in runs)}
+    between = {d: med([r.between[d] for r in runs if d in r.between]) for d in keys(r.between for r in runs)}
+    combines = [r.combine for r in runs if r.combine]
+    combine = {d: min(med([c[d] for c in combines if d in c]), between.get(d, 0.0)) for d in keys(combines)} or None
+    loops = [r.loop_s for r in runs if r.loop_s is not None]
+    return Dispatch(runs[0].device, seconds, between, sum(r.samples for r in runs),
+                    loop_s=med(loops) if loops else None, combine=combine)
+
+
+def measure_dispatch(device: str, ranks: int = 1, repeats: int = 1) -> Dispatch:
+    """Runs the probe (`device` cuda or cpu, `ranks` processes) `repeats` times and returns
+    each figure's median."""
+    if repeats < 1:
+        raise ValueError(f"the dispatch probe runs at least once; got {repeats} repeats")
+    return median_dispatch([dispatch_from_trace(probe_trace(device, ranks), device) for _ in range(repeats)])
 
 
 # The same probe with experts as heavy to copy as MoE-S's (2 x 16 x 262144 fp32 = 32 MiB, 0.6 ms

@@ -107,6 +107,7 @@ class Options:
     cpu_point_limit_s: float | None = None   # stop a CPU series after a point this slow
     blocks_on: str = "auto"                  # "cpu": time the "GPU" blocks on the CPU (for CPU ranks)
     block_threads: int | None = None         # threads for blocks on the CPU (None: half the cores)
+    dispatch_repeats: int = 1                # dispatch probe runs, each figure their median
 
 
 @dataclass(frozen=True)
@@ -1062,7 +1063,8 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
     if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
         # On CPU ranks: two of them, as the executor runs by default without a GPU.
         device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
-        add(f"dispatch {device}", lambda: setattr(m, "dispatch", measure_dispatch(device, probe_ranks)))
+        add(f"dispatch {device}",
+            lambda: setattr(m, "dispatch", measure_dispatch(device, probe_ranks, opts.dispatch_repeats)))
     return tasks
 
 
@@ -1347,8 +1349,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                 "native link (" + " ".join(CPU_JOB_PROBE) + "), the medians of its CPU jobs' "
                                 "phases (calibration/cpu_jobs.py)")
     if m.dispatch is not None:
+        runs = "" if opts.dispatch_repeats == 1 else f", the median of {opts.dispatch_repeats} runs"
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
-                                 f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls) on a model too "
+                                 f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls{runs}) on a model too "
                                  f"small to compute: {' '.join(PROBE)}"
                                  + ("" if m.dispatch.loop_s is None else
                                     f"; loop_s: its ranks' reference loop (aptmoe.host.python_loop_s) around the "

@@ -113,6 +113,7 @@ def test_cpu_curves_feed_the_cost_source(cpu_run) -> None:
     (["--models", "30x64", "--heads", "4"], "--heads 4 does not divide the model width 30"),
     (["--blocks-on", "tpu"], "invalid choice"),
     (["--block-threads", "0"], "--block-threads must be positive"),
+    (["--dispatch-repeats", "0"], "--dispatch-repeats must be positive"),
     (["--threads", "0,2"], "--threads: '0' is not a positive integer"),
     (["--threads", "a"], "--threads: 'a'"),
     (["--threads", ","], "--threads needs"),

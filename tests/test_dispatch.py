@@ -242,6 +242,24 @@ def test_the_wide_probe_takes_any_preset_s_widths_and_only_those() -> None:
         probe_args("cuda", 2, wide="XL")
 
 
+def test_several_probe_runs_give_each_figure_its_median() -> None:
+    from aptmoe.calibration.dispatch import median_dispatch
+
+    def run(f: float, loop: float | None, combine: dict | None) -> Dispatch:
+        return dataclasses.replace(D.scaled(f), loop_s=loop, combine=combine)
+
+    runs = [run(1.0, 0.025, {"fwd": 1e-4}), run(1.6, 0.040, {"fwd": 9e-4}), run(1.1, None, None)]
+    m = median_dispatch(runs)
+    assert m.seconds["a"]["bwd"] == pytest.approx(9e-4 * 1.1) and m.seconds["e"]["fwd"] == pytest.approx(1.5e-4 * 1.1)
+    assert m.between == {"fwd": pytest.approx(5e-4 * 1.1), "bwd": pytest.approx(1e-3 * 1.1)}
+    assert m.loop_s == pytest.approx(0.0325)              # of the runs that timed the loop
+    assert m.combine == {"fwd": pytest.approx(5e-4)}      # capped by its between (5e-4 * 1.1)
+    assert m.samples == 3 * D.samples
+    assert median_dispatch([runs[0]]) == runs[0]
+    with pytest.raises(ValueError, match="different devices"):
+        median_dispatch([D, dataclasses.replace(D, device="cpu")])
+
+
 def test_the_reference_loop_round_trips_and_is_left_out_when_unknown(with_dispatch, tmp_path) -> None:
     timed = dataclasses.replace(with_dispatch, dispatch=dataclasses.replace(D, loop_s=0.04))
     again = load_profile(str(timed.save(tmp_path / "t.json")))
