@@ -204,8 +204,7 @@ def median_dispatch(runs: list[Dispatch]) -> Dispatch:
     if len({r.device for r in runs}) > 1:
         raise ValueError("the probe runs ran on different devices: " + ", ".join(sorted({r.device for r in runs})))
 
-    def med(values: list[float]) -> float:
-        return statistics.median(values)
+    med = statistics.median
 
     def keys(dicts) -> list[str]:
         return sorted({k for d in dicts for k in d})
