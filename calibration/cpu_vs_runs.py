@@ -62,7 +62,11 @@ def run_folders(paths: list[Path]) -> list[Path]:
 
 def job_ratios(profile_path: str, runs: list[Path]) -> dict[str, list[float]]:
     """{group: [run / profile per CPU expert job]} over the runs' traces."""
-    return {g: [r for r, _ in v] for g, v in _jobs(profile_path, runs).items()}
+    return _ratios(_jobs(profile_path, runs))
+
+
+def _ratios(jobs: dict[str, list[tuple[float, dict]]]) -> dict[str, list[float]]:
+    return {g: [r for r, _ in v] for g, v in jobs.items()}
 
 
 def job_shares(profile_path: str, runs: list[Path]) -> dict[str, dict[str, list[float]]]:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise ValueError(f"no measured run (results.json with source real) under {', '.join(map(str, ns.folders))}")
         jobs = _jobs(ns.profile, runs)
-        rows = fits({g: [r for r, _ in v] for g, v in jobs.items()}, _shares(jobs))
+        rows = fits(_ratios(jobs), _shares(jobs))
         if not rows:
             raise ValueError(f"the {len(runs)} measured runs have no CPU expert job (APTMoE puts them there)")
     except (ValueError, OSError, KeyError, ConfigError, ProfileError, TraceError) as e:
