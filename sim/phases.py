@@ -1,0 +1,219 @@
+"""Where a predicted step parts from the measured one: in the pipeline's compute or in the tail after it.
+
+For each timed step and rank, the time from the step's start to the end of the rank's last
+forward, backward or recompute on its issuing lane (the compute stream: "compute end"), to the
+end of its last update (Adam: "step end"; the rank's last event where it has none), and the
+tail between them, measured and predicted, and the prediction's differences, in ms; then per
+cell and schedule the median differences over its steps and ranks. A tail that differs more
+than the compute end points at the Adam updates and the CPU work that finish the step.
+
+    python -m aptmoe.sim.phases PATH [PATH ...] [--measured-only]
+
+A PATH is a matrix cell (cells/<cell>: real/trace-X.json.gz against trace-X-predicted.json
+beside real/, which `aptmoe-sim matrix --repredict` writes), a matrix folder (every cell below
+it), or a run folder with trace-X.json or .json.gz (and trace-X-predicted.json beside them).
+
+Steps: both back-ends lay the timed steps end to end (the warm-up is not traced) and mark no
+step, but every action (a stage's forward or backward of one micro-batch, `0F3`) runs once a
+step on its rank, so its k-th run is step k, and a step starts with the first of its actions on
+any rank (the executor's own lead before it, about 2 ms, is not counted). Where the run's
+results.json gives fewer timed steps than the trace holds, the first ones are taken for warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import statistics
+import sys
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from aptmoe.report import format_table
+from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action
+
+PROG = "python -m aptmoe.sim.phases"
+
+
+@dataclass(frozen=True)
+class Phases:
+    """One rank's step, in seconds from the step's start."""
+    step: int                    # counted from 0 over the timed steps
+    rank: int
+    compute_end_s: float         # its last forward, backward or recompute on the compute stream ends
+    step_end_s: float            # its last update ends (its last event, where it has none)
+
+    @property
+    def tail_s(self) -> float:
+        return self.step_end_s - self.compute_end_s
+
+
+@dataclass(frozen=True)
+class Diff:
+    """A rank's step measured and predicted; the differences are predicted - measured, in s."""
+    measured: Phases
+    predicted: Phases
+
+    @property
+    def compute_s(self) -> float:
+        return self.predicted.compute_end_s - self.measured.compute_end_s
+
+    @property
+    def tail_s(self) -> float:
+        return self.predicted.tail_s - self.measured.tail_s
+
+    @property
+    def end_s(self) -> float:
+        return self.predicted.step_end_s - self.measured.step_end_s
+
+
+def step_starts(trace: Trace) -> list[float]:
+    """When each step of `trace` starts: the first start of its actions' k-th runs, over every
+    rank. Raises TraceError where the actions ran unequal numbers of times or steps overlap."""
+    runs: dict[tuple[int, str], list[TraceEvent]] = defaultdict(list)
+    for e in trace.events:
+        if is_action(e):
+            runs[(e.rank, e.name)].append(e)
+    counts = {len(v) for v in runs.values()}
+    if not counts:
+        raise TraceError("no forward or backward action (`0F3`) on a compute lane")
+    if len(counts) > 1:
+        raise TraceError(f"its actions ran {min(counts)} to {max(counts)} times: not whole steps")
+    steps = list(zip(*(sorted(v, key=lambda e: e.start_s) for v in runs.values())))   # [k]: the k-th runs
+    starts = [min(e.start_s for e in s) for s in steps]
+    for k in range(1, len(steps)):
+        if max(e.end_s for e in steps[k - 1]) > starts[k]:
+            raise TraceError(f"step {k - 1}'s actions end after step {k}'s start")
+    return starts
+
+
+def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
+    """Each rank's compute end and step end in each step of `trace`, by step and rank; with
+    `timed`, only its last `timed` steps (the ones before: warm-up). An event belongs to the
+    step it starts in; markers count for nothing."""
+    starts = step_starts(trace)
+    first = max(0, len(starts) - timed) if timed else 0
+    compute: dict[tuple[int, int], float] = {}
+    update: dict[tuple[int, int], float] = {}
+    last: dict[tuple[int, int], float] = {}
+    for e in trace.events:
+        k = bisect.bisect_right(starts, e.start_s) - 1
+        if k < first or e.cat == "marker":
+            continue
+        key = (k, e.rank)
+        last[key] = max(last.get(key, e.end_s), e.end_s)
+        if e.stream == "compute" and e.cat in PASS_CATEGORIES:
+            compute[key] = max(compute.get(key, e.end_s), e.end_s)
+        elif e.cat == "update":
+            update[key] = max(update.get(key, e.end_s), e.end_s)
+    return [Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k])
+            for (k, r), end in sorted(compute.items())]
+
+
+def compare(measured: list[Phases], predicted: list[Phases]) -> list[Diff]:
+    """The (step, rank) pairs both have, in the measured order."""
+    pred = {(p.step, p.rank): p for p in predicted}
+    return [Diff(m, pred[(m.step, m.rank)]) for m in measured if (m.step, m.rank) in pred]
+
+
+def folders(paths: list[Path]) -> list[Path]:
+    """The cells and run folders named, a matrix folder standing for its cells."""
+    out = []
+    for p in paths:
+        if not p.is_dir():
+            raise TraceError(f"{p}: no such folder")
+        out.extend(sorted(c for c in p.glob("cells/*") if c.is_dir()) or [p])
+    return out
+
+
+def traces(folder: Path) -> tuple[Path, dict[str, tuple[Path, Path | None]]]:
+    """A cell's or run's folder of predicted traces, and schedule -> (its measured trace, its
+    predicted one or None). A cell keeps the measured in real/ and the predicted beside it."""
+    real = folder / "real" if (folder / "real").is_dir() else folder
+    home = real.parent if real.name == "real" else real
+    found: dict[str, tuple[Path, Path | None]] = {}
+    for f in sorted(real.glob("trace-*.json*")):
+        name = f.name.removeprefix("trace-").split(".json")[0]
+        if not name.endswith("-predicted"):
+            pred = home / f"trace-{name}-predicted.json"
+            found.setdefault(name, (f, pred if pred.exists() else None))
+    return home, found
+
+
+def timed_steps(run: Path, name: str) -> int | None:
+    """How many timed steps the run's results.json gives schedule `name`; None without one."""
+    try:
+        return len(json.loads((run / "results.json").read_text())["schedules"][name]["step_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _phases(path: Path, timed: int | None) -> list[Phases]:
+    try:
+        return phases(Trace.load(path), timed)
+    except (TraceError, OSError, EOFError, zlib.error) as e:
+        raise TraceError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def _ms(x: float, sign: str = "") -> str:
+    return f"{round(x * 1e3, 1) + 0.0:{sign}.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", type=Path, help="matrix folders, matrix cells or run folders")
+    p.add_argument("--measured-only", action="store_true",
+                   help="the measured traces alone: each rank's compute end, tail and step end")
+    ns = p.parse_args(argv)
+    rows, summary = [], []
+    try:
+        for folder in folders(ns.paths):
+            home, found = traces(folder)
+            if not found:
+                raise TraceError(f"no measured trace (trace-*.json) in {folder}")
+            missing = [n for n, (_, pred) in found.items() if pred is None]
+            if missing and not ns.measured_only:
+                matrix = home.parent.parent if home.parent.name == "cells" else "MATRIX"
+                print(f"phases: no predicted trace of {', '.join(missing)} in {home}: `aptmoe-sim matrix "
+                      f"--repredict --out {matrix}` (with its --calibration and --steps) writes them", file=sys.stderr)
+            for name, (real, pred) in found.items():
+                timed = timed_steps(real.parent, name)
+                measured = _phases(real, timed)
+                if ns.measured_only:
+                    rows.extend([home.name, name, str(m.step), str(m.rank), _ms(m.compute_end_s), _ms(m.tail_s),
+                                 _ms(m.step_end_s)] for m in measured)
+                elif pred is not None:
+                    diffs = compare(measured, _phases(pred, timed))
+                    rows.extend([home.name, name, str(d.measured.step), str(d.measured.rank),
+                                 *(_ms(getattr(x, f)) for f in ("compute_end_s", "tail_s", "step_end_s")
+                                   for x in (d.measured, d.predicted)),
+                                 *(_ms(getattr(d, f), "+") for f in ("compute_s", "tail_s", "end_s"))] for d in diffs)
+                    if diffs:
+                        summary.append([home.name, name, str(len(diffs)),
+                                        *(_ms(statistics.median(getattr(d, f) for d in diffs), "+")
+                                          for f in ("compute_s", "tail_s", "end_s"))])
+    except TraceError as e:
+        print(f"phases: error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("phases: error: nothing to compare (no predicted traces; --measured-only reads the measured alone)",
+              file=sys.stderr)
+        return 2
+    head = ["cell", "schedule", "step", "rank"]
+    if ns.measured_only:
+        print("ms from each timed step's start: the rank's compute end, the tail after it, its step end\n")
+        print(format_table([*head, "compute end", "tail", "step end"], rows))
+        return 0
+    print("ms from each timed step's start, measured and predicted, and predicted - measured: the rank's compute "
+          "end (its last forward, backward or recompute), the tail after it (to its last update), its step end\n")
+    print(format_table([*head, "compute m", "p", "tail m", "p", "end m", "p", "d compute", "d tail", "d end"], rows))
+    print("\nmedian over steps and ranks of predicted - measured, ms\n")
+    print(format_table(["cell", "schedule", "rows", "d compute end", "d tail", "d step end"], summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
