@@ -7,6 +7,12 @@ tail between them, measured and predicted, and the prediction's differences, in 
 cell and schedule the median differences over its steps and ranks. A tail that differs more
 than the compute end points at the Adam updates and the CPU work that finish the step.
 
+The summary also splits the compute phase in three, so that a compute end that differs says
+where: the block calls themselves, the time inside actions between them (the host's work
+between calls, and any wait for a load or a CPU expert), and the time outside every action
+(waiting for the other stage's activations or gradients). On the 2-GPU H200 sets an
+offloading schedule's compute phase was short mostly between calls, not in them (session 27).
+
     python -m aptmoe.sim.phases PATH [PATH ...] [--measured-only]
 
 A PATH is a matrix cell (cells/<cell>: real/trace-X.json.gz against trace-X-predicted.json
@@ -33,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.report import format_table
-from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action
+from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action, is_block_call
 
 PROG = "python -m aptmoe.sim.phases"
+PARTS = ("calls_s", "between_s", "outside_s")     # the compute phase's three parts
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,22 @@ class Phases:
     rank: int
     compute_end_s: float         # its last forward, backward or recompute on the compute stream ends
     step_end_s: float            # its last update ends (its last event, where it has none)
+    calls_s: float = 0.0         # its block calls' time (`0F3@12:e5`), all in the compute phase
+    actions_s: float = 0.0       # its actions' time (`0F3`), which holds the calls
 
     @property
     def tail_s(self) -> float:
         return self.step_end_s - self.compute_end_s
+
+    @property
+    def between_s(self) -> float:
+        """Inside its actions, between their block calls."""
+        return self.actions_s - self.calls_s
+
+    @property
+    def outside_s(self) -> float:
+        """In the compute phase, outside every action."""
+        return self.compute_end_s - self.actions_s
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,10 @@ class Diff:
     @property
     def end_s(self) -> float:
         return self.predicted.step_end_s - self.measured.step_end_s
+
+    def part_s(self, name: str) -> float:
+        """predicted - measured of one of a Phases' figures (`calls_s`, `between_s`, ...)."""
+        return getattr(self.predicted, name) - getattr(self.measured, name)
 
 
 def step_starts(trace: Trace) -> list[float]:
@@ -99,6 +122,7 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
     compute: dict[tuple[int, int], float] = {}
     update: dict[tuple[int, int], float] = {}
     last: dict[tuple[int, int], float] = {}
+    spent: dict[tuple[int, int, str], float] = defaultdict(float)
     for e in trace.events:
         k = bisect.bisect_right(starts, e.start_s) - 1
         if k < first or e.cat == "marker":
@@ -107,9 +131,13 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
         last[key] = max(last.get(key, e.end_s), e.end_s)
         if e.stream == "compute" and e.cat in PASS_CATEGORIES:
             compute[key] = max(compute.get(key, e.end_s), e.end_s)
+            part = "calls" if is_block_call(e) else "actions" if is_action(e) else None
+            if part is not None:
+                spent[(*key, part)] += e.end_s - e.start_s
         elif e.cat == "update":
             update[key] = max(update.get(key, e.end_s), e.end_s)
-    return [Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k])
+    return [Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k],
+                   spent[(k, r, "calls")], spent[(k, r, "actions")])
             for (k, r), end in sorted(compute.items())]
 
 
@@ -184,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 measured = _phases(real, timed)
                 if ns.measured_only:
                     rows.extend([home.name, name, str(m.step), str(m.rank), _ms(m.compute_end_s), _ms(m.tail_s),
-                                 _ms(m.step_end_s)] for m in measured)
+                                 _ms(m.step_end_s), *(_ms(getattr(m, f)) for f in PARTS)] for m in measured)
                 elif pred is not None:
                     diffs = compare(measured, _phases(pred, timed))
                     rows.extend([home.name, name, str(d.measured.step), str(d.measured.rank),
@@ -194,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     if diffs:
                         summary.append([home.name, name, str(len(diffs)),
                                         *(_ms(statistics.median(getattr(d, f) for d in diffs), "+")
-                                          for f in ("compute_s", "tail_s", "end_s"))])
+                                          for f in ("compute_s", "tail_s", "end_s")),
+                                        *(_ms(statistics.median(d.part_s(f) for d in diffs), "+") for f in PARTS)])
     except TraceError as e:
         print(f"phases: error: {e}", file=sys.stderr)
         return 2
@@ -204,14 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     head = ["cell", "schedule", "step", "rank"]
     if ns.measured_only:
-        print("ms from each timed step's start: the rank's compute end, the tail after it, its step end\n")
-        print(format_table([*head, "compute end", "tail", "step end"], rows))
+        print("ms from each timed step's start: the rank's compute end, the tail after it, its step end; the compute "
+              "phase's block calls, the time between them inside actions, the time outside every action\n")
+        print(format_table([*head, "compute end", "tail", "step end", "calls", "between", "outside"], rows))
         return 0
     print("ms from each timed step's start, measured and predicted, and predicted - measured: the rank's compute "
           "end (its last forward, backward or recompute), the tail after it (to its last update), its step end\n")
     print(format_table([*head, "compute m", "p", "tail m", "p", "end m", "p", "d compute", "d tail", "d end"], rows))
-    print("\nmedian over steps and ranks of predicted - measured, ms\n")
-    print(format_table(["cell", "schedule", "rows", "d compute end", "d tail", "d step end"], summary))
+    print("\nmedian over steps and ranks of predicted - measured, ms; the compute phase split into the block calls,\n"
+          "the time between them inside actions and the time outside every action\n")
+    print(format_table(["cell", "schedule", "rows", "d compute end", "d tail", "d step end",
+                        "d calls", "d between", "d outside"], summary))
     return 0
 
 

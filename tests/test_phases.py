@@ -66,6 +66,19 @@ def test_a_trace_against_itself_differs_by_nothing_and_a_longer_adam_only_in_the
     assert all(d.compute_s == 0 for d in late)
 
 
+def test_the_compute_phase_splits_into_calls_between_them_and_outside_actions() -> None:
+    slow = _trace(source="sim")
+    for e in slow.events:
+        if e.name == "0F0@0:a":                        # 5 ms longer, inside the same action
+            e.end_s += 0.005
+        if e.name == "1F0":                            # rank 1 starts its forward 20 ms later
+            e.start_s += 0.020
+    diffs = phases.compare(phases.phases(_trace()), phases.phases(slow))
+    assert [(round(d.part_s("calls_s"), 9), round(d.part_s("between_s"), 9), round(d.part_s("outside_s"), 9))
+            for d in diffs] == [(0.005, -0.005, 0.0), (0.0, -0.02, 0.02)] * 2
+    assert all(d.compute_s == 0 for d in diffs)
+
+
 def test_actions_run_unequally_are_not_steps() -> None:
     t = _trace(2)
     t.events = [e for e in t.events if not (e.name == "1B0" and e.start_s > 2)]
@@ -95,7 +108,8 @@ def test_cli_prints_each_step_and_rank_and_the_medians(tmp_path, capsys) -> None
     assert rows[0] == ["S8-cap", "Mobius", "0", "0", "490.0", "490.0", "505.0", "955.0", "995.0", "1445.0",
                        "+0.0", "+450.0", "+450.0"]
     assert rows[1][4:] == ["280.0", "280.0", "40.0", "40.0", "320.0", "320.0", "+0.0", "+0.0", "+0.0"]
-    assert rows[-1] == ["S8-cap", "Mobius", "4", "+0.0", "+225.0", "+225.0"]      # the medians of 0, 450
+    # the medians of 0 and 450; the compute phase's parts the same in both
+    assert rows[-1] == ["S8-cap", "Mobius", "4", "+0.0", "+225.0", "+225.0", "+0.0", "+0.0", "+0.0"]
 
 
 def test_cli_without_a_prediction_says_what_writes_it(tmp_path, capsys) -> None:
@@ -105,10 +119,11 @@ def test_cli_without_a_prediction_says_what_writes_it(tmp_path, capsys) -> None:
     assert "no predicted trace of Mobius" in err and f"--repredict --out {matrix}" in err
     assert phases.main([str(matrix / "cells" / "S8-cap"), "--measured-only"]) == 0
     out = capsys.readouterr().out
-    assert [r[2:] for r in _rows(out, "S8-cap")] == [["0", "0", "490.0", "505.0", "995.0"],
-                                                     ["0", "1", "280.0", "40.0", "320.0"],
-                                                     ["1", "0", "500.0", "495.0", "995.0"],
-                                                     ["1", "1", "280.0", "40.0", "320.0"]]
+    # rank 0's calls 79 + 50 + 140 ms in actions of 90 and 200 (210 in step 1), from 10 ms to its compute end
+    assert [r[2:] for r in _rows(out, "S8-cap")] == [["0", "0", "490.0", "505.0", "995.0", "269.0", "21.0", "200.0"],
+                                                     ["0", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "90.0"],
+                                                     ["1", "0", "500.0", "495.0", "995.0", "269.0", "31.0", "200.0"],
+                                                     ["1", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "90.0"]]
 
 
 @pytest.mark.parametrize("garble", ["missing", "json", "gzip", "empty"])
