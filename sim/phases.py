@@ -7,11 +7,11 @@ tail between them, measured and predicted, and the prediction's differences, in 
 cell and schedule the median differences over its steps and ranks. A tail that differs more
 than the compute end points at the Adam updates and the CPU work that finish the step.
 
-The summary also splits the compute phase in three, so that a compute end that differs says
-where: the block calls themselves, the time inside actions between them (the host's work
-between calls, and any wait for a load or a CPU expert), and the time outside every action
-(waiting for the other stage's activations or gradients). On the 2-GPU H200 sets an
-offloading schedule's compute phase was short mostly between calls, not in them (session 27).
+The summary also splits the compute phase, so that a compute end that differs says where:
+the block calls themselves; the rest of the actions' time, between calls (the host's work
+between them, waits for a load or a CPU expert) and in the gaps where a receive of the rank
+ended (an action waiting for its input: a backward recomputes its stage first, then waits for
+the next stage's gradient); and the time outside every action.
 
     python -m aptmoe.sim.phases PATH [PATH ...] [--measured-only]
 
@@ -42,7 +42,10 @@ from aptmoe.report import format_table
 from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action, is_block_call
 
 PROG = "python -m aptmoe.sim.phases"
-PARTS = ("calls_s", "between_s", "outside_s")     # the compute phase's three parts
+PARTS = ("calls_s", "between_s", "input_wait_s", "outside_s")     # the compute phase's parts
+SPLIT = ("the block calls; the rest of the actions' time, between the calls (the host's work, waits for loads "
+         "and CPU experts) and in the gaps a receive ended in (waits for the other stage's activations or gradient); "
+         "the time outside every action")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Phases:
     step_end_s: float            # its last update ends (its last event, where it has none)
     calls_s: float = 0.0         # its block calls' time (`0F3@12:e5`), all in the compute phase
     actions_s: float = 0.0       # its actions' time (`0F3`), which holds the calls
+    input_wait_s: float = 0.0    # of its actions' time between calls, the gaps a receive of its ended in
 
     @property
     def tail_s(self) -> float:
@@ -61,8 +65,8 @@ class Phases:
 
     @property
     def between_s(self) -> float:
-        """Inside its actions, between their block calls."""
-        return self.actions_s - self.calls_s
+        """Inside its actions, between their block calls, less the waits for a receive."""
+        return self.actions_s - self.calls_s - self.input_wait_s
 
     @property
     def outside_s(self) -> float:
@@ -123,7 +127,11 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
     update: dict[tuple[int, int], float] = {}
     last: dict[tuple[int, int], float] = {}
     spent: dict[tuple[int, int, str], float] = defaultdict(float)
+    held: dict[tuple[int, int], list[TraceEvent]] = defaultdict(list)       # actions and calls, by step and rank
+    received: dict[int, list[float]] = defaultdict(list)                   # when each rank's receives ended
     for e in trace.events:
+        if e.cat == "recv":
+            received[e.rank].append(e.end_s)
         k = bisect.bisect_right(starts, e.start_s) - 1
         if k < first or e.cat == "marker":
             continue
@@ -134,11 +142,29 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
             part = "calls" if is_block_call(e) else "actions" if is_action(e) else None
             if part is not None:
                 spent[(*key, part)] += e.end_s - e.start_s
+                held[key].append(e)
         elif e.cat == "update":
             update[key] = max(update.get(key, e.end_s), e.end_s)
     return [Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k],
-                   spent[(k, r, "calls")], spent[(k, r, "actions")])
+                   spent[(k, r, "calls")], spent[(k, r, "actions")], _input_wait(held[(k, r)], sorted(received[r])))
             for (k, r), end in sorted(compute.items())]
+
+
+def _input_wait(events: list[TraceEvent], received: list[float]) -> float:
+    """Of the time inside these actions between their calls (and before the first, after the
+    last), the gaps a receive ended in: an action that starts before its input has come waits
+    inside it (a backward recomputes its stage first, then waits for the next stage's gradient)."""
+    actions = sorted((e for e in events if is_action(e)), key=lambda e: e.start_s)
+    calls = sorted((e for e in events if is_block_call(e)), key=lambda e: e.start_s)
+    waited = 0.0
+    for a in actions:
+        inside = [c for c in calls if a.start_s <= c.start_s and c.end_s <= a.end_s]
+        edges = [a.start_s, *(t for c in inside for t in (c.start_s, c.end_s)), a.end_s]
+        for lo, hi in zip(edges[::2], edges[1::2]):
+            i = bisect.bisect_right(received, lo)
+            if hi > lo and i < len(received) and received[i] <= hi:
+                waited += hi - lo
+    return waited
 
 
 def compare(measured: list[Phases], predicted: list[Phases]) -> list[Diff]:
@@ -234,16 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     head = ["cell", "schedule", "step", "rank"]
     if ns.measured_only:
         print("ms from each timed step's start: the rank's compute end, the tail after it, its step end; the compute "
-              "phase's block calls, the time between them inside actions, the time outside every action\n")
-        print(format_table([*head, "compute end", "tail", "step end", "calls", "between", "outside"], rows))
+              f"phase split: {SPLIT}\n")
+        print(format_table([*head, "compute end", "tail", "step end", "calls", "between", "input wait", "outside"],
+                           rows))
         return 0
     print("ms from each timed step's start, measured and predicted, and predicted - measured: the rank's compute "
           "end (its last forward, backward or recompute), the tail after it (to its last update), its step end\n")
     print(format_table([*head, "compute m", "p", "tail m", "p", "end m", "p", "d compute", "d tail", "d end"], rows))
-    print("\nmedian over steps and ranks of predicted - measured, ms; the compute phase split into the block calls,\n"
-          "the time between them inside actions and the time outside every action\n")
+    print(f"\nmedian over steps and ranks of predicted - measured, ms; the compute phase split: {SPLIT}\n")
     print(format_table(["cell", "schedule", "rows", "d compute end", "d tail", "d step end",
-                        "d calls", "d between", "d outside"], summary))
+                        "d calls", "d between", "d input wait", "d outside"], summary))
     return 0
 
 

@@ -79,6 +79,22 @@ def test_the_compute_phase_splits_into_calls_between_them_and_outside_actions() 
     assert all(d.compute_s == 0 for d in diffs)
 
 
+def test_a_gap_inside_an_action_that_a_receive_ended_in_is_an_input_wait() -> None:
+    t = _trace(1)
+    for e in t.events:
+        if e.name == "1RF0":                           # rank 1's activations come halfway through 1F0
+            e.end_s = 0.150
+        if e.name == "0RB0":                           # rank 0's gradient between its forward's calls...
+            e.end_s = 0.095
+    r0, r1 = phases.phases(t)
+    assert r1.input_wait_s == pytest.approx(0.100) and r1.between_s == pytest.approx(0.090)   # 1F0 holds no calls
+    assert r0.input_wait_s == pytest.approx(0.010) and r0.between_s == pytest.approx(0.011)   # 0F0@0:a ended at 90
+    for e in t.events:
+        if e.name == "0RB0":                           # ... or outside every action: not the action's wait
+            e.end_s = 0.200
+    assert phases.phases(t)[0].input_wait_s == 0
+
+
 def test_actions_run_unequally_are_not_steps() -> None:
     t = _trace(2)
     t.events = [e for e in t.events if not (e.name == "1B0" and e.start_s > 2)]
@@ -109,7 +125,7 @@ def test_cli_prints_each_step_and_rank_and_the_medians(tmp_path, capsys) -> None
                        "+0.0", "+450.0", "+450.0"]
     assert rows[1][4:] == ["280.0", "280.0", "40.0", "40.0", "320.0", "320.0", "+0.0", "+0.0", "+0.0"]
     # the medians of 0 and 450; the compute phase's parts the same in both
-    assert rows[-1] == ["S8-cap", "Mobius", "4", "+0.0", "+225.0", "+225.0", "+0.0", "+0.0", "+0.0"]
+    assert rows[-1] == ["S8-cap", "Mobius", "4", "+0.0", "+225.0", "+225.0", "+0.0", "+0.0", "+0.0", "+0.0"]
 
 
 def test_cli_without_a_prediction_says_what_writes_it(tmp_path, capsys) -> None:
@@ -120,10 +136,12 @@ def test_cli_without_a_prediction_says_what_writes_it(tmp_path, capsys) -> None:
     assert phases.main([str(matrix / "cells" / "S8-cap"), "--measured-only"]) == 0
     out = capsys.readouterr().out
     # rank 0's calls 79 + 50 + 140 ms in actions of 90 and 200 (210 in step 1), from 10 ms to its compute end
-    assert [r[2:] for r in _rows(out, "S8-cap")] == [["0", "0", "490.0", "505.0", "995.0", "269.0", "21.0", "200.0"],
-                                                     ["0", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "90.0"],
-                                                     ["1", "0", "500.0", "495.0", "995.0", "269.0", "31.0", "200.0"],
-                                                     ["1", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "90.0"]]
+    # (no receive ends inside an action here: no input wait)
+    assert [r[2:] for r in _rows(out, "S8-cap")] == [
+        ["0", "0", "490.0", "505.0", "995.0", "269.0", "21.0", "0.0", "200.0"],
+        ["0", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "0.0", "90.0"],
+        ["1", "0", "500.0", "495.0", "995.0", "269.0", "31.0", "0.0", "200.0"],
+        ["1", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "0.0", "90.0"]]
 
 
 @pytest.mark.parametrize("garble", ["missing", "json", "gzip", "empty"])
