@@ -3,6 +3,8 @@
     aptmoe-calibrate --out my-host.json                 # full: links, GPU blocks, CPU experts, Adam
     aptmoe-calibrate --out my-host.json --quick         # fewer sizes and repetitions (< 1 min on a laptop)
     aptmoe-calibrate --out h200.json --models S,M --dtypes bf16 --threads 16,32,64
+    aptmoe-calibrate --out lease.json --base h200-2gpu --skip links,gpu,adam,dispatch,memory,p2p,tolls,pacer,cpujob \
+        --models M --threads 14,16 --dtypes fp32  # MoE-M's CPU experts again, the rest from h200-2gpu
 
 Without a GPU it profiles the CPU parts and says, in the file and here, what it skipped; the
 simulator then uses the roofline for those. The file is written atomically and loaded back
@@ -73,6 +75,10 @@ def make_calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch-repeats", dest="dispatch_repeats", type=int, default=1,
                    help="runs of the dispatch probe, each figure their median (1): the host's speed moves "
                         "between runs")
+    p.add_argument("--base", default=None,
+                   help="a profile of this machine (built-in name or file) to put what this run measures onto: "
+                        "the parts --skip leaves out, and the curves of other models, thread counts or dtypes, "
+                        "are the base's (calibration/refresh.py)")
     p.add_argument("--name", default=None, help="profile name (default: the --out file's stem)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -165,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = check_out(ns.out)
         fields = option_fields(ns)
+        base = None if ns.base is None else load_profile(ns.base).to_dict()
+        if base is not None and fields["skip"] >= set(PARTS):
+            raise UsageError("--base with every part skipped measures nothing; skip fewer parts")
     except UsageError as e:
         return fail(str(e))
+    except ProfileError as e:
+        return fail(f"--base {ns.base}: {str(e).splitlines()[0]}")
     try:                                      # torch only now, once the flags are known good
         from aptmoe.calibration.profiler import Options, calibrate, summary
     except ImportError as e:
@@ -175,13 +186,29 @@ def main(argv: list[str] | None = None) -> int:
         raise                               # a broken install of aptmoe itself: show where
 
     command = shlex.join([PROG, *argv])
+    name = ns.name or out.stem
+    if base is not None:                      # of this machine, before anything is measured
+        import dataclasses
+
+        from aptmoe.calibration.profiler import probe_machine
+        from aptmoe.calibration.refresh import check_machine
+        try:
+            check_machine(base, dataclasses.asdict(probe_machine(Options(**fields)).hardware))
+        except ProfileError as e:
+            return fail(str(e))
     t0 = time.perf_counter()
     try:
-        profile = calibrate(Options(**fields), name=ns.name or out.stem, command=command,
+        profile = calibrate(Options(**fields), name=name, command=command,
                             progress=not ns.quiet, log=lambda line: print(line, flush=True))
+        if base is not None:
+            from aptmoe.calibration.refresh import onto_base
+            from aptmoe.profile import Profile
+            profile = Profile.from_dict(onto_base(base, profile.to_dict(), name=name, command=command), str(out))
         path = profile.save(out)
     except KeyboardInterrupt:
         return fail("interrupted; no file written", 130)
+    except ProfileError as e:                 # the run measured nothing to put onto the base
+        return fail(str(e).splitlines()[0])
     try:
         loaded = load_profile(str(path.resolve()))
     except ProfileError as e:                 # save validates, so this is a bug: keep no bad file

@@ -43,7 +43,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _identity(curve: dict) -> tuple:
+def curve_identity(curve: dict) -> tuple:
     """What a curve is, apart from its measurements."""
     return tuple(sorted((k, repr(v)) for k, v in curve.items() if k not in ("tokens", "seconds")))
 
@@ -90,7 +90,7 @@ def _pooled_curves(lists: list[list[dict]], where: str) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for curves in lists:
         for c in curves:
-            groups.setdefault(_identity(c), []).append(c)
+            groups.setdefault(curve_identity(c), []).append(c)
     return [_pooled_curve(group, f"{where}[{i}]") for i, group in enumerate(groups.values())]
 
 

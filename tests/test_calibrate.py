@@ -121,6 +121,9 @@ def test_cpu_curves_feed_the_cost_source(cpu_run) -> None:
     (["--skip", "disk"], "--skip: 'disk' is unknown"),
     (["--heads", "3"], "--heads 3 does not divide"),
     (["--bogus"], "unrecognized arguments"),
+    (["--base", "nowhere.json"], "--base nowhere.json: nowhere.json: no such calibration file"),
+    (["--base", "a800-paper", "--skip", ",".join(cli.PARTS)], "--base with every part skipped measures nothing"),
+    (["--base", "a800-paper", "--quick"], "--base a800-paper is of another machine: its gpu_name is 'A800"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, args: list[str], says: str) -> None:
     out = tmp_path / "x.json"
@@ -456,3 +459,28 @@ def test_the_gpu_only_benches_say_so_on_a_cpu_machine_and_flags_are_checked(caps
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2 and "comma-separated" in capsys.readouterr().err
+
+
+def test_base_takes_what_the_run_measured_and_keeps_the_rest(cpu_run, tmp_path: Path) -> None:
+    """--base: the CPU experts at one of the base's two thread counts timed again; the other
+    count's curves, Adam and every skipped part stay the base's (calibration/refresh.py)."""
+    base_path = cpu_run[0]
+    out = tmp_path / "lease.json"
+    others = ",".join(p for p in cli.PARTS if p != "cpu")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = cli.main(["--out", str(out), "--base", str(base_path), "--quick", "--models", "S", "--dtypes", "fp32",
+                         "--threads", "1", "--skip", others, "-q"])
+    assert code == 0
+    base, lease = json.loads(base_path.read_text()), json.loads(out.read_text())
+    assert lease["name"] == "lease" and lease["adam"] == base["adam"] and lease["links"] == base["links"]
+    assert [s["part"] for s in lease["skipped"]] == [s["part"] for s in base["skipped"]]
+
+    def by_threads(doc, t):
+        return [c for c in doc["cpu_expert"] if c["threads"] == t]
+
+    assert by_threads(lease, 2) == by_threads(base, 2) and len(by_threads(base, 2)) == 2
+    assert len(by_threads(lease, 1)) == 2 and by_threads(lease, 1) != by_threads(base, 1)   # timed again
+    assert len(lease["cpu_expert"]) == len(base["cpu_expert"])
+    assert "cpu_expert from: aptmoe-calibrate --out" in lease["made_by"]["command"]
+    assert "2 curves this run did not measure kept from the base cpu" in lease["sources"]["cpu_expert"]
+    load_profile(str(out))
