@@ -42,10 +42,11 @@ from aptmoe.report import format_table
 from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action, is_block_call
 
 PROG = "python -m aptmoe.sim.phases"
-PARTS = ("calls_s", "between_s", "input_wait_s", "outside_s")     # the compute phase's parts
+PARTS = ("calls_s", "between_s", "input_wait_s", "outside_s", "message_gaps_s")     # the compute phase's parts
 SPLIT = ("the block calls; the rest of the actions' time, between the calls (the host's work, waits for loads "
          "and CPU experts) and in the gaps a receive ended in (waits for the other stage's activations or gradient); "
-         "the time outside every action")
+         "the time outside every action, and of it the gaps between actions that a send or receive of the rank "
+         "ended in")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Phases:
     calls_s: float = 0.0         # its block calls' time (`0F3@12:e5`), all in the compute phase
     actions_s: float = 0.0       # its actions' time (`0F3`), which holds the calls
     input_wait_s: float = 0.0    # of its actions' time between calls, the gaps a receive of its ended in
+    message_gaps_s: float = 0.0  # of the time outside its actions, the gaps a send or receive of its ended in
 
     @property
     def tail_s(self) -> float:
@@ -129,9 +131,12 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
     spent: dict[tuple[int, int, str], float] = defaultdict(float)
     held: dict[tuple[int, int], list[TraceEvent]] = defaultdict(list)       # actions and calls, by step and rank
     received: dict[int, list[float]] = defaultdict(list)                   # when each rank's receives ended
+    messaged: dict[int, list[float]] = defaultdict(list)                   # ... and its sends and receives
     for e in trace.events:
         if e.cat == "recv":
             received[e.rank].append(e.end_s)
+        if e.cat in ("send", "recv"):
+            messaged[e.rank].append(e.end_s)
         k = bisect.bisect_right(starts, e.start_s) - 1
         if k < first or e.cat == "marker":
             continue
@@ -146,8 +151,23 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
         elif e.cat == "update":
             update[key] = max(update.get(key, e.end_s), e.end_s)
     return [Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k],
-                   spent[(k, r, "calls")], spent[(k, r, "actions")], _input_wait(held[(k, r)], sorted(received[r])))
+                   spent[(k, r, "calls")], spent[(k, r, "actions")], _input_wait(held[(k, r)], sorted(received[r])),
+                   _message_gaps(held[(k, r)], sorted(messaged[r])))
             for (k, r), end in sorted(compute.items())]
+
+
+def _ended_in(ends: list[float], lo: float, hi: float) -> bool:
+    """Whether one of the sorted times `ends` is in (lo, hi]."""
+    i = bisect.bisect_right(ends, lo)
+    return hi > lo and i < len(ends) and ends[i] <= hi
+
+
+def _message_gaps(events: list[TraceEvent], messaged: list[float]) -> float:
+    """The gaps between consecutive actions that a send or receive of the rank ended in: the
+    executor's compute thread starts an action only once the net thread has posted its
+    receive, behind the sends before it in its program (session 27: 0.5-0.9 ms a gap)."""
+    actions = sorted((e for e in events if is_action(e)), key=lambda e: e.start_s)
+    return sum(q.start_s - p.end_s for p, q in zip(actions, actions[1:]) if _ended_in(messaged, p.end_s, q.start_s))
 
 
 def _input_wait(events: list[TraceEvent], received: list[float]) -> float:
@@ -161,8 +181,7 @@ def _input_wait(events: list[TraceEvent], received: list[float]) -> float:
         inside = [c for c in calls if a.start_s <= c.start_s and c.end_s <= a.end_s]
         edges = [a.start_s, *(t for c in inside for t in (c.start_s, c.end_s)), a.end_s]
         for lo, hi in zip(edges[::2], edges[1::2]):
-            i = bisect.bisect_right(received, lo)
-            if hi > lo and i < len(received) and received[i] <= hi:
+            if _ended_in(received, lo, hi):
                 waited += hi - lo
     return waited
 
@@ -261,15 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     if ns.measured_only:
         print("ms from each timed step's start: the rank's compute end, the tail after it, its step end; the compute "
               f"phase split: {SPLIT}\n")
-        print(format_table([*head, "compute end", "tail", "step end", "calls", "between", "input wait", "outside"],
-                           rows))
+        print(format_table([*head, "compute end", "tail", "step end", "calls", "between", "input wait", "outside",
+                            "at messages"], rows))
         return 0
     print("ms from each timed step's start, measured and predicted, and predicted - measured: the rank's compute "
           "end (its last forward, backward or recompute), the tail after it (to its last update), its step end\n")
     print(format_table([*head, "compute m", "p", "tail m", "p", "end m", "p", "d compute", "d tail", "d end"], rows))
     print(f"\nmedian over steps and ranks of predicted - measured, ms; the compute phase split: {SPLIT}\n")
     print(format_table(["cell", "schedule", "rows", "d compute end", "d tail", "d step end",
-                        "d calls", "d between", "d input wait", "d outside"], summary))
+                        "d calls", "d between", "d input wait", "d outside", "d at messages"], summary))
     return 0
 
 

@@ -95,6 +95,14 @@ def test_a_gap_inside_an_action_that_a_receive_ended_in_is_an_input_wait() -> No
     assert phases.phases(t)[0].input_wait_s == 0
 
 
+def test_a_gap_between_actions_that_a_message_ended_in_is_counted_apart() -> None:
+    t = _trace(1)
+    t.add("0SF0", 0, "net", 0.100, 0.150, "send")      # rank 0's send ends between 0F0 and 0B0
+    r0, r1 = phases.phases(t)
+    assert r0.message_gaps_s == pytest.approx(0.200) and r0.outside_s == pytest.approx(0.200)
+    assert r1.message_gaps_s == 0                       # its actions are back to back
+
+
 def test_actions_run_unequally_are_not_steps() -> None:
     t = _trace(2)
     t.events = [e for e in t.events if not (e.name == "1B0" and e.start_s > 2)]
@@ -125,7 +133,7 @@ def test_cli_prints_each_step_and_rank_and_the_medians(tmp_path, capsys) -> None
                        "+0.0", "+450.0", "+450.0"]
     assert rows[1][4:] == ["280.0", "280.0", "40.0", "40.0", "320.0", "320.0", "+0.0", "+0.0", "+0.0"]
     # the medians of 0 and 450; the compute phase's parts the same in both
-    assert rows[-1] == ["S8-cap", "Mobius", "4", "+0.0", "+225.0", "+225.0", "+0.0", "+0.0", "+0.0", "+0.0"]
+    assert rows[-1] == ["S8-cap", "Mobius", "4", "+0.0", "+225.0", "+225.0", "+0.0", "+0.0", "+0.0", "+0.0", "+0.0"]
 
 
 def test_cli_without_a_prediction_says_what_writes_it(tmp_path, capsys) -> None:
@@ -138,10 +146,10 @@ def test_cli_without_a_prediction_says_what_writes_it(tmp_path, capsys) -> None:
     # rank 0's calls 79 + 50 + 140 ms in actions of 90 and 200 (210 in step 1), from 10 ms to its compute end
     # (no receive ends inside an action here: no input wait)
     assert [r[2:] for r in _rows(out, "S8-cap")] == [
-        ["0", "0", "490.0", "505.0", "995.0", "269.0", "21.0", "0.0", "200.0"],
-        ["0", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "0.0", "90.0"],
-        ["1", "0", "500.0", "495.0", "995.0", "269.0", "31.0", "0.0", "200.0"],
-        ["1", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "0.0", "90.0"]]
+        ["0", "0", "490.0", "505.0", "995.0", "269.0", "21.0", "0.0", "200.0", "0.0"],
+        ["0", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "0.0", "90.0", "0.0"],
+        ["1", "0", "500.0", "495.0", "995.0", "269.0", "31.0", "0.0", "200.0", "0.0"],
+        ["1", "1", "280.0", "40.0", "320.0", "0.0", "190.0", "0.0", "90.0", "0.0"]]
 
 
 @pytest.mark.parametrize("garble", ["missing", "json", "gzip", "empty"])
