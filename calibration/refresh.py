@@ -83,6 +83,7 @@ def onto_base(base: dict, new: dict, *, name: str, command: str) -> dict:
                           + [s for s in p2p_from["skipped"] if s["part"].startswith(P2P)])
     for section, n in kept.items():
         if n:
-            out["sources"][section] = out["sources"].get(section, "measured") + (f"; {n} curves this run did not measure kept from the base "
-                                        f"{base['name']} ({base['sources'].get(section, 'no source')})")
+            out["sources"][section] = (out["sources"].get(section, "measured")
+                                       + f"; {n} curves this run did not measure kept from the base {base['name']} "
+                                         f"({base['sources'].get(section, 'no source')})")
     return out

@@ -11,7 +11,9 @@ The summary also splits the compute phase, so that a compute end that differs sa
 the block calls themselves; the rest of the actions' time, between calls (the host's work
 between them, waits for a load or a CPU expert) and in the gaps where a receive of the rank
 ended (an action waiting for its input: a backward recomputes its stage first, then waits for
-the next stage's gradient); and the time outside every action.
+the next stage's gradient); and the time outside every action, of which the gaps between
+two actions that a send or receive of the rank ended in (the executor's compute thread waits
+there for its net thread to post the next receive; the simulator has no such wait).
 
     python -m aptmoe.sim.phases PATH [PATH ...] [--measured-only]
 
