@@ -2,6 +2,7 @@
 
     aptmoe-calibrate --base h200-2gpu --skip links,gpu,adam,dispatch,memory,p2p,tolls,pacer,cpujob \
         --models M --threads 14,16 --dtypes fp32 --out lease.json
+    python -m aptmoe.calibration.refresh h200-2gpu cpu-1.json --out lease.json   # a calibration made before
 
 Why: some of a host's figures move from one lease (or hour) of the same machine kind to the
 next by more than a prediction can absorb. The CPU experts of MoE-M ran 1.06x a profile's
@@ -21,9 +22,13 @@ GPU model and count, the CPU model and cores).
 
 from __future__ import annotations
 
+import argparse
+import shlex
+import sys
+
 from aptmoe.calibration.merge import SECTIONS, merge
 from aptmoe.calibration.pool import MACHINE, curve_identity
-from aptmoe.profile import ProfileError
+from aptmoe.profile import Profile, ProfileError, load_profile
 
 CURVES = ("gpu", "cpu_expert")          # sections that are lists of curves
 P2P = "links.p2p"
@@ -87,3 +92,26 @@ def onto_base(base: dict, new: dict, *, name: str, command: str) -> dict:
                                        + f"; {n} curves this run did not measure kept from the base {base['name']} "
                                          f"({base['sources'].get(section, 'no source')})")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.refresh", description=__doc__.splitlines()[0])
+    p.add_argument("base", help="the profile to put the run onto (a built-in name or a file)")
+    p.add_argument("run", help="a calibration of the same machine that measured some parts (aptmoe-calibrate --skip)")
+    p.add_argument("--name", default=None, help="name of the result (default: the base's)")
+    p.add_argument("--out", required=True)
+    ns = p.parse_args(argv)
+    command = "python -m aptmoe.calibration.refresh " + shlex.join(argv if argv is not None else sys.argv[1:])
+    try:
+        base, run = load_profile(ns.base).to_dict(), load_profile(ns.run).to_dict()
+        out = onto_base(base, run, name=ns.name or base["name"], command=command)
+        Profile.from_dict(out, ns.out).save(ns.out)
+    except (ProfileError, OSError) as e:
+        print(f"python -m aptmoe.calibration.refresh: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"wrote {ns.out}: {base['name']} with what {ns.run} measured ({', '.join(measured_sections(run))})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

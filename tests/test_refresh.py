@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from aptmoe.calibration.refresh import measured_sections, onto_base
+from aptmoe.calibration.refresh import main, measured_sections, onto_base
 from aptmoe.profile import Profile, ProfileError, load_profile
 
 BASE = load_profile("h200-2gpu").to_dict()
@@ -78,3 +78,20 @@ def test_the_history_names_the_base_and_the_run() -> None:
     assert command.startswith(BASE["made_by"]["command"].split(" | ")[0])
     assert "adam from: aptmoe-calibrate --out new.json" in command and command.endswith("--base h200-2gpu")
     json.dumps(out)
+
+
+def test_the_command_writes_the_run_onto_the_base_and_refuses_bad_input_in_one_line(tmp_path, capsys) -> None:
+    run = tmp_path / "cpu-1.json"
+    Profile.from_dict(_run(("cpu_expert",), cpu_expert=_m_curves(1.5)), str(run)).save(run)
+    out = tmp_path / "lease.json"
+    assert main(["h200-2gpu", str(run), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    lease = json.loads(out.read_text())
+    assert lease["name"] == "h200-2gpu" and len(lease["cpu_expert"]) == 12
+    assert lease["made_by"]["command"].endswith(f"refresh h200-2gpu {run} --out {out}")
+    for bad in (["h200-2gpu", str(tmp_path / "none.json"), "--out", str(tmp_path / "x.json")],
+                ["a800-paper", str(run), "--out", str(tmp_path / "x.json")]):
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("python -m aptmoe.calibration.refresh: error: ")
+    assert not (tmp_path / "x.json").exists()
