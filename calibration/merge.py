@@ -21,6 +21,7 @@ import argparse
 import datetime
 import shlex
 import sys
+from collections.abc import Callable
 
 from aptmoe import version
 from aptmoe.profile import ProfileError, load_profile
@@ -110,6 +111,19 @@ def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str)
     out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join(commands),
                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return out
+
+
+def write_profile(prog: str, out: str, build: Callable[[], dict]) -> dict | None:
+    """The profile `build()` makes, saved to `out` (atomically, validated) and returned; None
+    after one line on stderr where an input or the result is bad (no file then)."""
+    from aptmoe.profile import Profile
+    try:
+        doc = build()
+        Profile.from_dict(doc, out).save(out)
+        return doc
+    except (ProfileError, OSError) as e:
+        print(f"{prog}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ import sys
 from typing import Any
 
 from aptmoe import version
-from aptmoe.calibration.merge import SEP, history
-from aptmoe.profile import Profile, ProfileError, load_profile
+from aptmoe.calibration.merge import SEP, history, write_profile
+from aptmoe.profile import ProfileError, load_profile
 
 # what must agree for calibrations to be of one machine
 MACHINE = ("gpu_name", "gpu_count", "cpu_model", "cpu_cores")
@@ -138,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     ns = p.parse_args(argv)
     text = "python -m aptmoe.calibration.pool " + shlex.join(argv if argv is not None else sys.argv[1:])
-    try:
-        profiles = [load_profile(path) for path in ns.inputs]
-        doc = pool([pr.to_dict() for pr in profiles], name=ns.name or profiles[0].name, command=text)
-        Profile.from_dict(doc, ns.out).save(ns.out)
-    except (ProfileError, OSError) as e:
-        print(f"aptmoe-calibrate pool: error: {str(e).splitlines()[0]}", file=sys.stderr)
+
+    def build() -> dict:
+        docs = [load_profile(path).to_dict() for path in ns.inputs]
+        return pool(docs, name=ns.name or docs[0]["name"], command=text)
+
+    doc = write_profile("aptmoe-calibrate pool", ns.out, build)
+    if doc is None:
         return 2
-    print(f"wrote {ns.out}: {doc['name']}, the median of {len(profiles)} calibrations")
+    print(f"wrote {ns.out}: {doc['name']}, the median of {len(ns.inputs)} calibrations")
     return 0
 
 

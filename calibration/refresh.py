@@ -26,9 +26,9 @@ import argparse
 import shlex
 import sys
 
-from aptmoe.calibration.merge import SECTIONS, merge
+from aptmoe.calibration.merge import SECTIONS, merge, write_profile
 from aptmoe.calibration.pool import MACHINE, curve_identity
-from aptmoe.profile import Profile, ProfileError, load_profile
+from aptmoe.profile import ProfileError, load_profile
 
 CURVES = ("gpu", "cpu_expert")          # sections that are lists of curves
 P2P = "links.p2p"
@@ -102,14 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     ns = p.parse_args(argv)
     command = "python -m aptmoe.calibration.refresh " + shlex.join(argv if argv is not None else sys.argv[1:])
-    try:
+    measured: list[str] = []
+
+    def build() -> dict:
         base, run = load_profile(ns.base).to_dict(), load_profile(ns.run).to_dict()
-        out = onto_base(base, run, name=ns.name or base["name"], command=command)
-        Profile.from_dict(out, ns.out).save(ns.out)
-    except (ProfileError, OSError) as e:
-        print(f"python -m aptmoe.calibration.refresh: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        measured.extend(measured_sections(run))
+        return onto_base(base, run, name=ns.name or base["name"], command=command)
+
+    doc = write_profile("python -m aptmoe.calibration.refresh", ns.out, build)
+    if doc is None:
         return 2
-    print(f"wrote {ns.out}: {base['name']} with what {ns.run} measured ({', '.join(measured_sections(run))})")
+    print(f"wrote {ns.out}: {doc['name']} with what {ns.run} measured ({', '.join(measured)})")
     return 0
 
 
