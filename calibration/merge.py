@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     ns = p.parse_args(argv)
     argv_text = "python -m aptmoe.calibration.merge " + shlex.join(argv if argv is not None else sys.argv[1:])
-    try:
-        base = load_profile(ns.base)
+    names: list[str] = []                       # the base's, for the line that says what was written
+
+    def build() -> dict:
+        base = load_profile(ns.base).to_dict()
+        names.append(base["name"])
         takes = []
         for item in ns.take:
             section, _, path = item.partition("=")
@@ -145,14 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ProfileError(f"--take {item!r}: use SECTION=FILE (or SECTION.FIELD=FILE, one field) with "
                                    f"SECTION one of {', '.join(SECTIONS)}")
             takes.append((section, load_profile(path).to_dict()))
-        merged = merge(base.to_dict(), takes, name=ns.name or base.name, command=argv_text)
-        from aptmoe.profile import Profile
-        Profile.from_dict(merged, ns.out).save(ns.out)
-    except (ProfileError, OSError) as e:
-        print(f"aptmoe-calibrate merge: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return merge(base, takes, name=ns.name or base["name"], command=argv_text)
+
+    if write_profile("aptmoe-calibrate merge", ns.out, build) is None:
         return 2
-    print(f"wrote {ns.out}: {base.name} with " + ", ".join(f"{s} from {f}" for s, f in
-                                                           (t.partition('=')[::2] for t in ns.take)))
+    print(f"wrote {ns.out}: {names[0]} with " + ", ".join(f"{s} from {f}" for s, f in
+                                                          (t.partition('=')[::2] for t in ns.take)))
     return 0
 
 
