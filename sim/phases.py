@@ -152,10 +152,14 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
                 held[key].append(e)
         elif e.cat == "update":
             update[key] = max(update.get(key, e.end_s), e.end_s)
-    return [Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k],
-                   spent[(k, r, "calls")], spent[(k, r, "actions")], _input_wait(held[(k, r)], sorted(received[r])),
-                   _message_gaps(held[(k, r)], sorted(messaged[r])))
-            for (k, r), end in sorted(compute.items())]
+    out = []
+    for (k, r), end in sorted(compute.items()):
+        actions = sorted((e for e in held[(k, r)] if is_action(e)), key=lambda e: e.start_s)
+        calls = sorted((e for e in held[(k, r)] if is_block_call(e)), key=lambda e: e.start_s)
+        out.append(Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k],
+                          spent[(k, r, "calls")], spent[(k, r, "actions")],
+                          _input_wait(actions, calls, sorted(received[r])), _message_gaps(actions, sorted(messaged[r]))))
+    return out
 
 
 def _ended_in(ends: list[float], lo: float, hi: float) -> bool:
@@ -164,20 +168,18 @@ def _ended_in(ends: list[float], lo: float, hi: float) -> bool:
     return hi > lo and i < len(ends) and ends[i] <= hi
 
 
-def _message_gaps(events: list[TraceEvent], messaged: list[float]) -> float:
-    """The gaps between consecutive actions that a send or receive of the rank ended in: the
-    executor's compute thread starts an action only once the net thread has posted its
+def _message_gaps(actions: list[TraceEvent], messaged: list[float]) -> float:
+    """Between these actions (in order), the gaps that a send or receive of the rank ended in:
+    the executor's compute thread starts an action only once the net thread has posted its
     receive, behind the sends before it in its program (session 27: 0.5-0.9 ms a gap)."""
-    actions = sorted((e for e in events if is_action(e)), key=lambda e: e.start_s)
     return sum(q.start_s - p.end_s for p, q in zip(actions, actions[1:]) if _ended_in(messaged, p.end_s, q.start_s))
 
 
-def _input_wait(events: list[TraceEvent], received: list[float]) -> float:
-    """Of the time inside these actions between their calls (and before the first, after the
-    last), the gaps a receive ended in: an action that starts before its input has come waits
-    inside it (a backward recomputes its stage first, then waits for the next stage's gradient)."""
-    actions = sorted((e for e in events if is_action(e)), key=lambda e: e.start_s)
-    calls = sorted((e for e in events if is_block_call(e)), key=lambda e: e.start_s)
+def _input_wait(actions: list[TraceEvent], calls: list[TraceEvent], received: list[float]) -> float:
+    """Of the time inside these actions between their calls (both in order; and before the
+    first call, after the last), the gaps a receive ended in: an action that starts before its
+    input has come waits inside it (a backward recomputes its stage first, then waits for the
+    next stage's gradient)."""
     waited = 0.0
     for a in actions:
         inside = [c for c in calls if a.start_s <= c.start_s and c.end_s <= a.end_s]
