@@ -31,11 +31,12 @@ CASES = {
 ARTIFACT_BEST_S = 5.80          # the artifact on the same host: GPipeOffload 22.1 seq/s (issue 5, §11)
 
 
-def run_case(name: str, gpus: int, keep: Path, steps: int, repeats: int = 1) -> Path:
+def run_case(name: str, gpus: int, keep: Path, steps: int, repeats: int = 1, calibration: str | None = None) -> Path:
     out = keep / f"{name}{gpus}"
     cmd = ["aptmoe-run", *SEED, "--gpus", str(gpus), "--num_warmup_steps", "1", "--num_training_steps", str(steps),
            "--no-plot", "-q", "--out", str(out), *CASES[name][1],
-           *(["--repeats", str(repeats)] if repeats > 1 else [])]
+           *(["--repeats", str(repeats)] if repeats > 1 else []),
+           *(["--calibration", calibration] if calibration else [])]
     subprocess.run(cmd, check=True)
     return out / "results.json"
 
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per schedule (3)")
     p.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="runs of each schedule, the median kept (aptmoe-run --repeats) (1)")
+    p.add_argument("--calibration", default=None, metavar="PROFILE",
+                   help="the profile APTMoE plans with (aptmoe-run --calibration; default: the built-in one of "
+                        "this kind of machine), e.g. one calibrated on this lease just before")
     p.add_argument("--keep", default="runs/exec-bench", help="where --run leaves its output folders")
     p.add_argument("--from", dest="from_", action="append", default=[], metavar="LABEL=RESULTS_JSON",
                    help="format an earlier run instead")
@@ -93,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.run:
         keep = Path(ns.keep)
         if ns.demo:
-            results["seed demo, 4 GPUs, native"] = run_case("demo", 4, keep, ns.steps, ns.repeats)
+            results["seed demo, 4 GPUs, native"] = run_case("demo", 4, keep, ns.steps, ns.repeats, ns.calibration)
         for g in ns.gpus.split(","):
-            results[f"paper regime, {g} GPUs"] = run_case("regime", int(g), keep, ns.steps, ns.repeats)
+            results[f"paper regime, {g} GPUs"] = run_case("regime", int(g), keep, ns.steps, ns.repeats, ns.calibration)
     for item in ns.from_:
         label, _, path = item.partition("=")
         if not path:

@@ -31,3 +31,16 @@ def test_a_section_gives_medians_the_ratio_to_mobius_and_every_repeated_run(tmp_
     assert "| GPipe | refused or OOM |" in single
     assert "| APTMoE | 2.400 | 2.00, 2.50, 2.40 | 26.7 |" in single and "| 1.25x |" in single   # 3.0 / 2.4
     assert "the median run of 3" in repeated and "2.00, 2.50, 2.40 (runs: 2.60, 2.30, 2.20)" in repeated
+
+
+def test_a_case_passes_the_planning_profile_and_repeats_to_aptmoe_run(tmp_path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    out = bench.run_case("regime", 4, tmp_path, 3, repeats=3, calibration="runs/x4/h200-4gpu.json")
+    assert out == tmp_path / "regime4" / "results.json"
+    cmd = calls[0]
+    assert cmd[cmd.index("--calibration") + 1] == "runs/x4/h200-4gpu.json"
+    assert cmd[cmd.index("--repeats") + 1] == "3" and cmd[cmd.index("--gpus") + 1] == "4"
+    assert cmd[cmd.index("--link-bandwidth") + 1] == "8"
+    bench.run_case("demo", 4, tmp_path, 3)
+    assert "--calibration" not in calls[1] and "--repeats" not in calls[1] and "--link-bandwidth" not in calls[1]
