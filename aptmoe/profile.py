@@ -943,16 +943,21 @@ def default_planning_profile(on_gpu: bool) -> str:
 @functools.lru_cache(maxsize=8)
 def machine_profile(gpu_name: str, gpu_count: int, cpu_cores: int) -> str | None:
     """The built-in profile calibrated on a machine like this one (same GPU model and count,
-    same physical cores), or None. On nvidia-h200-x2 the default had been `h200`, made on the
-    4-GPU kind, whose CPU figures are another host's; `h200-2gpu` is this host's."""
+    same physical cores), the latest of them where several are, or None. On nvidia-h200-x2 the
+    default had been `h200`, made on the 4-GPU kind, whose CPU figures are another host's;
+    `h200-2gpu` is this host's. `h200` stays for the stored runs it planned, but `h200-4gpu`
+    (2026-11-30) has the parts calibrated since (dispatch, host memory, receive wait, CPU jobs)."""
+    found = []
     for name in list_profiles():
         try:
-            hw = load_profile(name).hardware
+            prof = load_profile(name)
         except ProfileError:
             continue
+        hw = prof.hardware
         if (hw.gpu_name, hw.gpu_count, hw.cpu_cores) == (gpu_name, gpu_count, cpu_cores):
-            return name
-    return None
+            when = datetime.datetime.fromisoformat(prof.made_by.date)
+            found.append((when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc), name))
+    return max(found)[1] if found else None
 
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:

@@ -404,7 +404,7 @@ def test_the_built_in_profile_of_a_machine_is_the_one_calibrated_on_its_kind() -
 
     assert machine_profile("NVIDIA H200", 2, 32) == "h200-2gpu"
     assert machine_profile("NVIDIA H200", 1, 16) == "h200-1gpu"
-    assert machine_profile("NVIDIA H200", 4, 64) == "h200"
+    assert machine_profile("NVIDIA H200", 4, 64) == "h200-4gpu"      # of h200 and h200-4gpu, the later
     assert machine_profile("NVIDIA H200", 2, 48) is None           # other cores: another host
     assert machine_profile("NVIDIA A800", 2, 32) is None
 
