@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from aptmoe.config import DTYPE_BYTES, moe_model
+from aptmoe.config import DTYPE_BYTES, TOPOLOGIES, moe_model
 from aptmoe.flags import make_parser
 from aptmoe.profile import ProfileError, load_profile
+from aptmoe.run_process import ExecutorFailed
 
 PROG = "aptmoe-calibrate"
 MODEL_SIZES = ("S", "M", "L")                 # the config presets (Table I)
@@ -75,6 +76,9 @@ def make_calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch-repeats", dest="dispatch_repeats", type=int, default=1,
                    help="runs of the dispatch probe, each figure their median (1): the host's speed moves "
                         "between runs")
+    p.add_argument("--dispatch-ranks", dest="dispatch_ranks", type=int, default=None,
+                   help="ranks the dispatch probe runs on at once (one GPU; two ranks with --blocks-on cpu): "
+                        "as many as the runs the profile is for, e.g. 4 on four GPUs")
     p.add_argument("--base", default=None,
                    help="a profile of this machine (built-in name or file) to put what this run measures onto: "
                         "the parts --skip leaves out, and the curves of other models, thread counts or dtypes, "
@@ -145,8 +149,12 @@ def option_fields(ns: argparse.Namespace) -> dict:
     """The profiler's `Options` fields from the parsed flags (no torch needed); UsageError
     on bad input."""
     for flag in ("--seq-length", "--heads", "--gpus", "--gpu-max-tokens", "--cpu-max-tokens", "--cpu-point-limit",
-                 "--block-threads", "--dispatch-repeats"):
+                 "--block-threads", "--dispatch-repeats", "--dispatch-ranks"):
         _positive(flag, getattr(ns, flag[2:].replace("-", "_")))
+    if ns.dispatch_ranks is not None and f"C1+G{ns.dispatch_ranks}" not in TOPOLOGIES:
+        counts = sorted(TOPOLOGIES.values())
+        raise UsageError(f"--dispatch-ranks {ns.dispatch_ranks}: the probe runs as C1+G<n>, n one of "
+                         f"{', '.join(map(str, counts))}")
     models = _models(ns.models)
     width = min(_width(s) for s in models)
     if width % ns.heads:
@@ -159,7 +167,8 @@ def option_fields(ns: argparse.Namespace) -> dict:
         seq_length=ns.seq_length, heads=ns.heads, quick=ns.quick, max_gpus=ns.gpus,
         skip=frozenset(_choices("--skip", ns.skip, PARTS)) if ns.skip is not None else frozenset(),
         gpu_max_tokens=ns.gpu_max_tokens, cpu_max_tokens=ns.cpu_max_tokens, cpu_point_limit_s=ns.cpu_point_limit,
-        blocks_on=ns.blocks_on, block_threads=ns.block_threads, dispatch_repeats=ns.dispatch_repeats)
+        blocks_on=ns.blocks_on, block_threads=ns.block_threads, dispatch_repeats=ns.dispatch_repeats,
+        dispatch_ranks=ns.dispatch_ranks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
 
     command = shlex.join([PROG, *argv])
     name = ns.name or out.stem
+    if ns.dispatch_ranks is not None and ns.blocks_on != "cpu" and "dispatch" not in fields["skip"]:
+        from aptmoe.calibration.profiler import probe_machine
+        gpus = len(probe_machine(Options(**fields)).gpus)
+        if ns.dispatch_ranks > gpus:              # before anything is measured
+            return fail(f"--dispatch-ranks {ns.dispatch_ranks}: this machine has {gpus} GPU(s) to run the probe "
+                        f"on; give at most {gpus}")
     if base is not None:                      # of this machine, before anything is measured
         import dataclasses
 
@@ -207,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         path = profile.save(out)
     except KeyboardInterrupt:
         return fail("interrupted; no file written", 130)
+    except ExecutorFailed as e:               # a probe's own aptmoe-run (dispatch, CPU jobs, own calls)
+        return fail(f"{str(e).splitlines()[0]}; no file written", 1)
     except ProfileError as e:                 # the run measured nothing to put onto the base
         return fail(str(e).splitlines()[0])
     try:

@@ -108,6 +108,7 @@ class Options:
     blocks_on: str = "auto"                  # "cpu": time the "GPU" blocks on the CPU (for CPU ranks)
     block_threads: int | None = None         # threads for blocks on the CPU (None: half the cores)
     dispatch_repeats: int = 1                # dispatch probe runs, each figure their median
+    dispatch_ranks: int | None = None        # the probe's ranks (None: one GPU, or two CPU ranks)
 
 
 @dataclass(frozen=True)
@@ -1061,8 +1062,16 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
     if "cpujob" not in opts.skip and gpus and opts.blocks_on != "cpu":
         add("cpu job", lambda: _measure_cpu_job(m))
     if "dispatch" not in opts.skip and (gpus or opts.blocks_on == "cpu"):
-        # On CPU ranks: two of them, as the executor runs by default without a GPU.
+        # On CPU ranks: two of them, as the executor runs by default without a GPU. On GPUs one
+        # by default; --dispatch-ranks: as many as the runs it stands for use (on four H200s the
+        # runs' issuing threads timed their reference loop at 1.47x the one-GPU probe's,
+        # docs/validation-h200-4gpu)
         device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
+        if opts.dispatch_ranks is not None:
+            if device == "cuda" and opts.dispatch_ranks > len(gpus):
+                raise ValueError(f"--dispatch-ranks {opts.dispatch_ranks}: this machine has {len(gpus)} GPU(s) "
+                                 "to run the probe on; give at most that many")
+            probe_ranks = opts.dispatch_ranks
         add(f"dispatch {device}",
             lambda: setattr(m, "dispatch", measure_dispatch(device, probe_ranks, opts.dispatch_repeats)))
     return tasks
@@ -1350,8 +1359,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                 "phases (calibration/cpu_jobs.py)")
     if m.dispatch is not None:
         runs = "" if opts.dispatch_repeats == 1 else f", the median of {opts.dispatch_repeats} runs"
+        ranks = "" if opts.dispatch_ranks is None else f", {opts.dispatch_ranks} ranks at once"
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
-                                 f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls{runs}) on a model too "
+                                 f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls{runs}{ranks}) on a model too "
                                  f"small to compute: {' '.join(PROBE)}"
                                  + ("" if m.dispatch.loop_s is None else
                                     f"; loop_s: its ranks' reference loop (aptmoe.host.python_loop_s) around the "

@@ -5,6 +5,7 @@ where CUDA exists."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.resources
 import io
 import itertools
@@ -114,6 +115,8 @@ def test_cpu_curves_feed_the_cost_source(cpu_run) -> None:
     (["--blocks-on", "tpu"], "invalid choice"),
     (["--block-threads", "0"], "--block-threads must be positive"),
     (["--dispatch-repeats", "0"], "--dispatch-repeats must be positive"),
+    (["--dispatch-ranks", "0"], "--dispatch-ranks must be positive"),
+    (["--dispatch-ranks", "3"], "--dispatch-ranks 3: the probe runs as C1+G<n>, n one of 1, 2, 4"),
     (["--threads", "0,2"], "--threads: '0' is not a positive integer"),
     (["--threads", "a"], "--threads: 'a'"),
     (["--threads", ","], "--threads needs"),
@@ -131,6 +134,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, args: list[str
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_more_dispatch_ranks_than_gpus_is_refused_before_measuring(tmp_path: Path, capsys, monkeypatch) -> None:
+    hw = Hardware("NVIDIA H200", 2, 141 * 10**9, "test CPU", 1, 16, 10**11, torch.__version__)
+    monkeypatch.setattr(profiler, "probe_machine",
+                        lambda opts: profiler.Machine(gpus=(0, 1), cpus=tuple(range(16)), threads=(2,), hardware=hw))
+    monkeypatch.setattr(profiler, "calibrate", lambda *a, **k: pytest.fail("measured before refusing"))
+    assert cli.main(["--out", str(tmp_path / "x.json"), "--dispatch-ranks", "4", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "--dispatch-ranks 4: this machine has 2 GPU(s) to run the probe on; give at most 2" in err
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_probe_run_is_one_line_and_no_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    from aptmoe.run_process import ExecutorFailed
+
+    def fails(*a, **k):
+        raise ExecutorFailed("the dispatch probe (aptmoe-run GPipe on a tiny model) failed: aptmoe-run failed (exit 1)")
+    monkeypatch.setattr(profiler, "calibrate", fails)
+    assert cli.main(["--out", str(tmp_path / "x.json"), "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "the dispatch probe" in err and "no file written" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_out_in_a_missing_folder_is_refused(tmp_path: Path, capsys) -> None:
@@ -299,6 +325,29 @@ def test_planned_tasks_measure_shared_adam_with_the_host_ranks(gpus, monkeypatch
     ranks = max(2, len(gpus))
     assert calls and all(r == ranks for _, r in calls)
     assert sorted(t for t, _ in calls) == sorted({2, 16 // ranks})
+
+
+@pytest.mark.parametrize("ranks, blocks_on, gpus, expect", [(None, "auto", (0, 1, 2, 3), ("cuda", 1)),
+                                                            (4, "auto", (0, 1, 2, 3), ("cuda", 4)),
+                                                            (None, "cpu", (), ("cpu", 2)),
+                                                            (4, "cpu", (), ("cpu", 4))])
+def test_the_dispatch_probe_runs_on_the_ranks_it_is_given(ranks, blocks_on, gpus, expect, monkeypatch) -> None:
+    """--dispatch-ranks: the probe on as many ranks as the runs it stands for (one GPU, or two
+    CPU ranks, without it); more ranks than GPUs is refused when the tasks are planned."""
+    calls = []
+    monkeypatch.setattr(profiler, "measure_dispatch", lambda device, r, repeats: calls.append((device, r)))
+    opts = profiler.Options(models=("S",), dtypes=("fp32",), threads=(2,), quick=True, blocks_on=blocks_on,
+                            skip=frozenset(profiler.PARTS) - {"dispatch"}, dispatch_ranks=ranks)
+    hw = Hardware("NVIDIA H200", len(gpus), 141 * 10**9, "test CPU", 1, 16, 10**11, torch.__version__)
+    machine = profiler.Machine(gpus=gpus, cpus=tuple(range(16)), threads=(2,), hardware=hw)
+    tasks = profiler.plan_tasks(opts, profiler.sizes_for(opts), machine, profiler.Measured())
+    [task] = [t for t in tasks if t.label.startswith("dispatch")]
+    task.run()
+    assert calls == [expect]
+    if gpus:
+        with pytest.raises(ValueError, match="--dispatch-ranks 5: this machine has 4 GPU"):
+            profiler.plan_tasks(dataclasses.replace(opts, dispatch_ranks=5), profiler.sizes_for(opts), machine,
+                                profiler.Measured())
 
 
 # --------------------------------------------------------------------------- GPU
