@@ -1030,6 +1030,32 @@ def test_v11_predicted_with_the_stored_cpu_curves_misses_only_by_capped_m_aptmoe
     assert 0.10 < stock["summary"]["held-back"]["worst_abs_error"] < 0.105
 
 
+V4GPU = ["--gpus", "4", "--steps", "3", "--repeats", "1", "--models", "S:8:8:8,M:8:8:8,L:4:4:8", "--gini", "0.45,0.3",
+         "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_the_first_four_gpu_cells_as_measured(tmp_path, monkeypatch) -> None:
+    """Session 28 (docs/validation-h200-4gpu): the first 4-GPU cells, S8, M8 and L4 with 8
+    experts at G 0.45 (native, capped) and M8 at G 0.3 (native), one run a schedule, each
+    planned and predicted with the lease's calibration (h200-4gpu): 7.2%, the worst 39.3% (S8
+    native Mobius), ranking right in 6 of 7. S is predicted 7-39% too fast (its issuing
+    threads ran 1.47x slower than the one-GPU dispatch probe); M and L come to 4.3%."""
+    report = _repredicted("validation-h200-4gpu", tmp_path, monkeypatch,
+                          ["--calibration", "h200-4gpu", "--cell-profiles", *V4GPU])
+    held = report["summary"]["held-back"]
+    assert held["runs"] == 28 and held["configs"] == 7 and held["ranking_right"] == 6
+    assert held["worst_run"] == "S8x8-G0.45-native-4gpu Mobius"
+    _within(report, {"held-back": (0.073, 0.394)})
+    errors = {r["cell"][0]: [] for r in report["runs"]}
+    for r in report["runs"]:
+        errors[r["cell"][0]].append(r["error"])
+    assert all(-0.40 < e < -0.07 for e in errors["S"])
+    assert statistics.median(abs(e) for e in errors["M"] + errors["L"]) <= 0.044
+    for cell in (DOCS / "validation-h200-4gpu" / "cells").iterdir():
+        doc = json.loads((cell / "profile.json").read_text())
+        assert doc["name"] == "h200-4gpu" and doc["hardware"]["gpu_count"] == 4, cell
+
+
 ADAM_LEASES = ["aptmoe/profiles/h200-2gpu.json", "docs/measured/h200x2-session17/calibrations/pool.json",
                "docs/measured/h200x2-session21/dispatch.json", "docs/measured/session23/dispatch.json"]
 
