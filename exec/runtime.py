@@ -386,7 +386,7 @@ class RankRuntime:
 
     def _landed(self, landing: Landing) -> bool:
         """Whether a copy has landed, without waiting."""
-        return landing.done.is_set() and (landing.error is not None or self.dev.passed(landing.end))
+        return landing.done.is_set() and (landing.error is not None or self.dev.passed(landing.arrived))
 
     def _land(self, link: Link, landing: Landing, what: str) -> None:
         """Wait until a copy has landed (its bytes on the other side)."""
@@ -692,7 +692,7 @@ class RankRuntime:
             self._wait_event(landing.done, f"the outputs of layer {layer}")
             landing.check()
             self._job_event(a, layer, experts, sum(sizes), cat, [submitted, *phases, self.dev.host_seconds()])
-            marker = landing.end
+            marker = landing.arrived             # behind this copy, not behind what act_stream queued since
             if self.dev.cuda:
                 self.dev.keep_for(dev_up, self.dev.compute)
             return dict(zip(experts, zip(dev_up.split(sizes), stays))), marker

@@ -65,6 +65,38 @@ def test_capped_copy_takes_bytes_over_cap() -> None:
             link.close()
 
 
+def test_a_capped_offload_lands_block_by_block_not_when_the_whole_stage_has_run() -> None:
+    """A stage's offload queues every block's GPU -> host copy at once on one stream, as
+    exec/runtime.py's _offload does. At 8 GB/s the first 64 MiB block's bytes have passed after
+    8.4 ms; it must be there then, though the 2 GiB queued behind it take about 40 ms to run at
+    the machine's rate (session 28: the first Adam of a capped L4 stage came 79-91 ms after the
+    backward, not 34, while the waits took a marker recorded when the copy landed)."""
+    import time
+
+    from aptmoe.exec.device import Device
+    from aptmoe.exec.link import Link
+
+    dev = Device("cuda:0")
+    stream = dev.new_stream()
+    first = torch.randn((64 << 20) // 4, device="cuda")
+    rest = [torch.randn((256 << 20) // 4, device="cuda") for _ in range(8)]
+    hosts = [torch.empty(t.shape, pin_memory=True) for t in [first, *rest]]
+    link = Link(8.0, dev)
+    try:
+        link.wait(link.copy(hosts[0], first, stream))                    # warm
+        t = time.perf_counter()
+        landings = [link.copy(h, g, stream) for h, g in zip(hosts, [first, *rest])]
+        link.wait(landings[0])
+        took = time.perf_counter() - t
+        want = first.numel() * 4 / 8e9
+        assert took < want + 3e-3, f"the first block was there after {took * 1e3:.1f} ms, its bytes after {want * 1e3:.1f}"
+        for landing in landings[1:]:
+            link.wait(landing)
+        assert torch.equal(hosts[0], first.cpu())
+    finally:
+        link.close()
+
+
 def test_eager_kernel_loading_reaches_the_ranks(tmp_path, monkeypatch) -> None:
     """--kernel-loading eager is in the ranks' driver: they record it, and their CUDA context
     holds every kernel module (more GPU memory outside torch's allocator than a lazy rank's,

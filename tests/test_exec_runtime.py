@@ -432,6 +432,45 @@ def test_a_capped_link_is_a_fluid_shared_equally_and_wakes_per_copy_not_per_chun
         link.close()
 
 
+def test_a_capped_copy_is_waited_for_behind_itself_not_behind_the_copies_queued_after_it() -> None:
+    """A stage's offload queues all its blocks' copies on one stream at once. A landed copy's
+    `end` is recorded when its bytes have passed the cap, so on a GPU it also waits for every
+    copy queued behind it to run: waiting on it, the first block's gradient was handed to Adam
+    only once the whole stage had run at the machine's rate (four H200s, capped L4: 79-91 ms
+    after the backward, not 34). The waits take the marker recorded right behind the copy."""
+    from aptmoe.exec.device import Device, Marker
+    from aptmoe.exec.link import Link
+
+    class Recording(Device):                         # the CPU's device, its markers in order
+        def __init__(self) -> None:
+            super().__init__("cpu")
+            self.made: list[Marker] = []
+            self.waited: list[Marker] = []
+
+        def record(self, stream=None) -> Marker:
+            self.made.append(super().record(stream))
+            return self.made[-1]
+
+        def block_on(self, marker) -> None:
+            self.waited.append(marker)
+
+    dev = Recording()
+    link = Link(0.05, dev)                           # 4 MiB in 84 ms: the second is queued long before
+    try:
+        big, small = torch.randn(1 << 20), torch.randn(1 << 18)
+        first, second = link.copy(torch.empty_like(big), big), link.copy(torch.empty_like(small), small)
+        link.wait(first)
+        assert dev.waited == [first.copied] and first.arrived is first.copied
+        assert dev.made.index(first.copied) < dev.made.index(second.copied) < dev.made.index(first.end)
+        link.wait(second)
+        assert dev.waited[-1] is second.copied
+    finally:
+        link.close()
+    plain = Link(None, dev)                          # uncapped: the copy's end is right behind it
+    landing = plain.copy(torch.empty_like(small), small)
+    assert landing.copied is None and landing.arrived is landing.end
+
+
 def test_closing_a_capped_link_fails_the_copies_still_on_it() -> None:
     from aptmoe.exec.link import Link, LinkClosed
 
