@@ -13,7 +13,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 
-from aptmoe.trace import Trace, block_kind, by_occurrence, is_block_call
+from aptmoe.trace import Trace, block_kind, by_occurrence, is_block_call, is_load
 
 # A call this much longer than its prediction, and by this much, stalled: the model's block costs
 # are not that far off otherwise (session 22's longest stall: an expert's recompute of 228 ms).
@@ -66,3 +66,43 @@ def stalls(real: Trace, predicted: Trace) -> Stalls:
     ran = [a["run_us"] / a["host_us"] for a in held if "run_us" in a and a.get("host_us")]
     return Stalls(calls, first, firsts, max(excess.values(), default=0.0),
                   statistics.median(ran) if ran else None)
+
+
+# A load this many times longer than its bytes at the run's median copy rate, and at least this
+# long, stalled: a capped stage load's copies ran within 1% of their slot otherwise.
+LOAD_STALL_FACTOR, LOAD_STALL_FLOOR_S = 5.0, 0.02
+# A stalled load "ended with" a receive of its rank that ended this close to it.
+WITH_RECV_S = 3e-3
+
+
+@dataclass(frozen=True)
+class LoadStalls:
+    """The loads of one measured run that stalled (`LOAD_STALL_FACTOR` times their bytes at the
+    run's median copy rate, and `LOAD_STALL_FLOOR_S` or more): how many, of how many loads, their
+    time over that rate, and how many ended within `WITH_RECV_S` of a receive of their rank."""
+    loads: int
+    stalled: int
+    excess_s: float
+    with_recv: int
+    rate_Bps: float | None
+
+
+def load_stalls(trace: Trace) -> LoadStalls:
+    """Session 28: in the paper's regime on four H200s (8 GB/s), Mobius's stage loads ran at the
+    cap but for 31 copies of 2,592 that took 0.14-0.54 s each, 9.5 s over the run's rate in all
+    (four ranks, four steps with the warm-up). 30 of them ended within 3 ms of a receive of their
+    rank that had waited for its peer (docs/measured/h200x4-session28). The model has no term for
+    a load that waits on a receive."""
+    loads = [e for e in trace.events if is_load(e) and e.args.get("bytes", 0) > 0 and e.end_s > e.start_s]
+    if not loads:
+        return LoadStalls(0, 0, 0.0, 0, None)
+    rate = statistics.median(e.args["bytes"] / (e.end_s - e.start_s) for e in loads)
+    ends = {}
+    for e in trace.events:
+        if e.cat == "recv":
+            ends.setdefault(e.rank, []).append(e.end_s)
+    stalled = [e for e in loads
+               if e.end_s - e.start_s >= max(LOAD_STALL_FACTOR * e.args["bytes"] / rate, LOAD_STALL_FLOOR_S)]
+    with_recv = sum(any(abs(t - e.end_s) <= WITH_RECV_S for t in ends.get(e.rank, ())) for e in stalled)
+    excess = sum(e.end_s - e.start_s - e.args["bytes"] / rate for e in stalled)
+    return LoadStalls(len(loads), len(stalled), excess, with_recv, rate)

@@ -8,7 +8,7 @@ thread slows it that the model does not know. On the 2-GPU grid of session 15
 Mobius's host time.
 
     python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
-        [--gaps f|b] [--budget] [--cpu-jobs] [--own-work] [--first-use] [--predicted [--stalls]]
+        [--gaps f|b] [--budget] [--cpu-jobs] [--own-work] [--first-use] [--load-stalls] [--predicted [--stalls]]
 
 A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
@@ -29,7 +29,7 @@ from pathlib import Path
 from aptmoe.own_work import CONDITIONS as OWN_WORK
 from aptmoe.own_work import first_use_cell, first_uses, own_work_factors, rank_lanes
 from aptmoe.report import format_table
-from aptmoe.stalls import STALL_FACTOR, STALL_FLOOR_S, stalls
+from aptmoe.stalls import LOAD_STALL_FACTOR, LOAD_STALL_FLOOR_S, STALL_FACTOR, STALL_FLOOR_S, WITH_RECV_S, load_stalls, stalls
 from aptmoe.trace import (CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs, block_kind, call_kind,
                           is_action, is_block_call, is_cpu_job, is_load)
 
@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-use", dest="first_use", action="store_true",
                    help="also the calls alone of blocks the rank loads: the first call after a block's load "
                         "against its later calls, median host us (calls)")
+    p.add_argument("--load-stalls", dest="load_stalls", action="store_true",
+                   help=f"also the loads that took {LOAD_STALL_FACTOR:g}x their bytes at the run's median copy rate "
+                        f"and {LOAD_STALL_FLOOR_S * 1e3:g} ms or more, their ms over that rate, and how many ended "
+                        f"within {WITH_RECV_S * 1e3:g} ms of a receive of their rank")
     p.add_argument("--predicted", action="store_true",
                    help="also read each matrix cell's predicted traces (after aptmoe-sim matrix --repredict)")
     p.add_argument("--stalls", action="store_true",
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--stalls compares each run with its prediction: add --predicted")
     asked = [(s, getattr(ns, s.flag)) for s in SPLITS if getattr(ns, s.flag)]
     rows, keys, gap_rows, budget_rows, job_rows, own_rows, first_rows = [], set(), [], [], [], [], []
-    stall_rows, measured = [], {}
+    stall_rows, load_rows, measured = [], [], {}
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
     for run in run_dirs(ns.runs):
         traces = traces_of(run, ns.predicted)
@@ -367,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "-" if st.ran is None else f"{st.ran:.2f}"])
                 else:
                     measured[name] = trace
+            if ns.load_stalls and not name.endswith(" (predicted)"):
+                ls = load_stalls(trace)
+                load_rows.append([label, name, str(ls.loads), "-" if ls.rate_Bps is None else f"{ls.rate_Bps / 1e9:.1f}",
+                                  str(ls.stalled), f"{ls.excess_s * 1e3:.0f}", str(ls.with_recv)])
             calls = host_calls(trace)
             keys |= calls.keys()
             rows.append((label, name, calls))
@@ -423,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
               "time the median share their thread ran (the rest it slept, on the GIL, a lock or the driver, or "
               "waited for a core; - in traces from before the executor kept it)\n")
         print(format_table(["run", "schedule", "stalls", "first of a shape", "ms over", "ran"], stall_rows))
+    if ns.load_stalls:
+        print(f"\nloads that took {LOAD_STALL_FACTOR:g}x their bytes at the run's median copy rate and "
+              f"{LOAD_STALL_FLOOR_S * 1e3:g} ms or more (the whole run): how many, their ms over that rate, and how "
+              f"many ended within {WITH_RECV_S * 1e3:g} ms of a receive of their rank\n")
+        print(format_table(["run", "schedule", "loads", "GB/s", "stalled", "ms over", "with a receive"], load_rows))
     if ns.budget:
         print("\nms a step on each rank's compute stream\n")
         print(format_table(["run", "schedule", "rank", "block calls", "gaps in actions", "rest", "span"], budget_rows))

@@ -337,3 +337,28 @@ def test_stalls_are_calls_far_over_their_prediction_and_name_the_first_of_a_shap
     assert capsys.readouterr().out.splitlines()[-1].split()[-1] == "0.40"
     with pytest.raises(SystemExit):
         host_calls.main([str(tmp_path / "m"), "--stalls"])
+
+
+def test_load_stalls_are_copies_far_over_the_runs_rate_and_count_those_ending_with_a_receive(tmp_path,
+                                                                                            capsys) -> None:
+    """A 32 MiB load at 8 GB/s takes 4.2 ms; one 5x that and 20 ms or more stalled. Of the
+    stalls, those ending within 3 ms of a receive of their own rank are counted apart (another
+    rank's receive ending then counts for nothing)."""
+    mib32, slot = 32 << 20, (32 << 20) / 8e9
+    t = Trace("real", meta={"pipeline": "Mobius"})
+    for i in range(20):                              # rank 0's loads back to back at the cap
+        t.add(f"0LF@0:e{i}", 0, "load", i * slot, (i + 1) * slot, "load-stage", bytes=mib32)
+    t.add("1LF@1:e0", 1, "load", 0.0, 0.300, "load-stage", bytes=mib32)     # stalled, its own recv ends with it
+    t.add("1RF0", 1, "net", 0.010, 0.301, "recv")
+    t.add("1LF@1:e1", 1, "load", 0.400, 0.700, "load-stage", bytes=mib32)   # stalled, rank 0's recv ends with it
+    t.add("0RF1", 0, "net", 0.500, 0.700, "recv")
+    t.add("1LF@1:e2", 1, "load", 0.800, 0.819, "load-stage", bytes=mib32)   # 4.5x: not stalled
+    t.add("1LF@1:e3", 1, "load", 0.900, 0.9195, "load-stage", bytes=mib32)  # 4.6x and under 20 ms
+    t.add("1DF", 1, "load", 0.95, 0.95, "marker")                           # a marker is no load
+    st = host_calls.load_stalls(t)
+    assert (st.loads, st.stalled, st.with_recv) == (24, 2, 1)
+    assert st.rate_Bps == pytest.approx(8e9)
+    assert st.excess_s == pytest.approx(0.600 - 2 * slot)
+    t.save(tmp_path / "trace-Mobius.json")
+    assert host_calls.main([str(tmp_path), "--load-stalls"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == [tmp_path.name, "Mobius", "24", "8.0", "2", "592", "1"]
