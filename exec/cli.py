@@ -90,6 +90,16 @@ def _switch_us(text: str) -> float:
     return us
 
 
+def _connections(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of work queues") from None
+    if not 1 <= n <= 32:
+        raise argparse.ArgumentTypeError(f"{n} is outside the CUDA driver's 1..32 (its default is 8)")
+    return n
+
+
 def make_run_parser() -> argparse.ArgumentParser:
     p = make_parser(PROG, "Train with the real executor: GPipe, GPipeOffload, Mobius or APTMoE on this "
                           "machine's GPUs (NCCL), or on CPU ranks (gloo) where there is no GPU.")
@@ -116,6 +126,12 @@ def make_run_parser() -> argparse.ArgumentParser:
     add_kernel_loading_flag(g, None, "Default: the environment's CUDA_MODULE_LOADING, lazy where unset "
                                      "(aptmoe-sim validate runs eager: the simulator predicts steps without "
                                      "one-off loads)")
+    g.add_argument("--cuda-connections", dest="cuda_connections", type=_connections, default=None,
+                   help="the CUDA driver's work queues from the host to each GPU (CUDA_DEVICE_MAX_CONNECTIONS, "
+                        "1-32). Default: the environment's, the driver's 8 where unset. A GPU rank has five "
+                        "streams and NCCL's one per channel (two to four); streams beyond the queues share "
+                        "one, and work waiting on a receive in one holds up the other's (session 28: in the "
+                        "4-GPU regime, stage loads ended with a receive of their rank, 0.14-0.54 s late)")
     g.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="run each schedule this many times, each in fresh processes, going round the schedules, "
                         "and keep the run of median step time (its result lists every run's): one process can "
@@ -142,6 +158,18 @@ def set_kernel_loading(ns) -> None:
     inherit it). Without the flag the environment's value stands."""
     if ns.kernel_loading is not None:
         os.environ["CUDA_MODULE_LOADING"] = ns.kernel_loading.upper()
+
+
+def set_cuda_connections(ns) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS as --cuda-connections asks, before CUDA starts here and before
+    the ranks are spawned (the driver reads it once). Without the flag the environment's stands."""
+    if ns.cuda_connections is not None:
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(ns.cuda_connections)
+
+
+def cuda_connections_in_use() -> int:
+    """The work queues this GPU rank's driver was started with (8 where nothing was asked)."""
+    return int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8"))
 
 
 def kernel_loading_in_use() -> str:
@@ -282,6 +310,7 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
         res["cores_rank0"] = setup.cores
         res["gil_switch_us"] = round(in_run * 1e6, 3)
         res["kernel_loading"] = kernel_loading_in_use() if setup.device.cuda else None
+        res["cuda_connections"] = cuda_connections_in_use() if setup.device.cuda else None
     return res
 
 
@@ -360,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0)) if torchrun else 0
     try:
         set_kernel_loading(ns)
+        set_cuda_connections(ns)
         use_cuda = _use_cuda(ns)
         plans = {p: prepare(ns, p, use_cuda) for p in pipelines_of(ns)}
         out = Path(ns.out or f"runs/run-{timestamp()}")

@@ -192,6 +192,31 @@ def test_a_bad_gil_switch_interval_is_one_line_and_exit_2(tmp_path, capsys, valu
     assert err[-1].startswith("aptmoe-run: error: argument --gil-switch-us") and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("value, says", [("0", "outside the CUDA driver's 1..32"), ("33", "outside"),
+                                         ("many", "not a whole number")])
+def test_a_bad_cuda_connections_count_is_one_line_and_exit_2(tmp_path, capsys, value, says) -> None:
+    with pytest.raises(SystemExit) as ex:
+        run_main([*TINY, *CPU, "--cuda-connections", value, "--out", str(tmp_path / "bad")])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("aptmoe-run: error: argument --cuda-connections") and says in err[-1]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cuda_connections_go_to_the_driver_before_cuda_starts_and_the_environment_stands_without(
+        monkeypatch) -> None:
+    from aptmoe.exec import cli
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)       # restored after the test
+    cli.set_cuda_connections(cli.make_run_parser().parse_args([]))
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ and cli.cuda_connections_in_use() == 8
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "16")
+    cli.set_cuda_connections(cli.make_run_parser().parse_args([]))
+    assert cli.cuda_connections_in_use() == 16
+    cli.set_cuda_connections(cli.make_run_parser().parse_args(["--cuda-connections", "32"]))
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32" and cli.cuda_connections_in_use() == 32
+
+
 def test_the_ranks_run_at_the_gil_switch_interval_asked(tmp_path) -> None:
     before = sys.getswitchinterval()
     assert run_main([*TINY, *CPU, "--pipeline", "Mobius", "--num_training_steps", "1", "--gil-switch-us", "250",
