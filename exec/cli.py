@@ -80,24 +80,24 @@ def gil_switch_s(asked_us: float | None, on_gpu: bool) -> float | None:
     return GIL_SWITCH_US_GPU * 1e-6 if on_gpu else None
 
 
-def _switch_us(text: str) -> float:
-    try:
-        us = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds") from None
-    if not 1 <= us <= 100_000:
-        raise argparse.ArgumentTypeError(f"{text} us is outside 1..100000 (Python's default is 5000)")
-    return us
+def _ranged(convert, lo: float, hi: float, not_one: str, outside: str):
+    """An argparse type: `convert(text)` within lo..hi; else one line, `not_one` or `outside`
+    (each formatted with the flag's `text`)."""
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(not_one.format(text=text)) from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(outside.format(text=text))
+        return v
+    return parse
 
 
-def _connections(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of work queues") from None
-    if not 1 <= n <= 32:
-        raise argparse.ArgumentTypeError(f"{n} is outside the CUDA driver's 1..32 (its default is 8)")
-    return n
+_switch_us = _ranged(float, 1, 100_000, "{text!r} is not a number of microseconds",
+                     "{text} us is outside 1..100000 (Python's default is 5000)")
+_connections = _ranged(int, 1, 32, "{text!r} is not a whole number of work queues",
+                       "{text} is outside the CUDA driver's 1..32 (its default is 8)")
 
 
 def make_run_parser() -> argparse.ArgumentParser:
