@@ -85,6 +85,7 @@ class LoadStalls:
     excess_s: float
     with_recv: int
     rate_Bps: float | None
+    worst_rank_s: float = 0.0      # the rank with the most time over: its time over
 
 
 def load_stalls(trace: Trace) -> LoadStalls:
@@ -104,5 +105,7 @@ def load_stalls(trace: Trace) -> LoadStalls:
     stalled = [e for e in loads
                if e.end_s - e.start_s >= max(LOAD_STALL_FACTOR * e.args["bytes"] / rate, LOAD_STALL_FLOOR_S)]
     with_recv = sum(any(abs(t - e.end_s) <= WITH_RECV_S for t in ends.get(e.rank, ())) for e in stalled)
-    excess = sum(e.end_s - e.start_s - e.args["bytes"] / rate for e in stalled)
-    return LoadStalls(len(loads), len(stalled), excess, with_recv, rate)
+    over = Counter()
+    for e in stalled:
+        over[e.rank] += e.end_s - e.start_s - e.args["bytes"] / rate
+    return LoadStalls(len(loads), len(stalled), sum(over.values()), with_recv, rate, max(over.values(), default=0.0))

@@ -407,6 +407,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
                          "predicted_s": row.get("predicted_s"), "error": err,
                          "host_speed": row.get("host_speed"), "error_host": row.get("error_host"),
                          "memory_speed": row.get("memory_speed"), "stall_s_per_step": row.get("stall_s_per_step"),
+                         "load_stall_s_per_step": row.get("load_stall_s_per_step"),
                          "cpu_jobs_alike": row.get("cpu_jobs_alike"),
                          "error_replayed": row.get("error_replayed"),     # on the run's own CPU placements
                          **{f"err/{c}": a["median_error"] for c, a in sorted(acts.items())},
@@ -588,7 +589,9 @@ def write_report(out: Path, report: dict) -> None:
           "```", noise_table(report.get("noise", {})), "```", "",
           "## Runs", "",
           "Stalls: a step's worth of the longest rank's time over the prediction in block calls that took 3x it "
-          "and 2 ms more (aptmoe/stalls.py). CPU jobs alike: of the CPU expert jobs the run or its prediction "
+          "and 2 ms more (aptmoe/stalls.py). Load stalls, where a run has any: a step's worth of the most-stalled "
+          "rank's time in loads that took 5x their bytes at the run's copy rate and 20 ms or more, over that "
+          "rate (aptmoe/stalls.py; most ended with a receive of their rank). CPU jobs alike: of the CPU expert jobs the run or its prediction "
           "made, the share both made (the same rank, job and step; aptmoe/cpu_jobs_alike.py): the policy "
           "decides on each back-end's own clock, and per-action errors compare only the shared jobs. On run's "
           "placements: the error of the same run predicted with its own CPU placements (aptmoe/"
@@ -625,12 +628,15 @@ def matrix_table(runs: list[dict]) -> str:
     host = any(r.get("host_speed") is not None for r in runs)
     mem = any(r.get("memory_speed") is not None for r in runs)
     stall = any(r.get("stall_s_per_step") is not None for r in runs)
+    loads = any(r.get("load_stall_s_per_step") for r in runs)
     jobs = any(r.get("cpu_jobs_alike") is not None for r in runs)
     headers = ["cell", "set", "pipeline", "measured s", "predicted s", "error", *(["stalls ms/step"] if stall else []),
+               *(["load stalls ms/step"] if loads else []),
                *(["CPU jobs alike", "on run's placements"] if jobs else []),
                *(["host x", "at run's host"] if host else []), *(["memory x"] if mem else []), *[c[4:] for c in cats]]
     body = [[r["cell"], r["set"], r["pipeline"], fmt(r["measured_s"], ".3f"), fmt(r["predicted_s"], ".3f"),
              _pct(r["error"]), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
+             *([ms_cell(r.get("load_stall_s_per_step"))] if loads else []),
              *([alike_cell(r.get("cpu_jobs_alike")), _pct(r.get("error_replayed"))] if jobs else []),
              *([fmt(r.get("host_speed"), ".2f"), _pct(r.get("error_host"))] if host else []),
              *([fmt(r.get("memory_speed"), ".2f")] if mem else []),

@@ -46,7 +46,7 @@ from aptmoe.plot import plot_overlay
 from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.replayed_placements import run_placements
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
-from aptmoe.stalls import stalls
+from aptmoe.stalls import load_stalls, stalls
 from aptmoe.trace import Trace, by_occurrence, run_trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
@@ -275,6 +275,10 @@ def validate_schedule(name: str, real: dict, real_dir: Path, profile, tmp: Path,
         # prediction in them, a step's worth, beside the error they are a part of
         st = stalls(mt, trace)
         row["stalls"], row["stall_s_per_step"] = st.calls, st.excess_s / steps
+        # loads far over the run's copy rate (aptmoe/stalls.py), most of them ending with a
+        # receive of their rank: a step's worth of the most-stalled rank's time over
+        ls = load_stalls(mt)
+        row["load_stalls"], row["load_stall_s_per_step"] = ls.stalled, ls.worst_rank_s / steps
         # the experts each put on the CPU (aptmoe/cpu_jobs_alike.py): where they differ, the
         # prediction's timing changed its decisions, and per-action errors compare the rest
         jobs = cpu_jobs_alike(mt, trace)
@@ -384,8 +388,10 @@ def validation_table(rows: list[dict]) -> str:
     host = any(r.get("host_speed") is not None for r in rows)
     mem = any(r.get("memory_speed") is not None for r in rows)
     stall = any(r.get("stall_s_per_step") is not None for r in rows)
+    loads = any(r.get("load_stall_s_per_step") for r in rows)
     jobs = any(r.get("cpu_jobs_alike") is not None for r in rows)
     headers = (["pipeline", "measured s", "predicted s", "error"] + (["stalls ms/step"] if stall else [])
+               + (["load stalls ms/step"] if loads else [])
                + (["CPU jobs alike", "error on run's placements"] if jobs else [])
                + [f"{r} busy m/p" for r in RESOURCES]
                + (["host x", "error at run's host"] if host else []) + (["memory x"] if mem else []))
@@ -397,6 +403,7 @@ def validation_table(rows: list[dict]) -> str:
             + ([fmt(r.get("memory_speed"), ".2f")] if mem else [])
         body.append([r["pipeline"], fmt(r.get("measured_s"), ".3f"), fmt(r.get("predicted_s"), ".3f"),
                      _signed(r.get("error")), *([ms_cell(r.get("stall_s_per_step"))] if stall else []),
+                     *([ms_cell(r.get("load_stall_s_per_step"))] if loads else []),
                      *([alike_cell(r.get("cpu_jobs_alike")), _signed(r.get("error_replayed"))] if jobs else []),
                      *busy, *extra])
     return format_table(headers, body)

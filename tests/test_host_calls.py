@@ -358,7 +358,7 @@ def test_load_stalls_are_copies_far_over_the_runs_rate_and_count_those_ending_wi
     st = host_calls.load_stalls(t)
     assert (st.loads, st.stalled, st.with_recv) == (24, 2, 1)
     assert st.rate_Bps == pytest.approx(8e9)
-    assert st.excess_s == pytest.approx(0.600 - 2 * slot)
+    assert st.excess_s == st.worst_rank_s == pytest.approx(0.600 - 2 * slot)      # both on rank 1
     t.save(tmp_path / "trace-Mobius.json")
     assert host_calls.main([str(tmp_path), "--load-stalls"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].split() == [tmp_path.name, "Mobius", "24", "8.0", "2", "592", "1"]
