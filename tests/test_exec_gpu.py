@@ -81,6 +81,7 @@ def test_a_capped_offload_lands_block_by_block_not_when_the_whole_stage_has_run(
     first = torch.randn((64 << 20) // 4, device="cuda")
     rest = [torch.randn((256 << 20) // 4, device="cuda") for _ in range(8)]
     hosts = [torch.empty(t.shape, pin_memory=True) for t in [first, *rest]]
+    torch.cuda.synchronize()                     # the tensors are made on the default stream
     link = Link(8.0, dev)
     try:
         link.wait(link.copy(hosts[0], first, stream))                    # warm
