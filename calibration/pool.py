@@ -39,6 +39,12 @@ MACHINE = ("gpu_name", "gpu_count", "cpu_model", "cpu_cores")
 BOOKKEEPING = ("schema", "name", "description", "made_by", "hardware", "skipped", "sources")
 
 
+def machine_difference(a: dict, b: dict) -> str | None:
+    """The first of MACHINE on which two profiles' `hardware` differ, or None: whether two
+    calibrations are of one kind of machine."""
+    return next((k for k in MACHINE if a.get(k) != b.get(k)), None)
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -100,10 +106,9 @@ def pool(docs: list[dict], *, name: str, command: str) -> dict:
         raise ProfileError("pool needs at least two calibration files")
     first = docs[0]["hardware"]
     for d in docs[1:]:
-        for k in MACHINE:
-            if d["hardware"].get(k) != first.get(k):
-                raise ProfileError(f"the inputs are of different machines: {k} {first.get(k)!r} against "
-                                   f"{d['hardware'].get(k)!r}; pool calibrations of one kind of machine")
+        if (k := machine_difference(first, d["hardware"])) is not None:
+            raise ProfileError(f"the inputs are of different machines: {k} {first.get(k)!r} against "
+                               f"{d['hardware'].get(k)!r}; pool calibrations of one kind of machine")
     # Since session 22 a dispatch probe's `bwd` between is the backward's alone, beside `rec`;
     # before, `bwd` held the recompute's too: a median across the two would be of neither.
     split = {"rec" in d["dispatch"]["between"] for d in docs if "dispatch" in d}

@@ -27,7 +27,7 @@ import shlex
 import sys
 
 from aptmoe.calibration.merge import SECTIONS, merge, write_profile
-from aptmoe.calibration.pool import MACHINE, curve_identity
+from aptmoe.calibration.pool import curve_identity, machine_difference
 from aptmoe.profile import ProfileError, load_profile
 
 CURVES = ("gpu", "cpu_expert")          # sections that are lists of curves
@@ -54,11 +54,10 @@ def _curves(base: list[dict], new: list[dict]) -> list[dict]:
 
 def check_machine(base: dict, hardware: dict) -> None:
     """ProfileError unless the profile `base` (a plain JSON dict) is of the machine `hardware`."""
-    for k in MACHINE:
-        if base["hardware"].get(k) != hardware.get(k):
-            raise ProfileError(f"--base {base['name']} is of another machine: its {k} is "
-                               f"{base['hardware'].get(k)!r}, this one's {hardware.get(k)!r}; "
-                               f"give a profile of this machine")
+    if (k := machine_difference(base["hardware"], hardware)) is not None:
+        raise ProfileError(f"--base {base['name']} is of another machine: its {k} is "
+                           f"{base['hardware'].get(k)!r}, this one's {hardware.get(k)!r}; "
+                           f"give a profile of this machine")
 
 
 def onto_base(base: dict, new: dict, *, name: str, command: str) -> dict:
