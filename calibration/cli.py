@@ -196,12 +196,11 @@ def main(argv: list[str] | None = None) -> int:
 
     command = shlex.join([PROG, *argv])
     name = ns.name or out.stem
-    if ns.dispatch_ranks is not None and ns.blocks_on != "cpu" and "dispatch" not in fields["skip"]:
-        from aptmoe.calibration.profiler import probe_machine
-        gpus = len(probe_machine(Options(**fields)).gpus)
-        if ns.dispatch_ranks > gpus:              # before anything is measured
-            return fail(f"--dispatch-ranks {ns.dispatch_ranks}: this machine has {gpus} GPU(s) to run the probe "
-                        f"on; give at most {gpus}")
+    if ns.dispatch_ranks is not None:         # before anything is measured
+        from aptmoe.calibration.profiler import dispatch_ranks_refused, probe_machine
+        opts = Options(**fields)
+        if (refused := dispatch_ranks_refused(opts, probe_machine(opts))) is not None:
+            return fail(refused)
     if base is not None:                      # of this machine, before anything is measured
         import dataclasses
 

@@ -992,6 +992,15 @@ def _measure_cpu_job(m: Measured) -> None:
         m.cpu_job_refused = str(e)
 
 
+def dispatch_ranks_refused(opts: Options, machine: Machine) -> str | None:
+    """Why `--dispatch-ranks` cannot run on this machine (more GPUs than it has), or None."""
+    if (opts.dispatch_ranks is None or opts.blocks_on == "cpu" or "dispatch" in opts.skip
+            or opts.dispatch_ranks <= len(machine.gpus)):
+        return None
+    g = len(machine.gpus)
+    return f"--dispatch-ranks {opts.dispatch_ranks}: this machine has {g} GPU(s) to run the probe on; give at most {g}"
+
+
 def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> list[Task]:
     tasks: list[Task] = []
     gpus = machine.gpus
@@ -1067,11 +1076,9 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         # runs' issuing threads timed their reference loop at 1.47x the one-GPU probe's,
         # docs/validation-h200-4gpu)
         device, probe_ranks = ("cpu", 2) if opts.blocks_on == "cpu" else ("cuda", 1)
-        if opts.dispatch_ranks is not None:
-            if device == "cuda" and opts.dispatch_ranks > len(gpus):
-                raise ValueError(f"--dispatch-ranks {opts.dispatch_ranks}: this machine has {len(gpus)} GPU(s) "
-                                 "to run the probe on; give at most that many")
-            probe_ranks = opts.dispatch_ranks
+        if (refused := dispatch_ranks_refused(opts, machine)) is not None:
+            raise ValueError(refused)
+        probe_ranks = opts.dispatch_ranks or probe_ranks
         add(f"dispatch {device}",
             lambda: setattr(m, "dispatch", measure_dispatch(device, probe_ranks, opts.dispatch_repeats)))
     return tasks
