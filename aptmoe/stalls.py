@@ -13,7 +13,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 
-from aptmoe.trace import Trace, block_kind, by_occurrence, is_block_call, is_load
+from aptmoe.trace import Trace, block_kind, by_occurrence, is_block_call, is_load, message_ends
 
 # A call this much longer than its prediction, and by this much, stalled: the model's block costs
 # are not that far off otherwise (session 22's longest stall: an expert's recompute of 228 ms).
@@ -98,10 +98,7 @@ def load_stalls(trace: Trace) -> LoadStalls:
     if not loads:
         return LoadStalls(0, 0, 0.0, 0, None)
     rate = statistics.median(e.args["bytes"] / (e.end_s - e.start_s) for e in loads)
-    ends = {}
-    for e in trace.events:
-        if e.cat == "recv":
-            ends.setdefault(e.rank, []).append(e.end_s)
+    ends = message_ends(trace)
     stalled = [e for e in loads
                if e.end_s - e.start_s >= max(LOAD_STALL_FACTOR * e.args["bytes"] / rate, LOAD_STALL_FLOOR_S)]
     with_recv = sum(any(abs(t - e.end_s) <= WITH_RECV_S for t in ends.get(e.rank, ())) for e in stalled)

@@ -105,6 +105,17 @@ def by_occurrence(events, key) -> dict[tuple, "TraceEvent"]:
     return out
 
 
+def message_ends(trace: "Trace", cats: tuple[str, ...] = ("recv",)) -> dict[int, list[float]]:
+    """When each rank's messages of these categories (`recv`, `send`) ended, sorted."""
+    out: dict[int, list[float]] = defaultdict(list)
+    for e in trace.events:
+        if e.cat in cats:
+            out[e.rank].append(e.end_s)
+    for v in out.values():
+        v.sort()
+    return out
+
+
 def is_action(e: "TraceEvent") -> bool:
     """A stage's forward or backward of one micro-batch on the compute stream (`0F3`): the span
     that holds its block calls."""

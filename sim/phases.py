@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.report import format_table
-from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action, is_block_call
+from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action, is_block_call, message_ends
 
 PROG = "python -m aptmoe.sim.phases"
 PARTS = ("calls_s", "between_s", "input_wait_s", "outside_s", "message_gaps_s")     # the compute phase's parts
@@ -132,13 +132,9 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
     last: dict[tuple[int, int], float] = {}
     spent: dict[tuple[int, int, str], float] = defaultdict(float)
     held: dict[tuple[int, int], list[TraceEvent]] = defaultdict(list)       # actions and calls, by step and rank
-    received: dict[int, list[float]] = defaultdict(list)                   # when each rank's receives ended
-    messaged: dict[int, list[float]] = defaultdict(list)                   # ... and its sends and receives
+    received = message_ends(trace)                                        # when each rank's receives ended
+    messaged = message_ends(trace, ("send", "recv"))                       # ... and its sends and receives
     for e in trace.events:
-        if e.cat == "recv":
-            received[e.rank].append(e.end_s)
-        if e.cat in ("send", "recv"):
-            messaged[e.rank].append(e.end_s)
         k = bisect.bisect_right(starts, e.start_s) - 1
         if k < first or e.cat == "marker":
             continue
@@ -158,7 +154,7 @@ def phases(trace: Trace, timed: int | None = None) -> list[Phases]:
         calls = sorted((e for e in held[(k, r)] if is_block_call(e)), key=lambda e: e.start_s)
         out.append(Phases(k - first, r, end - starts[k], update.get((k, r), last[(k, r)]) - starts[k],
                           spent[(k, r, "calls")], spent[(k, r, "actions")],
-                          _input_wait(actions, calls, sorted(received[r])), _message_gaps(actions, sorted(messaged[r]))))
+                          _input_wait(actions, calls, received[r]), _message_gaps(actions, messaged[r])))
     return out
 
 
