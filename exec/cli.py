@@ -123,6 +123,10 @@ def make_run_parser() -> argparse.ArgumentParser:
                    help="bind only each rank's main thread to its cores, after the process group has started "
                         "its threads, and leave those threads where they are (the executor before 2026-11-29; "
                         "for A/B runs)")
+    g.add_argument("--receives-by-net-thread", dest="receives_on_demand", action="store_false",
+                   help="leave every receive to the rank's net thread, which posts it once it has posted the "
+                        "sends before it, and hands it to the compute thread (the executor before 2026-11-30; "
+                        "for A/B runs). Default: the thread that needs a message posts its receive itself")
     add_kernel_loading_flag(g, None, "Default: the environment's CUDA_MODULE_LOADING, lazy where unset "
                                      "(aptmoe-sim validate runs eager: the simulator predicts steps without "
                                      "one-off loads)")
@@ -294,7 +298,8 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
     in_run = sys.getswitchinterval()
     try:
         res = run_pipeline(setup, cfg, plan, cost, data=ns.data,
-                           opts=ExecOptions(timeout_s=ns.timeout, confine_threads=ns.confine_threads),
+                           opts=ExecOptions(timeout_s=ns.timeout, confine_threads=ns.confine_threads,
+                                            receives_on_demand=ns.receives_on_demand),
                            trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
                            params_dir=tmp if ns.save_params else None,
                            torch_profile=tmp / f"torch-{pipeline}-rank{setup.rank}.json.gz" if ns.torch_profile else None,
@@ -311,6 +316,7 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
         res["gil_switch_us"] = round(in_run * 1e6, 3)
         res["kernel_loading"] = kernel_loading_in_use() if setup.device.cuda else None
         res["cuda_connections"] = cuda_connections_in_use() if setup.device.cuda else None
+        res["receives"] = "on demand" if ns.receives_on_demand else "net thread"
     return res
 
 

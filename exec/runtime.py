@@ -62,7 +62,7 @@ from aptmoe.exec.thread_clock import span_args, span_start
 from aptmoe.config import RunConfig
 from aptmoe.costs import CostSource
 from aptmoe.memory import adam_chunks
-from aptmoe.plan.actions import Action, Block, BlockKind, Kind
+from aptmoe.plan.actions import RECEIVES, SENDS, Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
@@ -85,6 +85,10 @@ class ExecOptions:
     # group's) go to the host cores with the main thread (aptmoe.exec.cores); False leaves
     # them where they were (--no-confine-threads, for A/B runs)
     confine_threads: bool = True
+    # A thread that needs a message posts its receive itself (and the net program's actions
+    # before it), rather than waiting for the net thread to get there (`_post_through`);
+    # False leaves every receive to the net thread (--receives-by-net-thread, for A/B runs)
+    receives_on_demand: bool = True
 
 
 @dataclass
@@ -192,14 +196,15 @@ class RankRuntime:
         # a forward's activations only after the next micro-batch's forward and a backward's
         # gradient only after the stage's update, and the rank before waited 7.3 ms where the
         # model has 3.6 (docs/validation-cpu.md, session 10). The net thread still walks its
-        # program and posts any send nobody has, so sends keep its order (`_post_send`).
-        net = plan.programs[rank].get("net", [])
+        # program and posts any message nobody has; every thread posts in its order (`_post_through`).
+        self.net = plan.programs[rank].get("net", [])
+        self.net_index = {a: i for i, a in enumerate(self.net)}
         self.eager_sends: dict[Action, list[Action]] = {}
-        for a in net:
+        for a in self.net:
             deps = plan.deps_of(a)
-            if a.kind in (Kind.SEND_F, Kind.SEND_B) and len(deps) == 1:
+            if a.kind in SENDS and len(deps) == 1:
                 self.eager_sends.setdefault(deps[0], []).append(a)
-        self.send_lock = threading.Lock()
+        self.net_lock = threading.Lock()
         # The CPU worker owns the rank's OpenMP threads. With --host-cores it runs on the rank's
         # last cores, this thread and every thread it starts from now on (a step's load, copy
         # and offload threads) on its first ones (aptmoe.exec.cores). On a GPU rank this thread
@@ -330,7 +335,7 @@ class RankRuntime:
         self.events: list[_Event] = []
         self.host_events: list[tuple] = []
         self.sends: list[tuple[object, torch.Tensor]] = []
-        self.posted: set[Action] = set()
+        self.net_next = 0                   # the net program's first action not yet posted
         self.expert_tokens = {"gpu": 0, "cpu": 0}
         self.host_block_s, self.host_blocks = 0.0, 0
         self.h2d.bytes = self.d2h.bytes = 0
@@ -406,12 +411,15 @@ class RankRuntime:
         for a in program:
             for d in self.plan.deps_of(a):
                 ev = self.done.get(d)
-                if ev is not None:              # deps on other ranks are the messages themselves
-                    self._wait_event(ev, f"{d} before {a}")
+                if ev is None:                  # deps on other ranks are the messages themselves
+                    continue
+                if not ev.is_set() and d.kind in RECEIVES and self.opts.receives_on_demand:
+                    self._post_through(d)       # else the net thread posts it (when it gets there)
+                self._wait_event(ev, f"{d} before {a}")
             self._handlers[a.kind](self, a)
             self.done[a].set()
             for send in self.eager_sends.get(a, ()):
-                self._post_send(send)
+                self._post_through(send)
 
     def _block_start(self) -> tuple[Marker, float, tuple]:
         return self.dev.record(), time.perf_counter(), span_start(queued=False)
@@ -916,18 +924,29 @@ class RankRuntime:
                 adam.step_chunk(0, p.grad)
 
     # =================================================================== network
-    def _post_send(self, a: Action) -> None:
-        """Post send `a` unless another thread has. Sends are posted in the net program's
-        order whoever posts them, so a stream's NCCL calls keep the plan's deadlock-free order:
-        the net thread reaches a send only after every action before it in its program; and
-        every recv that the program puts before a send feeds a compute action no later than
-        the send's producer (the plan builds both streams in one pass), so when the producer's
-        thread posts the send, those recvs are done."""
-        with self.send_lock:
-            if a in self.posted:
-                return
-            self.posted.add(a)
-            self._send(a)
+    def _post_through(self, a: Action) -> None:
+        """Post the net program's messages in its order up to and including `a`, unless another
+        thread has; stop early at a send whose micro-batch is not yet computed (its producer's
+        thread or the net thread posts it, and those after it, later).
+
+        Whoever posts, the rank's NCCL calls keep the net program's order, which the plan made
+        deadlock-free. A send is posted by the thread that finishes its micro-batch: every recv
+        the program puts before a send feeds a compute action no later than the send's producer
+        (the plan builds both streams in one pass), so those recvs are posted by then. A recv is
+        posted by the thread whose next action needs it: otherwise, at nearly every action of
+        Mobius and APTMoE (a rank alternates between stages and messages), the compute thread
+        posted a send, handed over to the net thread, which posted the recv behind it, and
+        handed back: 0.86-0.91 ms a boundary on two H200s with the GPU idle meanwhile, 5.7-9.4
+        ms a rank-step, against none in the model (docs/measured/session27)."""
+        with self.net_lock:
+            last = self.net_index[a]
+            while self.net_next <= last:
+                b = self.net[self.net_next]
+                if b.kind in SENDS and not all(self.done[d].is_set() for d in self.plan.deps_of(b) if d in self.done):
+                    return
+                (self._send if b.kind in SENDS else self._recv)(b)
+                self.done[b].set()
+                self.net_next += 1
 
     def _send(self, a: Action) -> None:
         peer = self.plan.rank_of(a.stage + (1 if a.kind is Kind.SEND_F else -1))
@@ -975,5 +994,5 @@ class RankRuntime:
     _handlers = {
         Kind.FWD: _forward, Kind.BWD: _backward, Kind.DROP_F: _drop, Kind.DROP_B: _drop,
         Kind.LOAD_F: _open_window, Kind.LOAD_B: _open_window, Kind.OFFLOAD: _offload, Kind.UPDATE: _update,
-        Kind.SEND_F: _post_send, Kind.SEND_B: _post_send, Kind.RECV_F: _recv, Kind.RECV_B: _recv,
+        Kind.SEND_F: _post_through, Kind.SEND_B: _post_through, Kind.RECV_F: _post_through, Kind.RECV_B: _post_through,
     }

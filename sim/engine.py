@@ -30,7 +30,7 @@ from aptmoe.config import RunConfig
 from aptmoe.costs import (BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes,
                           cpu_expert_bytes)
 from aptmoe.memory import MemoryModel, adam_chunks
-from aptmoe.plan.actions import Action, Block, BlockKind, Kind
+from aptmoe.plan.actions import RECEIVES, Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 CPU_EXPERT_PRIORITY = 0     # lower value first (simpy.PriorityResource)
 CPU_UPDATE_PRIORITY = 1
 _ALONE = dict.fromkeys(BLOCK_KINDS, 1.0)        # every kind at its time alone (no receive waiting)
-RECEIVES = (Kind.RECV_F, Kind.RECV_B)
 
 
 def _host_us(host_s: float | None) -> dict:

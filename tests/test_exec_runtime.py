@@ -130,6 +130,68 @@ def test_a_send_is_posted_before_its_rank_computes_anything_else(capped_run) -> 
             assert not after or e.start_s <= min(after) + 1e-6, (name, e.name, e.start_s, min(after))
 
 
+def _net_stub(program: list, deps: dict):
+    """A rank's net plumbing without a process group: `_post_through` over `program`, with
+    `deps` each send's producer, recording what it posts instead of calling gloo or NCCL."""
+    from types import SimpleNamespace
+
+    from aptmoe.exec.runtime import RankRuntime
+
+    posted: list[str] = []
+    rt = SimpleNamespace(net=program, net_index={a: i for i, a in enumerate(program)}, net_next=0,
+                         net_lock=threading.Lock(), plan=SimpleNamespace(deps_of=lambda a: deps.get(a, ())),
+                         done={a: threading.Event() for a in [*program, *(d for ds in deps.values() for d in ds)]},
+                         _send=lambda a: posted.append(str(a)), _recv=lambda a: posted.append(str(a)))
+    return rt, posted, lambda a: RankRuntime._post_through(rt, a)
+
+
+def test_a_receive_is_posted_by_whoever_needs_it_in_the_net_programs_order() -> None:
+    """The compute thread posts the receive its next action needs, and the net program's
+    messages before it, itself; a send whose micro-batch is not yet computed stops it there
+    (the producer's thread posts it when done); nothing is posted twice."""
+    from aptmoe.plan.actions import Action, Kind
+
+    f0, f1 = Action(0, Kind.FWD, 0), Action(0, Kind.FWD, 1)
+    sf0, rb0, sf1, rb1 = (Action(0, Kind.SEND_F, 0), Action(0, Kind.RECV_B, 0),
+                          Action(0, Kind.SEND_F, 1), Action(0, Kind.RECV_B, 1))
+    rt, posted, post_through = _net_stub([sf0, rb0, sf1, rb1], {sf0: (f0,), sf1: (f1,)})
+    post_through(rb0)                        # sf0's forward has not run: nothing may pass it
+    assert posted == [] and rt.net_next == 0
+    rt.done[f0].set()
+    post_through(rb0)                        # the send, then the receive behind it
+    assert posted == ["0SF0", "0RB0"] and rt.done[rb0].is_set() and not rt.done[sf1].is_set()
+    post_through(rb1)                        # stops at sf1, its forward not run
+    assert posted == ["0SF0", "0RB0"]
+    rt.done[f1].set()
+    post_through(sf1)                        # the producer's thread posts its send
+    post_through(sf1)
+    post_through(rb0)                        # already posted: nothing
+    assert posted == ["0SF0", "0RB0", "0SF1"]
+    post_through(rb1)
+    assert posted == ["0SF0", "0RB0", "0SF1", "0RB1"] and all(rt.done[a].is_set() for a in rt.net)
+
+
+def test_threads_racing_to_post_keep_the_net_programs_order_and_post_each_once() -> None:
+    from aptmoe.plan.actions import Action, Kind
+
+    program = [Action(s, k, m) for m in range(50) for s, k in ((0, Kind.RECV_F), (1, Kind.RECV_B))]
+    rt, posted, post_through = _net_stub(program, {})
+    threads = [threading.Thread(target=lambda ts=program[k::4]: [post_through(a) for a in ts]) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert posted == [str(a) for a in program]
+
+
+def test_receives_left_to_the_net_thread_keep_the_reference_equality(tmp_path) -> None:
+    """--receives-by-net-thread (the A/B's other arm) trains the same numbers."""
+    checked = run_and_compare(tmp_path, [*CPU, "--pipeline", "Mobius", "--receives-by-net-thread"], cuda=False)
+    res = checked["Mobius"]
+    assert res["agreement"].within(1e-5), res["agreement"]
+    assert res["result"]["receives"] == "net thread"
+
+
 def test_send_delays_script_measures_send_start_after_its_producer(tmp_path, capsys) -> None:
     import importlib.machinery
     import importlib.util

@@ -35,6 +35,8 @@ class Kind(str, Enum):
 
 
 _MB_KINDS = frozenset({Kind.FWD, Kind.BWD, Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+SENDS = frozenset({Kind.SEND_F, Kind.SEND_B})
+RECEIVES = frozenset({Kind.RECV_F, Kind.RECV_B})
 
 
 class BlockKind(str, Enum):

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from aptmoe.memory import MemoryModel
-from aptmoe.plan.actions import Action, Kind
+from aptmoe.plan.actions import RECEIVES, Action, Kind
 from aptmoe.plan.plan import STREAM_OF, STREAMS, Plan, PlanError
 
 
@@ -229,7 +229,7 @@ def _check_matching(plan: Plan, start: dict[Action, int], fail) -> None:
                 fail(f"{a} has no matching {peer} on rank {plan.rank_of(peer.stage)}", a)
             if a not in plan.deps_of(peer):
                 fail(f"{peer} does not wait for its send {a}", peer)
-        if a.kind in (Kind.RECV_F, Kind.RECV_B):
+        if a.kind in RECEIVES:
             step = -1 if a.kind is Kind.RECV_F else 1
             peer = Action(a.stage + step, Kind.SEND_F if step < 0 else Kind.SEND_B, a.mb)
             if peer not in start:
