@@ -205,6 +205,7 @@ class RankRuntime:
             if a.kind in SENDS and len(deps) == 1:
                 self.eager_sends.setdefault(deps[0], []).append(a)
         self.net_lock = threading.Lock()
+        self.walking = threading.local()
         # The CPU worker owns the rank's OpenMP threads. With --host-cores it runs on the rank's
         # last cores, this thread and every thread it starts from now on (a step's load, copy
         # and offload threads) on its first ones (aptmoe.exec.cores). On a GPU rank this thread
@@ -408,6 +409,7 @@ class RankRuntime:
                 self._check(what, since)
 
     def _walk(self, stream: str, program: list[Action]) -> None:
+        self.walking.stream = stream            # which program's thread this is (`_posted`)
         for a in program:
             for d in self.plan.deps_of(a):
                 ev = self.done.get(d)
@@ -951,16 +953,19 @@ class RankRuntime:
     def _send(self, a: Action) -> None:
         peer = self.plan.rank_of(a.stage + (1 if a.kind is Kind.SEND_F else -1))
         x, ready = self.outbox.pop((a.stage, a.mb))
+        called = time.perf_counter()
         with self.dev.on(self.net_stream):
             self.dev.wait(ready, self.net_stream)
             start = self.dev.record(self.net_stream)
             work = self.peers.send(x.contiguous(), peer)
         self.sends.append((work, x))
-        self._mark(str(a), "net", start, self.dev.record(self.net_stream), "send", bytes=x.numel() * x.element_size())
+        self._mark(str(a), "net", start, self.dev.record(self.net_stream), "send", bytes=x.numel() * x.element_size(),
+                   **self._posted(called))
 
     def _recv(self, a: Action) -> None:
         fwd = a.kind is Kind.RECV_F
         peer = self.plan.rank_of(a.stage + (-1 if fwd else 1))
+        called = time.perf_counter()
         buf = torch.empty(self.b, self.L, self.model.embedding_dim, dtype=self.dtype, device=self.dev.torch)
         with self.dev.on(self.net_stream):
             start = self.dev.record(self.net_stream)
@@ -969,7 +974,13 @@ class RankRuntime:
             marker = self.dev.record(self.net_stream)
         self.dev.keep_for(buf, self.dev.compute if self.dev.cuda else None)
         (self.inbox if fwd else self.grad_inbox)[(a.stage, a.mb)] = (buf, marker)
-        self._mark(str(a), "net", start, marker, "recv", bytes=buf.numel() * buf.element_size())
+        self._mark(str(a), "net", start, marker, "recv", bytes=buf.numel() * buf.element_size(), **self._posted(called))
+
+    def _posted(self, called: float) -> dict:
+        """A message's post, for its trace event: the host time the call took (on a GPU; on
+        the CPU a receive's call lasts till the bytes are there) and the thread that made it."""
+        return {"post_us": round((time.perf_counter() - called) * 1e6, 1),
+                "by": getattr(self.walking, "stream", threading.current_thread().name)}
 
     def _drain_sends(self) -> None:
         for work, _ in self.sends:

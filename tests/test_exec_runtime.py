@@ -184,12 +184,20 @@ def test_threads_racing_to_post_keep_the_net_programs_order_and_post_each_once()
     assert posted == [str(a) for a in program]
 
 
-def test_receives_left_to_the_net_thread_keep_the_reference_equality(tmp_path) -> None:
-    """--receives-by-net-thread (the A/B's other arm) trains the same numbers."""
+def test_receives_left_to_the_net_thread_keep_the_reference_equality(tmp_path, capped_run) -> None:
+    """--receives-by-net-thread (the A/B's other arm) trains the same numbers, and there the
+    net thread posts every receive; by default the compute thread posts some itself. Each
+    message's trace event says who posted it and how long the call took."""
     checked = run_and_compare(tmp_path, [*CPU, "--pipeline", "Mobius", "--receives-by-net-thread"], cuda=False)
     res = checked["Mobius"]
     assert res["agreement"].within(1e-5), res["agreement"]
     assert res["result"]["receives"] == "net thread"
+    by_net = [e for e in Trace.load(tmp_path / "run" / "trace-Mobius.json").events if e.cat in ("send", "recv")]
+    on_demand = [e for e in Trace.load(capped_run[0] / "trace-Mobius.json").events if e.cat in ("send", "recv")]
+    assert by_net and all(e.args["post_us"] >= 0 for e in by_net + on_demand)
+    assert {e.args["by"] for e in by_net if e.cat == "recv"} == {"net"}
+    assert "compute" in {e.args["by"] for e in on_demand if e.cat == "recv"}
+    assert {e.args["by"] for e in by_net + on_demand if e.cat == "send"} <= {"compute", "net"}
 
 
 def test_send_delays_script_measures_send_start_after_its_producer(tmp_path, capsys) -> None:
