@@ -48,6 +48,7 @@ from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.host_stream import HostStream
 from aptmoe.exec.layer import CpuPart, LayerRun, Routing
 from aptmoe.exec.link import Landing, Link
+from aptmoe.exec.reach import AHEAD_BLOCKS
 from aptmoe.exec.model import (
     TORCH_DTYPES,
     expert_backward,
@@ -74,6 +75,8 @@ from aptmoe.trace import CPU_JOB_PHASES
 FAULT_ENV = "APTMOE_FAULT_RANK_STEP"
 
 
+
+
 class RankFailure(RuntimeError):
     """A wait ran out of time or a peer failed; the message says what this rank waited for."""
 
@@ -89,6 +92,9 @@ class ExecOptions:
     # before it), rather than waiting for the net thread to get there (`_post_through`);
     # False leaves every receive to the net thread (--receives-by-net-thread, for A/B runs)
     receives_on_demand: bool = True
+    # blocks the issuing thread may issue beyond the GPU's last finished one (0: no bound;
+    # --ahead-blocks, for A/B runs)
+    ahead_blocks: int = AHEAD_BLOCKS
 
 
 @dataclass
@@ -337,6 +343,7 @@ class RankRuntime:
         self.host_events: list[tuple] = []
         self.sends: list[tuple[object, torch.Tensor]] = []
         self.net_next = 0                   # the net program's first action not yet posted
+        self.ahead: deque[Marker] = deque()  # the latest blocks' end markers (`_keep_within_reach`)
         self.expert_tokens = {"gpu": 0, "cpu": 0}
         self.host_block_s, self.host_blocks = 0.0, 0
         self.h2d.bytes = self.d2h.bytes = 0
@@ -439,7 +446,28 @@ class RankRuntime:
         took = time.perf_counter() - host
         self.host_block_s += took
         self.host_blocks += 1
-        self._mark(name, "compute", marker, self.dev.record(), cat, host_us=round(took * 1e6, 1), **ran, **args)
+        end = self.dev.record()
+        self._mark(name, "compute", marker, end, cat, host_us=round(took * 1e6, 1), **ran, **args)
+        self._keep_within_reach(end)
+
+    def _keep_within_reach(self, end: Marker) -> None:
+        """Let the issuing thread run at most `ahead_blocks` blocks ahead of the GPU, waiting
+        (without the GIL) for the block that many back. Unbounded, it filled the driver's
+        queue whenever the compute stream waited for a message, and the next marker it
+        recorded blocked in the driver with the GIL held (torch's Event.record keeps it): in
+        the regime's Mobius on two H200s for 28-197 ms at a time, every other thread of the
+        rank with it, so that the load that should have landed meanwhile landed when the
+        message did (10-14 loads of 22-207 ms a run, against 4.2 ms, each ending with a receive
+        of its rank; torch.profiler: cudaEventRecordWithFlags on the main thread,
+        docs/measured/session29). Bounded, the same run had none."""
+        reach = self.opts.ahead_blocks
+        if not reach:
+            return
+        self.ahead.append(end)
+        if len(self.ahead) > reach:
+            oldest = self.ahead.popleft()
+            if not self.dev.passed(oldest):
+                self.dev.block_on(oldest)
 
     def _mark(self, name: str, stream: str, start: Marker, end: Marker, cat: str, **args) -> None:
         # Recorded with or without --no-trace: the busy fractions are read from these events.

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,35 @@ def test_a_receive_is_posted_by_whoever_needs_it_in_the_net_programs_order() -> 
     assert posted == ["0SF0", "0RB0", "0SF1", "0RB1"] and all(rt.done[a].is_set() for a in rt.net)
 
 
+def test_the_issuing_thread_waits_for_the_block_its_reach_back_only_when_that_has_not_run() -> None:
+    """At most AHEAD_BLOCKS blocks beyond the GPU: the issuing thread blocks (GIL-free) on the
+    end of the block that many back when the GPU has not passed it, and never otherwise."""
+    from types import SimpleNamespace
+
+    from aptmoe.exec.reach import AHEAD_BLOCKS
+    from aptmoe.exec.runtime import RankRuntime
+
+    waited: list[int] = []
+    gpu_done = {"upto": -1}                 # the GPU has finished blocks 0..upto
+    dev = SimpleNamespace(passed=lambda m: m <= gpu_done["upto"], block_on=waited.append)
+    unbounded = SimpleNamespace(ahead=deque(), dev=dev, opts=SimpleNamespace(ahead_blocks=0))
+    for i in range(3 * AHEAD_BLOCKS):
+        RankRuntime._keep_within_reach(unbounded, i)
+    assert waited == [] and not unbounded.ahead           # --ahead-blocks 0: no bound
+    rt = SimpleNamespace(ahead=deque(), dev=dev, opts=SimpleNamespace(ahead_blocks=AHEAD_BLOCKS))
+    for i in range(AHEAD_BLOCKS):
+        RankRuntime._keep_within_reach(rt, i)
+    assert waited == []                      # within reach: nothing to wait for
+    RankRuntime._keep_within_reach(rt, AHEAD_BLOCKS)
+    assert waited == [0]                     # one too many: wait for the oldest
+    gpu_done["upto"] = 5
+    for i in range(AHEAD_BLOCKS + 1, AHEAD_BLOCKS + 6):
+        RankRuntime._keep_within_reach(rt, i)
+    assert waited == [0]                     # blocks 1-5 had run: no wait
+    RankRuntime._keep_within_reach(rt, AHEAD_BLOCKS + 6)
+    assert waited == [0, 6] and len(rt.ahead) == AHEAD_BLOCKS
+
+
 def test_threads_racing_to_post_keep_the_net_programs_order_and_post_each_once() -> None:
     from aptmoe.plan.actions import Action, Kind
 
@@ -260,6 +290,16 @@ def test_a_bad_gil_switch_interval_is_one_line_and_exit_2(tmp_path, capsys, valu
     assert ex.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("aptmoe-run: error: argument --gil-switch-us") and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("value, says", [("-1", "outside 0..100000"), ("many", "not a whole number of blocks")])
+def test_a_bad_ahead_blocks_count_is_one_line_and_exit_2(tmp_path, capsys, value, says) -> None:
+    with pytest.raises(SystemExit) as ex:
+        run_main([*TINY, *CPU, f"--ahead-blocks={value}", "--out", str(tmp_path / "bad")])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("aptmoe-run: error: argument --ahead-blocks") and says in err[-1]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("value, says", [("0", "outside the CUDA driver's 1..32"), ("33", "outside"),
