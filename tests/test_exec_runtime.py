@@ -849,6 +849,34 @@ def test_torch_profile_writes_each_ranks_last_step_for_perfetto(tmp_path) -> Non
     assert "(none: a CPU run" in told.stdout          # gloo ranks make no CUDA calls
 
 
+def test_torch_profile_summary_lists_long_calls_with_the_gpu_work_pending_on_each_stream(tmp_path) -> None:
+    """A record that blocked 40 ms while three kernels launched before it waited on stream 7
+    (one launched before it had started already, one after it does not count)."""
+    import gzip
+
+    def rt(name, ts, dur, corr):
+        return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": dur, "tid": 1, "pid": 1,
+                "args": {"correlation": corr}}
+
+    def gpu(ts, corr, stream=7):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": 5, "tid": stream, "pid": 0,
+                "args": {"correlation": corr, "stream": stream}}
+
+    events = [{"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 0, "dur": 3, "tid": 1, "pid": 1}]
+    events += [rt("cudaLaunchKernel", 10 + i, 1, i) for i in range(4)]          # launched at 10..13
+    events += [gpu(12, 0)] + [gpu(60_000 + i, i) for i in (1, 2, 3)]             # the first ran at once
+    events += [rt("cudaEventRecordWithFlags", 20, 40_000, 9), rt("cudaLaunchKernel", 50_000, 1, 10),
+               gpu(60_100, 10)]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "torch-Mobius-rank0.json.gz").write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "torch-profile-summary"
+    told = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
+    assert told.returncode == 0, told.stderr
+    line = [x for x in told.stdout.splitlines() if "cudaEventRecordWithFlags" in x and "pending" in x]
+    assert len(line) == 1 and "40.0 ms" in line[0] and "pending: 3 on stream 7" in line[0], told.stdout
+
+
 def test_without_torch_profile_no_profile_is_written(tmp_path) -> None:
     from aptmoe.exec.launch import torch_profiled
 
