@@ -1030,6 +1030,24 @@ def test_v11_predicted_with_the_stored_cpu_curves_misses_only_by_capped_m_aptmoe
     assert 0.10 < stock["summary"]["held-back"]["worst_abs_error"] < 0.105
 
 
+V12 = ["--gpus", "2", "--steps", "3", "--repeats", "3", "--models", "M:6:6:8", "--gini", "0.3", "--links", "native",
+       "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_a_fresh_cell_after_receives_posted_on_demand(tmp_path, monkeypatch) -> None:
+    """Session 29 (docs/validation-h200-2gpu-v12-fresh): M6x8 at G 0.3, native, the executor
+    posting receives on demand; three runs a schedule, held back: 2.7%, the worst 10.2%
+    (Mobius, predicted too slow: this lease's Adam ran faster than h200-2gpu's), and the
+    ranking wrong: APTMoE measured 5.8% slower than Mobius, and predicted 0.8% faster."""
+    report = _repredicted("validation-h200-2gpu-v12-fresh", tmp_path, monkeypatch,
+                          ["--calibration", "h200-2gpu", "--cell-profiles", *V12])
+    held = report["summary"]["held-back"]
+    assert held["runs"] == 4 and held["configs"] == 1 and held["ranking_right"] == 0
+    assert held["worst_run"] == "M6x8-G0.3-native-2gpu Mobius"
+    _within(report, {"held-back": (0.028, 0.103)})
+    assert all(r["error"] > 0 for r in report["runs"])          # every schedule predicted slower
+
+
 V4GPU = ["--gpus", "4", "--steps", "3", "--repeats", "1", "--models", "S:8:8:8,M:8:8:8,L:4:4:8", "--gini", "0.45,0.3",
          "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
 
