@@ -299,6 +299,19 @@ class PopularityConfig:
 RECOMPUTE_MODES = ("auto", "none", "all", "except_last")
 
 
+# Blocks a GPU rank's issuing thread may issue beyond the last one its GPU has finished. The
+# thread issues a block's kernels and goes on to the next while the GPU runs them in order; when
+# the compute stream waits for a message, the blocks issued meanwhile wait in the driver's
+# queue, and once it is full the driver blocks the next call until the GPU frees room. The
+# call that blocked was a marker's record, and torch's Event.record keeps the GIL: in the
+# regime's Mobius on two H200s the main thread sat in cudaEventRecordWithFlags for 28-197 ms
+# at a time, every other thread of its rank with it (torch.profiler, docs/measured/session29).
+# The queue was full with 151-232 GPU operations pending on the compute stream; a block makes
+# about 6 (18,145 launches, memsets and copies over one step's 3,000 blocks) and 2-3 markers
+# besides: 16 blocks stay well short of it.
+AHEAD_BLOCKS = 16
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     pipeline: Pipeline = Pipeline.GPIPE
@@ -312,6 +325,8 @@ class ScheduleConfig:
     recompute: str = field(default="auto", metadata={
         "help": "activation checkpointing: auto (except_last for GPipe, all for the offload schedules), "
                 "none, all, except_last"})
+    ahead_blocks: int = field(default=AHEAD_BLOCKS, metadata={
+        "help": "blocks a GPU rank's issuing thread may issue beyond the last one its GPU has finished; 0: no bound"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.pipeline, Pipeline):
@@ -321,6 +336,9 @@ class ScheduleConfig:
         if self.num_stages is not None:
             _check_positive(self, "num_stages")
         _check_positive(self, "max_copies_in_flight")
+        if not (isinstance(self.ahead_blocks, int) and self.ahead_blocks >= 0):
+            raise ConfigError(f"--ahead-blocks {self.ahead_blocks!r} must be a whole number of blocks, 0 or more "
+                              "(0: no bound)")
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -400,7 +418,8 @@ class RunConfig:
         try:
             return cls(model=ModelConfig(**d["model"]), cluster=ClusterConfig(**d["cluster"]),
                        train=TrainConfig(**d["train"]),
-                       schedule=ScheduleConfig(**{**d["schedule"],
+                       # a run before 2026-12-01 records no bound: its issuing thread had none
+                       schedule=ScheduleConfig(**{"ahead_blocks": 0, **d["schedule"],
                                                   "pipeline": Pipeline.parse(d["schedule"]["pipeline"])}),
                        popularity=PopularityConfig(**d["popularity"]))
         except (KeyError, TypeError) as e:

@@ -17,6 +17,7 @@ import argparse
 from collections.abc import Callable
 
 from aptmoe.config import (
+    AHEAD_BLOCKS,
     ClusterConfig,
     ConfigError,
     ModelConfig,
@@ -185,6 +186,11 @@ def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
                         "as torchgpipe; all for the offload schedules)")
     g.add_argument("--max-copies-in-flight", dest="max_copies_in_flight", type=int, default=2,
                    help="copies launched on the load stream at once (2)")
+    g.add_argument("--ahead-blocks", dest="ahead_blocks", type=int, default=AHEAD_BLOCKS,
+                   help=f"blocks a GPU rank's issuing thread may issue beyond the last one its GPU has finished "
+                        f"({AHEAD_BLOCKS}; 0: no bound, the executor before 2026-12-01). Unbounded, it filled the "
+                        "driver's queue while the GPU waited for a message, and the next marker's record then "
+                        "blocked in the driver with the GIL held, stopping the rank's other threads")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -276,7 +282,8 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
     schedule = ScheduleConfig(pipeline=pipe, num_stages=stages, fwd_only=bool(ns.fwd_only),
                               inter_stage_only=bool(ns.inter_stage_only),
                               max_copies_in_flight=ns.max_copies_in_flight, pinned=not ns.pageable,
-                              recompute=getattr(ns, "recompute", "auto"))
+                              recompute=getattr(ns, "recompute", "auto"),
+                              ahead_blocks=getattr(ns, "ahead_blocks", AHEAD_BLOCKS))
     gini = ns.gini if ns.gini is not None else ARTIFACT_DEFAULTS["gini"]
     if not model.is_moe:
         gini = 1.0                          # one FFN takes every token

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from aptmoe.exec import repeats
-from aptmoe.exec.reach import AHEAD_BLOCKS
 from aptmoe.config import ConfigError, RunConfig, auto_host_cores
 from aptmoe.flags import (
     add_cluster_flags,
@@ -97,8 +96,6 @@ def _ranged(convert, lo: float, hi: float, not_one: str, outside: str):
 
 _switch_us = _ranged(float, 1, 100_000, "{text!r} is not a number of microseconds",
                      "{text} us is outside 1..100000 (Python's default is 5000)")
-_ahead = _ranged(int, 0, 100_000, "{text!r} is not a whole number of blocks",
-                 "{text} is outside 0..100000 (0: no bound)")
 _connections = _ranged(int, 1, 32, "{text!r} is not a whole number of work queues",
                        "{text} is outside the CUDA driver's 1..32 (its default is 8)")
 
@@ -130,11 +127,6 @@ def make_run_parser() -> argparse.ArgumentParser:
                    help="leave every receive to the rank's net thread, which posts it once it has posted the "
                         "sends before it, and hands it to the compute thread (the executor before 2026-11-30; "
                         "for A/B runs). Default: the thread that needs a message posts its receive itself")
-    g.add_argument("--ahead-blocks", dest="ahead_blocks", type=_ahead, default=None,
-                   help="blocks a GPU rank's issuing thread may issue beyond the last one its GPU has finished "
-                        f"(default {AHEAD_BLOCKS}; 0: no bound, the executor before 2026-12-01, for A/B runs). "
-                        "Unbounded, it filled the driver's queue while the GPU waited for a message and then "
-                        "held the GIL in the driver, every other thread of the rank with it")
     add_kernel_loading_flag(g, None, "Default: the environment's CUDA_MODULE_LOADING, lazy where unset "
                                      "(aptmoe-sim validate runs eager: the simulator predicts steps without "
                                      "one-off loads)")
@@ -307,8 +299,7 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
     try:
         res = run_pipeline(setup, cfg, plan, cost, data=ns.data,
                            opts=ExecOptions(timeout_s=ns.timeout, confine_threads=ns.confine_threads,
-                                            receives_on_demand=ns.receives_on_demand,
-                                            ahead_blocks=AHEAD_BLOCKS if ns.ahead_blocks is None else ns.ahead_blocks),
+                                            receives_on_demand=ns.receives_on_demand),
                            trace_path=None if ns.no_trace else tmp / f"trace-{pipeline}.json",
                            params_dir=tmp if ns.save_params else None,
                            torch_profile=tmp / f"torch-{pipeline}-rank{setup.rank}.json.gz" if ns.torch_profile else None,
@@ -326,7 +317,6 @@ def rank_main(ns, pipeline: str, prepared, setup, tmp: Path, marks: dict[str, fl
         res["kernel_loading"] = kernel_loading_in_use() if setup.device.cuda else None
         res["cuda_connections"] = cuda_connections_in_use() if setup.device.cuda else None
         res["receives"] = "on demand" if ns.receives_on_demand else "net thread"
-        res["ahead_blocks"] = AHEAD_BLOCKS if ns.ahead_blocks is None else ns.ahead_blocks
     return res
 
 

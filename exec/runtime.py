@@ -48,7 +48,6 @@ from aptmoe.exec.device import Device, Marker
 from aptmoe.exec.host_stream import HostStream
 from aptmoe.exec.layer import CpuPart, LayerRun, Routing
 from aptmoe.exec.link import Landing, Link
-from aptmoe.exec.reach import AHEAD_BLOCKS
 from aptmoe.exec.model import (
     TORCH_DTYPES,
     expert_backward,
@@ -92,9 +91,6 @@ class ExecOptions:
     # before it), rather than waiting for the net thread to get there (`_post_through`);
     # False leaves every receive to the net thread (--receives-by-net-thread, for A/B runs)
     receives_on_demand: bool = True
-    # blocks the issuing thread may issue beyond the GPU's last finished one (0: no bound;
-    # --ahead-blocks, for A/B runs)
-    ahead_blocks: int = AHEAD_BLOCKS
 
 
 @dataclass
@@ -451,16 +447,17 @@ class RankRuntime:
         self._keep_within_reach(end)
 
     def _keep_within_reach(self, end: Marker) -> None:
-        """Let the issuing thread run at most `ahead_blocks` blocks ahead of the GPU, waiting
-        (without the GIL) for the block that many back. Unbounded, it filled the driver's
-        queue whenever the compute stream waited for a message, and the next marker it
+        """Let the issuing thread run at most `ScheduleConfig.ahead_blocks` blocks ahead of the
+        GPU, waiting (without the GIL) for the block that many back (sim/engine.py `_issue`
+        does the same). Unbounded, it filled the driver's queue whenever the compute stream
+        waited for a message, and the next marker it
         recorded blocked in the driver with the GIL held (torch's Event.record keeps it): in
         the regime's Mobius on two H200s for 28-197 ms at a time, every other thread of the
         rank with it, so that the load that should have landed meanwhile landed when the
         message did (10-14 loads of 22-207 ms a run, against 4.2 ms, each ending with a receive
         of its rank; torch.profiler: cudaEventRecordWithFlags on the main thread,
         docs/measured/session29). Bounded, the same run had none."""
-        reach = self.opts.ahead_blocks
+        reach = self.cfg.schedule.ahead_blocks
         if not reach:
             return
         self.ahead.append(end)

@@ -118,6 +118,36 @@ def test_a_backward_recomputes_while_its_gradient_is_on_the_way_on_a_gpu_not_on_
             assert min(e.start_s for e in backward) == pytest.approx(max(e.end_s for e in recompute))
 
 
+class HostBound(ConstCost):
+    """ConstCost whose every block call also costs the issuing thread `host` seconds."""
+
+    def __init__(self, host: float, **kw):
+        super().__init__(**kw)
+        self.host = host
+
+    def host_s(self, kind, direction):
+        return self.host
+
+
+@pytest.mark.parametrize("reach", [0, 4, 8])
+def test_the_issuing_thread_runs_at_most_ahead_blocks_ahead_of_the_gpu(reach):
+    """One GPU, one layer forward only: an attention block of 1 s on the GPU, then a gate and
+    32 experts that take the GPU no time and the host 1 ms each. Unbounded, the host issues
+    them all while the attention runs, and the layer ends with it. With a reach of K, after
+    issuing block i the host waits for block i-K's end: blocks 1..K are issued during the
+    attention, block K+1 only once it has ended, and each block after it takes the host's
+    1 ms: the layer ends (34 - 1 - K) ms after the attention (exec/runtime.py does the same)."""
+    cfg = _cfg(gpus=1, layers=1, chunks=1, experts=32, gini=0.05, fwd_only=True, ahead_blocks=reach)
+    tr = Trace("sim")
+    simulate(cfg, HostBound(host=1e-3, block_s=1.0), trace=tr)
+    fwd = next(e for e in tr.events if e.name == "0F0" and e.cat == "forward")
+    attention = next(e for e in tr.events if e.name == "0F0@0:a")
+    blocks = [e for e in tr.events if e.name.startswith("0F0@0:")]
+    assert len(blocks) == 34                                  # attention, gate, 32 experts
+    late = 0.0 if reach == 0 else (34 - 1 - reach) * 1e-3
+    assert fwd.end_s - attention.end_s == pytest.approx(late, abs=1e-9)
+
+
 def test_bytes_moved_equal_the_plan_loads():
     cfg = _cfg(pipeline=Pipeline.MOBIUS, gpus=2, layers=8, stages=4, topo="C1+G1")
     plan = build_plan(cfg)
