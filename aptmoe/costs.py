@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 BLOCK_KINDS = ("a", "g", "e")
 DIRECTIONS = ("fwd", "bwd")
 BETWEEN_PASSES = (*DIRECTIONS, "rec")          # a recompute's host work between blocks, apart
+MESSAGE_POSTS = ("send", "recv")             # what the issuing thread posts (Dispatch.post)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ class CostSource(Protocol):
         """Of `between_s`, the part after the layer's experts: the combine (0: not measured, or
         all of it before them)."""
 
+    def post_s(self, message: str) -> float:
+        """Host time the issuing thread spends posting one message, "send" or "recv" (0: not
+        measured)."""
+
     def host_runs_ahead(self) -> bool:
         """True where blocks run on a GPU, so the host issues the next block while the GPU
         computes this one; False on CPU ranks, where issuing and computing are one thread."""
@@ -155,6 +160,9 @@ class KernelTimeOnly:
         return 0.0
 
     def combine_s(self, direction: str) -> float:
+        return 0.0
+
+    def post_s(self, message: str) -> float:
         return 0.0
 
     def host_runs_ahead(self) -> bool:

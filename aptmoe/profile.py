@@ -75,7 +75,7 @@ from typing import Any, Callable, Mapping
 from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware
 from aptmoe.atomic import write_text_atomic
 from aptmoe.config import DTYPE_BYTES, ConfigError, ModelConfig
-from aptmoe.costs import BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, LinkSpec
+from aptmoe.costs import BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, LinkSpec
 from aptmoe.isotonic import pava
 
 SCHEMA = "aptmoe-calibration/1"
@@ -227,6 +227,13 @@ class Dispatch:
     # comes before the experts (session 18 found APTMoE's capped forwards spending 1550 us
     # from their last GPU expert to the next layer where the simulator put 184).
     combine: dict[str, float] | None = None
+    # Host seconds the issuing thread spends posting one message: "send" (it posts every send
+    # of the micro-batch it computed) and "recv" (a receive its next action needs that the net
+    # thread has not posted yet), medians of the probe's posts on two or more ranks (the trace's
+    # `post_us`; a receive's only on a GPU, where posting does not wait for the bytes). On two
+    # H200s a run's compute thread spent 10.7 ms a rank-step so (docs/validation-h200-2gpu-v12-fresh).
+    # Optional: None where the probe ran on one rank, and messages then cost the host nothing.
+    post: dict[str, float] | None = None
 
     def scaled(self, factor: float) -> "Dispatch":
         """The same costs on a host `factor` times as slow (2.0: every call takes twice as long)."""
@@ -234,7 +241,8 @@ class Dispatch:
             self, seconds={k: {d: v * factor for d, v in dirs.items()} for k, dirs in self.seconds.items()},
             between={d: v * factor for d, v in self.between.items()},
             loop_s=None if self.loop_s is None else self.loop_s * factor,
-            combine=None if self.combine is None else {d: v * factor for d, v in self.combine.items()})
+            combine=None if self.combine is None else {d: v * factor for d, v in self.combine.items()},
+            post=None if self.post is None else {k: v * factor for k, v in self.post.items()})
 
 
 @dataclass(frozen=True)
@@ -445,7 +453,7 @@ class Profile:
         })
         if self.dispatch is not None:
             d["dispatch"] = {k: v for k, v in dataclasses.asdict(self.dispatch).items()
-                             if not (k in ("loop_s", "combine") and v is None)}
+                             if not (k in ("loop_s", "combine", "post") and v is None)}
         if self.host_memory is not None:
             d["host_memory"] = {"GBps": table(self.host_memory.GBps),
                                 "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps),
@@ -714,7 +722,7 @@ class _Parser:
         return HostMemory(total, alone, beside)
 
     def dispatch(self, data: Any) -> Dispatch:
-        d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"), ("loop_s", "combine"))
+        d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"), ("loop_s", "combine", "post"))
         device = self.choice(d["device"], "dispatch.device", ("cuda", "cpu"))
         by_kind = self.obj(d["seconds"], "dispatch.seconds", (), BLOCK_KINDS)
         seconds = {}
@@ -733,7 +741,12 @@ class _Parser:
                 if v > between.get(k, 0.0):
                     self.fail(f"dispatch.combine.{k}", f"is a part of dispatch.between.{k} and must not exceed it "
                                                        f"({v} > {between.get(k, 0.0)})")
-        return Dispatch(device, seconds, between, self.integer(d["samples"], "dispatch.samples"), loop_s, combine)
+        post = None
+        if "post" in d:
+            post = {k: self.number(v, f"dispatch.post.{k}", positive=False, unit="s")
+                    for k, v in self.obj(d["post"], "dispatch.post", (), MESSAGE_POSTS).items()}
+        return Dispatch(device, seconds, between, self.integer(d["samples"], "dispatch.samples"), loop_s, combine,
+                        post)
 
     def made_by(self, data: Any) -> MadeBy:
         d = self.obj(data, "made_by", ("tool", "command", "date"))
@@ -1111,6 +1124,10 @@ class ProfileCost:
     def combine_s(self, direction: str) -> float:
         d = self.profile.dispatch
         return 0.0 if d is None or d.combine is None else d.combine.get(direction, 0.0)
+
+    def post_s(self, message: str) -> float:
+        d = self.profile.dispatch
+        return 0.0 if d is None or d.post is None else d.post.get(message, 0.0)
 
     def host_runs_ahead(self) -> bool:
         return self.profile.dispatch is None or self.profile.dispatch.device == "cuda"

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from aptmoe.costs import MESSAGE_POSTS
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
@@ -140,6 +141,19 @@ def combine_spans(trace: Trace) -> dict[str, list[float]]:
     return out
 
 
+def post_spans(trace: Trace, device: str) -> dict[str, list[float]]:
+    """Host seconds of each message the issuing thread posted (the trace's `post_us`, kept
+    since 9359a37), by "send" and "recv". A receive's only on a GPU: on CPU ranks gloo's
+    receive returns when its bytes are there, so the call holds the wait too. Empty on one
+    rank, where there are no messages."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for e in trace.events:
+        if e.cat in MESSAGE_POSTS and e.args.get("by") == "compute" and "post_us" in e.args:
+            if e.cat == "send" or device == "cuda":
+                out[e.cat].append(e.args["post_us"] / 1e6)
+    return out
+
+
 def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     spans = block_spans(trace)
     if not spans:
@@ -148,8 +162,9 @@ def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     between = {d: statistics.median(v) for d, v in sorted(between_spans(trace).items())}
     # a part of `between` by construction; a median of its own can come out over it on noise
     combine = {d: min(statistics.median(v), between.get(d, 0.0)) for d, v in sorted(combine_spans(trace).items())}
+    post = {k: statistics.median(v) for k, v in sorted(post_spans(trace, device).items())}
     return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()),
-                    loop_s=run_loop_s(trace.meta.get("host_loop_s")), combine=combine or None)
+                    loop_s=run_loop_s(trace.meta.get("host_loop_s")), combine=combine or None, post=post or None)
 
 
 def host_times(trace: Trace) -> dict[str, dict[str, float]]:
@@ -215,8 +230,10 @@ def median_dispatch(runs: list[Dispatch]) -> Dispatch:
     combines = [r.combine for r in runs if r.combine]
     combine = {d: min(med([c[d] for c in combines if d in c]), between.get(d, 0.0)) for d in keys(combines)} or None
     loops = [r.loop_s for r in runs if r.loop_s is not None]
+    posts = [r.post for r in runs if r.post]
+    post = {k: med([p[k] for p in posts if k in p]) for k in keys(posts)} or None
     return Dispatch(runs[0].device, seconds, between, sum(r.samples for r in runs),
-                    loop_s=med(loops) if loops else None, combine=combine)
+                    loop_s=med(loops) if loops else None, combine=combine, post=post)
 
 
 def measure_dispatch(device: str, ranks: int = 1, repeats: int = 1) -> Dispatch:

@@ -30,7 +30,7 @@ from aptmoe.config import RunConfig
 from aptmoe.costs import (BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes,
                           cpu_expert_bytes)
 from aptmoe.memory import MemoryModel, adam_chunks
-from aptmoe.plan.actions import RECEIVES, Action, Block, BlockKind, Kind
+from aptmoe.plan.actions import RECEIVES, SENDS, Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
@@ -203,6 +203,18 @@ class RankModel:
         receives = any(a.kind in RECEIVES for p in self.plan.programs[rank].values() for a in p)
         self.recv_slowdown = {k: self.cost.recv_slowdown(k) for k in BLOCK_KINDS} if receives else _ALONE
         self.recvs_waiting = 0
+        # The issuing thread posts the sends of what it computed, and the receives its next action
+        # needs that the net thread has not reached yet (exec/runtime.py `_post_through`): each
+        # costs it `post_s` of host time (Dispatch.post; 0 where not measured)
+        self.post = {m: self.cost.post_s(m) for m in ("send", "recv")}
+        net = self.plan.programs[rank].get("net", [])
+        self.sends_after: dict[Action, int] = defaultdict(int)     # a compute action -> sends it posts
+        for n in net:
+            deps = self.plan.deps_of(n)
+            if n.kind in SENDS and len(deps) == 1:
+                self.sends_after[deps[0]] += 1
+        self.own_recvs = {n for n in net if n.kind in RECEIVES}
+        self.recvs_reached: set[Action] = set()                     # by the net program
         self.inbound: dict[Action, list[simpy.Event]] = {}     # a compute action's messages, on a GPU
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
                                  + [self.cost.between_s(d) for d in BETWEEN_PASSES])
@@ -247,6 +259,7 @@ class RankModel:
             receive = a.kind in RECEIVES
             if receive:                      # posted: it waits for the peer's send (its dep)
                 self.recvs_waiting += 1
+                self.recvs_reached.add(a)
                 posted = self.env.now
             # Waiting on events that have already fired changes nothing but costs an event.
             deps = [(d, ev) for d in self.plan.deps_of(a) if not (ev := self.step.done[d]).processed]
@@ -267,8 +280,24 @@ class RankModel:
             if receive:
                 self.recvs_waiting -= 1
                 self._record(str(a), "net", posted, "recv")
+            if stream == "compute" and self.post["recv"]:
+                mine = [d for d in self.plan.deps_of(a) if d in self.own_recvs and d not in self.recvs_reached]
+                self.recvs_reached.update(mine)
+                yield from self._posting(len(mine) * self.post["recv"])
             yield from self.handlers[a.kind](a)
             self.step.done[a].succeed()
+            if stream == "compute" and self.sends_after.get(a):
+                yield from self._posting(self.sends_after[a] * self.post["send"])
+
+    def _posting(self, seconds: float):
+        """The issuing thread posts messages for `seconds`: on a GPU its clock moves, on CPU
+        ranks the compute stream waits, as its one thread does."""
+        if seconds <= 0:
+            return
+        if self.runs_ahead:
+            self.host_t += seconds
+        else:
+            yield self.env.timeout(seconds)
 
     def _hold(self, seconds: float, resource: str = "compute"):
         self.busy[resource] += seconds

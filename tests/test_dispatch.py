@@ -43,6 +43,8 @@ def test_dispatch_round_trips_and_is_optional(with_dispatch, tmp_path) -> None:
     (lambda d: d.update(combine={"fwd": 6e-4}), "dispatch.combine.fwd"),       # more than between
     (lambda d: d.update(combine={"fwd": -1e-4}), "dispatch.combine.fwd"),
     (lambda d: d.update(combine={"up": 1e-4}), "dispatch.combine.up"),
+    (lambda d: d.update(post={"ack": 1e-4}), "dispatch.post.ack"),
+    (lambda d: d.update(post={"send": -1e-4}), "dispatch.post.send"),
 ])
 def test_a_bad_dispatch_section_is_named(with_dispatch, tmp_path, mutate, field) -> None:
     d = with_dispatch.to_dict()
@@ -157,6 +159,35 @@ def test_spans_are_read_by_kind_and_direction() -> None:
     assert d.samples == 6 and d.device == "cpu"
     with pytest.raises(ValueError, match="no block events"):
         dispatch_from_trace(Trace("real"), "cpu")
+
+
+def test_message_posts_are_the_issuing_threads_own_and_a_receive_s_only_on_a_gpu(with_dispatch, tmp_path) -> None:
+    """Dispatch.post: the median host time of the sends and receives the compute thread
+    posted (the trace's post_us and by); the net thread's are not the issuing thread's, and
+    on CPU ranks a receive's call holds its wait for the bytes. Round-trips, scales with the
+    host, and is left out where the probe had no messages (one rank)."""
+    from aptmoe.calibration.dispatch import dispatch_from_trace, median_dispatch
+
+    tr = Trace("real")
+    tr.add("0F0@0:a", 0, "compute", 0.0, 1.0, "forward")
+    for name, cat, us, by in [("0SF0", "send", 300.0, "compute"), ("0SF1", "send", 200.0, "compute"),
+                              ("0SF2", "send", 250.0, "compute"), ("1RB0", "recv", 200.0, "compute"),
+                              ("1RB1", "recv", 900.0, "net")]:
+        tr.add(name, 0, "net", 1.0, 1.1, cat, post_us=us, by=by)
+    assert dispatch_from_trace(tr, "cuda").post == {"send": pytest.approx(250e-6), "recv": pytest.approx(200e-6)}
+    assert dispatch_from_trace(tr, "cpu").post == {"send": pytest.approx(250e-6)}
+    alone = Trace("real")
+    alone.add("0F0@0:a", 0, "compute", 0.0, 1.0, "forward")
+    assert dispatch_from_trace(alone, "cuda").post is None
+    posted = dataclasses.replace(D, post={"send": 3e-4, "recv": 2e-4})
+    assert median_dispatch([posted, D, dataclasses.replace(posted, post={"send": 5e-4})]).post == \
+        {"send": pytest.approx(4e-4), "recv": pytest.approx(2e-4)}
+    again = load_profile(str(dataclasses.replace(with_dispatch, dispatch=posted).save(tmp_path / "p.json")))
+    assert again.dispatch == posted and "post" not in json.loads(with_dispatch.to_json())["dispatch"]
+    assert posted.scaled(2.0).post == {"send": pytest.approx(6e-4), "recv": pytest.approx(4e-4)}
+    cost = ProfileCost(again, MOE_S)
+    assert (cost.post_s("send"), cost.post_s("recv")) == (3e-4, 2e-4)
+    assert ProfileCost(with_dispatch, MOE_S).post_s("send") == 0.0
 
 
 def test_host_times_are_the_calls_own_by_kind_and_direction() -> None:

@@ -148,6 +148,64 @@ def test_the_issuing_thread_runs_at_most_ahead_blocks_ahead_of_the_gpu(reach):
     assert fwd.end_s - attention.end_s == pytest.approx(late, abs=1e-9)
 
 
+class Posting(HostBound):
+    """HostBound whose issuing thread also spends `send` and `recv` seconds per message posted."""
+
+    def __init__(self, send: float, recv: float, **kw):
+        super().__init__(**kw)
+        self.posts = {"send": send, "recv": recv}
+
+    def post_s(self, message):
+        return self.posts[message]
+
+
+@pytest.mark.parametrize("ranks", ["gpu", "cpu"])
+def test_the_issuing_thread_pays_for_the_sends_it_posts(ranks):
+    """GPipe on two ranks, forward only, one layer a stage and 4 micro-batches, the blocks'
+    kernels free and each call 1 ms of host: rank 0 issues its four forwards back to back,
+    34 calls each, and posts each forward's send after it. A post of 5 ms puts each forward
+    5 ms later than the one before it ended, so the fourth ends 3 x 5 ms later than with
+    free posts. On CPU ranks the one thread does the same, in the same order. Rank 1
+    posts no receive itself: its net thread reaches every one first (nothing is before them)."""
+    cfg = _cfg(gpus=2, layers=2, chunks=4, experts=32, gini=0.05, fwd_only=True)
+    cls = Posting if ranks == "gpu" else type("CpuPosting", (Posting,), {"host_runs_ahead": lambda self: False})
+    ends = {}
+    for send in (0.0, 5e-3):
+        tr = Trace("sim")
+        simulate(cfg, cls(send=send, recv=7e-3, host=1e-3, block_s=0.0), trace=tr)
+        ends[send] = [e.end_s for e in sorted((e for e in tr.events if e.rank == 0 and e.cat == "forward"
+                                               and "@" not in e.name), key=lambda e: e.start_s)]
+    assert len(ends[0.0]) == 4
+    for i in range(4):
+        assert ends[5e-3][i] - ends[0.0][i] == pytest.approx(i * 5e-3, abs=1e-9), i
+
+
+def test_the_issuing_thread_posts_a_receive_the_net_program_has_not_reached_and_only_once(monkeypatch):
+    """Mobius on two ranks: a rank alternates stages, and the receive its next forward or
+    backward needs sits in the net program behind the send of the action it just ran, which
+    the net lane reaches only once that action is done: the compute lane gets there first
+    and pays for the post. Every charge is a whole number of receives, and no receive is
+    paid for twice."""
+    from aptmoe.sim.engine import RankModel
+
+    paid = []
+    real = RankModel._posting
+
+    def spy(self, seconds):
+        paid.append((self.rank, round(seconds / 7e-3, 9)))
+        yield from real(self, seconds)
+
+    monkeypatch.setattr(RankModel, "_posting", spy)
+    cfg = _cfg(pipeline=Pipeline.MOBIUS, gpus=2, layers=4, stages=4, chunks=2)
+    plan = build_plan(cfg)
+    simulate(cfg, Posting(send=0.0, recv=7e-3, host=1e-4))
+    for rank in (0, 1):
+        receives = [a for a in plan.programs[rank]["net"] if a.kind in (Kind.RECV_F, Kind.RECV_B)]
+        counts = [n for r, n in paid if r == rank and n]
+        assert counts and all(n == int(n) for n in counts)
+        assert 0 < sum(counts) <= len(receives) * (cfg.train.num_warmup_steps + cfg.train.num_training_steps)
+
+
 def test_bytes_moved_equal_the_plan_loads():
     cfg = _cfg(pipeline=Pipeline.MOBIUS, gpus=2, layers=8, stages=4, topo="C1+G1")
     plan = build_plan(cfg)
