@@ -74,8 +74,6 @@ from aptmoe.trace import CPU_JOB_PHASES
 FAULT_ENV = "APTMOE_FAULT_RANK_STEP"
 
 
-
-
 class RankFailure(RuntimeError):
     """A wait ran out of time or a peer failed; the message says what this rank waited for."""
 
@@ -450,13 +448,13 @@ class RankRuntime:
         """Let the issuing thread run at most `ScheduleConfig.ahead_blocks` blocks ahead of the
         GPU, waiting (without the GIL) for the block that many back (sim/engine.py `_issue`
         does the same). Unbounded, it filled the driver's queue whenever the compute stream
-        waited for a message, and the next marker it
-        recorded blocked in the driver with the GIL held (torch's Event.record keeps it): in
-        the regime's Mobius on two H200s for 28-197 ms at a time, every other thread of the
-        rank with it, so that the load that should have landed meanwhile landed when the
-        message did (10-14 loads of 22-207 ms a run, against 4.2 ms, each ending with a receive
-        of its rank; torch.profiler: cudaEventRecordWithFlags on the main thread,
-        docs/measured/session29). Bounded, the same run had none."""
+        waited for a message, and the next marker it recorded blocked in the driver with the
+        GIL held (torch's Event.record keeps it): in the regime's Mobius on two H200s for
+        28-197 ms at a time, every other thread of the rank with it, so that the load that
+        should have landed meanwhile landed when the message did (10-14 loads of 22-207 ms a
+        run, against 4.2 ms, each ending with a receive of its rank; torch.profiler:
+        cudaEventRecordWithFlags on the main thread, docs/measured/session29). Bounded, the
+        same run had none."""
         reach = self.cfg.schedule.ahead_blocks
         if not reach:
             return

@@ -88,7 +88,8 @@ class _Cost:
         return self.ahead
 
 
-def _rank(cost, now=10.0):
+def _rank(cost, now=10.0, reach=0):
+    from collections import deque
     from types import SimpleNamespace
 
     from aptmoe.sim.issuing import IssuingThread
@@ -96,7 +97,7 @@ def _rank(cost, now=10.0):
     return SimpleNamespace(env=SimpleNamespace(now=now), cost=cost, host_t=now, runs_ahead=cost.host_runs_ahead(),
                            host_free=False, busy={"compute": 0.0}, _hold=lambda s, r="compute": s,
                            issuing=IssuingThread(None, capped=False), recv_slowdown=dict.fromkeys("aeg", 1.0),
-                           recvs_waiting=0)
+                           recvs_waiting=0, reach=reach, block_ends=deque())
 
 
 def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:
@@ -118,6 +119,12 @@ def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones(
     # a block without tokens is not issued at all
     r = _rank(_Cost({"e": 1.0}, {"e": 1.0}))
     assert RankModel._issue(r, [("e", 0, "fwd")]) == ([0.0], [0.0]) and r.host_t == 10.0
+    # a reach of two blocks (ScheduleConfig.ahead_blocks): having issued the second gate (at
+    # 13), the host waits for the attention's end (15), so the gates after it take the host's
+    # second each; unbounded, all four end with the attention
+    for reach, want in ((2, [5.0, 0.0, 0.0, 1.0, 1.0]), (0, [5.0, 0.0, 0.0, 0.0, 0.0])):
+        r = _rank(_Cost({"a": 5.0, "g": 0.0}, {"a": 1.0, "g": 1.0}), reach=reach)
+        assert RankModel._issue(r, [("a", 8, "fwd")] + [("g", 8, "fwd")] * 4)[0] == pytest.approx(want), reach
 
 
 def test_on_cpu_ranks_a_block_takes_its_host_cost_and_its_compute_one_after_the_other() -> None:
