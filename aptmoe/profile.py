@@ -245,6 +245,9 @@ class Dispatch:
             post=None if self.post is None else {k: v * factor for k, v in self.post.items()})
 
 
+COPY_CONDITIONS = ("h2d", "d2h", "duplex_h2d", "duplex_d2h")     # HostMemory.copies_beside_adam
+
+
 @dataclass(frozen=True)
 class HostMemory:
     """What host memory gives CPU work and the links' copies together, by the CPU's threads.
@@ -257,6 +260,13 @@ class HostMemory:
     # threads -> (copies' GB/s, the CPU stream's GB/s beside them) per measured condition; empty
     # in profiles made before it was measured: CPU work then gets GBps less the copies' rate
     beside: dict[int, tuple[tuple[float, float], ...]] = dataclasses.field(default_factory=dict)
+    # threads -> copy condition -> the copies' GB/s while Adam chunks run back to back on that
+    # many threads: "h2d", "d2h", and "duplex_h2d"/"duplex_d2h" (each direction's rate with
+    # both busy). The runs' loads fell from 52 to 40 GB/s beside their rank's Adam, and to
+    # 24-26 beside Adam and an offload, where the model keeps the link's rate
+    # (docs/validation-h200-2gpu-v12-fresh). Measured, not yet used by the model; empty in
+    # profiles made before it was measured.
+    copies_beside_adam: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def share(self, threads: int) -> "MemoryShare":
         """What CPU work on `threads` threads (the nearest measured count) gets beside copies."""
@@ -459,7 +469,10 @@ class Profile:
                                 "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps),
                                 **({"beside": {str(t): [list(p) for p in pts]
                                                for t, pts in sorted(self.host_memory.beside.items())}}
-                                   if self.host_memory.beside else {})}
+                                   if self.host_memory.beside else {}),
+                                **({"copies_beside_adam": {str(t): dict(sorted(c.items())) for t, c in
+                                                           sorted(self.host_memory.copies_beside_adam.items())}}
+                                   if self.host_memory.copies_beside_adam else {})}
         if self.issue_tolls is not None:
             d["issue_tolls"] = {k: v for k, v in dataclasses.asdict(self.issue_tolls).items() if v is not None}
         if self.pacer is not None:
@@ -692,7 +705,7 @@ class _Parser:
         return IssueTolls(**out)
 
     def host_memory(self, data: Any) -> HostMemory:
-        d = self.obj(data, "host_memory", ("GBps", "cpu_alone_GBps"), ("beside",))
+        d = self.obj(data, "host_memory", ("GBps", "cpu_alone_GBps"), ("beside", "copies_beside_adam"))
         total = self.table(d["GBps"], "host_memory.GBps", "threads")
         alone = self.table(d["cpu_alone_GBps"], "host_memory.cpu_alone_GBps", "threads")
         if alone.keys() != total.keys():
@@ -719,7 +732,18 @@ class _Parser:
                 pairs.append((self.number(row[0], f"{where}[{i}][0]", unit="GB/s"),
                               self.number(row[1], f"{where}[{i}][1]", positive=False, unit="GB/s")))
             beside[t] = tuple(pairs)
-        return HostMemory(total, alone, beside)
+        by_threads = d.get("copies_beside_adam", {})
+        if not isinstance(by_threads, dict):
+            self.fail("host_memory.copies_beside_adam", f"must be an object {{threads: {{condition: GB/s}}}}, "
+                                                        f"got {type(by_threads).__name__}")
+        copies = {}
+        for key, conditions in by_threads.items():
+            where = f"host_memory.copies_beside_adam.{key}"
+            if not key.isdigit() or int(key) not in total:
+                self.fail(where, f"must be a thread count GBps has ({sorted(total)})")
+            copies[int(key)] = {c: self.number(v, f"{where}.{c}", unit="GB/s")
+                                for c, v in self.obj(conditions, where, (), COPY_CONDITIONS).items()}
+        return HostMemory(total, alone, beside, copies)
 
     def dispatch(self, data: Any) -> Dispatch:
         d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"), ("loop_s", "combine", "post"))

@@ -14,7 +14,10 @@ copies' own rate. The sum of the two rates under one direction's copies is the p
 `GBps`; the stream's rate at each copy rate is its `beside` curve: the simulator gives the
 copies their link rate and the CPU work what the curve says (sim/host_memory.py).
 An Adam chunk (the executor's BlockAdam) alone and beside d2h copies is timed as a check of
-that model, not used by it.
+that model, not used by it. Then the copies' own rate while Adam chunks run back to back, in
+each condition: the profile's `copies_beside_adam`, which the model does not use yet (a run's
+loads fell to 40 GB/s beside their rank's Adam, where the stream above left them at the link's
+rate; docs/validation-h200-2gpu-v12-fresh).
 """
 
 from __future__ import annotations
@@ -45,6 +48,17 @@ class HostMemoryResult:
     copy_under_GBps: dict[str, float] = field(default_factory=dict)     # h2d, d2h -> the copies' rate
     adam_alone_ns: float = 0.0              # per parameter
     adam_under_d2h_ns: float = 0.0
+    # condition (h2d, d2h, duplex) -> each direction's copies' GB/s while Adam chunks run
+    copy_beside_adam_GBps: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def copies_beside_adam(self) -> dict[str, float]:
+        """The profile's figures (HostMemory.copies_beside_adam): one direction's copies alone
+        beside Adam, and each direction's with both busy ("duplex_h2d", "duplex_d2h")."""
+        out = {}
+        for condition, rates in self.copy_beside_adam_GBps.items():
+            for direction, rate in rates.items():
+                out[direction if condition != "duplex" else f"duplex_{direction}"] = rate
+        return out
 
     @property
     def total_GBps(self) -> float:
@@ -152,8 +166,16 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) 
     del expert
     adam, params = adam_stream()
     res.adam_alone_ns = median_call(adam) / params * 1e9
-    with CopyLoop("d2h", gpu, spare):
-        res.adam_under_d2h_ns = median_call(adam) / params * 1e9
+    # and the other way round: the copies' own rate while Adam runs, in each condition (a
+    # run's loads fell from 52 to 40 GB/s beside their rank's Adam, 24-26 beside it and an
+    # offload: docs/validation-h200-2gpu-v12-fresh)
+    for condition, directions in CONDITIONS.items():
+        with contextlib.ExitStack() as stack:
+            loops = {d: stack.enter_context(CopyLoop(d, gpu, spare)) for d in directions}
+            ns = median_call(adam) / params * 1e9
+        if condition == "d2h":
+            res.adam_under_d2h_ns = ns
+        res.copy_beside_adam_GBps[condition] = {d: loop.GBps for d, loop in loops.items()}
     return res
 
 
@@ -163,8 +185,10 @@ def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
     for t, r in sorted(results.items()):
         under = ", ".join(f"beside {d} copies {r.cpu_under_GBps[d]:.1f} + copies {r.copy_under_GBps[d]:.1f}"
                           for d in r.cpu_under_GBps)
+        copies = ", ".join(f"{c} {v:.1f}" for c, v in r.copies_beside_adam().items())
         parts.append(f"{t}t: CPU alone {r.cpu_alone_GBps:.1f} GB/s, {under}; check: an Adam chunk "
-                     f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies")
+                     f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies"
+                     + (f"; copies beside Adam (GB/s): {copies}" if copies else ""))
     return ("measured: a read-bound CPU stream (one token through an MoE-M expert, d 2048 h 8192 fp32, the "
             f"next of a {POOL_BYTES >> 20} MiB pool each call, pinned as the executor's parameters) alone and while one GPU copies {COPY_BYTES >> 20} "
             "MiB back to back in one direction and in both at once (each direction from a thread waiting on a "

@@ -1400,7 +1400,9 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         host_memory=HostMemory({t: round_sig(r.total_GBps) for t, r in m.host_memory.items()},
                                {t: round_sig(r.cpu_alone_GBps) for t, r in m.host_memory.items()},
                                {t: tuple((round_sig(c), round_sig(u)) for c, u in r.beside())
-                                for t, r in m.host_memory.items()})
+                                for t, r in m.host_memory.items()},
+                               {t: {c: round_sig(v) for c, v in r.copies_beside_adam().items()}
+                                for t, r in m.host_memory.items() if r.copy_beside_adam_GBps})
         if m.host_memory else None,
         issue_tolls=m.issue_tolls,
         pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)),

@@ -168,12 +168,36 @@ def test_profile_section_round_trips_and_is_checked(tmp_path):
                           (lambda h: h["beside"].update({"16": [[1, 2, 3]]}), r"host_memory.beside.16\[0\]"),
                           (lambda h: h["beside"].update({"16": []}), "host_memory.beside.16"),
                           (lambda h: h.update({"beside": [1]}), "host_memory.beside"),
-                          (lambda h: h["cpu_alone_GBps"].pop("16"), "host_memory.cpu_alone_GBps")]:
+                          (lambda h: h["cpu_alone_GBps"].pop("16"), "host_memory.cpu_alone_GBps"),
+                          (lambda h: h.update({"copies_beside_adam": {"15": {"h2d": 40.0}}}),
+                           "host_memory.copies_beside_adam.15"),
+                          (lambda h: h.update({"copies_beside_adam": {"16": {"up": 40.0}}}),
+                           "host_memory.copies_beside_adam.16.up"),
+                          (lambda h: h.update({"copies_beside_adam": {"16": {"h2d": -1}}}),
+                           "host_memory.copies_beside_adam.16.h2d"),
+                          (lambda h: h.update({"copies_beside_adam": [1]}), "host_memory.copies_beside_adam")]:
         d = json.loads(json.dumps(good))
         change(d["host_memory"])
         (tmp_path / "bad.json").write_text(json.dumps(d))
         with pytest.raises(ProfileError, match=named):
             load_profile(str(tmp_path / "bad.json"))
+
+
+def test_the_copies_rate_beside_adam_is_kept_by_condition_and_round_trips(tmp_path):
+    """calibration/host_memory.py times the copies while Adam chunks run, in each direction
+    and both at once; the profile keeps each direction's rate, "duplex_" with both busy."""
+    pytest.importorskip("torch")
+    from aptmoe.calibration.host_memory import HostMemoryResult
+
+    r = HostMemoryResult(14, 80.0, copy_beside_adam_GBps={"h2d": {"h2d": 40.1}, "d2h": {"d2h": 47.0},
+                                                          "duplex": {"h2d": 24.2, "d2h": 30.5}})
+    assert r.copies_beside_adam() == {"h2d": 40.1, "d2h": 47.0, "duplex_h2d": 24.2, "duplex_d2h": 30.5}
+    q = load_profile("a800-paper").with_(host_memory=HostMemoryFigures({14: 110.3}, {14: 75.6}, {},
+                                                                       {14: r.copies_beside_adam()}))
+    again = load_profile(str(q.save(tmp_path / "c.json")))
+    assert again.host_memory == q.host_memory and again.host_memory.copies_beside_adam[14]["duplex_h2d"] == 24.2
+    assert "copies_beside_adam" not in json.loads(
+        load_profile("a800-paper").with_(host_memory=HostMemoryFigures({14: 1.0}, {14: 1.0})).to_json())["host_memory"]
 
 
 def test_the_simulator_slows_cpu_work_beside_copies_where_the_profile_says():
