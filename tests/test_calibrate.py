@@ -377,6 +377,10 @@ def test_gpu_quick_path_on_one_gpu(tmp_path: Path) -> None:
     beside = p.host_memory.beside[1]
     assert len(beside) == 3 and max(beside)[0] > min(beside)[0] * 1.3
     assert "beside duplex copies" in p.sources["host_memory"]
+    # and the copies' own rate beside Adam, each direction alone and both at once
+    copies = p.host_memory.copies_beside_adam[1]
+    assert copies.keys() == {"h2d", "d2h", "duplex_h2d", "duplex_d2h"} and min(copies.values()) > 1
+    assert "copies beside Adam (GB/s)" in p.sources["host_memory"]
     # the issuing thread's tolls: slowdowns >= 1, tolls >= 0, the copy engine's from its traces
     t = p.issue_tolls
     assert t is not None and t.dma_factor >= 1 and t.memory_factor >= 1 and min(t.copy_s, t.chunk_s, t.cpu_job_s) >= 0
