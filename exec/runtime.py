@@ -199,11 +199,7 @@ class RankRuntime:
         # program and posts any message nobody has; every thread posts in its order (`_post_through`).
         self.net = plan.programs[rank].get("net", [])
         self.net_index = {a: i for i, a in enumerate(self.net)}
-        self.eager_sends: dict[Action, list[Action]] = {}
-        for a in self.net:
-            deps = plan.deps_of(a)
-            if a.kind in SENDS and len(deps) == 1:
-                self.eager_sends.setdefault(deps[0], []).append(a)
+        self.eager_sends = plan.sends_by_producer(rank)
         self.net_lock = threading.Lock()
         self.walking = threading.local()
         # The CPU worker owns the rank's OpenMP threads. With --host-cores it runs on the rank's

@@ -27,10 +27,10 @@ from aptmoe.sim.issuing import HostExperts, IssuingThread
 from aptmoe.sim.links import SharedRoot
 
 from aptmoe.config import RunConfig
-from aptmoe.costs import (BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, CostSource, SharedLinkView, adam_bytes,
-                          cpu_expert_bytes)
+from aptmoe.costs import (BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, CostSource, SharedLinkView,
+                          adam_bytes, cpu_expert_bytes)
 from aptmoe.memory import MemoryModel, adam_chunks
-from aptmoe.plan.actions import RECEIVES, SENDS, Action, Block, BlockKind, Kind
+from aptmoe.plan.actions import RECEIVES, Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
 from aptmoe.popularity import IterationCounts
@@ -206,14 +206,9 @@ class RankModel:
         # The issuing thread posts the sends of what it computed, and the receives its next action
         # needs that the net thread has not reached yet (exec/runtime.py `_post_through`): each
         # costs it `post_s` of host time (Dispatch.post; 0 where not measured)
-        self.post = {m: self.cost.post_s(m) for m in ("send", "recv")}
-        net = self.plan.programs[rank].get("net", [])
-        self.sends_after: dict[Action, int] = defaultdict(int)     # a compute action -> sends it posts
-        for n in net:
-            deps = self.plan.deps_of(n)
-            if n.kind in SENDS and len(deps) == 1:
-                self.sends_after[deps[0]] += 1
-        self.own_recvs = {n for n in net if n.kind in RECEIVES}
+        self.post = {m: self.cost.post_s(m) for m in MESSAGE_POSTS}
+        self.sends_after = self.plan.sends_by_producer(rank)          # a compute action -> the sends it posts
+        self.own_recvs = {n for n in self.plan.programs[rank].get("net", []) if n.kind in RECEIVES}
         self.recvs_reached: set[Action] = set()                     # by the net program
         self.inbound: dict[Action, list[simpy.Event]] = {}     # a compute action's messages, on a GPU
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
@@ -286,8 +281,8 @@ class RankModel:
                 yield from self._posting(len(mine) * self.post["recv"])
             yield from self.handlers[a.kind](a)
             self.step.done[a].succeed()
-            if stream == "compute" and self.sends_after.get(a):
-                yield from self._posting(self.sends_after[a] * self.post["send"])
+            if stream == "compute" and a in self.sends_after:
+                yield from self._posting(len(self.sends_after[a]) * self.post["send"])
 
     def _posting(self, seconds: float):
         """The issuing thread posts messages for `seconds`: on a GPU its clock moves, on CPU
@@ -541,10 +536,10 @@ class RankModel:
         them (`gpu_s`); and the host issues no block until the GPU has finished the one
         `ahead_blocks` before it (ScheduleConfig: a marker record once blocked in a full
         driver queue with the GIL held; in the paper's regime on two H200s this took Mobius's
-        prediction from -5.1% to -3.0% of a bounded run). On a GPU the host issues the next block while the GPU runs this one,
-        so a stream of big blocks hides the host and a stream of small ones waits for it; on
-        CPU ranks issuing and computing are one thread, so a block takes both, one after the
-        other: the host cost was measured on a model too small to compute (calibration/
+        prediction from -5.1% to -3.0% of a bounded run). On a GPU the host issues the next
+        block while the GPU runs this one, so a stream of big blocks hides the host and a
+        stream of small ones waits for it; on CPU ranks issuing and computing are one thread,
+        so a block takes both, one after the other: the host cost was measured on a model too small to compute (calibration/
         dispatch.py), so it is the Python around the call, not the arithmetic. (It was the
         longer of the two until session 6: the CPU validation's blocks then ran 32-50% over
         their prediction even with nothing beside them, and 3% under to 12% over with both.)

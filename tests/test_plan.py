@@ -436,3 +436,20 @@ def test_build_plan_needs_stages_or_a_cost() -> None:
         build_plan(cfg)
     plan = build_plan(cfg, AnalyticCost(cfg.model, a800_pcie_hardware()))
     assert plan.num_stages == choose_num_stages(cfg, AnalyticCost(cfg.model, a800_pcie_hardware()))
+
+
+@pytest.mark.parametrize("pipeline", ["GPipe", "GPipeOffload", "Mobius", "APTMoE"])
+def test_every_send_is_posted_after_the_pass_that_computes_it(pipeline):
+    """Plan.sends_by_producer, the one rule both back-ends follow for who posts a send: each of a
+    rank's sends once, after its stage's forward (activations) or backward (gradients) of the
+    same micro-batch, in the net program's order."""
+    plan = build_plan(make_tiny_config(pipeline, ranks=2, stages=None if pipeline == "GPipe" else 4))
+    for rank in range(plan.num_ranks):
+        sends = [a for a in plan.programs[rank]["net"] if a.kind in (Kind.SEND_F, Kind.SEND_B)]
+        by = plan.sends_by_producer(rank)
+        assert sends and sorted(map(str, sends)) == sorted(str(s) for ss in by.values() for s in ss)
+        for producer, ss in by.items():
+            for s in ss:
+                want = Kind.FWD if s.kind is Kind.SEND_F else Kind.BWD
+                assert (producer.kind, producer.stage, producer.mb) == (want, s.stage, s.mb), (producer, s)
+            assert ss == sorted(ss, key=plan.programs[rank]["net"].index)

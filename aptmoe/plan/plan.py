@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
-from aptmoe.plan.actions import Action, Kind
+from aptmoe.plan.actions import SENDS, Action, Kind
 
 STREAMS = ("compute", "load", "offload", "cpu", "net")
 
@@ -80,6 +80,17 @@ class Plan:
 
     def deps_of(self, action: Action) -> tuple[Action, ...]:
         return self.deps.get(action, ())
+
+    def sends_by_producer(self, rank: int) -> dict[Action, list[Action]]:
+        """The rank's sends by the one action that computes what they carry, in the net
+        program's order: the thread that runs that action posts them right after it (the
+        executor's `_post_through`; the simulator charges that thread's clock for them)."""
+        out: dict[Action, list[Action]] = {}
+        for a in self.programs[rank].get("net", ()):
+            deps = self.deps_of(a)
+            if a.kind in SENDS and len(deps) == 1:
+                out.setdefault(deps[0], []).append(a)
+        return out
 
     # ------------------------------------------------------------------ printing
     def describe(self) -> str:
