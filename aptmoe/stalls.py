@@ -92,8 +92,11 @@ def load_stalls(trace: Trace) -> LoadStalls:
     """Session 28: in the paper's regime on four H200s (8 GB/s), Mobius's stage loads ran at the
     cap but for 31 copies of 2,592 that took 0.14-0.54 s each, 9.5 s over the run's rate in all
     (four ranks, three timed steps). 30 of them ended within 3 ms of a receive of their
-    rank that had waited for its peer (docs/measured/h200x4-session28). The model has no term for
-    a load that waits on a receive."""
+    rank that had waited for its peer (docs/measured/h200x4-session28). Session 29 found why: the
+    issuing thread, far ahead of a GPU that waited for a message, blocked in the driver while
+    recording a marker, the GIL held, so the copy threads stopped too; since the executor bounds
+    how far it runs ahead (ScheduleConfig.ahead_blocks) such runs have none
+    (docs/measured/session29). This still finds them in runs made before, or with the bound off."""
     loads = [e for e in trace.events if is_load(e) and e.args.get("bytes", 0) > 0 and e.end_s > e.start_s]
     if not loads:
         return LoadStalls(0, 0, 0.0, 0, None)

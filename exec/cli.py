@@ -132,10 +132,10 @@ def make_run_parser() -> argparse.ArgumentParser:
                                      "one-off loads)")
     g.add_argument("--cuda-connections", dest="cuda_connections", type=_connections, default=None,
                    help="the CUDA driver's work queues from the host to each GPU (CUDA_DEVICE_MAX_CONNECTIONS, "
-                        "1-32). Default: the environment's, the driver's 8 where unset. A GPU rank has five "
-                        "streams and NCCL's one per channel (two to four); streams beyond the queues share "
-                        "one, and work waiting on a receive in one holds up the other's (session 28: in the "
-                        "4-GPU regime, stage loads ended with a receive of their rank, 0.14-0.54 s late)")
+                        "1-32). Default: the environment's, the driver's 8 where unset. Streams beyond the "
+                        "queues share one, and work waiting in one can hold up the other's; one queue made the "
+                        "regime's late loads 2.7x as many on two H200s, and 32 did not remove them (their cause "
+                        "was the issuing thread's reach: --ahead-blocks; docs/measured/session29)")
     g.add_argument("--repeats", type=whole_number("run"), default=1,
                    help="run each schedule this many times, each in fresh processes, going round the schedules, "
                         "and keep the run of median step time (its result lists every run's): one process can "

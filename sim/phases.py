@@ -166,8 +166,9 @@ def _ended_in(ends: list[float], lo: float, hi: float) -> bool:
 
 def _message_gaps(actions: list[TraceEvent], messaged: list[float]) -> float:
     """Between these actions (in order), the gaps that a send or receive of the rank ended in:
-    the executor's compute thread starts an action only once the net thread has posted its
-    receive, behind the sends before it in its program (session 27: 0.5-0.9 ms a gap)."""
+    where the executor posts the sends of the action just run and the receive of the next
+    (session 27: 0.5-0.9 ms a gap while the net thread posted the receive and handed it back;
+    since 7c68210 the compute thread posts it, and each post's host time is in the trace)."""
     return sum(q.start_s - p.end_s for p, q in zip(actions, actions[1:]) if _ended_in(messaged, p.end_s, q.start_s))
 
 
