@@ -77,6 +77,7 @@ from aptmoe.atomic import write_text_atomic
 from aptmoe.config import DTYPE_BYTES, ConfigError, ModelConfig
 from aptmoe.costs import BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, LinkSpec
 from aptmoe.isotonic import pava
+from aptmoe import stored
 
 SCHEMA = "aptmoe-calibration/1"
 
@@ -998,22 +999,27 @@ def machine_profile(gpu_name: str, gpu_count: int, cpu_cores: int) -> str | None
 
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:
-    """A built-in profile by bare name (no slash, no .json), or a calibration file by path."""
+    """A built-in profile by bare name (no slash, no .json), or a calibration file by path:
+    plain, or the ``.json.xz`` (``.json.gz``) a stored run keeps (aptmoe.stored), which a
+    plain path that is not there also reads."""
     text_name = os.fspath(name_or_path)
-    builtin = "/" not in text_name and os.sep not in text_name and not text_name.endswith(".json")
+    builtin = ("/" not in text_name and os.sep not in text_name
+               and not text_name.endswith((".json", ".json.gz", ".json.xz")))
     if builtin:
         res = _builtin_dir().joinpath(f"{text_name}.json")
         if not res.is_file():
             raise ProfileError(f"profile {text_name!r} is not built in; built-in profiles: "
                                f"{', '.join(list_profiles()) or 'none'} (or give a path to a .json file)")
         return Profile.from_json(res.read_text(encoding="utf-8"), f"aptmoe/profiles/{text_name}.json")
+    path = stored.stored_file(text_name) if text_name.endswith(".json") else None
+    source = text_name if path is None else os.fspath(path)
     try:
-        text = Path(text_name).read_text(encoding="utf-8")
+        text = stored.read_text(source)
     except FileNotFoundError:
         raise ProfileError(f"{text_name}: no such calibration file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{text_name}: cannot read: {e}") from None
-    return Profile.from_json(text, text_name)
+    except (OSError, UnicodeDecodeError, *stored.CORRUPT) as e:
+        raise ProfileError(f"{source}: cannot read: {e}") from None
+    return Profile.from_json(text, source)
 
 
 # --------------------------------------------------------------------------- interpolation

@@ -14,7 +14,6 @@ thread's wait for a core: aptmoe.exec.thread_clock).
 from __future__ import annotations
 
 import bisect
-import gzip
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
+from aptmoe.stored import CORRUPT, open_text, stored_file
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
            "action_runs", "by_occurrence", "call_kind", "is_action", "is_block_call", "is_cpu_job", "is_load", "run_trace",
@@ -62,12 +62,8 @@ class TraceError(ValueError):
 
 def run_trace(folder: str | Path, name: str) -> Path | None:
     """The measured trace of schedule `name` in a run's folder: `trace-NAME.json`, or the
-    `.json.gz` a stored run keeps instead; None where it has neither."""
-    plain = Path(folder) / f"trace-{name}.json"
-    for path in (plain, plain.with_suffix(".json.gz")):
-        if path.exists():
-            return path
-    return None
+    `.json.gz` or `.json.xz` a stored run keeps instead (aptmoe.stored); None where it has none."""
+    return stored_file(Path(folder) / f"trace-{name}.json")
 
 
 PASS_CATEGORIES = ("forward", "backward", "recompute")     # a block call's pass
@@ -232,12 +228,14 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
-        """A trace file, plain or gzip-compressed (``.json.gz``: Perfetto opens both)."""
+        """A trace file, plain or compressed (``.json.gz``, ``.json.xz``: aptmoe.stored). A plain
+        name that is not there reads the compressed file a stored run keeps in its place."""
+        found = stored_file(path) if str(path).endswith(".json") else None
         try:
-            with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
+            with open_text(found or path) as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise TraceError(f"trace file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-            raise TraceError(f"trace file {path} is not JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, *CORRUPT) as e:
+            raise TraceError(f"trace file {found or path} is not JSON: {e}") from None
         return cls.from_chrome(d)

@@ -10,7 +10,7 @@ Mobius's host time.
     python -m aptmoe.sim.host_calls RUN_DIR [RUN_DIR ...] [--landings fe] [--beside fe] [--loading fe] [--jobs fe]
         [--gaps f|b] [--budget] [--cpu-jobs] [--own-work] [--first-use] [--load-stalls] [--predicted [--stalls]]
 
-A RUN_DIR is an `aptmoe-run` output (its trace-*.json or .json.gz) or a matrix folder (every
+A RUN_DIR is an `aptmoe-run` output (its trace-*.json, .json.gz or .json.xz) or a matrix folder (every
 cells/*/real below it). Prints one row per run and schedule: the median host time and span
 of each (pass, block kind) call, in microseconds.
 """

@@ -11,7 +11,7 @@ later call goes on where the last one stopped. ``--repredict`` runs no executor:
 the stored runs again with the current simulator and profile, which is how a change of the
 model is judged against measurements already taken.
 
-Each cell keeps the profile it was predicted with (``OUT/cells/<cell>/profile.json``). The
+Each cell keeps the profile it was predicted with (``OUT/cells/<cell>/profile.json.xz``). The
 host-bound figures of a profile (the dispatch probe's cost per block, CPU Adam) came out up to
 1.8x apart on different device calls, so a matrix run over several calls can calibrate those
 parts at the start of each; ``--repredict --cell-profiles`` then predicts each cell with the
@@ -27,10 +27,13 @@ the one on the diagonal (block b holds back its cell b mod k) is kept out of the
 diagonal spreads the held-back cells over models, G and links rather than one corner of the
 grid. Model fixes are judged on the fit set; the held-back set reports the final figure.
 
-A cell keeps its measured traces gzip-compressed (``real/trace-*.json.gz``: Perfetto and
-``Trace.load`` read them as they are) and the folder a ``.gitignore`` of what ``--repredict``
-writes again (predicted traces, per-action CSVs, overlays): a cell's raw traces are 2-4 MB
-each, so a 48-run matrix kept raw is 40 MB, a tenth of that compressed.
+A cell is stored as the repository keeps it (aptmoe.stored): its measured traces and its two
+profiles (``profile.json``, ``real/plan-profile.json``) xz-compressed (``real/trace-*.json.xz``:
+``Trace.load`` reads them as they are; for Perfetto, ``xz -dk`` one first), and the folder a
+``.gitignore`` of what ``--repredict`` writes again (predicted traces, per-action CSVs,
+overlays): a cell's raw traces are 2-4 MB each, so a 48-run matrix kept raw is 40 MB, a tenth
+of that gzip-compressed and 70% of that again with xz. Cells stored before, with gzip traces
+and plain profiles, read the same (``scripts/pack-stored-runs`` packs them).
 
 Writes OUT/matrix.json, OUT/matrix.csv, OUT/matrix.png (predicted against measured, a point
 per run) and OUT/matrix.md (one row per run, then the summary:
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import itertools
 import json
 import shlex
@@ -59,6 +61,7 @@ from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
+from aptmoe.stored import PLAN_PROFILE, measured_traces, pack, stored_file
 from aptmoe.sim.validate import (KERNEL_LOADING_WHY, add_replay_flag, alike_cell, compare_run, ms_cell, other_machine,
                                  run_executor)
 from aptmoe.trace import write_json_atomic
@@ -266,8 +269,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
             if (folder / "real" / "results.json").exists():
                 stored += 1
                 use = profile
-                if ns.cell_profiles and (folder / CELL_PROFILE).exists():
-                    use, own = load_profile(folder / CELL_PROFILE), own + 1
+                if ns.cell_profiles and (kept := stored_file(folder / CELL_PROFILE)) is not None:
+                    use, own = load_profile(kept), own + 1
                 compare_run(folder / "real", use, folder, _cell_doc(folder)["command"], plot=not ns.no_plot,
                             replay=ns.replay_placements)
             continue
@@ -291,7 +294,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
                 profile.save(tmp / CELL_PROFILE)
                 run_executor(cmd, tmp / "real", tmp / CELL_PROFILE, kernel_loading=ns.kernel_loading)
                 compare_run(tmp / "real", profile, tmp, command, plot=not ns.no_plot, replay=ns.replay_placements)
-                compress_traces(tmp / "real")
+                pack_cell(tmp)
                 write_json_atomic(tmp / "cell.json", {
                     "cell": asdict(cell), "name": cell.name, "index": i, "held_back": held_back(i, ns.held_back_every),
                     "command": command, "wall_s": time.monotonic() - started})
@@ -326,12 +329,12 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def compress_traces(real: Path) -> None:
-    """Replace each measured trace ``trace-*.json`` in ``real`` by its ``.json.gz``."""
-    for path in sorted(real.glob("trace-*.json")):
-        with open(path, "rb") as src, gzip.open(path.with_suffix(".json.gz"), "wb") as dst:
-            dst.write(src.read())
-        path.unlink()
+def pack_cell(folder: Path) -> None:
+    """Store a cell as the repository keeps it: its measured traces (``real/trace-*.json``) and
+    its profiles (``profile.json``, ``real/plan-profile.json``) each replaced by its ``.xz``."""
+    for path in [*measured_traces(folder / "real"), folder / CELL_PROFILE, folder / "real" / PLAN_PROFILE]:
+        if path.exists():
+            pack(path)
 
 
 def write_gitignore(out: Path) -> None:

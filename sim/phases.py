@@ -17,9 +17,10 @@ there for its net thread to post the next receive; the simulator has no such wai
 
     python -m aptmoe.sim.phases PATH [PATH ...] [--measured-only]
 
-A PATH is a matrix cell (cells/<cell>: real/trace-X.json.gz against trace-X-predicted.json
+A PATH is a matrix cell (cells/<cell>: real/trace-X.json.xz against trace-X-predicted.json
 beside real/, which `aptmoe-sim matrix --repredict` writes), a matrix folder (every cell below
-it), or a run folder with trace-X.json or .json.gz (and trace-X-predicted.json beside them).
+it), or a run folder with trace-X.json, .json.gz or .json.xz (and trace-X-predicted.json beside
+them).
 
 Steps: both back-ends lay the timed steps end to end (the warm-up is not traced) and mark no
 step, but every action (a stage's forward or backward of one micro-batch, `0F3`) runs once a

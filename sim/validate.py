@@ -47,6 +47,7 @@ from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.replayed_placements import run_placements
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
 from aptmoe.stalls import load_stalls, stalls
+from aptmoe.stored import PLAN_PROFILE, stored_file
 from aptmoe.trace import Trace, by_occurrence, run_trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
@@ -118,15 +119,13 @@ def run_executor(argv: list[str], out: Path, calibration: str | Path | None = No
     launch_executor([*executor_argv(argv), *plan_with, "--kernel-loading", kernel_loading, "-q"], out, ok=(0, 3))
 
 
-PLAN_PROFILE = "plan-profile.json"       # aptmoe-run's copy of the profile it planned with
-
-
 def planning_profile(real_dir: Path, real: dict):
-    """The profile the executor planned a run with: the copy it wrote beside its results;
-    for runs from before it wrote one, the --calibration of its command, else aptmoe-run's
-    default of the time (h200 on a GPU, a800-paper on the CPU)."""
-    if (real_dir / PLAN_PROFILE).exists():
-        return load_profile(real_dir / PLAN_PROFILE)
+    """The profile the executor planned a run with: the copy it wrote beside its results
+    (PLAN_PROFILE, xz-compressed where the run is stored); for runs from before it wrote one,
+    the --calibration of its command, else aptmoe-run's default of the time (h200 on a GPU,
+    a800-paper on the CPU)."""
+    if (kept := stored_file(real_dir / PLAN_PROFILE)) is not None:
+        return load_profile(kept)
     cmd = real.get("command", [])
     for i, a in enumerate(cmd):
         if a == "--calibration" and i + 1 < len(cmd):

@@ -19,6 +19,7 @@ from aptmoe.run_process import ExecutorFailed
 from aptmoe.sim import matrix
 from aptmoe.sim.cli import UsageError
 from aptmoe.sim.cli import main as sim_main
+from aptmoe.stored import read_text, stored_file
 from aptmoe.trace import Trace
 from aptmoe.sim.matrix import (
     TIE,
@@ -286,9 +287,11 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     cell = json.loads((folder / "cell.json").read_text())
     assert cell["name"] == E2E_CELL and cell["index"] == 0 and cell["held_back"] is True
     assert cell["wall_s"] > 0
-    # the executor planned with the profile the cell is predicted with, and kept a copy
-    planned = json.loads((folder / "real" / "plan-profile.json").read_text())
-    assert planned == json.loads((folder / "profile.json").read_text()) and val["planned_with"] == planned["name"]
+    # the executor planned with the profile the cell is predicted with, and kept a copy (both
+    # stored xz-compressed, as the repository keeps them)
+    planned = json.loads(read_text(folder / "real" / "plan-profile.json.xz"))
+    assert planned == json.loads(read_text(folder / "profile.json.xz")) and val["planned_with"] == planned["name"]
+    assert not (folder / "profile.json").exists() and not (folder / "real" / "plan-profile.json").exists()
     assert cell["command"][:4] == ["aptmoe-sim", "validate", "--calibration", "a800-paper"]
     assert val["command"] == cell["command"]
     # --steps 1,S=2: an S cell times 2 steps
@@ -302,7 +305,7 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     # eager kernel loading asked for (the default), and on CPU ranks nothing to load
     assert command[command.index("--kernel-loading") + 1] == "eager"
     assert all(s["kernel_loading"] is None and "gpu_bytes_outside_allocator" not in s for s in sched.values())
-    assert json.loads((folder / "profile.json").read_text())["name"] == "a800-paper"      # what it was predicted with
+    assert json.loads(read_text(folder / "profile.json.xz"))["name"] == "a800-paper"      # what it was predicted with
     rep = json.loads((out / "matrix.json").read_text())
     assert len(rep["runs"]) == 4 and {r["cell"] for r in rep["runs"]} == {E2E_CELL}
     assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in rep["runs"])
@@ -319,8 +322,8 @@ def test_a_cell_keeps_its_traces_compressed_and_the_folder_ignores_what_repredic
     out = e2e["out"]
     real = out / "cells" / E2E_CELL / "real"
     names = ("GPipe", "GPipeOffload", "Mobius", "APTMoE")
-    assert sorted(p.name for p in real.glob("trace-*")) == sorted(f"trace-{n}.json.gz" for n in names)
-    assert Trace.load(real / "trace-APTMoE.json.gz").events        # what Perfetto and the comparison read
+    assert sorted(p.name for p in real.glob("trace-*")) == sorted(f"trace-{n}.json.xz" for n in names)
+    assert Trace.load(real / "trace-APTMoE.json.xz").events        # what the comparison reads (Perfetto: xz -dk)
     ignored = (out / ".gitignore").read_text().split("\n")
     assert set(matrix.DERIVED) <= set(ignored)
     # --repredict still compares action by action from the compressed traces
@@ -385,7 +388,7 @@ def test_repredict_with_cell_profiles_uses_the_profile_each_cell_ran_with(e2e, t
     assert repredict() == ("h200-1gpu", "h200-1gpu")
     own, report = repredict("--cell-profiles")
     assert own == "a800-paper" and "1 of 1" in report
-    (out / "cells" / E2E_CELL / "profile.json").unlink()
+    stored_file(out / "cells" / E2E_CELL / "profile.json").unlink()
     own, report = repredict("--cell-profiles")
     assert own == "h200-1gpu" and "0 of 1" in report
 
@@ -1007,7 +1010,7 @@ def test_fresh_configs_planned_with_the_lease_s_cpu_curves_meet_the_targets(tmp_
     _within(report, {"held-back": (0.017, 0.091)})
     for cell in (DOCS / "validation-h200-2gpu-v11-fresh" / "cells").iterdir():
         # each cell's profile is h200-2gpu with the curves of its own model timed on its lease
-        doc = json.loads((cell / "profile.json").read_text())
+        doc = json.loads(read_text(stored_file(cell / "profile.json")))
         size = {"M": 2048, "L": 4096}[cell.name[0]]
         assert doc["name"] == "h200-2gpu" and {c["d"] for c in doc["cpu_expert"]} == {size}, cell
         assert f"--models {cell.name[0]} " in doc["made_by"]["command"], cell
@@ -1070,7 +1073,7 @@ def test_the_first_four_gpu_cells_as_measured(tmp_path, monkeypatch) -> None:
     assert all(-0.40 < e < -0.07 for e in errors["S"])
     assert statistics.median(abs(e) for e in errors["M"] + errors["L"]) <= 0.044
     for cell in (DOCS / "validation-h200-4gpu" / "cells").iterdir():
-        doc = json.loads((cell / "profile.json").read_text())
+        doc = json.loads(read_text(stored_file(cell / "profile.json")))
         assert doc["name"] == "h200-4gpu" and doc["hardware"]["gpu_count"] == 4, cell
 
 
@@ -1129,8 +1132,9 @@ def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], onl
         if only is not None and cell.name != only:
             continue
         shutil.copytree(cell / "real", out / "cells" / cell.name / "real")
-        for name in ("cell.json", "profile.json"):
-            shutil.copy(cell / name, out / "cells" / cell.name / name)
+        for name in ("cell.json", "profile.json"):          # the profile as stored: profile.json.xz
+            kept = stored_file(cell / name) or cell / name
+            shutil.copy(kept, out / "cells" / cell.name / kept.name)
     _forbid_executor(monkeypatch)
     assert sim_main(["matrix", "--out", str(out), *flags, "--repredict"]) == 0
     return json.loads((out / "matrix.json").read_text())

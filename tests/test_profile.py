@@ -123,6 +123,25 @@ def test_truncated_and_missing_files(tmp_path, a800):
     assert isinstance(ProfileError("x"), ValueError)
 
 
+def test_a_stored_profile_loads_from_its_xz_and_a_corrupt_one_is_a_one_line_error(tmp_path, a800):
+    import lzma
+
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "profile.json.xz").write_bytes(lzma.compress(a800.to_json().encode()))
+    for name in ("profile.json.xz", "profile.json"):         # the plain name of a packed profile reads its .xz
+        assert load_profile(cell / name).to_dict() == a800.to_dict()
+    (tmp_path / "bad.json.xz").write_bytes(b"not xz")
+    with pytest.raises(ProfileError, match=r"bad\.json\.xz: cannot read: ") as err:
+        load_profile(tmp_path / "bad.json.xz")
+    assert "\n" not in str(err.value)
+    (tmp_path / "cut.json.xz").write_bytes(lzma.compress(a800.to_json()[:500].encode()))
+    with pytest.raises(ProfileError, match=r"cut\.json\.xz: invalid JSON at line \d+"):
+        load_profile(tmp_path / "cut.json.xz")
+    with pytest.raises(ProfileError, match="nope.json.xz: no such calibration file"):
+        load_profile("nope.json.xz")              # a file's name, not a built-in profile's
+
+
 # --------------------------------------------------------------------------- interpolation
 
 

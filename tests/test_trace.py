@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -101,6 +102,35 @@ def test_a_compressed_trace_loads_like_a_plain_one(tmp_path) -> None:
     (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
     with pytest.raises(TraceError):
         Trace.load(tmp_path / "bad.json.gz")
+
+
+def test_an_xz_trace_loads_like_a_plain_one_and_a_corrupt_one_is_a_one_line_error(tmp_path) -> None:
+    import lzma
+
+    tr = Trace("real", meta={"pipeline": "Mobius"})
+    tr.add("0F0", 0, "compute", 0.0, 1.5, "forward")
+    tr.save(tmp_path / "t.json")
+    (tmp_path / "t.json.xz").write_bytes(lzma.compress((tmp_path / "t.json").read_bytes()))
+    assert Trace.load(tmp_path / "t.json.xz").events == Trace.load(tmp_path / "t.json").events
+    (tmp_path / "t.json").unlink()              # the plain name of a packed trace reads its .xz
+    assert Trace.load(tmp_path / "t.json").events == tr.events
+    for bad, data in (("bad.json.xz", b"not xz"), ("cut.json.xz", (tmp_path / "t.json.xz").read_bytes()[:-12])):
+        (tmp_path / bad).write_bytes(data)
+        with pytest.raises(TraceError, match=re.escape(f"trace file {tmp_path / bad} is not JSON: ")) as err:
+            Trace.load(tmp_path / bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(TraceError, match="does not exist"):
+        Trace.load(tmp_path / "none.json")
+
+
+def test_a_run_s_trace_is_found_plain_then_gz_then_xz(tmp_path) -> None:
+    from aptmoe.trace import run_trace
+
+    assert run_trace(tmp_path, "Mobius") is None
+    for suffix in (".xz", ".gz", ""):           # each form added takes precedence over the ones before
+        (tmp_path / f"trace-Mobius.json{suffix}").write_bytes(b"")
+        assert run_trace(tmp_path, "Mobius") == tmp_path / f"trace-Mobius.json{suffix}"
+    assert run_trace(tmp_path, "APTMoE") is None
 
 
 def test_an_event_belongs_to_the_run_of_its_action_that_started_last() -> None:

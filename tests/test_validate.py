@@ -294,7 +294,7 @@ def test_the_simulator_offloads_and_updates_what_the_executor_did() -> None:
 
     real = Path(__file__).resolve().parents[1] / "docs/validation-h200-v8/cells/S8x8-G0.6-cap8-1gpu/real"
     res = json.loads((real / "results.json").read_text())["schedules"]["Mobius"]
-    measured = Trace.load(real / "trace-Mobius.json.gz")
+    measured = Trace.load(real / "trace-Mobius.json.xz")
     predicted = Trace("sim")
     simulate(RunConfig.from_dict(res["config"]), "h200-1gpu", trace=predicted, measured_steps=len(res["step_s"]),
              plan_with="h200")

@@ -3,7 +3,7 @@ predicted: how long a layer takes on the compute stream, whatever its calls and 
 
     python docs/measured/offline-session22/periods.py CELL SCHEDULE
 
-CELL is a matrix cell folder after `aptmoe-sim matrix --repredict` (its real/trace-X.json.gz
+CELL is a matrix cell folder after `aptmoe-sim matrix --repredict` (its real/trace-X.json.xz
 and trace-X-predicted.json). Session 22's reading, on the committed 2-GPU grids.
 """
 
@@ -35,7 +35,7 @@ def periods(path: Path, cat: str) -> list[float]:
 def main(argv: list[str]) -> int:
     cell, schedule = Path(argv[0]), argv[1]
     for cat in ("forward", "recompute", "backward"):
-        real = periods(cell / "real" / f"trace-{schedule}.json.gz", cat)
+        real = periods(cell / "real" / f"trace-{schedule}.json", cat)      # Trace.load reads its .xz
         model = periods(cell / f"trace-{schedule}-predicted.json", cat)
         if real and model:
             print(f"{cat:9s}  real {statistics.median(real):6.0f} us  model {statistics.median(model):6.0f} us"

@@ -1,0 +1,149 @@
+"""Stored runs' files, plain or compressed.
+
+A run writes its traces and profiles plain (Perfetto opens a fresh trace as it is). A run
+kept in the repository (docs/: the validation matrices and measured runs) keeps its measured
+traces and calibration profiles xz-compressed instead (`scripts/pack-stored-runs`, and
+`aptmoe-sim matrix` for the cells it stores), older stores gzip-compressed traces: the tree is
+sent whole to the GPU machine, which takes at most 64 MiB. Readers ask `stored_file` for the
+name they expect and read it with `open_text`, so any of the three forms will do. To open a
+stored trace in Perfetto: ``xz -dk trace-X.json.xz``, then the ``trace-X.json`` it leaves.
+
+Only the standard library: the simulator and the calibration read stored runs without torch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import os
+import zlib
+from pathlib import Path
+from typing import IO
+
+__all__ = ["CORRUPT", "XZ_PRESET", "measured_traces", "open_text", "pack", "plain_name", "read_bytes",
+           "read_text", "stored_file", "stored_run_files"]
+
+# The forms a stored file takes, in the order a reader prefers them: plain first (a fresh run,
+# or one unpacked by hand to open in Perfetto), then the gzip of older stores, then xz.
+SUFFIXES = ("", ".gz", ".xz")
+
+# What reading a corrupt or truncated compressed file raises (a bad header: BadGzipFile or
+# LZMAError; bad deflate data: zlib.error; a cut-off file: EOFError). Callers turn them into
+# their own one-line errors (TraceError, ProfileError), as they do for bad JSON.
+CORRUPT: tuple[type[Exception], ...] = (gzip.BadGzipFile, lzma.LZMAError, zlib.error, EOFError)
+
+# xz's `-9e`: traces are repetitive JSON, and the extreme preset takes ~70% of gzip's bytes.
+XZ_PRESET = 9 | lzma.PRESET_EXTREME
+
+PROFILE = "profile.json"              # a matrix cell's: the profile it was predicted with
+PLAN_PROFILE = "plan-profile.json"    # a run's: the profile the executor planned with
+
+
+def plain_name(path: str | os.PathLike) -> str:
+    """The name a tool expects for a stored file: ``trace-X.json`` for ``trace-X.json.xz``."""
+    name = Path(path).name
+    for suffix in SUFFIXES[1:]:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def stored_file(path: str | os.PathLike) -> Path | None:
+    """The file kept for `path` (the plain name a tool expects, e.g. ``real/plan-profile.json``):
+    `path` itself, else its ``.gz``, else its ``.xz``; None where there is none of them."""
+    path = Path(path)
+    for suffix in SUFFIXES:
+        candidate = path.with_name(path.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def open_text(path: str | os.PathLike) -> IO[str]:
+    """A text file opened for reading as UTF-8, decompressed where its name ends in .gz or .xz."""
+    name = os.fspath(path)
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    with open_text(path) as f:
+        return f.read()
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's content, decompressed where its name ends in .gz or .xz."""
+    data = Path(path).read_bytes()
+    name = os.fspath(path)
+    if name.endswith(".xz"):
+        return lzma.decompress(data)
+    if name.endswith(".gz"):
+        return gzip.decompress(data)
+    return data
+
+
+# --------------------------------------------------------------------------- storing
+
+
+def is_measured_run(folder: Path) -> bool:
+    """A folder of an executor's run: a matrix cell's or validate's ``real/``, or a run folder
+    whose results.json says it was measured (the simulator's say ``sim``, or nothing)."""
+    if folder.name == "real":
+        return True
+    try:
+        with open((folder / "results.json"), encoding="utf-8") as f:
+            return json.load(f).get("source") == "real"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def measured_traces(folder: str | os.PathLike) -> list[Path]:
+    """The measured traces kept in a run's folder, in any form: ``trace-X.json``, ``.json.gz``
+    and ``.json.xz``, not the simulator's ``trace-X-predicted.json`` beside a matrix cell's."""
+    return sorted(p for p in Path(folder).glob("trace-*.json*")
+                  if p.is_file() and p.name.endswith((".json", ".json.gz", ".json.xz"))
+                  and not plain_name(p).endswith("-predicted.json"))
+
+
+def stored_run_files(root: str | os.PathLike) -> list[Path]:
+    """What a store keeps compressed under `root` (any form, packed or not): every measured
+    run's traces and its plan-profile.json, and each matrix cell's profile.json
+    (``cells/<cell>/profile.json``)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        folder = Path(dirpath)
+        profiles = sorted(folder / n for n in filenames if plain_name(n) in (PROFILE, PLAN_PROFILE))
+        if is_measured_run(folder):
+            out += measured_traces(folder)
+            out += [p for p in profiles if plain_name(p) == PLAN_PROFILE]
+        if folder.parent.name == "cells":
+            out += [p for p in profiles if plain_name(p) == PROFILE]
+    return out
+
+
+def pack(path: str | os.PathLike) -> tuple[int, int]:
+    """Replace a plain or gzip file by the xz of its (plain) content, named ``<plain name>.xz``;
+    the original is deleted only after the new file was read back equal to it. An .xz is left
+    as it is. Returns (bytes before, bytes after)."""
+    path = Path(path)
+    before = path.stat().st_size
+    if path.name.endswith(".xz"):
+        return before, before
+    content = read_bytes(path)
+    target = path.with_name(plain_name(path) + ".xz")
+    partial = target.with_name(target.name + ".partial")
+    try:
+        partial.write_bytes(lzma.compress(content, preset=XZ_PRESET))
+        if lzma.decompress(partial.read_bytes()) != content:
+            raise ValueError(f"{partial}: its xz does not read back as {path}'s content")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)        # a crash before the unlink leaves both, alike: a rerun packs again
+    path.unlink()
+    return before, target.stat().st_size
