@@ -103,6 +103,11 @@ class CostSource(Protocol):
         `aptmoe.profile.MemoryShare`, or None: CPU work never waits for copies;
         sim/host_memory.py)."""
 
+    def copy_limits(self, threads: int):
+        """What caps a GPU's copies while it copies both ways and while its host's ranks run
+        Adam, with CPU work on `threads` threads (an `aptmoe.profile.CopyLimits`, or None:
+        copies take their link's rate whatever else runs; sim/links.py)."""
+
     def issue_tolls(self):
         """What the issuing thread loses per copy landed, paced chunk and CPU job of the
         rank's other threads, and beside DMA and a memory stream (an `IssueTolls`, or None:
@@ -139,6 +144,9 @@ class KernelTimeOnly:
     """For cost sources that know no host: blocks take their kernel time alone."""
 
     def memory_share(self, threads: int):
+        return None
+
+    def copy_limits(self, threads: int):
         return None
 
     def issue_tolls(self):

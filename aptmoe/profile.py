@@ -261,13 +261,14 @@ class HostMemory:
     # threads -> (copies' GB/s, the CPU stream's GB/s beside them) per measured condition; empty
     # in profiles made before it was measured: CPU work then gets GBps less the copies' rate
     beside: dict[int, tuple[tuple[float, float], ...]] = dataclasses.field(default_factory=dict)
-    # threads -> copy condition -> the copies' GB/s while Adam chunks run back to back on that
-    # many threads: "h2d", "d2h", and "duplex_h2d"/"duplex_d2h" (each direction's rate with
-    # both busy). The runs' loads fell from 52 to 40 GB/s beside their rank's Adam, and to
-    # 24-26 beside Adam and an offload, where the model keeps the link's rate
-    # (docs/validation-h200-2gpu-v12-fresh). Measured, not yet used by the model; empty in
-    # profiles made before it was measured.
-    copies_beside_adam: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # threads -> ranks updating at once -> copy condition -> the copies' GB/s while Adam chunks
+    # run back to back on that many threads of each of those ranks (the copying GPU's own among
+    # them): "h2d", "d2h", and "duplex_h2d"/"duplex_d2h" (each direction's rate with both busy).
+    # A 2-GPU run's loads fell from 52 to 40 GB/s beside the ranks' Adam, and to 23-25 beside it
+    # and their GPU's offload (docs/validation-h200-2gpu-v12-fresh). The simulator caps a GPU's
+    # copies at these while ranks update (sim/links.py); empty in profiles made before it was
+    # measured: copies then keep their link's rate beside Adam.
+    copies_beside_adam: dict[int, dict[int, dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     def share(self, threads: int) -> "MemoryShare":
         """What CPU work on `threads` threads (the nearest measured count) gets beside copies."""
@@ -291,6 +292,27 @@ def monotone_share(points: typing.Iterable[tuple[float, float]]) -> tuple[tuple[
     would bias it low."""
     pts = list(points)
     return tuple((x, float(-y)) for (x, _), y in zip(pts, pava([-y for _, y in pts])))
+
+
+@dataclass(frozen=True)
+class CopyLimits:
+    """The most a GPU's copies in one direction get while its link and host memory are shared:
+    with the GPU copying the other way too (the link's duplex rate), and while ranks of its host
+    run Adam (the rate measured beside that many ranks updating). The simulator caps a GPU's
+    flows at this, under its root's fair share (sim/links.py)."""
+    duplex_GBps: dict[str, float]                            # direction -> GB/s with both busy
+    beside_adam: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)   # ranks -> condition -> GB/s
+
+    def GBps(self, direction: str, duplex: bool, updating: int) -> float:
+        """The cap (GB/s; inf: none) of `direction`'s copies, the other direction busy too
+        or not, with `updating` ranks of the host running Adam. Beside more ranks than were
+        measured, the figure of the most measured: a rate never extrapolated. Adam never
+        speeds a copy up: the figures come from calibrations on different leases (h200-2gpu's
+        duplex h2d 44.9 GB/s, its copies beside one rank's Adam 52.5 both ways at once)."""
+        condition = f"duplex_{direction}" if duplex else direction
+        without = self.duplex_GBps[direction] if duplex else math.inf
+        counts = [n for n in self.beside_adam if n <= updating and condition in self.beside_adam[n]]
+        return min(without, self.beside_adam[max(counts)][condition]) if updating and counts else without
 
 
 @dataclass(frozen=True)
@@ -471,7 +493,8 @@ class Profile:
                                 **({"beside": {str(t): [list(p) for p in pts]
                                                for t, pts in sorted(self.host_memory.beside.items())}}
                                    if self.host_memory.beside else {}),
-                                **({"copies_beside_adam": {str(t): dict(sorted(c.items())) for t, c in
+                                **({"copies_beside_adam": {str(t): {str(n): dict(sorted(c.items()))
+                                                                    for n, c in sorted(by.items())} for t, by in
                                                            sorted(self.host_memory.copies_beside_adam.items())}}
                                    if self.host_memory.copies_beside_adam else {})}
         if self.issue_tolls is not None:
@@ -735,15 +758,21 @@ class _Parser:
             beside[t] = tuple(pairs)
         by_threads = d.get("copies_beside_adam", {})
         if not isinstance(by_threads, dict):
-            self.fail("host_memory.copies_beside_adam", f"must be an object {{threads: {{condition: GB/s}}}}, "
-                                                        f"got {type(by_threads).__name__}")
+            self.fail("host_memory.copies_beside_adam", "must be an object {threads: {ranks updating: "
+                                                        f"{{condition: GB/s}}}}}}, got {type(by_threads).__name__}")
         copies = {}
-        for key, conditions in by_threads.items():
+        for key, by_ranks in by_threads.items():
             where = f"host_memory.copies_beside_adam.{key}"
             if not key.isdigit() or int(key) not in total:
                 self.fail(where, f"must be a thread count GBps has ({sorted(total)})")
-            copies[int(key)] = {c: self.number(v, f"{where}.{c}", unit="GB/s")
-                                for c, v in self.obj(conditions, where, (), COPY_CONDITIONS).items()}
+            if not isinstance(by_ranks, dict):
+                self.fail(where, f"must be an object {{ranks updating: {{condition: GB/s}}}}, got {self._show(by_ranks)}")
+            copies[int(key)] = {}
+            for n, conditions in by_ranks.items():
+                if not (n.isdigit() and int(n) >= 1):
+                    self.fail(f"{where}.{n}", "must be how many ranks updated at once (1, 2, ...), written as a string")
+                copies[int(key)][int(n)] = {c: self.number(v, f"{where}.{n}.{c}", unit="GB/s")
+                                            for c, v in self.obj(conditions, f"{where}.{n}", (), COPY_CONDITIONS).items()}
         return HostMemory(total, alone, beside, copies)
 
     def dispatch(self, data: Any) -> Dispatch:
@@ -1279,6 +1308,17 @@ class ProfileCost:
             self.fallbacks.add("host memory: the CPU stream beside copies of other rates not measured, "
                                "CPU work gets the measured total less the copies' rate")
         return share
+
+    def copy_limits(self, threads: int) -> CopyLimits:
+        """What caps a GPU's copies beside its other direction and its host's Adam, with the
+        rank's CPU work on `threads` threads (the nearest measured count)."""
+        hm = self.profile.host_memory
+        beside = hm.copies_beside_adam[nearest_count(hm.copies_beside_adam, _positive("threads", threads))] \
+            if hm is not None and hm.copies_beside_adam else {}
+        if not beside:
+            self.fallbacks.add("host memory: copies beside Adam not measured, they keep their link's rate")
+        h2d, d2h = self.duplex_GBps()
+        return CopyLimits({"h2d": h2d, "d2h": d2h}, beside)
 
     def pacer_late_s(self) -> float:
         """How late a capped copy is seen to have landed after its bytes (0: not measured)."""

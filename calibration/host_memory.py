@@ -15,9 +15,13 @@ copies' own rate. The sum of the two rates under one direction's copies is the p
 copies their link rate and the CPU work what the curve says (sim/host_memory.py).
 An Adam chunk (the executor's BlockAdam) alone and beside d2h copies is timed as a check of
 that model, not used by it. Then the copies' own rate while Adam chunks run back to back, in
-each condition: the profile's `copies_beside_adam`, which the model does not use yet (a run's
-loads fell to 40 GB/s beside their rank's Adam, where the stream above left them at the link's
-rate; docs/validation-h200-2gpu-v12-fresh).
+each condition: the profile's `copies_beside_adam`. First beside the rank's own Adam, then with
+every other rank of the host updating at once too, each in its own process on its own share of
+the cores, as the executor's ranks do at the end of a step: a 2-GPU run's loads fell from 52 to
+40 GB/s beside the ranks' Adam, and to 23-25 beside it and the GPU's own offload, where one
+rank's Adam left both directions at the link's rate (docs/validation-h200-2gpu-v12-fresh,
+docs/measured/session30). The simulator caps a GPU's copies at these figures while that many
+ranks update (sim/links.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,16 +52,19 @@ class HostMemoryResult:
     copy_under_GBps: dict[str, float] = field(default_factory=dict)     # h2d, d2h -> the copies' rate
     adam_alone_ns: float = 0.0              # per parameter
     adam_under_d2h_ns: float = 0.0
-    # condition (h2d, d2h, duplex) -> each direction's copies' GB/s while Adam chunks run
-    copy_beside_adam_GBps: dict[str, dict[str, float]] = field(default_factory=dict)
+    # ranks updating at once -> condition (h2d, d2h, duplex) -> each direction's copies' GB/s
+    # while Adam chunks run back to back on every one of those ranks
+    copy_beside_adam_GBps: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
 
-    def copies_beside_adam(self) -> dict[str, float]:
-        """The profile's figures (HostMemory.copies_beside_adam): one direction's copies alone
-        beside Adam, and each direction's with both busy ("duplex_h2d", "duplex_d2h")."""
-        out = {}
-        for condition, rates in self.copy_beside_adam_GBps.items():
-            for direction, rate in rates.items():
-                out[direction if condition != "duplex" else f"duplex_{direction}"] = rate
+    def copies_beside_adam(self) -> dict[int, dict[str, float]]:
+        """The profile's figures (HostMemory.copies_beside_adam), by ranks updating: one
+        direction's copies alone beside Adam, and each direction's with both busy
+        ("duplex_h2d", "duplex_d2h")."""
+        out: dict[int, dict[str, float]] = {}
+        for ranks, conditions in self.copy_beside_adam_GBps.items():
+            for condition, rates in conditions.items():
+                for direction, rate in rates.items():
+                    out.setdefault(ranks, {})[direction if condition != "duplex" else f"duplex_{direction}"] = rate
         return out
 
     @property
@@ -151,9 +158,49 @@ def adam_stream(host: Host = as_executor_host, chunk: int = ADAM_CHUNK,
     return call, chunk
 
 
-def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) -> HostMemoryResult:
+def _adam_loop(cpus: list[int], ready, stop) -> None:
+    """Another rank's update (a spawned process): Adam chunks back to back on its own cores
+    until `stop` is set; `ready` hears once the first has run."""
+    from aptmoe.calibration.profiler import pinned_threads
+
+    with pinned_threads(cpus):
+        adam, _ = adam_stream()
+        adam()
+        ready.put(len(cpus))
+        while not stop.is_set():
+            adam()
+
+
+@contextlib.contextmanager
+def ranks_updating(cores: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Adam running back to back in one process per entry of `cores` (another rank's worker
+    cores each) for as long as the block runs; each has made its pool and run a chunk before
+    the block starts."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_adam_loop, args=(list(c), ready, stop), daemon=True) for c in cores]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=300)
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None,
+                        others: Sequence[Sequence[int]] = (), others_spare: list[int] | None = None) -> HostMemoryResult:
     """At `threads` torch threads (the caller binds them): the CPU stream alone and beside
-    each direction's copies (their thread on the `spare` cores, if any), and the Adam check."""
+    each direction's copies (their thread on the `spare` cores, if any), the Adam check, and the
+    copies beside Adam: this rank's alone, then with another rank updating on each of `others`
+    (the copies' threads then on `others_spare`)."""
     torch.set_num_threads(threads)
     expert, nbytes = expert_stream()
     res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / median_call(expert) / 1e9)
@@ -169,13 +216,24 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None) 
     # and the other way round: the copies' own rate while Adam runs, in each condition (a
     # run's loads fell from 52 to 40 GB/s beside their rank's Adam, 24-26 beside it and an
     # offload: docs/validation-h200-2gpu-v12-fresh)
+    res.copy_beside_adam_GBps[1] = {}
     for condition, directions in CONDITIONS.items():
         with contextlib.ExitStack() as stack:
             loops = {d: stack.enter_context(CopyLoop(d, gpu, spare)) for d in directions}
             ns = median_call(adam) / params * 1e9
         if condition == "d2h":
             res.adam_under_d2h_ns = ns
-        res.copy_beside_adam_GBps[condition] = {d: loop.GBps for d, loop in loops.items()}
+        res.copy_beside_adam_GBps[1][condition] = {d: loop.GBps for d, loop in loops.items()}
+    if others:
+        # every rank of the host at once, as at the end of a step: one rank's Adam left both
+        # directions at the link's rate where the ranks' together did not
+        with ranks_updating(others):
+            at_once = res.copy_beside_adam_GBps[1 + len(others)] = {}
+            for condition, directions in CONDITIONS.items():
+                with contextlib.ExitStack() as stack:
+                    loops = {d: stack.enter_context(CopyLoop(d, gpu, others_spare)) for d in directions}
+                    median_call(adam)
+                at_once[condition] = {d: loop.GBps for d, loop in loops.items()}
     return res
 
 
@@ -185,14 +243,17 @@ def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
     for t, r in sorted(results.items()):
         under = ", ".join(f"beside {d} copies {r.cpu_under_GBps[d]:.1f} + copies {r.copy_under_GBps[d]:.1f}"
                           for d in r.cpu_under_GBps)
-        copies = ", ".join(f"{c} {v:.1f}" for c, v in r.copies_beside_adam().items())
+        copies = "; ".join(f"{n} rank{'s' * (n > 1)} updating: " + ", ".join(f"{c} {v:.1f}" for c, v in by.items())
+                           for n, by in sorted(r.copies_beside_adam().items()))
         parts.append(f"{t}t: CPU alone {r.cpu_alone_GBps:.1f} GB/s, {under}; check: an Adam chunk "
                      f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies"
-                     + (f"; copies beside Adam (GB/s): {copies}" if copies else ""))
+                     + (f"; copies beside Adam (GB/s), {copies}" if copies else ""))
     return ("measured: a read-bound CPU stream (one token through an MoE-M expert, d 2048 h 8192 fp32, the "
             f"next of a {POOL_BYTES >> 20} MiB pool each call, pinned as the executor's parameters) alone and while one GPU copies {COPY_BYTES >> 20} "
             "MiB back to back in one direction and in both at once (each direction from a thread waiting on a "
             "blocking event, on the cores the stream leaves where it leaves any), threads bound as for "
             "cpu_expert; GBps = the CPU stream's rate plus the copies', both busy, the median over h2d and d2h; "
-            f"beside = (copies, CPU stream) per condition; median of {SAMPLES} calls: "
-            + "; ".join(parts))
+            f"beside = (copies, CPU stream) per condition; copies_beside_adam = the copies' rate while the "
+            "executor's Adam chunks run back to back on this rank's threads, and with every other rank of the "
+            "host updating too (a process each, on the next shares of the cores), by ranks updating; "
+            f"median of {SAMPLES} calls: " + "; ".join(parts))

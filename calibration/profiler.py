@@ -875,8 +875,14 @@ def measure_adam_cpu_shared(threads: int, ranks: int, machine: Machine, sizes: S
 
 
 def measure_host_memory_bound(threads: int, machine: Machine, gpu: int, m: Measured) -> None:
-    with pinned_threads(machine.cpus[:threads]) as bound:
-        m.host_memory[threads] = measure_host_memory(threads, gpu, list(machine.cpus[threads:]))
+    """This rank on the first `threads` cores; with two GPUs or more, each other rank's Adam on
+    the next `threads` (as `measure_adam_cpu_shared` binds them), where they fit."""
+    cpus = list(machine.cpus)
+    ranks = len(machine.gpus) if len(machine.gpus) >= 2 and len(machine.gpus) * threads <= len(cpus) else 1
+    others = [cpus[r * threads:(r + 1) * threads] for r in range(1, ranks)]
+    with pinned_threads(cpus[:threads]) as bound:
+        m.host_memory[threads] = measure_host_memory(threads, gpu, cpus[threads:], others,
+                                                     cpus[ranks * threads:] or None)
     m.cpu_bound &= bound
 
 
@@ -1401,7 +1407,7 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                {t: round_sig(r.cpu_alone_GBps) for t, r in m.host_memory.items()},
                                {t: tuple((round_sig(c), round_sig(u)) for c, u in r.beside())
                                 for t, r in m.host_memory.items()},
-                               {t: {c: round_sig(v) for c, v in r.copies_beside_adam().items()}
+                               {t: {n: {c: round_sig(v) for c, v in by.items()} for n, by in r.copies_beside_adam().items()}
                                 for t, r in m.host_memory.items() if r.copy_beside_adam_GBps})
         if m.host_memory else None,
         issue_tolls=m.issue_tolls,

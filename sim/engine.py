@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import simpy
 from aptmoe.sim.host_memory import HostMemory
 from aptmoe.sim.issuing import HostExperts, IssuingThread
-from aptmoe.sim.links import SharedRoot
+from aptmoe.sim.links import CopyConditions, SharedRoot
 
 from aptmoe.config import RunConfig
 from aptmoe.costs import (BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, CostSource, SharedLinkView,
@@ -111,6 +111,10 @@ class StepModel:
         shared = cost.memory_share(c.worker_cores)
         self.host_memory = {s: HostMemory(self.env, shared, [self.h2d_roots[s], self.d2h_roots[s]])
                             for s in sockets} if shared else {}
+        # ... which also slows the copies: a GPU's both ways at once, and beside its ranks' Adam
+        limits = cost.copy_limits(c.worker_cores)
+        self.copy_conditions = {s: CopyConditions(limits, self.h2d_roots[s], self.d2h_roots[s])
+                                for s in sockets} if limits else {}
         # the CPU experts computing on each socket: they slow every issuing thread of its ranks
         # (the x2 VM is one socket: its two ranks' experts slowed each other's issuing threads)
         self.host_experts = {s: HostExperts() for s in sockets}
@@ -164,6 +168,7 @@ class RankModel:
         self.h2d_root = step.h2d_roots[c.socket_of(rank)]
         self.d2h_root = step.d2h_roots[c.socket_of(rank)]
         self.host_memory = step.host_memory.get(c.socket_of(rank))
+        self.copy_conditions = step.copy_conditions.get(c.socket_of(rank))
         self.h2d_link, self.d2h_link = self.cost.h2d(), self.cost.d2h()
         self.threads = c.worker_cores          # the CPU experts' and Adam's cores
         # The rank's cores run one job at a time; expert work goes before optimizer chunks.
@@ -706,7 +711,8 @@ class RankModel:
                 with self.cpu.request(priority=CPU_UPDATE_PRIORITY) as req:
                     yield req
                     start = self.env.now
-                    yield from self._cpu_work(seconds, adam_bytes(hi - lo, m.dtype_bytes), shared)
+                    with self.copy_conditions.adam(self.rank) if self.copy_conditions else nullcontext():
+                        yield from self._cpu_work(seconds, adam_bytes(hi - lo, m.dtype_bytes), shared)
                 self.policy.adam_done(hi - lo)
                 self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=block.layer)
 

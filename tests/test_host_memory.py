@@ -169,12 +169,18 @@ def test_profile_section_round_trips_and_is_checked(tmp_path):
                           (lambda h: h["beside"].update({"16": []}), "host_memory.beside.16"),
                           (lambda h: h.update({"beside": [1]}), "host_memory.beside"),
                           (lambda h: h["cpu_alone_GBps"].pop("16"), "host_memory.cpu_alone_GBps"),
-                          (lambda h: h.update({"copies_beside_adam": {"15": {"h2d": 40.0}}}),
+                          (lambda h: h.update({"copies_beside_adam": {"15": {"1": {"h2d": 40.0}}}}),
                            "host_memory.copies_beside_adam.15"),
-                          (lambda h: h.update({"copies_beside_adam": {"16": {"up": 40.0}}}),
-                           "host_memory.copies_beside_adam.16.up"),
-                          (lambda h: h.update({"copies_beside_adam": {"16": {"h2d": -1}}}),
+                          (lambda h: h.update({"copies_beside_adam": {"16": {"1": {"up": 40.0}}}}),
+                           "host_memory.copies_beside_adam.16.1.up"),
+                          (lambda h: h.update({"copies_beside_adam": {"16": {"1": {"h2d": -1}}}}),
+                           "host_memory.copies_beside_adam.16.1.h2d"),
+                          (lambda h: h.update({"copies_beside_adam": {"16": {"0": {"h2d": 40.0}}}}),
+                           "host_memory.copies_beside_adam.16.0"),
+                          (lambda h: h.update({"copies_beside_adam": {"16": {"h2d": 40.0}}}),
                            "host_memory.copies_beside_adam.16.h2d"),
+                          (lambda h: h.update({"copies_beside_adam": {"16": [1]}}),
+                           "host_memory.copies_beside_adam.16"),
                           (lambda h: h.update({"copies_beside_adam": [1]}), "host_memory.copies_beside_adam")]:
         d = json.loads(json.dumps(good))
         change(d["host_memory"])
@@ -189,13 +195,15 @@ def test_the_copies_rate_beside_adam_is_kept_by_condition_and_round_trips(tmp_pa
     pytest.importorskip("torch")
     from aptmoe.calibration.host_memory import HostMemoryResult
 
-    r = HostMemoryResult(14, 80.0, copy_beside_adam_GBps={"h2d": {"h2d": 40.1}, "d2h": {"d2h": 47.0},
-                                                          "duplex": {"h2d": 24.2, "d2h": 30.5}})
-    assert r.copies_beside_adam() == {"h2d": 40.1, "d2h": 47.0, "duplex_h2d": 24.2, "duplex_d2h": 30.5}
+    r = HostMemoryResult(14, 80.0, copy_beside_adam_GBps={
+        1: {"h2d": {"h2d": 44.8}, "d2h": {"d2h": 54.5}, "duplex": {"h2d": 52.8, "d2h": 51.9}},
+        2: {"h2d": {"h2d": 40.1}, "d2h": {"d2h": 47.0}, "duplex": {"h2d": 24.2, "d2h": 30.5}}})
+    assert r.copies_beside_adam() == {1: {"h2d": 44.8, "d2h": 54.5, "duplex_h2d": 52.8, "duplex_d2h": 51.9},
+                                      2: {"h2d": 40.1, "d2h": 47.0, "duplex_h2d": 24.2, "duplex_d2h": 30.5}}
     q = load_profile("a800-paper").with_(host_memory=HostMemoryFigures({14: 110.3}, {14: 75.6}, {},
                                                                        {14: r.copies_beside_adam()}))
     again = load_profile(str(q.save(tmp_path / "c.json")))
-    assert again.host_memory == q.host_memory and again.host_memory.copies_beside_adam[14]["duplex_h2d"] == 24.2
+    assert again.host_memory == q.host_memory and again.host_memory.copies_beside_adam[14][2]["duplex_h2d"] == 24.2
     assert "copies_beside_adam" not in json.loads(
         load_profile("a800-paper").with_(host_memory=HostMemoryFigures({14: 1.0}, {14: 1.0})).to_json())["host_memory"]
 
