@@ -870,13 +870,13 @@ def test_fresh_configs_run_with_kernels_loaded_eagerly(tmp_path, monkeypatch) ->
     the capped cell, predicted 0.107 in both); M and L 2.0%, 13 of their 16 runs within 2.5%;
     ranking right in 4 of 6 (M6 capped: APTMoE's CPU experts 18% over the model; L2 native:
     GPipeOffload's one run 0.694 s against APTMoE's 0.720, the same plan as Mobius's, which
-    ran 0.875 s, and 0.720-0.797 s in three runs later)."""
+    ran 0.875 s, and 0.720-0.797 s in three runs later). Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): 2.4%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--repeats", "1,S=3",
              "--models", "S:6:6,M:6:6:4,L:2:2:8", "--gini", "0.5", "--links", "native,8", "--held-back-every", "1",
              "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v7-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 24 and report["summary"]["fit"]["runs"] == 0
-    _within(report, {"held-back": (0.024, 0.434)})
+    _within(report, {"held-back": (0.025, 0.434)})
     assert report["summary"]["held-back"]["ranking_right"] >= 4
     assert {c["cell"]: c["same_plans"] for c in report["configs"] if c["same_plans"]} == {
         "L2x8-G0.5-native-2gpu": [["GPipeOffload", "Mobius"]], "L2x8-G0.5-cap8-2gpu": [["GPipeOffload", "Mobius"]]}
@@ -902,16 +902,17 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     capped, measured after h200-2gpu took CPU expert curves timed on both ranks' workers at
     once; all 8 runs held back. 1.3%, the worst 13.1% (native Mobius, whose issuing thread was
     held 2.4-5.9 ms in 16 calls beside the rank's Adam: 9.3 ms a step of stalls); ranking right
-    in both with ties, in one strictly (capped: Mobius 2.7% ahead of APTMoE, predicted behind)."""
+    in both with ties, in one strictly (capped: Mobius 2.7% ahead of APTMoE, predicted behind).
+    Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 13.5%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8 and report["summary"]["fit"]["runs"] == 0
-    _within(report, {"held-back": (0.014, 0.132)})
+    _within(report, {"held-back": (0.014, 0.136)})
     assert report["summary"]["held-back"]["ranking_right"] == 2
     runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.009
-    assert runs[("M6x8-G0.4-cap8-2gpu", "APTMoE")]["stall_s_per_step"] > 0.018
+    assert runs[("M6x8-G0.4-cap8-2gpu", "APTMoE")]["stall_s_per_step"] > 0.017
     for results in (DOCS / "validation-h200-2gpu-v8-fresh" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
             assert res["kernel_loading"] == "eager", results
@@ -922,14 +923,14 @@ def test_v8_freshs_config_measured_again(tmp_path, monkeypatch) -> None:
     model and profile unchanged. 1.7%, the worst 4.9% (native APTMoE): v8-fresh's two misses
     (native Mobius -13.1%, capped APTMoE -11.5%) were those runs' own, 17% and 9% slower than
     here with the same predictions. The native cell's order is wrong (Mobius 7% ahead, APTMoE
-    predicted 0.4% ahead)."""
+    predicted 0.4% ahead). Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 5.6%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-again", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8
-    _within(report, {"held-back": (0.018, 0.050)})
+    _within(report, {"held-back": (0.018, 0.056)})
     assert report["summary"]["held-back"]["ranking_right"] == 1
-    first = json.loads((DOCS / "validation-h200-2gpu-v8-fresh" / "matrix.json").read_text())
+    first = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path / "first", monkeypatch, flags)
     again = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     for r in first["runs"]:
         twin = again[(r["cell"], r["pipeline"])]
@@ -943,12 +944,13 @@ def test_a_fresh_config_each_schedule_the_median_of_three_runs(tmp_path, monkeyp
     """Session 25 (docs/validation-h200-2gpu-v9-fresh): M6 with 8 experts at G 0.55, every
     schedule run three times and the median run kept; all held back. 4.6%, the worst 15.2%
     (native APTMoE, predicted fast: its backwards wait between recompute and backward longer
-    than the model has them); ranking right in the capped cell only."""
+    than the model has them); ranking right in the capped cell only. Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): 4.0%,
+    the worst 15.6%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--repeats", "3", "--models", "M:6:6:8",
              "--gini", "0.55", "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v9-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8
-    _within(report, {"held-back": (0.047, 0.153)})
+    _within(report, {"held-back": (0.047, 0.156)})
     assert report["summary"]["held-back"]["ranking_right"] == 1
     for results in (DOCS / "validation-h200-2gpu-v9-fresh" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
@@ -975,12 +977,19 @@ def test_a_fresh_config_at_g_0_35_ranks_aptmoe_behind_mobius_where_predicted_ahe
 
 
 @pytest.mark.parametrize("link, cell", [("native", "M6x8-G0.35-native-2gpu"), ("8", "M6x8-G0.35-cap8-2gpu")])
-def test_the_lease_s_own_dispatch_moves_no_prediction_of_v10_by_over_1_2_percent(link, cell, tmp_path,
+def test_the_lease_s_own_dispatch_moves_no_prediction_of_v10_by_over_1_5_percent(link, cell, tmp_path,
                                                                                   monkeypatch) -> None:
     """Each v10-fresh cell predicted with the dispatch figures measured on its lease just
     before it (docs/measured/session26, 0.84x and 1.26x the profile's attention forward)
-    against the profile's own: the block calls' host cost is not what these runs miss."""
-    lease = DOCS / "measured" / "session26" / f"h200-2gpu-lease-{cell.split('-')[2]}.json"
+    against the profile's own: the block calls' host cost is not what these runs miss. Both
+    are h200-2gpu as shipped now; the lease's takes its block calls' figures from the lease
+    (not its message posts, which the lease did not time). The most it moved was 1.2% before
+    session 30's copy limits and message posts, 1.3% since."""
+    doc = json.loads((DOCS.parent / "aptmoe" / "profiles" / "h200-2gpu.json").read_text())
+    measured = json.loads((DOCS / "measured" / "session26" / f"h200-2gpu-lease-{cell.split('-')[2]}.json").read_text())
+    doc["dispatch"] = {**measured["dispatch"], "post": doc["dispatch"]["post"]}
+    lease = tmp_path / "lease.json"
+    lease.write_text(json.dumps(doc))
     flags = ["--links", link, *V10]
     stock = _repredicted("validation-h200-2gpu-v10-fresh", tmp_path / "stock", monkeypatch,
                          ["--calibration", "h200-2gpu", *flags], only=cell)
@@ -989,7 +998,7 @@ def test_the_lease_s_own_dispatch_moves_no_prediction_of_v10_by_over_1_2_percent
     assert len(stock["runs"]) == len(own["runs"]) == 4
     theirs = {r["pipeline"]: r["predicted_s"] for r in own["runs"]}
     moved = [theirs[r["pipeline"]] / r["predicted_s"] - 1 for r in stock["runs"]]
-    assert max(abs(m) for m in moved) <= 0.012, moved
+    assert max(abs(m) for m in moved) <= 0.015, moved
     assert any(abs(m) > 0.001 for m in moved)             # the lease's figures were used
 
 
@@ -1020,17 +1029,25 @@ def test_v11_predicted_with_the_stored_cpu_curves_misses_only_by_capped_m_aptmoe
     """The same runs predicted with h200-2gpu's own CPU curves: the lease's curves moved one
     prediction by over 0.1%, capped M APTMoE's (1.4% slower), whose lease timed its CPU
     experts 1.3-1.5x the stored curves; its error is 10.3% with the stored curves, 9.0% with
-    the lease's."""
+    the lease's. Both arms are h200-2gpu as shipped now, the lease's with each cell's CPU curves:
+    since session 30's copy limits and message posts, the lease's curves move it 0.7%, and its
+    error with the stored curves is 9.5%."""
     stock = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path / "stock", monkeypatch,
                          ["--calibration", "h200-2gpu", *V11])
-    lease = json.loads((DOCS / "validation-h200-2gpu-v11-fresh" / "matrix.json").read_text())
+    shipped = json.loads((DOCS.parent / "aptmoe" / "profiles" / "h200-2gpu.json").read_text())
+
+    def with_its_curves(doc: dict) -> dict:
+        return {**shipped, "cpu_expert": doc["cpu_expert"]}
+
+    lease = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path / "lease", monkeypatch,
+                         ["--calibration", "h200-2gpu", "--cell-profiles", *V11], cell_profile=with_its_curves)
     theirs = {(r["cell"], r["pipeline"]): r["predicted_s"] for r in lease["runs"]}
     moved = {(r["cell"], r["pipeline"]): theirs[(r["cell"], r["pipeline"])] / r["predicted_s"] - 1
              for r in stock["runs"]}
     assert {k for k, m in moved.items() if abs(m) > 0.001} == {("M6x8-G0.45-cap8-2gpu", "APTMoE")}
-    assert 0.010 < moved[("M6x8-G0.45-cap8-2gpu", "APTMoE")] < 0.02
+    assert 0.005 < moved[("M6x8-G0.45-cap8-2gpu", "APTMoE")] < 0.02
     assert stock["summary"]["held-back"]["worst_run"] == "M6x8-G0.45-cap8-2gpu APTMoE"
-    assert 0.10 < stock["summary"]["held-back"]["worst_abs_error"] < 0.105
+    assert 0.09 < stock["summary"]["held-back"]["worst_abs_error"] < 0.10
 
 
 V12 = ["--gpus", "2", "--steps", "3", "--repeats", "3", "--models", "M:6:6:8", "--gini", "0.3", "--links", "native",
@@ -1049,6 +1066,28 @@ def test_a_fresh_cell_after_receives_posted_on_demand(tmp_path, monkeypatch) -> 
     assert held["worst_run"] == "M6x8-G0.3-native-2gpu Mobius"
     _within(report, {"held-back": (0.028, 0.103)})
     assert all(r["error"] > 0 for r in report["runs"])          # every schedule predicted slower
+
+
+V13 = ["--gpus", "2", "--steps", "3", "--repeats", "3", "--models", "M:6:6:8", "--gini", "0.5", "--links", "native",
+       "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_a_fresh_cell_after_the_copy_limits(tmp_path, monkeypatch) -> None:
+    """Session 30 (docs/validation-h200-2gpu-v13-fresh): M6x8 at G 0.5, native, three runs a
+    schedule, held back, measured before the copy limits were in the profile and predicted
+    with h200-2gpu as shipped after: 6.1%, the worst 15.0% (APTMoE, predicted fast) and the
+    ranking wrong (APTMoE measured 6.8% behind Mobius, predicted 1.6% ahead). The offloads
+    come 11-13% short of the runs' with the limits, 19-22% without; the ranks' Adam ran 0.453
+    ns/param in Mobius against 0.424 predicted."""
+    report = _repredicted("validation-h200-2gpu-v13-fresh", tmp_path, monkeypatch,
+                          ["--calibration", "h200-2gpu", *V13])
+    held = report["summary"]["held-back"]
+    assert held["runs"] == 4 and held["configs"] == 1 and held["ranking_right"] == 0
+    assert held["worst_run"] == "M6x8-G0.5-native-2gpu APTMoE"
+    _within(report, {"held-back": (0.062, 0.151)})
+    runs = {r["pipeline"]: r for r in report["runs"]}
+    assert all(runs[p]["error"] < 0 for p in ("GPipeOffload", "Mobius", "APTMoE"))     # predicted fast
+    assert all(-0.14 < runs[p]["err/offload"] < -0.10 for p in ("Mobius", "APTMoE")), runs
 
 
 V4GPU = ["--gpus", "4", "--steps", "3", "--repeats", "1", "--models", "S:8:8:8,M:8:8:8,L:4:4:8", "--gini", "0.45,0.3",
@@ -1117,14 +1156,16 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     assert statistics.median(abs(u) for u in update(pooled)) < 0.03
     for part in (shipped, pooled):
         assert part["summary"]["held-back"]["runs"] == 8
-    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.015 < 0.045 < pooled["summary"]["held-back"][
+    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.015 < 0.04 < pooled["summary"]["held-back"][
         "median_abs_error"]
-    assert pooled["summary"]["held-back"]["signed_median_error"] < -0.04
+    assert pooled["summary"]["held-back"]["signed_median_error"] < -0.035
 
 
-def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], only: str | None = None) -> dict:
+def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], only: str | None = None,
+                 cell_profile=None) -> dict:
     """The stored matrix `folder` (its cell `only`, else all) predicted again into `tmp_path`
-    (skipped where the tree lacks it)."""
+    (skipped where the tree lacks it). `cell_profile(stored profile document)`: the profile
+    document each cell gets instead of its own (for --cell-profiles)."""
     stored, out = DOCS / folder, tmp_path / folder
     if not stored.is_dir():
         pytest.skip(f"the stored H200 matrix {folder} is not in this tree")
@@ -1134,7 +1175,11 @@ def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], onl
         shutil.copytree(cell / "real", out / "cells" / cell.name / "real")
         for name in ("cell.json", "profile.json"):          # the profile as stored: profile.json.xz
             kept = stored_file(cell / name) or cell / name
-            shutil.copy(kept, out / "cells" / cell.name / kept.name)
+            if name == "profile.json" and cell_profile is not None:
+                doc = cell_profile(json.loads(read_text(kept)))
+                (out / "cells" / cell.name / name).write_text(json.dumps(doc))
+            else:
+                shutil.copy(kept, out / "cells" / cell.name / kept.name)
     _forbid_executor(monkeypatch)
     assert sim_main(["matrix", "--out", str(out), *flags, "--repredict"]) == 0
     return json.loads((out / "matrix.json").read_text())
