@@ -1090,6 +1090,34 @@ def test_a_fresh_cell_after_the_copy_limits(tmp_path, monkeypatch) -> None:
     assert all(-0.14 < runs[p]["err/offload"] < -0.10 for p in ("Mobius", "APTMoE")), runs
 
 
+V10_1GPU = ["--gpus", "1", "--steps", "3", "--repeats", "3", "--models", "M:4:4:8", "--gini", "0.5", "--links", "native",
+            "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, monkeypatch) -> None:
+    """Session 30 (docs/validation-h200-v10-fresh): M4x8 at G 0.5, native, one GPU, three runs a
+    schedule, held back, planned and predicted with h200-1gpu carrying the lease's dispatch
+    and Adam timed just before: 11.5%, the worst 15.6% (APTMoE), every offloading schedule
+    predicted fast; with h200-1gpu as shipped 8.2%, the worst 9.6%, every one predicted slow.
+    The lease's host was faster when calibrated than in the runs after."""
+    lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
+                         ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
+    shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
+                           ["--calibration", "h200-1gpu", *V10_1GPU])
+    for report in (lease, shipped):
+        held = report["summary"]["held-back"]
+        assert held["runs"] == 4 and held["ranking_right"] == 1 and held["ranking_strict"] == 0
+    assert lease["summary"]["held-back"]["worst_run"] == "M4x8-G0.5-native-1gpu APTMoE"
+    _within(lease, {"held-back": (0.116, 0.157)})
+    _within(shipped, {"held-back": (0.083, 0.097)})
+    offloading = ("GPipeOffload", "Mobius", "APTMoE")
+    assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
+    assert all(r["error"] > 0.06 for r in shipped["runs"] if r["pipeline"] in offloading)
+    doc = json.loads(read_text(stored_file(DOCS / "validation-h200-v10-fresh" / "cells" / "M4x8-G0.5-native-1gpu"
+                                           / "profile.json")))
+    assert doc["name"] == "h200-1gpu-lease" and "copies_beside_adam" in doc["host_memory"]
+
+
 V4GPU = ["--gpus", "4", "--steps", "3", "--repeats", "1", "--models", "S:8:8:8,M:8:8:8,L:4:4:8", "--gini", "0.45,0.3",
          "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
 
