@@ -1040,8 +1040,7 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
             raise ProfileError(f"profile {text_name!r} is not built in; built-in profiles: "
                                f"{', '.join(list_profiles()) or 'none'} (or give a path to a .json file)")
         return Profile.from_json(res.read_text(encoding="utf-8"), f"aptmoe/profiles/{text_name}.json")
-    path = stored.stored_file(text_name) if text_name.endswith(".json") else None
-    source = text_name if path is None else os.fspath(path)
+    source = os.fspath(stored.kept(text_name))
     try:
         text = stored.read_text(source)
     except FileNotFoundError:

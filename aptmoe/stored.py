@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 from typing import IO
 
-__all__ = ["CORRUPT", "XZ_PRESET", "measured_traces", "open_text", "pack", "plain_name", "read_bytes",
+__all__ = ["CORRUPT", "XZ_PRESET", "kept", "measured_traces", "open_text", "pack", "plain_name", "read_bytes",
            "read_text", "stored_file", "stored_run_files"]
 
 # The forms a stored file takes, in the order a reader prefers them: plain first (a fresh run,
@@ -60,14 +60,24 @@ def stored_file(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def kept(path: str | os.PathLike) -> Path:
+    """The file to read for `path`: a plain ``.json`` name that is not there reads the compressed
+    file a stored run keeps in its place (`stored_file`); any other name, or one kept in no form,
+    is itself (so that opening it says it does not exist)."""
+    found = stored_file(path) if os.fspath(path).endswith(".json") else None
+    return found or Path(path)
+
+
+def _codec(path: str | os.PathLike):
+    """The module (lzma, gzip) that reads `path`'s compression, by its name; None: plain."""
+    name = os.fspath(path)
+    return lzma if name.endswith(".xz") else gzip if name.endswith(".gz") else None
+
+
 def open_text(path: str | os.PathLike) -> IO[str]:
     """A text file opened for reading as UTF-8, decompressed where its name ends in .gz or .xz."""
-    name = os.fspath(path)
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    codec = _codec(path)
+    return codec.open(path, "rt", encoding="utf-8") if codec else open(path, encoding="utf-8")
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -78,12 +88,8 @@ def read_text(path: str | os.PathLike) -> str:
 def read_bytes(path: str | os.PathLike) -> bytes:
     """A file's content, decompressed where its name ends in .gz or .xz."""
     data = Path(path).read_bytes()
-    name = os.fspath(path)
-    if name.endswith(".xz"):
-        return lzma.decompress(data)
-    if name.endswith(".gz"):
-        return gzip.decompress(data)
-    return data
+    codec = _codec(path)
+    return codec.decompress(data) if codec else data
 
 
 # --------------------------------------------------------------------------- storing

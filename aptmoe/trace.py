@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aptmoe.atomic import write_json_atomic
 from aptmoe.plan.plan import STREAMS
-from aptmoe.stored import CORRUPT, open_text, stored_file
+from aptmoe.stored import CORRUPT, kept, open_text, stored_file
 
 __all__ = ["Trace", "TraceEvent", "TraceError", "CATEGORIES", "CPU_JOB_PHASES", "TRACE_STREAMS", "block_kind",
            "action_runs", "by_occurrence", "call_kind", "is_action", "is_block_call", "is_cpu_job", "is_load", "run_trace",
@@ -230,12 +230,12 @@ class Trace:
     def load(cls, path: str | Path) -> "Trace":
         """A trace file, plain or compressed (``.json.gz``, ``.json.xz``: aptmoe.stored). A plain
         name that is not there reads the compressed file a stored run keeps in its place."""
-        found = stored_file(path) if str(path).endswith(".json") else None
+        source = kept(path)
         try:
-            with open_text(found or path) as f:
+            with open_text(source) as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise TraceError(f"trace file {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError, *CORRUPT) as e:
-            raise TraceError(f"trace file {found or path} is not JSON: {e}") from None
+            raise TraceError(f"trace file {source} is not JSON: {e}") from None
         return cls.from_chrome(d)

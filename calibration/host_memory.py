@@ -195,6 +195,17 @@ def ranks_updating(cores: Sequence[Sequence[int]]) -> Iterator[None]:
                 p.terminate()
 
 
+def beside_copies(call: Callable[[], None], gpu: int,
+                  cpus: list[int] | None) -> Iterator[tuple[str, float, dict[str, float]]]:
+    """`call` timed (`median_call`) while the GPU copies back to back in each condition (their
+    threads on `cpus`, if any): (condition, seconds a call, each direction's copies' GB/s)."""
+    for condition, directions in CONDITIONS.items():
+        with contextlib.ExitStack() as stack:
+            loops = {d: stack.enter_context(CopyLoop(d, gpu, cpus)) for d in directions}
+            seconds = median_call(call)
+        yield condition, seconds, {d: loop.GBps for d, loop in loops.items()}
+
+
 def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None,
                         others: Sequence[Sequence[int]] = (), others_spare: list[int] | None = None) -> HostMemoryResult:
     """At `threads` torch threads (the caller binds them): the CPU stream alone and beside
@@ -204,12 +215,9 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None,
     torch.set_num_threads(threads)
     expert, nbytes = expert_stream()
     res = HostMemoryResult(threads, cpu_alone_GBps=nbytes / median_call(expert) / 1e9)
-    for condition, directions in CONDITIONS.items():
-        with contextlib.ExitStack() as stack:
-            loops = [stack.enter_context(CopyLoop(d, gpu, spare)) for d in directions]
-            seconds = median_call(expert)
+    for condition, seconds, rates in beside_copies(expert, gpu, spare):
         res.cpu_under_GBps[condition] = nbytes / seconds / 1e9
-        res.copy_under_GBps[condition] = sum(loop.GBps for loop in loops)
+        res.copy_under_GBps[condition] = sum(rates.values())
     del expert
     adam, params = adam_stream()
     res.adam_alone_ns = median_call(adam) / params * 1e9
@@ -217,23 +225,16 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None,
     # run's loads fell from 52 to 40 GB/s beside their rank's Adam, 24-26 beside it and an
     # offload: docs/validation-h200-2gpu-v12-fresh)
     res.copy_beside_adam_GBps[1] = {}
-    for condition, directions in CONDITIONS.items():
-        with contextlib.ExitStack() as stack:
-            loops = {d: stack.enter_context(CopyLoop(d, gpu, spare)) for d in directions}
-            ns = median_call(adam) / params * 1e9
+    for condition, seconds, rates in beside_copies(adam, gpu, spare):
         if condition == "d2h":
-            res.adam_under_d2h_ns = ns
-        res.copy_beside_adam_GBps[1][condition] = {d: loop.GBps for d, loop in loops.items()}
+            res.adam_under_d2h_ns = seconds / params * 1e9
+        res.copy_beside_adam_GBps[1][condition] = rates
     if others:
         # every rank of the host at once, as at the end of a step: one rank's Adam left both
         # directions at the link's rate where the ranks' together did not
         with ranks_updating(others):
-            at_once = res.copy_beside_adam_GBps[1 + len(others)] = {}
-            for condition, directions in CONDITIONS.items():
-                with contextlib.ExitStack() as stack:
-                    loops = {d: stack.enter_context(CopyLoop(d, gpu, others_spare)) for d in directions}
-                    median_call(adam)
-                at_once[condition] = {d: loop.GBps for d, loop in loops.items()}
+            res.copy_beside_adam_GBps[1 + len(others)] = {
+                condition: rates for condition, _, rates in beside_copies(adam, gpu, others_spare)}
     return res
 
 

@@ -52,6 +52,7 @@ from aptmoe.report import (
     timestamp,
     write_csv,
 )
+from aptmoe.stored import PLAN_PROFILE
 from aptmoe.trace import write_json_atomic
 
 PROG = "aptmoe-run"
@@ -527,7 +528,7 @@ def _write_outputs(ns, argv, tmp: Path, cfg0: RunConfig, results: dict[str, dict
             if trace.exists():
                 plot_trace_file(trace, tmp / f"timeline-{name}.png")
     profile = planning_profile(ns, use_cuda)
-    profile.save(tmp / "plan-profile.json")
+    profile.save(tmp / PLAN_PROFILE)
     write_json_atomic(tmp / "results.json", {
         "config": cfg0.to_dict(), "pipelines": list(results), "command": [PROG, *argv], "planned_with": profile.name,
         "created": datetime.datetime.now().isoformat(timespec="seconds"), "source": "real",

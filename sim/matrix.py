@@ -61,7 +61,7 @@ from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.stored import PLAN_PROFILE, measured_traces, pack, stored_file
+from aptmoe.stored import PLAN_PROFILE, PROFILE, measured_traces, pack, stored_file
 from aptmoe.sim.validate import (KERNEL_LOADING_WHY, add_replay_flag, alike_cell, compare_run, ms_cell, other_machine,
                                  run_executor)
 from aptmoe.trace import write_json_atomic
@@ -72,7 +72,7 @@ SETS = ("fit", "held-back", "all")
 # What --repredict writes again from the stored runs: the matrix folder's .gitignore keeps it out
 # of git (a matrix's predicted traces alone are tens of MB).
 DERIVED = ("cells/*/actions-*.csv", "cells/*/overlay-*.png", "cells/*/trace-*-predicted.json")
-CELL_PROFILE = "profile.json"       # beside each cell: the profile it was predicted with when it ran
+CELL_PROFILE = PROFILE              # beside each cell: the profile it was predicted with when it ran
 # Two schedules whose measured step times are closer than this are a tie for the ranking:
 # the order of a tie is run-to-run noise, not something a model can be right or wrong about.
 TIE = 0.03
