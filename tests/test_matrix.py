@@ -967,9 +967,7 @@ def test_a_fresh_config_at_g_0_35_ranks_aptmoe_behind_mobius_where_predicted_ahe
     ranking right in neither cell: APTMoE measured behind Mobius in both and predicted ahead."""
     report = _repredicted("validation-h200-2gpu-v10-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", "--links", "native,8", *V10])
-    held = report["summary"]["held-back"]
-    assert held["runs"] == 8 and held["ranking_right"] == 0
-    _within(report, {"held-back": (0.069, 0.214)})
+    _held_back(report, (0.069, 0.214), runs=8, ranking_right=0)
     runs = {(r["cell"].split("-")[2], r["pipeline"]): r for r in report["runs"]}
     for link in ("native", "cap8"):
         aptmoe, mobius = runs[(link, "APTMoE")], runs[(link, "Mobius")]
@@ -1014,9 +1012,7 @@ def test_fresh_configs_planned_with_the_lease_s_cpu_curves_meet_the_targets(tmp_
     three cells (L's Mobius and GPipeOffload tie)."""
     report = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", "--cell-profiles", *V11])
-    held = report["summary"]["held-back"]
-    assert held["runs"] == 12 and held["configs"] == 3 and held["ranking_right"] == 3
-    _within(report, {"held-back": (0.017, 0.091)})
+    _held_back(report, (0.017, 0.091), runs=12, configs=3, ranking_right=3)
     for cell in (DOCS / "validation-h200-2gpu-v11-fresh" / "cells").iterdir():
         # each cell's profile is h200-2gpu with the curves of its own model timed on its lease
         doc = json.loads(read_text(stored_file(cell / "profile.json")))
@@ -1061,10 +1057,7 @@ def test_a_fresh_cell_after_receives_posted_on_demand(tmp_path, monkeypatch) -> 
     ranking wrong: APTMoE measured 5.8% slower than Mobius, and predicted 0.8% faster."""
     report = _repredicted("validation-h200-2gpu-v12-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", "--cell-profiles", *V12])
-    held = report["summary"]["held-back"]
-    assert held["runs"] == 4 and held["configs"] == 1 and held["ranking_right"] == 0
-    assert held["worst_run"] == "M6x8-G0.3-native-2gpu Mobius"
-    _within(report, {"held-back": (0.028, 0.103)})
+    _held_back(report, (0.028, 0.103), runs=4, configs=1, ranking_right=0, worst_run="M6x8-G0.3-native-2gpu Mobius")
     assert all(r["error"] > 0 for r in report["runs"])          # every schedule predicted slower
 
 
@@ -1081,10 +1074,7 @@ def test_a_fresh_cell_after_the_copy_limits(tmp_path, monkeypatch) -> None:
     ns/param in Mobius against 0.424 predicted."""
     report = _repredicted("validation-h200-2gpu-v13-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", *V13])
-    held = report["summary"]["held-back"]
-    assert held["runs"] == 4 and held["configs"] == 1 and held["ranking_right"] == 0
-    assert held["worst_run"] == "M6x8-G0.5-native-2gpu APTMoE"
-    _within(report, {"held-back": (0.062, 0.151)})
+    _held_back(report, (0.062, 0.151), runs=4, configs=1, ranking_right=0, worst_run="M6x8-G0.5-native-2gpu APTMoE")
     runs = {r["pipeline"]: r for r in report["runs"]}
     assert all(runs[p]["error"] < 0 for p in ("GPipeOffload", "Mobius", "APTMoE"))     # predicted fast
     assert all(-0.14 < runs[p]["err/offload"] < -0.10 for p in ("Mobius", "APTMoE")), runs
@@ -1104,12 +1094,9 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
-    for report in (lease, shipped):
-        held = report["summary"]["held-back"]
-        assert held["runs"] == 4 and held["ranking_right"] == 1 and held["ranking_strict"] == 0
-    assert lease["summary"]["held-back"]["worst_run"] == "M4x8-G0.5-native-1gpu APTMoE"
-    _within(lease, {"held-back": (0.116, 0.157)})
-    _within(shipped, {"held-back": (0.083, 0.097)})
+    _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
+               worst_run="M4x8-G0.5-native-1gpu APTMoE")
+    _held_back(shipped, (0.083, 0.097), runs=4, ranking_right=1, ranking_strict=0)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
     assert all(r["error"] > 0.06 for r in shipped["runs"] if r["pipeline"] in offloading)
@@ -1130,10 +1117,7 @@ def test_the_first_four_gpu_cells_as_measured(tmp_path, monkeypatch) -> None:
     threads ran 1.47x slower than the one-GPU dispatch probe); M and L come to 4.3%."""
     report = _repredicted("validation-h200-4gpu", tmp_path, monkeypatch,
                           ["--calibration", "h200-4gpu", "--cell-profiles", *V4GPU])
-    held = report["summary"]["held-back"]
-    assert held["runs"] == 28 and held["configs"] == 7 and held["ranking_right"] == 6
-    assert held["worst_run"] == "S8x8-G0.45-native-4gpu Mobius"
-    _within(report, {"held-back": (0.073, 0.394)})
+    _held_back(report, (0.073, 0.394), runs=28, configs=7, ranking_right=6, worst_run="S8x8-G0.45-native-4gpu Mobius")
     errors = {r["cell"][0]: [] for r in report["runs"]}
     for r in report["runs"]:
         errors[r["cell"][0]].append(r["error"])
@@ -1211,6 +1195,14 @@ def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], onl
     _forbid_executor(monkeypatch)
     assert sim_main(["matrix", "--out", str(out), *flags, "--repredict"]) == 0
     return json.loads((out / "matrix.json").read_text())
+
+
+def _held_back(report: dict, bounds: tuple[float, float], **expected) -> None:
+    """A repredicted set's held-back summary: each `expected` field (runs, configs, ranking_right,
+    ranking_strict, worst_run) as given, and its median and worst |error| within `bounds`."""
+    held = report["summary"]["held-back"]
+    assert {k: held[k] for k in expected} == expected, held
+    _within(report, {"held-back": bounds})
 
 
 def _within(report: dict, bounds: dict) -> None:
