@@ -25,7 +25,11 @@ stream measured 44-55), and a total 4-6% lower doubled a predicted Mobius step
 ranks do not slow each other here, but for Adam: a chunk runs at its time alone, and
 `shared_slowdown` times longer while another rank's Adam chunk runs on the socket too (the
 profile's `adam.cpu_shared`, measured with every rank updating at once, over its figure
-alone), or at the copies' bound where that is tighter.
+alone), and beside copies slower again by the copies' bound. The two compound: on two H200s
+(docs/validation-h200-2gpu-v13-fresh) the chunks ran 0.408-0.419 ns/param beside the other
+rank's Adam and 0.535-0.562 beside it and their own rank's offload, 1.31-1.37x more, as their
+offload alone made them (0.382 against 0.290). Taking only the tighter of the two bounds, as
+until session 31, put both at 0.423.
 
 Rates change when a job starts or ends and when a root's flows change (sim/fluid.py).
 """
@@ -78,5 +82,5 @@ class HostMemory(Fluid):
         for j in self.items:
             # a floor keeps a job moving when copies would take all of it (they never did)
             j.rate = 1.0 if j.demand_Bps <= left else max(left / j.demand_Bps, 1e-3)
-            if updating > 1 and j.shared_slowdown > 1.0:       # the tighter of the two bounds
-                j.rate = min(j.rate, 1.0 / j.shared_slowdown)
+            if updating > 1 and j.shared_slowdown > 1.0:       # both slow it
+                j.rate /= j.shared_slowdown

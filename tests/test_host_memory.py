@@ -132,10 +132,12 @@ def test_adam_chunks_of_two_ranks_slow_each_other_only_while_both_run():
     # a CPU expert beside an Adam chunk slows neither (different ranks' jobs: only Adam has a
     # figure for sharing)
     assert _run([(0, 1.0, 1 * GB, 1.5), (0, 1.0, 1 * GB)], []) == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
-    # beside copies as well, the tighter bound: 80 GB/s of demand in the 50 left is 0.625 of
-    # its speed, tighter than 1 / 1.5 (both chunks end at 1.6)
+    # beside copies as well, both bounds: 80 GB/s of demand in the 50 left is 0.625 of its
+    # speed, and 1 / 1.5 of that beside the other chunk (both end at 1.5 / 0.625 = 2.4); one
+    # chunk beside the copies alone takes the copies' bound only (1.6)
     ends = _run([(0, 1.0, 80 * GB, 1.5), (0, 1.0, 80 * GB, 1.5)], [(0, 500 * GB, 50.0)])
-    assert ends == {0: pytest.approx(1.6), 1: pytest.approx(1.6)}
+    assert ends == {0: pytest.approx(2.4), 1: pytest.approx(2.4)}
+    assert _run([(0, 1.0, 80 * GB, 1.5)], [(0, 500 * GB, 50.0)]) == {0: pytest.approx(1.6)}
 
 
 def test_job_bytes():

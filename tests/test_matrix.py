@@ -903,13 +903,15 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     once; all 8 runs held back. 1.3%, the worst 13.1% (native Mobius, whose issuing thread was
     held 2.4-5.9 ms in 16 calls beside the rank's Adam: 9.3 ms a step of stalls); ranking right
     in both with ties, in one strictly (capped: Mobius 2.7% ahead of APTMoE, predicted behind).
-    Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 13.5%."""
+    Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 13.5%.
+    Since session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 1.2%, the
+    worst 11.3%; the native cell's order wrong (APTMoE 11% ahead of Mobius, predicted 0.2% behind)."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8 and report["summary"]["fit"]["runs"] == 0
-    _within(report, {"held-back": (0.014, 0.136)})
-    assert report["summary"]["held-back"]["ranking_right"] == 2
+    _within(report, {"held-back": (0.013, 0.114)})
+    assert report["summary"]["held-back"]["ranking_right"] == 1
     runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.009
     assert runs[("M6x8-G0.4-cap8-2gpu", "APTMoE")]["stall_s_per_step"] > 0.017
@@ -923,13 +925,16 @@ def test_v8_freshs_config_measured_again(tmp_path, monkeypatch) -> None:
     model and profile unchanged. 1.7%, the worst 4.9% (native APTMoE): v8-fresh's two misses
     (native Mobius -13.1%, capped APTMoE -11.5%) were those runs' own, 17% and 9% slower than
     here with the same predictions. The native cell's order is wrong (Mobius 7% ahead, APTMoE
-    predicted 0.4% ahead). Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 5.6%."""
+    predicted 0.4% ahead). Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 5.6%.
+    Since session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 1.3%, the
+    worst 5.0%, both orders right (native: Mobius predicted 0.2% ahead, a tie). v8-fresh's native
+    runs had APTMoE 11% ahead: the two leases ordered that config both ways."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-again", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8
-    _within(report, {"held-back": (0.018, 0.056)})
-    assert report["summary"]["held-back"]["ranking_right"] == 1
+    _within(report, {"held-back": (0.014, 0.051)})
+    assert report["summary"]["held-back"]["ranking_right"] == 2
     first = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path / "first", monkeypatch, flags)
     again = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     for r in first["runs"]:
@@ -1009,10 +1014,11 @@ def test_fresh_configs_planned_with_the_lease_s_cpu_curves_meet_the_targets(tmp_
     L2x8 at G 0.4 (capped), each cell planned and predicted with h200-2gpu whose CPU expert
     curves were measured on the cell's lease just before it; every schedule the median of
     three runs, all held back: 1.7%, the worst 9.0% (capped M APTMoE), ranking right in all
-    three cells (L's Mobius and GPipeOffload tie)."""
+    three cells (L's Mobius and GPipeOffload tie). Since session 31's compounding of an Adam
+    chunk's slowdowns (sim/host_memory.py): 1.8%."""
     report = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", "--cell-profiles", *V11])
-    _held_back(report, (0.017, 0.091), runs=12, configs=3, ranking_right=3)
+    _held_back(report, (0.018, 0.091), runs=12, configs=3, ranking_right=3)
     for cell in (DOCS / "validation-h200-2gpu-v11-fresh" / "cells").iterdir():
         # each cell's profile is h200-2gpu with the curves of its own model timed on its lease
         doc = json.loads(read_text(stored_file(cell / "profile.json")))
@@ -1054,10 +1060,13 @@ def test_a_fresh_cell_after_receives_posted_on_demand(tmp_path, monkeypatch) -> 
     """Session 29 (docs/validation-h200-2gpu-v12-fresh): M6x8 at G 0.3, native, the executor
     posting receives on demand; three runs a schedule, held back: 2.7%, the worst 10.2%
     (Mobius, predicted too slow: this lease's Adam ran faster than h200-2gpu's), and the
-    ranking wrong: APTMoE measured 5.8% slower than Mobius, and predicted 0.8% faster."""
+    ranking wrong: APTMoE measured 5.8% slower than Mobius, and predicted 0.8% faster. Since
+    session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 6.1%, the worst
+    14.8%: this lease's two ranks updated at 0.31-0.32 ns/param where its profile says 0.42, and
+    each slowdown beside copies now multiplies that miss."""
     report = _repredicted("validation-h200-2gpu-v12-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", "--cell-profiles", *V12])
-    _held_back(report, (0.028, 0.103), runs=4, configs=1, ranking_right=0, worst_run="M6x8-G0.3-native-2gpu Mobius")
+    _held_back(report, (0.062, 0.149), runs=4, configs=1, ranking_right=0, worst_run="M6x8-G0.3-native-2gpu Mobius")
     assert all(r["error"] > 0 for r in report["runs"])          # every schedule predicted slower
 
 
@@ -1140,10 +1149,11 @@ def test_the_first_four_gpu_cells_as_measured(tmp_path, monkeypatch) -> None:
     experts at G 0.45 (native, capped) and M8 at G 0.3 (native), one run a schedule, each
     planned and predicted with the lease's calibration (h200-4gpu): 7.2%, the worst 39.3% (S8
     native Mobius), ranking right in 6 of 7. S is predicted 7-39% too fast (its issuing
-    threads ran 1.47x slower than the one-GPU dispatch probe); M and L come to 4.3%."""
+    threads ran 1.47x slower than the one-GPU dispatch probe); M and L come to 4.3%. Since
+    session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 5.2%, the worst 37.0%."""
     report = _repredicted("validation-h200-4gpu", tmp_path, monkeypatch,
                           ["--calibration", "h200-4gpu", "--cell-profiles", *V4GPU])
-    _held_back(report, (0.073, 0.394), runs=28, configs=7, ranking_right=6, worst_run="S8x8-G0.45-native-4gpu Mobius")
+    _held_back(report, (0.053, 0.371), runs=28, configs=7, ranking_right=6, worst_run="S8x8-G0.45-native-4gpu Mobius")
     errors = {r["cell"][0]: [] for r in report["runs"]}
     for r in report["runs"]:
         errors[r["cell"][0]].append(r["error"])
@@ -1163,7 +1173,9 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     """Session 27 (docs/measured/session27): CPU Adam and host memory on five leases, pooled and
     put into h200-2gpu. On v8-fresh (M6x8 G 0.4, 8 runs) its update actions lose the shipped
     profile's +13% bias, and the steps are predicted faster than they ran: the shipped Adam
-    covers for a compute phase the model has too short."""
+    covers for a compute phase the model has too short. Since session 31's compounding of an
+    Adam chunk's slowdowns (sim/host_memory.py) the pooled profile gives 3.5% (every step 3.3%
+    fast at the median), where it gave more than 4%."""
     from aptmoe.calibration import merge, pool
 
     root = DOCS.parent
@@ -1194,9 +1206,9 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     assert statistics.median(abs(u) for u in update(pooled)) < 0.03
     for part in (shipped, pooled):
         assert part["summary"]["held-back"]["runs"] == 8
-    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.015 < 0.04 < pooled["summary"]["held-back"][
+    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.015 < 0.03 < pooled["summary"]["held-back"][
         "median_abs_error"]
-    assert pooled["summary"]["held-back"]["signed_median_error"] < -0.035
+    assert pooled["summary"]["held-back"]["signed_median_error"] < -0.03
 
 
 def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], only: str | None = None,
