@@ -18,11 +18,24 @@ is (its kind, sizes, dtype, direction, threads), at the token points every input
 figure whose inputs differ in shape is an error, not a silent pick. The inputs must be of one
 machine (GPU model and count, CPU model and cores). Parts skipped by every input stay skipped;
 `sources` gives each input's account, `made_by` each input's history and this command.
+
+Some figures of a shipped profile, pooled over every calibration that measured them:
+
+    python -m aptmoe.calibration.pool --onto h200-2gpu --only host_memory.cpu_alone_GBps,host_memory.beside \
+        h200-2gpu run1.json memory.json ... --out h200-2gpu.json
+
+`--onto BASE` keeps BASE whole but for the `--only` figures (SECTION.KEY), each the median of
+the inputs that have it; BASE counts as an input only where it is named among them. Why: a part
+timed on many leases (the host memory's CPU stream, by a part of `aptmoe-calibrate` that full
+calibrations and quick lease jobs both run) has more inputs than any full calibration, and one
+lease's figure can be far from the rest: `h200-2gpu`'s CPU stream alone at 14 threads read 62.2
+GB/s, where ten other calibrations of the 2-GPU kind by the same method read 74-123 (median 86.6).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import shlex
 import statistics
@@ -136,22 +149,66 @@ def pool(docs: list[dict], *, name: str, command: str) -> dict:
     return out
 
 
+def pool_onto(base: dict, docs: list[dict], fields: list[str], *, command: str) -> dict:
+    """`base` (a plain JSON dict) with each of `fields` (SECTION.KEY) the median of the inputs
+    `docs` that have it; the rest of `base` as it is."""
+    out = copy.deepcopy(base)
+    for i, d in enumerate(docs):
+        if (k := machine_difference(base["hardware"], d["hardware"])) is not None:
+            raise ProfileError(f"input {i + 1} ({d['name']}) is of another machine than --onto {base['name']}: its {k} "
+                               f"is {d['hardware'].get(k)!r}, the base's {base['hardware'].get(k)!r}")
+    for field in fields:
+        section, _, key = field.partition(".")
+        if not key or not isinstance(base.get(section), dict):
+            raise ProfileError(f"--only {field}: --onto {base['name']} has no section {section!r}; name a figure as "
+                               f"SECTION.KEY (e.g. host_memory.cpu_alone_GBps)")
+        have = [(i + 1, d) for i, d in enumerate(docs) if isinstance(d.get(section), dict) and key in d[section]]
+        if len(have) < 2:
+            raise ProfileError(f"--only {field}: {len(have)} of the {len(docs)} inputs have it; pool at least two")
+        out[section][key] = pooled([d[section][key] for _, d in have], field)
+        out["sources"][section] = (f"{out['sources'].get(section, '')} || {key}: the median of {len(have)} "
+                                   f"calibrations (calibration/pool.py --onto): "
+                                   + "; ".join(f"[{i}] {history(d)}" for i, d in have))
+    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(base), command]),
+                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return out
+
+
+def _fields(text: str) -> list[str]:
+    fields = [f.strip() for f in text.split(",") if f.strip()]
+    if not fields:
+        raise argparse.ArgumentTypeError("name at least one figure as SECTION.KEY")
+    return fields
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.pool", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="calibration files of one kind of machine, made by one command")
-    p.add_argument("--name", default=None, help="name of the pooled profile (default: the first input's)")
+    p.add_argument("--name", default=None, help="name of the pooled profile (default: the first input's, "
+                                                "or --onto's)")
+    p.add_argument("--onto", metavar="BASE", help="keep this profile but for the --only figures")
+    p.add_argument("--only", type=_fields, metavar="SECTION.KEY,...", help="with --onto: the figures to pool")
     p.add_argument("--out", required=True)
     ns = p.parse_args(argv)
+    if (ns.onto is None) != (ns.only is None):
+        p.error("--onto and --only go together: a base profile and the figures of it to pool")
     text = "python -m aptmoe.calibration.pool " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     def build() -> dict:
         docs = [load_profile(path).to_dict() for path in ns.inputs]
-        return pool(docs, name=ns.name or docs[0]["name"], command=text)
+        if ns.onto is None:
+            return pool(docs, name=ns.name or docs[0]["name"], command=text)
+        base = load_profile(ns.onto).to_dict()
+        return {**pool_onto(base, docs, ns.only, command=text), **({"name": ns.name} if ns.name else {})}
 
     doc = write_profile("aptmoe-calibrate pool", ns.out, build)
     if doc is None:
         return 2
-    print(f"wrote {ns.out}: {doc['name']}, the median of {len(ns.inputs)} calibrations")
+    if ns.only:
+        print(f"wrote {ns.out}: {doc['name']}, with {', '.join(ns.only)} each the median of those of the "
+              f"{len(ns.inputs)} calibrations that have it (its sources say which)")
+    else:
+        print(f"wrote {ns.out}: {doc['name']}, the median of {len(ns.inputs)} calibrations")
     return 0
 
 

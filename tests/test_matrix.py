@@ -870,13 +870,14 @@ def test_fresh_configs_run_with_kernels_loaded_eagerly(tmp_path, monkeypatch) ->
     the capped cell, predicted 0.107 in both); M and L 2.0%, 13 of their 16 runs within 2.5%;
     ranking right in 4 of 6 (M6 capped: APTMoE's CPU experts 18% over the model; L2 native:
     GPipeOffload's one run 0.694 s against APTMoE's 0.720, the same plan as Mobius's, which
-    ran 0.875 s, and 0.720-0.797 s in three runs later). Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): 2.4%."""
+    ran 0.875 s, and 0.720-0.797 s in three runs later). Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): 2.4%.
+    Since session 31's host memory figures pooled over eleven calibrations (h200-2gpu): 3.3%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--repeats", "1,S=3",
              "--models", "S:6:6,M:6:6:4,L:2:2:8", "--gini", "0.5", "--links", "native,8", "--held-back-every", "1",
              "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v7-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 24 and report["summary"]["fit"]["runs"] == 0
-    _within(report, {"held-back": (0.025, 0.434)})
+    _within(report, {"held-back": (0.034, 0.434)})
     assert report["summary"]["held-back"]["ranking_right"] >= 4
     assert {c["cell"]: c["same_plans"] for c in report["configs"] if c["same_plans"]} == {
         "L2x8-G0.5-native-2gpu": [["GPipeOffload", "Mobius"]], "L2x8-G0.5-cap8-2gpu": [["GPipeOffload", "Mobius"]]}
@@ -905,13 +906,15 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     in both with ties, in one strictly (capped: Mobius 2.7% ahead of APTMoE, predicted behind).
     Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 13.5%.
     Since session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 1.2%, the
-    worst 11.3%; the native cell's order wrong (APTMoE 11% ahead of Mobius, predicted 0.2% behind)."""
+    worst 11.3%; the native cell's order wrong (APTMoE 11% ahead of Mobius, predicted 0.2% behind).
+    Since its host memory figures pooled over eleven calibrations (h200-2gpu): 2.7%, the worst
+    10.7%, both orders right."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8 and report["summary"]["fit"]["runs"] == 0
-    _within(report, {"held-back": (0.013, 0.114)})
-    assert report["summary"]["held-back"]["ranking_right"] == 1
+    _within(report, {"held-back": (0.027, 0.108)})
+    assert report["summary"]["held-back"]["ranking_right"] == 2
     runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.009
     assert runs[("M6x8-G0.4-cap8-2gpu", "APTMoE")]["stall_s_per_step"] > 0.017
@@ -928,13 +931,16 @@ def test_v8_freshs_config_measured_again(tmp_path, monkeypatch) -> None:
     predicted 0.4% ahead). Since session 30's copy limits and message posts (aptmoe/profile.py CopyLimits, Dispatch.post): the worst 5.6%.
     Since session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 1.3%, the
     worst 5.0%, both orders right (native: Mobius predicted 0.2% ahead, a tie). v8-fresh's native
-    runs had APTMoE 11% ahead: the two leases ordered that config both ways."""
+    runs had APTMoE 11% ahead: the two leases ordered that config both ways. Since its host
+    memory figures pooled over eleven calibrations (h200-2gpu): 1.3%, the worst 8.7% (native
+    Mobius), the native order wrong again (APTMoE predicted 0.4% ahead): the prediction ties
+    the two, and each lease ran them 7-11% apart, one way on one lease, the other on the next."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-again", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8
-    _within(report, {"held-back": (0.014, 0.051)})
-    assert report["summary"]["held-back"]["ranking_right"] == 2
+    _within(report, {"held-back": (0.013, 0.088)})
+    assert report["summary"]["held-back"]["ranking_right"] == 1
     first = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path / "first", monkeypatch, flags)
     again = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     for r in first["runs"]:
@@ -1033,7 +1039,8 @@ def test_v11_predicted_with_the_stored_cpu_curves_misses_only_by_capped_m_aptmoe
     experts 1.3-1.5x the stored curves; its error is 10.3% with the stored curves, 9.0% with
     the lease's. Both arms are h200-2gpu as shipped now, the lease's with each cell's CPU curves:
     since session 30's copy limits and message posts, the lease's curves move it 0.7%, and its
-    error with the stored curves is 9.5%."""
+    error with the stored curves is 9.5%; since session 31's host memory figures pooled over
+    eleven calibrations, 10.3%."""
     stock = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path / "stock", monkeypatch,
                          ["--calibration", "h200-2gpu", *V11])
     shipped = json.loads((DOCS.parent / "aptmoe" / "profiles" / "h200-2gpu.json").read_text())
@@ -1049,7 +1056,7 @@ def test_v11_predicted_with_the_stored_cpu_curves_misses_only_by_capped_m_aptmoe
     assert {k for k, m in moved.items() if abs(m) > 0.001} == {("M6x8-G0.45-cap8-2gpu", "APTMoE")}
     assert 0.005 < moved[("M6x8-G0.45-cap8-2gpu", "APTMoE")] < 0.02
     assert stock["summary"]["held-back"]["worst_run"] == "M6x8-G0.45-cap8-2gpu APTMoE"
-    assert 0.09 < stock["summary"]["held-back"]["worst_abs_error"] < 0.10
+    assert 0.095 < stock["summary"]["held-back"]["worst_abs_error"] < 0.105
 
 
 V12 = ["--gpus", "2", "--steps", "3", "--repeats", "3", "--models", "M:6:6:8", "--gini", "0.3", "--links", "native",
@@ -1175,7 +1182,8 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     profile's +13% bias, and the steps are predicted faster than they ran: the shipped Adam
     covers for a compute phase the model has too short. Since session 31's compounding of an
     Adam chunk's slowdowns (sim/host_memory.py) the pooled profile gives 3.5% (every step 3.3%
-    fast at the median), where it gave more than 4%."""
+    fast at the median), where it gave more than 4%; since h200-2gpu's host memory figures were
+    pooled over eleven calibrations, 3.3% against the shipped profile's 2.7%."""
     from aptmoe.calibration import merge, pool
 
     root = DOCS.parent
@@ -1191,7 +1199,8 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     capsys.readouterr()
     five = json.loads((tmp_path / "five.json").read_text())
     assert five["adam"]["cpu_s_per_param"]["14"] == pytest.approx(0.2385e-9)     # the shipped: 0.306e-9
-    assert five["host_memory"]["cpu_alone_GBps"]["14"] == pytest.approx(83.39)  # the shipped: 62.22
+    assert five["host_memory"]["cpu_alone_GBps"]["14"] == pytest.approx(86.64)  # the shipped: 86.64 (62.22
+    # until session 31 pooled its host memory figures, which put 83.39 here)
     flags = ["--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4", "--links", "native,8",
              "--held-back-every", "1", "--no-plot", "-q"]
     shipped = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path / "shipped", monkeypatch,
@@ -1206,7 +1215,7 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     assert statistics.median(abs(u) for u in update(pooled)) < 0.03
     for part in (shipped, pooled):
         assert part["summary"]["held-back"]["runs"] == 8
-    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.015 < 0.03 < pooled["summary"]["held-back"][
+    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.028 < 0.03 < pooled["summary"]["held-back"][
         "median_abs_error"]
     assert pooled["summary"]["held-back"]["signed_median_error"] < -0.03
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aptmoe.calibration.pool import main as pool_main
-from aptmoe.calibration.pool import pool, pooled
+from aptmoe.calibration.pool import pool, pool_onto, pooled
 from aptmoe.profile import ProfileError, load_profile
 
 
@@ -112,3 +112,84 @@ def test_pooling_refuses_a_recompute_between_measured_apart_beside_one_held_in_b
     (tmp_path / "new2.json").write_text(json.dumps(both))
     assert pool_main([str(tmp_path / "new.json"), str(tmp_path / "new2.json"), "--out", str(tmp_path / "p.json")]) == 0
     assert load_profile(str(tmp_path / "p.json")).dispatch.between["rec"] == pytest.approx(6e-4)
+
+
+def _with_stream(tmp_path: Path, name: str, alone: float, beside_adam: float | None = None) -> Path:
+    """h200-1gpu with its host memory's CPU stream alone at `alone` GB/s (14 threads) and, where
+    given, copies beside one rank's Adam at `beside_adam` GB/s each way."""
+    doc = copy.deepcopy(load_profile("h200-1gpu").to_dict())
+    doc["name"] = name
+    doc["made_by"] = {**doc["made_by"], "command": f"aptmoe-calibrate --out {name}.json"}
+    doc["host_memory"]["cpu_alone_GBps"]["14"] = alone
+    doc["adam"]["cpu_s_per_param"]["14"] = alone * 1e-12             # a figure --only leaves alone
+    if beside_adam is not None:
+        doc["host_memory"]["copies_beside_adam"] = {"14": {"1": {c: beside_adam for c in
+                                                                 ("h2d", "d2h", "duplex_h2d", "duplex_d2h")}}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_onto_pools_only_the_figures_named_and_keeps_the_rest_of_the_base(tmp_path, capsys) -> None:
+    base = _with_stream(tmp_path, "base", 62.0)
+    leases = [_with_stream(tmp_path, f"l{i}", v, b) for i, (v, b) in enumerate([(90.0, 40.0), (80.0, 44.0),
+                                                                                (120.0, None), (70.0, 50.0)])]
+    out = tmp_path / "out.json"
+    assert pool_main(["--onto", str(base), "--only", "host_memory.cpu_alone_GBps,host_memory.copies_beside_adam",
+                      str(base), *map(str, leases), "--out", str(out)]) == 0
+    assert "each the median of those of the 5 calibrations that have it" in capsys.readouterr().out
+    got, was = load_profile(str(out)).to_dict(), json.loads(base.read_text())
+    assert got["host_memory"]["cpu_alone_GBps"]["14"] == pytest.approx(80.0)     # of 62, 90, 80, 120, 70
+    assert got["host_memory"]["cpu_alone_GBps"]["16"] == was["host_memory"]["cpu_alone_GBps"]["16"]
+    # the base had no copies beside Adam: the median of the three inputs that have them
+    assert got["host_memory"]["copies_beside_adam"]["14"]["1"]["h2d"] == pytest.approx(44.0)
+    assert got["adam"] == was["adam"] and got["name"] == "base" and got["gpu"] == was["gpu"]
+    src = got["sources"]["host_memory"]
+    assert "cpu_alone_GBps: the median of 5 calibrations" in src and "copies_beside_adam: the median of 3" in src
+    assert got["made_by"]["command"].split(" | ")[-1].startswith("python -m aptmoe.calibration.pool --onto")
+
+
+def test_onto_refuses_what_it_cannot_pool_with_one_line_and_no_file(tmp_path, capsys) -> None:
+    base, lease = _with_stream(tmp_path, "base", 62.0), _with_stream(tmp_path, "l", 90.0)
+    out = tmp_path / "out.json"
+    other = json.loads(lease.read_text())
+    other["hardware"]["cpu_cores"] = 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    cases = [
+        (["--only", "nosuch.x", str(base), str(lease)], "no section 'nosuch'"),
+        (["--only", "host_memory.copies_beside_adam", str(base), str(lease)], "0 of the 2 inputs have it"),
+        (["--only", "host_memory.cpu_alone_GBps", str(base), str(tmp_path / "other.json")], "another machine"),
+    ]
+    for args, message in cases:
+        assert pool_main(["--onto", str(base), *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
+    with pytest.raises(SystemExit):
+        pool_main(["--onto", str(base), str(base), str(lease), "--out", str(out)])       # --only missing
+    assert "go together" in capsys.readouterr().err
+
+
+H200_2GPU_HOST_MEMORY = ["session26/h200-2gpu-lease-native.json", *(f"h200x2-session17/calibrations/run{i}.json"
+                                                                     for i in (1, 2, 3)),
+                         "h200x2-session21/dispatch.json", "session23/dispatch.json",
+                         *(f"session27/am-{i}.json" for i in (1, 2, 3)),
+                         "session30/memory-one-rank.json", "session30/memory-all-ranks.json"]
+
+
+def test_h200_2gpu_s_host_memory_is_the_median_of_every_2_gpu_calibration_of_it() -> None:
+    """Session 31: h200-2gpu's CPU stream figures (alone and beside copies) had come from one
+    lease (session 26), whose stream alone at 14 threads read 62.2 GB/s; eleven calibrations of
+    the part on the 2-GPU kind, by the same method, are now pooled into it (median 86.6)."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "docs" / "measured" / f for f in H200_2GPU_HOST_MEMORY]
+    if not all(f.exists() for f in files):
+        pytest.skip("the stored calibrations are not in this tree")
+    shipped = load_profile("h200-2gpu").to_dict()
+    fields = ["host_memory.GBps", "host_memory.cpu_alone_GBps", "host_memory.beside"]
+    again = pool_onto(shipped, [load_profile(str(f)).to_dict() for f in files], fields, command="test")
+    for f in fields:
+        key = f.split(".")[1]
+        assert again["host_memory"][key] == shipped["host_memory"][key], key
+    assert shipped["host_memory"]["cpu_alone_GBps"]["14"] == pytest.approx(86.64)
+    assert "cpu_alone_GBps: the median of 11 calibrations" in shipped["sources"]["host_memory"]
