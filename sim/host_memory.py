@@ -27,7 +27,7 @@ ranks do not slow each other here, but for Adam: a chunk runs at its time alone,
 profile's `adam.cpu_shared`, measured with every rank updating at once, over its figure
 alone), and beside copies slower again by the copies' bound. The two compound: on two H200s
 (docs/validation-h200-2gpu-v13-fresh) the chunks ran 0.408-0.419 ns/param beside the other
-rank's Adam and 0.535-0.562 beside it and their own rank's offload, 1.31-1.37x more, as their
+rank's Adam and 0.535-0.562 beside it and their own rank's offload, 1.28-1.36x more, as their
 offload alone made them (0.382 against 0.290). Taking only the tighter of the two bounds, as
 until session 31, put both at 0.423.
 
