@@ -29,7 +29,8 @@ the inputs that have it; BASE counts as an input only where it is named among th
 timed on many leases (the host memory's CPU stream, by a part of `aptmoe-calibrate` that full
 calibrations and quick lease jobs both run) has more inputs than any full calibration, and one
 lease's figure can be far from the rest: `h200-2gpu`'s CPU stream alone at 14 threads read 62.2
-GB/s, where ten other calibrations of the 2-GPU kind by the same method read 74-123 (median 86.6).
+GB/s, where ten other calibrations of the 2-GPU kind by the same method read 74-123 (the
+eleven's median: 86.6).
 """
 
 from __future__ import annotations
