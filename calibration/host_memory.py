@@ -50,8 +50,9 @@ class HostMemoryResult:
     cpu_alone_GBps: float
     cpu_under_GBps: dict[str, float] = field(default_factory=dict)      # h2d, d2h -> CPU stream rate
     copy_under_GBps: dict[str, float] = field(default_factory=dict)     # h2d, d2h -> the copies' rate
-    adam_alone_ns: float = 0.0              # per parameter
-    adam_under_d2h_ns: float = 0.0
+    # ranks updating at once -> "alone" (no copies) or a condition (h2d, d2h, duplex) -> this
+    # rank's Adam chunk, ns per parameter
+    adam_ns: dict[int, dict[str, float]] = field(default_factory=dict)
     # ranks updating at once -> condition (h2d, d2h, duplex) -> each direction's copies' GB/s
     # while Adam chunks run back to back on every one of those ranks
     copy_beside_adam_GBps: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -220,21 +221,25 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None,
         res.copy_under_GBps[condition] = sum(rates.values())
     del expert
     adam, params = adam_stream()
-    res.adam_alone_ns = median_call(adam) / params * 1e9
-    # and the other way round: the copies' own rate while Adam runs, in each condition (a
-    # run's loads fell from 52 to 40 GB/s beside their rank's Adam, 24-26 beside it and an
-    # offload: docs/validation-h200-2gpu-v12-fresh)
-    res.copy_beside_adam_GBps[1] = {}
-    for condition, seconds, rates in beside_copies(adam, gpu, spare):
-        if condition == "d2h":
-            res.adam_under_d2h_ns = seconds / params * 1e9
-        res.copy_beside_adam_GBps[1][condition] = rates
+
+    def adam_beside_copies(ranks: int, copy_cpus: list[int] | None) -> None:
+        # the copies' own rate while Adam runs, in each condition (a run's loads fell from 52
+        # to 40 GB/s beside their rank's Adam, 24-26 beside it and an offload:
+        # docs/validation-h200-2gpu-v12-fresh), and this rank's Adam beside them: the
+        # simulator compounds Adam's slowdown beside other ranks' Adam and beside copies
+        # (sim/host_memory.py), which these figures, ranks at once against one, check
+        res.adam_ns[ranks] = {"alone": median_call(adam) / params * 1e9}
+        res.copy_beside_adam_GBps[ranks] = {}
+        for condition, seconds, rates in beside_copies(adam, gpu, copy_cpus):
+            res.adam_ns[ranks][condition] = seconds / params * 1e9
+            res.copy_beside_adam_GBps[ranks][condition] = rates
+
+    adam_beside_copies(1, spare)
     if others:
         # every rank of the host at once, as at the end of a step: one rank's Adam left both
         # directions at the link's rate where the ranks' together did not
         with ranks_updating(others):
-            res.copy_beside_adam_GBps[1 + len(others)] = {
-                condition: rates for condition, _, rates in beside_copies(adam, gpu, others_spare)}
+            adam_beside_copies(1 + len(others), others_spare)
     return res
 
 
@@ -246,8 +251,10 @@ def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
                           for d in r.cpu_under_GBps)
         copies = "; ".join(f"{n} rank{'s' * (n > 1)} updating: " + ", ".join(f"{c} {v:.1f}" for c, v in by.items())
                            for n, by in sorted(r.copies_beside_adam().items()))
-        parts.append(f"{t}t: CPU alone {r.cpu_alone_GBps:.1f} GB/s, {under}; check: an Adam chunk "
-                     f"{r.adam_alone_ns:.3f} ns/param alone, {r.adam_under_d2h_ns:.3f} beside d2h copies"
+        adam = "; ".join(f"{n} rank{'s' * (n > 1)} updating: " + ", ".join(f"{c} {v:.3f}" for c, v in by.items())
+                         for n, by in sorted(r.adam_ns.items()))
+        parts.append(f"{t}t: CPU alone {r.cpu_alone_GBps:.1f} GB/s, {under}; check: an Adam chunk (ns/param) "
+                     f"alone and beside copies, {adam}"
                      + (f"; copies beside Adam (GB/s), {copies}" if copies else ""))
     return ("measured: a read-bound CPU stream (one token through an MoE-M expert, d 2048 h 8192 fp32, the "
             f"next of a {POOL_BYTES >> 20} MiB pool each call, pinned as the executor's parameters) alone and while one GPU copies {COPY_BYTES >> 20} "

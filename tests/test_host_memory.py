@@ -210,6 +210,21 @@ def test_the_copies_rate_beside_adam_is_kept_by_condition_and_round_trips(tmp_pa
         load_profile("a800-paper").with_(host_memory=HostMemoryFigures({14: 1.0}, {14: 1.0})).to_json())["host_memory"]
 
 
+def test_the_calibration_s_record_keeps_adam_beside_copies_for_every_count_of_ranks_updating():
+    """calibration/host_memory.py times this rank's Adam alone and beside each condition's
+    copies, with one rank updating and with every rank: the sources keep all of it, the check
+    on the simulator's compounding of the two slowdowns (sim/host_memory.py)."""
+    pytest.importorskip("torch")
+    from aptmoe.calibration.host_memory import HostMemoryResult, host_memory_source
+
+    r = HostMemoryResult(14, 80.0, {"h2d": 60.0, "d2h": 55.0}, {"h2d": 47.0, "d2h": 54.0},
+                         adam_ns={1: {"alone": 0.302, "h2d": 0.35, "d2h": 0.433, "duplex": 0.5},
+                                  2: {"alone": 0.417, "h2d": 0.52, "d2h": 0.56, "duplex": 0.64}})
+    text = host_memory_source({14: r})
+    assert ("check: an Adam chunk (ns/param) alone and beside copies, 1 rank updating: alone 0.302, h2d 0.350, "
+            "d2h 0.433, duplex 0.500; 2 ranks updating: alone 0.417, h2d 0.520, d2h 0.560, duplex 0.640") in text
+
+
 def test_the_simulator_slows_cpu_work_beside_copies_where_the_profile_says():
     """The one-GPU H200 profile with and without its host_memory section: the same APTMoE
     step, whose CPU experts and Adam overlap the loads and offloads, only gets longer, and
