@@ -243,16 +243,19 @@ def measure_host_memory(threads: int, gpu: int, spare: list[int] | None = None,
     return res
 
 
+def _by_ranks(table: dict[int, dict[str, float]], digits: int) -> str:
+    """'1 rank updating: h2d 44.8, d2h 53.3; 2 ranks updating: ...' for the sources."""
+    return "; ".join(f"{n} rank{'s' * (n > 1)} updating: " + ", ".join(f"{c} {v:.{digits}f}" for c, v in by.items())
+                     for n, by in sorted(table.items()))
+
+
 def host_memory_source(results: dict[int, HostMemoryResult]) -> str:
     """The profile's `sources` entry: how it was measured, and every figure behind the sums."""
     parts = []
     for t, r in sorted(results.items()):
         under = ", ".join(f"beside {d} copies {r.cpu_under_GBps[d]:.1f} + copies {r.copy_under_GBps[d]:.1f}"
                           for d in r.cpu_under_GBps)
-        copies = "; ".join(f"{n} rank{'s' * (n > 1)} updating: " + ", ".join(f"{c} {v:.1f}" for c, v in by.items())
-                           for n, by in sorted(r.copies_beside_adam().items()))
-        adam = "; ".join(f"{n} rank{'s' * (n > 1)} updating: " + ", ".join(f"{c} {v:.3f}" for c, v in by.items())
-                         for n, by in sorted(r.adam_ns.items()))
+        copies, adam = _by_ranks(r.copies_beside_adam(), 1), _by_ranks(r.adam_ns, 3)
         parts.append(f"{t}t: CPU alone {r.cpu_alone_GBps:.1f} GB/s, {under}; check: an Adam chunk (ns/param) "
                      f"alone and beside copies, {adam}"
                      + (f"; copies beside Adam (GB/s), {copies}" if copies else ""))

@@ -219,10 +219,12 @@ def test_the_calibration_s_record_keeps_adam_beside_copies_for_every_count_of_ra
 
     r = HostMemoryResult(14, 80.0, {"h2d": 60.0, "d2h": 55.0}, {"h2d": 47.0, "d2h": 54.0},
                          adam_ns={1: {"alone": 0.302, "h2d": 0.35, "d2h": 0.433, "duplex": 0.5},
-                                  2: {"alone": 0.417, "h2d": 0.52, "d2h": 0.56, "duplex": 0.64}})
+                                  2: {"alone": 0.417, "h2d": 0.52, "d2h": 0.56, "duplex": 0.64}},
+                         copy_beside_adam_GBps={1: {"h2d": {"h2d": 44.8}}, 2: {"h2d": {"h2d": 37.07}}})
     text = host_memory_source({14: r})
     assert ("check: an Adam chunk (ns/param) alone and beside copies, 1 rank updating: alone 0.302, h2d 0.350, "
-            "d2h 0.433, duplex 0.500; 2 ranks updating: alone 0.417, h2d 0.520, d2h 0.560, duplex 0.640") in text
+            "d2h 0.433, duplex 0.500; 2 ranks updating: alone 0.417, h2d 0.520, d2h 0.560, duplex 0.640; "
+            "copies beside Adam (GB/s), 1 rank updating: h2d 44.8; 2 ranks updating: h2d 37.1") in text
 
 
 def test_the_simulator_slows_cpu_work_beside_copies_where_the_profile_says():
