@@ -13,9 +13,10 @@ and again while the GPU copies back to back in one direction and in both at once
 copies' own rate. The sum of the two rates under one direction's copies is the profile's
 `GBps`; the stream's rate at each copy rate is its `beside` curve: the simulator gives the
 copies their link rate and the CPU work what the curve says (sim/host_memory.py).
-An Adam chunk (the executor's BlockAdam) alone and beside d2h copies is timed as a check of
-that model, not used by it. Then the copies' own rate while Adam chunks run back to back, in
-each condition: the profile's `copies_beside_adam`. First beside the rank's own Adam, then with
+Then Adam chunks (the executor's BlockAdam) back to back, alone and beside each condition's
+copies, timing both: the copies' own rate is the profile's `copies_beside_adam`; Adam's time
+stays in the sources, a check of how the simulator compounds its slowdowns beside copies and
+beside other ranks' Adam (sim/host_memory.py). First beside the rank's own Adam, then with
 every other rank of the host updating at once too, each in its own process on its own share of
 the cores, as the executor's ranks do at the end of a step: a 2-GPU run's loads fell from 52 to
 40 GB/s beside the ranks' Adam, and to 23-25 beside it and the GPU's own offload, where one

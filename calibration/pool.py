@@ -150,10 +150,11 @@ def pool(docs: list[dict], *, name: str, command: str) -> dict:
     return out
 
 
-def pool_onto(base: dict, docs: list[dict], fields: list[str], *, command: str) -> dict:
+def pool_onto(base: dict, docs: list[dict], fields: list[str], *, command: str, name: str | None = None) -> dict:
     """`base` (a plain JSON dict) with each of `fields` (SECTION.KEY) the median of the inputs
-    `docs` that have it; the rest of `base` as it is."""
+    `docs` that have it, named `name` (default: the base's); the rest of `base` as it is."""
     out = copy.deepcopy(base)
+    out["name"] = name or base["name"]
     for i, d in enumerate(docs):
         if (k := machine_difference(base["hardware"], d["hardware"])) is not None:
             raise ProfileError(f"input {i + 1} ({d['name']}) is of another machine than --onto {base['name']}: its {k} "
@@ -167,9 +168,10 @@ def pool_onto(base: dict, docs: list[dict], fields: list[str], *, command: str) 
         if len(have) < 2:
             raise ProfileError(f"--only {field}: {len(have)} of the {len(docs)} inputs have it; pool at least two")
         out[section][key] = pooled([d[section][key] for _, d in have], field)
-        out["sources"][section] = (f"{out['sources'].get(section, '')} || {key}: the median of {len(have)} "
-                                   f"calibrations (calibration/pool.py --onto): "
-                                   + "; ".join(f"[{i}] {history(d)}" for i, d in have))
+        pooled_from = (f"{key}: the median of {len(have)} calibrations (calibration/pool.py --onto): "
+                       + "; ".join(f"[{i}] {history(d)}" for i, d in have))
+        was = out["sources"].get(section)
+        out["sources"][section] = f"{was} || {pooled_from}" if was else pooled_from
     out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(base), command]),
                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return out
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.onto is None:
             return pool(docs, name=ns.name or docs[0]["name"], command=text)
         base = load_profile(ns.onto).to_dict()
-        return {**pool_onto(base, docs, ns.only, command=text), **({"name": ns.name} if ns.name else {})}
+        return pool_onto(base, docs, ns.only, command=text, name=ns.name)
 
     doc = write_profile("aptmoe-calibrate pool", ns.out, build)
     if doc is None:

@@ -544,8 +544,9 @@ class RankModel:
         prediction from -5.1% to -3.0% of a bounded run). On a GPU the host issues the next
         block while the GPU runs this one, so a stream of big blocks hides the host and a
         stream of small ones waits for it; on CPU ranks issuing and computing are one thread,
-        so a block takes both, one after the other: the host cost was measured on a model too small to compute (calibration/
-        dispatch.py), so it is the Python around the call, not the arithmetic. (It was the
+        so a block takes both, one after the other: the host cost was measured on a model too
+        small to compute (calibration/dispatch.py), so it is the Python around the call, not
+        the arithmetic. (It was the
         longer of the two until session 6: the CPU validation's blocks then ran 32-50% over
         their prediction even with nothing beside them, and 3% under to 12% over with both.)
         Without a measured host cost (host_s 0) each block takes its kernel time exactly.
