@@ -1105,14 +1105,15 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
     schedule, held back, planned and predicted with h200-1gpu carrying the lease's dispatch
     and Adam timed just before: 11.5%, the worst 15.6% (APTMoE), every offloading schedule
     predicted fast; with h200-1gpu as shipped 8.2%, the worst 9.6%, every one predicted slow.
-    The lease's host was faster when calibrated than in the runs after."""
+    The lease's host was faster when calibrated than in the runs after. Since session 32 gave
+    h200-1gpu its CPU jobs' waits (`cpu_job`, which it had lacked): 8.5% with it as shipped."""
     lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
     _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
                worst_run="M4x8-G0.5-native-1gpu APTMoE")
-    _held_back(shipped, (0.083, 0.097), runs=4, ranking_right=1, ranking_strict=0)
+    _held_back(shipped, (0.086, 0.097), runs=4, ranking_right=1, ranking_strict=0)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
     assert all(r["error"] > 0.06 for r in shipped["runs"] if r["pipeline"] in offloading)

@@ -193,3 +193,19 @@ def test_h200_2gpu_s_host_memory_is_the_median_of_every_2_gpu_calibration_of_it(
         assert again["host_memory"][key] == shipped["host_memory"][key], key
     assert shipped["host_memory"]["cpu_alone_GBps"]["14"] == pytest.approx(86.64)
     assert "cpu_alone_GBps: the median of 11 calibrations" in shipped["sources"]["host_memory"]
+
+
+def test_h200_1gpu_s_cpu_job_is_the_median_of_three_probe_runs_on_one_h200() -> None:
+    """Session 32: h200-1gpu had no `cpu_job`, so its CPU jobs took their copies and experts
+    only; the 2- and 4-GPU profiles have it. Three runs of the CPU-job probe on one H200
+    (docs/measured/session32) are pooled into it."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "docs" / "measured" / "session32" / f"cpujob-{i}.json" for i in (1, 2, 3)]
+    if not all(f.exists() for f in files):
+        pytest.skip("the stored calibrations are not in this tree")
+    shipped = load_profile("h200-1gpu").to_dict()
+    fields = [f"cpu_job.{k}" for k in ("take_s", "down_s", "up_s", "resume_s")]
+    again = pool_onto(shipped, [load_profile(str(f)).to_dict() for f in files], fields, command="test")
+    assert again["cpu_job"] == shipped["cpu_job"]
+    assert shipped["cpu_job"] == pytest.approx({"take_s": 180.2e-6, "down_s": 359.2e-6, "up_s": 208.6e-6,
+                                                "resume_s": 85.07e-6})
