@@ -159,19 +159,24 @@ def pool_onto(base: dict, docs: list[dict], fields: list[str], *, command: str, 
         if (k := machine_difference(base["hardware"], d["hardware"])) is not None:
             raise ProfileError(f"input {i + 1} ({d['name']}) is of another machine than --onto {base['name']}: its {k} "
                                f"is {d['hardware'].get(k)!r}, the base's {base['hardware'].get(k)!r}")
+    # figures of one section pooled from the same inputs share one account in its sources
+    accounts: dict[str, dict[tuple[int, ...], list[str]]] = {}
     for field in fields:
         section, _, key = field.partition(".")
         if not key or not isinstance(base.get(section), dict):
             raise ProfileError(f"--only {field}: --onto {base['name']} has no section {section!r}; name a figure as "
                                f"SECTION.KEY (e.g. host_memory.cpu_alone_GBps)")
-        have = [(i + 1, d) for i, d in enumerate(docs) if isinstance(d.get(section), dict) and key in d[section]]
+        have = [i for i, d in enumerate(docs) if isinstance(d.get(section), dict) and key in d[section]]
         if len(have) < 2:
             raise ProfileError(f"--only {field}: {len(have)} of the {len(docs)} inputs have it; pool at least two")
-        out[section][key] = pooled([d[section][key] for _, d in have], field)
-        pooled_from = (f"{key}: the median of {len(have)} calibrations (calibration/pool.py --onto): "
-                       + "; ".join(f"[{i}] {history(d)}" for i, d in have))
-        was = out["sources"].get(section)
-        out["sources"][section] = f"{was} || {pooled_from}" if was else pooled_from
+        out[section][key] = pooled([docs[i][section][key] for i in have], field)
+        accounts.setdefault(section, {}).setdefault(tuple(have), []).append(key)
+    for section, by_inputs in accounts.items():
+        for have, keys in by_inputs.items():
+            pooled_from = (f"{', '.join(keys)}: the median of {len(have)} calibrations (calibration/pool.py --onto): "
+                           + "; ".join(f"[{i + 1}] {history(docs[i])}" for i in have))
+            was = out["sources"].get(section)
+            out["sources"][section] = f"{was} || {pooled_from}" if was else pooled_from
     out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(base), command]),
                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return out

@@ -149,6 +149,18 @@ def test_onto_pools_only_the_figures_named_and_keeps_the_rest_of_the_base(tmp_pa
     assert got["made_by"]["command"].split(" | ")[-1].startswith("python -m aptmoe.calibration.pool --onto")
 
 
+def test_onto_gives_figures_pooled_from_the_same_inputs_one_account(tmp_path) -> None:
+    """Four figures of h200-1gpu's cpu_job from three probe runs read as one list of inputs, not four."""
+    base = _with_stream(tmp_path, "base", 62.0)
+    leases = [_with_stream(tmp_path, f"l{i}", v, b) for i, (v, b) in enumerate([(90.0, 40.0), (80.0, 44.0)])]
+    fields = ["host_memory.cpu_alone_GBps", "host_memory.GBps", "host_memory.copies_beside_adam"]
+    got = pool_onto(json.loads(base.read_text()), [json.loads(p.read_text()) for p in (base, *leases)], fields,
+                    command="test")
+    src = got["sources"]["host_memory"]
+    assert "cpu_alone_GBps, GBps: the median of 3 calibrations" in src, src
+    assert "copies_beside_adam: the median of 2 calibrations" in src and src.count("aptmoe-calibrate --out l0.json") == 2
+
+
 def test_onto_refuses_what_it_cannot_pool_with_one_line_and_no_file(tmp_path, capsys) -> None:
     base, lease = _with_stream(tmp_path, "base", 62.0), _with_stream(tmp_path, "l", 90.0)
     out = tmp_path / "out.json"
