@@ -82,6 +82,19 @@ def number_list(cast: Callable[[str], float], what: str) -> Callable[[str], list
     return parse
 
 
+def positive_number(what: str) -> Callable[[str], float]:
+    """An argparse `type`: a number above 0, one line naming `what` if not."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number ({what})") from None
+        if not 0 < x < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text}: {what} must be above 0")
+        return x
+    return parse
+
+
 def whole_number(unit: str, minimum: int = 1) -> Callable[[str], int]:
     """An argparse `type`: a whole number of `unit`s, `minimum` or more."""
     def parse(text: str) -> int:

@@ -26,6 +26,7 @@ from aptmoe.flags import (
     config_from_args,
     make_parser,
     pipelines_of,
+    positive_number,
 )
 from aptmoe.profile import load_profile
 from aptmoe.report import (
@@ -61,6 +62,10 @@ def add_sim_flags(p: argparse.ArgumentParser) -> None:
                    help="built-in calibration profile name or path to a calibration .json")
     g.add_argument("--measured-steps", dest="measured_steps", type=int, default=None,
                    help="steps to simulate (default: --num_training_steps)")
+    g.add_argument("--host-factor", dest="host_factor", type=positive_number("a host factor"), default=None,
+                   help="what if the host issuing kernels is slower or faster than when calibrated: its cost "
+                        "per block call times this (0.7: a host 1.4x faster; the reports' host_speed). Needs a "
+                        "profile with dispatch costs")
     g.add_argument("--no-plot", dest="no_plot", action="store_true", help="write no PNGs")
     g.add_argument("--no-trace", dest="no_trace", action="store_true",
                    help="record no trace (and so no PNG): large configs simulate several times faster")
@@ -70,6 +75,20 @@ def add_sim_flags(p: argparse.ArgumentParser) -> None:
 def check_measured_steps(ns: argparse.Namespace) -> None:
     if ns.measured_steps is not None and ns.measured_steps < 1:
         raise UsageError(f"--measured-steps must be at least 1, got {ns.measured_steps}")
+
+
+def with_host_factor(profile, factor: float | None):
+    """`profile` with the host cost of every block call times `factor` (`--host-factor`; None:
+    as calibrated). Why a what-if: the issuing thread's speed moves from one process and lease
+    to the next by more than anything else on the H200 machines (their dispatch probe read 0.5
+    to 0.9x `h200-1gpu`'s figures on four leases, docs/measured/session32), and a small
+    model's step follows it."""
+    if factor is None:
+        return profile
+    if profile.dispatch is None:
+        raise UsageError(f"--host-factor: the profile {profile.name} has no host cost per block call (dispatch) "
+                         "to scale; use a profile calibrated on a machine (aptmoe-calibrate) or leave it out")
+    return profile.with_host_speed(factor)
 
 
 def fail(message: str) -> int:
@@ -102,7 +121,7 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
     from aptmoe.trace import Trace, write_json_atomic
 
     check_measured_steps(ns)
-    profile = load_profile(ns.calibration)
+    profile = with_host_factor(load_profile(ns.calibration), ns.host_factor)
     hw = profile.cluster_defaults()
     configs: dict[str, RunConfig] = {p: config_from_args(ns, pipeline=p, **hw) for p in pipelines_of(ns)}
     first = next(iter(configs.values()))
@@ -139,13 +158,15 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
         fb = sorted(fallbacks)
         write_json_atomic(tmp / "results.json", {
             "config": first.to_dict(), "calibration": profile.name, "calibration_arg": str(ns.calibration),
-            "pipelines": list(results), "measured_steps": ns.measured_steps or first.train.num_training_steps,
+            "host_factor": ns.host_factor, "pipelines": list(results), "measured_steps": ns.measured_steps or first.train.num_training_steps,
             "command": [PROG, *argv], "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "fallbacks": fb, "schedules": results})
         write_csv(tmp / "results.csv", [flat_row(r) for r in results.values()])
         (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fb))
     say(schedule_table(results))
     say(f"calibration {profile.name}: {short_fallbacks(fb)}")
+    if ns.host_factor is not None:
+        say(f"host: every block call's host cost x {ns.host_factor:g} (--host-factor)")
     if first.cluster.host_cores == 0 and any(c.schedule.pipeline is not Pipeline.GPIPE for c in configs.values()):
         # The model gives a rank's host threads a core whenever they are ready; --host-cores
         # keeps them one. Shared cores made the offload schedules up to 1.46x slower than this

@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from aptmoe.sim.cli import PROG, UsageError, add_sim_flags, check_measured_steps
+from aptmoe.sim.cli import PROG, UsageError, add_sim_flags, check_measured_steps, with_host_factor
 
 from aptmoe.config import Pipeline
 from aptmoe.flags import make_parser
@@ -53,7 +53,8 @@ FIG11_MODELS = ("MoE-S-8", "MoE-S-16", "MoE-S-64", "MoE-M-8", "MoE-M-16", "MoE-L
 PRESETS = ("fig11",)
 AXIS_LABELS = {"gini": "G (sum of squared expert shares)", "link_bandwidth": "host-link cap (GB/s per GPU)",
                "cores_per_socket": "CPU cores per socket", "num_experts": "experts per layer",
-               "batch_size": "global batch (sequences)", "num_chunks": "micro-batches", "gpus": "GPUs per node"}
+               "batch_size": "global batch (sequences)", "num_chunks": "micro-batches", "gpus": "GPUs per node",
+               "host_factor": "host cost per block call (x the calibration's)"}
 
 # Metrics copied into each row after the grid values.
 ROW_METRICS = ("throughput/tok_per_s", "busy/compute", "busy/h2d", "busy/cpu", "busy/d2h",
@@ -167,7 +168,7 @@ def run_point(task: tuple) -> dict:
         row["model"] = cfg.model.name
         if "pipeline" not in point:
             row["pipeline"] = cfg.schedule.pipeline.value
-        res = simulate(cfg, _profile(calibration), measured_steps=measured_steps)
+        res = simulate(cfg, with_host_factor(_profile(calibration), ns.host_factor), measured_steps=measured_steps)
     except ValueError as e:                 # ConfigError, PlanError: an impossible point
         row["error"] = first_line(e)
         return row
@@ -383,6 +384,8 @@ def run_sweep(ns: argparse.Namespace, argv: list[str]) -> int:
         ns.pipeline = None
     points = expand(grid, base_points)
     profile = load_profile(ns.calibration)
+    for factor in grid.get("host_factor", [ns.host_factor]):
+        with_host_factor(profile, factor)           # a profile without dispatch costs: one line, now
     hw = profile.cluster_defaults()
     base = {k: v for k, v in vars(ns).items() if k not in NOT_SWEEPABLE}
     out = Path(ns.out or f"runs/sweep-{timestamp()}")

@@ -205,3 +205,40 @@ def test_without_simpy_a_command_says_so_before_it_runs_anything(argv, tmp_path,
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install simpy" in err and not out.exists()
+
+
+# MoE-S on one H200 as h200-1gpu calibrates it: GPipe's kernels are so short that its step is
+# the issuing thread's (docs/measured/session32: 16-wide layers at S8's depth take as long).
+HOST_BOUND = ("--calibration h200-1gpu --is_moe=True --model_config=S --num_layers 4 --num_experts 8 --gini 0.45 "
+              "--gpus 1 --topo C1+G1 --batch_size 32 --seq_length 128 --num_chunks 4 --pipeline GPipe "
+              "--measured-steps 2 --no-plot --no-trace")
+
+
+def _step(tmp_path, capsys, extra: str = "") -> tuple[float, dict, str]:
+    out = tmp_path / f"hf{extra.replace(' ', '')}"
+    rc, printed, err = run(f"{HOST_BOUND} {extra}", out, capsys)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    return res["schedules"]["GPipe"]["iteration_s"], res, printed
+
+
+def test_host_factor_scales_the_issuing_thread_of_a_host_bound_step(tmp_path, capsys) -> None:
+    """--host-factor 2: every block call's host cost doubled; a step made of them nearly doubles
+    (the kernels and the update do not). 1 is the calibration itself."""
+    alone, res, printed = _step(tmp_path, capsys)
+    same, _, _ = _step(tmp_path, capsys, "--host-factor 1")
+    slow, res2, printed2 = _step(tmp_path, capsys, "--host-factor 2")
+    assert same == alone and res["host_factor"] is None and res2["host_factor"] == 2.0
+    assert 1.9 < slow / alone <= 2.0, slow / alone
+    assert "--host-factor" in printed2 and "--host-factor" not in printed
+
+
+@pytest.mark.parametrize("line, says", [
+    ("--host-factor 2 --pipeline GPipe", "a800-paper has no host cost per block call"),     # no dispatch
+    ("--calibration h200-1gpu --host-factor 0 --pipeline GPipe", "must be above 0"),
+    ("--calibration h200-1gpu --host-factor fast --pipeline GPipe", "is not a number"),
+])
+def test_a_host_factor_it_cannot_apply_is_one_line(line, says, tmp_path, capsys) -> None:
+    rc, out, err = run(line, tmp_path / "bad", capsys)
+    assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()

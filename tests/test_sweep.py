@@ -83,3 +83,23 @@ def test_bad_sweep_input_is_one_line(tmp_path, capsys) -> None:
     assert err.count("\n") == 1 and err.startswith("aptmoe-sim: error: ") and not out.exists()
     assert main(["sweep", "--out", str(out)]) == 2
     assert "nothing to sweep" in capsys.readouterr().err and not out.exists()
+
+
+def test_host_factor_is_a_grid_field(tmp_path, capsys) -> None:
+    """`--grid host_factor=...`: the same plan with the issuing thread slower or faster than
+    calibrated; the host-bound GPipe step of MoE-S on one H200 follows it."""
+    out = tmp_path / "hf"
+    rc = main(["sweep", "--grid", "host_factor=0.5,1", "--jobs", "1", "-q", "--no-plot", *shlex.split(
+        "--calibration h200-1gpu --is_moe=True --model_config=S --num_layers 4 --num_experts 8 --gini 0.45 --gpus 1 "
+        "--topo C1+G1 --batch_size 32 --num_chunks 4 --pipeline GPipe --measured-steps 1"), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = rows_of(out / "sweep.csv")
+    assert [r["host_factor"] for r in rows] == ["0.5", "1.0"] and not any(r.get("error") for r in rows)
+    fast, calibrated = (float(r["iteration_s"]) for r in rows)
+    assert 0.5 <= fast / calibrated < 0.6
+
+
+def test_a_host_factor_grid_on_a_profile_without_dispatch_is_one_line(tmp_path, capsys) -> None:
+    assert main(["sweep", "--grid", "host_factor=0.5,1", *shlex.split(BASE), "--out", str(tmp_path / "x")]) == 2
+    assert "has no host cost per block call" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
