@@ -161,10 +161,13 @@ def run_point(task: tuple) -> dict:
     index, point, base, calibration, measured_steps, hw = task
     ns = argparse.Namespace(**base)
     for k, v in point.items():
-        setattr(ns, k, v)
+        if k != "pipeline":
+            setattr(ns, k, v)
     row: dict[str, Any] = {"index": index, **point}
     try:
-        cfg = config_from_args(ns, **hw)
+        # the point's schedule among the swept ones (base["pipeline"]), as `aptmoe-sim --pipeline
+        # all` runs each: GPipe then takes one stage per GPU whatever --num_stages says
+        cfg = config_from_args(ns, pipeline=point.get("pipeline"), **hw)
         row["model"] = cfg.model.name
         if "pipeline" not in point:
             row["pipeline"] = cfg.schedule.pipeline.value
@@ -383,6 +386,8 @@ def run_sweep(ns: argparse.Namespace, argv: list[str]) -> int:
         grid["pipeline"] = [p.value for p in Pipeline]
         ns.pipeline = None
     points = expand(grid, base_points)
+    if "pipeline" in grid:
+        ns.pipeline = ",".join(grid["pipeline"])     # the schedules compared, as --pipeline lists them
     profile = load_profile(ns.calibration)
     for factor in grid.get("host_factor", [ns.host_factor]):
         with_host_factor(profile, factor)           # a profile without dispatch costs: one line, now

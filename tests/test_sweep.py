@@ -103,3 +103,16 @@ def test_a_host_factor_grid_on_a_profile_without_dispatch_is_one_line(tmp_path, 
     assert main(["sweep", "--grid", "host_factor=0.5,1", *shlex.split(BASE), "--out", str(tmp_path / "x")]) == 2
     assert "has no host cost per block call" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
+
+def test_gpipe_among_swept_schedules_takes_one_stage_per_gpu_as_pipeline_all_does(tmp_path, capsys) -> None:
+    """`aptmoe-sim --pipeline all --num_stages 4` on two GPUs gives GPipe one stage per GPU and
+    the others four; a sweep over the schedules does the same (it had refused GPipe's points)."""
+    line = shlex.split(BASE) + ["--gpus", "2", "--grid", "gini=0.3", "--jobs", "1", "-q", "--no-plot"]
+    out = tmp_path / "st"
+    assert main(["sweep", "--grid", "pipeline=GPipe,Mobius", *line, "--out", str(out)]) == 0, capsys.readouterr().err
+    rows = {r["pipeline"]: r for r in rows_of(out / "sweep.csv")}
+    assert not any(r.get("error") for r in rows.values()), rows
+    assert (rows["GPipe"]["num_stages"], rows["Mobius"]["num_stages"]) == ("2", "4")
+    alone = tmp_path / "alone"                  # GPipe alone: --num_stages is its own, and 4 stages on 2 GPUs is not
+    assert main(["sweep", "--grid", "pipeline=GPipe", *line, "--out", str(alone)]) == 0
+    assert "one stage per GPU" in rows_of(alone / "sweep.csv")[0]["error"]
