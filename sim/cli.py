@@ -158,9 +158,9 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
         fb = sorted(fallbacks)
         write_json_atomic(tmp / "results.json", {
             "config": first.to_dict(), "calibration": profile.name, "calibration_arg": str(ns.calibration),
-            "host_factor": ns.host_factor, "pipelines": list(results), "measured_steps": ns.measured_steps or first.train.num_training_steps,
-            "command": [PROG, *argv], "created": datetime.datetime.now().isoformat(timespec="seconds"),
-            "fallbacks": fb, "schedules": results})
+            "host_factor": ns.host_factor, "pipelines": list(results),
+            "measured_steps": ns.measured_steps or first.train.num_training_steps, "command": [PROG, *argv],
+            "created": datetime.datetime.now().isoformat(timespec="seconds"), "fallbacks": fb, "schedules": results})
         write_csv(tmp / "results.csv", [flat_row(r) for r in results.values()])
         (tmp / "fallbacks.txt").write_text("".join(f"{line}\n" for line in fb))
     say(schedule_table(results))
