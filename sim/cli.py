@@ -80,8 +80,8 @@ def check_measured_steps(ns: argparse.Namespace) -> None:
 def with_host_factor(profile, factor: float | None):
     """`profile` with the host cost of every block call times `factor` (`--host-factor`; None:
     as calibrated). Why a what-if: the issuing thread's speed moves from one process and lease
-    to the next by more than anything else on the H200 machines (their dispatch probe read 0.5
-    to 0.9x `h200-1gpu`'s figures on four leases, docs/measured/session32), and a small
+    to the next by more than anything else on the H200 machines (their dispatch probe read 0.48
+    to 0.97x `h200-1gpu`'s figures on four leases, docs/measured/session32), and a small
     model's step follows it."""
     if factor is None:
         return profile
