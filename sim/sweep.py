@@ -384,7 +384,6 @@ def run_sweep(ns: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError("nothing to sweep: give --grid FIELD=V1,V2,... or --preset fig11")
     if ns.pipeline is not None and ns.pipeline.strip().lower() == "all" and "pipeline" not in grid:
         grid["pipeline"] = [p.value for p in Pipeline]
-        ns.pipeline = None
     points = expand(grid, base_points)
     if "pipeline" in grid:
         ns.pipeline = ",".join(grid["pipeline"])     # the schedules compared, as --pipeline lists them
