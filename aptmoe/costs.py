@@ -20,6 +20,9 @@ BLOCK_KINDS = ("a", "g", "e")
 DIRECTIONS = ("fwd", "bwd")
 BETWEEN_PASSES = (*DIRECTIONS, "rec")          # a recompute's host work between blocks, apart
 MESSAGE_POSTS = ("send", "recv")             # what the issuing thread posts (Dispatch.post)
+# An action's host work outside its layers (Dispatch.action): its start and end on any stage,
+# and what the first stage (the embedding) and the last (the head and the loss) add there
+ACTION_PARTS = ("start", "end", "first", "last")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,12 @@ class CostSource(Protocol):
     def combine_s(self, direction: str) -> float:
         """Of `between_s`, the part after the layer's experts: the combine (0: not measured, or
         all of it before them)."""
+
+    def action_s(self, pass_: str, part: str) -> float:
+        """Host time of one action's pass (one of BETWEEN_PASSES) outside its layers: `part`
+        "start" (before its first block) and "end" (after its last) on every stage, "first" and
+        "last" what the first and the last stage add to them (0: not measured; `between_s` then
+        holds it, spread over the probe's layers)."""
 
     def post_s(self, message: str) -> float:
         """Host time the issuing thread spends posting one message, "send" or "recv" (0: not
@@ -168,6 +177,9 @@ class KernelTimeOnly:
         return 0.0
 
     def combine_s(self, direction: str) -> float:
+        return 0.0
+
+    def action_s(self, pass_: str, part: str) -> float:
         return 0.0
 
     def post_s(self, message: str) -> float:

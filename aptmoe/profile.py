@@ -75,7 +75,7 @@ from typing import Any, Callable, Mapping
 from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware
 from aptmoe.atomic import write_text_atomic
 from aptmoe.config import DTYPE_BYTES, ConfigError, ModelConfig
-from aptmoe.costs import BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, LinkSpec
+from aptmoe.costs import ACTION_PARTS, BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, LinkSpec
 from aptmoe.isotonic import pava
 from aptmoe import stored
 
@@ -235,6 +235,17 @@ class Dispatch:
     # H200s a run's compute thread spent 10.7 ms a rank-step so (docs/validation-h200-2gpu-v12-fresh).
     # Optional: None where the probe ran on one rank, and messages then cost the host nothing.
     post: dict[str, float] | None = None
+    # pass (fwd, rec, bwd) -> part -> s: an action's host work outside its layers, measured
+    # apart from `between` since session 33. "start" before its first block and "end" after its
+    # last, on every stage; "first" what stage 0 adds (the embedding: at a forward's and a
+    # recompute's start, its backward at a backward's end), "last" what the last stage adds (the
+    # loss: at a forward's and a recompute's end, its backward at a backward's start). The
+    # probe's one stage of 4 layers had spread all of it over its layers: its stage 0 is first
+    # and last at once, so stages of one layer were charged a quarter of the head's work and
+    # none of their own start and end, a stage of eight twice its share (docs/measured/session33).
+    # With it, `between` is the time between a layer's blocks alone. Optional: None in profiles
+    # made before.
+    action: dict[str, dict[str, float]] | None = None
 
     def scaled(self, factor: float) -> "Dispatch":
         """The same costs on a host `factor` times as slow (2.0: every call takes twice as long)."""
@@ -243,7 +254,9 @@ class Dispatch:
             between={d: v * factor for d, v in self.between.items()},
             loop_s=None if self.loop_s is None else self.loop_s * factor,
             combine=None if self.combine is None else {d: v * factor for d, v in self.combine.items()},
-            post=None if self.post is None else {k: v * factor for k, v in self.post.items()})
+            post=None if self.post is None else {k: v * factor for k, v in self.post.items()},
+            action=None if self.action is None else {p: {k: v * factor for k, v in parts.items()}
+                                                     for p, parts in self.action.items()})
 
 
 COPY_CONDITIONS = ("h2d", "d2h", "duplex_h2d", "duplex_d2h")     # HostMemory.copies_beside_adam
@@ -486,7 +499,7 @@ class Profile:
         })
         if self.dispatch is not None:
             d["dispatch"] = {k: v for k, v in dataclasses.asdict(self.dispatch).items()
-                             if not (k in ("loop_s", "combine", "post") and v is None)}
+                             if not (k in ("loop_s", "combine", "post", "action") and v is None)}
         if self.host_memory is not None:
             d["host_memory"] = {"GBps": table(self.host_memory.GBps),
                                 "cpu_alone_GBps": table(self.host_memory.cpu_alone_GBps),
@@ -776,7 +789,8 @@ class _Parser:
         return HostMemory(total, alone, beside, copies)
 
     def dispatch(self, data: Any) -> Dispatch:
-        d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"), ("loop_s", "combine", "post"))
+        d = self.obj(data, "dispatch", ("device", "seconds", "between", "samples"),
+                     ("loop_s", "combine", "post", "action"))
         device = self.choice(d["device"], "dispatch.device", ("cuda", "cpu"))
         by_kind = self.obj(d["seconds"], "dispatch.seconds", (), BLOCK_KINDS)
         seconds = {}
@@ -799,8 +813,13 @@ class _Parser:
         if "post" in d:
             post = {k: self.number(v, f"dispatch.post.{k}", positive=False, unit="s")
                     for k, v in self.obj(d["post"], "dispatch.post", (), MESSAGE_POSTS).items()}
+        action = None
+        if "action" in d:
+            action = {p: {k: self.number(v, f"dispatch.action.{p}.{k}", positive=False, unit="s")
+                          for k, v in self.obj(parts, f"dispatch.action.{p}", (), ACTION_PARTS).items()}
+                      for p, parts in self.obj(d["action"], "dispatch.action", (), BETWEEN_PASSES).items()}
         return Dispatch(device, seconds, between, self.integer(d["samples"], "dispatch.samples"), loop_s, combine,
-                        post)
+                        post, action)
 
     def made_by(self, data: Any) -> MadeBy:
         d = self.obj(data, "made_by", ("tool", "command", "date"))
@@ -1182,6 +1201,10 @@ class ProfileCost:
     def combine_s(self, direction: str) -> float:
         d = self.profile.dispatch
         return 0.0 if d is None or d.combine is None else d.combine.get(direction, 0.0)
+
+    def action_s(self, pass_: str, part: str) -> float:
+        d = self.profile.dispatch
+        return 0.0 if d is None or d.action is None else d.action.get(pass_, {}).get(part, 0.0)
 
     def post_s(self, message: str) -> float:
         d = self.profile.dispatch

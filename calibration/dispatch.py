@@ -101,18 +101,21 @@ def _actions(trace: Trace):
                             key=lambda b: b.start_s)
 
 
-def between_spans(trace: Trace) -> dict[str, list[float]]:
-    """Per stage pass: the stage's span less its blocks', per layer it ran: the host work
-    between blocks. A backward that recomputes splits at its first backward call: the
-    recompute's part ("rec") before it, the backward's ("bwd") from it. Until session 22 the
-    two were one figure, which the simulator charged to the backward's layers; in eight runs
-    of the 2-GPU grid's S8 cells (v4) the median recomputed layer then ran 9-60% longer than
-    predicted, the median backward layer 1-21% shorter (docs/measured/offline-session22)."""
-    out: dict[str, list[float]] = defaultdict(list)
+# Where the executor's first- and last-stage work falls in each pass of an action (exec/runtime.py
+# `_Ends`, the action event's args): "first" and "last" name the arg that holds each stage's
+# figure, "start" and "end" the args inside the pass's start (action start to its first block)
+# and end (its last block to the next part). A recomputing backward's loss and the loss's
+# backward both run between its recompute and its first backward call: the recompute's end.
+_ENDS = {"fwd": {"first": "embed_us", "last": "head_us", "start": ("embed_us",), "end": ("head_us",)},
+         "rec": {"first": "embed_us", "last": "head_us", "start": ("embed_us",), "end": ("head_us", "head_back_us")},
+         "bwd": {"first": "embed_back_us", "last": "head_back_us", "start": ("head_back_us",),
+                 "end": ("embed_back_us",)}}
 
-    def per_layer(span_s: float, calls: list) -> float:
-        return max(0.0, span_s - sum(b.dur_s for b in calls)) / len({b.args.get("layer") for b in calls})
 
+def _parts(trace: Trace):
+    """(pass, its start, its end, its block calls in order, the action event) of every action
+    with calls. A backward that recomputes splits at its first backward call: the recompute's
+    part ("rec") before it, the backward's ("bwd") from it."""
     for s, inside in _actions(trace):
         if not inside:
             continue
@@ -120,10 +123,56 @@ def between_spans(trace: Trace) -> dict[str, list[float]]:
         own = [b for b in inside if b.cat != "recompute"]
         if recomputed and own:                  # the recompute runs first (aptmoe.stage_walk)
             cut = own[0].start_s
-            out["rec"].append(per_layer(cut - s.start_s, recomputed))
-            out["bwd"].append(per_layer(s.end_s - cut, own))
+            yield "rec", s.start_s, cut, recomputed, s
+            yield "bwd", cut, s.end_s, own, s
         else:
-            out[CATEGORIES[s.cat]].append(per_layer(s.dur_s, inside))
+            yield CATEGORIES[s.cat], s.start_s, s.end_s, inside, s
+
+
+def has_ends(trace: Trace) -> bool:
+    """Whether the executor kept its actions' embedding and loss times (since session 33):
+    then `action_spans` can set the actions' own host work apart from their layers'."""
+    return any(is_action(e) and ("embed_us" in e.args or "head_us" in e.args) for e in trace.events)
+
+
+def _ends_in(act, keys: tuple[str, ...]) -> float:
+    return sum(act.args.get(k, 0.0) for k in keys) / 1e6
+
+
+def between_spans(trace: Trace) -> dict[str, list[float]]:
+    """Per stage pass: the stage's span less its blocks', per layer it ran: the host work
+    between blocks. A backward that recomputes splits at its first backward call ("rec"
+    before it, "bwd" from it). Until session 22 the two were one figure, which the simulator
+    charged to the backward's layers; in eight runs of the 2-GPU grid's S8 cells (v4) the
+    median recomputed layer then ran 9-60% longer than predicted, the median backward layer
+    1-21% shorter (docs/measured/offline-session22).
+
+    Where the trace keeps the embedding's and the loss's times (`has_ends`), the part's start
+    and end (`action_spans`) are left out: what is left is the time between the layers' blocks."""
+    out: dict[str, list[float]] = defaultdict(list)
+    apart = has_ends(trace)
+    for p, t0, t1, calls, _ in _parts(trace):
+        span = (calls[-1].end_s - calls[0].start_s) if apart else (t1 - t0)
+        out[p].append(max(0.0, span - sum(b.dur_s for b in calls)) / len({b.args.get("layer") for b in calls}))
+    return out
+
+
+def action_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
+    """Per stage pass, an action's host work outside its layers (profile.Dispatch.action):
+    "start" (from the part's start to its first call) and "end" (from its last call to the
+    part's end) less the embedding's and the loss's times the executor kept there, and those
+    times themselves, "first" (stage 0's) and "last" (the last stage's). Empty for a trace
+    without them (`has_ends`)."""
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    if not has_ends(trace):
+        return out
+    for p, t0, t1, calls, act in _parts(trace):
+        where = _ENDS[p]
+        out[p]["start"].append(max(0.0, calls[0].start_s - t0 - _ends_in(act, where["start"])))
+        out[p]["end"].append(max(0.0, t1 - calls[-1].end_s - _ends_in(act, where["end"])))
+        for part in ("first", "last"):
+            if where[part] in act.args:
+                out[p][part].append(act.args[where[part]] / 1e6)
     return out
 
 
@@ -131,12 +180,14 @@ def combine_spans(trace: Trace) -> dict[str, list[float]]:
     """Per stage pass, from each layer's last expert call (of the pass itself, not its
     recompute) to the action's next call or its end: the host work after a layer's experts
     (the combine), the part of `between_spans` that the executor does after waiting for the
-    layer's CPU experts."""
+    layer's CPU experts. Where the actions' ends are measured apart (`has_ends`), a part's
+    last layer is left out: its combine is in the part's end."""
     out: dict[str, list[float]] = defaultdict(list)
+    apart = has_ends(trace)
     for s, calls in _actions(trace):
         inside = [b for b in calls if b.cat != "recompute"]
         for x, y in zip(inside, [*inside[1:], None]):
-            if block_kind(x.name) == "e" and (y is None or block_kind(y.name) != "e"):
+            if block_kind(x.name) == "e" and (y is None or block_kind(y.name) != "e") and not (apart and y is None):
                 out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if y is None else y.start_s) - x.end_s))
     return out
 
@@ -163,8 +214,11 @@ def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     # a part of `between` by construction; a median of its own can come out over it on noise
     combine = {d: min(statistics.median(v), between.get(d, 0.0)) for d, v in sorted(combine_spans(trace).items())}
     post = {k: statistics.median(v) for k, v in sorted(post_spans(trace, device).items())}
+    action = {p: {k: statistics.median(v) for k, v in sorted(parts.items())}
+              for p, parts in sorted(action_spans(trace).items())}
     return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()),
-                    loop_s=run_loop_s(trace.meta.get("host_loop_s")), combine=combine or None, post=post or None)
+                    loop_s=run_loop_s(trace.meta.get("host_loop_s")), combine=combine or None, post=post or None,
+                    action=action or None)
 
 
 def host_times(trace: Trace) -> dict[str, dict[str, float]]:
@@ -232,8 +286,14 @@ def median_dispatch(runs: list[Dispatch]) -> Dispatch:
     loops = [r.loop_s for r in runs if r.loop_s is not None]
     posts = [r.post for r in runs if r.post]
     post = {k: med([p[k] for p in posts if k in p]) for k in keys(posts)} or None
+    if len({r.action is None for r in runs}) > 1:
+        raise ValueError("some probe runs measured their actions' ends apart and some did not: "
+                         "their between-block figures mean different things; run the probe again")
+    acts = [r.action for r in runs if r.action]
+    action = {p: {k: med([a[p][k] for a in acts if k in a.get(p, {})]) for k in keys(a.get(p, {}) for a in acts)}
+              for p in keys(acts)} or None
     return Dispatch(runs[0].device, seconds, between, sum(r.samples for r in runs),
-                    loop_s=med(loops) if loops else None, combine=combine, post=post)
+                    loop_s=med(loops) if loops else None, combine=combine, post=post, action=action)
 
 
 def measure_dispatch(device: str, ranks: int = 1, repeats: int = 1) -> Dispatch:

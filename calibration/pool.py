@@ -129,6 +129,10 @@ def pool(docs: list[dict], *, name: str, command: str) -> dict:
     if len(split) > 1:
         raise ProfileError("dispatch.between: some inputs measure a recompute's host work apart (rec) and some "
                            "hold it in bwd; pool calibrations made by one version of aptmoe-calibrate")
+    # Since session 33 a probe sets its actions' own host work (dispatch.action) apart from `between`
+    if len({"action" in d["dispatch"] for d in docs if "dispatch" in d}) > 1:
+        raise ProfileError("dispatch.between: some inputs measure the actions' ends apart (dispatch.action) and some "
+                           "hold them in between; pool calibrations made by one version of aptmoe-calibrate")
     out: dict[str, Any] = {k: docs[0][k] for k in ("schema", "description") if k in docs[0]}
     out["name"] = name
     out["hardware"] = dict(first)

@@ -25,6 +25,7 @@ the device and updates there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -99,6 +100,28 @@ class _Event:
     end: Marker
     cat: str
     args: dict
+
+
+class _Ends:
+    """The issuing thread's host time in an action's embedding (stage 0) and loss (the last
+    stage), kept in its trace event (`embed_us`, `head_us`; a backward's `head_back_us` and
+    `embed_back_us` for their backward): the dispatch probe takes them out of its layers'
+    between-block time, which runs the same on every stage (calibration/dispatch.py
+    `action_spans`)."""
+
+    def __init__(self) -> None:
+        self.us: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timing(self, key: str, when: bool):
+        if not when:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.us[key] = round((time.perf_counter() - t0) * 1e6, 1)
 
 
 @dataclass
@@ -574,8 +597,9 @@ class RankRuntime:
         s, m = a.stage, a.mb
         start = self.dev.record()
         taped = not self.plan.fwd_only and not self.plan.recomputes(m)
-        with torch.set_grad_enabled(taped):         # stage 0's embedding: in the graph only if taped
-            x = self._stage_input(s, m)
+        ends = _Ends()
+        with torch.set_grad_enabled(taped), ends.timing("embed_us", s == 0):   # stage 0's embedding: in
+            x = self._stage_input(s, m)                                         # the graph only if taped
         if not taped and not self.plan.fwd_only:
             self.ckpt[(s, m)] = x.detach() if s > 0 else None
         runs: dict[int, LayerRun] = {}
@@ -586,8 +610,9 @@ class RankRuntime:
             self.tapes[(s, m)] = runs
             if s == 0:
                 self.embedded[m] = x
-        self._stage_output(a, y, taped)
-        self._mark(str(a), "compute", start, self.dev.record(), "forward", stage=s, mb=m)
+        with ends.timing("head_us", s == self.S - 1):
+            self._stage_output(a, y, taped)
+        self._mark(str(a), "compute", start, self.dev.record(), "forward", stage=s, mb=m, **ends.us)
 
     def _stage_output(self, a: Action, y: torch.Tensor, taped: bool) -> None:
         s, m = a.stage, a.mb
@@ -756,10 +781,13 @@ class RankRuntime:
         s, m = a.stage, a.mb
         start = self.dev.record()
         recompute = self.plan.recomputes(m)
+        first, last = s == 0, s == self.S - 1
+        ends = _Ends()
         if recompute:
             runs: dict[int, LayerRun] = {}
-            x = self._stage_input(0, m) if s == 0 else self.ckpt.pop((s, m))
-            if s == 0:
+            with ends.timing("embed_us", first):
+                x = self._stage_input(0, m) if first else self.ckpt.pop((s, m))
+            if first:
                 self.embedded[m] = x
         else:
             runs, x = self.tapes.pop((s, m)), None
@@ -770,15 +798,18 @@ class RankRuntime:
                 x = self._forward_step(a, step, x, runs, grad=True, keep_cpu=True)
                 continue
             if dy is None:
-                if recompute and s == self.S - 1:
-                    yl = x.detach().requires_grad_(True)
-                    self.loss_graph[m] = (yl, self._loss(yl, m))
-                dy = self._output_grad(s, m)
+                if recompute and last:
+                    with ends.timing("head_us", True):
+                        yl = x.detach().requires_grad_(True)
+                        self.loss_graph[m] = (yl, self._loss(yl, m))
+                with ends.timing("head_back_us", last):
+                    dy = self._output_grad(s, m)
             dy = self._backward_step(a, step, runs, dy)
         self.cpu_saved = {k: v for k, v in self.cpu_saved.items() if not (k[1] == m and k[0] in self.layers[s])}
-        self._input_grad(s, m, dy)
+        with ends.timing("embed_back_us", first):
+            self._input_grad(s, m, dy)
         end = self.done_marker[s] = self.dev.record()
-        self._mark(str(a), "compute", start, end, "backward", stage=s, mb=m)
+        self._mark(str(a), "compute", start, end, "backward", stage=s, mb=m, **ends.us)
 
     def _output_grad(self, s: int, m: int) -> torch.Tensor:
         if s == self.S - 1:

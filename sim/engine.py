@@ -27,8 +27,8 @@ from aptmoe.sim.issuing import HostExperts, IssuingThread
 from aptmoe.sim.links import CopyConditions, SharedRoot
 
 from aptmoe.config import RunConfig
-from aptmoe.costs import (BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, CostSource, SharedLinkView,
-                          adam_bytes, cpu_expert_bytes)
+from aptmoe.costs import (ACTION_PARTS, BETWEEN_PASSES, BLOCK_KINDS, DIRECTIONS, MESSAGE_POSTS, CostSource,
+                          SharedLinkView, adam_bytes, cpu_expert_bytes)
 from aptmoe.memory import MemoryModel, adam_chunks
 from aptmoe.plan.actions import RECEIVES, Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
@@ -217,7 +217,9 @@ class RankModel:
         self.recvs_reached: set[Action] = set()                     # by the net program
         self.inbound: dict[Action, list[simpy.Event]] = {}     # a compute action's messages, on a GPU
         self.host_free = not any([self.cost.host_s(k, d) for k in BLOCK_KINDS for d in DIRECTIONS]
-                                 + [self.cost.between_s(d) for d in BETWEEN_PASSES])
+                                 + [self.cost.between_s(d) for d in BETWEEN_PASSES]
+                                 + [self.cost.action_s(d, p) for d in BETWEEN_PASSES for p in ACTION_PARTS])
+        self.last_stage = len(self.plan.stages) - 1
         self.handlers = {
             Kind.FWD: self._forward, Kind.BWD: self._backward, Kind.DROP_F: self._drop,
             Kind.DROP_B: self._drop, Kind.LOAD_F: self._open_window, Kind.LOAD_B: self._open_window,
@@ -576,6 +578,17 @@ class RankModel:
             t = end
         return out, hosts
 
+    def _action_part(self, stage: int, pass_: str, at: str):
+        """An action's host work outside its layers, at its `at` ("start" or "end"), with what
+        the first stage (the embedding) and the last (the loss) do there: a forward's and a
+        recompute's embedding at their start and loss at their end, a backward's the other
+        way round (Dispatch.action)."""
+        ends = {"start": "first", "end": "last"} if pass_ != "bwd" else {"start": "last", "end": "first"}
+        extra = ends[at]
+        yield from self._between(self.cost.action_s(pass_, at)
+                                 + (self.cost.action_s(pass_, extra)
+                                    if stage == (0 if extra == "first" else self.last_stage) else 0.0))
+
     def _between(self, b: float):
         """`b` seconds of the host's work between a layer's blocks: on a GPU it delays only the
         host's clock."""
@@ -603,9 +616,11 @@ class RankModel:
             else self.step.mem.saved_bytes(self.layers[s], self.plan.recomputes(m))
         self._alloc(s, kept, "activations")
         c = self.step.counts
+        yield from self._action_part(s, "fwd", "start")           # on stage 0 the embedding
         for step in forward_walk(s, m, self.layers[s], self.policy, c.counts, c.predicted,
                                  moe=self.cfg.model.is_moe):
             yield from self._run(a, step)
+        yield from self._action_part(s, "fwd", "end")             # on the last stage the loss
         if self.plan.fwd_only:
             self._free(kept)
         self._record(str(a), "compute", start, "forward", stage=s, mb=m)
@@ -617,8 +632,16 @@ class RankModel:
         recompute = self.plan.recomputes(m)
         work = self.step.mem.backward_working_bytes(layers, recompute)
         self._alloc(s, work, "recomputed activations")
+        if recompute:
+            yield from self._action_part(s, "rec", "start")       # on stage 0 the embedding again
+        own = False
         for step in backward_walk(s, m, layers, self.policy, self.step.counts.counts, moe=model.is_moe,
                                   recompute=recompute):
+            if step.cat != "recompute" and not own:
+                own = True
+                if recompute:
+                    yield from self._action_part(s, "rec", "end")     # on the last stage the loss again
+                yield from self._action_part(s, "bwd", "start")       # on the last stage its backward
             if step.cat != "recompute" and a in self.inbound:
                 yield from self._message(a)  # its output's gradient, once the recompute is issued
             if m == 0 and not self.plan.resident and isinstance(step, RunExperts) and step.cat == "backward":
@@ -631,6 +654,7 @@ class RankModel:
                 self.grad_bytes[s] += grads
                 self._alloc(s, grads, "gradients")
             yield from self._run(a, step)
+        yield from self._action_part(s, "bwd", "end")             # on stage 0 the embedding's backward
         self._free(work + self.step.mem.saved_bytes(layers, recompute))
         self._record(str(a), "compute", start, "backward", stage=s, mb=m)
 

@@ -45,6 +45,9 @@ def test_dispatch_round_trips_and_is_optional(with_dispatch, tmp_path) -> None:
     (lambda d: d.update(combine={"up": 1e-4}), "dispatch.combine.up"),
     (lambda d: d.update(post={"ack": 1e-4}), "dispatch.post.ack"),
     (lambda d: d.update(post={"send": -1e-4}), "dispatch.post.send"),
+    (lambda d: d.update(action={"up": {"start": 1e-4}}), "dispatch.action.up"),
+    (lambda d: d.update(action={"fwd": {"middle": 1e-4}}), "dispatch.action.fwd.middle"),
+    (lambda d: d.update(action={"rec": {"last": -1e-4}}), "dispatch.action.rec.last"),
 ])
 def test_a_bad_dispatch_section_is_named(with_dispatch, tmp_path, mutate, field) -> None:
     d = with_dispatch.to_dict()
@@ -218,6 +221,12 @@ def test_the_probe_measures_the_executor_on_cpu_ranks() -> None:
     assert set(d.seconds) == {"a", "g", "e"}
     assert all(set(v) == {"fwd", "bwd"} and min(v.values()) > 0 for v in d.seconds.values())
     assert d.samples >= 4 * 3 * 10          # blocks x passes x layers-and-micro-batches, at least
+    # the executor kept its embedding's and loss's times, so the actions' own work is apart:
+    # on two ranks stage 0 embeds and stage 1 computes the loss, each pass its own figures
+    assert d.action is not None and {"fwd", "bwd"} <= set(d.action)
+    for p in d.action:
+        assert {"start", "end", "first", "last"} <= set(d.action[p]), (p, d.action[p])
+        assert min(d.action[p]["first"], d.action[p]["last"]) > 0, (p, d.action[p])
 
 
 def test_merge_takes_dispatch_or_drops_it(with_dispatch, tmp_path) -> None:
@@ -296,6 +305,91 @@ def test_several_probe_runs_give_each_figure_its_median() -> None:
     assert median_dispatch([runs[0]]) == runs[0]
     with pytest.raises(ValueError, match="different devices"):
         median_dispatch([D, dataclasses.replace(D, device="cpu")])
+    apart = [dataclasses.replace(D, action={"fwd": {"start": s, "last": 2 * s}}) for s in (1e-4, 3e-4, 2e-4)]
+    assert median_dispatch(apart).action == {"fwd": {"start": pytest.approx(2e-4), "last": pytest.approx(4e-4)}}
+    with pytest.raises(ValueError, match="ends apart and some did not"):
+        median_dispatch([*apart, D])          # `between` means another thing in each
+
+
+def _ended_trace() -> Trace:
+    """One stage of two layers, as the executor traces it since session 33: a forward whose
+    embedding (0.05 s) and loss (0.1 s) are in its start and end gaps, and a recomputing
+    backward with the embedding again at its start (0.04), the loss and its backward (0.06 +
+    0.2) between the recompute and the first backward call, and the embedding's backward at
+    its end (0.03)."""
+    tr = Trace("real")
+    tr.add("0F0@0:a", 0, "compute", 0.3, 0.4, "forward", layer=0)
+    tr.add("0F0@1:a", 0, "compute", 0.6, 0.7, "forward", layer=1)      # 0.2 between the layers
+    tr.add("0F0", 0, "compute", 0.0, 1.0, "forward", embed_us=5e4, head_us=1e5)   # end gap 0.3: 0.1 loss
+    tr.add("0B0@1:a", 0, "compute", 2.1, 2.2, "recompute", layer=1)    # start gap 0.1: 0.04 embedding
+    tr.add("0B0@0:a", 0, "compute", 2.3, 2.4, "recompute", layer=0)    # 0.1 between
+    tr.add("0B0@0:a", 0, "compute", 2.9, 3.1, "backward", layer=0)     # rec end gap 0.5: 0.26 loss
+    tr.add("0B0@1:a", 0, "compute", 3.4, 3.6, "backward", layer=1)     # 0.3 between
+    tr.add("0B0", 0, "compute", 2.0, 3.7, "backward", embed_us=4e4, head_us=6e4, head_back_us=2e5,
+           embed_back_us=3e4)                                          # end gap 0.1: 0.03 embedding's
+    return tr
+
+
+def test_an_actions_own_work_is_set_apart_from_its_layers_where_the_executor_timed_its_ends() -> None:
+    """Session 33: the probe's one stage is the first and the last at once, so its start and
+    end gaps hold the embedding and the loss; the executor's `embed_us`, `head_us` (...) say
+    how much. `action` keeps each pass's start and end without them and the two stages' work
+    apart, and `between` is then the time between the layers' blocks alone."""
+    from aptmoe.calibration.dispatch import action_spans, dispatch_from_trace, has_ends
+
+    tr = _ended_trace()
+    assert has_ends(tr)
+    d = dispatch_from_trace(tr, "cuda")
+    assert d.between == {"fwd": pytest.approx(0.1), "rec": pytest.approx(0.05), "bwd": pytest.approx(0.15)}
+    a = d.action
+    assert a["fwd"] == {"start": pytest.approx(0.25), "end": pytest.approx(0.2), "first": pytest.approx(0.05),
+                        "last": pytest.approx(0.1)}
+    assert a["rec"] == {"start": pytest.approx(0.06), "end": pytest.approx(0.24), "first": pytest.approx(0.04),
+                        "last": pytest.approx(0.06)}
+    assert a["bwd"] == {"start": pytest.approx(0.0), "end": pytest.approx(0.07), "first": pytest.approx(0.03),
+                        "last": pytest.approx(0.2)}
+    # the last layer's combine is in its pass's end: the forward's one expert-less layer has none
+    assert d.combine is None
+    # a trace from before: the ends stay in `between`, spread over the layers, and no `action`
+    for e in tr.events:
+        for k in ("embed_us", "head_us", "head_back_us", "embed_back_us"):
+            e.args.pop(k, None)
+    assert not has_ends(tr) and not action_spans(tr)
+    old = dispatch_from_trace(tr, "cuda")
+    assert old.action is None and old.between["fwd"] == pytest.approx((1.0 - 0.2) / 2)
+
+
+def test_an_action_is_charged_its_start_and_end_and_the_first_and_last_stages_their_own() -> None:
+    """On CPU ranks (the host holds the stream), two stages of two layers, recomputing: each
+    action takes its pass's start and end; stage 0's forward and recompute add the embedding
+    (`first`) at their start and its backward the embedding's backward at its end; the last
+    stage's forward and recompute add the loss (`last`) at their end and its backward the
+    loss's backward at its start."""
+    from aptmoe.config import ClusterConfig, ModelConfig, PopularityConfig, RunConfig, ScheduleConfig, TrainConfig
+    from aptmoe.sim.simulate import simulate
+
+    cfg = RunConfig(model=ModelConfig(name="tiny", embedding_dim=64, hidden_dim=128, num_heads=4, num_layers=4,
+                                      num_experts=4, seq_length=16),
+                    cluster=ClusterConfig(gpus_per_node=2, topo="C1+G1", gpu_memory_bytes=10**15),
+                    train=TrainConfig(batch_size=32, num_chunks=4, num_warmup_steps=1, num_training_steps=1),
+                    schedule=ScheduleConfig(pipeline="GPipe", num_stages=2, recompute="all"),
+                    popularity=PopularityConfig(gini=0.6))
+    base = dataclasses.replace(load_profile("a800-paper"), dispatch=dataclasses.replace(D, device="cpu"))
+    action = {"fwd": {"start": 1e-3, "end": 2e-3, "first": 4e-3, "last": 8e-3},
+              "rec": {"start": 16e-3, "end": 32e-3, "first": 64e-3, "last": 128e-3},
+              "bwd": {"start": 256e-3, "end": 512e-3, "first": 1024e-3, "last": 2048e-3}}
+    spans = []
+    for dispatch in (base.dispatch, dataclasses.replace(base.dispatch, action=action)):
+        tr = Trace("sim")
+        simulate(cfg, ProfileCost(dataclasses.replace(base, dispatch=dispatch), cfg.model), trace=tr)
+        spans.append({e.name: e.dur_s for e in tr.events if e.name in ("0F0", "1F0", "0B0", "1B0")})
+    without, with_ = spans
+    more = {k: with_[k] - without[k] for k in without}
+    f, r, b = action["fwd"], action["rec"], action["bwd"]
+    assert more["0F0"] == pytest.approx(f["start"] + f["end"] + f["first"])
+    assert more["1F0"] == pytest.approx(f["start"] + f["end"] + f["last"])
+    assert more["0B0"] == pytest.approx(r["start"] + r["end"] + r["first"] + b["start"] + b["end"] + b["first"])
+    assert more["1B0"] == pytest.approx(r["start"] + r["end"] + r["last"] + b["start"] + b["end"] + b["last"])
 
 
 def test_the_reference_loop_round_trips_and_is_left_out_when_unknown(with_dispatch, tmp_path) -> None:
