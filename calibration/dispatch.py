@@ -112,7 +112,7 @@ _ENDS = {"fwd": {"first": "embed_us", "last": "head_us", "start": ("embed_us",),
                  "end": ("embed_back_us",)}}
 
 
-def _parts(trace: Trace):
+def parts(trace: Trace):
     """(pass, its start, its end, its block calls in order, the action event) of every action
     with calls. A backward that recomputes splits at its first backward call: the recompute's
     part ("rec") before it, the backward's ("bwd") from it."""
@@ -151,7 +151,7 @@ def between_spans(trace: Trace) -> dict[str, list[float]]:
     and end (`action_spans`) are left out: what is left is the time between the layers' blocks."""
     out: dict[str, list[float]] = defaultdict(list)
     apart = has_ends(trace)
-    for p, t0, t1, calls, _ in _parts(trace):
+    for p, t0, t1, calls, _ in parts(trace):
         span = (calls[-1].end_s - calls[0].start_s) if apart else (t1 - t0)
         out[p].append(max(0.0, span - sum(b.dur_s for b in calls)) / len({b.args.get("layer") for b in calls}))
     return out
@@ -166,7 +166,7 @@ def action_spans(trace: Trace) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     if not has_ends(trace):
         return out
-    for p, t0, t1, calls, act in _parts(trace):
+    for p, t0, t1, calls, act in parts(trace):
         where = _ENDS[p]
         out[p]["start"].append(max(0.0, calls[0].start_s - t0 - _ends_in(act, where["start"])))
         out[p]["end"].append(max(0.0, t1 - calls[-1].end_s - _ends_in(act, where["end"])))

@@ -704,9 +704,11 @@ H200_STORED = {
 # With session 12's link model (above): v7 3.7% (2.9%), v8 4.0% (6.0%); worst 28.3 and 29.3%.
 # Since session 12 h200-1gpu is the median of four (session 12's lease added, its dispatch
 # probe alone for the executor's host cost, which changed): v7 3.8% (4.5%), v8 4.1% (6.3%),
-# v9 3.4% (2.1%); worst 36.5, 31.1 and 47.2%, all S8 GPipe runs.
+# v9 3.4% (2.1%); worst 36.5, 31.1 and 47.2%, all S8 GPipe runs. Since session 33 set each
+# action's own host work apart from its layers' (Dispatch.action): v7 4.25% (4.7%), v8 3.7%
+# (6.3%), v9 3.3% (1.9%); worst 28.5, 25.0 and 39.6%.
 H200_POOLED = {
-    "validation-h200-v7": {"all": (0.04, 0.37), "held-back": (0.05, 0.33)},
+    "validation-h200-v7": {"all": (0.045, 0.37), "held-back": (0.05, 0.33)},
     "validation-h200-v8": {"all": (0.045, 0.32), "held-back": (0.065, 0.32)},
     "validation-h200-v9": {"all": (0.035, 0.48), "held-back": (0.025, 0.48)},
 }
@@ -1106,14 +1108,16 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
     and Adam timed just before: 11.5%, the worst 15.6% (APTMoE), every offloading schedule
     predicted fast; with h200-1gpu as shipped 8.2%, the worst 9.6%, every one predicted slow.
     The lease's host was faster when calibrated than in the runs after. Since session 32 gave
-    h200-1gpu its CPU jobs' waits (`cpu_job`, which it had lacked): 8.5% with it as shipped."""
+    h200-1gpu its CPU jobs' waits (`cpu_job`, which it had lacked): 8.5% with it as shipped;
+    since session 33 set each action's own host work apart (its one-layer stages' start and
+    end, charged once each): 10.1%, the worst 11.3%."""
     lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
     _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
                worst_run="M4x8-G0.5-native-1gpu APTMoE")
-    _held_back(shipped, (0.086, 0.097), runs=4, ranking_right=1, ranking_strict=0)
+    _held_back(shipped, (0.101, 0.114), runs=4, ranking_right=1, ranking_strict=0)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
     assert all(r["error"] > 0.06 for r in shipped["runs"] if r["pipeline"] in offloading)
@@ -1132,13 +1136,14 @@ def test_four_fresh_one_gpu_cells_planned_with_the_shipped_profile(tmp_path, mon
     predicted with h200-1gpu: 1.9%, the worst 22.4% (S GPipe, whose three runs spread 39%); the
     ranking right in 4 of 4 with ties, 3 strictly; the M cells alone 1.1%, the worst 4.6%.
     Predicted with the lease's Adam, timed just before the native M cell, its offloading
-    schedules come out 8.5-10.2% fast."""
+    schedules come out 8.5-10.2% fast. Since session 33 set each action's own host work apart
+    from its layers': 1.4%, the worst 15.9% (S GPipe); the M cells 1.2%, the worst 3.5%."""
     report = _repredicted("validation-h200-v11-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V11_1GPU])
-    _held_back(report, (0.019, 0.225), runs=16, configs=4, ranking_right=4, ranking_strict=3,
+    _held_back(report, (0.015, 0.16), runs=16, configs=4, ranking_right=4, ranking_strict=3,
                worst_run="S8x8-G0.45-cap8-1gpu GPipe")
     m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
-    assert len(m) == 8 and statistics.median(m) <= 0.012 and max(m) <= 0.047, m
+    assert len(m) == 8 and statistics.median(m) <= 0.013 and max(m) <= 0.047, m
     # the lease's figures as `lease-adam` puts them onto h200-1gpu: its Adam, its copies beside Adam
     lease = json.loads((DOCS / "measured" / "session31" / "lease-adam-before.json").read_text())
     profile = tmp_path / "lease.json"
@@ -1163,14 +1168,16 @@ def test_three_fresh_one_gpu_cells_with_the_cpu_jobs_waits(tmp_path, monkeypatch
     shipped: 2.8%, the worst 31.9% (S native GPipe); the ranking right in 2 of 3 (S native:
     Mobius measured 5% ahead of GPipeOffload and 12% ahead of APTMoE, predicted APTMoE and
     Mobius tied ahead). S's issue-bound GPipe is predicted slow in both S cells; the M cell
-    is within 3.2%."""
+    is within 3.2%. Since session 33 set each action's own host work apart from its layers'
+    (S8's one stage of eight layers no longer pays the loss twice): 3.6%, the worst 24.4%; S's
+    GPipe +24.4% native, +2.8% capped; the M cell within 2.6%."""
     report = _repredicted("validation-h200-v12-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V12_1GPU])
-    _held_back(report, (0.029, 0.32), runs=12, configs=3, ranking_right=2, ranking_strict=2,
+    _held_back(report, (0.036, 0.245), runs=12, configs=3, ranking_right=2, ranking_strict=2,
                worst_run="S8x8-G0.55-native-1gpu GPipe")
     runs = {(r["cell"], r["pipeline"]): r["error"] for r in report["runs"]}
-    assert all(runs[(c, "GPipe")] > 0.08 for c in ("S8x8-G0.55-native-1gpu", "S8x8-G0.35-cap8-1gpu")), runs
+    assert runs[("S8x8-G0.55-native-1gpu", "GPipe")] > 0.2 and abs(runs[("S8x8-G0.35-cap8-1gpu", "GPipe")]) < 0.03, runs
     m = [abs(e) for (c, _), e in runs.items() if c.startswith("M4")]
-    assert len(m) == 4 and max(m) <= 0.033, m
+    assert len(m) == 4 and max(m) <= 0.027, m
 
 
 V4GPU = ["--gpus", "4", "--steps", "3", "--repeats", "1", "--models", "S:8:8:8,M:8:8:8,L:4:4:8", "--gini", "0.45,0.3",

@@ -103,7 +103,11 @@ def test_pool_keeps_only_parts_every_input_skipped() -> None:
 def test_pooling_refuses_a_recompute_between_measured_apart_beside_one_held_in_bwd(tmp_path, capsys) -> None:
     """Since session 22 `dispatch.between.bwd` is the backward's alone where `rec` is there; a
     calibration before it holds both in bwd: the median of the two is of neither."""
-    old, new = _h200(tmp_path, "old", 1.0), json.loads(_h200(tmp_path, "new", 1.0).read_text())
+    old, new = json.loads(_h200(tmp_path, "old", 1.0).read_text()), json.loads(_h200(tmp_path, "new", 1.0).read_text())
+    for doc in (old, new):                # a calibration before session 33: the actions' ends in between
+        doc["dispatch"].pop("action"), doc["dispatch"]["between"].pop("rec")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    old = tmp_path / "old.json"
     new["dispatch"]["between"]["rec"] = 6e-4
     (tmp_path / "new.json").write_text(json.dumps(new))
     assert pool_main([str(old), str(tmp_path / "new.json"), "--out", str(tmp_path / "p.json")]) == 2
@@ -112,6 +116,10 @@ def test_pooling_refuses_a_recompute_between_measured_apart_beside_one_held_in_b
     (tmp_path / "new2.json").write_text(json.dumps(both))
     assert pool_main([str(tmp_path / "new.json"), str(tmp_path / "new2.json"), "--out", str(tmp_path / "p.json")]) == 0
     assert load_profile(str(tmp_path / "p.json")).dispatch.between["rec"] == pytest.approx(6e-4)
+    # nor a between that holds the actions' ends beside one that sets them apart (session 33)
+    assert pool_main([str(tmp_path / "new.json"), str(_h200(tmp_path, "apart", 1.0)), "--out",
+                      str(tmp_path / "q.json")]) == 2
+    assert "dispatch.action" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
 
 
 def _with_stream(tmp_path: Path, name: str, alone: float, beside_adam: float | None = None) -> Path:
