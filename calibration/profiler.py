@@ -1378,7 +1378,11 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
                                  f"small to compute: {' '.join(PROBE)}"
                                  + ("" if m.dispatch.loop_s is None else
                                     f"; loop_s: its ranks' reference loop (aptmoe.host.python_loop_s) around the "
-                                    f"steps, {m.dispatch.loop_s * 1e3:.2f} ms"))
+                                    f"steps, {m.dispatch.loop_s * 1e3:.2f} ms")
+                                 + ("" if m.dispatch.action is None else
+                                    "; action: each pass's start and end outside its layers, and the embedding's "
+                                    "and the loss's own times (the executor's embed_us, head_us ...), apart from "
+                                    "between, which is then the time between a layer's calls alone"))
     roof = replace(hw, **a.roof, name=f"{hw.name}+measured" if a.roof else hw.name)
     a.sources["roofline"] = (f"derived: preset {preset_fn} (closest to GPU {machine.gpu_name!r}); measured "
                              f"overrides: {', '.join(sorted(a.roof)) or 'none'} (links: the pinned fits and the "
