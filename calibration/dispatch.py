@@ -187,7 +187,8 @@ def combine_spans(trace: Trace) -> dict[str, list[float]]:
     for s, calls in _actions(trace):
         inside = [b for b in calls if b.cat != "recompute"]
         for x, y in zip(inside, [*inside[1:], None]):
-            if block_kind(x.name) == "e" and (y is None or block_kind(y.name) != "e") and not (apart and y is None):
+            last_call = y is None
+            if block_kind(x.name) == "e" and (last_call or block_kind(y.name) != "e") and not (apart and last_call):
                 out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if y is None else y.start_s) - x.end_s))
     return out
 
@@ -214,8 +215,8 @@ def dispatch_from_trace(trace: Trace, device: str) -> Dispatch:
     # a part of `between` by construction; a median of its own can come out over it on noise
     combine = {d: min(statistics.median(v), between.get(d, 0.0)) for d, v in sorted(combine_spans(trace).items())}
     post = {k: statistics.median(v) for k, v in sorted(post_spans(trace, device).items())}
-    action = {p: {k: statistics.median(v) for k, v in sorted(parts.items())}
-              for p, parts in sorted(action_spans(trace).items())}
+    action = {p: {k: statistics.median(v) for k, v in sorted(figures.items())}
+              for p, figures in sorted(action_spans(trace).items())}
     return Dispatch(device, seconds, between, sum(len(v) for dirs in spans.values() for v in dirs.values()),
                     loop_s=run_loop_s(trace.meta.get("host_loop_s")), combine=combine or None, post=post or None,
                     action=action or None)

@@ -598,8 +598,9 @@ class RankRuntime:
         start = self.dev.record()
         taped = not self.plan.fwd_only and not self.plan.recomputes(m)
         ends = _Ends()
-        with torch.set_grad_enabled(taped), ends.timing("embed_us", s == 0):   # stage 0's embedding: in
-            x = self._stage_input(s, m)                                         # the graph only if taped
+        # stage 0's embedding: in the graph only if taped
+        with torch.set_grad_enabled(taped), ends.timing("embed_us", s == 0):
+            x = self._stage_input(s, m)
         if not taped and not self.plan.fwd_only:
             self.ckpt[(s, m)] = x.detach() if s > 0 else None
         runs: dict[int, LayerRun] = {}

@@ -1207,9 +1207,11 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
                           ["--calibration", str(tmp_path / "before.json"), *V13_1GPU])
 
     def ratios(report: dict) -> dict:
+        """Each S run's measured and predicted step over its cell's GPipe's."""
         by = {(r["cell"], r["pipeline"]): r for r in report["runs"] if r["model"] == "S"}
-        return {k: (r["measured_s"] / by[(k[0], "GPipe")]["measured_s"], r["predicted_s"] / by[(k[0], "GPipe")]["predicted_s"])
-                for k, r in by.items() if k[1] != "GPipe"}
+        gpipe = {cell: r for (cell, p), r in by.items() if p == "GPipe"}
+        return {(cell, p): (r["measured_s"] / gpipe[cell]["measured_s"], r["predicted_s"] / gpipe[cell]["predicted_s"])
+                for (cell, p), r in by.items() if p != "GPipe"}
 
     now, then = ratios(shipped), ratios(before)
     assert len(now) == 9
