@@ -25,6 +25,7 @@ from aptmoe.costs import MESSAGE_POSTS
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
+from aptmoe.stored import stored_file
 from aptmoe.trace import Trace, block_kind, is_action, is_block_call, is_load
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
@@ -189,7 +190,7 @@ def combine_spans(trace: Trace) -> dict[str, list[float]]:
         for x, y in zip(inside, [*inside[1:], None]):
             last_call = y is None
             if block_kind(x.name) == "e" and (last_call or block_kind(y.name) != "e") and not (apart and last_call):
-                out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if y is None else y.start_s) - x.end_s))
+                out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if last_call else y.start_s) - x.end_s))
     return out
 
 
@@ -229,6 +230,18 @@ def host_times(trace: Trace) -> dict[str, dict[str, float]]:
     return _medians(_by_kind(trace, lambda e: e.args["host_us"] / 1e6 if "host_us" in e.args else None))
 
 
+def probe_run_trace(folder: Path, schedule: str = "GPipe", results: dict | None = None) -> Trace:
+    """The trace of `schedule` in an aptmoe-run folder (trace-SCHEDULE.json, or the .json.xz a
+    stored run keeps), with the host's speed when it ran, from its results.json (or `results`,
+    already read), beside its spans."""
+    if results is None:
+        results = json.loads((folder / "results.json").read_text())
+    name = folder / f"trace-{schedule}.json"
+    tr = Trace.load(stored_file(name) or name)
+    tr.meta["host_loop_s"] = results["schedules"][schedule].get("host_loop_s")
+    return tr
+
+
 def _run_probe(args: list[str], what: str, schedules: tuple[str, ...]) -> list[Trace]:
     """aptmoe-run with `args` in a temporary folder: the traces of `schedules`, or one clear
     error naming `what` failed or was refused."""
@@ -242,10 +255,7 @@ def _run_probe(args: list[str], what: str, schedules: tuple[str, ...]) -> list[T
         for s in schedules:
             if results["schedules"][s].get("oom"):
                 raise RuntimeError(f"{what} was refused: " + results["schedules"][s]["oom_detail"])
-        traces = [Trace.load(out / f"trace-{s}.json") for s in schedules]
-        for s, tr in zip(schedules, traces):       # the host's speed when the probe ran, beside its spans
-            tr.meta["host_loop_s"] = results["schedules"][s].get("host_loop_s")
-        return traces
+        return [probe_run_trace(out, s, results) for s in schedules]
 
 
 def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: int = 2) -> list[Trace]:

@@ -22,26 +22,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
 from aptmoe import version
-from aptmoe.calibration.dispatch import dispatch_from_trace, has_ends, median_dispatch, parts
+from aptmoe.calibration.dispatch import dispatch_from_trace, has_ends, median_dispatch, parts, probe_run_trace
 from aptmoe.calibration.merge import SEP, history, write_profile
 from aptmoe.profile import Dispatch, ProfileError, load_profile
-from aptmoe.stored import stored_file
 from aptmoe.trace import Trace
 
 
 def _trace(run: Path) -> Trace:
     """A probe run's GPipe trace (or its .xz), with the host's speed its result recorded."""
-    path = stored_file(run / "trace-GPipe.json") or run / "trace-GPipe.json"
     try:
-        tr = Trace.load(path)
-        tr.meta["host_loop_s"] = json.loads((run / "results.json").read_text())["schedules"]["GPipe"].get("host_loop_s")
+        tr = probe_run_trace(run)
     except (OSError, ValueError, KeyError) as e:
         raise ProfileError(f"{run}: not a dispatch probe's run ({e})") from None
     if not has_ends(tr):
