@@ -74,6 +74,9 @@ def reshape(profile: Dispatch, new: Dispatch, layers: int) -> Dispatch:
 
     # the profile's bwd holds a recompute's layers too where it has no rec of its own
     groups = [("fwd",), ("rec",), ("bwd",)] if "rec" in profile.between else [("fwd",), ("rec", "bwd")]
+    if profile.combine and (lacking := sorted(set(profile.combine) - set(new.between))):
+        raise ProfileError(f"the profile's combine has a {', '.join(lacking)} pass the runs do not: "
+                           "its between figure would have nothing left to hold it")
     factor = {}
     for g in groups:
         if not any(p in new.between or p in new.action for p in g):

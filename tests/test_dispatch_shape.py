@@ -51,6 +51,10 @@ def test_the_probes_own_stage_keeps_the_profiles_cost_and_the_rest_moves_by_shap
         reshape(d, new, layers)
     with pytest.raises(ProfileError, match="share no fwd pass"):
         reshape(dataclasses.replace(profile, between={"bwd": 1.2}), new, layers)
+    with pytest.raises(ProfileError, match="combine has a bwd pass the runs do not"):
+        reshape(dataclasses.replace(profile, combine={"fwd": 0.1, "bwd": 0.3}), new, layers)
+    assert reshape(dataclasses.replace(profile, combine={"fwd": 0.7}), new, layers).combine == \
+        {"fwd": pytest.approx(0.2)}             # capped by its pass's new between
 
 
 def test_the_median_of_several_runs_is_taken_before_reshaping(tmp_path) -> None:
