@@ -104,3 +104,24 @@ def test_the_one_gpu_profile_is_its_dispatch_of_before_split_as_the_stored_probe
     assert 4 * b["fwd"] + sum(a["fwd"].values()) == pytest.approx(4 * 0.0006985997500000025)
     assert 4 * (b["rec"] + b["bwd"]) + sum(a["rec"].values()) + sum(a["bwd"].values()) == \
         pytest.approx(4 * 0.0018087088749999848)
+
+
+def test_the_two_gpu_profile_is_its_dispatch_of_before_split_as_its_lease_s_probe_runs_split_theirs(tmp_path) -> None:
+    """h200-2gpu's dispatch (between fwd 639 and bwd 1475 us a layer, the recompute in bwd)
+    reshaped with session 34's twelve probe runs, one rank on a 2 x H200 lease
+    (docs/measured/session34), is what the shipped profile holds; its message posts stay."""
+    from aptmoe.calibration.dispatch_shape import main
+
+    runs = sorted((ROOT / "docs/measured/session34").glob("probe-call[12]/run-*"))
+    fwd, bwd = 0.0006389175000000172, 0.0014751642499999905
+    shipped = load_profile("h200-2gpu")
+    before = dataclasses.replace(shipped, dispatch=dataclasses.replace(
+        shipped.dispatch, between={"fwd": fwd, "bwd": bwd}, action=None))
+    before.save(tmp_path / "before.json")
+    assert len(runs) == 12
+    assert main([str(tmp_path / "before.json"), *map(str, runs), "--out", str(tmp_path / "after.json")]) == 0
+    after = load_profile(str(tmp_path / "after.json")).dispatch
+    assert after == shipped.dispatch and after.post == before.dispatch.post
+    a, b = after.action, after.between
+    assert 4 * b["fwd"] + sum(a["fwd"].values()) == pytest.approx(4 * fwd)
+    assert 4 * (b["rec"] + b["bwd"]) + sum(a["rec"].values()) + sum(a["bwd"].values()) == pytest.approx(4 * bwd)

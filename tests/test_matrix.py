@@ -775,11 +775,13 @@ def test_the_third_2gpu_grid_ran_confined_and_is_predicted_as_when_it_ran(tmp_pa
     16's CPU-expert factors of the issuing thread, 7 in v2). Since session 22's recompute
     beside the gradient's wait: 5.1% (11.0% held back), the worst 49.4% (the same run), ranking
     9 of 12: its S8 cells are predicted 10-20% fast, as in v4. 10 of 12 since session 23's
-    ranking leaves the order of one plan's runs unjudged (Mobius and GPipeOffload on L2)."""
+    ranking leaves the order of one plan's runs unjudged (Mobius and GPipeOffload on L2).
+    Since session 34's dispatch with each action's own host work apart: 4.5% (9.6% held back),
+    the worst 50.4% (the same run, 49.0% before)."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v3", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
-    _within(report, {"all": (0.052, 0.50), "fit": (0.049, 0.50), "held-back": (0.111, 0.41)})
+    _within(report, {"all": (0.052, 0.51), "fit": (0.049, 0.51), "held-back": (0.111, 0.42)})
     assert report["summary"]["all"]["ranking_right"] >= 10
     for results in (DOCS / "validation-h200-2gpu-v3" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
@@ -802,11 +804,13 @@ def test_the_fourth_2gpu_grid_measures_s8_as_the_median_of_three_runs(tmp_path, 
     predicted fast (-3 to -19%), and L2 G0.6 GPipe -13.3%, where one expert call a run stalls
     24 ms a step that the model has no term for (docs/measured/offline-session22), which
     session 23 found to be lazy kernel loading (docs/measured/session23). Ranking 11 of 12
-    since session 23's ranking leaves the order of one plan's runs unjudged."""
+    since session 23's ranking leaves the order of one plan's runs unjudged. Since session 34's
+    dispatch with each action's own host work apart: 3.8%, 6.0% held back, the worst 20.4% (S8
+    G0.3 native GPipe, 18.2% before: one-layer stages now pay no share of the loss)."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--repeats", "1,S=3", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v4", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
-    _within(report, {"all": (0.043, 0.191), "fit": (0.041, 0.188), "held-back": (0.091, 0.191)})
+    _within(report, {"all": (0.043, 0.205), "fit": (0.041, 0.203), "held-back": (0.091, 0.205)})
     assert report["summary"]["all"]["ranking_right"] >= 11
     for results in (DOCS / "validation-h200-2gpu-v4" / "cells").glob("S8*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
@@ -846,11 +850,13 @@ def test_fresh_configs_measured_after_the_model_was_fixed(tmp_path, monkeypatch)
     session 22's recompute beside the gradient's wait, found on this set's M8 GPipe (so no
     longer held back from the model): 3.6%, the worst 13.3% (S4 native Mobius, -13%), ranking
     4 of 6 (S4 native and M8 native). With session 24's CPU expert curves 3.8%: the S4 APTMoE
-    runs went 0.2-0.4 points further under, the median run with them."""
+    runs went 0.2-0.4 points further under, the median run with them. Since session 34's
+    dispatch with each action's own host work apart: 3.2%, the worst 13.7% (S4 capped GPipe,
+    predicted fast; 10.5% before)."""
     flags = _fresh_flags("S:4:4,M:8:4,L:4:2:4", "native,8")
     report = _repredicted("validation-h200-2gpu-v6-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 24
-    _within(report, {"all": (0.039, 0.134)})
+    _within(report, {"all": (0.039, 0.138)})
     assert report["summary"]["all"]["ranking_right"] >= 4
 
 
@@ -910,7 +916,8 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     Since session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 1.2%, the
     worst 11.3%; the native cell's order wrong (APTMoE 11% ahead of Mobius, predicted 0.2% behind).
     Since its host memory figures pooled over eleven calibrations (h200-2gpu): 2.7%, the worst
-    10.7%, both orders right."""
+    10.7%, both orders right. Since session 34's dispatch with each action's own host work
+    apart: 2.7%, the worst 10.3%; the native Mobius run's stalls 8.4 ms a step over the prediction."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path, monkeypatch, flags)
@@ -918,7 +925,7 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     _within(report, {"held-back": (0.027, 0.108)})
     assert report["summary"]["held-back"]["ranking_right"] == 2
     runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
-    assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.009
+    assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.008
     assert runs[("M6x8-G0.4-cap8-2gpu", "APTMoE")]["stall_s_per_step"] > 0.017
     for results in (DOCS / "validation-h200-2gpu-v8-fresh" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
@@ -936,12 +943,13 @@ def test_v8_freshs_config_measured_again(tmp_path, monkeypatch) -> None:
     runs had APTMoE 11% ahead: the two leases ordered that config both ways. Since its host
     memory figures pooled over eleven calibrations (h200-2gpu): 1.3%, the worst 8.7% (native
     Mobius), the native order wrong again (APTMoE predicted 0.4% ahead): the prediction ties
-    the two, and each lease ran them 7-11% apart, one way on one lease, the other on the next."""
+    the two, and each lease ran them 7-11% apart, one way on one lease, the other on the next.
+    Since session 34's dispatch with each action's own host work apart: 1.3%, the worst 8.8%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-again", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8
-    _within(report, {"held-back": (0.013, 0.088)})
+    _within(report, {"held-back": (0.013, 0.089)})
     assert report["summary"]["held-back"]["ranking_right"] == 1
     first = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path / "first", monkeypatch, flags)
     again = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
@@ -1089,12 +1097,14 @@ def test_a_fresh_cell_after_the_copy_limits(tmp_path, monkeypatch) -> None:
     with h200-2gpu as shipped after: 6.1%, the worst 15.0% (APTMoE, predicted fast) and the
     ranking wrong (APTMoE measured 6.8% behind Mobius, predicted 1.6% ahead). The offloads
     come 11-13% short of the runs' with the limits, 19-22% without; the ranks' Adam ran 0.453
-    ns/param in Mobius against 0.424 predicted."""
+    ns/param in Mobius against 0.424 predicted. Since session 34's dispatch with each action's
+    own host work apart: 1.2%, the worst 8.5%, GPipeOffload within 0.1%."""
     report = _repredicted("validation-h200-2gpu-v13-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", *V13])
     _held_back(report, (0.062, 0.151), runs=4, configs=1, ranking_right=0, worst_run="M6x8-G0.5-native-2gpu APTMoE")
     runs = {r["pipeline"]: r for r in report["runs"]}
-    assert all(runs[p]["error"] < 0 for p in ("GPipeOffload", "Mobius", "APTMoE"))     # predicted fast
+    assert all(runs[p]["error"] < 0 for p in ("Mobius", "APTMoE"))     # predicted fast
+    assert abs(runs["GPipeOffload"]["error"]) < 0.005
     assert all(-0.14 < runs[p]["err/offload"] < -0.10 for p in ("Mobius", "APTMoE")), runs
 
 
@@ -1254,7 +1264,8 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     covers for a compute phase the model has too short. Since session 31's compounding of an
     Adam chunk's slowdowns (sim/host_memory.py) the pooled profile gives 3.5% (every step 3.3%
     fast at the median), where it gave more than 4%; since h200-2gpu's host memory figures were
-    pooled over eleven calibrations, 3.3% against the shipped profile's 2.7%."""
+    pooled over eleven calibrations, 3.3% against the shipped profile's 2.7%; since session 34's
+    dispatch with each action's own host work apart, every step 2.9% fast at the median."""
     from aptmoe.calibration import merge, pool
 
     root = DOCS.parent
@@ -1288,7 +1299,7 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
         assert part["summary"]["held-back"]["runs"] == 8
     assert shipped["summary"]["held-back"]["median_abs_error"] < 0.028 < 0.03 < pooled["summary"]["held-back"][
         "median_abs_error"]
-    assert pooled["summary"]["held-back"]["signed_median_error"] < -0.03
+    assert pooled["summary"]["held-back"]["signed_median_error"] < -0.025
 
 
 def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], only: str | None = None,
