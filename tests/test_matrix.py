@@ -29,7 +29,9 @@ from aptmoe.sim.matrix import (
     parse_links,
     parse_models,
     ranking_right,
+    ranking_right_where_runs_apart,
     summarize,
+    summary_table,
     write_report,
 )
 from hypothesis import given, settings
@@ -110,6 +112,40 @@ def test_schedules_not_predicted_are_ignored() -> None:
     measured = {"GPipe": 1.0, "Mobius": 2.0, "APTMoE": 3.0}
     assert ranking_right(measured, {"GPipe": 1.0, "APTMoE": 2.0})            # Mobius: not predicted
     assert not ranking_right(measured, {"GPipe": 3.0, "APTMoE": 2.0})
+
+
+def test_where_runs_interleave_the_measurement_orders_nothing() -> None:
+    """v14-fresh's S8 on two GPUs: Mobius and APTMoE's runs interleave (0.260-0.326 and
+    0.281-0.343 s/step), so their medians 7% apart order nothing; GPipe's are apart from both."""
+    repeats = {"GPipe": [0.191, 0.145, 0.213], "Mobius": [0.260, 0.326, 0.314], "APTMoE": [0.341, 0.281, 0.343]}
+    measured = {"GPipe": 0.191, "Mobius": 0.314, "APTMoE": 0.341}
+    predicted = {"GPipe": 0.154, "Mobius": 0.267, "APTMoE": 0.265}
+    assert not ranking_right(measured, predicted)                       # 8.6% apart: beyond the tie
+    assert ranking_right_where_runs_apart(measured, predicted, repeats)
+    assert not ranking_right_where_runs_apart(measured, {**predicted, "GPipe": 0.3}, repeats)
+    # runs that do not interleave order a pair however close their medians
+    close = {"Mobius": [0.300, 0.301], "APTMoE": [0.302, 0.303]}
+    assert not ranking_right_where_runs_apart({"Mobius": 0.3005, "APTMoE": 0.3025}, {"Mobius": 2.0, "APTMoE": 1.0},
+                                              close)
+    # one plan's runs are not judged; a schedule that ran once leaves the config unjudged
+    assert ranking_right_where_runs_apart({"Mobius": 0.3005, "APTMoE": 0.3025}, {"Mobius": 2.0, "APTMoE": 1.0},
+                                          close, same_plans=[["Mobius", "APTMoE"]])
+    assert ranking_right_where_runs_apart(measured, predicted, {**repeats, "GPipe": [0.191]}) is None
+    assert ranking_right_where_runs_apart(measured, predicted, {}) is None
+
+
+@given(st.dictionaries(st.sampled_from(["GPipe", "GPipeOffload", "Mobius", "APTMoE"]),
+                       st.lists(st.floats(0.1, 1.0), min_size=2, max_size=4), min_size=2),
+       st.dictionaries(st.sampled_from(["GPipe", "GPipeOffload", "Mobius", "APTMoE"]), st.floats(0.1, 1.0)))
+@settings(max_examples=200, deadline=None)
+def test_a_prediction_in_the_runs_own_order_is_right_where_they_are_apart(repeats, noise) -> None:
+    """Predicting each schedule at its median run is right, however the runs spread; and the
+    judgement never fails a prediction the tie rule with no tie passes."""
+    measured = {k: statistics.median(v) for k, v in repeats.items()}
+    assert ranking_right_where_runs_apart(measured, dict(measured), repeats)
+    predicted = {k: noise.get(k, 0.5) for k in measured}
+    if ranking_right(measured, predicted, tie=0.0):
+        assert ranking_right_where_runs_apart(measured, predicted, repeats)
 
 
 # --------------------------------------------------------------------------- the report over stored cells
@@ -1226,6 +1262,15 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
     now, then = ratios(shipped), ratios(before)
     assert len(now) == 9
     assert all(abs(now[k][1] - now[k][0]) < abs(then[k][1] - then[k][0]) for k in now), (now, then)
+
+
+def test_the_summary_shows_the_runs_apart_ranking_only_where_configs_ran_again() -> None:
+    once = {"runs": 4, "median_abs_error": 0.01, "worst_abs_error": 0.02, "worst_run": "c GPipe",
+            "signed_median_error": 0.0, "configs": 1, "ranking_right": 1, "ranking_strict": 1,
+            "configs_repeated": 0, "ranking_apart": 0}
+    assert "where runs apart" not in summary_table({"all": once})
+    again = summary_table({"all": {**once, "configs_repeated": 1, "ranking_apart": 1}})
+    assert "ranking right where runs apart" in again and "1/1" in again.splitlines()[-1]
 
 
 V4GPU = ["--gpus", "4", "--steps", "3", "--repeats", "1", "--models", "S:8:8:8,M:8:8:8,L:4:4:8", "--gini", "0.45,0.3",
