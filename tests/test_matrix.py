@@ -1264,6 +1264,58 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
     assert all(abs(now[k][1] - now[k][0]) < abs(then[k][1] - then[k][0]) for k in now), (now, then)
 
 
+V14 = ["--gpus", "2", "--steps", "6", "--repeats", "3", "--models", "S:8:8:8", "--gini", "0.45", "--links", "native",
+       "--held-back-every", "1", "--no-plot", "-q"]
+V11_AGAIN = ["--gpus", "2", "--steps", "3", "--repeats", "3", "--models", "M:6:6:8", "--gini", "0.45", "--links",
+             "native", "--held-back-every", "1", "--no-plot", "-q"]
+V14_1GPU = ["--gpus", "1", "--steps", "3", "--repeats", "3", "--models", "L:2:2:8", "--gini", "0.55", "--links", "8",
+            "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_a_fresh_s_cell_on_two_gpus_whose_runs_interleave(tmp_path, monkeypatch) -> None:
+    """Session 34 (docs/validation-h200-2gpu-v14-fresh): S8x8 at G 0.45, native, two GPUs, three
+    runs a schedule, held back, predicted with h200-2gpu after its actions' own host work was
+    set apart (the cell ran before; nothing was fitted to it): 17.1%, the worst 22.2% (APTMoE),
+    every schedule predicted fast. GPipe's three runs took 0.145, 0.191 and 0.213 s a step, and
+    it is predicted at 0.154; Mobius's and APTMoE's runs interleave, so the ranking is right
+    where the runs order the schedules, and wrong by the 3% tie rule."""
+    report = _repredicted("validation-h200-2gpu-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-2gpu", *V14])
+    _held_back(report, (0.172, 0.223), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
+               worst_run="S8x8-G0.45-native-2gpu APTMoE")
+    assert all(r["error"] < -0.04 for r in report["runs"])
+    gpipe = next(r for r in report["runs"] if r["pipeline"] == "GPipe")
+    assert gpipe["run_spread"] > 0.35
+    assert "ranking right where runs apart" in (tmp_path / "validation-h200-2gpu-v14-fresh" / "matrix.md").read_text()
+
+
+def test_a_config_measured_on_two_leases_orders_aptmoe_and_mobius_both_ways(tmp_path, monkeypatch) -> None:
+    """Session 34 (docs/validation-h200-2gpu-v11-again): v11-fresh's M6x8 G 0.45 native cell on
+    another lease, planned with h200-2gpu's own CPU curves: 2.8%, the worst 8.7% (GPipeOffload,
+    whose runs took 0.699-0.873 s). APTMoE measured 4.8% behind Mobius here and 1.2% ahead on
+    v11-fresh's lease; predicted 0.9% ahead. Their runs interleave on both leases."""
+    again = _repredicted("validation-h200-2gpu-v11-again", tmp_path / "again", monkeypatch,
+                         ["--calibration", "h200-2gpu", *V11_AGAIN])
+    _held_back(again, (0.029, 0.088), runs=4, configs=1, ranking_right=0, ranking_apart=1,
+               worst_run="M6x8-G0.45-native-2gpu GPipeOffload")
+    first = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path / "first", monkeypatch,
+                         ["--calibration", "h200-2gpu", "--cell-profiles", *V11], only="M6x8-G0.45-native-2gpu")
+    for report, aptmoe_ahead in ((first, True), (again, False)):
+        m = {r["pipeline"]: r["measured_s"] for r in report["runs"]}
+        assert (m["APTMoE"] < m["Mobius"]) == aptmoe_ahead
+        assert report["configs"][0]["ranking_apart"] is True
+
+
+def test_a_fresh_l_cell_on_one_gpu_capped(tmp_path, monkeypatch) -> None:
+    """Session 34 (docs/validation-h200-v14-fresh): L2x8 at G 0.55, 8 GB/s, one GPU, three runs a
+    schedule (each within 1.2% of the others), held back, planned and predicted with h200-1gpu
+    as shipped: 0.4%, the worst 1.8% (APTMoE, predicted slow), the ranking right strictly.
+    This lease's own dispatch probe moves no prediction by 0.1%: the cell's calls are not bound
+    by their issue."""
+    report = _repredicted("validation-h200-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V14_1GPU])
+    _held_back(report, (0.005, 0.019), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
+               worst_run="L2x8-G0.55-cap8-1gpu APTMoE")
+
+
 def test_the_summary_shows_the_runs_apart_ranking_only_where_configs_ran_again() -> None:
     once = {"runs": 4, "median_abs_error": 0.01, "worst_abs_error": 0.02, "worst_run": "c GPipe",
             "signed_median_error": 0.0, "configs": 1, "ranking_right": 1, "ranking_strict": 1,
