@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import shutil
 import statistics
 import tempfile
 from collections import defaultdict
@@ -25,7 +26,8 @@ from aptmoe.costs import MESSAGE_POSTS
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
-from aptmoe.stored import stored_file
+from aptmoe.atomic import atomic_path
+from aptmoe.stored import pack, stored_file
 from aptmoe.trace import Trace, block_kind, is_action, is_block_call, is_load
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
@@ -242,9 +244,11 @@ def probe_run_trace(folder: Path, schedule: str = "GPipe", results: dict | None 
     return tr
 
 
-def _run_probe(args: list[str], what: str, schedules: tuple[str, ...]) -> list[Trace]:
+def _run_probe(args: list[str], what: str, schedules: tuple[str, ...], keep: Path | None = None) -> list[Trace]:
     """aptmoe-run with `args` in a temporary folder: the traces of `schedules`, or one clear
-    error naming `what` failed or was refused."""
+    error naming `what` failed or was refused. `keep`: a folder to keep the run in, its
+    results.json and the schedules' traces (xz), as a stored run that `probe_run_trace`,
+    `dispatch_shape` and a lease's profile read again later."""
     with tempfile.TemporaryDirectory(prefix="aptmoe-probe-") as tmp:
         out = Path(tmp) / "run"
         try:
@@ -255,7 +259,22 @@ def _run_probe(args: list[str], what: str, schedules: tuple[str, ...]) -> list[T
         for s in schedules:
             if results["schedules"][s].get("oom"):
                 raise RuntimeError(f"{what} was refused: " + results["schedules"][s]["oom_detail"])
+        if keep is not None:
+            _keep_run(out, keep, schedules)
         return [probe_run_trace(out, s, results) for s in schedules]
+
+
+def _keep_run(run: Path, keep: Path, schedules: tuple[str, ...]) -> None:
+    """The run's results.json and its schedules' traces, xz-compressed (aptmoe.stored.pack), in
+    `keep`, each file written whole."""
+    keep.mkdir(parents=True, exist_ok=True)
+    for s in schedules:
+        src = stored_file(run / f"trace-{s}.json") or run / f"trace-{s}.json"
+        with atomic_path(keep / src.name) as tmp:
+            shutil.copyfile(src, tmp)
+        pack(keep / src.name)
+    with atomic_path(keep / "results.json") as tmp:
+        shutil.copyfile(run / "results.json", tmp)
 
 
 def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: int = 2) -> list[Trace]:
@@ -267,12 +286,12 @@ def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: i
     return _run_probe(on_ranks(probe, "cuda", g), what.format(gpus=g), schedules)
 
 
-def probe_trace(device: str, ranks: int = 1, wide: bool | str = False) -> Trace:
+def probe_trace(device: str, ranks: int = 1, wide: bool | str = False, keep: Path | None = None) -> Trace:
     """Runs the probe (`device` cuda or cpu, `ranks` processes; `wide`: at MoE-S's widths, or
-    a preset's size) and returns its GPipe trace."""
+    a preset's size) and returns its GPipe trace; `keep`: the folder to keep the run in."""
     what = f"MoE-{'S' if wide is True else wide}" if wide else "tiny"
     return _run_probe(probe_args(device, ranks, wide), f"the dispatch probe (aptmoe-run GPipe on a {what} model)",
-                      ("GPipe",))[0]
+                      ("GPipe",), keep)[0]
 
 
 def median_dispatch(runs: list[Dispatch]) -> Dispatch:
@@ -381,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wide", nargs="?", const="S", choices=WIDE_SIZES, default=None, metavar="SIZE",
                    help="the probe at a preset's widths (S when none is given; S, M or L): its blocks compute, "
                         "so read the host times")
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="keep each probe run as DIR/run-N (results.json, trace-GPipe.json.xz): what "
+                        "`python -m aptmoe.calibration.dispatch_shape PROFILE DIR/run-*` reshapes a profile with")
     ns = p.parse_args(argv)
     if ns.loaded:
         print(f"the executor's copy engine ({', '.join(LOADED_SCHEDULES)}): what the issuing thread loses")
@@ -389,13 +411,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {t.seconds * 1e6:7.1f} us per copy landed, {t.constant_s * 1e6:7.1f} us per block beside "
                   f"the loads ({t.landings} copies over {t.blocks} forward blocks)")
         return 0
-    traces = [probe_trace(ns.device, ns.ranks, ns.wide) for _ in range(ns.repeats)]
+    traces = [probe_trace(ns.device, ns.ranks, ns.wide, None if ns.keep is None else ns.keep / f"run-{i + 1}")
+              for i in range(ns.repeats)]
     runs = [dispatch_from_trace(t, ns.device) for t in traces]
     hosts = [host_times(t) for t in traces]
     rows = [(f"{k} {d}", [r.seconds[k][d] for r in runs], [h.get(k, {}).get(d) for h in hosts])
             for k in sorted(runs[0].seconds) for d in sorted(runs[0].seconds[k])]
     rows += [(f"between {d}", [r.between[d] for r in runs], []) for d in sorted(runs[0].between)]
     rows += [(f"combine {d}", [(r.combine or {}).get(d, 0.0) for r in runs], []) for d in sorted(runs[0].combine or {})]
+    # each pass's own start and end, the first stage's embedding and the last's loss (Dispatch.action)
+    rows += [(f"{d} {k}", [(r.action or {}).get(d, {}).get(k, 0.0) for r in runs], [])
+             for d in sorted(runs[0].action or {}) for k in sorted(runs[0].action[d])]
     print(f"host ms per call, {ns.device}, {ns.ranks} ranks, {f'MoE-{ns.wide} widths' if ns.wide else 'tiny model'}, median "
           f"of {ns.repeats} probe runs (each a median): the span (what the profile keeps), then the call's host time")
     for name, xs, hs in rows:

@@ -552,3 +552,24 @@ def test_a_gpu_probe_runs_on_at_most_two_gpus_of_one_socket_and_says_how_many(gp
     (args, what, schedules), = got
     assert args == ["--pipeline", "Mobius", "--device", "cuda", "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
     assert what == f"the probe on {ranks} GPU" and schedules == ("Mobius",)
+
+
+def test_the_probe_keeps_its_runs_for_a_reshape_or_a_lease_s_profile(tmp_path, capsys) -> None:
+    """`python -m aptmoe.calibration.dispatch --keep DIR` keeps each probe run as a stored run
+    (results.json, the trace xz-compressed) that dispatch_shape reads back as it measured it,
+    and prints each pass's own start and end beside the block calls."""
+    pytest.importorskip("torch")
+    from aptmoe.calibration.dispatch import dispatch_from_trace, main, probe_run_trace
+    from aptmoe.calibration.dispatch_shape import read_runs
+
+    assert main(["--device", "cpu", "--ranks", "1", "--repeats", "1", "--keep", str(tmp_path / "kept")]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "kept" / "run-1"
+    assert sorted(f.name for f in run.iterdir()) == ["results.json", "trace-GPipe.json.xz"]
+    again = dispatch_from_trace(probe_run_trace(run), "cpu")
+    assert again.action is not None and again.loop_s is not None
+    for p, parts in again.action.items():      # the figures printed are the kept run's
+        for k, v in parts.items():
+            assert f"{p} {k}" in out and f"{v * 1e3:.4f}" in out, (p, k)
+    new, layers = read_runs([run], "cpu")
+    assert layers == 4 and new == again
