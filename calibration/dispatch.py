@@ -22,11 +22,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from aptmoe.atomic import atomic_path
 from aptmoe.costs import MESSAGE_POSTS
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
-from aptmoe.atomic import atomic_path
 from aptmoe.stored import pack, stored_file
 from aptmoe.trace import Trace, block_kind, is_action, is_block_call, is_load
 
