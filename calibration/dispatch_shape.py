@@ -15,6 +15,10 @@ charged it: the profile's `between` times the layers, over what the runs' figure
 (the recompute's and the backward's together where the profile holds the recompute in
 `bwd`). Only stages of other depths, and first or last ones apart, move. The block calls'
 figures (`seconds`) are left as they are.
+
+With `--own-level` the runs' figures are taken as they are, block calls too, at the level of
+the host they ran on: a lease's own dispatch, to predict that lease's runs with beside the
+shipped profile (the profile's message posts kept where the runs, on one rank, have none).
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="aptmoe-run folders of the dispatch probe (results.json, "
                                                       "trace-GPipe.json or .json.xz)")
     p.add_argument("--out", required=True)
+    p.add_argument("--own-level", action="store_true",
+                   help="the runs' own figures at their host's level (a lease's dispatch), not the profile's "
+                        "figures reshaped")
     ns = p.parse_args(argv)
     text = "python -m aptmoe.calibration.dispatch_shape " + shlex.join(argv if argv is not None else sys.argv[1:])
 
@@ -107,11 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         if prof.dispatch is None:
             raise ProfileError(f"{ns.profile} has no dispatch section to reshape")
         new, layers = read_runs(ns.runs, prof.dispatch.device)
-        doc = dataclasses.replace(prof, dispatch=reshape(prof.dispatch, new, layers)).to_dict()
-        doc["sources"]["dispatch.action"] = (
-            f"derived: the profile's between split as {len(ns.runs)} probe runs of {new.samples} block calls "
-            f"split theirs, at the profile's level (calibration/dispatch_shape.py): "
-            + ", ".join(str(r) for r in ns.runs))
+        runs = ", ".join(str(r) for r in ns.runs)
+        if ns.own_level:
+            doc = dataclasses.replace(prof, dispatch=dataclasses.replace(
+                new, post=new.post or prof.dispatch.post)).to_dict()
+            doc["sources"]["dispatch"] = (f"measured: each figure the median of {len(ns.runs)} dispatch probe runs "
+                                          f"({new.samples} block calls) at their host's own level "
+                                          f"(calibration/dispatch_shape.py --own-level): {runs}")
+            doc["sources"].pop("dispatch.action", None)
+        else:
+            doc = dataclasses.replace(prof, dispatch=reshape(prof.dispatch, new, layers)).to_dict()
+            doc["sources"]["dispatch.action"] = (
+                f"derived: the profile's between split as {len(ns.runs)} probe runs of {new.samples} block calls "
+                f"split theirs, at the profile's level (calibration/dispatch_shape.py): " + runs)
         doc["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(prof.to_dict()), text]),
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         return doc
@@ -121,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     d = doc["dispatch"]
     us = {p: round(v * 1e6) for p, v in d["between"].items()}
-    print(f"wrote {ns.out}: {doc['name']}, between {us} us a layer, the actions' own work apart (dispatch.action)")
+    level = "the runs' own level" if ns.own_level else "the profile's level"
+    print(f"wrote {ns.out}: {doc['name']}, between {us} us a layer at {level}, the actions' own work apart "
+          f"(dispatch.action)")
     return 0
 
 

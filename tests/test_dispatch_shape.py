@@ -125,3 +125,26 @@ def test_the_two_gpu_profile_is_its_dispatch_of_before_split_as_its_lease_s_prob
     a, b = after.action, after.between
     assert 4 * b["fwd"] + sum(a["fwd"].values()) == pytest.approx(4 * fwd)
     assert 4 * (b["rec"] + b["bwd"]) + sum(a["rec"].values()) + sum(a["bwd"].values()) == pytest.approx(4 * bwd)
+
+
+def test_own_level_takes_the_runs_figures_as_they_are_and_keeps_the_profile_s_posts(tmp_path, capsys) -> None:
+    """--own-level: a lease's dispatch from its probe runs (block calls, between, actions at the
+    runs' host's level), onto a profile whose actions are apart already; the runs, on one rank,
+    posted no messages, so the profile's posts stay."""
+    from aptmoe.calibration.dispatch_shape import main, read_runs
+
+    runs = [_probe_run(tmp_path / f"r{i}", x) for i, x in enumerate((1.0, 2.0, 3.0))]
+    new, _ = read_runs(runs, "cuda")
+    shipped = load_profile("h200-2gpu")
+    assert shipped.dispatch.action is not None and shipped.dispatch.post
+    out = tmp_path / "lease.json"
+    assert main(["h200-2gpu", *map(str, runs), "--own-level", "--out", str(out)]) == 0
+    assert "at the runs' own level" in capsys.readouterr().out
+    lease = load_profile(str(out))
+    assert lease.dispatch == dataclasses.replace(new, post=shipped.dispatch.post)
+    assert lease.dispatch.between == {"fwd": pytest.approx(0.2)}      # the middle run's, not rescaled
+    doc = json.loads(out.read_text())
+    assert "own level" in doc["sources"]["dispatch"] and "dispatch.action" not in doc["sources"]
+    # everything but the dispatch is the profile's
+    assert dataclasses.replace(lease, dispatch=shipped.dispatch, made_by=shipped.made_by,
+                               sources=shipped.sources) == shipped
