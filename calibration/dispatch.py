@@ -190,9 +190,10 @@ def combine_spans(trace: Trace) -> dict[str, list[float]]:
     for s, calls in _actions(trace):
         inside = [b for b in calls if b.cat != "recompute"]
         for x, y in zip(inside, [*inside[1:], None]):
-            last_call = y is None
-            if block_kind(x.name) == "e" and (last_call or block_kind(y.name) != "e") and not (apart and last_call):
-                out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if last_call else y.start_s) - x.end_s))
+            if y is None and apart:         # the part's last layer: its combine is in the part's end
+                continue
+            if block_kind(x.name) == "e" and (y is None or block_kind(y.name) != "e"):
+                out[CATEGORIES[s.cat]].append(max(0.0, (s.end_s if y is None else y.start_s) - x.end_s))
     return out
 
 

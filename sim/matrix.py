@@ -356,19 +356,27 @@ def ranking(times: dict[str, float]) -> list[str]:
     return sorted(times, key=lambda k: times[k])
 
 
+def _orders_agree(measured: dict[str, float], predicted: dict[str, float], same_plans: list[list[str]],
+                  judged) -> bool:
+    """Every pair of schedules that `judged(a, b)` lets the measurement order, but the runs of
+    one plan (their order is the machine's noise), is ordered the same way by the prediction;
+    schedules not predicted are left out."""
+    names = [n for n in measured if n in predicted]
+    for a, b in itertools.combinations(names, 2):
+        if any(a in g and b in g for g in same_plans) or not judged(a, b):
+            continue
+        if (measured[a] < measured[b]) != (predicted[a] < predicted[b]):
+            return False
+    return True
+
+
 def ranking_right(measured: dict[str, float], predicted: dict[str, float], tie: float = TIE,
                   same_plans: list[list[str]] = ()) -> bool:
     """Every pair of schedules the measurement separates by more than `tie` (relative) is
     ordered the same way by the prediction, but for pairs of one group of `same_plans`: runs
     of one plan did the same work, and which measured faster is the machine's noise."""
-    names = [n for n in measured if n in predicted]
-    for a, b in itertools.combinations(names, 2):
-        ma, mb = measured[a], measured[b]
-        if abs(ma - mb) <= tie * min(ma, mb) or any(a in g and b in g for g in same_plans):
-            continue
-        if (ma < mb) != (predicted[a] < predicted[b]):
-            return False
-    return True
+    return _orders_agree(measured, predicted, same_plans,
+                         lambda a, b: abs(measured[a] - measured[b]) > tie * min(measured[a], measured[b]))
 
 
 def runs_apart(a: list[float], b: list[float]) -> bool:
@@ -388,12 +396,7 @@ def ranking_right_where_runs_apart(measured: dict[str, float], predicted: dict[s
     names = [n for n in measured if n in predicted]
     if not names or any(len(repeats.get(n) or ()) < 2 for n in names):
         return None
-    for a, b in itertools.combinations(names, 2):
-        if any(a in g and b in g for g in same_plans) or not runs_apart(repeats[a], repeats[b]):
-            continue
-        if (measured[a] < measured[b]) != (predicted[a] < predicted[b]):
-            return False
-    return True
+    return _orders_agree(measured, predicted, same_plans, lambda a, b: runs_apart(repeats[a], repeats[b]))
 
 
 def same_plans(real: Path, names) -> list[list[str]]:
