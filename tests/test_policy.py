@@ -683,6 +683,45 @@ def test_policy_through_a_whole_plan(pipeline: str, fwd_only: bool, inter_stage_
             assert backend.cpu_expert_runs > 0        # skewed counts send some experts to the CPU
 
 
+def _queued_items(policy: AptmoePolicy) -> set[tuple]:
+    """(phase, stage, block, its key) of every queued copy: a demand re-queues a block at the
+    head of its phase (a new key)."""
+    return {(phase, s, b, key) for phase, q in policy.queues.items() for (s, b), (key, _) in q.items.items()}
+
+
+@pytest.mark.parametrize("stages", [4, 8])
+def test_aptmoe_wakes_the_copy_engine_only_for_a_copy_it_queued(stages: int) -> None:
+    """`on_work` wakes the executor's copy engine thread (the GIL and the policy's lock, taken
+    from the issuing thread): every call of the compute side that queues a block (or moves
+    one up: to a higher phase, to the head of its own) wakes it, and no other does. Through two iterations of a plan the
+    gates' and predictors' counts queue something a few times only, so most calls stay quiet."""
+    plan = build_plan(cfg_for("APTMoE", stages=stages, micro_batches=3))
+    calls, quiet = 0, 0
+    for rank in range(plan.num_ranks):
+        policy = make_policy(plan, rank, MODEL, COST, threads=THREADS)
+        woke: list[int] = []
+        policy.on_work = lambda: woke.append(1)
+
+        def watched(fn):
+            def call(*args):
+                nonlocal calls, quiet
+                before, n = _queued_items(policy), len(woke)
+                out = fn(*args)
+                gained = bool(_queued_items(policy) - before)
+                assert (len(woke) > n) == gained, (fn.__name__, args[:2], gained)
+                calls += 1
+                quiet += not gained
+                return out
+            return call
+
+        for name in ("gate_counts", "predicted_counts", "backward_placement", "require"):
+            setattr(policy, name, watched(getattr(policy, name)))
+        backend = InstantBackend(plan, rank, policy, seed=rank)
+        for _ in range(2):
+            backend.iteration()
+    assert calls > 0 and quiet > calls // 2, (calls, quiet)
+
+
 # --------------------------------------------------------------------------- CPU experts as observed
 
 
