@@ -126,6 +126,10 @@ class CostSource(Protocol):
         """How long a CPU expert job waits beyond its copies' bytes and its experts' compute
         (an `aptmoe.profile.CpuJob`, or None: nothing more)."""
 
+    def policy_s(self, policy: str, call: str) -> float:
+        """Host seconds the issuing thread spends in one call of the loading policy `policy`
+        ("aptmoe", "stage") of kind `call` (aptmoe/policy_timing.py; 0: not measured)."""
+
     def pacer_late_s(self) -> float:
         """How long after its bytes have passed over the cap a copy on a capped link is seen to
         have landed (the link is free meanwhile; 0: not measured)."""
@@ -163,6 +167,9 @@ class KernelTimeOnly:
 
     def cpu_job(self):
         return None
+
+    def policy_s(self, policy: str, call: str) -> float:
+        return 0.0
 
     def pacer_late_s(self) -> float:
         return 0.0

@@ -97,6 +97,7 @@ class LoadingPolicy(Protocol):
     def predicted_counts(self, stage: int, layer: int, mb: int, counts) -> None: ...
     def gate_counts(self, stage: int, layer: int, mb: int, counts) -> Placement: ...
     def backward_placement(self, stage: int, layer: int) -> Placement: ...
+    def backward_decided(self, stage: int) -> bool: ...
     def forward_placement(self, layer: int, mb: int) -> Placement | None: ...
     def require(self, stage: int, pass_: str, block: Block) -> None: ...
     def next_copy(self) -> Copy | None: ...
@@ -185,6 +186,11 @@ class _PolicyBase:
     def window_open(self, stage: int) -> bool:
         """Whether the stage's parameters may be on the GPU (loaded and not yet dropped)."""
         return stage in self._resident_stages
+
+    def backward_decided(self, stage: int) -> bool:
+        """Whether the stage's backward placement is settled, so that asking for it decides
+        nothing (aptmoe/policy_timing.py): a policy that places by no counts has nothing to decide."""
+        return True
 
     def prime_history(self, layer_totals) -> None:
         """Popularity of the previous step, [layers, E]; what a warm-up step leaves behind."""
@@ -596,6 +602,9 @@ class AptmoePolicy(_PolicyBase):
     def backward_placement(self, stage: int, layer: int) -> Placement:
         self._decide_backward(stage)
         return self._bwd[stage][layer]
+
+    def backward_decided(self, stage: int) -> bool:
+        return stage in self._bwd
 
     def forward_placement(self, layer: int, mb: int) -> Placement | None:
         """Where the forward of (layer, mb) ran this step: CPU experts kept their activations

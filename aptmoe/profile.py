@@ -39,6 +39,10 @@ that the simulator reads directly (DESIGN §3). Its sections:
   peer's send (NCCL's receive kernel holds SMs as it waits; calibration/p2p.py). A block not
   measured takes the median of those that were; absent, or under 1 (noise), a posted receive
   costs nothing;
+- ``policy_host`` (optional): {seconds: {policy: {call: s}}, loop_s}, the host seconds the issuing
+  thread spends in one call of a loading policy ("aptmoe", "stage") of each kind its stage
+  walks make (aptmoe/policy_timing.py `CALLS`; ``backward_decide`` per layer of the stage it
+  decides), and the reference loop timed beside them (aptmoe/policy_timing.py);
 - ``roofline``: exactly the fields of `AnalyticHardware` (LinkSpecs as {latency_s, GBps}),
   the fallback for whatever has no curve.
 
@@ -82,6 +86,10 @@ from aptmoe import stored
 SCHEMA = "aptmoe-calibration/1"
 
 # A `sources` value starts with one of these (the longest match wins when printed).
+# policy_host's keys: aptmoe/policy_timing.py's POLICIES and CALLS (the core's policy module
+# is not imported here: it imports the cost sources this module defines)
+POLICY_HOST_POLICIES = ("aptmoe", "stage")
+POLICY_HOST_CALLS = ("predicted_counts", "gate_counts", "forward_placement", "backward_decide", "backward_placement")
 SOURCE_KINDS = ("measured", "artifact lookup table", "datasheet", "derived", "assumption", "roofline")
 # Sections every profile must account for in `sources`.
 SOURCE_KEYS = ("links.h2d.pinned", "links.h2d.pageable", "links.d2h.pinned", "links.d2h.pageable",
@@ -437,6 +445,18 @@ class RecvWait:
 
 
 @dataclass(frozen=True)
+class PolicyHost:
+    """Host seconds the issuing thread spends in one call of a loading policy, by policy
+    ("aptmoe", "stage") and call kind (aptmoe/policy_timing.py: APTMoE's splits in numpy, tens
+    of microseconds a call, at every layer of every micro-batch), and `loop_s`, the reference
+    loop (aptmoe.host.python_loop_s) timed beside them: the simulator puts them at the dispatch
+    probe's host speed (`ProfileCost.policy_s`). Optional in the schema: without it the
+    policy's answers cost the host nothing."""
+    seconds: dict[str, dict[str, float]]
+    loop_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     made_by: MadeBy
@@ -455,6 +475,7 @@ class Profile:
     pacer: Pacer | None = None
     recv_wait: RecvWait | None = None
     cpu_job: CpuJob | None = None
+    policy_host: PolicyHost | None = None
 
     schema: typing.ClassVar[str] = SCHEMA
 
@@ -518,6 +539,9 @@ class Profile:
             d["cpu_job"] = dataclasses.asdict(self.cpu_job)
         if self.recv_wait is not None:
             d["recv_wait"] = {"blocks": [{"kind": k, "d": w, "slowdown": x} for k, w, x in self.recv_wait.blocks]}
+        if self.policy_host is not None:
+            d["policy_host"] = {"seconds": {p: dict(sorted(c.items())) for p, c in sorted(self.policy_host.seconds.items())},
+                                **({"loop_s": self.policy_host.loop_s} if self.policy_host.loop_s is not None else {})}
         return d
 
     def to_json(self) -> str:
@@ -681,7 +705,7 @@ class _Parser:
         d = self.obj(data, "", ("schema", "name", "made_by", "hardware", "skipped", "sources", "links",
                                 "gpu", "cpu_expert", "adam", "roofline"), ("description", "dispatch", "host_memory",
                                                                     "issue_tolls", "pacer", "recv_wait",
-                                                                    "cpu_job"))
+                                                                    "cpu_job", "policy_host"))
         description = d.get("description", "")
         if not isinstance(description, str):
             self.fail("description", "must be a string")
@@ -704,7 +728,27 @@ class _Parser:
                                     positive=False, unit="s")) if "pacer" in d else None,
             recv_wait=self.recv_wait(d["recv_wait"]) if "recv_wait" in d else None,
             cpu_job=self.cpu_job(d["cpu_job"]) if "cpu_job" in d else None,
+            policy_host=self.policy_host(d["policy_host"]) if "policy_host" in d else None,
         )
+
+    def policy_host(self, data: Any) -> PolicyHost:
+        d = self.obj(data, "policy_host", ("seconds",), ("loop_s",))
+        if not isinstance(d["seconds"], dict) or not d["seconds"]:
+            self.fail("policy_host.seconds", "must be a non-empty object {policy: {call: seconds}}")
+        seconds = {}
+        for policy, calls in d["seconds"].items():
+            where = f"policy_host.seconds.{policy}"
+            if policy not in POLICY_HOST_POLICIES:
+                self.fail(where, f"is not a loading policy; use one of {', '.join(POLICY_HOST_POLICIES)}")
+            if not isinstance(calls, dict):
+                self.fail(where, f"must be an object {{call: seconds}}, got {type(calls).__name__}")
+            for call in calls:
+                if call not in POLICY_HOST_CALLS:
+                    self.fail(f"{where}.{call}", f"is not a policy call the stage walks make; use one of "
+                                                 f"{', '.join(POLICY_HOST_CALLS)}")
+            seconds[policy] = {c: self.number(v, f"{where}.{c}", positive=False, unit="s") for c, v in calls.items()}
+        loop_s = self.number(d["loop_s"], "policy_host.loop_s", unit="s") if "loop_s" in d else None
+        return PolicyHost(seconds, loop_s)
 
     def cpu_job(self, data: Any) -> CpuJob:
         fields = tuple(f.name for f in dataclasses.fields(CpuJob))
@@ -1367,6 +1411,19 @@ class ProfileCost:
         if self.profile.cpu_job is None and self.profile.dispatch is not None:
             self.fallbacks.add("cpu job: not measured, a CPU job takes its copies and its experts only")
         return self.profile.cpu_job
+
+    def policy_s(self, policy: str, call: str) -> float:
+        """Host seconds of one call of the loading policy `policy` ("aptmoe", "stage") of kind
+        `call` (aptmoe/policy_timing.py `CALLS`), at the dispatch probe's host speed where both
+        timed the reference loop; 0 where not measured."""
+        p = self.profile.policy_host
+        if p is None:
+            return 0.0
+        s = p.seconds.get(policy, {}).get(call, 0.0)
+        d = self.profile.dispatch
+        if p.loop_s and d is not None and d.loop_s:
+            s *= d.loop_s / p.loop_s
+        return s
 
     def issue_tolls(self) -> IssueTolls | None:
         """What the issuing thread loses to the rank's other threads (None: not measured,

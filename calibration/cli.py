@@ -3,7 +3,7 @@
     aptmoe-calibrate --out my-host.json                 # full: links, GPU blocks, CPU experts, Adam
     aptmoe-calibrate --out my-host.json --quick         # fewer sizes and repetitions (< 1 min on a laptop)
     aptmoe-calibrate --out h200.json --models S,M --dtypes bf16 --threads 16,32,64
-    aptmoe-calibrate --out lease.json --base h200-2gpu --skip links,gpu,adam,dispatch,memory,p2p,tolls,pacer,cpujob \
+    aptmoe-calibrate --out lease.json --base h200-2gpu --skip links,gpu,adam,dispatch,memory,p2p,tolls,pacer,cpujob,policy \
         --models M --threads 14,16 --dtypes fp32  # MoE-M's CPU experts again, the rest from h200-2gpu
 
 Without a GPU it profiles the CPU parts and says, in the file and here, what it skipped; the
@@ -30,7 +30,7 @@ from aptmoe.run_process import ExecutorFailed
 PROG = "aptmoe-calibrate"
 MODEL_SIZES = ("S", "M", "L")                 # the config presets (Table I)
 # the profiler's parts that --skip can leave out
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob", "policy")
 
 
 class UsageError(ValueError):

@@ -27,7 +27,7 @@ from aptmoe import version
 from aptmoe.profile import ProfileError, load_profile
 
 SECTIONS = ("links", "gpu", "cpu_expert", "adam", "dispatch", "host_memory", "issue_tolls", "pacer", "recv_wait",
-            "cpu_job")
+            "cpu_job", "policy_host")
 # roofline fields measured from each section (calibration/profiler.py's overrides)
 ROOFLINE_FIELDS = {
     "links": ("h2d", "d2h", "root_GBps", "p2p_intra"),
@@ -40,6 +40,7 @@ ROOFLINE_FIELDS = {
     "pacer": (),
     "recv_wait": (),
     "cpu_job": (),
+    "policy_host": (),
 }
 
 

@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 import psutil
 import torch
 
-from aptmoe.analytic_cost import AnalyticHardware, a800_pcie_hardware, h200_hardware
+from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
 from aptmoe.calibration import cpu_ranks
 from aptmoe.calibration.cpu_jobs import PROBE as CPU_JOB_PROBE
@@ -64,16 +64,19 @@ from aptmoe.calibration.reference import fit_link
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
 from aptmoe.config import moe_model
 from aptmoe.host import allowed_cores, physical_cores
+from aptmoe.policy_timing import Shape as PolicyShape
+from aptmoe.policy_timing import measure_policy_host
 from aptmoe.exec import model as exec_model
 from aptmoe.exec.block_adam import FUSED_CPU, BlockAdam
 from aptmoe.costs import LinkSpec
 from aptmoe.isotonic import pava
-from aptmoe.profile import (Adam, CpuCurve, CpuJob, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, Profile, RecvWait,
-                            Skipped, nearest_count)
+from aptmoe.profile import (Adam, CpuCurve, CpuJob, Dispatch, GpuCurve, Hardware, HostMemory, IssueTolls, LinkFit, Pacer, Links, MadeBy, PolicyHost, Profile,
+                            RecvWait, Skipped, nearest_count)
 
+POLICY_SHAPE = PolicyShape()             # the plans the policies are timed through
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what --skip can leave out
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob")
+PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob", "policy")
 MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
@@ -458,6 +461,7 @@ class Measured:
     cpu_job_refused: str = ""                # why the CPU-job probe measured nothing (too few jobs)
     recv_wait: dict[tuple[str, int], float] = field(default_factory=dict)   # (kind, d) -> beside / alone (p2p part)
     recv_backend: str = ""
+    policy_host: PolicyHost | None = None
 
 
 def _keep_p2p(m: Measured, backend: str, measured: P2P) -> None:
@@ -963,6 +967,8 @@ def skipped_parts(opts: Options, machine: Machine) -> list[Skipped]:
                                           "never waits for the links' copies"))
     if "pacer" in opts.skip:
         out.append(Skipped("pacer", "--skip pacer: a capped copy lands exactly when its bytes have passed over the cap"))
+    if "policy" in opts.skip:
+        out.append(Skipped("policy_host", "--skip policy: the loading policy's answers cost the issuing thread nothing"))
     if "tolls" in opts.skip:
         out.append(Skipped("issue_tolls", "--skip tolls: the issuing thread is as fast beside copies and CPU "
                                           "jobs as alone"))
@@ -1071,6 +1077,9 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         where = f"cuda:{gpus[0]}" if gpus and opts.blocks_on != "cpu" else "cpu"
         m.pacer_device = where
         add("pacer", lambda: setattr(m, "pacer_late", measure_pacer_late(device=where)))
+    if "policy" not in opts.skip:
+        # host work alone (numpy and Python on this thread): the same on CPU-only machines
+        add("policy", lambda: setattr(m, "policy_host", _measure_policy_host(machine)))
     if "tolls" not in opts.skip and gpus and opts.blocks_on != "cpu":
         add("issue tolls", lambda: setattr(m, "issue_tolls", measure_issue_tolls(rounds=sizes.toll_rounds,
                                                                          say=m.issue_tolls_notes.append)))
@@ -1088,6 +1097,16 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
         add(f"dispatch {device}",
             lambda: setattr(m, "dispatch", measure_dispatch(device, probe_ranks, opts.dispatch_repeats)))
     return tasks
+
+
+def _measure_policy_host(machine) -> PolicyHost:
+    """The loading policies' calls timed on this host (aptmoe/policy_timing.py). Their splits
+    weigh loads against CPU experts with the roofline preset's figures: what they decide moves
+    their cost little, and the profile's own curves are not measured yet."""
+    model = moe_model("S", POLICY_SHAPE.experts, num_layers=POLICY_SHAPE.layers)
+    ph = measure_policy_host(AnalyticCost(model, roofline_preset(machine.gpu_name)[0]), POLICY_SHAPE)
+    return PolicyHost({p: {c: round_sig(x) for c, x in calls.items()} for p, calls in ph.seconds.items()},
+                      round_sig(ph.loop_s))
 
 
 # --------------------------------------------------------------------------- the profile
@@ -1347,6 +1366,13 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     _rate_overrides(m, a)
     if m.host_memory:
         a.sources["host_memory"] = host_memory_source(m.host_memory)
+    if m.policy_host is not None:
+        sh = POLICY_SHAPE
+        a.sources["policy_host"] = (f"measured: each loading policy driven on one rank through plans of an MoE of "
+                                    f"{sh.experts} experts and {sh.layers} layers (one and two a stage), "
+                                    f"{sh.micro_batches} micro-batches, G {sh.gini}, {sh.steps} steps, copies landing "
+                                    f"at once: the median host seconds of each kind of call the stage walks make, and "
+                                    f"the reference loop beside them (aptmoe/policy_timing.py)")
     if m.pacer_late is not None:
         a.sources["pacer"] = (f"measured: how long after its slot each of {PACER_COPIES} copies of {PACER_BYTES >> 10} "
                               f"KiB (host to {m.pacer_device}), alone on a Link "
@@ -1418,7 +1444,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         pacer=None if m.pacer_late is None else Pacer(round_sig(m.pacer_late)),
         cpu_job=None if m.cpu_job is None else CpuJob(*(round_sig(x) for x in dataclasses.astuple(m.cpu_job))),
         recv_wait=RecvWait(tuple((k, d, round_sig(x)) for (k, d), x in sorted(m.recv_wait.items())))
-        if m.recv_wait else None)
+        if m.recv_wait else None,
+        policy_host=m.policy_host)
 
 
 def _roofline_json(hw: AnalyticHardware) -> dict[str, object]:

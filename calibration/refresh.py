@@ -1,6 +1,6 @@
 """A calibration of some parts put onto an existing profile: `aptmoe-calibrate --base PROFILE`.
 
-    aptmoe-calibrate --base h200-2gpu --skip links,gpu,adam,dispatch,memory,p2p,tolls,pacer,cpujob \
+    aptmoe-calibrate --base h200-2gpu --skip links,gpu,adam,dispatch,memory,p2p,tolls,pacer,cpujob,policy \
         --models M --threads 14,16 --dtypes fp32 --out lease.json
     python -m aptmoe.calibration.refresh h200-2gpu cpu-1.json --out lease.json   # a calibration made before
 

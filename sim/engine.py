@@ -33,6 +33,7 @@ from aptmoe.memory import MemoryModel, adam_chunks
 from aptmoe.plan.actions import RECEIVES, Action, Block, BlockKind, Kind
 from aptmoe.plan.plan import Plan
 from aptmoe.policy import Copy, make_policy
+from aptmoe.policy_timing import WalkCalls
 from aptmoe.popularity import IterationCounts
 from aptmoe.replayed_placements import ReplayedPolicy, RunPlacements
 from aptmoe.stage_walk import (
@@ -232,6 +233,10 @@ class RankModel:
                 self._alloc(s, step.mem.param_bytes(ly) + step.mem.adam_bytes(ly)
                             + (0 if self.plan.fwd_only else step.mem.grad_bytes(ly)), "resident parameters")
         self.base_used = self.used            # what stays allocated between steps
+        # The policy as the stage walks ask it: each answer costs the issuing thread its host
+        # seconds (Profile.policy_host), charged before the step it leads to (`_walked`)
+        self.policy_owed = 0.0
+        self.walk_policy = None if policy is None else WalkCalls(policy, self.layers, self._charged)
         if policy is not None:
             policy.on_work = self._poke
             if history is not None:
@@ -589,6 +594,16 @@ class RankModel:
                                  + (self.cost.action_s(pass_, extra)
                                     if stage == (0 if extra == "first" else self.last_stage) else 0.0))
 
+    def _charged(self, kind: str, per: int, fn, *args):
+        self.policy_owed += per * self.cost.policy_s(self.plan.policy, kind)
+        return fn(*args)
+
+    def _pay_policy(self):
+        """The host time of the policy calls the stage walk made for its next step (APTMoE's
+        gate and predictor counts, between a layer's gate and its experts), before the step."""
+        owed, self.policy_owed = self.policy_owed, 0.0
+        yield from self._between(owed)
+
     def _between(self, b: float):
         """`b` seconds of the host's work between a layer's blocks: on a GPU it delays only the
         host's clock."""
@@ -617,8 +632,9 @@ class RankModel:
         self._alloc(s, kept, "activations")
         c = self.step.counts
         yield from self._action_part(s, "fwd", "start")           # on stage 0 the embedding
-        for step in forward_walk(s, m, self.layers[s], self.policy, c.counts, c.predicted,
+        for step in forward_walk(s, m, self.layers[s], self.walk_policy, c.counts, c.predicted,
                                  moe=self.cfg.model.is_moe):
+            yield from self._pay_policy()
             yield from self._run(a, step)
         yield from self._action_part(s, "fwd", "end")             # on the last stage the loss
         if self.plan.fwd_only:
@@ -635,7 +651,7 @@ class RankModel:
         if recompute:
             yield from self._action_part(s, "rec", "start")       # on stage 0 the embedding again
         own = False
-        for step in backward_walk(s, m, layers, self.policy, self.step.counts.counts, moe=model.is_moe,
+        for step in backward_walk(s, m, layers, self.walk_policy, self.step.counts.counts, moe=model.is_moe,
                                   recompute=recompute):
             if step.cat != "recompute" and not own:
                 own = True
@@ -653,6 +669,7 @@ class RankModel:
                 self.grad_blocks[s].update((b, model.block_bytes(b.kind.value)) for b in blocks)
                 self.grad_bytes[s] += grads
                 self._alloc(s, grads, "gradients")
+            yield from self._pay_policy()
             yield from self._run(a, step)
         yield from self._action_part(s, "bwd", "end")             # on stage 0 the embedding's backward
         self._free(work + self.step.mem.saved_bytes(layers, recompute))

@@ -1156,14 +1156,15 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
     The lease's host was faster when calibrated than in the runs after. Since session 32 gave
     h200-1gpu its CPU jobs' waits (`cpu_job`, which it had lacked): 8.5% with it as shipped;
     since session 33 set each action's own host work apart (its one-layer stages' start and
-    end, charged once each): 10.1%, the worst 11.3%."""
+    end, charged once each): 10.1%, the worst 11.3%; with the policy's answers charged to the
+    issuing thread (session 35, `policy_host`), the worst 11.4%."""
     lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
     _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
                worst_run="M4x8-G0.5-native-1gpu APTMoE")
-    _held_back(shipped, (0.101, 0.114), runs=4, ranking_right=1, ranking_strict=0)
+    _held_back(shipped, (0.102, 0.115), runs=4, ranking_right=1, ranking_strict=0)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
     assert all(r["error"] > 0.06 for r in shipped["runs"] if r["pipeline"] in offloading)
@@ -1238,10 +1239,13 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
     time); the ranking right in 2 of 4 (both native S cells: Mobius measured 11-16% ahead of
     APTMoE, predicted tied). The M cell within 6.7%. With the dispatch of before (its actions'
     own work spread over the probe's layers) every offloading schedule's time over GPipe's, in
-    the three S cells, is further from the runs'."""
+    the three S cells, is further from the runs'. With APTMoE's policy answers charged to the
+    issuing thread (session 35, `policy_host`) the S G0.45 cell is ranked right by the 3% rule
+    too, by a hair: Mobius predicted 0.2% ahead of APTMoE (0.479 and 0.481 s), 16% in the runs.
+    3 of 4."""
     shipped = _repredicted("validation-h200-v13-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V13_1GPU])
-    _held_back(shipped, (0.088, 0.62), runs=16, configs=4, ranking_right=2, ranking_strict=2,
+    _held_back(shipped, (0.088, 0.62), runs=16, configs=4, ranking_right=3, ranking_strict=3,
                worst_run="S8x8-G0.45-native-1gpu GPipe")
     m = [abs(r["error"]) for r in shipped["runs"] if r["model"] == "M"]
     assert len(m) == 4 and max(m) <= 0.068, m
@@ -1278,9 +1282,11 @@ def test_a_fresh_s_cell_on_two_gpus_whose_runs_interleave(tmp_path, monkeypatch)
     set apart (the cell ran before; nothing was fitted to it): 17.1%, the worst 22.2% (APTMoE),
     every schedule predicted fast. GPipe's three runs took 0.145, 0.191 and 0.213 s a step, and
     it is predicted at 0.154; Mobius's and APTMoE's runs interleave, so the ranking is right
-    where the runs order the schedules, and wrong by the 3% tie rule."""
+    where the runs order the schedules, and wrong by the 3% tie rule. With APTMoE's policy
+    answers charged to the issuing thread (session 35, `policy_host`): the worst 21.5%, and the
+    ranking right by the 3% rule too."""
     report = _repredicted("validation-h200-2gpu-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-2gpu", *V14])
-    _held_back(report, (0.172, 0.223), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.172, 0.216), runs=4, configs=1, ranking_right=1, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.45-native-2gpu APTMoE")
     assert all(r["error"] < -0.04 for r in report["runs"])
     gpipe = next(r for r in report["runs"] if r["pipeline"] == "GPipe")
@@ -1476,3 +1482,4 @@ def test_block_staircase_script_finds_the_tiles_the_blocks_were_timed_in(tmp_pat
     assert rows["L fwd tiles of 64"] == (58, pytest.approx(0.0, abs=0.05))
     assert rows["L fwd line"][1] > 3 and rows["L fwd tiles of 128"][1] > 3
     assert script.main([str(tmp_path / "none")]) == 2
+

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from aptmoe.calibration.merge import SECTIONS
 from aptmoe.calibration.refresh import main, measured_sections, onto_base
 from aptmoe.profile import Profile, ProfileError, load_profile
 
@@ -18,9 +19,7 @@ def _run(measured: tuple[str, ...], **changes) -> dict:
     listed as skipped), with `changes` to its sections."""
     new = copy.deepcopy(BASE)
     new["made_by"] = {**new["made_by"], "command": "aptmoe-calibrate --out new.json", "date": "2026-11-30T21:00:00"}
-    new["skipped"] = [{"part": s, "reason": "--skip"} for s in ("links", "gpu", "cpu_expert", "adam", "dispatch",
-                                                              "host_memory", "issue_tolls", "pacer", "recv_wait",
-                                                              "cpu_job", "links.p2p.intra_node")
+    new["skipped"] = [{"part": s, "reason": "--skip"} for s in (*SECTIONS, "links.p2p.intra_node")
                       if s not in measured and not (s == "links.p2p.intra_node" and "p2p" in measured)]
     new["skipped"].append({"part": "links.p2p.inter_node", "reason": "one host"})
     new.update(changes)
