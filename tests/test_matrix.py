@@ -1483,3 +1483,23 @@ def test_block_staircase_script_finds_the_tiles_the_blocks_were_timed_in(tmp_pat
     assert rows["L fwd line"][1] > 3 and rows["L fwd tiles of 128"][1] > 3
     assert script.main([str(tmp_path / "none")]) == 2
 
+
+V15_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "S:8:8:8,M:4:4:8", "--gini", "0.5,0.4",
+            "--links", "native", "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_two_fresh_one_gpu_cells_after_the_policy_stopped_waking_the_copy_engine(tmp_path, monkeypatch) -> None:
+    """Session 35 (docs/validation-h200-v15-fresh): S8x8 at G 0.5 and M4x8 at G 0.4, native, one
+    GPU, three runs a schedule, run by the executor whose APTMoE policy wakes its copy engine
+    only for a copy (c585eb8), held back, predicted with h200-1gpu as shipped, its policy's
+    answers charged to the issuing thread (`policy_host`, timed on the lease before the cells):
+    5.9%, the worst 31.3% (S8 GPipe: the lease's host ran its reference loop at 0.64x the
+    profile's). The ranking right in both cells; without `policy_host` the S cell's APTMoE is
+    predicted 0.3% ahead of Mobius, which ran 20% ahead of it at the medians."""
+    report = _repredicted("validation-h200-v15-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V15_1GPU])
+    _held_back(report, (0.060, 0.313), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
+               worst_run="S8x8-G0.5-native-1gpu GPipe")
+    m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
+    assert len(m) == 4 and max(m) <= 0.063, m
+    s = {r["pipeline"]: r for r in report["runs"] if r["model"] == "S"}
+    assert s["Mobius"]["predicted_s"] < s["APTMoE"]["predicted_s"] and s["Mobius"]["measured_s"] < s["APTMoE"]["measured_s"]
