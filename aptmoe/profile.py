@@ -85,11 +85,11 @@ from aptmoe import stored
 
 SCHEMA = "aptmoe-calibration/1"
 
-# A `sources` value starts with one of these (the longest match wins when printed).
 # policy_host's keys: aptmoe/policy_timing.py's POLICIES and CALLS (the core's policy module
 # is not imported here: it imports the cost sources this module defines)
 POLICY_HOST_POLICIES = ("aptmoe", "stage")
 POLICY_HOST_CALLS = ("predicted_counts", "gate_counts", "forward_placement", "backward_decide", "backward_placement")
+# A `sources` value starts with one of these (the longest match wins when printed).
 SOURCE_KINDS = ("measured", "artifact lookup table", "datasheet", "derived", "assumption", "roofline")
 # Sections every profile must account for in `sources`.
 SOURCE_KEYS = ("links.h2d.pinned", "links.h2d.pageable", "links.d2h.pinned", "links.d2h.pageable",
