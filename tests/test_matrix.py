@@ -742,11 +742,14 @@ H200_STORED = {
 # probe alone for the executor's host cost, which changed): v7 3.8% (4.5%), v8 4.1% (6.3%),
 # v9 3.4% (2.1%); worst 36.5, 31.1 and 47.2%, all S8 GPipe runs. Since session 33 set each
 # action's own host work apart from its layers' (Dispatch.action): v7 4.25% (4.7%), v8 3.7%
-# (6.3%), v9 3.3% (1.9%); worst 28.5, 25.0 and 39.6%.
+# (6.3%), v9 3.3% (1.9%); worst 28.5, 25.0 and 39.6%. Since session 35 pooled h200-1gpu's CPU
+# Adam over all nine one-GPU calibrations of it (0.299 -> 0.262 ns/param at 14 threads): v7 3.5%
+# (3.5%), v8 6.0% (6.4%), v9 3.9% (3.6%). These grids ran before 78e32c9 confined a rank's other
+# threads off the CPU worker's cores; today's executor's sets improve (docs/measured/session35).
 H200_POOLED = {
     "validation-h200-v7": {"all": (0.045, 0.37), "held-back": (0.05, 0.33)},
-    "validation-h200-v8": {"all": (0.045, 0.32), "held-back": (0.065, 0.32)},
-    "validation-h200-v9": {"all": (0.035, 0.48), "held-back": (0.025, 0.48)},
+    "validation-h200-v8": {"all": (0.061, 0.32), "held-back": (0.065, 0.32)},
+    "validation-h200-v9": {"all": (0.04, 0.48), "held-back": (0.037, 0.48)},
 }
 
 
@@ -1157,17 +1160,18 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
     h200-1gpu its CPU jobs' waits (`cpu_job`, which it had lacked): 8.5% with it as shipped;
     since session 33 set each action's own host work apart (its one-layer stages' start and
     end, charged once each): 10.1%, the worst 11.3%; with the policy's answers charged to the
-    issuing thread (session 35, `policy_host`), the worst 11.4%."""
+    issuing thread (session 35, `policy_host`), the worst 11.4%. With h200-1gpu's CPU Adam the
+    median of all nine one-GPU calibrations (session 35): 1.7%, the worst 2.2%."""
     lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
     _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
                worst_run="M4x8-G0.5-native-1gpu APTMoE")
-    _held_back(shipped, (0.102, 0.115), runs=4, ranking_right=1, ranking_strict=0)
+    _held_back(shipped, (0.018, 0.022), runs=4, ranking_right=1, ranking_strict=0)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
-    assert all(r["error"] > 0.06 for r in shipped["runs"] if r["pipeline"] in offloading)
+    assert all(abs(r["error"]) < 0.023 for r in shipped["runs"] if r["pipeline"] in offloading)
     doc = json.loads(read_text(stored_file(DOCS / "validation-h200-v10-fresh" / "cells" / "M4x8-G0.5-native-1gpu"
                                            / "profile.json")))
     assert doc["name"] == "h200-1gpu-lease" and "copies_beside_adam" in doc["host_memory"]
@@ -1184,13 +1188,16 @@ def test_four_fresh_one_gpu_cells_planned_with_the_shipped_profile(tmp_path, mon
     ranking right in 4 of 4 with ties, 3 strictly; the M cells alone 1.1%, the worst 4.6%.
     Predicted with the lease's Adam, timed just before the native M cell, its offloading
     schedules come out 8.5-10.2% fast. Since session 33 set each action's own host work apart
-    from its layers': 1.4%, the worst 15.9% (S GPipe); the M cells 1.2%, the worst 3.5%."""
+    from its layers': 1.4%, the worst 15.9% (S GPipe); the M cells 1.2%, the worst 3.5%. With
+    h200-1gpu's CPU Adam the median of all nine one-GPU calibrations (session 35): 1.9%, the M
+    cells 3.0%, the worst 8.4% (the native cell's offloading schedules now predicted fast: this
+    lease's runs put their Adam chunks at 0.279-0.288 ns/param, the profile at 0.262)."""
     report = _repredicted("validation-h200-v11-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V11_1GPU])
-    _held_back(report, (0.015, 0.16), runs=16, configs=4, ranking_right=4, ranking_strict=3,
+    _held_back(report, (0.019, 0.16), runs=16, configs=4, ranking_right=4, ranking_strict=3,
                worst_run="S8x8-G0.45-cap8-1gpu GPipe")
     m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
-    assert len(m) == 8 and statistics.median(m) <= 0.013 and max(m) <= 0.047, m
+    assert len(m) == 8 and statistics.median(m) <= 0.030 and max(m) <= 0.085, m
     # the lease's figures as `lease-adam` puts them onto h200-1gpu: its Adam, its copies beside Adam
     lease = json.loads((DOCS / "measured" / "session31" / "lease-adam-before.json").read_text())
     profile = tmp_path / "lease.json"
@@ -1242,10 +1249,11 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
     the three S cells, is further from the runs'. With APTMoE's policy answers charged to the
     issuing thread (session 35, `policy_host`) the S G0.45 cell is ranked right by the 3% rule
     too, by a hair: Mobius predicted 0.2% ahead of APTMoE (0.479 and 0.481 s), 16% in the runs.
-    3 of 4."""
+    3 of 4. With h200-1gpu's CPU Adam the median of all nine one-GPU calibrations (session 35):
+    9.2%, the M cell within 5.2%, predicted fast now."""
     shipped = _repredicted("validation-h200-v13-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V13_1GPU])
-    _held_back(shipped, (0.088, 0.62), runs=16, configs=4, ranking_right=3, ranking_strict=3,
+    _held_back(shipped, (0.092, 0.62), runs=16, configs=4, ranking_right=3, ranking_strict=3,
                worst_run="S8x8-G0.45-native-1gpu GPipe")
     m = [abs(r["error"]) for r in shipped["runs"] if r["model"] == "M"]
     assert len(m) == 4 and max(m) <= 0.068, m
@@ -1316,10 +1324,11 @@ def test_a_fresh_l_cell_on_one_gpu_capped(tmp_path, monkeypatch) -> None:
     schedule (each within 1.2% of the others), held back, planned and predicted with h200-1gpu
     as shipped: 0.4%, the worst 1.8% (APTMoE, predicted slow), the ranking right strictly.
     This lease's own dispatch probe moves no prediction by 0.1%: the cell's calls are not bound
-    by their issue."""
+    by their issue. With h200-1gpu's CPU Adam the median of all nine one-GPU calibrations
+    (session 35): 0.5%, the worst 0.6% (Mobius)."""
     report = _repredicted("validation-h200-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V14_1GPU])
-    _held_back(report, (0.005, 0.019), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
-               worst_run="L2x8-G0.55-cap8-1gpu APTMoE")
+    _held_back(report, (0.005, 0.007), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
+               worst_run="L2x8-G0.55-cap8-1gpu Mobius")
 
 
 def test_the_summary_shows_the_runs_apart_ranking_only_where_configs_ran_again() -> None:
@@ -1514,10 +1523,12 @@ def test_a_fresh_s_cell_whose_lease_probe_ran_faster_than_its_runs(tmp_path, mon
     schedule, the executor of c585eb8, held back, predicted with h200-1gpu as shipped: 5.4%,
     the worst 10.1% (GPipe); APTMoE predicted 0.5% ahead of Mobius, which ran 3.6% ahead at the
     medians, so wrong by the 3% rule and right where the runs (which interleave) order them.
-    The lease's own probe, at its own level, predicts every schedule 24-32% fast."""
+    The lease's own probe, at its own level, predicts every schedule 25-33% fast. With
+    h200-1gpu's CPU Adam the median of all nine one-GPU calibrations (session 35): 6.0%, the
+    worst 10.1%."""
     report = _repredicted("validation-h200-v16-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V16_1GPU])
-    _held_back(report, (0.055, 0.102), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.060, 0.101), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.4-native-1gpu GPipe")
     from aptmoe.calibration import dispatch_shape
 
@@ -1528,4 +1539,4 @@ def test_a_fresh_s_cell_whose_lease_probe_ran_faster_than_its_runs(tmp_path, mon
                                 "--own-level", "--out", str(lease)]) == 0
     own = _repredicted("validation-h200-v16-fresh", tmp_path / "lease", monkeypatch,
                        ["--calibration", str(lease), *V16_1GPU])
-    assert all(-0.33 < r["error"] < -0.23 for r in own["runs"]), [r["error"] for r in own["runs"]]
+    assert all(-0.34 < r["error"] < -0.24 for r in own["runs"]), [r["error"] for r in own["runs"]]
