@@ -234,7 +234,7 @@ class RankModel:
                             + (0 if self.plan.fwd_only else step.mem.grad_bytes(ly)), "resident parameters")
         self.base_used = self.used            # what stays allocated between steps
         # The policy as the stage walks ask it: each answer costs the issuing thread its host
-        # seconds (Profile.policy_host), charged before the step it leads to (`_walked`)
+        # seconds (Profile.policy_host), charged before the step it leads to (`_pay_policy`)
         self.policy_owed = 0.0
         self.walk_policy = None if policy is None else WalkCalls(policy, self.layers, self._charged)
         if policy is not None:

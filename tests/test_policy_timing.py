@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from aptmoe.analytic_cost import AnalyticCost, h200_hardware
@@ -43,7 +45,7 @@ def test_walk_calls_decide_each_stage_once_per_backward() -> None:
     policy: AptmoePolicy = aptmoe_policy(stages=4)
     seen = []
     walk = WalkCalls(policy, policy.layers, lambda kind, per, fn, *args: (seen.append((kind, per)), fn(*args))[1])
-    counts = __import__("numpy").full((8, 2, 8), 64)
+    counts = np.full((8, 2, 8), 64)
     policy.stage_load_begins(2, "B")
     for mb in range(2):
         list(backward_walk(2, mb, policy.layers[2], walk, counts, moe=True, recompute=True))
@@ -110,7 +112,8 @@ def test_aptmoe_on_a_host_bound_step_pays_for_its_answers() -> None:
     from aptmoe.config import RunConfig
     from aptmoe.sim.simulate import simulate
 
-    doc = json.loads(open("docs/validation-h200-v13-fresh/cells/S8x8-G0.45-native-1gpu/real/results.json").read())
+    doc = json.loads((Path(__file__).resolve().parents[1] / "docs" / "validation-h200-v13-fresh" / "cells"
+                      / "S8x8-G0.45-native-1gpu" / "real" / "results.json").read_text())
     prof = load_profile("h200-1gpu").with_(policy_host=None)
     ph = PolicyHost({"aptmoe": {"gate_counts": 1e-4, "predicted_counts": 1e-4, "backward_decide": 3e-4},
                      "stage": {"gate_counts": 1e-6}}, loop_s=prof.dispatch.loop_s)
