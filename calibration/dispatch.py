@@ -66,9 +66,22 @@ def on_ranks(probe: list[str], device: str, ranks: int) -> list[str]:
     return [*probe, "--device", device, "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
 
 
+# The dispatch probe loads every kernel at start, as `aptmoe-sim validate` and the matrix run
+# the executor (KERNEL_LOADING_WHY in sim/validate.py): a probe should time the executor as the
+# runs its figures predict run. On one-GPU H200 leases, ten probe runs of each loading,
+# alternated in pairs, took a median 1.134x as long a step eager as lazy (8 of the 10 pairs
+# slower eager), their reference loops too (1.18x): the whole process, not its launches alone
+# (docs/measured/session36). The other probes keep the environment's loading: the loaded and
+# own-calls probes calibrate a difference or a ratio within one run; the CPU jobs' phases have
+# not been timed eager.
+PROBE_KERNEL_LOADING = "eager"
+
+
 def probe_args(device: str, ranks: int, wide: bool | str = False) -> list[str]:
-    """`wide`: False for the tiny probe, True or a preset's size (S, M, L) for the probe at its widths."""
-    return on_ranks(wide_probe("S" if wide is True else wide) if wide else PROBE, device, ranks)
+    """`wide`: False for the tiny probe, True or a preset's size (S, M, L) for the probe at its
+    widths. On a GPU with the matrix's kernel loading (`PROBE_KERNEL_LOADING`)."""
+    args = on_ranks(wide_probe("S" if wide is True else wide) if wide else PROBE, device, ranks)
+    return [*args, "--kernel-loading", PROBE_KERNEL_LOADING] if device == "cuda" else args
 
 
 def _blocks(trace: Trace) -> list:

@@ -49,7 +49,7 @@ from aptmoe import version
 from aptmoe.calibration import cpu_ranks
 from aptmoe.calibration.cpu_jobs import PROBE as CPU_JOB_PROBE
 from aptmoe.calibration.cpu_jobs import measure_cpu_job
-from aptmoe.calibration.dispatch import PROBE, measure_dispatch
+from aptmoe.calibration.dispatch import PROBE, PROBE_KERNEL_LOADING, measure_dispatch
 from aptmoe.calibration.issue_tolls import CAP_GBps, COPY_MIB, measure_issue_tolls
 from aptmoe.calibration.own_calls import PROBE as OWN_CALLS_PROBE
 from aptmoe.calibration.pacer import CAP_GBps as PACER_CAP
@@ -1402,6 +1402,7 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
         a.sources["dispatch"] = (f"measured: median span of each block kind and direction in aptmoe-run's own GPipe "
                                  f"trace ({m.dispatch.device}, {m.dispatch.samples} block calls{runs}{ranks}) on a model too "
                                  f"small to compute: {' '.join(PROBE)}"
+                                 + (f" --kernel-loading {PROBE_KERNEL_LOADING}" if m.dispatch.device == "cuda" else "")
                                  + ("" if m.dispatch.loop_s is None else
                                     f"; loop_s: its ranks' reference loop (aptmoe.host.python_loop_s) around the "
                                     f"steps, {m.dispatch.loop_s * 1e3:.2f} ms")

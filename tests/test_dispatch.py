@@ -278,6 +278,21 @@ def test_the_wide_probe_is_the_probe_at_moe_s_widths() -> None:
     assert wide[wide.index("--num_layers") + 1] == str(PROBE_FLAGS["num_layers"])
 
 
+def test_the_probe_loads_kernels_as_the_runs_it_predicts_do() -> None:
+    """On a GPU the probe runs with validate's (and the matrix's) kernel loading: eager processes
+    ran the probe a median 13% slower than lazy ones, pair by pair (docs/measured/session36), so
+    a lazy probe times a faster executor than the runs its figures are checked against."""
+    from aptmoe.calibration.dispatch import PROBE_KERNEL_LOADING, probe_args
+    from aptmoe.sim.validate import make_validate_parser
+
+    validate = make_validate_parser("aptmoe-sim").parse_args(["--calibration", "a800-paper", "--out", "x"])
+    assert validate.kernel_loading == PROBE_KERNEL_LOADING == "eager"
+    for wide in (False, True, "M"):
+        gpu, cpu = probe_args("cuda", 1, wide), probe_args("cpu", 2, wide)
+        assert gpu[-2:] == ["--kernel-loading", "eager"] and gpu.count("--kernel-loading") == 1
+        assert "--kernel-loading" not in cpu              # no CUDA modules to load on CPU ranks
+
+
 def test_the_wide_probe_takes_any_preset_s_widths_and_only_those() -> None:
     from aptmoe.calibration.dispatch import probe_args
 
@@ -573,3 +588,24 @@ def test_the_probe_keeps_its_runs_for_a_reshape_or_a_lease_s_profile(tmp_path, c
             assert f"{p} {k}" in out and f"{v * 1e3:.4f}" in out, (p, k)
     new, layers = read_runs([run], "cpu")
     assert layers == 4 and new == again
+
+
+def test_the_stored_kernel_loading_pairs_give_the_figures_the_probe_cites() -> None:
+    """PROBE_KERNEL_LOADING's comment and docs/measured/session36 cite the ten pairs of probe runs
+    kept there: eager over lazy a median 1.134x a step, 8 of 10 slower eager, loops 1.18x."""
+    import statistics
+    from pathlib import Path
+
+    from aptmoe.host import run_loop_s
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "measured" / "session36" / "kernel-loading"
+    pairs = [(root / "call1" / f"probe-{i}-lazy", root / "call1" / f"probe-{i}-eager") for i in range(1, 5)]
+    pairs += [(root / "call2-probe" / f"A{i}", root / "call2-probe" / f"B{i}") for i in range(1, 7)]
+    steps, loops = [], []
+    for lazy, eager in pairs:
+        a, b = (json.loads((d / "results.json").read_text())["schedules"]["GPipe"] for d in (lazy, eager))
+        assert (a["kernel_loading"], b["kernel_loading"]) == ("lazy", "eager")
+        steps.append(b["iteration_s"] / a["iteration_s"])
+        loops.append(run_loop_s(b["host_loop_s"]) / run_loop_s(a["host_loop_s"]))
+    assert round(statistics.median(steps), 3) == 1.134 and sum(r > 1 for r in steps) == 8
+    assert round(statistics.median(loops), 2) == 1.18
