@@ -59,6 +59,7 @@ from pathlib import Path
 from aptmoe.flags import add_kernel_loading_flag, make_parser
 from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
+from aptmoe.sim import matrix_ratios
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
 from aptmoe.stored import PLAN_PROFILE, PROFILE, measured_traces, pack, stored_file
@@ -465,7 +466,8 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
             "categories": {s: by_category([r for r in runs if r["set"] == s]) for s in ("fit", "held-back")},
             "beside": {s: by_category([r for r in runs if r["set"] == s], "beside/") for s in ("fit", "held-back")},
             "totals": {s: by_category([r for r in runs if r["set"] == s], "total/") for s in ("fit", "held-back")},
-            "noise": noise(runs)}
+            "noise": noise(runs),
+            "over_gpipe": matrix_ratios.over_gpipe(configs, {r["cell"]: r["model"] for r in runs})}
 
 
 def _stored_schedules(results: Path) -> dict[str, dict]:
@@ -618,6 +620,7 @@ def write_report(out: Path, report: dict) -> None:
           "", ("Neighbours: the rank's load, offload and cpu streams with work in flight during the block, "
                "and recv: a receive of the rank posted and not yet matched by its peer's send."), "",
           "```", category_table(report.get("beside", {}).get(part, {}), "beside"), "```", "",
+          *matrix_ratios.lines(report.get("over_gpipe", [])),
           "## Measurement noise (all runs)", "",
           "Step spread: (max - min) / median of one run's timed steps. Run spread (where a schedule ran more than "
           "once, --repeats): the same over its runs' step times, the median run being the one measured. "
