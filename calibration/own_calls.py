@@ -19,20 +19,32 @@ over their kinds' medians alone, which their tails put over the medians (aptmoe/
 in session 21's three runs 1.42-1.58x and 3.24-4.05x, against medians of 1.31-1.46x and
 2.96-3.77x (docs/measured/h200x2-session21).
 
-    python -m aptmoe.calibration.own_calls [--repeats 1]
+    python -m aptmoe.calibration.own_calls [--repeats 1] [--onto PROFILE --out FILE]
+    python -m aptmoe.calibration.own_calls --from RUN [RUN ...] [--onto PROFILE --out FILE]
+
+`--from` reads stored `aptmoe-run` folders (their Mobius and GPipeOffload traces) instead of
+running the probe, one set of factors a run; `--onto` puts the runs' medians into a copy of
+PROFILE's `issue_tolls` (which it must have), its source and history saying where they came
+from.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import shlex
 import statistics
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from aptmoe import version
 from aptmoe.calibration.dispatch import _probe, run_on_gpus
+from aptmoe.calibration.merge import SEP, history, write_profile
 from aptmoe.flags import whole_number
 from aptmoe.own_work import OwnWork, first_use_cell, first_uses, own_work_factors
-from aptmoe.trace import Trace
+from aptmoe.profile import ProfileError, load_profile
+from aptmoe.trace import Trace, run_trace
 
 SCHEDULES = ("Mobius", "GPipeOffload")
 PROBE = _probe({"num_layers": 12, "num_stages": 4, "num_experts": 8, "gini": 0.45, "batch_size": 32,
@@ -58,11 +70,15 @@ def probe_traces() -> list[Trace]:
                        "{gpus} GPU)", SCHEDULES)
 
 
-def own_calls_from_traces(traces: list[Trace], say: Callable[[str], None] = print) -> dict[str, float]:
-    """`adam_factor` and `copy_adam_factor` from the probe's traces, saying what it found."""
+PROBE_WHAT = "the executor's own calls (" + " and ".join(SCHEDULES) + ", MoE-S widths, 12 layers, native)"
+
+
+def own_calls_from_traces(traces: list[Trace], say: Callable[[str], None] = print,
+                          what: str = PROBE_WHAT) -> dict[str, float]:
+    """`adam_factor` and `copy_adam_factor` from the probe's traces (or `what` others), saying
+    what it found."""
     found = own_work_factors(traces)
-    say("the executor's own calls (" + " and ".join(SCHEDULES) + ", MoE-S widths, 12 layers, native): "
-        + "; ".join(f"beside {c} {found[c]}" for c in sorted(found)))
+    say(f"{what}: " + "; ".join(f"beside {c} {found[c]}" for c in sorted(found)))
     return issue_fields(found)
 
 
@@ -85,23 +101,75 @@ def first_use_line(traces: list[Trace]) -> str:
     return "first call after a block's load / its later calls, alone, host us: " + ("; ".join(cells) or "none")
 
 
+def stored_traces(run: Path) -> dict[str, Trace]:
+    """A stored run's traces of the probe's schedules (those it has) by schedule, or one clear error."""
+    found = {name: t for name in SCHEDULES if (t := run_trace(run, name)) is not None}
+    if not found:
+        raise ValueError(f"{run}: no trace of {' or '.join(SCHEDULES)} (trace-NAME.json, .json.gz or .json.xz)")
+    try:
+        return {name: Trace.load(t) for name, t in found.items()}
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{run}: a trace that cannot be read ({e})") from None
+
+
+def put_onto(profile: str, out: str, medians: dict[str, float], what: str, command: str) -> dict | None:
+    """PROFILE with `medians` as its issue_tolls fields, written to `out` (None after one line
+    on stderr where PROFILE is bad or has no issue_tolls)."""
+    def build() -> dict:
+        doc = load_profile(profile).to_dict()
+        if doc.get("issue_tolls") is None:
+            raise ProfileError(f"{profile} has no issue_tolls section to put the factors in: calibrate its tolls "
+                               f"part first")
+        doc["issue_tolls"].update(medians)
+        note = (", ".join(medians) + f": the medians over {what} of the executor's own calls "
+                "(calibration/own_calls.py): " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
+        doc["sources"]["issue_tolls"] = "; ".join(x for x in (doc["sources"].get("issue_tolls"), note) if x)
+        doc["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(doc), command]),
+                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        return doc
+
+    return write_profile("python -m aptmoe.calibration.own_calls", out, build)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptmoe.calibration.own_calls", description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=whole_number("run"), default=1, help="probe runs, each its own processes (1)")
+    p.add_argument("--repeats", type=whole_number("run"), default=None, help="probe runs, each its own processes (1)")
+    p.add_argument("--from", dest="runs", nargs="+", type=Path, metavar="RUN", default=None,
+                   help="stored aptmoe-run folders to read instead of running the probe (their Mobius and "
+                        "GPipeOffload traces), one set of factors a run")
+    p.add_argument("--onto", metavar="PROFILE", help="with --out: put the runs' medians into this profile's "
+                                                     "issue_tolls")
+    p.add_argument("--out", metavar="FILE", help="where --onto writes the profile")
     ns = p.parse_args(argv)
+    if ns.runs is not None and ns.repeats is not None:
+        p.error("--repeats runs the probe; --from reads stored runs: give one of them")
+    if (ns.onto is None) != (ns.out is None):
+        p.error("--onto and --out go together: the profile to put the factors into and where to write it")
+    command = "python -m aptmoe.calibration.own_calls " + shlex.join(argv if argv is not None else sys.argv[1:])
+    sources = ns.runs if ns.runs is not None else range(ns.repeats or 1)
     got: dict[str, list[float]] = {f: [] for f in FIELDS.values()}
     try:
-        for i in range(ns.repeats):
-            traces = probe_traces()
-            fields = own_calls_from_traces(traces, lambda s, i=i: print(f"run {i + 1}: {s}", flush=True))
-            print(f"run {i + 1}: {first_use_line(traces)}", flush=True)
+        for i, source in enumerate(sources):
+            label = f"run {i + 1}" if ns.runs is None else str(source)
+            stored = None if ns.runs is None else stored_traces(source)
+            traces = probe_traces() if stored is None else list(stored.values())
+            what = PROBE_WHAT if stored is None else "the run's own calls (" + " and ".join(stored) + ")"
+            fields = own_calls_from_traces(traces, lambda s, label=label: print(f"{label}: {s}", flush=True), what)
+            print(f"{label}: {first_use_line(traces)}", flush=True)
             for k, v in fields.items():
                 got[k].append(v)
     except (ValueError, RuntimeError) as e:
         print(f"own_calls: error: {e}", file=sys.stderr)
         return 1
+    medians = {k: statistics.median(v) for k, v in got.items()}
     for k, v in got.items():
-        print(f"{k}: median {statistics.median(v):.2f} over {len(v)} runs ({', '.join(f'{x:.2f}' for x in v)})")
+        print(f"{k}: median {medians[k]:.2f} over {len(v)} runs ({', '.join(f'{x:.2f}' for x in v)})")
+    if ns.onto is not None:
+        what = (f"{len(sources)} probe runs" if ns.runs is None else
+                f"{len(ns.runs)} stored runs (" + ", ".join(map(str, ns.runs)) + ")")
+        if put_onto(ns.onto, ns.out, medians, what, command) is None:
+            return 2
+        print(f"wrote {ns.out}: {ns.onto} with issue_tolls " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
     return 0
 
 

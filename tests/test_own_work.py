@@ -3,6 +3,8 @@ own copies and Adam, read from an executor trace."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -173,3 +175,48 @@ def test_the_probes_command_prints_the_first_use_of_loaded_blocks() -> None:
     assert first_use_line([t, t]) == ("first call after a block's load / its later calls, alone, host us: "
                                       "fe 300 / 105 (2)")
     assert first_use_line([Trace("real")]).endswith(": none")
+
+
+AB_RUNS = sorted((Path(__file__).resolve().parents[1] / "docs" / "measured" / "session35" / "ab").iterdir())
+
+
+def test_the_factors_of_stored_one_gpu_runs_go_onto_a_profile(tmp_path, capsys) -> None:
+    """`--from` reads stored runs, one set of factors a run: session 35's six one-GPU Mobius A/B
+    runs give the 1.53x and 3.80x docs/measured/session36 cites (their medians); `--onto` puts
+    them into a copy of h200-1gpu's issue_tolls, the rest of it as it was, saying where from."""
+    from aptmoe.calibration.own_calls import main
+    from aptmoe.profile import load_profile
+
+    assert len(AB_RUNS) == 6
+    out = tmp_path / "own.json"
+    assert main(["--from", *map(str, AB_RUNS), "--onto", "h200-1gpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "adam_factor: median 1.53 over 6 runs" in text and "copy_adam_factor: median 3.80 over 6 runs" in text
+    assert "the run's own calls (Mobius)" in text
+    got, base = load_profile(str(out)), load_profile("h200-1gpu")
+    assert got.issue_tolls.adam_factor == pytest.approx(1.530, abs=5e-4)
+    assert got.issue_tolls.copy_adam_factor == pytest.approx(3.797, abs=5e-4)
+    assert got.issue_tolls.copy_s == base.issue_tolls.copy_s and got.dispatch == base.dispatch
+    assert "6 stored runs" in got.sources["issue_tolls"] and "own_calls --from" in got.made_by.command
+
+
+def test_the_stored_runs_command_says_what_is_wrong_in_one_line(tmp_path, capsys) -> None:
+    from aptmoe.calibration.own_calls import main
+
+    def exit_code(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except SystemExit as e:            # argparse's usage errors
+            return e.code
+
+    for argv, code, words in [
+        (["--from", str(AB_RUNS[0]), "--repeats", "2"], 2, "give one of them"),
+        (["--from", str(AB_RUNS[0]), "--onto", "h200-1gpu"], 2, "go together"),
+        (["--from", str(tmp_path)], 1, "no trace of Mobius or GPipeOffload"),
+        (["--from", str(AB_RUNS[0]), "--onto", "a800-paper", "--out", str(tmp_path / "x.json")], 2,
+         "no issue_tolls section"),
+    ]:
+        assert exit_code(argv) == code, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert words in err[-1] and not any("Traceback" in line for line in err), (argv, err)
+    assert not (tmp_path / "x.json").exists()
