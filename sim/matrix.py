@@ -322,6 +322,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
                                      f"{_pct(s['median_abs_error'], '.1f')}, worst {_pct(s['worst_abs_error'], '.1f')}")
     say(matrix_table(report["runs"]))
     say(summary_table(report["summary"]))
+    if (line := matrix_ratios.summary_line(report["over_gpipe"])) is not None:
+        say(line)
     if skipped:
         say(f"{skipped} cells left for a later call (--max-seconds {ns.max_seconds:g})")
     say(f"wrote {out}/ (matrix.json, matrix.csv, matrix.md, matrix.png, cells/)")

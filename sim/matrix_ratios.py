@@ -50,6 +50,14 @@ def medians(rows: list[dict]) -> dict[str, dict[str, float]]:
             for p, by in sorted(got.items())}
 
 
+def summary_line(rows: list[dict]) -> str | None:
+    """One line for the terminal: the medians by schedule and model size (None without rows)."""
+    if not rows:
+        return None
+    return "against GPipe in the same cell (predicted ratio over measured, median): " + "; ".join(
+        f"{p} " + ", ".join(f"{m} {_pct(v)}" for m, v in by.items()) for p, by in medians(rows).items())
+
+
 def lines(rows: list[dict]) -> list[str]:
     """The matrix.md section: the medians, then every row (nothing where no cell has GPipe)."""
     if not rows:

@@ -53,3 +53,11 @@ def test_the_report_section_has_the_medians_then_every_row() -> None:
     assert text.startswith("## Against GPipe in the same cell")
     assert "Mobius    -11.8%  +0.0%" in text               # S then M
     assert "S8x8  held-back    Mobius     1.700      1.500  -11.8%" in text
+
+
+def test_the_terminal_gets_the_medians_in_one_line() -> None:
+    rows = mr.over_gpipe([_config("S8x8", {"GPipe": 0.25, "Mobius": 0.425, "APTMoE": 0.4},
+                                  {"GPipe": 0.3, "Mobius": 0.45, "APTMoE": 0.48})], {"S8x8": "S"})
+    assert mr.summary_line(rows) == ("against GPipe in the same cell (predicted ratio over measured, median): "
+                                     "APTMoE S +0.0%; Mobius S -11.8%")
+    assert mr.summary_line([]) is None
