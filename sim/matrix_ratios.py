@@ -3,9 +3,9 @@
 The host's speed moves from one lease to the next by more than the targets allow (MoE-S8's
 GPipe step ran 0.20-0.32 s on one H200 from lease to lease, docs/fidelity.md), and it moves
 every schedule of a cell alike: the cell's schedules run one after another on one lease,
-minutes apart. Their step over GPipe's mostly cancels it, so the error of that ratio is the model's:
-what the offloading schedules add to GPipe's work (loads, CPU Adam, CPU experts, and the
-issuing thread's calls slowed beside them). A profile whose level is off moves every step
+minutes apart. Their step over GPipe's mostly cancels it, so the error of that ratio is the
+model's: what the offloading schedules add to GPipe's work (loads, CPU Adam, CPU experts, and
+the issuing thread's calls slowed beside them). A profile whose level is off moves every step
 error of a cell one way and leaves these nearly alone; a missing cost of the offloading
 schedules shows here whatever the lease.
 
