@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
-from aptmoe import version
 from aptmoe.calibration.dispatch import dispatch_from_trace, has_ends, median_dispatch, parts, probe_run_trace
-from aptmoe.calibration.merge import SEP, history, write_profile
+from aptmoe.calibration.merge import history, made_by, write_profile
 from aptmoe.profile import Dispatch, ProfileError, load_profile
 from aptmoe.trace import Trace
 
@@ -127,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["sources"]["dispatch.action"] = (
                 f"derived: the profile's between split as {len(ns.runs)} probe runs of {new.samples} block calls "
                 f"split theirs, at the profile's level (calibration/dispatch_shape.py): " + runs)
-        doc["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(prof.to_dict()), text]),
-                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        doc["made_by"] = made_by([history(prof.to_dict()), text])
         return doc
 
     doc = write_profile("aptmoe-calibrate dispatch_shape", ns.out, build)

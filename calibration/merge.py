@@ -63,6 +63,12 @@ def producer(doc: dict, section: str) -> str:
     return history[0] if len(history) > 1 else _measured(doc)     # a merge's first entry says where and when
 
 
+def made_by(commands: list[str]) -> dict:
+    """A written profile's `made_by`: this aptmoe, its history of commands (joined by SEP), now."""
+    return {"tool": f"aptmoe {version()}", "command": SEP.join(commands),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def history(doc: dict) -> str:
     """How the profile `doc` was made: a merge's (or pool's) history as it stands, a measured
     file's command with its machine and date."""
@@ -109,8 +115,7 @@ def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str)
         out["sources"]["roofline"] = out["sources"].get("roofline", "derived") + f"; {commands_note}"
     commands.append(command)
     out["name"] = name
-    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join(commands),
-                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out["made_by"] = made_by(commands)
     return out
 
 

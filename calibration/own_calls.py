@@ -31,16 +31,14 @@ from.
 from __future__ import annotations
 
 import argparse
-import datetime
 import shlex
 import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from aptmoe import version
 from aptmoe.calibration.dispatch import _probe, run_on_gpus
-from aptmoe.calibration.merge import SEP, history, write_profile
+from aptmoe.calibration.merge import history, made_by, write_profile
 from aptmoe.flags import whole_number
 from aptmoe.own_work import OwnWork, first_use_cell, first_uses, own_work_factors
 from aptmoe.profile import ProfileError, load_profile
@@ -124,8 +122,7 @@ def put_onto(profile: str, out: str, medians: dict[str, float], what: str, comma
         note = (", ".join(medians) + f": the medians over {what} of the executor's own calls "
                 "(calibration/own_calls.py): " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
         doc["sources"]["issue_tolls"] = "; ".join(x for x in (doc["sources"].get("issue_tolls"), note) if x)
-        doc["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(doc), command]),
-                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        doc["made_by"] = made_by([history(doc), command])
         return doc
 
     return write_profile("python -m aptmoe.calibration.own_calls", out, build)

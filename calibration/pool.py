@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import shlex
 import statistics
 import sys
 from typing import Any
 
-from aptmoe import version
-from aptmoe.calibration.merge import SEP, history, write_profile
+from aptmoe.calibration.merge import history, made_by, write_profile
 from aptmoe.profile import ProfileError, load_profile
 
 # what must agree for calibrations to be of one machine
@@ -149,8 +147,7 @@ def pool(docs: list[dict], *, name: str, command: str) -> dict:
         out["sources"][key] = (f"{kind}: the median of {len(texts)} of {n} calibrations (calibration/pool.py): "
                                + " || ".join(f"[{i}] {t}" for i, t in texts))
     inputs = [f"input {i + 1}: {history(d)}" for i, d in enumerate(docs)]
-    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([*inputs, command]),
-                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out["made_by"] = made_by([*inputs, command])
     return out
 
 
@@ -181,8 +178,7 @@ def pool_onto(base: dict, docs: list[dict], fields: list[str], *, command: str, 
                            + "; ".join(f"[{i + 1}] {history(docs[i])}" for i in have))
             was = out["sources"].get(section)
             out["sources"][section] = f"{was} || {pooled_from}" if was else pooled_from
-    out["made_by"] = {"tool": f"aptmoe {version()}", "command": SEP.join([history(base), command]),
-                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out["made_by"] = made_by([history(base), command])
     return out
 
 

@@ -47,6 +47,7 @@ import torch
 from aptmoe.analytic_cost import AnalyticCost, AnalyticHardware, a800_pcie_hardware, h200_hardware
 from aptmoe import version
 from aptmoe.calibration import cpu_ranks
+from aptmoe.calibration.cli import MODEL_SIZES, PARTS     # what --skip can leave out; the presets: one list each
 from aptmoe.calibration.cpu_jobs import PROBE as CPU_JOB_PROBE
 from aptmoe.calibration.cpu_jobs import measure_cpu_job
 from aptmoe.calibration.dispatch import PROBE, PROBE_KERNEL_LOADING, measure_dispatch
@@ -75,9 +76,6 @@ from aptmoe.profile import (Adam, CpuCurve, CpuJob, Dispatch, GpuCurve, Hardware
 
 POLICY_SHAPE = PolicyShape()             # the plans the policies are timed through
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# what --skip can leave out
-PARTS = ("links", "gpu", "cpu", "adam", "dispatch", "memory", "p2p", "tolls", "pacer", "cpujob", "policy")
-MODEL_SIZES = ("S", "M", "L")
 SIG_DIGITS = 4
 KiB, MiB = 1 << 10, 1 << 20
 # Messages between CPU ranks (gloo): boundary activations of the models CPU ranks run. Beyond
