@@ -1,7 +1,8 @@
 """Simulator speed benchmark: `python -m aptmoe.sim.bench [--repeats N] [--write BENCHMARKS.md]`.
 
 Wall time (median of N runs, each in a fresh process so no cache carries over) to simulate
-one training step of: MoE-S-16 and MoE-S-64 on 4 GPUs; the widths of MoE-M-16 on 32 nodes x
+one training step of: MoE-S-16 and MoE-S-64 on 4 GPUs (MoE-S-16 also with an H200 profile,
+whose block calls run on the host's clock); the widths of MoE-M-16 on 32 nodes x
 8 GPUs (256 GPUs, with 256 layers so that every GPU holds a stage: a pipeline cannot spread
 64 layers over 256 GPUs, and data parallelism is not modelled); and the whole Fig.-11 sweep
 (6 models x 4 G x 4 schedules, `aptmoe-sim sweep --preset fig11`, 2 worker processes).
@@ -22,6 +23,11 @@ from aptmoe.benchmarking import machine_line, table_rows, time_command, write_se
 CASES = {
     "MoE-S-16, 4 GPUs, APTMoE, G=0.3, one step": [
         "--is_moe=True", "--model_config", "MoE-S-16", "--gini", "0.3", "--topo", "C1+G2", "--pipeline", "APTMoE"],
+    # The H200 profiles have host costs: every block call runs on the issuing thread's clock,
+    # held one block at a time (sim/engine.py `_issue`), where the rooflines hold a run at once.
+    "MoE-S-16, 4 GPUs, APTMoE, G=0.3, one step, h200-4gpu (host clock)": [
+        "--is_moe=True", "--model_config", "MoE-S-16", "--gini", "0.3", "--topo", "C1+G2", "--pipeline", "APTMoE",
+        "--calibration", "h200-4gpu"],
     "MoE-S-64, 4 GPUs, APTMoE, G=0.15, one step": [
         "--is_moe=True", "--model_config", "MoE-S-64", "--gini", "0.15", "--topo", "C1+G2", "--pipeline", "APTMoE"],
     "MoE-M-16 widths, 256 layers, 32x8 GPUs, APTMoE, G=0.3, one step": [
@@ -39,8 +45,8 @@ def run(repeats: int) -> str:
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="aptmoe-bench-"))
     try:
-        for name, args in CASES.items():
-            times = [time_command(exe + args + ["--measured-steps", "1", "--no-trace", "-q", "--out", str(tmp / f"{name[:8]}{i}")])
+        for n, (name, args) in enumerate(CASES.items()):
+            times = [time_command(exe + args + ["--measured-steps", "1", "--no-trace", "-q", "--out", str(tmp / f"case{n}-{i}")])
                      for i in range(repeats)]
             rows.append((name, times))
             print(f"{name}: median {statistics.median(times):.2f} s", file=sys.stderr)

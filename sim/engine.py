@@ -421,7 +421,7 @@ class RankModel:
     # ------------------------------------------------------------------ compute
     def _gpu_experts(self, stage: int, pass_: str, layer: int, experts, counts, direction: str, label: Action,
                      cat: str):
-        """Run the GPU experts in arrival order; consecutive ready experts are one hold."""
+        """Run the GPU experts in arrival order; consecutive ready experts are issued as one run."""
         pending = list(experts)
         while pending:
             ready = [e for e in pending if self.policy is None or self.policy.is_loaded(stage, Block.expert_of(layer, e))]
@@ -434,16 +434,13 @@ class RankModel:
                 yield self.env.any_of(waits)
                 self._host_waited()
                 continue
-            start = self.env.now
-            durs, hosts = self._issue([("e", int(counts[e]), direction) for e in ready])
-            yield self._hold(sum(durs))
-            t = start
-            for e, d, h in zip(ready, durs, hosts):
+            def ran(i: int, t: float, d: float, h: float | None, ready=ready):
                 if self.step.trace is not None:
+                    e = ready[i]
                     self.step.trace.add(str(label.at(Block.expert_of(layer, e))), self.rank, "compute",
                                         self.step.t0 + t, self.step.t0 + t + d, cat,
                                         layer=layer, experts=[e], tokens=int(counts[e]), **_host_us(h))
-                t += d
+            yield from self._issue([("e", int(counts[e]), direction) for e in ready], ran)
             self.expert_tokens["gpu"] += int(sum(counts[e] for e in ready))
             pending = [e for e in pending if e not in ready]
 
@@ -489,22 +486,21 @@ class RankModel:
         self.expert_tokens["cpu"] += tokens
 
     def _blocks(self, a: Action, pass_: str, blocks: list[Block], tokens: int, direction: str, cat: str):
-        """Run blocks back to back; those already on the GPU share one hold (fewer events,
-        same times: nothing can happen between two ready blocks of one stream)."""
+        """Run blocks back to back; those already on the GPU are issued as one run, with no
+        wait for a load between them."""
         i = 0
         while i < len(blocks):
             yield from self._use(a.stage, pass_, blocks[i])
             j = i + 1
             while j < len(blocks) and (self.policy is None or self.policy.is_loaded(a.stage, blocks[j])):
                 j += 1
-            durs, hosts = self._issue([(b.kind.value, tokens, direction) for b in blocks[i:j]])
-            start = self.env.now
-            yield self._hold(sum(durs))
-            if self.step.trace is not None:
-                for b, d, h in zip(blocks[i:j], durs, hosts):
-                    self.step.trace.add(str(a.at(b)), self.rank, "compute", self.step.t0 + start,
-                                        self.step.t0 + start + d, cat, layer=b.layer, **_host_us(h))
-                    start += d
+            run = blocks[i:j]
+
+            def ran(n: int, t: float, d: float, h: float | None, run=run):
+                if self.step.trace is not None:
+                    self.step.trace.add(str(a.at(run[n])), self.rank, "compute", self.step.t0 + t,
+                                        self.step.t0 + t + d, cat, layer=run[n].layer, **_host_us(h))
+            yield from self._issue([(b.kind.value, tokens, direction) for b in run], ran)
             i = j
 
     def _run(self, a: Action, step: Step):
@@ -539,9 +535,10 @@ class RankModel:
         """The host thread waited (for weights, a message, the CPU's experts) until now."""
         self.host_t = max(self.host_t, self.env.now)
 
-    def _issue(self, work: list[tuple[str, int, str]]) -> tuple[list[float], list[float | None]]:
-        """Durations on the compute stream of blocks (kind, tokens, direction) issued back to
-        back, and the host time of each block's call (None without a measured host cost).
+    def _issue(self, work: list[tuple[str, int, str]], record):
+        """Run blocks (kind, tokens, direction) issued back to back on the compute stream,
+        each held for its duration; `record(i, start, seconds, host_s)` hears each as it ends
+        (host_s: the host time of its call, None without a measured host cost).
 
         The host is a second clock: a block's kernels end no sooner than the host has issued
         them (host_t advances by `host_s` per block) and no sooner than the GPU gets through
@@ -558,30 +555,44 @@ class RankModel:
         their prediction even with nothing beside them, and 3% under to 12% over with both.)
         Without a measured host cost (host_s 0) each block takes its kernel time exactly.
         Kernels issued while a receive of the rank waits take their kind's `recv_slowdown`
-        times theirs."""
-        f = self.recv_slowdown if self.recvs_waiting else _ALONE
-        if self.host_free:                  # the common case of a roofline or an older profile
-            return ([self.cost.gpu_s(kind, tokens, direction) * f[kind] for kind, tokens, direction in work],
-                    [None] * len(work))
-        t = self.env.now
-        out, hosts = [], []
-        slow = self.issuing.slowdown()
-        for kind, tokens, direction in work:
+        times theirs.
+
+        Each block's call is slowed by what runs beside the issuing thread as it starts
+        (sim/issuing.py), not as the run of blocks starts: a copy that lands, or an Adam chunk
+        that begins, halfway through a layer's blocks changes the calls after it. (Read once a
+        run, until session 37, the copy-and-Adam factor went to calls that the trace itself put
+        beside Adam alone: 3.07x where the runs' such calls took 1.44-1.57x.) A call the host
+        issues while the GPU still runs the block before it (host_t behind now) is read at now:
+        the host ran ahead, so its call is not what the block waits for."""
+        if self.host_free:
+            # A roofline or an older profile: no call has a host cost, so nothing read beside
+            # the thread changes a block once the run starts, and the run is one hold (one
+            # event, not one a block: the large what-ifs run on these).
+            f = self.recv_slowdown if self.recvs_waiting else _ALONE
+            durs = [self.cost.gpu_s(kind, tokens, direction) * f[kind] for kind, tokens, direction in work]
+            t = self.env.now
+            yield self._hold(sum(durs))
+            for i, d in enumerate(durs):
+                record(i, t, d, None)
+                t += d
+            return
+        for i, (kind, tokens, direction) in enumerate(work):
+            t = self.env.now
+            f = self.recv_slowdown if self.recvs_waiting else _ALONE
             k = self.cost.gpu_s(kind, tokens, direction) * f[kind]
-            d = self.cost.host_s(kind, direction) * slow if tokens > 0 else 0.0
+            d = self.cost.host_s(kind, direction) * self.issuing.slowdown() if tokens > 0 else 0.0
+            end = t + k
             if self.runs_ahead:
                 self.host_t += d
-                end = max(t + k, self.host_t)
-                if self.reach:                # then waits for the block `reach` back (exec/runtime.py)
+                end = max(end, self.host_t)
+                if self.reach:            # then waits for the block `reach` back (exec/runtime.py)
                     self.block_ends.append(end)
                     if len(self.block_ends) > self.reach:
                         self.host_t = max(self.host_t, self.block_ends.popleft())
             else:
                 end = self.host_t = t + k + d
-            out.append(end - t)
-            hosts.append(d)
-            t = end
-        return out, hosts
+            yield self._hold(end - t)
+            record(i, t, end - t, d)
 
     def _action_part(self, stage: int, pass_: str, at: str):
         """An action's host work outside its layers, at its `at` ("start" or "end"), with what
