@@ -103,12 +103,31 @@ def _rank(cost, now=10.0, reach=0):
                            recvs_waiting=0, reach=reach, block_ends=deque())
 
 
-def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:
+def _issued(r, work) -> tuple[list[float], list[float | None]]:
+    """Run RankModel._issue on the stand-in rank `r` (whose hold returns its seconds): the
+    clock advances by each hold, as SimPy's would; each block's duration and host time as
+    the engine records them."""
     from aptmoe.sim.engine import RankModel
 
+    durs: list[float] = []
+    hosts: list[float | None] = []
+    t0 = r.env.now
+
+    def record(i, start, seconds, host_s):
+        # blocks back to back: each starts where the one before it ended
+        assert i == len(durs) and start == pytest.approx(t0 + sum(durs))
+        durs.append(seconds)
+        hosts.append(host_s)
+
+    for held in RankModel._issue(r, work, record):
+        r.env.now += held
+    return durs, hosts
+
+
+def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones() -> None:
     # attention 2 s of kernels, then three gates of none; the host takes 1 s per block.
     r = _rank(_Cost({"a": 2.0, "g": 0.0}, {"a": 1.0, "g": 1.0}))
-    durs, hosts = RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd")])
+    durs, hosts = _issued(r, [("a", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd"), ("g", 8, "fwd")])
     assert hosts == [1.0] * 4                                            # each call's own host time
     # the host issues the first gate while the GPU runs the attention: it ends with it
     assert durs == pytest.approx([2.0, 0.0, 1.0, 1.0])
@@ -116,27 +135,49 @@ def test_a_gpu_hides_the_host_behind_long_blocks_and_waits_for_it_on_short_ones(
     # host cost zero: every block takes its kernel time, as before the host clock existed
     # (the engine's shortcut for sources without host times gives the same)
     r = _rank(_Cost({"a": 2.0, "g": 0.5}, {"a": 0.0, "g": 0.0}))
-    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == ([2.0, 0.5], [0.0, 0.0])
+    assert _issued(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == ([2.0, 0.5], [0.0, 0.0])
     r.host_free = True                  # no host time to give the calls' events either
-    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == ([2.0, 0.5], [None, None])
+    assert _issued(r, [("a", 8, "fwd"), ("g", 8, "fwd")]) == ([2.0, 0.5], [None, None])
     # a block without tokens is not issued at all
     r = _rank(_Cost({"e": 1.0}, {"e": 1.0}))
-    assert RankModel._issue(r, [("e", 0, "fwd")]) == ([0.0], [0.0]) and r.host_t == 10.0
+    assert _issued(r, [("e", 0, "fwd")]) == ([0.0], [0.0]) and r.host_t == 10.0
     # a reach of two blocks (ScheduleConfig.ahead_blocks): having issued the second gate (at
     # 13), the host waits for the attention's end (15), so the gates after it take the host's
     # second each; unbounded, all four end with the attention
     for reach, want in ((2, [5.0, 0.0, 0.0, 1.0, 1.0]), (0, [5.0, 0.0, 0.0, 0.0, 0.0])):
         r = _rank(_Cost({"a": 5.0, "g": 0.0}, {"a": 1.0, "g": 1.0}), reach=reach)
-        assert RankModel._issue(r, [("a", 8, "fwd")] + [("g", 8, "fwd")] * 4)[0] == pytest.approx(want), reach
+        assert _issued(r, [("a", 8, "fwd")] + [("g", 8, "fwd")] * 4)[0] == pytest.approx(want), reach
+
+
+def test_each_call_is_slowed_by_what_runs_beside_the_thread_as_it_starts() -> None:
+    """What runs beside the issuing thread (an Adam chunk, a copy) is read as each block's call
+    starts: one that begins halfway through a run of blocks slows the calls after it, not the
+    ones before (read once a run, until session 37, it slowed all or none)."""
+    from types import SimpleNamespace
+
+    r = _rank(_Cost({"g": 0.0}, {"g": 1.0}))
+    r.issuing = SimpleNamespace(slowdown=lambda: 1.0 if r.env.now < 11.0 else 3.0)   # Adam from 11 s
+    durs, hosts = _issued(r, [("g", 8, "fwd")] * 3)
+    assert hosts == pytest.approx([1.0, 3.0, 3.0]) and durs == pytest.approx([1.0, 3.0, 3.0])
+    # a receive that starts waiting halfway slows the kernels issued after it
+    r = _rank(_Cost({"a": 2.0}, {"a": 0.0}))
+    r.recv_slowdown = dict.fromkeys("aeg", 1.5)
+    r.issuing = SimpleNamespace(slowdown=lambda: 1.0)
+    start = r.env.now
+
+    class Waiting:                      # no receive waits before 12 s, one after
+        def __bool__(self):
+            return r.env.now >= start + 2.0
+
+    r.recvs_waiting = Waiting()
+    assert _issued(r, [("a", 8, "fwd")] * 2)[0] == pytest.approx([2.0, 3.0])
 
 
 def test_on_cpu_ranks_a_block_takes_its_host_cost_and_its_compute_one_after_the_other() -> None:
     """One thread issues and computes: the Python around the call (measured on a model too
     small to compute) and then the arithmetic."""
-    from aptmoe.sim.engine import RankModel
-
     r = _rank(_Cost({"a": 2.0, "g": 0.0}, {"a": 1.0, "g": 1.0}, ahead=False))
-    assert RankModel._issue(r, [("a", 8, "fwd"), ("g", 8, "fwd")])[0] == pytest.approx([3.0, 1.0])
+    assert _issued(r, [("a", 8, "fwd"), ("g", 8, "fwd")])[0] == pytest.approx([3.0, 1.0])
     assert r.host_t == pytest.approx(14.0)
 
 
@@ -145,7 +186,7 @@ def test_work_between_blocks_delays_the_host_on_a_gpu_and_the_stream_on_cpu() ->
 
     r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25))
     assert list(RankModel._between(r, 0.25)) == [] and r.host_t == pytest.approx(10.25)
-    assert RankModel._issue(r, [("e", 4, "fwd")])[0] == pytest.approx([0.25])  # the GPU waits for the host
+    assert _issued(r, [("e", 4, "fwd")])[0] == pytest.approx([0.25])  # the GPU waits for the host
     r = _rank(_Cost({"e": 0.0}, {"e": 0.0}, between=0.25, ahead=False))
     assert list(RankModel._between(r, 0.25)) == [0.25]                          # one hold on the stream
 
@@ -435,25 +476,23 @@ def test_a_waiting_receive_slows_the_kernels_and_not_the_host() -> None:
     """Kernels issued while a receive of the rank waits take recv_slowdown times their time
     (NCCL's receive kernel holds SMs); the host's part of a block does not change, so blocks
     bound by their kernels show the slowdown and blocks bound by the host hide it."""
-    from aptmoe.sim.engine import RankModel
-
     cost = _Cost({"a": 2.0, "g": 0.2}, {"a": 1.0, "g": 1.0})
     bound_by_kernel, bound_by_host = [("a", 8, "fwd")], [("g", 8, "fwd")] * 3
     for slowdown, attention in ((1.0, 2.0), (1.5, 3.0)):
         r = _rank(cost)
         r.recv_slowdown, r.recvs_waiting = dict.fromkeys("aeg", slowdown), 1
-        assert RankModel._issue(r, bound_by_kernel)[0] == pytest.approx([attention])
+        assert _issued(r, bound_by_kernel)[0] == pytest.approx([attention])
         r = _rank(cost)
         r.recv_slowdown, r.recvs_waiting = dict.fromkeys("aeg", slowdown), 1
-        assert RankModel._issue(r, bound_by_host)[0] == pytest.approx([1.0, 1.0, 1.0])
+        assert _issued(r, bound_by_host)[0] == pytest.approx([1.0, 1.0, 1.0])
     # each kind its own figure
     r = _rank(cost)
     r.recv_slowdown, r.recvs_waiting = {"a": 1.25, "e": 1.0, "g": 1.0}, 1
-    assert RankModel._issue(r, bound_by_kernel)[0] == pytest.approx([2.5])
+    assert _issued(r, bound_by_kernel)[0] == pytest.approx([2.5])
     # no receive waiting: the profile's slowdown does not apply
     r = _rank(cost)
     r.recv_slowdown = dict.fromkeys("aeg", 1.5)
-    assert RankModel._issue(r, bound_by_kernel)[0] == pytest.approx([2.0])
+    assert _issued(r, bound_by_kernel)[0] == pytest.approx([2.0])
 
 
 def test_a_recomputing_backward_splits_its_host_work_at_its_first_backward_call() -> None:
