@@ -746,10 +746,14 @@ H200_STORED = {
 # Adam over all nine one-GPU calibrations of it (0.299 -> 0.262 ns/param at 14 threads): v7 3.5%
 # (3.5%), v8 6.0% (6.4%), v9 3.9% (3.6%). These grids ran before 78e32c9 confined a rank's other
 # threads off the CPU worker's cores; today's executor's sets improve (docs/measured/session35).
+# Since session 37 (the issuing condition read per block; h200-1gpu's own-calls factors and its
+# dispatch the median of 18 eager probe runs of today's executor): v7 3.9% (2.6%), v8 6.75%
+# (5.9%), v9 6.2% (6.2%); worst 20.8, 27.5 and 20.7%. Predicted fast (the M cells' signed
+# medians -2.7, -5.8 and -3.7%): the executor these grids ran issued its calls slower than today's.
 H200_POOLED = {
     "validation-h200-v7": {"all": (0.045, 0.37), "held-back": (0.05, 0.33)},
-    "validation-h200-v8": {"all": (0.061, 0.32), "held-back": (0.065, 0.32)},
-    "validation-h200-v9": {"all": (0.04, 0.48), "held-back": (0.037, 0.48)},
+    "validation-h200-v8": {"all": (0.068, 0.28), "held-back": (0.065, 0.24)},
+    "validation-h200-v9": {"all": (0.063, 0.21), "held-back": (0.063, 0.21)},
 }
 
 
@@ -816,11 +820,12 @@ def test_the_third_2gpu_grid_ran_confined_and_is_predicted_as_when_it_ran(tmp_pa
     9 of 12: its S8 cells are predicted 10-20% fast, as in v4. 10 of 12 since session 23's
     ranking leaves the order of one plan's runs unjudged (Mobius and GPipeOffload on L2).
     Since session 34's dispatch with each action's own host work apart: 4.5% (9.6% held back),
-    the worst 50.4% (the same run, 49.0% before)."""
+    the worst 50.4% (the same run, 49.0% before). Since session 37 reads the issuing thread's
+    condition as each block's call starts: the fit cells 4.8 -> 4.9%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3,S=6", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v3", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
-    _within(report, {"all": (0.052, 0.51), "fit": (0.049, 0.51), "held-back": (0.111, 0.42)})
+    _within(report, {"all": (0.052, 0.51), "fit": (0.0495, 0.51), "held-back": (0.111, 0.42)})
     assert report["summary"]["all"]["ranking_right"] >= 10
     for results in (DOCS / "validation-h200-2gpu-v3" / "cells").glob("*/real/results.json"):
         for res in json.loads(results.read_text())["schedules"].values():
@@ -1070,10 +1075,11 @@ def test_fresh_configs_planned_with_the_lease_s_cpu_curves_meet_the_targets(tmp_
     curves were measured on the cell's lease just before it; every schedule the median of
     three runs, all held back: 1.7%, the worst 9.0% (capped M APTMoE), ranking right in all
     three cells (L's Mobius and GPipeOffload tie). Since session 31's compounding of an Adam
-    chunk's slowdowns (sim/host_memory.py): 1.8%."""
+    chunk's slowdowns (sim/host_memory.py): 1.8%. Since session 37 reads the issuing thread's
+    condition as each block's call starts: 1.6%, the worst 9.1%."""
     report = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path, monkeypatch,
                           ["--calibration", "h200-2gpu", "--cell-profiles", *V11])
-    _held_back(report, (0.018, 0.091), runs=12, configs=3, ranking_right=3)
+    _held_back(report, (0.017, 0.092), runs=12, configs=3, ranking_right=3)
     for cell in (DOCS / "validation-h200-2gpu-v11-fresh" / "cells").iterdir():
         # each cell's profile is h200-2gpu with the curves of its own model timed on its lease
         doc = json.loads(read_text(stored_file(cell / "profile.json")))
@@ -1191,13 +1197,16 @@ def test_four_fresh_one_gpu_cells_planned_with_the_shipped_profile(tmp_path, mon
     from its layers': 1.4%, the worst 15.9% (S GPipe); the M cells 1.2%, the worst 3.5%. With
     h200-1gpu's CPU Adam the median of all nine one-GPU calibrations (session 35): 1.9%, the M
     cells 3.0%, the worst 8.4% (the native cell's offloading schedules now predicted fast: this
-    lease's runs put their Adam chunks at 0.279-0.288 ns/param, the profile at 0.262)."""
+    lease's runs put their Adam chunks at 0.279-0.288 ns/param, the profile at 0.262). With
+    session 37's h200-1gpu (the own-calls factors, the dispatch of 18 eager probe runs): 2.0%,
+    the worst 12.3% (S APTMoE; S GPipe +0.1%); the M cells 3.1%, the worst 8.3%; with the
+    lease's Adam the native M cell's offloading schedules 6.3-9.8% fast."""
     report = _repredicted("validation-h200-v11-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V11_1GPU])
-    _held_back(report, (0.019, 0.16), runs=16, configs=4, ranking_right=4, ranking_strict=3,
-               worst_run="S8x8-G0.45-cap8-1gpu GPipe")
+    _held_back(report, (0.021, 0.124), runs=16, configs=4, ranking_right=4, ranking_strict=3,
+               worst_run="S8x8-G0.45-cap8-1gpu APTMoE")
     m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
-    assert len(m) == 8 and statistics.median(m) <= 0.030 and max(m) <= 0.085, m
+    assert len(m) == 8 and statistics.median(m) <= 0.032 and max(m) <= 0.085, m
     # the lease's figures as `lease-adam` puts them onto h200-1gpu: its Adam, its copies beside Adam
     lease = json.loads((DOCS / "measured" / "session31" / "lease-adam-before.json").read_text())
     profile = tmp_path / "lease.json"
@@ -1208,7 +1217,7 @@ def test_four_fresh_one_gpu_cells_planned_with_the_shipped_profile(tmp_path, mon
     with_lease = _repredicted("validation-h200-v11-fresh", tmp_path / "lease", monkeypatch,
                               ["--calibration", str(profile), *V11_1GPU], only="M4x8-G0.35-native-1gpu")
     native = [r for r in with_lease["runs"] if r["pipeline"] != "GPipe"]
-    assert len(native) == 3 and all(-0.11 < r["error"] < -0.08 for r in native), native
+    assert len(native) == 3 and all(-0.10 < r["error"] < -0.06 for r in native), native
 
 
 V12_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "S:8:8:8,M:4:4:8", "--gini", "0.55,0.35,0.45",
@@ -1224,14 +1233,17 @@ def test_three_fresh_one_gpu_cells_with_the_cpu_jobs_waits(tmp_path, monkeypatch
     Mobius tied ahead). S's issue-bound GPipe is predicted slow in both S cells; the M cell
     is within 3.2%. Since session 33 set each action's own host work apart from its layers'
     (S8's one stage of eight layers no longer pays the loss twice): 3.6%, the worst 24.4%; S's
-    GPipe +24.4% native, +2.8% capped; the M cell within 2.6%."""
+    GPipe +24.4% native, +2.8% capped; the M cell within 2.6%. With session 37's h200-1gpu
+    (the own-calls factors, the dispatch of 18 eager probe runs): 2.6%, the worst 14.3% (S
+    native Mobius); S's GPipe +7.3% native, -11.1% capped; the M cell within 2.8%."""
     report = _repredicted("validation-h200-v12-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V12_1GPU])
-    _held_back(report, (0.036, 0.245), runs=12, configs=3, ranking_right=2, ranking_strict=2,
-               worst_run="S8x8-G0.55-native-1gpu GPipe")
+    _held_back(report, (0.027, 0.144), runs=12, configs=3, ranking_right=2, ranking_strict=2,
+               worst_run="S8x8-G0.55-native-1gpu Mobius")
     runs = {(r["cell"], r["pipeline"]): r["error"] for r in report["runs"]}
-    assert runs[("S8x8-G0.55-native-1gpu", "GPipe")] > 0.2 and abs(runs[("S8x8-G0.35-cap8-1gpu", "GPipe")]) < 0.03, runs
+    assert 0.05 < runs[("S8x8-G0.55-native-1gpu", "GPipe")] < 0.09, runs
+    assert -0.13 < runs[("S8x8-G0.35-cap8-1gpu", "GPipe")] < -0.09, runs
     m = [abs(e) for (c, _), e in runs.items() if c.startswith("M4")]
-    assert len(m) == 4 and max(m) <= 0.027, m
+    assert len(m) == 4 and max(m) <= 0.028, m
 
 
 V13_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "S:8:8:8,M:4:4:8", "--gini", "0.45,0.3,0.6",
@@ -1250,11 +1262,15 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
     issuing thread (session 35, `policy_host`) the S G0.45 cell is ranked right by the 3% rule
     too, by a hair: Mobius predicted 0.2% ahead of APTMoE (0.479 and 0.481 s), 16% in the runs.
     3 of 4. With h200-1gpu's CPU Adam the median of all nine one-GPU calibrations (session 35):
-    9.2%, the M cell within 5.2%, predicted fast now."""
+    9.2%, the M cell within 5.2%, predicted fast now. With session 37's h200-1gpu (the
+    own-calls factors, the dispatch of 18 eager probe runs): 5.7%, the worst 42.9% (S G0.45
+    Mobius; its GPipe +40.0%), 3 of 4 ranked right (2 strictly), the M cell within 6.3%; eight
+    of the nine ratios to GPipe closer to the runs' than with the dispatch of before, the ninth
+    (S G0.3's Mobius, 1.48x in the runs) now predicted 1.63x."""
     shipped = _repredicted("validation-h200-v13-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V13_1GPU])
-    _held_back(shipped, (0.092, 0.62), runs=16, configs=4, ranking_right=3, ranking_strict=3,
-               worst_run="S8x8-G0.45-native-1gpu GPipe")
+    _held_back(shipped, (0.058, 0.43), runs=16, configs=4, ranking_right=3, ranking_strict=2,
+               worst_run="S8x8-G0.45-native-1gpu Mobius")
     m = [abs(r["error"]) for r in shipped["runs"] if r["model"] == "M"]
     assert len(m) == 4 and max(m) <= 0.068, m
     doc = json.loads((Path(__file__).resolve().parents[1] / "aptmoe" / "profiles" / "h200-1gpu.json").read_text())
@@ -1273,7 +1289,8 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
 
     now, then = ratios(shipped), ratios(before)
     assert len(now) == 9
-    assert all(abs(now[k][1] - now[k][0]) < abs(then[k][1] - then[k][0]) for k in now), (now, then)
+    further = [k for k in now if abs(now[k][1] - now[k][0]) >= abs(then[k][1] - then[k][0])]
+    assert further == [("S8x8-G0.3-native-1gpu", "Mobius")], (now, then)
 
 
 V14 = ["--gpus", "2", "--steps", "6", "--repeats", "3", "--models", "S:8:8:8", "--gini", "0.45", "--links", "native",
@@ -1292,9 +1309,12 @@ def test_a_fresh_s_cell_on_two_gpus_whose_runs_interleave(tmp_path, monkeypatch)
     it is predicted at 0.154; Mobius's and APTMoE's runs interleave, so the ranking is right
     where the runs order the schedules, and wrong by the 3% tie rule. With APTMoE's policy
     answers charged to the issuing thread (session 35, `policy_host`): the worst 21.5%, and the
-    ranking right by the 3% rule too."""
+    ranking right by the 3% rule too. Since session 37 reads the issuing thread's condition as
+    each block's call starts (h200-2gpu's copy-and-Adam factor no longer goes to calls beside
+    Adam alone): 18.2%, the worst 23.9%; APTMoE predicted 0.3% ahead of Mobius, 8.7% behind it
+    in the runs: wrong by the 3% rule again, right where the runs order them."""
     report = _repredicted("validation-h200-2gpu-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-2gpu", *V14])
-    _held_back(report, (0.172, 0.216), runs=4, configs=1, ranking_right=1, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.183, 0.24), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.45-native-2gpu APTMoE")
     assert all(r["error"] < -0.04 for r in report["runs"])
     gpipe = next(r for r in report["runs"] if r["pipeline"] == "GPipe")
@@ -1306,10 +1326,11 @@ def test_a_config_measured_on_two_leases_orders_aptmoe_and_mobius_both_ways(tmp_
     """Session 34 (docs/validation-h200-2gpu-v11-again): v11-fresh's M6x8 G 0.45 native cell on
     another lease, planned with h200-2gpu's own CPU curves: 2.8%, the worst 8.7% (GPipeOffload,
     whose runs took 0.699-0.873 s). APTMoE measured 4.8% behind Mobius here and 1.2% ahead on
-    v11-fresh's lease; predicted 0.9% ahead. Their runs interleave on both leases."""
+    v11-fresh's lease; predicted 0.9% ahead. Their runs interleave on both leases. Since
+    session 37 reads the issuing thread's condition as each block's call starts: the worst 8.9%."""
     again = _repredicted("validation-h200-2gpu-v11-again", tmp_path / "again", monkeypatch,
                          ["--calibration", "h200-2gpu", *V11_AGAIN])
-    _held_back(again, (0.029, 0.088), runs=4, configs=1, ranking_right=0, ranking_apart=1,
+    _held_back(again, (0.029, 0.09), runs=4, configs=1, ranking_right=0, ranking_apart=1,
                worst_run="M6x8-G0.45-native-2gpu GPipeOffload")
     first = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path / "first", monkeypatch,
                          ["--calibration", "h200-2gpu", "--cell-profiles", *V11], only="M6x8-G0.45-native-2gpu")
@@ -1350,10 +1371,11 @@ def test_the_first_four_gpu_cells_as_measured(tmp_path, monkeypatch) -> None:
     planned and predicted with the lease's calibration (h200-4gpu): 7.2%, the worst 39.3% (S8
     native Mobius), ranking right in 6 of 7. S is predicted 7-39% too fast (its issuing
     threads ran 1.47x slower than the one-GPU dispatch probe); M and L come to 4.3%. Since
-    session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 5.2%, the worst 37.0%."""
+    session 31's compounding of an Adam chunk's slowdowns (sim/host_memory.py): 5.2%, the worst 37.0%.
+    Since session 37 reads the issuing thread's condition as each block's call starts: the worst 37.6%."""
     report = _repredicted("validation-h200-4gpu", tmp_path, monkeypatch,
                           ["--calibration", "h200-4gpu", "--cell-profiles", *V4GPU])
-    _held_back(report, (0.053, 0.371), runs=28, configs=7, ranking_right=6, worst_run="S8x8-G0.45-native-4gpu Mobius")
+    _held_back(report, (0.053, 0.377), runs=28, configs=7, ranking_right=6, worst_run="S8x8-G0.45-native-4gpu Mobius")
     errors = {r["cell"][0]: [] for r in report["runs"]}
     for r in report["runs"]:
         errors[r["cell"][0]].append(r["error"])
@@ -1504,12 +1526,14 @@ def test_two_fresh_one_gpu_cells_after_the_policy_stopped_waking_the_copy_engine
     answers charged to the issuing thread (`policy_host`, timed on the lease before the cells):
     5.9%, the worst 31.3% (S8 GPipe: the lease's host ran its reference loop at 0.64x the
     profile's). The ranking right in both cells; without `policy_host` the S cell's APTMoE is
-    predicted 0.3% ahead of Mobius, which ran 20% ahead of it at the medians."""
+    predicted 0.3% ahead of Mobius, which ran 20% ahead of it at the medians. With session 37's
+    h200-1gpu (the own-calls factors, the dispatch of 18 eager probe runs): 3.6%, the worst
+    19.3% (S Mobius; S GPipe +13.4%), the M cell within 6.9% (APTMoE, predicted fast)."""
     report = _repredicted("validation-h200-v15-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V15_1GPU])
-    _held_back(report, (0.060, 0.313), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
-               worst_run="S8x8-G0.5-native-1gpu GPipe")
+    _held_back(report, (0.037, 0.194), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
+               worst_run="S8x8-G0.5-native-1gpu Mobius")
     m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
-    assert len(m) == 4 and max(m) <= 0.063, m
+    assert len(m) == 4 and max(m) <= 0.07, m
     s = {r["pipeline"]: r for r in report["runs"] if r["model"] == "S"}
     assert s["Mobius"]["predicted_s"] < s["APTMoE"]["predicted_s"] and s["Mobius"]["measured_s"] < s["APTMoE"]["measured_s"]
 
@@ -1523,17 +1547,20 @@ def test_a_fresh_s_cell_whose_lease_probe_ran_faster_than_its_runs(tmp_path, mon
     schedule, the executor of c585eb8, held back, predicted with h200-1gpu as shipped: 5.4%,
     the worst 10.1% (GPipe); APTMoE predicted 0.5% ahead of Mobius, which ran 3.6% ahead at the
     medians, so wrong by the 3% rule and right where the runs (which interleave) order them.
-    The lease's own probe, at its own level, predicts every schedule 25-33% fast. With
+    The lease's own probe, at its own level, predicts every schedule 25-33% fast (19-26% with
+    session 37's own-calls factors in the profile it goes onto). With
     h200-1gpu's CPU Adam the median of all nine one-GPU calibrations (session 35): 6.0%, the
-    worst 10.1%."""
+    worst 10.1%. With session 37's h200-1gpu (the own-calls factors, the dispatch of 18 eager
+    probe runs): 7.3%, the worst 9.1% (APTMoE), every schedule 5-9% fast; the ranking right
+    by the 3% rule too (APTMoE predicted 1.1% behind Mobius)."""
     report = _repredicted("validation-h200-v16-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V16_1GPU])
-    _held_back(report, (0.060, 0.101), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
-               worst_run="S8x8-G0.4-native-1gpu GPipe")
+    _held_back(report, (0.074, 0.092), runs=4, configs=1, ranking_right=1, ranking_apart=1, configs_repeated=1,
+               worst_run="S8x8-G0.4-native-1gpu APTMoE")
     probes = sorted((DOCS / "measured" / "session35" / "probe-call3").iterdir())
     assert len(probes) == 4
     own = _at_lease_level("validation-h200-v16-fresh", probes, tmp_path, monkeypatch, V16_1GPU)
-    assert all(-0.34 < r["error"] < -0.24 for r in own["runs"]), [r["error"] for r in own["runs"]]
+    assert all(-0.27 < r["error"] < -0.18 for r in own["runs"]), [r["error"] for r in own["runs"]]
 
 
 def _at_lease_level(folder: str, probes: list[Path], tmp_path: Path, monkeypatch, flags: list[str]) -> dict:
@@ -1558,13 +1585,17 @@ def test_two_fresh_one_gpu_cells_whose_offloading_schedules_the_model_puts_too_n
     Against GPipe in the same cell, which the lease's host speed moves alike, S8's offloading
     schedules ran 1.71-1.74x its step and are predicted at 1.46-1.50x: `h200-1gpu` charges the
     issuing thread nothing for its calls beside Adam and copies (no adam_factor), which the
-    one-GPU runs' own calls took 1.5x and 3.8x (docs/measured/session36). M's are within 3.4%."""
+    one-GPU runs' own calls took 1.5x and 3.8x (docs/measured/session36). M's are within 3.4%.
+    With session 37's h200-1gpu (those factors from a one-GPU lease's own-calls probe, read as
+    each block's call starts, and the dispatch of 18 eager probe runs): 6.7%, the worst 9.8% (S
+    GPipeOffload), every run predicted fast; S's offloading schedules over GPipe 2-6% short."""
     report = _repredicted("validation-h200-v17-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V17_1GPU])
-    _held_back(report, (0.057, 0.105), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
-               worst_run="S8x8-G0.35-native-1gpu GPipe")
+    _held_back(report, (0.068, 0.099), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
+               worst_run="S8x8-G0.35-native-1gpu GPipeOffload")
+    assert all(r["error"] < 0 for r in report["runs"])
     over = {(r["model"], r["pipeline"]): r["error"] for r in report["over_gpipe"]}
     assert len(over) == 6
-    assert all(-0.16 < e < -0.12 for (m, _), e in over.items() if m == "S"), over
+    assert all(-0.06 < e < -0.02 for (m, _), e in over.items() if m == "S"), over
     assert all(abs(e) < 0.035 for (m, _), e in over.items() if m == "M"), over
 
 
@@ -1580,15 +1611,95 @@ def test_a_fresh_s_cell_whose_lease_ran_its_eager_probe_faster_than_its_runs(tmp
     wrong by the 3% rule, right where the runs (which interleave) order them. The lease's own
     dispatch probe, run after the cell with the matrix's eager kernel loading (calibration/
     dispatch.py's PROBE_KERNEL_LOADING), at its own level, predicts every schedule 11-22% fast:
-    the cell's calls ran slower than the probe's on its own lease."""
+    the cell's calls ran slower than the probe's on its own lease. With session 37's h200-1gpu
+    (the own-calls factors, the dispatch of 18 eager probe runs, three of them this lease's):
+    16.4%, the worst 20.0%: every schedule 16-20% fast, GPipe too (-16.9%), and their steps over
+    GPipe's within 3.6%: what is left is the level of this lease's host, not the schedules'."""
     report = _repredicted("validation-h200-v18-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V18_1GPU])
-    _held_back(report, (0.125, 0.167), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.165, 0.201), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.6-native-1gpu APTMoE")
-    assert all(-0.15 < r["error"] < -0.07 for r in report["over_gpipe"]), report["over_gpipe"]
+    assert all(-0.21 < r["error"] < -0.15 for r in report["runs"]), report["runs"]
+    assert all(abs(r["error"]) < 0.04 for r in report["over_gpipe"]), report["over_gpipe"]
     probes = sorted((DOCS / "measured" / "session36" / "probe-call4").iterdir())
     assert len(probes) == 3
     assert all(json.loads((p / "results.json").read_text())["schedules"]["GPipe"]["kernel_loading"] == "eager"
                for p in probes)
     own = _at_lease_level("validation-h200-v18-fresh", probes, tmp_path, monkeypatch, V18_1GPU)
     assert all(-0.23 < r["error"] < -0.10 for r in own["runs"]), [r["error"] for r in own["runs"]]
+
+
+V19_1GPU = ["--gpus", "1", "--steps", "6", "--repeats", "3", "--models", "S:8:8:8", "--gini", "0.5", "--links", "8",
+            "--held-back-every", "1", "--no-plot", "-q"]
+V20_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "S:8:8:8,M:4:4:8", "--gini", "0.65,0.5",
+            "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
+V21_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "S:8:8:8,M:4:4:8", "--gini", "0.4,0.35",
+            "--links", "8,native", "--held-back-every", "1", "--no-plot", "-q"]
+SESSION37 = DOCS / "measured" / "session37"
+EAGER_PROBES = {
+    "session36": [*sorted((DOCS / "measured" / "session36" / "kernel-loading" / "call1").glob("probe-*-eager")),
+                  *sorted((DOCS / "measured" / "session36" / "kernel-loading" / "call2-probe").glob("B*"))],
+    "v18's lease": sorted((DOCS / "measured" / "session36" / "probe-call4").iterdir()),
+    "v19's lease": sorted((SESSION37 / "probe-call1").iterdir()),
+}
+
+
+def test_h200_1gpu_s_dispatch_is_the_median_of_every_eager_probe_run_kept(tmp_path) -> None:
+    """Session 37: h200-1gpu's dispatch is what `dispatch_shape --own-level` makes of the 18 eager
+    probe runs of four leases, onto call 1's profile (the one-GPU lease's own-calls factors)."""
+    from aptmoe.calibration import dispatch_shape
+
+    runs = [p for group in EAGER_PROBES.values() for p in group]
+    assert len(runs) == 18
+    assert all(json.loads((p / "results.json").read_text())["schedules"]["GPipe"]["kernel_loading"] == "eager"
+               for p in runs)
+    out = tmp_path / "h200-1gpu.json"
+    assert dispatch_shape.main([str(SESSION37 / "call1" / "h200-1gpu.json"), *map(str, runs), "--own-level",
+                                "--out", str(out)]) == 0
+    made = json.loads(out.read_text())
+    shipped = json.loads((DOCS.parent / "aptmoe" / "profiles" / "h200-1gpu.json").read_text())
+    assert made["dispatch"] == shipped["dispatch"]
+    assert made["issue_tolls"] == shipped["issue_tolls"]
+    assert round(shipped["issue_tolls"]["adam_factor"], 2) == 1.59
+    assert round(shipped["issue_tolls"]["copy_adam_factor"], 2) == 3.64
+
+
+def test_a_fresh_s_cell_planned_with_the_one_gpu_profile_of_before(tmp_path, monkeypatch) -> None:
+    """Session 37 (docs/validation-h200-v19-fresh): S8x8 at G 0.5, capped, one GPU, three runs a
+    schedule, planned with h200-1gpu of before, held back, predicted with h200-1gpu as shipped
+    (the own-calls factors and the dispatch pooled over 18 eager probe runs): 4.1%, the worst
+    5.6% (Mobius), the ranking right by both rules. Five of the pooled probe runs are this
+    lease's: with session 36's first ten alone (neither this lease nor v18-fresh's) the cell is
+    within 4.3%, the worst 7.6%, ranked right."""
+    shipped = _repredicted("validation-h200-v19-fresh", tmp_path / "shipped", monkeypatch,
+                           ["--calibration", "h200-1gpu", *V19_1GPU])
+    _held_back(shipped, (0.042, 0.057), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
+               worst_run="S8x8-G0.5-cap8-1gpu Mobius")
+    from aptmoe.calibration import dispatch_shape
+
+    other = tmp_path / "session36.json"
+    assert dispatch_shape.main([str(SESSION37 / "call1" / "h200-1gpu.json"), *map(str, EAGER_PROBES["session36"]),
+                                "--own-level", "--out", str(other)]) == 0
+    apart = _repredicted("validation-h200-v19-fresh", tmp_path / "apart", monkeypatch,
+                         ["--calibration", str(other), *V19_1GPU])
+    _held_back(apart, (0.044, 0.077), runs=4, configs=1, ranking_right=1)
+
+
+def test_four_fresh_one_gpu_cells_after_the_fix_meet_the_targets(tmp_path, monkeypatch) -> None:
+    """Session 37 (docs/validation-h200-v20-fresh, -v21-fresh): S8x8 at G 0.65 native and 0.4
+    capped, M4x8 at G 0.5 capped and 0.35 native, one GPU, one lease, three runs a schedule,
+    planned and predicted with h200-1gpu as shipped, held back: 2.1% (the worst 8.3%, M capped
+    APTMoE) and 2.5% (9.4%, S capped GPipe), every ranking right. With v19-fresh, the 20 runs
+    measured after the fix: 2.8%, the worst 9.4%, the issue's targets."""
+    v20 = _repredicted("validation-h200-v20-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V20_1GPU])
+    _held_back(v20, (0.022, 0.084), runs=8, configs=2, ranking_right=2, ranking_apart=2,
+               worst_run="M4x8-G0.5-cap8-1gpu APTMoE")
+    v21 = _repredicted("validation-h200-v21-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V21_1GPU])
+    _held_back(v21, (0.026, 0.095), runs=8, configs=2, ranking_right=2, ranking_apart=2,
+               worst_run="S8x8-G0.4-cap8-1gpu GPipe")
+    m = [abs(r["error"]) for r in v20["runs"] + v21["runs"] if r["model"] == "M"]
+    assert len(m) == 8 and max(m) < 0.085, m
+    v19 = _repredicted("validation-h200-v19-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V19_1GPU])
+    after = [abs(r["error"]) for report in (v19, v20, v21) for r in report["runs"]]
+    assert len(after) == 20 and statistics.median(after) <= 0.029 and max(after) <= 0.095, sorted(after)
+    assert sum(report["summary"]["held-back"]["ranking_right"] for report in (v19, v20, v21)) == 5

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMIT_MIB = 56          # the GPU machine refuses a tree over 64 MiB: room for a session's runs
+# The GPU machine refuses a tree over 64 MiB; under 58 a session keeps 6 MiB for the runs it
+# stores (session 37 stored 2.3). Next to pack: the runs' results.json (3 MiB in 309 files,
+# read unpacked in ten places), as scripts/pack-stored-runs packs traces and profiles.
+LIMIT_MIB = 58
 
 
 def _tree_files() -> list[str]:
@@ -26,7 +29,7 @@ def _tree_files() -> list[str]:
     return [name for name in listed.decode().split("\0") if name]
 
 
-def test_the_tree_stays_under_56_mib() -> None:
+def test_the_tree_stays_under_its_limit() -> None:
     total = 0
     for name in set(_tree_files()):
         try:
