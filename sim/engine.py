@@ -434,6 +434,7 @@ class RankModel:
                 yield self.env.any_of(waits)
                 self._host_waited()
                 continue
+
             def ran(i: int, t: float, d: float, h: float | None, ready=ready):
                 if self.step.trace is not None:
                     e = ready[i]
