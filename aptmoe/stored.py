@@ -1,12 +1,13 @@
 """Stored runs' files, plain or compressed.
 
-A run writes its traces and profiles plain (Perfetto opens a fresh trace as it is). A run
-kept in the repository (docs/: the validation matrices and measured runs) keeps its measured
-traces and calibration profiles xz-compressed instead (`scripts/pack-stored-runs`, and
-`aptmoe-sim matrix` for the cells it stores), older stores gzip-compressed traces: the tree is
-sent whole to the GPU machine, which takes at most 64 MiB. Readers ask `stored_file` for the
-name they expect and read it with `open_text`, so any of the three forms will do. To open a
-stored trace in Perfetto: ``xz -dk trace-X.json.xz``, then the ``trace-X.json`` it leaves.
+A run writes its results.json, traces and profiles plain (Perfetto opens a fresh trace as it
+is). A run kept in the repository (docs/: the validation matrices and measured runs) keeps its
+results.json, measured traces and calibration profiles xz-compressed instead
+(`scripts/pack-stored-runs`, and `aptmoe-sim matrix` for the cells it stores), older stores
+gzip-compressed traces: the tree is sent whole to the GPU machine, which takes at most 64 MiB.
+Readers ask `stored_file` (or `kept`) for the name they expect and read it with `open_text`
+(a JSON file: `read_json`), so any of the three forms will do. To open a stored trace in
+Perfetto: ``xz -dk trace-X.json.xz``, then the ``trace-X.json`` it leaves.
 
 Only the standard library: the simulator and the calibration read stored runs without torch.
 """
@@ -19,10 +20,10 @@ import lzma
 import os
 import zlib
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["CORRUPT", "XZ_PRESET", "kept", "measured_traces", "open_text", "pack", "plain_name", "read_bytes",
-           "read_text", "stored_file", "stored_run_files"]
+__all__ = ["CORRUPT", "RESULTS", "XZ_PRESET", "is_measured_run", "kept", "measured_traces", "open_text", "pack",
+           "plain_name", "read_bytes", "read_json", "read_text", "run_source", "stored_file", "stored_run_files"]
 
 # The forms a stored file takes, in the order a reader prefers them: plain first (a fresh run,
 # or one unpacked by hand to open in Perfetto), then the gzip of older stores, then xz.
@@ -38,6 +39,7 @@ XZ_PRESET = 9 | lzma.PRESET_EXTREME
 
 PROFILE = "profile.json"              # a matrix cell's: the profile it was predicted with
 PLAN_PROFILE = "plan-profile.json"    # a run's: the profile the executor planned with
+RESULTS = "results.json"              # a run's: what it measured (or predicted), and how it was run
 
 
 def plain_name(path: str | os.PathLike) -> str:
@@ -85,6 +87,12 @@ def read_text(path: str | os.PathLike) -> str:
         return f.read()
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, from the form it is kept in (`kept`): ``real/results.json`` reads
+    the ``results.json.xz`` a stored run keeps in its place."""
+    return json.loads(read_text(kept(path)))
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     """A file's content, decompressed where its name ends in .gz or .xz."""
     data = Path(path).read_bytes()
@@ -95,16 +103,20 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 # --------------------------------------------------------------------------- storing
 
 
-def is_measured_run(folder: Path) -> bool:
-    """A folder of an executor's run: a matrix cell's or validate's ``real/``, or a run folder
-    whose results.json says it was measured (the simulator's say ``sim``, or nothing)."""
-    if folder.name == "real":
-        return True
+def run_source(folder: str | os.PathLike) -> str | None:
+    """What a run folder's results.json (plain, .gz or .xz) says made it: "real" (the executor)
+    or "sim"; None where it has none, says nothing, or cannot be read."""
     try:
-        with open((folder / "results.json"), encoding="utf-8") as f:
-            return json.load(f).get("source") == "real"
-    except (OSError, ValueError, AttributeError):
-        return False
+        source = read_json(Path(folder) / RESULTS).get("source")
+    except (OSError, ValueError, AttributeError, *CORRUPT):
+        return None
+    return source if isinstance(source, str) else None
+
+
+def is_measured_run(folder: str | os.PathLike) -> bool:
+    """A folder of an executor's run: a matrix cell's or validate's ``real/``, or a run folder
+    whose results.json (in any form) says it was measured (the simulator's say ``sim``, or nothing)."""
+    return Path(folder).name == "real" or run_source(folder) == "real"
 
 
 def measured_traces(folder: str | os.PathLike) -> list[Path]:
@@ -117,18 +129,19 @@ def measured_traces(folder: str | os.PathLike) -> list[Path]:
 
 def stored_run_files(root: str | os.PathLike) -> list[Path]:
     """What a store keeps compressed under `root` (any form, packed or not): every measured
-    run's traces and its plan-profile.json, and each matrix cell's profile.json
+    run's traces, its plan-profile.json and its results.json (a results.json.xz still marks
+    its folder as a measured run), and each matrix cell's profile.json
     (``cells/<cell>/profile.json``)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         folder = Path(dirpath)
-        profiles = sorted(folder / n for n in filenames if plain_name(n) in (PROFILE, PLAN_PROFILE))
+        named = sorted(folder / n for n in filenames if plain_name(n) in (PROFILE, PLAN_PROFILE, RESULTS))
         if is_measured_run(folder):
             out += measured_traces(folder)
-            out += [p for p in profiles if plain_name(p) == PLAN_PROFILE]
+            out += [p for p in named if plain_name(p) in (PLAN_PROFILE, RESULTS)]
         if folder.parent.name == "cells":
-            out += [p for p in profiles if plain_name(p) == PROFILE]
+            out += [p for p in named if plain_name(p) == PROFILE]
     return out
 
 

@@ -2,18 +2,18 @@
 
     python -m aptmoe.calibration.cpu_vs_runs PROFILE FOLDER... [--json OUT]
 
-Every CPU expert job of every measured run under the folders (a run folder: results.json with
-its traces; a matrix or any folder above: each run below it) is set beside what the profile
-says one expert on that many tokens takes, in its direction (a recompute's is a forward), at the
-run's thread count (its rank's worker cores). Prints, per model width and direction and over
-all: the jobs, the median of run / profile, and the mean |log(run / profile)| (0.10: about 10%
-off either way, job by job). A job in a run also shares the host with copies, the other ranks
-and the issuing threads, which the simulator adds on its own (host memory, tolls): a
-calibration that times experts as the runs run them comes out near 1, one that times them
-faster than runs can comes out above it. Where the runs' events carry their worker thread's
-clocks (exec/thread_clock.py), it prints too the median share of a job's time the thread ran
-(`ran`) and waited for a core (`queued`): a job slower than the curve that ran all along
-computed slower; one that did not, waited.
+Every CPU expert job of every measured run under the folders (a run folder: results.json, or the
+results.json.xz a stored run keeps, with its traces; a matrix or any folder above: each run
+below it) is set beside what the profile says one expert on that many tokens takes, in its
+direction (a recompute's is a forward), at the run's thread count (its rank's worker cores).
+Prints, per model width and direction and over all: the jobs, the median of run / profile, and
+the mean |log(run / profile)| (0.10: about 10% off either way, job by job). A job in a run also
+shares the host with copies, the other ranks and the issuing threads, which the simulator adds
+on its own (host memory, tolls): a calibration that times experts as the runs run them comes out
+near 1, one that times them faster than runs can comes out above it. Where the runs' events
+carry their worker thread's clocks (exec/thread_clock.py), it prints too the median share of a
+job's time the thread ran (`ran`) and waited for a core (`queued`): a job slower than the curve
+that ran all along computed slower; one that did not, waited.
 
 Session 24 judged the CPU expert calibrations with it (docs/measured/session24).
 """
@@ -21,7 +21,6 @@ Session 24 judged the CPU expert calibrations with it (docs/measured/session24).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from aptmoe.atomic import write_json_atomic
 from aptmoe.config import ConfigError, RunConfig
 from aptmoe.profile import ProfileCost, ProfileError, load_profile
+from aptmoe.stored import RESULTS, plain_name, read_json, run_source, stored_file
 from aptmoe.trace import Trace, TraceError, action_runs, is_cpu_job, run_trace
 
 
@@ -48,15 +48,13 @@ class Fit:
 
 
 def run_folders(paths: list[Path]) -> list[Path]:
-    """The measured runs (results.json with source "real") at or under `paths`."""
+    """The measured runs (results.json, or the results.json.xz a stored run keeps, with source
+    "real") at or under `paths`."""
     out = []
     for p in paths:
-        for r in sorted([p / "results.json"] if (p / "results.json").exists() else p.rglob("results.json")):
-            try:
-                if json.loads(r.read_text()).get("source") == "real":
-                    out.append(r.parent)
-            except (OSError, ValueError):
-                continue
+        folders = [p] if stored_file(p / RESULTS) else sorted({r.parent for r in p.rglob(RESULTS + "*")
+                                                               if plain_name(r) == RESULTS and r.is_file()})
+        out += [f for f in folders if run_source(f) == "real"]
     return out
 
 
@@ -85,7 +83,7 @@ def _jobs(profile_path: str, runs: list[Path]) -> dict[str, list[tuple[float, di
     profile = load_profile(profile_path)
     out: dict[str, list[tuple[float, dict]]] = defaultdict(list)
     for folder in runs:
-        results = json.loads((folder / "results.json").read_text())
+        results = read_json(folder / RESULTS)
         cfg = RunConfig.from_dict(results["config"])
         cost = ProfileCost(profile, cfg.model)
         threads = cfg.cluster.worker_cores

@@ -27,7 +27,7 @@ from aptmoe.costs import MESSAGE_POSTS
 from aptmoe.host import run_loop_s
 from aptmoe.profile import Dispatch
 from aptmoe.run_process import ExecutorFailed, launch_executor
-from aptmoe.stored import pack, stored_file
+from aptmoe.stored import RESULTS, pack, read_json, stored_file
 from aptmoe.trace import Trace, block_kind, is_action, is_block_call, is_load
 
 # Small enough that every kernel is a few microseconds; the structure of a real layer
@@ -248,10 +248,10 @@ def host_times(trace: Trace) -> dict[str, dict[str, float]]:
 
 def probe_run_trace(folder: Path, schedule: str = "GPipe", results: dict | None = None) -> Trace:
     """The trace of `schedule` in an aptmoe-run folder (trace-SCHEDULE.json, or the .json.xz a
-    stored run keeps), with the host's speed when it ran, from its results.json (or `results`,
-    already read), beside its spans."""
+    stored run keeps), with the host's speed when it ran, from its results.json (or the .json.xz
+    a stored run keeps; or `results`, already read), beside its spans."""
     if results is None:
-        results = json.loads((folder / "results.json").read_text())
+        results = read_json(folder / RESULTS)
     name = folder / f"trace-{schedule}.json"
     tr = Trace.load(stored_file(name) or name)
     tr.meta["host_loop_s"] = results["schedules"][schedule].get("host_loop_s")
@@ -279,16 +279,14 @@ def _run_probe(args: list[str], what: str, schedules: tuple[str, ...], keep: Pat
 
 
 def _keep_run(run: Path, keep: Path, schedules: tuple[str, ...]) -> None:
-    """The run's results.json and its schedules' traces, xz-compressed (aptmoe.stored.pack), in
-    `keep`, each file written whole."""
+    """The run's results.json and its schedules' traces, xz-compressed (aptmoe.stored.pack) as
+    a stored run keeps them, in `keep`, each file written whole."""
     keep.mkdir(parents=True, exist_ok=True)
-    for s in schedules:
-        src = stored_file(run / f"trace-{s}.json") or run / f"trace-{s}.json"
+    for name in [*(f"trace-{s}.json" for s in schedules), RESULTS]:
+        src = stored_file(run / name) or run / name
         with atomic_path(keep / src.name) as tmp:
             shutil.copyfile(src, tmp)
         pack(keep / src.name)
-    with atomic_path(keep / "results.json") as tmp:
-        shutil.copyfile(run / "results.json", tmp)
 
 
 def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: int = 2) -> list[Trace]:
@@ -415,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the probe at a preset's widths (S when none is given; S, M or L): its blocks compute, "
                         "so read the host times")
     p.add_argument("--keep", type=Path, default=None, metavar="DIR",
-                   help="keep each probe run as DIR/run-N (results.json, trace-GPipe.json.xz): what "
+                   help="keep each probe run as DIR/run-N (results.json.xz, trace-GPipe.json.xz): what "
                         "`python -m aptmoe.calibration.dispatch_shape PROFILE DIR/run-*` reshapes a profile with")
     ns = p.parse_args(argv)
     if ns.loaded:

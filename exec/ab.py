@@ -14,13 +14,13 @@ to ab.md there.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from aptmoe.stored import RESULTS, read_json
 from aptmoe.trace import Trace, run_trace
 
 
@@ -43,7 +43,7 @@ def cpu_expert_seconds(trace: Path | None) -> tuple[float, float]:
 def run_summary(folder: Path) -> dict[str, dict]:
     """Per schedule of one run: its timed steps, CPU-expert seconds per step, slowest CPU-expert
     job, and the ranks' loose threads (aptmoe.exec.cores.thread_placement)."""
-    doc = json.loads((folder / "results.json").read_text())
+    doc = read_json(folder / RESULTS)
     out = {}
     for name, s in doc["schedules"].items():
         if s.get("oom") or not s.get("step_s"):

@@ -13,7 +13,6 @@ case, its machine, the medians, and how far each target is.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from aptmoe.benchmarking import write_section
 from aptmoe.flags import whole_number
+from aptmoe.stored import read_json
 
 START, END = "<!-- exec-bench:start -->", "<!-- exec-bench:end -->"
 SEED = ["--is_moe=True", "--model_config=S", "--num_experts=16", "--gini=0.3", "--topo=C1+G2", "--pipeline", "all"]
@@ -44,7 +44,7 @@ def run_case(name: str, gpus: int, keep: Path, steps: int, repeats: int = 1, cal
 def section(results: dict[str, Path]) -> str:
     lines = [START, "## Executor on the GPU machine", ""]
     for label, path in results.items():
-        doc = json.loads(Path(path).read_text())
+        doc = read_json(path)
         sched = doc["schedules"]
         some = next((s for s in sched.values() if not s.get("oom")), {})
         runs = len((some.get("repeats") or {}).get("iteration_s", [])) or 1

@@ -62,7 +62,7 @@ from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_d
 from aptmoe.sim import matrix_ratios
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.stored import PLAN_PROFILE, PROFILE, measured_traces, pack, stored_file
+from aptmoe.stored import CORRUPT, PLAN_PROFILE, PROFILE, RESULTS, measured_traces, pack, read_json, stored_file
 from aptmoe.sim.validate import (KERNEL_LOADING_WHY, add_replay_flag, alike_cell, compare_run, ms_cell, other_machine,
                                  run_executor)
 from aptmoe.trace import write_json_atomic
@@ -267,7 +267,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
         folder = out / "cells" / cell.name
         bar.update(1)
         if ns.repredict:
-            if (folder / "real" / "results.json").exists():
+            if stored_file(folder / "real" / RESULTS) is not None:
                 stored += 1
                 use = profile
                 if ns.cell_profiles and (kept := stored_file(folder / CELL_PROFILE)) is not None:
@@ -333,9 +333,12 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
 
 
 def pack_cell(folder: Path) -> None:
-    """Store a cell as the repository keeps it: its measured traces (``real/trace-*.json``) and
-    its profiles (``profile.json``, ``real/plan-profile.json``) each replaced by its ``.xz``."""
-    for path in [*measured_traces(folder / "real"), folder / CELL_PROFILE, folder / "real" / PLAN_PROFILE]:
+    """Store a cell as the repository keeps it: its measured traces (``real/trace-*.json``), its
+    profiles (``profile.json``, ``real/plan-profile.json``) and its run's ``real/results.json``
+    each replaced by its ``.xz``. Called once all that reads them in the cell has run; what
+    reads them later (``collect``, ``--repredict``) takes the packed files as they are."""
+    for path in [*measured_traces(folder / "real"), folder / CELL_PROFILE, folder / "real" / PLAN_PROFILE,
+                 folder / "real" / RESULTS]:
         if path.exists():
             pack(path)
 
@@ -427,7 +430,7 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
             continue
         doc = json.loads((folder / "validation.json").read_text())
         s = "held-back" if held_back(i, every) else "fit"
-        stored = _stored_schedules(folder / "real" / "results.json")
+        stored = _stored_schedules(folder / "real" / RESULTS)
         steps, repeated = _step_spreads(stored), _run_spreads(stored)
         twins = same_plans(folder / "real", [row["pipeline"] for row in doc["schedules"]])
         measured, predicted = {}, {}
@@ -473,10 +476,11 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
 
 
 def _stored_schedules(results: Path) -> dict[str, dict]:
-    """The schedules of a stored run's results.json (none where it is missing or unreadable)."""
+    """The schedules of a stored run's results.json, plain or packed (none where it is missing
+    or unreadable)."""
     try:
-        return json.loads(results.read_text())["schedules"]
-    except (OSError, ValueError, KeyError):
+        return read_json(results)["schedules"]
+    except (OSError, ValueError, KeyError, *CORRUPT):
         return {}
 
 

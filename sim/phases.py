@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import statistics
 import sys
 import zlib
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptmoe.report import format_table
+from aptmoe.stored import CORRUPT, RESULTS, read_json
 from aptmoe.trace import PASS_CATEGORIES, Trace, TraceError, TraceEvent, is_action, is_block_call, message_ends
 
 PROG = "python -m aptmoe.sim.phases"
@@ -221,8 +221,8 @@ def traces(folder: Path) -> tuple[Path, dict[str, tuple[Path, Path | None]]]:
 def timed_steps(run: Path, name: str) -> int | None:
     """How many timed steps the run's results.json gives schedule `name`; None without one."""
     try:
-        return len(json.loads((run / "results.json").read_text())["schedules"][name]["step_s"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return len(read_json(run / RESULTS)["schedules"][name]["step_s"])
+    except (OSError, ValueError, KeyError, TypeError, *CORRUPT):
         return None
 
 

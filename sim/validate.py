@@ -29,7 +29,6 @@ import argparse
 import bisect
 import csv
 import itertools
-import json
 import statistics
 import sys
 from collections import defaultdict
@@ -47,7 +46,7 @@ from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.replayed_placements import run_placements
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
 from aptmoe.stalls import load_stalls, stalls
-from aptmoe.stored import PLAN_PROFILE, stored_file
+from aptmoe.stored import PLAN_PROFILE, RESULTS, read_json, stored_file
 from aptmoe.trace import Trace, by_occurrence, run_trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
@@ -334,7 +333,7 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     (validation.json, validation.csv, actions-*.csv, predicted traces, overlays) into `dest`.
     Reads only the run's files, so a stored run can be predicted again by a newer model.
     `replay`: with each run's own CPU placements (`validate_schedule`)."""
-    real = json.loads((real_dir / "results.json").read_text())
+    real = read_json(real_dir / RESULTS)
     planned = planning_profile(real_dir, real)
     rows = [validate_schedule(name, res, real_dir, profile, dest, plot, plan_with=planned, replay=replay)
             for name, res in real["schedules"].items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from aptmoe.calibration import cpu_vs_runs
 from aptmoe.config import RunConfig
 from aptmoe.profile import ProfileCost, load_profile
+from aptmoe.stored import read_json, stored_file
 from aptmoe.trace import Trace, is_cpu_job, run_trace
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -21,7 +23,7 @@ def test_each_job_is_set_beside_the_profiles_expert_at_the_runs_threads() -> Non
     ratios = cpu_vs_runs.job_ratios("h200-2gpu", [RUN])
     # the session-23 count of this run's CPU jobs (its 67 in `cpu_jobs_alike`): 47 forward, 20 backward
     assert {k: len(v) for k, v in ratios.items()} == {"MoE d2048 fwd": 47, "MoE d2048 bwd": 20, "all": 67}
-    cfg = RunConfig.from_dict(json.loads((RUN / "results.json").read_text())["config"])
+    cfg = RunConfig.from_dict(read_json(RUN / "results.json")["config"])
     assert cfg.cluster.worker_cores == 14
     cost = ProfileCost(load_profile("h200-2gpu"), cfg.model)
     first = min((e for e in Trace.load(run_trace(RUN, "APTMoE")).events if is_cpu_job(e)), key=lambda e: e.start_s)
@@ -39,7 +41,8 @@ def test_the_worker_threads_clocks_give_the_shares_it_ran_and_queued(tmp_path, c
     """The stored run's jobs, given clocks: ran half and queued a tenth of their time."""
     run = tmp_path / "real"
     run.mkdir()
-    (run / "results.json").write_text((RUN / "results.json").read_text())
+    kept = stored_file(RUN / "results.json")          # results.json.xz, as stored
+    shutil.copy(kept, run / kept.name)
     trace = Trace.load(run_trace(RUN, "APTMoE"))
     for e in trace.events:
         if is_cpu_job(e):
@@ -54,8 +57,8 @@ def test_the_worker_threads_clocks_give_the_shares_it_ran_and_queued(tmp_path, c
 
 
 def test_a_matrix_folder_stands_for_its_runs_and_the_table_prints(tmp_path, capsys) -> None:
-    assert cpu_vs_runs.run_folders([RUN.parent.parent.parent]) == sorted(
-        p.parent for p in (RUN.parent.parent.parent).rglob("results.json"))
+    cells = sorted(RUN.parent.parent.glob("*/real"))          # every cell's run, its results.json.xz
+    assert len(cells) > 1 and cpu_vs_runs.run_folders([RUN.parent.parent.parent]) == cells
     out = tmp_path / "fit.json"
     assert cpu_vs_runs.main(["h200-2gpu", str(RUN), "--json", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -10,6 +10,7 @@ import pytest
 
 from aptmoe.config import moe_model
 from aptmoe.profile import Dispatch, ProfileCost, ProfileError, load_profile
+from aptmoe.stored import read_json
 from aptmoe.trace import Trace
 
 MOE_S = moe_model("S", 8)
@@ -610,7 +611,7 @@ def test_a_gpu_probe_runs_on_at_most_two_gpus_of_one_socket_and_says_how_many(gp
 
 def test_the_probe_keeps_its_runs_for_a_reshape_or_a_lease_s_profile(tmp_path, capsys) -> None:
     """`python -m aptmoe.calibration.dispatch --keep DIR` keeps each probe run as a stored run
-    (results.json, the trace xz-compressed) that dispatch_shape reads back as it measured it,
+    (results.json and the trace, xz-compressed) that dispatch_shape reads back as it measured it,
     and prints each pass's own start and end beside the block calls."""
     pytest.importorskip("torch")
     from aptmoe.calibration.dispatch import dispatch_from_trace, main, probe_run_trace
@@ -619,7 +620,7 @@ def test_the_probe_keeps_its_runs_for_a_reshape_or_a_lease_s_profile(tmp_path, c
     assert main(["--device", "cpu", "--ranks", "1", "--repeats", "1", "--keep", str(tmp_path / "kept")]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "kept" / "run-1"
-    assert sorted(f.name for f in run.iterdir()) == ["results.json", "trace-GPipe.json.xz"]
+    assert sorted(f.name for f in run.iterdir()) == ["results.json.xz", "trace-GPipe.json.xz"]
     again = dispatch_from_trace(probe_run_trace(run), "cpu")
     assert again.action is not None and again.loop_s is not None
     for p, parts in again.action.items():      # the figures printed are the kept run's
@@ -642,7 +643,7 @@ def test_the_stored_kernel_loading_pairs_give_the_figures_the_probe_cites() -> N
     pairs += [(root / "call2-probe" / f"A{i}", root / "call2-probe" / f"B{i}") for i in range(1, 7)]
     steps, loops = [], []
     for lazy, eager in pairs:
-        a, b = (json.loads((d / "results.json").read_text())["schedules"]["GPipe"] for d in (lazy, eager))
+        a, b = (read_json(d / "results.json")["schedules"]["GPipe"] for d in (lazy, eager))
         assert (a["kernel_loading"], b["kernel_loading"]) == ("lazy", "eager")
         steps.append(b["iteration_s"] / a["iteration_s"])
         loops.append(run_loop_s(b["host_loop_s"]) / run_loop_s(a["host_loop_s"]))

@@ -19,7 +19,7 @@ from aptmoe.run_process import ExecutorFailed
 from aptmoe.sim import matrix
 from aptmoe.sim.cli import UsageError
 from aptmoe.sim.cli import main as sim_main
-from aptmoe.stored import read_text, stored_file
+from aptmoe.stored import read_json, read_text, stored_file
 from aptmoe.trace import Trace
 from aptmoe.sim.matrix import (
     TIE,
@@ -333,7 +333,7 @@ def test_a_cell_runs_end_to_end(e2e) -> None:
     # --steps 1,S=2: an S cell times 2 steps
     command = cell["command"]
     assert command[command.index("--num_training_steps") + 1] == "2"
-    sched = json.loads((folder / "real" / "results.json").read_text())["schedules"]
+    sched = read_json(folder / "real" / "results.json")["schedules"]      # stored as results.json.xz
     assert {len(s["step_s"]) for s in sched.values()} == {2}
     # --repeats 1,S=2: every schedule of an S cell ran twice, the median run kept and measured
     assert command[command.index("--repeats") + 1] == "2"
@@ -393,7 +393,8 @@ def test_repredict_rewrites_the_prediction_without_the_executor(e2e, monkeypatch
     out = e2e["out"]
     folder = out / "cells" / E2E_CELL
     val = folder / "validation.json"
-    results = folder / "real" / "results.json"
+    results = folder / "real" / "results.json.xz"      # the cell stores its run's results packed
+    assert not (folder / "real" / "results.json").exists()
     os.utime(val, ns=(10**9, 10**9))                   # long ago: a rewrite moves it
     measured = results.read_bytes()
     _forbid_executor(monkeypatch)
@@ -827,8 +828,8 @@ def test_the_third_2gpu_grid_ran_confined_and_is_predicted_as_when_it_ran(tmp_pa
     assert report["summary"]["all"]["runs"] == 48
     _within(report, {"all": (0.052, 0.51), "fit": (0.0495, 0.51), "held-back": (0.111, 0.42)})
     assert report["summary"]["all"]["ranking_right"] >= 10
-    for results in (DOCS / "validation-h200-2gpu-v3" / "cells").glob("*/real/results.json"):
-        for res in json.loads(results.read_text())["schedules"].values():
+    for results, doc in _stored_results("validation-h200-2gpu-v3"):
+        for res in doc["schedules"].values():
             assert all(t["loose"] == 0 for t in res["threads"]), results
 
 
@@ -856,8 +857,8 @@ def test_the_fourth_2gpu_grid_measures_s8_as_the_median_of_three_runs(tmp_path, 
     assert report["summary"]["all"]["runs"] == 48
     _within(report, {"all": (0.043, 0.205), "fit": (0.041, 0.203), "held-back": (0.091, 0.205)})
     assert report["summary"]["all"]["ranking_right"] >= 11
-    for results in (DOCS / "validation-h200-2gpu-v4" / "cells").glob("S8*/real/results.json"):
-        for res in json.loads(results.read_text())["schedules"].values():
+    for results, doc in _stored_results("validation-h200-2gpu-v4", "S8*"):
+        for res in doc["schedules"].values():
             assert len(res["repeats"]["iteration_s"]) == 3, results
             assert res["iteration_s"] == sorted(res["repeats"]["iteration_s"])[1], results
 
@@ -934,8 +935,8 @@ def test_fresh_configs_run_with_kernels_loaded_eagerly(tmp_path, monkeypatch) ->
     assert {c["cell"]: c["same_plans"] for c in report["configs"] if c["same_plans"]} == {
         "L2x8-G0.5-native-2gpu": [["GPipeOffload", "Mobius"]], "L2x8-G0.5-cap8-2gpu": [["GPipeOffload", "Mobius"]]}
     assert "(held-back set; median of each run's median)" in (tmp_path / "validation-h200-2gpu-v7-fresh" / "matrix.md").read_text()
-    for results in (DOCS / "validation-h200-2gpu-v7-fresh" / "cells").glob("*/real/results.json"):
-        for res in json.loads(results.read_text())["schedules"].values():
+    for results, doc in _stored_results("validation-h200-2gpu-v7-fresh"):
+        for res in doc["schedules"].values():
             assert res["kernel_loading"] == "eager" and len(res["gpu_bytes_outside_allocator"]) == 2, results
     # M6 capped APTMoE: the run and its prediction put other experts on the CPU (33 of 90 jobs alike
     # since session 24's CPU curves; 34 of 94 before)
@@ -971,8 +972,8 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.008
     assert runs[("M6x8-G0.4-cap8-2gpu", "APTMoE")]["stall_s_per_step"] > 0.017
-    for results in (DOCS / "validation-h200-2gpu-v8-fresh" / "cells").glob("*/real/results.json"):
-        for res in json.loads(results.read_text())["schedules"].values():
+    for results, doc in _stored_results("validation-h200-2gpu-v8-fresh"):
+        for res in doc["schedules"].values():
             assert res["kernel_loading"] == "eager", results
 
 
@@ -1017,8 +1018,8 @@ def test_a_fresh_config_each_schedule_the_median_of_three_runs(tmp_path, monkeyp
     assert report["summary"]["held-back"]["runs"] == 8
     _within(report, {"held-back": (0.047, 0.156)})
     assert report["summary"]["held-back"]["ranking_right"] == 1
-    for results in (DOCS / "validation-h200-2gpu-v9-fresh" / "cells").glob("*/real/results.json"):
-        for res in json.loads(results.read_text())["schedules"].values():
+    for results, doc in _stored_results("validation-h200-2gpu-v9-fresh"):
+        for res in doc["schedules"].values():
             assert len(res["repeats"]["iteration_s"]) == 3, results
 
 
@@ -1460,6 +1461,15 @@ def _repredicted(folder: str, tmp_path: Path, monkeypatch, flags: list[str], onl
     return json.loads((out / "matrix.json").read_text())
 
 
+def _stored_results(folder: str, cells: str = "*") -> list[tuple[Path, dict]]:
+    """Each stored run's results.json (kept as results.json.xz) in the cells `cells` of the
+    stored matrix `folder`, read; that there are some is asserted, so a check over them is not
+    passed by finding none."""
+    found = [(p, read_json(p)) for p in sorted((DOCS / folder / "cells").glob(f"{cells}/real/results.json*"))]
+    assert found, f"no stored results.json in {folder}/cells/{cells}/real"
+    return found
+
+
 def _held_back(report: dict, bounds: tuple[float, float], **expected) -> None:
     """A repredicted set's held-back summary: each `expected` field (runs, configs, ranking_right,
     ranking_strict, worst_run) as given, and its median and worst |error| within `bounds`."""
@@ -1628,7 +1638,7 @@ def test_a_fresh_s_cell_whose_lease_ran_its_eager_probe_faster_than_its_runs(tmp
     assert all(abs(r["error"]) < 0.04 for r in report["over_gpipe"]), report["over_gpipe"]
     probes = sorted((DOCS / "measured" / "session36" / "probe-call4").iterdir())
     assert len(probes) == 3
-    assert all(json.loads((p / "results.json").read_text())["schedules"]["GPipe"]["kernel_loading"] == "eager"
+    assert all(read_json(p / "results.json")["schedules"]["GPipe"]["kernel_loading"] == "eager"
                for p in probes)
     own = _at_lease_level("validation-h200-v18-fresh", probes, tmp_path, monkeypatch, V18_1GPU)
     assert all(-0.23 < r["error"] < -0.10 for r in own["runs"]), [r["error"] for r in own["runs"]]
@@ -1654,7 +1664,7 @@ def test_h200_1gpu_s_dispatch_is_the_median_of_every_eager_probe_run_kept(tmp_pa
     probe runs of four leases, onto call 1's profile (the one-GPU lease's own-calls factors)."""
     runs = [p for group in EAGER_PROBES.values() for p in group]
     assert len(runs) == 18
-    assert all(json.loads((p / "results.json").read_text())["schedules"]["GPipe"]["kernel_loading"] == "eager"
+    assert all(read_json(p / "results.json")["schedules"]["GPipe"]["kernel_loading"] == "eager"
                for p in runs)
     made = json.loads(_own_level(SESSION37 / "call1" / "h200-1gpu.json", runs, tmp_path / "h200-1gpu.json").read_text())
     shipped = json.loads((DOCS.parent / "aptmoe" / "profiles" / "h200-1gpu.json").read_text())

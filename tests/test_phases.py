@@ -10,6 +10,7 @@ import pytest
 
 from aptmoe.sim import phases
 from aptmoe.sim.phases import Phases
+from aptmoe.stored import read_json
 from aptmoe.trace import Trace, TraceError
 
 CELL = Path(__file__).resolve().parents[1] / "docs/validation-h200-2gpu-v11-fresh/cells/M6x8-G0.45-cap8-2gpu"
@@ -169,7 +170,7 @@ def test_cli_on_a_missing_or_garbled_path_is_one_line_and_exit_2(tmp_path, capsy
 def test_cli_on_the_committed_measured_traces_gives_every_timed_step_and_rank(tmp_path, capsys) -> None:
     run = tmp_path / CELL.name / "real"                # the measured ones alone, as git has them
     shutil.copytree(CELL / "real", run)
-    results = json.loads((run / "results.json").read_text())["schedules"]
+    results = read_json(run / "results.json")["schedules"]
     assert phases.main([str(run), "--measured-only"]) == 0
     rows = _rows(capsys.readouterr().out, CELL.name)
     assert sorted({r[1] for r in rows}) == ["APTMoE", "GPipe", "GPipeOffload", "Mobius"]

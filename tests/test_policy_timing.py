@@ -15,6 +15,7 @@ from aptmoe.analytic_cost import AnalyticCost, h200_hardware
 from aptmoe.config import moe_model
 from aptmoe.policy_timing import CALLS, POLICIES, Shape, WalkCalls, measure_policy_host, time_policy_calls
 from aptmoe.profile import (POLICY_HOST_POLICIES, Dispatch, PolicyHost, ProfileCost, ProfileError, load_profile)
+from aptmoe.stored import read_json
 
 MODEL = moe_model("S", 8, num_layers=8)
 COST = AnalyticCost(MODEL, h200_hardware())
@@ -112,8 +113,8 @@ def test_aptmoe_on_a_host_bound_step_pays_for_its_answers() -> None:
     from aptmoe.config import RunConfig
     from aptmoe.sim.simulate import simulate
 
-    doc = json.loads((Path(__file__).resolve().parents[1] / "docs" / "validation-h200-v13-fresh" / "cells"
-                      / "S8x8-G0.45-native-1gpu" / "real" / "results.json").read_text())
+    doc = read_json(Path(__file__).resolve().parents[1] / "docs" / "validation-h200-v13-fresh" / "cells"
+                    / "S8x8-G0.45-native-1gpu" / "real" / "results.json")
     prof = load_profile("h200-1gpu").with_(policy_host=None)
     ph = PolicyHost({"aptmoe": {"gate_counts": 1e-4, "predicted_counts": 1e-4, "backward_decide": 3e-4},
                      "stage": {"gate_counts": 1e-6}}, loop_s=prof.dispatch.loop_s)

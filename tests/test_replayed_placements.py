@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from aptmoe.cpu_jobs_alike import cpu_jobs_alike
 from aptmoe.policy import Placement
 from aptmoe.replayed_placements import ReplayedPolicy, RunPlacements, run_placements
+from aptmoe.stored import read_json, stored_file
 from aptmoe.trace import Trace, action_runs, is_cpu_job, run_trace
 
 CELL = Path(__file__).resolve().parent.parent / "docs" / "validation-h200-2gpu-v7-fresh" / "cells" / "M6x4-G0.5-cap8-2gpu"
@@ -104,11 +104,12 @@ def test_replaying_needs_the_runs_trace(tmp_path) -> None:
         pytest.skip("the stored v7-fresh matrix is not in this tree")
     real_dir = tmp_path / "real"
     real_dir.mkdir()
-    shutil.copy(CELL / "real" / "results.json", real_dir / "results.json")
+    kept = stored_file(CELL / "real" / "results.json")          # results.json.xz, as stored
+    shutil.copy(kept, real_dir / kept.name)
     from aptmoe.profile import load_profile
     from aptmoe.sim.validate import validate_schedule
 
-    real = json.loads((real_dir / "results.json").read_text())["schedules"]["APTMoE"]
+    real = read_json(real_dir / "results.json")["schedules"]["APTMoE"]
     with pytest.raises(ValueError, match="--replay-placements needs the run's trace"):
         validate_schedule("APTMoE", real, real_dir, load_profile("h200-2gpu"), tmp_path, plot=False, replay=True)
 

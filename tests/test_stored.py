@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from aptmoe.stored import (CORRUPT, measured_traces, open_text, pack, plain_name, read_bytes, read_text, stored_file,
-                           stored_run_files)
+from aptmoe.stored import (CORRUPT, is_measured_run, measured_traces, open_text, pack, plain_name, read_bytes, read_json,
+                           read_text, run_source, stored_file, stored_run_files)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pack-stored-runs"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "pack-stored-runs"
 TEXT = '{"traceEvents": [], "note": "caf\u00e9"}\n'
 
 
@@ -109,12 +110,13 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root).with_name(plain_name(p))): read_bytes(p) for p in root.rglob("*") if p.is_file()}
 
 
-def test_the_store_packs_measured_traces_and_profiles_only(tmp_path) -> None:
+def test_the_store_packs_measured_runs_results_traces_and_profiles_only(tmp_path) -> None:
     where = _store(tmp_path)
     cell, run = where["cell"], where["run"]
     assert sorted(stored_run_files(tmp_path)) == sorted([
-        run / "plan-profile.json", run / "trace-APTMoE.json.gz", cell / "real" / "plan-profile.json",
-        cell / "real" / "trace-GPipe.json.gz", cell / "real" / "trace-Mobius.json", cell / "profile.json"])
+        run / "plan-profile.json", run / "results.json", run / "trace-APTMoE.json.gz",
+        cell / "real" / "plan-profile.json", cell / "real" / "results.json", cell / "real" / "trace-GPipe.json.gz",
+        cell / "real" / "trace-Mobius.json", cell / "profile.json"])
     assert measured_traces(cell / "real") == [cell / "real" / "trace-GPipe.json.gz", cell / "real" / "trace-Mobius.json"]
     assert measured_traces(cell) == []                  # the predicted trace beside real/ is not measured
 
@@ -127,17 +129,21 @@ def test_the_pack_script_round_trips_is_idempotent_and_leaves_predicted_traces(t
     where = _store(tmp_path)
     before = _snapshot(tmp_path)
     untouched = {p: p.read_bytes() for p in (where["cell"] / "trace-Mobius-predicted.json",
-                                             where["sim"] / "trace-APTMoE.json",
+                                             where["sim"] / "trace-APTMoE.json", where["sim"] / "results.json",
                                              tmp_path / "measured" / "session9" / "profile.json",
                                              where["cell"] / "real" / "plan-Mobius.txt")}
     done = _script(str(tmp_path), "--jobs", "2")
     assert done.returncode == 0, done.stderr
-    assert f"{tmp_path}: packed 6 files, " in done.stdout
+    assert f"{tmp_path}: packed 8 files, " in done.stdout
     assert _snapshot(tmp_path) == before                # the same content under the same names
     assert all(p.read_bytes() == data for p, data in untouched.items())
     assert sorted(p.name for p in (where["cell"] / "real").iterdir()) == [
-        "plan-Mobius.txt", "plan-profile.json.xz", "results.json", "trace-GPipe.json.xz", "trace-Mobius.json.xz"]
+        "plan-Mobius.txt", "plan-profile.json.xz", "results.json.xz", "trace-GPipe.json.xz", "trace-Mobius.json.xz"]
     assert (where["cell"] / "profile.json.xz").exists() and (where["run"] / "trace-APTMoE.json.xz").exists()
+    assert sorted(p.name for p in where["run"].iterdir()) == [
+        "plan-profile.json.xz", "results.json.xz", "trace-APTMoE.json.xz"]
+    # packed, the run folder is still a measured run (its results.json.xz says so): all 8 found
+    assert sorted(stored_run_files(tmp_path)) == sorted(tmp_path.rglob("*.xz"))
     packed = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.xz")}
     again = _script(str(tmp_path))
     assert again.returncode == 0 and f"{tmp_path}: packed 0 files, 0.00 MiB -> 0.00 MiB" in again.stdout
@@ -148,7 +154,83 @@ def test_the_pack_script_s_dry_run_packs_nothing_and_a_missing_folder_is_refused
     _store(tmp_path)
     before = sorted(tmp_path.rglob("*"))
     dry = _script(str(tmp_path), "--dry-run")
-    assert dry.returncode == 0 and "6 files to pack" in dry.stdout and sorted(tmp_path.rglob("*")) == before
+    assert dry.returncode == 0 and "8 files to pack" in dry.stdout and sorted(tmp_path.rglob("*")) == before
     missing = _script(str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such folder" in missing.stderr
     assert "xz -dk" in _script("--help").stdout
+
+
+# --------------------------------------------------------------------------- a stored run's results.json.xz
+
+
+def _packed_run(folder: Path, source: str = "real") -> Path:
+    """A run folder as a store keeps it after packing: only its results.json.xz."""
+    folder.mkdir(parents=True)
+    doc = {"source": source, "schedules": {"GPipe": {"step_s": [1.0, 1.2, 1.1]}, "Mobius": {"oom": True}}}
+    (folder / "results.json").write_text(json.dumps(doc))
+    pack(folder / "results.json")
+    assert [p.name for p in folder.iterdir()] == ["results.json.xz"]
+    return folder
+
+
+def test_a_run_keeping_only_results_json_xz_is_a_measured_run_and_packed_once(tmp_path) -> None:
+    run = _packed_run(tmp_path / "measured" / "session9" / "regime2")
+    sim = _packed_run(tmp_path / "measured" / "session9" / "sim", source="sim")
+    (run / "trace-GPipe.json").write_text('{"traceEvents": []}')        # a trace kept plain beside it
+    (sim / "trace-GPipe.json").write_text('{"traceEvents": []}')
+    assert (run_source(run), run_source(sim), run_source(tmp_path)) == ("real", "sim", None)
+    assert is_measured_run(run) and not is_measured_run(sim)
+    assert read_json(run / "results.json")["source"] == "real"            # the name a tool expects
+    assert sorted(stored_run_files(tmp_path)) == [run / "results.json.xz", run / "trace-GPipe.json"]
+    done = _script(str(tmp_path))
+    assert done.returncode == 0 and f"{tmp_path}: packed 1 files, " in done.stdout, done.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["results.json.xz", "trace-GPipe.json.xz"]
+    assert (sim / "trace-GPipe.json").exists()                           # the simulator's: left as it is
+    again = _script(str(tmp_path))
+    assert again.returncode == 0 and f"{tmp_path}: packed 0 files, 0.00 MiB -> 0.00 MiB" in again.stdout
+    assert "2 packed already" in _script(str(tmp_path), "--dry-run").stdout      # found still, both
+
+
+def test_the_readers_of_a_run_take_its_results_json_xz(tmp_path) -> None:
+    """cpu_vs_runs finds a run by its results.json.xz; phases, matrix and ab read it by the name
+    results.json."""
+    from aptmoe.calibration.cpu_vs_runs import run_folders
+    from aptmoe.exec.ab import run_summary
+    from aptmoe.sim import matrix, phases
+
+    run = _packed_run(tmp_path / "a" / "regime2")
+    sim = _packed_run(tmp_path / "b" / "sim", source="sim")
+    (tmp_path / "a" / "results.json.partial").write_text("{}")            # not a run's results
+    assert run_folders([tmp_path]) == [run] and run_folders([run]) == [run] and run_folders([sim]) == []
+    assert phases.timed_steps(run, "GPipe") == 3 and phases.timed_steps(sim / "nowhere", "GPipe") is None
+    assert matrix.step_spreads(run / "results.json") == {"GPipe": pytest.approx(0.2 / 1.1)}
+    assert run_summary(run) == {"GPipe": {"step_s": [1.0, 1.2, 1.1], "cpu_expert_s": 0.0, "worst_job_s": 0.0,
+                                          "loose": 0}}
+    (run / "results.json.xz").write_bytes(b"not xz")                     # corrupt: unreadable, as a bad JSON is
+    assert run_folders([tmp_path]) == [] and phases.timed_steps(run, "GPipe") is None
+    assert matrix.step_spreads(run / "results.json") == {}
+
+
+def test_validate_predicts_a_stored_run_that_keeps_results_json_xz(tmp_path) -> None:
+    """compare_run (validate, and matrix --repredict) reads the run's results.json.xz: the measured
+    step time it reports is the one the stored cell's validation.json has (GPipe alone: fast)."""
+    from aptmoe.profile import load_profile
+    from aptmoe.sim.validate import compare_run
+
+    cell = ROOT / "docs" / "validation-h200-v19-fresh" / "cells" / "S8x8-G0.5-cap8-1gpu"
+    if not cell.is_dir():
+        pytest.skip("the stored v19-fresh matrix is not in this tree")
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("plan-profile.json", "trace-GPipe.json"):
+        kept = stored_file(cell / "real" / name)
+        (real / kept.name).write_bytes(kept.read_bytes())
+    doc = read_json(cell / "real" / "results.json")
+    doc["schedules"] = {"GPipe": doc["schedules"]["GPipe"]}
+    (real / "results.json").write_text(json.dumps(doc))
+    pack(real / "results.json")
+    assert stored_file(real / "results.json") == real / "results.json.xz"
+    rows = compare_run(real, load_profile("h200-1gpu"), tmp_path, ["validate"], plot=False)
+    stored = {r["pipeline"]: r for r in json.loads((cell / "validation.json").read_text())["schedules"]}
+    assert [r["pipeline"] for r in rows] == ["GPipe"]
+    assert rows[0]["measured_s"] == stored["GPipe"]["measured_s"]

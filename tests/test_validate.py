@@ -11,6 +11,7 @@ import pytest
 
 from aptmoe.sim.cli import main as sim_main
 from aptmoe.sim.validate import action_errors, executor_argv
+from aptmoe.stored import read_json
 from aptmoe.trace import Trace
 
 
@@ -206,7 +207,7 @@ def test_simulate_takes_its_decisions_from_plan_with_and_its_times_from_the_prof
     from aptmoe.sim.simulate import simulate
 
     runs = Path(__file__).resolve().parents[1] / "docs/validation-h200-v8/cells/S8x8-G0.6-cap8-1gpu/real/results.json"
-    cfg = RunConfig.from_dict(json.loads(runs.read_text())["schedules"]["APTMoE"]["config"])    # MoE-S8, capped
+    cfg = RunConfig.from_dict(read_json(runs)["schedules"]["APTMoE"]["config"])    # MoE-S8, capped
     plain = simulate(cfg, "h200-1gpu")
     assert simulate(cfg, "h200-1gpu", plan_with="h200-1gpu").iteration_s == plain.iteration_s
     other = simulate(cfg, "h200-1gpu", plan_with="a800-paper")
@@ -307,7 +308,7 @@ def test_the_simulator_offloads_and_updates_what_the_executor_did() -> None:
     from aptmoe.trace import Trace
 
     real = Path(__file__).resolve().parents[1] / "docs/validation-h200-v8/cells/S8x8-G0.6-cap8-1gpu/real"
-    res = json.loads((real / "results.json").read_text())["schedules"]["Mobius"]
+    res = read_json(real / "results.json")["schedules"]["Mobius"]
     measured = Trace.load(real / "trace-Mobius.json.xz")
     predicted = Trace("sim")
     simulate(RunConfig.from_dict(res["config"]), "h200-1gpu", trace=predicted, measured_steps=len(res["step_s"]),
