@@ -207,13 +207,14 @@ def test_simulate_takes_its_decisions_from_plan_with_and_its_times_from_the_prof
     from aptmoe.sim.simulate import simulate
 
     runs = Path(__file__).resolve().parents[1] / "docs/validation-h200-v8/cells/S8x8-G0.6-cap8-1gpu/real/results.json"
-    cfg = RunConfig.from_dict(read_json(runs)["schedules"]["APTMoE"]["config"])    # MoE-S8, capped
+    sched = read_json(runs)["schedules"]             # kept as results.json.xz
+    cfg = RunConfig.from_dict(sched["APTMoE"]["config"])    # MoE-S8, capped
     plain = simulate(cfg, "h200-1gpu")
     assert simulate(cfg, "h200-1gpu", plan_with="h200-1gpu").iteration_s == plain.iteration_s
     other = simulate(cfg, "h200-1gpu", plan_with="a800-paper")
     assert other.iteration_s != plain.iteration_s
     assert other.metrics["cpu/expert_share"] != plain.metrics["cpu/expert_share"]
-    gpipe = RunConfig.from_dict(json.loads(runs.read_text())["schedules"]["GPipe"]["config"])
+    gpipe = RunConfig.from_dict(sched["GPipe"]["config"])
     assert simulate(gpipe, "h200-1gpu", plan_with="a800-paper").iteration_s == simulate(gpipe, "h200-1gpu").iteration_s
 
 
