@@ -126,6 +126,10 @@ class CostSource(Protocol):
         """How long a CPU expert job waits beyond its copies' bytes and its experts' compute
         (an `aptmoe.profile.CpuJob`, or None: nothing more)."""
 
+    def adam_gap_s(self, policy: str) -> float:
+        """The CPU worker's own seconds after each Adam chunk under loading policy `policy`
+        ("aptmoe", "stage"), before its next job (aptmoe/adam_gaps.py; 0: not measured)."""
+
     def policy_s(self, policy: str, call: str) -> float:
         """Host seconds the issuing thread spends in one call of the loading policy `policy`
         ("aptmoe", "stage") of kind `call` (aptmoe/policy_timing.py; 0: not measured)."""
@@ -167,6 +171,9 @@ class KernelTimeOnly:
 
     def cpu_job(self):
         return None
+
+    def adam_gap_s(self, policy: str) -> float:
+        return 0.0
 
     def policy_s(self, policy: str, call: str) -> float:
         return 0.0

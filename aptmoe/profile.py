@@ -31,9 +31,11 @@ that the simulator reads directly (DESIGN §3). Its sections:
 - ``pacer`` (optional): {late_s}, how long after its bytes have passed over the cap a copy on
   a capped link is seen to have landed: the pacing thread's sleep ends late, and the thread
   waiting for the copy wakes after it (calibration/pacer.py);
-- ``cpu_job`` (optional): {take_s, down_s, up_s, resume_s}, how long an executor's CPU job
-  waits beyond its copies' bytes and its experts: the worker taking it, its copies' launches
-  and landings heard, the issuing thread's wake after it (calibration/cpu_jobs.py);
+- ``cpu_job`` (optional): {take_s, down_s, up_s, resume_s, and optionally adam_gap_s}, how long an
+  executor's CPU job waits beyond its copies' bytes and its experts: the worker taking it, its
+  copies' launches and landings heard, the issuing thread's wake after it
+  (calibration/cpu_jobs.py); ``adam_gap_s``: {policy: s}, the worker's own time between one Adam
+  chunk and the next, by loading policy (aptmoe/adam_gaps.py, calibration/adam_gaps.py);
 - ``recv_wait`` (optional): {blocks: [{kind, d, slowdown}, ...]}, how many times its time
   alone a block of each kind and width takes while a receive posted on its rank waits for the
   peer's send (NCCL's receive kernel holds SMs as it waits; calibration/p2p.py). A block not
@@ -414,6 +416,9 @@ class CpuJob:
     down_s: float
     up_s: float
     resume_s: float
+    # loading policy ("aptmoe", "stage") -> the CPU worker's own seconds after each Adam chunk,
+    # before the next job (aptmoe/adam_gaps.py); {} = not measured: none
+    adam_gap_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -536,7 +541,7 @@ class Profile:
         if self.pacer is not None:
             d["pacer"] = dataclasses.asdict(self.pacer)
         if self.cpu_job is not None:
-            d["cpu_job"] = dataclasses.asdict(self.cpu_job)
+            d["cpu_job"] = {k: v for k, v in dataclasses.asdict(self.cpu_job).items() if v != {}}
         if self.recv_wait is not None:
             d["recv_wait"] = {"blocks": [{"kind": k, "d": w, "slowdown": x} for k, w, x in self.recv_wait.blocks]}
         if self.policy_host is not None:
@@ -751,9 +756,18 @@ class _Parser:
         return PolicyHost(seconds, loop_s)
 
     def cpu_job(self, data: Any) -> CpuJob:
-        fields = tuple(f.name for f in dataclasses.fields(CpuJob))
-        d = self.obj(data, "cpu_job", fields)
-        return CpuJob(**{f: self.number(d[f], f"cpu_job.{f}", positive=False, unit="s") for f in fields})
+        fields = ("take_s", "down_s", "up_s", "resume_s")
+        d = self.obj(data, "cpu_job", fields, ("adam_gap_s",))
+        gaps = d.get("adam_gap_s", {})
+        if not isinstance(gaps, dict):
+            self.fail("cpu_job.adam_gap_s", f"must be an object {{policy: seconds}}, got {type(gaps).__name__}")
+        for policy in gaps:
+            if policy not in POLICY_HOST_POLICIES:
+                self.fail(f"cpu_job.adam_gap_s.{policy}", f"is not a loading policy with CPU Adam; use one of "
+                                                          f"{', '.join(POLICY_HOST_POLICIES)}")
+        return CpuJob(**{f: self.number(d[f], f"cpu_job.{f}", positive=False, unit="s") for f in fields},
+                      adam_gap_s={p: self.number(v, f"cpu_job.adam_gap_s.{p}", positive=False, unit="s")
+                                  for p, v in sorted(gaps.items())})
 
     def recv_wait(self, data: Any) -> RecvWait:
         blocks = self.obj(data, "recv_wait", ("blocks",))["blocks"]
@@ -1411,6 +1425,17 @@ class ProfileCost:
         if self.profile.cpu_job is None and self.profile.dispatch is not None:
             self.fallbacks.add("cpu job: not measured, a CPU job takes its copies and its experts only")
         return self.profile.cpu_job
+
+    def adam_gap_s(self, policy: str) -> float:
+        """The CPU worker's own seconds after each Adam chunk under loading policy `policy`
+        ("aptmoe", "stage"), before it takes its next job; 0 where not measured."""
+        job = self.profile.cpu_job
+        if job is None or policy not in job.adam_gap_s:
+            if self.profile.dispatch is not None:
+                self.fallbacks.add(f"adam gap {policy}: not measured, the CPU worker goes from one Adam chunk "
+                                   "to the next at once")
+            return 0.0
+        return job.adam_gap_s[policy]
 
     def policy_s(self, policy: str, call: str) -> float:
         """Host seconds of one call of the loading policy `policy` ("aptmoe", "stage") of kind

@@ -26,9 +26,12 @@ Those waits are read here from the executor's own trace: `aptmoe-run` APTMoE on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
+from pathlib import Path
 
+from aptmoe.adam_gaps import gaps_by_policy
 from aptmoe.calibration.dispatch import _probe, run_on_gpus
 from aptmoe.flags import whole_number
 from aptmoe.profile import CpuJob
@@ -39,8 +42,11 @@ from aptmoe.trace import Trace, action_runs, block_kind, is_block_call
 # 12 layers, a depth no cell of the matrix has, so that the calibration's run stays apart from
 # the runs it is checked on (until session 21 it was the 2-GPU grid's S8 G0.6 native APTMoE
 # cell, of its fit set).
+# Mobius beside it for the CPU worker's time between Adam chunks under the stage policy
+# (`adam_gap_s`, aptmoe/adam_gaps.py); APTMoE's own run gives the aptmoe policy's.
+SCHEDULES = ("APTMoE", "Mobius")
 PROBE = _probe({"num_layers": 12, "num_stages": 4, "num_experts": 8, "gini": 0.6, "batch_size": 32, "num_chunks": 4,
-                "seq_length": 128, "pipeline": "APTMoE", "num_warmup_steps": 1, "num_training_steps": 6})
+                "seq_length": 128, "pipeline": ",".join(SCHEDULES), "num_warmup_steps": 1, "num_training_steps": 6})
 MIN_JOBS = 5        # forward jobs waited for, and layers without one, that the medians need
 
 
@@ -76,14 +82,24 @@ def cpu_job_from_trace(trace: Trace) -> CpuJob:
                   resume_s=resume)
 
 
-def probe_trace() -> Trace:
-    """The probe's APTMoE trace, on two GPUs where there are (as the runs it stands for)."""
-    return run_on_gpus(PROBE, "the CPU-job probe (aptmoe-run APTMoE on MoE-S widths, {gpus} GPU)", ("APTMoE",))[0]
+def probe_traces(keep: Path | None = None) -> dict[str, Trace]:
+    """The probe's traces by schedule, on two GPUs where there are (as the runs it stands for);
+    `keep`: the folder to keep the run in."""
+    traces = run_on_gpus(PROBE, "the CPU-job probe (aptmoe-run " + " and ".join(SCHEDULES) + " on MoE-S widths, "
+                         "{gpus} GPU)", SCHEDULES, keep=keep)
+    return dict(zip(SCHEDULES, traces))
+
+
+def cpu_job_from_traces(traces: dict[str, Trace]) -> CpuJob:
+    """The APTMoE trace's medians (`cpu_job_from_trace`) with the CPU worker's time between
+    Adam chunks under each policy the traces have (aptmoe/adam_gaps.py)."""
+    job = cpu_job_from_trace(traces["APTMoE"])
+    return dataclasses.replace(job, adam_gap_s=gaps_by_policy(traces, "the CPU-job probe"))
 
 
 def measure_cpu_job() -> CpuJob:
     """Runs the probe on the GPU and returns the medians of its jobs' waits."""
-    return cpu_job_from_trace(probe_trace())
+    return cpu_job_from_traces(probe_traces())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(ns.repeats):
             t = measure_cpu_job()
             print(f"run {i + 1}: take {t.take_s * 1e6:.0f} us, down {t.down_s * 1e6:.0f} us, up {t.up_s * 1e6:.0f} us, "
-                  f"resume {t.resume_s * 1e6:.0f} us")
+                  f"resume {t.resume_s * 1e6:.0f} us; between Adam chunks "
+                  + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in t.adam_gap_s.items()))
     except (ValueError, RuntimeError) as e:
         print(f"cpu_jobs: error: {e}", file=sys.stderr)
         return 1

@@ -289,13 +289,15 @@ def _keep_run(run: Path, keep: Path, schedules: tuple[str, ...]) -> None:
         pack(keep / src.name)
 
 
-def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: int = 2) -> list[Trace]:
+def run_on_gpus(probe: list[str], what: str, schedules: tuple[str, ...], most: int = 2,
+                keep: Path | None = None) -> list[Trace]:
     """`_run_probe` on this machine's GPUs, `most` of them at most (the runs a probe stands for
-    use two); `what` names the probe, its `{gpus}` the GPUs it ran on."""
+    use two); `what` names the probe, its `{gpus}` the GPUs it ran on; `keep`: the folder to
+    keep the run in."""
     import torch
 
     g = max(1, min(most, torch.cuda.device_count()))
-    return _run_probe(on_ranks(probe, "cuda", g), what.format(gpus=g), schedules)
+    return _run_probe(on_ranks(probe, "cuda", g), what.format(gpus=g), schedules, keep)
 
 
 def probe_trace(device: str, ranks: int = 1, wide: bool | str = False, keep: Path | None = None) -> Trace:

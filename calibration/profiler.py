@@ -1393,7 +1393,8 @@ def build_profile(opts: Options, sizes: Sizes, machine: Machine, m: Measured, sk
     if m.cpu_job is not None:
         a.sources["cpu_job"] = ("measured: the executor's own APTMoE run on up to two GPUs with MoE-S's widths on a "
                                 "native link (" + " ".join(CPU_JOB_PROBE) + "), the medians of its CPU jobs' "
-                                "phases (calibration/cpu_jobs.py)")
+                                "phases (calibration/cpu_jobs.py), and of the CPU worker's time between one block's "
+                                "Adam chunks in its APTMoE and Mobius runs (adam_gap_s, aptmoe/adam_gaps.py)")
     if m.dispatch is not None:
         runs = "" if opts.dispatch_repeats == 1 else f", the median of {opts.dispatch_repeats} runs"
         ranks = "" if opts.dispatch_ranks is None else f", {opts.dispatch_ranks} ranks at once"

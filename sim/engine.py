@@ -753,6 +753,9 @@ class RankModel:
         # too (host_memory); without the host memory model, the figure for ranks at once.
         shared = self.cost.adam_shared_slowdown(self.threads) if self.host_memory is not None else 1.0
         adam_s = self.cost.adam_cpu_alone_s if shared > 1.0 else self.cost.adam_cpu_s
+        # after each chunk the executor's worker tells the policy, sets the chunk's future and
+        # takes its next job: its own time, outside the chunk's event (aptmoe/adam_gaps.py)
+        gap = self.cost.adam_gap_s(self.plan.policy)
         for block in Block.of_layers(self.layers[a.stage], m.num_experts, m.is_moe):
             home = self._grad_home(a.stage, block)
             if not home.processed:
@@ -767,8 +770,10 @@ class RankModel:
                     start = self.env.now
                     with self.copy_conditions.adam(self.rank) if self.copy_conditions else nullcontext():
                         yield from self._cpu_work(seconds, adam_bytes(hi - lo, m.dtype_bytes), shared)
+                    self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=block.layer)
+                    if gap > 0:
+                        yield self.env.timeout(gap)
                 self.policy.adam_done(hi - lo)
-                self._record(str(a.at(block)), "cpu", start, "update", params=hi - lo, layer=block.layer)
 
     def _send(self, a: Action):
         peer = a.stage + (1 if a.kind is Kind.SEND_F else -1)
