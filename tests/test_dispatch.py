@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -602,11 +603,12 @@ def test_a_gpu_probe_runs_on_at_most_two_gpus_of_one_socket_and_says_how_many(gp
 
     got = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    monkeypatch.setattr(dispatch, "_run_probe", lambda args, what, schedules: got.append((args, what, schedules)))
-    dispatch.run_on_gpus(["--pipeline", "Mobius"], "the probe on {gpus} GPU", ("Mobius",))
-    (args, what, schedules), = got
+    monkeypatch.setattr(dispatch, "_run_probe",
+                        lambda args, what, schedules, keep: got.append((args, what, schedules, keep)))
+    dispatch.run_on_gpus(["--pipeline", "Mobius"], "the probe on {gpus} GPU", ("Mobius",), keep=Path("kept"))
+    (args, what, schedules, keep), = got
     assert args == ["--pipeline", "Mobius", "--device", "cuda", "--gpus", str(ranks), "--topo", f"C1+G{ranks}"]
-    assert what == f"the probe on {ranks} GPU" and schedules == ("Mobius",)
+    assert what == f"the probe on {ranks} GPU" and schedules == ("Mobius",) and keep == Path("kept")
 
 
 def test_the_probe_keeps_its_runs_for_a_reshape_or_a_lease_s_profile(tmp_path, capsys) -> None:
