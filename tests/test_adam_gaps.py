@@ -165,3 +165,15 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path, capsys):
     assert "no cpu_job section" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit):
         adam_gaps.main(["--from", str(STORED_RUN), "--repeats", "2"])
+
+
+def test_h200_1gpu_gaps_are_the_medians_of_the_probe_runs_kept(tmp_path):
+    """The shipped one-GPU profile's gaps are rebuilt from the three CPU-job probe runs of the
+    one-GPU lease they were taken on (docs/measured/session38; 12 layers, no grid cell)."""
+    from aptmoe.calibration import adam_gaps
+
+    runs = sorted((ROOT / "docs/measured/session38/adam-gaps").glob("run-*"))
+    assert len(runs) == 3
+    out = tmp_path / "p.json"
+    assert adam_gaps.main(["--from", *map(str, runs), "--onto", "h200-1gpu", "--out", str(out)]) == 0
+    assert load_profile(str(out)).cpu_job.adam_gap_s == load_profile("h200-1gpu").cpu_job.adam_gap_s

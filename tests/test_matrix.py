@@ -808,7 +808,9 @@ def test_the_second_2gpu_grid_is_predicted_as_when_it_ran(tmp_path, monkeypatch)
     report = _repredicted("validation-h200-2gpu-v2", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 48
     _within(report, {"all": (0.048, 0.345), "fit": (0.046, 0.345), "held-back": (0.098, 0.22)})
-    assert not [f for f in report["fallbacks"] if "adam" in f or "recv" in f], report["fallbacks"]
+    # h200-2gpu has no gaps between Adam chunks (`cpu_job.adam_gap_s`): named, not a fallback of Adam's figures
+    assert not [f for f in report["fallbacks"] if ("adam" in f and not f.startswith("adam gap")) or "recv" in f], \
+        report["fallbacks"]
 
 
 def test_the_third_2gpu_grid_ran_confined_and_is_predicted_as_when_it_ran(tmp_path, monkeypatch) -> None:
@@ -1168,17 +1170,19 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
     since session 33 set each action's own host work apart (its one-layer stages' start and
     end, charged once each): 10.1%, the worst 11.3%; with the policy's answers charged to the
     issuing thread (session 35, `policy_host`), the worst 11.4%. With h200-1gpu's CPU Adam the
-    median of all nine one-GPU calibrations (session 35): 1.7%, the worst 2.2%."""
+    median of all nine one-GPU calibrations (session 35): 1.7%, the worst 2.2%. With session 38's
+    h200-1gpu (the CPU worker's gaps between Adam chunks): 2.0%, the worst 2.4% (Mobius and
+    GPipeOffload, predicted slow; the lease's profile has no gaps and is as before)."""
     lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
     _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
                worst_run="M4x8-G0.5-native-1gpu APTMoE")
-    _held_back(shipped, (0.018, 0.022), runs=4, ranking_right=1, ranking_strict=0)
+    _held_back(shipped, (0.021, 0.025), runs=4, ranking_right=1, ranking_strict=0)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
-    assert all(abs(r["error"]) < 0.023 for r in shipped["runs"] if r["pipeline"] in offloading)
+    assert all(abs(r["error"]) < 0.025 for r in shipped["runs"] if r["pipeline"] in offloading)
     doc = json.loads(read_text(stored_file(DOCS / "validation-h200-v10-fresh" / "cells" / "M4x8-G0.5-native-1gpu"
                                            / "profile.json")))
     assert doc["name"] == "h200-1gpu-lease" and "copies_beside_adam" in doc["host_memory"]
@@ -1201,10 +1205,13 @@ def test_four_fresh_one_gpu_cells_planned_with_the_shipped_profile(tmp_path, mon
     lease's runs put their Adam chunks at 0.279-0.288 ns/param, the profile at 0.262). With
     session 37's h200-1gpu (the own-calls factors, the dispatch of 18 eager probe runs): 2.0%,
     the worst 12.3% (S APTMoE; S GPipe +0.1%); the M cells 3.1%, the worst 8.3%; with the
-    lease's Adam the native M cell's offloading schedules 6.3-9.8% fast."""
+    lease's Adam the native M cell's offloading schedules 6.3-9.8% fast. With session 38's
+    h200-1gpu (the CPU worker's gaps between Adam chunks): 1.6%, the worst 12.5%, 2 ranked right
+    strictly; the M cells 3.1%, the worst 8.0% (native GPipeOffload); with the lease's Adam the
+    native M cell's offloading schedules 5.6-8.3% fast."""
     report = _repredicted("validation-h200-v11-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V11_1GPU])
-    _held_back(report, (0.021, 0.124), runs=16, configs=4, ranking_right=4, ranking_strict=3,
+    _held_back(report, (0.017, 0.126), runs=16, configs=4, ranking_right=4, ranking_strict=2,
                worst_run="S8x8-G0.45-cap8-1gpu APTMoE")
     m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
     assert len(m) == 8 and statistics.median(m) <= 0.032 and max(m) <= 0.085, m
@@ -1218,7 +1225,7 @@ def test_four_fresh_one_gpu_cells_planned_with_the_shipped_profile(tmp_path, mon
     with_lease = _repredicted("validation-h200-v11-fresh", tmp_path / "lease", monkeypatch,
                               ["--calibration", str(profile), *V11_1GPU], only="M4x8-G0.35-native-1gpu")
     native = [r for r in with_lease["runs"] if r["pipeline"] != "GPipe"]
-    assert len(native) == 3 and all(-0.10 < r["error"] < -0.06 for r in native), native
+    assert len(native) == 3 and all(-0.09 < r["error"] < -0.05 for r in native), native
 
 
 V12_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "S:8:8:8,M:4:4:8", "--gini", "0.55,0.35,0.45",
@@ -1236,9 +1243,11 @@ def test_three_fresh_one_gpu_cells_with_the_cpu_jobs_waits(tmp_path, monkeypatch
     (S8's one stage of eight layers no longer pays the loss twice): 3.6%, the worst 24.4%; S's
     GPipe +24.4% native, +2.8% capped; the M cell within 2.6%. With session 37's h200-1gpu
     (the own-calls factors, the dispatch of 18 eager probe runs): 2.6%, the worst 14.3% (S
-    native Mobius); S's GPipe +7.3% native, -11.1% capped; the M cell within 2.8%."""
+    native Mobius); S's GPipe +7.3% native, -11.1% capped; the M cell within 2.8%. With session
+    38's h200-1gpu (the CPU worker's gaps between Adam chunks): 2.9%, the worst 14.4%; the M cell
+    within 2.6%."""
     report = _repredicted("validation-h200-v12-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V12_1GPU])
-    _held_back(report, (0.027, 0.144), runs=12, configs=3, ranking_right=2, ranking_strict=2,
+    _held_back(report, (0.029, 0.145), runs=12, configs=3, ranking_right=2, ranking_strict=2,
                worst_run="S8x8-G0.55-native-1gpu Mobius")
     runs = {(r["cell"], r["pipeline"]): r["error"] for r in report["runs"]}
     assert 0.05 < runs[("S8x8-G0.55-native-1gpu", "GPipe")] < 0.09, runs
@@ -1267,10 +1276,11 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
     own-calls factors, the dispatch of 18 eager probe runs): 5.7%, the worst 42.9% (S G0.45
     Mobius; its GPipe +40.0%), 3 of 4 ranked right (2 strictly), the M cell within 6.3%; eight
     of the nine ratios to GPipe closer to the runs' than with the dispatch of before, the ninth
-    (S G0.3's Mobius, 1.48x in the runs) now predicted 1.63x."""
+    (S G0.3's Mobius, 1.48x in the runs) now predicted 1.63x. With session 38's h200-1gpu (the
+    CPU worker's gaps between Adam chunks): 4.7%, the worst 43.6%, the M cell within 4.0%."""
     shipped = _repredicted("validation-h200-v13-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V13_1GPU])
-    _held_back(shipped, (0.058, 0.43), runs=16, configs=4, ranking_right=3, ranking_strict=2,
+    _held_back(shipped, (0.048, 0.437), runs=16, configs=4, ranking_right=3, ranking_strict=2,
                worst_run="S8x8-G0.45-native-1gpu Mobius")
     m = [abs(r["error"]) for r in shipped["runs"] if r["model"] == "M"]
     assert len(m) == 4 and max(m) <= 0.068, m
@@ -1347,9 +1357,10 @@ def test_a_fresh_l_cell_on_one_gpu_capped(tmp_path, monkeypatch) -> None:
     as shipped: 0.4%, the worst 1.8% (APTMoE, predicted slow), the ranking right strictly.
     This lease's own dispatch probe moves no prediction by 0.1%: the cell's calls are not bound
     by their issue. With h200-1gpu's CPU Adam the median of all nine one-GPU calibrations
-    (session 35): 0.5%, the worst 0.6% (Mobius)."""
+    (session 35): 0.5%, the worst 0.6% (Mobius); with session 38's gaps between Adam chunks
+    0.53% and 0.57%."""
     report = _repredicted("validation-h200-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V14_1GPU])
-    _held_back(report, (0.005, 0.007), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
+    _held_back(report, (0.006, 0.007), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
                worst_run="L2x8-G0.55-cap8-1gpu Mobius")
 
 
@@ -1538,9 +1549,11 @@ def test_two_fresh_one_gpu_cells_after_the_policy_stopped_waking_the_copy_engine
     profile's). The ranking right in both cells; without `policy_host` the S cell's APTMoE is
     predicted 0.3% ahead of Mobius, which ran 20% ahead of it at the medians. With session 37's
     h200-1gpu (the own-calls factors, the dispatch of 18 eager probe runs): 3.6%, the worst
-    19.3% (S Mobius; S GPipe +13.4%), the M cell within 6.9% (APTMoE, predicted fast)."""
+    19.3% (S Mobius; S GPipe +13.4%), the M cell within 6.9% (APTMoE, predicted fast). With
+    session 38's h200-1gpu (the CPU worker's gaps between Adam chunks): 3.0%, the worst 20.1%,
+    the M cell within 4.6%."""
     report = _repredicted("validation-h200-v15-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V15_1GPU])
-    _held_back(report, (0.037, 0.194), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
+    _held_back(report, (0.031, 0.202), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
                worst_run="S8x8-G0.5-native-1gpu Mobius")
     m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
     assert len(m) == 4 and max(m) <= 0.07, m
@@ -1707,3 +1720,30 @@ def test_five_fresh_one_gpu_cells_after_the_fix_meet_the_targets(tmp_path, monke
     after = [abs(r["error"]) for report in (v19, v20, v21) for r in report["runs"]]
     assert len(after) == 20 and statistics.median(after) <= 0.029 and max(after) <= 0.095, sorted(after)
     assert sum(report["summary"]["held-back"]["ranking_right"] for report in (v19, v20, v21)) == 5
+
+
+V22_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "S:8:8:8,M:4:4:8", "--gini", "0.55,0.45",
+            "--links", "native", "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_two_fresh_one_gpu_cells_on_a_lease_slower_than_the_profile(tmp_path, monkeypatch) -> None:
+    """Session 38, held back, predicted with h200-1gpu as shipped (with the CPU worker's gaps
+    between Adam chunks from the same lease's CPU-job probe, decided on the older runs before
+    these were read). docs/validation-h200-v22-fresh: M4x8 native at G 0.45 and S8x8 native at
+    G 0.55 (v12-fresh's config), three runs a schedule: 8.2%, the worst 11.3% (S Mobius), every
+    run predicted fast; the S config ran 15-29% slower than on v12-fresh's lease. The ranking is
+    right in the S cell by the 3% rule and in both where the runs are apart; M's APTMoE (-10.9%)
+    is predicted a hair ahead of Mobius, which ran 7% ahead."""
+    v22 = _repredicted("validation-h200-v22-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V22_1GPU])
+    _held_back(v22, (0.083, 0.114), runs=8, configs=2, ranking_right=1, ranking_apart=2,
+               worst_run="S8x8-G0.55-native-1gpu Mobius")
+    assert all(r["error"] < 0 for r in v22["runs"]), [r["error"] for r in v22["runs"]]
+    v12 = {r["pipeline"]: r for r in _repredicted("validation-h200-v12-fresh", tmp_path, monkeypatch,
+                                                   ["--calibration", "h200-1gpu", *V12_1GPU],
+                                                   only="S8x8-G0.55-native-1gpu")["runs"]}
+    for r in v22["runs"]:
+        if r["cell"] == "S8x8-G0.55-native-1gpu":
+            # one config, one prediction (APTMoE's within 0.1%: its policy decides with the profile
+            # each run was planned with, and those differ), two leases: 15-29% apart
+            assert r["predicted_s"] == pytest.approx(v12[r["pipeline"]]["predicted_s"], rel=1e-3)
+            assert 1.14 < r["measured_s"] / v12[r["pipeline"]]["measured_s"] < 1.30

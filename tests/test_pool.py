@@ -227,5 +227,6 @@ def test_h200_1gpu_s_cpu_job_is_the_median_of_three_probe_runs_on_one_h200() -> 
     fields = [f"cpu_job.{k}" for k in ("take_s", "down_s", "up_s", "resume_s")]
     again = pool_onto(shipped, [load_profile(str(f)).to_dict() for f in files], fields, command="test")
     assert again["cpu_job"] == shipped["cpu_job"]
-    assert shipped["cpu_job"] == pytest.approx({"take_s": 180.2e-6, "down_s": 359.2e-6, "up_s": 208.6e-6,
-                                                "resume_s": 85.07e-6})
+    # (its gaps between Adam chunks came later: session 38, tests/test_adam_gaps.py)
+    waits = {k: v for k, v in shipped["cpu_job"].items() if k != "adam_gap_s"}
+    assert waits == pytest.approx({"take_s": 180.2e-6, "down_s": 359.2e-6, "up_s": 208.6e-6, "resume_s": 85.07e-6})
