@@ -60,6 +60,7 @@ from aptmoe.flags import add_kernel_loading_flag, make_parser
 from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim import matrix_ratios
+from aptmoe.sim.cell_time import expected_s, stored_cell_times
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
 from aptmoe.stored import CORRUPT, PLAN_PROFILE, PROFILE, RESULTS, measured_traces, pack, read_json, stored_file
@@ -181,6 +182,12 @@ def make_matrix_parser() -> argparse.ArgumentParser:
     g.add_argument("--only", choices=SETS, default="all", help="run only this set's cells (all)")
     g.add_argument("--max-seconds", type=float, default=None,
                    help="start no new cell after this many seconds (the rest: a later call)")
+    g.add_argument("--budget-s", type=float, default=None,
+                   help="start a cell only where it would end within this many seconds of the matrix's start, "
+                        "by the longest stored cell like it (the same run but for G and the profile, in this "
+                        "matrix or --expect-from), 10%% over; a cell with none like it starts (sim/cell_time.py)")
+    g.add_argument("--expect-from", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="with --budget-s: matrix folders whose stored cells say how long a cell takes")
     g.add_argument("--repredict", action="store_true",
                    help="run nothing: predict the stored runs again and rewrite the report")
     add_replay_flag(g)
@@ -263,6 +270,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     t0 = time.monotonic()
     bar = progress_bar(total=len(todo), desc="matrix", unit="cell", disable=progress_disabled(ns.quiet))
     skipped, failed, own, stored = 0, [], 0, 0
+    over_budget: list[str] = []
+    times = stored_cell_times([out, *ns.expect_from]) if ns.budget_s is not None else {}
     for i, cell in todo:
         folder = out / "cells" / cell.name
         bar.update(1)
@@ -286,8 +295,12 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
         if ns.max_seconds is not None and time.monotonic() - t0 > ns.max_seconds:
             skipped += 1
             continue
-        started = time.monotonic()
         cmd = cell.argv(common_argv(ns, cell.model))
+        if ns.budget_s is not None and (expect := expected_s(cmd, times)) is not None \
+                and time.monotonic() - t0 + expect > ns.budget_s:
+            over_budget.append(f"{cell.name} ({expect:.0f} s)")
+            continue
+        started = time.monotonic()
         command = [PROG, "validate", "--calibration", ns.calibration,
                    *(["--replay-placements"] if ns.replay_placements else []), *cmd]
         try:
@@ -326,6 +339,9 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
         say(line)
     if skipped:
         say(f"{skipped} cells left for a later call (--max-seconds {ns.max_seconds:g})")
+    if over_budget:
+        say(f"{len(over_budget)} cells left for a later call, each expected to end past --budget-s "
+            f"{ns.budget_s:g}: {', '.join(over_budget)}")
     say(f"wrote {out}/ (matrix.json, matrix.csv, matrix.md, matrix.png, cells/)")
     if failed:
         say(f"{len(failed)} cells failed and were left out: {', '.join(failed)}")
