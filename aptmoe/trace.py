@@ -66,6 +66,16 @@ def run_trace(folder: str | Path, name: str) -> Path | None:
     return stored_file(Path(folder) / f"trace-{name}.json")
 
 
+def run_traces(folder: str | Path, names) -> dict[str, "Trace"]:
+    """The measured traces of the schedules `names` that a run's folder has (`run_trace`), read,
+    by schedule; a trace that cannot be read is one ValueError naming the folder."""
+    found = {name: p for name in names if (p := run_trace(folder, name)) is not None}
+    try:
+        return {name: Trace.load(p) for name, p in found.items()}
+    except (OSError, ValueError, KeyError, *CORRUPT) as e:
+        raise ValueError(f"{folder}: a trace that cannot be read ({e})") from None
+
+
 PASS_CATEGORIES = ("forward", "backward", "recompute")     # a block call's pass
 PASS_LETTERS = {"forward": "f", "backward": "b", "recompute": "r"}
 CPU_EXPERT_CATEGORIES = ("cpu-expert", "recompute")     # a cpu lane's expert jobs (its "update" is Adam)

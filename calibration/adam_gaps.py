@@ -26,10 +26,9 @@ from pathlib import Path
 
 from aptmoe.adam_gaps import POLICY_OF, gaps_by_policy
 from aptmoe.calibration.cpu_jobs import probe_traces
-from aptmoe.calibration.merge import history, made_by, write_profile
+from aptmoe.calibration import merge
 from aptmoe.flags import whole_number
-from aptmoe.profile import ProfileError, load_profile
-from aptmoe.trace import Trace, run_trace
+from aptmoe.trace import run_traces
 
 PROG = "python -m aptmoe.calibration.adam_gaps"
 
@@ -44,43 +43,33 @@ def probe_runs(repeats: int, keep: Path | None):
 def stored_runs(runs: list[Path]):
     """(label, {policy: gap}) of each stored run."""
     for run in runs:
-        found = {s: p for s in POLICY_OF if (p := run_trace(run, s)) is not None}
-        try:
-            traces = {s: Trace.load(p) for s, p in found.items()}
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{run}: a trace that cannot be read ({e})") from None
-        yield str(run), gaps_by_policy(traces, str(run))
+        yield str(run), gaps_by_policy(run_traces(run, POLICY_OF), str(run))
 
 
 def put_onto(profile: str, out: str, medians: dict[str, float], what: str, command: str) -> dict | None:
     """PROFILE with `medians` as its cpu_job.adam_gap_s (None after one line on stderr where
     PROFILE is bad or has no cpu_job)."""
-    def build() -> dict:
-        doc = load_profile(profile).to_dict()
-        if doc.get("cpu_job") is None:
-            raise ProfileError(f"{profile} has no cpu_job section to put the gaps in: calibrate its cpujob part first")
-        doc["cpu_job"]["adam_gap_s"] = {**doc["cpu_job"].get("adam_gap_s", {}), **medians}
-        note = (f"adam_gap_s: the medians over {what} of the CPU worker's time between one block's Adam "
-                "chunks (calibration/adam_gaps.py): " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in medians.items()))
-        doc["sources"]["cpu_job"] = "; ".join(x for x in (doc["sources"].get("cpu_job"), note) if x)
-        doc["made_by"] = made_by([history(doc), command])
-        return doc
+    note = (f"adam_gap_s: the medians over {what} of the CPU worker's time between one block's Adam "
+            "chunks (calibration/adam_gaps.py): " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in medians.items()))
 
-    return write_profile(PROG, out, build)
+    def change(job: dict) -> None:
+        job["adam_gap_s"] = {**job.get("adam_gap_s", {}), **medians}
+    return merge.put_onto(PROG, profile, out, "cpu_job", change, note, command,
+                          "the gaps in: calibrate its cpujob part first")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=whole_number("run"), default=None, help="runs of each probe, each its own "
-                                                                             "processes (1)")
-    p.add_argument("--keep", type=Path, metavar="DIR", help="keep each probe run as DIR/POLICY-N")
+    p.add_argument("--repeats", type=whole_number("run"), default=None, help="runs of the CPU-job probe, each its "
+                                                                             "own processes (1)")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="keep each probe run as DIR/run-N")
     p.add_argument("--from", dest="runs", nargs="+", type=Path, metavar="RUN", default=None,
-                   help="stored aptmoe-run folders to read instead of running the probes")
+                   help="stored aptmoe-run folders to read instead of running the probe")
     p.add_argument("--onto", metavar="PROFILE", help="with --out: put each policy's median into this profile's cpu_job")
     p.add_argument("--out", metavar="FILE", help="where --onto writes the profile")
     ns = p.parse_args(argv)
     if ns.runs is not None and (ns.repeats is not None or ns.keep is not None):
-        p.error("--repeats and --keep run the probes; --from reads stored runs: give one or the other")
+        p.error("--repeats and --keep run the probe; --from reads stored runs: give one or the other")
     if (ns.onto is None) != (ns.out is None):
         p.error("--onto and --out go together: the profile to put the gaps into and where to write it")
     command = f"{PROG} " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -98,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in medians.items():
         print(f"{k}: median {v * 1e6:.1f} us over {len(got[k])} runs ({', '.join(f'{x * 1e6:.1f}' for x in got[k])})")
     if ns.onto is not None:
-        n = len(next(iter(got.values()), []))
-        what = (f"{n} runs of each probe" if ns.runs is None else
+        what = (f"{ns.repeats or 1} runs of the CPU-job probe" if ns.runs is None else
                 f"{len(ns.runs)} stored runs (" + ", ".join(map(str, ns.runs)) + ")")
         if put_onto(ns.onto, ns.out, medians, what, command) is None:
             return 2

@@ -119,6 +119,24 @@ def merge(base: dict, takes: list[tuple[str, dict]], *, name: str, command: str)
     return out
 
 
+def put_onto(prog: str, profile: str, out: str, section: str, change: Callable[[dict], None], note: str,
+             command: str, missing: str) -> dict | None:
+    """PROFILE with `change` made to its `section` (a dict, changed in place), `note` added to
+    that section's source and `command` to its history, written to `out` (`write_profile`);
+    None after one line on stderr where PROFILE is bad or has no such section (`missing`: what
+    to do then, e.g. "calibrate its tolls part first")."""
+    def build() -> dict:
+        doc = load_profile(profile).to_dict()
+        if doc.get(section) is None:
+            raise ProfileError(f"{profile} has no {section} section to put {missing}")
+        change(doc[section])
+        doc["sources"][section] = "; ".join(x for x in (doc["sources"].get(section), note) if x)
+        doc["made_by"] = made_by([history(doc), command])
+        return doc
+
+    return write_profile(prog, out, build)
+
+
 def write_profile(prog: str, out: str, build: Callable[[], dict]) -> dict | None:
     """The profile `build()` makes, saved to `out` (atomically, validated) and returned; None
     after one line on stderr where an input or the result is bad (no file then)."""

@@ -38,11 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aptmoe.calibration.dispatch import _probe, run_on_gpus
-from aptmoe.calibration.merge import history, made_by, write_profile
+from aptmoe.calibration import merge
 from aptmoe.flags import whole_number
 from aptmoe.own_work import OwnWork, first_use_cell, first_uses, own_work_factors
-from aptmoe.profile import ProfileError, load_profile
-from aptmoe.trace import Trace, run_trace
+from aptmoe.trace import Trace, run_traces
 
 SCHEDULES = ("Mobius", "GPipeOffload")
 PROBE = _probe({"num_layers": 12, "num_stages": 4, "num_experts": 8, "gini": 0.45, "batch_size": 32,
@@ -101,31 +100,20 @@ def first_use_line(traces: list[Trace]) -> str:
 
 def stored_traces(run: Path) -> dict[str, Trace]:
     """A stored run's traces of the probe's schedules (those it has) by schedule, or one clear error."""
-    found = {name: t for name in SCHEDULES if (t := run_trace(run, name)) is not None}
+    found = run_traces(run, SCHEDULES)
     if not found:
         raise ValueError(f"{run}: no trace of {' or '.join(SCHEDULES)} (trace-NAME.json, .json.gz or .json.xz)")
-    try:
-        return {name: Trace.load(t) for name, t in found.items()}
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{run}: a trace that cannot be read ({e})") from None
+    return found
 
 
 def put_onto(profile: str, out: str, medians: dict[str, float], what: str, command: str) -> dict | None:
     """PROFILE with `medians` as its issue_tolls fields, written to `out` (None after one line
     on stderr where PROFILE is bad or has no issue_tolls)."""
-    def build() -> dict:
-        doc = load_profile(profile).to_dict()
-        if doc.get("issue_tolls") is None:
-            raise ProfileError(f"{profile} has no issue_tolls section to put the factors in: calibrate its tolls "
-                               f"part first")
-        doc["issue_tolls"].update(medians)
-        note = (", ".join(medians) + f": the medians over {what} of the executor's own calls "
-                "(calibration/own_calls.py): " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
-        doc["sources"]["issue_tolls"] = "; ".join(x for x in (doc["sources"].get("issue_tolls"), note) if x)
-        doc["made_by"] = made_by([history(doc), command])
-        return doc
-
-    return write_profile("python -m aptmoe.calibration.own_calls", out, build)
+    note = (", ".join(medians) + f": the medians over {what} of the executor's own calls "
+            "(calibration/own_calls.py): " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
+    return merge.put_onto("python -m aptmoe.calibration.own_calls", profile, out, "issue_tolls",
+                          lambda tolls: tolls.update(medians), note, command,
+                          "the factors in: calibrate its tolls part first")
 
 
 def main(argv: list[str] | None = None) -> int:
