@@ -93,6 +93,12 @@ class CostSource(Protocol):
         """Of `between_s`, the part after the layer's experts: the combine (0: not measured, or
         all of it before them)."""
 
+    def glue_gpu_s(self, assignments: int, direction: str) -> float:
+        """GPU time of one layer's work outside its blocks, over `assignments` (tokens x
+        top_k): a forward's combine of the experts' outputs after them, a backward's split of
+        the output gradient before them (exec/layer.py `output`, `start_backward` and
+        `output_grads`). 0: not measured."""
+
     def action_s(self, pass_: str, part: str) -> float:
         """Host time of one action's pass (one of BETWEEN_PASSES) outside its layers: `part`
         "start" (before its first block) and "end" (after its last) on every stage, "first" and
@@ -191,6 +197,9 @@ class KernelTimeOnly:
         return 0.0
 
     def combine_s(self, direction: str) -> float:
+        return 0.0
+
+    def glue_gpu_s(self, assignments: int, direction: str) -> float:
         return 0.0
 
     def action_s(self, pass_: str, part: str) -> float:

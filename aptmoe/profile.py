@@ -98,7 +98,11 @@ SOURCE_KEYS = ("links.h2d.pinned", "links.h2d.pageable", "links.d2h.pinned", "li
                "links.root_GBps", "links.duplex_GBps", "links.p2p", "gpu", "cpu_expert", "adam", "roofline")
 
 # The block dims each GPU curve kind depends on; the other dims must be null.
-GPU_KIND_DIMS = {"e": ("d", "h"), "a": ("d", "heads", "seq_length"), "g": ("d", "experts")}
+GPU_KIND_DIMS = {"e": ("d", "h"), "a": ("d", "heads", "seq_length"), "g": ("d", "experts"), "c": ("d", "experts")}
+# The GPU curves' kinds: the blocks', and "c", a layer's GPU work between its blocks (the
+# combine of its experts' outputs, the split of their gradient; calibration/glue.py), over
+# assignments (tokens x top_k) where the blocks' curves are over tokens.
+GPU_CURVE_KINDS = (*BLOCK_KINDS, "c")
 _GPU_DIMS = ("d", "h", "heads", "seq_length", "experts")
 
 
@@ -991,7 +995,7 @@ class _Parser:
         for i, item in enumerate(self.list_(data, "gpu")):
             w = f"gpu[{i}]"
             d = self.obj(item, w, ("kind", *_GPU_DIMS, "dtype", "direction", "tokens", "seconds"), ("step_to",))
-            kind = self.choice(d["kind"], w + ".kind", BLOCK_KINDS)
+            kind = self.choice(d["kind"], w + ".kind", GPU_CURVE_KINDS)
             dims = {}
             for k in _GPU_DIMS:
                 if k in GPU_KIND_DIMS[kind]:
@@ -1259,6 +1263,26 @@ class ProfileCost:
     def combine_s(self, direction: str) -> float:
         d = self.profile.dispatch
         return 0.0 if d is None or d.combine is None else d.combine.get(direction, 0.0)
+
+    def glue_gpu_s(self, assignments: int, direction: str) -> float:
+        key = ("glue", assignments, direction)
+        if key in self._memo:
+            return self._memo[key]
+        n = _count("assignments", assignments)
+        _direction(direction)
+        curve = self._gpu.get(("c", direction))
+        label = f"gpu c {direction} d{self.model.embedding_dim} E{self.model.num_experts} {self.model.dtype}"
+        if n == 0:
+            value = 0.0
+        elif curve is None:
+            # older profiles: the layer's GPU work outside its blocks is left out, as it was
+            self.fallbacks.add(f"{label}: no curve, a layer's GPU work between its blocks left out")
+            value = 0.0
+        else:
+            # outside the curve: in proportion to the assignments (the combine streams them)
+            value = self._on_curve(curve.tokens, curve.seconds, n, lambda x: float(x), label)
+        self._memo[key] = value
+        return value
 
     def action_s(self, pass_: str, part: str) -> float:
         d = self.profile.dispatch

@@ -620,6 +620,16 @@ def measure_gpu_block(kind: str, size: str, dtype: str, opts: Options, sizes: Si
                               tokens=tuple(done), seconds=values, step_to=step_to and min(step_to, done[-1])))
 
 
+def measure_gpu_glue(size: str, dtype: str, sizes: Sizes, gpu: int, m: Measured, experts: int) -> None:
+    """A layer's GPU work between its blocks with `experts` experts (calibration/glue.py)."""
+    from aptmoe.calibration.glue import glue_curves
+    d, _ = model_dims(size)
+    for direction, values in glue_curves(d, experts, TORCH_DTYPES[dtype], gpu, sizes.gpu_tokens,
+                                         sizes.gpu_reps).items():
+        m.gpu.append(GpuCurve(kind="c", d=d, h=None, heads=None, seq_length=None, experts=experts, dtype=dtype,
+                              direction=direction, tokens=tuple(sizes.gpu_tokens), seconds=values))
+
+
 COLD_POOL_BYTES = 1 << 30     # more weights than any CPU cache holds
 
 PINNED_TEXT = "host tensors pinned as the executor's are where a GPU is present"
@@ -1046,6 +1056,8 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
                 for e in opts.gate_experts:
                     add(f"gpu g{e} {size} {dtype}",
                         lambda s=size, t=dtype, e=e: measure_gpu_block("g", s, t, opts, sizes, on, m, e, cpus=bcpus))
+                    if on is not None:       # on CPU ranks the dispatch probe's host time holds it
+                        add(f"gpu c{e} {size} {dtype}", lambda s=size, t=dtype, e=e: measure_gpu_glue(s, t, sizes, on, m, e))
     if "cpu" not in opts.skip:
         cache = _BlockCache()
         for size in opts.models:

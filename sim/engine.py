@@ -517,6 +517,8 @@ class RankModel:
         else:
             combine = self.cost.combine_s(step.direction)
             yield from self._between(self.cost.between_s(step.direction) - combine)
+        if step.direction == "bwd":
+            yield from self._glue(step)          # the output gradient split among the experts
         cpu = None
         if step.cpu:
             cat = "recompute" if step.cat == "recompute" else "cpu-expert"
@@ -530,6 +532,19 @@ class RankModel:
             if waits and self.cpu_job is not None:
                 self.host_t += self.cpu_job.resume_s
         yield from self._between(combine)
+        if step.direction == "fwd":
+            yield from self._glue(step)          # the experts' outputs combined (a recompute's too)
+
+    def _glue(self, step):
+        """A layer's GPU work outside its blocks (`CostSource.glue_gpu_s`), on the compute
+        stream once the host has issued it (its host time is `between_s`'s). Not an event:
+        the executor's trace has none for it either, and its blocks' spans leave it out.
+        On CPU ranks (no host running ahead) the dispatch probe's host time holds it."""
+        if not self.runs_ahead or not self.cfg.model.is_moe:
+            return
+        g = self.cost.glue_gpu_s(self.T * self.cfg.model.top_k, step.direction)
+        if g > 0:
+            yield self.env.timeout(max(self.env.now + g, self.host_t) - self.env.now)
 
     # ------------------------------------------------------------------ the issuing host
     def _host_waited(self) -> None:

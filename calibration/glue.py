@@ -1,0 +1,192 @@
+"""A layer's GPU work between its blocks: the profile's GPU curves of kind "c".
+
+The executor runs a MoE layer as blocks (attention, gate, each expert) and, between them, work
+that belongs to no block (exec/layer.py): after a forward's experts `LayerRun.output` adds
+their weighted outputs into the residual stream (a clone, a concatenation, a product, a
+scatter-add), and before a backward's experts `start_backward` and `output_grads` split the
+output gradient among them (zeroed buffers, a gather, products, a sum). The profile had the
+host's time for it (`dispatch.between`, `dispatch.combine`) and none of the GPU's, so the
+simulator ran a layer's next block on the GPU as soon as its experts ended. In the ten stored
+one-H200 MoE-M GPipe runs (docs/validation-h200-v10- to -v22-fresh), whose host runs ahead of
+the GPU, the compute stream went a median 53 us from a forward's last expert to the next
+attention and 61 us from a backward's attention to its first expert, about 4.5 ms a step
+outside every block, and every one of those steps was predicted fast (a median -2.5%).
+
+Timed here as the blocks are (`cuda_sample`, the stream held first so that only the GPU's time
+counts), with the executor's own `LayerRun` over a random routing of T tokens to E experts (top
+1; the simulator reads the curve at tokens x top_k, the rows these kernels move), at the
+calibration's token grid:
+
+    python -m aptmoe.calibration.glue --onto h200-1gpu --out aptmoe/profiles/h200-1gpu.json
+
+`aptmoe-calibrate` measures the same curves in its `gpu` part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from aptmoe.calibration import merge
+from aptmoe.calibration.timing import Reps, median_of
+from aptmoe.exec.layer import LayerRun, Routing
+
+PROG = "python -m aptmoe.calibration.glue"
+Sampler = Callable[[Callable[[], object], Callable[[], object]], Callable[[], float]]
+
+
+class LayerGlue:
+    """One MoE layer's state between its blocks, as the executor holds it, for `tokens`
+    tokens routed at random (seeded) to `experts` experts, one each."""
+
+    kind = "c"
+
+    def __init__(self, d: int, experts: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.d, self.experts, self.dtype, self.device = d, experts, dtype, device
+        self.gen = torch.Generator().manual_seed(0)
+
+    def run(self, tokens: int) -> LayerRun:
+        ids = torch.randint(0, self.experts, (tokens, 1), generator=self.gen)
+        routing = Routing.build(ids, self.experts, self.device)
+        kw = dict(dtype=self.dtype, device=self.device)
+        x = torch.randn(1, tokens, self.d, **kw)
+        run = LayerRun(x=x, routing=routing, heads=1, grad=True)
+        run.r = torch.randn(1, tokens, self.d, **kw)
+        run.hd = torch.randn(tokens, self.d, **kw)
+        run.w_flat = torch.rand(tokens, **kw)
+        run.gpu_out = {e: torch.randn(c, self.d, **kw) for e, c in enumerate(routing.counts) if c}
+        return run
+
+
+def glue_samplers(block: LayerGlue, tokens: int, sampler: Sampler) -> dict[str, Callable[[], float]]:
+    """A sample per direction over a fresh routing each time: fwd, the combine after the
+    experts (`output`); bwd, the split of the output gradient before them (`start_backward`,
+    `output_grads`)."""
+    state: dict[str, object] = {}
+
+    def setup_fwd() -> None:
+        state["run"] = block.run(tokens)
+
+    def fwd() -> None:
+        state["y"] = state["run"].output()
+
+    def setup_bwd() -> None:
+        state["run"] = block.run(tokens)
+        state["dy"] = torch.randn(1, tokens, block.d, dtype=block.dtype, device=block.device)
+
+    def bwd() -> None:
+        run = state["run"]
+        run.start_backward(state["dy"])
+        state["douts"] = run.output_grads()
+
+    return {"fwd": sampler(fwd, setup_fwd), "bwd": sampler(bwd, setup_bwd)}
+
+
+def glue_series(block: LayerGlue, tokens: Sequence[int], sampler: Sampler, reps: Reps) -> dict[str, list[float]]:
+    """The median of each direction at each token count."""
+    out: dict[str, list[float]] = {"fwd": [], "bwd": []}
+    for n in tokens:
+        for direction, sample in glue_samplers(block, n, sampler).items():
+            out[direction].append(median_of(sample, reps))
+    return out
+
+
+def glue_curves(d: int, experts: int, dtype: torch.dtype, gpu: int, tokens: Sequence[int],
+                reps: Reps) -> dict[str, tuple[float, ...]]:
+    """Each direction's seconds at each of `tokens` on GPU `gpu`, made non-decreasing as every
+    GPU curve is (`monotone`)."""
+    from aptmoe.calibration.profiler import GPU_HOLD_S, monotone
+    from aptmoe.calibration.timing import cuda_sample
+
+    dev = torch.device("cuda", gpu)
+    stream = torch.cuda.current_stream(dev)
+    with torch.cuda.device(dev), torch.no_grad():
+        raw = glue_series(LayerGlue(d, experts, dtype, dev), tokens,
+                          lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S), reps)
+    return {direction: monotone(secs)[0] for direction, secs in raw.items()}
+
+
+def measure(sizes: Sequence[str], experts: int, dtypes: Sequence[str], gpu: int, quick: bool) -> list[dict]:
+    """The curves of kind "c" for each model size and dtype on GPU `gpu`, as profile entries."""
+    from aptmoe.calibration.profiler import TORCH_DTYPES, Options, model_dims, sizes_for
+
+    grid = sizes_for(Options(quick=quick))
+    out = []
+    for size in sizes:
+        d, _ = model_dims(size)
+        for dtype in dtypes:
+            for direction, secs in glue_curves(d, experts, TORCH_DTYPES[dtype], gpu, grid.gpu_tokens,
+                                               grid.gpu_reps).items():
+                out.append({"kind": "c", "d": d, "h": None, "heads": None, "seq_length": None,
+                            "experts": experts, "dtype": dtype, "direction": direction,
+                            "tokens": list(grid.gpu_tokens), "seconds": list(secs)})
+            print(f"c d{d} E{experts} {dtype}: " + "; ".join(
+                f"{c['direction']} {c['seconds'][0] * 1e6:.0f}..{c['seconds'][-1] * 1e6:.0f} us"
+                for c in out[-2:]), file=sys.stderr)
+    return out
+
+
+def put_curves(gpu: list[dict], curves: list[dict]) -> None:
+    """`curves` in place of the profile's curves of the same kind, dims, dtype and direction."""
+    key = lambda c: (c["kind"], c["d"], c["experts"], c["dtype"], c["direction"])   # noqa: E731
+    new = {key(c) for c in curves}
+    gpu[:] = [c for c in gpu if c["kind"] != "c" or key(c) not in new] + curves
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description="A layer's GPU work between its blocks (the combine of its "
+                                "experts' outputs, the split of their gradient): the profile's curves of kind c.")
+    p.add_argument("--models", default="S,M,L", help="model sizes whose widths to time (S,M,L)")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer (8)")
+    p.add_argument("--dtypes", default="fp32", help="dtypes (fp32)")
+    p.add_argument("--gpu", type=int, default=0, help="the GPU to time on (0)")
+    p.add_argument("--quick", action="store_true", help="the quick calibration's token grid and repetitions")
+    p.add_argument("--curves-from", metavar="PROFILE",
+                   help="take the curves of kind c from this profile instead of timing them (a machine of "
+                        "the same GPU: the curves are the GPU's time alone)")
+    p.add_argument("--onto", required=True, help="the profile (a name or a file) to put the curves onto")
+    p.add_argument("--out", required=True, help="where to write the profile with them")
+    ns = p.parse_args(argv)
+    from aptmoe.calibration.cli import MODEL_SIZES
+    from aptmoe.calibration.profiler import TORCH_DTYPES
+    sizes = [s.strip() for s in ns.models.split(",") if s.strip()]
+    dtypes = [s.strip() for s in ns.dtypes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in MODEL_SIZES] + [t for t in dtypes if t not in TORCH_DTYPES]
+    if bad or not sizes or not dtypes or ns.experts < 1:
+        print(f"{PROG}: error: --models takes {','.join(MODEL_SIZES)}, --dtypes {','.join(TORCH_DTYPES)} and "
+              f"--experts a positive count (got {', '.join(bad) or ns.experts})", file=sys.stderr)
+        return 2
+    if ns.curves_from is not None:
+        from aptmoe.profile import ProfileError, load_profile
+        try:
+            src = load_profile(ns.curves_from)
+        except ProfileError as e:
+            print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 1
+        curves = [c for c in src.to_dict()["gpu"] if c["kind"] == "c"]
+        if not curves:
+            print(f"{PROG}: error: {ns.curves_from} has no curves of kind c to take (time them on a GPU: "
+                  f"drop --curves-from)", file=sys.stderr)
+            return 1
+        name = f"on {src.hardware.gpu_name}, taken from {src.name}"
+    elif not torch.cuda.is_available() or ns.gpu >= torch.cuda.device_count():
+        print(f"{PROG}: error: no CUDA GPU {ns.gpu} here: the curves are the GPU's time", file=sys.stderr)
+        return 2
+    else:
+        curves = measure(sizes, ns.experts, dtypes, ns.gpu, ns.quick)
+        name = f"on {torch.cuda.get_device_name(ns.gpu)}"
+    done = merge.put_onto(PROG, ns.onto, ns.out, "gpu", lambda gpu: put_curves(gpu, curves),
+                          f"layer glue (kind c): {PROG} {name}", shlex.join([*PROG.split(), *(argv or sys.argv[1:])]),
+                          "the curves onto (calibrate its gpu part first)")
+    if done is None:
+        return 1
+    print(f"wrote {ns.out}: {ns.onto} with {len(curves)} curves of kind c", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

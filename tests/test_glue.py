@@ -1,0 +1,190 @@
+"""A layer's GPU work between its blocks (the combine of its experts' outputs, the split of
+their gradient): timed by calibration/glue.py, kept as the profile's GPU curves of kind "c",
+and run by the simulator on the compute stream between a layer's blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+from aptmoe.config import Pipeline
+from aptmoe.profile import GpuCurve, ProfileCost, ProfileError, load_profile
+from aptmoe.trace import Trace, is_block_call
+
+G = 250e-6          # seconds of glue per layer and pass, far above any block of the tiny model
+
+
+def _with_glue(cfg, fwd: float | None = G, bwd: float | None = G, host: bool = False):
+    """h200-1gpu for `cfg`'s model, without its host costs unless `host`, with constant curves
+    of kind c (None: no curve for that direction)."""
+    base = load_profile("h200-1gpu")
+    m = cfg.model
+    curves = [GpuCurve(kind="c", d=m.embedding_dim, h=None, heads=None, seq_length=None, experts=m.num_experts,
+                       dtype=m.dtype, direction=d, tokens=(1, 1 << 20), seconds=(s, s))
+              for d, s in (("fwd", fwd), ("bwd", bwd)) if s is not None]
+    p = base.with_(gpu=tuple(c for c in base.gpu if c.kind != "c") + tuple(curves))
+    return p if host else p.with_(dispatch=None)
+
+
+def _sim(cfg, profile):
+    from aptmoe.sim.simulate import simulate
+    tr = Trace("sim")
+    return simulate(cfg, profile, trace=tr), tr
+
+
+def _cfg(**kw):
+    from test_sim import _cfg as cfg
+    return cfg(**{"pipeline": Pipeline.GPIPE, "gpus": 1, "layers": 4, "stages": 1, "chunks": 2, "experts": 4, **kw})
+
+
+def test_each_layer_pass_runs_its_glue_on_the_gpu_between_its_blocks():
+    """Closed form, GPipe on one GPU with no host cost: the compute stream is the step, and
+    each MoE layer's pass (one gate block each) adds the glue once; a forward's next
+    attention starts G after its last expert, a backward's first expert G after what came
+    before it."""
+    pytest.importorskip("simpy")
+    cfg = _cfg()
+    plain, tr0 = _sim(cfg, _with_glue(cfg, None, None))
+    glued, tr = _sim(cfg, _with_glue(cfg))
+    passes = sum(1 for e in tr.events if is_block_call(e) and e.name.endswith(":g") and e.rank == 0)
+    assert passes == sum(1 for e in tr0.events if is_block_call(e) and e.name.endswith(":g") and e.rank == 0) > 0
+    steps = cfg.train.num_training_steps
+    assert glued.iteration_s - plain.iteration_s == pytest.approx(passes * G / steps, rel=1e-6)
+    calls = sorted((e for e in tr.events if is_block_call(e) and e.rank == 0), key=lambda e: e.start_s)
+    fwd_to_attn = [b.start_s - a.end_s for a, b in zip(calls, calls[1:])
+                   if a.cat == "forward" and ":e" in a.name and b.name.endswith(":a") and a.name[:3] == b.name[:3]]
+    assert fwd_to_attn and fwd_to_attn == pytest.approx([G] * len(fwd_to_attn), abs=1e-12)
+    into_bwd_experts = [b.start_s - a.end_s for a, b in zip(calls, calls[1:])
+                        if b.cat == "backward" and ":e" in b.name and ":e" not in a.name]
+    assert into_bwd_experts and min(into_bwd_experts) == pytest.approx(G, abs=1e-12)
+    # not an event of its own, and not counted as the blocks' busy time: the executor's trace
+    # has none for it either
+    assert {e.cat for e in tr.events} == {e.cat for e in tr0.events}
+    blocks = lambda t: sum(e.end_s - e.start_s for e in t.events if is_block_call(e))   # noqa: E731
+    assert blocks(tr) == pytest.approx(blocks(tr0), rel=1e-9)
+
+
+def test_a_host_behind_the_gpu_hides_the_glue():
+    """Where the host issues slower than the GPU runs (each block call far longer than its
+    kernels), the GPU waits for the host anyway: the glue, run while the host issues, adds
+    nothing to the step."""
+    pytest.importorskip("simpy")
+    cfg = _cfg()
+    slow = _with_glue(cfg, host=True)
+    disp = slow.dispatch
+    slow_host = slow.with_(dispatch=dataclasses.replace(
+        disp, seconds={k: {d: 0.05 for d in v} for k, v in disp.seconds.items()}))
+    no_glue = slow_host.with_(gpu=tuple(c for c in slow_host.gpu if c.kind != "c"))
+    assert _sim(cfg, slow_host)[0].iteration_s == pytest.approx(_sim(cfg, no_glue)[0].iteration_s, rel=1e-9)
+
+
+def test_a_profile_without_the_curves_leaves_the_glue_out_and_says_so():
+    pytest.importorskip("simpy")
+    cfg = _cfg()
+    res, _ = _sim(cfg, _with_glue(cfg, None, None))
+    assert any("no curve, a layer's GPU work between its blocks left out" in f for f in res.fallbacks)
+    res, _ = _sim(cfg, _with_glue(cfg))
+    assert not any("gpu c " in f for f in res.fallbacks)
+
+
+def test_cost_reads_the_curve_at_assignments_and_scales_beyond_it():
+    cfg = _cfg()
+    p = _with_glue(cfg).with_(gpu=tuple(c if c.kind != "c" else dataclasses.replace(
+        c, tokens=(16, 256), seconds=(10e-6, 40e-6)) for c in load_profile("h200-1gpu").gpu + _with_glue(cfg).gpu))
+    cost = ProfileCost(p, cfg.model)
+    assert cost.glue_gpu_s(0, "fwd") == 0.0
+    assert cost.glue_gpu_s(16, "fwd") == pytest.approx(10e-6)
+    assert cost.glue_gpu_s(136, "bwd") == pytest.approx(25e-6)
+    assert cost.glue_gpu_s(512, "fwd") == pytest.approx(80e-6)       # in proportion past the end
+    assert any("above measured tokens 16..256" in f for f in cost.fallbacks)
+    with pytest.raises(ValueError):
+        cost.glue_gpu_s(16, "sideways")
+
+
+def test_a_profile_keeps_its_glue_curves_and_checks_their_dims(tmp_path):
+    cfg = _cfg()
+    p = _with_glue(cfg, host=True)
+    path = tmp_path / "p.json"
+    p.save(path)
+    back = load_profile(str(path))
+    assert [c for c in back.gpu if c.kind == "c"] == [c for c in p.gpu if c.kind == "c"]
+    doc = json.loads(path.read_text())
+    c = next(x for x in doc["gpu"] if x["kind"] == "c")
+    c["h"] = 128
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"\.h.*must be null for kind 'c'"):
+        load_profile(str(path))
+    c["h"], c["kind"] = None, "z"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"kind"):
+        load_profile(str(path))
+
+
+def test_the_timed_glue_is_the_executors_own_code():
+    """The samplers run `LayerRun.output` and `output_grads` on a routing of the asked tokens
+    (here on the CPU, timed by the host clock): each direction's time grows with the tokens,
+    and the forward's result is the residual plus each token's expert output, weighted."""
+    from aptmoe.calibration.glue import LayerGlue, glue_samplers, glue_series
+    from aptmoe.calibration.timing import Reps, host_sample
+
+    block = LayerGlue(64, 4, torch.float32, torch.device("cpu"))
+    run = block.run(32)
+    y = run.output().reshape(32, 64)
+    want = run.r.reshape(32, 64).clone()
+    for e, out in run.gpu_out.items():
+        idx = run.routing.token_index[e]
+        want[idx] += out * run.w_flat[run.routing.positions[e]].unsqueeze(-1)
+    assert torch.allclose(y, want, atol=1e-6)
+    assert set(glue_samplers(block, 8, lambda w, s: (lambda: 0.0))) == {"fwd", "bwd"}
+    got = glue_series(block, (1, 4096), host_sample, Reps(1, 3, 1, 0.05))
+    assert all(len(v) == 2 and v[0] > 0 for v in got.values())
+
+
+def test_the_command_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from aptmoe.calibration import glue
+
+    out = tmp_path / "p.json"
+    assert glue.main(["--models", "XL", "--onto", "h200-1gpu", "--out", str(out)]) == 2
+    assert "--models takes S,M,L" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert glue.main(["--onto", "h200-1gpu", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "no CUDA GPU 0 here" in err
+    assert not out.exists()
+
+
+def test_put_curves_replaces_only_the_same_curves():
+    from aptmoe.calibration.glue import put_curves
+
+    def c(d, direction, s, kind="c"):
+        return {"kind": kind, "d": d, "experts": 8, "dtype": "fp32", "direction": direction, "seconds": [s]}
+
+    gpu = [c(1024, "fwd", 1.0), c(2048, "fwd", 2.0), c(1024, "fwd", 9.0, kind="g")]
+    put_curves(gpu, [c(1024, "fwd", 3.0), c(1024, "bwd", 4.0)])
+    assert [(x["kind"], x["d"], x["direction"], x["seconds"][0]) for x in gpu] == [
+        ("c", 2048, "fwd", 2.0), ("g", 1024, "fwd", 9.0), ("c", 1024, "fwd", 3.0), ("c", 1024, "bwd", 4.0)]
+
+
+def test_the_command_takes_the_curves_of_another_profile(tmp_path, capsys):
+    """A machine of the same GPU gets the curves another profile has: only the curves of kind
+    c change, and the profile's source says where they came from."""
+    from aptmoe.calibration import glue
+
+    cfg = _cfg()
+    src = tmp_path / "src.json"
+    _with_glue(cfg, host=True).save(src)
+    out = tmp_path / "p.json"
+    assert glue.main(["--curves-from", str(src), "--onto", "h200-2gpu", "--out", str(out)]) == 0
+    got, base = load_profile(str(out)), load_profile("h200-2gpu")
+    assert [c for c in got.gpu if c.kind == "c"] == [c for c in load_profile(str(src)).gpu if c.kind == "c"]
+    assert [c for c in got.gpu if c.kind != "c"] == [c for c in base.gpu if c.kind != "c"]
+    assert got.cpu_expert == base.cpu_expert and got.dispatch == base.dispatch
+    assert "taken from" in got.sources["gpu"]
+    # a profile without such curves: one line, no file
+    bad = tmp_path / "bad.json"
+    assert glue.main(["--curves-from", "h200-2gpu", "--onto", "h200-2gpu", "--out", str(bad)]) == 1
+    assert "has no curves of kind c" in capsys.readouterr().err and not bad.exists()
