@@ -184,6 +184,12 @@ class GpuCurve:
     # None: a line between the points.
     step_to: int | None = None
 
+    def to_dict(self) -> dict:
+        """The curve as the profile file keeps it; step_to only where set (files written
+        before it stay as they were)."""
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "step_to" or v is not None},
+                "tokens": list(self.tokens), "seconds": list(self.seconds)}
+
     def matches(self, model: ModelConfig) -> bool:
         have = {"d": model.embedding_dim, "h": model.hidden_dim, "heads": model.num_heads,
                 "seq_length": model.seq_length, "experts": model.num_experts}
@@ -514,9 +520,7 @@ class Profile:
                 "duplex_GBps": {"h2d": L.duplex_h2d_GBps, "d2h": L.duplex_d2h_GBps},
                 "p2p": {"intra_node": fit(L.p2p_intra), "inter_node": fit(L.p2p_inter)},
             },
-            # step_to only where set: files written before it stay as they were
-            "gpu": [{**{k: v for k, v in dataclasses.asdict(c).items() if k != "step_to" or v is not None},
-                     "tokens": list(c.tokens), "seconds": list(c.seconds)} for c in self.gpu],
+            "gpu": [c.to_dict() for c in self.gpu],
             "cpu_expert": [{**dataclasses.asdict(c), "tokens": list(c.tokens), "seconds": list(c.seconds)}
                            for c in self.cpu_expert],
             "adam": {"cpu_s_per_param": table(self.adam.cpu_s_per_param),
@@ -1280,7 +1284,7 @@ class ProfileCost:
             value = 0.0
         else:
             # outside the curve: in proportion to the assignments (the combine streams them)
-            value = self._on_curve(curve.tokens, curve.seconds, n, lambda x: float(x), label)
+            value = self._on_curve(curve.tokens, curve.seconds, n, float, label)
         self._memo[key] = value
         return value
 

@@ -32,18 +32,17 @@ from collections.abc import Callable, Sequence
 import torch
 
 from aptmoe.calibration import merge
-from aptmoe.calibration.timing import Reps, median_of
+from aptmoe.calibration.profiler import (GPU_HOLD_S, TORCH_DTYPES, Measured, Options, Sampler, _series,
+                                         measure_gpu_glue, monotone, sizes_for)
+from aptmoe.calibration.timing import Reps, cuda_sample
 from aptmoe.exec.layer import LayerRun, Routing
 
 PROG = "python -m aptmoe.calibration.glue"
-Sampler = Callable[[Callable[[], object], Callable[[], object]], Callable[[], float]]
 
 
 class LayerGlue:
     """One MoE layer's state between its blocks, as the executor holds it, for `tokens`
     tokens routed at random (seeded) to `experts` experts, one each."""
-
-    kind = "c"
 
     def __init__(self, d: int, experts: int, dtype: torch.dtype, device: torch.device) -> None:
         self.d, self.experts, self.dtype, self.device = d, experts, dtype, device
@@ -86,48 +85,29 @@ def glue_samplers(block: LayerGlue, tokens: int, sampler: Sampler) -> dict[str, 
     return {"fwd": sampler(fwd, setup_fwd), "bwd": sampler(bwd, setup_bwd)}
 
 
-def glue_series(block: LayerGlue, tokens: Sequence[int], sampler: Sampler, reps: Reps) -> dict[str, list[float]]:
-    """The median of each direction at each token count."""
-    out: dict[str, list[float]] = {"fwd": [], "bwd": []}
-    for n in tokens:
-        for direction, sample in glue_samplers(block, n, sampler).items():
-            out[direction].append(median_of(sample, reps))
-    return out
-
-
 def glue_curves(d: int, experts: int, dtype: torch.dtype, gpu: int, tokens: Sequence[int],
                 reps: Reps) -> dict[str, tuple[float, ...]]:
-    """Each direction's seconds at each of `tokens` on GPU `gpu`, made non-decreasing as every
-    GPU curve is (`monotone`)."""
-    from aptmoe.calibration.profiler import GPU_HOLD_S, monotone
-    from aptmoe.calibration.timing import cuda_sample
-
+    """Each direction's seconds at each of `tokens` on GPU `gpu` (the median of its samples),
+    made non-decreasing as every GPU curve is (`monotone`)."""
     dev = torch.device("cuda", gpu)
     stream = torch.cuda.current_stream(dev)
     with torch.cuda.device(dev), torch.no_grad():
-        raw = glue_series(LayerGlue(d, experts, dtype, dev), tokens,
-                          lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S), reps)
+        _, raw, _ = _series(LayerGlue(d, experts, dtype, dev), tokens,
+                            lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S), reps, samplers=glue_samplers)
     return {direction: monotone(secs)[0] for direction, secs in raw.items()}
 
 
 def measure(sizes: Sequence[str], experts: int, dtypes: Sequence[str], gpu: int, quick: bool) -> list[dict]:
-    """The curves of kind "c" for each model size and dtype on GPU `gpu`, as profile entries."""
-    from aptmoe.calibration.profiler import TORCH_DTYPES, Options, model_dims, sizes_for
-
-    grid = sizes_for(Options(quick=quick))
-    out = []
+    """The curves of kind "c" for each model size and dtype on GPU `gpu` (as `aptmoe-calibrate`'s
+    gpu part measures them), as profile entries."""
+    grid, m = sizes_for(Options(quick=quick)), Measured()
     for size in sizes:
-        d, _ = model_dims(size)
         for dtype in dtypes:
-            for direction, secs in glue_curves(d, experts, TORCH_DTYPES[dtype], gpu, grid.gpu_tokens,
-                                               grid.gpu_reps).items():
-                out.append({"kind": "c", "d": d, "h": None, "heads": None, "seq_length": None,
-                            "experts": experts, "dtype": dtype, "direction": direction,
-                            "tokens": list(grid.gpu_tokens), "seconds": list(secs)})
-            print(f"c d{d} E{experts} {dtype}: " + "; ".join(
-                f"{c['direction']} {c['seconds'][0] * 1e6:.0f}..{c['seconds'][-1] * 1e6:.0f} us"
-                for c in out[-2:]), file=sys.stderr)
-    return out
+            measure_gpu_glue(size, dtype, grid, gpu, m, experts)
+            print(f"c d{m.gpu[-1].d} E{experts} {dtype}: " + "; ".join(
+                f"{c.direction} {c.seconds[0] * 1e6:.0f}..{c.seconds[-1] * 1e6:.0f} us" for c in m.gpu[-2:]),
+                file=sys.stderr)
+    return [c.to_dict() for c in m.gpu]
 
 
 def put_curves(gpu: list[dict], curves: list[dict]) -> None:
@@ -152,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where to write the profile with them")
     ns = p.parse_args(argv)
     from aptmoe.calibration.cli import MODEL_SIZES
-    from aptmoe.calibration.profiler import TORCH_DTYPES
     sizes = [s.strip() for s in ns.models.split(",") if s.strip()]
     dtypes = [s.strip() for s in ns.dtypes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in MODEL_SIZES] + [t for t in dtypes if t not in TORCH_DTYPES]
@@ -167,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         except ProfileError as e:
             print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 1
-        curves = [c for c in src.to_dict()["gpu"] if c["kind"] == "c"]
+        curves = [c.to_dict() for c in src.gpu if c.kind == "c"]
         if not curves:
             print(f"{PROG}: error: {ns.curves_from} has no curves of kind c to take (time them on a GPU: "
                   f"drop --curves-from)", file=sys.stderr)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import pytest
 import torch
@@ -128,7 +127,8 @@ def test_the_timed_glue_is_the_executors_own_code():
     """The samplers run `LayerRun.output` and `output_grads` on a routing of the asked tokens
     (here on the CPU, timed by the host clock): each direction's time grows with the tokens,
     and the forward's result is the residual plus each token's expert output, weighted."""
-    from aptmoe.calibration.glue import LayerGlue, glue_samplers, glue_series
+    from aptmoe.calibration.glue import LayerGlue, glue_samplers
+    from aptmoe.calibration.profiler import _series
     from aptmoe.calibration.timing import Reps, host_sample
 
     block = LayerGlue(64, 4, torch.float32, torch.device("cpu"))
@@ -140,7 +140,7 @@ def test_the_timed_glue_is_the_executors_own_code():
         want[idx] += out * run.w_flat[run.routing.positions[e]].unsqueeze(-1)
     assert torch.allclose(y, want, atol=1e-6)
     assert set(glue_samplers(block, 8, lambda w, s: (lambda: 0.0))) == {"fwd", "bwd"}
-    got = glue_series(block, (1, 4096), host_sample, Reps(1, 3, 1, 0.05))
+    _, got, _ = _series(block, (1, 4096), host_sample, Reps(1, 3, 1, 0.05), samplers=glue_samplers)
     assert all(len(v) == 2 and v[0] > 0 for v in got.values())
 
 
