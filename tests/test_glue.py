@@ -180,11 +180,16 @@ def test_the_command_takes_the_curves_of_another_profile(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert glue.main(["--curves-from", str(src), "--onto", "h200-2gpu", "--out", str(out)]) == 0
     got, base = load_profile(str(out)), load_profile("h200-2gpu")
-    assert [c for c in got.gpu if c.kind == "c"] == [c for c in load_profile(str(src)).gpu if c.kind == "c"]
+    taken = [c for c in load_profile(str(src)).gpu if c.kind == "c"]
+    # the taken curves join the profile's own of other dims (h200-2gpu's of the presets' widths)
+    assert [c for c in got.gpu if c.kind == "c"] == [c for c in base.gpu if c.kind == "c" and c not in taken] + taken
+    assert all((c.d, c.experts) == (cfg.model.embedding_dim, cfg.model.num_experts) for c in taken)
     assert [c for c in got.gpu if c.kind != "c"] == [c for c in base.gpu if c.kind != "c"]
     assert got.cpu_expert == base.cpu_expert and got.dispatch == base.dispatch
     assert "taken from" in got.sources["gpu"]
     # a profile without such curves: one line, no file
+    bare = tmp_path / "bare.json"
+    base.with_(gpu=tuple(c for c in base.gpu if c.kind != "c")).save(bare)
     bad = tmp_path / "bad.json"
-    assert glue.main(["--curves-from", "h200-2gpu", "--onto", "h200-2gpu", "--out", str(bad)]) == 1
+    assert glue.main(["--curves-from", str(bare), "--onto", "h200-2gpu", "--out", str(bad)]) == 1
     assert "has no curves of kind c" in capsys.readouterr().err and not bad.exists()

@@ -899,11 +899,12 @@ def test_fresh_configs_measured_after_the_model_was_fixed(tmp_path, monkeypatch)
     4 of 6 (S4 native and M8 native). With session 24's CPU expert curves 3.8%: the S4 APTMoE
     runs went 0.2-0.4 points further under, the median run with them. Since session 34's
     dispatch with each action's own host work apart: 3.2%, the worst 13.7% (S4 capped GPipe,
-    predicted fast; 10.5% before)."""
+    predicted fast; 10.5% before). Since session 39's GPU work between a layer's blocks: 3.3%,
+    the worst 13.8%."""
     flags = _fresh_flags("S:4:4,M:8:4,L:4:2:4", "native,8")
     report = _repredicted("validation-h200-2gpu-v6-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["all"]["runs"] == 24
-    _within(report, {"all": (0.039, 0.138)})
+    _within(report, {"all": (0.039, 0.139)})
     assert report["summary"]["all"]["ranking_right"] >= 4
 
 
@@ -964,12 +965,13 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     worst 11.3%; the native cell's order wrong (APTMoE 11% ahead of Mobius, predicted 0.2% behind).
     Since its host memory figures pooled over eleven calibrations (h200-2gpu): 2.7%, the worst
     10.7%, both orders right. Since session 34's dispatch with each action's own host work
-    apart: 2.7%, the worst 10.3%; the native Mobius run's stalls 8.4 ms a step over the prediction."""
+    apart: 2.7%, the worst 10.3%; the native Mobius run's stalls 8.4 ms a step over the prediction.
+    Since session 39's GPU work between a layer's blocks: 3.0%, the worst 8.9%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8 and report["summary"]["fit"]["runs"] == 0
-    _within(report, {"held-back": (0.027, 0.108)})
+    _within(report, {"held-back": (0.031, 0.108)})
     assert report["summary"]["held-back"]["ranking_right"] == 2
     runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.008
@@ -1098,7 +1100,7 @@ def test_v11_predicted_with_the_stored_cpu_curves_misses_only_by_capped_m_aptmoe
     the lease's. Both arms are h200-2gpu as shipped now, the lease's with each cell's CPU curves:
     since session 30's copy limits and message posts, the lease's curves move it 0.7%, and its
     error with the stored curves is 9.5%; since session 31's host memory figures pooled over
-    eleven calibrations, 10.3%."""
+    eleven calibrations, 10.3%; since session 39's GPU work between a layer's blocks, 8.4%."""
     stock = _repredicted("validation-h200-2gpu-v11-fresh", tmp_path / "stock", monkeypatch,
                          ["--calibration", "h200-2gpu", *V11])
     shipped = json.loads((DOCS.parent / "aptmoe" / "profiles" / "h200-2gpu.json").read_text())
@@ -1114,7 +1116,7 @@ def test_v11_predicted_with_the_stored_cpu_curves_misses_only_by_capped_m_aptmoe
     assert {k for k, m in moved.items() if abs(m) > 0.001} == {("M6x8-G0.45-cap8-2gpu", "APTMoE")}
     assert 0.005 < moved[("M6x8-G0.45-cap8-2gpu", "APTMoE")] < 0.02
     assert stock["summary"]["held-back"]["worst_run"] == "M6x8-G0.45-cap8-2gpu APTMoE"
-    assert 0.095 < stock["summary"]["held-back"]["worst_abs_error"] < 0.105
+    assert 0.079 < stock["summary"]["held-back"]["worst_abs_error"] < 0.089
 
 
 V12 = ["--gpus", "2", "--steps", "3", "--repeats", "3", "--models", "M:6:6:8", "--gini", "0.3", "--links", "native",
@@ -1172,17 +1174,18 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
     issuing thread (session 35, `policy_host`), the worst 11.4%. With h200-1gpu's CPU Adam the
     median of all nine one-GPU calibrations (session 35): 1.7%, the worst 2.2%. With session 38's
     h200-1gpu (the CPU worker's gaps between Adam chunks): 2.0%, the worst 2.4% (Mobius and
-    GPipeOffload, predicted slow; the lease's profile has no gaps and is as before)."""
+    GPipeOffload, predicted slow; the lease's profile has no gaps and is as before). With session
+    39's (the GPU's work between a layer's blocks): 2.0%, the worst 2.5% (GPipeOffload)."""
     lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
     _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
                worst_run="M4x8-G0.5-native-1gpu APTMoE")
-    _held_back(shipped, (0.021, 0.025), runs=4, ranking_right=1, ranking_strict=0)
+    _held_back(shipped, (0.021, 0.026), runs=4, ranking_right=1, ranking_strict=0)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
-    assert all(abs(r["error"]) < 0.025 for r in shipped["runs"] if r["pipeline"] in offloading)
+    assert all(abs(r["error"]) < 0.026 for r in shipped["runs"] if r["pipeline"] in offloading)
     doc = json.loads(read_text(stored_file(DOCS / "validation-h200-v10-fresh" / "cells" / "M4x8-G0.5-native-1gpu"
                                            / "profile.json")))
     assert doc["name"] == "h200-1gpu-lease" and "copies_beside_adam" in doc["host_memory"]
@@ -1277,10 +1280,12 @@ def test_three_fresh_one_gpu_cells_after_the_actions_own_host_work_was_set_apart
     Mobius; its GPipe +40.0%), 3 of 4 ranked right (2 strictly), the M cell within 6.3%; eight
     of the nine ratios to GPipe closer to the runs' than with the dispatch of before, the ninth
     (S G0.3's Mobius, 1.48x in the runs) now predicted 1.63x. With session 38's h200-1gpu (the
-    CPU worker's gaps between Adam chunks): 4.7%, the worst 43.6%, the M cell within 4.0%."""
+    CPU worker's gaps between Adam chunks): 4.7%, the worst 43.6%, the M cell within 4.0%. With
+    session 39's (the GPU's work between a layer's blocks): 4.5%, the worst 42.6%, all 4 ranked
+    right, strictly."""
     shipped = _repredicted("validation-h200-v13-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V13_1GPU])
-    _held_back(shipped, (0.048, 0.437), runs=16, configs=4, ranking_right=3, ranking_strict=2,
+    _held_back(shipped, (0.048, 0.437), runs=16, configs=4, ranking_right=4, ranking_strict=4,
                worst_run="S8x8-G0.45-native-1gpu Mobius")
     m = [abs(r["error"]) for r in shipped["runs"] if r["model"] == "M"]
     assert len(m) == 4 and max(m) <= 0.068, m
@@ -1358,10 +1363,11 @@ def test_a_fresh_l_cell_on_one_gpu_capped(tmp_path, monkeypatch) -> None:
     This lease's own dispatch probe moves no prediction by 0.1%: the cell's calls are not bound
     by their issue. With h200-1gpu's CPU Adam the median of all nine one-GPU calibrations
     (session 35): 0.5%, the worst 0.6% (Mobius); with session 38's gaps between Adam chunks
-    0.53% and 0.57%."""
+    0.53% and 0.57%; with session 39's GPU work between a layer's blocks 0.48% and 0.66%
+    (APTMoE)."""
     report = _repredicted("validation-h200-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V14_1GPU])
     _held_back(report, (0.006, 0.007), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
-               worst_run="L2x8-G0.55-cap8-1gpu Mobius")
+               worst_run="L2x8-G0.55-cap8-1gpu APTMoE")
 
 
 def test_the_summary_shows_the_runs_apart_ranking_only_where_configs_ran_again() -> None:
@@ -1443,7 +1449,7 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     assert statistics.median(abs(u) for u in update(pooled)) < 0.03
     for part in (shipped, pooled):
         assert part["summary"]["held-back"]["runs"] == 8
-    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.028 < 0.03 < pooled["summary"]["held-back"][
+    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.031 < pooled["summary"]["held-back"][
         "median_abs_error"]
     assert pooled["summary"]["held-back"]["signed_median_error"] < -0.025
 
@@ -1575,10 +1581,11 @@ def test_a_fresh_s_cell_whose_lease_probe_ran_faster_than_its_runs(tmp_path, mon
     h200-1gpu's CPU Adam the median of all nine one-GPU calibrations (session 35): 6.0%, the
     worst 10.1%. With session 37's h200-1gpu (the own-calls factors, the dispatch of 18 eager
     probe runs): 7.3%, the worst 9.1% (APTMoE), every schedule 5-9% fast; the ranking right
-    by the 3% rule too (APTMoE predicted 1.1% behind Mobius)."""
+    by the 3% rule too (APTMoE predicted 1.1% behind Mobius). With session 39's GPU work
+    between a layer's blocks: 7.4%, the worst 9.7% (APTMoE), wrong by the 3% rule again."""
     report = _repredicted("validation-h200-v16-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V16_1GPU])
-    _held_back(report, (0.074, 0.092), runs=4, configs=1, ranking_right=1, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.075, 0.097), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.4-native-1gpu APTMoE")
     probes = sorted((DOCS / "measured" / "session35" / "probe-call3").iterdir())
     assert len(probes) == 4
@@ -1616,10 +1623,11 @@ def test_two_fresh_one_gpu_cells_whose_offloading_schedules_the_model_puts_too_n
     one-GPU runs' own calls took 1.5x and 3.8x (docs/measured/session36). M's are within 3.4%.
     With session 37's h200-1gpu (those factors from a one-GPU lease's own-calls probe, read as
     each block's call starts, and the dispatch of 18 eager probe runs): 6.7%, the worst 9.8% (S
-    GPipeOffload), every run predicted fast; S's offloading schedules over GPipe 2-6% short."""
+    GPipeOffload), every run predicted fast; S's offloading schedules over GPipe 2-6% short.
+    With session 39's GPU work between a layer's blocks: 5.6%, the worst 9.9% (S Mobius)."""
     report = _repredicted("validation-h200-v17-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V17_1GPU])
-    _held_back(report, (0.068, 0.099), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
-               worst_run="S8x8-G0.35-native-1gpu GPipeOffload")
+    _held_back(report, (0.068, 0.100), runs=8, configs=2, ranking_right=2, ranking_apart=2, configs_repeated=2,
+               worst_run="S8x8-G0.35-native-1gpu Mobius")
     assert all(r["error"] < 0 for r in report["runs"])
     over = {(r["model"], r["pipeline"]): r["error"] for r in report["over_gpipe"]}
     assert len(over) == 6
@@ -1642,10 +1650,11 @@ def test_a_fresh_s_cell_whose_lease_ran_its_eager_probe_faster_than_its_runs(tmp
     the cell's calls ran slower than the probe's on its own lease. With session 37's h200-1gpu
     (the own-calls factors, the dispatch of 18 eager probe runs, three of them this lease's):
     16.4%, the worst 20.0%: every schedule 16-20% fast, GPipe too (-16.9%), and their steps over
-    GPipe's within 3.6%: what is left is the level of this lease's host, not the schedules'."""
+    GPipe's within 3.6%: what is left is the level of this lease's host, not the schedules'.
+    With session 39's GPU work between a layer's blocks: 16.8%, the worst 19.8%."""
     report = _repredicted("validation-h200-v18-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V18_1GPU])
-    _held_back(report, (0.165, 0.201), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.168, 0.201), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.6-native-1gpu APTMoE")
     assert all(-0.21 < r["error"] < -0.15 for r in report["runs"]), report["runs"]
     assert all(abs(r["error"]) < 0.04 for r in report["over_gpipe"]), report["over_gpipe"]
@@ -1705,13 +1714,14 @@ def test_five_fresh_one_gpu_cells_after_the_fix_meet_the_targets(tmp_path, monke
     capped, M4x8 at G 0.5 capped and 0.35 native, one lease, planned with the shipped profile:
     2.1% (the worst 8.3%, M capped APTMoE) and 2.5% (9.4%, S capped GPipe), every ranking
     right. Three runs a schedule. The 20 runs together: 2.8%, the worst 9.4%, the issue's
-    targets."""
+    targets. With session 39's GPU work between a layer's blocks: v19 3.1% (the worst 5.5%), v20
+    1.9% (6.1%, now S native GPipe), v21 1.5% (9.4%)."""
     v19 = _repredicted("validation-h200-v19-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V19_1GPU])
     _held_back(v19, (0.042, 0.057), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
                worst_run="S8x8-G0.5-cap8-1gpu Mobius")
     v20 = _repredicted("validation-h200-v20-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V20_1GPU])
     _held_back(v20, (0.022, 0.084), runs=8, configs=2, ranking_right=2, ranking_apart=2,
-               worst_run="M4x8-G0.5-cap8-1gpu APTMoE")
+               worst_run="S8x8-G0.65-native-1gpu GPipe")
     v21 = _repredicted("validation-h200-v21-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V21_1GPU])
     _held_back(v21, (0.026, 0.095), runs=8, configs=2, ranking_right=2, ranking_apart=2,
                worst_run="S8x8-G0.4-cap8-1gpu GPipe")
@@ -1733,9 +1743,10 @@ def test_two_fresh_one_gpu_cells_on_a_lease_slower_than_the_profile(tmp_path, mo
     G 0.55 (v12-fresh's config), three runs a schedule: 8.2%, the worst 11.3% (S Mobius), every
     run predicted fast; the S config ran 15-29% slower than on v12-fresh's lease. The ranking is
     right in the S cell by the 3% rule and in both where the runs are apart; M's APTMoE (-10.9%)
-    is predicted a hair ahead of Mobius, which ran 7% ahead."""
+    is predicted a hair ahead of Mobius, which ran 7% ahead. With session 39's GPU work between
+    a layer's blocks: 8.2%, the worst 11.7% (S Mobius), both cells ranked right by the 3% rule."""
     v22 = _repredicted("validation-h200-v22-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V22_1GPU])
-    _held_back(v22, (0.083, 0.114), runs=8, configs=2, ranking_right=1, ranking_apart=2,
+    _held_back(v22, (0.083, 0.118), runs=8, configs=2, ranking_right=2, ranking_apart=2,
                worst_run="S8x8-G0.55-native-1gpu Mobius")
     assert all(r["error"] < 0 for r in v22["runs"]), [r["error"] for r in v22["runs"]]
     v12 = {r["pipeline"]: r for r in _repredicted("validation-h200-v12-fresh", tmp_path, monkeypatch,
@@ -1754,16 +1765,18 @@ V23_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "M:
 
 
 def test_three_fresh_one_gpu_cells_on_two_slow_leases(tmp_path, monkeypatch) -> None:
-    """Session 39, held back, predicted with h200-1gpu as shipped. docs/validation-h200-v23-fresh:
-    M4x8 native at G 0.3 and S8x8 native at G 0.25 (one lease), M4x8 capped at G 0.6 (another),
-    three runs a schedule: 7.8%, the worst 18.2% (S GPipeOffload), every run predicted fast; even
-    M's GPipe, a step of GPU work that ran within 1.4-5.7% of its prediction in all ten older M
-    cells, ran 7.6% and 11.9% over it, its three runs 10% and 22% apart. The ranking is right in
-    one cell of three by the 3% rule, in two where the runs are apart (M native: APTMoE ran 4%
-    ahead of Mobius and is predicted behind it)."""
+    """Session 39, held back, predicted with h200-1gpu as shipped (its GPU work between a
+    layer's blocks decided on the older runs first). docs/validation-h200-v23-fresh: M4x8 native
+    at G 0.3 and S8x8 native at G 0.25 (one lease), M4x8 capped at G 0.6 (another), three runs a
+    schedule: 7.2%, the worst 17.9% (S GPipeOffload), every run predicted fast; even M's GPipe,
+    a step of GPU work that ran within 1.4-5.7% of the profile of before's prediction in all ten
+    older M cells, ran 6.7% and 10.9% over it, its three runs 10% and 22% apart. The ranking is
+    right in two cells of three by the 3% rule and where the runs are apart (M native: APTMoE ran
+    4% ahead of Mobius and is predicted behind it). With the profile of before: 7.8%, the worst
+    18.2%, 1 of 3 by the 3% rule."""
     v23 = _repredicted("validation-h200-v23-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V23_1GPU])
-    _held_back(v23, (0.078, 0.182), runs=12, configs=3, ranking_right=1, ranking_apart=2,
+    _held_back(v23, (0.073, 0.179), runs=12, configs=3, ranking_right=2, ranking_apart=2,
                worst_run="S8x8-G0.25-native-1gpu GPipeOffload")
     assert all(r["error"] < 0 for r in v23["runs"]), [r["error"] for r in v23["runs"]]
     gpipe_m = [r for r in v23["runs"] if r["model"] == "M" and r["pipeline"] == "GPipe"]
-    assert len(gpipe_m) == 2 and all(-0.125 < r["error"] < -0.07 for r in gpipe_m)
+    assert len(gpipe_m) == 2 and all(-0.115 < r["error"] < -0.06 for r in gpipe_m)
