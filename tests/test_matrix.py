@@ -1780,3 +1780,20 @@ def test_three_fresh_one_gpu_cells_on_two_slow_leases(tmp_path, monkeypatch) -> 
     assert all(r["error"] < 0 for r in v23["runs"]), [r["error"] for r in v23["runs"]]
     gpipe_m = [r for r in v23["runs"] if r["model"] == "M" and r["pipeline"] == "GPipe"]
     assert len(gpipe_m) == 2 and all(-0.115 < r["error"] < -0.06 for r in gpipe_m)
+
+
+V24_1GPU = ["--gpus", "1", "--steps", "3", "--repeats", "3", "--models", "L:2:2:8", "--gini", "0.5", "--links", "native",
+            "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_a_fresh_l_cell_measured_after_the_glue_curves(tmp_path, monkeypatch) -> None:
+    """Session 39, held back, planned and predicted with h200-1gpu as shipped (its layer glue
+    curves). docs/validation-h200-v24-fresh: L2x8 native at G 0.5, three runs a schedule: 1.6%,
+    the worst 10.4% (APTMoE, every one of whose runs was slower than every GPipeOffload and
+    Mobius run; its CPU Adam, which ends an L step, ran 12% slower a parameter than Mobius's).
+    The ranking is wrong by both rules."""
+    v24 = _repredicted("validation-h200-v24-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V24_1GPU])
+    _held_back(v24, (0.017, 0.105), runs=4, configs=1, ranking_right=0, ranking_apart=0,
+               worst_run="L2x8-G0.5-native-1gpu APTMoE")
+    others = [abs(r["error"]) for r in v24["runs"] if r["pipeline"] != "APTMoE"]
+    assert len(others) == 3 and max(others) < 0.025, others
