@@ -13,7 +13,14 @@ interval, before any model is built on it:
   engine does when a copy lands: takes a condition, touches a few Python objects, records and
   queries an event (a torch call), notifies;
 * cost per wake = (time beside the waker - time alone) / wakes during it; alone and beside
-  alternate, and the median of `rounds` is kept.
+  alternate, and the median of `rounds` is kept;
+* the waker's own latency: from when its sleep was due to end to when its work is done, beside
+  the issuing loop and with the main thread asleep (the GIL free). The difference is what a
+  thread of the executor that another's copy or drop wakes (the offload thread when its
+  gradients land, the copy engine when a load window opens) waits for the GIL before it acts:
+  on the one-H200 runs of sessions 31-39 a stage's offload landed 0.4-0.9 ms before the offload
+  thread dropped the stage, and a load window opened 0.36-0.63 ms before its first copy
+  started, where the simulator has none (docs/measured/session40).
 
 Two more neighbours tell the GIL's toll from the memory's: a thread copying host memory on
 the other cores (it wakes once per 256 MiB), and on a GPU back-to-back h2d copies (a wake per
@@ -48,6 +55,8 @@ class WakeCost:
     issue_us: float          # one op alone
     wakes_per_s: float
     cost_us: float           # the issuing thread's loss per wake (median)
+    latency_us: float = 0.0        # a wake's latency beside the issuing loop (median: sleep due -> work done)
+    latency_idle_us: float = 0.0   # the same with the main thread asleep
 
 
 def issue_loop(x: torch.Tensor, ops: int) -> float:
@@ -70,10 +79,14 @@ class _Waker(Background):
         self.cond = threading.Condition()
         self.count = 0                           # wakes
         self.state: dict[int, int] = {}
+        self.latencies: list[float] = []        # s from each sleep's due end to its work done
         self.marker = (lambda: torch.cuda.Event()) if device.type == "cuda" else None
 
     def run(self) -> None:
-        while not self.stop.wait(self.period_s):
+        while True:
+            due = time.perf_counter() + self.period_s
+            if self.stop.wait(self.period_s):
+                break
             with self.cond:                      # what the copy engine does when a copy lands
                 self.count += 1
                 self.state[self.count % 8] = self.count
@@ -84,6 +97,7 @@ class _Waker(Background):
                 else:
                     torch.empty(16)
                 self.cond.notify_all()
+            self.latencies.append(time.perf_counter() - due)
 
 
 class MemoryStream(Background):
@@ -103,15 +117,25 @@ class MemoryStream(Background):
             self.bytes += 2 * self.src.numel() * 4
 
 
-def issue_round(make: Callable[[], Background], x: torch.Tensor, ops: int) -> tuple[float, float, int, int]:
+def issue_round(make: Callable[[], Background], x: torch.Tensor, ops: int,
+                seen: list[Background] | None = None) -> tuple[float, float, int, int]:
     """One round: the issuing loop alone, then inside `make()`'s neighbour: (seconds alone,
     seconds beside, the neighbour's `count` and `chunks` meanwhile; 0 for a neighbour that
-    counts nothing, such as DMA or a memory stream)."""
+    counts nothing, such as DMA or a memory stream). `seen` gets the neighbour."""
     alone = issue_loop(x, ops)
     with make() as n:
+        if seen is not None:
+            seen.append(n)
         c0, k0 = getattr(n, "count", 0), getattr(n, "chunks", 0)
         beside = issue_loop(x, ops)
         return alone, beside, getattr(n, "count", 0) - c0, getattr(n, "chunks", 0) - k0
+
+
+def idle_latencies(device: torch.device, period_s: float, seconds: float) -> list[float]:
+    """The waker's latencies (`_Waker.latencies`) over `seconds` with this thread asleep."""
+    with _Waker(device, period_s) as w:
+        time.sleep(seconds)
+    return w.latencies
 
 
 def slowdown(beside: Callable[[], Background], device: str = "cpu", ops: int = 20000, rounds: int = 5) -> float:
@@ -130,19 +154,22 @@ def measure_wake_cost(device: str = "cpu", switch_us: float = 100.0, period_us: 
     sys.setswitchinterval(switch_us * 1e-6)
     try:
         issue_loop(x, ops // 10)                                   # warm-up: kernels, allocator
-        costs, alone_s, rates = [], [], []
+        costs, alone_s, rates, wakers, idle = [], [], [], [], []
         for _ in range(rounds):
-            alone, beside, wakes, _ = issue_round(lambda: _Waker(dev, period_us * 1e-6), x, ops)
+            alone, beside, wakes, _ = issue_round(lambda: _Waker(dev, period_us * 1e-6), x, ops, wakers)
             alone_s.append(alone)
             rates.append(wakes / beside)
             if wakes:
                 costs.append((beside - alone) / wakes)
+            idle += idle_latencies(dev, period_us * 1e-6, beside)     # as long, with the GIL free
     finally:
         sys.setswitchinterval(old)
-    if not costs:
+    beside_lat = [t for w in wakers for t in w.latencies]
+    if not costs or not beside_lat or not idle:
         raise RuntimeError(f"the waker never woke in {rounds} rounds of {ops} ops; use a shorter --period-us")
     return WakeCost(device, switch_us, period_us, statistics.median(alone_s) / ops * 1e6,
-                    statistics.median(rates), statistics.median(costs) * 1e6)
+                    statistics.median(rates), statistics.median(costs) * 1e6,
+                    statistics.median(beside_lat) * 1e6, statistics.median(idle) * 1e6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in ns.switch_us:
         r = measure_wake_cost(ns.device, s, ns.period_us, ns.ops, ns.rounds)
         print(f"  switch {s:6g} us: an op {r.issue_us:6.2f} us alone; {r.wakes_per_s:7.0f} wakes/s; "
-              f"the issuing thread loses {r.cost_us:7.1f} us a wake")
+              f"the issuing thread loses {r.cost_us:7.1f} us a wake; a wake takes {r.latency_us:7.1f} us "
+              f"to act beside it, {r.latency_idle_us:6.1f} us with the GIL free (median)")
     # The issuing thread on the first core, what runs beside it on the others (as with
     # --host-cores): a slowdown here is the memory's, not a core's or the GIL's.
     here = sorted(os.sched_getaffinity(0))

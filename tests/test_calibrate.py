@@ -495,11 +495,14 @@ def test_p2p_through_nccl_is_a_link() -> None:
 
 
 def test_the_wake_probe_measures_a_toll_and_a_slowdown() -> None:
-    """calibration/wake.py on the CPU: a cost per wake (finite: the waker woke) and a ratio."""
+    """calibration/wake.py on the CPU: a cost per wake (finite: the waker woke), the waker's
+    latency beside the issuing loop and with the GIL free (at least nothing: each is timed from
+    when its sleep was due), and a ratio."""
     from aptmoe.calibration.wake import MemoryStream, measure_wake_cost, slowdown
 
     r = measure_wake_cost("cpu", switch_us=100, period_us=200, ops=3000, rounds=2)
     assert r.wakes_per_s > 100 and r.issue_us > 0 and abs(r.cost_us) < 10_000
+    assert 0 < r.latency_us < 100_000 and 0 < r.latency_idle_us < 100_000
     assert 0.2 < slowdown(lambda: MemoryStream(None), "cpu", ops=3000, rounds=2) < 50
 
 
