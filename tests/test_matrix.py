@@ -1797,3 +1797,19 @@ def test_a_fresh_l_cell_measured_after_the_glue_curves(tmp_path, monkeypatch) ->
                worst_run="L2x8-G0.5-native-1gpu APTMoE")
     others = [abs(r["error"]) for r in v24["runs"] if r["pipeline"] != "APTMoE"]
     assert len(others) == 3 and max(others) < 0.025, others
+
+
+V25_1GPU = ["--gpus", "1", "--steps", "3", "--repeats", "3", "--models", "M:4:4:8", "--gini", "0.4", "--links", "8",
+            "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_a_fresh_m_capped_cell_on_a_lease_slow_on_the_gpu(tmp_path, monkeypatch) -> None:
+    """Session 40, held back, planned and predicted with h200-1gpu as shipped (no model change
+    in the session). docs/validation-h200-v25-fresh: M4x8 capped at G 0.4, three runs a
+    schedule: 9.4%, the worst 13.1% (GPipe), every run predicted fast, ranked right. GPipe, a
+    step of GPU work that ran 0.179-0.222 s in the twelve older M cells, ran 0.209-0.242 here:
+    the lease was slow on the GPU's side, and APTMoE's three runs were 20% apart."""
+    v25 = _repredicted("validation-h200-v25-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V25_1GPU])
+    _held_back(v25, (0.095, 0.132), runs=4, configs=1, ranking_right=1, ranking_apart=1,
+               worst_run="M4x8-G0.4-cap8-1gpu GPipe")
+    assert all(r["error"] < 0 for r in v25["runs"]), [r["error"] for r in v25["runs"]]
