@@ -1813,3 +1813,22 @@ def test_a_fresh_m_capped_cell_on_a_lease_slow_on_the_gpu(tmp_path, monkeypatch)
     _held_back(v25, (0.095, 0.132), runs=4, configs=1, ranking_right=1, ranking_apart=1,
                worst_run="M4x8-G0.4-cap8-1gpu GPipe")
     assert all(r["error"] < 0 for r in v25["runs"]), [r["error"] for r in v25["runs"]]
+
+
+V26_1GPU = ["--gpus", "1", "--steps", "3,S=6", "--repeats", "3", "--models", "M:4:4:8,S:8:8:8", "--gini", "0.65,0.7",
+            "--links", "native", "--held-back-every", "1", "--no-plot", "-q"]
+
+
+def test_two_fresh_native_cells_on_a_lease_slow_on_the_cpu(tmp_path, monkeypatch) -> None:
+    """Session 40, held back, planned and predicted with h200-1gpu as shipped (no model change
+    in the session). docs/validation-h200-v26-fresh: S8x8 native at G 0.7 and M4x8 native at G
+    0.65, one lease, three runs a schedule: 9.2%, the worst 16.7% (M APTMoE), every run predicted
+    fast, ranked right in both by the 3% rule. M's GPipe, the GPU's work, within 1.4%; M's
+    offloading steps end with the CPU's Adam, which ran 0.296-0.299 ns/param on this lease
+    against the profile's 0.262."""
+    v26 = _repredicted("validation-h200-v26-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V26_1GPU])
+    _held_back(v26, (0.093, 0.168), runs=8, configs=2, ranking_right=2, ranking_apart=2,
+               worst_run="M4x8-G0.65-native-1gpu APTMoE")
+    assert all(r["error"] < 0 for r in v26["runs"]), [r["error"] for r in v26["runs"]]
+    gpipe_m = next(r for r in v26["runs"] if r["model"] == "M" and r["pipeline"] == "GPipe")
+    assert abs(gpipe_m["error"]) < 0.02, gpipe_m["error"]
