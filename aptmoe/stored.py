@@ -2,9 +2,12 @@
 
 A run writes its results.json, traces and profiles plain (Perfetto opens a fresh trace as it
 is). A run kept in the repository (docs/: the validation matrices and measured runs) keeps its
-results.json, measured traces and calibration profiles xz-compressed instead
-(`scripts/pack-stored-runs`, and `aptmoe-sim matrix` for the cells it stores), older stores
-gzip-compressed traces: the tree is sent whole to the GPU machine, which takes at most 64 MiB.
+results.json, measured traces and calibration profiles xz-compressed instead, and so does a
+stored matrix its matrix.json and its cells' validation.json, and docs/ every calibration file
+it keeps (`scripts/pack-stored-runs`, and `aptmoe-sim matrix` for the cells it stores); older
+stores gzip-compressed traces: the tree is sent whole to the GPU machine, which takes at most
+64 MiB. A tool that writes one of those files plain again (`matrix --repredict`) drops the packed
+copy beside it (`drop_packed`), which the plain one supersedes.
 Readers ask `stored_file` (or `kept`) for the name they expect and read it with `open_text`
 (a JSON file: `read_json`), so any of the three forms will do. To open a stored trace in
 Perfetto: ``xz -dk trace-X.json.xz``, then the ``trace-X.json`` it leaves.
@@ -22,8 +25,9 @@ import zlib
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CORRUPT", "RESULTS", "XZ_PRESET", "is_measured_run", "kept", "measured_traces", "open_text", "pack",
-           "plain_name", "read_bytes", "read_json", "read_text", "run_source", "stored_file", "stored_run_files"]
+__all__ = ["CORRUPT", "MATRIX", "RESULTS", "VALIDATION", "XZ_PRESET", "drop_packed", "is_calibration_file",
+           "is_measured_run", "kept", "measured_traces", "open_text", "pack", "plain_name", "read_bytes", "read_json",
+           "read_text", "run_source", "stored_file", "stored_run_files"]
 
 # The forms a stored file takes, in the order a reader prefers them: plain first (a fresh run,
 # or one unpacked by hand to open in Perfetto), then the gzip of older stores, then xz.
@@ -40,6 +44,9 @@ XZ_PRESET = 9 | lzma.PRESET_EXTREME
 PROFILE = "profile.json"              # a matrix cell's: the profile it was predicted with
 PLAN_PROFILE = "plan-profile.json"    # a run's: the profile the executor planned with
 RESULTS = "results.json"              # a run's: what it measured (or predicted), and how it was run
+VALIDATION = "validation.json"        # a matrix cell's: its runs predicted against measured
+MATRIX = "matrix.json"                # a matrix's: every cell's runs and the summary
+CALIBRATION_SCHEMA = b'"schema": "aptmoe-calibration/'   # how a calibration file begins (aptmoe/profile.py)
 
 
 def plain_name(path: str | os.PathLike) -> str:
@@ -127,22 +134,54 @@ def measured_traces(folder: str | os.PathLike) -> list[Path]:
                   and not plain_name(p).endswith("-predicted.json"))
 
 
+def is_calibration_file(path: str | os.PathLike) -> bool:
+    """Whether a .json file (in any form) is a calibration profile: its text begins with the
+    profile's schema. Unreadable or corrupt: not one."""
+    try:
+        with open_text(path) as f:
+            head = f.read(200).encode()
+    except (OSError, UnicodeDecodeError, *CORRUPT):
+        return False
+    return CALIBRATION_SCHEMA in head
+
+
 def stored_run_files(root: str | os.PathLike) -> list[Path]:
     """What a store keeps compressed under `root` (any form, packed or not): every measured
     run's traces, its plan-profile.json and its results.json (a results.json.xz still marks
-    its folder as a measured run), and each matrix cell's profile.json
-    (``cells/<cell>/profile.json``)."""
+    its folder as a measured run); each matrix cell's profile.json and validation.json
+    (``cells/<cell>/``) and each matrix's matrix.json (beside its ``cells/``); and every other
+    calibration profile (`is_calibration_file`: a lease's, a probe's)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         folder = Path(dirpath)
-        named = sorted(folder / n for n in filenames if plain_name(n) in (PROFILE, PLAN_PROFILE, RESULTS))
+        jsons = sorted(folder / n for n in filenames if plain_name(n).endswith(".json") and n == _form(n))
+        mine: list[Path] = []
         if is_measured_run(folder):
-            out += measured_traces(folder)
-            out += [p for p in named if plain_name(p) in (PLAN_PROFILE, RESULTS)]
+            mine += measured_traces(folder)
+            mine += [p for p in jsons if plain_name(p) in (PLAN_PROFILE, RESULTS)]
         if folder.parent.name == "cells":
-            out += [p for p in named if plain_name(p) == PROFILE]
+            mine += [p for p in jsons if plain_name(p) in (PROFILE, VALIDATION)]
+        if "cells" in dirnames:
+            mine += [p for p in jsons if plain_name(p) == MATRIX]
+        taken = set(mine)
+        out += mine + [p for p in jsons if p not in taken and plain_name(p) not in (RESULTS,)
+                       and not plain_name(p).startswith("trace-") and is_calibration_file(p)]
     return out
+
+
+def _form(name: str) -> str:
+    """`name` where it is a form a stored file takes (plain, .gz, .xz); '' where it is not (a
+    .partial left by a crash)."""
+    return name if any(name.endswith(".json" + suffix) for suffix in SUFFIXES) else ""
+
+
+def drop_packed(path: str | os.PathLike) -> None:
+    """`path` was just written plain: remove the .gz and .xz a store kept of it, which it supersedes
+    (a repredicted matrix rewrites its cells' validation.json and its matrix.json)."""
+    path = Path(path)
+    for suffix in SUFFIXES[1:]:
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
 def pack(path: str | os.PathLike) -> tuple[int, int]:

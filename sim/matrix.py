@@ -63,7 +63,8 @@ from aptmoe.sim import matrix_ratios
 from aptmoe.sim.cell_time import expected_s, stored_cell_times
 from aptmoe.sim.cli import PROG, UsageError
 from aptmoe.run_process import ExecutorFailed
-from aptmoe.stored import CORRUPT, PLAN_PROFILE, PROFILE, RESULTS, measured_traces, pack, read_json, stored_file
+from aptmoe.stored import (CORRUPT, MATRIX, PLAN_PROFILE, PROFILE, RESULTS, VALIDATION, drop_packed,
+                           measured_traces, pack, read_json, stored_file)
 from aptmoe.sim.validate import (KERNEL_LOADING_WHY, add_replay_flag, alike_cell, compare_run, ms_cell, other_machine,
                                  run_executor)
 from aptmoe.trace import write_json_atomic
@@ -284,7 +285,7 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
                 compare_run(folder / "real", use, folder, _cell_doc(folder)["command"], plot=not ns.no_plot,
                             replay=ns.replay_placements)
             continue
-        if (folder / "validation.json").exists():
+        if stored_file(folder / VALIDATION) is not None:     # done (a stored cell keeps it packed)
             continue
         if folder.exists():
             # Cells are written whole, so this is what is left of one: its derived files after a
@@ -442,9 +443,9 @@ def collect(out: Path, cells: list[Cell], every: int, calibration: str, command:
     fallbacks: Counter[str] = Counter()          # cost figures not measured, by the runs that used each
     for i, cell in enumerate(cells):
         folder = out / "cells" / cell.name
-        if not (folder / "validation.json").exists():
+        if stored_file(folder / VALIDATION) is None:
             continue
-        doc = json.loads((folder / "validation.json").read_text())
+        doc = read_json(folder / VALIDATION)
         s = "held-back" if held_back(i, every) else "fit"
         stored = _stored_schedules(folder / "real" / RESULTS)
         steps, repeated = _step_spreads(stored), _run_spreads(stored)
@@ -602,7 +603,8 @@ def host_summary(runs: list[dict]) -> dict:
 
 
 def write_report(out: Path, report: dict) -> None:
-    write_json_atomic(out / "matrix.json", report)
+    write_json_atomic(out / MATRIX, report)
+    drop_packed(out / MATRIX)                 # a stored matrix's packed one, which this supersedes
     fields = list(dict.fromkeys(k for r in report["runs"] for k in r))
     tmp = out / ".matrix.csv.partial"
     with open(tmp, "w", newline="") as f:

@@ -46,7 +46,7 @@ from aptmoe.profile import default_planning_profile, load_profile
 from aptmoe.replayed_placements import run_placements
 from aptmoe.report import StagedDir, fmt, format_table, short_fallbacks, timestamp
 from aptmoe.stalls import load_stalls, stalls
-from aptmoe.stored import PLAN_PROFILE, RESULTS, read_json, stored_file
+from aptmoe.stored import PLAN_PROFILE, RESULTS, VALIDATION, drop_packed, read_json, stored_file
 from aptmoe.trace import Trace, by_occurrence, run_trace, write_json_atomic
 
 # Categories whose durations are compared action by action (work, not markers or waits).
@@ -337,9 +337,9 @@ def compare_run(real_dir: Path, profile, dest: Path, command: list[str], plot: b
     planned = planning_profile(real_dir, real)
     rows = [validate_schedule(name, res, real_dir, profile, dest, plot, plan_with=planned, replay=replay)
             for name, res in real["schedules"].items()]
-    write_json_atomic(dest / "validation.json", {"command": command, "calibration": profile.name,
-                                                 "planned_with": planned.name,
-                                                 "schedules": rows})
+    write_json_atomic(dest / VALIDATION, {"command": command, "calibration": profile.name,
+                                          "planned_with": planned.name, "schedules": rows})
+    drop_packed(dest / VALIDATION)           # a stored cell's packed one, which this supersedes
     flat = [{k: v for k, v in r.items() if k not in ("actions", "beside", "fallbacks", "cpu_jobs")} for r in rows]
     with open(dest / "validation.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))

@@ -92,6 +92,9 @@ def _store(root: Path) -> dict[str, Path]:
     (cell / "real" / "plan-Mobius.txt").write_text("plan")
     (cell / "profile.json").write_text('{"name": "predicted"}')
     (cell / "trace-Mobius-predicted.json").write_text('{"traceEvents": [3]}')     # git-ignored, rewritten
+    (cell / "validation.json").write_text('{"schedules": []}')
+    (cell / "cell.json").write_text('{"name": "S8x8-G0.3-native-1gpu"}')       # small: left plain
+    (root / "validation-x" / "matrix.json").write_text('{"runs": []}')
     run = root / "measured" / "session9" / "regime2"
     run.mkdir(parents=True)
     (run / "results.json").write_text('{"source": "real", "schedules": {}}')
@@ -102,6 +105,7 @@ def _store(root: Path) -> dict[str, Path]:
     (sim / "results.json").write_text('{"schedules": {}}')
     (sim / "trace-APTMoE.json").write_text('{"traceEvents": [5]}')
     (root / "measured" / "session9" / "profile.json").write_text('{"name": "a lease"}')   # not a cell's
+    (root / "measured" / "session9" / "lease.json").write_text('{\n  "schema": "aptmoe-calibration/1",\n  "name": "x"}')
     return {"cell": cell, "run": run, "sim": sim}
 
 
@@ -110,13 +114,14 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root).with_name(plain_name(p))): read_bytes(p) for p in root.rglob("*") if p.is_file()}
 
 
-def test_the_store_packs_measured_runs_results_traces_and_profiles_only(tmp_path) -> None:
+def test_the_store_packs_runs_matrices_and_calibration_files_only(tmp_path) -> None:
     where = _store(tmp_path)
     cell, run = where["cell"], where["run"]
     assert sorted(stored_run_files(tmp_path)) == sorted([
         run / "plan-profile.json", run / "results.json", run / "trace-APTMoE.json.gz",
         cell / "real" / "plan-profile.json", cell / "real" / "results.json", cell / "real" / "trace-GPipe.json.gz",
-        cell / "real" / "trace-Mobius.json", cell / "profile.json"])
+        cell / "real" / "trace-Mobius.json", cell / "profile.json", cell / "validation.json",
+        tmp_path / "validation-x" / "matrix.json", tmp_path / "measured" / "session9" / "lease.json"])
     assert measured_traces(cell / "real") == [cell / "real" / "trace-GPipe.json.gz", cell / "real" / "trace-Mobius.json"]
     assert measured_traces(cell) == []                  # the predicted trace beside real/ is not measured
 
@@ -134,7 +139,7 @@ def test_the_pack_script_round_trips_is_idempotent_and_leaves_predicted_traces(t
                                              where["cell"] / "real" / "plan-Mobius.txt")}
     done = _script(str(tmp_path), "--jobs", "2")
     assert done.returncode == 0, done.stderr
-    assert f"{tmp_path}: packed 8 files, " in done.stdout
+    assert f"{tmp_path}: packed 11 files, " in done.stdout
     assert _snapshot(tmp_path) == before                # the same content under the same names
     assert all(p.read_bytes() == data for p, data in untouched.items())
     assert sorted(p.name for p in (where["cell"] / "real").iterdir()) == [
@@ -142,7 +147,8 @@ def test_the_pack_script_round_trips_is_idempotent_and_leaves_predicted_traces(t
     assert (where["cell"] / "profile.json.xz").exists() and (where["run"] / "trace-APTMoE.json.xz").exists()
     assert sorted(p.name for p in where["run"].iterdir()) == [
         "plan-profile.json.xz", "results.json.xz", "trace-APTMoE.json.xz"]
-    # packed, the run folder is still a measured run (its results.json.xz says so): all 8 found
+    assert (where["cell"] / "validation.json.xz").exists() and (where["cell"] / "cell.json").exists()
+    # packed, the run folder is still a measured run (its results.json.xz says so): all 11 found
     assert sorted(stored_run_files(tmp_path)) == sorted(tmp_path.rglob("*.xz"))
     packed = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.xz")}
     again = _script(str(tmp_path))
@@ -154,7 +160,7 @@ def test_the_pack_script_s_dry_run_packs_nothing_and_a_missing_folder_is_refused
     _store(tmp_path)
     before = sorted(tmp_path.rglob("*"))
     dry = _script(str(tmp_path), "--dry-run")
-    assert dry.returncode == 0 and "8 files to pack" in dry.stdout and sorted(tmp_path.rglob("*")) == before
+    assert dry.returncode == 0 and "11 files to pack" in dry.stdout and sorted(tmp_path.rglob("*")) == before
     missing = _script(str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such folder" in missing.stderr
     assert "xz -dk" in _script("--help").stdout
@@ -231,6 +237,30 @@ def test_validate_predicts_a_stored_run_that_keeps_results_json_xz(tmp_path) -> 
     pack(real / "results.json")
     assert stored_file(real / "results.json") == real / "results.json.xz"
     rows = compare_run(real, load_profile("h200-1gpu"), tmp_path, ["validate"], plot=False)
-    stored = {r["pipeline"]: r for r in json.loads((cell / "validation.json").read_text())["schedules"]}
+    stored = {r["pipeline"]: r for r in read_json(cell / "validation.json")["schedules"]}
     assert [r["pipeline"] for r in rows] == ["GPipe"]
     assert rows[0]["measured_s"] == stored["GPipe"]["measured_s"]
+
+
+def test_a_file_written_plain_again_drops_its_packed_copy_and_calibration_files_are_told_apart(tmp_path) -> None:
+    """`drop_packed` after a repredict rewrote a stored cell's validation.json: its .xz and .gz go,
+    so the fresh plain file is the only one; a file is a calibration by its schema, in any form."""
+    from aptmoe.stored import drop_packed, is_calibration_file
+
+    val = tmp_path / "validation.json"
+    val.write_text('{"schedules": [1]}')
+    pack(val)
+    (tmp_path / "validation.json.gz").write_bytes(gzip.compress(b"{}"))
+    val.write_text('{"schedules": [2]}')
+    drop_packed(val)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["validation.json"]
+    assert read_json(val) == {"schedules": [2]}
+    drop_packed(tmp_path / "nothing.json")                      # nothing packed of it: nothing to do
+    prof = tmp_path / "lease.json"
+    prof.write_text('{\n  "schema": "aptmoe-calibration/1"}')
+    pack(prof)
+    assert is_calibration_file(tmp_path / "lease.json.xz")
+    (tmp_path / "other.json").write_text('{"schema": "aptmoe-trace/1"}')
+    (tmp_path / "bad.json.xz").write_bytes(b"not xz")
+    assert not is_calibration_file(tmp_path / "other.json") and not is_calibration_file(tmp_path / "bad.json.xz")
+
