@@ -1054,7 +1054,7 @@ def test_the_lease_s_own_dispatch_moves_no_prediction_of_v10_by_over_1_5_percent
     (not its message posts, which the lease did not time). The most it moved was 1.2% before
     session 30's copy limits and message posts, 1.3% since."""
     doc = json.loads((DOCS.parent / "aptmoe" / "profiles" / "h200-2gpu.json").read_text())
-    measured = json.loads((DOCS / "measured" / "session26" / f"h200-2gpu-lease-{cell.split('-')[2]}.json").read_text())
+    measured = read_json(DOCS / "measured" / "session26" / f"h200-2gpu-lease-{cell.split('-')[2]}.json")
     doc["dispatch"] = {**measured["dispatch"], "post": doc["dispatch"]["post"]}
     lease = tmp_path / "lease.json"
     lease.write_text(json.dumps(doc))
@@ -1219,7 +1219,7 @@ def test_four_fresh_one_gpu_cells_planned_with_the_shipped_profile(tmp_path, mon
     m = [abs(r["error"]) for r in report["runs"] if r["model"] == "M"]
     assert len(m) == 8 and statistics.median(m) <= 0.032 and max(m) <= 0.085, m
     # the lease's figures as `lease-adam` puts them onto h200-1gpu: its Adam, its copies beside Adam
-    lease = json.loads((DOCS / "measured" / "session31" / "lease-adam-before.json").read_text())
+    lease = read_json(DOCS / "measured" / "session31" / "lease-adam-before.json")     # kept as .json.xz
     profile = tmp_path / "lease.json"
     doc = json.loads((Path(__file__).resolve().parents[1] / "aptmoe" / "profiles" / "h200-1gpu.json").read_text())
     doc["adam"] = lease["adam"]

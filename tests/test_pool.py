@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from aptmoe.calibration.pool import main as pool_main
 from aptmoe.calibration.pool import pool, pool_onto, pooled
 from aptmoe.profile import ProfileError, load_profile
+from aptmoe.stored import stored_file
 
 
 def _h200(tmp_path: Path, name: str, scale: float, *, reverse_curves: bool = False,
@@ -203,7 +204,7 @@ def test_h200_2gpu_s_host_memory_is_the_median_of_every_2_gpu_calibration_of_it(
     the part on the 2-GPU kind, by the same method, are now pooled into it (median 86.6)."""
     root = Path(__file__).resolve().parents[1]
     files = [root / "docs" / "measured" / f for f in H200_2GPU_HOST_MEMORY]
-    if not all(f.exists() for f in files):
+    if not all(stored_file(f) for f in files):               # kept as .json.xz
         pytest.skip("the stored calibrations are not in this tree")
     shipped = load_profile("h200-2gpu").to_dict()
     fields = ["host_memory.GBps", "host_memory.cpu_alone_GBps", "host_memory.beside"]
@@ -221,7 +222,7 @@ def test_h200_1gpu_s_cpu_job_is_the_median_of_three_probe_runs_on_one_h200() -> 
     (docs/measured/session32) are pooled into it."""
     root = Path(__file__).resolve().parents[1]
     files = [root / "docs" / "measured" / "session32" / f"cpujob-{i}.json" for i in (1, 2, 3)]
-    if not all(f.exists() for f in files):
+    if not all(stored_file(f) for f in files):               # kept as .json.xz
         pytest.skip("the stored calibrations are not in this tree")
     shipped = load_profile("h200-1gpu").to_dict()
     fields = [f"cpu_job.{k}" for k in ("take_s", "down_s", "up_s", "resume_s")]
