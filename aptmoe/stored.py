@@ -32,6 +32,7 @@ __all__ = ["CORRUPT", "MATRIX", "RESULTS", "VALIDATION", "XZ_PRESET", "drop_pack
 # The forms a stored file takes, in the order a reader prefers them: plain first (a fresh run,
 # or one unpacked by hand to open in Perfetto), then the gzip of older stores, then xz.
 SUFFIXES = ("", ".gz", ".xz")
+JSON_FORMS = tuple(".json" + suffix for suffix in SUFFIXES)     # a stored JSON file's names end so
 
 # What reading a corrupt or truncated compressed file raises (a bad header: BadGzipFile or
 # LZMAError; bad deflate data: zlib.error; a cut-off file: EOFError). Callers turn them into
@@ -130,7 +131,7 @@ def measured_traces(folder: str | os.PathLike) -> list[Path]:
     """The measured traces kept in a run's folder, in any form: ``trace-X.json``, ``.json.gz``
     and ``.json.xz``, not the simulator's ``trace-X-predicted.json`` beside a matrix cell's."""
     return sorted(p for p in Path(folder).glob("trace-*.json*")
-                  if p.is_file() and p.name.endswith((".json", ".json.gz", ".json.xz"))
+                  if p.is_file() and p.name.endswith(JSON_FORMS)
                   and not plain_name(p).endswith("-predicted.json"))
 
 
@@ -155,7 +156,7 @@ def stored_run_files(root: str | os.PathLike) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         folder = Path(dirpath)
-        jsons = sorted(folder / n for n in filenames if plain_name(n).endswith(".json") and n == _form(n))
+        jsons = sorted(folder / n for n in filenames if n.endswith(JSON_FORMS))     # not a .partial
         mine: list[Path] = []
         if is_measured_run(folder):
             mine += measured_traces(folder)
@@ -165,15 +166,10 @@ def stored_run_files(root: str | os.PathLike) -> list[Path]:
         if "cells" in dirnames:
             mine += [p for p in jsons if plain_name(p) == MATRIX]
         taken = set(mine)
-        out += mine + [p for p in jsons if p not in taken and plain_name(p) not in (RESULTS,)
+        # the rest, but a run's results and traces (not profiles, and large), by their schema
+        out += mine + [p for p in jsons if p not in taken and plain_name(p) != RESULTS
                        and not plain_name(p).startswith("trace-") and is_calibration_file(p)]
     return out
-
-
-def _form(name: str) -> str:
-    """`name` where it is a form a stored file takes (plain, .gz, .xz); '' where it is not (a
-    .partial left by a crash)."""
-    return name if any(name.endswith(".json" + suffix) for suffix in SUFFIXES) else ""
 
 
 def drop_packed(path: str | os.PathLike) -> None:

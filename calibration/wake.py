@@ -18,9 +18,10 @@ interval, before any model is built on it:
   the issuing loop and with the main thread asleep (the GIL free). The difference is what a
   thread of the executor that another's copy or drop wakes (the offload thread when its
   gradients land, the copy engine when a load window opens) waits for the GIL before it acts:
-  on the one-H200 runs of sessions 31-39 a stage's offload landed 0.4-0.9 ms before the offload
-  thread dropped the stage, and a load window opened 0.36-0.63 ms before its first copy
-  started, where the simulator has none (docs/measured/session40).
+  in GPipeOffload's native one-H200 runs of sessions 30-39 a stage's offload ended a median
+  0.41-0.89 ms before the offload thread dropped the stage, and a load window opened 0.30-0.64
+  ms before its first copy started (MoE-S to -L), where the simulator has none
+  (docs/measured/session40, `python -m aptmoe.sim.handoffs`).
 
 Two more neighbours tell the GIL's toll from the memory's: a thread copying host memory on
 the other cores (it wakes once per 256 MiB), and on a GPU back-to-back h2d copies (a wake per

@@ -32,12 +32,11 @@ import argparse
 import bisect
 import statistics
 import sys
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 from aptmoe.report import format_table
-from aptmoe.sim.phases import folders, traces
+from aptmoe.sim.phases import folders, load_trace, traces
 from aptmoe.trace import Trace, TraceError, is_load
 
 PROG = "python -m aptmoe.sim.handoffs"
@@ -64,12 +63,12 @@ def handoffs(trace: Trace) -> dict[str, list[float]]:
             loads[e.rank].append(e.start_s)
         elif e.stream == "offload" and e.cat == "offload":
             offloads.append(e)
-    for d in (windows, drops, loads):
+    for d in (windows, drops, loads, *markers.values()):
         for v in d.values():
             v.sort()
     out: dict[str, list[float]] = {h: [] for h in HANDOFFS}
     for o in offloads:
-        took = _first_after(sorted(markers[o.rank].get(o.name.removesuffix("O") + "DB", ())), o.end_s, WITHIN_S)
+        took = _first_after(markers[o.rank].get(o.name.removesuffix("O") + "DB", []), o.end_s, WITHIN_S)
         if took is not None:
             out["offload -> drop"].append(took)
     for rank, ds in drops.items():
@@ -91,13 +90,6 @@ def _first_after(times: list[float], t: float, within: float) -> float | None:
     return times[i] - t if i < len(times) and times[i] - t <= within else None
 
 
-def _load(path: Path) -> Trace:
-    try:
-        return Trace.load(path)
-    except (OSError, EOFError, zlib.error, ValueError) as e:
-        raise TraceError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-
-
 def _us(values: list[float]) -> str:
     return f"{statistics.median(values) * 1e6:.0f}" if values else "-"
 
@@ -113,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             if not found:
                 raise TraceError(f"no measured trace (trace-*.json) in {folder}")
             for name, (real, pred) in found.items():
-                m = handoffs(_load(real))
+                m = handoffs(load_trace(real))
                 if not any(m.values()):
                     continue                    # a resident schedule: nothing is loaded
-                q = handoffs(_load(pred)) if pred is not None else None
+                q = handoffs(load_trace(pred)) if pred is not None else None
                 rows.append([home.name, name, *(x for h in HANDOFFS for x in (
                     f"{_us(m[h])} ({len(m[h])})", "-" if q is None else _us(q[h])))])
     except TraceError as e:

@@ -226,10 +226,20 @@ def timed_steps(run: Path, name: str) -> int | None:
         return None
 
 
-def _phases(path: Path, timed: int | None) -> list[Phases]:
+def load_trace(path: Path) -> Trace:
+    """The trace at `path` (any stored form); a missing, cut or corrupt one raises TraceError
+    naming it, which the tools print as one line."""
     try:
-        return phases(Trace.load(path), timed)
-    except (TraceError, OSError, EOFError, zlib.error) as e:
+        return Trace.load(path)
+    except (ValueError, OSError, EOFError, zlib.error) as e:      # TraceError is a ValueError
+        raise TraceError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def _phases(path: Path, timed: int | None) -> list[Phases]:
+    trace = load_trace(path)
+    try:
+        return phases(trace, timed)
+    except TraceError as e:
         raise TraceError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
