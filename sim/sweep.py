@@ -268,7 +268,7 @@ def plot_throughput(rows: list[dict], fields: list[str], path: Path, x: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from aptmoe.plot import PIPELINE_COLORS
+    from aptmoe.plot import PIPELINE_COLORS, save_png
 
     panel_field = "model_config" if ("model_config" in fields and x != "model_config") else None
     panels = list(dict.fromkeys(r.get(panel_field) for r in rows)) if panel_field else [None]
@@ -318,7 +318,7 @@ def plot_throughput(rows: list[dict], fields: list[str], path: Path, x: str) -> 
         ax.set_visible(False)
     fig.suptitle("simulated throughput; x at 0 = out of memory or infeasible", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -329,6 +329,8 @@ def plot_speedup(rows: list[dict], fields: list[str], path: Path, x: str) -> boo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from aptmoe.plot import save_png
 
     apt = [r for r in rows if r.get("pipeline") == Pipeline.APTMOE.value and r.get("speedup_vs_mobius")]
     if not apt:
@@ -362,7 +364,7 @@ def plot_speedup(rows: list[dict], fields: list[str], path: Path, x: str) -> boo
     ax.set_ylabel("APTMoE speedup over Mobius")
     ax.grid(linewidth=0.3, alpha=0.6)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
     plt.close(fig)
     return True
 
