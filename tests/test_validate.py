@@ -242,16 +242,21 @@ def test_cpu_prediction_error_stays_where_it_was_measured(tmp_path) -> None:
     CPU three points of jitter. The step's bound, -50% to +15%, is the measured range widened
     by about twice its spread, and fails if the executor slows down or the model starts to
     overshoot. Session 32 saw -5.5..-7.2% in four runs and +22.7% in one, whose calibration
-    this shared machine had run slowly: a step outside the bound is measured once more, from a
-    new calibration, and fails if it is outside again."""
-    errors = []
+    this shared machine had run slowly. Session 41's CI machine saw loads at +4.2% once (the
+    pacer's lateness as the calibration timed it against the run's: the bound's failure mode
+    without the pacer is -5.3..-5.9% every time), and this machine that day, in five runs with
+    nothing beside them, loads +0.9..+2.6% and steps -3..-55% (measured 0.061-0.131 s a step,
+    predicted 0.054-0.064: two ranks' blocks on two shared cores; docs/validation-cpu.md). So a
+    run outside either bound is measured once more, from a new calibration, and fails if it is
+    outside one again: what the bounds catch is systematic and shows twice."""
+    misses = []
     for attempt in range(2):
         row = _calibrate_and_validate_on_cpu(tmp_path / f"try{attempt}")
-        assert abs(row["actions"]["load-stage"]["median_error"]) <= 0.04, row["actions"]["load-stage"]
-        errors.append(row["error"])
-        if -0.50 <= row["error"] <= 0.15:
+        load = row["actions"]["load-stage"]["median_error"]
+        if abs(load) <= 0.04 and -0.50 <= row["error"] <= 0.15:
             return
-    pytest.fail(f"the CPU step's error was outside -50..+15% twice: {errors}")
+        misses.append(f"step {row['error']:+.1%}, loads {load:+.1%}")
+    pytest.fail(f"the CPU run was outside its bounds (step -50..+15%, loads +-4%) twice: {'; '.join(misses)}")
 
 
 def _calibrate_and_validate_on_cpu(folder: Path) -> dict:
