@@ -173,15 +173,15 @@ def _host_cores(text: str) -> int | str:
 def add_cluster_flags(p: argparse.ArgumentParser, *, gpus: bool = True) -> None:
     g = p.add_argument_group("aptmoe flags")
     if gpus:
-        g.add_argument("--gpus", type=int, default=None, help="GPUs per node (4)")
-        g.add_argument("--nodes", type=int, default=1, help="nodes (1)")
+        g.add_argument("--gpus", type=whole_number("GPU"), default=None, help="GPUs per node (4)")
+        g.add_argument("--nodes", type=whole_number("node"), default=1, help="nodes (1)")
     g.add_argument("--top_k", type=int, default=1, help="experts per token (1, as the seed's simulated gate)")
-    g.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    g.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (fp32)")
     g.add_argument("--gpu-memory", dest="gpu_memory", type=float, default=None,
                    help="GPU memory cap in GB (default: the calibration profile's GPU)")
     g.add_argument("--link-bandwidth", dest="link_bandwidth", type=float, default=None,
                    help="cap on each GPU's host link in GB/s (default: native)")
-    g.add_argument("--cores-per-socket", dest="cores_per_socket", type=int, default=None,
+    g.add_argument("--cores-per-socket", dest="cores_per_socket", type=whole_number("core"), default=None,
                    help="CPU cores of one socket (default: the profile's)")
     g.add_argument("--host-cores", dest="host_cores", type=_host_cores, default="auto",
                    help="cores of each rank kept for its host threads, out of the CPU experts' and Adam's "
@@ -299,6 +299,9 @@ def config_from_args(ns: argparse.Namespace, *, pipeline: str | None = None, gpu
                               ahead_blocks=getattr(ns, "ahead_blocks", AHEAD_BLOCKS))
     gini = ns.gini if ns.gini is not None else ARTIFACT_DEFAULTS["gini"]
     if not model.is_moe:
+        if ns.gini is not None:             # silently dropped, it would make a what-if of G a dense model's
+            raise ConfigError(f"--gini {ns.gini:g} sets the experts' popularity and this model is dense; "
+                              "add --is_moe=True (or a MoE --model_config such as MoE-S-16), or drop --gini")
         gini = 1.0                          # one FFN takes every token
     popularity = PopularityConfig(gini=gini, persistence=ns.persistence,
                                   predictor_accuracy=ns.predictor_accuracy, replay=ns.popularity_replay)

@@ -134,7 +134,7 @@ def test_str2bool(text: str, value: bool) -> None:
 
 @pytest.mark.parametrize("line", [
     "--is_moe=maybe", "--num_stages abc", "--gini high", "--fwd_only=perhaps", "--no_such_flag 1",
-    "--batch_size 1.5", "--host-cores some", "--host-cores -1",
+    "--batch_size 1.5", "--host-cores some", "--host-cores -1", "--gpus 0", "--nodes 0", "--cores-per-socket 0",
 ])
 def test_bad_flag_values_exit_2_with_one_line(line: str, capsys) -> None:
     with pytest.raises(SystemExit) as ex:
@@ -156,6 +156,8 @@ def test_bad_flag_values_exit_2_with_one_line(line: str, capsys) -> None:
     ("--model_config MoE-S-16 --num_experts 0", "num_experts"),
     ("--model_config MoE-S-16 --num_layers 0", "num_layers"),
     (SEED_LINE + " --top_k 32", "top_k"),
+    ("--gini 0.3", "--is_moe=True"),                  # a dense model has no popularity to set
+    ("--is_moe=False --gini 1.5", "dense"),
 ])
 def test_bad_values_raise_config_error(line: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
