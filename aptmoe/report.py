@@ -21,7 +21,11 @@ SUMMARY_KEYS = ("pipeline", "num_stages", "iteration_s", "throughput_seq_per_s",
                 "speedup_vs_mobius", "oom_detail")
 
 
-class OutputExistsError(ValueError):
+class OutputFolderError(ValueError):
+    """An --out folder that cannot be written: refused before any work is done."""
+
+
+class OutputExistsError(OutputFolderError):
     pass
 
 
@@ -30,13 +34,24 @@ class StagedDir:
 
     Files are written into a hidden temporary folder next to the target, renamed onto it
     on success and removed on failure, together with any parent folders it had to create.
-    An existing empty target is replaced; an existing non-empty one is refused up front.
+    An existing empty target is replaced; an existing non-empty one is refused up front, and
+    so is one that could not be made (under a file, or where its nearest existing folder takes
+    no new folder: tried then, not after the run's work).
     """
 
     def __init__(self, target: str | os.PathLike) -> None:
         self.target = Path(target)
         if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
             raise OutputExistsError(f"--out {self.target} already exists and is not empty; choose another folder")
+        parent = self.target.absolute().parent
+        near = next(p for p in (parent, *parent.parents) if p.exists())
+        if not near.is_dir():
+            raise OutputFolderError(f"--out {self.target}: {near} is a file, not a folder; choose another folder")
+        try:                # permissions say too little (root, read-only mounts, /proc): make one
+            os.rmdir(tempfile.mkdtemp(dir=near, prefix=".aptmoe-probe-"))
+        except OSError as e:
+            raise OutputFolderError(f"--out {self.target}: cannot make a folder in {near} "
+                                    f"({e.strerror or e}); choose another folder") from None
         self._made: list[Path] = []
         self.tmp: Path | None = None
 

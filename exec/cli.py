@@ -42,7 +42,7 @@ from aptmoe.plan.plan import Plan, PlanError
 from aptmoe.plan.validate import validate
 from aptmoe.profile import ProfileError, cost_for, default_planning_profile, load_profile, machine_profile
 from aptmoe.report import (
-    OutputExistsError,
+    OutputFolderError,
     StagedDir,
     first_line,
     flat_row,
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         plans = {p: prepare(ns, p, use_cuda) for p in pipelines_of(ns)}
         out = Path(ns.out or f"runs/run-{timestamp()}")
         staged = StagedDir(out) if rank == 0 else None
-    except (ConfigError, ProfileError, UsageError, OutputExistsError, ValueError) as e:
+    except (ConfigError, ProfileError, UsageError, OutputFolderError, ValueError) as e:
         if rank == 0:
             print(f"{PROG}: error: {first_line(e)}", file=sys.stderr)
         return 2

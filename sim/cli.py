@@ -126,6 +126,7 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
     configs: dict[str, RunConfig] = {p: config_from_args(ns, pipeline=p, **hw) for p in pipelines_of(ns)}
     first = next(iter(configs.values()))
     out = Path(ns.out or f"runs/sim-{timestamp()}")
+    staged = StagedDir(out)             # a folder it cannot write is refused before anything is said
     say = (lambda *a: None) if ns.quiet else print
     m = first.model
     say(f"Number of parameters: {m.num_params / 1e9:.2f}B ({m.num_params:,}) in {m.name}, "
@@ -133,7 +134,7 @@ def run_simulate(ns: argparse.Namespace, argv: list[str]) -> int:
 
     results: dict[str, dict] = {}
     fallbacks: set[str] = set()
-    with StagedDir(out) as tmp:
+    with staged as tmp:
         bar = progress_bar(total=len(configs), desc="simulating", unit="schedule", disable=progress_disabled(ns.quiet))
         with bar:
             for name, cfg in configs.items():

@@ -395,11 +395,12 @@ def run_sweep(ns: argparse.Namespace, argv: list[str]) -> int:
     hw = profile.cluster_defaults()
     base = {k: v for k, v in vars(ns).items() if k not in NOT_SWEEPABLE}
     out = Path(ns.out or f"runs/sweep-{timestamp()}")
+    staged = StagedDir(out)             # a folder it cannot write is refused before the sweep
     jobs = ns.jobs or os.cpu_count() or 1
     say = (lambda *a: None) if ns.quiet else print
     say(f"sweep: {len(points)} points over {', '.join(swept_fields(points)) or 'one point'}, "
         f"{min(jobs, len(points))} processes, calibration {profile.name}")
-    with StagedDir(out) as tmp:
+    with staged as tmp:
         rows = run_points(points, base, ns.calibration, ns.measured_steps, hw, jobs, ns.quiet)
         fields = swept_fields(points) or list(points[0])
         add_speedups(rows, fields)

@@ -365,10 +365,11 @@ def other_machine(profile, prog: str) -> str | None:
 def run_validate(ns, argv: list[str], prog: str) -> int:
     profile = load_profile(ns.calibration)
     out = Path(ns.out or f"runs/validate-{timestamp()}")
+    staged = StagedDir(out)             # a folder it cannot write is refused before the run
     say = (lambda *a: None) if ns.quiet else print
     if (warning := other_machine(profile, f"{prog} validate")) is not None:
         print(warning, file=sys.stderr)
-    with StagedDir(out) as tmp:
+    with staged as tmp:
         say("running the executor ...")
         run_executor(argv, tmp / "real", ns.calibration, kernel_loading=ns.kernel_loading)
         rows = compare_run(tmp / "real", profile, tmp, [prog, "validate", *argv], plot=not ns.no_plot,

@@ -286,6 +286,14 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, says) -> Non
     assert not out.exists()
 
 
+def test_an_out_folder_it_cannot_make_is_refused_before_training(tmp_path, capsys) -> None:
+    (tmp_path / "a-file").write_text("x")
+    assert run_main([*TINY, *CPU, "--pipeline=Mobius", "--out", str(tmp_path / "a-file" / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aptmoe-run: error: --out") and "not a folder" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 @pytest.mark.parametrize("value", ["0", "2e5", "fast"])
 def test_a_bad_gil_switch_interval_is_one_line_and_exit_2(tmp_path, capsys, value) -> None:
     with pytest.raises(SystemExit) as ex:

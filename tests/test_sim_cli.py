@@ -137,6 +137,24 @@ def test_refuses_a_non_empty_out_folder(tmp_path, capsys) -> None:
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_refuses_an_out_folder_it_cannot_make_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    """Under a file, or where the folder system takes no new folder: one line, exit 2, nothing
+    simulated and nothing left behind."""
+    import tempfile
+
+    (tmp_path / "a-file").write_text("x")
+    rc, out, err = run(DEMO, tmp_path / "a-file" / "out", capsys)
+    assert rc == 2 and err.count("\n") == 1 and "is a file, not a folder" in err and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    rc, out, err = run(DEMO, tmp_path / "new" / "out", capsys)
+    assert rc == 2 and err.count("\n") == 1 and "cannot make a folder in" in err and "Permission denied" in err
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def _corrupt(tmp_path: Path) -> str:
     p = tmp_path / "corrupt.json"
     p.write_text('{"schema": "aptmoe-calibration/1", "name": ')
