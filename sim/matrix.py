@@ -56,7 +56,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aptmoe.flags import add_kernel_loading_flag, make_parser
+from aptmoe.config import ConfigError
+from aptmoe.flags import (add_cluster_flags, add_kernel_loading_flag, add_seed_flags, config_from_args,
+                          make_parser, pipelines_of)
 from aptmoe.profile import load_profile
 from aptmoe.report import StagedDir, fmt, format_table, progress_bar, progress_disabled
 from aptmoe.sim import matrix_ratios
@@ -253,6 +255,24 @@ def common_argv(ns: argparse.Namespace, model: str) -> list[str]:
             *shlex.split(ns.extra)]
 
 
+def check_cells(cells: list[Cell], ns: argparse.Namespace, profile) -> None:
+    """Every cell's config built as its aptmoe-run will build it (the shared flags; the
+    executor's own are skipped), before anything runs: an impossible cell (a G outside what its
+    experts allow, a flag in --extra that no run takes) is one line now, not a failed executor
+    after the cells before it have run."""
+    parser = make_parser(f"{PROG} matrix", "a cell's run flags")
+    add_seed_flags(parser)
+    add_cluster_flags(parser)
+    hw = profile.cluster_defaults()
+    for cell in cells:
+        run, _ = parser.parse_known_args(cell.argv(common_argv(ns, cell.model)))
+        for pipeline in pipelines_of(run):
+            try:
+                config_from_args(run, pipeline=pipeline, **hw)
+            except ConfigError as e:
+                raise UsageError(f"cell {cell.name} ({pipeline}): {e}") from None
+
+
 def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     profile = load_profile(ns.calibration)
     if ns.held_back_every < 0:
@@ -260,6 +280,8 @@ def run_matrix(ns: argparse.Namespace, argv: list[str]) -> int:
     if ns.cell_profiles and not ns.repredict:
         raise UsageError("--cell-profiles goes with --repredict (a new run is predicted with --calibration)")
     cells = cells_of(ns)
+    if not ns.repredict:
+        check_cells(cells, ns, profile)
     if not ns.repredict and (warning := other_machine(profile, f"{PROG} matrix")) is not None:
         print(warning, file=sys.stderr)
     out = Path(ns.out)

@@ -555,6 +555,24 @@ def test_a_matrix_that_would_run_a_cell_twice_or_not_at_all_is_refused(flags) ->
         matrix.cells_of(ns)
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--gini", "0.3,1.5"], "S4x4-G1.5-native-1gpu"),                  # outside (0, 1]
+    (["--gini", "0.2"], "[1/E, 1/k]"),                                  # under 1/E for 4 experts
+    (["--extra", "--embedding_dim 32 --hidden_dim 64 --num_heads 4 --top_k 8"], "top_k"),
+])
+def test_a_matrix_with_an_impossible_cell_runs_nothing(tmp_path, capsys, flags, says) -> None:
+    """Every cell's config is built before the first runs: one line naming the cell, exit 2,
+    no matrix folder."""
+    out = tmp_path / "m"
+    argv = [*FLAGS, "--out", str(out)]
+    for flag, value in zip(flags[::2], flags[1::2]):
+        argv[argv.index(flag) + 1] = value
+    assert sim_main(["matrix", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "cell S4x4-G" in err[0]
+    assert not out.exists()
+
+
 def test_a_few_slow_actions_show_in_the_category_total_not_its_median(tmp_path) -> None:
     """Ten CPU expert calls of 1 ms predicted at 0.9 ms, and one of 100 ms: the median per
     action says -10%, the category's total (10 ms predicted of 110 measured) -91%."""
