@@ -29,6 +29,7 @@ from pathlib import Path
 from aptmoe.own_work import CONDITIONS as OWN_WORK
 from aptmoe.own_work import first_use_cell, first_uses, own_work_factors, rank_lanes
 from aptmoe.report import format_table
+from aptmoe.sim.phases import folders, load_trace, traces
 from aptmoe.stalls import LOAD_STALL_FACTOR, LOAD_STALL_FLOOR_S, STALL_FACTOR, STALL_FLOOR_S, WITH_RECV_S, load_stalls, stalls
 from aptmoe.trace import (CPU_JOB_PHASES, PASS_LETTERS, Trace, TraceError, action_runs, block_kind, call_kind,
                           is_action, is_block_call, is_cpu_job, is_load)
@@ -266,27 +267,15 @@ def cpu_jobs(trace: Trace) -> dict[str, dict[str, tuple[int, float]]]:
     return {p: _medians(out[p], JOB_COLUMNS) for p in JOB_PASSES if p in out}
 
 
-def run_dirs(paths: list[Path]) -> list[Path]:
-    """The run folders named, a matrix folder standing for its cells' runs."""
-    out = []
-    for p in paths:
-        cells = sorted(p.glob("cells/*/real"))
-        out.extend(cells if cells else [p])
-    return out
-
-
 def traces_of(run: Path, predicted: bool = False) -> dict[str, Path]:
-    """A run's measured traces by schedule; with `predicted`, also the simulator's of each
-    where the run is a matrix cell's (`trace-X-predicted.json` beside `real/`, written by
-    `aptmoe-sim matrix --repredict`), as 'X (predicted)'."""
+    """A cell's or run's measured traces by schedule (sim/phases.py `traces`); with
+    `predicted`, also the simulator's of each where it is a matrix cell's (`trace-X-predicted.json`
+    beside `real/`, written by `aptmoe-sim matrix --repredict`), as 'X (predicted)'."""
     found = {}
-    for f in sorted(run.glob("trace-*.json*")):
-        name = f.name.removeprefix("trace-").split(".json")[0]
-        if not name.endswith("-predicted"):
-            found[name] = f
-            sim = run.parent / f"trace-{name}-predicted.json"
-            if predicted and run.name == "real" and sim.exists():
-                found[f"{name} (predicted)"] = sim
+    for name, (real, pred) in traces(run)[1].items():
+        found[name] = real
+        if predicted and pred is not None:
+            found[f"{name} (predicted)"] = pred
     return found
 
 
@@ -351,17 +340,22 @@ def main(argv: list[str] | None = None) -> int:
     rows, keys, gap_rows, budget_rows, job_rows, own_rows, first_rows = [], set(), [], [], [], [], []
     stall_rows, load_rows, measured = [], [], {}
     splits: dict[str, list[list[str]]] = {s.flag: [] for s, _ in asked}
-    for run in run_dirs(ns.runs):
-        traces = traces_of(run, ns.predicted)
-        if not traces:
+    try:
+        runs = folders(ns.runs)
+    except TraceError as e:
+        print(f"host_calls: error: {e}", file=sys.stderr)
+        return 2
+    for run in runs:
+        found = traces_of(run, ns.predicted)
+        if not found:
             print(f"host_calls: error: no measured trace (trace-*.json) in {run}", file=sys.stderr)
             return 2
         label = run.parent.name if run.name == "real" else run.name
-        for name, path in traces.items():
+        for name, path in found.items():
             try:
-                trace = Trace.load(path)
+                trace = load_trace(path)
             except TraceError as e:
-                print(f"host_calls: error: {path}: {e}", file=sys.stderr)
+                print(f"host_calls: error: {e}", file=sys.stderr)
                 return 2
             if ns.stalls:
                 if name.endswith(" (predicted)"):

@@ -43,6 +43,13 @@ def test_a_folder_without_traces_is_one_line_and_exit_2(tmp_path, capsys) -> Non
     assert host_calls.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no measured trace" in err
+    assert host_calls.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope: no such folder" in err
+    (tmp_path / "trace-GPipe.json").write_text('{"traceEvents": [')          # cut short
+    assert host_calls.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trace-GPipe.json" in err
 
 
 def test_calls_split_by_the_loads_that_landed_while_they_were_issued(tmp_path, capsys) -> None:
@@ -172,6 +179,8 @@ def test_gaps_inside_an_action_by_where_they_fall(tmp_path, capsys) -> None:
     rows = [line.split() for line in out.split("outside its block calls")[1].splitlines()
             if line.startswith(tmp_path.name)]                # a run in real/ goes by its cell's name
     assert [r[1:3] for r in rows] == [["APTMoE", "1000"], ["APTMoE", "(predicted)"]]
+    assert host_calls.main([str(tmp_path), "--gaps", "f", "--predicted"]) == 0    # the cell's folder: the same
+    assert capsys.readouterr().out == out
     # a run without backward actions (forward only) has no backward gaps, and says so in a row of dashes
     fwd = Trace("real", meta={"pipeline": "APTMoE"})
     fwd.events = [e for e in t.events if e.cat == "forward"]
