@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except ProfileError as e:
         return fail(f"--base {ns.base}: {str(e).splitlines()[0]}")
     try:                                      # torch only now, once the flags are known good
-        from aptmoe.calibration.profiler import Options, calibrate, summary
+        from aptmoe.calibration.profiler import MeasurementError, Options, calibrate, summary
     except ImportError as e:
         if getattr(e, "name", None) == "torch" or importlib.util.find_spec("torch") is None:
             return fail(f"profiling needs torch ({e}); install it with pip install 'aptmoe[exec]'")
@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{str(e).splitlines()[0]}; no file written", 1)
     except ProfileError as e:                 # the run measured nothing to put onto the base
         return fail(str(e).splitlines()[0])
+    except MeasurementError as e:
+        return fail(f"{e}; no file written", 1)
     try:
         loaded = load_profile(str(path.resolve()))
     except ProfileError as e:                 # save validates, so this is a bug: keep no bad file

@@ -159,6 +159,24 @@ def test_a_failed_probe_run_is_one_line_and_no_file(tmp_path: Path, capsys, monk
     assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+def test_an_adam_timing_a_busy_cpu_made_impossible_is_refused_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A block's call no longer than the small call (what a CPU busy with other work made of
+    them once) leaves no time per parameter: timed again, then one line and no file, where it
+    had made the update free and then a division by zero."""
+    tries = []
+
+    def instant_pool(sizes):
+        tries.append(1)
+        return (lambda: None), 1 << 20          # a 1 Mi-parameter "call" that takes no time
+    monkeypatch.setattr(profiler, "_adam_pool", instant_pool)
+    out = tmp_path / "x.json"
+    skip = "links,gpu,cpu,dispatch,memory,p2p,tolls,pacer,cpujob,policy"
+    assert cli.main(["--out", str(out), "--quick", "--threads", "1", "--skip", skip, "-q"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "CPU Adam at 1 threads" in err and "no file written" in err
+    assert len(tries) == 1 and not out.exists()
+
+
 def test_out_in_a_missing_folder_is_refused(tmp_path: Path, capsys) -> None:
     assert cli.main(["--out", str(tmp_path / "missing" / "x.json"), "--quick"]) == 2
     err = capsys.readouterr().err
