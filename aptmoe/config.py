@@ -32,6 +32,7 @@ class Pipeline(str, Enum):
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+VOCAB_SIZE = 256        # every model's token ids: a byte-level tokenizer (the executor's synthetic data)
 # The unit in which the issuing thread's toll of a capped copy is calibrated and charged
 # (calibration/issue_tolls.py `chunk_s`, sim/issuing.py): a capped link woke a thread per
 # 4 MiB until session 12; its pacing thread now wakes per landing (exec/link.py), and the
@@ -68,7 +69,7 @@ class ModelConfig:
     seq_length: int = field(default=128, metadata={"help": "tokens per sequence"})
     dtype: str = field(default="fp32", metadata={"help": "parameter and activation dtype"})
     is_moe: bool = field(default=True, metadata={"help": "MoE layers (true) or one dense FFN (false)"})
-    vocab_size: int = field(default=256, metadata={"help": "token ids; 256 = byte-level tokenizer"})
+    vocab_size: int = field(default=VOCAB_SIZE, metadata={"help": "token ids; 256 = byte-level tokenizer"})
 
     def __post_init__(self) -> None:
         _check_positive(self, "embedding_dim", "hidden_dim", "num_heads", "num_layers",

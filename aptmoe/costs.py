@@ -99,6 +99,12 @@ class CostSource(Protocol):
         the output gradient before them (exec/layer.py `output`, `start_backward` and
         `output_grads`). 0: not measured."""
 
+    def ends_gpu_s(self, tokens: int, part: str, direction: str) -> float:
+        """GPU time of a micro-batch's `part` of the step's ends over `tokens`: "loss" (the last
+        stage's final norm, head and cross-entropy) or "embedding" (the first stage's token
+        embedding), forward or backward (exec/runtime.py `_stage_input`, `_loss`). Its host time
+        is `action_s`'s. 0: not measured."""
+
     def action_s(self, pass_: str, part: str) -> float:
         """Host time of one action's pass (one of BETWEEN_PASSES) outside its layers: `part`
         "start" (before its first block) and "end" (after its last) on every stage, "first" and
@@ -200,6 +206,9 @@ class KernelTimeOnly:
         return 0.0
 
     def glue_gpu_s(self, assignments: int, direction: str) -> float:
+        return 0.0
+
+    def ends_gpu_s(self, tokens: int, part: str, direction: str) -> float:
         return 0.0
 
     def action_s(self, pass_: str, part: str) -> float:

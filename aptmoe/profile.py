@@ -11,8 +11,10 @@ that the simulator reads directly (DESIGN §3). Its sections:
   ``duplex_GBps`` {h2d, d2h}: per direction with both directions busy; ``p2p``
   {intra_node, inter_node} fits;
 - ``gpu``: curves {kind, d, h, heads, seq_length, experts, dtype, direction, tokens,
-  seconds}; the dims a kind does not depend on are null (e: d, h; a: d, heads,
-  seq_length; g: d, experts);
+  seconds, and for kinds l and m vocab}; the dims a kind does not depend on are null (e: d, h;
+  a: d, heads, seq_length; g and c: d, experts; l and m: d, vocab); kinds c, l and m are GPU
+  work outside the blocks (calibration/glue.py): a layer's combine and split, the last stage's
+  loss, the first stage's token embedding;
 - ``cpu_expert``: curves {d, h, dtype, direction, threads, tokens, seconds};
 - ``adam``: {cpu_s_per_param: {threads: s}, gpu_s_per_param: s or null, and optionally
   cpu_shared: {ranks: R, s_per_param: {threads: s}}, the CPU figure with R ranks of one
@@ -98,12 +100,18 @@ SOURCE_KEYS = ("links.h2d.pinned", "links.h2d.pageable", "links.d2h.pinned", "li
                "links.root_GBps", "links.duplex_GBps", "links.p2p", "gpu", "cpu_expert", "adam", "roofline")
 
 # The block dims each GPU curve kind depends on; the other dims must be null.
-GPU_KIND_DIMS = {"e": ("d", "h"), "a": ("d", "heads", "seq_length"), "g": ("d", "experts"), "c": ("d", "experts")}
-# The GPU curves' kinds: the blocks', and "c", a layer's GPU work between its blocks (the
-# combine of its experts' outputs, the split of their gradient; calibration/glue.py), over
-# assignments (tokens x top_k) where the blocks' curves are over tokens.
-GPU_CURVE_KINDS = (*BLOCK_KINDS, "c")
+GPU_KIND_DIMS = {"e": ("d", "h"), "a": ("d", "heads", "seq_length"), "g": ("d", "experts"), "c": ("d", "experts"),
+                 "l": ("d", "vocab"), "m": ("d", "vocab")}
+# The GPU curves' kinds: the blocks', and the GPU's work outside them (calibration/glue.py):
+# "c", a layer's between its blocks (the combine of its experts' outputs, the split of their
+# gradient), over assignments (tokens x top_k) where the blocks' curves are over tokens; "l",
+# the last stage's loss (final norm, head, cross-entropy), and "m", the first stage's token
+# embedding, over a micro-batch's tokens.
+GPU_CURVE_KINDS = (*BLOCK_KINDS, "c", "l", "m")
 _GPU_DIMS = ("d", "h", "heads", "seq_length", "experts")
+_GPU_OPTIONAL_DIMS = ("vocab",)     # absent from the files of kinds without it (those before it)
+# The kinds of a step's ends, by CostSource.ends_gpu_s's part
+END_KINDS = {"loss": "l", "embedding": "m"}
 
 
 class ProfileError(ValueError):
@@ -183,16 +191,17 @@ class GpuCurve:
     # calibration measures expert blocks every 32 tokens there, finer than the tiles).
     # None: a line between the points.
     step_to: int | None = None
+    vocab: int | None = None        # kinds l and m: the token ids the head and embedding cover
 
     def to_dict(self) -> dict:
-        """The curve as the profile file keeps it; step_to only where set (files written
-        before it stay as they were)."""
-        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "step_to" or v is not None},
+        """The curve as the profile file keeps it; step_to and vocab only where set (files
+        written before them stay as they were)."""
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in ("step_to", "vocab") or v is not None},
                 "tokens": list(self.tokens), "seconds": list(self.seconds)}
 
     def matches(self, model: ModelConfig) -> bool:
         have = {"d": model.embedding_dim, "h": model.hidden_dim, "heads": model.num_heads,
-                "seq_length": model.seq_length, "experts": model.num_experts}
+                "seq_length": model.seq_length, "experts": model.num_experts, "vocab": model.vocab_size}
         return self.dtype == model.dtype and all(getattr(self, k) == have[k] for k in GPU_KIND_DIMS[self.kind])
 
 
@@ -998,13 +1007,14 @@ class _Parser:
         out, seen = [], {}
         for i, item in enumerate(self.list_(data, "gpu")):
             w = f"gpu[{i}]"
-            d = self.obj(item, w, ("kind", *_GPU_DIMS, "dtype", "direction", "tokens", "seconds"), ("step_to",))
+            d = self.obj(item, w, ("kind", *_GPU_DIMS, "dtype", "direction", "tokens", "seconds"),
+                         ("step_to", *_GPU_OPTIONAL_DIMS))
             kind = self.choice(d["kind"], w + ".kind", GPU_CURVE_KINDS)
             dims = {}
-            for k in _GPU_DIMS:
+            for k in (*_GPU_DIMS, *_GPU_OPTIONAL_DIMS):
                 if k in GPU_KIND_DIMS[kind]:
-                    dims[k] = self.integer(d[k], f"{w}.{k}")
-                elif d[k] is not None:
+                    dims[k] = self.integer(d.get(k), f"{w}.{k}")
+                elif d.get(k) is not None:
                     self.fail(f"{w}.{k}", f"must be null for kind {kind!r} (it depends on "
                                           f"{', '.join(GPU_KIND_DIMS[kind])} only)")
                 else:
@@ -1012,7 +1022,7 @@ class _Parser:
             c = GpuCurve(kind=kind, **dims, dtype=self.choice(d["dtype"], w + ".dtype", DTYPE_BYTES),
                          direction=self.choice(d["direction"], w + ".direction", DIRECTIONS),
                          tokens=(), seconds=())
-            key = (c.kind, *(dims[k] for k in _GPU_DIMS), c.dtype, c.direction)
+            key = (c.kind, *dims.values(), c.dtype, c.direction)
             if key in seen:
                 self.fail(w, f"duplicates gpu[{seen[key]}] (same kind, dims, dtype and direction)")
             seen[key] = i
@@ -1269,21 +1279,32 @@ class ProfileCost:
         return 0.0 if d is None or d.combine is None else d.combine.get(direction, 0.0)
 
     def glue_gpu_s(self, assignments: int, direction: str) -> float:
-        key = ("glue", assignments, direction)
+        return self._outside_gpu_s("c", _count("assignments", assignments), direction,
+                                   lambda m: f"d{m.embedding_dim} E{m.num_experts}", "a layer's GPU work between its blocks")
+
+    def ends_gpu_s(self, tokens: int, part: str, direction: str) -> float:
+        if part not in END_KINDS:
+            raise ValueError(f"part {part!r} is not one of {', '.join(END_KINDS)}")
+        return self._outside_gpu_s(END_KINDS[part], _count("tokens", tokens), direction,
+                                   lambda m: f"d{m.embedding_dim} V{m.vocab_size}", f"the {part}'s GPU time")
+
+    def _outside_gpu_s(self, kind: str, n: int, direction: str, dims: Callable[[ModelConfig], str],
+                       what: str) -> float:
+        """GPU work outside the blocks from the curve of `kind` at `n` (0 at 0; outside the
+        curve in proportion to `n`, the rows it streams). A profile from before the kind leaves
+        the work out, as it was, and says so (`what` ... left out)."""
+        key = ("outside", kind, n, direction)
         if key in self._memo:
             return self._memo[key]
-        n = _count("assignments", assignments)
         _direction(direction)
-        curve = self._gpu.get(("c", direction))
-        label = f"gpu c {direction} d{self.model.embedding_dim} E{self.model.num_experts} {self.model.dtype}"
+        curve = self._gpu.get((kind, direction))
+        label = f"gpu {kind} {direction} {dims(self.model)} {self.model.dtype}"
         if n == 0:
             value = 0.0
         elif curve is None:
-            # older profiles: the layer's GPU work outside its blocks is left out, as it was
-            self.fallbacks.add(f"{label}: no curve, a layer's GPU work between its blocks left out")
+            self.fallbacks.add(f"{label}: no curve, {what} left out")
             value = 0.0
         else:
-            # outside the curve: in proportion to the assignments (the combine streams them)
             value = self._on_curve(curve.tokens, curve.seconds, n, float, label)
         self._memo[key] = value
         return value

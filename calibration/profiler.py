@@ -63,7 +63,7 @@ from aptmoe.calibration.host_memory import (HostMemoryResult, adam_stream, as_ex
 from aptmoe.calibration.p2p import P2P, RECV_REPS, RECV_SEQUENCES, Width, measure_p2p_group
 from aptmoe.calibration.reference import fit_link
 from aptmoe.calibration.timing import Reps, cuda_sample, hold_stream, host_sample, median_of, medians, samples
-from aptmoe.config import moe_model
+from aptmoe.config import VOCAB_SIZE, moe_model
 from aptmoe.host import allowed_cores, physical_cores
 from aptmoe.policy_timing import Shape as PolicyShape
 from aptmoe.policy_timing import measure_policy_host
@@ -567,14 +567,14 @@ def measure_duplex(gpu: int, nbytes: int, copies: int, reps: Reps, m: Measured) 
 
 def _series(block: TimedBlock, tokens: Sequence[int], sampler: Sampler, reps: Reps,
             limit_s: float | None = None, samplers=None) -> tuple[list[int], dict[str, list[float]], bool]:
-    """Medians of fwd and bwd at each token count; with `limit_s`, stops after the first
-    point whose fwd + bwd exceed it (returns whether it stopped early). `samplers`:
-    `block_samplers` (autograd, as a GPU block runs) unless given."""
+    """Medians of fwd and bwd (or whatever the samplers name) at each token count; with
+    `limit_s`, stops after the first point whose fwd + bwd exceed it (returns whether it stopped
+    early). `samplers`: `block_samplers` (autograd, as a GPU block runs) unless given."""
     done: list[int] = []
-    out: dict[str, list[float]] = {"fwd": [], "bwd": []}
+    out: dict[str, list[float]] = {}
     for n in tokens:
         for direction, sample in (samplers or block_samplers)(block, n, sampler).items():
-            out[direction].append(median_of(sample, reps))
+            out.setdefault(direction, []).append(median_of(sample, reps))
         done.append(n)
         if limit_s is not None and out["fwd"][-1] + out["bwd"][-1] > limit_s and n != tokens[-1]:
             return done, out, True
@@ -628,6 +628,17 @@ def measure_gpu_glue(size: str, dtype: str, sizes: Sizes, gpu: int, m: Measured,
                                          sizes.gpu_reps).items():
         m.gpu.append(GpuCurve(kind="c", d=d, h=None, heads=None, seq_length=None, experts=experts, dtype=dtype,
                               direction=direction, tokens=tuple(sizes.gpu_tokens), seconds=values))
+
+
+def measure_gpu_ends(size: str, dtype: str, sizes: Sizes, gpu: int, m: Measured) -> None:
+    """The step's ends, the loss and the token embedding, at `size`'s width and the models'
+    vocabulary (kinds l and m; calibration/glue.py)."""
+    from aptmoe.calibration.glue import ends_curves
+    d, _ = model_dims(size)
+    for (kind, direction), values in ends_curves(d, VOCAB_SIZE, TORCH_DTYPES[dtype], gpu, sizes.gpu_tokens,
+                                                 sizes.gpu_reps).items():
+        m.gpu.append(GpuCurve(kind=kind, d=d, h=None, heads=None, seq_length=None, experts=None, dtype=dtype,
+                              direction=direction, tokens=tuple(sizes.gpu_tokens), seconds=values, vocab=VOCAB_SIZE))
 
 
 COLD_POOL_BYTES = 1 << 30     # more weights than any CPU cache holds
@@ -1074,6 +1085,8 @@ def plan_tasks(opts: Options, sizes: Sizes, machine: Machine, m: Measured) -> li
                         lambda s=size, t=dtype, e=e: measure_gpu_block("g", s, t, opts, sizes, on, m, e, cpus=bcpus))
                     if on is not None:       # on CPU ranks the dispatch probe's host time holds it
                         add(f"gpu c{e} {size} {dtype}", lambda s=size, t=dtype, e=e: measure_gpu_glue(s, t, sizes, on, m, e))
+                if on is not None:
+                    add(f"gpu l m {size} {dtype}", lambda s=size, t=dtype: measure_gpu_ends(s, t, sizes, on, m))
     if "cpu" not in opts.skip:
         cache = _BlockCache()
         for size in opts.models:
@@ -1551,8 +1564,9 @@ def summary(p: Profile) -> str:
     if p.gpu:
         lines.append(f"gpu curves ({len(p.gpu)}), tokens: time")
         for c in p.gpu:
-            if c.kind in ("e", "a") or c.experts == max(x.experts or 0 for x in p.gpu):
-                dims = f"d{c.d}" + (f" h{c.h}" if c.h else "") + (f" E{c.experts}" if c.experts else "")
+            if c.kind in ("e", "a", "l", "m") or c.experts == max(x.experts or 0 for x in p.gpu):
+                dims = (f"d{c.d}" + (f" h{c.h}" if c.h else "") + (f" E{c.experts}" if c.experts else "")
+                        + (f" V{c.vocab}" if c.vocab else ""))
                 lines.append(_curve_line(f"{c.kind} {c.direction} {dims} {c.dtype}", c.tokens, c.seconds))
     if p.cpu_expert:
         lines.append(f"cpu expert curves ({len(p.cpu_expert)}), tokens: time")

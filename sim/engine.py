@@ -542,7 +542,11 @@ class RankModel:
         On CPU ranks (no host running ahead) the dispatch probe's host time holds it."""
         if not self.runs_ahead or not self.cfg.model.is_moe:
             return
-        g = self.cost.glue_gpu_s(self.T * self.cfg.model.top_k, step.direction)
+        yield from self._gpu_outside(self.cost.glue_gpu_s(self.T * self.cfg.model.top_k, step.direction))
+
+    def _gpu_outside(self, g: float):
+        """`g` seconds of GPU work outside the blocks, on the compute stream once the host has
+        issued it (its host time is already on the host's clock)."""
         if g > 0:
             yield self.env.timeout(max(self.env.now + g, self.host_t) - self.env.now)
 
@@ -614,12 +618,15 @@ class RankModel:
         """An action's host work outside its layers, at its `at` ("start" or "end"), with what
         the first stage (the embedding) and the last (the loss) do there: a forward's and a
         recompute's embedding at their start and loss at their end, a backward's the other
-        way round (Dispatch.action)."""
+        way round (Dispatch.action); and, where the host runs ahead, the embedding's and the
+        loss's GPU time (`CostSource.ends_gpu_s`)."""
         ends = {"start": "first", "end": "last"} if pass_ != "bwd" else {"start": "last", "end": "first"}
         extra = ends[at]
-        yield from self._between(self.cost.action_s(pass_, at)
-                                 + (self.cost.action_s(pass_, extra)
-                                    if stage == (0 if extra == "first" else self.last_stage) else 0.0))
+        own = stage == (0 if extra == "first" else self.last_stage)
+        yield from self._between(self.cost.action_s(pass_, at) + (self.cost.action_s(pass_, extra) if own else 0.0))
+        if own and self.runs_ahead:         # and their GPU work: on CPU ranks the host time holds it
+            yield from self._gpu_outside(self.cost.ends_gpu_s(self.T, "embedding" if extra == "first" else "loss",
+                                                              "bwd" if pass_ == "bwd" else "fwd"))
 
     def _charged(self, kind: str, per: int, fn, *args):
         self.policy_owed += per * self.cost.policy_s(self.plan.policy, kind)

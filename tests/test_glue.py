@@ -1,6 +1,7 @@
-"""A layer's GPU work between its blocks (the combine of its experts' outputs, the split of
-their gradient): timed by calibration/glue.py, kept as the profile's GPU curves of kind "c",
-and run by the simulator on the compute stream between a layer's blocks."""
+"""The GPU's work outside the blocks: a layer's between its blocks (the combine of its experts'
+outputs, the split of their gradient; kind "c") and the step's ends (the last stage's loss, kind
+"l", the first stage's token embedding, kind "m"), timed by calibration/glue.py, kept as the
+profile's GPU curves, and run by the simulator on the compute stream."""
 
 from __future__ import annotations
 
@@ -104,14 +105,16 @@ def test_cost_reads_the_curve_at_assignments_and_scales_beyond_it():
         cost.glue_gpu_s(16, "sideways")
 
 
-def test_a_profile_keeps_its_glue_curves_and_checks_their_dims(tmp_path):
-    cfg = _cfg()
-    p = _with_glue(cfg, host=True)
+def _round_trip(p, tmp_path, kinds: str):
+    """`p` saved and loaded back: its curves of `kinds` unchanged; the file's path and JSON."""
     path = tmp_path / "p.json"
     p.save(path)
-    back = load_profile(str(path))
-    assert [c for c in back.gpu if c.kind == "c"] == [c for c in p.gpu if c.kind == "c"]
-    doc = json.loads(path.read_text())
+    assert [c for c in load_profile(str(path)).gpu if c.kind in kinds] == [c for c in p.gpu if c.kind in kinds]
+    return path, json.loads(path.read_text())
+
+
+def test_a_profile_keeps_its_glue_curves_and_checks_their_dims(tmp_path):
+    path, doc = _round_trip(_with_glue(_cfg(), host=True), tmp_path, "c")
     c = next(x for x in doc["gpu"] if x["kind"] == "c")
     c["h"] = 128
     path.write_text(json.dumps(doc))
@@ -192,4 +195,117 @@ def test_the_command_takes_the_curves_of_another_profile(tmp_path, capsys):
     base.with_(gpu=tuple(c for c in base.gpu if c.kind != "c")).save(bare)
     bad = tmp_path / "bad.json"
     assert glue.main(["--curves-from", str(bare), "--onto", "h200-2gpu", "--out", str(bad)]) == 1
-    assert "has no curves of kind c" in capsys.readouterr().err and not bad.exists()
+    assert "has no curves of kinds c, l or m" in capsys.readouterr().err and not bad.exists()
+
+
+# --------------------------------------------------------------------------- the step's ends
+
+ENDS = {("l", "fwd"): 1.0e-3, ("l", "bwd"): 2.0e-3, ("m", "fwd"): 0.3e-3, ("m", "bwd"): 0.5e-3}
+
+
+def _with_ends(cfg, ends=ENDS, host: bool = False, vocab: int | None = None):
+    """_with_glue's profile without glue, with constant curves of kinds l and m (`ends`)."""
+    m = cfg.model
+    p = _with_glue(cfg, None, None, host=host)
+    curves = [GpuCurve(kind=k, d=m.embedding_dim, h=None, heads=None, seq_length=None, experts=None, dtype=m.dtype,
+                       direction=d, tokens=(1, 1 << 20), seconds=(s, s), vocab=vocab or m.vocab_size)
+              for (k, d), s in ends.items()]
+    return p.with_(gpu=tuple(c for c in p.gpu if c.kind not in ("l", "m")) + tuple(curves))
+
+
+@pytest.mark.parametrize("recompute", ["none", "all"])
+def test_the_loss_and_the_embedding_run_on_the_gpu_at_the_steps_ends(recompute):
+    """Closed form, GPipe on one GPU (its one stage is the first and the last) with no host
+    cost: each forward adds the embedding's and the loss's forward, each backward their
+    backwards, and each recompute their forwards again; nothing else moves."""
+    pytest.importorskip("simpy")
+    cfg = _cfg(recompute=recompute)
+    plain, tr0 = _sim(cfg, _with_ends(cfg, {}))
+    ended, tr = _sim(cfg, _with_ends(cfg))
+    chunks, steps = cfg.micro_batches, cfg.train.num_training_steps
+    fwd = ENDS[("l", "fwd")] + ENDS[("m", "fwd")]
+    bwd = ENDS[("l", "bwd")] + ENDS[("m", "bwd")]
+    recomputes = chunks if recompute == "all" else 0
+    assert ended.iteration_s - plain.iteration_s == pytest.approx((chunks * (fwd + bwd) + recomputes * fwd) / steps,
+                                                                  rel=1e-6)
+    blocks = lambda t: sum(e.end_s - e.start_s for e in t.events if is_block_call(e))   # noqa: E731
+    assert blocks(tr) == pytest.approx(blocks(tr0), rel=1e-9)
+    # a forward action's span holds its embedding and its loss
+    span = lambda t, cat: sorted(e.end_s - e.start_s for e in t.events if e.cat == cat and "@" not in e.name)  # noqa: E731
+    assert [b - a for a, b in zip(span(tr0, "forward"), span(tr, "forward"))] == pytest.approx([fwd] * chunks, abs=1e-9)
+
+
+def test_on_cpu_ranks_the_ends_are_the_hosts_time_alone():
+    """Where the host issues and computes on one thread (CPU ranks), the dispatch probe's host
+    time holds the ends' work: the curves add nothing."""
+    pytest.importorskip("simpy")
+    cfg = _cfg()
+    host = _with_ends(cfg, host=True)
+    cpu = host.with_(dispatch=dataclasses.replace(host.dispatch, device="cpu"))
+    none = _with_ends(cfg, {}, host=True)
+    assert _sim(cfg, cpu)[0].iteration_s == pytest.approx(
+        _sim(cfg, none.with_(dispatch=dataclasses.replace(none.dispatch, device="cpu")))[0].iteration_s, rel=1e-12)
+
+
+def test_the_ends_cost_reads_its_curves_and_says_where_it_has_none():
+    cfg = _cfg()
+    m = cfg.model
+    p = _with_ends(cfg).with_(gpu=tuple(dataclasses.replace(c, tokens=(16, 256), seconds=(10e-6, 40e-6))
+                                        if c.kind == "l" else c for c in _with_ends(cfg).gpu))
+    cost = ProfileCost(p, m)
+    assert cost.ends_gpu_s(0, "loss", "fwd") == 0.0
+    assert cost.ends_gpu_s(136, "loss", "bwd") == pytest.approx(25e-6)
+    assert cost.ends_gpu_s(512, "loss", "fwd") == pytest.approx(80e-6)      # in proportion past the end
+    assert cost.ends_gpu_s(16, "embedding", "bwd") == pytest.approx(ENDS[("m", "bwd")])
+    with pytest.raises(ValueError, match="part 'head'"):
+        cost.ends_gpu_s(16, "head", "fwd")
+    # another vocabulary's curves do not fit this model: left out, and said
+    other = ProfileCost(_with_ends(cfg, vocab=m.vocab_size * 2), m)
+    assert other.ends_gpu_s(16, "loss", "fwd") == 0.0
+    assert any(f"gpu l fwd d{m.embedding_dim} V{m.vocab_size}" in f and "the loss's GPU time left out" in f
+               for f in other.fallbacks)
+
+
+def test_a_profile_keeps_its_ends_curves_with_their_vocabulary_and_checks_it(tmp_path):
+    path, doc = _round_trip(_with_ends(_cfg(), host=True), tmp_path, "lm")
+    assert all("vocab" not in c for c in doc["gpu"] if c["kind"] not in "lm")     # older kinds' entries as they were
+    loss = next(x for x in doc["gpu"] if x["kind"] == "l")
+    del loss["vocab"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"\.vocab"):
+        load_profile(str(path))
+    loss["vocab"] = 256
+    next(x for x in doc["gpu"] if x["kind"] == "e")["vocab"] = 256
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"\.vocab.*must be null for kind 'e'"):
+        load_profile(str(path))
+
+
+def test_the_timed_ends_are_the_executors_own_code():
+    """The samplers run the executor's `lm_loss` and embedding on the asked tokens (here on the
+    CPU, timed by the host clock, and as glue.py times them, with autograd off but for the
+    backwards' graphs): four curves, each sample of positive time, the backward's gradients
+    landing in the head and the table."""
+    from aptmoe.calibration.glue import StepEnds, ends_samplers
+    from aptmoe.calibration.profiler import _series
+    from aptmoe.calibration.timing import Reps, host_sample
+
+    ends = StepEnds(64, 256, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        done, got, _ = _series(ends, (8, 512), host_sample, Reps(1, 3, 1, 0.05), samplers=ends_samplers)
+    assert done == [8, 512] and set(got) == {"l fwd", "l bwd", "m fwd", "m bwd"}
+    assert all(len(v) == 2 and v[0] > 0 for v in got.values())
+    assert ends.head.grad.abs().sum() > 0 and ends.embedding.grad.abs().sum() > 0
+
+
+def test_put_curves_replaces_the_ends_by_their_vocabulary_too():
+    from aptmoe.calibration.glue import put_curves
+
+    def c(kind, vocab, s):
+        return {"kind": kind, "d": 1024, "experts": None, "vocab": vocab, "dtype": "fp32", "direction": "fwd",
+                "seconds": [s]}
+
+    gpu = [c("l", 256, 1.0), c("l", 512, 2.0), c("m", 256, 3.0)]
+    put_curves(gpu, [c("l", 256, 4.0)])
+    assert [(x["kind"], x["vocab"], x["seconds"][0]) for x in gpu] == [("l", 512, 2.0), ("m", 256, 3.0),
+                                                                      ("l", 256, 4.0)]
