@@ -158,13 +158,14 @@ def ends_samplers(ends: StepEnds, tokens: int, sampler: Sampler) -> dict[str, Ca
             "m fwd": sampler(embed_fwd, setup_embed), "m bwd": sampler(embed_bwd, setup_embed_bwd)}
 
 
-def _gpu_series(block, samplers, gpu: int, tokens: Sequence[int], reps: Reps) -> dict[str, tuple[float, ...]]:
-    """Each sampler's seconds at each of `tokens` on GPU `gpu` (the median of its samples),
-    made non-decreasing as every GPU curve is (`monotone`)."""
+def _gpu_series(make: Callable[[torch.device], object], samplers, gpu: int, tokens: Sequence[int],
+                reps: Reps) -> dict[str, tuple[float, ...]]:
+    """Each sampler's seconds at each of `tokens` on GPU `gpu` over what `make` builds there
+    (the median of its samples), made non-decreasing as every GPU curve is (`monotone`)."""
     dev = torch.device("cuda", gpu)
     stream = torch.cuda.current_stream(dev)
     with torch.cuda.device(dev), torch.no_grad():
-        _, raw, _ = _series(block(dev), tokens, lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S), reps,
+        _, raw, _ = _series(make(dev), tokens, lambda w, s: cuda_sample(w, stream, s, hold_s=GPU_HOLD_S), reps,
                             samplers=samplers)
     return {name: monotone(secs)[0] for name, secs in raw.items()}
 

@@ -232,7 +232,12 @@ def load_trace(path: Path) -> Trace:
     try:
         return Trace.load(path)
     except (ValueError, OSError, EOFError, zlib.error) as e:      # TraceError is a ValueError
-        raise TraceError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        raise _naming(path, e) from None
+
+
+def _naming(path: Path, e: Exception) -> TraceError:
+    """`e` as a TraceError whose message names `path` (once)."""
+    return TraceError(str(e) if str(path) in str(e) else f"{path}: {e}")
 
 
 def _phases(path: Path, timed: int | None) -> list[Phases]:
@@ -240,7 +245,7 @@ def _phases(path: Path, timed: int | None) -> list[Phases]:
     try:
         return phases(trace, timed)
     except TraceError as e:
-        raise TraceError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        raise _naming(path, e) from None
 
 
 def _ms(x: float, sign: str = "") -> str:
