@@ -20,13 +20,14 @@ G = 250e-6          # seconds of glue per layer and pass, far above any block of
 
 def _with_glue(cfg, fwd: float | None = G, bwd: float | None = G, host: bool = False):
     """h200-1gpu for `cfg`'s model, without its host costs unless `host`, with constant curves
-    of kind c (None: no curve for that direction)."""
+    of kind c (None: no curve for that direction) and none of kinds l and m (the step's ends
+    would add their own GPU time to the closed forms)."""
     base = load_profile("h200-1gpu")
     m = cfg.model
     curves = [GpuCurve(kind="c", d=m.embedding_dim, h=None, heads=None, seq_length=None, experts=m.num_experts,
                        dtype=m.dtype, direction=d, tokens=(1, 1 << 20), seconds=(s, s))
               for d, s in (("fwd", fwd), ("bwd", bwd)) if s is not None]
-    p = base.with_(gpu=tuple(c for c in base.gpu if c.kind != "c") + tuple(curves))
+    p = base.with_(gpu=tuple(c for c in base.gpu if c.kind not in ("c", "l", "m")) + tuple(curves))
     return p if host else p.with_(dispatch=None)
 
 

@@ -984,12 +984,13 @@ def test_a_fresh_config_after_the_cpu_expert_recalibration(tmp_path, monkeypatch
     Since its host memory figures pooled over eleven calibrations (h200-2gpu): 2.7%, the worst
     10.7%, both orders right. Since session 34's dispatch with each action's own host work
     apart: 2.7%, the worst 10.3%; the native Mobius run's stalls 8.4 ms a step over the prediction.
-    Since session 39's GPU work between a layer's blocks: 3.0%, the worst 8.9%."""
+    Since session 39's GPU work between a layer's blocks: 3.0%, the worst 8.9%. Since session
+    42's loss and embedding on the GPU (h200-2gpu's curves of kinds l and m): 3.2%, the worst 8.9%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8 and report["summary"]["fit"]["runs"] == 0
-    _within(report, {"held-back": (0.031, 0.108)})
+    _within(report, {"held-back": (0.033, 0.108)})
     assert report["summary"]["held-back"]["ranking_right"] == 2
     runs = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
     assert runs[("M6x8-G0.4-native-2gpu", "Mobius")]["stall_s_per_step"] > 0.008
@@ -1011,12 +1012,13 @@ def test_v8_freshs_config_measured_again(tmp_path, monkeypatch) -> None:
     memory figures pooled over eleven calibrations (h200-2gpu): 1.3%, the worst 8.7% (native
     Mobius), the native order wrong again (APTMoE predicted 0.4% ahead): the prediction ties
     the two, and each lease ran them 7-11% apart, one way on one lease, the other on the next.
-    Since session 34's dispatch with each action's own host work apart: 1.3%, the worst 8.8%."""
+    Since session 34's dispatch with each action's own host work apart: 1.3%, the worst 8.8%.
+    Since session 42's loss and embedding on the GPU: 1.35%, the worst 9.0%."""
     flags = ["--calibration", "h200-2gpu", "--gpus", "2", "--steps", "3", "--models", "M:6:6:8", "--gini", "0.4",
              "--links", "native,8", "--held-back-every", "1", "--no-plot", "-q"]
     report = _repredicted("validation-h200-2gpu-v8-again", tmp_path, monkeypatch, flags)
     assert report["summary"]["held-back"]["runs"] == 8
-    _within(report, {"held-back": (0.013, 0.089)})
+    _within(report, {"held-back": (0.014, 0.091)})
     assert report["summary"]["held-back"]["ranking_right"] == 1
     first = _repredicted("validation-h200-2gpu-v8-fresh", tmp_path / "first", monkeypatch, flags)
     again = {(r["cell"], r["pipeline"]): r for r in report["runs"]}
@@ -1193,14 +1195,16 @@ def test_a_fresh_one_gpu_cell_planned_with_its_lease_s_own_figures(tmp_path, mon
     median of all nine one-GPU calibrations (session 35): 1.7%, the worst 2.2%. With session 38's
     h200-1gpu (the CPU worker's gaps between Adam chunks): 2.0%, the worst 2.4% (Mobius and
     GPipeOffload, predicted slow; the lease's profile has no gaps and is as before). With session
-    39's (the GPU's work between a layer's blocks): 2.0%, the worst 2.5% (GPipeOffload)."""
+    39's (the GPU's work between a layer's blocks): 2.0%, the worst 2.5% (GPipeOffload). With
+    session 42's (the loss and the embedding on the GPU): 2.4%, the worst 2.6%, every run still
+    predicted slow, and the ranking right strictly."""
     lease = _repredicted("validation-h200-v10-fresh", tmp_path / "lease", monkeypatch,
                          ["--calibration", "h200-1gpu", "--cell-profiles", *V10_1GPU])
     shipped = _repredicted("validation-h200-v10-fresh", tmp_path / "shipped", monkeypatch,
                            ["--calibration", "h200-1gpu", *V10_1GPU])
     _held_back(lease, (0.116, 0.157), runs=4, ranking_right=1, ranking_strict=0,
                worst_run="M4x8-G0.5-native-1gpu APTMoE")
-    _held_back(shipped, (0.021, 0.026), runs=4, ranking_right=1, ranking_strict=0)
+    _held_back(shipped, (0.024, 0.026), runs=4, ranking_right=1, ranking_strict=1)
     offloading = ("GPipeOffload", "Mobius", "APTMoE")
     assert all(r["error"] < -0.09 for r in lease["runs"] if r["pipeline"] in offloading)
     assert all(abs(r["error"]) < 0.026 for r in shipped["runs"] if r["pipeline"] in offloading)
@@ -1346,9 +1350,11 @@ def test_a_fresh_s_cell_on_two_gpus_whose_runs_interleave(tmp_path, monkeypatch)
     ranking right by the 3% rule too. Since session 37 reads the issuing thread's condition as
     each block's call starts (h200-2gpu's copy-and-Adam factor no longer goes to calls beside
     Adam alone): 18.2%, the worst 23.9%; APTMoE predicted 0.3% ahead of Mobius, 8.7% behind it
-    in the runs: wrong by the 3% rule again, right where the runs order them."""
+    in the runs: wrong by the 3% rule again, right where the runs order them. Since session
+    42's loss and embedding on the GPU: 18.2%, the worst 23.7%; APTMoE predicted 0.1% behind
+    Mobius (0.04% ahead before): a tie either way, which the 3% rule now counts right."""
     report = _repredicted("validation-h200-2gpu-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-2gpu", *V14])
-    _held_back(report, (0.183, 0.24), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.183, 0.24), runs=4, configs=1, ranking_right=1, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.45-native-2gpu APTMoE")
     assert all(r["error"] < -0.04 for r in report["runs"])
     gpipe = next(r for r in report["runs"] if r["pipeline"] == "GPipe")
@@ -1382,9 +1388,9 @@ def test_a_fresh_l_cell_on_one_gpu_capped(tmp_path, monkeypatch) -> None:
     by their issue. With h200-1gpu's CPU Adam the median of all nine one-GPU calibrations
     (session 35): 0.5%, the worst 0.6% (Mobius); with session 38's gaps between Adam chunks
     0.53% and 0.57%; with session 39's GPU work between a layer's blocks 0.48% and 0.66%
-    (APTMoE)."""
+    (APTMoE); with session 42's loss and embedding on the GPU 0.55% and 0.77%."""
     report = _repredicted("validation-h200-v14-fresh", tmp_path, monkeypatch, ["--calibration", "h200-1gpu", *V14_1GPU])
-    _held_back(report, (0.006, 0.007), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
+    _held_back(report, (0.006, 0.008), runs=4, configs=1, ranking_right=1, ranking_strict=1, ranking_apart=1,
                worst_run="L2x8-G0.55-cap8-1gpu APTMoE")
 
 
@@ -1435,7 +1441,8 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     Adam chunk's slowdowns (sim/host_memory.py) the pooled profile gives 3.5% (every step 3.3%
     fast at the median), where it gave more than 4%; since h200-2gpu's host memory figures were
     pooled over eleven calibrations, 3.3% against the shipped profile's 2.7%; since session 34's
-    dispatch with each action's own host work apart, every step 2.9% fast at the median."""
+    dispatch with each action's own host work apart, every step 2.9% fast at the median; since
+    session 42's loss and embedding on the GPU, 3.4% against the shipped profile's 3.2%."""
     from aptmoe.calibration import merge, pool
 
     root = DOCS.parent
@@ -1467,7 +1474,7 @@ def test_the_five_leases_adam_is_right_per_update_and_makes_steps_faster_than_th
     assert statistics.median(abs(u) for u in update(pooled)) < 0.03
     for part in (shipped, pooled):
         assert part["summary"]["held-back"]["runs"] == 8
-    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.031 < pooled["summary"]["held-back"][
+    assert shipped["summary"]["held-back"]["median_abs_error"] < 0.033 < pooled["summary"]["held-back"][
         "median_abs_error"]
     assert pooled["summary"]["held-back"]["signed_median_error"] < -0.025
 
@@ -1600,10 +1607,11 @@ def test_a_fresh_s_cell_whose_lease_probe_ran_faster_than_its_runs(tmp_path, mon
     worst 10.1%. With session 37's h200-1gpu (the own-calls factors, the dispatch of 18 eager
     probe runs): 7.3%, the worst 9.1% (APTMoE), every schedule 5-9% fast; the ranking right
     by the 3% rule too (APTMoE predicted 1.1% behind Mobius). With session 39's GPU work
-    between a layer's blocks: 7.4%, the worst 9.7% (APTMoE), wrong by the 3% rule again."""
+    between a layer's blocks: 7.4%, the worst 9.7% (APTMoE), wrong by the 3% rule again; with
+    session 42's loss and embedding on the GPU: 7.4%, the worst 9.71%."""
     report = _repredicted("validation-h200-v16-fresh", tmp_path / "shipped", monkeypatch,
                           ["--calibration", "h200-1gpu", *V16_1GPU])
-    _held_back(report, (0.075, 0.097), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
+    _held_back(report, (0.075, 0.098), runs=4, configs=1, ranking_right=0, ranking_apart=1, configs_repeated=1,
                worst_run="S8x8-G0.4-native-1gpu APTMoE")
     probes = sorted((DOCS / "measured" / "session35" / "probe-call3").iterdir())
     assert len(probes) == 4
