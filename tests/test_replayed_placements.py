@@ -123,8 +123,10 @@ def test_the_flag_is_validates_own_and_the_matrix_records_it() -> None:
 
 
 def test_every_prediction_also_says_its_error_on_the_runs_placements(tmp_path) -> None:
-    """Without the flag the prediction is the policy's own (-6.5%), and the row also carries the
-    error on the run's placements; the matrix shows it beside "CPU jobs alike"."""
+    """Without the flag the prediction is the policy's own (-6.5% when this was written; -4.8%
+    since h200-2gpu has the loss's and the embedding's GPU curves, session 42, against +0.9% on
+    the run's placements), and the row also carries the error on the run's placements; the
+    matrix shows it beside "CPU jobs alike"."""
     if not CELL.is_dir():
         pytest.skip("the stored v7-fresh matrix is not in this tree")
     real_dir = tmp_path / "real"
@@ -136,7 +138,8 @@ def test_every_prediction_also_says_its_error_on_the_runs_placements(tmp_path) -
     rows = {r["pipeline"]: r for r in compare_run(real_dir, load_profile("h200-2gpu"), tmp_path, ["test"], plot=False)}
     apt = rows["APTMoE"]
     assert not apt["replayed_placements"] and apt["cpu_jobs"]["shared"] < 67
-    assert apt["error"] < -0.05 and abs(apt["error_replayed"]) < 0.02
+    # the run's own placements take most of the error away
+    assert apt["error"] < -0.04 and abs(apt["error_replayed"]) < 0.02 and apt["error_replayed"] - apt["error"] > 0.04
     assert "error_replayed" not in rows["Mobius"]                      # no CPU job: nothing to replay
     assert "error on run's placements" in validation_table(list(rows.values()))
     runs = [{"cell": "c", "set": "held-back", "pipeline": "APTMoE", "measured_s": 1.0, "predicted_s": 0.9,
