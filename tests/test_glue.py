@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from aptmoe.calibration.glue import KINDS
 from aptmoe.config import Pipeline
 from aptmoe.profile import GpuCurve, ProfileCost, ProfileError, load_profile
 from aptmoe.trace import Trace, is_block_call
@@ -27,7 +28,7 @@ def _with_glue(cfg, fwd: float | None = G, bwd: float | None = G, host: bool = F
     curves = [GpuCurve(kind="c", d=m.embedding_dim, h=None, heads=None, seq_length=None, experts=m.num_experts,
                        dtype=m.dtype, direction=d, tokens=(1, 1 << 20), seconds=(s, s))
               for d, s in (("fwd", fwd), ("bwd", bwd)) if s is not None]
-    p = base.with_(gpu=tuple(c for c in base.gpu if c.kind not in ("c", "l", "m")) + tuple(curves))
+    p = base.with_(gpu=tuple(c for c in base.gpu if c.kind not in KINDS) + tuple(curves))
     return p if host else p.with_(dispatch=None)
 
 
@@ -193,7 +194,7 @@ def test_the_command_takes_the_curves_of_another_profile(tmp_path, capsys):
     assert "taken from" in got.sources["gpu"]
     # a profile without such curves: one line, no file
     bare = tmp_path / "bare.json"
-    base.with_(gpu=tuple(c for c in base.gpu if c.kind not in ("c", "l", "m"))).save(bare)
+    base.with_(gpu=tuple(c for c in base.gpu if c.kind not in KINDS)).save(bare)
     bad = tmp_path / "bad.json"
     assert glue.main(["--curves-from", str(bare), "--onto", "h200-2gpu", "--out", str(bad)]) == 1
     assert "has no curves of kinds c, l or m" in capsys.readouterr().err and not bad.exists()
