@@ -43,7 +43,7 @@ from aptmoe.report import (
 )
 
 PROG = "aptmoe-sim"
-SUBCOMMANDS = ("plot", "sweep", "validate", "matrix", "compare")
+SUBCOMMANDS = ("plot", "sweep", "validate", "matrix", "compare", "floor")
 
 
 class UsageError(ValueError):
@@ -107,7 +107,8 @@ def make_sim_parser() -> argparse.ArgumentParser:
                 f"'{PROG} sweep --grid FIELD=V1,V2 ...' runs a grid (see '{PROG} sweep -h'); "
                 f"'{PROG} validate --calibration PROFILE ...' runs the executor and compares; "
                 f"'{PROG} matrix --calibration PROFILE --out DIR' does so over a matrix of configs; "
-                f"'{PROG} compare BEFORE AFTER' puts two matrices side by side.")
+                f"'{PROG} compare BEFORE AFTER' puts two matrices side by side; "
+                f"'{PROG} floor A B [...]' says how far apart the same cells measured more than once land.")
     add_sim_flags(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/sim-<timestamp>)")
     return p
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "plot":
             return run_plot(make_plot_parser().parse_args(argv[1:]))
-        if not (argv and argv[0] == "compare") and not any(a in ("-h", "--help") for a in argv):
+        if not (argv and argv[0] in ("compare", "floor")) and not any(a in ("-h", "--help") for a in argv):
             need_simpy()
         if argv and argv[0] == "validate":
             from aptmoe.sim.validate import make_validate_parser, run_validate
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             from aptmoe.sim.matrix_compare import make_compare_parser, run_compare
 
             return run_compare(make_compare_parser(PROG).parse_args(argv[1:]))
+        if argv and argv[0] == "floor":
+            from aptmoe.sim.matrix_floor import make_floor_parser, run_floor
+
+            return run_floor(make_floor_parser(PROG).parse_args(argv[1:]))
         if argv and argv[0] == "sweep":
             from aptmoe.sim.sweep import make_sweep_parser, run_sweep
 
