@@ -15,8 +15,8 @@ worst-run target, and the cells whose ranking target no model can meet, from the
 alone (the predictions are not read for either).
 
 Runs of a cell are the same work only where the cell's run command (`cell.json`, the planning
-profile's name aside) and every schedule's plan (`real/plan-<schedule>.txt`) agree; a folder whose
-cell differs is left out of that cell, and said so.
+profile's name aside) and every schedule's plan (`real/plan-<schedule>.txt`) agree; the work most
+of the folders did is the cell's, and a folder whose cell differs is left out of it, and said so.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _work(folder: Path, cell: str) -> tuple[list[str], dict[str, str]] | None:
 class CellFloor:
     cell: str
     folders: list[str]                                   # the measurements kept, in the order given
-    measured: dict[str, list[float]]                     # schedule -> step time per kept folder
+    measured: dict[str, list[float]]                     # schedule -> step time per kept folder ({}: none)
     errors: dict[str, list[float]] = field(default_factory=dict)       # schedule -> stored error per folder
     opposite: list[tuple[str, str]] = field(default_factory=list)      # pairs ordered both ways past the tie
     left_out: list[str] = field(default_factory=list)    # folders whose cell is not the same work
@@ -100,20 +100,22 @@ def cell_floors(folders: list[Path], tie: float = TIE) -> list[CellFloor]:
         have = [i for i, r in enumerate(runs) if any(c == cell for c, _ in r)]
         if len(have) < 2:
             continue
+        # the work most of them did (the first of it where as many did other work) is the cell's
         work = {i: _work(folders[i], cell) for i in have}
-        ref = next((w for w in work.values() if w is not None), None)
-        kept = [i for i in have if work[i] is not None and work[i] == ref]
+        alike = [[j for j in have if work[j] == work[i]] for i in have if work[i] is not None]
+        kept = max(alike, key=len, default=[])
         left = [str(folders[i]) for i in have if i not in kept]
         names = [s for s in ORDER if all((cell, s) in runs[i] for i in kept)]
         if len(kept) < 2 or not names:
+            out.append(CellFloor(cell, [], {}, left_out=[str(folders[i]) for i in have]))
             continue
         measured = {s: [runs[i][(cell, s)]["measured_s"] for i in kept] for s in names}
         errors = {s: [runs[i][(cell, s)]["error"] for i in kept] for s in names
                   if all(runs[i][(cell, s)]["error"] is not None for i in kept)}
-        groups = same_plans(folders[kept[0]] / "cells" / cell / "real", names)
+        one_plan = same_plans(folders[kept[0]] / "cells" / cell / "real", names)
         out.append(CellFloor(cell, [str(folders[i]) for i in kept], measured, errors,
-                             opposite_pairs(measured, groups, tie), left))
-    if not out:
+                             opposite_pairs(measured, one_plan, tie), left))
+    if not any(c.measured for c in out):
         raise ValueError("the folders share no cell measured as the same work in two or more of them")
     return out
 
@@ -122,7 +124,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def report(floors: list[CellFloor], tie: float = TIE) -> str:
+def report(cells: list[CellFloor], tie: float = TIE) -> str:
+    floors = [c for c in cells if c.measured]
     rows = []
     for c in floors:
         for s, v in c.measured.items():
@@ -143,9 +146,11 @@ def report(floors: list[CellFloor], tie: float = TIE) -> str:
                  f"{len(contradicted)} of {len(floors)}"
                  + "".join(f"\n- {c.cell}: " + ", ".join(f"{a} and {b}" for a, b in c.opposite)
                            + ": no prediction ranks this cell right in every measurement" for c in contradicted))
-    for c in floors:
+    for c in cells:
         if c.left_out:
-            lines.append(f"{c.cell}: left out, not the same run command or plans: {', '.join(c.left_out)}")
+            what = "left out, not the same run command or plans" if c.measured else \
+                "measured more than once, never twice as the same work (run command and plans)"
+            lines.append(f"{c.cell}: {what}: {', '.join(c.left_out)}")
     return "\n".join(lines) + "\n"
 
 

@@ -95,3 +95,17 @@ def test_floor_refuses_what_it_cannot_judge_in_one_line(tmp_path, capsys, args, 
     assert sim_main(["floor", *args(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
+
+
+def test_floor_keeps_the_work_most_folders_did(tmp_path, capsys) -> None:
+    other = [*COMMAND, "--repeats", "4"]
+    _matrix(tmp_path / "a", {"S8": {"GPipe": 0.20}, "M4": {"GPipe": 0.5}}, command=other)
+    _matrix(tmp_path / "b", {"S8": {"GPipe": 0.30}, "M4": {"GPipe": 0.6}})
+    _matrix(tmp_path / "c", {"S8": {"GPipe": 0.28}})
+    s8, m4 = sorted(mf.cell_floors([tmp_path / x for x in "abc"]), key=lambda c: c.cell, reverse=True)
+    assert s8.measured == {"GPipe": [0.30, 0.28]} and s8.left_out == [str(tmp_path / "a")]
+    assert m4.measured == {} and m4.left_out == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert sim_main(["floor", *(str(tmp_path / x) for x in "abc")]) == 0
+    text = capsys.readouterr().out
+    assert "of 1\n" in text and "M4: measured more than once, never twice as the same work" in text
+    assert "\nM4 " not in text                                                  # no row of its own
