@@ -1912,7 +1912,9 @@ def test_v22_fresh_s_cell_measured_again_four_times(tmp_path, monkeypatch) -> No
     S measurements, and `aptmoe-sim floor` says what none could do better: GPipe's medians span
     0.261-0.314 s, so any one figure misses one of them by 9.3% or more, and again-a and -b order
     Mobius and APTMoE opposite ways (5.7% and 5.3% apart), so no prediction ranks both right by
-    the 3% rule (v12-fresh, four runs a schedule, is not the same run command and is left out)."""
+    the 3% rule (v12-fresh, four runs a schedule, is not the same run command and is left out).
+    Session 21's 2-GPU repeat of an S4 cell on one lease and tree (2gpu-v6-fresh, -again) did
+    the same: APTMoE 5.9% ahead of Mobius, then Mobius 15% ahead."""
     from aptmoe.sim.matrix_floor import cell_floors
 
     folders = [DOCS / f for f in ("validation-h200-v22-fresh", *(f"validation-h200-v22-again-{x}" for x in "abcd"),
@@ -1924,6 +1926,9 @@ def test_v22_fresh_s_cell_measured_again_four_times(tmp_path, monkeypatch) -> No
     assert [round(x, 3) for x in s.measured["GPipe"]] == [0.279, 0.314, 0.261, 0.284, 0.272]
     assert 0.092 < s.floors()["GPipe"] < 0.094 and max(s.floors().values()) == s.floors()["GPipe"]
     assert s.opposite == [("Mobius", "APTMoE")]
+    # and on two GPUs: 2gpu-v6-fresh's S4 cell measured again 13 minutes later, one lease, one tree
+    (v6,) = cell_floors([DOCS / "validation-h200-2gpu-v6-fresh", DOCS / "validation-h200-2gpu-v6-again"])
+    assert v6.opposite == [("Mobius", "APTMoE")] and not v6.left_out
     errors = []
     for x, flags, bounds, expected in (
             ("a", V22_AGAIN_S, (0.095, 0.182), dict(ranking_right=0, worst_run="S8x8-G0.55-native-1gpu GPipe")),
