@@ -15,17 +15,25 @@ from pathlib import Path
 MARGIN = 1.1            # over the longest like cell: the same work moved 10% from lease to lease
 
 
-def _work(command: list[str]) -> tuple[str, ...]:
-    """A validate command's arguments less the profile, the placements' replay and G."""
+def run_args(command: list[str], also: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A cell's validate command (or the executor arguments it ran) as the run it makes: less the
+    profile's name and the placements' replay, which only the prediction reads, and less the flags
+    `also` with their values. `aptmoe-sim floor` takes cells alike in these (and in their plans)
+    for the same work measured again."""
     out, skip = [], False
     for a in command[2:] if command[:2] == ["aptmoe-sim", "validate"] else command:
         if skip:
             skip = False
-        elif a in ("--calibration", "--gini"):
+        elif a in ("--calibration", *also):
             skip = True
         elif a != "--replay-placements":
             out.append(a)
     return tuple(out)
+
+
+def _work(command: list[str]) -> tuple[str, ...]:
+    """A validate command's arguments less the profile, the placements' replay and G."""
+    return run_args(command, also=("--gini",))
 
 
 def stored_cell_times(folders: list[Path]) -> dict[tuple[str, ...], list[float]]:

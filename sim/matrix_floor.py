@@ -15,8 +15,9 @@ worst-run target, and the cells whose ranking target no model can meet, from the
 alone (the predictions are not read for either).
 
 Runs of a cell are the same work only where the cell's run command (`cell.json`, the planning
-profile's name aside) and every schedule's plan (`real/plan-<schedule>.txt`) agree; the work most
-of the folders did is the cell's, and a folder whose cell differs is left out of it, and said so.
+profile's name and the placements' replay aside: sim/cell_time.py `run_args`) and every
+schedule's plan (`real/plan-<schedule>.txt`) agree; the work most of the folders did is the
+cell's, and a folder whose cell differs is left out of it, and said so.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from aptmoe.atomic import write_text_atomic
 from aptmoe.config import Pipeline
 from aptmoe.report import format_table
+from aptmoe.sim.cell_time import run_args
 from aptmoe.sim.matrix import TIE, same_plans
 from aptmoe.sim.matrix_compare import load_runs
 
@@ -44,16 +46,14 @@ def floor(measured: list[float]) -> float:
     return (hi - lo) / (hi + lo)
 
 
-def _work(folder: Path, cell: str) -> tuple[list[str], dict[str, str]] | None:
-    """A cell's run command without the planning profile's name, and each schedule's plan text;
-    None where the folder does not hold the cell's command (a matrix of an older layout)."""
+def _work(folder: Path, cell: str) -> tuple[tuple[str, ...], dict[str, str]] | None:
+    """A cell's run command as the run it makes (`cell_time.run_args`: the profile's name and the
+    placements' replay aside), and each schedule's plan text; None where the folder does not hold
+    the cell's command (a matrix of an older layout)."""
     try:
-        command = json.loads((folder / "cells" / cell / "cell.json").read_text())["command"]
+        command = run_args(json.loads((folder / "cells" / cell / "cell.json").read_text())["command"])
     except (OSError, ValueError, KeyError):
         return None
-    if "--calibration" in command:
-        i = command.index("--calibration")
-        command = command[:i] + command[i + 2:]
     plans = {}
     for name in ORDER:
         try:

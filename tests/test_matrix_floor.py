@@ -72,11 +72,12 @@ def test_floor_reports_the_same_cell_measured_three_times(tmp_path, capsys) -> N
 
 def test_floor_leaves_out_a_cell_that_is_not_the_same_work(tmp_path, capsys) -> None:
     _matrix(tmp_path / "a", {"S8": {"GPipe": 0.30}})
-    _matrix(tmp_path / "b", {"S8": {"GPipe": 0.28}}, command=[*COMMAND[:3], "h200-other", *COMMAND[4:]])
+    _matrix(tmp_path / "b", {"S8": {"GPipe": 0.28}},
+            command=[*COMMAND[:3], "h200-other", "--replay-placements", *COMMAND[4:]])   # the prediction's flags
     _matrix(tmp_path / "c", {"S8": {"GPipe": 0.20}}, command=[*COMMAND, "--kernel-loading", "eager"])
     _matrix(tmp_path / "d", {"S8": {"GPipe": 0.10}}, plans={"GPipe": "plan: GPipe\nanother plan\n"})
     f = mf.cell_floors([tmp_path / x for x in "abcd"])
-    assert len(f) == 1 and f[0].measured == {"GPipe": [0.30, 0.28]}                  # the profile's name aside
+    assert len(f) == 1 and f[0].measured == {"GPipe": [0.30, 0.28]}                  # b: the same run
     assert f[0].left_out == [str(tmp_path / "c"), str(tmp_path / "d")]
     assert sim_main(["floor", *(str(tmp_path / x) for x in "abcd")]) == 0
     assert f"S8: left out, not the same run command or plans: {tmp_path / 'c'}, {tmp_path / 'd'}" \
